@@ -1,0 +1,121 @@
+"""Expert residency on the compute device: preallocated slots per layer, filled from the host store.
+
+Which expert leaves a full layer is decided by `policy.SlotTable` (the same code the simulator
+runs); moving the bytes and ordering the copies is `prefetch.Transfers`' job. This module keeps
+the slots, asks the table, issues the copies and counts what happened.
+
+Slots are allocated once, `[S_l, bytes]` per layer, and their weight views are computed once,
+so a miss allocates nothing: it is one `copy_` into an existing slot.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .expert_store import ExpertFormat, ExpertStore
+from .policy import ONLINE_POLICIES, SlotTable
+from .prefetch import Transfers
+
+
+@dataclass
+class CacheCounters:
+    """Raw counts; `stats.py` turns them into rates."""
+
+    hits: list[int]
+    misses: list[int]
+    prefetch_copies: int = 0
+    prefetch_used: int = 0  # accesses that hit an expert a prefetch brought in and nothing used yet
+    bytes_to_device: int = 0
+    copy_wait_s: float = 0.0
+    copies: int = 0
+    per_layer_prefetch_used: list[int] = field(default_factory=list)
+
+
+class ExpertCache:
+    def __init__(
+        self,
+        store: ExpertStore,
+        fmt: ExpertFormat,
+        slots: Sequence[int],
+        device: torch.device,
+        policy: str = "lru",
+        seed: int = 0,
+    ):
+        if policy not in ONLINE_POLICIES:
+            raise ValueError(f"the engine runs online policies only ({', '.join(ONLINE_POLICIES)}), not {policy!r}")
+        self.store, self.fmt, self.device = store, fmt, device
+        self.slots = list(slots)
+        self.table = SlotTable(self.slots, store.layers[0].shape[0], policy, seed)
+        self.mem = [torch.empty((s, fmt.nbytes), dtype=torch.uint8, device=device) for s in self.slots]
+        self.views = [[fmt.views(self.mem[layer][s]) for s in range(n)] for layer, n in enumerate(self.slots)]
+        self.transfers = Transfers(device, self.slots)
+        # slot brought in by a prefetch and not used since: [L][S]
+        self.fresh = [[False] * n for n in self.slots]
+        L = len(self.slots)
+        self.counters = CacheCounters(hits=[0] * L, misses=[0] * L, per_layer_prefetch_used=[0] * L)
+
+    @property
+    def device_bytes(self) -> int:
+        return sum(m.numel() for m in self.mem)
+
+    def reset_counters(self) -> None:
+        L = len(self.slots)
+        self.counters = CacheCounters(hits=[0] * L, misses=[0] * L, per_layer_prefetch_used=[0] * L)
+
+    def acquire(self, layer: int, experts: list[int]) -> list[int]:
+        """Make `experts` (distinct) resident for the current layer; return their slots in order.
+
+        Misses are copied now; experts still in flight from a prefetch are waited for
+        (the wait is timed: it is compute stalled on a copy).
+        """
+        hit, slot, evicted = self.table.access(np.array([layer]), np.array([experts]))
+        c = self.counters
+        slots = slot[0].tolist()
+        for k, e in enumerate(experts):
+            s = slots[k]
+            if hit[0, k]:
+                c.hits[layer] += 1
+                if self.fresh[layer][s]:
+                    c.prefetch_used += 1
+                    c.per_layer_prefetch_used[layer] += 1
+                    self.fresh[layer][s] = False
+            else:
+                c.misses[layer] += 1
+                self.fresh[layer][s] = False
+                self._copy(layer, s, e)
+            c.copy_wait_s += self.transfers.wait_ready(layer, s)
+        return slots
+
+    def release(self, layer: int, slots: list[int]) -> None:
+        """The kernels reading these slots are enqueued: a later copy into them must wait for those."""
+        for s in slots:
+            self.transfers.mark_free(layer, s)
+
+    def prefetch(self, layer: int, experts: list[int]) -> None:
+        """Start copying predicted experts that are not resident (never evicting one of them)."""
+        inserted, slot, _ = self.table.prefetch(np.array([layer]), np.array([experts]))
+        for k, e in enumerate(experts):
+            if inserted[0, k]:
+                s = int(slot[0, k])
+                self._copy(layer, s, e)
+                self.fresh[layer][s] = True
+                self.counters.prefetch_copies += 1
+
+    def _copy(self, layer: int, s: int, expert: int) -> None:
+        self.transfers.copy(self.mem[layer][s], self.store.buffer(layer, expert), layer, s)
+        self.counters.bytes_to_device += self.fmt.nbytes
+        self.counters.copies += 1
+
+    def warm(self) -> float:
+        """Fill every layer's slots with its first experts (used when slots cover all experts)."""
+        t0 = time.perf_counter()
+        for layer, n in enumerate(self.slots):
+            if n >= self.table.num_experts:
+                self.acquire(layer, list(range(self.table.num_experts)))
+        self.transfers.synchronize()
+        return time.perf_counter() - t0

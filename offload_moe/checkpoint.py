@@ -1,0 +1,280 @@
+"""Checkpoint reading: the one place where checkpoint names become ours.
+
+Our names: `tok_embeddings`, `norm`, `output`, `layers.N.attention_norm`, `layers.N.ffn_norm`,
+`layers.N.attention.{wq,wk,wv,wo}`, `layers.N.gate` (all `.weight`), and experts addressed as
+`(layer, expert)` with parts `w1`, `w3` [I, D] and `w2` [D, I] (the down projection).
+
+Layouts read, tensor by tensor (safetensors and mmap'd torch files), never the whole model at once:
+  hf        config.json + model.safetensors, or shards listed in model.safetensors.index.json
+            (`block_sparse_moe.experts.E.w1.weight`, or transformers-5 fused `mlp.experts.gate_up_proj`)
+  original  params.json + consolidated.NN.pt, experts stacked per layer as `block_sparse_moe.w1/w2/w3`
+            [E*I, D] (w2's block is the transpose of the down projection) or named
+            `feed_forward.experts.E.w1.weight`. Its wq/wk use interleaved (complex-pair) RoPE; we
+            permute them once here to the rotate-halves convention that the model uses.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .config import from_hf_config, from_params_json
+from .errors import UserError
+
+# A source: (file, key in that file, transform applied after reading)
+Source = tuple[Path, str, Callable[[torch.Tensor], torch.Tensor] | None]
+
+_HF_DENSE = [
+    (r"model\.embed_tokens\.weight", "tok_embeddings.weight"),
+    (r"model\.norm\.weight", "norm.weight"),
+    (r"lm_head\.weight", "output.weight"),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", "layers.{0}.attention_norm.weight"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "layers.{0}.ffn_norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.weight", "layers.{0}.attention.w{1}.weight"),
+    (r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.gate\.weight", "layers.{0}.gate.weight"),
+]
+_HF_EXPERT = re.compile(r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w[123])\.weight")
+_HF_FUSED = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
+
+_ORIG_DENSE = [
+    (r"(tok_embeddings|norm|output)\.weight", "{0}.weight"),
+    (r"layers\.(\d+)\.(attention_norm|ffn_norm)\.weight", "layers.{0}.{1}.weight"),
+    (r"layers\.(\d+)\.attention\.(w[qkvo])\.weight", "layers.{0}.attention.{1}.weight"),
+    (r"layers\.(\d+)\.(?:block_sparse_moe|feed_forward)\.gate\.weight", "layers.{0}.gate.weight"),
+]
+_ORIG_STACKED = re.compile(r"layers\.(\d+)\.block_sparse_moe\.(w[123])")
+_ORIG_EXPERT = re.compile(r"layers\.(\d+)\.feed_forward\.experts\.(\d+)\.(w[123])\.weight")
+
+
+def interleaved_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Permute wq/wk rows from the interleaved RoPE convention to rotate-halves (as HF's conversion)."""
+    rows, cols = w.shape
+    # [H*hd, D] -> [H, hd/2, 2, D] -> [H, 2, hd/2, D] -> [H*hd, D]
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+class Checkpoint:
+    """A model folder, opened lazily. `dense()` yields resident tensors, `expert()` one expert's parts."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise UserError(f"no such model folder: {self.path}")
+        self._files: dict[Path, object] = {}
+        self.dense_sources: dict[str, Source] = {}
+        self.expert_sources: dict[tuple[int, int, str], Source] = {}
+        if (self.path / "config.json").exists():
+            self.layout = "hf"
+            self.config = from_hf_config(self.path / "config.json")
+            self._index_hf()
+        elif (self.path / "params.json").exists():
+            self.layout = "original"
+            self.config = from_params_json(self.path / "params.json")
+            self._index_original()
+        else:
+            raise UserError(f"{self.path}: no config.json (Hugging Face layout) or params.json (original layout)")
+        self._check_complete()
+        self.dtype = self.read(*self.dense_sources["tok_embeddings.weight"]).dtype
+        if self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise UserError(f"{self.path}: weights are {self.dtype}; expected float32, float16 or bfloat16")
+
+    @property
+    def tokenizer_path(self) -> Path | None:
+        p = self.path / "tokenizer.model"
+        return p if p.exists() else None
+
+    # -- indexing (reads each file's key list once) --------------------------------------
+    def _index_hf(self) -> None:
+        index = self.path / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{index} is not a valid safetensors index (needs a 'weight_map')") from None
+            by_file: dict[str, list[str]] = {}
+            for key, fname in weight_map.items():
+                by_file.setdefault(fname, []).append(key)
+        else:
+            single = self.path / "model.safetensors"
+            if not single.exists():
+                raise UserError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
+            by_file = {single.name: self._open(single).keys()}
+        E, I = self.config.num_experts, self.config.ffn_dim
+        for fname, keys in by_file.items():
+            file = self.path / fname
+            if not file.exists():
+                raise UserError(f"{self.path}: shard {fname} is listed in the index but missing")
+            for key in keys:
+                if m := _HF_EXPERT.fullmatch(key):
+                    self.expert_sources[(int(m[1]), int(m[2]), m[3])] = (file, key, None)
+                elif m := _HF_FUSED.fullmatch(key):
+                    layer = int(m[1])
+                    for e in range(E):
+                        if m[2] == "down_proj":
+                            self.expert_sources[(layer, e, "w2")] = (file, key, _pick(e))
+                        else:  # gate_up_proj [E, 2I, D]: w1 rows first, then w3
+                            self.expert_sources[(layer, e, "w1")] = (file, key, _pick(e, 0, I))
+                            self.expert_sources[(layer, e, "w3")] = (file, key, _pick(e, I, 2 * I))
+                else:
+                    self._add_dense(key, _HF_DENSE, file, None)
+
+    def _index_original(self) -> None:
+        files = sorted(self.path.glob("consolidated.*.pt")) + sorted(self.path.glob("consolidated.*.safetensors"))
+        if not files:
+            raise UserError(f"{self.path}: params.json found but no consolidated.NN.pt files")
+        c = self.config
+        E, I = c.num_experts, c.ffn_dim
+        for file in files:
+            for key in self._keys(file):
+                if m := _ORIG_STACKED.fullmatch(key):
+                    layer, part = int(m[1]), m[2]
+                    for e in range(E):
+                        rows = _rows(e * I, (e + 1) * I)
+                        # w2 is stored [E*I, D]: each expert's block is the transpose of its [D, I] weight
+                        fn = _compose(rows, torch.t) if part == "w2" else rows
+                        self.expert_sources[(layer, e, part)] = (file, key, fn)
+                elif m := _ORIG_EXPERT.fullmatch(key):
+                    self.expert_sources[(int(m[1]), int(m[2]), m[3])] = (file, key, None)
+                else:
+                    fix = None
+                    if key.endswith("attention.wq.weight"):
+                        fix = _permute(c.n_heads)
+                    elif key.endswith("attention.wk.weight"):
+                        fix = _permute(c.n_kv_heads)
+                    self._add_dense(key, _ORIG_DENSE, file, fix)
+
+    def _add_dense(self, key: str, table, file: Path, fix) -> None:
+        for pattern, ours in table:
+            if m := re.fullmatch(pattern, key):
+                self.dense_sources[ours.format(*m.groups())] = (file, key, fix)
+                return
+        # unknown tensors (rotary caches, extra heads) are ignored on purpose
+
+    def expected_dense(self) -> dict[str, tuple[int, ...]]:
+        c = self.config
+        q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        shapes: dict[str, tuple[int, ...]] = {
+            "tok_embeddings.weight": (c.vocab_size, c.dim),
+            "norm.weight": (c.dim,),
+        }
+        if not c.tie_word_embeddings:
+            shapes["output.weight"] = (c.vocab_size, c.dim)
+        for i in range(c.n_layers):
+            p = f"layers.{i}."
+            shapes |= {
+                p + "attention_norm.weight": (c.dim,),
+                p + "ffn_norm.weight": (c.dim,),
+                p + "attention.wq.weight": (q, c.dim),
+                p + "attention.wk.weight": (kv, c.dim),
+                p + "attention.wv.weight": (kv, c.dim),
+                p + "attention.wo.weight": (c.dim, q),
+                p + "gate.weight": (c.num_experts, c.dim),
+            }
+        return shapes
+
+    def expert_shapes(self) -> dict[str, tuple[int, int]]:
+        c = self.config
+        return {"w1": (c.ffn_dim, c.dim), "w3": (c.ffn_dim, c.dim), "w2": (c.dim, c.ffn_dim)}
+
+    def _check_complete(self) -> None:
+        for name in self.expected_dense():
+            if name not in self.dense_sources:
+                raise UserError(f"{self.path}: tensor {name} is missing from the checkpoint")
+        c = self.config
+        for layer in range(c.n_layers):
+            for e in range(c.num_experts):
+                for part in ("w1", "w2", "w3"):
+                    if (layer, e, part) not in self.expert_sources:
+                        raise UserError(f"{self.path}: expert ({layer}, {e}) has no {part} in the checkpoint")
+
+    # -- reading --------------------------------------------------------------------------
+    def _open(self, file: Path):
+        handle = self._files.get(file)
+        if handle is None:
+            try:
+                if file.suffix == ".safetensors":
+                    handle = safe_open(str(file), framework="pt")
+                else:
+                    handle = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+                    if not isinstance(handle, dict):
+                        raise UserError(f"{file} does not hold a dictionary of tensors")
+            except UserError:
+                raise
+            except Exception as e:  # safetensors and torch raise many types for damaged files
+                raise UserError(f"cannot read {file.name}: {_short(e)} (truncated or damaged file?)") from None
+            self._files[file] = handle
+        return handle
+
+    def _keys(self, file: Path) -> list[str]:
+        return list(self._open(file).keys())
+
+    def read(self, file: Path, key: str, fix=None) -> torch.Tensor:
+        handle = self._open(file)
+        try:
+            t = handle.get_tensor(key) if file.suffix == ".safetensors" else handle[key]
+        except KeyError:
+            raise UserError(f"{file.name}: tensor {key} is missing") from None
+        except Exception as e:
+            raise UserError(f"cannot read {key} from {file.name}: {_short(e)} (truncated file?)") from None
+        return fix(t) if fix is not None else t
+
+    def dense(self, name: str) -> torch.Tensor:
+        t = self.read(*self.dense_sources[name])
+        want = self.expected_dense()[name]
+        if tuple(t.shape) != want:
+            raise UserError(f"{self.path}: tensor {name} has shape {list(t.shape)}, config implies {list(want)}")
+        return t
+
+    def expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        """The three weights of one expert, in checkpoint dtype, HF orientation."""
+        out = {}
+        for part, want in self.expert_shapes().items():
+            try:
+                t = self.read(*self.expert_sources[(layer, expert, part)])
+            except RuntimeError as e:  # a stacked tensor too short to slice
+                raise UserError(f"{self.path}: expert ({layer}, {expert}) {part}: {_short(e)}") from None
+            if tuple(t.shape) != want:
+                raise UserError(
+                    f"{self.path}: expert ({layer}, {expert}) {part} has shape {list(t.shape)}, "
+                    f"config implies {list(want)}"
+                )
+            out[part] = t
+        return out
+
+    def close(self) -> None:
+        self._files.clear()
+
+
+def _short(e: Exception) -> str:
+    return str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+
+
+def _rows(start: int, stop: int):
+    def take(t: torch.Tensor) -> torch.Tensor:
+        if t.shape[0] < stop:
+            raise RuntimeError(f"stacked tensor has {t.shape[0]} rows, needs {stop}")
+        return t[start:stop]
+
+    return take
+
+
+def _pick(e: int, start: int | None = None, stop: int | None = None):
+    def take(t: torch.Tensor) -> torch.Tensor:
+        if t.shape[0] <= e:
+            raise RuntimeError(f"fused tensor holds {t.shape[0]} experts, needs {e + 1}")
+        return t[e] if start is None else t[e, start:stop]
+
+    return take
+
+
+def _compose(f, g):
+    return lambda t: g(f(t))
+
+
+def _permute(n_heads: int):
+    return lambda t: interleaved_to_halves(t, n_heads)

@@ -1,0 +1,189 @@
+"""The engine: a checkpoint loaded with resident dense weights, an expert cache and a prefetcher.
+
+    from offload_moe import Engine, EngineOptions
+    engine = Engine.load("path/to/model", EngineOptions(cache_experts=4, prefetch=1))
+    result = engine.generate("def fib(n):", max_new_tokens=32)
+    print(result.text, result.stats["decode_tokens_per_s"])
+    for piece in engine.stream("Hello"): print(piece, end="")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .cache import ExpertCache
+from .checkpoint import Checkpoint
+from .errors import UserError
+from .expert_store import DenseFormat, ExpertStore
+from .generate import GenerationResult, Sampling, generate_tokens
+from .model import KVCache, Transformer, rope_tables
+from .prefetch import Prefetcher
+from .stats import collect_stats
+from .tokenizer import TextStream, Tokenizer
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class EngineOptions:
+    """Everything that shapes a run. These defaults are the CLI's defaults."""
+
+    device: str = "auto"  # cpu, cuda, cuda:N or auto (cuda when there is one)
+    dtype: str = "auto"  # float32, float16, bfloat16 or auto (float16 on cuda, float32 on cpu)
+    cache_experts: int | list[int] | None = None  # slots per layer (one count, or one per layer); None: all
+    prefetch: int = 1  # layers ahead whose experts are prefetched; 0 turns it off
+    policy: str = "lru"  # eviction: lru, lfu, fifo, random
+    context: int = 4096  # KV-cache length to preallocate (clipped to the model's own)
+    seed: int = 0  # for the random eviction policy
+    progress: bool = True  # a progress bar on large loads
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError("--device cuda asked for, but torch sees no CUDA device (use --device cpu)")
+        try:
+            return torch.device(self.device)
+        except RuntimeError:
+            raise UserError(f"unknown device {self.device!r} (use cpu, cuda or cuda:N)") from None
+
+    def resolved_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.float16 if device.type == "cuda" else torch.float32
+        if self.dtype not in DTYPES:
+            raise UserError(f"unknown dtype {self.dtype!r} (use {', '.join(DTYPES)})")
+        return DTYPES[self.dtype]
+
+
+def resolve_slots(cache_experts: int | list[int] | None, n_layers: int, num_experts: int, top_k: int) -> list[int]:
+    """Slots per layer from one count or a per-layer list; checked against top-k and the expert count."""
+    if cache_experts is None:
+        return [num_experts] * n_layers
+    slots = [cache_experts] * n_layers if isinstance(cache_experts, int) else list(cache_experts)
+    if len(slots) != n_layers:
+        raise UserError(f"cache slots: {len(slots)} counts given for {n_layers} layers")
+    for layer, n in enumerate(slots):
+        if n < top_k:
+            raise UserError(
+                f"cache slots: layer {layer} has {n} slots, fewer than top-k ({top_k}): a token needs {top_k} "
+                "experts resident at once"
+            )
+    return [min(n, num_experts) for n in slots]
+
+
+@dataclass
+class Engine:
+    checkpoint: Checkpoint
+    model: Transformer
+    cache: ExpertCache
+    kv: KVCache
+    tokenizer: Tokenizer | None
+    options: EngineOptions
+    device: torch.device
+    dtype: torch.dtype
+    last_result: GenerationResult | None = None
+
+    @classmethod
+    def load(cls, path: str | Path, options: EngineOptions | None = None, **overrides) -> Engine:
+        options = replace(options or EngineOptions(), **overrides)
+        device = options.resolved_device()
+        dtype = options.resolved_dtype(device)
+        ckpt = Checkpoint(path)
+        c = ckpt.config
+        slots = resolve_slots(options.cache_experts, c.n_layers, c.num_experts, c.top_k)
+        if options.prefetch < 0:
+            raise UserError("--prefetch must be 0 or more")
+        context = min(options.context, c.max_context)
+
+        with torch.device("meta"):
+            model = Transformer(c)
+        state = {name: ckpt.dense(name).to(device=device, dtype=dtype) for name in ckpt.expected_dense()}
+        if c.tie_word_embeddings:
+            state["output.weight"] = state["tok_embeddings.weight"]
+        model.load_state_dict(state, assign=True, strict=True)
+        model.rope = rope_tables(c, context, device)
+        model.eval()
+
+        fmt = DenseFormat(c, dtype)
+        store = ExpertStore(ckpt, fmt, pin=device.type == "cuda", progress=options.progress)
+        cache = ExpertCache(store, fmt, slots, device, policy=options.policy, seed=options.seed)
+        cache.warm()  # layers whose slots hold every expert are resident, not cached
+        cache.reset_counters()
+        model.cache = cache
+        model.prefetcher = Prefetcher(model, cache, options.prefetch) if options.prefetch else None
+        kv = KVCache(c, context, device, dtype)
+        tok = Tokenizer(ckpt.tokenizer_path) if ckpt.tokenizer_path else None
+        return cls(ckpt, model, cache, kv, tok, options, device, dtype)
+
+    @property
+    def config(self):
+        return self.checkpoint.config
+
+    @property
+    def device_bytes(self) -> int:
+        """What this engine placed on the compute device: dense weights, expert slots, KV cache."""
+        dense = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return dense + self.cache.device_bytes + self.kv.nbytes
+
+    def encode(self, prompt: str | list[int], chat: bool = False) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise UserError(f"{self.checkpoint.path} has no tokenizer.model: pass token ids (--prompt-ids)")
+            return self.tokenizer.chat(prompt) if chat else self.tokenizer.encode(prompt)
+        V = self.config.vocab_size
+        bad = [t for t in prompt if not 0 <= t < V]
+        if bad:
+            raise UserError(f"token id {bad[0]} is outside the vocabulary (0..{V - 1})")
+        if not prompt:
+            raise UserError("the prompt is empty")
+        return list(prompt)
+
+    def generate(
+        self,
+        prompt: str | list[int],
+        max_new_tokens: int = 64,
+        sampling: Sampling | None = None,
+        chat: bool = False,
+        keep_logits: bool = False,
+        on_text: Callable[[str], None] | None = None,
+    ) -> GenerationResult:
+        """Generate from a prompt (text or token ids); `on_text` receives text pieces as they are made."""
+        pieces = self._run(prompt, max_new_tokens, sampling, chat, keep_logits)
+        for piece in pieces:
+            if on_text is not None and piece:
+                on_text(piece)
+        return self.last_result
+
+    def stream(self, prompt: str | list[int], max_new_tokens: int = 64, sampling: Sampling | None = None,
+               chat: bool = False) -> Iterator[str]:
+        """Yield text pieces as tokens are made; `last_result` holds tokens and stats afterwards."""
+        return (piece for piece in self._run(prompt, max_new_tokens, sampling, chat, False) if piece)
+
+    def _run(self, prompt, max_new_tokens, sampling, chat, keep_logits) -> Iterator[str]:
+        ids = self.encode(prompt, chat)
+        text = TextStream(self.tokenizer) if self.tokenizer is not None else None
+        steps = generate_tokens(self, ids, max_new_tokens, sampling or Sampling(), keep_logits)
+        while True:
+            try:
+                token = next(steps)
+            except StopIteration as done:
+                self.last_result = done.value
+                break
+            yield text.push(token) if text is not None else ""
+        self.last_result.stats = collect_stats(self, self.last_result)
+
+    def score(self, ids: list[int]) -> torch.Tensor:
+        """Logits [T, V] of a whole sequence in one pass (for re-scoring and perplexity)."""
+        self.kv.reset()
+        if len(ids) > self.kv_capacity:
+            raise UserError(f"the sequence has {len(ids)} tokens; the context is {self.kv_capacity}")
+        return self.model(torch.tensor(ids, device=self.device), self.kv)
+
+    @property
+    def kv_capacity(self) -> int:
+        """Tokens a sequence may hold: the context (a sliding window only limits attention)."""
+        return self.model.rope[0].shape[0]

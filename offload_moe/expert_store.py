@@ -1,0 +1,108 @@
+"""Host-side expert store: every expert packed as one contiguous byte buffer, so one copy moves it.
+
+An `ExpertFormat` says how an expert's weights lie in its buffer (`pack`), how to see them
+without copying (`views`, computed once per buffer) and how to run the expert on those views
+(`forward`). The dense format here stores [w1; w3] fused as w13 [2I, D] followed by w2 [D, I];
+quantized formats live in `quant.py` and follow the same three methods.
+
+Legend: T tokens, D dim, I ffn dim (per expert), E experts, L layers.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import Checkpoint
+from .config import ModelConfig
+
+ALIGN = 64  # bytes; every part of a packed expert starts on this boundary
+
+
+class ExpertFormat(Protocol):
+    name: str
+    nbytes: int  # size of one packed expert
+
+    def pack(self, parts: dict[str, torch.Tensor], out: torch.Tensor) -> None: ...
+    def views(self, buf: torch.Tensor) -> tuple: ...
+    def forward(self, x: torch.Tensor, views: tuple) -> torch.Tensor: ...
+
+
+class DenseFormat:
+    """Unquantized expert in `dtype`: w13 [2I, D] then w2 [D, I], one buffer."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype):
+        self.name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+        self.dtype = dtype
+        self.D, self.I = config.dim, config.ffn_dim
+        self.nbytes = 3 * self.D * self.I * dtype.itemsize
+
+    def pack(self, parts: dict[str, torch.Tensor], out: torch.Tensor) -> None:
+        flat = out.view(self.dtype)  # [3*I*D]
+        ID = self.I * self.D
+        flat[:ID].view(self.I, self.D).copy_(parts["w1"])
+        flat[ID : 2 * ID].view(self.I, self.D).copy_(parts["w3"])
+        flat[2 * ID :].view(self.D, self.I).copy_(parts["w2"])
+
+    def views(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = buf.view(self.dtype)  # [3*I*D]
+        ID = self.I * self.D
+        return flat[: 2 * ID].view(2 * self.I, self.D), flat[2 * ID :].view(self.D, self.I)
+
+    def forward(self, x: torch.Tensor, views: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        w13, w2 = views
+        a, b = F.linear(x, w13).chunk(2, dim=-1)  # [T, 2I] -> 2 x [T, I]
+        return F.linear(F.silu(a) * b, w2)  # [T, D]
+
+
+class ExpertStore:
+    """All experts of a model in host RAM (pinned when a CUDA device will read them), [L] x [E, bytes]."""
+
+    def __init__(self, checkpoint: Checkpoint, fmt: ExpertFormat, pin: bool = False, progress: bool = True):
+        c = checkpoint.config
+        self.fmt = fmt
+        self.nbytes = fmt.nbytes
+        self.layers: list[torch.Tensor] = []
+        total = c.n_layers * c.num_experts * fmt.nbytes
+        bar = _Progress("experts", total, enabled=progress)
+        for layer in range(c.n_layers):
+            buf = torch.empty((c.num_experts, fmt.nbytes), dtype=torch.uint8, pin_memory=pin)  # [E, bytes]
+            for e in range(c.num_experts):
+                fmt.pack(checkpoint.expert(layer, e), buf[e])
+                bar.advance(fmt.nbytes)
+            self.layers.append(buf)
+        bar.close()
+
+    def buffer(self, layer: int, expert: int) -> torch.Tensor:
+        return self.layers[layer][expert]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(b.numel() for b in self.layers)
+
+
+class _Progress:
+    """A one-line progress bar on stderr, for loads above 256 MB when stderr is a terminal."""
+
+    def __init__(self, what: str, total: int, enabled: bool = True):
+        self.what, self.total, self.done = what, total, 0
+        self.on = enabled and total > 256 * 2**20 and sys.stderr.isatty()
+        self.start = self.last = time.perf_counter()
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if self.on and (now - self.last > 0.2 or self.done >= self.total):
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9) / 2**20
+            pct = 100 * self.done / self.total
+            print(f"\rloading {self.what}: {pct:5.1f}% {self.done / 2**30:6.2f} GiB {rate:7.0f} MiB/s",
+                  end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.on:
+            print(file=sys.stderr)

@@ -1,0 +1,128 @@
+"""Generation: prefill the prompt in one pass, then decode one token at a time.
+
+Sampling stays on the device (no host round trip but the one labelled in `generate_tokens`):
+greedy is an argmax; sampling filters by top-k and top-p, then draws with the exponential
+trick (argmax of p / Exp(1)), which needs no cumulative sum on the host.
+
+Legend: V vocabulary, T tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import UserError
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means no top-k filter
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.temperature < 0:
+            raise UserError("--temperature must be 0 or more")
+        if not 0 < self.top_p <= 1:
+            raise UserError("--top-p must be in (0, 1]")
+        if self.top_k < 0:
+            raise UserError("--top-k must be 0 or more")
+
+
+@dataclass
+class GenerationResult:
+    prompt_ids: list[int]
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    logits: torch.Tensor | None = None  # [generated, V] float32, when asked for
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    stop_reason: str = ""
+    stats: dict = field(default_factory=dict)
+
+
+def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> torch.Tensor:
+    """logits [V] float32 -> token id (0-d tensor, on the logits' device)."""
+    if s.temperature == 0:
+        return logits.argmax()
+    logits = logits / s.temperature
+    if s.top_k:
+        kth = torch.topk(logits, min(s.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)  # [V]
+    if s.top_p < 1:
+        sorted_p, order = probs.sort(descending=True)
+        # drop a token when the tokens ranked above it already reach top_p
+        drop = (sorted_p.cumsum(0) - sorted_p) >= s.top_p
+        probs = probs.scatter(0, order, sorted_p.masked_fill(drop, 0.0))
+    noise = torch.empty_like(probs).exponential_(1.0, generator=gen)
+    return (probs / noise).argmax()
+
+
+def generate_tokens(
+    engine,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    sampling: Sampling,
+    keep_logits: bool = False,
+    on_token: Callable[[int], None] | None = None,
+) -> Generator[int, None, GenerationResult]:
+    """Yield each new token id; return the GenerationResult (via StopIteration.value)."""
+    sampling.check()
+    if max_new_tokens < 0:
+        raise UserError("--max-new-tokens must be 0 or more")
+    capacity = engine.kv_capacity
+    if len(prompt_ids) >= capacity:
+        raise UserError(f"the prompt has {len(prompt_ids)} tokens; the context holds {capacity} (raise --context)")
+    device = engine.device
+    gen = None
+    if sampling.temperature > 0:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(sampling.seed)
+    engine.kv.reset()
+    engine.cache.reset_counters()
+    result = GenerationResult(prompt_ids=list(prompt_ids))
+    rows: list[torch.Tensor] = []
+    eos = engine.config.eos_id
+    if max_new_tokens == 0:
+        result.stop_reason = "length"
+        return result
+
+    t0 = time.perf_counter()
+    logits = engine.model(torch.tensor(prompt_ids, device=device), engine.kv, last_only=True)[0]  # [V]
+    token = sample(logits, sampling, gen)
+    tok = int(token)  # SYNC: the token goes to the host, to stream it and to check for EOS
+    result.prefill_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    while True:
+        result.tokens.append(tok)
+        if keep_logits:
+            rows.append(logits)
+        if on_token is not None:
+            on_token(tok)
+        yield tok
+        if tok == eos:
+            result.stop_reason = "eos"
+            break
+        if len(result.tokens) >= max_new_tokens:
+            result.stop_reason = "length"
+            break
+        if engine.kv.pos >= capacity:
+            result.stop_reason = "context"
+            break
+        logits = engine.model(token.view(1), engine.kv)[0]  # [V]
+        token = sample(logits, sampling, gen)
+        tok = int(token)  # SYNC: as above
+        result.decode_steps += 1
+    result.decode_s = time.perf_counter() - t1
+    if keep_logits:
+        result.logits = torch.stack(rows).float().cpu()  # [generated, V]
+    if engine.tokenizer is not None:
+        result.text = engine.tokenizer.decode(result.tokens)
+    return result

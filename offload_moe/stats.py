@@ -1,0 +1,75 @@
+"""Run statistics: what users compare (tokens/s) and what explains it (hits, copies, waits)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def collect_stats(engine, result) -> dict:
+    c = engine.cache.counters
+    accesses = sum(c.hits) + sum(c.misses)
+    prompt = len(result.prompt_ids)
+    if engine.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(engine.device)
+    else:
+        peak = engine.device_bytes  # on the CPU: what the engine placed on its compute device
+    return {
+        "prompt_tokens": prompt,
+        "generated_tokens": len(result.tokens),
+        "prefill_tokens_per_s": prompt / result.prefill_s if result.prefill_s else 0.0,
+        "decode_tokens_per_s": result.decode_steps / result.decode_s if result.decode_s else 0.0,
+        "prefill_s": result.prefill_s,
+        "decode_s": result.decode_s,
+        "stop_reason": result.stop_reason,
+        "hit_rate": sum(c.hits) / accesses if accesses else 1.0,
+        "per_layer_hit_rate": [h / (h + m) if h + m else 1.0 for h, m in zip(c.hits, c.misses, strict=True)],
+        "hits": sum(c.hits),
+        "misses": sum(c.misses),
+        "per_layer_hits": list(c.hits),
+        "per_layer_misses": list(c.misses),
+        "prefetch_depth": engine.options.prefetch,
+        "prefetch_copies": c.prefetch_copies,
+        "prefetch_recall": c.prefetch_used / accesses if accesses else 0.0,
+        "prefetch_precision": c.prefetch_used / c.prefetch_copies if c.prefetch_copies else 0.0,
+        "copies": c.copies,
+        "bytes_to_device": c.bytes_to_device,
+        "bytes_per_expert": engine.cache.fmt.nbytes,
+        "copy_wait_s": c.copy_wait_s,
+        "peak_device_bytes": peak,
+        "slots_per_layer": list(engine.cache.slots),
+        "device": str(engine.device),
+        "dtype": str(engine.dtype).removeprefix("torch."),
+    }
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def format_table(stats: dict) -> str:
+    """A small two-column table, then the per-layer hit rates on one line."""
+    rows = [
+        ("prefill", f"{stats['prompt_tokens']} tokens, {stats['prefill_tokens_per_s']:.1f} tok/s"),
+        ("decode", f"{stats['generated_tokens']} tokens, {stats['decode_tokens_per_s']:.1f} tok/s"),
+        ("expert hit rate", f"{100 * stats['hit_rate']:.1f}% ({stats['hits']} hits, {stats['misses']} misses)"),
+        ("prefetch", f"depth {stats['prefetch_depth']}, {stats['prefetch_copies']} copies, "
+                     f"recall {100 * stats['prefetch_recall']:.1f}%, precision {100 * stats['prefetch_precision']:.1f}%"),
+        ("copied to device", f"{_bytes(stats['bytes_to_device'])} in {stats['copies']} copies "
+                             f"({_bytes(stats['bytes_per_expert'])} per expert)"),
+        ("compute waiting on copies", f"{stats['copy_wait_s'] * 1000:.1f} ms"),
+        ("peak device memory", _bytes(stats["peak_device_bytes"])),
+        ("slots per layer", _compact(stats["slots_per_layer"])),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"  {k:<{width}}  {v}" for k, v in rows]
+    per_layer = " ".join(f"{100 * r:.0f}" for r in stats["per_layer_hit_rate"])
+    lines.append(f"  {'hit rate per layer (%)':<{width}}  {per_layer}")
+    return "\n".join(lines)
+
+
+def _compact(slots: list[int]) -> str:
+    return str(slots[0]) if len(set(slots)) == 1 else ",".join(map(str, slots))
