@@ -50,8 +50,14 @@ class ExpertCache:
             raise ValueError(f"the engine runs online policies only ({', '.join(ONLINE_POLICIES)}), not {policy!r}")
         self.store, self.fmt, self.device = store, fmt, device
         self.slots = list(slots)
-        self.table = SlotTable(self.slots, store.layers[0].shape[0], policy, seed)
-        self.mem = [torch.empty((s, fmt.nbytes), dtype=torch.uint8, device=device) for s in self.slots]
+        E = store.layers[0].shape[0]
+        self.table = SlotTable(self.slots, E, policy, seed)
+        # on the CPU a layer whose slots cover every expert reads the host store in place: no second copy
+        self.aliased = [device.type == "cpu" and n >= E for n in self.slots]
+        self.mem = [
+            store.layers[layer] if alias else torch.empty((n, fmt.nbytes), dtype=torch.uint8, device=device)
+            for layer, (n, alias) in enumerate(zip(self.slots, self.aliased, strict=True))
+        ]
         self.views = [[fmt.views(self.mem[layer][s]) for s in range(n)] for layer, n in enumerate(self.slots)]
         self.transfers = Transfers(device, self.slots)
         # slot brought in by a prefetch and not used since: [L][S]
@@ -61,7 +67,7 @@ class ExpertCache:
 
     @property
     def device_bytes(self) -> int:
-        return sum(m.numel() for m in self.mem)
+        return sum(m.numel() for m, alias in zip(self.mem, self.aliased, strict=True) if not alias)
 
     def reset_counters(self) -> None:
         L = len(self.slots)
@@ -107,12 +113,14 @@ class ExpertCache:
                 self.counters.prefetch_copies += 1
 
     def _copy(self, layer: int, s: int, expert: int) -> None:
+        if self.aliased[layer]:  # slot s already is the host buffer of expert s (filled by warm)
+            return
         self.transfers.copy(self.mem[layer][s], self.store.buffer(layer, expert), layer, s)
         self.counters.bytes_to_device += self.fmt.nbytes
         self.counters.copies += 1
 
     def warm(self) -> float:
-        """Fill every layer's slots with its first experts (used when slots cover all experts)."""
+        """Load every expert of the layers whose slots cover them all: those layers are resident."""
         t0 = time.perf_counter()
         for layer, n in enumerate(self.slots):
             if n >= self.table.num_experts:

@@ -22,6 +22,7 @@ from .expert_store import DenseFormat, ExpertStore
 from .generate import GenerationResult, Sampling, generate_tokens
 from .model import KVCache, Transformer, rope_tables
 from .prefetch import Prefetcher
+from .profiles import DEFAULT_RESERVE, auto_slots, check_fits, load_profile, plan_memory
 from .stats import collect_stats
 from .tokenizer import TextStream, Tokenizer
 
@@ -40,6 +41,9 @@ class EngineOptions:
     context: int = 4096  # KV-cache length to preallocate (clipped to the model's own)
     seed: int = 0  # for the random eviction policy
     progress: bool = True  # a progress bar on large loads
+    device_budget: int | None = None  # bytes the engine may place on the device (checked at load)
+    device_reserve: int = int(DEFAULT_RESERVE)  # kept free on the device for context, activations
+    ram_budget: int | None = None  # bytes of RAM for the host expert store (None: what is available)
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -88,16 +92,31 @@ class Engine:
     last_result: GenerationResult | None = None
 
     @classmethod
-    def load(cls, path: str | Path, options: EngineOptions | None = None, **overrides) -> Engine:
-        options = replace(options or EngineOptions(), **overrides)
+    def load(cls, path: str | Path, options: EngineOptions | None = None, profile: str | None = None,
+             **overrides) -> Engine:
+        """Open a checkpoint. Settings: EngineOptions defaults < the profile < `options` < `overrides`."""
+        prof = load_profile(profile) if profile else None
+        base = options or EngineOptions()
+        if prof is not None and options is None:
+            base = replace(base, **prof.settings, device_budget=prof.device_budget,
+                           device_reserve=prof.device_reserve, ram_budget=prof.ram_budget)
+        options = replace(base, **overrides)
         device = options.resolved_device()
         dtype = options.resolved_dtype(device)
         ckpt = Checkpoint(path)
         c = ckpt.config
-        slots = resolve_slots(options.cache_experts, c.n_layers, c.num_experts, c.top_k)
         if options.prefetch < 0:
             raise UserError("--prefetch must be 0 or more")
+        if options.context < 1:
+            raise UserError("--context must be positive")
         context = min(options.context, c.max_context)
+        fmt = DenseFormat(c, dtype)
+        if prof is not None and prof.auto and "cache_experts" not in overrides:
+            slots, budget = auto_slots(c, dtype, fmt.nbytes, context, device, options.device_reserve)
+            options = replace(options, cache_experts=slots, device_budget=budget)
+        slots = resolve_slots(options.cache_experts, c.n_layers, c.num_experts, c.top_k)
+        check_fits(plan_memory(c, dtype, fmt.nbytes, slots, context, options.device_budget,
+                               options.device_reserve, options.ram_budget))
 
         with torch.device("meta"):
             model = Transformer(c)
@@ -108,7 +127,6 @@ class Engine:
         model.rope = rope_tables(c, context, device)
         model.eval()
 
-        fmt = DenseFormat(c, dtype)
         store = ExpertStore(ckpt, fmt, pin=device.type == "cuda", progress=options.progress)
         cache = ExpertCache(store, fmt, slots, device, policy=options.policy, seed=options.seed)
         cache.warm()  # layers whose slots hold every expert are resident, not cached

@@ -1,0 +1,111 @@
+"""The embedded default model, and a writer of random-weight Mixtral-layout checkpoints.
+
+`python run.py` needs a model without a download: it makes a small Mixtral-layout checkpoint
+with random weights and Mixtral's real tokenizer once, in a cache folder, and reuses it.
+The same writer makes the benchmark and GPU-check checkpoints (any Mixtral shape).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+from .tokenizer import BUNDLED
+
+DEMO_CONFIG = ModelConfig(dim=128, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=16, ffn_dim=384, num_experts=8,
+                          top_k=2, vocab_size=32000, max_context=4096)
+DEMO_NAMES = ("demo", "demo-random")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("OFFLOAD_MOE_CACHE", Path.home() / ".cache" / "offload_moe"))
+
+
+def hf_config_dict(c: ModelConfig, dtype: torch.dtype) -> dict:
+    return {
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": c.dim,
+        "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
+        "head_dim": c.head_dim, "intermediate_size": c.ffn_dim, "num_local_experts": c.num_experts,
+        "num_experts_per_tok": c.top_k, "vocab_size": c.vocab_size, "rope_theta": c.rope_theta,
+        "rms_norm_eps": c.norm_eps, "sliding_window": c.sliding_window, "max_position_embeddings": c.max_context,
+        "tie_word_embeddings": c.tie_word_embeddings, "bos_token_id": c.bos_id, "eos_token_id": c.eos_id,
+        "hidden_act": "silu", "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def write_random_checkpoint(path: str | Path, c: ModelConfig, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                            layers_per_shard: int = 0) -> Path:
+    """Write a Hugging Face layout checkpoint with random weights (std 0.02, norms 1), atomically.
+
+    layers_per_shard > 0 writes one safetensors shard per that many layers and an index, so a
+    large checkpoint is never whole in memory.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * 0.02).to(dtype)
+
+    def layer_tensors(i: int) -> dict[str, torch.Tensor]:
+        p = f"model.layers.{i}."
+        t = {
+            p + "input_layernorm.weight": torch.ones(c.dim, dtype=dtype),
+            p + "post_attention_layernorm.weight": torch.ones(c.dim, dtype=dtype),
+            p + "self_attn.q_proj.weight": rand(c.n_heads * c.head_dim, c.dim),
+            p + "self_attn.k_proj.weight": rand(c.n_kv_heads * c.head_dim, c.dim),
+            p + "self_attn.v_proj.weight": rand(c.n_kv_heads * c.head_dim, c.dim),
+            p + "self_attn.o_proj.weight": rand(c.dim, c.n_heads * c.head_dim),
+            p + "block_sparse_moe.gate.weight": rand(c.num_experts, c.dim),
+        }
+        for e in range(c.num_experts):
+            q = f"{p}block_sparse_moe.experts.{e}."
+            t |= {q + "w1.weight": rand(c.ffn_dim, c.dim), q + "w3.weight": rand(c.ffn_dim, c.dim),
+                  q + "w2.weight": rand(c.dim, c.ffn_dim)}
+        return t
+
+    head = {"model.embed_tokens.weight": rand(c.vocab_size, c.dim), "model.norm.weight": torch.ones(c.dim, dtype=dtype)}
+    if not c.tie_word_embeddings:
+        head["lm_head.weight"] = rand(c.vocab_size, c.dim)
+    if layers_per_shard <= 0:
+        tensors = dict(head)
+        for i in range(c.n_layers):
+            tensors |= layer_tensors(i)
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+    else:
+        groups = [list(range(i, min(i + layers_per_shard, c.n_layers))) for i in range(0, c.n_layers, layers_per_shard)]
+        n = len(groups) + 1
+        weight_map = {}
+        for s, layers in enumerate([None, *groups]):
+            name = f"model-{s + 1:05d}-of-{n:05d}.safetensors"
+            tensors = head if layers is None else {k: v for i in layers for k, v in layer_tensors(i).items()}
+            save_file(tensors, tmp / name, metadata={"format": "pt"})
+            weight_map |= dict.fromkeys(tensors, name)
+        (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (tmp / "config.json").write_text(json.dumps(hf_config_dict(c, dtype), indent=2))
+    shutil.copy(BUNDLED, tmp / "tokenizer.model")
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return path
+
+
+def demo_model() -> Path:
+    """The random-weight demo checkpoint, made on first use."""
+    path = cache_dir() / "demo-random"
+    if not (path / "config.json").exists():
+        write_random_checkpoint(path, DEMO_CONFIG)
+    return path
+
+
+def resolve_model(name: str) -> Path:
+    """A model argument: a folder, or one of the embedded names."""
+    return demo_model() if name in DEMO_NAMES else Path(name)

@@ -1,0 +1,145 @@
+"""Offload profiles: named TOML files in `profiles/` that say how a model should run on a target.
+
+A profile gives engine settings (device, dtype, expert precision, cache slots per layer,
+prefetch depth, eviction policy, context) and memory budgets. Before anything is allocated,
+`plan_memory` adds up what the run will place on the device and in RAM, and `check_fits`
+refuses a plan that does not fit, with the numbers. `auto` sizes the cache from the memory
+that is free now (torch.cuda.mem_get_info, psutil).
+
+Sizes are written like "24GB", "1.5GiB", "800MB" or a number of bytes; GB and GiB both mean
+2**30 bytes here, as cards are sold ("24 GB" is 24 GiB).
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+
+from .config import ModelConfig
+from .errors import UserError
+
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
+ENGINE_KEYS = ("device", "dtype", "expert_quant", "group_size", "cache_experts", "prefetch", "policy", "context")
+DEFAULT_RESERVE = 1.5 * 2**30  # CUDA context, activations, allocator slack on a real card
+_UNITS = {"": 1, "b": 1, "kb": 2**10, "kib": 2**10, "mb": 2**20, "mib": 2**20, "gb": 2**30, "gib": 2**30,
+          "tb": 2**40, "tib": 2**40}
+
+
+def parse_size(text: str | int | float) -> int:
+    if isinstance(text, int | float):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m[2].lower() not in _UNITS:
+        raise UserError(f"cannot read the size {text!r} (write e.g. 24GB, 1.5GiB or 800MB)")
+    return int(float(m[1]) * _UNITS[m[2].lower()])
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
+
+
+@dataclass
+class Profile:
+    name: str
+    settings: dict  # EngineOptions fields
+    device_budget: int | None = None  # bytes the engine may use on the device
+    device_reserve: int = int(DEFAULT_RESERVE)
+    ram_budget: int | None = None
+    hardware: dict | None = None  # cost-model figures, for the tuner
+    auto: bool = False
+
+
+def load_profile(name_or_path: str) -> Profile:
+    if name_or_path == "auto":
+        return Profile("auto", {}, auto=True)
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PROFILE_DIR / f"{name_or_path}.toml"
+    if not path.exists():
+        names = ", ".join(available_profiles() + ["auto"])
+        raise UserError(f"unknown profile {name_or_path!r}: give a .toml file or one of {names}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"profile {path} is not valid TOML: {e}") from None
+    unknown = set(data) - set(ENGINE_KEYS) - {"description", "budget", "hardware", "model"}
+    if unknown:
+        raise UserError(f"profile {path}: unknown key(s) {', '.join(sorted(unknown))}")
+    budget = data.get("budget", {})
+    ram = budget.get("ram")
+    return Profile(
+        name=path.stem,
+        settings={k: data[k] for k in ENGINE_KEYS if k in data},
+        device_budget=parse_size(budget["device"]) if "device" in budget else None,
+        device_reserve=parse_size(budget.get("device_reserve", DEFAULT_RESERVE)),
+        ram_budget=None if ram in (None, "auto") else parse_size(ram),
+        hardware=data.get("hardware"),
+    )
+
+
+@dataclass
+class MemoryPlan:
+    dense: int
+    expert_bytes: int
+    slots: list[int]
+    kv: int
+    reserve: int
+    host_store: int
+    device_budget: int | None
+    ram_budget: int | None
+
+    @property
+    def device_total(self) -> int:
+        return self.dense + self.expert_bytes * sum(self.slots) + self.kv + self.reserve
+
+    def describe(self) -> str:
+        return (f"dense {gib(self.dense)} + {sum(self.slots)} expert slots x {self.expert_bytes / 2**20:.1f} MiB "
+                f"= {gib(self.expert_bytes * sum(self.slots))} + KV cache {gib(self.kv)} + reserve {gib(self.reserve)}"
+                f" = {gib(self.device_total)}")
+
+
+def plan_memory(config: ModelConfig, dtype: torch.dtype, expert_bytes: int, slots: list[int], context: int,
+                device_budget: int | None, reserve: int, ram_budget: int | None) -> MemoryPlan:
+    return MemoryPlan(
+        dense=config.dense_params * dtype.itemsize,
+        expert_bytes=expert_bytes,
+        slots=slots,
+        kv=config.kv_bytes(context, dtype.itemsize),
+        reserve=reserve if device_budget is not None else 0,
+        host_store=config.n_layers * config.num_experts * expert_bytes,
+        device_budget=device_budget,
+        ram_budget=ram_budget,
+    )
+
+
+def check_fits(plan: MemoryPlan) -> None:
+    if plan.device_budget is not None and plan.device_total > plan.device_budget:
+        raise UserError(f"the profile does not fit the device: {plan.describe()} > budget {gib(plan.device_budget)}")
+    ram = plan.ram_budget if plan.ram_budget is not None else psutil.virtual_memory().available
+    if plan.host_store > ram:
+        raise UserError(f"the experts need {gib(plan.host_store)} of RAM; {gib(ram)} is available"
+                        + (" (budget)" if plan.ram_budget is not None else ""))
+
+
+def auto_slots(config: ModelConfig, dtype: torch.dtype, expert_bytes: int, context: int, device: torch.device,
+               reserve: int = int(DEFAULT_RESERVE)) -> tuple[list[int], int | None]:
+    """Slots per layer that the free device memory holds, and that budget (None on the CPU: all resident)."""
+    if device.type != "cuda":
+        return [config.num_experts] * config.n_layers, None
+    free, _ = torch.cuda.mem_get_info(device)
+    base = plan_memory(config, dtype, expert_bytes, [0], context, free, reserve, None)
+    per_layer = (free - base.device_total) // (expert_bytes * config.n_layers)
+    if per_layer < config.top_k:
+        need = base.device_total + expert_bytes * config.n_layers * config.top_k
+        raise UserError(f"--profile auto: {gib(free)} free on {device}, but {config.top_k} slots per layer need "
+                        f"{gib(need)} ({base.describe()} plus the slots); try quantized experts or a shorter context")
+    return [min(int(per_layer), config.num_experts)] * config.n_layers, free
