@@ -56,8 +56,8 @@ def format_table(stats: dict) -> str:
         ("prefill", f"{stats['prompt_tokens']} tokens, {stats['prefill_tokens_per_s']:.1f} tok/s"),
         ("decode", f"{stats['generated_tokens']} tokens, {stats['decode_tokens_per_s']:.1f} tok/s"),
         ("expert hit rate", f"{100 * stats['hit_rate']:.1f}% ({stats['hits']} hits, {stats['misses']} misses)"),
-        ("prefetch", f"depth {stats['prefetch_depth']}, {stats['prefetch_copies']} copies, "
-                     f"recall {100 * stats['prefetch_recall']:.1f}%, precision {100 * stats['prefetch_precision']:.1f}%"),
+        ("prefetch", f"depth {stats['prefetch_depth']}, {stats['prefetch_copies']} copies, recall "
+                     f"{100 * stats['prefetch_recall']:.1f}%, precision {100 * stats['prefetch_precision']:.1f}%"),
         ("copied to device", f"{_bytes(stats['bytes_to_device'])} in {stats['copies']} copies "
                              f"({_bytes(stats['bytes_per_expert'])} per expert)"),
         ("compute waiting on copies", f"{stats['copy_wait_s'] * 1000:.1f} ms"),
