@@ -1,0 +1,95 @@
+"""Pure logic: the eviction rule (policy.SlotTable) and the router math."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from offload_moe.config import ModelConfig
+from offload_moe.model import Transformer
+from offload_moe.policy import NEVER, NoVictimError, SlotTable
+
+
+def access(t: SlotTable, row: int, experts: list[int], next_use=None):
+    hit, slot, evicted = t.access(np.array([row]), np.array([experts]), next_use)
+    return hit[0].tolist(), evicted[0].tolist()
+
+
+def test_lru_evicts_least_recently_used_and_never_the_tokens_own():
+    t = SlotTable([3], num_experts=8, policy="lru")
+    assert access(t, 0, [0, 1]) == ([False, False], [-1, -1])
+    assert access(t, 0, [2, 0]) == ([False, True], [-1, -1])  # 2 fills the empty third slot
+    # resident {0, 1, 2} with last uses 0:2, 1:1, 2:2. Token [3, 0]: 0 is protected (same token),
+    # so 3 evicts 1, the least recently used of the others
+    assert access(t, 0, [3, 0]) == ([False, True], [1, -1])
+    # token [4, 5] with {0:3, 2:2, 3:3}: 4 evicts 2; 5 may not evict 4 (same token), evicts 0 (tie with 3,
+    # lower slot first)
+    assert access(t, 0, [4, 5]) == ([False, False], [2, 0])
+    assert sorted(t.resident(0)) == [3, 4, 5]
+
+
+def test_fifo_ignores_hits_and_lfu_counts_them():
+    fifo, lfu = SlotTable([2], 8, "fifo"), SlotTable([2], 8, "lfu")
+    for t in (fifo, lfu):
+        access(t, 0, [0])
+        access(t, 0, [1])
+        access(t, 0, [0])  # hit: refreshes 0 for LRU/LFU, not for FIFO
+        access(t, 0, [0])
+        access(t, 0, [1])
+    assert access(fifo, 0, [2]) == ([False], [0])  # 0 came in first
+    assert access(lfu, 0, [2]) == ([False], [1])  # 1 used twice, 0 three times
+
+
+def test_belady_evicts_the_furthest_next_use():
+    t = SlotTable([2], 4, "belady")
+    access(t, 0, [0, 1], np.array([[5, 9, NEVER, NEVER]]))
+    # 2 arrives: 0 is next used at 5, 1 at 9 -> 1 leaves
+    assert access(t, 0, [2], np.array([[5, 9, 7, NEVER]])) == ([False], [1])
+    # never-again leaves first
+    assert access(t, 0, [3], np.array([[NEVER, NEVER, 8, 12]])) == ([False], [0])
+
+
+def test_prefetch_fills_without_counting_uses_and_never_evicts_its_own_predictions():
+    t = SlotTable([2], 8, "lfu")
+    inserted, slot, evicted = t.prefetch(np.array([0]), np.array([[4, 5]]))
+    assert inserted.tolist() == [[True, True]] and t.uses[0].sum() == 0
+    inserted, _, _ = t.prefetch(np.array([0]), np.array([[4, -1]]))  # resident already, -1 ignored
+    assert inserted.tolist() == [[False, False]]
+
+
+def test_rows_are_independent_and_may_differ_in_slots():
+    t = SlotTable([2, 4], 8, "lru")
+    for e in range(4):
+        t.access(np.array([0, 1]), np.array([[e], [e]]))
+    assert sorted(t.resident(0)) == [2, 3] and sorted(t.resident(1)) == [0, 1, 2, 3]
+
+
+def test_no_victim_when_the_access_needs_more_than_the_slots():
+    t = SlotTable([2], 8, "lru")
+    with pytest.raises(NoVictimError):
+        access(t, 0, [0, 1, 2])
+
+
+def test_belady_is_offline_and_unknown_policy_is_refused():
+    with pytest.raises(ValueError, match="next-use"):
+        t = SlotTable([1], 4, "belady")
+        access(t, 0, [0])
+        access(t, 0, [1])
+    with pytest.raises(ValueError, match="unknown eviction policy"):
+        SlotTable([1], 4, "mru")
+
+
+def test_router_renormalises_the_top_k_of_the_softmax():
+    c = ModelConfig(dim=4, n_layers=1, n_heads=1, n_kv_heads=1, head_dim=4, ffn_dim=4, num_experts=4, top_k=2,
+                    vocab_size=8)
+    model = Transformer(c)
+    blk = model.layers[0]
+    with torch.no_grad():
+        blk.gate.weight.copy_(torch.eye(4))
+    weights, idx = model.route(blk, torch.tensor([[2.0, 1.0, 0.0, -1.0]]))
+    assert idx.tolist() == [[0, 1]]
+    e = math.exp(1.0)
+    assert weights[0].tolist() == pytest.approx([e / (e + 1), 1 / (e + 1)])
