@@ -159,9 +159,11 @@ COMMANDS = {"generate": cmd_generate}
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        # the main job: generate (from the demo model unless --model says otherwise), 2 slots per layer
+        argv = ["generate", "--cache-experts", "2", *argv]
     args = parser.parse_args(argv)
-    if args.command is None:  # the main job: the demo, offloaded
-        args = parser.parse_args(["generate", "--cache-experts", "2", *(argv or [])])
     try:
         return COMMANDS[args.command](args)
     except UserError as e:
@@ -170,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed early (| head): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except MemoryError:
         print("error: out of memory (try fewer --cache-experts, a shorter --context or a smaller profile)",
               file=sys.stderr)

@@ -59,6 +59,21 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def to_hf_config(self, dtype=None) -> dict:
+        """This shape as a Hugging Face `config.json` (what `from_hf_config` reads back)."""
+        out = {
+            "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": self.dim,
+            "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim, "intermediate_size": self.ffn_dim,
+            "num_local_experts": self.num_experts, "num_experts_per_tok": self.top_k, "vocab_size": self.vocab_size,
+            "rope_theta": self.rope_theta, "rms_norm_eps": self.norm_eps, "sliding_window": self.sliding_window,
+            "max_position_embeddings": self.max_context, "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_id, "eos_token_id": self.eos_id, "hidden_act": "silu",
+        }
+        if dtype is not None:
+            out["torch_dtype"] = str(dtype).removeprefix("torch.")
+        return out
+
 
 def _read_json(path: Path) -> dict:
     try:

@@ -28,18 +28,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("OFFLOAD_MOE_CACHE", Path.home() / ".cache" / "offload_moe"))
 
 
-def hf_config_dict(c: ModelConfig, dtype: torch.dtype) -> dict:
-    return {
-        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": c.dim,
-        "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
-        "head_dim": c.head_dim, "intermediate_size": c.ffn_dim, "num_local_experts": c.num_experts,
-        "num_experts_per_tok": c.top_k, "vocab_size": c.vocab_size, "rope_theta": c.rope_theta,
-        "rms_norm_eps": c.norm_eps, "sliding_window": c.sliding_window, "max_position_embeddings": c.max_context,
-        "tie_word_embeddings": c.tie_word_embeddings, "bos_token_id": c.bos_id, "eos_token_id": c.eos_id,
-        "hidden_act": "silu", "torch_dtype": str(dtype).removeprefix("torch."),
-    }
-
-
 def write_random_checkpoint(path: str | Path, c: ModelConfig, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
                             layers_per_shard: int = 0) -> Path:
     """Write a Hugging Face layout checkpoint with random weights (std 0.02, norms 1), atomically.
@@ -90,7 +78,7 @@ def write_random_checkpoint(path: str | Path, c: ModelConfig, dtype: torch.dtype
             save_file(tensors, tmp / name, metadata={"format": "pt"})
             weight_map |= dict.fromkeys(tensors, name)
         (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (tmp / "config.json").write_text(json.dumps(hf_config_dict(c, dtype), indent=2))
+    (tmp / "config.json").write_text(json.dumps(c.to_hf_config(dtype), indent=2))
     shutil.copy(BUNDLED, tmp / "tokenizer.model")
     if path.exists():
         shutil.rmtree(path)
