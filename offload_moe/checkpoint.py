@@ -7,6 +7,8 @@ Our names: `tok_embeddings`, `norm`, `output`, `layers.N.attention_norm`, `layer
 Layouts read, tensor by tensor (safetensors and mmap'd torch files), never the whole model at once:
   hf        config.json + model.safetensors, or shards listed in model.safetensors.index.json
             (`block_sparse_moe.experts.E.w1.weight`, or transformers-5 fused `mlp.experts.gate_up_proj`)
+  packed    written by `convert` (see packed.py): dense.safetensors already under our names, and the
+            experts as ready-packed buffers in experts.bin
   original  params.json + consolidated.NN.pt, experts stacked per layer as `block_sparse_moe.w1/w2/w3`
             [E*I, D] (w2's block is the transpose of the down projection) or named
             `feed_forward.experts.E.w1.weight`. Its wq/wk use interleaved (complex-pair) RoPE; we
@@ -68,7 +70,18 @@ class Checkpoint:
         self._files: dict[Path, object] = {}
         self.dense_sources: dict[str, Source] = {}
         self.expert_sources: dict[tuple[int, int, str], Source] = {}
-        if (self.path / "config.json").exists():
+        self.packed_index: dict | None = None
+        if (self.path / "packed.json").exists():
+            from .packed import DENSE, read_index
+
+            self.layout = "packed"
+            self.config = from_hf_config(self.path / "config.json")
+            self.packed_index = read_index(self.path)
+            dense = self.path / DENSE
+            if not dense.exists():
+                raise UserError(f"{self.path}: {DENSE} is missing")
+            self.dense_sources = {key: (dense, key, None) for key in self._keys(dense)}
+        elif (self.path / "config.json").exists():
             self.layout = "hf"
             self.config = from_hf_config(self.path / "config.json")
             self._index_hf()
@@ -186,6 +199,13 @@ class Checkpoint:
             if name not in self.dense_sources:
                 raise UserError(f"{self.path}: tensor {name} is missing from the checkpoint")
         c = self.config
+        if self.layout == "packed":
+            placed = {(layer, e) for layer, e, *_ in self.packed_index["experts"]}
+            missing = [(layer, e) for layer in range(c.n_layers) for e in range(c.num_experts)
+                       if (layer, e) not in placed]
+            if missing:
+                raise UserError(f"{self.path}: expert {missing[0]} is missing from the packed index")
+            return
         for layer in range(c.n_layers):
             for e in range(c.num_experts):
                 for part in ("w1", "w2", "w3"):

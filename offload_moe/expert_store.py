@@ -66,15 +66,18 @@ class ExpertStore:
         c = checkpoint.config
         self.fmt = fmt
         self.nbytes = fmt.nbytes
-        self.layers: list[torch.Tensor] = []
-        total = c.n_layers * c.num_experts * fmt.nbytes
-        bar = _Progress("experts", total, enabled=progress)
-        for layer in range(c.n_layers):
-            buf = torch.empty((c.num_experts, fmt.nbytes), dtype=torch.uint8, pin_memory=pin)  # [E, bytes]
+        self.layers = [torch.empty((c.num_experts, fmt.nbytes), dtype=torch.uint8, pin_memory=pin)  # [E, bytes]
+                       for _ in range(c.n_layers)]
+        if checkpoint.layout == "packed":  # the bytes are ready: read them in, checking checksums
+            from .packed import load_packed_experts
+
+            load_packed_experts(checkpoint.path, checkpoint.packed_index, fmt, self.layers, progress)
+            return
+        bar = _Progress("experts", c.n_layers * c.num_experts * fmt.nbytes, enabled=progress)
+        for layer, buf in enumerate(self.layers):
             for e in range(c.num_experts):
                 fmt.pack(checkpoint.expert(layer, e), buf[e])
                 bar.advance(fmt.nbytes)
-            self.layers.append(buf)
         bar.close()
 
     def buffer(self, layer: int, expert: int) -> torch.Tensor:

@@ -1,0 +1,150 @@
+"""The packed offload folder: a model written once in the engine's own layout, to load fast.
+
+    DIR2/config.json         the model shape (Hugging Face style)
+    DIR2/dense.safetensors   every non-expert tensor, under our names, RoPE already converted
+    DIR2/experts.bin         each expert's packed buffer (the exact bytes a slot holds), one after
+                             another at 4096-byte aligned offsets (so storage can be read with O_DIRECT)
+    DIR2/packed.json         version, expert format, and the index: layer, expert, offset, size, crc32
+    DIR2/tokenizer.model     copied from the source, when it has one
+
+`convert` is resumable: experts are appended in (layer, expert) order and a journal
+(`packed.partial.json`) records, after each flushed batch, how many are safely on disk; a rerun
+with the same arguments continues from there. The index is written last, atomically, so a folder
+with `packed.json` is complete. Checksums are checked when the experts are loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .checkpoint import Checkpoint
+from .errors import UserError
+from .expert_store import ExpertFormat, _Progress
+
+VERSION = 1
+ALIGN = 4096
+INDEX, JOURNAL, DATA, DENSE = "packed.json", "packed.partial.json", "experts.bin", "dense.safetensors"
+FLUSH_EVERY = 16  # experts between journal updates
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def read_index(folder: Path) -> dict:
+    try:
+        index = json.loads((folder / INDEX).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{folder / INDEX} cannot be read: {e}") from None
+    if index.get("version") != VERSION:
+        raise UserError(f"{folder} was written by an incompatible offload_moe (packed format version "
+                        f"{index.get('version')}, this one reads {VERSION}): convert the model again")
+    return index
+
+
+def convert(source: str | Path, out: str | Path, fmt: ExpertFormat, dense_dtype: torch.dtype,
+            progress: bool = True) -> dict:
+    """Write `source` (any layout the engine reads) as a packed folder; resume an interrupted run."""
+    ckpt = Checkpoint(source)
+    out = Path(out)
+    if ckpt.layout == "packed":
+        raise UserError(f"{source} is already a packed folder")
+    if (out / INDEX).exists():
+        raise UserError(f"{out} already holds a packed model; remove it or choose another --out")
+    settings = {"version": VERSION, "format": fmt.name, "bytes_per_expert": fmt.nbytes,
+                "dense_dtype": str(dense_dtype).removeprefix("torch."), "source": str(Path(source).resolve())}
+    c = ckpt.config
+    order = [(layer, e) for layer in range(c.n_layers) for e in range(c.num_experts)]
+    stride = _aligned(fmt.nbytes)
+    entries, start = _resume(out, settings, stride)
+    if entries is None:
+        if out.exists() and any(out.iterdir()):
+            raise UserError(f"{out} exists and is not empty (nor an interrupted conversion of the same model)")
+        out.mkdir(parents=True, exist_ok=True)
+        entries, start = [], 0
+        (out / DATA).write_bytes(b"")
+
+    buf = torch.empty(stride, dtype=torch.uint8)
+    bar = _Progress("experts", len(order) * fmt.nbytes, enabled=progress)
+    bar.advance(start * fmt.nbytes)
+    with open(out / DATA, "r+b") as f:
+        f.truncate(start * stride)  # drop anything written after the last journal entry
+        f.seek(start * stride)
+        for i, (layer, e) in enumerate(order[start:], start):
+            buf.zero_()
+            fmt.pack(ckpt.expert(layer, e), buf[: fmt.nbytes])
+            data = buf.numpy().tobytes()
+            f.write(data)
+            entries.append([layer, e, i * stride, fmt.nbytes, zlib.crc32(data[: fmt.nbytes])])
+            bar.advance(fmt.nbytes)
+            if (i + 1) % FLUSH_EVERY == 0:
+                _journal(out, f, settings, entries)
+        _journal(out, f, settings, entries)
+    bar.close()
+
+    dense = {name: ckpt.dense(name).to(dense_dtype).contiguous() for name in ckpt.expected_dense()}
+    save_file(dense, out / DENSE, metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(c.to_hf_config(dense_dtype), indent=2))
+    if ckpt.tokenizer_path:
+        shutil.copy(ckpt.tokenizer_path, out / "tokenizer.model")
+    index = {**settings, "align": ALIGN, "experts": entries}
+    tmp = out / (INDEX + ".tmp")
+    tmp.write_text(json.dumps(index))
+    os.replace(tmp, out / INDEX)
+    (out / JOURNAL).unlink(missing_ok=True)
+    return index
+
+
+def _journal(out: Path, f, settings: dict, entries: list) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+    tmp = out / (JOURNAL + ".tmp")
+    tmp.write_text(json.dumps({**settings, "experts": entries}))
+    os.replace(tmp, out / JOURNAL)
+
+
+def _resume(out: Path, settings: dict, stride: int) -> tuple[list | None, int]:
+    """Entries already on disk from an interrupted run with the same settings, or (None, 0)."""
+    try:
+        journal = json.loads((out / JOURNAL).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None, 0
+    if any(journal.get(k) != v for k, v in settings.items()) or not (out / DATA).exists():
+        raise UserError(f"{out} holds an interrupted conversion with other settings; remove it or choose another "
+                        "--out")
+    entries = journal["experts"]
+    if (out / DATA).stat().st_size < len(entries) * stride:
+        return [], 0
+    return entries, len(entries)
+
+
+def load_packed_experts(folder: Path, index: dict, fmt: ExpertFormat, layers: list[torch.Tensor],
+                        progress: bool = True) -> None:
+    """Read every expert's bytes into `layers` ([L] x [E, bytes], pinned or not), checking each checksum."""
+    if index["format"] != fmt.name or index["bytes_per_expert"] != fmt.nbytes:
+        raise UserError(f"{folder}: experts were packed as {index['format']}; this run wants {fmt.name} "
+                        "(pass the matching --dtype/--expert-quant, or convert again)")
+    path = folder / DATA
+    size = path.stat().st_size if path.exists() else -1
+    bar = _Progress("experts", len(index["experts"]) * fmt.nbytes, enabled=progress)
+    with open(path, "rb", buffering=0) as f:
+        for layer, e, offset, n, crc in index["experts"]:
+            if offset + n > size:
+                raise UserError(f"{path} is truncated: expert ({layer}, {e}) ends at byte {offset + n}, "
+                                f"the file has {max(size, 0)}")
+            dst = layers[layer][e].numpy()
+            f.seek(offset)
+            if f.readinto(memoryview(dst)) != n:
+                raise UserError(f"{path}: short read for expert ({layer}, {e})")
+            if zlib.crc32(dst) != crc:
+                raise UserError(f"{path}: expert ({layer}, {e}) fails its checksum (bytes {offset}..{offset + n}): "
+                                "the file is damaged; convert again")
+            bar.advance(n)
+    bar.close()
