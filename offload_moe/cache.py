@@ -21,6 +21,8 @@ from .expert_store import ExpertFormat, ExpertStore
 from .policy import ONLINE_POLICIES, SlotTable
 from .prefetch import Transfers
 
+MISS_POLICIES = ("fetch", "cpu", "auto")
+
 
 @dataclass
 class CacheCounters:
@@ -33,6 +35,7 @@ class CacheCounters:
     bytes_to_device: int = 0
     copy_wait_s: float = 0.0
     copies: int = 0
+    cpu_misses: int = 0  # misses whose output this step computed on the CPU (miss policy cpu/auto)
     per_layer_prefetch_used: list[int] = field(default_factory=list)
 
 
@@ -45,15 +48,20 @@ class ExpertCache:
         device: torch.device,
         policy: str = "lru",
         seed: int = 0,
+        miss_policy: str = "fetch",
     ):
         if policy not in ONLINE_POLICIES:
             raise ValueError(f"the engine runs online policies only ({', '.join(ONLINE_POLICIES)}), not {policy!r}")
+        if miss_policy not in MISS_POLICIES:
+            raise ValueError(f"unknown miss policy {miss_policy!r}; choose from {', '.join(MISS_POLICIES)}")
         self.store, self.fmt, self.device = store, fmt, device
         self.slots = list(slots)
-        E = store.layers[0].shape[0]
+        E = store.num_experts
         self.table = SlotTable(self.slots, E, policy, seed)
+        self.miss_policy = miss_policy
+        self.cpu_cheaper = miss_policy == "cpu"  # for auto, decided by `calibrate_misses`
         # on the CPU a layer whose slots cover every expert reads the host store in place: no second copy
-        self.aliased = [device.type == "cpu" and n >= E for n in self.slots]
+        self.aliased = [device.type == "cpu" and n >= E and store.in_ram for n in self.slots]
         self.mem = [
             store.layers[layer] if alias else torch.empty((n, fmt.nbytes), dtype=torch.uint8, device=device)
             for layer, (n, alias) in enumerate(zip(self.slots, self.aliased, strict=True))
@@ -73,15 +81,19 @@ class ExpertCache:
         L = len(self.slots)
         self.counters = CacheCounters(hits=[0] * L, misses=[0] * L, per_layer_prefetch_used=[0] * L)
 
-    def acquire(self, layer: int, experts: list[int]) -> list[int]:
-        """Make `experts` (distinct) resident for the current layer; return their slots in order.
+    def acquire(self, layer: int, experts: list[int], decode: bool = False) -> tuple[list[int], list[bool]]:
+        """Make `experts` (distinct) resident for the current layer; return their slots in order, and
+        for each whether this step computes it on the CPU instead (`cpu_forward`).
 
-        Misses are copied now; experts still in flight from a prefetch are waited for
-        (the wait is timed: it is compute stalled on a copy).
+        A miss is always admitted: its copy starts now. With miss policy `cpu` (or `auto`, when the
+        CPU computes an expert faster than the link copies it) a decode step does not wait for that
+        copy: it computes the expert from host RAM, and later tokens find it resident. Experts still
+        in flight are waited for, and the wait is timed: it is compute stalled on a copy.
         """
         hit, slot, evicted = self.table.access(np.array([layer]), np.array([experts]))
         c = self.counters
         slots = slot[0].tolist()
+        on_cpu = [False] * len(experts)
         for k, e in enumerate(experts):
             s = slots[k]
             if hit[0, k]:
@@ -94,8 +106,41 @@ class ExpertCache:
                 c.misses[layer] += 1
                 self.fresh[layer][s] = False
                 self._copy(layer, s, e)
+                if decode and self.cpu_cheaper:
+                    on_cpu[k] = True
+                    c.cpu_misses += 1
+                    continue
             c.copy_wait_s += self.transfers.wait_ready(layer, s)
-        return slots
+        return slots, on_cpu
+
+    def cpu_forward(self, layer: int, expert: int, x_host: torch.Tensor) -> torch.Tensor:
+        """Run one expert on the CPU from its host-RAM bytes: x_host [T, D] -> [T, D] on the CPU."""
+        buf = self.store.buffer(layer, expert)
+        y = self.fmt.forward(x_host, self.fmt.views(buf))
+        self.store.done(layer, expert)
+        return y
+
+    def calibrate_misses(self, dim: int, dtype: torch.dtype, repeats: int = 3) -> dict:
+        """For miss policy `auto`: time one expert's decode forward on the CPU against one copy to the
+        device. Call it before any expert is resident: it uses slot 0 of layer 0 as scratch."""
+        x = torch.randn(1, dim, dtype=dtype)
+        buf = self.store.buffer(0, 0)
+        views = self.fmt.views(buf)
+        dst = self.mem[0][0] if not self.aliased[0] else torch.empty_like(buf, device=self.device)
+        times = {"cpu_s": float("inf"), "copy_s": float("inf")}
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            self.fmt.forward(x, views)
+            times["cpu_s"] = min(times["cpu_s"], time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            dst.copy_(buf, non_blocking=True)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # SYNC: calibration at load, not on the decode path
+            times["copy_s"] = min(times["copy_s"], time.perf_counter() - t0)
+        self.store.done(0, 0)
+        if self.miss_policy == "auto":
+            self.cpu_cheaper = times["cpu_s"] < times["copy_s"]
+        return times
 
     def release(self, layer: int, slots: list[int]) -> None:
         """The kernels reading these slots are enqueued: a later copy into them must wait for those."""
@@ -115,7 +160,8 @@ class ExpertCache:
     def _copy(self, layer: int, s: int, expert: int) -> None:
         if self.aliased[layer]:  # slot s already is the host buffer of expert s (filled by warm)
             return
-        self.transfers.copy(self.mem[layer][s], self.store.buffer(layer, expert), layer, s)
+        event = self.transfers.copy(self.mem[layer][s], self.store.buffer(layer, expert), layer, s)
+        self.store.done(layer, expert, event)
         self.counters.bytes_to_device += self.fmt.nbytes
         self.counters.copies += 1
 

@@ -9,6 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .cache import MISS_POLICIES
 from .demo import resolve_model
 from .engine import DTYPES, Engine, EngineOptions
 from .errors import UserError
@@ -63,6 +64,9 @@ def engine_flags() -> argparse.ArgumentParser:
                    help=f"prefetch the predicted experts of the next N layers; 0 turns it off "
                         f"(default: {DEFAULTS.prefetch})")
     g.add_argument("--policy", choices=ONLINE_POLICIES, help=f"eviction policy (default: {DEFAULTS.policy})")
+    g.add_argument("--miss-policy", choices=MISS_POLICIES,
+                   help="a decode-step miss: fetch (copy it, wait), cpu (compute it on the CPU from RAM while "
+                        f"the copy runs), auto (whichever measures faster) (default: {DEFAULTS.miss_policy})")
     g.add_argument("--context", type=int, help=f"KV-cache length to preallocate (default: {DEFAULTS.context})")
     return p
 
@@ -101,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def options_from(args: argparse.Namespace) -> dict:
     """The engine flags that were given (others come from the profile or EngineOptions)."""
-    keys = ("device", "dtype", "cache_experts", "prefetch", "policy", "context")
+    keys = ("device", "dtype", "cache_experts", "prefetch", "policy", "miss_policy", "context")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 

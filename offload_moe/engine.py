@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .cache import ExpertCache
+from .cache import MISS_POLICIES, ExpertCache
 from .checkpoint import Checkpoint
 from .errors import UserError
 from .expert_store import DenseFormat, ExpertStore
@@ -38,6 +38,7 @@ class EngineOptions:
     cache_experts: int | list[int] | None = None  # slots per layer (one count, or one per layer); None: all
     prefetch: int = 1  # layers ahead whose experts are prefetched; 0 turns it off
     policy: str = "lru"  # eviction: lru, lfu, fifo, random
+    miss_policy: str = "fetch"  # a decode miss: fetch (copy, wait), cpu (compute on the CPU), auto (faster one)
     context: int = 4096  # KV-cache length to preallocate (clipped to the model's own)
     seed: int = 0  # for the random eviction policy
     progress: bool = True  # a progress bar on large loads
@@ -128,7 +129,12 @@ class Engine:
         model.eval()
 
         store = ExpertStore(ckpt, fmt, pin=device.type == "cuda", progress=options.progress)
-        cache = ExpertCache(store, fmt, slots, device, policy=options.policy, seed=options.seed)
+        if options.miss_policy not in MISS_POLICIES:
+            raise UserError(f"unknown miss policy {options.miss_policy!r} (use {', '.join(MISS_POLICIES)})")
+        cache = ExpertCache(store, fmt, slots, device, policy=options.policy, seed=options.seed,
+                            miss_policy=options.miss_policy)
+        if options.miss_policy == "auto":
+            cache.calibrate_misses(c.dim, dtype)
         cache.warm()  # layers whose slots hold every expert are resident, not cached
         cache.reset_counters()
         model.cache = cache

@@ -80,8 +80,20 @@ class ExpertStore:
                 bar.advance(fmt.nbytes)
         bar.close()
 
+    in_ram = True  # every expert is in RAM: a layer's buffers can serve as its slots on the CPU
+
+    @property
+    def num_experts(self) -> int:
+        return self.layers[0].shape[0]
+
     def buffer(self, layer: int, expert: int) -> torch.Tensor:
         return self.layers[layer][expert]
+
+    def done(self, layer: int, expert: int, event=None) -> None:
+        """Nothing to release: these buffers are never rewritten (the tiered store's are)."""
+
+    def prefetch(self, layer: int, experts: list[int]) -> None:
+        """Nothing to read ahead: every expert is already in RAM."""
 
     @property
     def total_bytes(self) -> int:

@@ -191,13 +191,23 @@ class Transformer(nn.Module):
             self.recorder.chosen(layer, idx, weights)
         cache, fmt = self.cache, self.cache.fmt
         if T == 1:
-            slots = cache.acquire(layer, chosen[0])
-            out = torch.stack([fmt.forward(x, cache.views[layer][s]) for s in slots], dim=1)  # [1, K, D]
+            experts = chosen[0]
+            slots, on_cpu = cache.acquire(layer, experts, decode=True)
+            outs: list[torch.Tensor | None] = [None] * K
+            for k, s in enumerate(slots):  # resident experts first: their kernels run while the CPU works
+                if not on_cpu[k]:
+                    outs[k] = fmt.forward(x, cache.views[layer][s])
+            if any(on_cpu):
+                x_host = x.cpu()  # SYNC (CUDA): the hidden state goes to the CPU for the missed experts
+                for k, e in enumerate(experts):
+                    if on_cpu[k]:
+                        outs[k] = cache.cpu_forward(layer, e, x_host).to(x.device, non_blocking=True)
+            out = torch.stack(outs, dim=1)  # K x [1, D] -> [1, K, D]
             cache.release(layer, slots)
         else:
             out = x.new_empty(T, K, x.shape[1])  # [T, K, D]
             for group in self._groups(layer, chosen):
-                slots = cache.acquire(layer, group)
+                slots, _ = cache.acquire(layer, group)
                 for e, s in zip(group, slots, strict=True):
                     rows, ranks = (idx == e).nonzero(as_tuple=True)
                     out[rows, ranks] = fmt.forward(x[rows], cache.views[layer][s])

@@ -12,8 +12,9 @@ created once:
      slot's `ready` event (`wait_ready`). If the copy has not finished, the host also waits on
      it, and that time is counted as compute stalled on a copy (`copy_wait_s`). Experts that
      are already resident are computed first, so the wait falls where it hides the most.
-  3. Host buffers are pinned and never written after load, so a copy needs no guard on its
-     source.
+  3. A copy's source is a pinned host buffer. The all-in-RAM store never rewrites one; the tiered
+     store (RAM cache over storage) gets the slot's `ready` event with `done()` and does not
+     reuse that RAM buffer before the event has completed.
   4. Nothing else synchronises. The per-layer `.tolist()` of router choices (in `model.py`) is
      the one sync of the decode step: residency is decided on the host.
 On a CPU device there is no side stream: copies run inline, in the same order, so the results
@@ -46,15 +47,17 @@ class Transfers:
             self.free = [[torch.cuda.Event() for _ in range(n)] for n in slots]
             self.in_flight = [[False] * n for n in slots]
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, layer: int, slot: int) -> None:
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, layer: int, slot: int) -> torch.cuda.Event | None:
+        """Copy one expert into a slot; return the event after which `src` may be reused (None: now)."""
         if not self.cuda:
             dst.copy_(src)
-            return
+            return None
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(self.free[layer][slot])  # rule 1
             dst.copy_(src, non_blocking=True)
             self.ready[layer][slot].record(self.stream)
         self.in_flight[layer][slot] = True
+        return self.ready[layer][slot]
 
     def wait_ready(self, layer: int, slot: int) -> float:
         """Order compute after the slot's copy (rule 2); return host seconds spent waiting."""

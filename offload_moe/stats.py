@@ -32,6 +32,8 @@ def collect_stats(engine, result) -> dict:
         "prefetch_recall": c.prefetch_used / accesses if accesses else 0.0,
         "prefetch_precision": c.prefetch_used / c.prefetch_copies if c.prefetch_copies else 0.0,
         "copies": c.copies,
+        "miss_policy": engine.options.miss_policy,
+        "cpu_misses": c.cpu_misses,
         "bytes_to_device": c.bytes_to_device,
         "bytes_per_expert": engine.cache.fmt.nbytes,
         "copy_wait_s": c.copy_wait_s,
@@ -61,6 +63,7 @@ def format_table(stats: dict) -> str:
         ("copied to device", f"{_bytes(stats['bytes_to_device'])} in {stats['copies']} copies "
                              f"({_bytes(stats['bytes_per_expert'])} per expert)"),
         ("compute waiting on copies", f"{stats['copy_wait_s'] * 1000:.1f} ms"),
+        ("misses computed on the CPU", f"{stats['cpu_misses']} (miss policy {stats['miss_policy']})"),
         ("peak device memory", _bytes(stats["peak_device_bytes"])),
         ("slots per layer", _compact(stats["slots_per_layer"])),
     ]

@@ -112,3 +112,15 @@ def test_eos_stops_generation(ckpts):
     engine.checkpoint.config = replace(engine.config, eos_id=first)
     result = engine.generate(PROMPT, 10)
     assert result.tokens == [first] and result.stop_reason == "eos"
+
+
+@pytest.mark.parametrize("miss_policy", ["cpu", "auto"])
+def test_miss_policies_give_the_same_logits(ckpts, miss_policy):
+    """A miss computed on the CPU from host RAM gives the bits the copied slot would."""
+    ref = Engine.load(ckpts["base"], EngineOptions(cache_experts=2, prefetch=0)).generate(PROMPT, 8, keep_logits=True)
+    engine = Engine.load(ckpts["base"], EngineOptions(cache_experts=2, prefetch=0, miss_policy=miss_policy))
+    result = engine.generate(PROMPT, 8, keep_logits=True)
+    assert torch.equal(result.logits, ref.logits)
+    assert result.stats["misses"] == ref.stats["misses"]
+    if miss_policy == "cpu":
+        assert 0 < result.stats["cpu_misses"] <= result.stats["misses"]
