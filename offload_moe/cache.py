@@ -14,7 +14,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from .expert_store import ExpertFormat, ExpertStore
@@ -90,13 +89,12 @@ class ExpertCache:
         copy: it computes the expert from host RAM, and later tokens find it resident. Experts still
         in flight are waited for, and the wait is timed: it is compute stalled on a copy.
         """
-        hit, slot, evicted = self.table.access(np.array([layer]), np.array([experts]))
+        hit, slots, _ = self.table.access_row(layer, experts)
         c = self.counters
-        slots = slot[0].tolist()
         on_cpu = [False] * len(experts)
         for k, e in enumerate(experts):
             s = slots[k]
-            if hit[0, k]:
+            if hit[k]:
                 c.hits[layer] += 1
                 if self.fresh[layer][s]:
                     c.prefetch_used += 1
@@ -149,10 +147,10 @@ class ExpertCache:
 
     def prefetch(self, layer: int, experts: list[int]) -> None:
         """Start copying predicted experts that are not resident (never evicting one of them)."""
-        inserted, slot, _ = self.table.prefetch(np.array([layer]), np.array([experts]))
+        inserted, slots, _ = self.table.prefetch_row(layer, experts)
         for k, e in enumerate(experts):
-            if inserted[0, k]:
-                s = int(slot[0, k])
+            if inserted[k]:
+                s = slots[k]
                 self._copy(layer, s, e)
                 self.fresh[layer][s] = True
                 self.counters.prefetch_copies += 1

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,6 +26,7 @@ from .prefetch import Prefetcher
 from .profiles import DEFAULT_RESERVE, auto_slots, check_fits, load_profile, plan_memory
 from .stats import collect_stats
 from .tokenizer import TextStream, Tokenizer
+from .trace import Trace, TraceRecorder
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -78,6 +80,23 @@ def resolve_slots(cache_experts: int | list[int] | None, n_layers: int, num_expe
                 "experts resident at once"
             )
     return [min(n, num_experts) for n in slots]
+
+
+class RoutingTap:
+    """Feeds a TraceRecorder from inside the model: at each layer's entry, the next layer's router
+    applied to the current hidden state (what a one-layer-ahead prefetch would fetch); at each
+    router, the experts chosen."""
+
+    def __init__(self, model: Transformer, recorder: TraceRecorder):
+        self.model, self.recorder = model, recorder
+        self.predicted: dict[int, torch.Tensor] = {}
+
+    def enter(self, layer: int, h: torch.Tensor) -> None:
+        if layer + 1 < self.model.config.n_layers:
+            self.predicted[layer + 1] = self.model.predict(layer + 1, h)
+
+    def chosen(self, layer: int, idx: torch.Tensor, weights: torch.Tensor) -> None:
+        self.recorder.add(layer, idx, weights, self.predicted.pop(layer, None))
 
 
 @dataclass
@@ -206,6 +225,17 @@ class Engine:
         if len(ids) > self.kv_capacity:
             raise UserError(f"the sequence has {len(ids)} tokens; the context is {self.kv_capacity}")
         return self.model(torch.tensor(ids, device=self.device), self.kv)
+
+    def start_trace(self, model_name: str = "") -> None:
+        """Record the routing of every following forward pass (see `trace.py`) until `stop_trace`."""
+        recorder = TraceRecorder(self.config.n_layers, self.config.top_k, self.config.num_experts,
+                                 model_name or str(self.checkpoint.path),
+                                 metadata={"config": json.dumps(self.config.to_dict())})
+        self.model.recorder = RoutingTap(self.model, recorder)
+
+    def stop_trace(self) -> Trace:
+        tap, self.model.recorder = self.model.recorder, None
+        return tap.recorder.finish()
 
     @property
     def kv_capacity(self) -> int:

@@ -55,9 +55,26 @@ def test_belady_evicts_the_furthest_next_use():
 def test_prefetch_fills_without_counting_uses_and_never_evicts_its_own_predictions():
     t = SlotTable([2], 8, "lfu")
     inserted, slot, evicted = t.prefetch(np.array([0]), np.array([[4, 5]]))
-    assert inserted.tolist() == [[True, True]] and t.uses[0].sum() == 0
+    assert inserted.tolist() == [[True, True]] and sum(t.uses[0]) == 0
     inserted, _, _ = t.prefetch(np.array([0]), np.array([[4, -1]]))  # resident already, -1 ignored
     assert inserted.tolist() == [[False, False]]
+
+
+def test_a_repeated_prediction_takes_one_slot():
+    t = SlotTable([3], 8, "lru")
+    inserted, slot, _ = t.prefetch_row(0, [2, 2, 5])
+    assert inserted == [True, False, True] and sorted(t.resident(0)) == [2, 5]
+    assert t.slot_of[0][2] == slot[0] and t.expert[0].count(2) == 1
+
+
+def test_lfu_breaks_ties_by_recency_at_any_count():
+    t = SlotTable([2], 4, "lfu")
+    access(t, 0, [0])
+    access(t, 0, [1])
+    t.uses[0][0] = t.uses[0][1] = 1 << 40  # a long-running server: counts far beyond float precision
+    access(t, 0, [1])  # 1 is now the more recently used of two equally used experts... and one more use
+    t.uses[0][1] -= 1
+    assert access(t, 0, [2]) == ([False], [0])
 
 
 def test_rows_are_independent_and_may_differ_in_slots():

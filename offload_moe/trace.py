@@ -1,0 +1,227 @@
+"""Routing traces: which experts every token chose at every layer, saved for offline study.
+
+A trace lets `simulate.py` replay one real workload under any eviction policy and cache size
+without loading the model again. It is a safetensors file:
+
+  experts    int32   [T, L, K]  the K experts the router chose, per token (processing order) and layer,
+                                in rank order
+  weights    float32 [T, L, K]  their routing weights
+  predicted  int32   [T, L, K]  the experts layer l's router picks from the hidden state entering
+                                layer l-1 (a one-layer-ahead prediction); -1 where there is none
+                                (always at layer 0)
+
+and string metadata `num_experts`, `top_k`, `num_layers`, `model`. Other tensors (for example
+`prompt_lengths` int64 [P]) and other metadata (for example `config`, the model shape as JSON)
+travel along untouched.
+
+Shape legend: T tokens, L layers, K top-k, E experts.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from .errors import UserError
+
+ROUTING = {"experts": np.int32, "weights": np.float32, "predicted": np.int32}
+SHAPE_KEYS = ("num_experts", "top_k", "num_layers")
+CORE_METADATA = (*SHAPE_KEYS, "model")
+
+
+@dataclass
+class Trace:
+    """One recorded workload. The arrays are numpy so the simulator indexes them without torch."""
+
+    experts: np.ndarray  # int32 [T, L, K]
+    weights: np.ndarray  # float32 [T, L, K]
+    predicted: np.ndarray  # int32 [T, L, K], -1 where no prediction exists
+    num_experts: int
+    top_k: int
+    num_layers: int
+    model: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)  # other string metadata, e.g. "config"
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)  # other tensors, e.g. "prompt_lengths"
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.experts.shape[0])
+
+
+def check_trace(trace: Trace, name: str = "trace") -> None:
+    """Raise UserError unless `trace` is well formed. Shared by save and load so that a file this
+    module writes always loads, and a hand-made or damaged file fails with the reason, not later
+    inside the simulator with an index error."""
+    E, K, L = trace.num_experts, trace.top_k, trace.num_layers
+    if min(E, K, L) < 1:
+        raise UserError(f"{name}: num_experts, top_k and num_layers must be positive, not {E}, {K}, {L}")
+    if K > E:
+        raise UserError(f"{name}: top_k {K} exceeds num_experts {E}")
+    shape = None
+    for key, dtype in ROUTING.items():
+        arr = getattr(trace, key)
+        if not isinstance(arr, np.ndarray) or arr.dtype != dtype:
+            got = arr.dtype if isinstance(arr, np.ndarray) else type(arr).__name__
+            raise UserError(f"{name}: tensor '{key}' must be {np.dtype(dtype).name}, not {got}")
+        if arr.ndim != 3:
+            raise UserError(f"{name}: tensor '{key}' must be [tokens, layers, top_k], not {list(arr.shape)}")
+        if shape is None:
+            shape = arr.shape
+        elif arr.shape != shape:
+            raise UserError(f"{name}: tensor '{key}' has shape {list(arr.shape)}, 'experts' has {list(shape)}")
+    if shape[1:] != (L, K):
+        raise UserError(f"{name}: tensors are [tokens, {shape[1]}, {shape[2]}] but the metadata says "
+                        f"num_layers={L}, top_k={K}")
+    ex, pred = trace.experts, trace.predicted
+    if ex.size and (ex.min() < 0 or ex.max() >= E):
+        raise UserError(f"{name}: 'experts' holds ids from {ex.min()} to {ex.max()}; they must lie in [0, {E})")
+    if pred.size and (pred.min() < -1 or pred.max() >= E):
+        raise UserError(f"{name}: 'predicted' holds ids from {pred.min()} to {pred.max()}; they must lie in "
+                        f"[0, {E}) or be -1")
+    for key, arr in (("experts", ex), ("predicted", pred)):
+        ranked = np.sort(arr, axis=-1)  # [T, L, K]
+        dup = (ranked[..., 1:] == ranked[..., :-1]) & (ranked[..., 1:] >= 0)  # [T, L, K-1]
+        if dup.any():
+            t, layer, _ = np.argwhere(dup)[0]
+            raise UserError(f"{name}: '{key}' names one expert twice for token {t} at layer {layer}: "
+                            f"{arr[t, layer].tolist()}")
+    if not np.isfinite(trace.weights).all():
+        raise UserError(f"{name}: 'weights' holds NaN or infinite values")
+
+
+def save_trace(path: str | os.PathLike, trace: Trace) -> None:
+    """Write `trace` atomically: a temporary file in the same folder, then a rename, so a reader
+    (or a crash) never sees half a trace."""
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise UserError(f"cannot write {target}: folder {target.parent} does not exist")
+    check_trace(trace, str(target))
+    clash = set(trace.tensors) & set(ROUTING)
+    if clash:
+        raise UserError(f"cannot write {target}: extra tensors may not be named {', '.join(sorted(clash))}")
+    tensors = {**{k: np.ascontiguousarray(v) for k, v in trace.tensors.items()},
+               **{k: np.ascontiguousarray(getattr(trace, k)) for k in ROUTING}}
+    metadata = {**trace.metadata, "num_experts": str(trace.num_experts), "top_k": str(trace.top_k),
+                "num_layers": str(trace.num_layers), "model": trace.model}
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_trace(path: str | os.PathLike) -> Trace:
+    """Read and validate a trace; every defect is a UserError that names the file and the problem."""
+    source = Path(path)
+    if not source.exists():
+        raise UserError(f"trace {source} does not exist")
+    if not source.is_file():
+        raise UserError(f"trace {source} is not a file")
+    try:
+        with safe_open(str(source), framework="numpy") as f:
+            metadata = dict(f.metadata() or {})
+            names = set(f.keys())
+            missing = [k for k in ROUTING if k not in names]
+            if missing:
+                raise UserError(f"trace {source} lacks tensor(s) {', '.join(missing)}; a trace holds "
+                                f"{', '.join(ROUTING)}")
+            arrays = {}
+            for k in sorted(names):
+                try:
+                    arrays[k] = f.get_tensor(k)
+                except TypeError:  # numpy has no such dtype (bfloat16)
+                    raise UserError(f"trace {source}: tensor '{k}' is {f.get_slice(k).get_dtype()}, which numpy "
+                                    "cannot read; 'experts' and 'predicted' are int32, 'weights' float32") from None
+    except SafetensorError as exc:
+        raise UserError(f"trace {source} is not a safetensors file ({exc})") from None
+    except OSError as exc:
+        raise UserError(f"cannot read trace {source}: {exc.strerror or exc}") from None
+    absent = [k for k in CORE_METADATA if k not in metadata]
+    if absent:
+        raise UserError(f"trace {source} lacks metadata {', '.join(absent)}")
+    shape = {}
+    for key in SHAPE_KEYS:
+        try:
+            shape[key] = int(metadata[key])
+        except ValueError:
+            raise UserError(f"trace {source}: metadata {key}={metadata[key]!r} is not an integer") from None
+    trace = Trace(
+        experts=arrays.pop("experts"),
+        weights=arrays.pop("weights"),
+        predicted=arrays.pop("predicted"),
+        model=metadata["model"],
+        metadata={k: v for k, v in metadata.items() if k not in CORE_METADATA},
+        tensors=arrays,
+        **shape,
+    )
+    check_trace(trace, f"trace {source}")
+    return trace
+
+
+class TraceRecorder:
+    """Collects the routing of every forward pass while the engine runs.
+
+    The engine calls `add` once per layer per forward pass, layers 0..L-1 in order. Each call keeps
+    a CPU copy of three small [T, K] tensors; the stacking into [T_total, L, K] happens once, in
+    `finish`, so recording costs next to nothing on the decode path.
+    """
+
+    def __init__(self, num_layers: int, top_k: int, num_experts: int, model_name: str,
+                 metadata: dict[str, str] | None = None):
+        self.num_layers, self.top_k, self.num_experts = num_layers, top_k, num_experts
+        self.model_name = model_name
+        self.metadata = dict(metadata or {})
+        self._layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # the forward in progress
+        self._chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # finished forwards, [T, L, K]
+
+    def add(self, layer: int, experts: torch.Tensor, weights: torch.Tensor,
+            predicted: torch.Tensor | None = None) -> None:
+        """Record one layer of the current forward: experts, weights, predicted [T, K] (predicted
+        None when no prediction was made, e.g. at layer 0)."""
+        if layer != len(self._layers):
+            raise RuntimeError(f"TraceRecorder.add: expected layer {len(self._layers)}, got {layer}")
+        T = experts.shape[0]
+        if experts.shape != (T, self.top_k) or weights.shape != experts.shape:
+            raise RuntimeError(f"TraceRecorder.add: experts {tuple(experts.shape)} and weights "
+                               f"{tuple(weights.shape)} must both be [T, {self.top_k}]")
+        if self._layers and T != self._layers[0][0].shape[0]:
+            raise RuntimeError(f"TraceRecorder.add: layer {layer} has {T} tokens, layer 0 had "
+                               f"{self._layers[0][0].shape[0]}")
+        if predicted is None:
+            pred = torch.full((T, self.top_k), -1, dtype=torch.int32)
+        else:
+            if predicted.shape != experts.shape:
+                raise RuntimeError(f"TraceRecorder.add: predicted {tuple(predicted.shape)} must be [T, {self.top_k}]")
+            pred = predicted.detach().to("cpu", torch.int32, copy=True)
+        self._layers.append((experts.detach().to("cpu", torch.int32, copy=True),
+                             weights.detach().to("cpu", torch.float32, copy=True), pred))
+        if len(self._layers) == self.num_layers:
+            # L x [T, K] -> [T, L, K], for experts, weights and predicted
+            self._chunks.append(tuple(torch.stack(parts, dim=1) for parts in zip(*self._layers, strict=True)))
+            self._layers = []
+
+    def finish(self) -> Trace:
+        """All recorded tokens as one Trace, [T_total, L, K] in processing order."""
+        if self._layers:
+            raise RuntimeError(f"TraceRecorder.finish: the last forward pass stopped after {len(self._layers)} "
+                               f"of {self.num_layers} layers")
+        if self._chunks:
+            # forwards x [T_i, L, K] -> [T_total, L, K]
+            experts, weights, predicted = (torch.cat(parts).numpy() for parts in zip(*self._chunks, strict=True))
+        else:
+            empty = (0, self.num_layers, self.top_k)
+            experts, predicted = np.zeros(empty, np.int32), np.zeros(empty, np.int32)
+            weights = np.zeros(empty, np.float32)
+        return Trace(experts, weights, predicted, self.num_experts, self.top_k, self.num_layers,
+                     self.model_name, dict(self.metadata))
