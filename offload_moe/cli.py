@@ -9,13 +9,19 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 from .cache import MISS_POLICIES
 from .demo import resolve_model
 from .engine import DTYPES, Engine, EngineOptions
 from .errors import UserError
 from .generate import Sampling
-from .policy import ONLINE_POLICIES
+from .policy import ONLINE_POLICIES, POLICIES
+from .profiles import parse_size
+from .quant import EXPERT_QUANTS, GROUP_SIZES
+from .simulate import run_simulate
 from .stats import format_table
+from .trace import save_trace
 
 DEFAULTS = EngineOptions()
 SAMPLING = Sampling()
@@ -35,6 +41,15 @@ def _slots(text: str) -> int | list[int]:
     if not ids:
         raise argparse.ArgumentTypeError("expected a count or a comma-separated count per layer")
     return ids[0] if len(ids) == 1 else ids
+
+
+def _size(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        return parse_size(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _nonneg(text: str) -> int:
@@ -67,6 +82,14 @@ def engine_flags() -> argparse.ArgumentParser:
     g.add_argument("--miss-policy", choices=MISS_POLICIES,
                    help="a decode-step miss: fetch (copy it, wait), cpu (compute it on the CPU from RAM while "
                         f"the copy runs), auto (whichever measures faster) (default: {DEFAULTS.miss_policy})")
+    g.add_argument("--expert-quant", choices=EXPERT_QUANTS,
+                   help="quantize the experts at load; a packed --model keeps its own "
+                        f"(default: {DEFAULTS.expert_quant})")
+    g.add_argument("--group-size", type=int, choices=GROUP_SIZES,
+                   help=f"quantization group size (default: {DEFAULTS.group_size})")
+    g.add_argument("--ram-budget", type=_size, metavar="SIZE",
+                   help="RAM for the experts, e.g. 16GB, or auto; when they need more, they stream from storage "
+                        "through a RAM cache of this size (default: auto, 80%% of the available RAM)")
     g.add_argument("--context", type=int, help=f"KV-cache length to preallocate (default: {DEFAULTS.context})")
     return p
 
@@ -100,12 +123,72 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--logits-out", metavar="FILE",
                      help="write a safetensors file whose float32 tensor 'logits' [generated, vocab] holds the "
                           "logits each generated token was chosen from")
+    out.add_argument("--trace-out", metavar="TRACE", help="record the routing of this run (see README: traces)")
+
+    prof = sub.add_parser("profile", parents=[engine_flags()], help="run prompts and record a routing trace",
+                          description="Run every prompt (greedy) and write the routing trace of all tokens.")
+    prof.add_argument("--prompts", required=True, metavar="FILE",
+                      help="prompts: a text file, one per line, or JSONL with a 'prompt' field")
+    prof.add_argument("--max-new-tokens", type=_nonneg, default=DEMO_TOKENS, metavar="N",
+                      help="new tokens per prompt (default: %(default)s)")
+    prof.add_argument("--trace-out", required=True, metavar="TRACE", help="the trace file to write (safetensors)")
+    prof.add_argument("--json", action="store_true", help="print the run statistics as one JSON object")
+
+    sim = sub.add_parser("simulate", help="replay a trace under eviction policies and cache sizes",
+                         description="Hit rates of eviction policies against the optimal offline bound (Belady).")
+    sim.add_argument("--trace", required=True, help="a trace written by profile or generate --trace-out")
+    sim.add_argument("--slots", type=_ids, default=[2, 3, 4, 6], help="cache slots per layer to try "
+                     "(default: 2,3,4,6)")
+    sim.add_argument("--policy", default=",".join(POLICIES), help="policies, comma-separated "
+                     "(default: %(default)s)")
+    sim.add_argument("--prefetch", type=_nonneg, default=0, help="0 or 1: insert the trace's one-layer-ahead "
+                     "predictions before each access (default: %(default)s)")
+    sim.add_argument("--json", action="store_true", help='print one JSON object {"results": [...]}')
+    sim.add_argument("--plot", metavar="FILE.png", help="draw hit rate against slots and a per-layer expert heatmap")
+
+    tun = sub.add_parser("tune", help="search offload settings for a trace and write the best as a profile",
+                         description="Predict decode tokens/s for expert precision, slots per layer, eviction "
+                                     "policy, prefetch and miss handling; print the best against uniform LRU.")
+    tun.add_argument("--trace", required=True)
+    tun.add_argument("--profile", help="base profile: budget, reserve and [hardware] (default: none)")
+    tun.add_argument("--budget", help="device memory, e.g. 24GB (default: the profile's)")
+    tun.add_argument("--context", type=int, default=DEFAULTS.context, help="context to leave room for "
+                     "(default: %(default)s)")
+    tun.add_argument("--out", metavar="FILE.toml", help="write the winner as a profile (default: print it)")
+
+    cal = sub.add_parser("calibrate", help="measure link, device and CPU speeds for the cost model",
+                         description="Measure host-to-device, device and CPU bandwidth as decode uses them.")
+    cal.add_argument("--device", help=f"cpu, cuda or auto (default: {DEFAULTS.device})")
+    cal.add_argument("--dim", type=int, default=4096, help="model dim of the measured expert (default: %(default)s)")
+    cal.add_argument("--ffn", type=int, default=14336, help="expert FFN dim (default: %(default)s)")
+
+    con = sub.add_parser("convert", help="write a packed offload folder that loads fast",
+                         description="Write the model once in the engine's layout: dense weights, and experts "
+                                     "packed one after another with a checksummed index. Resumable.")
+    con.add_argument("--model", required=True, help="source folder (any layout the engine reads)")
+    con.add_argument("--out", required=True, help="the folder to write")
+    con.add_argument("--experts", choices=EXPERT_QUANTS, default="int4", help="expert precision (default: "
+                     "%(default)s)")
+    con.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=DEFAULTS.group_size,
+                     help="quantization group size (default: %(default)s)")
+    con.add_argument("--dtype", choices=list(DTYPES), default="float16",
+                     help="dtype of the dense weights and of unquantized experts (default: %(default)s)")
+
+    ppl = sub.add_parser("perplexity", parents=[engine_flags()], help="perplexity of a text file",
+                         description="Perplexity (sliding window) of the text's tokens with BOS in front.")
+    ppl.add_argument("--text-file", required=True)
+    ppl.add_argument("--max-tokens", type=int, default=4096, help="score at most this many tokens "
+                     "(default: %(default)s)")
+    ppl.add_argument("--window", type=int, help="tokens per window (default: the context)")
+    ppl.add_argument("--stride", type=int, help="tokens between window starts (default: half the window)")
+    ppl.add_argument("--json", action="store_true", help='print one JSON object {"perplexity", "tokens"}')
     return parser
 
 
 def options_from(args: argparse.Namespace) -> dict:
     """The engine flags that were given (others come from the profile or EngineOptions)."""
-    keys = ("device", "dtype", "cache_experts", "prefetch", "policy", "miss_policy", "context")
+    keys = ("device", "dtype", "cache_experts", "prefetch", "policy", "miss_policy", "expert_quant", "group_size",
+            "ram_budget", "context")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
@@ -129,10 +212,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         def stream(piece: str) -> None:
             print(piece, end="", flush=True)
 
+    if args.trace_out:
+        engine.start_trace(args.model)
     result = engine.generate(prompt, args.max_new_tokens, sampling, chat=args.chat,
                              keep_logits=args.logits_out is not None, on_text=stream)
     if args.logits_out:
         write_safetensors_atomic(args.logits_out, {"logits": result.logits})
+    if args.trace_out:
+        save_trace(args.trace_out, engine.stop_trace())
     if args.json:
         print(json.dumps({"tokens": result.tokens, "text": result.text, "stats": result.stats}))
     else:
@@ -158,7 +245,127 @@ def write_safetensors_atomic(path: str, tensors: dict) -> None:
             os.unlink(tmp)
 
 
-COMMANDS = {"generate": cmd_generate}
+def read_prompts(path: str) -> list[str]:
+    try:
+        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    if path.endswith(".jsonl"):
+        try:
+            prompts = [json.loads(line)["prompt"] for line in lines]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"{path}: every line must be a JSON object with a 'prompt' field") from None
+    else:
+        prompts = lines
+    if not prompts:
+        raise UserError(f"{path} holds no prompt")
+    return prompts
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    prompts = read_prompts(args.prompts)
+    engine = load_engine(args, args.json)
+    engine.start_trace(args.model)
+    totals = {"tokens": 0, "hits": 0, "misses": 0}
+    for i, prompt in enumerate(prompts):
+        stats = engine.generate(prompt, args.max_new_tokens).stats
+        totals["tokens"] += stats["prompt_tokens"] + stats["generated_tokens"]
+        totals["hits"] += stats["hits"]
+        totals["misses"] += stats["misses"]
+        if not args.json:
+            print(f"prompt {i + 1}/{len(prompts)}: {stats['prompt_tokens']} + {stats['generated_tokens']} tokens, "
+                  f"hit rate {100 * stats['hit_rate']:.1f}%", file=sys.stderr)
+    trace = engine.stop_trace()
+    save_trace(args.trace_out, trace)
+    totals["hit_rate"] = totals["hits"] / max(totals["hits"] + totals["misses"], 1)
+    totals["trace_tokens"] = int(trace.experts.shape[0])
+    if args.json:
+        print(json.dumps(totals))
+    else:
+        print(f"wrote {args.trace_out}: {totals['trace_tokens']} tokens x {trace.num_layers} layers; live hit rate "
+              f"{100 * totals['hit_rate']:.1f}%. Next: python run.py simulate --trace {args.trace_out}")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    policies = [p.strip() for p in args.policy.split(",") if p.strip()]
+    return run_simulate(args.trace, args.slots, policies, args.prefetch, args.json, args.plot)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .profiles import load_profile
+    from .trace import load_trace
+    from .tune import budget_of, hardware_of, levers, model_shape, tune, winner_profile, write_profile
+
+    profile = load_profile(args.profile) if args.profile else None
+    trace = load_trace(args.trace)
+    config = model_shape(trace)
+    budget = budget_of(args.budget, profile)
+    hw = hardware_of(profile)
+    reserve = profile.device_reserve if profile else DEFAULTS.device_reserve
+    print(f"trace {args.trace}: {trace.experts.shape[0]} tokens; model {config.n_layers} layers x "
+          f"{config.num_experts} experts (D={config.dim}, I={config.ffn_dim}); device budget {budget / 2**30:.1f} GiB; "
+          f"link {hw['h2d_bytes_per_s'] / 1e9:.1f} GB/s")
+    best, default, everything = tune(trace, config, budget, hw, reserve, args.context)
+    print(f"\n  default  {default.describe()}")
+    print(f"  best     {best.describe()}   ({best.tokens_per_s / default.tokens_per_s:.2f}x)")
+    print("\n  one lever at a time, from the default:")
+    for label, cand in levers(default, everything):
+        print(f"    {label:<22} {cand.describe()}   ({cand.tokens_per_s / default.tokens_per_s:.2f}x)")
+    text = winner_profile(best, profile or load_profile("auto"), budget, hw, Path(args.trace).name)
+    if args.out:
+        write_profile(args.out, text)
+        print(f"\nwrote {args.out}: python run.py generate --model DIR --profile {args.out}")
+    else:
+        print("\n" + text)
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .tune import calibrate, to_toml
+
+    device = EngineOptions(device=args.device or DEFAULTS.device).resolved_device()
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    hw = calibrate(device, args.dim, args.ffn, dtype)
+    print("# paste into a profile, or pass the profile to tune")
+    print(to_toml({"hardware": hw}).lstrip())
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .checkpoint import Checkpoint
+    from .packed import convert
+    from .quant import expert_format
+
+    config = Checkpoint(resolve_model(args.model)).config
+    dtype = DTYPES[args.dtype]
+    fmt = expert_format(args.experts, config, dtype, args.group_size)
+    index = convert(resolve_model(args.model), args.out, fmt, dtype)
+    print(f"wrote {args.out}: {len(index['experts'])} experts as {fmt.name}, {fmt.nbytes / 2**20:.2f} MiB each")
+    return 0
+
+
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    from .perplexity import perplexity
+
+    try:
+        text = Path(args.text_file).read_text()
+    except OSError as e:
+        raise UserError(f"cannot read {args.text_file}: {e.strerror}") from None
+    engine = load_engine(args, args.json)
+    ids = engine.encode(text)[: args.max_tokens + 1]
+    window = args.window or min(engine.kv_capacity, len(ids))
+    stride = args.stride or max(window // 2, 1)
+    ppl, n = perplexity(engine, ids, window, stride)
+    if args.json:
+        print(json.dumps({"perplexity": ppl, "tokens": n}))
+    else:
+        print(f"perplexity {ppl:.4f} over {n} tokens (window {window}, stride {stride})")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "profile": cmd_profile, "simulate": cmd_simulate, "tune": cmd_tune,
+            "calibrate": cmd_calibrate, "convert": cmd_convert, "perplexity": cmd_perplexity}
 
 
 def main(argv: list[str] | None = None) -> int:

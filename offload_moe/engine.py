@@ -19,12 +19,14 @@ import torch
 from .cache import MISS_POLICIES, ExpertCache
 from .checkpoint import Checkpoint
 from .errors import UserError
-from .expert_store import DenseFormat, ExpertStore
+from .expert_store import DenseFormat, ExpertFormat, ExpertStore
 from .generate import GenerationResult, Sampling, generate_tokens
 from .model import KVCache, Transformer, rope_tables
 from .prefetch import Prefetcher
-from .profiles import DEFAULT_RESERVE, auto_slots, check_fits, load_profile, plan_memory
+from .profiles import DEFAULT_RESERVE, auto_slots, check_fits, load_profile, plan_memory, ram_for_experts
+from .quant import expert_format
 from .stats import collect_stats
+from .tiered import TieredStore
 from .tokenizer import TextStream, Tokenizer
 from .trace import Trace, TraceRecorder
 
@@ -41,12 +43,15 @@ class EngineOptions:
     prefetch: int = 1  # layers ahead whose experts are prefetched; 0 turns it off
     policy: str = "lru"  # eviction: lru, lfu, fifo, random
     miss_policy: str = "fetch"  # a decode miss: fetch (copy, wait), cpu (compute on the CPU), auto (faster one)
+    expert_quant: str = "none"  # experts quantized at load: none, int8, int4 (a packed folder keeps its own)
+    group_size: int = 64  # quantization group size: 32, 64 or 128
     context: int = 4096  # KV-cache length to preallocate (clipped to the model's own)
     seed: int = 0  # for the random eviction policy
     progress: bool = True  # a progress bar on large loads
     device_budget: int | None = None  # bytes the engine may place on the device (checked at load)
     device_reserve: int = int(DEFAULT_RESERVE)  # kept free on the device for context, activations
-    ram_budget: int | None = None  # bytes of RAM for the host expert store (None: what is available)
+    ram_budget: int | None = None  # RAM for the experts (None: 80% of what is available); less than they
+    # need makes the store tiered: a RAM cache of this size over the checkpoint on storage
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -64,6 +69,21 @@ class EngineOptions:
         if self.dtype not in DTYPES:
             raise UserError(f"unknown dtype {self.dtype!r} (use {', '.join(DTYPES)})")
         return DTYPES[self.dtype]
+
+
+def expert_format_for(ckpt: Checkpoint, options: EngineOptions, dtype: torch.dtype) -> ExpertFormat:
+    """The experts' packed format: a packed folder's own, else the one asked for."""
+    if ckpt.packed_index is None:
+        return expert_format(options.expert_quant, ckpt.config, dtype, options.group_size)
+    name = ckpt.packed_index["format"]
+    if name.startswith("int"):
+        bits, group = name.removeprefix("int").split("-g")
+        return expert_format(f"int{bits}", ckpt.config, dtype, int(group))
+    fmt = DenseFormat(ckpt.config, dtype)
+    if fmt.name != name:
+        raise UserError(f"{ckpt.path} holds {name} experts; run it with --dtype "
+                        f"{ {'fp16': 'float16', 'bf16': 'bfloat16', 'fp32': 'float32'}[name]} (or convert again)")
+    return fmt
 
 
 def resolve_slots(cache_experts: int | list[int] | None, n_layers: int, num_experts: int, top_k: int) -> list[int]:
@@ -130,13 +150,15 @@ class Engine:
         if options.context < 1:
             raise UserError("--context must be positive")
         context = min(options.context, c.max_context)
-        fmt = DenseFormat(c, dtype)
+        fmt = expert_format_for(ckpt, options, dtype)
         if prof is not None and prof.auto and "cache_experts" not in overrides:
             slots, budget = auto_slots(c, dtype, fmt.nbytes, context, device, options.device_reserve)
             options = replace(options, cache_experts=slots, device_budget=budget)
         slots = resolve_slots(options.cache_experts, c.n_layers, c.num_experts, c.top_k)
-        check_fits(plan_memory(c, dtype, fmt.nbytes, slots, context, options.device_budget,
-                               options.device_reserve, options.ram_budget))
+        plan = plan_memory(c, dtype, fmt.nbytes, slots, context, options.device_budget, options.device_reserve,
+                           options.ram_budget)
+        check_fits(plan)
+        in_ram, ram = ram_for_experts(plan)
 
         with torch.device("meta"):
             model = Transformer(c)
@@ -147,7 +169,11 @@ class Engine:
         model.rope = rope_tables(c, context, device)
         model.eval()
 
-        store = ExpertStore(ckpt, fmt, pin=device.type == "cuda", progress=options.progress)
+        pin = device.type == "cuda"
+        if in_ram:
+            store = ExpertStore(ckpt, fmt, pin=pin, progress=options.progress)
+        else:  # the experts do not fit the RAM budget: a RAM cache over the checkpoint on storage
+            store = TieredStore(ckpt, fmt, ram, pin=pin, progress=options.progress)
         if options.miss_policy not in MISS_POLICIES:
             raise UserError(f"unknown miss policy {options.miss_policy!r} (use {', '.join(MISS_POLICIES)})")
         cache = ExpertCache(store, fmt, slots, device, policy=options.policy, seed=options.seed,

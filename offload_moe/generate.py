@@ -87,6 +87,8 @@ def generate_tokens(
         gen.manual_seed(sampling.seed)
     engine.kv.reset()
     engine.cache.reset_counters()
+    if hasattr(engine.cache.store, "reset_counters"):
+        engine.cache.store.reset_counters()
     result = GenerationResult(prompt_ids=list(prompt_ids))
     rows: list[torch.Tensor] = []
     eos = engine.config.eos_id

@@ -95,15 +95,21 @@ class Prefetcher:
             return
         K = self.model.config.top_k
         T = h.shape[0]
-        picks = [self.model.predict(j, h) for j in targets]  # N x [T, K]
+        store = self.cache.store
+        # storage reads (tiered store only) run one layer ahead of the copies
+        deeper = not store.in_ram and targets.stop < self.model.config.n_layers
+        layers = range(targets.start, targets.stop + 1) if deeper else targets
+        picks = [self.model.predict(j, h) for j in layers]  # N(+1) x [T, K]
         if T == 1:
             chosen = torch.stack(picks).view(len(picks), K).tolist()  # SYNC: prediction to host, [N, K]
-            for j, experts in zip(targets, chosen, strict=True):
+            for j, experts in zip(layers, chosen, strict=True):
+                store.prefetch(j, experts)  # non-blocking reads from storage (a no-op when all is in RAM)
+            for j, experts in zip(targets, chosen, strict=False):
                 self.cache.prefetch(j, experts)
             return
         E = self.model.config.num_experts
         counts = torch.stack([torch.bincount(p.view(-1), minlength=E) for p in picks])  # [N, E]
         order = counts.argsort(dim=-1, descending=True, stable=True).tolist()  # SYNC: prediction to host
         used = (counts > 0).sum(-1).tolist()
-        for j, ranked, n in zip(targets, order, used, strict=True):
+        for j, ranked, n in zip(targets, order, used, strict=False):
             self.cache.prefetch(j, ranked[: min(n, self.cache.slots[j])])

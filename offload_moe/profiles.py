@@ -125,10 +125,16 @@ def plan_memory(config: ModelConfig, dtype: torch.dtype, expert_bytes: int, slot
 def check_fits(plan: MemoryPlan) -> None:
     if plan.device_budget is not None and plan.device_total > plan.device_budget:
         raise UserError(f"the profile does not fit the device: {plan.describe()} > budget {gib(plan.device_budget)}")
-    ram = plan.ram_budget if plan.ram_budget is not None else psutil.virtual_memory().available
-    if plan.host_store > ram:
-        raise UserError(f"the experts need {gib(plan.host_store)} of RAM; {gib(ram)} is available"
-                        + (" (budget)" if plan.ram_budget is not None else ""))
+
+
+RAM_HEADROOM = 0.8  # share of the available RAM that `auto` lets the expert store take
+
+
+def ram_for_experts(plan: MemoryPlan) -> tuple[bool, int]:
+    """(all experts fit in RAM, the RAM budget for them). When they do not fit, the store is tiered:
+    a RAM cache of that size over the checkpoint on storage."""
+    ram = plan.ram_budget if plan.ram_budget is not None else int(psutil.virtual_memory().available * RAM_HEADROOM)
+    return plan.host_store <= ram, ram
 
 
 def auto_slots(config: ModelConfig, dtype: torch.dtype, expert_bytes: int, context: int, device: torch.device,

@@ -38,10 +38,22 @@ def collect_stats(engine, result) -> dict:
         "bytes_per_expert": engine.cache.fmt.nbytes,
         "copy_wait_s": c.copy_wait_s,
         "peak_device_bytes": peak,
+        **storage_stats(engine.cache.store),
         "slots_per_layer": list(engine.cache.slots),
         "device": str(engine.device),
         "dtype": str(engine.dtype).removeprefix("torch."),
     }
+
+
+def storage_stats(store) -> dict:
+    """The RAM tier over storage, when the experts do not fit in RAM (tiered store)."""
+    t = getattr(store, "counters", None)
+    if t is None:
+        return {"experts_in_ram": True}
+    lookups = t.ram_hits + t.ram_misses
+    return {"experts_in_ram": False, "ram_hit_rate": t.ram_hits / lookups if lookups else 1.0,
+            "bytes_read_from_storage": t.bytes_read, "storage_wait_s": t.read_wait_s,
+            "storage_prefetch_reads": t.prefetch_reads, "ram_tier_bytes": store.ram_bytes}
 
 
 def _bytes(n: float) -> str:
@@ -67,6 +79,10 @@ def format_table(stats: dict) -> str:
         ("peak device memory", _bytes(stats["peak_device_bytes"])),
         ("slots per layer", _compact(stats["slots_per_layer"])),
     ]
+    if not stats.get("experts_in_ram", True):
+        rows.append(("RAM tier over storage", f"{_bytes(stats['ram_tier_bytes'])}, hit rate "
+                     f"{100 * stats['ram_hit_rate']:.1f}%, read {_bytes(stats['bytes_read_from_storage'])}, "
+                     f"waited {stats['storage_wait_s'] * 1000:.1f} ms"))
     width = max(len(k) for k, _ in rows)
     lines = [f"  {k:<{width}}  {v}" for k, v in rows]
     per_layer = " ".join(f"{100 * r:.0f}" for r in stats["per_layer_hit_rate"])

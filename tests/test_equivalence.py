@@ -124,3 +124,16 @@ def test_miss_policies_give_the_same_logits(ckpts, miss_policy):
     assert result.stats["misses"] == ref.stats["misses"]
     if miss_policy == "cpu":
         assert 0 < result.stats["cpu_misses"] <= result.stats["misses"]
+
+
+@pytest.mark.parametrize("name", ["base", "original"])
+def test_experts_larger_than_the_ram_budget_stream_from_storage(ckpts, name):
+    """With a RAM budget of a quarter of the experts the store is tiered; the logits do not change."""
+    ref = Engine.load(ckpts[name], EngineOptions(cache_experts=2, prefetch=1)).generate(PROMPT, 8, keep_logits=True)
+    experts = 3 * 8 * 3 * 64 * 96 * 4  # layers x experts x (w1, w2, w3) bytes, float32
+    engine = Engine.load(ckpts[name], EngineOptions(cache_experts=2, prefetch=1, ram_budget=experts // 4))
+    result = engine.generate(PROMPT, 8, keep_logits=True)
+    assert torch.equal(result.logits, ref.logits)
+    stats = result.stats
+    assert stats["experts_in_ram"] is False and stats["bytes_read_from_storage"] > 0
+    assert stats["ram_tier_bytes"] <= experts // 4

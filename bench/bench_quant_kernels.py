@@ -1,0 +1,137 @@
+"""CPU expert forward by format and path: dense against int8 and int4, torch's packed kernels against
+dequantize + matmul. This is the measurement behind the kernel choices in offload_moe/quant.py.
+
+    python bench/bench_quant_kernels.py [--threads 2] [--tokens 1 16] [--seconds 60] [--group-size 64]
+
+One expert of the shape in bench_decode.py (D=512, I=1792), random std-0.02 weights, per compute dtype
+(fp32, the CPU default; bf16; fp16, what a CUDA engine hands to its CPU-miss path). Paths:
+  forward      what `fmt.forward` runs (one of the below, by device, dtype and token count)
+  dequant      `fmt.forward_dequant`: dequantize in fp32, fp32 matmul, cast back
+  kernel       int8: one `_weight_int8pack_mm` per group, in the compute dtype (scalar but for bf16)
+               int4: `_weight_int4pack_mm_for_cpu` in bf16, activations cast
+  kernel-dtype int4 only: the same kernel in the compute dtype itself (scalar but for bf16)
+Times are the best of many interleaved runs, in microseconds, so that other load on the machine
+shows as little as possible; `err` is the largest difference from `dequant`, relative to its largest
+output. Results on the development machine are in the module docstring of offload_moe/quant.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from offload_moe.config import ModelConfig  # noqa: E402
+from offload_moe.expert_store import DenseFormat  # noqa: E402
+from offload_moe.quant import (  # noqa: E402
+    Int4Format,
+    Int8Format,
+    int4_cpu_kernel_linear,
+    int8_group_kernel_linear,
+)
+
+SHAPE = ModelConfig(dim=512, n_layers=1, n_heads=8, n_kv_heads=2, head_dim=64, ffn_dim=1792, num_experts=8, top_k=2,
+                    vocab_size=32000)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+def swiglu(linear: Callable[[torch.Tensor, tuple], torch.Tensor], x: torch.Tensor, views: tuple) -> torch.Tensor:
+    a, b = linear(x, views[0]).chunk(2, dim=-1)  # [T, 2I] -> 2 x [T, I]
+    return linear(F.silu(a) * b, views[1])  # [T, D]
+
+
+def int8_kernel(x: torch.Tensor, mat: tuple) -> torch.Tensor:
+    codes, s, z = mat
+    return int8_group_kernel_linear(x, codes, s.to(x.dtype), z)  # the kernel wants scales in x's dtype
+
+
+def int4_kernel_in_dtype(group_size: int) -> Callable[[torch.Tensor, tuple], torch.Tensor]:
+    def linear(x: torch.Tensor, mat: tuple) -> torch.Tensor:
+        codes, sz = mat
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, codes, group_size, sz.to(x.dtype))
+
+    return linear
+
+
+def packed(fmt, parts: dict[str, torch.Tensor]) -> tuple:
+    buf = torch.empty(fmt.nbytes, dtype=torch.uint8)
+    fmt.pack(parts, buf)
+    return fmt.views(buf)
+
+
+def candidates(dtype: torch.dtype, group_size: int) -> dict[tuple[str, str], Forward]:
+    """(format, path) -> the expert forward of x [T, D] by that path."""
+    g = torch.Generator().manual_seed(0)
+    D, I = SHAPE.dim, SHAPE.ffn_dim
+    parts = {k: torch.randn(*s, generator=g) * 0.02 for k, s in {"w1": (I, D), "w3": (I, D), "w2": (D, I)}.items()}
+    dense = DenseFormat(SHAPE, dtype)
+    int8, int4 = Int8Format(SHAPE, dtype, group_size), Int4Format(SHAPE, dtype, group_size)
+    dv, v8, v4 = packed(dense, parts), packed(int8, parts), packed(int4, parts)
+    out: dict[tuple[str, str], Forward] = {
+        ("dense", "forward"): lambda x: dense.forward(x, dv)}
+    for fmt, views in ((int8, v8), (int4, v4)):
+        out[fmt.name, "forward"] = lambda x, fmt=fmt, views=views: fmt.forward(x, views)
+        out[fmt.name, "dequant"] = lambda x, fmt=fmt, views=views: fmt.forward_dequant(x, views)
+    out[int8.name, "kernel"] = lambda x: swiglu(int8_kernel, x, v8)
+    if int4.cpu_kernel:
+        def int4_bf16(x: torch.Tensor, mat: tuple) -> torch.Tensor:
+            return int4_cpu_kernel_linear(x, *mat, group_size)
+
+        out[int4.name, "kernel"] = lambda x: swiglu(int4_bf16, x, v4)
+        out[int4.name, "kernel-dtype"] = lambda x: swiglu(int4_kernel_in_dtype(group_size), x, v4)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    ap.add_argument("--seconds", type=float, default=60.0, help="total measuring time, shared by all rows")
+    ap.add_argument("--group-size", type=int, default=64)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    runs: dict[tuple[str, str, str, int], Forward] = {}
+    errors: dict[tuple[str, str, str, int], float] = {}
+    for dname in args.dtypes:
+        dtype = DTYPES[dname]
+        for (fmt, path), fwd in candidates(dtype, args.group_size).items():
+            for T in args.tokens:
+                x = torch.randn(T, SHAPE.dim, generator=torch.Generator().manual_seed(T)).to(dtype)
+                runs[fmt, path, dname, T] = lambda fwd=fwd, x=x: fwd(x)
+    for key, run in runs.items():
+        fmt, _, dname, T = key
+        if fmt != "dense":
+            ref = runs[fmt, "dequant", dname, T]().float()
+            errors[key] = ((run().float() - ref).abs().max() / ref.abs().max()).item()
+
+    best = dict.fromkeys(runs, float("inf"))
+    end = time.perf_counter() + args.seconds
+    while time.perf_counter() < end:  # round robin: a burst of other load hits every row alike
+        for key, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            best[key] = min(best[key], time.perf_counter() - t0)
+
+    cols = [f"T={T} us" for T in args.tokens]
+    print(f"CPU expert forward, D={SHAPE.dim} I={SHAPE.ffn_dim}, group {args.group_size}, "
+          f"{args.threads} threads, torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}")
+    print(f"{'format':<10} {'path':<13} {'dtype':<5} " + " ".join(f"{c:>10}" for c in cols) + f" {'err':>9}")
+    for fmt, path, dname in dict.fromkeys(k[:3] for k in runs):
+        times = " ".join(f"{best[fmt, path, dname, T] * 1e6:>10.0f}" for T in args.tokens)
+        err = max((errors.get((fmt, path, dname, T), 0.0) for T in args.tokens), default=0.0)
+        print(f"{fmt:<10} {path:<13} {dname:<5} {times} {err:>9.1e}")
+
+
+if __name__ == "__main__":
+    main()
