@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     tun.add_argument("--trace", required=True)
     tun.add_argument("--profile", help="base profile: budget, reserve and [hardware] (default: none)")
     tun.add_argument("--budget", help="device memory, e.g. 24GB (default: the profile's)")
+    tun.add_argument("--reserve", type=_size, help="device memory kept free for the CUDA context and activations "
+                     "(default: the profile's, else 1.5GiB)")
     tun.add_argument("--context", type=int, default=DEFAULTS.context, help="context to leave room for "
                      "(default: %(default)s)")
     tun.add_argument("--out", metavar="FILE.toml", help="write the winner as a profile (default: print it)")
@@ -302,7 +304,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     config = model_shape(trace)
     budget = budget_of(args.budget, profile)
     hw = hardware_of(profile)
-    reserve = profile.device_reserve if profile else DEFAULTS.device_reserve
+    reserve = args.reserve if args.reserve is not None else (profile.device_reserve if profile
+                                                               else DEFAULTS.device_reserve)
     print(f"trace {args.trace}: {trace.experts.shape[0]} tokens; model {config.n_layers} layers x "
           f"{config.num_experts} experts (D={config.dim}, I={config.ffn_dim}); device budget {budget / 2**30:.1f} GiB; "
           f"link {hw['h2d_bytes_per_s'] / 1e9:.1f} GB/s")
@@ -312,7 +315,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print("\n  one lever at a time, from the default:")
     for label, cand in levers(default, everything):
         print(f"    {label:<22} {cand.describe()}   ({cand.tokens_per_s / default.tokens_per_s:.2f}x)")
-    text = winner_profile(best, profile or load_profile("auto"), budget, hw, Path(args.trace).name)
+    text = winner_profile(best, profile or load_profile("auto"), budget, reserve, hw, Path(args.trace).name)
     if args.out:
         write_profile(args.out, text)
         print(f"\nwrote {args.out}: python run.py generate --model DIR --profile {args.out}")

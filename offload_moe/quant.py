@@ -212,7 +212,7 @@ class Int4Format(_GroupQuantFormat):
 
     def __init__(self, config: ModelConfig, compute_dtype: torch.dtype, group_size: int = 64):
         super().__init__(config, compute_dtype, group_size)
-        self.cpu_kernel = _cpu_int4_block() == 64 and self.D % 64 == 0
+        self.cpu_kernel = _cpu_int4_kernel_reads_blocks_of_64() and self.D % 64 == 0
 
     def _parts(self, N: int, K: int) -> list[tuple[torch.dtype, tuple[int, ...]]]:
         return [(torch.uint8, (N, K // 2)), (SCALE_DTYPE, (K // self.group_size, N, 2))]
@@ -277,17 +277,17 @@ def _unpack_nibbles(codes: torch.Tensor, block: int) -> torch.Tensor:
 
 
 @functools.cache
-def _cpu_int4_block() -> int | None:
-    """The row block of this process's CPU int4 kernel layout (64 with AVX-512, 32 with AVX2), found by
-    packing a probe both ways; None where torch lacks the kernel or packs some other way (ARM)."""
+def _cpu_int4_kernel_reads_blocks_of_64() -> bool:
+    """Whether this process's CPU int4 kernel reads our code order, i.e. torch's own packing of a probe
+    equals `_pack_nibbles(probe, 64)`: true for AVX-512 builds; AVX2 packs blocks of 32, ARM otherwise."""
     if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
-        return None
+        return False
     probe = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
     try:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
     except RuntimeError:
-        return None
-    return next((block for block in (64, 32) if torch.equal(packed, _pack_nibbles(probe, block))), None)
+        return False
+    return torch.equal(packed, _pack_nibbles(probe, 64))
 
 
 def expert_format(name: str, config: ModelConfig, compute_dtype: torch.dtype, group_size: int = 64) -> ExpertFormat:

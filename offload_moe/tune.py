@@ -41,6 +41,7 @@ DEFAULT_HARDWARE = {"h2d_bytes_per_s": 25e9, "device_bytes_per_s": 800e9, "cpu_b
 @dataclass
 class Candidate:
     precision: str
+    group_size: int
     slots: list[int]
     policy: str
     prefetch: int
@@ -112,8 +113,12 @@ def tune(trace: Trace, config: ModelConfig, budget: int, hw: dict, reserve: int 
             curves[policy, prefetch] = dict(zip(sizes, simulate_many(trace, sizes, policy, prefetch), strict=True))
 
     out: list[Candidate] = []
+    group = next((g for g in (64, 128, 32) if config.dim % g == 0 and config.ffn_dim % g == 0), None)
     for precision in PRECISIONS:
-        nbytes = bytes_per_expert(config, precision, 64, torch.float16)
+        if precision != "none" and group is None:
+            log(f"  {precision:<5} skipped: no group size divides D={config.dim} and I={config.ffn_dim}")
+            continue
+        nbytes = bytes_per_expert(config, precision, group or 64, torch.float16)
         total = int(free // nbytes)
         if total < K * L:
             log(f"  {precision:<5} does not fit: {gib(max(free, 0))} left for experts holds {max(total, 0)} "
@@ -132,7 +137,7 @@ def tune(trace: Trace, config: ModelConfig, budget: int, hw: dict, reserve: int 
                 prefetches = r["prefetch_copies"] / T
                 for miss in ("fetch", "cpu", "auto"):
                     secs = token_seconds(config, nbytes, hw, misses, prefetches, miss)
-                    out.append(Candidate(precision, alloc, policy, prefetch, miss, r["hit_rate"], secs))
+                    out.append(Candidate(precision, group or 64, alloc, policy, prefetch, miss, r["hit_rate"], secs))
     if not out:
         raise UserError(f"nothing fits a {gib(budget)} device: dense weights and KV cache take "
                         f"{gib(budget - free - reserve)} plus {gib(reserve)} reserve")
@@ -156,10 +161,14 @@ def levers(default: Candidate, out: list[Candidate]) -> list[tuple[str, Candidat
 
     rows = []
     for label, lever in (("eviction policy", "policy"), ("uneven slots", "slots"), ("prefetch", "prefetch"),
-                         ("miss handling", "miss_policy"), ("precision (capacity)", "precision")):
+                         ("miss handling", "miss_policy")):
         same = [c for c in out if only(c, lever)]
         if same:
             rows.append((label, min(same, key=lambda c: c.seconds_per_token)))
+    for precision in PRECISIONS:  # capacity: what each other precision gives, all else as the default
+        same = [c for c in out if only(c, "precision") and c.precision == precision != default.precision]
+        if same:
+            rows.append((f"precision {precision}", same[0]))
     return rows
 
 
@@ -210,21 +219,24 @@ def to_toml(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def winner_profile(best: Candidate, base: Profile, budget: int, hw: dict, trace_name: str) -> str:
+def _size_text(n: int) -> str:
+    return f"{n / 2**30:.3f}GiB" if n >= 2**30 else f"{n / 2**20:.3f}MiB"
+
+
+def winner_profile(best: Candidate, base: Profile, budget: int, reserve: int, hw: dict, trace_name: str) -> str:
     data = {
         "description": f"tuned on {trace_name}: predicted {best.tokens_per_s:.2f} tok/s, hit rate "
                        f"{100 * best.hit_rate:.1f}%",
         "device": base.settings.get("device", "cuda"),
         "dtype": base.settings.get("dtype", "float16"),
         "expert_quant": best.precision,
-        "group_size": 64,
+        "group_size": best.group_size,
         "cache_experts": best.slots[0] if len(set(best.slots)) == 1 else best.slots,
         "prefetch": best.prefetch,
         "policy": best.policy,
         "miss_policy": best.miss_policy,
         "context": base.settings.get("context", 4096),
-        "budget": {"device": f"{budget / 2**30:.2f}GiB", "device_reserve": f"{base.device_reserve / 2**30:.2f}GiB",
-                   "ram": "auto"},
+        "budget": {"device": _size_text(budget), "device_reserve": _size_text(reserve), "ram": "auto"},
         "hardware": {k: v for k, v in hw.items()},
     }
     return to_toml(data)

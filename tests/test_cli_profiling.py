@@ -1,0 +1,72 @@
+"""Record, simulate, tune, then run the tuned profile: the profiling workflow as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+
+from offload_moe.cli import main
+
+
+def run(capsys, *args):
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_record_simulate_tune_and_generate_with_the_tuned_profile(ckpts, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "def fib(n):"}\n{"prompt": "class Stack:"}\n')
+    trace = tmp_path / "run.trace"
+    code, out, err = run(capsys, "profile", "--model", str(ckpts["base"]), "--prompts", str(prompts),
+                         "--max-new-tokens", "12", "--cache-experts", "3", "--trace-out", str(trace), "--json")
+    assert code == 0, err
+    recorded = json.loads(out)
+    assert recorded["trace_tokens"] > 24
+
+    code, out, err = run(capsys, "simulate", "--trace", str(trace), "--slots", "2,3,4", "--policy", "lru,lfu",
+                         "--prefetch", "1", "--json")
+    assert code == 0, err
+    results = json.loads(out)["results"]
+    assert {(r["policy"], r["slots"]) for r in results} >= {("lru", 2), ("lfu", 4), ("belady", 3)}
+    for slots in (2, 3, 4):
+        best = max(r["hit_rate"] for r in results if r["slots"] == slots)
+        assert [r for r in results if r["slots"] == slots and r["policy"] == "belady"][0]["hit_rate"] == best
+
+    profile = tmp_path / "tuned.toml"
+    code, out, err = run(capsys, "tune", "--trace", str(trace), "--budget", "8.5MB", "--reserve", "0",
+                         "--context", "256", "--out", str(profile))
+    assert code == 0, err
+    assert "default" in out and "best" in out and "eviction policy" in out
+    tuned = tomllib.loads(profile.read_text())
+    assert tuned["policy"] in ("lru", "lfu", "fifo", "random") and "hardware" in tuned
+
+    # the profile's own budget is checked: its float16 dense weights and slots fit 8.5 MB
+    code, out, err = run(capsys, "generate", "--model", str(ckpts["base"]), "--profile", str(profile), "--device",
+                         "cpu", "--context", "256", "--prompt", "x", "--max-new-tokens", "3", "--json")
+    assert code == 0, err
+    stats = json.loads(out)["stats"]
+    assert stats["miss_policy"] == tuned["miss_policy"] and stats["prefetch_depth"] == tuned["prefetch"]
+
+
+def test_profiling_commands_refuse_bad_input(ckpts, tmp_path, capsys):
+    bad = tmp_path / "bad.trace"
+    bad.write_bytes(b"not a trace")
+    assert run(capsys, "simulate", "--trace", str(bad))[0] == 1
+    code, _, err = run(capsys, "tune", "--trace", str(bad), "--budget", "24GB")
+    assert code == 1 and "error:" in err
+    code, _, err = run(capsys, "profile", "--model", str(ckpts["base"]), "--prompts", str(tmp_path / "none.txt"),
+                       "--trace-out", str(tmp_path / "t"))
+    assert code == 1 and "cannot read" in err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"text": "no prompt field"}\n')
+    code, _, err = run(capsys, "profile", "--model", str(ckpts["base"]), "--prompts", str(empty),
+                       "--trace-out", str(tmp_path / "t"))
+    assert code == 1 and "'prompt' field" in err
+
+
+def test_calibrate_prints_a_hardware_table(capsys):
+    code, out, _ = run(capsys, "calibrate", "--device", "cpu", "--dim", "256", "--ffn", "512")
+    assert code == 0
+    hw = tomllib.loads(out)["hardware"]
+    assert hw["h2d_bytes_per_s"] > 0 and hw["cpu_bytes_per_s"] > 0
