@@ -1,11 +1,15 @@
-"""CPU decode speed: this engine (all experts resident, and 2 of 8 cached) against transformers.
+"""CPU decode speed: this engine (all experts resident, and 2 of 8 cached) against transformers,
+and the engine with fp32, int8 and int4 experts.
 
-    python bench/bench_decode.py [--tokens 48] [--threads 2] [--repeats 3]
+    python bench/bench_decode.py [--tokens 48] [--threads 2] [--repeats 3] [--no-quant]
 
 Same random-weight Mixtral for both (hidden 512, FFN 1792, 8 layers, 8 experts, top-2,
 vocab 32000, float32, the shape of shared/REFERENCE.md's table), greedy, one prompt. Prints
 decode tokens/s (best of --repeats) and the two ratios that the core issue sets as targets:
-all-resident / transformers >= 1 and 2-of-8-cached / all-resident >= 0.5.
+all-resident / transformers >= 1 and 2-of-8-cached / all-resident >= 0.5. Then, per expert
+precision (fp32, int8, int4 with groups of 64; compute in bfloat16 for the quantized ones, where
+torch's CPU kernels are vectorized), decode tokens/s with all experts cached and with 2 of 8,
+and the bytes copied to the device per token.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-quant", action="store_true", help="skip the expert-precision table")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,6 +93,19 @@ def main() -> None:
     else:
         print("transformers not installed: pip install transformers to compare")
     print(f"ratio 2-of-8 cached / all-resident: {cached / resident:.2f} (target >= 0.5)")
+    if args.no_quant:
+        return
+    print(f"\n{'experts':<10} {'compute':<9} {'bytes/expert':>13} {'all cached':>11} {'2 of 8':>8} "
+          f"{'hit rate':>9} {'MiB copied/token':>17}")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_random_checkpoint(Path(tmp) / "bench", SHAPE, dtype=torch.float32)
+        for quant, dtype in (("none", "float32"), ("int8", "bfloat16"), ("int4", "bfloat16"), ("int4", "float32")):
+            opts = {"expert_quant": quant, "group_size": 64, "dtype": dtype}
+            full, fs = engine_rate(path, args.tokens, args.repeats, prefetch=0, **opts)
+            two, ts = engine_rate(path, args.tokens, args.repeats, cache_experts=2, prefetch=0, **opts)
+            moved = ts["bytes_to_device"] / max(ts["generated_tokens"], 1) / 2**20
+            print(f"{quant:<10} {dtype:<9} {fs['bytes_per_expert'] / 2**20:10.2f} MiB {full:11.1f} {two:8.1f} "
+                  f"{100 * ts['hit_rate']:8.1f}% {moved:17.2f}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Weight-only group quantization of experts (int8, int4), in torch alone.
 
-Why: a quantized expert is 2x (int8) or ~3.6x (int4) smaller than fp16, so more experts stay resident
+Why: a quantized expert is 1.9x (int8) or 3.6x (int4) smaller than fp16, so more experts stay resident
 and a cache miss copies fewer bytes. Each format packs one expert into one contiguous byte buffer (see
 `expert_store.py`): for w13 (w1 and w3 fused, [2I, D]) and w2 ([D, I]) the codes, then the per-group
 scales and zeros, every part on a 64-byte boundary, so that a miss stays one `copy_`.
@@ -18,20 +18,24 @@ bytes and another machine may load them. The int4 codes are in the order of torc
 kernel (row blocks of 64; see `_pack_nibbles`), written by us, not by torch's converter, whose order
 depends on the CPU it runs on (blocks of 32 with AVX2).
 
-Kernels (measured on a loaded 2-core AVX-512 VM, D=512, I=1792, T=1: bench/bench_quant_kernels.py):
+Kernels (best of many runs on a shared 2-core AVX-512 VM, 2 threads, D=512, I=1792, T=1; dense fp32
+0.86 ms; bench/bench_quant_kernels.py prints the whole table):
 - int4 on CPU: `_weight_int4pack_mm_for_cpu`, where the host's kernel reads our order (checked once per
   process against `_convert_weight_to_int4pack_for_cpu`: AVX-512 builds) and D is a multiple of 64.
-  It is vectorized for bf16 activations only (fp32 and fp16 run a scalar loop, 20-60x slower), so the
-  activations are cast to bf16 and the result back: ~0.5% error (max, relative), far below int4's
-  own ~15%, and 0.45 ms against 0.8 ms for the dense fp32 expert and 8-15 ms for dequantizing.
-  Elsewhere (AVX2, ARM, T > INT4_KERNEL_MAX_TOKENS) the dequantizing path runs.
+  It is vectorized for bf16 activations only (in fp32 and fp16 it runs a scalar loop, 15-75x slower),
+  so the activations are cast to bf16 and the result back: ~0.5% error (max, relative), far below
+  int4's own ~15%, for 0.32 ms, against 4.6 ms for dequantizing. Elsewhere (AVX2, ARM) and for
+  T > INT4_KERNEL_MAX_TOKENS the dequantizing path runs.
 - int8 on CPU: `_weight_int8pack_mm` has one scale per output channel only, so a grouped matmul is one
   call per group (codes stored group-major for that) plus a zero term. It is vectorized for bf16 only:
-  it runs for bf16 compute and T <= INT8_KERNEL_MAX_TOKENS, where it beats dequantizing 2-5x
-  (2.0 ms against 3.5-11 ms); fp32 and fp16 dequantize (3.6 ms; the scalar kernel takes 6-30 ms).
+  it runs for bf16 compute and T <= INT8_KERNEL_MAX_TOKENS (1.7 ms against 2.4 ms for dequantizing,
+  up to 5x better when the machine is busy); fp32 and fp16 dequantize (2.3 ms; in those dtypes the
+  kernel takes 3.5-4.8 ms at T=1 and 46-53 ms at T=16).
 - CUDA (and any other device): dequantize into the compute dtype, then `F.linear`. torch's CUDA int4
   kernel needs `_convert_weight_to_int4pack`'s tiled layout, which only a CUDA call produces; the
-  buffer is packed on the host before any device sees it, so that layout cannot live in it.
+  buffer is packed on the host before any device sees it, so that layout cannot live in it. Each call
+  allocates the matrix in the compute dtype (Mixtral's w13: 235 MB in fp16), and for int4 its unpacked
+  codes too (2 x 117 MB, transient): the device reserve must hold that.
 - The CPU dequantizing path runs in fp32 whatever the compute dtype: fp16/bf16 elementwise ops and
   matmuls are slower than fp32 on CPUs without native support.
 
