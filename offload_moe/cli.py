@@ -343,7 +343,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     config = Checkpoint(resolve_model(args.model)).config
     dtype = DTYPES[args.dtype]
     fmt = expert_format(args.experts, config, dtype, args.group_size)
-    index = convert(resolve_model(args.model), args.out, fmt, dtype)
+    gpu = torch.device("cuda") if torch.cuda.is_available() else None  # quantizes much faster there
+    index = convert(resolve_model(args.model), args.out, fmt, dtype, pack_device=gpu)
     print(f"wrote {args.out}: {len(index['experts'])} experts as {fmt.name}, {fmt.nbytes / 2**20:.2f} MiB each")
     return 0
 

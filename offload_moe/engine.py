@@ -171,7 +171,7 @@ class Engine:
 
         pin = device.type == "cuda"
         if in_ram:
-            store = ExpertStore(ckpt, fmt, pin=pin, progress=options.progress)
+            store = ExpertStore(ckpt, fmt, pin=pin, progress=options.progress, pack_device=device if pin else None)
         else:  # the experts do not fit the RAM budget: a RAM cache over the checkpoint on storage
             store = TieredStore(ckpt, fmt, ram, pin=pin, progress=options.progress)
         if options.miss_policy not in MISS_POLICIES:

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from .checkpoint import Checkpoint
 from .errors import UserError
-from .expert_store import ExpertFormat, _Progress
+from .expert_store import ExpertFormat, _Progress, expert_parts
 
 VERSION = 1
 ALIGN = 4096
@@ -50,7 +50,7 @@ def read_index(folder: Path) -> dict:
 
 
 def convert(source: str | Path, out: str | Path, fmt: ExpertFormat, dense_dtype: torch.dtype,
-            progress: bool = True) -> dict:
+            progress: bool = True, pack_device: torch.device | None = None) -> dict:
     """Write `source` (any layout the engine reads) as a packed folder; resume an interrupted run."""
     ckpt = Checkpoint(source)
     out = Path(out)
@@ -79,7 +79,7 @@ def convert(source: str | Path, out: str | Path, fmt: ExpertFormat, dense_dtype:
         f.seek(start * stride)
         for i, (layer, e) in enumerate(order[start:], start):
             buf.zero_()
-            fmt.pack(ckpt.expert(layer, e), buf[: fmt.nbytes])
+            fmt.pack(expert_parts(ckpt, layer, e, fmt, pack_device), buf[: fmt.nbytes])
             data = buf.numpy().tobytes()
             f.write(data)
             entries.append([layer, e, i * stride, fmt.nbytes, zlib.crc32(data[: fmt.nbytes])])
