@@ -1,0 +1,62 @@
+"""Profiles: the shipped files parse, fit their cards for Mixtral-8x7B, and a misfit is refused with numbers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from offload_moe.errors import UserError
+from offload_moe.profiles import available_profiles, check_fits, load_profile, parse_size, plan_memory
+from offload_moe.quant import bytes_per_expert
+from offload_moe.tune import MIXTRAL_8X7B
+
+
+def mixtral_plan(profile_name: str, quant: str | None = None):
+    p = load_profile(profile_name)
+    s = p.settings
+    dtype = getattr(torch, s.get("dtype", "float16"))
+    nbytes = bytes_per_expert(MIXTRAL_8X7B, quant or s.get("expert_quant", "none"), s.get("group_size", 64), dtype)
+    slots = [s.get("cache_experts", MIXTRAL_8X7B.num_experts)] * MIXTRAL_8X7B.n_layers
+    return plan_memory(MIXTRAL_8X7B, dtype, nbytes, slots, s.get("context", 4096), p.device_budget,
+                       p.device_reserve, p.ram_budget)
+
+
+def test_every_target_has_a_profile():
+    assert {"24gb", "16gb", "12gb", "cpu"} <= set(available_profiles())
+
+
+@pytest.mark.parametrize("name,slots", [("24gb", 6), ("16gb", 3), ("12gb", 2)])
+def test_card_profiles_fit_mixtral_with_int4_experts(name, slots):
+    plan = mixtral_plan(name)
+    check_fits(plan)
+    assert plan.slots[0] == slots
+    # one more slot per layer would not fit: the profile uses its card
+    bigger = plan_memory(MIXTRAL_8X7B, torch.float16, plan.expert_bytes, [slots + 1] * 32, 4096,
+                         plan.device_budget, plan.reserve, None)
+    with pytest.raises(UserError, match="does not fit the device"):
+        check_fits(bigger)
+
+
+def test_fp16_experts_on_a_24gb_card_are_refused_with_the_numbers():
+    with pytest.raises(UserError) as err:
+        check_fits(mixtral_plan("24gb", quant="none"))
+    text = str(err.value)
+    assert "192 expert slots x 336.0 MiB" in text and "budget 24.00 GiB" in text
+
+
+def test_sizes_parse_and_bad_sizes_are_refused():
+    assert parse_size("24GB") == 24 * 2**30 == parse_size("24 GiB")
+    assert parse_size("1.5GB") == int(1.5 * 2**30) and parse_size("800MB") == 800 * 2**20
+    with pytest.raises(UserError, match="cannot read the size"):
+        parse_size("lots")
+
+
+def test_a_broken_profile_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("cache_experts = [1, 2\n")
+    with pytest.raises(UserError, match="not valid TOML"):
+        load_profile(str(bad))
+    typo = tmp_path / "typo.toml"
+    typo.write_text("cache_expert = 4\n")
+    with pytest.raises(UserError, match="unknown key"):
+        load_profile(str(typo))
