@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from offload_moe.config import ModelConfig  # noqa: E402
 from offload_moe.demo import write_random_checkpoint  # noqa: E402
 from offload_moe.engine import Engine, EngineOptions  # noqa: E402
+from offload_moe.packed import convert  # noqa: E402
 from offload_moe.profiles import DEFAULT_RESERVE  # noqa: E402
-from offload_moe.quant import bytes_per_expert  # noqa: E402
+from offload_moe.quant import bytes_per_expert, expert_format  # noqa: E402
 
 MIXTRAL = ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, ffn_dim=14336, num_experts=8,
                       top_k=2, vocab_size=32000, max_context=32768)
@@ -43,31 +44,39 @@ def slots_for_card(quant: str, group: int) -> int:
     return int(free // (bytes_per_expert(MIXTRAL, quant, group, torch.float16) * MIXTRAL.n_layers))
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def h2d_bandwidth(device: torch.device) -> float:
-    src = torch.empty(512 * 2**20, dtype=torch.uint8, pin_memory=True)
+    src = torch.empty(512 * 2**20, dtype=torch.uint8, pin_memory=device.type == "cuda")
     dst = torch.empty_like(src, device=device)
     dst.copy_(src, non_blocking=True)
-    torch.cuda.synchronize()
+    synchronize(device)
     t0 = time.perf_counter()
     for _ in range(5):
         dst.copy_(src, non_blocking=True)
-    torch.cuda.synchronize()
+    synchronize(device)
     return 5 * src.numel() / (time.perf_counter() - t0)
 
 
-def run_case(path: Path, name: str, tokens: int, bw: float, **options) -> dict:
+def run_case(path: Path, name: str, tokens: int, bw: float, device: torch.device, **options) -> dict:
     t0 = time.perf_counter()
-    engine = Engine.load(path, EngineOptions(device="cuda", dtype="float16", context=CONTEXT, progress=False,
+    dtype = "float16" if device.type == "cuda" else "float32"
+    engine = Engine.load(path, EngineOptions(device=str(device), dtype=dtype, context=CONTEXT, progress=False,
                                              **options))
     load_s = time.perf_counter() - t0
-    torch.cuda.reset_peak_memory_stats()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     engine.generate(PROMPT, 8)  # warm-up: kernels, allocator
     s = engine.generate(PROMPT, tokens).stats
     copy_s = s["bytes_to_device"] / bw
     hidden = 1 - s["copy_wait_s"] / copy_s if copy_s else 1.0
-    row = {"case": name, "load_s": round(load_s, 1), **{k: s[k] for k in (
+    storage = {k: s[k] for k in ("ram_hit_rate", "bytes_read_from_storage", "storage_wait_s") if k in s}
+    row = {"case": name, "load_s": round(load_s, 1), **storage, **{k: s[k] for k in (
         "decode_tokens_per_s", "prefill_tokens_per_s", "hit_rate", "prefetch_recall", "prefetch_precision",
-        "bytes_to_device", "copy_wait_s", "peak_device_bytes", "slots_per_layer", "bytes_per_expert")},
+        "bytes_to_device", "copy_wait_s", "peak_device_bytes", "slots_per_layer", "bytes_per_expert", "cpu_misses")},
         "copy_s_at_link_speed": copy_s, "copy_hidden_share": hidden}
     print(f"{name:<34} {s['decode_tokens_per_s']:7.2f} tok/s  hit {100 * s['hit_rate']:5.1f}%  "
           f"moved {s['bytes_to_device'] / 2**30:6.2f} GiB  wait {s['copy_wait_s']:6.2f} s  "
@@ -75,26 +84,35 @@ def run_case(path: Path, name: str, tokens: int, bw: float, **options) -> dict:
           f"(x{MIXTRAL.n_layers // engine.config.n_layers} layers: ~{s['decode_tokens_per_s'] * engine.config.n_layers / MIXTRAL.n_layers:.2f} tok/s)",  # noqa: E501
           flush=True)
     del engine
-    torch.cuda.empty_cache()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return row
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--workdir", default=tempfile.gettempdir())
     ap.add_argument("--json", help="also write the figures to this JSON file")
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="run every case on the CPU with a tiny shape: checks this script, measures nothing")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("gpu_check: no CUDA device; nothing to do")
+    if args.cpu_smoke:
+        device = torch.device("cpu")
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    else:
+        print("gpu_check: no CUDA device; nothing to do (--cpu-smoke checks the script on the CPU)")
         return 0
-    device = torch.device("cuda")
-    print(f"# {time.strftime('%Y-%m-%d %H:%M')} {torch.cuda.get_device_name(device)}, torch {torch.__version__}, "
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU smoke run"
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')} {name}, torch {torch.__version__}, "
           f"Mixtral-8x7B shapes, {args.layers} of 32 layers, budget of a 24 GB card scaled to them", flush=True)
     bw = h2d_bandwidth(device)
     print(f"pinned host-to-device: {bw / 1e9:.1f} GB/s", flush=True)
     config = replace(MIXTRAL, n_layers=args.layers)
+    if args.cpu_smoke:
+        config = replace(config, dim=256, ffn_dim=512, n_heads=4, n_kv_heads=2, head_dim=64)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         path = write_random_checkpoint(Path(tmp) / "mixtral-shaped", config, torch.bfloat16, layers_per_shard=1)
@@ -102,15 +120,28 @@ def main() -> int:
         int4, int8, fp16 = slots_for_card("int4", 64), slots_for_card("int8", 64), slots_for_card("none", 64)
         print(f"slots per layer on a 24 GB card: int4-g64 {int4}, int8-g64 {int8}, fp16 {fp16} (top-k is 2)")
         rows = [
-            run_case(path, f"int4, {int4} slots, prefetch 1", args.tokens, bw, expert_quant="int4",
+            run_case(path, f"int4, {int4} slots, prefetch 1", args.tokens, bw, device, expert_quant="int4",
                      cache_experts=int4, prefetch=1),
-            run_case(path, f"int4, {int4} slots, prefetch 0", args.tokens, bw, expert_quant="int4",
+            run_case(path, f"int4, {int4} slots, prefetch 0", args.tokens, bw, device, expert_quant="int4",
                      cache_experts=int4, prefetch=0),
-            run_case(path, f"int8, {max(int8, 2)} slots, prefetch 1", args.tokens, bw, expert_quant="int8",
+            run_case(path, f"int4, {int4} slots, miss policy auto", args.tokens, bw, device, expert_quant="int4",
+                     cache_experts=int4, prefetch=1, miss_policy="auto"),
+            run_case(path, f"int8, {max(int8, 2)} slots, prefetch 1", args.tokens, bw, device, expert_quant="int8",
                      cache_experts=max(int8, 2), prefetch=1),
-            run_case(path, "fp16, 2 slots (over 24 GB), prefetch 1", args.tokens, bw, cache_experts=2, prefetch=1),
-            run_case(path, "fp16, all resident (upper bound)", args.tokens, bw, prefetch=0),
+            run_case(path, "fp16, 2 slots (over 24 GB), prefetch 1", args.tokens, bw, device, cache_experts=2,
+                     prefetch=1),
+            run_case(path, "fp16, all resident (upper bound)", args.tokens, bw, device, prefetch=0),
         ]
+        # the storage tier: a packed int4 folder (quantized on the GPU), RAM for a quarter of the experts
+        t0 = time.perf_counter()
+        packed = Path(tmp) / "packed-int4"
+        fmt = expert_format("int4", config, torch.float16 if device.type == "cuda" else torch.float32, 64)
+        convert(path, packed, fmt, torch.float16 if device.type == "cuda" else torch.float32, progress=False,
+                pack_device=device)
+        print(f"packed int4 folder written in {time.perf_counter() - t0:.0f} s", flush=True)
+        quarter = config.n_layers * config.num_experts * fmt.nbytes // 4
+        rows.append(run_case(packed, f"int4 packed, RAM tier 1/4, {int4} slots", args.tokens, bw, device,
+                             cache_experts=int4, prefetch=1, ram_budget=quarter))
     if args.json:
         Path(args.json).write_text(json.dumps({"h2d_bytes_per_s": bw, "rows": rows}, indent=1))
     return 0
