@@ -102,6 +102,15 @@ def write_original(src: Path, dst: Path, per_expert_names: bool = False) -> Path
     return dst
 
 
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """run.py's main in this process: (exit code, stdout, stderr)."""
+    from offload_moe.cli import main
+
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 @pytest.fixture(scope="session")
 def ckpts(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ckpt")

@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_cli as cli
 from safetensors.torch import load_file
-
-from offload_moe.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,11 +26,6 @@ def run(*args: str, env_cache: Path | None = None) -> subprocess.CompletedProces
     return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], capture_output=True, text=True,
                           cwd=ROOT, env=env, timeout=300)
 
-
-def cli(capsys, *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_main_job_runs_the_demo_offloaded(tmp_path):

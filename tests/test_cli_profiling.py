@@ -5,13 +5,7 @@ from __future__ import annotations
 import json
 import tomllib
 
-from offload_moe.cli import main
-
-
-def run(capsys, *args):
-    code = main(list(args))
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from conftest import run_cli as run
 
 
 def test_record_simulate_tune_and_generate_with_the_tuned_profile(ckpts, tmp_path, capsys):

@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 import torch
+from conftest import run_cli as run
 
-from offload_moe.cli import main
 from offload_moe.engine import Engine, EngineOptions
 from offload_moe.packed import DATA, INDEX, JOURNAL, convert
 from offload_moe.quant import expert_format
@@ -65,11 +65,6 @@ def test_an_interrupted_conversion_resumes_to_the_same_bytes(ckpts, tmp_path):
     assert json.loads((part / INDEX).read_text())["experts"] == index["experts"]
     assert not (part / JOURNAL).exists()
 
-
-def run(capsys, *args):
-    code = main(list(args))
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_convert_and_run_from_the_cli(ckpts, tmp_path, capsys):
