@@ -1,7 +1,9 @@
-"""The embedded default model, and a writer of random-weight Mixtral-layout checkpoints.
+"""The embedded models, and a writer of random-weight Mixtral-layout checkpoints.
 
-`python run.py` needs a model without a download: it makes a small Mixtral-layout checkpoint
-with random weights and Mixtral's real tokenizer once, in a cache folder, and reuses it.
+`demo` is the small MoE trained on Python's standard library that ships in the package
+(`data/tiny-moe`, made by tools/train_tiny_moe.py): real text, real routing, no download.
+`demo-random` is a Mixtral-layout checkpoint with random weights and Mixtral's real 32000-piece
+tokenizer, made once in a cache folder: the vocabulary and shapes the trained one cannot show.
 The same writer makes the benchmark and GPU-check checkpoints (any Mixtral shape).
 """
 
@@ -21,6 +23,7 @@ from .tokenizer import BUNDLED
 
 DEMO_CONFIG = ModelConfig(dim=128, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=16, ffn_dim=384, num_experts=8,
                           top_k=2, vocab_size=32000, max_context=4096)
+TRAINED_DEMO = Path(__file__).parent / "data" / "tiny-moe"
 DEMO_NAMES = ("demo", "demo-random")
 
 
@@ -86,7 +89,7 @@ def write_random_checkpoint(path: str | Path, c: ModelConfig, dtype: torch.dtype
     return path
 
 
-def demo_model() -> Path:
+def random_demo_model() -> Path:
     """The random-weight demo checkpoint, made on first use."""
     path = cache_dir() / "demo-random"
     if not (path / "config.json").exists():
@@ -96,4 +99,6 @@ def demo_model() -> Path:
 
 def resolve_model(name: str) -> Path:
     """A model argument: a folder, or one of the embedded names."""
-    return demo_model() if name in DEMO_NAMES else Path(name)
+    if name == "demo":
+        return TRAINED_DEMO
+    return random_demo_model() if name == "demo-random" else Path(name)

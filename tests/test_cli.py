@@ -28,12 +28,21 @@ def run(*args: str, env_cache: Path | None = None) -> subprocess.CompletedProces
 
 
 
-def test_main_job_runs_the_demo_offloaded(tmp_path):
+def test_main_job_runs_the_trained_demo_offloaded(tmp_path):
     r = run(env_cache=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "random weights" in r.stderr
+    assert "trained" in r.stderr
+    assert r.stdout.startswith('def read_config(path):\n    """')
     assert "expert hit rate" in r.stdout and "decode" in r.stdout
     assert re.search(r"slots per layer\s+2\n", r.stdout)
+    text = r.stdout.split("\n\n  prefill")[0]
+    assert len(text) > 60 and run(env_cache=tmp_path).stdout.split("\n\n  prefill")[0] == text  # seeded
+
+
+def test_random_demo_is_made_once_in_the_cache_folder(tmp_path):
+    r = run("--model", "demo-random", "--max-new-tokens", "4", env_cache=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "random weights" in r.stderr
     assert (tmp_path / "demo-random" / "config.json").exists()
 
 

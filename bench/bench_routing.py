@@ -1,0 +1,222 @@
+"""Is the tiny model's routing real? Perplexity and routing statistics on held-out standard-library files.
+
+    python bench/bench_routing.py [--model offload_moe/data/tiny-moe] [--max-windows N]
+
+Offloading pays off when routing has structure: consecutive tokens reuse experts (a cache hits)
+and a layer's choices can be guessed one layer early (a prefetch has something to fetch). This
+prints, on files that neither the model nor its tokenizer saw (the held-out rule of
+tools/train_tiny_moe.py, imported from there), each file cut into windows of the model's context
+and scored as BOS + window, for three models of one shape:
+
+  trained     the checkpoint
+  untrained   the model training started from (the training script's initialisation, same seed)
+  random      a random-weight checkpoint as offload_moe.demo writes them (std 0.02, norms 1)
+
+these numbers:
+
+  perplexity        next-token perplexity over every window
+  persist first     per layer, the share of consecutive tokens whose first-choice expert is the
+                    same (uniformly random routing: 1/E = 12.5%; Mixtral-8x7B reports 14-28%)
+  persist top-k     the share whose top-k sets share an expert (uniformly random: 1 - C(E-K, K) /
+                    C(E, K) = 46.4% for 8 experts top-2; Mixtral-8x7B reports 45-67%)
+  prefetch recall   per layer l >= 1, the share of the experts layer l chose that layer l's router
+                    also picks from the hidden state entering layer l-1: what a prefetch one layer
+                    ahead fetches in time (uniformly random: K/E = 25%)
+  load max/min      the largest and smallest share of a layer's assignments one expert takes over
+                    all windows (balanced: 1/E)
+  window top        the share of a window's first choices that its busiest expert takes, averaged
+                    over windows (balanced: a little above 1/E). A random-weight model scores high
+                    here: attention averages its random residual stream over the window, so the
+                    router's input drifts towards one point and most tokens of a window pick the
+                    same experts. That inflates its persistence and hit rates without any locality
+                    that a real model would show.
+  cache hit rates   each layer its own cache of 2, 3 or 4 expert slots, tokens in order: LRU
+                    against Belady's optimal offline rule, replaying the routing trace in the
+                    simulator (offload_moe.simulate); with 2 slots and top-2 every policy is forced
+
+Legend: T tokens, D dim, E experts, K top-k, L layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from train_tiny_moe import TinyMixtral, corpus_files, save_checkpoint, shape_from_config, split_corpus  # noqa: E402
+
+from offload_moe.demo import write_random_checkpoint  # noqa: E402
+from offload_moe.engine import Engine, EngineOptions  # noqa: E402
+from offload_moe.simulate import simulate  # noqa: E402
+from offload_moe.trace import TraceRecorder  # noqa: E402
+
+DEFAULT_MODEL = ROOT / "offload_moe" / "data" / "tiny-moe"
+SLOT_COUNTS = (2, 3, 4)
+
+
+class RoutingRecorder:
+    """The engine's recorder protocol. Per window: the experts each layer chose and those its router
+    picks from the hidden state entering the layer before; every layer also goes to a TraceRecorder."""
+
+    def __init__(self, engine: Engine, trace: TraceRecorder):
+        self.model, self.trace = engine.model, trace
+        self.n_layers = engine.config.n_layers
+        self.idx: dict[int, torch.Tensor] = {}  # layer -> [T, K], best first
+        self.predicted: dict[int, torch.Tensor] = {}  # layer -> [T, K]
+
+    def enter(self, layer: int, h: torch.Tensor) -> None:
+        if layer + 1 < self.n_layers:
+            self.predicted[layer + 1] = self.model.predict(layer + 1, h)  # [T, K]
+
+    def chosen(self, layer: int, idx: torch.Tensor, weights: torch.Tensor) -> None:
+        self.idx[layer] = idx
+        self.trace.add(layer, idx, weights, self.predicted.get(layer))
+
+
+class RoutingStats:
+    """Counts summed over windows, per layer; the reported shares are ratios of them."""
+
+    def __init__(self, n_layers: int, n_experts: int):
+        self.n_layers = n_layers
+        self.nll = 0.0
+        self.pairs = 0  # consecutive token pairs, which are also the next tokens scored
+        self.choices = 0  # T * K, summed over windows
+        self.same_first, self.same_any, self.hits = [0] * n_layers, [0] * n_layers, [0] * n_layers
+        self.load = torch.zeros(n_layers, n_experts)  # [L, E] assignments
+        self.window_top = [0.0] * n_layers  # busiest expert's share of first choices, summed over windows
+        self.windows = 0
+
+    def add(self, ids: list[int], logits: torch.Tensor, rec: RoutingRecorder) -> None:
+        """One window: ids (BOS first), its logits [T, V], the routing the recorder saw."""
+        self.nll += F.cross_entropy(logits[:-1].float(), torch.tensor(ids[1:]), reduction="sum").item()
+        self.pairs += len(ids) - 1
+        for layer in range(self.n_layers):
+            idx = rec.idx[layer]  # [T, K]
+            self.same_first[layer] += int((idx[1:, 0] == idx[:-1, 0]).sum())
+            shared = (idx[1:, :, None] == idx[:-1, None, :]).any(-1).any(-1)  # [T-1, K, K] -> [T-1]
+            self.same_any[layer] += int(shared.sum())
+            self.load[layer] += torch.bincount(idx.reshape(-1), minlength=self.load.shape[1]).float()  # [T*K]
+            self.window_top[layer] += float(torch.bincount(idx[:, 0]).max()) / idx.shape[0]
+            if layer:
+                guess = rec.predicted[layer]  # [T, K]
+                self.hits[layer] += int((guess[:, :, None] == idx[:, None, :]).any(-1).sum())  # [T, K, K]
+        self.choices += rec.idx[0].numel()
+        self.windows += 1
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll / self.pairs)
+
+    def layer_row(self, layer: int) -> tuple[float, float, float | None, float, float, float]:
+        """persist first, persist top-k, prefetch recall (None at layer 0), load max, load min, window top."""
+        share = self.load[layer] / self.load[layer].sum()  # [E]
+        recall = self.hits[layer] / self.choices if layer else None
+        return (self.same_first[layer] / self.pairs, self.same_any[layer] / self.pairs, recall,
+                float(share.max()), float(share.min()), self.window_top[layer] / self.windows)
+
+
+def held_out_windows(engine: Engine, max_windows: int | None) -> list[list[int]]:
+    """Each held-out file's tokens cut into windows of context - 1, each scored as BOS + window."""
+    _, held = split_corpus(corpus_files())
+    step = engine.kv_capacity - 1
+    windows = []
+    for text in held.values():
+        ids = engine.tokenizer.encode(text, bos=False)
+        windows += [[engine.config.bos_id, *ids[i : i + step]] for i in range(0, len(ids), step)]
+    return windows[:max_windows] if max_windows else windows
+
+
+def untrained_checkpoint(model_dir: Path, out: Path, seed: int) -> Path:
+    """The training script's initial model (same shape, same seed), with the trained tokenizer."""
+    shape = shape_from_config(json.loads((model_dir / "config.json").read_text()))
+    torch.manual_seed(seed)
+    save_checkpoint(TinyMixtral(shape), (model_dir / "tokenizer.model").read_bytes(), out)
+    return out
+
+
+def measure(path: Path, windows: list[list[int]]) -> tuple[RoutingStats, list[dict]]:
+    """Score every window; return the routing statistics and, per slot count, LRU and Belady hit rates."""
+    engine = Engine.load(path, EngineOptions(prefetch=0, dtype="float32", progress=False))
+    c = engine.config
+    stats = RoutingStats(c.n_layers, c.num_experts)
+    trace = TraceRecorder(c.n_layers, c.top_k, c.num_experts, str(path))
+    for ids in windows:
+        rec = RoutingRecorder(engine, trace)
+        engine.model.recorder = rec
+        try:
+            logits = engine.score(ids)  # [T, V]
+        finally:
+            engine.model.recorder = None
+        stats.add(ids, logits, rec)
+    routing = trace.finish()
+    caches = [{"slots": s, "lru": simulate(routing, s, "lru")["hit_rate"],
+               "optimal": simulate(routing, s, "belady")["hit_rate"]} for s in SLOT_COUNTS]
+    return stats, caches
+
+
+def uniform_baselines(E: int, K: int) -> tuple[float, float, float]:
+    """First-choice persistence, top-k overlap and prefetch recall of uniformly random routing."""
+    return 1 / E, 1 - math.comb(E - K, K) / math.comb(E, K), K / E
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="trained checkpoint (default: %(default)s)")
+    p.add_argument("--max-windows", type=int, default=0, help="score only the first N windows; 0: all (default)")
+    p.add_argument("--seed", type=int, default=0, help="the training seed, for the untrained model (default: 0)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+
+    engine = Engine.load(args.model, EngineOptions(prefetch=0, dtype="float32", progress=False))
+    c = engine.config
+    windows = held_out_windows(engine, args.max_windows or None)
+    print(f"{args.model}: {c.n_layers} layers, {c.num_experts} experts, top-{c.top_k}; held-out: {len(windows)} "
+          f"windows, {sum(len(w) for w in windows):,} tokens (context {engine.kv_capacity})")
+    results = {"trained": measure(args.model, windows)}
+    with tempfile.TemporaryDirectory() as tmp:
+        results["untrained"] = measure(untrained_checkpoint(args.model, Path(tmp) / "untrained", args.seed), windows)
+        random_path = write_random_checkpoint(Path(tmp) / "random", c, torch.float16, seed=args.seed)
+        results["random"] = measure(random_path, windows)
+
+    print("perplexity: " + ", ".join(f"{name} {stats.perplexity:.2f}" for name, (stats, _) in results.items()))
+    first, anyk, recall = uniform_baselines(c.num_experts, c.top_k)
+    print(f"\nrouting (uniformly random routing: persist first {first:.1%}, persist top-{c.top_k} {anyk:.1%}, "
+          f"prefetch recall {recall:.1%}; balanced load {1 / c.num_experts:.1%})")
+    print(f"{'layer':>5} {'model':>9} {'persist first':>14} {'persist top-k':>14} {'prefetch recall':>16} "
+          f"{'load max/min':>14} {'window top':>11}")
+    means = {name: [0.0, 0.0, 0.0] for name in results}
+    for layer in range(c.n_layers):
+        for name, (stats, _) in results.items():
+            f1, fk, rc, hi, lo, top = stats.layer_row(layer)
+            m = means[name]
+            m[0], m[1] = m[0] + f1 / c.n_layers, m[1] + fk / c.n_layers
+            m[2] += (rc or 0.0) / (c.n_layers - 1)
+            rc_text = f"{rc:.1%}" if rc is not None else "-"
+            print(f"{layer:>5} {name:>9} {f1:>14.1%} {fk:>14.1%} {rc_text:>16} {hi:>8.1%}/{lo:<5.1%} {top:>11.1%}")
+    for name, (f1, fk, rc) in means.items():
+        print(f"{'mean':>5} {name:>9} {f1:>14.1%} {fk:>14.1%} {rc:>16.1%}")
+
+    print(f"\nexpert cache hit rates (each layer its own cache of S of {c.num_experts} slots, tokens in order)")
+    print(f"{'S':>5} " + " ".join(f"{name + ' LRU':>14} {name + ' opt':>14}" for name in results))
+    for i, slots in enumerate(SLOT_COUNTS):
+        cells = [f"{caches[i]['lru']:>14.1%} {caches[i]['optimal']:>14.1%}" for _, caches in results.values()]
+        print(f"{slots:>5} " + " ".join(cells))
+    print(f"\n{time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
