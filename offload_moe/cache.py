@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -25,17 +25,13 @@ MISS_POLICIES = ("fetch", "cpu", "auto")
 
 @dataclass
 class CacheCounters:
-    """Raw counts; `stats.py` turns them into rates."""
+    """Raw counts of the bytes moved; `stats.py` turns them into rates. Hits, misses and prefetch
+    use are counted per layer by the slot table itself (`table.hits` etc.), the simulator's code."""
 
-    hits: list[int]
-    misses: list[int]
-    prefetch_copies: int = 0
-    prefetch_used: int = 0  # accesses that hit an expert a prefetch brought in and nothing used yet
     bytes_to_device: int = 0
     copy_wait_s: float = 0.0
     copies: int = 0
     cpu_misses: int = 0  # misses whose output this step computed on the CPU (miss policy cpu/auto)
-    per_layer_prefetch_used: list[int] = field(default_factory=list)
 
 
 class ExpertCache:
@@ -67,18 +63,15 @@ class ExpertCache:
         ]
         self.views = [[fmt.views(self.mem[layer][s]) for s in range(n)] for layer, n in enumerate(self.slots)]
         self.transfers = Transfers(device, self.slots)
-        # slot brought in by a prefetch and not used since: [L][S]
-        self.fresh = [[False] * n for n in self.slots]
-        L = len(self.slots)
-        self.counters = CacheCounters(hits=[0] * L, misses=[0] * L, per_layer_prefetch_used=[0] * L)
+        self.counters = CacheCounters()
 
     @property
     def device_bytes(self) -> int:
         return sum(m.numel() for m, alias in zip(self.mem, self.aliased, strict=True) if not alias)
 
     def reset_counters(self) -> None:
-        L = len(self.slots)
-        self.counters = CacheCounters(hits=[0] * L, misses=[0] * L, per_layer_prefetch_used=[0] * L)
+        self.counters = CacheCounters()
+        self.table.reset_counts()
 
     def acquire(self, layer: int, experts: list[int], decode: bool = False) -> tuple[list[int], list[bool]]:
         """Make `experts` (distinct) resident for the current layer; return their slots in order, and
@@ -94,15 +87,7 @@ class ExpertCache:
         on_cpu = [False] * len(experts)
         for k, e in enumerate(experts):
             s = slots[k]
-            if hit[k]:
-                c.hits[layer] += 1
-                if self.fresh[layer][s]:
-                    c.prefetch_used += 1
-                    c.per_layer_prefetch_used[layer] += 1
-                    self.fresh[layer][s] = False
-            else:
-                c.misses[layer] += 1
-                self.fresh[layer][s] = False
+            if not hit[k]:
                 self._copy(layer, s, e)
                 if decode and self.cpu_cheaper:
                     on_cpu[k] = True
@@ -150,10 +135,7 @@ class ExpertCache:
         inserted, slots, _ = self.table.prefetch_row(layer, experts)
         for k, e in enumerate(experts):
             if inserted[k]:
-                s = slots[k]
-                self._copy(layer, s, e)
-                self.fresh[layer][s] = True
-                self.counters.prefetch_copies += 1
+                self._copy(layer, slots[k], e)
 
     def _copy(self, layer: int, s: int, expert: int) -> None:
         if self.aliased[layer]:  # slot s already is the host buffer of expert s (filled by warm)

@@ -14,21 +14,22 @@ Semantics, exactly those of the engine because both run `policy.SlotTable`:
 With prefetch 1, before each token's access at layer l, `SlotTable.prefetch` inserts the trace's
 prediction `predicted[t, l]` (made one layer earlier). Prefetch accounting:
   * prefetch_copies     experts that a prefetch inserted (it skips resident ones);
-  * prefetch_hits       accesses that hit a slot filled by a prefetch and not used since (the
-                        engine's `prefetch_used`);
-  * prefetch_recall     prefetch_hits / all accesses (as the engine's stats): the share of accesses
-                        that a prefetch served;
-  * prefetch_precision  prefetched experts that the token they were fetched for used at that layer /
-                        prefetch_copies;
+  * prefetch_hits       accesses that hit a slot filled by a prefetch and not accessed since: the
+                        prefetches that were used;
+  * prefetch_recall     prefetch_hits / all accesses: the share of accesses that a prefetch served;
+  * prefetch_precision  prefetch_hits / prefetch_copies: the share of prefetches that were used;
   * copies              demand misses + prefetch_copies: every expert moved to the device.
 
-All L layers of one token advance in one `SlotTable` call (rows are independent caches), and
-several cache sizes of one policy can share a table (more rows), so a 100k-token trace replays
-in seconds. Shape legend: T tokens, L layers, K top-k, E experts, S slots, R table rows.
+Each row (one layer's cache in one configuration) replays the whole trace in one
+`SlotTable.replay` call, the engine's own loop, and the layers are shared out among processes, so
+a 100k-token trace replays in seconds. These are the engine's counts too: its stats read the same
+table counters. Shape legend: T tokens, L layers, K top-k, E experts, S slots, R table rows.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import multiprocessing as mp
 import os
@@ -56,7 +57,8 @@ def next_uses(experts: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.nda
     T, L, K = experts.shape
     E = num_experts
     key = (np.arange(L)[None, :, None] * E + experts.astype(np.int64)).reshape(-1)  # [T, L, K] -> [T*L*K]
-    order = np.argsort(key, kind="stable")  # [T*L*K]: grouped by (layer, expert), token order inside
+    # [T*L*K]: grouped by (layer, expert), token order inside; 16-bit keys take numpy's radix sort
+    order = np.argsort(key.astype(np.uint16) if L * E <= 1 << 16 else key, kind="stable")
     group = key[order]
     token = order // (L * K)
     same = group[1:] == group[:-1]  # [T*L*K - 1]: the next entry is a later use of the same expert
@@ -112,17 +114,13 @@ def simulate_many(trace: Trace, slot_configs: Sequence[int | list[int]], policy:
                   seed: int = 0) -> list[dict]:
     """`simulate` for several cache sizes of one policy, one result per entry of `slot_configs`.
 
-    Deterministic policies replay all sizes in one table (R = sizes x L rows), which costs little
-    more than one size. `random` replays each size alone so that its draws, and so its result,
-    are those of `simulate` with the same seed.
+    All sizes replay in one table (R = sizes x L rows); row l of every size draws layer l's random
+    stream, so each result is the one `simulate` gives alone with the same seed.
     """
     _check_policy(policy)
     _check_prefetch(prefetch)
     configs = [_per_layer(s, trace) for s in slot_configs]
-    if policy == "random":
-        out = [_replay(trace, [c], policy, prefetch, seed)[0] for c in configs]
-    else:
-        out = _replay(trace, configs, policy, prefetch, seed) if configs else []
+    out = _replay(trace, configs, policy, prefetch, seed) if configs else []
     for res, given in zip(out, slot_configs, strict=True):
         res["slots"] = int(given) if isinstance(given, (int, np.integer)) else [int(s) for s in given]
     return out
@@ -130,26 +128,32 @@ def simulate_many(trace: Trace, slot_configs: Sequence[int | list[int]], policy:
 
 def _replay(trace: Trace, configs: list[list[int]], policy: str, prefetch: int, seed: int) -> list[dict]:
     """Row c*L + l of the table is layer l's cache in configuration c. Rows are independent, so
-    each replays all its tokens in one tight loop (layer-major): the same calls, in the same order
-    per row, as the engine's token-major run."""
+    each replays all its tokens in one `SlotTable.replay` call (layer-major): the same steps, in
+    the same order per row, as the engine's token-major run."""
     T, L, K = trace.experts.shape
     n = len(configs)
-    table = SlotTable([s for c in configs for s in c], trace.num_experts, policy, seed)
+    table = SlotTable([s for c in configs for s in c], trace.num_experts, policy, seed,
+                      streams=[layer for _ in configs for layer in range(L)])
     belady = policy == "belady"
     if belady:
         nxt, first = next_uses(trace.experts.astype(np.int64), trace.num_experts)  # [T, L, K], [L, E]
-    counts = np.zeros((4, n, L), np.int64)  # hits, prefetch insertions, prefetch hits, prefetches used
 
-    def layer_rows(layer: int) -> list[tuple[int, int, tuple]]:
+    def layer_rows(layer: int) -> list[tuple[int, int, tuple[int, int, int]]]:
         experts = trace.experts[:, layer].tolist()  # [T][K]
         predicted = trace.predicted[:, layer].tolist() if prefetch else None
-        return [(c, layer, _replay_row(table, c * L + layer, experts, predicted,
-                                       nxt[:, layer].tolist() if belady else None,
-                                       first[layer].tolist() if belady else None)) for c in range(n)]
+        later = nxt[:, layer].tolist() if belady else None
+        out = []
+        for c in range(n):
+            row = c * L + layer
+            table.replay(row, experts, predicted, later, first[layer].tolist() if belady else None)
+            out.append((c, layer, (table.hits[row], table.prefetch_copies[row], table.prefetch_hits[row])))
+        return out
 
-    for c, layer, row_counts in _map_layers(layer_rows, L, work=T * n * L):
-        counts[:, c, layer] = row_counts
-    hits, inserted, prefetch_hits, prefetch_used = counts
+    counts = np.zeros((3, n, L), np.int64)  # hits, prefetch copies, prefetch hits
+    with _no_cyclic_gc():
+        for c, layer, row_counts in _map_layers(layer_rows, L, work=T * n * L):
+            counts[:, c, layer] = row_counts
+    hits, inserted, prefetch_hits = counts
     accesses = T * L * K
     out = []
     for c in range(n):
@@ -171,9 +175,23 @@ def _replay(trace: Trace, configs: list[list[int]], policy: str, prefetch: int, 
             "prefetch_copies": copies_pf,
             "prefetch_hits": pf_hits,
             "prefetch_recall": pf_hits / accesses if accesses else 0.0,
-            "prefetch_precision": int(prefetch_used[c].sum()) / copies_pf if copies_pf else 0.0,
+            "prefetch_precision": pf_hits / copies_pf if copies_pf else 0.0,
         })
     return out
+
+
+@contextlib.contextmanager
+def _no_cyclic_gc():
+    """A trace as Python lists is millions of small objects, and the cyclic collector would walk
+    them again and again while they are built (it cost as much as the replay itself). Nothing
+    here forms a cycle, so reference counting frees it all the same."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 PARALLEL_WORK = 200_000  # row-token steps above which the layers are shared out among processes
@@ -199,36 +217,6 @@ _JOB = None  # the function that forked workers run (inherited, never pickled)
 
 def _run_job(layer: int):
     return _JOB(layer)
-
-
-def _replay_row(table: SlotTable, row: int, experts: list[list[int]], predicted: list[list[int]] | None,
-                nxt: list[list[int]] | None, first: list[int] | None) -> tuple[int, int, int, int]:
-    """All tokens through one layer cache: (hits, prefetch insertions, prefetch hits, prefetches used
-    by the token they were made for)."""
-    access, prefetch = table.access_row, table.prefetch_row
-    fresh = [False] * table.slots[row]  # slot filled by a prefetch and not used since
-    hits = inserted = pf_hits = pf_used = 0
-    # during token t, next_use holds each expert's next use at or after t: the token's own experts
-    # are protected from eviction anyway, the others are used strictly later
-    next_use = first
-    for t, exps in enumerate(experts):
-        if predicted is not None:
-            ins, slot, _ = prefetch(row, predicted[t], next_use)
-            for k, done in enumerate(ins):
-                if done:
-                    fresh[slot[k]] = True
-                    inserted += 1
-                    pf_used += predicted[t][k] in exps
-        hit, slot, _ = access(row, exps, next_use)
-        hits += sum(hit)
-        if predicted is not None:
-            for h, s in zip(hit, slot, strict=True):
-                pf_hits += h and fresh[s]
-                fresh[s] = False
-        if next_use is not None:
-            for e, later in zip(exps, nxt[t], strict=True):
-                next_use[e] = later
-    return hits, inserted, pf_hits, pf_used
 
 
 def run_simulate(trace_path: str, slots: list[int], policies: list[str], prefetch: int, as_json: bool,

@@ -6,8 +6,10 @@ import torch
 
 
 def collect_stats(engine, result) -> dict:
-    c = engine.cache.counters
-    accesses = sum(c.hits) + sum(c.misses)
+    c, table = engine.cache.counters, engine.cache.table
+    hits, misses = table.hits, table.misses  # per layer
+    accesses = sum(hits) + sum(misses)
+    prefetch_used, prefetch_copies = sum(table.prefetch_hits), sum(table.prefetch_copies)
     prompt = len(result.prompt_ids)
     if engine.device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(engine.device)
@@ -21,16 +23,16 @@ def collect_stats(engine, result) -> dict:
         "prefill_s": result.prefill_s,
         "decode_s": result.decode_s,
         "stop_reason": result.stop_reason,
-        "hit_rate": sum(c.hits) / accesses if accesses else 1.0,
-        "per_layer_hit_rate": [h / (h + m) if h + m else 1.0 for h, m in zip(c.hits, c.misses, strict=True)],
-        "hits": sum(c.hits),
-        "misses": sum(c.misses),
-        "per_layer_hits": list(c.hits),
-        "per_layer_misses": list(c.misses),
+        "hit_rate": sum(hits) / accesses if accesses else 1.0,
+        "per_layer_hit_rate": [h / (h + m) if h + m else 1.0 for h, m in zip(hits, misses, strict=True)],
+        "hits": sum(hits),
+        "misses": sum(misses),
+        "per_layer_hits": list(hits),
+        "per_layer_misses": list(misses),
         "prefetch_depth": engine.options.prefetch,
-        "prefetch_copies": c.prefetch_copies,
-        "prefetch_recall": c.prefetch_used / accesses if accesses else 0.0,
-        "prefetch_precision": c.prefetch_used / c.prefetch_copies if c.prefetch_copies else 0.0,
+        "prefetch_copies": prefetch_copies,
+        "prefetch_recall": prefetch_used / accesses if accesses else 0.0,
+        "prefetch_precision": prefetch_used / prefetch_copies if prefetch_copies else 0.0,
         "copies": c.copies,
         "miss_policy": engine.options.miss_policy,
         "cpu_misses": c.cpu_misses,

@@ -27,6 +27,7 @@ def test_replaying_the_trace_gives_the_live_counts(ckpts, tmp_path, slots, polic
     if prefetch:
         assert replay["prefetch_copies"] == stats["prefetch_copies"]
         assert replay["prefetch_recall"] == pytest.approx(stats["prefetch_recall"])
+        assert replay["prefetch_precision"] == pytest.approx(stats["prefetch_precision"])
 
 
 def test_trace_records_choices_weights_and_one_layer_ahead_predictions(ckpts):

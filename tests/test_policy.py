@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from offload_moe.config import ModelConfig
 from offload_moe.model import Transformer
-from offload_moe.policy import NEVER, NoVictimError, SlotTable
+from offload_moe.policy import NEVER, POLICIES, NoVictimError, SlotTable
 
 
 def access(t: SlotTable, row: int, experts: list[int], next_use=None):
-    hit, slot, evicted = t.access(np.array([row]), np.array([experts]), next_use)
-    return hit[0].tolist(), evicted[0].tolist()
+    hit, _, evicted = t.access_row(row, experts, next_use)
+    return hit, evicted
 
 
 def test_lru_evicts_least_recently_used_and_never_the_tokens_own():
@@ -45,19 +46,19 @@ def test_fifo_ignores_hits_and_lfu_counts_them():
 
 def test_belady_evicts_the_furthest_next_use():
     t = SlotTable([2], 4, "belady")
-    access(t, 0, [0, 1], np.array([[5, 9, NEVER, NEVER]]))
+    access(t, 0, [0, 1], [5, 9, NEVER, NEVER])
     # 2 arrives: 0 is next used at 5, 1 at 9 -> 1 leaves
-    assert access(t, 0, [2], np.array([[5, 9, 7, NEVER]])) == ([False], [1])
+    assert access(t, 0, [2], [5, 9, 7, NEVER]) == ([False], [1])
     # never-again leaves first
-    assert access(t, 0, [3], np.array([[NEVER, NEVER, 8, 12]])) == ([False], [0])
+    assert access(t, 0, [3], [NEVER, NEVER, 8, 12]) == ([False], [0])
 
 
 def test_prefetch_fills_without_counting_uses_and_never_evicts_its_own_predictions():
     t = SlotTable([2], 8, "lfu")
-    inserted, slot, evicted = t.prefetch(np.array([0]), np.array([[4, 5]]))
-    assert inserted.tolist() == [[True, True]] and sum(t.uses[0]) == 0
-    inserted, _, _ = t.prefetch(np.array([0]), np.array([[4, -1]]))  # resident already, -1 ignored
-    assert inserted.tolist() == [[False, False]]
+    inserted, slot, evicted = t.prefetch_row(0, [4, 5])
+    assert inserted == [True, True] and sum(t.uses[0]) == 0
+    inserted, _, _ = t.prefetch_row(0, [4, -1])  # resident already, -1 ignored
+    assert inserted == [False, False]
 
 
 def test_a_repeated_prediction_takes_one_slot():
@@ -80,7 +81,8 @@ def test_lfu_breaks_ties_by_recency_at_any_count():
 def test_rows_are_independent_and_may_differ_in_slots():
     t = SlotTable([2, 4], 8, "lru")
     for e in range(4):
-        t.access(np.array([0, 1]), np.array([[e], [e]]))
+        t.access_row(0, [e])
+        t.access_row(1, [e])
     assert sorted(t.resident(0)) == [2, 3] and sorted(t.resident(1)) == [0, 1, 2, 3]
 
 
@@ -97,6 +99,41 @@ def test_belady_is_offline_and_unknown_policy_is_refused():
         access(t, 0, [1])
     with pytest.raises(ValueError, match="unknown eviction policy"):
         SlotTable([1], 4, "mru")
+
+
+def test_a_prefetch_counts_as_used_at_its_first_hit_and_wasted_when_evicted_unused():
+    t = SlotTable([2], 8, "lru")
+    t.prefetch_row(0, [4, 5])
+    t.access_row(0, [4, 1])  # 4: a prefetch hit; 1 evicts 5, never used
+    t.access_row(0, [4, 1])  # plain hits now
+    assert (t.hits, t.misses, t.prefetch_copies, t.prefetch_hits) == ([3], [1], [2], [1])
+
+
+@settings(max_examples=40, deadline=None)
+@given(policy=st.sampled_from(POLICIES), slots=st.integers(2, 4), seed=st.integers(0, 3),
+       steps=st.lists(st.tuples(st.permutations(range(6)), st.permutations(range(6)), st.booleans()),
+                      min_size=1, max_size=30))
+def test_replaying_a_trace_in_one_call_equals_stepping_it(policy, slots, seed, steps):
+    """The simulator's one call per row and the engine's step-by-step calls are the same loop."""
+    accesses = [list(a[:2]) for a, _, _ in steps]
+    predictions = [list(p[:2]) if on else [-1, -1] for _, p, on in steps]
+    later = [[NEVER, NEVER] for _ in steps]  # a valid table: each access's next use, from the end
+    seen: dict[int, int] = {}
+    for t in reversed(range(len(steps))):
+        later[t] = [seen.get(e, NEVER) for e in accesses[t]]
+        seen.update({e: t for e in accesses[t]})
+    first = [seen.get(e, NEVER) for e in range(6)]
+    whole, stepped = SlotTable([slots], 6, policy, seed), SlotTable([slots], 6, policy, seed)
+    whole.replay(0, accesses, predictions, later, list(first))
+    next_use = list(first)
+    for t, exps in enumerate(accesses):
+        stepped.prefetch_row(0, predictions[t], next_use)
+        stepped.access_row(0, exps, next_use)
+        for e, n in zip(exps, later[t], strict=True):
+            next_use[e] = n
+    assert whole.expert == stepped.expert
+    assert (whole.hits, whole.misses, whole.prefetch_copies, whole.prefetch_hits) == (
+        stepped.hits, stepped.misses, stepped.prefetch_copies, stepped.prefetch_hits)
 
 
 def test_router_renormalises_the_top_k_of_the_softmax():
