@@ -166,7 +166,7 @@ class Engine:
         if c.tie_word_embeddings:
             state["output.weight"] = state["tok_embeddings.weight"]
         model.load_state_dict(state, assign=True, strict=True)
-        model.rope = rope_tables(c, context, device)
+        model.rope = rope_tables(c.head_dim, c.rope_theta, context, device)
         model.eval()
 
         pin = device.type == "cuda"

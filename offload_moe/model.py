@@ -50,17 +50,16 @@ class KVCache:
         self.pos = 0
 
 
-def rope_tables(config: ModelConfig, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [length, hd] in float32 (rotate-halves convention)."""
-    hd = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))
+def rope_tables(hd: int, theta: float, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [length, hd] in float32 (rotate-halves convention: frequency i turns dims i and i + hd/2)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))
     freqs = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)  # [len, hd/2]
     emb = torch.cat([freqs, freqs], dim=-1)  # [len, hd]
     return emb.cos(), emb.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [heads, T, hd]; cos, sin [T, hd]."""
+    """x [..., T, hd] (any leading axes, e.g. heads); cos, sin [T, hd]."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin

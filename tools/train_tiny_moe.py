@@ -15,7 +15,8 @@ whose first 1000 characters say `gencodec.py` or `do not edit`, i.e. codec and s
 Held out, never trained on (neither the model nor the tokenizer): a file whose relative POSIX path
 `p` has `int(sha256(p)[:8], 16) % 20 == 0`, about 5% of the files (`is_held_out`).
 
-Model: plain PyTorch, self-contained (the engine is not imported). RMSNorm, grouped-query
+Model: plain PyTorch, batched for training; only the RoPE tables and rotation are the engine's
+(`offload_moe.model`). RMSNorm, grouped-query
 attention with rotate-halves RoPE (the Hugging Face Mixtral convention), a router per layer
 (softmax over all experts in float32, top-k, renormalised), SiLU-gated experts
 y = w2(silu(w1 x) * w3 x), tied embeddings, and the Switch-style load-balancing loss so that every
@@ -64,6 +65,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from torch import nn  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from offload_moe.model import apply_rope, rope_tables  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "offload_moe" / "data" / "tiny-moe"
 SKIP_DIRS = {"site-packages", "test", "tests", "idle_test"}
@@ -183,21 +187,6 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
-def rope_tables(s: Shape, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [T, hd] for the rotate-halves convention (frequency i drives dims i and i + hd/2)."""
-    inv_freq = 1.0 / (s.rope_theta ** (torch.arange(0, s.head_dim, 2, dtype=torch.float32) / s.head_dim))
-    freqs = torch.outer(torch.arange(T, dtype=torch.float32), inv_freq)  # [T, hd/2]
-    emb = torch.cat([freqs, freqs], dim=-1)  # [T, hd]
-    return emb.cos(), emb.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, T, hd]; cos, sin [T, hd]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
-
-
 class Attention(nn.Module):
     def __init__(self, s: Shape):
         super().__init__()
@@ -278,7 +267,7 @@ class TinyMixtral(nn.Module):
         self.embed_tokens = nn.Embedding(s.vocab_size, s.dim)
         self.layers = nn.ModuleList(Block(s) for _ in range(s.n_layers))
         self.norm = RMSNorm(s.dim, s.norm_eps)
-        cos, sin = rope_tables(s, s.max_len)
+        cos, sin = rope_tables(s.head_dim, s.rope_theta, s.max_len, torch.device("cpu"))
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.reset_parameters()
