@@ -18,7 +18,7 @@ from .errors import UserError
 from .generate import Sampling
 from .policy import ONLINE_POLICIES, POLICIES
 from .profiles import parse_size
-from .quant import EXPERT_QUANTS, GROUP_SIZES
+from .quant import ATTENTION_QUANTS, EXPERT_QUANTS, GROUP_SIZES
 from .simulate import run_simulate
 from .stats import format_table
 from .trace import save_trace
@@ -89,6 +89,9 @@ def engine_flags() -> argparse.ArgumentParser:
     g.add_argument("--expert-quant", choices=EXPERT_QUANTS,
                    help="quantize the experts at load; a packed --model keeps its own "
                         f"(default: {DEFAULTS.expert_quant})")
+    g.add_argument("--attention-quant", choices=ATTENTION_QUANTS,
+                   help="quantize the attention projections at load (they stay resident: int8 frees device memory "
+                        f"for expert slots); a packed --model keeps its own (default: {DEFAULTS.attention_quant})")
     g.add_argument("--group-size", type=int, choices=GROUP_SIZES,
                    help=f"quantization group size (default: {DEFAULTS.group_size})")
     g.add_argument("--ram-budget", type=_size, metavar="SIZE",
@@ -176,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     con.add_argument("--out", required=True, help="the folder to write")
     con.add_argument("--experts", choices=EXPERT_QUANTS, default="int4", help="expert precision (default: "
                      "%(default)s)")
+    con.add_argument("--attention", choices=ATTENTION_QUANTS, default=DEFAULTS.attention_quant,
+                     help="attention projections' precision: int8 or none (the --dtype) (default: %(default)s)")
     con.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=DEFAULTS.group_size,
                      help="quantization group size (default: %(default)s)")
     con.add_argument("--dtype", choices=list(DTYPES), default="float16",
@@ -194,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def options_from(args: argparse.Namespace) -> dict:
     """The engine flags that were given (others come from the profile or EngineOptions)."""
-    keys = ("device", "dtype", "cache_experts", "prefetch", "policy", "miss_policy", "expert_quant", "group_size",
-            "ram_budget", "context")
+    keys = ("device", "dtype", "cache_experts", "prefetch", "policy", "miss_policy", "expert_quant", "attention_quant",
+            "group_size", "ram_budget", "context")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
@@ -352,8 +357,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype]
     fmt = expert_format(args.experts, config, dtype, args.group_size)
     gpu = torch.device("cuda") if torch.cuda.is_available() else None  # quantizes much faster there
-    index = convert(resolve_model(args.model), args.out, fmt, dtype, pack_device=gpu)
-    print(f"wrote {args.out}: {len(index['experts'])} experts as {fmt.name}, {fmt.nbytes / 2**20:.2f} MiB each")
+    attention = None if args.attention == "none" else args.group_size
+    index = convert(resolve_model(args.model), args.out, fmt, dtype, pack_device=gpu, attention_group=attention)
+    print(f"wrote {args.out}: {len(index['experts'])} experts as {fmt.name}, {fmt.nbytes / 2**20:.2f} MiB each; "
+          f"attention {index['attention']}")
     return 0
 
 

@@ -44,12 +44,16 @@ class ModelConfig:
         return 3 * self.dim * self.ffn_dim
 
     @property
+    def attention_params(self) -> int:
+        """wq, wk, wv and wo of every layer."""
+        return self.n_layers * self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+
+    @property
     def dense_params(self) -> int:
         """Everything that is not an expert: attention, norms, routers, embeddings, head."""
-        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
-        per_layer = attn + 2 * self.dim + self.num_experts * self.dim
+        per_layer = 2 * self.dim + self.num_experts * self.dim
         head = 0 if self.tie_word_embeddings else self.vocab_size * self.dim
-        return self.n_layers * per_layer + self.vocab_size * self.dim + head + self.dim
+        return self.attention_params + self.n_layers * per_layer + self.vocab_size * self.dim + head + self.dim
 
     def kv_bytes(self, context: int, bytes_per_value: int) -> int:
         """KV cache for `context` tokens (or the sliding window, if shorter)."""

@@ -24,7 +24,15 @@ from .generate import GenerationResult, Sampling, generate_tokens
 from .model import KVCache, Transformer, rope_tables
 from .prefetch import Prefetcher
 from .profiles import DEFAULT_RESERVE, auto_slots, check_fits, load_profile, plan_memory, ram_for_experts
-from .quant import expert_format
+from .quant import (
+    ATTENTION_QUANTS,
+    ATTENTION_SUFFIXES,
+    Int8Linear,
+    attention_bytes,
+    expert_format,
+    int8_attention,
+    int8_parts,
+)
 from .stats import collect_stats
 from .tiered import TieredStore
 from .tokenizer import TextStream, Tokenizer
@@ -44,6 +52,7 @@ class EngineOptions:
     policy: str = "lru"  # eviction: lru, lfu, fifo, random
     miss_policy: str = "fetch"  # a decode miss: fetch (copy, wait), cpu (compute on the CPU), auto (faster one)
     expert_quant: str = "none"  # experts quantized at load: none, int8, int4 (a packed folder keeps its own)
+    attention_quant: str = "none"  # attention projections quantized at load: none, int8 (likewise)
     group_size: int = 64  # quantization group size: 32, 64 or 128
     context: int = 4096  # KV-cache length to preallocate (clipped to the model's own)
     seed: int = 0  # for the random eviction policy
@@ -84,6 +93,18 @@ def expert_format_for(ckpt: Checkpoint, options: EngineOptions, dtype: torch.dty
         raise UserError(f"{ckpt.path} holds {name} experts; run it with --dtype "
                         f"{ {'fp16': 'float16', 'bf16': 'bfloat16', 'fp32': 'float32'}[name]} (or convert again)")
     return fmt
+
+
+def attention_group(ckpt: Checkpoint, options: EngineOptions) -> int | None:
+    """The group size of int8 attention weights, or None when they stay in the compute dtype: a packed
+    folder's own choice, else the one asked for."""
+    if ckpt.packed_index is not None:
+        name = ckpt.packed_index.get("attention", "none")
+        return None if name == "none" else int(name.removeprefix("int8-g"))
+    if options.attention_quant not in ATTENTION_QUANTS:
+        raise UserError(f"unknown attention quantization {options.attention_quant!r} "
+                        f"(use {', '.join(ATTENTION_QUANTS)})")
+    return None if options.attention_quant == "none" else options.group_size
 
 
 def resolve_slots(cache_experts: int | list[int] | None, n_layers: int, num_experts: int, top_k: int) -> list[int]:
@@ -151,18 +172,32 @@ class Engine:
             raise UserError("--context must be positive")
         context = min(options.context, c.max_context)
         fmt = expert_format_for(ckpt, options, dtype)
+        attn_group = attention_group(ckpt, options)
+        dense = (c.dense_params - c.attention_params) * dtype.itemsize + attention_bytes(
+            c, "none" if attn_group is None else "int8", attn_group or 0, dtype)
         if prof is not None and prof.auto and "cache_experts" not in overrides:
-            slots, budget = auto_slots(c, dtype, fmt.nbytes, context, device, options.device_reserve)
+            slots, budget = auto_slots(c, dtype, fmt.nbytes, context, device, options.device_reserve, dense)
             options = replace(options, cache_experts=slots, device_budget=budget)
         slots = resolve_slots(options.cache_experts, c.n_layers, c.num_experts, c.top_k)
         plan = plan_memory(c, dtype, fmt.nbytes, slots, context, options.device_budget, options.device_reserve,
-                           options.ram_budget)
+                           options.ram_budget, dense)
         check_fits(plan)
         in_ram, ram = ram_for_experts(plan)
 
         with torch.device("meta"):
             model = Transformer(c)
-        state = {name: ckpt.dense(name).to(device=device, dtype=dtype) for name in ckpt.expected_dense()}
+        if attn_group is not None:
+            int8_attention(model, attn_group)
+        state = {}
+        for name in ckpt.expected_dense():
+            t = ckpt.dense(name).to(device)
+            if name.endswith(Int8Linear.PARTS):  # a packed folder's int8 attention: stored as the model holds it
+                state[name] = t
+            elif attn_group is not None and name.endswith(ATTENTION_SUFFIXES):  # quantized here, on the device
+                prefix = name.removesuffix("weight")
+                state |= {prefix + part: v for part, v in int8_parts(t, attn_group).items()}
+            else:
+                state[name] = t.to(dtype)
         if c.tie_word_embeddings:
             state["output.weight"] = state["tok_embeddings.weight"]
         model.load_state_dict(state, assign=True, strict=True)
@@ -193,9 +228,17 @@ class Engine:
         return self.checkpoint.config
 
     @property
+    def attention_format(self) -> str:
+        """How the attention projections are held: int8-gG or the compute dtype."""
+        wq = self.model.layers[0].attention.wq
+        if isinstance(wq, Int8Linear):
+            return f"int8-g{wq.codes.shape[-1]}"
+        return str(self.dtype).removeprefix("torch.")
+
+    @property
     def device_bytes(self) -> int:
         """What this engine placed on the compute device: dense weights, expert slots, KV cache."""
-        dense = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        dense = sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers()))
         return dense + self.cache.device_bytes + self.kv.nbytes
 
     def encode(self, prompt: str | list[int], chat: bool = False) -> list[int]:

@@ -1,10 +1,12 @@
 """The packed offload folder: a model written once in the engine's own layout, to load fast.
 
     DIR2/config.json         the model shape (Hugging Face style)
-    DIR2/dense.safetensors   every non-expert tensor, under our names, RoPE already converted
+    DIR2/dense.safetensors   every non-expert tensor, under our names, RoPE already converted; with
+                             int8 attention, each projection as `quant.Int8Linear`'s codes, scales, zeros
     DIR2/experts.bin         each expert's packed buffer (the exact bytes a slot holds), one after
                              another at 4096-byte aligned offsets (so storage can be read with O_DIRECT)
-    DIR2/packed.json         version, expert format, and the index: layer, expert, offset, size, crc32
+    DIR2/packed.json         version, expert and attention formats, and the index: layer, expert,
+                             offset, size, crc32
     DIR2/tokenizer.model     copied from the source, when it has one
 
 `convert` is resumable: experts are appended in (layer, expert) order and a journal
@@ -27,6 +29,7 @@ from safetensors.torch import save_file
 from .checkpoint import Checkpoint
 from .errors import UserError
 from .expert_store import ExpertFormat, _Progress, expert_parts
+from .quant import ATTENTION_SUFFIXES, int8_parts
 
 VERSION = 1
 ALIGN = 4096
@@ -50,8 +53,9 @@ def read_index(folder: Path) -> dict:
 
 
 def convert(source: str | Path, out: str | Path, fmt: ExpertFormat, dense_dtype: torch.dtype,
-            progress: bool = True, pack_device: torch.device | None = None) -> dict:
-    """Write `source` (any layout the engine reads) as a packed folder; resume an interrupted run."""
+            progress: bool = True, pack_device: torch.device | None = None, attention_group: int | None = None) -> dict:
+    """Write `source` (any layout the engine reads) as a packed folder; resume an interrupted run.
+    With `attention_group`, the attention projections are stored as int8 (`quant.Int8Linear`'s parts)."""
     ckpt = Checkpoint(source)
     out = Path(out)
     if ckpt.layout == "packed":
@@ -59,6 +63,7 @@ def convert(source: str | Path, out: str | Path, fmt: ExpertFormat, dense_dtype:
     if (out / INDEX).exists():
         raise UserError(f"{out} already holds a packed model; remove it or choose another --out")
     settings = {"version": VERSION, "format": fmt.name, "bytes_per_expert": fmt.nbytes,
+                "attention": "none" if attention_group is None else f"int8-g{attention_group}",
                 "dense_dtype": str(dense_dtype).removeprefix("torch."), "source": str(Path(source).resolve())}
     c = ckpt.config
     order = [(layer, e) for layer in range(c.n_layers) for e in range(c.num_experts)]
@@ -89,7 +94,14 @@ def convert(source: str | Path, out: str | Path, fmt: ExpertFormat, dense_dtype:
         _journal(out, f, settings, entries)
     bar.close()
 
-    dense = {name: ckpt.dense(name).to(dense_dtype).contiguous() for name in ckpt.expected_dense()}
+    dense = {}
+    for name in ckpt.expected_dense():
+        t = ckpt.dense(name)
+        if attention_group is not None and name.endswith(ATTENTION_SUFFIXES):
+            prefix = name.removesuffix("weight")
+            dense |= {prefix + part: v.contiguous() for part, v in int8_parts(t, attention_group).items()}
+        else:
+            dense[name] = t.to(dense_dtype).contiguous()
     save_file(dense, out / DENSE, metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(c.to_hf_config(dense_dtype), indent=2))
     if ckpt.tokenizer_path:

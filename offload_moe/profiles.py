@@ -24,8 +24,8 @@ from .config import ModelConfig
 from .errors import UserError
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
-ENGINE_KEYS = ("device", "dtype", "expert_quant", "group_size", "cache_experts", "prefetch", "policy", "miss_policy",
-               "context")
+ENGINE_KEYS = ("device", "dtype", "expert_quant", "attention_quant", "group_size", "cache_experts", "prefetch",
+               "policy", "miss_policy", "context")
 DEFAULT_RESERVE = 1.5 * 2**30  # CUDA context, activations, allocator slack on a real card
 _UNITS = {"": 1, "b": 1, "kb": 2**10, "kib": 2**10, "mb": 2**20, "mib": 2**20, "gb": 2**30, "gib": 2**30,
           "tb": 2**40, "tib": 2**40}
@@ -109,9 +109,11 @@ class MemoryPlan:
 
 
 def plan_memory(config: ModelConfig, dtype: torch.dtype, expert_bytes: int, slots: list[int], context: int,
-                device_budget: int | None, reserve: int, ram_budget: int | None) -> MemoryPlan:
+                device_budget: int | None, reserve: int, ram_budget: int | None,
+                dense_bytes: int | None = None) -> MemoryPlan:
+    """`dense_bytes`: the resident weights when some are quantized (default: all in `dtype`)."""
     return MemoryPlan(
-        dense=config.dense_params * dtype.itemsize,
+        dense=config.dense_params * dtype.itemsize if dense_bytes is None else dense_bytes,
         expert_bytes=expert_bytes,
         slots=slots,
         kv=config.kv_bytes(context, dtype.itemsize),
@@ -138,12 +140,12 @@ def ram_for_experts(plan: MemoryPlan) -> tuple[bool, int]:
 
 
 def auto_slots(config: ModelConfig, dtype: torch.dtype, expert_bytes: int, context: int, device: torch.device,
-               reserve: int = int(DEFAULT_RESERVE)) -> tuple[list[int], int | None]:
+               reserve: int = int(DEFAULT_RESERVE), dense_bytes: int | None = None) -> tuple[list[int], int | None]:
     """Slots per layer that the free device memory holds, and that budget (None on the CPU: all resident)."""
     if device.type != "cuda":
         return [config.num_experts] * config.n_layers, None
     free, _ = torch.cuda.mem_get_info(device)
-    base = plan_memory(config, dtype, expert_bytes, [0], context, free, reserve, None)
+    base = plan_memory(config, dtype, expert_bytes, [0], context, free, reserve, None, dense_bytes)
     per_layer = (free - base.device_total) // (expert_bytes * config.n_layers)
     if per_layer < config.top_k:
         need = base.device_total + expert_bytes * config.n_layers * config.top_k

@@ -51,6 +51,7 @@ from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .config import ModelConfig
 from .errors import UserError
@@ -155,8 +156,7 @@ class _GroupQuantFormat(ABC):
         return self._dequant_linear(F.silu(a) * b, w2, cpu)  # [T, D]
 
     def _dequant_linear(self, x: torch.Tensor, mat: tuple, cpu: bool) -> torch.Tensor:
-        dtype = torch.float32 if cpu else x.dtype
-        return F.linear(x.to(dtype), self._dequant(mat, dtype)).to(x.dtype)
+        return dequant_linear(x, self._dequant(mat, torch.float32 if cpu else x.dtype))
 
     @abstractmethod
     def _parts(self, N: int, K: int) -> list[tuple[torch.dtype, tuple[int, ...]]]:
@@ -186,24 +186,99 @@ class Int8Format(_GroupQuantFormat):
         return [(torch.int8, (G, N, self.group_size)), (SCALE_DTYPE, (G, N)), (SCALE_DTYPE, (G, N))]
 
     def _store(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dst: tuple) -> None:
-        codes, s, z = dst
-        G, N, gs = codes.shape
-        codes.copy_((q ^ 0x80).view(torch.int8).view(N, G, gs).transpose(0, 1))  # q - 128, [N, K] -> [G, N, gs]
-        s.copy_(scales.T)  # [N, G] -> [G, N]
-        z.copy_(zeros.T)
+        int8_store(q, scales, zeros, *dst)
 
     def _dequant(self, mat: tuple, dtype: torch.dtype) -> torch.Tensor:
-        codes, s, z = mat
-        G, N, gs = codes.shape
-        w = torch.empty(N, G, gs, dtype=dtype, device=codes.device)  # [N, G, gs]
-        w.transpose(0, 1).copy_(codes)
-        w.mul_(s.T.unsqueeze(-1).to(dtype)).add_(z.T.unsqueeze(-1).to(dtype))  # scales, zeros [N, G, 1]
-        return w.view(N, G * gs)  # [N, K]
+        return int8_dequant(*mat, dtype)
 
     def _linear(self, x: torch.Tensor, mat: tuple, cpu: bool) -> torch.Tensor:
-        if cpu and _HAS_INT8_KERNEL and x.dtype == torch.bfloat16 and x.shape[0] <= INT8_KERNEL_MAX_TOKENS:
-            return int8_group_kernel_linear(x, *mat)
-        return self._dequant_linear(x, mat, cpu)
+        return int8_linear(x, *mat, cpu)
+
+
+def int8_store(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, codes: torch.Tensor, s: torch.Tensor,
+               z: torch.Tensor) -> None:
+    """`quantize`'s int8 output for one matrix [N, K] into its layout: codes [G, N, gs], s and z [G, N]."""
+    G, N, gs = codes.shape
+    codes.copy_((q ^ 0x80).view(torch.int8).view(N, G, gs).transpose(0, 1))  # q - 128, [N, K] -> [G, N, gs]
+    s.copy_(scales.T)  # [N, G] -> [G, N]
+    z.copy_(zeros.T)
+
+
+def int8_dequant(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weights [N, K] in `dtype` of an int8 matrix in `int8_store`'s layout."""
+    G, N, gs = codes.shape
+    w = torch.empty(N, G, gs, dtype=dtype, device=codes.device)  # [N, G, gs]
+    w.transpose(0, 1).copy_(codes)
+    w.mul_(s.T.unsqueeze(-1).to(dtype)).add_(z.T.unsqueeze(-1).to(dtype))  # scales, zeros [N, G, 1]
+    return w.view(N, G * gs)  # [N, K]
+
+
+def int8_linear(x: torch.Tensor, codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor, cpu: bool) -> torch.Tensor:
+    """x [T, K] times an int8 matrix -> [T, N]: the CPU kernel where it is faster, else dequantize."""
+    if cpu and _HAS_INT8_KERNEL and x.dtype == torch.bfloat16 and x.shape[0] <= INT8_KERNEL_MAX_TOKENS:
+        return int8_group_kernel_linear(x, codes, s, z)
+    return dequant_linear(x, int8_dequant(codes, s, z, torch.float32 if cpu else x.dtype))
+
+
+def dequant_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [T, K] times dequantized weights w [N, K] (fp32 on the CPU, see above) -> [T, N] in x's dtype."""
+    return F.linear(x.to(w.dtype), w).to(x.dtype)
+
+
+INT8_PART_DTYPES = {"codes": torch.int8, "scales": SCALE_DTYPE, "zeros": SCALE_DTYPE}
+
+
+def int8_part_shapes(N: int, K: int, group_size: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of an int8 matrix [N, K] in `int8_store`'s layout: codes [G, N, gs], scales and zeros [G, N]."""
+    G = K // group_size
+    return {"codes": (G, N, group_size), "scales": (G, N), "zeros": (G, N)}
+
+
+class Int8Linear(nn.Module):
+    """A resident linear layer (attention's wq wk wv wo) with int8 weights: `Int8Format`'s matrix
+    layout, kernel and fallback, held in three buffers, so that a state dict carries it."""
+
+    PARTS = tuple(INT8_PART_DTYPES)
+
+    def __init__(self, in_features: int, out_features: int, group_size: int):
+        super().__init__()
+        _check_groups(group_size, in_features, "attention input size")
+        for part, shape in int8_part_shapes(out_features, in_features, group_size).items():
+            self.register_buffer(part, torch.empty(shape, dtype=INT8_PART_DTYPES[part]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.codes, self.scales, self.zeros, x.device.type == "cpu")
+
+
+def int8_parts(w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
+    """`Int8Linear`'s buffers for the weight w [N, K], quantized on w's device."""
+    out = {part: torch.empty(shape, dtype=INT8_PART_DTYPES[part], device=w.device)
+           for part, shape in int8_part_shapes(*w.shape, group_size).items()}
+    int8_store(*quantize(w, 8, group_size), *out.values())
+    return out
+
+
+ATTENTION_QUANTS = ("none", "int8")
+ATTENTION_WEIGHTS = ("wq", "wk", "wv", "wo")
+ATTENTION_SUFFIXES = tuple(f"attention.{w}.weight" for w in ATTENTION_WEIGHTS)  # their names in a state dict
+
+
+def int8_attention(model: nn.Module, group_size: int) -> None:
+    """Swap every layer's attention projections for `Int8Linear`s of the same shape (on the model's
+    device, usually `meta`, before the state dict is assigned)."""
+    for blk in model.layers:
+        for name in ATTENTION_WEIGHTS:
+            lin = getattr(blk.attention, name)
+            with lin.weight.device:
+                setattr(blk.attention, name, Int8Linear(lin.in_features, lin.out_features, group_size))
+
+
+def attention_bytes(config: ModelConfig, quant: str, group_size: int, dtype: torch.dtype) -> int:
+    """Bytes of all layers' attention projections, dense in `dtype` or int8 with bf16 scales and zeros."""
+    n = config.attention_params
+    if quant == "none":
+        return n * dtype.itemsize
+    return n + 2 * SCALE_DTYPE.itemsize * n // group_size
 
 
 class Int4Format(_GroupQuantFormat):

@@ -38,6 +38,8 @@ def collect_stats(engine, result) -> dict:
         "cpu_misses": c.cpu_misses,
         "bytes_to_device": c.bytes_to_device,
         "bytes_per_expert": engine.cache.fmt.nbytes,
+        "expert_format": engine.cache.fmt.name,
+        "attention_format": engine.attention_format,
         "copy_wait_s": c.copy_wait_s,
         "peak_device_bytes": peak,
         **storage_stats(engine.cache.store),

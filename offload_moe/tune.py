@@ -10,7 +10,8 @@ With m demand misses and p prefetch copies per token (from the simulator):
                                                    but the link carries every copy
   cpu:   t = max(compute + m*cpu,  (m + p)*copy)    the miss runs on the CPU; its copy still happens
   auto:  the faster of the two per miss (min(copy, cpu) in the first term)
-The tuner searches expert precision (which sets how many slots fit the budget), prefetch depth,
+The tuner searches expert precision (which sets how many slots fit the budget), attention precision
+(int8 attention frees device memory for slots and reads fewer bytes per token), prefetch depth,
 miss handling, eviction policy, and slots per layer (uniform, or spread by per-layer hit curves),
 and reports the best against the uniform-LRU default, one lever at a time.
 """
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .errors import UserError
 from .profiles import DEFAULT_RESERVE, Profile, gib, parse_size
-from .quant import bytes_per_expert
+from .quant import ATTENTION_QUANTS, attention_bytes, bytes_per_expert
 from .simulate import simulate, simulate_many
 from .trace import Trace
 
@@ -41,6 +42,7 @@ DEFAULT_HARDWARE = {"h2d_bytes_per_s": 25e9, "device_bytes_per_s": 800e9, "cpu_b
 @dataclass
 class Candidate:
     precision: str
+    attention: str
     group_size: int
     slots: list[int]
     policy: str
@@ -56,14 +58,21 @@ class Candidate:
     def describe(self) -> str:
         s = self.slots
         slots = str(s[0]) if len(set(s)) == 1 else f"{min(s)}-{max(s)} (sum {sum(s)})"
-        return (f"{self.precision:<5} slots {slots:<14} {self.policy:<6} prefetch {self.prefetch} "
-                f"miss {self.miss_policy:<5} hit {100 * self.hit_rate:5.1f}%  {self.tokens_per_s:7.2f} tok/s")
+        return (f"{self.precision:<5} attn {self.attention:<4} slots {slots:<14} {self.policy:<6} "
+                f"prefetch {self.prefetch} miss {self.miss_policy:<5} hit {100 * self.hit_rate:5.1f}%  "
+                f"{self.tokens_per_s:7.2f} tok/s")
+
+
+def dense_bytes(config: ModelConfig, attention: str, group_size: int) -> int:
+    """Resident weights: fp16, with the attention projections in fp16 or int8."""
+    return (config.dense_params - config.attention_params) * 2 + attention_bytes(config, attention, group_size,
+                                                                                 torch.float16)
 
 
 def token_seconds(config: ModelConfig, expert_bytes: int, hw: dict, misses: float, prefetches: float,
-                  miss_policy: str) -> float:
+                  miss_policy: str, attention: str = "none", group_size: int = 64) -> float:
     """Predicted seconds per decode token (see the module docstring)."""
-    dense = config.dense_params * 2  # fp16 dense weights
+    dense = dense_bytes(config, attention, group_size)
     compute = (dense + config.n_layers * config.top_k * expert_bytes) / hw["device_bytes_per_s"]
     copy = expert_bytes / hw["h2d_bytes_per_s"]
     cpu = expert_bytes / hw["cpu_bytes_per_s"]
@@ -103,7 +112,6 @@ def tune(trace: Trace, config: ModelConfig, budget: int, hw: dict, reserve: int 
     if trace.num_layers != config.n_layers or trace.num_experts != config.num_experts:
         raise UserError(f"the trace has {trace.num_layers} layers x {trace.num_experts} experts; the model shape has "
                         f"{config.n_layers} x {config.num_experts}")
-    free = budget - reserve - config.dense_params * 2 - config.kv_bytes(context, 2)
     T = trace.experts.shape[0]
     K, E, L = config.top_k, config.num_experts, config.n_layers
     curves: dict[tuple[str, int], dict[int, dict]] = {}  # (policy, prefetch) -> slots -> result
@@ -114,15 +122,17 @@ def tune(trace: Trace, config: ModelConfig, budget: int, hw: dict, reserve: int 
 
     out: list[Candidate] = []
     group = next((g for g in (64, 128, 32) if config.dim % g == 0 and config.ffn_dim % g == 0), None)
-    for precision in PRECISIONS:
-        if precision != "none" and group is None:
-            log(f"  {precision:<5} skipped: no group size divides D={config.dim} and I={config.ffn_dim}")
+    for attention, precision in [(a, p) for a in ATTENTION_QUANTS for p in PRECISIONS]:
+        if (precision != "none" or attention != "none") and group is None:
+            log(f"  {precision:<5} attn {attention:<4} skipped: no group size divides D={config.dim} and "
+                f"I={config.ffn_dim}")
             continue
+        free = budget - reserve - dense_bytes(config, attention, group or 64) - config.kv_bytes(context, 2)
         nbytes = bytes_per_expert(config, precision, group or 64, torch.float16)
         total = int(free // nbytes)
         if total < K * L:
-            log(f"  {precision:<5} does not fit: {gib(max(free, 0))} left for experts holds {max(total, 0)} "
-                f"slots, top-k needs {K * L}")
+            log(f"  {precision:<5} attn {attention:<4} does not fit: {gib(max(free, 0))} left for experts holds "
+                f"{max(total, 0)} slots, top-k needs {K * L}")
             continue
         uniform = min(total // L, E)
         for (policy, prefetch), curve in curves.items():
@@ -136,20 +146,22 @@ def tune(trace: Trace, config: ModelConfig, budget: int, hw: dict, reserve: int 
                 misses = r["misses"] / T
                 prefetches = r["prefetch_copies"] / T
                 for miss in ("fetch", "cpu", "auto"):
-                    secs = token_seconds(config, nbytes, hw, misses, prefetches, miss)
-                    out.append(Candidate(precision, group or 64, alloc, policy, prefetch, miss, r["hit_rate"], secs))
+                    secs = token_seconds(config, nbytes, hw, misses, prefetches, miss, attention, group or 64)
+                    out.append(Candidate(precision, attention, group or 64, alloc, policy, prefetch, miss,
+                                         r["hit_rate"], secs))
     if not out:
-        raise UserError(f"nothing fits a {gib(budget)} device: dense weights and KV cache take "
-                        f"{gib(budget - free - reserve)} plus {gib(reserve)} reserve")
+        dense = dense_bytes(config, "int8" if group else "none", group or 64)
+        raise UserError(f"nothing fits a {gib(budget)} device: dense weights and KV cache take at least "
+                        f"{gib(dense + config.kv_bytes(context, 2))} plus {gib(reserve)} reserve")
     best = min(out, key=lambda c: c.seconds_per_token)
     default = next((c for c in out if c.policy == "lru" and c.prefetch == 0 and c.miss_policy == "fetch"
-                    and len(set(c.slots)) == 1 and c.precision == best.precision), best)
+                    and len(set(c.slots)) == 1 and c.precision == best.precision and c.attention == "none"), best)
     return best, default, out
 
 
 def levers(default: Candidate, out: list[Candidate]) -> list[tuple[str, Candidate]]:
     """From the default, the best candidate that changes one lever only: what each lever is worth."""
-    keys = ("precision", "policy", "prefetch", "miss_policy")
+    keys = ("precision", "attention", "policy", "prefetch", "miss_policy")
 
     def uniform(c: Candidate) -> bool:
         return len(set(c.slots)) == 1
@@ -161,7 +173,7 @@ def levers(default: Candidate, out: list[Candidate]) -> list[tuple[str, Candidat
 
     rows = []
     for label, lever in (("eviction policy", "policy"), ("uneven slots", "slots"), ("prefetch", "prefetch"),
-                         ("miss handling", "miss_policy")):
+                         ("miss handling", "miss_policy"), ("int8 attention", "attention")):
         same = [c for c in out if only(c, lever)]
         if same:
             rows.append((label, min(same, key=lambda c: c.seconds_per_token)))
@@ -230,6 +242,7 @@ def winner_profile(best: Candidate, base: Profile, budget: int, reserve: int, hw
         "device": base.settings.get("device", "cuda"),
         "dtype": base.settings.get("dtype", "float16"),
         "expert_quant": best.precision,
+        "attention_quant": best.attention,
         "group_size": best.group_size,
         "cache_experts": best.slots[0] if len(set(best.slots)) == 1 else best.slots,
         "prefetch": best.prefetch,

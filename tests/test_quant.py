@@ -14,9 +14,11 @@ from offload_moe.quant import (
     INT8_KERNEL_MAX_TOKENS,
     Int4Format,
     Int8Format,
+    Int8Linear,
     bytes_per_expert,
     dequantize,
     expert_format,
+    int8_parts,
     quantize,
 )
 
@@ -114,6 +116,21 @@ def test_forward_equals_dense_forward_on_dequantized_weights(fmt_cls, group_size
     assert y.dtype == y_dequant.dtype == dtype and y.shape == (T, D)
     assert max_rel(y, ref) < (1e-2 if through_bf16 else tol[dtype])
     assert max_rel(y_dequant, ref) < tol[dtype]
+
+
+@pytest.mark.parametrize("T", [1, 16])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int8_linear_computes_with_its_dequantized_weights(dtype, T):
+    """Attention's int8 projection: the int8 expert's matrix layout and kernels, in a module. Same
+    tolerances as the experts' (bf16 at T=1 runs the int8 CPU kernel)."""
+    w = torch.randn(192, D, generator=torch.Generator().manual_seed(1)) * 0.02  # [N, K]
+    lin = Int8Linear(D, 192, 64)
+    lin.load_state_dict(int8_parts(w, 64))
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(2))
+    ref = x @ dequantize(*quantize(w, 8, 64), 8, 64).T  # [T, N]
+    y = lin(x.to(dtype))
+    assert y.dtype == dtype and y.shape == (T, 192)
+    assert max_rel(y, ref) < {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

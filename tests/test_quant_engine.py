@@ -11,12 +11,13 @@ from conftest import run_cli as run
 
 from offload_moe.engine import Engine, EngineOptions
 from offload_moe.packed import DATA, INDEX, JOURNAL, convert
-from offload_moe.quant import expert_format
+from offload_moe.quant import attention_bytes, expert_format
 
 PROMPT = [1, 415, 2936, 9060, 285, 1142, 28705, 28740, 28734, 6211, 12, 77]
 # max |logit - fp32 logit| / max |fp32 logit| on the "base" shape, group 32; measured 0.0011 (int8)
 # and 0.021 (int4) on 2026-11-28: the bounds leave margin for other seeds
 BOUND = {"int8": 0.005, "int4": 0.06}
+ATTENTION_BOUND = 0.02  # int8 attention projections (experts fp32), group 32: measured 0.0073 the same day
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,28 @@ def test_quantized_logits_stay_within_the_stated_bound(ckpts, fp32_logits, quant
     error = ((logits - fp32_logits).abs().max() / fp32_logits.abs().max()).item()
     assert 0 < error <= BOUND[quant]
     assert engine.cache.fmt.nbytes < 3 * 64 * 96 * 4 / (2 if quant == "int8" else 5)
+
+
+def test_int8_attention_stays_within_its_bound_and_frees_device_memory(ckpts, fp32_logits):
+    dense = Engine.load(ckpts["base"], EngineOptions(cache_experts=3))
+    engine = Engine.load(ckpts["base"], EngineOptions(cache_experts=3, attention_quant="int8", group_size=32))
+    logits = engine.score(PROMPT)
+    error = ((logits - fp32_logits).abs().max() / fp32_logits.abs().max()).item()
+    assert 0 < error <= ATTENTION_BOUND
+    c = engine.config
+    saved = c.attention_params * 4 - attention_bytes(c, "int8", 32, torch.float32)  # fp32 -> int8, bf16 scales
+    assert dense.device_bytes - engine.device_bytes == saved > 0
+    assert engine.generate(PROMPT, 4).stats["attention_format"] == "int8-g32"
+
+
+def test_packed_int8_attention_gives_the_logits_of_quantizing_at_load(ckpts, tmp_path):
+    out = tmp_path / "packed-attn"
+    fmt = expert_format("int4", Engine.load(ckpts["base"]).config, torch.float32, 32)
+    convert(ckpts["base"], out, fmt, torch.float32, progress=False, attention_group=32)
+    direct = Engine.load(ckpts["base"], EngineOptions(expert_quant="int4", attention_quant="int8", group_size=32))
+    packed = Engine.load(out, EngineOptions(group_size=64))  # the folder's own group size wins
+    assert packed.attention_format == direct.attention_format == "int8-g32"
+    assert torch.equal(packed.score(PROMPT), direct.score(PROMPT))
 
 
 @pytest.mark.parametrize("quant", ["none", "int4"])
@@ -70,14 +93,16 @@ def test_an_interrupted_conversion_resumes_to_the_same_bytes(ckpts, tmp_path):
 def test_convert_and_run_from_the_cli(ckpts, tmp_path, capsys):
     out = tmp_path / "int4"
     code, stdout, err = run(capsys, "convert", "--model", str(ckpts["base"]), "--out", str(out), "--experts", "int4",
-                            "--group-size", "32", "--dtype", "float32")
+                            "--attention", "int8", "--group-size", "32", "--dtype", "float32")
     assert code == 0, err
-    assert "int4-g32" in stdout
+    assert "int4-g32" in stdout and "attention int8-g32" in stdout
     code, stdout, err = run(capsys, "generate", "--model", str(out), "--prompt", "def f(x):", "--max-new-tokens", "4",
                             "--cache-experts", "2", "--json")
     assert code == 0, err
-    assert json.loads(stdout)["stats"]["bytes_per_expert"] == expert_format(
-        "int4", Engine.load(ckpts["base"]).config, torch.float32, 32).nbytes
+    stats = json.loads(stdout)["stats"]
+    config = Engine.load(ckpts["base"]).config
+    assert stats["bytes_per_expert"] == expert_format("int4", config, torch.float32, 32).nbytes
+    assert stats["attention_format"] == "int8-g32"
     code, _, err = run(capsys, "convert", "--model", str(ckpts["base"]), "--out", str(out), "--group-size", "32")
     assert code == 1 and "already holds a packed model" in err
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import itertools
 import tomllib
 
+import numpy as np
 import pytest
 
-from offload_moe.tune import MIXTRAL_8X7B, spread_slots, to_toml, token_seconds
+from offload_moe.trace import Trace
+from offload_moe.tune import MIXTRAL_8X7B, spread_slots, to_toml, token_seconds, tune
 
 HW = {"h2d_bytes_per_s": 25e9, "device_bytes_per_s": 800e9, "cpu_bytes_per_s": 40e9}
 
@@ -48,3 +50,17 @@ def test_profile_writer_round_trips_through_tomllib():
     data = {"description": 'a "quoted" name', "cache_experts": [2, 3, 4], "prefetch": 1, "policy": "lru",
             "budget": {"device": "24.00GiB"}, "hardware": {"h2d_bytes_per_s": 2.5e10}}
     assert tomllib.loads(to_toml(data)) == data
+
+
+def test_int8_attention_buys_expert_slots_and_reads_fewer_bytes():
+    rng = np.random.default_rng(0)
+    experts = np.stack([rng.permutation(8)[:2] for _ in range(64 * 32)]).reshape(64, 32, 2)  # [T*L, K] -> [T, L, K]
+    trace = Trace(experts.astype(np.int32), np.full((64, 32, 2), 0.5, np.float32), np.full((64, 32, 2), -1, np.int32),
+                  8, 2, 32, "random")
+    _, _, out = tune(trace, MIXTRAL_8X7B, 24 * 2**30, HW, policies=("lru",), log=lambda *_: None)
+    slots = {a: max(sum(c.slots) for c in out if c.precision == "int4" and c.attention == a) for a in ("none", "int8")}
+    # Mixtral's attention: 2.5 GiB in fp16, 1.3 GiB in int8: room for 13 more int4 experts (94.5 MiB)
+    assert slots["int8"] - slots["none"] == 13
+    fp16 = MIXTRAL_8X7B.expert_params * 2
+    assert token_seconds(MIXTRAL_8X7B, fp16, HW, 0, 0, "fetch", "int8") < token_seconds(
+        MIXTRAL_8X7B, fp16, HW, 0, 0, "fetch", "none")
