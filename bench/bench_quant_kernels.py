@@ -11,8 +11,9 @@ One expert of the shape in bench_decode.py (D=512, I=1792), random std-0.02 weig
                int4: `_weight_int4pack_mm_for_cpu` in bf16, activations cast
   kernel-dtype int4 only: the same kernel in the compute dtype itself (scalar but for bf16)
 Times are the best of many interleaved runs, in microseconds, so that other load on the machine
-shows as little as possible; `err` is the largest difference from `dequant`, relative to its largest
-output. Results on the development machine are in the module docstring of offload_moe/quant.py.
+shows as little as possible; `GB/s` is the expert's packed bytes over the first token count's time
+(what a CPU-computed miss must stream from RAM); `err` is the largest difference from `dequant`,
+relative to its largest output. Results on the development machine are in the module docstring of offload_moe/quant.py.
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ def packed(fmt, parts: dict[str, torch.Tensor]) -> tuple:
     return fmt.views(buf)
 
 
-def candidates(dtype: torch.dtype, group_size: int) -> dict[tuple[str, str], Forward]:
-    """(format, path) -> the expert forward of x [T, D] by that path."""
+def candidates(dtype: torch.dtype, group_size: int) -> tuple[dict[tuple[str, str], Forward], dict[str, int]]:
+    """(format, path) -> the expert forward of x [T, D] by that path; and each format's bytes per expert."""
     g = torch.Generator().manual_seed(0)
     D, I = SHAPE.dim, SHAPE.ffn_dim
     parts = {k: torch.randn(*s, generator=g) * 0.02 for k, s in {"w1": (I, D), "w3": (I, D), "w2": (D, I)}.items()}
@@ -88,7 +89,7 @@ def candidates(dtype: torch.dtype, group_size: int) -> dict[tuple[str, str], For
 
         out[int4.name, "kernel"] = lambda x: swiglu(int4_bf16, x, v4)
         out[int4.name, "kernel-dtype"] = lambda x: swiglu(int4_kernel_in_dtype(group_size), x, v4)
-    return out
+    return out, {f.name: f.nbytes for f in (dense, int8, int4)}
 
 
 def main() -> None:
@@ -103,9 +104,12 @@ def main() -> None:
 
     runs: dict[tuple[str, str, str, int], Forward] = {}
     errors: dict[tuple[str, str, str, int], float] = {}
+    nbytes: dict[tuple[str, str], int] = {}  # (format, dtype) -> bytes one forward must read
     for dname in args.dtypes:
         dtype = DTYPES[dname]
-        for (fmt, path), fwd in candidates(dtype, args.group_size).items():
+        forwards, sizes = candidates(dtype, args.group_size)
+        for (fmt, path), fwd in forwards.items():
+            nbytes[fmt, dname] = sizes[fmt if fmt != "dense" else DenseFormat(SHAPE, dtype).name]
             for T in args.tokens:
                 x = torch.randn(T, SHAPE.dim, generator=torch.Generator().manual_seed(T)).to(dtype)
                 runs[fmt, path, dname, T] = lambda fwd=fwd, x=x: fwd(x)
@@ -126,11 +130,15 @@ def main() -> None:
     cols = [f"T={T} us" for T in args.tokens]
     print(f"CPU expert forward, D={SHAPE.dim} I={SHAPE.ffn_dim}, group {args.group_size}, "
           f"{args.threads} threads, torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}")
-    print(f"{'format':<10} {'path':<13} {'dtype':<5} " + " ".join(f"{c:>10}" for c in cols) + f" {'err':>9}")
+    print("GB/s: the expert's bytes over the first token count's time, i.e. how fast the path streams the weights")
+    print(f"{'format':<10} {'path':<13} {'dtype':<5} {'MiB':>6} " + " ".join(f"{c:>10}" for c in cols)
+          + f" {'GB/s':>6} {'err':>9}")
     for fmt, path, dname in dict.fromkeys(k[:3] for k in runs):
         times = " ".join(f"{best[fmt, path, dname, T] * 1e6:>10.0f}" for T in args.tokens)
         err = max((errors.get((fmt, path, dname, T), 0.0) for T in args.tokens), default=0.0)
-        print(f"{fmt:<10} {path:<13} {dname:<5} {times} {err:>9.1e}")
+        size = nbytes[fmt, dname]
+        rate = size / best[fmt, path, dname, args.tokens[0]] / 1e9
+        print(f"{fmt:<10} {path:<13} {dname:<5} {size / 2**20:>6.2f} {times} {rate:>6.1f} {err:>9.1e}")
 
 
 if __name__ == "__main__":
