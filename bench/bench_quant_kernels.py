@@ -7,9 +7,11 @@ One expert of the shape in bench_decode.py (D=512, I=1792), random std-0.02 weig
 (fp32, the CPU default; bf16; fp16, what a CUDA engine hands to its CPU-miss path). Paths:
   forward      what `fmt.forward` runs (one of the below, by device, dtype and token count)
   dequant      `fmt.forward_dequant`: dequantize in fp32, fp32 matmul, cast back
-  kernel       int8: one `_weight_int8pack_mm` per group, in the compute dtype (scalar but for bf16)
+  kernel       int8: one `_weight_int8pack_mm` per group, in the compute dtype (scalar but for bf16;
+               not used by the engine)
                int4: `_weight_int4pack_mm_for_cpu` in bf16, activations cast
   kernel-dtype int4 only: the same kernel in the compute dtype itself (scalar but for bf16)
+  bmm          int8 only: `int8_bmm_linear`, codes widened in place order, one batched matmul in fp32
 Times are the best of many interleaved runs, in microseconds, so that other load on the machine
 shows as little as possible; `GB/s` is the expert's packed bytes over the first token count's time
 (what a CPU-computed miss must stream from RAM); `err` is the largest difference from `dequant`,
@@ -35,7 +37,7 @@ from offload_moe.quant import (  # noqa: E402
     Int4Format,
     Int8Format,
     int4_cpu_kernel_linear,
-    int8_group_kernel_linear,
+    int8_bmm_linear,
 )
 
 SHAPE = ModelConfig(dim=512, n_layers=1, n_heads=8, n_kv_heads=2, head_dim=64, ffn_dim=1792, num_experts=8, top_k=2,
@@ -51,8 +53,16 @@ def swiglu(linear: Callable[[torch.Tensor, tuple], torch.Tensor], x: torch.Tenso
 
 
 def int8_kernel(x: torch.Tensor, mat: tuple) -> torch.Tensor:
+    """torch's int8 CPU kernel has one scale per output channel, so a grouped matmul is one call per
+    group (summed in fp32) plus the zeros times each group's sum of x. The engine does not use it
+    (see offload_moe/quant.py); it is here to show why."""
     codes, s, z = mat
-    return int8_group_kernel_linear(x, codes, s.to(x.dtype), z)  # the kernel wants scales in x's dtype
+    T, G = x.shape[0], codes.shape[0]
+    xg = x.reshape(T, G, -1)  # [T, K] -> [T, G, gs]
+    y = xg.sum(dim=-1, dtype=torch.float32) @ z.float()  # [T, G] @ [G, N] -> [T, N]
+    for g in range(G):
+        y += torch.ops.aten._weight_int8pack_mm(xg[:, g].contiguous(), codes[g], s[g].to(x.dtype))  # [T, N]
+    return y.to(x.dtype)
 
 
 def int4_kernel_in_dtype(group_size: int) -> Callable[[torch.Tensor, tuple], torch.Tensor]:
@@ -83,6 +93,7 @@ def candidates(dtype: torch.dtype, group_size: int) -> tuple[dict[tuple[str, str
         out[fmt.name, "forward"] = lambda x, fmt=fmt, views=views: fmt.forward(x, views)
         out[fmt.name, "dequant"] = lambda x, fmt=fmt, views=views: fmt.forward_dequant(x, views)
     out[int8.name, "kernel"] = lambda x: swiglu(int8_kernel, x, v8)
+    out[int8.name, "bmm"] = lambda x: swiglu(lambda x, mat: int8_bmm_linear(x, *mat), x, v8)
     if int4.cpu_kernel:
         def int4_bf16(x: torch.Tensor, mat: tuple) -> torch.Tensor:
             return int4_cpu_kernel_linear(x, *mat, group_size)

@@ -8,8 +8,8 @@ scales and zeros, every part on a 64-byte boundary, so that a miss stays one `co
 Convention (both widths): a group is `group_size` consecutive inputs of one output row; its codes q
 are unsigned, 0 <= q < 2**bits, and decode as w ~ (q - 2**(bits-1)) * scale + zero, i.e. `zero` is the
 value of the middle code. That is exactly the convention of torch's int4 CPU kernel, and for int8 the
-stored signed byte q - 128 times the scale is what `_weight_int8pack_mm` computes; no conversion at
-run time. Scales and zeros are stored as bf16 in both formats: the int4 CPU kernel reads bf16, bf16
+stored signed byte q - 128 times the scale is what `_weight_int8pack_mm` would compute; no conversion
+at run time. Scales and zeros are stored as bf16 in both formats: the int4 CPU kernel reads bf16, bf16
 keeps fp32's exponent range (no underflow for tiny groups) and `quantize` makes the bound below hold
 for the stored, rounded values.
 
@@ -26,16 +26,18 @@ Kernels (best of many runs on a shared 2-core AVX-512 VM, 2 threads, D=512, I=17
   so the activations are cast to bf16 and the result back: ~0.5% error (max, relative), far below
   int4's own ~15%, for 0.32 ms, against 4.6 ms for dequantizing. Elsewhere (AVX2, ARM) and for
   T > INT4_KERNEL_MAX_TOKENS the dequantizing path runs.
-- int8 on CPU: `_weight_int8pack_mm` has one scale per output channel only, so a grouped matmul is one
-  call per group (codes stored group-major for that) plus a zero term. It is vectorized for bf16 only:
-  it runs for bf16 compute and T <= INT8_KERNEL_MAX_TOKENS (1.7 ms against 2.4 ms for dequantizing,
-  up to 5x better when the machine is busy); fp32 and fp16 dequantize (2.3 ms; in those dtypes the
-  kernel takes 3.5-4.8 ms at T=1 and 46-53 ms at T=16).
+- int8 on CPU, T <= INT8_BMM_MAX_TOKENS: group by group (`int8_bmm_linear`): the codes, stored
+  group-major [G, N, gs], are widened to fp32 in one contiguous pass into a scratch buffer and one
+  batched matmul takes all groups; 2.0 ms at T=1 and 2.5 ms at T=16, against 2.1-2.9 and 4.4-4.9 ms
+  for dequantizing. torch's `_weight_int8pack_mm` has one scale per output channel only, so a
+  grouped matmul is one call per group: 1.6-1.8 ms at T=1 in bf16 (its one vectorized dtype), 4.4 ms
+  at T=16, 3.5-5.8 ms at T=1 in fp32 and fp16; not used. int8 stays slower than dense fp32 on a CPU:
+  widening the codes costs more than reading fp32 weights; its gain is capacity.
 - CUDA (and any other device): dequantize into the compute dtype, then `F.linear`. torch's CUDA int4
   kernel needs `_convert_weight_to_int4pack`'s tiled layout, which only a CUDA call produces; the
-  buffer is packed on the host before any device sees it, so that layout cannot live in it. Each call
-  allocates the matrix in the compute dtype (Mixtral's w13: 235 MB in fp16), and for int4 its unpacked
-  codes too (2 x 117 MB, transient): the device reserve must hold that.
+  buffer is packed on the host before any device sees it, so that layout cannot live in it. The
+  matrix is rebuilt in place in a scratch buffer per (device, dtype), allocated once (Mixtral: w13,
+  235 MB in fp16): the device reserve must hold it; calls allocate only scale-sized temporaries.
 - The CPU dequantizing path runs in fp32 whatever the compute dtype: fp16/bf16 elementwise ops and
   matmuls are slower than fp32 on CPUs without native support.
 
@@ -60,8 +62,7 @@ from .expert_store import ALIGN, DenseFormat, ExpertFormat
 EXPERT_QUANTS = ("none", "int8", "int4")
 GROUP_SIZES = (32, 64, 128)
 SCALE_DTYPE = torch.bfloat16  # scales and zeros in every packed format
-_HAS_INT8_KERNEL = hasattr(torch.ops.aten, "_weight_int8pack_mm")
-INT8_KERNEL_MAX_TOKENS = 4  # above this, dequantizing wins over one int8 kernel call per group
+INT8_BMM_MAX_TOKENS = 16  # up to this many tokens, the CPU's int8 path goes group by group (`int8_bmm_linear`)
 INT4_KERNEL_MAX_TOKENS = 128  # above this, dequantizing + fp32 matmul wins over the int4 CPU kernel
 
 
@@ -130,6 +131,18 @@ class _GroupQuantFormat(ABC):
                 offset += _aligned(math.prod(shape) * dtype.itemsize)
             self._plan.append(parts)
         self.nbytes = offset  # a multiple of ALIGN, so that experts laid end to end stay aligned
+        self._largest = max(2 * I * D, D * I)  # elements of the larger matrix
+        self._scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def scratch(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The dequantization buffer for (device, dtype): as large as the larger matrix, allocated at
+        first use, then reused by every call, so computing from quantized bytes allocates nothing of
+        a weight's size on the hot path. Calls on one device run one after another on one stream, so
+        a buffer is never rewritten while a matmul still reads it."""
+        key = (device, dtype)
+        if key not in self._scratch:
+            self._scratch[key] = torch.empty(self._largest, dtype=dtype, device=device)
+        return self._scratch[key]
 
     def views(self, buf: torch.Tensor) -> tuple:
         """(w13 parts, w2 parts, on_cpu): on_cpu, read once per buffer, lets the CPU kernels run."""
@@ -156,7 +169,7 @@ class _GroupQuantFormat(ABC):
         return self._dequant_linear(F.silu(a) * b, w2, cpu)  # [T, D]
 
     def _dequant_linear(self, x: torch.Tensor, mat: tuple, cpu: bool) -> torch.Tensor:
-        return dequant_linear(x, self._dequant(mat, torch.float32 if cpu else x.dtype))
+        return dequant_linear(x, self._dequant(mat, self.scratch(x.device, torch.float32 if cpu else x.dtype)))
 
     @abstractmethod
     def _parts(self, N: int, K: int) -> list[tuple[torch.dtype, tuple[int, ...]]]:
@@ -167,8 +180,8 @@ class _GroupQuantFormat(ABC):
         """Write `quantize`'s output for one matrix into its views `dst`."""
 
     @abstractmethod
-    def _dequant(self, mat: tuple, dtype: torch.dtype) -> torch.Tensor:
-        """One matrix's weights [N, K] in `dtype`, from its views."""
+    def _dequant(self, mat: tuple, out: torch.Tensor) -> torch.Tensor:
+        """One matrix's weights [N, K], from its views, written into `out` (a scratch buffer; its dtype)."""
 
     @abstractmethod
     def _linear(self, x: torch.Tensor, mat: tuple, cpu: bool) -> torch.Tensor:
@@ -177,7 +190,8 @@ class _GroupQuantFormat(ABC):
 
 class Int8Format(_GroupQuantFormat):
     """One byte a weight. Per matrix: codes int8 [G, N, gs] (q - 128, group-major so that each group is
-    a contiguous [N, gs] operand for `_weight_int8pack_mm`), scales bf16 [G, N], zeros bf16 [G, N]."""
+    a contiguous [N, gs] operand of `int8_bmm_linear`'s batched matmul), scales bf16 [G, N], zeros
+    bf16 [G, N]."""
 
     bits = 8
 
@@ -188,11 +202,11 @@ class Int8Format(_GroupQuantFormat):
     def _store(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dst: tuple) -> None:
         int8_store(q, scales, zeros, *dst)
 
-    def _dequant(self, mat: tuple, dtype: torch.dtype) -> torch.Tensor:
-        return int8_dequant(*mat, dtype)
+    def _dequant(self, mat: tuple, out: torch.Tensor) -> torch.Tensor:
+        return int8_dequant(*mat, out.dtype, out)
 
     def _linear(self, x: torch.Tensor, mat: tuple, cpu: bool) -> torch.Tensor:
-        return int8_linear(x, *mat, cpu)
+        return int8_linear(x, *mat, cpu, self.scratch(x.device, torch.float32 if cpu else x.dtype))
 
 
 def int8_store(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, codes: torch.Tensor, s: torch.Tensor,
@@ -204,20 +218,38 @@ def int8_store(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, codes
     z.copy_(zeros.T)
 
 
-def int8_dequant(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The weights [N, K] in `dtype` of an int8 matrix in `int8_store`'s layout."""
+def int8_dequant(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor, dtype: torch.dtype,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """The weights [N, K] in `dtype` of an int8 matrix in `int8_store`'s layout, in `out` when given."""
     G, N, gs = codes.shape
-    w = torch.empty(N, G, gs, dtype=dtype, device=codes.device)  # [N, G, gs]
+    w = torch.empty(N, G, gs, dtype=dtype, device=codes.device) if out is None else out[: N * G * gs].view(N, G, gs)
     w.transpose(0, 1).copy_(codes)
     w.mul_(s.T.unsqueeze(-1).to(dtype)).add_(z.T.unsqueeze(-1).to(dtype))  # scales, zeros [N, G, 1]
     return w.view(N, G * gs)  # [N, K]
 
 
-def int8_linear(x: torch.Tensor, codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor, cpu: bool) -> torch.Tensor:
-    """x [T, K] times an int8 matrix -> [T, N]: the CPU kernel where it is faster, else dequantize."""
-    if cpu and _HAS_INT8_KERNEL and x.dtype == torch.bfloat16 and x.shape[0] <= INT8_KERNEL_MAX_TOKENS:
-        return int8_group_kernel_linear(x, codes, s, z)
-    return dequant_linear(x, int8_dequant(codes, s, z, torch.float32 if cpu else x.dtype))
+def int8_linear(x: torch.Tensor, codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor, cpu: bool,
+                scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, K] times an int8 matrix -> [T, N]: on the CPU at decode sizes group by group
+    (`int8_bmm_linear`), else dequantize (into `scratch`, an fp32 buffer on the CPU, when given)."""
+    if cpu and x.shape[0] <= INT8_BMM_MAX_TOKENS:
+        return int8_bmm_linear(x, codes, s, z, scratch)
+    return dequant_linear(x, int8_dequant(codes, s, z, torch.float32 if cpu else x.dtype, scratch))
+
+
+def int8_bmm_linear(x: torch.Tensor, codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
+                    scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, K] times an int8 matrix, group by group, in fp32: the codes widened in their stored
+    order (one contiguous pass into `scratch`, an fp32 buffer, when given; no transposed copy), one
+    batched matmul over the groups, then each group's scale on its partial sums and the zeros times
+    each group's sum of x. At decode sizes on the CPU this is the fastest int8 path (see the module
+    docstring); its [G, T, N] partial sums grow with T."""
+    T, (G, N, gs) = x.shape[0], codes.shape
+    wide = codes.float() if scratch is None else scratch[: G * N * gs].view(G, N, gs).copy_(codes)  # [G, N, gs]
+    xg = x.float().view(T, G, gs).transpose(0, 1)  # [T, K] -> [G, T, gs]
+    part = torch.bmm(xg, wide.transpose(1, 2))  # [G, T, gs] @ [G, gs, N] -> [G, T, N]
+    y = (part * s.float().unsqueeze(1)).sum(0)  # scales [G, 1, N]; sum over groups -> [T, N]
+    return y.addmm_(xg.sum(-1).T, z.float()).to(x.dtype)  # + [T, G] @ [G, N]
 
 
 def dequant_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -302,29 +334,17 @@ class Int4Format(_GroupQuantFormat):
         sz[..., 0].copy_(scales.T)  # [N, G] -> [G, N]
         sz[..., 1].copy_(zeros.T)
 
-    def _dequant(self, mat: tuple, dtype: torch.dtype) -> torch.Tensor:
+    def _dequant(self, mat: tuple, out: torch.Tensor) -> torch.Tensor:
         codes, sz = mat
         G, N, _ = sz.shape
-        q = _unpack_nibbles(codes, _row_block(N)).view(N, G, self.group_size)  # [N, G, gs]
-        s, z = (sz[..., i].T.unsqueeze(-1).to(dtype) for i in (0, 1))  # [N, G, 1]
-        return q.to(dtype).sub_(8).mul_(s).add_(z).view(N, -1)  # [N, K]
+        w = _unpack_nibbles(codes, _row_block(N), out).view(N, G, self.group_size)  # [N, K] -> [N, G, gs]
+        s, z = (sz[..., i].T.unsqueeze(-1).to(out.dtype) for i in (0, 1))  # [N, G, 1]
+        return w.sub_(8).mul_(s).add_(z).view(N, -1)  # [N, K]
 
     def _linear(self, x: torch.Tensor, mat: tuple, cpu: bool) -> torch.Tensor:
         if cpu and self.cpu_kernel and x.shape[0] <= INT4_KERNEL_MAX_TOKENS:
             return int4_cpu_kernel_linear(x, *mat, self.group_size)
         return self._dequant_linear(x, mat, cpu)
-
-
-def int8_group_kernel_linear(x: torch.Tensor, codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """x [T, K] bf16 times an int8 matrix (codes [G, N, gs], scales and zeros [G, N]) -> [T, N] bf16, on
-    the CPU: one per-channel-scale `_weight_int8pack_mm` a group, summed in fp32, plus the zeros times
-    each group's sum of x."""
-    T, G = x.shape[0], codes.shape[0]
-    xg = x.reshape(T, G, -1)  # [T, G, gs]
-    y = xg.sum(dim=-1, dtype=torch.float32) @ z.float()  # [T, G] @ [G, N] -> [T, N]
-    for g in range(G):
-        y += torch.ops.aten._weight_int8pack_mm(xg[:, g].contiguous(), codes[g], s[g])  # [T, N]
-    return y.to(x.dtype)
 
 
 def int4_cpu_kernel_linear(x: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -348,11 +368,18 @@ def _pack_nibbles(q: torch.Tensor, block: int) -> torch.Tensor:
     return (b[:, 0] | (b[:, 1] << 4)).transpose(1, 2).contiguous().view(N, K // 2)  # [N/B, K, B/2] -> [N, K/2]
 
 
-def _unpack_nibbles(codes: torch.Tensor, block: int) -> torch.Tensor:
-    """The inverse of `_pack_nibbles`: bytes [N, K/2] -> codes uint8 [N, K]."""
+def _unpack_nibbles(codes: torch.Tensor, block: int, out: torch.Tensor) -> torch.Tensor:
+    """The inverse of `_pack_nibbles`: bytes [N, K/2] -> codes [N, K] as floats, written into `out`
+    (its dtype) in place: each byte widened into its low row, the high nibble split off by floor
+    division, so no temporary of the matrix's size is made (byte values are exact in bf16 too)."""
     N, K = codes.shape[0], codes.shape[1] * 2
     b = codes.view(N // block, K, block // 2)  # [N/B, K, B/2]
-    return torch.cat((b & 15, b >> 4), dim=2).transpose(1, 2).reshape(N, K)  # [N/B, K, B] -> [N/B, B, K] -> [N, K]
+    w = out[: N * K].view(N // block, block, K)  # [N/B, B, K]: rows j (low nibbles), j + B/2 (high)
+    low, high = w[:, : block // 2], w[:, block // 2 :]  # [N/B, B/2, K] each
+    low.copy_(b.transpose(1, 2))  # the whole byte, 0..255
+    high.copy_(low).div_(16, rounding_mode="floor")
+    low.add_(high, alpha=-16)
+    return w.view(N, K)
 
 
 @functools.cache

@@ -11,7 +11,7 @@ from offload_moe.errors import UserError
 from offload_moe.expert_store import ALIGN, DenseFormat
 from offload_moe.quant import (
     INT4_KERNEL_MAX_TOKENS,
-    INT8_KERNEL_MAX_TOKENS,
+    INT8_BMM_MAX_TOKENS,
     Int4Format,
     Int8Format,
     Int8Linear,
@@ -149,12 +149,27 @@ def test_device_path_as_cuda_runs_it(fmt_cls, dtype):
     assert meta[2] is False and y.shape == (5, D) and y.dtype == dtype
 
 
+@pytest.mark.parametrize("fmt_cls", [Int8Format, Int4Format])
+def test_dequantizing_reuses_one_scratch_buffer(fmt_cls):
+    """The hot path allocates no weight-sized memory: every dequantizing call of a (device, dtype)
+    rebuilds its matrix in the same buffer, allocated at the first call."""
+    fmt = fmt_cls(CONFIG, torch.float16, 64)
+    w13, w2, _ = packed(fmt, expert())
+    x = torch.randn(20, D, dtype=torch.float16)  # more tokens than the CPU fast paths take
+    first = fmt.forward(x, (w13, w2, False))
+    buf = fmt.scratch(torch.device("cpu"), torch.float16)
+    ptr = buf.data_ptr()
+    second = fmt.forward(x, (w13, w2, False))
+    assert torch.equal(first, second) and fmt.scratch(torch.device("cpu"), torch.float16).data_ptr() == ptr
+    assert list(fmt._scratch) == [(torch.device("cpu"), torch.float16)] and buf.numel() == 2 * I * D
+
+
 def test_the_int4_kernel_runs_on_avx512():
     """Without this the kernel paths above could silently be the dequantizing one. Elsewhere (AVX2
     orders the codes in blocks of 32, ARM otherwise) the kernel is off."""
     on = torch.backends.cpu.get_cpu_capability() == "AVX512"
     assert Int4Format(CONFIG, torch.float32).cpu_kernel == on
-    assert INT8_KERNEL_MAX_TOKENS >= 1 and INT4_KERNEL_MAX_TOKENS >= 16  # decode-shaped calls take the kernels
+    assert INT8_BMM_MAX_TOKENS >= 1 and INT4_KERNEL_MAX_TOKENS >= 16  # decode-shaped calls take the fast paths
 
 
 def test_int4_code_layout_is_fixed():
