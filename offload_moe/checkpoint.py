@@ -188,12 +188,12 @@ class Checkpoint:
                 p + "attention.wo.weight": (c.dim, q),
                 p + "gate.weight": (c.num_experts, c.dim),
             }
-        attention = (self.packed_index or {}).get("attention", "none")
-        if attention != "none":  # a packed folder with int8 attention holds Int8Linear's three parts instead
+        if self.packed_index is not None:  # a packed folder with int8 attention holds Int8Linear's parts instead
+            from .packed import packed_attention_group
             from .quant import ATTENTION_SUFFIXES, int8_part_shapes
 
-            group = int(attention.removeprefix("int8-g"))
-            for name in [n for n in shapes if n.endswith(ATTENTION_SUFFIXES)]:
+            group = packed_attention_group(self.packed_index)
+            for name in [n for n in shapes if group is not None and n.endswith(ATTENTION_SUFFIXES)]:
                 prefix = name.removesuffix("weight")
                 shapes |= {prefix + part: shape for part, shape in int8_part_shapes(*shapes.pop(name), group).items()}
         return shapes

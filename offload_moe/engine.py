@@ -22,6 +22,7 @@ from .errors import UserError
 from .expert_store import DenseFormat, ExpertFormat, ExpertStore
 from .generate import GenerationResult, Sampling, generate_tokens
 from .model import KVCache, Transformer, rope_tables
+from .packed import packed_attention_group
 from .prefetch import Prefetcher
 from .profiles import DEFAULT_RESERVE, auto_slots, check_fits, load_profile, plan_memory, ram_for_experts
 from .quant import (
@@ -99,8 +100,7 @@ def attention_group(ckpt: Checkpoint, options: EngineOptions) -> int | None:
     """The group size of int8 attention weights, or None when they stay in the compute dtype: a packed
     folder's own choice, else the one asked for."""
     if ckpt.packed_index is not None:
-        name = ckpt.packed_index.get("attention", "none")
-        return None if name == "none" else int(name.removeprefix("int8-g"))
+        return packed_attention_group(ckpt.packed_index)
     if options.attention_quant not in ATTENTION_QUANTS:
         raise UserError(f"unknown attention quantization {options.attention_quant!r} "
                         f"(use {', '.join(ATTENTION_QUANTS)})")

@@ -52,6 +52,17 @@ def read_index(folder: Path) -> dict:
     return index
 
 
+def packed_attention_group(index: dict) -> int | None:
+    """The group size of a packed folder's int8 attention, or None when it holds dense attention."""
+    name = index.get("attention", "none")
+    if name == "none":
+        return None
+    group = name.removeprefix("int8-g")
+    if not group.isdigit():
+        raise UserError(f"packed.json: unknown attention format {name!r}; convert the model again")
+    return int(group)
+
+
 def convert(source: str | Path, out: str | Path, fmt: ExpertFormat, dense_dtype: torch.dtype,
             progress: bool = True, pack_device: torch.device | None = None, attention_group: int | None = None) -> dict:
     """Write `source` (any layout the engine reads) as a packed folder; resume an interrupted run.

@@ -135,6 +135,12 @@ def test_damaged_packed_folders_are_refused_clearly(ckpts, tmp_path, capsys):
     code, _, err = run(capsys, *base, "--model", str(old))
     assert code == 1 and "incompatible" in err and "convert" in err
 
+    odd = tmp_path / "odd"
+    shutil.copytree(good, odd)
+    (odd / INDEX).write_text(json.dumps(index | {"attention": "int3"}))
+    code, _, err = run(capsys, *base, "--model", str(odd))
+    assert code == 1 and "unknown attention format" in err
+
 
 def test_perplexity_from_the_cli(ckpts, tmp_path, capsys):
     text = tmp_path / "t.txt"
