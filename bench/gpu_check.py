@@ -126,6 +126,8 @@ def main() -> int:
                      cache_experts=int4, prefetch=0),
             run_case(path, f"int4, {int4} slots, miss policy auto", args.tokens, bw, device, expert_quant="int4",
                      cache_experts=int4, prefetch=1, miss_policy="auto"),
+            run_case(path, f"int4 + int8 attention, {int4} slots, prefetch 1", args.tokens, bw, device,
+                     expert_quant="int4", attention_quant="int8", cache_experts=int4, prefetch=1),
             run_case(path, f"int8, {max(int8, 2)} slots, prefetch 1", args.tokens, bw, device, expert_quant="int8",
                      cache_experts=max(int8, 2), prefetch=1),
             run_case(path, "fp16, 2 slots (over 24 GB), prefetch 1", args.tokens, bw, device, cache_experts=2,

@@ -17,6 +17,6 @@ def test_gpu_check_runs_every_case_on_the_cpu(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 7
+    assert len(rows) == 8
     assert rows[-1]["bytes_read_from_storage"] > 0  # the storage tier case read from the packed folder
     assert all(row["decode_tokens_per_s"] > 0 for row in rows)
