@@ -268,7 +268,9 @@ def int8_part_shapes(N: int, K: int, group_size: int) -> dict[str, tuple[int, ..
 
 class Int8Linear(nn.Module):
     """A resident linear layer (attention's wq wk wv wo) with int8 weights: `Int8Format`'s matrix
-    layout, kernel and fallback, held in three buffers, so that a state dict carries it."""
+    layout and paths, held in three buffers, so that a state dict carries it. Off the CPU each call
+    rebuilds its matrix in a temporary (no shared scratch: the projections differ in shape, and
+    the caching allocator hands the same block back every layer)."""
 
     PARTS = tuple(INT8_PART_DTYPES)
 
