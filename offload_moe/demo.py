@@ -24,7 +24,6 @@ from .tokenizer import BUNDLED
 DEMO_CONFIG = ModelConfig(dim=128, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=16, ffn_dim=384, num_experts=8,
                           top_k=2, vocab_size=32000, max_context=4096)
 TRAINED_DEMO = Path(__file__).parent / "data" / "tiny-moe"
-DEMO_NAMES = ("demo", "demo-random")
 
 
 def cache_dir() -> Path:

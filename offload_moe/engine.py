@@ -29,10 +29,10 @@ from .quant import (
     ATTENTION_QUANTS,
     ATTENTION_SUFFIXES,
     Int8Linear,
-    attention_bytes,
+    dense_bytes,
     expert_format,
     int8_attention,
-    int8_parts,
+    int8_attention_state,
 )
 from .stats import collect_stats
 from .tiered import TieredStore
@@ -173,8 +173,7 @@ class Engine:
         context = min(options.context, c.max_context)
         fmt = expert_format_for(ckpt, options, dtype)
         attn_group = attention_group(ckpt, options)
-        dense = (c.dense_params - c.attention_params) * dtype.itemsize + attention_bytes(
-            c, "none" if attn_group is None else "int8", attn_group or 0, dtype)
+        dense = dense_bytes(c, dtype, "none" if attn_group is None else "int8", attn_group or 64)
         if prof is not None and prof.auto and "cache_experts" not in overrides:
             slots, budget = auto_slots(c, dtype, fmt.nbytes, context, device, options.device_reserve, dense)
             options = replace(options, cache_experts=slots, device_budget=budget)
@@ -194,8 +193,7 @@ class Engine:
             if name.endswith(Int8Linear.PARTS):  # a packed folder's int8 attention: stored as the model holds it
                 state[name] = t
             elif attn_group is not None and name.endswith(ATTENTION_SUFFIXES):  # quantized here, on the device
-                prefix = name.removesuffix("weight")
-                state |= {prefix + part: v for part, v in int8_parts(t, attn_group).items()}
+                state |= int8_attention_state(name, t, attn_group)
             else:
                 state[name] = t.to(dtype)
         if c.tie_word_embeddings:

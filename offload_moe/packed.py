@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from .checkpoint import Checkpoint
 from .errors import UserError
 from .expert_store import ExpertFormat, _Progress, expert_parts
-from .quant import ATTENTION_SUFFIXES, int8_parts
+from .quant import ATTENTION_SUFFIXES, int8_attention_state
 
 VERSION = 1
 ALIGN = 4096
@@ -109,8 +109,7 @@ def convert(source: str | Path, out: str | Path, fmt: ExpertFormat, dense_dtype:
     for name in ckpt.expected_dense():
         t = ckpt.dense(name)
         if attention_group is not None and name.endswith(ATTENTION_SUFFIXES):
-            prefix = name.removesuffix("weight")
-            dense |= {prefix + part: v.contiguous() for part, v in int8_parts(t, attention_group).items()}
+            dense |= int8_attention_state(name, t, attention_group)
         else:
             dense[name] = t.to(dense_dtype).contiguous()
     save_file(dense, out / DENSE, metadata={"format": "pt"})

@@ -307,12 +307,24 @@ def int8_attention(model: nn.Module, group_size: int) -> None:
                 setattr(blk.attention, name, Int8Linear(lin.in_features, lin.out_features, group_size))
 
 
+def int8_attention_state(name: str, w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
+    """The state-dict entries of `Int8Linear` that replace the attention weight `name` ([N, K])."""
+    prefix = name.removesuffix("weight")
+    return {prefix + part: v for part, v in int8_parts(w, group_size).items()}
+
+
 def attention_bytes(config: ModelConfig, quant: str, group_size: int, dtype: torch.dtype) -> int:
     """Bytes of all layers' attention projections, dense in `dtype` or int8 with bf16 scales and zeros."""
     n = config.attention_params
     if quant == "none":
         return n * dtype.itemsize
     return n + 2 * SCALE_DTYPE.itemsize * n // group_size
+
+
+def dense_bytes(config: ModelConfig, dtype: torch.dtype, attention: str = "none", group_size: int = 64) -> int:
+    """The resident weights: everything in `dtype` but the attention projections, which may be int8."""
+    return (config.dense_params - config.attention_params) * dtype.itemsize + attention_bytes(
+        config, attention, group_size, dtype)
 
 
 class Int4Format(_GroupQuantFormat):

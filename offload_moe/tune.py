@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .errors import UserError
 from .profiles import DEFAULT_RESERVE, Profile, gib, parse_size
-from .quant import ATTENTION_QUANTS, attention_bytes, bytes_per_expert
+from .quant import ATTENTION_QUANTS, bytes_per_expert, dense_bytes
 from .simulate import simulate, simulate_many
 from .trace import Trace
 
@@ -63,16 +63,10 @@ class Candidate:
                 f"{self.tokens_per_s:7.2f} tok/s")
 
 
-def dense_bytes(config: ModelConfig, attention: str, group_size: int) -> int:
-    """Resident weights: fp16, with the attention projections in fp16 or int8."""
-    return (config.dense_params - config.attention_params) * 2 + attention_bytes(config, attention, group_size,
-                                                                                 torch.float16)
-
-
 def token_seconds(config: ModelConfig, expert_bytes: int, hw: dict, misses: float, prefetches: float,
                   miss_policy: str, attention: str = "none", group_size: int = 64) -> float:
     """Predicted seconds per decode token (see the module docstring)."""
-    dense = dense_bytes(config, attention, group_size)
+    dense = dense_bytes(config, torch.float16, attention, group_size)  # fp16 resident weights
     compute = (dense + config.n_layers * config.top_k * expert_bytes) / hw["device_bytes_per_s"]
     copy = expert_bytes / hw["h2d_bytes_per_s"]
     cpu = expert_bytes / hw["cpu_bytes_per_s"]
@@ -127,7 +121,8 @@ def tune(trace: Trace, config: ModelConfig, budget: int, hw: dict, reserve: int 
             log(f"  {precision:<5} attn {attention:<4} skipped: no group size divides D={config.dim} and "
                 f"I={config.ffn_dim}")
             continue
-        free = budget - reserve - dense_bytes(config, attention, group or 64) - config.kv_bytes(context, 2)
+        free = budget - reserve - dense_bytes(config, torch.float16, attention, group or 64) - config.kv_bytes(
+            context, 2)
         nbytes = bytes_per_expert(config, precision, group or 64, torch.float16)
         total = int(free // nbytes)
         if total < K * L:
@@ -150,7 +145,7 @@ def tune(trace: Trace, config: ModelConfig, budget: int, hw: dict, reserve: int 
                     out.append(Candidate(precision, attention, group or 64, alloc, policy, prefetch, miss,
                                          r["hit_rate"], secs))
     if not out:
-        dense = dense_bytes(config, "int8" if group else "none", group or 64)
+        dense = dense_bytes(config, torch.float16, "int8" if group else "none", group or 64)
         raise UserError(f"nothing fits a {gib(budget)} device: dense weights and KV cache take at least "
                         f"{gib(dense + config.kv_bytes(context, 2))} plus {gib(reserve)} reserve")
     best = min(out, key=lambda c: c.seconds_per_token)
