@@ -47,6 +47,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -59,59 +60,34 @@ from train_tiny_moe import TinyMixtral, corpus_files, save_checkpoint, shape_fro
 from offload_moe.demo import write_random_checkpoint  # noqa: E402
 from offload_moe.engine import Engine, EngineOptions  # noqa: E402
 from offload_moe.simulate import simulate  # noqa: E402
-from offload_moe.trace import TraceRecorder  # noqa: E402
+from offload_moe.trace import Trace, routing_counts  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "offload_moe" / "data" / "tiny-moe"
 SLOT_COUNTS = (2, 3, 4)
 
 
-class RoutingRecorder:
-    """The engine's recorder protocol. Per window: the experts each layer chose and those its router
-    picks from the hidden state entering the layer before; every layer also goes to a TraceRecorder."""
-
-    def __init__(self, engine: Engine, trace: TraceRecorder):
-        self.model, self.trace = engine.model, trace
-        self.n_layers = engine.config.n_layers
-        self.idx: dict[int, torch.Tensor] = {}  # layer -> [T, K], best first
-        self.predicted: dict[int, torch.Tensor] = {}  # layer -> [T, K]
-
-    def enter(self, layer: int, h: torch.Tensor) -> None:
-        if layer + 1 < self.n_layers:
-            self.predicted[layer + 1] = self.model.predict(layer + 1, h)  # [T, K]
-
-    def chosen(self, layer: int, idx: torch.Tensor, weights: torch.Tensor) -> None:
-        self.idx[layer] = idx
-        self.trace.add(layer, idx, weights, self.predicted.get(layer))
-
-
 class RoutingStats:
-    """Counts summed over windows, per layer; the reported shares are ratios of them."""
+    """Perplexity and routing counts (`trace.routing_counts`) summed over windows, per layer; the
+    reported shares are ratios of them."""
 
     def __init__(self, n_layers: int, n_experts: int):
-        self.n_layers = n_layers
+        self.n_layers, self.n_experts = n_layers, n_experts
         self.nll = 0.0
         self.pairs = 0  # consecutive token pairs, which are also the next tokens scored
         self.choices = 0  # T * K, summed over windows
-        self.same_first, self.same_any, self.hits = [0] * n_layers, [0] * n_layers, [0] * n_layers
-        self.load = torch.zeros(n_layers, n_experts)  # [L, E] assignments
-        self.window_top = [0.0] * n_layers  # busiest expert's share of first choices, summed over windows
+        self.counts = {k: 0 for k in ("same_first", "same_any", "recalled", "load")}
+        self.window_top = np.zeros(n_layers)  # busiest expert's share of first choices, summed over windows
         self.windows = 0
 
-    def add(self, ids: list[int], logits: torch.Tensor, rec: RoutingRecorder) -> None:
-        """One window: ids (BOS first), its logits [T, V], the routing the recorder saw."""
+    def add(self, ids: list[int], logits: torch.Tensor, experts: np.ndarray, predicted: np.ndarray) -> None:
+        """One window: ids (BOS first), its logits [T, V] and its routing, experts and predicted [T, L, K]."""
         self.nll += F.cross_entropy(logits[:-1].float(), torch.tensor(ids[1:]), reduction="sum").item()
         self.pairs += len(ids) - 1
-        for layer in range(self.n_layers):
-            idx = rec.idx[layer]  # [T, K]
-            self.same_first[layer] += int((idx[1:, 0] == idx[:-1, 0]).sum())
-            shared = (idx[1:, :, None] == idx[:-1, None, :]).any(-1).any(-1)  # [T-1, K, K] -> [T-1]
-            self.same_any[layer] += int(shared.sum())
-            self.load[layer] += torch.bincount(idx.reshape(-1), minlength=self.load.shape[1]).float()  # [T*K]
-            self.window_top[layer] += float(torch.bincount(idx[:, 0]).max()) / idx.shape[0]
-            if layer:
-                guess = rec.predicted[layer]  # [T, K]
-                self.hits[layer] += int((guess[:, :, None] == idx[:, None, :]).any(-1).sum())  # [T, K, K]
-        self.choices += rec.idx[0].numel()
+        self.choices += experts[:, 0].size  # [T, K]
+        counts = routing_counts(experts, predicted, self.n_experts)
+        for k in self.counts:
+            self.counts[k] = self.counts[k] + counts[k]
+        self.window_top += counts["first"].max(-1) / len(ids)  # [L, E] -> [L]
         self.windows += 1
 
     @property
@@ -120,10 +96,11 @@ class RoutingStats:
 
     def layer_row(self, layer: int) -> tuple[float, float, float | None, float, float, float]:
         """persist first, persist top-k, prefetch recall (None at layer 0), load max, load min, window top."""
-        share = self.load[layer] / self.load[layer].sum()  # [E]
-        recall = self.hits[layer] / self.choices if layer else None
-        return (self.same_first[layer] / self.pairs, self.same_any[layer] / self.pairs, recall,
-                float(share.max()), float(share.min()), self.window_top[layer] / self.windows)
+        c = self.counts
+        share = c["load"][layer] / c["load"][layer].sum()  # [E]
+        recall = float(c["recalled"][layer]) / self.choices if layer else None
+        return (float(c["same_first"][layer]) / self.pairs, float(c["same_any"][layer]) / self.pairs, recall,
+                float(share.max()), float(share.min()), float(self.window_top[layer]) / self.windows)
 
 
 def held_out_windows(engine: Engine, max_windows: int | None) -> list[list[int]]:
@@ -150,16 +127,15 @@ def measure(path: Path, windows: list[list[int]]) -> tuple[RoutingStats, list[di
     engine = Engine.load(path, EngineOptions(prefetch=0, dtype="float32", progress=False))
     c = engine.config
     stats = RoutingStats(c.n_layers, c.num_experts)
-    trace = TraceRecorder(c.n_layers, c.top_k, c.num_experts, str(path))
+    traces = []
     for ids in windows:
-        rec = RoutingRecorder(engine, trace)
-        engine.model.recorder = rec
-        try:
-            logits = engine.score(ids)  # [T, V]
-        finally:
-            engine.model.recorder = None
-        stats.add(ids, logits, rec)
-    routing = trace.finish()
+        engine.start_trace(str(path))
+        logits = engine.score(ids)  # [T, V]
+        traces.append(engine.stop_trace())
+        stats.add(ids, logits, traces[-1].experts, traces[-1].predicted)
+    # every window, one after another, as the simulator's workload: windows x [T_i, L, K] -> [T, L, K]
+    routing = Trace(*(np.concatenate([getattr(t, k) for t in traces]) for k in ("experts", "weights", "predicted")),
+                    c.num_experts, c.top_k, c.n_layers, str(path))
     caches = [{"slots": s, "lru": simulate(routing, s, "lru")["hit_rate"],
                "optimal": simulate(routing, s, "belady")["hit_rate"]} for s in SLOT_COUNTS]
     return stats, caches

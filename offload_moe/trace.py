@@ -225,3 +225,24 @@ class TraceRecorder:
             weights = np.zeros(empty, np.float32)
         return Trace(experts, weights, predicted, self.num_experts, self.top_k, self.num_layers,
                      self.model_name, dict(self.metadata))
+
+
+def routing_counts(experts: np.ndarray, predicted: np.ndarray, num_experts: int) -> dict[str, np.ndarray]:
+    """How much locality one sequence's routing has, counted per layer (counts of several sequences
+    add up; shares are these over T - 1 pairs or T*K choices). experts, predicted [T, L, K] ->
+      same_first [L]     consecutive tokens whose first-choice expert is the same
+      same_any   [L]     consecutive tokens whose top-k sets share an expert
+      recalled   [L]     choices that the one-layer-ahead prediction named (what a prefetch fetches
+                         in time; 0 at layer 0, which has no prediction)
+      load, first [L, E] assignments, and first choices, per expert
+    """
+    T, L, K = experts.shape
+    E = num_experts
+    layer = np.arange(L)[None, :, None] * E  # [1, L, 1]
+    return {
+        "same_first": (experts[1:, :, 0] == experts[:-1, :, 0]).sum(0),  # [T-1, L] -> [L]
+        "same_any": (experts[1:, :, :, None] == experts[:-1, :, None, :]).any((-1, -2)).sum(0),  # [T-1, L, K, K]
+        "recalled": (predicted[..., :, None] == experts[..., None, :]).any(-1).sum((0, 2)),  # [T, L, K, K] -> [L]
+        "load": np.bincount((layer + experts).reshape(-1), minlength=L * E).reshape(L, E),  # [T*L*K] -> [L, E]
+        "first": np.bincount((layer[..., 0] + experts[..., 0]).reshape(-1), minlength=L * E).reshape(L, E),
+    }

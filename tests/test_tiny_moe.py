@@ -24,6 +24,7 @@ from conftest import hf_model
 import offload_moe
 from offload_moe.demo import write_random_checkpoint
 from offload_moe.engine import Engine, EngineOptions
+from offload_moe.trace import routing_counts
 
 MODEL = Path(offload_moe.__file__).parent / "data" / "tiny-moe"
 
@@ -80,38 +81,20 @@ def ids(engine) -> list[int]:
     return engine.encode(HELD_OUT)
 
 
-class Recorder:
-    """The engine's routing-recorder protocol: hidden state entering each layer, experts chosen there."""
-
-    def __init__(self) -> None:
-        self.entering: dict[int, torch.Tensor] = {}
-        self.idx: dict[int, torch.Tensor] = {}
-
-    def enter(self, layer: int, h: torch.Tensor) -> None:
-        self.entering[layer] = h
-
-    def chosen(self, layer: int, idx: torch.Tensor, weights: torch.Tensor) -> None:
-        self.idx[layer] = idx
-
-
 def routing(engine: Engine, ids: list[int]) -> tuple[float, float, float]:
     """First-choice persistence (mean over layers), one-layer-ahead prefetch recall (mean over layers
     1..L-1), and the largest share of a layer's first choices that one expert takes."""
-    rec = Recorder()
-    engine.model.recorder = rec
+    engine.start_trace()
     try:
         engine.score(ids)
     finally:
-        engine.model.recorder = None
-    L = engine.config.n_layers
-    persist = sum(float((rec.idx[l][1:, 0] == rec.idx[l][:-1, 0]).float().mean()) for l in range(L)) / L
-    top_share = max(float(torch.bincount(rec.idx[l][:, 0]).max()) / len(ids) for l in range(L))
-    recall = 0.0
-    with torch.inference_mode():
-        for l in range(1, L):
-            guess = engine.model.predict(l, rec.entering[l - 1])  # [T, K]
-            recall += float((guess[:, :, None] == rec.idx[l][:, None, :]).any(-1).float().mean())  # [T, K, K]
-    return persist, recall / (L - 1), top_share
+        trace = engine.stop_trace()
+    c = routing_counts(trace.experts, trace.predicted, trace.num_experts)
+    T, L, K = trace.experts.shape
+    persist = float(c["same_first"].mean()) / (T - 1)
+    recall = float(c["recalled"][1:].mean()) / (T * K)
+    top_share = float(c["first"].max()) / T
+    return persist, recall, top_share
 
 
 def passes(persist: float, recall: float, top_share: float) -> bool:
