@@ -40,7 +40,6 @@ Legend: T tokens, D dim, E experts, K top-k, L layers.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import tempfile
@@ -55,8 +54,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from train_tiny_moe import TinyMixtral, corpus_files, save_checkpoint, shape_from_config, split_corpus  # noqa: E402
+from train_tiny_moe import TinyMixtral, corpus_files, save_checkpoint, split_corpus  # noqa: E402
 
+from offload_moe.config import from_hf_config  # noqa: E402
 from offload_moe.demo import write_random_checkpoint  # noqa: E402
 from offload_moe.engine import Engine, EngineOptions  # noqa: E402
 from offload_moe.simulate import simulate  # noqa: E402
@@ -116,7 +116,7 @@ def held_out_windows(engine: Engine, max_windows: int | None) -> list[list[int]]
 
 def untrained_checkpoint(model_dir: Path, out: Path, seed: int) -> Path:
     """The training script's initial model (same shape, same seed), with the trained tokenizer."""
-    shape = shape_from_config(json.loads((model_dir / "config.json").read_text()))
+    shape = from_hf_config(model_dir / "config.json")
     torch.manual_seed(seed)
     save_checkpoint(TinyMixtral(shape), (model_dir / "tokenizer.model").read_bytes(), out)
     return out

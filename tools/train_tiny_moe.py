@@ -57,7 +57,7 @@ import sysconfig  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
+from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import sentencepiece as spm  # noqa: E402
@@ -67,6 +67,7 @@ from safetensors.torch import save_file  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from offload_moe.config import ModelConfig  # noqa: E402
 from offload_moe.model import apply_rope, rope_tables  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "offload_moe" / "data" / "tiny-moe"
@@ -151,30 +152,10 @@ def encode_stream(sp: spm.SentencePieceProcessor, texts: list[str]) -> torch.Ten
 
 
 # -- model ----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Shape:
-    dim: int = 128  # D
-    n_layers: int = 4
-    n_heads: int = 8  # H
-    n_kv_heads: int = 2  # G
-    head_dim: int = 16  # hd
-    ffn_dim: int = 256  # I, per expert
-    num_experts: int = 8  # E
-    top_k: int = 2  # K
-    vocab_size: int = 4096  # V
-    max_len: int = 256  # training context, written as max_position_embeddings
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-
-
-def shape_from_config(config: dict) -> Shape:
-    """The Shape of a saved config.json (for rebuilding the untrained model of a checkpoint)."""
-    return Shape(dim=config["hidden_size"], n_layers=config["num_hidden_layers"],
-                 n_heads=config["num_attention_heads"], n_kv_heads=config["num_key_value_heads"],
-                 head_dim=config["head_dim"], ffn_dim=config["intermediate_size"],
-                 num_experts=config["num_local_experts"], top_k=config["num_experts_per_tok"],
-                 vocab_size=config["vocab_size"], max_len=config["max_position_embeddings"],
-                 rope_theta=config["rope_theta"], norm_eps=config["rms_norm_eps"])
+# the shipped shape; `--dim`, `--layers`, `--ffn` and `--seq-len` (max_context) vary it
+TINY = ModelConfig(dim=128, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=16, ffn_dim=256, num_experts=8, top_k=2,
+                   vocab_size=4096, rope_theta=10000.0, norm_eps=1e-5, max_context=256, tie_word_embeddings=True,
+                   bos_id=BOS, eos_id=EOS)
 
 
 class RMSNorm(nn.Module):
@@ -188,7 +169,7 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, s: Shape):
+    def __init__(self, s: ModelConfig):
         super().__init__()
         self.s = s
         self.q_proj = nn.Linear(s.dim, s.n_heads * s.head_dim, bias=False)
@@ -211,7 +192,7 @@ class Attention(nn.Module):
 class SparseMoE(nn.Module):
     """Router and experts. Experts are stacked [E, ...] for training and split per expert when saved."""
 
-    def __init__(self, s: Shape):
+    def __init__(self, s: ModelConfig):
         super().__init__()
         self.s = s
         self.gate = nn.Linear(s.dim, s.num_experts, bias=False)
@@ -246,7 +227,7 @@ class SparseMoE(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, s: Shape):
+    def __init__(self, s: ModelConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(s.dim, s.norm_eps)
         self.self_attn = Attention(s)
@@ -261,13 +242,13 @@ class Block(nn.Module):
 
 
 class TinyMixtral(nn.Module):
-    def __init__(self, s: Shape):
+    def __init__(self, s: ModelConfig):
         super().__init__()
         self.s = s
         self.embed_tokens = nn.Embedding(s.vocab_size, s.dim)
         self.layers = nn.ModuleList(Block(s) for _ in range(s.n_layers))
         self.norm = RMSNorm(s.dim, s.norm_eps)
-        cos, sin = rope_tables(s.head_dim, s.rope_theta, s.max_len, torch.device("cpu"))
+        cos, sin = rope_tables(s.head_dim, s.rope_theta, s.max_context, torch.device("cpu"))
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.reset_parameters()
@@ -361,17 +342,10 @@ def optimizer_for(model: TinyMixtral, lr: float, weight_decay: float) -> torch.o
 
 
 # -- saving ---------------------------------------------------------------------------------------
-def hf_config(s: Shape) -> dict:
-    return {
-        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": s.dim,
-        "intermediate_size": s.ffn_dim, "num_hidden_layers": s.n_layers, "num_attention_heads": s.n_heads,
-        "num_key_value_heads": s.n_kv_heads, "head_dim": s.head_dim, "num_local_experts": s.num_experts,
-        "num_experts_per_tok": s.top_k, "vocab_size": s.vocab_size, "rope_theta": s.rope_theta,
-        "rms_norm_eps": s.norm_eps, "max_position_embeddings": s.max_len, "tie_word_embeddings": True,
-        "bos_token_id": BOS, "eos_token_id": EOS, "sliding_window": None, "hidden_act": "silu",
-        "attention_dropout": 0.0, "initializer_range": 0.02, "router_aux_loss_coef": 0.01,
-        "output_router_logits": False, "use_cache": True, "torch_dtype": "float16",
-    }
+def hf_config(s: ModelConfig) -> dict:
+    """The engine's config.json for the shape, plus the training settings transformers keeps."""
+    return {**s.to_hf_config(torch.float16), "attention_dropout": 0.0, "initializer_range": 0.02,
+            "router_aux_loss_coef": 0.01, "output_router_logits": False, "use_cache": True}
 
 
 def hf_tensors(model: TinyMixtral, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -422,15 +396,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--time-budget", type=float, default=25.0,
                    help="minutes for the training loop; 0: no limit, --steps decides (default: %(default)s)")
     p.add_argument("--batch", type=int, default=16, help="sequences per step (default: %(default)s)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence, the context (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=TINY.max_context,
+                   help="tokens per sequence, the context (default: %(default)s)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=50, help="warmup steps (default: %(default)s)")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: %(default)s)")
     p.add_argument("--aux-coef", type=float, default=0.01, help="load-balancing loss weight (default: %(default)s)")
     p.add_argument("--vocab", type=int, default=4096, help="sentencepiece vocabulary (default: %(default)s)")
-    p.add_argument("--dim", type=int, default=Shape.dim, help="hidden size (default: %(default)s)")
-    p.add_argument("--layers", type=int, default=Shape.n_layers, help="layers (default: %(default)s)")
-    p.add_argument("--ffn", type=int, default=Shape.ffn_dim, help="expert FFN size (default: %(default)s)")
+    p.add_argument("--dim", type=int, default=TINY.dim, help="hidden size (default: %(default)s)")
+    p.add_argument("--layers", type=int, default=TINY.n_layers, help="layers (default: %(default)s)")
+    p.add_argument("--ffn", type=int, default=TINY.ffn_dim, help="expert FFN size (default: %(default)s)")
     p.add_argument("--log-every", type=int, default=25, help="steps between loss lines (default: %(default)s)")
     p.add_argument("--eval-every", type=int, default=250,
                    help="steps between held-out checks on 32 windows (default: %(default)s)")
@@ -455,10 +430,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{time.perf_counter() - t_start:.0f} s", flush=True)
     print("held out:", " ".join(held_files), flush=True)
 
-    shape = Shape(dim=args.dim, n_layers=args.layers, head_dim=args.dim // Shape.n_heads, ffn_dim=args.ffn,
-                  vocab_size=sp.vocab_size(), max_len=args.seq_len)
+    shape = replace(TINY, dim=args.dim, n_layers=args.layers, head_dim=args.dim // TINY.n_heads, ffn_dim=args.ffn,
+                    vocab_size=sp.vocab_size(), max_context=args.seq_len)
     model = TinyMixtral(shape)
-    print(f"model: {asdict(shape)}; {param_count(model):,} parameters", flush=True)
+    print(f"model: {shape.to_dict()}; {param_count(model):,} parameters", flush=True)
     T, B = args.seq_len, args.batch
     untrained = evaluate(model, held, T, B)
     print(f"untrained: held-out loss {untrained:.4f}, perplexity {math.exp(untrained):.1f}", flush=True)
