@@ -44,6 +44,11 @@ def slots_for_card(quant: str, group: int) -> int:
     return int(free // (bytes_per_expert(MIXTRAL, quant, group, torch.float16) * MIXTRAL.n_layers))
 
 
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on the card, as a 24 GB user runs it; fp32 for the CPU smoke run."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -63,7 +68,7 @@ def h2d_bandwidth(device: torch.device) -> float:
 
 def run_case(path: Path, name: str, tokens: int, bw: float, device: torch.device, **options) -> dict:
     t0 = time.perf_counter()
-    dtype = "float16" if device.type == "cuda" else "float32"
+    dtype = str(compute_dtype(device)).removeprefix("torch.")
     engine = Engine.load(path, EngineOptions(device=str(device), dtype=dtype, context=CONTEXT, progress=False,
                                              **options))
     load_s = time.perf_counter() - t0
@@ -137,9 +142,8 @@ def main() -> int:
         # the storage tier: a packed int4 folder (quantized on the GPU), RAM for a quarter of the experts
         t0 = time.perf_counter()
         packed = Path(tmp) / "packed-int4"
-        fmt = expert_format("int4", config, torch.float16 if device.type == "cuda" else torch.float32, 64)
-        convert(path, packed, fmt, torch.float16 if device.type == "cuda" else torch.float32, progress=False,
-                pack_device=device)
+        fmt = expert_format("int4", config, compute_dtype(device), 64)
+        convert(path, packed, fmt, compute_dtype(device), progress=False, pack_device=device)
         print(f"packed int4 folder written in {time.perf_counter() - t0:.0f} s", flush=True)
         quarter = config.n_layers * config.num_experts * fmt.nbytes // 4
         rows.append(run_case(packed, f"int4 packed, RAM tier 1/4, {int4} slots", args.tokens, bw, device,
