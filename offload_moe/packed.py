@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from .checkpoint import Checkpoint
 from .errors import UserError
 from .expert_store import ExpertFormat, _Progress, expert_parts
-from .quant import ATTENTION_SUFFIXES, int8_attention_state
+from .quant import ATTENTION_SUFFIXES, check_int8_attention, int8_attention_state
 
 VERSION = 1
 ALIGN = 4096
@@ -73,6 +73,8 @@ def convert(source: str | Path, out: str | Path, fmt: ExpertFormat, dense_dtype:
         raise UserError(f"{source} is already a packed folder")
     if (out / INDEX).exists():
         raise UserError(f"{out} already holds a packed model; remove it or choose another --out")
+    if attention_group is not None:
+        check_int8_attention(ckpt.config, attention_group)
     settings = {"version": VERSION, "format": fmt.name, "bytes_per_expert": fmt.nbytes,
                 "attention": "none" if attention_group is None else f"int8-g{attention_group}",
                 "dense_dtype": str(dense_dtype).removeprefix("torch."), "source": str(Path(source).resolve())}

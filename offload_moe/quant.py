@@ -297,6 +297,13 @@ ATTENTION_WEIGHTS = ("wq", "wk", "wv", "wo")
 ATTENTION_SUFFIXES = tuple(f"attention.{w}.weight" for w in ATTENTION_WEIGHTS)  # their names in a state dict
 
 
+def check_int8_attention(config: ModelConfig, group_size: int) -> None:
+    """Refuse a group size that does not divide the attention projections' inputs (D for wq wk wv,
+    H*hd for wo), before anything is built or written."""
+    for size in (config.dim, config.n_heads * config.head_dim):
+        _check_groups(group_size, size, "attention input size")
+
+
 def int8_attention(model: nn.Module, group_size: int) -> None:
     """Swap every layer's attention projections for `Int8Linear`s of the same shape (on the model's
     device, usually `meta`, before the state dict is assigned)."""

@@ -142,6 +142,13 @@ def test_damaged_packed_folders_are_refused_clearly(ckpts, tmp_path, capsys):
     assert code == 1 and "unknown attention format" in err
 
 
+def test_convert_refuses_an_attention_group_size_before_writing(ckpts, tmp_path, capsys):
+    out = tmp_path / "never"
+    code, _, err = run(capsys, "convert", "--model", str(ckpts["base"]), "--out", str(out), "--experts", "none",
+                       "--attention", "int8", "--group-size", "128")  # the model dim is 64
+    assert code == 1 and "attention input size 64" in err and not out.exists()
+
+
 def test_perplexity_from_the_cli(ckpts, tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text("def add(a, b):\n    return a + b\n\n" * 8)
