@@ -1,4 +1,5 @@
-"""Offload profiles: named TOML files in `profiles/` that say how a model should run on a target.
+"""Offload profiles: named TOML files in `profiles/` that say how a model should run on a target. The folder stays
+at the top of the repository and ships inside the installed package (see `_profile_dir`).
 
 A profile gives engine settings (device, dtype, expert precision, cache slots per layer,
 prefetch depth, eviction policy, context) and memory budgets. Before anything is allocated,
@@ -22,8 +23,18 @@ import torch
 
 from .config import ModelConfig
 from .errors import UserError
+from .tiered import ram_tier_allocation
 
-PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
+
+def _profile_dir() -> Path:
+    """The repository's `profiles/`: inside an installed package at offload_moe/data/profiles (pyproject maps it
+    there), else, in a source tree or an editable install, beside the package."""
+    package = Path(__file__).resolve().parent
+    installed = package / "data" / "profiles"
+    return installed if installed.is_dir() else package.parent / "profiles"
+
+
+PROFILE_DIR = _profile_dir()
 ENGINE_KEYS = ("device", "dtype", "expert_quant", "attention_quant", "group_size", "cache_experts", "prefetch",
                "policy", "miss_policy", "context")
 DEFAULT_RESERVE = 1.5 * 2**30  # CUDA context, activations, allocator slack on a real card
@@ -97,10 +108,30 @@ class MemoryPlan:
     host_store: int
     device_budget: int | None
     ram_budget: int | None
+    ram: int = 0  # RAM for the experts: ram_budget, or RAM_HEADROOM of the RAM available when planned
+    pin: bool = False  # a CUDA device reads the host store: it is pinned (page-locked)
+    host_experts: int = 0  # experts in the host store (layers x experts), for the tiered store's slots
 
     @property
     def device_total(self) -> int:
         return self.dense + self.expert_bytes * sum(self.slots) + self.kv + self.reserve
+
+    @property
+    def experts_in_ram(self) -> bool:
+        """Every expert fits the RAM for experts; else the store is tiered (a RAM cache over storage)."""
+        return self.host_store <= self.ram
+
+    @property
+    def host_ram(self) -> int:
+        """RAM the expert store allocates: every expert, or the tiered store's slots and alignment."""
+        if self.experts_in_ram:
+            return self.host_store
+        return ram_tier_allocation(self.ram, self.expert_bytes, self.host_experts)
+
+    @property
+    def pinned(self) -> int:
+        """Host RAM the expert store pins (registers with cudaHostRegister), exactly: `host_ram` on CUDA, else 0."""
+        return self.host_ram if self.pin else 0
 
     def describe(self) -> str:
         return (f"dense {gib(self.dense)} + {sum(self.slots)} expert slots x {self.expert_bytes / 2**20:.1f} MiB "
@@ -110,8 +141,11 @@ class MemoryPlan:
 
 def plan_memory(config: ModelConfig, dtype: torch.dtype, expert_bytes: int, slots: list[int], context: int,
                 device_budget: int | None, reserve: int, ram_budget: int | None,
-                dense_bytes: int | None = None) -> MemoryPlan:
-    """`dense_bytes`: the resident weights when some are quantized (default: all in `dtype`)."""
+                dense_bytes: int | None = None, pin: bool = False) -> MemoryPlan:
+    """`dense_bytes`: the resident weights when some are quantized (default: all in `dtype`); `pin`: the
+    host store is pinned (a CUDA device). Without a RAM budget, the RAM for experts is RAM_HEADROOM of
+    the RAM available now."""
+    ram = ram_budget if ram_budget is not None else int(psutil.virtual_memory().available * RAM_HEADROOM)
     return MemoryPlan(
         dense=config.dense_params * dtype.itemsize if dense_bytes is None else dense_bytes,
         expert_bytes=expert_bytes,
@@ -121,6 +155,9 @@ def plan_memory(config: ModelConfig, dtype: torch.dtype, expert_bytes: int, slot
         host_store=config.n_layers * config.num_experts * expert_bytes,
         device_budget=device_budget,
         ram_budget=ram_budget,
+        ram=ram,
+        pin=pin,
+        host_experts=config.n_layers * config.num_experts,
     )
 
 
@@ -135,8 +172,7 @@ RAM_HEADROOM = 0.8  # share of the available RAM that `auto` lets the expert sto
 def ram_for_experts(plan: MemoryPlan) -> tuple[bool, int]:
     """(all experts fit in RAM, the RAM budget for them). When they do not fit, the store is tiered:
     a RAM cache of that size over the checkpoint on storage."""
-    ram = plan.ram_budget if plan.ram_budget is not None else int(psutil.virtual_memory().available * RAM_HEADROOM)
-    return plan.host_store <= ram, ram
+    return plan.experts_in_ram, plan.ram
 
 
 def auto_slots(config: ModelConfig, dtype: torch.dtype, expert_bytes: int, context: int, device: torch.device,
