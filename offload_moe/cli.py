@@ -280,10 +280,24 @@ def read_prompts(path: str) -> list[str]:
 def cmd_profile(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompts)
     engine = load_engine(args, args.json)
+    capacity = engine.kv_capacity
+    runs, skipped = [], []  # a prompt that does not fit the context is skipped, not the whole run lost
+    for i, prompt in enumerate(prompts):
+        ids = engine.encode(prompt)
+        if len(ids) >= capacity:
+            skipped.append(i + 1)
+            head = prompt if len(prompt) <= 40 else prompt[:40] + "..."
+            print(f"warning: skipping prompt {i + 1} ({head!r}): it has {len(ids)} tokens; the context holds "
+                  f"{capacity} (raise --context)", file=sys.stderr)
+        else:
+            runs.append((i, ids))
+    if not runs:
+        raise UserError(f"no prompt in {args.prompts} fits the context of {capacity} tokens "
+                        f"(all {len(prompts)} skipped; raise --context); no trace written")
     engine.start_trace(args.model)
     totals = {"tokens": 0, "hits": 0, "misses": 0}
-    for i, prompt in enumerate(prompts):
-        stats = engine.generate(prompt, args.max_new_tokens).stats
+    for i, ids in runs:
+        stats = engine.generate(ids, args.max_new_tokens).stats
         totals["tokens"] += stats["prompt_tokens"] + stats["generated_tokens"]
         totals["hits"] += stats["hits"]
         totals["misses"] += stats["misses"]
@@ -294,11 +308,13 @@ def cmd_profile(args: argparse.Namespace) -> int:
     save_trace(args.trace_out, trace)
     totals["hit_rate"] = totals["hits"] / max(totals["hits"] + totals["misses"], 1)
     totals["trace_tokens"] = int(trace.experts.shape[0])
+    totals["skipped"] = skipped
     if args.json:
         print(json.dumps(totals))
     else:
-        print(f"wrote {args.trace_out}: {totals['trace_tokens']} tokens x {trace.num_layers} layers; live hit rate "
-              f"{100 * totals['hit_rate']:.1f}%. Next: python run.py simulate --trace {args.trace_out}")
+        note = f" ({len(skipped)} of {len(prompts)} prompts skipped: too long)" if skipped else ""
+        print(f"wrote {args.trace_out}: {totals['trace_tokens']} tokens x {trace.num_layers} layers{note}; live hit "
+              f"rate {100 * totals['hit_rate']:.1f}%. Next: python run.py simulate --trace {args.trace_out}")
     return 0
 
 

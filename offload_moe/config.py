@@ -98,9 +98,36 @@ def _need(data: dict, path: Path, *keys: str):
     raise UserError(f"{path}: missing {keys[0]!r}")
 
 
+# The architectures the engine implements: config.json's `model_type` -> its `architectures` names. A checkpoint
+# of any other kind is refused, even when its tensor names look alike (Phi-3.5-MoE's are Mixtral's).
+SUPPORTED_ARCHITECTURES: dict[str, tuple[str, ...]] = {
+    "mixtral": ("MixtralForCausalLM",),
+}
+
+
+def check_architecture(c: dict, path: Path) -> None:
+    """Refuse a config.json whose `model_type` or `architectures` the engine does not implement. One with neither
+    key (hand-written) is taken as Mixtral."""
+    model_type = None if c.get("model_type") is None else str(c["model_type"])
+    architectures = c.get("architectures") or []
+    architectures = [str(a) for a in (architectures if isinstance(architectures, list) else [architectures])]
+    if model_type is None:
+        known = {name for names in SUPPORTED_ARCHITECTURES.values() for name in names}
+    else:
+        known = set(SUPPORTED_ARCHITECTURES.get(model_type, ()))
+    if (model_type is None or model_type in SUPPORTED_ARCHITECTURES) and set(architectures) <= known:
+        return
+    says = [f"model_type {model_type!r}"] if model_type is not None else []
+    if architectures:
+        says.append(f"architectures {', '.join(architectures)}")
+    supported = ", ".join(f"{t} ({', '.join(a)})" for t, a in SUPPORTED_ARCHITECTURES.items())
+    raise UserError(f"{path} says {' and '.join(says)}: offload_moe does not implement it (supported: {supported})")
+
+
 def from_hf_config(path: Path) -> ModelConfig:
     """`config.json` as written by transformers, old style (top-level rope_theta) or new (rope_parameters)."""
     c = _read_json(path)
+    check_architecture(c, path)
     rope = c.get("rope_parameters") or {}
     theta = rope.get("rope_theta", c.get("rope_theta", 1e6))
     if rope.get("rope_type", "default") != "default":
