@@ -66,12 +66,28 @@ def h2d_bandwidth(device: torch.device) -> float:
     return 5 * src.numel() / (time.perf_counter() - t0)
 
 
+def pinned_allocator_bytes(device: torch.device) -> int | None:
+    """Bytes held by torch's caching pinned-host allocator (which rounds blocks up to a power of two);
+    the expert stores register their memory themselves, so loading one must not grow this."""
+    if device.type != "cuda" or not hasattr(torch.cuda, "host_memory_stats"):
+        return None
+    return torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
+
+
 def run_case(path: Path, name: str, tokens: int, bw: float, device: torch.device, **options) -> dict:
     t0 = time.perf_counter()
     dtype = str(compute_dtype(device)).removeprefix("torch.")
+    allocator_before = pinned_allocator_bytes(device)
     engine = Engine.load(path, EngineOptions(device=str(device), dtype=dtype, context=CONTEXT, progress=False,
                                              **options))
     load_s = time.perf_counter() - t0
+    pinned = {"pinned_host_bytes": engine.cache.store.pinned_bytes, "planned_pinned_bytes": engine.plan.pinned,
+              "pinned_allocator_growth": None if allocator_before is None
+              else pinned_allocator_bytes(device) - allocator_before}
+    print(f"  pinned host memory {pinned['pinned_host_bytes'] / 2**30:.3f} GiB, planned "
+          f"{pinned['planned_pinned_bytes'] / 2**30:.3f} GiB"
+          f"{'' if pinned['pinned_host_bytes'] == pinned['planned_pinned_bytes'] else '  MISMATCH'}; torch's pinned "
+          f"allocator grew by {pinned['pinned_allocator_growth']} bytes at load", flush=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     engine.generate(PROMPT, 8)  # warm-up: kernels, allocator
@@ -82,7 +98,7 @@ def run_case(path: Path, name: str, tokens: int, bw: float, device: torch.device
     row = {"case": name, "load_s": round(load_s, 1), **storage, **{k: s[k] for k in (
         "decode_tokens_per_s", "prefill_tokens_per_s", "hit_rate", "prefetch_recall", "prefetch_precision",
         "bytes_to_device", "copy_wait_s", "peak_device_bytes", "slots_per_layer", "bytes_per_expert", "cpu_misses")},
-        "copy_s_at_link_speed": copy_s, "copy_hidden_share": hidden}
+        "copy_s_at_link_speed": copy_s, "copy_hidden_share": hidden, **pinned}
     print(f"{name:<34} {s['decode_tokens_per_s']:7.2f} tok/s  hit {100 * s['hit_rate']:5.1f}%  "
           f"moved {s['bytes_to_device'] / 2**30:6.2f} GiB  wait {s['copy_wait_s']:6.2f} s  "
           f"hidden {100 * hidden:5.1f}%  peak {s['peak_device_bytes'] / 2**30:5.2f} GiB  "

@@ -24,7 +24,15 @@ from .generate import GenerationResult, Sampling, generate_tokens
 from .model import KVCache, Transformer, rope_tables
 from .packed import packed_attention_group
 from .prefetch import Prefetcher
-from .profiles import DEFAULT_RESERVE, auto_slots, check_fits, load_profile, plan_memory, ram_for_experts
+from .profiles import (
+    DEFAULT_RESERVE,
+    MemoryPlan,
+    auto_slots,
+    check_fits,
+    load_profile,
+    plan_memory,
+    ram_for_experts,
+)
 from .quant import (
     ATTENTION_QUANTS,
     ATTENTION_SUFFIXES,
@@ -151,6 +159,7 @@ class Engine:
     device: torch.device
     dtype: torch.dtype
     last_result: GenerationResult | None = None
+    plan: MemoryPlan | None = None  # what load planned on the device and in RAM (pinned bytes included)
 
     @classmethod
     def load(cls, path: str | Path, options: EngineOptions | None = None, profile: str | None = None,
@@ -178,8 +187,9 @@ class Engine:
             slots, budget = auto_slots(c, dtype, fmt.nbytes, context, device, options.device_reserve, dense)
             options = replace(options, cache_experts=slots, device_budget=budget)
         slots = resolve_slots(options.cache_experts, c.n_layers, c.num_experts, c.top_k)
+        pin = device.type == "cuda"  # the host store is pinned (registered exactly: plan.pinned bytes)
         plan = plan_memory(c, dtype, fmt.nbytes, slots, context, options.device_budget, options.device_reserve,
-                           options.ram_budget, dense)
+                           options.ram_budget, dense, pin=pin)
         check_fits(plan)
         in_ram, ram = ram_for_experts(plan)
 
@@ -202,7 +212,6 @@ class Engine:
         model.rope = rope_tables(c.head_dim, c.rope_theta, context, device)
         model.eval()
 
-        pin = device.type == "cuda"
         if in_ram:
             store = ExpertStore(ckpt, fmt, pin=pin, progress=options.progress, pack_device=device if pin else None)
         else:  # the experts do not fit the RAM budget: a RAM cache over the checkpoint on storage
@@ -219,7 +228,7 @@ class Engine:
         model.prefetcher = Prefetcher(model, cache, options.prefetch) if options.prefetch else None
         kv = KVCache(c, context, device, dtype)
         tok = Tokenizer(ckpt.tokenizer_path) if ckpt.tokenizer_path else None
-        return cls(ckpt, model, cache, kv, tok, options, device, dtype)
+        return cls(ckpt, model, cache, kv, tok, options, device, dtype, plan=plan)
 
     @property
     def config(self):

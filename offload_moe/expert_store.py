@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
+import weakref
 from typing import Protocol
 
 import torch
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 
 from .checkpoint import Checkpoint
 from .config import ModelConfig
+from .errors import UserError
 
 ALIGN = 64  # bytes; every part of a packed expert starts on this boundary
 
@@ -59,16 +61,38 @@ class DenseFormat:
         return F.linear(F.silu(a) * b, w2)  # [T, D]
 
 
+def register_host(t: torch.Tensor) -> int:
+    """Pin the memory of the contiguous CPU tensor `t` for device copies, exactly its bytes, with
+    `cudaHostRegister`; return them. torch's pinned allocator (`pin_memory=True`) would round each
+    block up to a power of two: Mixtral's fp16 experts would pin 128 GiB instead of 84. The memory
+    must stay allocated until `unregister_host(t)`: hold `t` (e.g. in a `weakref.finalize`)."""
+    nbytes = t.numel() * t.element_size()
+    cudart = torch.cuda.cudart()
+    if cudart.cudaHostRegister(t.data_ptr(), nbytes, 0) != cudart.cudaError.success:
+        raise UserError(f"cannot pin {nbytes / 2**20:.1f} MiB of RAM for the experts (cudaHostRegister failed): "
+                        "lower the RAM budget (--ram-budget)")
+    return nbytes
+
+
+def unregister_host(t: torch.Tensor) -> None:
+    """Undo `register_host(t)`; `t` may be freed afterwards."""
+    torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+
+
 class ExpertStore:
-    """All experts of a model in host RAM (pinned when a CUDA device will read them), [L] x [E, bytes]."""
+    """All experts of a model in host RAM, [L] x [E, bytes]: one exact allocation of L * E * bytes,
+    registered (pinned) with `register_host` when a CUDA device will read it, unregistered when the
+    store is collected or closed. `pinned_bytes` says how much it pinned."""
 
     def __init__(self, checkpoint: Checkpoint, fmt: ExpertFormat, pin: bool = False, progress: bool = True,
                  pack_device: torch.device | None = None):
         c = checkpoint.config
         self.fmt = fmt
         self.nbytes = fmt.nbytes
-        self.layers = [torch.empty((c.num_experts, fmt.nbytes), dtype=torch.uint8, pin_memory=pin)  # [E, bytes]
-                       for _ in range(c.n_layers)]
+        self._mem = torch.empty((c.n_layers, c.num_experts, fmt.nbytes), dtype=torch.uint8)  # [L, E, bytes]
+        self.layers = list(self._mem.unbind(0))  # [L] x [E, bytes], views
+        self.pinned_bytes = register_host(self._mem) if pin else 0
+        self._finalizer = weakref.finalize(self, unregister_host, self._mem) if pin else None
         if checkpoint.layout == "packed":  # the bytes are ready: read them in, checking checksums
             from .packed import load_packed_experts
 
@@ -99,6 +123,11 @@ class ExpertStore:
     @property
     def total_bytes(self) -> int:
         return sum(b.numel() for b in self.layers)
+
+    def close(self) -> None:
+        """Unpin the experts now (otherwise when the store is collected)."""
+        if self._finalizer is not None:
+            self._finalizer()
 
 
 def expert_parts(checkpoint: Checkpoint, layer: int, expert: int, fmt: ExpertFormat,

@@ -23,6 +23,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import UserError
+from .tiered import ram_tier_allocation
 
 
 def _profile_dir() -> Path:
@@ -107,10 +108,30 @@ class MemoryPlan:
     host_store: int
     device_budget: int | None
     ram_budget: int | None
+    ram: int = 0  # RAM for the experts: ram_budget, or RAM_HEADROOM of the RAM available when planned
+    pin: bool = False  # a CUDA device reads the host store: it is pinned (page-locked)
+    host_experts: int = 0  # experts in the host store (layers x experts), for the tiered store's slots
 
     @property
     def device_total(self) -> int:
         return self.dense + self.expert_bytes * sum(self.slots) + self.kv + self.reserve
+
+    @property
+    def experts_in_ram(self) -> bool:
+        """Every expert fits the RAM for experts; else the store is tiered (a RAM cache over storage)."""
+        return self.host_store <= self.ram
+
+    @property
+    def host_ram(self) -> int:
+        """RAM the expert store allocates: every expert, or the tiered store's slots and alignment."""
+        if self.experts_in_ram:
+            return self.host_store
+        return ram_tier_allocation(self.ram, self.expert_bytes, self.host_experts)
+
+    @property
+    def pinned(self) -> int:
+        """Host RAM the expert store pins (registers with cudaHostRegister), exactly: `host_ram` on CUDA, else 0."""
+        return self.host_ram if self.pin else 0
 
     def describe(self) -> str:
         return (f"dense {gib(self.dense)} + {sum(self.slots)} expert slots x {self.expert_bytes / 2**20:.1f} MiB "
@@ -120,8 +141,11 @@ class MemoryPlan:
 
 def plan_memory(config: ModelConfig, dtype: torch.dtype, expert_bytes: int, slots: list[int], context: int,
                 device_budget: int | None, reserve: int, ram_budget: int | None,
-                dense_bytes: int | None = None) -> MemoryPlan:
-    """`dense_bytes`: the resident weights when some are quantized (default: all in `dtype`)."""
+                dense_bytes: int | None = None, pin: bool = False) -> MemoryPlan:
+    """`dense_bytes`: the resident weights when some are quantized (default: all in `dtype`); `pin`: the
+    host store is pinned (a CUDA device). Without a RAM budget, the RAM for experts is RAM_HEADROOM of
+    the RAM available now."""
+    ram = ram_budget if ram_budget is not None else int(psutil.virtual_memory().available * RAM_HEADROOM)
     return MemoryPlan(
         dense=config.dense_params * dtype.itemsize if dense_bytes is None else dense_bytes,
         expert_bytes=expert_bytes,
@@ -131,6 +155,9 @@ def plan_memory(config: ModelConfig, dtype: torch.dtype, expert_bytes: int, slot
         host_store=config.n_layers * config.num_experts * expert_bytes,
         device_budget=device_budget,
         ram_budget=ram_budget,
+        ram=ram,
+        pin=pin,
+        host_experts=config.n_layers * config.num_experts,
     )
 
 
@@ -145,8 +172,7 @@ RAM_HEADROOM = 0.8  # share of the available RAM that `auto` lets the expert sto
 def ram_for_experts(plan: MemoryPlan) -> tuple[bool, int]:
     """(all experts fit in RAM, the RAM budget for them). When they do not fit, the store is tiered:
     a RAM cache of that size over the checkpoint on storage."""
-    ram = plan.ram_budget if plan.ram_budget is not None else int(psutil.virtual_memory().available * RAM_HEADROOM)
-    return plan.host_store <= ram, ram
+    return plan.experts_in_ram, plan.ram
 
 
 def auto_slots(config: ModelConfig, dtype: torch.dtype, expert_bytes: int, context: int, device: torch.device,

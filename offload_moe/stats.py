@@ -41,7 +41,9 @@ def collect_stats(engine, result) -> dict:
         "expert_format": engine.cache.fmt.name,
         "attention_format": engine.attention_format,
         "copy_wait_s": c.copy_wait_s,
+        "demand_during_prefetch": c.demand_during_prefetch,
         "peak_device_bytes": peak,
+        "pinned_host_bytes": getattr(engine.cache.store, "pinned_bytes", 0),  # registered exactly, on CUDA
         **storage_stats(engine.cache.store),
         "slots_per_layer": list(engine.cache.slots),
         "device": str(engine.device),
@@ -79,8 +81,10 @@ def format_table(stats: dict) -> str:
         ("copied to device", f"{_bytes(stats['bytes_to_device'])} in {stats['copies']} copies "
                              f"({_bytes(stats['bytes_per_expert'])} per expert)"),
         ("compute waiting on copies", f"{stats['copy_wait_s'] * 1000:.1f} ms"),
+        ("demand copies beside a prefetch", f"{stats['demand_during_prefetch']} (sharing the link)"),
         ("misses computed on the CPU", f"{stats['cpu_misses']} (miss policy {stats['miss_policy']})"),
         ("peak device memory", _bytes(stats["peak_device_bytes"])),
+        ("pinned host memory", _bytes(stats["pinned_host_bytes"]) if stats["pinned_host_bytes"] else "none (no CUDA)"),
         ("slots per layer", _compact(stats["slots_per_layer"])),
     ]
     if not stats.get("experts_in_ram", True):

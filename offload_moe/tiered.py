@@ -97,7 +97,7 @@ import torch
 
 from .checkpoint import Checkpoint
 from .errors import UserError
-from .expert_store import ExpertFormat, _Progress
+from .expert_store import ExpertFormat, _Progress, register_host, unregister_host
 from .packed import ALIGN, DATA
 
 Key = tuple[int, int]  # (layer, expert)
@@ -320,11 +320,19 @@ def page_cache_bytes(path: str | Path) -> int:
     return sum(p & 1 for p in pages) * _PAGE
 
 
-def _register_host(ptr: int, nbytes: int) -> None:
-    cudart = torch.cuda.cudart()
-    if cudart.cudaHostRegister(ptr, nbytes, 0) != cudart.cudaError.success:
-        raise UserError(f"cannot pin {_mib(nbytes)} of RAM for the expert cache (cudaHostRegister failed): "
-                        "lower the RAM budget")
+def ram_tier_layout(ram_budget: int, nbytes: int, count: int) -> tuple[int, int]:
+    """(RAM slots, stride) of a tiered store with this budget, for `count` experts of `nbytes` each:
+    the stride is nbytes rounded up to 4096, the slots as many as the budget holds after 4096 bytes of
+    alignment (at most `count`; 0 when none fits). The store allocates, and pins on CUDA, exactly
+    slots * stride + ALIGN bytes (`ram_tier_allocation`)."""
+    stride = _aligned(nbytes)
+    return max(0, min((ram_budget - ALIGN) // stride, count)), stride
+
+
+def ram_tier_allocation(ram_budget: int, nbytes: int, count: int) -> int:
+    """The bytes a tiered store with this budget allocates (and registers when pinned)."""
+    slots, stride = ram_tier_layout(ram_budget, nbytes, count)
+    return slots * stride + ALIGN
 
 
 def _release(pool: ThreadPoolExecutor, source, pinned: torch.Tensor | None) -> None:
@@ -332,7 +340,7 @@ def _release(pool: ThreadPoolExecutor, source, pinned: torch.Tensor | None) -> N
     pool.shutdown(wait=True)
     source.close()
     if pinned is not None:
-        torch.cuda.cudart().cudaHostUnregister(pinned.data_ptr())
+        unregister_host(pinned)
 
 
 class TieredStore:
@@ -347,17 +355,15 @@ class TieredStore:
         self.fmt, self.nbytes = fmt, fmt.nbytes
         self.num_layers, self.num_experts = c.n_layers, c.num_experts
         self.total_bytes = c.n_layers * c.num_experts * fmt.nbytes
-        self.stride = _aligned(fmt.nbytes)
         if threads < 1:
             raise UserError(f"the tiered store needs at least 1 reader thread, got {threads}")
-        fits = int((ram_budget - ALIGN) // self.stride)
-        if fits < 1:
+        self.ram_slots, self.stride = ram_tier_layout(int(ram_budget), fmt.nbytes, c.n_layers * c.num_experts)
+        if self.ram_slots < 1:
             raise UserError(f"a RAM budget of {ram_budget} bytes ({_mib(ram_budget)}) holds no expert: one RAM "
                             f"slot takes {self.stride} bytes plus {ALIGN} for alignment (no staging buffers), "
                             f"so the budget must be at least {self.stride + ALIGN} bytes")
         if pin and not torch.cuda.is_available():
             raise UserError("pinned RAM slots need CUDA; pass pin=False on a machine without it")
-        self.ram_slots = min(fits, c.n_layers * c.num_experts)
         self.ram_bytes = self.ram_slots * self.stride
         if checkpoint.layout == "packed":
             self._source: _PackedSource | _MappedSource = _PackedSource(checkpoint, fmt, direct)
@@ -369,9 +375,10 @@ class TieredStore:
         start = -raw.data_ptr() % ALIGN
         self._ram = raw[start : start + self.ram_bytes].view(self.ram_slots, self.stride)  # [slots, stride]
         self._buffers = [self._ram[i, : self.nbytes] for i in range(self.ram_slots)]
+        self.pinned_bytes = 0  # registered with cudaHostRegister: the slots and the alignment, exactly
         if pin:
             try:
-                _register_host(raw.data_ptr(), raw.numel())
+                self.pinned_bytes = register_host(raw)
             except BaseException:
                 self._source.close()
                 raise
