@@ -32,6 +32,7 @@ class CacheCounters:
     copy_wait_s: float = 0.0
     copies: int = 0
     cpu_misses: int = 0  # misses whose output this step computed on the CPU (miss policy cpu/auto)
+    demand_during_prefetch: int = 0  # demand copies issued while a speculative copy was in flight
 
 
 class ExpertCache:
@@ -63,6 +64,7 @@ class ExpertCache:
         ]
         self.views = [[fmt.views(self.mem[layer][s]) for s in range(n)] for layer, n in enumerate(self.slots)]
         self.transfers = Transfers(device, self.slots)
+        self.planned: list[tuple[int, list[int]]] = []  # prefetches waiting for this layer's demand copies
         self.counters = CacheCounters()
 
     @property
@@ -73,28 +75,33 @@ class ExpertCache:
         self.counters = CacheCounters()
         self.table.reset_counts()
 
-    def acquire(self, layer: int, experts: list[int], decode: bool = False) -> tuple[list[int], list[bool]]:
-        """Make `experts` (distinct) resident for the current layer; return their slots in order, and
-        for each whether this step computes it on the CPU instead (`cpu_forward`).
+    def acquire(self, layer: int, experts: list[int], decode: bool = False
+                ) -> tuple[list[int], list[bool], list[bool]]:
+        """Make `experts` (distinct) resident for the current layer. Returns, for each: its slot;
+        whether this step computes it on the CPU instead (`cpu_forward`); whether its copy is still
+        in flight (`wait` before computing it). Nothing here waits (prefetch.py, rule 3).
 
-        A miss is always admitted: its copy starts now. With miss policy `cpu` (or `auto`, when the
-        CPU computes an expert faster than the link copies it) a decode step does not wait for that
-        copy: it computes the expert from host RAM, and later tokens find it resident. Experts still
-        in flight are waited for, and the wait is timed: it is compute stalled on a copy.
+        A miss is always admitted: its copy starts now, on the demand stream; then the prefetches
+        planned at this layer's entry are issued (rule 2). With miss policy `cpu` (or `auto`, when
+        the CPU computes an expert faster than the link copies it) a decode step does not wait for
+        a miss's copy: it computes the expert from host RAM, and the copy, for later tokens, goes
+        on the prefetch stream, since nothing waits for it now.
         """
         hit, slots, _ = self.table.access_row(layer, experts)
         c = self.counters
         on_cpu = [False] * len(experts)
         for k, e in enumerate(experts):
-            s = slots[k]
             if not hit[k]:
-                self._copy(layer, s, e)
-                if decode and self.cpu_cheaper:
-                    on_cpu[k] = True
-                    c.cpu_misses += 1
-                    continue
-            c.copy_wait_s += self.transfers.wait_ready(layer, s)
-        return slots, on_cpu
+                on_cpu[k] = decode and self.cpu_cheaper
+                c.cpu_misses += on_cpu[k]
+                self._copy(layer, slots[k], e, demand=not on_cpu[k])
+        self._flush_prefetch()
+        late = [not cpu and self.transfers.in_flight[layer][s] for s, cpu in zip(slots, on_cpu, strict=True)]
+        return slots, on_cpu, late
+
+    def wait(self, layer: int, slot: int) -> None:
+        """Order compute after the copy into `slot`; a host wait is counted as compute stalled on a copy."""
+        self.counters.copy_wait_s += self.transfers.wait_ready(layer, slot)
 
     def cpu_forward(self, layer: int, expert: int, x_host: torch.Tensor) -> torch.Tensor:
         """Run one expert on the CPU from its host-RAM bytes: x_host [T, D] -> [T, D] on the CPU."""
@@ -130,17 +137,28 @@ class ExpertCache:
         for s in slots:
             self.transfers.mark_free(layer, s)
 
+    def plan_prefetch(self, layer: int, experts: list[int]) -> None:
+        """Queue a prefetch for `layer`; it is issued after the current layer's demand copies."""
+        self.planned.append((layer, experts))
+
+    def _flush_prefetch(self) -> None:
+        planned, self.planned = self.planned, []
+        for layer, experts in planned:
+            self.prefetch(layer, experts)
+
     def prefetch(self, layer: int, experts: list[int]) -> None:
         """Start copying predicted experts that are not resident (never evicting one of them)."""
         inserted, slots, _ = self.table.prefetch_row(layer, experts)
         for k, e in enumerate(experts):
             if inserted[k]:
-                self._copy(layer, slots[k], e)
+                self._copy(layer, slots[k], e, demand=False)
 
-    def _copy(self, layer: int, s: int, expert: int) -> None:
+    def _copy(self, layer: int, s: int, expert: int, demand: bool) -> None:
         if self.aliased[layer]:  # slot s already is the host buffer of expert s (filled by warm)
             return
-        event = self.transfers.copy(self.mem[layer][s], self.store.buffer(layer, expert), layer, s)
+        if demand and self.transfers.prefetch_busy():
+            self.counters.demand_during_prefetch += 1
+        event = self.transfers.copy(self.mem[layer][s], self.store.buffer(layer, expert), layer, s, demand)
         self.store.done(layer, expert, event)
         self.counters.bytes_to_device += self.fmt.nbytes
         self.counters.copies += 1

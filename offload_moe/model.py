@@ -182,7 +182,9 @@ class Transformer(nn.Module):
     def moe(self, layer: int, blk: Block, x: torch.Tensor) -> torch.Tensor:
         """x [T, D] normed hidden state. Each (token, rank) output lands in its own row of
         `out` [T, K, D], summed in rank order: the result does not depend on which experts were
-        resident or in what order they were computed."""
+        resident or in what order they were computed. Kernels go in the order of prefetch.py's
+        rules 3 and 4: resident experts first, each expert still in flight waited for just before
+        its own kernel; the hidden state leaves for the CPU before any device expert is launched."""
         T, K = x.shape[0], self.config.top_k
         weights, idx = self.route(blk, x)
         chosen = idx.tolist()  # SYNC: the experts' residency is decided on the host
@@ -191,25 +193,31 @@ class Transformer(nn.Module):
         cache, fmt = self.cache, self.cache.fmt
         if T == 1:
             experts = chosen[0]
-            slots, on_cpu = cache.acquire(layer, experts, decode=True)
-            outs: list[torch.Tensor | None] = [None] * K
-            for k, s in enumerate(slots):  # resident experts first: their kernels run while the CPU works
-                if not on_cpu[k]:
-                    outs[k] = fmt.forward(x, cache.views[layer][s])
+            slots, on_cpu, late = cache.acquire(layer, experts, decode=True)
             if any(on_cpu):
-                x_host = x.cpu()  # SYNC (CUDA): the hidden state goes to the CPU for the missed experts
-                for k, e in enumerate(experts):
-                    if on_cpu[k]:
-                        outs[k] = cache.cpu_forward(layer, e, x_host).to(x.device, non_blocking=True)
+                cache.transfers.to_host(x)  # rule 4: on its way before the device experts are launched
+            outs: list[torch.Tensor | None] = [None] * K
+            for k in _resident_first(late, on_cpu):
+                if late[k]:
+                    cache.wait(layer, slots[k])
+                outs[k] = fmt.forward(x, cache.views[layer][slots[k]])
+            if any(on_cpu):
+                x_host = cache.transfers.host_x()
+                missed = [k for k in range(K) if on_cpu[k]]
+                ys = torch.cat([cache.cpu_forward(layer, experts[k], x_host) for k in missed])  # [n, D]
+                for k, y in zip(missed, cache.transfers.to_device(ys), strict=True):
+                    outs[k] = y.view(1, -1)
             out = torch.stack(outs, dim=1)  # K x [1, D] -> [1, K, D]
             cache.release(layer, slots)
         else:
             out = x.new_empty(T, K, x.shape[1])  # [T, K, D]
             for group in self._groups(layer, chosen):
-                slots, _ = cache.acquire(layer, group)
-                for e, s in zip(group, slots, strict=True):
-                    rows, ranks = (idx == e).nonzero(as_tuple=True)
-                    out[rows, ranks] = fmt.forward(x[rows], cache.views[layer][s])
+                slots, _, late = cache.acquire(layer, group)
+                for k in _resident_first(late):
+                    if late[k]:
+                        cache.wait(layer, slots[k])
+                    rows, ranks = (idx == group[k]).nonzero(as_tuple=True)
+                    out[rows, ranks] = fmt.forward(x[rows], cache.views[layer][slots[k]])
                 cache.release(layer, slots)
         return (out * weights.unsqueeze(-1)).sum(dim=1)  # [T, K, D] -> [T, D]
 
@@ -220,3 +228,9 @@ class Transformer(nn.Module):
         needed.sort(key=lambda e: table.slot(layer, e) < 0)
         n = self.cache.slots[layer]
         return [needed[i : i + n] for i in range(0, len(needed), n)]
+
+
+def _resident_first(late: list[bool], skip: list[bool] | None = None) -> list[int]:
+    """Indices of the experts to compute on the device: those resident now, then those in flight."""
+    keep = [k for k in range(len(late)) if skip is None or not skip[k]]
+    return [k for k in keep if not late[k]] + [k for k in keep if late[k]]

@@ -1,29 +1,48 @@
 """Moving expert bytes to the device, and guessing which experts the next layers will want.
 
-Stream and event rules (CUDA). There are two streams: the compute stream (torch's current
-stream) and one side stream for host-to-device expert copies. Each slot owns two events,
-created once:
-  ready[l][s]  recorded on the side stream right after the copy into slot s of layer l.
+Stream and event rules (CUDA). Every stream and event belongs to the engine's device (`cuda:N`
+included): streams are created on it and "the compute stream" is `current_stream(device)`, never
+the current device's. Three streams take part: the compute stream, a `demand` stream for copies
+that the current layer needs now (created with the higher priority) and a `prefetch` stream for
+speculative copies. Each slot owns two events, created once:
+  ready[l][s]  recorded on the copying stream right after the copy into slot s of layer l.
   free[l][s]   recorded on the compute stream right after the last kernel that reads slot s
                has been enqueued (`mark_free`).
-  1. A copy into a slot first makes the side stream wait for that slot's `free` event, so it
-     never overwrites weights that a queued kernel is still going to read.
-  2. Before compute reads a slot whose copy may be in flight, the compute stream waits for the
-     slot's `ready` event (`wait_ready`). If the copy has not finished, the host also waits on
-     it, and that time is counted as compute stalled on a copy (`copy_wait_s`). Experts that
-     are already resident are computed first, so the wait falls where it hides the most.
-  3. A copy's source is a pinned host buffer. The all-in-RAM store never rewrites one; the tiered
+  1. A copy into a slot first makes its stream wait for that slot's `free` event, so it never
+     overwrites weights that a queued kernel is still going to read, and for the slot's previous
+     `ready` event, so two copies into one slot (a prefetch, then a demand copy that evicted the
+     prefetched expert before use) land in the order they were issued.
+  2. Demand copies never queue behind speculative ones. The host-to-device copy engine serves a
+     stream's copies in the order they were enqueued, so speculative copies have their own stream,
+     and a layer's prefetches (decided at the layer's entry, `Prefetcher`) are enqueued only after
+     that layer's demand copies (`ExpertCache.acquire` flushes them). A demand copy issued while a
+     prefetch copy is still in flight shares the link with it; `demand_during_prefetch` counts those.
+  3. Issuing and waiting are apart. `acquire` issues the misses' copies and returns at once; the
+     MoE layer launches the kernels of the experts already resident, then waits for each expert
+     still in flight (`wait_ready`) just before its own kernel. Waiting makes the compute stream
+     wait for the slot's `ready` event; if the copy has not finished, the host also waits on it
+     (a labelled SYNC), and that time is counted as compute stalled on a copy (`copy_wait_s`).
+  4. A decode miss computed on the CPU (miss policy cpu/auto): the hidden state goes to a pinned
+     host buffer first (`to_host`: a non-blocking copy and an event), then the device experts are
+     launched, then the host waits for that event only (not for the expert kernels) and computes
+     the missed experts; their outputs go back through a pinned buffer with one non-blocking copy.
+  5. A copy's source is a pinned host buffer. The all-in-RAM store never rewrites one; the tiered
      store (RAM cache over storage) gets the slot's `ready` event with `done()` and does not
-     reuse that RAM buffer before the event has completed.
-  4. Nothing else synchronises. The per-layer `.tolist()` of router choices (in `model.py`) is
-     the one sync of the decode step: residency is decided on the host.
-On a CPU device there is no side stream: copies run inline, in the same order, so the results
-are identical to the CUDA path and to a run without prefetch.
+     reuse that RAM buffer before the event has completed (a later recording of that event is a
+     later copy into the same slot, which by rule 1 completes after ours).
+  6. Nothing else synchronises. The per-layer `.tolist()` of router choices (in `model.py`) and,
+     with prefetch on, the prediction's `.tolist()` are the decode step's syncs: residency is
+     decided on the host.
+On a CPU device there are no streams: copies run inline, in the same order, so the results are
+identical to the CUDA path and to a run without prefetch. The CUDA calls go through `self.cuda`
+(torch.cuda unless a test passes a fake of it), so these rules are tested on the CPU
+(tests/test_transfer_rules.py) and, with `torch.cuda._sleep` widening the races, on a GPU.
 
-Prediction (`Prefetcher`): while layer l runs, the routers of layers l+1 .. l+N are applied to
+Prediction (`Prefetcher`): at the entry of layer l, the routers of layers l+1 .. l+N are applied to
 the hidden state entering layer l (after each target layer's own ffn norm). For one token the
 top-k experts of each target layer are prefetched; for a prompt, the experts chosen by the most
-tokens, up to that layer's slot count.
+tokens, up to that layer's slot count. Storage reads (tiered store) start at once; device copies
+wait for layer l's demand copies (rule 2).
 
 Legend: T tokens, D dim, E experts, K top-k, N prefetch depth.
 """
@@ -37,49 +56,103 @@ import torch
 
 
 class Transfers:
-    """Host-to-device copies of whole experts, with per-slot events on CUDA."""
+    """Host-to-device copies of whole experts, and the hidden state's round trip for CPU-computed
+    misses, with per-slot events on CUDA (the rules above). `cuda`: torch.cuda, or a test's fake."""
 
-    def __init__(self, device: torch.device, slots: Sequence[int]):
-        self.cuda = device.type == "cuda"
-        if self.cuda:
-            self.stream = torch.cuda.Stream(device)
-            self.ready = [[torch.cuda.Event() for _ in range(n)] for n in slots]
-            self.free = [[torch.cuda.Event() for _ in range(n)] for n in slots]
-            self.in_flight = [[False] * n for n in slots]
+    def __init__(self, device: torch.device, slots: Sequence[int], cuda=None):
+        self.device = device
+        self.cuda = cuda if cuda is not None else (torch.cuda if device.type == "cuda" else None)
+        self.in_flight = [[False] * n for n in slots]  # a copy into [l][s] was issued and not yet waited for
+        if self.cuda is None:
+            return
+        cuda = self.cuda
+        self.demand = cuda.Stream(device, priority=-1)  # rule 2: its own stream, the higher priority
+        self.prefetch = cuda.Stream(device)
+        self.ready = [[cuda.Event() for _ in range(n)] for n in slots]
+        self.free = [[cuda.Event() for _ in range(n)] for n in slots]
+        self.prefetch_tail = cuda.Event()  # recorded after the latest speculative copy
+        self.host_event, self.back_event = cuda.Event(), cuda.Event()
+        self.pin = cuda is torch.cuda  # a fake backend runs on CPU tensors, which cannot be pinned
+        self._host: dict[tuple, torch.Tensor] = {}  # pinned staging buffers, allocated once per shape
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, layer: int, slot: int) -> torch.cuda.Event | None:
-        """Copy one expert into a slot; return the event after which `src` may be reused (None: now)."""
-        if not self.cuda:
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, layer: int, slot: int, demand: bool = True):
+        """Copy one expert into a slot, on the demand stream (needed by this layer now) or the
+        prefetch stream; return the event after which `src` may be reused (None: now)."""
+        if self.cuda is None:
             dst.copy_(src)
             return None
-        with torch.cuda.stream(self.stream):
-            self.stream.wait_event(self.free[layer][slot])  # rule 1
+        stream = self.demand if demand else self.prefetch
+        with self.cuda.stream(stream):
+            stream.wait_event(self.free[layer][slot])  # rule 1: queued kernels have read the old weights
+            stream.wait_event(self.ready[layer][slot])  # rule 1: an earlier copy into this slot has landed
             dst.copy_(src, non_blocking=True)
-            self.ready[layer][slot].record(self.stream)
+            self.ready[layer][slot].record(stream)
+            if not demand:
+                self.prefetch_tail.record(stream)
         self.in_flight[layer][slot] = True
         return self.ready[layer][slot]
 
+    def prefetch_busy(self) -> bool:
+        """Whether a speculative copy is still in flight (a demand copy issued now shares the link)."""
+        return self.cuda is not None and not self.prefetch_tail.query()
+
     def wait_ready(self, layer: int, slot: int) -> float:
-        """Order compute after the slot's copy (rule 2); return host seconds spent waiting."""
-        if not self.cuda or not self.in_flight[layer][slot]:
+        """Order compute after the slot's copy (rule 3); return host seconds spent waiting."""
+        if self.cuda is None or not self.in_flight[layer][slot]:
             return 0.0
         ev = self.ready[layer][slot]
         waited = 0.0
         if not ev.query():
             t0 = time.perf_counter()
-            ev.synchronize()  # SYNC: compute needs this expert and its copy is still in flight
+            ev.synchronize()  # SYNC: compute needs this expert now and its copy is still in flight
             waited = time.perf_counter() - t0
-        torch.cuda.current_stream().wait_event(ev)
+        self.cuda.current_stream(self.device).wait_event(ev)
         self.in_flight[layer][slot] = False
         return waited
 
     def mark_free(self, layer: int, slot: int) -> None:
-        if self.cuda:
-            self.free[layer][slot].record(torch.cuda.current_stream())
+        if self.cuda is not None:
+            self.free[layer][slot].record(self.cuda.current_stream(self.device))
+
+    def to_host(self, x: torch.Tensor) -> None:
+        """Start copying the hidden state x [T, D] to a pinned host buffer (rule 4); `host_x` waits."""
+        if self.cuda is None:
+            self._x = x
+            return
+        buf = self._staging("x", x)
+        buf.copy_(x, non_blocking=True)
+        self.host_event.record(self.cuda.current_stream(self.device))
+        self._x = buf
+
+    def host_x(self) -> torch.Tensor:
+        """The hidden state given to `to_host`, once it is on the host."""
+        if self.cuda is not None:
+            self.host_event.synchronize()  # SYNC: the CPU computes missed experts from it (rule 4)
+        return self._x
+
+    def to_device(self, y: torch.Tensor) -> torch.Tensor:
+        """CPU-computed expert outputs y [n, D] onto the device, one non-blocking copy from pinned memory."""
+        if self.cuda is None:
+            return y
+        buf = self._staging("y", y)
+        # SYNC: the previous layer's copy out of this buffer has finished (it has: this layer's router
+        # read its choices on the host since); written only after that, so no copy reads a half-new buffer
+        self.back_event.synchronize()
+        buf.copy_(y)
+        out = buf.to(self.device, non_blocking=True)
+        self.back_event.record(self.cuda.current_stream(self.device))
+        return out
+
+    def _staging(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        key = (name, tuple(like.shape), like.dtype)
+        if key not in self._host:
+            self._host[key] = torch.empty(like.shape, dtype=like.dtype, pin_memory=self.pin)
+        return self._host[key]
 
     def synchronize(self) -> None:
-        if self.cuda:
-            self.stream.synchronize()  # SYNC: end of load/warm-up, not on the decode path
+        if self.cuda is not None:
+            self.demand.synchronize()  # SYNC: end of load/warm-up, not on the decode path
+            self.prefetch.synchronize()  # SYNC: likewise
 
 
 class Prefetcher:
@@ -89,7 +162,8 @@ class Prefetcher:
         self.model, self.cache, self.depth = model, cache, depth
 
     def __call__(self, layer: int, h: torch.Tensor) -> None:
-        """`h` [T, D] is the hidden state entering `layer`; prefetch for layers after it."""
+        """`h` [T, D] is the hidden state entering `layer`; prefetch for layers after it. The device
+        copies are queued on the cache (`plan_prefetch`) and issued after `layer`'s demand copies."""
         targets = range(layer + 1, min(layer + 1 + self.depth, self.model.config.n_layers))
         if self.depth == 0 or not targets:
             return
@@ -105,11 +179,11 @@ class Prefetcher:
             for j, experts in zip(layers, chosen, strict=True):
                 store.prefetch(j, experts)  # non-blocking reads from storage (a no-op when all is in RAM)
             for j, experts in zip(targets, chosen, strict=False):
-                self.cache.prefetch(j, experts)
+                self.cache.plan_prefetch(j, experts)
             return
         E = self.model.config.num_experts
         counts = torch.stack([torch.bincount(p.view(-1), minlength=E) for p in picks])  # [N, E]
         order = counts.argsort(dim=-1, descending=True, stable=True).tolist()  # SYNC: prediction to host
         used = (counts > 0).sum(-1).tolist()
         for j, ranked, n in zip(targets, order, used, strict=False):
-            self.cache.prefetch(j, ranked[: min(n, self.cache.slots[j])])
+            self.cache.plan_prefetch(j, ranked[: min(n, self.cache.slots[j])])
