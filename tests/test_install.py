@@ -38,7 +38,8 @@ def test_pyproject_maps_profiles_into_the_package():
         assert any(Path(f"{name}.toml").match(g) for g in globs), name
     # packages is an explicit list (find cannot see the mapped one): it must name every package of the tree
     found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "offload_moe").rglob("__init__.py")}
-    assert found <= set(setuptools["packages"])
+    missing = found - set(setuptools["packages"])
+    assert not missing, f"add {sorted(missing)} to [tool.setuptools] packages in pyproject.toml"
 
 
 def test_the_wheel_holds_every_module_and_profile_and_finds_them_installed(tmp_path):
@@ -56,8 +57,8 @@ def test_the_wheel_holds_every_module_and_profile_and_finds_them_installed(tmp_p
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in REPO_PROFILES:
         assert f"offload_moe/data/profiles/{name}.toml" in names
-    for module in (ROOT / "offload_moe").glob("*.py"):
-        assert f"offload_moe/{module.name}" in names
+    for module in (ROOT / "offload_moe").rglob("*.py"):  # subpackages too: `packages` must list each
+        assert module.relative_to(ROOT).as_posix() in names
     assert "offload_moe/data/tiny-moe/model.safetensors" in names
 
     # unpacked as pip would, away from the source tree: the profiles resolve inside the package
