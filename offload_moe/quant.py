@@ -266,22 +266,46 @@ def int8_part_shapes(N: int, K: int, group_size: int) -> dict[str, tuple[int, ..
     return {"codes": (G, N, group_size), "scales": (G, N), "zeros": (G, N)}
 
 
+class Int8Scratch:
+    """The buffer that `Int8Linear`s widen or rebuild their matrix in, one per (device, dtype), of
+    `numel` elements (the largest matrix among the layers that share it), allocated at first use
+    and reused by every later call: no weight-sized allocation per call. The layers that share one
+    run one after another on one stream, so it is never rewritten while a matmul still reads it."""
+
+    def __init__(self, numel: int):
+        self.numel = numel
+        self.buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def get(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (device, dtype)
+        if key not in self.buffers:
+            self.buffers[key] = torch.empty(self.numel, dtype=dtype, device=device)
+        return self.buffers[key]
+
+
 class Int8Linear(nn.Module):
     """A resident linear layer (attention's wq wk wv wo) with int8 weights: `Int8Format`'s matrix
-    layout and paths, held in three buffers, so that a state dict carries it. Off the CPU each call
-    rebuilds its matrix in a temporary (no shared scratch: the projections differ in shape, and
-    the caching allocator hands the same block back every layer)."""
+    layout and paths, held in three buffers, so that a state dict carries it. Each call widens (CPU,
+    `int8_bmm_linear`) or rebuilds (elsewhere, fp32 on the CPU for many tokens) its matrix in
+    `scratch`, which `int8_attention` shares among all the model's projections (default: its own,
+    of this matrix's size)."""
 
     PARTS = tuple(INT8_PART_DTYPES)
 
-    def __init__(self, in_features: int, out_features: int, group_size: int):
+    def __init__(self, in_features: int, out_features: int, group_size: int, scratch: Int8Scratch | None = None):
         super().__init__()
         _check_groups(group_size, in_features, "attention input size")
         for part, shape in int8_part_shapes(out_features, in_features, group_size).items():
             self.register_buffer(part, torch.empty(shape, dtype=INT8_PART_DTYPES[part]))
+        if scratch is not None and scratch.numel < in_features * out_features:
+            raise ValueError(f"an Int8Scratch of {scratch.numel} elements cannot hold a {out_features}x{in_features} "
+                             "matrix")
+        self.scratch = scratch or Int8Scratch(in_features * out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x, self.codes, self.scales, self.zeros, x.device.type == "cpu")
+        cpu = x.device.type == "cpu"
+        buf = self.scratch.get(x.device, torch.float32 if cpu else x.dtype)  # fp32 on the CPU, as Int8Format
+        return int8_linear(x, self.codes, self.scales, self.zeros, cpu, buf)
 
 
 def int8_parts(w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
@@ -306,12 +330,14 @@ def check_int8_attention(config: ModelConfig, group_size: int) -> None:
 
 def int8_attention(model: nn.Module, group_size: int) -> None:
     """Swap every layer's attention projections for `Int8Linear`s of the same shape (on the model's
-    device, usually `meta`, before the state dict is assigned)."""
-    for blk in model.layers:
-        for name in ATTENTION_WEIGHTS:
-            lin = getattr(blk.attention, name)
-            with lin.weight.device:
-                setattr(blk.attention, name, Int8Linear(lin.in_features, lin.out_features, group_size))
+    device, usually `meta`, before the state dict is assigned), all sharing one `Int8Scratch` sized to
+    the largest projection (Mixtral: wq or wo, 4096 x 4096: 32 MiB in fp16, 64 MiB in fp32 on the CPU)."""
+    linears = [(blk.attention, name, getattr(blk.attention, name)) for blk in model.layers
+               for name in ATTENTION_WEIGHTS]
+    scratch = Int8Scratch(max(lin.in_features * lin.out_features for _, _, lin in linears))
+    for attention, name, lin in linears:
+        with lin.weight.device:
+            setattr(attention, name, Int8Linear(lin.in_features, lin.out_features, group_size, scratch))
 
 
 def int8_attention_state(name: str, w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:

@@ -133,6 +133,47 @@ def test_int8_linear_computes_with_its_dequantized_weights(dtype, T):
     assert max_rel(y, ref) < {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
 
 
+def largest_allocation(fn) -> int:
+    """Bytes of the largest single allocation that `fn()` makes (torch's profiler, CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max((e.self_cpu_memory_usage for e in prof.events()), default=0)
+
+
+@pytest.mark.parametrize("T", [1, 20])  # the CPU's batched int8 kernel, and dequantizing (as off the CPU)
+def test_int8_linear_allocates_nothing_of_a_weights_size(T):
+    """Int8Linear widens or rebuilds its matrix in the scratch buffer, allocated once: a call's largest
+    allocation is smaller than even the int8 codes (without the buffer: the fp32 matrix, 4x the codes)."""
+    from offload_moe.quant import int8_linear
+
+    N = 512
+    lin = Int8Linear(D, N, 64)
+    lin.load_state_dict(int8_parts(torch.randn(N, D) * 0.02, 64))
+    x = torch.randn(T, D)
+    lin(x)  # the first call allocates the scratch buffer
+    buf = lin.scratch.get(x.device, torch.float32)
+    assert largest_allocation(lambda: lin(x)) < N * D
+    assert lin.scratch.get(x.device, torch.float32).data_ptr() == buf.data_ptr() and len(lin.scratch.buffers) == 1
+    assert largest_allocation(lambda: int8_linear(x, lin.codes, lin.scales, lin.zeros, True)) >= 4 * N * D
+
+
+def test_int8_attention_shares_one_scratch_sized_to_the_largest_projection():
+    from offload_moe.model import Transformer
+    from offload_moe.quant import int8_attention
+
+    config = ModelConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64, ffn_dim=128, num_experts=2,
+                         top_k=1, vocab_size=16)  # wq [256, 128], wk wv [128, 128], wo [128, 256]
+    with torch.device("meta"):
+        model = Transformer(config)
+    int8_attention(model, 64)
+    linears = [getattr(blk.attention, n) for blk in model.layers for n in ("wq", "wk", "wv", "wo")]
+    assert all(isinstance(lin, Int8Linear) for lin in linears)
+    assert len({id(lin.scratch) for lin in linears}) == 1 and linears[0].scratch.numel == 256 * 128
+    assert not linears[0].scratch.buffers  # nothing allocated before the first call
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("fmt_cls", [Int8Format, Int4Format])
 def test_device_path_as_cuda_runs_it(fmt_cls, dtype):
