@@ -18,7 +18,7 @@ from .errors import UserError
 from .generate import Sampling
 from .policy import ONLINE_POLICIES, POLICIES
 from .profiles import parse_size
-from .quant import ATTENTION_QUANTS, EXPERT_QUANTS, GROUP_SIZES
+from .quant import ATTENTION_QUANTS, EXPERT_QUANTS, GROUP_SIZES, INT4_LAYOUTS
 from .simulate import run_simulate
 from .stats import format_table
 from .trace import save_trace
@@ -185,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="quantization group size (default: %(default)s)")
     con.add_argument("--dtype", choices=list(DTYPES), default="float16",
                      help="dtype of the dense weights and of unquantized experts (default: %(default)s)")
+    con.add_argument("--layout", choices=("auto", *INT4_LAYOUTS), default="auto",
+                     help="int4 code layout: cuda (the tiles of torch's CUDA int4 kernel, for a GPU of compute "
+                          "capability 8.0 or later), cpu (the CPU kernel's order; other GPUs dequantize), or auto: "
+                          "that of this machine's device, cuda where its GPU runs the kernel (default: %(default)s)")
 
     ppl = sub.add_parser("perplexity", parents=[engine_flags()], help="perplexity of a text file",
                          description="Perplexity (sliding window) of the text's tokens with BOS in front.")
@@ -367,12 +371,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from .checkpoint import Checkpoint
     from .packed import convert
-    from .quant import expert_format
+    from .quant import expert_format, int4_layout_for
 
     config = Checkpoint(resolve_model(args.model)).config
     dtype = DTYPES[args.dtype]
-    fmt = expert_format(args.experts, config, dtype, args.group_size)
     gpu = torch.device("cuda") if torch.cuda.is_available() else None  # quantizes much faster there
+    layout = args.layout if args.layout != "auto" else int4_layout_for(gpu or torch.device("cpu"))
+    fmt = expert_format(args.experts, config, dtype, args.group_size, layout)
     attention = None if args.attention == "none" else args.group_size
     index = convert(resolve_model(args.model), args.out, fmt, dtype, pack_device=gpu, attention_group=attention)
     print(f"wrote {args.out}: {len(index['experts'])} experts as {fmt.name}, {fmt.nbytes / 2**20:.2f} MiB each; "

@@ -13,10 +13,13 @@ at run time. Scales and zeros are stored as bf16 in both formats: the int4 CPU k
 keeps fp32's exponent range (no underflow for tiny groups) and `quantize` makes the bound below hold
 for the stored, rounded values.
 
-Layout: a fixed function of the shapes, the same on every machine, because `packed.py` stores these
-bytes and another machine may load them. The int4 codes are in the order of torch's AVX-512 int4 CPU
-kernel (row blocks of 64; see `_pack_nibbles`), written by us, not by torch's converter, whose order
-depends on the CPU it runs on (blocks of 32 with AVX2).
+Layout: a fixed function of the shapes and of the format's name, the same on every machine, because
+`packed.py` stores these bytes and another machine may load them. int4 has two code layouts, each its
+own format name (see `Int4Format`): `int4-gG`, in the order of torch's AVX-512 int4 CPU kernel (row
+blocks of 64; see `_pack_nibbles`), and `int4-gG-cuda`, in the tiles of torch's CUDA int4 kernel (see
+`_tile_int4`). Both are written by us with torch ops, not by torch's converters, whose CPU order
+depends on the CPU it runs on (blocks of 32 with AVX2) and whose CUDA one needs a GPU: any machine can
+pack and unpack either layout, and a process checks once that the kernel it would use reads ours.
 
 Kernels (best of many runs on a shared 2-core AVX-512 VM, 2 threads, D=512, I=1792, T=1; dense fp32
 0.86 ms; bench/bench_quant_kernels.py prints the whole table):
@@ -33,11 +36,21 @@ Kernels (best of many runs on a shared 2-core AVX-512 VM, 2 threads, D=512, I=17
   grouped matmul is one call per group: 1.6-1.8 ms at T=1 in bf16 (its one vectorized dtype), 4.4 ms
   at T=16, 3.5-5.8 ms at T=1 in fp32 and fp16; not used. int8 stays slower than dense fp32 on a CPU:
   widening the codes costs more than reading fp32 weights; its gain is capacity.
-- CUDA (and any other device): dequantize into the compute dtype, then `F.linear`. torch's CUDA int4
-  kernel needs `_convert_weight_to_int4pack`'s tiled layout, which only a CUDA call produces; the
-  buffer is packed on the host before any device sees it, so that layout cannot live in it. The
-  matrix is rebuilt in place in a scratch buffer per (device, dtype), allocated once (Mixtral: w13,
-  235 MB in fp16): the device reserve must hold it; calls allocate only scale-sized temporaries.
+- int4 on CUDA: torch's `_weight_int4pack_mm` (tinygemm) on the `int4-gG-cuda` layout, where it runs
+  (compute capability 8.0 and later, not ROCm, checked once per device by a probe against torch's
+  own converter and a dequantized matmul: `cuda_int4_kernel_runs`), for up to
+  INT4_CUDA_KERNEL_MAX_TOKENS tokens. It reads 0.56 bytes per weight (codes and group-64 scales),
+  against 2 for fp16 weights. It takes bf16 activations only, so x is cast and the result cast back.
+  The engine packs that layout whenever its device runs the kernel (`int4_layout_for`), on the device
+  at load as it quantizes; the packed bytes still land in the expert's one host buffer.
+- Elsewhere on a device (int8, int4 where the kernel does not run, int4 in the other layout, many
+  tokens): dequantize into the compute dtype, then `F.linear`, in a scratch buffer per (device, dtype)
+  allocated once (Mixtral: w13, 235 MB in fp16): the device reserve must hold it; calls allocate only
+  scale-sized temporaries. Device traffic per weight in fp16, with the matmul's read: int8 5 bytes (one
+  fused pass, `int8_dequant`); int4 about 12.5 (codes unpacked in three passes, then one fused scale
+  and shift, `_int4_scale_shift`), down from 13 and 22.5 with unfused passes. torch's
+  `_weight_int8pack_mm` has one scale per output channel and no zeros, so it does not fit a grouped
+  format (one call per group); int8's gain on a GPU is capacity, not speed.
 - The CPU dequantizing path runs in fp32 whatever the compute dtype: fp16/bf16 elementwise ops and
   matmuls are slower than fp32 on CPUs without native support.
 
@@ -49,6 +62,8 @@ from __future__ import annotations
 
 import functools
 import math
+import re
+import sys
 from abc import ABC, abstractmethod
 
 import torch
@@ -220,11 +235,20 @@ def int8_store(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, codes
 
 def int8_dequant(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor, dtype: torch.dtype,
                  out: torch.Tensor | None = None) -> torch.Tensor:
-    """The weights [N, K] in `dtype` of an int8 matrix in `int8_store`'s layout, in `out` when given."""
+    """The weights [N, K] in `dtype` of an int8 matrix in `int8_store`'s layout, in `out` when given.
+
+    One fused pass, w = codes * scale + zero (`addcmul`): it reads 1 byte and writes `dtype`'s size per
+    weight, so with the matmul's read of the result an fp16 dequantizing forward moves 5 bytes per
+    weight (the three passes it replaced, widen, scale, shift, moved 13), against 2 for an fp16 expert
+    and 1 for an int8 kernel. The scales and zeros are passed as fp32 (G*N elements, small): the pass
+    computes in fp32 and rounds once to `dtype`; CUDA casts the codes and the result inside the kernel.
+    The CPU would cast the codes to fp32 in a temporary of the matrix's size, so there they are widened
+    into `w` first and the pass runs in place (codes are exact in every float dtype)."""
     G, N, gs = codes.shape
     w = torch.empty(N, G, gs, dtype=dtype, device=codes.device) if out is None else out[: N * G * gs].view(N, G, gs)
-    w.transpose(0, 1).copy_(codes)
-    w.mul_(s.T.unsqueeze(-1).to(dtype)).add_(z.T.unsqueeze(-1).to(dtype))  # scales, zeros [N, G, 1]
+    wt = w.transpose(0, 1)  # [G, N, gs], the codes' order
+    src = wt.copy_(codes) if codes.device.type == "cpu" else codes
+    torch.addcmul(z.float().unsqueeze(-1), src, s.float().unsqueeze(-1), out=wt)
     return w.view(N, G * gs)  # [N, K]
 
 
@@ -360,38 +384,201 @@ def dense_bytes(config: ModelConfig, dtype: torch.dtype, attention: str = "none"
         config, attention, group_size, dtype)
 
 
+INT4_LAYOUTS = ("cpu", "cuda")  # code orders of the int4 format; see `Int4Format`
+# Above this many tokens, dequantizing + F.linear (a tensor-core GEMM) beats torch's CUDA int4 kernel, which is
+# built for decode. Not measured here: torchao's HQQ README (A6000, 4096 x 4096, group 128) has the kernel at
+# 0.25 ms against 0.27 for dequantize + matmul at 128 rows, 0.52 against 0.33 at 256; gpu_check prints both.
+INT4_CUDA_KERNEL_MAX_TOKENS = 128
+
+
 class Int4Format(_GroupQuantFormat):
-    """Half a byte a weight. Per matrix: codes uint8 [N, K/2], two a byte in the AVX-512 int4 kernel's
-    order (see `_pack_nibbles`), then scales and zeros interleaved, bf16 [G, N, 2], as that kernel reads
-    them. I is a multiple of 32 (the smallest group), so w13's 2I rows come in blocks of 64; w2's D rows
-    do too unless D is an odd multiple of 32, and then in blocks of 32, with the kernel off."""
+    """Half a byte a weight, the codes in one of two layouts (`layout`, part of the format's name):
+
+    - "cpu", named `int4-gG`: codes uint8 [N, K/2], two a byte in the AVX-512 int4 CPU kernel's order
+      (see `_pack_nibbles`). I is a multiple of 32 (the smallest group), so w13's 2I rows come in blocks
+      of 64; w2's D rows do too unless D is an odd multiple of 32, and then in blocks of 32, with the
+      kernel off.
+    - "cuda", named `int4-gG-cuda`: codes int32 [N/8, K/(16t), 32, t/2] in the tiles that torch's CUDA
+      int4 kernel `_weight_int4pack_mm` reads (see `_tile_int4`), t = `cuda_inner_k_tiles(K)`; the same
+      bytes as `_convert_weight_to_int4pack` writes, but made by torch ops, so that any device packs
+      them and any device can unpack them (the CPU-miss path, the dequantizing fallback).
+
+    Both then hold the scales and zeros interleaved, bf16 [G, N, 2], as both kernels read them, and both
+    decode w = (q - 8) * scale + zero: a format is the same size in either layout."""
 
     bits = 4
 
-    def __init__(self, config: ModelConfig, compute_dtype: torch.dtype, group_size: int = 64):
+    def __init__(self, config: ModelConfig, compute_dtype: torch.dtype, group_size: int = 64, layout: str = "cpu"):
+        if layout not in INT4_LAYOUTS:
+            raise UserError(f"unknown int4 layout {layout!r} (use {', '.join(INT4_LAYOUTS)})")
+        self.layout = layout  # before the buffer plan, which depends on it
         super().__init__(config, compute_dtype, group_size)
-        self.cpu_kernel = _cpu_int4_kernel_reads_blocks_of_64() and self.D % 64 == 0
+        if layout == "cuda":
+            self.name += "-cuda"
+        self.cpu_kernel = layout == "cpu" and _cpu_int4_kernel_reads_blocks_of_64() and self.D % 64 == 0
+        self._cuda_kernel: dict[torch.device, bool] = {}  # per device: does torch's CUDA kernel run there
 
     def _parts(self, N: int, K: int) -> list[tuple[torch.dtype, tuple[int, ...]]]:
-        return [(torch.uint8, (N, K // 2)), (SCALE_DTYPE, (K // self.group_size, N, 2))]
+        sz = (SCALE_DTYPE, (K // self.group_size, N, 2))
+        if self.layout == "cuda":
+            return [(torch.int32, cuda_tile_shape(N, K)), sz]
+        return [(torch.uint8, (N, K // 2)), sz]
 
     def _store(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dst: tuple) -> None:
         codes, sz = dst
-        codes.copy_(_pack_nibbles(q, _row_block(q.shape[0])))
+        if self.layout == "cuda":
+            codes.copy_(_tile_int4(q, cuda_inner_k_tiles(q.shape[1])))
+        else:
+            codes.copy_(_pack_nibbles(q, _row_block(q.shape[0])))
         sz[..., 0].copy_(scales.T)  # [N, G] -> [G, N]
         sz[..., 1].copy_(zeros.T)
 
     def _dequant(self, mat: tuple, out: torch.Tensor) -> torch.Tensor:
         codes, sz = mat
         G, N, _ = sz.shape
-        w = _unpack_nibbles(codes, _row_block(N), out).view(N, G, self.group_size)  # [N, K] -> [N, G, gs]
-        s, z = (sz[..., i].T.unsqueeze(-1).to(out.dtype) for i in (0, 1))  # [N, G, 1]
-        return w.sub_(8).mul_(s).add_(z).view(N, -1)  # [N, K]
+        q = _untile_int4(codes, out) if self.layout == "cuda" else _unpack_nibbles(codes, _row_block(N), out)
+        return _int4_scale_shift(q.view(N, G, self.group_size), sz).view(N, -1)  # [N, G, gs] -> [N, K]
 
     def _linear(self, x: torch.Tensor, mat: tuple, cpu: bool) -> torch.Tensor:
-        if cpu and self.cpu_kernel and x.shape[0] <= INT4_KERNEL_MAX_TOKENS:
-            return int4_cpu_kernel_linear(x, *mat, self.group_size)
+        if cpu:
+            if self.cpu_kernel and x.shape[0] <= INT4_KERNEL_MAX_TOKENS:
+                return int4_cpu_kernel_linear(x, *mat, self.group_size)
+        elif self.layout == "cuda" and x.shape[0] <= INT4_CUDA_KERNEL_MAX_TOKENS and self.cuda_kernel_on(x.device):
+            return int4_cuda_kernel_linear(x, *mat, self.group_size)
         return self._dequant_linear(x, mat, cpu)
+
+    def cuda_kernel_on(self, device: torch.device) -> bool:
+        """Whether this format's matmuls on `device` run torch's CUDA int4 kernel (cached per device)."""
+        if device not in self._cuda_kernel:
+            self._cuda_kernel[device] = self.layout == "cuda" and cuda_int4_kernel_runs(device)
+        return self._cuda_kernel[device]
+
+
+def _int4_scale_shift(q: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
+    """Codes q [N, G, gs] (floats, in place) -> weights (q - 8) * scale + zero, as one fused pass
+    q * scale + (zero - 8 * scale) (`addcmul`). The scale and the shifted zero stay fp32 ([N, G] only),
+    so the pass computes in fp32 and rounds once to q's dtype (rounding the shifted zero to fp16 or
+    bf16 first would bias whole groups: measured 1.5x the error of the unfused passes)."""
+    s, z = sz[..., 0].float(), sz[..., 1].float()  # [G, N]
+    return torch.addcmul((z - 8 * s).T.unsqueeze(-1), q, s.T.unsqueeze(-1), out=q)  # [N, G, 1] broadcast
+
+
+def int4_cuda_kernel_linear(x: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x [T, K] times an int4 matrix in the "cuda" layout -> [T, N] in x's dtype, by torch's CUDA int4
+    kernel (tinygemm). It takes bf16 activations only (`_weight_int4pack_mm_cuda` checks A is bf16) and
+    returns bf16, so x is cast to bf16 and the result back: for fp16 compute that costs bf16's
+    precision on the output (~0.4%), far below int4's own error. The kernel dequantizes each code in
+    registers as (q - 8) * scale + zero in bf16 and accumulates in fp32: it reads half a byte per
+    weight plus 4 bytes of scale and zero per group (0.56 bytes per weight at group 64), against 2 for
+    fp16 weights and 12.5 for the dequantizing path (see `Int4Format`)."""
+    xb = x.to(torch.bfloat16).contiguous()
+    return torch.ops.aten._weight_int4pack_mm(xb, codes, group_size, sz).to(x.dtype)
+
+
+def cuda_inner_k_tiles(K: int) -> int:
+    """Inner k-tiles of the "cuda" layout for K inputs: 8 (16-byte loads, torchao's and gpt-fast's
+    default) where K is a multiple of 128, else 4 or 2 (K is a multiple of 32, the smallest group)."""
+    return next(t for t in (8, 4, 2) if K % (16 * t) == 0)
+
+
+def cuda_tile_shape(N: int, K: int) -> tuple[int, int, int, int]:
+    """Shape of the int32 codes of a [N, K] matrix in the "cuda" layout: [N/8, K/(16t), 32, t/2]."""
+    if N % 8 or K % 32:
+        raise UserError(f"the CUDA int4 layout needs rows a multiple of 8 and inputs a multiple of 32, got {N} x {K}")
+    t = cuda_inner_k_tiles(K)
+    return N // 8, K // (16 * t), 32, t // 2
+
+
+def int4_converter_bytes(q: torch.Tensor) -> torch.Tensor:
+    """Codes [N, K] -> the uint8 [N, K/2] that torch's `_convert_weight_to_int4pack` takes (torch >= 2.5):
+    byte j of a row holds code 2j in its high nibble and code 2j + 1 in its low one, as torchao packs
+    them (`q[:, ::2] << 4 | q[:, 1::2]`). Only the GPU checks need it: `_tile_int4` goes straight from q."""
+    q = q.to(torch.uint8)
+    return (q[:, ::2] << 4) | q[:, 1::2]
+
+
+def _tile_int4(q: torch.Tensor, inner_k_tiles: int) -> torch.Tensor:
+    """Codes [N, K] (< 16) -> int32 [N/8, K/(16t), 32, t/2] in the layout of torch's CUDA int4 kernel,
+    equal to `_convert_weight_to_int4pack(int4_converter_bytes(q), t)` (its `matrix_to_m16n8k16_Bint4_layout`
+    in aten/src/ATen/native/cuda/int4mm.cu; tested against a transcription of that loop on the CPU and
+    against torch's own converter on a GPU), computed with torch ops on q's device.
+
+    The kernel feeds m16n8k16 tensor-core tiles: 8 rows (n) by 16 inputs (k) per tile, each of a warp's
+    32 lanes holding row n = lane // 4 and inputs k = 2 (lane % 4) + {0, 1, 8, 9} of a k-tile. One
+    int32 holds a lane's 8 codes of two consecutive k-tiles; t k-tiles (t/2 words) lie back to back
+    per lane. With k = 16 (k-tile) + 8 b + 2 c + d, lane = 4 n' + c, and `a` the k-tile within the
+    pair: the word's byte 2d + a holds b = 0 in its low nibble and b = 1 in its high one. Bytes are
+    assembled as uint8 and viewed as int32 in memory order (little-endian, as CUDA devices and the
+    hosts that drive them are)."""
+    if sys.byteorder != "little":
+        raise UserError("the CUDA int4 layout is built on little-endian hosts only")
+    N, K = q.shape
+    J = inner_k_tiles // 2
+    KO = K // (16 * inner_k_tiles)
+    v = q.to(torch.uint8).view(N // 8, 8, KO, J, 2, 2, 4, 2)  # [n tile, n', k super-tile, word, a, b, c, d]
+    v = v.permute(0, 2, 1, 6, 3, 7, 4, 5)  # [N/8, KO, n', c, word, d, a, b]
+    words = (v[..., 0] | (v[..., 1] << 4)).contiguous()  # [N/8, KO, n', c, word, byte = 2d + a]
+    return words.view(N // 8, KO, 32, J, 4).view(torch.int32).view(N // 8, KO, 32, J)
+
+
+def _untile_int4(codes: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The inverse of `_tile_int4`: int32 [N/8, K/(16t), 32, t/2] -> codes [N, K] as floats in `out`
+    (its dtype), in place the way `_unpack_nibbles` does it: each byte widened into its low-nibble
+    position, the high nibble split off by floor division, no temporary of the matrix's size."""
+    NT, KO, _, J = codes.shape
+    N, K = NT * 8, KO * J * 32
+    b = codes.view(torch.uint8).view(NT, KO, 8, 4, J, 2, 2)  # [N/8, KO, n', c, word, d, a]
+    w = out[: N * K].view(NT, 8, KO, J, 2, 2, 4, 2).permute(0, 2, 1, 6, 3, 7, 4, 5)  # [N/8, KO, n', c, word, d, a, b]
+    low, high = w[..., 0], w[..., 1]
+    low.copy_(b)  # the whole byte, 0..255
+    torch.div(low, 16, rounding_mode="floor", out=high)
+    low.add_(high, alpha=-16)
+    return out[: N * K].view(N, K)
+
+
+def cuda_int4_kernel_runs(device: torch.device) -> bool:
+    """Whether torch's CUDA int4 kernel runs on `device` and reads `_tile_int4`'s layout (checked once per
+    device, at load: see `_probe_cuda_int4_kernel`). False off CUDA, on ROCm (whose tiles are 16 rows),
+    before compute capability 8.0 (the kernel is built for sm_80 and later) and wherever the probe fails;
+    there the "cpu" layout and the dequantizing path run, as before this kernel was used."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _probe_cuda_int4_kernel(index)
+
+
+@functools.cache
+def _probe_cuda_int4_kernel(index: int) -> bool:
+    device = torch.device("cuda", index)
+    if torch.version.hip is not None or not hasattr(torch.ops.aten, "_weight_int4pack_mm"):
+        return False
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return False
+    g = torch.Generator().manual_seed(0)
+    N, K, gs = 16, 256, 64
+    try:
+        for t in (2, 4, 8):  # our tiles are torch's, for every inner k-tile count a shape may use
+            q = torch.randint(0, 16, (N, K), generator=g).to(torch.uint8)
+            theirs = torch.ops.aten._convert_weight_to_int4pack(int4_converter_bytes(q).to(device), t)
+            if not torch.equal(_tile_int4(q, t).to(device), theirs):
+                return False
+        q = torch.randint(0, 16, (N, K), generator=g).to(torch.uint8)
+        scales = (torch.rand(N, K // gs, generator=g) * 0.1 + 0.01).to(SCALE_DTYPE)
+        zeros = (torch.randn(N, K // gs, generator=g) * 0.1).to(SCALE_DTYPE)
+        sz = torch.stack((scales.T, zeros.T), dim=-1).contiguous().to(device)  # [G, N, 2]
+        x = torch.randn(3, K, generator=g)
+        y = int4_cuda_kernel_linear(x.to(device), _tile_int4(q, cuda_inner_k_tiles(K)).to(device), sz, gs)
+        ref = x @ dequantize(q, scales, zeros, 4, gs).T  # [3, N]: the kernel must decode (q - 8) * scale + zero
+        return bool(((y.float().cpu() - ref).abs().max() / ref.abs().max()) < 2e-2)
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def int4_layout_for(device: torch.device) -> str:
+    """The int4 layout an engine on `device` packs: "cuda" where torch's CUDA int4 kernel runs and reads
+    our tiles (`cuda_int4_kernel_runs`), else "cpu" (the CPU kernel's order; on other GPUs the
+    dequantizing path)."""
+    return "cuda" if cuda_int4_kernel_runs(device) else "cpu"
 
 
 def int4_cpu_kernel_linear(x: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -424,7 +611,7 @@ def _unpack_nibbles(codes: torch.Tensor, block: int, out: torch.Tensor) -> torch
     w = out[: N * K].view(N // block, block, K)  # [N/B, B, K]: rows j (low nibbles), j + B/2 (high)
     low, high = w[:, : block // 2], w[:, block // 2 :]  # [N/B, B/2, K] each
     low.copy_(b.transpose(1, 2))  # the whole byte, 0..255
-    high.copy_(low).div_(16, rounding_mode="floor")
+    torch.div(low, 16, rounding_mode="floor", out=high)
     low.add_(high, alpha=-16)
     return w.view(N, K)
 
@@ -443,14 +630,28 @@ def _cpu_int4_kernel_reads_blocks_of_64() -> bool:
     return torch.equal(packed, _pack_nibbles(probe, 64))
 
 
-def expert_format(name: str, config: ModelConfig, compute_dtype: torch.dtype, group_size: int = 64) -> ExpertFormat:
-    """The expert format called `name`: "none" (dense, in the compute dtype), "int8" or "int4"."""
+def expert_format(name: str, config: ModelConfig, compute_dtype: torch.dtype, group_size: int = 64,
+                  layout: str = "cpu") -> ExpertFormat:
+    """The expert format called `name`: "none" (dense, in the compute dtype), "int8" or "int4"; `layout`
+    ("cpu" or "cuda", see `Int4Format`) applies to int4 only."""
     if name == "none":
         return DenseFormat(config, compute_dtype)
-    formats = {"int8": Int8Format, "int4": Int4Format}
-    if name not in formats:
-        raise UserError(f"unknown expert quantization {name!r} (use {', '.join(EXPERT_QUANTS)})")
-    return formats[name](config, compute_dtype, group_size)
+    if name == "int8":
+        return Int8Format(config, compute_dtype, group_size)
+    if name == "int4":
+        return Int4Format(config, compute_dtype, group_size, layout)
+    raise UserError(f"unknown expert quantization {name!r} (use {', '.join(EXPERT_QUANTS)})")
+
+
+def parse_format_name(name: str) -> tuple[str, int, str] | None:
+    """(quantization, group size, layout) of a quantized format's name as `packed.json` records it
+    (`int8-g64`, `int4-g64`, `int4-g64-cuda`), or None for a dense one (fp16, bf16, fp32)."""
+    if not name.startswith("int"):
+        return None
+    m = re.fullmatch(r"(int8|int4)-g(\d+)(-cuda)?", name)
+    if m is None or (m[1] == "int8" and m[3]):
+        raise UserError(f"packed.json: unknown expert format {name!r}; convert the model again")
+    return m[1], int(m[2]), "cuda" if m[3] else "cpu"
 
 
 def bytes_per_expert(config: ModelConfig, name: str, group_size: int = 64, dtype: torch.dtype = torch.float16) -> int:
