@@ -10,9 +10,8 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from .prefetch import Prefetcher
 from .profiles import (
     DEFAULT_RESERVE,
     MemoryPlan,
+    Profile,
     auto_slots,
     check_fits,
     load_profile,
@@ -40,10 +40,8 @@ from .quant import (
     Int8Linear,
     dense_bytes,
     expert_format,
-    int4_layout_for,
     int8_attention,
     int8_attention_state,
-    parse_format_name,
 )
 from .stats import collect_stats
 from .tiered import TieredStore
@@ -92,27 +90,14 @@ class EngineOptions:
         return DTYPES[self.dtype]
 
 
-def expert_format_for(ckpt: Checkpoint, options: EngineOptions, dtype: torch.dtype,
-                      device: torch.device | None = None) -> ExpertFormat:
-    """The experts' packed format: a packed folder's own, else the one asked for.
-
-    int4 experts take the code layout of the compute device (`quant.int4_layout_for`): torch's CUDA
-    tiles (`int4-gG-cuda`) where its int4 kernel runs, else the CPU kernel's order (`int4-gG`). A
-    packed folder keeps the layout it was written in: when that is not the device's, its experts run
-    the dequantizing path, which is correct but slower, and a note on stderr says how to convert."""
-    device = device or torch.device("cpu")
+def expert_format_for(ckpt: Checkpoint, options: EngineOptions, dtype: torch.dtype) -> ExpertFormat:
+    """The experts' packed format: a packed folder's own, else the one asked for."""
     if ckpt.packed_index is None:
-        layout = int4_layout_for(device) if options.expert_quant == "int4" else "cpu"
-        return expert_format(options.expert_quant, ckpt.config, dtype, options.group_size, layout)
+        return expert_format(options.expert_quant, ckpt.config, dtype, options.group_size)
     name = ckpt.packed_index["format"]
-    parsed = parse_format_name(name)
-    if parsed is not None:
-        quant, group, layout = parsed
-        if quant == "int4" and layout != (want := int4_layout_for(device)):
-            print(f"note: {ckpt.path} holds int4 experts in the {layout} layout ({name}); on {device} they run the "
-                  f"dequantizing path (correct, slower); `convert --layout {want}` writes the layout of this "
-                  "device's kernel", file=sys.stderr)
-        return expert_format(quant, ckpt.config, dtype, group, layout)
+    if name.startswith("int"):
+        bits, group = name.removeprefix("int").split("-g")
+        return expert_format(f"int{bits}", ckpt.config, dtype, int(group))
     fmt = DenseFormat(ckpt.config, dtype)
     if fmt.name != name:
         raise UserError(f"{ckpt.path} holds {name} experts; run it with --dtype "
@@ -129,6 +114,27 @@ def attention_group(ckpt: Checkpoint, options: EngineOptions) -> int | None:
         raise UserError(f"unknown attention quantization {options.attention_quant!r} "
                         f"(use {', '.join(ATTENTION_QUANTS)})")
     return None if options.attention_quant == "none" else options.group_size
+
+
+def set_fields(options: EngineOptions) -> dict:
+    """The fields of `options` that differ from EngineOptions' defaults: what a caller set."""
+    defaults = EngineOptions()
+    return {f.name: getattr(options, f.name) for f in fields(options)
+            if getattr(options, f.name) != getattr(defaults, f.name)}
+
+
+def resolve_options(options: EngineOptions | None, prof: Profile | None, overrides: dict) -> EngineOptions:
+    """Each setting from the last of: EngineOptions' defaults, the profile (its settings and budgets),
+    the fields of `options` that differ from the defaults, the keyword `overrides`. A field of `options`
+    left at its default keeps the profile's value; to force a default over a profile, pass it in
+    `overrides`."""
+    out = EngineOptions()
+    if prof is not None:
+        out = replace(out, **prof.settings, device_budget=prof.device_budget, device_reserve=prof.device_reserve,
+                      ram_budget=prof.ram_budget)
+    if options is not None:
+        out = replace(out, **set_fields(options))
+    return replace(out, **overrides)
 
 
 def resolve_slots(cache_experts: int | list[int] | None, n_layers: int, num_experts: int, top_k: int) -> list[int]:
@@ -180,13 +186,11 @@ class Engine:
     @classmethod
     def load(cls, path: str | Path, options: EngineOptions | None = None, profile: str | None = None,
              **overrides) -> Engine:
-        """Open a checkpoint. Settings: EngineOptions defaults < the profile < `options` < `overrides`."""
+        """Open a checkpoint. Settings: EngineOptions defaults < the profile < the fields `options` sets
+        (those that differ from the defaults) < `overrides` (see `resolve_options`)."""
         prof = load_profile(profile) if profile else None
-        base = options or EngineOptions()
-        if prof is not None and options is None:
-            base = replace(base, **prof.settings, device_budget=prof.device_budget,
-                           device_reserve=prof.device_reserve, ram_budget=prof.ram_budget)
-        options = replace(base, **overrides)
+        given = set(overrides) | (set(set_fields(options)) if options is not None else set())
+        options = resolve_options(options, prof, overrides)
         device = options.resolved_device()
         dtype = options.resolved_dtype(device)
         ckpt = Checkpoint(path)
@@ -196,10 +200,10 @@ class Engine:
         if options.context < 1:
             raise UserError("--context must be positive")
         context = min(options.context, c.max_context)
-        fmt = expert_format_for(ckpt, options, dtype, device)
+        fmt = expert_format_for(ckpt, options, dtype)
         attn_group = attention_group(ckpt, options)
         dense = dense_bytes(c, dtype, "none" if attn_group is None else "int8", attn_group or 64)
-        if prof is not None and prof.auto and "cache_experts" not in overrides:
+        if prof is not None and prof.auto and "cache_experts" not in given:
             slots, budget = auto_slots(c, dtype, fmt.nbytes, context, device, options.device_reserve, dense)
             options = replace(options, cache_experts=slots, device_budget=budget)
         slots = resolve_slots(options.cache_experts, c.n_layers, c.num_experts, c.top_k)

@@ -60,3 +60,32 @@ def test_a_broken_profile_file_is_a_clear_error(tmp_path):
     typo.write_text("cache_expert = 4\n")
     with pytest.raises(UserError, match="unknown key"):
         load_profile(str(typo))
+
+
+def test_explicit_engine_options_override_only_what_they_set(tmp_path):
+    """Settings: EngineOptions defaults < the profile < the fields an explicit EngineOptions sets < keyword
+    overrides. An explicit EngineOptions used to drop the whole profile, budgets included."""
+    from offload_moe.config import ModelConfig
+    from offload_moe.demo import write_random_checkpoint
+    from offload_moe.engine import Engine, EngineOptions
+
+    shape = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128, num_experts=4,
+                        top_k=2, vocab_size=256)
+    path = write_random_checkpoint(tmp_path / "ckpt", shape, torch.float32)
+    profile = tmp_path / "p.toml"
+    profile.write_text('device = "cpu"\ncache_experts = 3\nprefetch = 0\npolicy = "lfu"\ncontext = 64\n'
+                       '[budget]\ndevice = "1GB"\ndevice_reserve = "1MB"\nram = "512MB"\n')
+    engine = Engine.load(path, EngineOptions(cache_experts=2, policy="fifo", progress=False), profile=str(profile))
+    o = engine.options
+    assert (o.cache_experts, o.policy) == (2, "fifo")  # set explicitly
+    assert (o.prefetch, o.context, o.device) == (0, 64, "cpu")  # the profile's
+    assert (o.device_budget, o.device_reserve, o.ram_budget) == (2**30, 2**20, 512 * 2**20)  # its budgets too
+    assert engine.plan.device_budget == 2**30 and engine.plan.ram == 512 * 2**20
+    assert engine.cache.slots == [2, 2]
+    # a keyword override beats both, even when it names a default value
+    o = Engine.load(path, EngineOptions(policy="fifo", progress=False), profile=str(profile), policy="lru",
+                    prefetch=1).options
+    assert (o.policy, o.prefetch, o.cache_experts) == ("lru", 1, 3)
+    # an EngineOptions left at the defaults changes nothing the profile says
+    o = Engine.load(path, EngineOptions(), profile=str(profile), progress=False).options
+    assert (o.cache_experts, o.policy, o.device_budget) == (3, "lfu", 2**30)
