@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -40,8 +41,10 @@ from .quant import (
     Int8Linear,
     dense_bytes,
     expert_format,
+    int4_layout_for,
     int8_attention,
     int8_attention_state,
+    parse_format_name,
 )
 from .stats import collect_stats
 from .tiered import TieredStore
@@ -90,14 +93,27 @@ class EngineOptions:
         return DTYPES[self.dtype]
 
 
-def expert_format_for(ckpt: Checkpoint, options: EngineOptions, dtype: torch.dtype) -> ExpertFormat:
-    """The experts' packed format: a packed folder's own, else the one asked for."""
+def expert_format_for(ckpt: Checkpoint, options: EngineOptions, dtype: torch.dtype,
+                      device: torch.device | None = None) -> ExpertFormat:
+    """The experts' packed format: a packed folder's own, else the one asked for.
+
+    int4 experts take the code layout of the compute device (`quant.int4_layout_for`): torch's CUDA
+    tiles (`int4-gG-cuda`) where its int4 kernel runs, else the CPU kernel's order (`int4-gG`). A
+    packed folder keeps the layout it was written in: when that is not the device's, its experts run
+    the dequantizing path, which is correct but slower, and a note on stderr says how to convert."""
+    device = device or torch.device("cpu")
     if ckpt.packed_index is None:
-        return expert_format(options.expert_quant, ckpt.config, dtype, options.group_size)
+        layout = int4_layout_for(device) if options.expert_quant == "int4" else "cpu"
+        return expert_format(options.expert_quant, ckpt.config, dtype, options.group_size, layout)
     name = ckpt.packed_index["format"]
-    if name.startswith("int"):
-        bits, group = name.removeprefix("int").split("-g")
-        return expert_format(f"int{bits}", ckpt.config, dtype, int(group))
+    parsed = parse_format_name(name)
+    if parsed is not None:
+        quant, group, layout = parsed
+        if quant == "int4" and layout != (want := int4_layout_for(device)):
+            print(f"note: {ckpt.path} holds int4 experts in the {layout} layout ({name}); on {device} they run the "
+                  f"dequantizing path (correct, slower); `convert --layout {want}` writes the layout of this "
+                  "device's kernel", file=sys.stderr)
+        return expert_format(quant, ckpt.config, dtype, group, layout)
     fmt = DenseFormat(ckpt.config, dtype)
     if fmt.name != name:
         raise UserError(f"{ckpt.path} holds {name} experts; run it with --dtype "
@@ -200,7 +216,7 @@ class Engine:
         if options.context < 1:
             raise UserError("--context must be positive")
         context = min(options.context, c.max_context)
-        fmt = expert_format_for(ckpt, options, dtype)
+        fmt = expert_format_for(ckpt, options, dtype, device)
         attn_group = attention_group(ckpt, options)
         dense = dense_bytes(c, dtype, "none" if attn_group is None else "int8", attn_group or 64)
         if prof is not None and prof.auto and "cache_experts" not in given:
