@@ -1,18 +1,19 @@
-"""Checkpoint reading: the one place where checkpoint names become ours.
+"""Checkpoint reading: where checkpoint names become ours, through each family's tables (`models/`).
 
-Our names: `tok_embeddings`, `norm`, `output`, `layers.N.attention_norm`, `layers.N.ffn_norm`,
-`layers.N.attention.{wq,wk,wv,wo}`, `layers.N.gate` (all `.weight`), and experts addressed as
-`(layer, expert)` with parts `w1`, `w3` [I, D] and `w2` [D, I] (the down projection).
+Our names are listed in `models/__init__.py`; experts are addressed as `(layer, expert)` with
+parts `w1`, `w3` [I, D] and `w2` [D, I] (the down projection).
 
 Layouts read, tensor by tensor (safetensors and mmap'd torch files), never the whole model at once:
-  hf        config.json + model.safetensors, or shards listed in model.safetensors.index.json
-            (`block_sparse_moe.experts.E.w1.weight`, or transformers-5 fused `mlp.experts.gate_up_proj`)
+  hf        config.json + model.safetensors, or shards listed in model.safetensors.index.json, with
+            the names of the family that config.json names (e.g. Mixtral's
+            `block_sparse_moe.experts.E.w1.weight` or transformers-5's fused `mlp.experts.gate_up_proj`,
+            Qwen's `mlp.experts.E.gate_proj.weight`)
   packed    written by `convert` (see packed.py): dense.safetensors already under our names, and the
             experts as ready-packed buffers in experts.bin
-  original  params.json + consolidated.NN.pt, experts stacked per layer as `block_sparse_moe.w1/w2/w3`
-            [E*I, D] (w2's block is the transpose of the down projection) or named
-            `feed_forward.experts.E.w1.weight`. Its wq/wk use interleaved (complex-pair) RoPE; we
-            permute them once here to the rotate-halves convention that the model uses.
+  original  Mixtral's release: params.json + consolidated.NN.pt, experts stacked per layer as
+            `block_sparse_moe.w1/w2/w3` [E*I, D] (w2's block is the transpose of the down projection)
+            or named `feed_forward.experts.E.w1.weight`. Its wq/wk use interleaved (complex-pair) RoPE;
+            we permute them once here to the rotate-halves convention that the model uses.
 """
 
 from __future__ import annotations
@@ -25,32 +26,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .config import from_hf_config, from_params_json
+from .config import from_params_json, read_json
 from .errors import UserError
+from .models import COMMON, family_of, mixtral
+from .models import from_hf_config as from_hf_config
 
 # A source: (file, key in that file, transform applied after reading)
 Source = tuple[Path, str, Callable[[torch.Tensor], torch.Tensor] | None]
-
-_HF_DENSE = [
-    (r"model\.embed_tokens\.weight", "tok_embeddings.weight"),
-    (r"model\.norm\.weight", "norm.weight"),
-    (r"lm_head\.weight", "output.weight"),
-    (r"model\.layers\.(\d+)\.input_layernorm\.weight", "layers.{0}.attention_norm.weight"),
-    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "layers.{0}.ffn_norm.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.weight", "layers.{0}.attention.w{1}.weight"),
-    (r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.gate\.weight", "layers.{0}.gate.weight"),
-]
-_HF_EXPERT = re.compile(r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w[123])\.weight")
-_HF_FUSED = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
-
-_ORIG_DENSE = [
-    (r"(tok_embeddings|norm|output)\.weight", "{0}.weight"),
-    (r"layers\.(\d+)\.(attention_norm|ffn_norm)\.weight", "layers.{0}.{1}.weight"),
-    (r"layers\.(\d+)\.attention\.(w[qkvo])\.weight", "layers.{0}.attention.{1}.weight"),
-    (r"layers\.(\d+)\.(?:block_sparse_moe|feed_forward)\.gate\.weight", "layers.{0}.gate.weight"),
-]
-_ORIG_STACKED = re.compile(r"layers\.(\d+)\.block_sparse_moe\.(w[123])")
-_ORIG_EXPERT = re.compile(r"layers\.(\d+)\.feed_forward\.experts\.(\d+)\.(w[123])\.weight")
 
 
 def interleaved_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -75,7 +57,9 @@ class Checkpoint:
             from .packed import DENSE, read_index
 
             self.layout = "packed"
-            self.config = from_hf_config(self.path / "config.json")
+            raw = read_json(self.path / "config.json")
+            self.family = family_of(raw, self.path / "config.json")
+            self.config = self.family.config(raw, self.path / "config.json")
             self.packed_index = read_index(self.path)
             dense = self.path / DENSE
             if not dense.exists():
@@ -83,10 +67,13 @@ class Checkpoint:
             self.dense_sources = {key: (dense, key, None) for key in self._keys(dense)}
         elif (self.path / "config.json").exists():
             self.layout = "hf"
-            self.config = from_hf_config(self.path / "config.json")
+            raw = read_json(self.path / "config.json")
+            self.family = family_of(raw, self.path / "config.json")
+            self.config = self.family.config(raw, self.path / "config.json")
             self._index_hf()
         elif (self.path / "params.json").exists():
             self.layout = "original"
+            self.family = mixtral
             self.config = from_params_json(self.path / "params.json")
             self._index_original()
         else:
@@ -118,14 +105,16 @@ class Checkpoint:
                 raise UserError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
             by_file = {single.name: self._open(single).keys()}
         E, I = self.config.num_experts, self.config.ffn_dim
+        f = self.family
+        expert, fused, dense = re.compile(f.EXPERT), f.FUSED and re.compile(f.FUSED), f.DENSE + COMMON
         for fname, keys in by_file.items():
             file = self.path / fname
             if not file.exists():
                 raise UserError(f"{self.path}: shard {fname} is listed in the index but missing")
             for key in keys:
-                if m := _HF_EXPERT.fullmatch(key):
-                    self.expert_sources[(int(m[1]), int(m[2]), m[3])] = (file, key, None)
-                elif m := _HF_FUSED.fullmatch(key):
+                if m := expert.fullmatch(key):
+                    self.expert_sources[(int(m[1]), int(m[2]), f.PARTS[m[3]])] = (file, key, None)
+                elif fused and (m := fused.fullmatch(key)):
                     layer = int(m[1])
                     for e in range(E):
                         if m[2] == "down_proj":
@@ -134,7 +123,7 @@ class Checkpoint:
                             self.expert_sources[(layer, e, "w1")] = (file, key, _pick(e, 0, I))
                             self.expert_sources[(layer, e, "w3")] = (file, key, _pick(e, I, 2 * I))
                 else:
-                    self._add_dense(key, _HF_DENSE, file, None)
+                    self._add_dense(key, dense, file, None)
 
     def _index_original(self) -> None:
         files = sorted(self.path.glob("consolidated.*.pt")) + sorted(self.path.glob("consolidated.*.safetensors"))
@@ -144,14 +133,14 @@ class Checkpoint:
         E, I = c.num_experts, c.ffn_dim
         for file in files:
             for key in self._keys(file):
-                if m := _ORIG_STACKED.fullmatch(key):
+                if m := re.fullmatch(mixtral.ORIGINAL_STACKED, key):
                     layer, part = int(m[1]), m[2]
                     for e in range(E):
                         rows = _rows(e * I, (e + 1) * I)
                         # w2 is stored [E*I, D]: each expert's block is the transpose of its [D, I] weight
                         fn = _compose(rows, torch.t) if part == "w2" else rows
                         self.expert_sources[(layer, e, part)] = (file, key, fn)
-                elif m := _ORIG_EXPERT.fullmatch(key):
+                elif m := re.fullmatch(mixtral.ORIGINAL_EXPERT, key):
                     self.expert_sources[(int(m[1]), int(m[2]), m[3])] = (file, key, None)
                 else:
                     fix = None
@@ -159,7 +148,7 @@ class Checkpoint:
                         fix = _permute(c.n_heads)
                     elif key.endswith("attention.wk.weight"):
                         fix = _permute(c.n_kv_heads)
-                    self._add_dense(key, _ORIG_DENSE, file, fix)
+                    self._add_dense(key, mixtral.ORIGINAL_DENSE, file, fix)
 
     def _add_dense(self, key: str, table, file: Path, fix) -> None:
         for pattern, ours in table:
@@ -169,25 +158,40 @@ class Checkpoint:
         # unknown tensors (rotary caches, extra heads) are ignored on purpose
 
     def expected_dense(self) -> dict[str, tuple[int, ...]]:
+        """Every resident tensor the config implies, by our name, with its shape."""
         c = self.config
-        q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-        shapes: dict[str, tuple[int, ...]] = {
-            "tok_embeddings.weight": (c.vocab_size, c.dim),
-            "norm.weight": (c.dim,),
-        }
+        D, hd = c.dim, c.head_dim
+        q, kv = c.n_heads * hd, c.n_kv_heads * hd
+        norms = ("weight", "bias") if c.norm == "layer" else ("weight",)
+        shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (c.vocab_size, D)}
+        shapes |= {f"norm.{n}": (D,) for n in norms}
         if not c.tie_word_embeddings:
-            shapes["output.weight"] = (c.vocab_size, c.dim)
+            shapes["output.weight"] = (c.vocab_size, D)
+        if c.lm_head_bias:
+            shapes["output.bias"] = (c.vocab_size,)
+        qk_norm = {"none": {}, "head": {"q_norm": hd, "k_norm": hd}, "full": {"q_norm": q, "k_norm": kv}}[c.qk_norm]
         for i in range(c.n_layers):
             p = f"layers.{i}."
-            shapes |= {
-                p + "attention_norm.weight": (c.dim,),
-                p + "ffn_norm.weight": (c.dim,),
-                p + "attention.wq.weight": (q, c.dim),
-                p + "attention.wk.weight": (kv, c.dim),
-                p + "attention.wv.weight": (kv, c.dim),
-                p + "attention.wo.weight": (c.dim, q),
-                p + "gate.weight": (c.num_experts, c.dim),
-            }
+            a = p + "attention."
+            shapes |= {p + f"{norm}.{n}": (D,) for norm in ("attention_norm", "ffn_norm") for n in norms}
+            shapes |= {a + "wq.weight": (q, D), a + "wk.weight": (kv, D), a + "wv.weight": (kv, D),
+                       a + "wo.weight": (D, q)}
+            if c.qkv_bias:
+                shapes |= {a + "wq.bias": (q,), a + "wk.bias": (kv,), a + "wv.bias": (kv,)}
+            if c.o_bias:
+                shapes[a + "wo.bias"] = (D,)
+            shapes |= {a + f"{name}.weight": (n,) for name, n in qk_norm.items()}
+            if i in c.dense_layers:
+                I = c.dense_ffn_dim
+                shapes |= {p + "mlp.w1.weight": (I, D), p + "mlp.w3.weight": (I, D), p + "mlp.w2.weight": (D, I)}
+                continue
+            shapes[p + "gate.weight"] = (c.num_experts, D)
+            if c.shared_ffn_dim:
+                I = c.shared_ffn_dim
+                shapes |= {p + "shared.w1.weight": (I, D), p + "shared.w3.weight": (I, D),
+                           p + "shared.w2.weight": (D, I)}
+            if c.shared_gate:
+                shapes[p + "shared_gate.weight"] = (1, D)
         if self.packed_index is not None:  # a packed folder with int8 attention holds Int8Linear's parts instead
             from .packed import packed_attention_group
             from .quant import ATTENTION_SUFFIXES, int8_part_shapes
@@ -209,12 +213,12 @@ class Checkpoint:
         c = self.config
         if self.layout == "packed":
             placed = {(layer, e) for layer, e, *_ in self.packed_index["experts"]}
-            missing = [(layer, e) for layer in range(c.n_layers) for e in range(c.num_experts)
+            missing = [(layer, e) for layer in c.moe_layers for e in range(c.num_experts)
                        if (layer, e) not in placed]
             if missing:
                 raise UserError(f"{self.path}: expert {missing[0]} is missing from the packed index")
             return
-        for layer in range(c.n_layers):
+        for layer in c.moe_layers:
             for e in range(c.num_experts):
                 for part in ("w1", "w2", "w3"):
                     if (layer, e, part) not in self.expert_sources:

@@ -1,12 +1,20 @@
-"""Model shape: one dataclass, read from a Hugging Face `config.json` or an original `params.json`."""
+"""Model shape: one dataclass, read from a Hugging Face `config.json` (each family's reader, in
+`models/`, through `hf_common`) or an original `params.json`.
+
+Legend: D dim, L layers, E experts, K top-k, I expert ffn dim.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from .errors import UserError
+
+NORMS = ("rms", "layer")
+QK_NORMS = ("none", "head", "full")
+ROUTERS = ("softmax", "sparsemixer")
 
 
 @dataclass(frozen=True)
@@ -27,8 +35,29 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     bos_id: int = 1
     eos_id: int = 2
+    # the family and its variant of each shared piece (the defaults are Mixtral's)
+    family: str = "mixtral"
+    eos_ids: tuple[int, ...] = ()  # every id that ends generation (default: eos_id)
+    norm: str = "rms"  # rms, or layer (LayerNorm with bias)
+    qkv_bias: bool = False  # biases of wq wk wv
+    o_bias: bool = False  # bias of wo
+    qk_norm: str = "none"  # RMSNorm of q and k before RoPE: per head (Qwen3) or over the whole projection (OLMoE)
+    clip_qkv: float | None = None  # q, k, v clamped to +-clip_qkv (OLMoE)
+    router: str = "softmax"  # softmax then top-k, or sparsemixer (Phi-3.5-MoE)
+    norm_topk_prob: bool = True  # renormalise the top-k softmax weights
+    router_jitter: float = 0.0  # sparsemixer's relative band
+    shared_ffn_dim: int = 0  # a resident shared expert beside the routed ones (Qwen2-MoE); 0: none
+    shared_gate: bool = False  # the shared expert's output scaled by sigmoid(gate . x)
+    dense_ffn_dim: int = 0  # the MLP of dense layers
+    dense_layers: tuple[int, ...] = ()  # layers with a dense MLP instead of experts
+    lm_head_bias: bool = False
+    rope_scaling: dict | None = None  # longrope: short/long factors and mscales, original_max
 
     def __post_init__(self) -> None:
+        for name in ("eos_ids", "dense_layers"):  # JSON gives lists
+            object.__setattr__(self, name, tuple(int(i) for i in getattr(self, name)))
+        if not self.eos_ids:
+            object.__setattr__(self, "eos_ids", (self.eos_id,))
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "num_experts",
                      "top_k", "vocab_size", "max_context"):
             if int(getattr(self, name)) <= 0:
@@ -37,6 +66,36 @@ class ModelConfig:
             raise UserError(f"config: {self.n_heads} heads are not a multiple of {self.n_kv_heads} kv heads")
         if self.top_k > self.num_experts:
             raise UserError(f"config: top-k {self.top_k} exceeds {self.num_experts} experts")
+        for name, allowed in (("norm", NORMS), ("qk_norm", QK_NORMS), ("router", ROUTERS)):
+            if getattr(self, name) not in allowed:
+                raise UserError(f"config: {name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if not self.moe_layers:
+            raise UserError("config: every layer is dense; this engine runs models with experts")
+        if self.dense_layers and self.dense_ffn_dim <= 0:
+            raise UserError("config: dense layers need the dense MLP size (intermediate_size)")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        """`to_dict`'s output back (a trace's metadata); keys of a newer version are refused."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise UserError(f"config: unknown key(s) {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        """The layers that have experts, in order; the expert cache's rows are these."""
+        return tuple(i for i in range(self.n_layers) if i not in self.dense_layers)
+
+    @property
+    def n_moe_layers(self) -> int:
+        return len(self.moe_layers)
+
+    @property
+    def row_of(self) -> dict[int, int]:
+        """layer -> its row among the layers with experts."""
+        return {layer: row for row, layer in enumerate(self.moe_layers)}
 
     @property
     def expert_params(self) -> int:
@@ -45,15 +104,22 @@ class ModelConfig:
 
     @property
     def attention_params(self) -> int:
-        """wq, wk, wv and wo of every layer."""
+        """wq, wk, wv and wo of every layer (their weights: what int8 attention quantizes)."""
         return self.n_layers * self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
 
     @property
     def dense_params(self) -> int:
-        """Everything that is not an expert: attention, norms, routers, embeddings, head."""
-        per_layer = 2 * self.dim + self.num_experts * self.dim
-        head = 0 if self.tie_word_embeddings else self.vocab_size * self.dim
-        return self.attention_params + self.n_layers * per_layer + self.vocab_size * self.dim + head + self.dim
+        """Everything that is not a routed expert: attention (biases, QK norms), norms, routers,
+        shared experts, dense MLP layers, embeddings, head."""
+        H, G, hd, D = self.n_heads, self.n_kv_heads, self.head_dim, self.dim
+        norm = 2 * D if self.norm == "layer" else D
+        attn = self.attention_params + self.n_layers * (
+            (H + 2 * G) * hd * self.qkv_bias + D * self.o_bias
+            + {"none": 0, "head": 2 * hd, "full": (H + G) * hd}[self.qk_norm])
+        moe = self.n_moe_layers * (self.num_experts * D + 3 * D * self.shared_ffn_dim + D * self.shared_gate)
+        dense = len(self.dense_layers) * 3 * D * self.dense_ffn_dim
+        head = (0 if self.tie_word_embeddings else self.vocab_size * D) + self.vocab_size * self.lm_head_bias
+        return attn + self.n_layers * 2 * norm + moe + dense + self.vocab_size * D + head + norm
 
     def kv_bytes(self, context: int, bytes_per_value: int) -> int:
         """KV cache for `context` tokens (or the sliding window, if shorter)."""
@@ -79,7 +145,7 @@ class ModelConfig:
         return out
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -91,88 +157,84 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _need(data: dict, path: Path, *keys: str):
+def need(data: dict, path: Path, *keys: str):
+    """The first of `keys` that `data` has (a family's names for one thing), else a clear error."""
     for key in keys:
         if key in data and data[key] is not None:
             return data[key]
     raise UserError(f"{path}: missing {keys[0]!r}")
 
 
-# The architectures the engine implements: config.json's `model_type` -> its `architectures` names. A checkpoint
-# of any other kind is refused, even when its tensor names look alike (Phi-3.5-MoE's are Mixtral's).
-SUPPORTED_ARCHITECTURES: dict[str, tuple[str, ...]] = {
-    "mixtral": ("MixtralForCausalLM",),
-}
+def rope_of(c: dict, path: Path) -> tuple[float, dict | None]:
+    """(theta, scaling) from either style: top-level `rope_theta` and `rope_scaling`, or transformers 5's
+    `rope_parameters`. Scaling: None, or longrope's factors (Phi-3.5)."""
+    params = c.get("rope_parameters") or {}
+    old = c.get("rope_scaling") or {}
+    theta = float(params.get("rope_theta", c.get("rope_theta", 1e6)))
+    scaling = {**old, **{k: v for k, v in params.items() if k != "rope_theta"}}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind in ("longrope", "su"):
+        try:
+            return theta, {"type": "longrope", "short_factor": [float(f) for f in scaling["short_factor"]],
+                           "long_factor": [float(f) for f in scaling["long_factor"]],
+                           "original_max": int(scaling.get("original_max_position_embeddings")
+                                               or c["original_max_position_embeddings"]),
+                           "short_mscale": float(scaling.get("short_mscale", 1.0)),
+                           "long_mscale": float(scaling.get("long_mscale", 1.0))}
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{path}: longrope scaling is incomplete ({e})") from None
+    raise UserError(f"{path}: RoPE scaling {kind!r} is not supported (default, longrope)")
 
 
-def check_architecture(c: dict, path: Path) -> None:
-    """Refuse a config.json whose `model_type` or `architectures` the engine does not implement. One with neither
-    key (hand-written) is taken as Mixtral."""
-    model_type = None if c.get("model_type") is None else str(c["model_type"])
-    architectures = c.get("architectures") or []
-    architectures = [str(a) for a in (architectures if isinstance(architectures, list) else [architectures])]
-    if model_type is None:
-        known = {name for names in SUPPORTED_ARCHITECTURES.values() for name in names}
-    else:
-        known = set(SUPPORTED_ARCHITECTURES.get(model_type, ()))
-    if (model_type is None or model_type in SUPPORTED_ARCHITECTURES) and set(architectures) <= known:
-        return
-    says = [f"model_type {model_type!r}"] if model_type is not None else []
-    if architectures:
-        says.append(f"architectures {', '.join(architectures)}")
-    supported = ", ".join(f"{t} ({', '.join(a)})" for t, a in SUPPORTED_ARCHITECTURES.items())
-    raise UserError(f"{path} says {' and '.join(says)}: offload_moe does not implement it (supported: {supported})")
-
-
-def from_hf_config(path: Path) -> ModelConfig:
-    """`config.json` as written by transformers, old style (top-level rope_theta) or new (rope_parameters)."""
-    c = _read_json(path)
-    check_architecture(c, path)
-    rope = c.get("rope_parameters") or {}
-    theta = rope.get("rope_theta", c.get("rope_theta", 1e6))
-    if rope.get("rope_type", "default") != "default":
-        raise UserError(f"{path}: rope_type {rope['rope_type']!r} is not supported (only 'default')")
-    n_heads = int(_need(c, path, "num_attention_heads"))
-    dim = int(_need(c, path, "hidden_size"))
+def hf_common(c: dict, path: Path, **family) -> ModelConfig:
+    """A config.json's keys that every family names alike, plus the family's own (`family`:
+    ModelConfig fields, e.g. ffn_dim, num_experts and the variants)."""
+    theta, scaling = rope_of(c, path)
+    n_heads = int(need(c, path, "num_attention_heads"))
+    dim = int(need(c, path, "hidden_size"))
     eos = c.get("eos_token_id", 2)
+    eos_ids = [int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None] or [2]
+    common = dict(
+        dim=dim,
+        n_layers=int(need(c, path, "num_hidden_layers")),
+        n_heads=n_heads,
+        n_kv_heads=int(c.get("num_key_value_heads") or n_heads),
+        head_dim=int(c.get("head_dim") or dim // n_heads),
+        top_k=int(need(c, path, "num_experts_per_tok")),
+        vocab_size=int(need(c, path, "vocab_size")),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        norm_eps=float(c.get("rms_norm_eps", 1e-5)),
+        sliding_window=c.get("sliding_window") or None,
+        max_context=int(c.get("max_position_embeddings", 32768)),
+        tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+        bos_id=int(c.get("bos_token_id") or 1),
+        eos_id=eos_ids[0],
+        eos_ids=tuple(eos_ids),
+    )
     try:
-        return ModelConfig(
-            dim=dim,
-            n_layers=int(_need(c, path, "num_hidden_layers")),
-            n_heads=n_heads,
-            n_kv_heads=int(c.get("num_key_value_heads") or n_heads),
-            head_dim=int(c.get("head_dim") or dim // n_heads),
-            ffn_dim=int(_need(c, path, "intermediate_size")),
-            num_experts=int(_need(c, path, "num_local_experts")),
-            top_k=int(_need(c, path, "num_experts_per_tok")),
-            vocab_size=int(_need(c, path, "vocab_size")),
-            rope_theta=float(theta),
-            norm_eps=float(c.get("rms_norm_eps", 1e-5)),
-            sliding_window=c.get("sliding_window"),
-            max_context=int(c.get("max_position_embeddings", 32768)),
-            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-            bos_id=int(c.get("bos_token_id") or 1),
-            eos_id=int((eos[0] if isinstance(eos, list) else eos) or 2),
-        )
+        return ModelConfig(**(common | family))
     except (TypeError, ValueError) as e:
         raise UserError(f"{path}: {e}") from None
 
 
 def from_params_json(path: Path) -> ModelConfig:
     """`params.json` of the original Mistral release."""
-    p = _read_json(path)
+    p = read_json(path)
     moe = p.get("moe") or {}
     try:
         return ModelConfig(
-            dim=int(_need(p, path, "dim")),
-            n_layers=int(_need(p, path, "n_layers")),
-            n_heads=int(_need(p, path, "n_heads")),
-            n_kv_heads=int(_need(p, path, "n_kv_heads")),
-            head_dim=int(_need(p, path, "head_dim")),
-            ffn_dim=int(_need(p, path, "hidden_dim")),
-            num_experts=int(_need(moe, path, "num_experts")),
-            top_k=int(_need(moe, path, "num_experts_per_tok")),
-            vocab_size=int(_need(p, path, "vocab_size")),
+            dim=int(need(p, path, "dim")),
+            n_layers=int(need(p, path, "n_layers")),
+            n_heads=int(need(p, path, "n_heads")),
+            n_kv_heads=int(need(p, path, "n_kv_heads")),
+            head_dim=int(need(p, path, "head_dim")),
+            ffn_dim=int(need(p, path, "hidden_dim")),
+            num_experts=int(need(moe, path, "num_experts")),
+            top_k=int(need(moe, path, "num_experts_per_tok")),
+            vocab_size=int(need(p, path, "vocab_size")),
             rope_theta=float(p.get("rope_theta", 1e6)),
             norm_eps=float(p.get("norm_eps", 1e-5)),
             sliding_window=p.get("sliding_window"),

@@ -22,7 +22,8 @@ from .checkpoint import Checkpoint
 from .errors import UserError
 from .expert_store import DenseFormat, ExpertFormat, ExpertStore
 from .generate import GenerationResult, Sampling, generate_tokens
-from .model import KVCache, Transformer, rope_tables
+from .layers import KVCache, rope_tables
+from .model import Transformer
 from .packed import packed_attention_group
 from .prefetch import Prefetcher
 from .profiles import (
@@ -159,7 +160,7 @@ def resolve_slots(cache_experts: int | list[int] | None, n_layers: int, num_expe
         return [num_experts] * n_layers
     slots = [cache_experts] * n_layers if isinstance(cache_experts, int) else list(cache_experts)
     if len(slots) != n_layers:
-        raise UserError(f"cache slots: {len(slots)} counts given for {n_layers} layers")
+        raise UserError(f"cache slots: {len(slots)} counts given for {n_layers} layers with experts")
     for layer, n in enumerate(slots):
         if n < top_k:
             raise UserError(
@@ -179,7 +180,7 @@ class RoutingTap:
         self.predicted: dict[int, torch.Tensor] = {}
 
     def enter(self, layer: int, h: torch.Tensor) -> None:
-        if layer + 1 < self.model.config.n_layers:
+        if layer + 1 < self.model.config.n_moe_layers:
             self.predicted[layer + 1] = self.model.predict(layer + 1, h)
 
     def chosen(self, layer: int, idx: torch.Tensor, weights: torch.Tensor) -> None:
@@ -222,7 +223,7 @@ class Engine:
         if prof is not None and prof.auto and "cache_experts" not in given:
             slots, budget = auto_slots(c, dtype, fmt.nbytes, context, device, options.device_reserve, dense)
             options = replace(options, cache_experts=slots, device_budget=budget)
-        slots = resolve_slots(options.cache_experts, c.n_layers, c.num_experts, c.top_k)
+        slots = resolve_slots(options.cache_experts, c.n_moe_layers, c.num_experts, c.top_k)
         pin = device.type == "cuda"  # the host store is pinned (registered exactly: plan.pinned bytes)
         plan = plan_memory(c, dtype, fmt.nbytes, slots, context, options.device_budget, options.device_reserve,
                            options.ram_budget, dense, pin=pin)
@@ -245,7 +246,7 @@ class Engine:
         if c.tie_word_embeddings:
             state["output.weight"] = state["tok_embeddings.weight"]
         model.load_state_dict(state, assign=True, strict=True)
-        model.rope = rope_tables(c.head_dim, c.rope_theta, context, device)
+        model.rope = rope_tables(c.head_dim, c.rope_theta, context, device, c.rope_scaling)
         model.eval()
 
         if in_ram:
@@ -340,7 +341,7 @@ class Engine:
 
     def start_trace(self, model_name: str = "") -> None:
         """Record the routing of every following forward pass (see `trace.py`) until `stop_trace`."""
-        recorder = TraceRecorder(self.config.n_layers, self.config.top_k, self.config.num_experts,
+        recorder = TraceRecorder(self.config.n_moe_layers, self.config.top_k, self.config.num_experts,
                                  model_name or str(self.checkpoint.path),
                                  metadata={"config": json.dumps(self.config.to_dict())})
         self.model.recorder = RoutingTap(self.model, recorder)

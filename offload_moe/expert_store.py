@@ -89,17 +89,18 @@ class ExpertStore:
         c = checkpoint.config
         self.fmt = fmt
         self.nbytes = fmt.nbytes
-        self._mem = torch.empty((c.n_layers, c.num_experts, fmt.nbytes), dtype=torch.uint8)  # [L, E, bytes]
-        self.layers = list(self._mem.unbind(0))  # [L] x [E, bytes], views
+        # one row per layer with experts (dense layers have none)
+        self._mem = torch.empty((c.n_moe_layers, c.num_experts, fmt.nbytes), dtype=torch.uint8)  # [R, E, bytes]
+        self.layers = list(self._mem.unbind(0))  # [R] x [E, bytes], views
         self.pinned_bytes = register_host(self._mem) if pin else 0
         self._finalizer = weakref.finalize(self, unregister_host, self._mem) if pin else None
         if checkpoint.layout == "packed":  # the bytes are ready: read them in, checking checksums
             from .packed import load_packed_experts
 
-            load_packed_experts(checkpoint.path, checkpoint.packed_index, fmt, self.layers, progress)
+            load_packed_experts(checkpoint.path, checkpoint.packed_index, c, fmt, self.layers, progress)
             return
-        bar = _Progress("experts", c.n_layers * c.num_experts * fmt.nbytes, enabled=progress)
-        for layer, buf in enumerate(self.layers):
+        bar = _Progress("experts", c.n_moe_layers * c.num_experts * fmt.nbytes, enabled=progress)
+        for layer, buf in zip(c.moe_layers, self.layers, strict=True):
             for e in range(c.num_experts):
                 fmt.pack(expert_parts(checkpoint, layer, e, fmt, pack_device), buf[e])
                 bar.advance(fmt.nbytes)

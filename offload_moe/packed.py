@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from .checkpoint import Checkpoint
+from .config import ModelConfig, read_json
 from .errors import UserError
 from .expert_store import ExpertFormat, _Progress, expert_parts
 from .quant import ATTENTION_SUFFIXES, check_int8_attention, int8_attention_state
@@ -79,7 +80,7 @@ def convert(source: str | Path, out: str | Path, fmt: ExpertFormat, dense_dtype:
                 "attention": "none" if attention_group is None else f"int8-g{attention_group}",
                 "dense_dtype": str(dense_dtype).removeprefix("torch."), "source": str(Path(source).resolve())}
     c = ckpt.config
-    order = [(layer, e) for layer in range(c.n_layers) for e in range(c.num_experts)]
+    order = [(layer, e) for layer in c.moe_layers for e in range(c.num_experts)]
     stride = _aligned(fmt.nbytes)
     entries, start = _resume(out, settings, stride)
     if entries is None:
@@ -115,7 +116,10 @@ def convert(source: str | Path, out: str | Path, fmt: ExpertFormat, dense_dtype:
         else:
             dense[name] = t.to(dense_dtype).contiguous()
     save_file(dense, out / DENSE, metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(c.to_hf_config(dense_dtype), indent=2))
+    # the source's own config.json where it has one (it names the family), else Mixtral's from params.json
+    hf = read_json(ckpt.path / "config.json") if ckpt.layout == "hf" else c.to_hf_config()
+    hf["torch_dtype"] = str(dense_dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(hf, indent=2))
     if ckpt.tokenizer_path:
         shutil.copy(ckpt.tokenizer_path, out / "tokenizer.model")
     index = {**settings, "align": ALIGN, "experts": entries}
@@ -149,21 +153,23 @@ def _resume(out: Path, settings: dict, stride: int) -> tuple[list | None, int]:
     return entries, len(entries)
 
 
-def load_packed_experts(folder: Path, index: dict, fmt: ExpertFormat, layers: list[torch.Tensor],
+def load_packed_experts(folder: Path, index: dict, config: ModelConfig, fmt: ExpertFormat, layers: list[torch.Tensor],
                         progress: bool = True) -> None:
-    """Read every expert's bytes into `layers` ([L] x [E, bytes], pinned or not), checking each checksum."""
+    """Read every expert's bytes into `layers` ([R] x [E, bytes], a row per layer with experts, pinned
+    or not), checking each checksum."""
     if index["format"] != fmt.name or index["bytes_per_expert"] != fmt.nbytes:
         raise UserError(f"{folder}: experts were packed as {index['format']}; this run wants {fmt.name} "
                         "(pass the matching --dtype/--expert-quant, or convert again)")
     path = folder / DATA
     size = path.stat().st_size if path.exists() else -1
+    row_of = config.row_of
     bar = _Progress("experts", len(index["experts"]) * fmt.nbytes, enabled=progress)
     with open(path, "rb", buffering=0) as f:
         for layer, e, offset, n, crc in index["experts"]:
             if offset + n > size:
                 raise UserError(f"{path} is truncated: expert ({layer}, {e}) ends at byte {offset + n}, "
                                 f"the file has {max(size, 0)}")
-            dst = layers[layer][e].numpy()
+            dst = layers[row_of[layer]][e].numpy()
             f.seek(offset)
             if f.readinto(memoryview(dst)) != n:
                 raise UserError(f"{path}: short read for expert ({layer}, {e})")

@@ -164,14 +164,14 @@ class Prefetcher:
     def __call__(self, layer: int, h: torch.Tensor) -> None:
         """`h` [T, D] is the hidden state entering `layer`; prefetch for layers after it. The device
         copies are queued on the cache (`plan_prefetch`) and issued after `layer`'s demand copies."""
-        targets = range(layer + 1, min(layer + 1 + self.depth, self.model.config.n_layers))
+        targets = range(layer + 1, min(layer + 1 + self.depth, self.model.config.n_moe_layers))
         if self.depth == 0 or not targets:
             return
         K = self.model.config.top_k
         T = h.shape[0]
         store = self.cache.store
         # storage reads (tiered store only) run one layer ahead of the copies
-        deeper = not store.in_ram and targets.stop < self.model.config.n_layers
+        deeper = not store.in_ram and targets.stop < self.model.config.n_moe_layers
         layers = range(targets.start, targets.stop + 1) if deeper else targets
         picks = [self.model.predict(j, h) for j in layers]  # N(+1) x [T, K]
         if T == 1:

@@ -152,12 +152,12 @@ def plan_memory(config: ModelConfig, dtype: torch.dtype, expert_bytes: int, slot
         slots=slots,
         kv=config.kv_bytes(context, dtype.itemsize),
         reserve=reserve if device_budget is not None else 0,
-        host_store=config.n_layers * config.num_experts * expert_bytes,
+        host_store=config.n_moe_layers * config.num_experts * expert_bytes,
         device_budget=device_budget,
         ram_budget=ram_budget,
         ram=ram,
         pin=pin,
-        host_experts=config.n_layers * config.num_experts,
+        host_experts=config.n_moe_layers * config.num_experts,
     )
 
 
@@ -179,12 +179,12 @@ def auto_slots(config: ModelConfig, dtype: torch.dtype, expert_bytes: int, conte
                reserve: int = int(DEFAULT_RESERVE), dense_bytes: int | None = None) -> tuple[list[int], int | None]:
     """Slots per layer that the free device memory holds, and that budget (None on the CPU: all resident)."""
     if device.type != "cuda":
-        return [config.num_experts] * config.n_layers, None
+        return [config.num_experts] * config.n_moe_layers, None
     free, _ = torch.cuda.mem_get_info(device)
     base = plan_memory(config, dtype, expert_bytes, [0], context, free, reserve, None, dense_bytes)
-    per_layer = (free - base.device_total) // (expert_bytes * config.n_layers)
+    per_layer = (free - base.device_total) // (expert_bytes * config.n_moe_layers)
     if per_layer < config.top_k:
-        need = base.device_total + expert_bytes * config.n_layers * config.top_k
+        need = base.device_total + expert_bytes * config.n_moe_layers * config.top_k
         raise UserError(f"--profile auto: {gib(free)} free on {device}, but {config.top_k} slots per layer need "
                         f"{gib(need)} ({base.describe()} plus the slots); try quantized experts or a shorter context")
-    return [min(int(per_layer), config.num_experts)] * config.n_layers, free
+    return [min(int(per_layer), config.num_experts)] * config.n_moe_layers, free

@@ -316,11 +316,13 @@ class Int8Linear(nn.Module):
 
     PARTS = tuple(INT8_PART_DTYPES)
 
-    def __init__(self, in_features: int, out_features: int, group_size: int, scratch: Int8Scratch | None = None):
+    def __init__(self, in_features: int, out_features: int, group_size: int, scratch: Int8Scratch | None = None,
+                 bias: bool = False):
         super().__init__()
         _check_groups(group_size, in_features, "attention input size")
         for part, shape in int8_part_shapes(out_features, in_features, group_size).items():
             self.register_buffer(part, torch.empty(shape, dtype=INT8_PART_DTYPES[part]))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None  # kept in the compute dtype
         if scratch is not None and scratch.numel < in_features * out_features:
             raise ValueError(f"an Int8Scratch of {scratch.numel} elements cannot hold a {out_features}x{in_features} "
                              "matrix")
@@ -329,7 +331,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cpu = x.device.type == "cpu"
         buf = self.scratch.get(x.device, torch.float32 if cpu else x.dtype)  # fp32 on the CPU, as Int8Format
-        return int8_linear(x, self.codes, self.scales, self.zeros, cpu, buf)
+        y = int8_linear(x, self.codes, self.scales, self.zeros, cpu, buf)
+        return y if self.bias is None else y + self.bias
 
 
 def int8_parts(w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
@@ -361,7 +364,8 @@ def int8_attention(model: nn.Module, group_size: int) -> None:
     scratch = Int8Scratch(max(lin.in_features * lin.out_features for _, _, lin in linears))
     for attention, name, lin in linears:
         with lin.weight.device:
-            setattr(attention, name, Int8Linear(lin.in_features, lin.out_features, group_size, scratch))
+            setattr(attention, name, Int8Linear(lin.in_features, lin.out_features, group_size, scratch,
+                                                bias=lin.bias is not None))
 
 
 def int8_attention_state(name: str, w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:

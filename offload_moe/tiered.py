@@ -155,12 +155,13 @@ class _PackedSource:
             size = self.path.stat().st_size
         except FileNotFoundError:
             raise UserError(f"{self.path} is missing: convert the model again") from None
-        self.entries: dict[Key, tuple[int, int, int]] = {}
+        self.entries: dict[Key, tuple[int, int, int]] = {}  # (row, expert) -> where
+        row_of = checkpoint.config.row_of
         for layer, e, offset, n, crc in index["experts"]:
             if offset + n > size:
                 raise UserError(f"{self.path} is truncated: expert ({layer}, {e}) ends at byte {offset + n}, "
                                 f"the file has {size}")
-            self.entries[(layer, e)] = (offset, n, crc)
+            self.entries[(row_of[layer], e)] = (offset, n, crc)
         self.verified: set[Key] = set()
         aligned = all(offset % ALIGN == 0 for offset, _, _ in self.entries.values())
         self.fd, self.direct = self._open(direct and aligned and hasattr(os, "O_DIRECT"))
@@ -241,11 +242,12 @@ class _MappedSource:
         return f"{self.checkpoint.path}: expert {key}"
 
     def read(self, key: Key, slot: torch.Tensor) -> int:
+        layer = self.checkpoint.config.moe_layers[key[0]]
         with self.lock:
-            parts = self.checkpoint.expert(*key)
+            parts = self.checkpoint.expert(layer, key[1])
             self.fmt.pack(parts, slot[: self.fmt.nbytes])
             if _LINUX:
-                files = [str(self.checkpoint.expert_sources[(*key, part)][0].resolve()) for part in parts]
+                files = [str(self.checkpoint.expert_sources[(layer, key[1], part)][0].resolve()) for part in parts]
                 self._drop_pages(list(zip(files, parts.values(), strict=True)))
         return sum(t.numel() * t.element_size() for t in parts.values())
 
@@ -353,11 +355,11 @@ class TieredStore:
         """`direct=False` turns O_DIRECT off (buffered reads + DONTNEED), to compare the two."""
         c = checkpoint.config
         self.fmt, self.nbytes = fmt, fmt.nbytes
-        self.num_layers, self.num_experts = c.n_layers, c.num_experts
-        self.total_bytes = c.n_layers * c.num_experts * fmt.nbytes
+        self.num_layers, self.num_experts = c.n_moe_layers, c.num_experts  # rows: the layers with experts
+        self.total_bytes = c.n_moe_layers * c.num_experts * fmt.nbytes
         if threads < 1:
             raise UserError(f"the tiered store needs at least 1 reader thread, got {threads}")
-        self.ram_slots, self.stride = ram_tier_layout(int(ram_budget), fmt.nbytes, c.n_layers * c.num_experts)
+        self.ram_slots, self.stride = ram_tier_layout(int(ram_budget), fmt.nbytes, c.n_moe_layers * c.num_experts)
         if self.ram_slots < 1:
             raise UserError(f"a RAM budget of {ram_budget} bytes ({_mib(ram_budget)}) holds no expert: one RAM "
                             f"slot takes {self.stride} bytes plus {ALIGN} for alignment (no staging buffers), "

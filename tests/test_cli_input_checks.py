@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli as run
 
-from offload_moe.config import SUPPORTED_ARCHITECTURES
+from offload_moe.models import supported
 from offload_moe.trace import load_trace
 
 DEMO = Path(__file__).resolve().parent.parent / "offload_moe" / "data" / "tiny-moe"
@@ -77,9 +77,9 @@ def checkpoint_saying(tmp_path: Path, **keys) -> Path:
 
 
 @pytest.mark.parametrize("keys,says", [
-    (dict(model_type="phimoe", architectures=["PhiMoEForCausalLM"]), "model_type 'phimoe'"),
-    (dict(model_type="qwen2_moe", architectures=None), "model_type 'qwen2_moe'"),
-    (dict(model_type=None, architectures=["Qwen3MoeForCausalLM"]), "architectures Qwen3MoeForCausalLM"),
+    (dict(model_type="deepseek_v2", architectures=["DeepseekV2ForCausalLM"]), "model_type 'deepseek_v2'"),
+    (dict(model_type="gpt_oss", architectures=None), "model_type 'gpt_oss'"),
+    (dict(model_type=None, architectures=["Glm4MoeForCausalLM"]), "architectures Glm4MoeForCausalLM"),
     (dict(model_type="mixtral", architectures=["PhiMoEForCausalLM"]), "architectures PhiMoEForCausalLM"),
 ])
 def test_an_architecture_the_engine_does_not_implement_is_refused(tmp_path, capsys, keys, says):
@@ -88,7 +88,7 @@ def test_an_architecture_the_engine_does_not_implement_is_refused(tmp_path, caps
     assert code == 1 and out == ""
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert err.startswith("error: ") and says in err and "does not implement" in err
-    for model_type, names in SUPPORTED_ARCHITECTURES.items():
+    for model_type, names in supported().items():
         assert model_type in err and all(name in err for name in names)
 
 

@@ -1,0 +1,171 @@
+"""The shared pieces every family is built from: norms, RoPE, the KV cache, attention, the dense MLP.
+A family picks a variant of each through its `ModelConfig` (see `models/`).
+
+Legend for shape comments: T tokens, D dim, H query heads, G kv heads, hd head dim, C KV-cache
+length, I ffn dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # in float32, as the reference implementations, then back to the activation dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def make_norm(config: ModelConfig, dim: int) -> nn.Module:
+    """RMSNorm, or LayerNorm with a bias (Phi-3.5-MoE), over `dim`."""
+    if config.norm == "layer":
+        return nn.LayerNorm(dim, eps=config.norm_eps)
+    return RMSNorm(dim, config.norm_eps)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: [L, G, C, hd].
+
+    C is the context, or the sliding window when that is shorter: position p lives in slot
+    p % C, so the cache is a ring that holds exactly the last C positions.
+    """
+
+    def __init__(self, config: ModelConfig, length: int, device: torch.device, dtype: torch.dtype):
+        window = config.sliding_window
+        self.window = window
+        self.length = min(length, window) if window else length
+        shape = (config.n_layers, config.n_kv_heads, self.length, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # tokens written so far
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def reset(self) -> None:
+        self.pos = 0
+
+
+def rope_tables(hd: int, theta: float, length: int, device: torch.device,
+                scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [length, hd] in float32 (rotate-halves convention: frequency i turns dims i and i + hd/2).
+
+    `scaling` longrope (Phi-3.5): each frequency divided by its factor, and cos, sin times an mscale;
+    the long factors when `length` exceeds the original context, else the short ones. (transformers
+    switches to the long factors once a sequence grows past it; the engine decides once, from the
+    context it preallocates, so that the cached keys never mix the two.)"""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))
+    mscale = 1.0
+    if scaling is not None:
+        long = length > scaling["original_max"]
+        factors = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32, device=device)
+        inv_freq = inv_freq / factors
+        mscale = scaling["long_mscale" if long else "short_mscale"]
+    freqs = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)  # [len, hd/2]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [len, hd]
+    return emb.cos() * mscale, emb.sin() * mscale
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [..., T, hd] (any leading axes, e.g. heads); cos, sin [T, hd]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """GQA attention with the family's options: q/k/v and o biases, RMSNorm of q and k per head
+    (Qwen3) or over the whole projection (OLMoE), clamping of q, k, v (OLMoE)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.n_heads, self.n_kv, self.hd = c.n_heads, c.n_kv_heads, c.head_dim
+        self.qk_norm, self.clip = c.qk_norm, c.clip_qkv
+        self.wq = nn.Linear(c.dim, c.n_heads * c.head_dim, bias=c.qkv_bias)
+        self.wk = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.wv = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.wo = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=c.o_bias)
+        if c.qk_norm != "none":
+            per_head = c.qk_norm == "head"
+            self.q_norm = RMSNorm(c.head_dim if per_head else c.n_heads * c.head_dim, c.norm_eps)
+            self.k_norm = RMSNorm(c.head_dim if per_head else c.n_kv_heads * c.head_dim, c.norm_eps)
+
+    def forward(self, x: torch.Tensor, layer: int, kv: KVCache, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        T = x.shape[0]
+        H, G, hd = self.n_heads, self.n_kv, self.hd
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)  # [T, H*hd], [T, G*hd], [T, G*hd]
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip is not None:
+            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
+        q = q.view(T, H, hd)
+        k = k.view(T, G, hd)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.view(T, G, hd).transpose(0, 1)  # [H|G, T, hd]
+        q, k = apply_rope(q, cos, sin).to(x.dtype), apply_rope(k, cos, sin).to(x.dtype)
+        start, C = kv.pos, kv.length
+        kc, vc = kv.k[layer], kv.v[layer]  # [G, C, hd]
+        # grouped-query attention without repeating k/v: the H/G query heads that share a kv
+        # head ride along the token axis. [H, T, hd] -> [G, H/G*T, hd]
+        qg = q.reshape(G, H // G * T, hd)
+        if T == 1:
+            kc[:, start % C] = k[:, 0]
+            vc[:, start % C] = v[:, 0]
+            n = min(start + 1, C)  # the ring holds exactly the positions this token may see
+            out = F.scaled_dot_product_attention(qg, kc[:, :n], vc[:, :n])  # [G, H/G, hd]
+        else:
+            out = self._prefill(qg, k, v, kc, vc, start, T, kv.window)  # [G, H/G*T, hd]
+        out = out.reshape(H, T, hd).transpose(0, 1).reshape(T, H * hd)  # [H, T, hd] -> [T, H*hd]
+        return self.wo(out)
+
+    @staticmethod
+    def _prefill(qg, k, v, kc, vc, start: int, T: int, window: int | None) -> torch.Tensor:
+        """Several new tokens: attend to the cached positions and to each other, masked by position."""
+        C = kc.shape[1]
+        old = min(start, C)  # cached positions still held, oldest first: start-old .. start-1
+        if old:
+            ring = (torch.arange(start - old, start, device=kc.device)) % C
+            keys = torch.cat([kc[:, ring], k], dim=1)  # [G, old+T, hd]
+            vals = torch.cat([vc[:, ring], v], dim=1)
+        else:
+            keys, vals = k, v
+        kpos = torch.arange(start - old, start + T, device=k.device)  # [old+T]
+        qpos = torch.arange(start, start + T, device=k.device)  # [T]
+        allowed = kpos[None, :] <= qpos[:, None]  # [T, old+T]
+        if window:
+            allowed &= kpos[None, :] > qpos[:, None] - window
+        heads_per_kv = qg.shape[1] // T
+        mask = allowed.repeat(heads_per_kv, 1)  # [H/G*T, old+T], rows follow qg's head-major order
+        out = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask)
+        keep = min(T, C)  # write the last `keep` new positions into the ring
+        ring_new = torch.arange(start + T - keep, start + T, device=k.device) % C
+        kc[:, ring_new] = k[:, T - keep :]
+        vc[:, ring_new] = v[:, T - keep :]
+        return out
+
+
+class MLP(nn.Module):
+    """A resident SwiGLU MLP: a shared expert (Qwen2-MoE) or a dense layer's MLP. [T, D] -> [T, D]"""
+
+    def __init__(self, dim: int, ffn: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, ffn, bias=False)  # gate
+        self.w3 = nn.Linear(dim, ffn, bias=False)  # up
+        self.w2 = nn.Linear(ffn, dim, bias=False)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))

@@ -1,0 +1,69 @@
+"""Model families. Each module declares, and holds nothing else:
+  MODEL_TYPES  {config.json `model_type`: its `architectures` names}
+  config(c, path) -> ModelConfig, from the hub's `config.json` keys (old and new RoPE styles), with
+               the variant of each shared piece that the family uses (norm, attention bias, QK-norm,
+               router, shared expert, dense layers);
+  DENSE        [(checkpoint-name regex, our name)] for the resident tensors, beyond `COMMON`;
+  EXPERT       a regex whose groups are (layer, expert, checkpoint part), and PARTS, their names in
+               ours: w1 (gate), w3 (up), w2 (down).
+The shared pieces live once, in `model.py` and `layers.py`; checkpoint reading, in `checkpoint.py`.
+
+Our names: `tok_embeddings`, `norm`, `output`, `layers.N.attention_norm`, `layers.N.ffn_norm`,
+`layers.N.attention.{wq,wk,wv,wo}` (with `.bias` where the family has one),
+`layers.N.attention.{q_norm,k_norm}`, `layers.N.gate` (the router), `layers.N.shared.{w1,w2,w3}`
+and `layers.N.shared_gate` (a resident shared expert), `layers.N.mlp.{w1,w2,w3}` (a dense layer);
+experts are `(layer, expert)` with parts w1, w3 [I, D] and w2 [D, I].
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+
+from ..config import ModelConfig, read_json
+from ..errors import UserError
+from . import mixtral, olmoe, phimoe, qwen_moe
+
+FAMILIES: tuple[ModuleType, ...] = (mixtral, qwen_moe, olmoe, phimoe)
+
+# names that every family here shares (the Llama layout), checkpoint regex -> ours
+L = r"model\.layers\.(\d+)\."
+COMMON = [
+    (r"model\.embed_tokens\.weight", "tok_embeddings.weight"),
+    (r"model\.norm\.(weight|bias)", "norm.{0}"),
+    (r"lm_head\.(weight|bias)", "output.{0}"),
+    (L + r"input_layernorm\.(weight|bias)", "layers.{0}.attention_norm.{1}"),
+    (L + r"post_attention_layernorm\.(weight|bias)", "layers.{0}.ffn_norm.{1}"),
+    (L + r"self_attn\.([qkvo])_proj\.(weight|bias)", "layers.{0}.attention.w{1}.{2}"),
+    (L + r"self_attn\.([qk])_norm\.weight", "layers.{0}.attention.{1}_norm.weight"),
+]
+
+
+def supported() -> dict[str, tuple[str, ...]]:
+    """Every model_type the engine implements, with its architectures."""
+    return {t: a for f in FAMILIES for t, a in f.MODEL_TYPES.items()}
+
+
+def family_of(c: dict, path: Path) -> ModuleType:
+    """The family of a config.json, by `model_type` (and `architectures`); one with neither key
+    (hand-written) is taken as Mixtral. Anything else is refused with the supported list."""
+    model_type = None if c.get("model_type") is None else str(c["model_type"])
+    arch = c.get("architectures") or []
+    arch = [str(a) for a in (arch if isinstance(arch, list) else [arch])]
+    for family in FAMILIES:
+        for t, names in family.MODEL_TYPES.items():
+            if model_type in (None, t) and set(arch) <= set(names) and (model_type or arch):
+                return family
+    if model_type is None and not arch:
+        return mixtral
+    says = [f"model_type {model_type!r}"] if model_type is not None else []
+    if arch:
+        says.append(f"architectures {', '.join(arch)}")
+    names = ", ".join(f"{t} ({', '.join(a)})" for t, a in supported().items())
+    raise UserError(f"{path} says {' and '.join(says)}: offload_moe does not implement it (supported: {names})")
+
+
+def from_hf_config(path: Path) -> ModelConfig:
+    """`config.json` as the hub has it: its family's reader, after the architecture check."""
+    c = read_json(path)
+    return family_of(c, path).config(c, path)

@@ -1,0 +1,64 @@
+"""Tiny random checkpoints of every family, written by transformers' own classes (the oracle) and
+laid out as the hub has them: per-expert tensors, sharded, a hub-style config.json (`num_experts`
+for Qwen and OLMoE, `num_local_experts` for Phi, a top-level `rope_theta`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import transformers
+
+VOCAB = 320
+FAMILIES = {
+    # name: (config class, model class, kwargs)
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        hidden_size=64, intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=4,
+        norm_topk_prob=False, mlp_only_layers=[1], qkv_bias=True)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, num_experts=16, num_experts_per_tok=8, norm_topk_prob=True)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(
+        hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        num_experts=8, num_experts_per_tok=2, clip_qkv=4.0)),
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(
+        hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        num_local_experts=4, num_experts_per_tok=2, attention_bias=True, lm_head_bias=True)),
+}
+
+
+def make_family(path: Path, family: str, seed: int = 0) -> Path:
+    cfg_cls, model_cls, kwargs = FAMILIES[family]
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, cfg_cls)(vocab_size=VOCAB, max_position_embeddings=256, bos_token_id=1,
+                                         eos_token_id=2, pad_token_id=0, **kwargs)
+    model = getattr(transformers, model_cls)(cfg).eval()
+    with torch.no_grad():  # norms away from 1, biases away from 0, routers sharper: so that bugs show
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.uniform_(-0.3, 0.3)
+            elif name.endswith("gate.weight") and "shared" not in name:
+                p.mul_(20)
+    model.save_pretrained(path, max_shard_size="100KB")
+    hub_config(path / "config.json", family)
+    return path
+
+
+def hub_config(path: Path, family: str) -> None:
+    """transformers 5 writes `rope_parameters` and, for Qwen3, `num_local_experts`: the hub's files say
+    `rope_theta` at the top and `num_experts` (Phi: `num_local_experts`)."""
+    c = json.loads(path.read_text())
+    rope = c.pop("rope_parameters", None) or {}
+    c["rope_theta"] = rope.get("rope_theta", 10000.0)
+    if family in ("qwen2_moe", "qwen3_moe", "olmoe"):
+        c["num_experts"] = c.pop("num_local_experts", c.get("num_experts"))
+    path.write_text(json.dumps(c, indent=2))
+
+
+def reference(path: Path, family: str):
+    _, model_cls, _ = FAMILIES[family]
+    return getattr(transformers, model_cls).from_pretrained(path, dtype=torch.float32).eval()
