@@ -18,7 +18,7 @@ from .errors import UserError
 from .generate import Sampling
 from .policy import ONLINE_POLICIES, POLICIES
 from .profiles import parse_size
-from .quant import ATTENTION_QUANTS, EXPERT_QUANTS, GROUP_SIZES, INT4_LAYOUTS
+from .quant import ATTENTION_QUANTS, DEFAULT_GROUP_SIZE, EXPERT_QUANTS, GROUP_SIZES, INT4_LAYOUTS
 from .simulate import run_simulate
 from .stats import format_table
 from .trace import save_trace
@@ -29,6 +29,8 @@ DEMO_PROMPT = 'def read_config(path):\n    """'
 DEMO_TOKENS = 48
 # the main job (no command): the trained demo, 2 of 8 experts cached per layer, gently sampled
 MAIN_JOB = ["generate", "--cache-experts", "2", "--temperature", "0.8", "--top-p", "0.95"]
+GROUP_HELP = (f"(default: {DEFAULTS.group_size or f'auto: {DEFAULT_GROUP_SIZE} where it divides every quantized input'}"
+              ", else the largest of 32, 64, 128 that does)")
 
 
 def _ids(text: str) -> list[int]:
@@ -92,8 +94,7 @@ def engine_flags() -> argparse.ArgumentParser:
     g.add_argument("--attention-quant", choices=ATTENTION_QUANTS,
                    help="quantize the attention projections at load (they stay resident: int8 frees device memory "
                         f"for expert slots); a packed --model keeps its own (default: {DEFAULTS.attention_quant})")
-    g.add_argument("--group-size", type=int, choices=GROUP_SIZES,
-                   help=f"quantization group size (default: {DEFAULTS.group_size})")
+    g.add_argument("--group-size", type=int, choices=GROUP_SIZES, help=f"quantization group size {GROUP_HELP}")
     g.add_argument("--ram-budget", type=_size, metavar="SIZE",
                    help="RAM for the experts, e.g. 16GB, or auto; when they need more, they stream from storage "
                         "through a RAM cache of this size (default: auto, 80%% of the available RAM)")
@@ -167,7 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     tun.add_argument("--out", metavar="FILE.toml", help="write the winner as a profile (default: print it)")
 
     cal = sub.add_parser("calibrate", help="measure link, device and CPU speeds for the cost model",
-                         description="Measure host-to-device, device and CPU bandwidth as decode uses them.")
+                         description="Measure host-to-device, device and CPU bandwidth as decode uses them, and "
+                                     "one expert's decode forward in each expert format (fp16, int8, int4, packed "
+                                     "as the engine packs them for the device), on the device and on the CPU; "
+                                     "print them as a profile's [hardware] table for tune.")
     cal.add_argument("--device", help=f"cpu, cuda or auto (default: {DEFAULTS.device})")
     cal.add_argument("--dim", type=int, default=4096, help="model dim of the measured expert (default: %(default)s)")
     cal.add_argument("--ffn", type=int, default=14336, help="expert FFN dim (default: %(default)s)")
@@ -182,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     con.add_argument("--attention", choices=ATTENTION_QUANTS, default=DEFAULTS.attention_quant,
                      help="attention projections' precision: int8 or none (the --dtype) (default: %(default)s)")
     con.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=DEFAULTS.group_size,
-                     help="quantization group size (default: %(default)s)")
+                     help=f"quantization group size {GROUP_HELP}")
     con.add_argument("--dtype", choices=list(DTYPES), default="float16",
                      help="dtype of the dense weights and of unquantized experts (default: %(default)s)")
     con.add_argument("--layout", choices=("auto", *INT4_LAYOUTS), default="auto",
@@ -371,14 +375,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from .checkpoint import Checkpoint
     from .packed import convert
-    from .quant import expert_format, int4_layout_for
+    from .quant import expert_format, int4_layout_for, resolve_group_size
 
     config = Checkpoint(resolve_model(args.model)).config
     dtype = DTYPES[args.dtype]
     gpu = torch.device("cuda") if torch.cuda.is_available() else None  # quantizes much faster there
     layout = args.layout if args.layout != "auto" else int4_layout_for(gpu or torch.device("cpu"))
-    fmt = expert_format(args.experts, config, dtype, args.group_size, layout)
-    attention = None if args.attention == "none" else args.group_size
+    group = resolve_group_size(config, args.group_size, experts=args.experts != "none",
+                               attention=args.attention == "int8")
+    fmt = expert_format(args.experts, config, dtype, group, layout)
+    attention = None if args.attention == "none" else group
     index = convert(resolve_model(args.model), args.out, fmt, dtype, pack_device=gpu, attention_group=attention)
     print(f"wrote {args.out}: {len(index['experts'])} experts as {fmt.name}, {fmt.nbytes / 2**20:.2f} MiB each; "
           f"attention {index['attention']}")

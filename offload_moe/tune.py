@@ -1,10 +1,16 @@
 """Cost model, hardware calibration and the offload-policy tuner.
 
 The cost model predicts the time of one decode token from a simulated cache run. Decode is
-memory-bound, so every time is bytes over a measured bandwidth:
-  compute  = (dense bytes + L*K expert bytes) / device bandwidth
+memory-bound; copies are bytes over the measured link bandwidth, and an expert's compute is what
+`calibrate` measured for its format (one expert's decode forward, as weights per second):
+  compute  = dense bytes / device bandwidth + L*K * expert_s    (expert_s = expert weights / measured rate)
   copy     = expert bytes / host-to-device bandwidth          (one miss or one prefetch)
-  cpu      = expert bytes / CPU bandwidth                     (one miss computed on the CPU)
+  cpu      = expert weights / measured CPU rate               (one miss computed on the CPU)
+A format's kernel decides its rate, not its bytes: int4 read as 0.56 bytes per weight by a real int4
+kernel is fast, int4 rebuilt in fp16 (about 12.5 bytes of traffic per weight) is slower than fp16
+itself. Where a profile's [hardware] has no measured rate for a format (`device_weights_per_s_int4`,
+`cpu_weights_per_s_int4`, ...), the expert costs its bytes over the device (or CPU) bandwidth, the
+assumption of a kernel that reads each byte once, and the tuner says so in its output.
 With m demand misses and p prefetch copies per token (from the simulator):
   fetch: t = max(compute + m*copy, (m + p)*copy)    a demand miss stalls; prefetches overlap compute,
                                                    but the link carries every copy
@@ -20,7 +26,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -29,7 +35,7 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .errors import UserError
 from .profiles import DEFAULT_RESERVE, Profile, gib, parse_size
-from .quant import ATTENTION_QUANTS, bytes_per_expert, dense_bytes
+from .quant import ATTENTION_QUANTS, bytes_per_expert, dense_bytes, expert_format, int4_layout_for
 from .simulate import simulate, simulate_many
 from .trace import Trace
 
@@ -63,13 +69,42 @@ class Candidate:
                 f"{self.tokens_per_s:7.2f} tok/s")
 
 
+def rate_key(where: str, precision: str) -> str:
+    """The [hardware] key of a measured expert compute rate: where is "device" or "cpu"."""
+    return f"{where}_weights_per_s_{precision}"
+
+
+def expert_seconds(config: ModelConfig, expert_bytes: int, hw: dict, precision: str | None) -> tuple[float, float]:
+    """(device, CPU) seconds of one expert's decode forward in `precision`: its weights over the rate
+    `calibrate` measured for that format, else (no precision, or no such figure) its bytes over the
+    device or CPU bandwidth."""
+    rates = [hw.get(rate_key(where, precision)) if precision else None for where in ("device", "cpu")]
+    return tuple(config.expert_params / rate if rate else expert_bytes / hw[f"{where}_bytes_per_s"]
+                 for rate, where in zip(rates, ("device", "cpu"), strict=True))
+
+
+def rate_notes(hw: dict, precisions=PRECISIONS) -> list[str]:
+    """What the cost model assumes for lack of measured rates: one line per place, empty when none."""
+    notes = []
+    for where, bandwidth in (("device", "device_bytes_per_s"), ("cpu", "cpu_bytes_per_s")):
+        missing = [p for p in precisions if not hw.get(rate_key(where, p))]
+        if missing:
+            keys = ", ".join(rate_key(where, p) for p in missing)
+            notes.append(f"cost model: no measured {where} compute rate for {', '.join(missing)} ({keys}): falls back "
+                         f"to their bytes over {bandwidth}, as if each format's kernel read its bytes once "
+                         "(run `python run.py calibrate` on the target and put its [hardware] in the profile)")
+    return notes
+
+
 def token_seconds(config: ModelConfig, expert_bytes: int, hw: dict, misses: float, prefetches: float,
-                  miss_policy: str, attention: str = "none", group_size: int = 64) -> float:
-    """Predicted seconds per decode token (see the module docstring)."""
+                  miss_policy: str, attention: str = "none", group_size: int = 64, precision: str | None = None
+                  ) -> float:
+    """Predicted seconds per decode token (see the module docstring); `precision` ("none", "int8",
+    "int4") selects the measured compute rates of `hw` (see `expert_seconds`)."""
     dense = dense_bytes(config, torch.float16, attention, group_size)  # fp16 resident weights
-    compute = (dense + config.n_layers * config.top_k * expert_bytes) / hw["device_bytes_per_s"]
+    expert_s, cpu = expert_seconds(config, expert_bytes, hw, precision)
+    compute = dense / hw["device_bytes_per_s"] + config.n_moe_layers * config.top_k * expert_s
     copy = expert_bytes / hw["h2d_bytes_per_s"]
-    cpu = expert_bytes / hw["cpu_bytes_per_s"]
     per_miss = {"fetch": copy, "cpu": cpu, "auto": min(copy, cpu)}[miss_policy]
     return max(compute + misses * per_miss, (misses + prefetches) * copy)
 
@@ -114,6 +149,8 @@ def tune(trace: Trace, config: ModelConfig, budget: int, hw: dict, reserve: int 
             sizes = list(range(K, E + 1))
             curves[policy, prefetch] = dict(zip(sizes, simulate_many(trace, sizes, policy, prefetch), strict=True))
 
+    for note in rate_notes(hw):
+        log(note)
     out: list[Candidate] = []
     group = next((g for g in (64, 128, 32) if config.dim % g == 0 and config.ffn_dim % g == 0), None)
     for attention, precision in [(a, p) for a in ATTENTION_QUANTS for p in PRECISIONS]:
@@ -141,7 +178,8 @@ def tune(trace: Trace, config: ModelConfig, budget: int, hw: dict, reserve: int 
                 misses = r["misses"] / T
                 prefetches = r["prefetch_copies"] / T
                 for miss in ("fetch", "cpu", "auto"):
-                    secs = token_seconds(config, nbytes, hw, misses, prefetches, miss, attention, group or 64)
+                    secs = token_seconds(config, nbytes, hw, misses, prefetches, miss, attention, group or 64,
+                                         precision)
                     out.append(Candidate(precision, attention, group or 64, alloc, policy, prefetch, miss,
                                          r["hit_rate"], secs))
     if not out:
@@ -180,32 +218,78 @@ def levers(default: Candidate, out: list[Candidate]) -> list[tuple[str, Candidat
 
 
 def calibrate(device: torch.device, dim: int = 4096, ffn: int = 14336, dtype: torch.dtype = torch.float16,
-              repeats: int = 5) -> dict:
-    """Measure host-to-device, device and CPU bandwidths the way decode uses them (one expert's GEMVs)."""
-    hw = {}
-    w = torch.randn(2 * ffn, dim, dtype=dtype)  # one expert's w13, the largest GEMV of decode
-    x = torch.randn(1, dim, dtype=dtype)
-    src = w.pin_memory() if device.type == "cuda" else w
-    dst = torch.empty_like(w, device=device)
+              repeats: int = 5, formats=PRECISIONS) -> dict:
+    """Measure what the cost model needs, the way decode uses it, on one expert of shape (dim, ffn):
+    - h2d_bytes_per_s: its w13's bytes copied from pinned RAM to the device;
+    - device_bytes_per_s, cpu_bytes_per_s: the dense w13 GEMV (one token) on the device and on the CPU;
+    - device_weights_per_s_P and cpu_weights_per_s_P for each expert format P in `formats` (none,
+      int8, int4): one whole expert's decode forward (one token), packed as the engine packs it for
+      `device` (int4 in the layout of the device's kernel, group 64 where it divides), on the device
+      from a device buffer, and on the CPU from the host buffer (what a CPU-computed miss runs),
+      as weights per second. On a CPU device the two are one measurement.
+    `measured_on` says when, where, the dtype, the shape and the formats measured."""
 
-    def best(fn) -> float:
+    def best(fn, on: torch.device = device) -> float:
         fn()
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
             fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)  # SYNC: timing
+            if on.type == "cuda":
+                torch.cuda.synchronize(on)  # SYNC: timing
             times.append(time.perf_counter() - t0)
         return min(times)
 
-    nbytes = w.numel() * w.element_size()
-    hw["h2d_bytes_per_s"] = nbytes / best(lambda: dst.copy_(src, non_blocking=True))
-    xd = x.to(device)
-    hw["device_bytes_per_s"] = nbytes / best(lambda: F.linear(xd, dst))
-    hw["cpu_bytes_per_s"] = nbytes / best(lambda: F.linear(x, w))
-    hw["measured_on"] = f"{time.strftime('%Y-%m-%d')} {device} {str(dtype).removeprefix('torch.')} D={dim} I={ffn}"
+    hw = _bandwidths(device, dim, ffn, dtype, best)
+    config = replace(MIXTRAL_8X7B, dim=dim, ffn_dim=ffn)
+    group = next((g for g in (64, 128, 32) if dim % g == 0 and ffn % g == 0), None)
+    names = []
+    for precision in formats:
+        if precision != "none" and group is None:
+            continue  # no group size divides the shape: no quantized format to measure
+        layout = int4_layout_for(device) if precision == "int4" else "cpu"
+        fmt = expert_format(precision, config, dtype, group or 64, layout)
+        names.append(fmt.name)
+        device_s, cpu_s = _expert_forward_seconds(fmt, device, dim, ffn, dtype, best)
+        hw[rate_key("device", precision)] = config.expert_params / device_s
+        hw[rate_key("cpu", precision)] = config.expert_params / cpu_s
+    hw["measured_on"] = (f"{time.strftime('%Y-%m-%d')} {device} {str(dtype).removeprefix('torch.')} D={dim} I={ffn} "
+                         f"formats {' '.join(names)}")
     return hw
+
+
+def _bandwidths(device: torch.device, dim: int, ffn: int, dtype: torch.dtype, best) -> dict:
+    """Link, device and CPU bandwidths on one expert's w13, the largest GEMV of decode."""
+    w = torch.randn(2 * ffn, dim, dtype=dtype)
+    x = torch.randn(1, dim, dtype=dtype)
+    src = w.pin_memory() if device.type == "cuda" else w
+    dst = torch.empty_like(w, device=device)
+    xd = x.to(device)
+    nbytes = w.numel() * w.element_size()
+    return {"h2d_bytes_per_s": nbytes / best(lambda: dst.copy_(src, non_blocking=True)),
+            "device_bytes_per_s": nbytes / best(lambda: F.linear(xd, dst)),
+            "cpu_bytes_per_s": nbytes / best(lambda: F.linear(x, w), torch.device("cpu"))}
+
+
+def _expert_forward_seconds(fmt, device: torch.device, dim: int, ffn: int, dtype: torch.dtype, best
+                            ) -> tuple[float, float]:
+    """(device, CPU) seconds of one expert's forward for one token in `fmt`: random std-0.02 weights
+    packed where the engine packs them (quantized on a CUDA device) into a host buffer; on the device
+    from a copy of it, on the CPU from the host buffer itself."""
+    pack_on = device if device.type == "cuda" else torch.device("cpu")
+    g = torch.Generator().manual_seed(0)
+    parts = {k: (torch.randn(*shape, generator=g) * 0.02).to(pack_on)
+             for k, shape in {"w1": (ffn, dim), "w3": (ffn, dim), "w2": (dim, ffn)}.items()}
+    host = torch.empty(fmt.nbytes, dtype=torch.uint8)
+    fmt.pack(parts, host)
+    del parts
+    x = torch.randn(1, dim, generator=g).to(dtype)
+    views = fmt.views(host)
+    cpu_s = best(lambda: fmt.forward(x, views), torch.device("cpu"))
+    if device.type == "cpu":
+        return cpu_s, cpu_s
+    xd, views_dev = x.to(device), fmt.views(host.to(device))
+    return best(lambda: fmt.forward(xd, views_dev)), cpu_s
 
 
 def to_toml(data: dict) -> str:

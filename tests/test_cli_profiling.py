@@ -64,3 +64,4 @@ def test_calibrate_prints_a_hardware_table(capsys):
     assert code == 0
     hw = tomllib.loads(out)["hardware"]
     assert hw["h2d_bytes_per_s"] > 0 and hw["cpu_bytes_per_s"] > 0
+    assert all(hw[f"{where}_weights_per_s_{p}"] > 0 for where in ("device", "cpu") for p in ("none", "int8", "int4"))

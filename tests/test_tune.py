@@ -7,7 +7,9 @@ import tomllib
 
 import numpy as np
 import pytest
+import torch
 
+from offload_moe.quant import bytes_per_expert
 from offload_moe.trace import Trace
 from offload_moe.tune import MIXTRAL_8X7B, spread_slots, to_toml, token_seconds, tune
 
@@ -64,3 +66,75 @@ def test_int8_attention_buys_expert_slots_and_reads_fewer_bytes():
     fp16 = MIXTRAL_8X7B.expert_params * 2
     assert token_seconds(MIXTRAL_8X7B, fp16, HW, 0, 0, "fetch", "int8") < token_seconds(
         MIXTRAL_8X7B, fp16, HW, 0, 0, "fetch", "none")
+
+
+def random_trace(tokens: int = 64) -> Trace:
+    rng = np.random.default_rng(0)
+    experts = np.stack([rng.permutation(8)[:2] for _ in range(tokens * 32)]).reshape(tokens, 32, 2)
+    return Trace(experts.astype(np.int32), np.full((tokens, 32, 2), 0.5, np.float32),
+                 np.full((tokens, 32, 2), -1, np.int32), 8, 2, 32, "random")
+
+
+def test_calibrate_measures_each_expert_format_on_the_cpu():
+    """One expert's decode forward per format, as weights per second, on the device and the CPU (one
+    measurement on a CPU device); the figures survive a profile's TOML and `hardware_of`."""
+    from offload_moe.profiles import Profile
+    from offload_moe.tune import calibrate, hardware_of, rate_key
+
+    hw = calibrate(torch.device("cpu"), dim=128, ffn=256, dtype=torch.float32, repeats=1)
+    for precision in ("none", "int8", "int4"):
+        for where in ("device", "cpu"):
+            assert hw[rate_key(where, precision)] > 0
+        assert hw[rate_key("device", precision)] == hw[rate_key("cpu", precision)]
+    assert {"h2d_bytes_per_s", "device_bytes_per_s", "cpu_bytes_per_s"} <= set(hw)
+    assert "D=128 I=256" in hw["measured_on"] and "fp32 int8-g64 int4-g64" in hw["measured_on"]
+    table = tomllib.loads(to_toml({"hardware": hw}))["hardware"]
+    assert hardware_of(Profile("p", {}, hardware=table)) == hw
+
+
+def test_cost_model_reads_measured_rates():
+    from offload_moe.tune import rate_key
+
+    int4 = bytes_per_expert(MIXTRAL_8X7B, "int4")
+    measured = dict(HW, **{rate_key("device", "int4"): 2e11, rate_key("cpu", "int4"): 5e9})
+    dense = MIXTRAL_8X7B.dense_params * 2 / HW["device_bytes_per_s"]
+    per_expert = MIXTRAL_8X7B.expert_params / 2e11  # not int4's bytes over the bandwidth
+    assert token_seconds(MIXTRAL_8X7B, int4, measured, 0, 0, "fetch", precision="int4") == pytest.approx(
+        dense + 64 * per_expert)
+    cpu_miss = MIXTRAL_8X7B.expert_params / 5e9
+    assert token_seconds(MIXTRAL_8X7B, int4, measured, 1, 0, "cpu", precision="int4") == pytest.approx(
+        dense + 64 * per_expert + cpu_miss)
+    # without a precision, or for a precision the profile has no figure for: bytes over bandwidth, as before
+    assert token_seconds(MIXTRAL_8X7B, int4, measured, 0, 0, "fetch") == token_seconds(
+        MIXTRAL_8X7B, int4, HW, 0, 0, "fetch", precision="int4")
+
+
+def test_tuner_prefers_the_format_the_measured_rates_favour():
+    """A budget where every format caches every expert (misses are the first use of each), so compute
+    decides: by bytes int4 wins; where the profile says int4 runs slowly on the device (a dequantizing path), the tuner
+    follows the figures. Without figures it says that it falls back to bytes."""
+    from offload_moe.tune import rate_key
+
+    trace = random_trace()
+    logged: list[str] = []
+    best, _, _ = tune(trace, MIXTRAL_8X7B, 200 * 2**30, HW, policies=("lru",), log=logged.append)
+    assert best.precision == "int4" and best.slots == [8] * 32
+    assert any("falls back" in line and "int4" in line for line in logged)
+    rates = {"none": 8e11, "int8": 1.2e12, "int4": 1e11}  # weights per second: int4 rebuilt in fp16, 8x slower
+    measured = dict(HW, **{rate_key(w, p): r for p, r in rates.items() for w in ("device", "cpu")})
+    logged.clear()
+    best, _, everything = tune(trace, MIXTRAL_8X7B, 200 * 2**30, measured, policies=("lru",), log=logged.append)
+    assert best.precision == "int8" and not any("falls back" in line for line in logged)
+    fastest = {p: min(c.seconds_per_token for c in everything if c.precision == p) for p in rates}
+    assert fastest["int8"] < fastest["none"] < fastest["int4"]
+
+
+def test_card_profiles_hold_no_unmeasured_compute_rates():
+    """No card was measured for them: the tuner must say it falls back, not read invented figures."""
+    from offload_moe.profiles import load_profile
+    from offload_moe.tune import hardware_of, rate_notes
+
+    for name in ("24gb", "16gb", "12gb"):
+        hw = hardware_of(load_profile(name))
+        assert not any(k.endswith(("_weights_per_s_none", "_weights_per_s_int8", "_weights_per_s_int4")) for k in hw)
+        assert len(rate_notes(hw)) == 2  # device and CPU
