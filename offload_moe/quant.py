@@ -405,7 +405,9 @@ class Int4Format(_GroupQuantFormat):
     - "cuda", named `int4-gG-cuda`: codes int32 [N/8, K/(16t), 32, t/2] in the tiles that torch's CUDA
       int4 kernel `_weight_int4pack_mm` reads (see `_tile_int4`), t = `cuda_inner_k_tiles(K)`; the same
       bytes as `_convert_weight_to_int4pack` writes, but made by torch ops, so that any device packs
-      them and any device can unpack them (the CPU-miss path, the dequantizing fallback).
+      them and any device can unpack them (the CPU-miss path, the dequantizing fallback). Unpacking
+      the tiles on a CPU is a fine-grained shuffle: measured 48 ms for a D=512, I=1792 expert on the
+      busy 2-core dev VM, against 14 ms to dequantize the CPU layout and 0.11 ms for its CPU kernel.
 
     Both then hold the scales and zeros interleaved, bf16 [G, N, 2], as both kernels read them, and both
     decode w = (q - 8) * scale + zero: a format is the same size in either layout."""
