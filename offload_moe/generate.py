@@ -41,8 +41,9 @@ class GenerationResult:
     text: str = ""
     logits: torch.Tensor | None = None  # [generated, V] float32, when asked for
     prefill_s: float = 0.0
-    decode_s: float = 0.0
+    decode_s: float = 0.0  # from the first token to the last, every decode step
     decode_steps: int = 0
+    first_decode_s: float = 0.0  # the first decode step alone: it carries one-time work (first T=1 kernels)
     stop_reason: str = ""
     stats: dict = field(default_factory=dict)
 
@@ -122,6 +123,8 @@ def generate_tokens(
         token = sample(logits, sampling, gen)
         tok = int(token)  # SYNC: as above
         result.decode_steps += 1
+        if result.decode_steps == 1:
+            result.first_decode_s = time.perf_counter() - t1
     result.decode_s = time.perf_counter() - t1
     if keep_logits:
         result.logits = torch.stack(rows).float().cpu()  # [generated, V]
