@@ -32,7 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from offload_moe.config import ModelConfig  # noqa: E402
-from offload_moe.expert_store import DenseFormat  # noqa: E402
+from offload_moe.formats import DenseFormat  # noqa: E402
 from offload_moe.quant import (  # noqa: E402
     Int4Format,
     Int8Format,

@@ -56,9 +56,9 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from train_tiny_moe import TinyMixtral, corpus_files, save_checkpoint, split_corpus  # noqa: E402
 
-from offload_moe.config import from_hf_config  # noqa: E402
 from offload_moe.demo import write_random_checkpoint  # noqa: E402
 from offload_moe.engine import Engine, EngineOptions  # noqa: E402
+from offload_moe.models import from_hf_config  # noqa: E402
 from offload_moe.simulate import simulate  # noqa: E402
 from offload_moe.trace import Trace, routing_counts  # noqa: E402
 

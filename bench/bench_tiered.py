@@ -34,10 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from offload_moe.checkpoint import Checkpoint  # noqa: E402
 from offload_moe.config import ModelConfig  # noqa: E402
+from offload_moe.convert import convert  # noqa: E402
 from offload_moe.demo import write_random_checkpoint  # noqa: E402
-from offload_moe.expert_store import DenseFormat  # noqa: E402
-from offload_moe.packed import DATA, INDEX, convert  # noqa: E402
-from offload_moe.tiered import TieredStore, page_cache_bytes  # noqa: E402
+from offload_moe.formats import DenseFormat  # noqa: E402
+from offload_moe.packed import DATA, INDEX  # noqa: E402
+from offload_moe.sources import open_source, page_cache_bytes
+from offload_moe.tiered import TieredStore  # noqa: E402
 
 SHAPE = ModelConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64, ffn_dim=1792, num_experts=8, top_k=2,
                     vocab_size=32000, max_context=4096)
@@ -71,7 +73,8 @@ def measure_store(path: str | Path, budget: int, direct: bool = True, threads: i
     ckpt = Checkpoint(path)
     c = ckpt.config
     before = sum(page_cache_bytes(f) for f in files)
-    store = TieredStore(ckpt, DenseFormat(c, ckpt.dtype), budget, threads=threads, progress=False, direct=direct)
+    fmt = DenseFormat(c, ckpt.dtype)
+    store = TieredStore(c, fmt, open_source(ckpt, fmt, direct=direct), budget, threads=threads, progress=False)
     keys = [(layer, e) for layer in range(c.n_layers) for e in range(c.num_experts)]
     if store.ram_slots >= len(keys):
         raise ValueError(f"a budget of {budget} bytes holds every expert: nothing would be read from storage")

@@ -25,10 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from offload_moe.config import ModelConfig  # noqa: E402
+from offload_moe.convert import convert  # noqa: E402
 from offload_moe.demo import write_random_checkpoint  # noqa: E402
 from offload_moe.engine import Engine, EngineOptions  # noqa: E402
-from offload_moe.expert_store import DenseFormat  # noqa: E402
-from offload_moe.packed import convert  # noqa: E402
+from offload_moe.formats import DenseFormat  # noqa: E402
 from offload_moe.profiles import DEFAULT_RESERVE  # noqa: E402
 from offload_moe.quant import (  # noqa: E402
     Int4Format,

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .expert_store import ExpertFormat, ExpertStore
+from .expert_store import ExpertStore
+from .formats import ExpertFormat
 from .policy import ONLINE_POLICIES, SlotTable
 from .prefetch import Transfers
 

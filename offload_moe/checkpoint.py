@@ -29,7 +29,8 @@ from safetensors import safe_open
 from .config import from_params_json, read_json
 from .errors import UserError
 from .models import COMMON, family_of, mixtral
-from .models import from_hf_config as from_hf_config
+from .packed import DENSE, packed_attention_group, read_index
+from .quant import ATTENTION_SUFFIXES, int8_part_shapes
 
 # A source: (file, key in that file, transform applied after reading)
 Source = tuple[Path, str, Callable[[torch.Tensor], torch.Tensor] | None]
@@ -54,8 +55,6 @@ class Checkpoint:
         self.expert_sources: dict[tuple[int, int, str], Source] = {}
         self.packed_index: dict | None = None
         if (self.path / "packed.json").exists():
-            from .packed import DENSE, read_index
-
             self.layout = "packed"
             raw = read_json(self.path / "config.json")
             self.family = family_of(raw, self.path / "config.json")
@@ -193,9 +192,6 @@ class Checkpoint:
             if c.shared_gate:
                 shapes[p + "shared_gate.weight"] = (1, D)
         if self.packed_index is not None:  # a packed folder with int8 attention holds Int8Linear's parts instead
-            from .packed import packed_attention_group
-            from .quant import ATTENTION_SUFFIXES, int8_part_shapes
-
             group = packed_attention_group(self.packed_index)
             for name in [n for n in shapes if group is not None and n.endswith(ATTENTION_SUFFIXES)]:
                 prefix = name.removesuffix("weight")

@@ -374,7 +374,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from .checkpoint import Checkpoint
-    from .packed import convert
+    from .convert import convert
     from .quant import expert_format, int4_layout_for, resolve_group_size
 
     config = Checkpoint(resolve_model(args.model)).config

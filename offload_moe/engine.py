@@ -20,7 +20,8 @@ import torch
 from .cache import MISS_POLICIES, ExpertCache
 from .checkpoint import Checkpoint
 from .errors import UserError
-from .expert_store import DenseFormat, ExpertFormat, ExpertStore
+from .expert_store import ExpertStore
+from .formats import DenseFormat, ExpertFormat
 from .generate import GenerationResult, Sampling, generate_tokens
 from .layers import KVCache, rope_tables
 from .model import Transformer
@@ -47,6 +48,7 @@ from .quant import (
     int8_attention_state,
     parse_format_name,
 )
+from .sources import open_source
 from .stats import collect_stats
 from .tiered import TieredStore
 from .tokenizer import TextStream, Tokenizer
@@ -250,9 +252,10 @@ class Engine:
         model.eval()
 
         if in_ram:
-            store = ExpertStore(ckpt, fmt, pin=pin, progress=options.progress, pack_device=device if pin else None)
+            source = open_source(ckpt, fmt, direct=False, drop_pages=False, pack_device=device if pin else None)
+            store = ExpertStore(c, fmt, source, pin=pin, progress=options.progress)
         else:  # the experts do not fit the RAM budget: a RAM cache over the checkpoint on storage
-            store = TieredStore(ckpt, fmt, ram, pin=pin, progress=options.progress)
+            store = TieredStore(c, fmt, open_source(ckpt, fmt), ram, pin=pin, progress=options.progress)
         if options.miss_policy not in MISS_POLICIES:
             raise UserError(f"unknown miss policy {options.miss_policy!r} (use {', '.join(MISS_POLICIES)})")
         cache = ExpertCache(store, fmt, slots, device, policy=options.policy, seed=options.seed,

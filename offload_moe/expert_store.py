@@ -1,64 +1,19 @@
-"""Host-side expert store: every expert packed as one contiguous byte buffer, so one copy moves it.
+"""Host-side expert store: every expert of a model in RAM, each packed as one contiguous byte buffer
+(see `formats.py`), filled from a source (`sources.py`) and pinned exactly when a CUDA device reads it.
 
-An `ExpertFormat` says how an expert's weights lie in its buffer (`pack`), how to see them
-without copying (`views`, computed once per buffer) and how to run the expert on those views
-(`forward`). The dense format here stores [w1; w3] fused as w13 [2I, D] followed by w2 [D, I];
-quantized formats live in `quant.py` and follow the same three methods.
-
-Legend: T tokens, D dim, I ffn dim (per expert), E experts, L layers.
+Legend: E experts, R rows (the layers with experts).
 """
 
 from __future__ import annotations
 
-import sys
-import time
 import weakref
-from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
-from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .errors import UserError
-
-ALIGN = 64  # bytes; every part of a packed expert starts on this boundary
-
-
-class ExpertFormat(Protocol):
-    name: str
-    nbytes: int  # size of one packed expert
-
-    def pack(self, parts: dict[str, torch.Tensor], out: torch.Tensor) -> None: ...
-    def views(self, buf: torch.Tensor) -> tuple: ...
-    def forward(self, x: torch.Tensor, views: tuple) -> torch.Tensor: ...
-
-
-class DenseFormat:
-    """Unquantized expert in `dtype`: w13 [2I, D] then w2 [D, I], one buffer."""
-
-    def __init__(self, config: ModelConfig, dtype: torch.dtype):
-        self.name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-        self.dtype = dtype
-        self.D, self.I = config.dim, config.ffn_dim
-        self.nbytes = 3 * self.D * self.I * dtype.itemsize
-
-    def pack(self, parts: dict[str, torch.Tensor], out: torch.Tensor) -> None:
-        flat = out.view(self.dtype)  # [3*I*D]
-        ID = self.I * self.D
-        flat[:ID].view(self.I, self.D).copy_(parts["w1"])
-        flat[ID : 2 * ID].view(self.I, self.D).copy_(parts["w3"])
-        flat[2 * ID :].view(self.D, self.I).copy_(parts["w2"])
-
-    def views(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        flat = buf.view(self.dtype)  # [3*I*D]
-        ID = self.I * self.D
-        return flat[: 2 * ID].view(2 * self.I, self.D), flat[2 * ID :].view(self.D, self.I)
-
-    def forward(self, x: torch.Tensor, views: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        w13, w2 = views
-        a, b = F.linear(x, w13).chunk(2, dim=-1)  # [T, 2I] -> 2 x [T, I]
-        return F.linear(F.silu(a) * b, w2)  # [T, D]
+from .formats import ExpertFormat
+from .progress import Progress
 
 
 def register_host(t: torch.Tensor) -> int:
@@ -84,9 +39,9 @@ class ExpertStore:
     registered (pinned) with `register_host` when a CUDA device will read it, unregistered when the
     store is collected or closed. `pinned_bytes` says how much it pinned."""
 
-    def __init__(self, checkpoint: Checkpoint, fmt: ExpertFormat, pin: bool = False, progress: bool = True,
-                 pack_device: torch.device | None = None):
-        c = checkpoint.config
+    def __init__(self, config: ModelConfig, fmt: ExpertFormat, source, pin: bool = False, progress: bool = True):
+        """`source` (`sources.open_source`) reads each expert into its buffer; it is closed when done."""
+        c = config
         self.fmt = fmt
         self.nbytes = fmt.nbytes
         # one row per layer with experts (dense layers have none)
@@ -94,16 +49,14 @@ class ExpertStore:
         self.layers = list(self._mem.unbind(0))  # [R] x [E, bytes], views
         self.pinned_bytes = register_host(self._mem) if pin else 0
         self._finalizer = weakref.finalize(self, unregister_host, self._mem) if pin else None
-        if checkpoint.layout == "packed":  # the bytes are ready: read them in, checking checksums
-            from .packed import load_packed_experts
-
-            load_packed_experts(checkpoint.path, checkpoint.packed_index, c, fmt, self.layers, progress)
-            return
-        bar = _Progress("experts", c.n_moe_layers * c.num_experts * fmt.nbytes, enabled=progress)
-        for layer, buf in zip(c.moe_layers, self.layers, strict=True):
-            for e in range(c.num_experts):
-                fmt.pack(expert_parts(checkpoint, layer, e, fmt, pack_device), buf[e])
-                bar.advance(fmt.nbytes)
+        bar = Progress("experts", c.n_moe_layers * c.num_experts * fmt.nbytes, enabled=progress)
+        try:
+            for row, buf in enumerate(self.layers):
+                for e in range(c.num_experts):
+                    source.read((row, e), buf[e])
+                    bar.advance(fmt.nbytes)
+        finally:
+            source.close()
         bar.close()
 
     in_ram = True  # every expert is in RAM: a layer's buffers can serve as its slots on the CPU
@@ -129,36 +82,3 @@ class ExpertStore:
         """Unpin the experts now (otherwise when the store is collected)."""
         if self._finalizer is not None:
             self._finalizer()
-
-
-def expert_parts(checkpoint: Checkpoint, layer: int, expert: int, fmt: ExpertFormat,
-                 pack_device: torch.device | None) -> dict[str, torch.Tensor]:
-    """One expert's weights, moved to `pack_device` when quantizing: a GPU quantizes a Mixtral
-    expert in milliseconds, a CPU in seconds. The packed bytes still land in host RAM."""
-    parts = checkpoint.expert(layer, expert)
-    if pack_device is None or isinstance(fmt, DenseFormat):
-        return parts
-    return {k: v.to(pack_device) for k, v in parts.items()}
-
-
-class _Progress:
-    """A one-line progress bar on stderr, for loads above 256 MB when stderr is a terminal."""
-
-    def __init__(self, what: str, total: int, enabled: bool = True):
-        self.what, self.total, self.done = what, total, 0
-        self.on = enabled and total > 256 * 2**20 and sys.stderr.isatty()
-        self.start = self.last = time.perf_counter()
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if self.on and (now - self.last > 0.2 or self.done >= self.total):
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9) / 2**20
-            pct = 100 * self.done / self.total
-            print(f"\rloading {self.what}: {pct:5.1f}% {self.done / 2**30:6.2f} GiB {rate:7.0f} MiB/s",
-                  end="", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.on:
-            print(file=sys.stderr)

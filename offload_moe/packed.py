@@ -1,4 +1,6 @@
-"""The packed offload folder: a model written once in the engine's own layout, to load fast.
+"""The packed offload folder: a model written once in the engine's own layout, to load fast. This
+module reads its index (`read_index`); `convert.py` writes it; `sources.PackedSource` reads its
+experts and `checkpoint.Checkpoint` its dense tensors.
 
     DIR2/config.json         the model shape (Hugging Face style)
     DIR2/dense.safetensors   every non-expert tensor, under our names, RoPE already converted; with
@@ -18,27 +20,16 @@ with `packed.json` is complete. Checksums are checked when the experts are loade
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import zlib
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
-from .checkpoint import Checkpoint
-from .config import ModelConfig, read_json
 from .errors import UserError
-from .expert_store import ExpertFormat, _Progress, expert_parts
-from .quant import ATTENTION_SUFFIXES, check_int8_attention, int8_attention_state
 
 VERSION = 1
 ALIGN = 4096
 INDEX, JOURNAL, DATA, DENSE = "packed.json", "packed.partial.json", "experts.bin", "dense.safetensors"
-FLUSH_EVERY = 16  # experts between journal updates
 
 
-def _aligned(n: int) -> int:
+def aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
@@ -62,119 +53,3 @@ def packed_attention_group(index: dict) -> int | None:
     if not group.isdigit():
         raise UserError(f"packed.json: unknown attention format {name!r}; convert the model again")
     return int(group)
-
-
-def convert(source: str | Path, out: str | Path, fmt: ExpertFormat, dense_dtype: torch.dtype,
-            progress: bool = True, pack_device: torch.device | None = None, attention_group: int | None = None) -> dict:
-    """Write `source` (any layout the engine reads) as a packed folder; resume an interrupted run.
-    With `attention_group`, the attention projections are stored as int8 (`quant.Int8Linear`'s parts)."""
-    ckpt = Checkpoint(source)
-    out = Path(out)
-    if ckpt.layout == "packed":
-        raise UserError(f"{source} is already a packed folder")
-    if (out / INDEX).exists():
-        raise UserError(f"{out} already holds a packed model; remove it or choose another --out")
-    if attention_group is not None:
-        check_int8_attention(ckpt.config, attention_group)
-    settings = {"version": VERSION, "format": fmt.name, "bytes_per_expert": fmt.nbytes,
-                "attention": "none" if attention_group is None else f"int8-g{attention_group}",
-                "dense_dtype": str(dense_dtype).removeprefix("torch."), "source": str(Path(source).resolve())}
-    c = ckpt.config
-    order = [(layer, e) for layer in c.moe_layers for e in range(c.num_experts)]
-    stride = _aligned(fmt.nbytes)
-    entries, start = _resume(out, settings, stride)
-    if entries is None:
-        if out.exists() and any(out.iterdir()):
-            raise UserError(f"{out} exists and is not empty (nor an interrupted conversion of the same model)")
-        out.mkdir(parents=True, exist_ok=True)
-        entries, start = [], 0
-        (out / DATA).write_bytes(b"")
-
-    buf = torch.empty(stride, dtype=torch.uint8)
-    bar = _Progress("experts", len(order) * fmt.nbytes, enabled=progress)
-    bar.advance(start * fmt.nbytes)
-    with open(out / DATA, "r+b") as f:
-        f.truncate(start * stride)  # drop anything written after the last journal entry
-        f.seek(start * stride)
-        for i, (layer, e) in enumerate(order[start:], start):
-            buf.zero_()
-            fmt.pack(expert_parts(ckpt, layer, e, fmt, pack_device), buf[: fmt.nbytes])
-            data = buf.numpy().tobytes()
-            f.write(data)
-            entries.append([layer, e, i * stride, fmt.nbytes, zlib.crc32(data[: fmt.nbytes])])
-            bar.advance(fmt.nbytes)
-            if (i + 1) % FLUSH_EVERY == 0:
-                _journal(out, f, settings, entries)
-        _journal(out, f, settings, entries)
-    bar.close()
-
-    dense = {}
-    for name in ckpt.expected_dense():
-        t = ckpt.dense(name)
-        if attention_group is not None and name.endswith(ATTENTION_SUFFIXES):
-            dense |= int8_attention_state(name, t, attention_group)
-        else:
-            dense[name] = t.to(dense_dtype).contiguous()
-    save_file(dense, out / DENSE, metadata={"format": "pt"})
-    # the source's own config.json where it has one (it names the family), else Mixtral's from params.json
-    hf = read_json(ckpt.path / "config.json") if ckpt.layout == "hf" else c.to_hf_config()
-    hf["torch_dtype"] = str(dense_dtype).removeprefix("torch.")
-    (out / "config.json").write_text(json.dumps(hf, indent=2))
-    if ckpt.tokenizer_path:
-        shutil.copy(ckpt.tokenizer_path, out / "tokenizer.model")
-    index = {**settings, "align": ALIGN, "experts": entries}
-    tmp = out / (INDEX + ".tmp")
-    tmp.write_text(json.dumps(index))
-    os.replace(tmp, out / INDEX)
-    (out / JOURNAL).unlink(missing_ok=True)
-    return index
-
-
-def _journal(out: Path, f, settings: dict, entries: list) -> None:
-    f.flush()
-    os.fsync(f.fileno())
-    tmp = out / (JOURNAL + ".tmp")
-    tmp.write_text(json.dumps({**settings, "experts": entries}))
-    os.replace(tmp, out / JOURNAL)
-
-
-def _resume(out: Path, settings: dict, stride: int) -> tuple[list | None, int]:
-    """Entries already on disk from an interrupted run with the same settings, or (None, 0)."""
-    try:
-        journal = json.loads((out / JOURNAL).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None, 0
-    if any(journal.get(k) != v for k, v in settings.items()) or not (out / DATA).exists():
-        raise UserError(f"{out} holds an interrupted conversion with other settings; remove it or choose another "
-                        "--out")
-    entries = journal["experts"]
-    if (out / DATA).stat().st_size < len(entries) * stride:
-        return [], 0
-    return entries, len(entries)
-
-
-def load_packed_experts(folder: Path, index: dict, config: ModelConfig, fmt: ExpertFormat, layers: list[torch.Tensor],
-                        progress: bool = True) -> None:
-    """Read every expert's bytes into `layers` ([R] x [E, bytes], a row per layer with experts, pinned
-    or not), checking each checksum."""
-    if index["format"] != fmt.name or index["bytes_per_expert"] != fmt.nbytes:
-        raise UserError(f"{folder}: experts were packed as {index['format']}; this run wants {fmt.name} "
-                        "(pass the matching --dtype/--expert-quant, or convert again)")
-    path = folder / DATA
-    size = path.stat().st_size if path.exists() else -1
-    row_of = config.row_of
-    bar = _Progress("experts", len(index["experts"]) * fmt.nbytes, enabled=progress)
-    with open(path, "rb", buffering=0) as f:
-        for layer, e, offset, n, crc in index["experts"]:
-            if offset + n > size:
-                raise UserError(f"{path} is truncated: expert ({layer}, {e}) ends at byte {offset + n}, "
-                                f"the file has {max(size, 0)}")
-            dst = layers[row_of[layer]][e].numpy()
-            f.seek(offset)
-            if f.readinto(memoryview(dst)) != n:
-                raise UserError(f"{path}: short read for expert ({layer}, {e})")
-            if zlib.crc32(dst) != crc:
-                raise UserError(f"{path}: expert ({layer}, {e}) fails its checksum (bytes {offset}..{offset + n}): "
-                                "the file is damaged; convert again")
-            bar.advance(n)
-    bar.close()

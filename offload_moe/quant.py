@@ -72,7 +72,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .errors import UserError
-from .expert_store import ALIGN, DenseFormat, ExpertFormat
+from .formats import ALIGN, DenseFormat, ExpertFormat
 
 EXPERT_QUANTS = ("none", "int8", "int4")
 GROUP_SIZES = (32, 64, 128)

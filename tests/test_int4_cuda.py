@@ -12,10 +12,11 @@ import torch
 from conftest import run_cli
 
 from offload_moe.config import ModelConfig
+from offload_moe.convert import convert
 from offload_moe.engine import Engine, EngineOptions, expert_format_for
 from offload_moe.errors import UserError
-from offload_moe.expert_store import ALIGN
-from offload_moe.packed import INDEX, convert
+from offload_moe.formats import ALIGN
+from offload_moe.packed import INDEX
 from offload_moe.quant import (
     INT4_CUDA_KERNEL_MAX_TOKENS,
     Int4Format,

@@ -12,11 +12,13 @@ import torch
 
 from offload_moe.checkpoint import Checkpoint
 from offload_moe.config import ModelConfig
+from offload_moe.convert import convert
 from offload_moe.demo import write_random_checkpoint
-from offload_moe.expert_store import DenseFormat, ExpertStore
-from offload_moe.packed import convert
+from offload_moe.expert_store import ExpertStore
+from offload_moe.formats import DenseFormat
 from offload_moe.profiles import plan_memory
 from offload_moe.quant import expert_format
+from offload_moe.sources import open_source
 from offload_moe.tiered import TieredStore
 
 # 3 x 8 experts whose size (3 * 64 * 160 * 4 = 122880 bytes, int4 below) is no power of two
@@ -68,7 +70,8 @@ def test_all_in_ram_store_allocates_and_pins_exactly_what_it_holds(ckpt, cudart,
     fmt = expert_format(quant, SHAPE, torch.float32, 32)
     exact = SHAPE.n_layers * SHAPE.num_experts * fmt.nbytes
     assert exact & (exact - 1)  # not a power of two: a rounding allocator would show
-    store = ExpertStore(Checkpoint(ckpt[0]), fmt, pin=True, progress=False)
+    ck = Checkpoint(ckpt[0])
+    store = ExpertStore(ck.config, fmt, open_source(ck, fmt, direct=False), pin=True, progress=False)
     storage = store.layers[0].untyped_storage()
     assert storage.nbytes() == exact  # one allocation, no rounding
     assert all(layer.untyped_storage().data_ptr() == storage.data_ptr() for layer in store.layers)
@@ -84,7 +87,8 @@ def test_all_in_ram_store_allocates_and_pins_exactly_what_it_holds(ckpt, cudart,
 
 
 def test_unpinned_store_registers_nothing(ckpt, cudart):
-    store = ExpertStore(Checkpoint(ckpt[0]), DenseFormat(SHAPE, torch.float32), pin=False, progress=False)
+    ck, fmt = Checkpoint(ckpt[0]), DenseFormat(SHAPE, torch.float32)
+    store = ExpertStore(ck.config, fmt, open_source(ck, fmt, direct=False), pin=False, progress=False)
     assert store.pinned_bytes == 0 and cudart.registered == []
     assert store.layers[0].untyped_storage().nbytes() == SHAPE.n_layers * SHAPE.num_experts * store.nbytes
 
@@ -95,7 +99,8 @@ def test_tiered_store_pins_its_slots_and_alignment_as_planned(ckpt, cudart, monk
     fmt = DenseFormat(SHAPE, torch.float32)
     stride = -(-fmt.nbytes // 4096) * 4096
     budget = slots * stride + 4096 + stride // 2  # half a slot more than `slots` need: not used
-    store = TieredStore(Checkpoint(ckpt[1]), fmt, budget, pin=True, progress=False)
+    ck = Checkpoint(ckpt[1])
+    store = TieredStore(ck.config, fmt, open_source(ck, fmt), budget, pin=True, progress=False)
     assert store.ram_slots == slots
     allocated = store._ram.untyped_storage().nbytes()
     assert allocated == slots * stride + 4096  # the slots and the alignment pad, no rounding

@@ -8,7 +8,7 @@ import torch
 
 from offload_moe.config import ModelConfig
 from offload_moe.errors import UserError
-from offload_moe.expert_store import ALIGN, DenseFormat
+from offload_moe.formats import ALIGN, DenseFormat
 from offload_moe.quant import (
     INT4_KERNEL_MAX_TOKENS,
     INT8_BMM_MAX_TOKENS,

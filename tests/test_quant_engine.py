@@ -9,8 +9,9 @@ import pytest
 import torch
 from conftest import run_cli as run
 
+from offload_moe.convert import convert
 from offload_moe.engine import Engine, EngineOptions
-from offload_moe.packed import DATA, INDEX, JOURNAL, convert
+from offload_moe.packed import DATA, INDEX, JOURNAL
 from offload_moe.quant import attention_bytes, expert_format
 
 PROMPT = [1, 415, 2936, 9060, 285, 1142, 28705, 28740, 28734, 6211, 12, 77]

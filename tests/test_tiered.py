@@ -18,11 +18,14 @@ import torch
 
 from offload_moe.checkpoint import Checkpoint
 from offload_moe.config import ModelConfig
+from offload_moe.convert import convert
 from offload_moe.demo import write_random_checkpoint
 from offload_moe.errors import UserError
-from offload_moe.expert_store import DenseFormat, ExpertStore
-from offload_moe.packed import DATA, convert
-from offload_moe.tiered import TieredStore, page_cache_bytes
+from offload_moe.expert_store import ExpertStore
+from offload_moe.formats import DenseFormat
+from offload_moe.packed import DATA
+from offload_moe.sources import open_source, page_cache_bytes
+from offload_moe.tiered import TieredStore
 
 ROOT = Path(__file__).resolve().parent.parent
 # 64 experts of 3.4 MiB (fp32): 216 MiB of experts, so a 54 MiB budget holds a quarter of them
@@ -31,6 +34,11 @@ BIG = ModelConfig(dim=256, n_layers=8, n_heads=4, n_kv_heads=2, head_dim=64, ffn
 SMALL = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128, num_experts=4, top_k=2,
                     vocab_size=256)
 OVERHEAD = 16 * 2**20  # stated RSS overhead over the budget: thread stacks, bookkeeping, allocator slack
+
+
+def in_ram(ck: Checkpoint, fmt) -> ExpertStore:
+    """The all-in-RAM store, as the engine makes it."""
+    return ExpertStore(ck.config, fmt, open_source(ck, fmt, direct=False, drop_pages=False), progress=False)
 
 
 def _make(root: Path, config: ModelConfig) -> tuple[Path, Path]:
@@ -47,7 +55,7 @@ def big(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def big_ref(big) -> ExpertStore:
-    return ExpertStore(Checkpoint(big[0]), DenseFormat(BIG, torch.float32), progress=False)
+    return in_ram(Checkpoint(big[0]), DenseFormat(BIG, torch.float32))
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +65,13 @@ def small(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def small_ref(small) -> ExpertStore:
-    return ExpertStore(Checkpoint(small[0]), DenseFormat(SMALL, torch.float32), progress=False)
+    return in_ram(Checkpoint(small[0]), DenseFormat(SMALL, torch.float32))
 
 
 def _store(path: Path, config: ModelConfig, budget: int, **kw) -> TieredStore:
-    return TieredStore(Checkpoint(path), DenseFormat(config, torch.float32), budget, progress=False, **kw)
+    ck, fmt = Checkpoint(path), DenseFormat(config, torch.float32)
+    direct = kw.pop("direct", True)
+    return TieredStore(config, fmt, open_source(ck, fmt, direct=direct), budget, progress=False, **kw)
 
 
 def _slots_budget(config: ModelConfig, slots: int) -> int:
@@ -177,7 +187,9 @@ _RSS_CHILD = """
 import json, random, sys
 import psutil, torch
 from offload_moe.checkpoint import Checkpoint
-from offload_moe.expert_store import DenseFormat, ExpertStore
+from offload_moe.expert_store import ExpertStore
+from offload_moe.formats import DenseFormat
+from offload_moe.sources import open_source
 from offload_moe.tiered import TieredStore
 
 path, kind, budget, passes = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -187,10 +199,10 @@ fmt = DenseFormat(c, torch.float32)
 proc = psutil.Process()
 base = peak = proc.memory_info().rss
 if kind == "tiered":
-    store = TieredStore(ckpt, fmt, budget, progress=False)
+    store = TieredStore(c, fmt, open_source(ckpt, fmt), budget, progress=False)
     held, direct = store.ram_slots * store.stride, store.direct
 else:
-    store = ExpertStore(ckpt, fmt, progress=False)
+    store = ExpertStore(c, fmt, open_source(ckpt, fmt, direct=False, drop_pages=False), progress=False)
     held, direct = store.total_bytes, None
 rng = random.Random(0)
 keys = [(layer, e) for layer in range(c.n_layers) for e in range(c.num_experts)]
