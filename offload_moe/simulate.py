@@ -263,7 +263,8 @@ def _report(path: str, trace: Trace, results: list[dict], policies: list[str], s
     lines = [f"trace {path}: {trace.num_tokens} tokens x {trace.num_layers} layers, {trace.num_experts} experts, "
              f"top-{trace.top_k}" + (f", model {trace.model}" if trace.model else "") + f"; prefetch {prefetch}",
              "",
-             "hit rate by slots per layer (belady: evicts the expert used furthest ahead, the offline optimum)",
+             "hit rate by slots per layer (belady: evicts the expert used furthest ahead, "
+             + ("the offline optimum)" if not prefetch else "under the same prefetches: not an optimum with prefetch)"),
              f"{'slots':>6}{head}"]
     for s in sizes:
         lines.append(f"{s:>6}" + "".join(f"{100 * rate[(p, s)]['hit_rate']:>8.1f}%" for p in policies))
