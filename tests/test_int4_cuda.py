@@ -265,7 +265,8 @@ def test_tiered_store_packs_the_cuda_layout_from_a_checkpoint(ckpts, monkeypatch
     assert torch.equal(full.score(PROMPT), small.score(PROMPT))
 
 
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
+                               reason="torch's CUDA int4 kernel and converter need a CUDA device of capability 8.0+")
 
 
 @cuda_only
@@ -284,8 +285,6 @@ def test_gpu_kernel_matches_the_dequantizing_reference(dtype, group_size):
     """torch's CUDA int4 kernel against `forward_dequant` (same weights, dequantized) within int4's bf16
     tolerance, packed on the GPU as the engine does; and against the CPU layout's weights."""
     device = torch.device("cuda")
-    if torch.cuda.get_device_capability(device) < (8, 0):
-        pytest.skip("torch's CUDA int4 kernel needs compute capability 8.0")
     assert cuda_int4_kernel_runs(device) and int4_layout_for(device) == "cuda"
     cuda, cpu = (Int4Format(CONFIG, dtype, group_size, layout) for layout in ("cuda", "cpu"))
     parts = expert(group_size)
