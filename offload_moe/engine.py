@@ -51,7 +51,7 @@ from .quant import (
 from .sources import open_source
 from .stats import collect_stats
 from .tiered import TieredStore
-from .tokenizer import TextStream, Tokenizer
+from .tokenizer import TextStream, Tokenizer, generation_eos_ids, load_tokenizer
 from .trace import Trace, TraceRecorder
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -201,6 +201,7 @@ class Engine:
     dtype: torch.dtype
     last_result: GenerationResult | None = None
     plan: MemoryPlan | None = None  # what load planned on the device and in RAM (pinned bytes included)
+    file_eos_ids: tuple[int, ...] = ()  # EOS ids of generation_config.json and the tokenizer (see `stop_ids`)
 
     @classmethod
     def load(cls, path: str | Path, options: EngineOptions | None = None, profile: str | None = None,
@@ -270,12 +271,19 @@ class Engine:
         cached = any(n < c.num_experts for n in slots)
         model.prefetcher = Prefetcher(model, cache, options.prefetch) if options.prefetch and cached else None
         kv = KVCache(c, context, device, dtype)
-        tok = Tokenizer(ckpt.tokenizer_path) if ckpt.tokenizer_path else None
-        return cls(ckpt, model, cache, kv, tok, options, device, dtype, plan=plan)
+        tok = load_tokenizer(ckpt.path)  # tokenizer.json, else tokenizer.model, else None (ids only)
+        eos = generation_eos_ids(ckpt.path) + (tok.eos_ids if tok is not None else ())
+        return cls(ckpt, model, cache, kv, tok, options, device, dtype, plan=plan, file_eos_ids=eos)
 
     @property
     def config(self):
         return self.checkpoint.config
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """Every id that ends generation: config.json's EOS (one id or a list), generation_config.json's
+        (Qwen: <|im_end|> and <|endoftext|>) and the tokenizer's eos_token."""
+        return frozenset((self.config.eos_id, *self.config.eos_ids, *self.file_eos_ids))
 
     @property
     def attention_format(self) -> str:
@@ -291,11 +299,15 @@ class Engine:
         dense = sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers()))
         return dense + self.cache.device_bytes + self.kv.nbytes
 
-    def encode(self, prompt: str | list[int], chat: bool = False) -> list[int]:
-        if isinstance(prompt, str):
+    def encode(self, prompt: str | list[int] | list[dict], chat: bool = False) -> list[int]:
+        """Prompt ids: token ids as given; a text through the tokenizer (`chat`: as the user's message, in the
+        checkpoint's chat template); a list of {"role", "content"} messages, in the chat template."""
+        is_messages = isinstance(prompt, list) and any(isinstance(m, dict) for m in prompt)
+        if isinstance(prompt, str) or is_messages:
             if self.tokenizer is None:
-                raise UserError(f"{self.checkpoint.path} has no tokenizer.model: pass token ids (--prompt-ids)")
-            return self.tokenizer.chat(prompt) if chat else self.tokenizer.encode(prompt)
+                raise UserError(f"{self.checkpoint.path} has no tokenizer (tokenizer.json or tokenizer.model): "
+                                "pass token ids (--prompt-ids)")
+            prompt = self.tokenizer.chat(prompt) if chat or is_messages else self.tokenizer.encode(prompt)
         V = self.config.vocab_size
         bad = [t for t in prompt if not 0 <= t < V]
         if bad:
@@ -306,21 +318,22 @@ class Engine:
 
     def generate(
         self,
-        prompt: str | list[int],
+        prompt: str | list[int] | list[dict],
         max_new_tokens: int = 64,
         sampling: Sampling | None = None,
         chat: bool = False,
         keep_logits: bool = False,
         on_text: Callable[[str], None] | None = None,
     ) -> GenerationResult:
-        """Generate from a prompt (text or token ids); `on_text` receives text pieces as they are made."""
+        """Generate from a prompt (text, token ids, or chat messages: see `encode`); `on_text` receives text pieces
+        as they are made."""
         pieces = self._run(prompt, max_new_tokens, sampling, chat, keep_logits)
         for piece in pieces:
             if on_text is not None and piece:
                 on_text(piece)
         return self.last_result
 
-    def stream(self, prompt: str | list[int], max_new_tokens: int = 64, sampling: Sampling | None = None,
+    def stream(self, prompt: str | list[int] | list[dict], max_new_tokens: int = 64, sampling: Sampling | None = None,
                chat: bool = False) -> Iterator[str]:
         """Yield text pieces as tokens are made; `last_result` holds tokens and stats afterwards."""
         return (piece for piece in self._run(prompt, max_new_tokens, sampling, chat, False) if piece)
@@ -336,6 +349,8 @@ class Engine:
                 self.last_result = done.value
                 break
             yield text.push(token) if text is not None else ""
+        if text is not None:
+            yield text.flush()  # an incomplete character at the very end, as the full decode shows it
         self.last_result.stats = collect_stats(self, self.last_result)
 
     def score(self, ids: list[int]) -> torch.Tensor:

@@ -92,7 +92,7 @@ def generate_tokens(
         engine.cache.store.reset_counters()
     result = GenerationResult(prompt_ids=list(prompt_ids))
     rows: list[torch.Tensor] = []
-    eos = engine.config.eos_id
+    stop = engine.stop_ids  # config.json's, generation_config.json's and the tokenizer's EOS ids
     if max_new_tokens == 0:
         result.stop_reason = "length"
         return result
@@ -110,7 +110,7 @@ def generate_tokens(
         if on_token is not None:
             on_token(tok)
         yield tok
-        if tok == eos:
+        if tok in stop:
             result.stop_reason = "eos"
             break
         if len(result.tokens) >= max_new_tokens:

@@ -1,49 +1,332 @@
-"""The sentencepiece tokenizer of Mixtral, the instruct template, and incremental decoding."""
+"""Tokenizers, chat prompts, end-of-sequence ids and incremental decoding.
+
+Two backends behind one interface (`Tokenizer`), chosen by `load_tokenizer(folder)`:
+  tokenizer.json   Hugging Face's `tokenizers` (Qwen2/3-MoE, OLMoE, Phi-3.5-MoE and most hub checkpoints), with
+                   `tokenizer_config.json` applied as transformers' `PreTrainedTokenizerFast` (5.x) applies it:
+                   its added and special tokens and `split_special_tokens`; BOS/EOS around a text come from
+                   tokenizer.json's post-processor (transformers 5 ignores `add_bos_token` when there is a
+                   tokenizer.json). A text gives transformers' ids, special tokens written in the text
+                   included. Preferred when a folder has both files.
+  tokenizer.model  sentencepiece (Mixtral's release layout, the demo model).
+
+Chat (`Tokenizer.chat`): the checkpoint's own `chat_template` (chat_template.jinja, else tokenizer_config.json's),
+rendered as transformers renders it (a sandboxed jinja2 environment with trim_blocks and lstrip_blocks,
+`raise_exception`, `tojson`, `strftime_now`, the messages, add_generation_prompt=True and the special tokens as
+`bos_token`, `eos_token`, ...), then encoded without adding BOS (the template writes its own). A sentencepiece
+folder uses Mixtral-Instruct's template, <s>[INST] message [/INST].
+
+Generation stops on every EOS id the checkpoint names (`Engine.stop_ids`): config.json's, generation_config.json's
+(`generation_eos_ids`; Qwen lists <|im_end|> and <|endoftext|>) and the tokenizer's `eos_token` (`eos_ids`).
+"""
 
 from __future__ import annotations
 
+import functools
+import json
+from datetime import datetime
 from pathlib import Path
 
-import sentencepiece as spm
-
+from .config import read_json
 from .errors import UserError
 
 BUNDLED = Path(__file__).parent / "data" / "tokenizer.model"  # Mixtral's, from mistral-common (Apache-2.0)
 
+# The files of a folder that tokenizing, chat and stopping read (a converted folder needs them all).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "generation_config.json")
+SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+Messages = str | list[dict]
+
 
 class Tokenizer:
+    """What the engine needs of a tokenizer; `load_tokenizer` picks the backend."""
+
+    bos_id: int | None = None  # None: the tokenizer has no BOS token
+    eos_ids: tuple[int, ...] = ()  # the tokenizer's own end-of-sequence token(s)
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        """Ids of `text`; `bos`: with the special tokens the tokenizer adds around a text (BOS, if it has one)."""
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of `ids`, special tokens (BOS, EOS, chat markers) left out."""
+        raise NotImplementedError
+
+    def chat(self, messages: Messages) -> list[int]:
+        """Ids of a conversation (one user message, or [{"role": ..., "content": ...}, ...]) ready for the
+        assistant's reply."""
+        raise NotImplementedError
+
+
+def load_tokenizer(folder: str | Path) -> Tokenizer | None:
+    """The folder's tokenizer: tokenizer.json when it has one, else tokenizer.model, else None."""
+    folder = Path(folder)
+    if (folder / "tokenizer.json").exists():
+        return HFTokenizer(folder)
+    if (folder / "tokenizer.model").exists():
+        return SentencePieceTokenizer(folder / "tokenizer.model")
+    return None
+
+
+def tokenizer_files(folder: str | Path) -> list[Path]:
+    """The tokenizer, chat and generation files the folder has (what a converted copy must carry along)."""
+    return [Path(folder) / name for name in TOKENIZER_FILES if (Path(folder) / name).exists()]
+
+
+def generation_eos_ids(folder: str | Path) -> tuple[int, ...]:
+    """generation_config.json's `eos_token_id` (an id or a list of ids); () without the file or the key."""
+    path = Path(folder) / "generation_config.json"
+    if not path.exists():
+        return ()
+    eos = read_json(path).get("eos_token_id")
+    try:
+        return tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
+    except (TypeError, ValueError):
+        raise UserError(f"{path}: eos_token_id must be an id or a list of ids, got {eos!r}") from None
+
+
+def _messages(messages: Messages) -> list[dict]:
+    if isinstance(messages, str):
+        return [{"role": "user", "content": messages}]
+    if not messages or not all(isinstance(m, dict) for m in messages):
+        raise UserError("a chat is a message, or a non-empty list of {'role': ..., 'content': ...} messages")
+    return [{k: v for k, v in m.items() if v is not None} for m in messages]  # as transformers: None keys dropped
+
+
+# -- sentencepiece ---------------------------------------------------------------------------------------
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A sentencepiece `tokenizer.model` (Mixtral's), with Mixtral-Instruct's [INST] template."""
+
     def __init__(self, path: str | Path = BUNDLED):
+        import sentencepiece as spm
+
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(path))
         except (OSError, RuntimeError) as e:
             raise UserError(f"cannot load tokenizer {path}: {str(e).splitlines()[0]}") from None
-        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
+        self.eos_id = self.sp.eos_id()
+        self.eos_ids = (self.eos_id,) if self.eos_id >= 0 else ()
 
     @property
     def vocab_size(self) -> int:
         return self.sp.vocab_size()
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
-        return ([self.bos_id] if bos else []) + self.sp.encode(text)
+        return ([self.bos_id] if bos and self.bos_id is not None else []) + self.sp.encode(text)
 
-    def chat(self, message: str) -> list[int]:
-        """Mixtral-Instruct's template: <s>[INST] message [/INST]"""
-        return self.encode(f"[INST] {message.strip()} [/INST]")
+    def chat(self, messages: Messages) -> list[int]:
+        """Mixtral-Instruct's template: <s>[INST] user [/INST] assistant</s>[INST] user [/INST]"""
+        ids = [] if self.bos_id is None else [self.bos_id]
+        for m in _messages(messages):
+            role, content = m.get("role"), str(m.get("content", "")).strip()
+            if role == "user":
+                ids += self.sp.encode(f"[INST] {content} [/INST]")
+            elif role == "assistant":
+                ids += self.sp.encode(content) + list(self.eos_ids)
+            else:
+                raise UserError(f"the [INST] chat template has user and assistant messages, not {role!r}")
+        return ids
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
 
 
+# -- tokenizer.json --------------------------------------------------------------------------------------
+
+
+def _content(token) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, or an AddedToken dict."""
+    if isinstance(token, dict):
+        return token.get("content")
+    return None if token is None else str(token)
+
+
+def _added_token(token, special: bool | None = None):
+    from tokenizers import AddedToken
+
+    if isinstance(token, dict):
+        fields = {k: token[k] for k in ("single_word", "lstrip", "rstrip", "normalized", "special") if k in token}
+        if special is not None:
+            fields["special"] = special
+        return AddedToken(token["content"], **fields)
+    return AddedToken(str(token), special=True if special is None else special)
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizer.json`, with `tokenizer_config.json` applied as transformers applies it."""
+
+    def __init__(self, folder: str | Path):
+        from tokenizers import Tokenizer as Backend
+
+        self.folder = Path(folder)
+        path = self.folder / "tokenizer.json"
+        try:
+            self.tk = Backend.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+            raise UserError(f"cannot load tokenizer {path}: {str(e).splitlines()[0] if str(e) else e}") from None
+        self.tk.no_truncation()  # a file may carry truncation or padding for training; a prompt is encoded whole
+        self.tk.no_padding()
+        cfg = self._config()
+
+        # Added tokens: tokenizer_config.json's added_tokens_decoder, and the named and extra special tokens,
+        # where tokenizer.json does not have them already (with the same flags).
+        decoder = cfg.get("added_tokens_decoder") or {}
+        if not isinstance(decoder, dict):
+            raise UserError(f"{self.folder / 'tokenizer_config.json'}: added_tokens_decoder must be an object")
+        declared = {t["content"]: t for t in decoder.values() if isinstance(t, dict) and "content" in t}
+        have = {repr(t) for t in self.tk.get_added_tokens_decoder().values()}
+        new = [tok for _, t in sorted(decoder.items(), key=lambda kv: int(kv[0]))
+               if isinstance(t, dict) and repr(tok := _added_token(t)) not in have]
+        self.special = {name: _content(cfg.get(name)) for name in SPECIAL_NAMES if _content(cfg.get(name))}
+        extra = cfg.get("extra_special_tokens") or cfg.get("additional_special_tokens") or []
+        extra = list(extra.values()) if isinstance(extra, dict) else list(extra)
+        known = {t.content for t in self.tk.get_added_tokens_decoder().values()} | {t.content for t in new}
+        for raw in [*(cfg[name] for name in self.special), *extra]:
+            text = _content(raw)
+            if text and text not in known:
+                new.append(_added_token(declared.get(text) or raw, special=True))
+                known.add(text)
+        if new:
+            self.tk.add_tokens(new)
+
+        # special tokens written in a text are those tokens, unless the config says to split them
+        self.tk.encode_special_tokens = bool(cfg.get("split_special_tokens", False))
+        # BOS/EOS around a text: tokenizer.json's post-processor decides (transformers 5 ignores tokenizer_config.json's
+        # add_bos_token/add_eos_token when a tokenizer.json is there, and so do we)
+        bos, eos = self.special.get("bos_token"), self.special.get("eos_token")
+        self.bos_id = self.tk.token_to_id(bos) if bos else None
+        eos_id = self.tk.token_to_id(eos) if eos else None
+        self.eos_ids = () if eos_id is None else (eos_id,)
+        self.chat_template = self._chat_template(cfg)
+
+    def _config(self) -> dict:
+        """tokenizer_config.json, with a legacy special_tokens_map.json over it (read, as transformers reads
+        it, only when the config has no added_tokens_decoder)."""
+        path = self.folder / "tokenizer_config.json"
+        cfg = read_json(path) if path.exists() else {}
+        legacy = self.folder / "special_tokens_map.json"
+        if "added_tokens_decoder" not in cfg and legacy.exists():
+            for key, value in read_json(legacy).items():
+                if key in ("additional_special_tokens", "extra_special_tokens") and isinstance(value, list):
+                    have = list(cfg.get(key) or [])
+                    cfg[key] = have + [t for t in value if t not in have]
+                else:
+                    cfg[key] = value
+        return cfg
+
+    def _chat_template(self, cfg: dict) -> str | None:
+        """chat_template.jinja, else tokenizer_config.json's chat_template (a string, or named templates: the
+        'default' one)."""
+        jinja = self.folder / "chat_template.jinja"
+        if jinja.exists():
+            return jinja.read_text()
+        template = cfg.get("chat_template")
+        if isinstance(template, list):
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        return template if isinstance(template, str) else None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        return self.tk.encode(text, add_special_tokens=bos).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=True)
+
+    def render_chat(self, messages: Messages, add_generation_prompt: bool = True) -> str:
+        """The checkpoint's chat template applied to `messages`, as transformers' `apply_chat_template` renders
+        it (tokenize=False)."""
+        if self.chat_template is None:
+            raise UserError(f"{self.folder} has no chat template (a chat_template in tokenizer_config.json, or "
+                            "chat_template.jinja): --chat needs one; without --chat the prompt goes in as it is")
+        import jinja2
+
+        try:
+            return _compile(self.chat_template).render(messages=_messages(messages), tools=None, documents=None,
+                                                       add_generation_prompt=add_generation_prompt, **self.special)
+        except jinja2.TemplateError as e:
+            raise UserError(f"{self.folder}: the chat template failed: {e.message or e}") from None
+
+    def chat(self, messages: Messages) -> list[int]:
+        return self.encode(self.render_chat(messages), bos=False)  # the template writes BOS itself, if any
+
+
+@functools.lru_cache(maxsize=8)
+def _compile(template: str):
+    """A chat template in the environment transformers renders it in (chat templates are untrusted code: sandboxed)."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(jinja2.ext.Extension):
+        """{% generation %}...{% endgeneration %} marks assistant text for training masks: here, its body."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise UserError(f"the chat template is not valid Jinja (line {e.lineno}: {e.message})") from None
+
+
+# -- streaming -------------------------------------------------------------------------------------------
+
+
 class TextStream:
-    """Turns a growing list of token ids into new text pieces, holding back incomplete characters."""
+    """Token ids in, text pieces out. A byte-level BPE token (or a byte-fallback piece) may hold part of a
+    character's UTF-8 bytes: a piece is given out only once its text does not end in an incomplete sequence
+    (decoded as U+FFFD), so no broken character is ever shown, and `flush()` gives what is left at the end. The
+    pieces add up to `decode` of all the ids. Each step decodes a window, the tokens since the piece before the
+    last one, against the same window without the new tokens (decoders that drop the leading space of a text
+    drop it from both), so the cost does not grow with the length of the text."""
 
     def __init__(self, tokenizer: Tokenizer):
-        self.tok, self.ids, self.shown = tokenizer, [], ""
+        self.tok, self.ids = tokenizer, []
+        self.start = 0  # the window's first token
+        self.shown = 0  # tokens whose text has been given out
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+        return self._piece(final=False)
+
+    def flush(self) -> str:
+        """The text held back (an incomplete character at the end), once generation is over."""
+        return self._piece(final=True)
+
+    def _piece(self, final: bool) -> str:
+        before = self.tok.decode(self.ids[self.start:self.shown])
+        text = self.tok.decode(self.ids[self.start:])
+        if len(text) <= len(before) or (text.endswith("\ufffd") and not final):
             return ""
-        piece, self.shown = text[len(self.shown):], text
-        return piece
+        self.start, self.shown = self.shown, len(self.ids)
+        return text[len(before):]

@@ -29,7 +29,9 @@ FAMILIES = {
 }
 
 
-def make_family(path: Path, family: str, seed: int = 0) -> Path:
+def make_family(path: Path, family: str, seed: int = 0, tokenizer: str | None = None) -> Path:
+    """`tokenizer`: also a tokenizer.json with its tokenizer_config.json and generation_config.json, in
+    one of hf_tokenizer.add_tokenizer's styles (e.g. 'chatml')."""
     cfg_cls, model_cls, kwargs = FAMILIES[family]
     torch.manual_seed(seed)
     cfg = getattr(transformers, cfg_cls)(vocab_size=VOCAB, max_position_embeddings=256, bos_token_id=1,
@@ -45,6 +47,10 @@ def make_family(path: Path, family: str, seed: int = 0) -> Path:
                 p.mul_(20)
     model.save_pretrained(path, max_shard_size="100KB")
     hub_config(path / "config.json", family)
+    if tokenizer is not None:
+        from hf_tokenizer import add_tokenizer
+
+        add_tokenizer(path, tokenizer)
     return path
 
 

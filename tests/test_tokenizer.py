@@ -1,0 +1,318 @@
+"""Tokenizers and chat: tokenizer.json against transformers' AutoTokenizer (ids, special tokens in the text, BOS),
+the chat template against `apply_chat_template`, text prompts through the engine against transformers' model,
+every EOS id stopping generation, and streaming that never shows a broken UTF-8 sequence."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TOKENIZER, run_cli
+from families import FAMILIES, make_family, reference
+from hf_tokenizer import add_tokenizer
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoTokenizer
+
+from offload_moe.engine import Engine, EngineOptions
+from offload_moe.errors import UserError
+from offload_moe.tokenizer import (
+    BUNDLED,
+    HFTokenizer,
+    SentencePieceTokenizer,
+    TextStream,
+    load_tokenizer,
+    tokenizer_files,
+)
+
+TEXTS = [
+    "Hello, world!",
+    "Why is the sky blue?",
+    "<|im_start|>user\nhi<|im_end|>",  # special tokens written in the text are those tokens
+    "<|endoftext|><|endoftext|>a<|im_end|>b",
+    "Caf\u00e9 cr\u00e8me, \u4e2d\u6587 \U0001f600\U0001f680 x",
+    "  lots   of\n\nspace\t and 's 'll CAPS 12345",
+    "",
+]
+MULTIBYTE = ("na\u00efve \u4e2d\u6587 \u65e5\u672c\u8a9e \U0001f600 "
+             "\U0001f468\u200d\U0001f469\u200d\U0001f467 \u00e9t\u00e9")  # 2-, 3- and 4-byte characters, a ZWJ family
+CHATS = [
+    [{"role": "user", "content": "Why is the sky blue?"}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+]
+STYLES = ["chatml", "json_bos", "add_bos"]
+PROMPT = "Why is the sky blue? Caf\u00e9 \U0001f600"
+
+
+@pytest.fixture(scope="module")
+def tok_dirs(tmp_path_factory) -> dict:
+    """Tokenizer folders (no model) per (style, tokenizer_class)."""
+    root = tmp_path_factory.mktemp("tokenizers")
+    out = {}
+    for style in STYLES:
+        for cls in ("PreTrainedTokenizerFast", "Qwen2Tokenizer"):
+            d = root / f"{style}-{cls}"
+            d.mkdir()
+            out[style, cls] = add_tokenizer(d, style, tokenizer_class=cls)
+    return out
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("families-tok")
+    return {name: make_family(root / name, name, seed=i, tokenizer="chatml") for i, name in enumerate(FAMILIES)}
+
+
+# -- encoding -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", ["PreTrainedTokenizerFast", "Qwen2Tokenizer"])
+@pytest.mark.parametrize("style", STYLES)
+def test_encoding_equals_transformers(tok_dirs, style, cls):
+    path = tok_dirs[style, cls]
+    ref = AutoTokenizer.from_pretrained(path)
+    ours = load_tokenizer(path)
+    assert isinstance(ours, HFTokenizer)
+    for text in TEXTS:
+        want = ref(text)["input_ids"]
+        assert ours.encode(text) == want, text
+        assert ours.encode(text, bos=False) == ref(text, add_special_tokens=False)["input_ids"], text
+        assert ours.decode(want) == ref.decode(want, skip_special_tokens=True), text
+    assert ours.bos_id == ref.bos_token_id
+    assert ours.eos_ids == (ref.eos_token_id,)
+    hello = ours.encode("Hello")
+    if style == "json_bos":  # tokenizer.json's post-processor puts BOS first; chat templates write their own
+        assert hello[0] == ours.bos_id == 0 and ours.encode("Hello", bos=False) == hello[1:]
+    else:  # ChatML adds none; add_bos_token in the config is ignored beside a tokenizer.json, as transformers 5 does
+        assert 0 not in hello
+    special = ours.encode("<|im_start|>user<|im_end|>", bos=False)
+    assert special[0] == 1 and special[-1] == 2  # one id each, not their characters
+
+
+def test_added_and_special_tokens_from_the_config(tmp_path):
+    """A token that only tokenizer_config.json declares (added_tokens_decoder), and a named special token that
+    neither file lists, are added as transformers adds them."""
+    add_tokenizer(tmp_path, "chatml")
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg["added_tokens_decoder"]["300"] = {"content": "<tool>", "lstrip": False, "normalized": False,
+                                          "rstrip": False, "single_word": False, "special": True}
+    cfg["pad_token"] = "<|pad|>"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    ref = AutoTokenizer.from_pretrained(tmp_path)
+    ours = load_tokenizer(tmp_path)
+    for text in ("a<tool>b<|pad|>c", "<tool><|im_end|>"):
+        assert ours.encode(text) == ref(text)["input_ids"]
+    assert ours.tk.token_to_id("<tool>") == 300 and ours.tk.token_to_id("<|pad|>") == 301
+
+
+def test_tokenizer_json_is_preferred_and_sentencepiece_kept(tmp_path):
+    add_tokenizer(tmp_path, "chatml")
+    shutil.copy(TOKENIZER, tmp_path / "tokenizer.model")
+    assert isinstance(load_tokenizer(tmp_path), HFTokenizer)
+    assert [f.name for f in tokenizer_files(tmp_path)] == ["tokenizer.json", "tokenizer.model",
+                                                           "tokenizer_config.json", "generation_config.json"]
+    (tmp_path / "tokenizer.json").unlink()
+    sp = load_tokenizer(tmp_path)
+    assert isinstance(sp, SentencePieceTokenizer) and sp.bos_id == 1 and sp.eos_ids == (2,)
+    assert sp.chat("hi") == sp.encode("[INST] hi [/INST]")  # Mixtral's [INST] template, BOS first
+    assert load_tokenizer(tmp_path / "missing") is None
+
+
+def test_broken_tokenizer_json_is_a_user_error(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(UserError, match="cannot load tokenizer"):
+        load_tokenizer(tmp_path)
+
+
+# -- chat -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_chat_template_equals_apply_chat_template(tok_dirs, style):
+    path = tok_dirs[style, "PreTrainedTokenizerFast"]
+    ref = AutoTokenizer.from_pretrained(path)
+    ours = load_tokenizer(path)
+    chats = CHATS + ([[{"role": "system", "content": "Be brief."}, *CHATS[0]]] if style != "json_bos" else [])
+    for messages in chats:
+        text = ref.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert ours.render_chat(messages) == text
+        assert ours.chat(messages) == ref.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+    if style == "chatml":
+        assert ours.render_chat("hi").endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    if style == "json_bos":  # bos_token and eos_token variables, block whitespace removed (trim/lstrip_blocks)
+        assert ours.render_chat(CHATS[1]) == "<|endoftext|>[INST] a [/INST] b<|im_end|>[INST] c [/INST]"
+        assert ours.chat("hi").count(0) == 1  # the template's BOS only
+
+
+def test_chat_template_errors(tok_dirs, tmp_path):
+    ours = load_tokenizer(tok_dirs["json_bos", "PreTrainedTokenizerFast"])
+    with pytest.raises(UserError, match="roles must alternate"):  # the template's raise_exception
+        ours.chat([{"role": "assistant", "content": "x"}])
+    add_tokenizer(tmp_path, "chatml")
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{% for m in messages %}{{ m.content }"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="not valid Jinja"):
+        load_tokenizer(tmp_path).chat("hi")
+    del cfg["chat_template"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="no chat template"):
+        load_tokenizer(tmp_path).chat("hi")
+    (tmp_path / "chat_template.jinja").write_text("{{ bos_token is defined }}|{{ messages[0]['content'] }}")
+    assert load_tokenizer(tmp_path).render_chat("hi") == "False|hi"  # ChatML has no BOS; the file wins
+
+
+# -- through the engine ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_text_prompt_tokens_and_logits_match_transformers(family_dirs, family):
+    path = family_dirs[family]
+    ref_tok = AutoTokenizer.from_pretrained(path)
+    engine = Engine.load(path, EngineOptions(prefetch=0, progress=False))
+    ids = engine.encode(PROMPT)
+    assert ids == ref_tok(PROMPT)["input_ids"]
+    chat = engine.encode(PROMPT, chat=True)
+    assert chat == ref_tok.apply_chat_template([{"role": "user", "content": PROMPT}],
+                                               add_generation_prompt=True)["input_ids"]
+    ref = reference(path, family)
+    with torch.no_grad():
+        for seq in (ids, chat):
+            want = ref(torch.tensor([seq])).logits[0]
+            torch.testing.assert_close(engine.score(seq), want, rtol=0, atol=1e-4)
+
+
+def test_generation_stops_at_every_eos_id(family_dirs, tmp_path):
+    src = family_dirs["qwen3_moe"]
+    path = tmp_path / "qwen3"
+    shutil.copytree(src, path)
+    add_tokenizer(path, "chatml", eos_ids=[])  # config.json's eos (2) and the tokenizer's <|im_end|> (2) only
+    engine = Engine.load(path, EngineOptions(prefetch=0, progress=False))
+    assert engine.stop_ids == {2}
+    free = engine.generate(PROMPT, 8)
+    assert free.stop_reason == "length", "the random model should not produce id 2 in 8 tokens"
+    k = next(i for i, t in enumerate(free.tokens) if i >= 2 and t not in (0, 2))
+    stop = free.tokens[k]
+    add_tokenizer(path, "chatml", eos_ids=[2, stop])  # as Qwen's: a list, beside config.json's single id
+    engine = Engine.load(path, EngineOptions(prefetch=0, progress=False))
+    assert engine.stop_ids == {2, stop}
+    got = engine.generate(PROMPT, 8)
+    assert got.tokens == free.tokens[: k + 1] and got.stop_reason == "eos"
+    assert engine.stream(PROMPT, 8) and engine.last_result.tokens == got.tokens
+
+
+def test_generate_chat_through_the_cli(family_dirs, capsys):
+    path = family_dirs["qwen2_moe"]
+    ref_tok = AutoTokenizer.from_pretrained(path)
+    want = ref_tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)["input_ids"]
+    code, out, err = run_cli(capsys, "generate", "--model", str(path), "--prompt", "hi", "--chat",
+                             "--max-new-tokens", "6", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["stats"]["prompt_tokens"] == len(want)
+    engine = Engine.load(path, EngineOptions(progress=False))
+    direct = engine.generate(want, 6)
+    assert result["tokens"] == direct.tokens
+    assert result["text"] == ref_tok.decode(direct.tokens, skip_special_tokens=True)
+    code, out, err = run_cli(capsys, "generate", "--model", str(path), "--prompt", "hi", "--chat",
+                             "--max-new-tokens", "6")
+    assert code == 0, err
+    assert out.startswith("hi" + result["text"])  # the prompt, then the streamed text
+
+
+def test_chat_without_a_template_is_an_error_line(family_dirs, tmp_path, capsys):
+    path = tmp_path / "olmoe"
+    shutil.copytree(family_dirs["olmoe"], path)
+    cfg = json.loads((path / "tokenizer_config.json").read_text())
+    del cfg["chat_template"]
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    code, _, err = run_cli(capsys, "generate", "--model", str(path), "--prompt", "hi", "--chat")
+    assert code == 1 and err.startswith("error: ") and "no chat template" in err
+    code, _, err = run_cli(capsys, "generate", "--model", str(path), "--prompt", "hi", "--max-new-tokens", "2")
+    assert code == 0, err
+
+
+# -- streaming ------------------------------------------------------------------------------------------
+
+
+def _stream(tok, ids: list[int]) -> list[str]:
+    s = TextStream(tok)
+    pieces = [s.push(i) for i in ids]
+    return pieces + [s.flush()]
+
+
+def _byte_ids(tok: HFTokenizer, text: str) -> list[int]:
+    """One token per UTF-8 byte: every multi-byte character split across tokens. (Byte-level BPE writes byte b
+    as GPT-2's printable stand-in for it.)"""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), 256)]
+    cs, extra = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    table = dict(zip(bs, map(chr, cs), strict=True))
+    return [tok.tk.token_to_id(table[b]) for b in text.encode()]
+
+
+def test_stream_never_shows_a_broken_character(tok_dirs):
+    tok = load_tokenizer(tok_dirs["chatml", "PreTrainedTokenizerFast"])
+    for ids in (_byte_ids(tok, MULTIBYTE), tok.encode(MULTIBYTE), tok.encode("\U0001f600" * 5)):
+        pieces = _stream(tok, ids)
+        assert all("\ufffd" not in p for p in pieces), pieces
+        assert "".join(pieces) == tok.decode(ids)
+    assert "".join(_stream(tok, tok.encode(MULTIBYTE))) == MULTIBYTE
+    pieces = _stream(tok, _byte_ids(tok, "\u4e2d"))
+    assert pieces == ["", "", "\u4e2d", ""]  # held back until its third byte
+    cut = _byte_ids(tok, "a\u4e2d")[:-1]  # ends inside a character: shown at the end, as the full decode has it
+    assert _stream(tok, cut) == ["a", "", "", tok.decode(cut)[1:]] and tok.decode(cut).endswith("\ufffd")
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(0, 299), max_size=40))
+def test_stream_adds_up_to_the_full_decode(tok_dirs, ids):
+    tok = load_tokenizer(tok_dirs["chatml", "PreTrainedTokenizerFast"])
+    assert "".join(_stream(tok, ids)) == tok.decode(ids)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=30))
+def test_stream_of_any_text_byte_by_byte(tok_dirs, text):
+    tok = load_tokenizer(tok_dirs["chatml", "PreTrainedTokenizerFast"])
+    ids = _byte_ids(tok, text)
+    pieces = _stream(tok, ids)
+    assert "".join(pieces) == tok.decode(ids)
+    assert all("\ufffd" not in p for p in pieces) or "\ufffd" in text
+
+
+TINY_SP = Path(__file__).parents[1] / "offload_moe" / "data" / "tiny-moe" / "tokenizer.model"  # byte fallback
+
+
+def test_sentencepiece_stream_with_byte_fallback():
+    tok = SentencePieceTokenizer(TINY_SP)
+    ids = tok.encode(MULTIBYTE, bos=False)
+    pieces = _stream(tok, ids)
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == tok.decode(ids)
+    mixtral = SentencePieceTokenizer(BUNDLED)
+    ids = mixtral.encode("Hello world, \U0001f600 again", bos=False)
+    assert "".join(_stream(mixtral, ids)) == mixtral.decode(ids) == "Hello world, \U0001f600 again"
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(0, 4095), max_size=30))
+def test_sentencepiece_stream_adds_up_to_the_full_decode(ids):
+    """Windows that start at a piece whose leading space the decoder drops: the pieces still add up."""
+    tok = SentencePieceTokenizer(TINY_SP)
+    assert "".join(_stream(tok, ids)) == tok.decode(ids)
+
+
+def test_engine_stream_equals_the_result_text(family_dirs):
+    engine = Engine.load(family_dirs["phimoe"], EngineOptions(progress=False))
+    for prompt in (PROMPT, "\U0001f600"):
+        pieces = list(engine.stream(prompt, 12))
+        assert "".join(pieces) == engine.last_result.text
+        assert engine.last_result.text == engine.tokenizer.decode(engine.last_result.tokens)
