@@ -115,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     src = gen.add_mutually_exclusive_group()
     src.add_argument("--prompt", help=f"prompt text (default: {DEMO_PROMPT!r})")
     src.add_argument("--prompt-ids", type=_ids, metavar="IDS", help="prompt as token ids, e.g. 1,415,2936")
-    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the [INST] ... [/INST] template")
+    gen.add_argument("--chat", action="store_true",
+                     help="send the prompt as a user message in the checkpoint's chat template (its Jinja "
+                          "chat_template; a tokenizer.model folder: Mixtral's [INST] ... [/INST])")
     gen.add_argument("--max-new-tokens", type=_nonneg, default=DEMO_TOKENS, metavar="N",
                      help="stop after N new tokens (default: %(default)s)")
     smp = gen.add_argument_group("sampling (greedy unless --temperature > 0)")
