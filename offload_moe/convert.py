@@ -25,6 +25,7 @@ from .packed import ALIGN, DATA, DENSE, INDEX, JOURNAL, VERSION, aligned
 from .progress import Progress
 from .quant import ATTENTION_SUFFIXES, check_int8_attention, int8_attention_state
 from .sources import MappedSource
+from .tokenizer import tokenizer_files
 
 FLUSH_EVERY = 16  # experts between journal updates
 
@@ -86,8 +87,8 @@ def convert(source: str | Path, out: str | Path, fmt: ExpertFormat, dense_dtype:
     hf = read_json(ckpt.path / "config.json") if ckpt.layout == "hf" else c.to_hf_config()
     hf["torch_dtype"] = str(dense_dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(hf, indent=2))
-    if ckpt.tokenizer_path:
-        shutil.copy(ckpt.tokenizer_path, out / "tokenizer.model")
+    for file in tokenizer_files(ckpt.path):  # tokenizer, chat template, generation config: the stop ids
+        shutil.copy(file, out / file.name)
     index = {**settings, "align": ALIGN, "experts": entries}
     tmp = out / (INDEX + ".tmp")
     tmp.write_text(json.dumps(index))

@@ -9,7 +9,7 @@ experts and `checkpoint.Checkpoint` its dense tensors.
                              another at 4096-byte aligned offsets (so storage can be read with O_DIRECT)
     DIR2/packed.json         version, expert and attention formats, and the index: layer, expert,
                              offset, size, crc32
-    DIR2/tokenizer.model     copied from the source, when it has one
+    DIR2/tokenizer.*, ...    the source's tokenizer, chat template and generation config, when it has them
 
 `convert` is resumable: experts are appended in (layer, expert) order and a journal
 (`packed.partial.json`) records, after each flushed batch, how many are safely on disk; a rerun

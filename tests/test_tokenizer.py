@@ -316,3 +316,18 @@ def test_engine_stream_equals_the_result_text(family_dirs):
         pieces = list(engine.stream(prompt, 12))
         assert "".join(pieces) == engine.last_result.text
         assert engine.last_result.text == engine.tokenizer.decode(engine.last_result.tokens)
+
+
+def test_a_converted_folder_keeps_the_tokenizer_chat_and_stop_ids(family_dirs, tmp_path):
+    from offload_moe.convert import convert
+    from offload_moe.formats import DenseFormat
+
+    src = Engine.load(family_dirs["qwen2_moe"], EngineOptions(prefetch=0, progress=False))
+    out = tmp_path / "packed"
+    convert(src.checkpoint.path, out, DenseFormat(src.config, torch.float32), torch.float32, progress=False)
+    packed = Engine.load(out, EngineOptions(prefetch=0, progress=False))
+    assert packed.checkpoint.layout == "packed" and packed.config.family == "qwen2_moe"
+    assert packed.stop_ids == src.stop_ids
+    chat = [{"role": "user", "content": "def f(x):"}]
+    assert packed.encode(chat, chat=True) == src.encode(chat, chat=True)
+    assert packed.generate("def f(x):", 6).text == src.generate("def f(x):", 6).text
