@@ -194,6 +194,30 @@ def run_case(path: Path, name: str, tokens: int, bw: float, device: torch.device
     return row
 
 
+def device_index_check(path: Path, device: torch.device) -> dict | None:
+    """Stream rule 1: an engine on an explicit `cuda:N` (the last device) keeps its copy streams and
+    events on that device, and computes what the default device computes. None in the CPU smoke run."""
+    if device.type != "cuda":
+        print("device index check: skipped (no CUDA device in the smoke run)")
+        return None
+    explicit = torch.device("cuda", torch.cuda.device_count() - 1)
+    runs = {}
+    for name in ("cuda", str(explicit)):
+        engine = Engine.load(path, EngineOptions(device=name, dtype="float16", cache_experts=2, prefetch=1,
+                                                 context=CONTEXT, progress=False))
+        t = engine.cache.transfers
+        on_device = t.demand.device == t.prefetch.device == engine.device
+        runs[name] = (engine.generate(PROMPT, 8, keep_logits=True).logits, on_device)
+        del engine
+        torch.cuda.empty_cache()
+    (base, _), (logits, on_device) = runs["cuda"], runs[str(explicit)]
+    diff = float((base - logits).abs().max())
+    ok = on_device and diff <= 1e-2 * float(base.abs().max())
+    print(f"device index check on {explicit}: streams on the engine's device {on_device}, max logit difference "
+          f"to the default device {diff:.3g}: {'ok' if ok else 'FAILED'}", flush=True)
+    return {"device": str(explicit), "streams_on_device": on_device, "max_logit_diff": diff, "ok": ok}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=4)
@@ -225,6 +249,7 @@ def main() -> int:
         print(f"checkpoint written in {time.perf_counter() - t0:.0f} s", flush=True)
         int4, int8, fp16 = slots_for_card("int4", 64), slots_for_card("int8", 64), slots_for_card("none", 64)
         print(f"slots per layer on a 24 GB card: int4-g64 {int4}, int8-g64 {int8}, fp16 {fp16} (top-k is 2)")
+        index = device_index_check(path, device)
         rows = [
             run_case(path, f"int4, {int4} slots, prefetch 1", args.tokens, bw, device, expert_quant="int4",
                      cache_experts=int4, prefetch=1),
@@ -250,8 +275,9 @@ def main() -> int:
         rows.append(run_case(packed, f"int4 packed, RAM tier 1/4, {int4} slots", args.tokens, bw, device,
                              cache_experts=int4, prefetch=1, ram_budget=quarter))
     if args.json:
-        Path(args.json).write_text(json.dumps({"h2d_bytes_per_s": bw, "rows": rows, "int4_kernel": kernel}, indent=1))
-    return 0 if kernel is None or kernel["ok"] else 1
+        Path(args.json).write_text(json.dumps({"h2d_bytes_per_s": bw, "rows": rows, "int4_kernel": kernel,
+                                               "device_index": index}, indent=1))
+    return 0 if all(check is None or check["ok"] for check in (kernel, index)) else 1
 
 
 if __name__ == "__main__":
