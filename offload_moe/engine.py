@@ -47,6 +47,7 @@ from .quant import (
     int8_attention,
     int8_attention_state,
     parse_format_name,
+    resolve_group_size,
 )
 from .sources import open_source
 from .stats import collect_stats
@@ -69,7 +70,8 @@ class EngineOptions:
     miss_policy: str = "fetch"  # a decode miss: fetch (copy, wait), cpu (compute on the CPU), auto (faster one)
     expert_quant: str = "none"  # experts quantized at load: none, int8, int4 (a packed folder keeps its own)
     attention_quant: str = "none"  # attention projections quantized at load: none, int8 (likewise)
-    group_size: int = 64  # quantization group size: 32, 64 or 128
+    group_size: int | None = None  # quantization group size: 32, 64 or 128; None: 64 where it divides every
+    # quantized input (the experts' D and I, the attention's D and H*hd when int8), else the largest that does
     context: int = 4096  # KV-cache length to preallocate (clipped to the model's own)
     seed: int = 0  # for the random eviction policy
     progress: bool = True  # a progress bar on large loads
@@ -107,7 +109,7 @@ def expert_format_for(ckpt: Checkpoint, options: EngineOptions, dtype: torch.dty
     device = device or torch.device("cpu")
     if ckpt.packed_index is None:
         layout = int4_layout_for(device) if options.expert_quant == "int4" else "cpu"
-        return expert_format(options.expert_quant, ckpt.config, dtype, options.group_size, layout)
+        return expert_format(options.expert_quant, ckpt.config, dtype, group_size_for(ckpt.config, options), layout)
     name = ckpt.packed_index["format"]
     parsed = parse_format_name(name)
     if parsed is not None:
@@ -132,7 +134,14 @@ def attention_group(ckpt: Checkpoint, options: EngineOptions) -> int | None:
     if options.attention_quant not in ATTENTION_QUANTS:
         raise UserError(f"unknown attention quantization {options.attention_quant!r} "
                         f"(use {', '.join(ATTENTION_QUANTS)})")
-    return None if options.attention_quant == "none" else options.group_size
+    return None if options.attention_quant == "none" else group_size_for(ckpt.config, options)
+
+
+def group_size_for(config, options: EngineOptions) -> int:
+    """The quantization group size of a run that quantizes at load: the one asked for, checked against the
+    inputs it quantizes, or the automatic one (`quant.resolve_group_size`)."""
+    return resolve_group_size(config, options.group_size, experts=options.expert_quant in ("int8", "int4"),
+                              attention=options.attention_quant == "int8")
 
 
 def set_fields(options: EngineOptions) -> dict:
