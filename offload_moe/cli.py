@@ -148,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="replay a trace under eviction policies and cache sizes",
                          description="Hit rates of eviction policies against the optimal offline bound (Belady).")
     sim.add_argument("--trace", required=True, help="a trace written by profile or generate --trace-out")
-    sim.add_argument("--slots", type=_ids, default=[2, 3, 4, 6], help="cache slots per layer to try "
-                     "(default: 2,3,4,6)")
+    sim.add_argument("--slots", type=_ids, help="cache slots per layer to try, e.g. 2,3,4,6 (default: top-k, 1.5, 2 "
+                     "and 3 times top-k, at most the expert count: 2,3,4,6 for Mixtral's top-2 of 8)")
     sim.add_argument("--policy", default=",".join(POLICIES), help="policies, comma-separated "
                      "(default: %(default)s)")
     sim.add_argument("--prefetch", type=_nonneg, default=0, help="0 or 1: insert the trace's one-layer-ahead "
@@ -345,8 +345,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     hw = hardware_of(profile)
     reserve = args.reserve if args.reserve is not None else (profile.device_reserve if profile
                                                                else DEFAULTS.device_reserve)
-    print(f"trace {args.trace}: {trace.experts.shape[0]} tokens; model {config.n_layers} layers x "
-          f"{config.num_experts} experts (D={config.dim}, I={config.ffn_dim}); device budget {budget / 2**30:.1f} GiB; "
+    print(f"trace {args.trace}: {trace.experts.shape[0]} tokens; model {config.n_layers} layers ({config.n_moe_layers} "
+          f"with experts) x {config.num_experts} experts, top-{config.top_k} (D={config.dim}, I={config.ffn_dim}); "
+          f"device budget {budget / 2**30:.1f} GiB; "
           f"link {hw['h2d_bytes_per_s'] / 1e9:.1f} GB/s")
     best, default, everything = tune(trace, config, budget, hw, reserve, args.context)
     print(f"\n  default  {default.describe()}")

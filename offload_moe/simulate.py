@@ -219,9 +219,16 @@ def _run_job(layer: int):
     return _JOB(layer)
 
 
-def run_simulate(trace_path: str, slots: list[int], policies: list[str], prefetch: int, as_json: bool,
+def default_slots(top_k: int, num_experts: int) -> list[int]:
+    """The cache sizes `simulate` tries when none are given: top-k, 1.5x, 2x and 3x top-k, at most every
+    expert (Mixtral, K=2 of 8: 2, 3, 4, 6; Qwen3-30B-A3B, K=8 of 128: 8, 12, 16, 24)."""
+    return sorted({min(s, num_experts) for s in (top_k, top_k * 3 // 2, 2 * top_k, 3 * top_k)})
+
+
+def run_simulate(trace_path: str, slots: list[int] | None, policies: list[str], prefetch: int, as_json: bool,
                  plot: str | None) -> int:
-    """The `simulate` command: every (policy, slots) pair, Belady always included as the bound.
+    """The `simulate` command: every (policy, slots) pair, Belady always included as the bound; `slots`
+    None: `default_slots` of the trace's top-k and expert count.
 
     Prints a table (or, with as_json, exactly one JSON object on stdout) and optionally draws a PNG.
     """
@@ -229,6 +236,8 @@ def run_simulate(trace_path: str, slots: list[int], policies: list[str], prefetc
     T, L, K, E = trace.num_tokens, trace.num_layers, trace.top_k, trace.num_experts
     if T == 0:
         raise UserError(f"trace {trace_path} holds no tokens")
+    if slots is None:
+        slots = default_slots(K, E)
     if not slots:
         raise UserError("give at least one slots count")
     sizes = sorted(set(slots))

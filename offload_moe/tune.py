@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .errors import UserError
 from .profiles import DEFAULT_RESERVE, Profile, gib, parse_size
-from .quant import ATTENTION_QUANTS, bytes_per_expert, dense_bytes, expert_format, int4_layout_for
+from .quant import ATTENTION_QUANTS, auto_group_size, bytes_per_expert, dense_bytes, expert_format, int4_layout_for
 from .simulate import simulate, simulate_many
 from .trace import Trace
 
@@ -138,11 +138,11 @@ def tune(trace: Trace, config: ModelConfig, budget: int, hw: dict, reserve: int 
          context: int = 4096, policies=("lru", "lfu", "fifo", "random"), log=print) -> tuple[Candidate, Candidate,
                                                                                           list[Candidate]]:
     """Search the offload settings for `trace` on a device of `budget` bytes. Returns (best, default, all)."""
-    if trace.num_layers != config.n_layers or trace.num_experts != config.num_experts:
+    if trace.num_layers != config.n_moe_layers or trace.num_experts != config.num_experts:
         raise UserError(f"the trace has {trace.num_layers} layers x {trace.num_experts} experts; the model shape has "
-                        f"{config.n_layers} x {config.num_experts}")
+                        f"{config.n_moe_layers} x {config.num_experts}")
     T = trace.experts.shape[0]
-    K, E, L = config.top_k, config.num_experts, config.n_layers
+    K, E, L = config.top_k, config.num_experts, config.n_moe_layers
     curves: dict[tuple[str, int], dict[int, dict]] = {}  # (policy, prefetch) -> slots -> result
     for policy in policies:
         for prefetch in (0, 1) if (trace.predicted >= 0).any() else (0,):
@@ -152,11 +152,11 @@ def tune(trace: Trace, config: ModelConfig, budget: int, hw: dict, reserve: int 
     for note in rate_notes(hw):
         log(note)
     out: list[Candidate] = []
-    group = next((g for g in (64, 128, 32) if config.dim % g == 0 and config.ffn_dim % g == 0), None)
     for attention, precision in [(a, p) for a in ATTENTION_QUANTS for p in PRECISIONS]:
-        if (precision != "none" or attention != "none") and group is None:
-            log(f"  {precision:<5} attn {attention:<4} skipped: no group size divides D={config.dim} and "
-                f"I={config.ffn_dim}")
+        group = auto_group_size(config, experts=precision != "none", attention=attention != "none")
+        if group is None:  # the engine's own choice when no --group-size is given; None: no allowed size divides
+            log(f"  {precision:<5} attn {attention:<4} skipped: no group size divides D={config.dim}, "
+                f"I={config.ffn_dim} and H*hd={config.n_heads * config.head_dim}")
             continue
         free = budget - reserve - dense_bytes(config, torch.float16, attention, group or 64) - config.kv_bytes(
             context, 2)
@@ -353,7 +353,7 @@ def model_shape(trace: Trace) -> ModelConfig:
     """The model shape recorded in the trace, or Mixtral-8x7B's when the trace has none."""
     raw = trace.metadata.get("config") if trace.metadata else None
     if raw:
-        return ModelConfig(**json.loads(raw))
+        return ModelConfig.from_dict(json.loads(raw))
     return MIXTRAL_8X7B
 
 
