@@ -17,7 +17,7 @@ from .engine import DTYPES, Engine, EngineOptions
 from .errors import UserError
 from .generate import Sampling
 from .policy import ONLINE_POLICIES, POLICIES
-from .profiles import parse_size
+from .profiles import CARDS, parse_size
 from .quant import ATTENTION_QUANTS, DEFAULT_GROUP_SIZE, EXPERT_QUANTS, GROUP_SIZES, INT4_LAYOUTS
 from .simulate import run_simulate
 from .stats import format_table
@@ -204,6 +204,19 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--window", type=int, help="tokens per window (default: the context)")
     ppl.add_argument("--stride", type=int, help="tokens between window starts (default: half the window)")
     ppl.add_argument("--json", action="store_true", help='print one JSON object {"perplexity", "tokens"}')
+
+    pln = sub.add_parser("plan", help="memory math of a model on 24, 16 and 12 GB cards, from its config.json",
+                         description="Print the bytes per expert in fp16, int8 and int4, and the expert slots per "
+                                     "layer that each card leaves beside the dense weights (fp16), the KV cache of "
+                                     "the context and the reserve. Needs no weights: a config.json is enough.")
+    pln.add_argument("--config", required=True, metavar="CONFIG",
+                     help="a config.json (Hugging Face), a params.json (original release) or a model folder")
+    pln.add_argument("--profile", action="append", metavar="NAME",
+                     help="a card profile (its budget, reserve, dtype and context); repeat for several "
+                          f"(default: {' '.join(CARDS)})")
+    pln.add_argument("--context", type=int, help="context to leave KV-cache room for (default: the profile's, "
+                     f"else {DEFAULTS.context})")
+    pln.add_argument("--json", action="store_true", help="print the numbers as one JSON object")
     return parser
 
 
@@ -413,8 +426,26 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .config import from_params_json
+    from .models import from_hf_config
+    from .profiles import card_plan, format_card_plan
+
+    path = Path(args.config)
+    if path.is_dir():
+        path = path / "config.json" if (path / "config.json").exists() else path / "params.json"
+    if not path.exists():
+        raise UserError(f"no such config: {path}")
+    config = from_params_json(path) if path.name == "params.json" else from_hf_config(path)
+    if args.context is not None and args.context < 1:
+        raise UserError("--context must be positive")
+    plan = card_plan(config, args.profile or CARDS, args.context, DEFAULTS.context)
+    print(json.dumps(plan) if args.json else format_card_plan(plan, str(args.config)))
+    return 0
+
+
 COMMANDS = {"generate": cmd_generate, "profile": cmd_profile, "simulate": cmd_simulate, "tune": cmd_tune,
-            "calibrate": cmd_calibrate, "convert": cmd_convert, "perplexity": cmd_perplexity}
+            "calibrate": cmd_calibrate, "convert": cmd_convert, "perplexity": cmd_perplexity, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -181,10 +181,93 @@ def auto_slots(config: ModelConfig, dtype: torch.dtype, expert_bytes: int, conte
     if device.type != "cuda":
         return [config.num_experts] * config.n_moe_layers, None
     free, _ = torch.cuda.mem_get_info(device)
-    base = plan_memory(config, dtype, expert_bytes, [0], context, free, reserve, None, dense_bytes)
-    per_layer = (free - base.device_total) // (expert_bytes * config.n_moe_layers)
+    per_layer, base = slots_that_fit(config, dtype, expert_bytes, free, context, reserve, dense_bytes)
     if per_layer < config.top_k:
         need = base.device_total + expert_bytes * config.n_moe_layers * config.top_k
         raise UserError(f"--profile auto: {gib(free)} free on {device}, but {config.top_k} slots per layer need "
                         f"{gib(need)} ({base.describe()} plus the slots); try quantized experts or a shorter context")
     return [min(int(per_layer), config.num_experts)] * config.n_moe_layers, free
+
+
+def slots_that_fit(config: ModelConfig, dtype: torch.dtype, expert_bytes: int, budget: int, context: int,
+                   reserve: int, dense_bytes: int | None = None) -> tuple[int, MemoryPlan]:
+    """Expert slots per layer with experts that a device of `budget` bytes holds beside the resident weights,
+    the KV cache of `context` tokens and `reserve` (not capped at the expert count; under top-k, no run
+    fits), and the plan without slots."""
+    base = plan_memory(config, dtype, expert_bytes, [0], context, budget, reserve, 0, dense_bytes)
+    return int(max(budget - base.device_total, 0) // (expert_bytes * config.n_moe_layers)), base
+
+
+CARDS = ("24gb", "16gb", "12gb")  # the card profiles `plan` reads by default
+_PLAN_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "auto": torch.float16}
+
+
+def card_plan(config: ModelConfig, profiles=CARDS, context: int | None = None, default_context: int = 4096) -> dict:
+    """The memory math of `config` on the cards that `profiles` describe (their budget, reserve, dtype and
+    context; `context` overrides theirs, `default_context` stands in where a profile has none): parameters,
+    bytes per expert in fp16/int8/int4 (the engine's own formats, at the group size the engine would pick),
+    the host RAM for every expert, and per card the expert slots per layer beside the dense weights (kept in
+    the profile's dtype), the KV cache and the reserve, capped at the expert count; `fits`: at least top-k."""
+    from .quant import EXPERT_QUANTS, auto_group_size, dense_bytes, expert_format
+
+    group = auto_group_size(config)  # None: no group size divides D and I, so no quantized formats
+    precisions = [p for p in EXPERT_QUANTS if p == "none" or group is not None]
+    fmt = {p: expert_format(p, config, torch.float16, group or 64) for p in precisions}
+    rows = config.n_moe_layers * config.num_experts
+    out = {
+        "model": {"family": config.family, "layers": config.n_layers, "moe_layers": config.n_moe_layers,
+                  "experts": config.num_experts, "top_k": config.top_k, "dim": config.dim, "ffn_dim": config.ffn_dim},
+        "params": {"experts": rows * config.expert_params, "dense": config.dense_params,
+                   "total": rows * config.expert_params + config.dense_params},
+        "group_size": group,
+        "formats": {p: f.name for p, f in fmt.items()},
+        "bytes_per_expert": {p: f.nbytes for p, f in fmt.items()},
+        "host_bytes": {p: rows * f.nbytes for p, f in fmt.items()},
+        "cards": [],
+    }
+    for name in profiles:
+        prof = load_profile(name)
+        if prof.device_budget is None:
+            raise UserError(f"profile {name!r} gives no device budget ([budget] device = ...): it is not a card")
+        dtype = _PLAN_DTYPES.get(prof.settings.get("dtype", "auto"), torch.float16)
+        ctx = min(context or int(prof.settings.get("context", default_context)), config.max_context)
+        dense = dense_bytes(config, dtype)
+        slots, base = {}, None
+        for p, f in fmt.items():
+            n, base = slots_that_fit(config, dtype, f.nbytes, prof.device_budget, ctx, prof.device_reserve, dense)
+            slots[p] = min(n, config.num_experts)
+        out["cards"].append({
+            "profile": prof.name, "budget": prof.device_budget, "reserve": prof.device_reserve, "context": ctx,
+            "dtype": str(dtype).removeprefix("torch."), "dense": base.dense, "kv": base.kv,
+            "free": max(prof.device_budget - base.device_total, 0), "slots": slots,
+            "fits": {p: n >= config.top_k for p, n in slots.items()},
+        })
+    return out
+
+
+def format_card_plan(plan: dict, source: str = "") -> str:
+    """`card_plan`'s numbers as the `plan` command prints them."""
+    m, P = plan["model"], plan["params"]
+    mib = {p: n / 2**20 for p, n in plan["bytes_per_expert"].items()}
+    lines = [
+        f"{source + ': ' if source else ''}{m['family']}, {m['layers']} layers ({m['moe_layers']} with experts) x "
+        f"{m['experts']} experts, top-{m['top_k']}, D={m['dim']}, I={m['ffn_dim']}",
+        f"parameters {P['total'] / 1e9:.2f}B: experts {P['experts'] / 1e9:.2f}B, dense {P['dense'] / 1e9:.2f}B",
+        "bytes per expert: " + ", ".join(f"{plan['formats'][p]} {mib[p]:.2f} MiB ({n:,} B)"
+                                         for p, n in plan["bytes_per_expert"].items()),
+        "every expert in host RAM: " + ", ".join(f"{plan['formats'][p]} {gib(n)}"
+                                                 for p, n in plan["host_bytes"].items()),
+    ]
+    if plan["group_size"] is None:
+        lines.append("no quantization group size (32, 64, 128) divides D and I: fp16 experts only")
+    heads = "".join(f"{plan['formats'][p]:>11}" for p in plan["formats"])
+    lines += ["", f"expert slots per layer on the card (of {m['experts']}; '-': fewer than top-k = {m['top_k']} fit), "
+                  "beside the dense weights, the KV cache and the reserve:",
+              f"{'profile':<9}{'card':>10}{'dense':>11}{'context':>9}{'KV cache':>11}{'reserve':>11}{'left':>11}"
+              + heads]
+    for c in plan["cards"]:
+        cells = "".join(f"{(str(n) if c['fits'][p] else '-') + (' (all)' if n == m['experts'] else ''):>11}"
+                        for p, n in c["slots"].items())
+        lines.append(f"{c['profile']:<9}{gib(c['budget']):>10}{gib(c['dense']):>11}{c['context']:>9}{gib(c['kv']):>11}"
+                     f"{gib(c['reserve']):>11}{gib(c['free']):>11}{cells}")
+    return "\n".join(lines)
