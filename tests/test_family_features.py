@@ -37,7 +37,7 @@ INT4_BOUND = 0.06
 @pytest.fixture(scope="module")
 def fams(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("features")
-    return {name: make_family(root / name, name, seed=10 + i) for i, name in enumerate(FAMILIES)}
+    return {name: make_family(root / name, name, seed=10 + i, tokenizer="chatml") for i, name in enumerate(FAMILIES)}
 
 
 def gen(capsys, *args: str) -> dict:
@@ -121,6 +121,14 @@ def test_trace_simulate_tune_and_the_tuned_profile_each_family(fams, family, tmp
     assert code == 0, err
     assert sorted({r["slots"] for r in json.loads(out)["results"]}) == default_slots(K, E)
 
+    # profile: text prompts through the checkpoint's tokenizer.json
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The quick brown fox\nWhy is the sky blue?\n")
+    code, out, err = run(capsys, "profile", "--model", str(path), "--prompts", str(prompts), "--max-new-tokens", "4",
+                         "--cache-experts", str(K), "--trace-out", str(tmp_path / "text.trace"), "--json")
+    assert code == 0, err
+    assert load_trace(tmp_path / "text.trace").experts.shape[1:] == (R, K) and json.loads(out)["skipped"] == []
+
     # tune reads the shape from the trace; its profile runs (here on the CPU)
     tuned = tmp_path / "tuned.toml"
     code, out, err = run(capsys, "tune", "--trace", str(trace_path), "--budget", "24GB", "--out", str(tuned))
@@ -144,6 +152,22 @@ def test_perplexity_each_family(fams, family):
     c = resident.config
     offloaded = Engine.load(path, EngineOptions(cache_experts=c.top_k, prefetch=1, progress=False))
     assert perplexity(offloaded, ids, 8, 4) == perplexity(resident, ids, 8, 4)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_perplexity_command_each_family(fams, family, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. Hello, world! " * 3)
+    path, K = fams[family], Checkpoint(fams[family]).config.top_k
+    args = ("perplexity", "--model", str(path), "--text-file", str(text), "--window", "16", "--stride", "8", "--json")
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    resident = json.loads(out)
+    code, out, err = run(capsys, *args, "--cache-experts", str(K), "--expert-quant", "int8")
+    assert code == 0, err
+    quant = json.loads(out)
+    assert resident["tokens"] == quant["tokens"] > 30 and resident["perplexity"] > 1
+    assert quant["perplexity"] == pytest.approx(resident["perplexity"], rel=0.02)
 
 
 def make_wide_qwen3(path, experts: int = 128, top_k: int = 8):
