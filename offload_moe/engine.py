@@ -176,7 +176,8 @@ def resolve_slots(cache_experts: int | list[int] | None, n_layers: int, num_expe
         if n < top_k:
             raise UserError(
                 f"cache slots: layer {layer} has {n} slots, fewer than top-k ({top_k}): a token needs {top_k} "
-                "experts resident at once"
+                "experts resident at once (the card profiles' counts are Mixtral-8x7B's: `python run.py plan "
+                "--config MODEL` prints the slots each card leaves for this model; pass them with --cache-experts)"
             )
     return [min(n, num_experts) for n in slots]
 

@@ -711,7 +711,8 @@ def resolve_group_size(config: ModelConfig, requested: int | None, experts: bool
     if bad:
         what, n = bad[0]
         raise UserError(f"quantization group size {requested} does not divide the {what} {n}: use "
-                        f"{' or '.join(map(str, ok))} (sizes that divide {listed}), or leave --group-size out")
+                        f"{' or '.join(map(str, ok))} (sizes that divide {listed}), or leave the size out "
+                        "(--group-size, a profile's group_size) to get one of them")
     return requested
 
 

@@ -91,6 +91,18 @@ def test_offload_quantize_convert_and_tier_each_family(fams, family, tmp_path, c
     assert packed["stats"]["expert_format"] == "int4-g32" and packed["stats"]["attention_format"] == "int8-g32"
     # the same codes; fp32 kernels may round a one-token step differently on other buffers (about 1e-7)
     assert rel_error(load_file(tmp_path / "packed.st")["logits"], int4) < 1e-5 and packed["tokens"] == quant["tokens"]
+    # the packed folder's experts.bin under a RAM tier (rows: the layers with experts, not all layers)
+    nbytes = packed["stats"]["bytes_per_expert"]
+    stride = ram_tier_layout(0, nbytes, 1)[1]
+    tier = gen(capsys, "--model", str(out), "--cache-experts", str(K), "--miss-policy", "cpu",
+               "--ram-budget", str(4096 + stride * (R * E // 3)), "--logits-out", str(tmp_path / "packed-tier.st"))
+    assert not tier["stats"]["experts_in_ram"] and tier["tokens"] == packed["tokens"]
+    assert torch.equal(load_file(tmp_path / "packed-tier.st")["logits"], load_file(tmp_path / "packed.st")["logits"])
+
+    # a card profile (Mixtral's slot count, int4): with this model's slot count it runs, at this model's group size
+    card = gen(capsys, "--model", str(path), "--profile", "24gb", "--device", "cpu", "--dtype", "float32",
+               "--cache-experts", str(K))
+    assert card["stats"]["expert_format"] == "int4-g32" and card["stats"]["slots_per_layer"] == [K] * R
 
     # --profile auto: on the CPU every expert stays resident
     auto = gen(capsys, "--model", str(path), "--profile", "auto", "--device", "cpu")
@@ -239,7 +251,8 @@ def test_the_group_size_is_64_where_it_divides_else_the_largest_that_does():
     with pytest.raises(UserError) as bad:
         resolve_group_size(shape(64, 32), 64)
     assert str(bad.value) == ("quantization group size 64 does not divide the expert ffn dim 32: use 32 (sizes that "
-                              "divide model dim 64, expert ffn dim 32), or leave --group-size out")
+                              "divide model dim 64, expert ffn dim 32), or leave the size out (--group-size, a "
+                              "profile's group_size) to get one of them")
     with pytest.raises(UserError) as bad:
         resolve_group_size(shape(128, 256, 3, 32), 64, attention=True)
     assert "attention input size 96: use 32" in str(bad.value)
