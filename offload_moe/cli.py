@@ -175,8 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      "as the engine packs them for the device), on the device and on the CPU; "
                                      "print them as a profile's [hardware] table for tune.")
     cal.add_argument("--device", help=f"cpu, cuda or auto (default: {DEFAULTS.device})")
-    cal.add_argument("--dim", type=int, default=4096, help="model dim of the measured expert (default: %(default)s)")
+    cal.add_argument("--dim", type=int, default=4096, help="model dim of the measured expert (default: %(default)s, "
+                     "Mixtral-8x7B's)")
     cal.add_argument("--ffn", type=int, default=14336, help="expert FFN dim (default: %(default)s)")
+    cal.add_argument("--config", metavar="CONFIG", help="measure an expert of this model's shape instead (a "
+                     "config.json, params.json or model folder): its D and I replace --dim and --ffn")
 
     con = sub.add_parser("convert", help="write a packed offload folder that loads fast",
                          description="Write the model once in the engine's layout: dense weights, and experts "
@@ -362,6 +365,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
           f"with experts) x {config.num_experts} experts, top-{config.top_k} (D={config.dim}, I={config.ffn_dim}); "
           f"device budget {budget / 2**30:.1f} GiB; "
           f"link {hw['h2d_bytes_per_s'] / 1e9:.1f} GB/s")
+    measured = str(hw.get("measured_on", ""))
+    if measured and f"D={config.dim} I={config.ffn_dim} " not in measured + " ":
+        print(f"note: the [hardware] rates were measured on another expert shape ({measured}); this model's experts "
+              f"are D={config.dim}, I={config.ffn_dim}: `python run.py calibrate --config MODEL` measures them")
     best, default, everything = tune(trace, config, budget, hw, reserve, args.context)
     print(f"\n  default  {default.describe()}")
     print(f"  best     {best.describe()}   ({best.tokens_per_s / default.tokens_per_s:.2f}x)")
@@ -382,7 +389,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     device = EngineOptions(device=args.device or DEFAULTS.device).resolved_device()
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    hw = calibrate(device, args.dim, args.ffn, dtype)
+    dim, ffn = args.dim, args.ffn
+    if args.config is not None:
+        config = read_config(args.config)
+        dim, ffn = config.dim, config.ffn_dim
+    hw = calibrate(device, dim, ffn, dtype)
     print("# paste into a profile, or pass the profile to tune")
     print(to_toml({"hardware": hw}).lstrip())
     return 0
@@ -426,17 +437,23 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_plan(args: argparse.Namespace) -> int:
+def read_config(text: str):
+    """The model shape of a config.json, a params.json or a model folder (no weights needed)."""
     from .config import from_params_json
     from .models import from_hf_config
-    from .profiles import card_plan, format_card_plan
 
-    path = Path(args.config)
+    path = Path(text)
     if path.is_dir():
         path = path / "config.json" if (path / "config.json").exists() else path / "params.json"
     if not path.exists():
         raise UserError(f"no such config: {path}")
-    config = from_params_json(path) if path.name == "params.json" else from_hf_config(path)
+    return from_params_json(path) if path.name == "params.json" else from_hf_config(path)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .profiles import card_plan, format_card_plan
+
+    config = read_config(args.config)
     if args.context is not None and args.context < 1:
         raise UserError("--context must be positive")
     plan = card_plan(config, args.profile or CARDS, args.context, DEFAULTS.context)

@@ -230,7 +230,20 @@ def test_many_experts_traces_simulate_tune_and_the_default_group(tmp_path, capsy
     tuned = tmp_path / "wide.toml"
     code, out, err = run(capsys, "tune", "--trace", str(trace_path), "--budget", "24GB", "--out", str(tuned))
     assert code == 0, err
-    assert "x 128 experts" in out and "group_size = 64" in tuned.read_text()
+    assert "x 128 experts" in out and "group_size = 64" in tuned.read_text() and "another expert shape" not in out
+
+    # calibrate measures an expert of the model's own shape; rates of another shape get a note from tune
+    code, out, err = run(capsys, "calibrate", "--device", "cpu", "--config", str(path))
+    assert code == 0, err
+    hardware = out[out.index("[hardware]"):]
+    assert 'D=64 I=64 formats fp32 int8-g64 int4-g64"' in hardware
+    own, other = tmp_path / "own.toml", tmp_path / "other.toml"
+    own.write_text('[budget]\ndevice = "24GB"\n\n' + hardware)
+    other.write_text(own.read_text().replace("D=64 I=64", "D=4096 I=14336"))
+    for profile, note in ((own, False), (other, True)):
+        code, out, err = run(capsys, "tune", "--trace", str(trace_path), "--profile", str(profile))
+        assert code == 0, err
+        assert ("another expert shape" in out) == note and "cost model: no measured" not in out
 
 
 def shape(dim: int, ffn: int, heads: int = 4, head_dim: int = 16) -> ModelConfig:
