@@ -3,7 +3,8 @@ and int8 attention at the group size the engine picks, `convert` and the packed 
 store (a RAM budget smaller than the experts), `--miss-policy cpu`, `--profile auto`, traces,
 `simulate`, `tune` and the profile it writes, and perplexity; through the command line where a user
 would. Plus a Qwen3-shaped model with many experts (E=128, K=8), so that nothing assumes Mixtral's
-8 experts and top-2. Tiny checkpoints written by transformers (tests/families.py)."""
+8 experts and top-2. Tiny checkpoints written by transformers (tests/families.py); runs on the CPU
+(exact comparisons), also on a machine with a GPU."""
 
 from __future__ import annotations
 
@@ -40,8 +41,13 @@ def fams(tmp_path_factory) -> dict:
     return {name: make_family(root / name, name, seed=10 + i, tokenizer="chatml") for i, name in enumerate(FAMILIES)}
 
 
+def cpu(capsys, command: str, *args: str) -> tuple[int, str, str]:
+    """run.py COMMAND on the CPU, whatever the machine has."""
+    return run(capsys, command, "--device", "cpu", *args)
+
+
 def gen(capsys, *args: str) -> dict:
-    code, out, err = run(capsys, "generate", "--prompt-ids", IDS, "--max-new-tokens", "6", "--json", *args)
+    code, out, err = cpu(capsys, "generate", "--prompt-ids", IDS, "--max-new-tokens", "6", "--json", *args)
     assert code == 0, err
     return json.loads(out)
 
@@ -75,7 +81,7 @@ def test_offload_quantize_convert_and_tier_each_family(fams, family, tmp_path, c
     assert quant["stats"]["expert_format"] == "int4-g32" and quant["stats"]["attention_format"] == "int8-g32"
     int4 = load_file(tmp_path / "int4.st")["logits"]
     assert 0 < rel_error(int4, want) <= INT4_BOUND
-    code, _, err = run(capsys, "generate", "--model", str(path), "--prompt-ids", IDS, "--expert-quant", "int8",
+    code, _, err = cpu(capsys, "generate", "--model", str(path), "--prompt-ids", IDS, "--expert-quant", "int8",
                        "--group-size", "64", "--max-new-tokens", "1", "--json")
     assert code == 1 and f"does not divide the expert ffn dim {c.ffn_dim}: use 32" in err
     assert err.count("\n") == 1
@@ -115,7 +121,7 @@ def test_trace_simulate_tune_and_the_tuned_profile_each_family(fams, family, tmp
     c = Checkpoint(path).config
     K, E, R = c.top_k, c.num_experts, c.n_moe_layers
     trace_path = tmp_path / "run.trace"
-    code, out, err = run(capsys, "generate", "--model", str(path), "--prompt-ids", "1", "--max-new-tokens", "16",
+    code, out, err = cpu(capsys, "generate", "--model", str(path), "--prompt-ids", "1", "--max-new-tokens", "16",
                          "--cache-experts", str(K), "--prefetch", "1", "--trace-out", str(trace_path), "--json")
     assert code == 0, err
     live = json.loads(out)["stats"]
@@ -136,7 +142,7 @@ def test_trace_simulate_tune_and_the_tuned_profile_each_family(fams, family, tmp
     # profile: text prompts through the checkpoint's tokenizer.json
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The quick brown fox\nWhy is the sky blue?\n")
-    code, out, err = run(capsys, "profile", "--model", str(path), "--prompts", str(prompts), "--max-new-tokens", "4",
+    code, out, err = cpu(capsys, "profile", "--model", str(path), "--prompts", str(prompts), "--max-new-tokens", "4",
                          "--cache-experts", str(K), "--trace-out", str(tmp_path / "text.trace"), "--json")
     assert code == 0, err
     assert load_trace(tmp_path / "text.trace").experts.shape[1:] == (R, K) and json.loads(out)["skipped"] == []
@@ -156,13 +162,13 @@ def test_perplexity_each_family(fams, family):
     """Perplexity against transformers' own loss over one window, and offloaded == resident with sliding windows."""
     path = fams[family]
     ids = [1] + [int(t) for t in torch.randint(3, VOCAB, (23,), generator=torch.Generator().manual_seed(5))]
-    resident = Engine.load(path, EngineOptions(prefetch=0, progress=False))
+    resident = Engine.load(path, EngineOptions(device="cpu", prefetch=0, progress=False))
     ppl, n = perplexity(resident, ids, len(ids), len(ids) - 1)
     with torch.no_grad():
         loss = reference(path, family)(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
     assert n == len(ids) - 1 and ppl == pytest.approx(math.exp(loss), rel=1e-4)
     c = resident.config
-    offloaded = Engine.load(path, EngineOptions(cache_experts=c.top_k, prefetch=1, progress=False))
+    offloaded = Engine.load(path, EngineOptions(device="cpu", cache_experts=c.top_k, prefetch=1, progress=False))
     assert perplexity(offloaded, ids, 8, 4) == perplexity(resident, ids, 8, 4)
 
 
@@ -172,10 +178,10 @@ def test_perplexity_command_each_family(fams, family, tmp_path, capsys):
     text.write_text("The quick brown fox jumps over the lazy dog. Hello, world! " * 3)
     path, K = fams[family], Checkpoint(fams[family]).config.top_k
     args = ("perplexity", "--model", str(path), "--text-file", str(text), "--window", "16", "--stride", "8", "--json")
-    code, out, err = run(capsys, *args)
+    code, out, err = cpu(capsys, *args)
     assert code == 0, err
     resident = json.loads(out)
-    code, out, err = run(capsys, *args, "--cache-experts", str(K), "--expert-quant", "int8")
+    code, out, err = cpu(capsys, *args, "--cache-experts", str(K), "--expert-quant", "int8")
     assert code == 0, err
     quant = json.loads(out)
     assert resident["tokens"] == quant["tokens"] > 30 and resident["perplexity"] > 1
@@ -209,12 +215,12 @@ def test_many_experts_traces_simulate_tune_and_the_default_group(tmp_path, capsy
     assert offloaded["tokens"] == base["tokens"] and offloaded["stats"]["misses"] > 0
     quant = gen(capsys, "--model", str(path), "--expert-quant", "int4", "--attention-quant", "int8")
     assert quant["stats"]["expert_format"] == "int4-g64" and quant["stats"]["attention_format"] == "int8-g64"
-    code, _, err = run(capsys, "generate", "--model", str(path), "--prompt-ids", IDS, "--expert-quant", "int4",
+    code, _, err = cpu(capsys, "generate", "--model", str(path), "--prompt-ids", IDS, "--expert-quant", "int4",
                        "--group-size", "128", "--json")
     assert code == 1 and "use 32 or 64" in err
 
     trace_path = tmp_path / "wide.trace"
-    code, _, err = run(capsys, "generate", "--model", str(path), "--prompt-ids", IDS, "--max-new-tokens", "30",
+    code, _, err = cpu(capsys, "generate", "--model", str(path), "--prompt-ids", IDS, "--max-new-tokens", "30",
                        "--cache-experts", "16", "--trace-out", str(trace_path), "--json")
     assert code == 0, err
     trace = load_trace(trace_path)
