@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -109,29 +110,52 @@ def token_seconds(config: ModelConfig, expert_bytes: int, hw: dict, misses: floa
     return max(compute + misses * per_miss, (misses + prefetches) * copy)
 
 
-def spread_slots(hits: dict[int, list[int]], total: int, top_k: int, num_experts: int) -> list[int]:
-    """Slots per layer maximising total hits for `total` slots; hits[s][l] = layer l's hits with s slots.
+TUNE_SIZES = 16  # at most this many cache sizes per layer are simulated and spread (all of them up to 16)
 
-    Layer caches are independent, so this is a knapsack over layers (exact dynamic programming).
+
+def tune_sizes(top_k: int, num_experts: int, most: int = TUNE_SIZES) -> list[int]:
+    """The cache sizes per layer the tuner simulates: every one from top-k to E when they are at most `most`
+    (Mixtral: 2..8), else `most` of them spaced geometrically from top-k to E (Qwen3-30B-A3B: 8, 9, 10,
+    12, ..., 128), so that a model of 128 or 256 experts costs what one of 16 does."""
+    if num_experts - top_k + 1 <= most:
+        return list(range(top_k, num_experts + 1))
+    grid = np.geomspace(top_k, num_experts, most)
+    return sorted({top_k, num_experts, *(int(round(x)) for x in grid)})
+
+
+def spread_slots(hits: dict[int, list[int]], total: int, top_k: int, num_experts: int) -> list[int]:
+    """Slots per layer maximising total hits for `total` slots, each layer's count one of the sizes in
+    `hits` (from top-k to E); hits[s][l] = layer l's hits with s slots.
+
+    Layer caches are independent, so this is a knapsack over layers (exact dynamic programming, one
+    numpy pass per layer and size over every total: L x sizes x L*E steps). Of equal optima it takes the
+    one with the fewest slots, and per layer the smallest size.
     """
-    L = len(hits[top_k])
-    choices = range(top_k, num_experts + 1)
+    sizes = sorted(s for s in hits if top_k <= s <= num_experts)
+    L = len(hits[sizes[0]])
     total = min(total, L * num_experts)
-    best = {0: (0, [])}  # slots used -> (hits, allocation so far)
+    best = np.full(total + 1, -1, dtype=np.int64)  # [slots used] -> hits so far; -1: not reachable
+    best[0] = 0
+    picks = np.zeros((L, total + 1), dtype=np.int64)  # [layer, slots used] -> that layer's size
     for layer in range(L):
-        nxt: dict[int, tuple[int, list[int]]] = {}
-        for used, (h, alloc) in best.items():
-            for s in choices:
-                u = used + s
-                if u > total:
-                    break
-                cand = (h + hits[s][layer], alloc + [s])
-                if u not in nxt or cand[0] > nxt[u][0]:
-                    nxt[u] = cand
+        nxt = np.full(total + 1, -1, dtype=np.int64)
+        for s in sizes:
+            if s > total:
+                break
+            prev = best[: total + 1 - s]  # [total+1-s]: reached with u - s slots
+            cand = np.where(prev >= 0, prev + hits[s][layer], -1)
+            better = cand > nxt[s:]  # strictly: the smaller size keeps a tie
+            nxt[s:][better] = cand[better]
+            picks[layer, s:][better] = s
         best = nxt
-    if not best:
+    if (best < 0).all():
         raise UserError(f"the budget gives {total} slots, fewer than top-k ({top_k}) per layer")
-    return max(best.values(), key=lambda v: v[0])[1]
+    used = int(np.argmax(best))  # the first maximum: the fewest slots
+    alloc = []
+    for layer in reversed(range(L)):
+        alloc.append(int(picks[layer, used]))
+        used -= alloc[-1]
+    return alloc[::-1]
 
 
 def tune(trace: Trace, config: ModelConfig, budget: int, hw: dict, reserve: int = int(DEFAULT_RESERVE),
@@ -146,7 +170,7 @@ def tune(trace: Trace, config: ModelConfig, budget: int, hw: dict, reserve: int 
     curves: dict[tuple[str, int], dict[int, dict]] = {}  # (policy, prefetch) -> slots -> result
     for policy in policies:
         for prefetch in (0, 1) if (trace.predicted >= 0).any() else (0,):
-            sizes = list(range(K, E + 1))
+            sizes = tune_sizes(K, E)
             curves[policy, prefetch] = dict(zip(sizes, simulate_many(trace, sizes, policy, prefetch), strict=True))
 
     for note in rate_notes(hw):
@@ -166,7 +190,7 @@ def tune(trace: Trace, config: ModelConfig, budget: int, hw: dict, reserve: int 
             log(f"  {precision:<5} attn {attention:<4} does not fit: {gib(max(free, 0))} left for experts holds "
                 f"{max(total, 0)} slots, top-k needs {K * L}")
             continue
-        uniform = min(total // L, E)
+        uniform = max(s for s in tune_sizes(K, E) if s <= min(total // L, E))  # the largest simulated size that fits
         for (policy, prefetch), curve in curves.items():
             hits = {s: r["per_layer_hits"] for s, r in curve.items()}
             allocations = [[uniform] * L]

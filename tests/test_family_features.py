@@ -8,8 +8,10 @@ would. Plus a Qwen3-shaped model with many experts (E=128, K=8), so that nothing
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import random
 
 import pytest
 import torch
@@ -27,6 +29,7 @@ from offload_moe.quant import resolve_group_size
 from offload_moe.simulate import default_slots
 from offload_moe.tiered import ram_tier_layout
 from offload_moe.trace import load_trace
+from offload_moe.tune import TUNE_SIZES, spread_slots, tune_sizes
 
 PROMPT = [1, 17, 33, 250, 4, 99, 180, 7, 64, 3]
 IDS = ",".join(map(str, PROMPT))
@@ -278,3 +281,24 @@ def test_the_group_size_is_64_where_it_divides_else_the_largest_that_does():
     with pytest.raises(UserError) as none:
         resolve_group_size(shape(48, 80), None)
     assert "no quantization group size (32, 64, 128) divides" in str(none.value) and "model dim 48" in str(none.value)
+
+
+def test_the_tuner_spreads_slots_over_a_grid_of_sizes_for_many_experts():
+    assert tune_sizes(2, 8) == [2, 3, 4, 5, 6, 7, 8]  # Mixtral: every size, as before
+    q3 = tune_sizes(8, 128)
+    assert q3[0] == 8 and q3[-1] == 128 and len(q3) <= TUNE_SIZES and q3 == sorted(set(q3))
+    # the knapsack over the sizes it is given is the exact optimum over them
+    rng = random.Random(1)
+    sizes = [2, 3, 5, 8, 13]
+    for _ in range(20):
+        hits = {s: [] for s in sizes}
+        for _layer in range(4):
+            h = 0
+            for s in sizes:
+                h += rng.randint(0, 9)
+                hits[s].append(h)
+        total = rng.randint(8, 52)
+        got = spread_slots(hits, total, 2, 13)
+        brute = max(sum(hits[s][i] for i, s in enumerate(a))
+                    for a in itertools.product(sizes, repeat=4) if sum(a) <= total)
+        assert sum(got) <= total and sum(hits[s][i] for i, s in enumerate(got)) == brute
