@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .expert_store import ExpertStore
-from .formats import GROUPED_MM, DenseFormat, ExpertFormat
+from .formats import ExpertFormat
 from .policy import ONLINE_POLICIES, SlotTable
 from .prefetch import Transfers
 
@@ -64,10 +64,6 @@ class ExpertCache:
             for layer, (n, alias) in enumerate(zip(self.slots, self.aliased, strict=True))
         ]
         self.views = [[fmt.views(self.mem[layer][s]) for s in range(n)] for layer, n in enumerate(self.slots)]
-        # dense experts on the CPU: each layer's slots also as stacked views, so that a token's experts run
-        # as one grouped matmul (`DenseFormat.forward_slots`) rather than two matmuls each
-        batched = GROUPED_MM and device.type == "cpu" and isinstance(fmt, DenseFormat)
-        self.stacked = [fmt.stacked(m) if batched else None for m in self.mem]
         self.transfers = Transfers(device, self.slots)
         self.planned: list[tuple[int, list[int]]] = []  # prefetches waiting for this layer's demand copies
         self.counters = CacheCounters()

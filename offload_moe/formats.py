@@ -6,12 +6,11 @@ without copying (`views`, computed once per buffer) and how to run the expert on
 (`forward`). The dense format here stores [w1; w3] fused as w13 [2I, D] followed by w2 [D, I];
 quantized formats live in `quant.py` and follow the same three methods.
 
-Legend: T tokens, D dim, I ffn dim (per expert), S slots, K experts of one token.
+Legend: T tokens, D dim, I ffn dim (per expert).
 """
 
 from __future__ import annotations
 
-import itertools
 from typing import Protocol
 
 import torch
@@ -56,31 +55,3 @@ class DenseFormat:
         w13, w2 = views
         a, b = F.linear(x, w13).chunk(2, dim=-1)  # [T, 2I] -> 2 x [T, I]
         return F.linear(F.silu(a) * b, w2)  # [T, D]
-
-    def stacked(self, mem: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every slot of one layer's memory mem [S, bytes] at once, as views: w13 [S, 2I, D], w2 [S, D, I]."""
-        flat = mem.view(self.dtype)  # [S, 3*I*D]
-        ID = self.I * self.D
-        return flat[:, : 2 * ID].view(-1, 2 * self.I, self.D), flat[:, 2 * ID :].view(-1, self.D, self.I)
-
-    def forward_slots(self, x: torch.Tensor, stacked: tuple[torch.Tensor, torch.Tensor], slots: list[int]
-                      ) -> torch.Tensor:
-        """One token x [1, D] through the experts in `slots` (distinct) together: two grouped matmuls over
-        the layer's stacked slots instead of two matmuls per expert. -> [K, D], in the order of `slots`.
-        Each row is the same arithmetic as `forward` (one row's matmul), so the results are equal."""
-        w13, w2 = stacked
-        order = sorted(range(len(slots)), key=slots.__getitem__)  # grouped_mm takes rows grouped by slot
-        counts = [0] * w13.shape[0]
-        for s in slots:
-            counts[s] += 1
-        ends = torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32)  # [S] each slot's last row + 1
-        xs = x.expand(len(slots), -1).contiguous()  # [K, D]
-        a, b = torch._grouped_mm(xs, w13.transpose(1, 2), offs=ends).chunk(2, dim=-1)  # [K, 2I] -> 2 x [K, I]
-        y = torch._grouped_mm(F.silu(a) * b, w2.transpose(1, 2), offs=ends)  # [K, D], by slot
-        back = [0] * len(slots)
-        for i, k in enumerate(order):
-            back[k] = i
-        return y[back]  # [K, D], in the order of `slots`
-
-
-GROUPED_MM = hasattr(torch, "_grouped_mm")  # torch's grouped GEMM (CPU since 2.9)

@@ -106,11 +106,10 @@ class Transformer(nn.Module):
     def moe(self, row: int, blk: Block, x: torch.Tensor) -> torch.Tensor:
         """x [T, D] normed hidden state entering row `row`'s experts. Each (token, rank) output lands in
         its own row of `out` [T, K, D], summed in rank order: the result does not depend on which
-        experts were resident or in what order they were computed. A decode step whose experts are all
-        resident runs them together (dense experts on the CPU: one grouped matmul, the same arithmetic
-        per row). Otherwise kernels go in the order of prefetch.py's rules 3 and 4: resident experts
-        first, each expert still in flight waited for just before its own kernel; the hidden state
-        leaves for the CPU before any device expert is launched."""
+        experts were resident or in what order they were computed. Kernels go in the order of
+        prefetch.py's rules 3 and 4: resident experts first, each expert still in flight waited for
+        just before its own kernel; the hidden state leaves for the CPU before any device expert is
+        launched."""
         T, K = x.shape[0], self.config.top_k
         weights, idx = self.route(blk, x)
         chosen = idx.tolist()  # SYNC: the experts' residency is decided on the host
@@ -122,21 +121,18 @@ class Transformer(nn.Module):
             slots, on_cpu, late = cache.acquire(row, experts, decode=True)
             if any(on_cpu):
                 cache.transfers.to_host(x)  # rule 4: on its way before the device experts are launched
-            if cache.stacked[row] is not None and not any(on_cpu) and not any(late):  # all resident: together
-                out = fmt.forward_slots(x, cache.stacked[row], slots).unsqueeze(0)  # [1, K, D]
-            else:
-                outs: list[torch.Tensor | None] = [None] * K
-                for k in _resident_first(late, on_cpu):
-                    if late[k]:
-                        cache.wait(row, slots[k])
-                    outs[k] = fmt.forward(x, cache.views[row][slots[k]])
-                if any(on_cpu):
-                    x_host = cache.transfers.host_x()
-                    missed = [k for k in range(K) if on_cpu[k]]
-                    ys = torch.cat([cache.cpu_forward(row, experts[k], x_host) for k in missed])  # [n, D]
-                    for k, y in zip(missed, cache.transfers.to_device(ys), strict=True):
-                        outs[k] = y.view(1, -1)
-                out = torch.stack(outs, dim=1)  # K x [1, D] -> [1, K, D]
+            outs: list[torch.Tensor | None] = [None] * K
+            for k in _resident_first(late, on_cpu):
+                if late[k]:
+                    cache.wait(row, slots[k])
+                outs[k] = fmt.forward(x, cache.views[row][slots[k]])
+            if any(on_cpu):
+                x_host = cache.transfers.host_x()
+                missed = [k for k in range(K) if on_cpu[k]]
+                ys = torch.cat([cache.cpu_forward(row, experts[k], x_host) for k in missed])  # [n, D]
+                for k, y in zip(missed, cache.transfers.to_device(ys), strict=True):
+                    outs[k] = y.view(1, -1)
+            out = torch.stack(outs, dim=1)  # K x [1, D] -> [1, K, D]
             cache.release(row, slots)
         else:
             out = x.new_empty(T, K, x.shape[1])  # [T, K, D]

@@ -48,16 +48,3 @@ def test_offloaded_equals_resident_at_every_cache_size(family_ckpts, family):
             assert got.tokens == resident.tokens
             if slots < c.num_experts:
                 assert got.stats["misses"] > 0
-
-
-@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])
-def test_experts_run_together_equal_one_by_one(family_ckpts, family):
-    """A decode step's resident experts as one grouped matmul give the logits of one matmul pair each."""
-    path = family_ckpts[family]
-    together = Engine.load(path, EngineOptions(prefetch=0, progress=False))
-    alone = Engine.load(path, EngineOptions(prefetch=0, progress=False))
-    if all(s is None for s in together.cache.stacked):
-        pytest.skip("this torch has no grouped matmul: experts always run one by one")
-    alone.cache.stacked = [None] * len(alone.cache.stacked)
-    a, b = together.generate(PROMPT, 8, keep_logits=True), alone.generate(PROMPT, 8, keep_logits=True)
-    assert torch.equal(a.logits, b.logits) and a.tokens == b.tokens
