@@ -26,6 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from hf_reference import transformers_decode_rate  # noqa: E402
+
 from offload_moe.config import ModelConfig  # noqa: E402
 from offload_moe.demo import write_random_checkpoint  # noqa: E402
 from offload_moe.engine import Engine, EngineOptions  # noqa: E402
@@ -51,20 +53,7 @@ def transformers_rate(path: Path, tokens: int, repeats: int) -> float | None:
     except ImportError:
         return None
     model = MixtralForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ids = torch.tensor([PROMPT])
-
-    def timed(n: int) -> float:
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        return time.perf_counter() - t0
-
-    best = 0.0
-    for _ in range(repeats):
-        head = timed(2)  # prefill, the first token and the first decode step (the engine reports it apart)
-        total = timed(tokens)
-        best = max(best, (tokens - 2) / max(total - head, 1e-9))
-    return best
+    return transformers_decode_rate(model, PROMPT, tokens, repeats)
 
 
 def main() -> None:

@@ -25,6 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from hf_reference import transformers_decode_rate  # noqa: E402
+
 from offload_moe.engine import Engine, EngineOptions  # noqa: E402
 
 SHAPE = dict(hidden_size=512, intermediate_size=1024, moe_intermediate_size=256, num_hidden_layers=8,
@@ -56,21 +58,7 @@ def transformers_rate(path: Path, tokens: int, repeats: int) -> float:
     import transformers
 
     model = transformers.Qwen3MoeForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ids = torch.tensor([PROMPT])
-
-    def timed(n: int) -> float:
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        return time.perf_counter() - t0
-
-    timed(4)
-    best = 0.0
-    for _ in range(repeats):
-        prefill = timed(1)  # prefill and the first token
-        total = timed(tokens)
-        best = max(best, (tokens - 1) / max(total - prefill, 1e-9))
-    return best
+    return transformers_decode_rate(model, PROMPT, tokens, repeats)
 
 
 def per_expert_overhead(engine: Engine, tokens: int) -> tuple[float, float]:
