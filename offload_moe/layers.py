@@ -2,7 +2,8 @@
 A family picks a variant of each through its `ModelConfig` (see `models/`).
 
 Legend for shape comments: T tokens, D dim, H query heads, G kv heads, hd head dim, C KV-cache
-length, I ffn dim.
+length, I ffn dim, L layers, S sequence slots of a KVPool, B sequences decoding together, N the
+longest of their cached spans.
 """
 
 from __future__ import annotations
@@ -57,15 +58,43 @@ class KVCache:
     def reset(self) -> None:
         self.pos = 0
 
+    @classmethod
+    def over(cls, k: torch.Tensor, v: torch.Tensor, window: int | None) -> KVCache:
+        """A KVCache on given tensors k, v [L, G, C, hd] (one slot of a KVPool): no allocation."""
+        kv = cls.__new__(cls)
+        kv.k, kv.v, kv.window, kv.length, kv.pos = k, v, window, k.shape[2], 0
+        return kv
+
+
+class KVPool:
+    """Keys and values of S sequences at once, [L, S, G, C, hd]: `seqs[s]` is slot s's own KVCache
+    (its own ring and position) over its part, so a prompt is prefilled into a slot by the single-
+    sequence forward, and `Attention.decode_ragged` reads every slot's layer at once (`k[layer]`,
+    [S, G, C, hd], one contiguous block per layer)."""
+
+    def __init__(self, config: ModelConfig, length: int, seqs: int, device: torch.device, dtype: torch.dtype):
+        window = config.sliding_window
+        self.window = window
+        self.length = min(length, window) if window else length
+        shape = (config.n_layers, seqs, config.n_kv_heads, self.length, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.seqs = [KVCache.over(self.k[:, s], self.v[:, s], window) for s in range(seqs)]
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
 
 def rope_tables(hd: int, theta: float, length: int, device: torch.device,
                 scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [length, hd] in float32 (rotate-halves convention: frequency i turns dims i and i + hd/2).
 
     `scaling` longrope (Phi-3.5): each frequency divided by its factor, and cos, sin times an mscale;
-    the long factors when `length` exceeds the original context, else the short ones. (transformers
-    switches to the long factors once a sequence grows past it; the engine decides once, from the
-    context it preallocates, so that the cached keys never mix the two.)"""
+    the long factors and mscale when `length` exceeds the original context, else the short ones. The
+    engine decides once, from the context it preallocates, so that the cached keys never mix the two;
+    Phi-3.5's reference code switches per sequence length (transformers 5's Phimoe keeps the short
+    factors, with the long mscale, past the original context): within it all agree."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))
     mscale = 1.0
     if scaling is not None:
@@ -106,17 +135,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, layer: int, kv: KVCache, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
         H, G, hd = self.n_heads, self.n_kv, self.hd
-        q, k, v = self.wq(x), self.wk(x), self.wv(x)  # [T, H*hd], [T, G*hd], [T, G*hd]
-        if self.qk_norm == "full":
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.clip is not None:
-            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
-        q = q.view(T, H, hd)
-        k = k.view(T, G, hd)
-        if self.qk_norm == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.view(T, G, hd).transpose(0, 1)  # [H|G, T, hd]
-        q, k = apply_rope(q, cos, sin).to(x.dtype), apply_rope(k, cos, sin).to(x.dtype)
+        q, k, v = self._project(x, cos, sin)  # [H, T, hd], [G, T, hd], [G, T, hd]
         start, C = kv.pos, kv.length
         kc, vc = kv.k[layer], kv.v[layer]  # [G, C, hd]
         # grouped-query attention without repeating k/v: the H/G query heads that share a kv
@@ -131,6 +150,47 @@ class Attention(nn.Module):
             out = self._prefill(qg, k, v, kc, vc, start, T, kv.window)  # [G, H/G*T, hd]
         out = out.reshape(H, T, hd).transpose(0, 1).reshape(T, H * hd)  # [H, T, hd] -> [T, H*hd]
         return self.wo(out)
+
+    def decode_ragged(self, x: torch.Tensor, layer: int, pool: KVPool, rows: torch.Tensor, pos: torch.Tensor,
+                      span: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """One new token for each of B sequences: x [B, D], token b of pool slot rows[b] at position
+        pos[b] (cos, sin [B, hd] at those positions); `span` N = max(min(pos + 1, C)), known on the host.
+        Each attends to its own slot's cached positions only: the slots are read up to the longest
+        span and the rest of each masked, so a short sequence beside a long one sees exactly what it
+        would alone. -> [B, D]"""
+        B = x.shape[0]
+        H, G, hd = self.n_heads, self.n_kv, self.hd
+        q, k, v = self._project(x, cos, sin)  # [H, B, hd], [G, B, hd], [G, B, hd]
+        C = pool.length
+        kc, vc = pool.k[layer], pool.v[layer]  # [S, G, C, hd]
+        ring = pos % C  # [B]
+        kc[rows, :, ring] = k.transpose(0, 1)  # [B, G, hd]
+        vc[rows, :, ring] = v.transpose(0, 1)
+        n = torch.clamp(pos + 1, max=C)  # [B] cached positions each token sees (the ring holds just those)
+        N = span
+        keys, vals = kc[rows, :, :N], vc[rows, :, :N]  # [B, G, N, hd]
+        mask = (torch.arange(N, device=x.device)[None, :] < n[:, None])[:, None, None, :]  # [B, 1, 1, N]
+        qg = q.reshape(G, H // G, B, hd).permute(2, 0, 1, 3)  # [H, B, hd] -> [B, G, H/G, hd]
+        out = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask)  # [B, G, H/G, hd]
+        return self.wo(out.reshape(B, H * hd))
+
+    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q [H, T, hd], k, v [G, T, hd] of x [T, D], with the family's norms and clamps and RoPE at
+        the tokens' positions (cos, sin [T, hd])."""
+        T = x.shape[0]
+        H, G, hd = self.n_heads, self.n_kv, self.hd
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)  # [T, H*hd], [T, G*hd], [T, G*hd]
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip is not None:
+            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
+        q = q.view(T, H, hd)
+        k = k.view(T, G, hd)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.view(T, G, hd).transpose(0, 1)  # [H|G, T, hd]
+        q, k = apply_rope(q, cos, sin).to(x.dtype), apply_rope(k, cos, sin).to(x.dtype)
+        return q, k, v
 
     @staticmethod
     def _prefill(qg, k, v, kc, vc, start: int, T: int, window: int | None) -> torch.Tensor:

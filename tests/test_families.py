@@ -48,3 +48,36 @@ def test_offloaded_equals_resident_at_every_cache_size(family_ckpts, family):
             assert got.tokens == resident.tokens
             if slots < c.num_experts:
                 assert got.stats["misses"] > 0
+
+
+def test_phi_longrope_matches_transformers(tmp_path):
+    """Phi-3.5's longrope. Within the original context: the short factors and mscale, logits as transformers'
+    PhimoeForCausalLM. Beyond it the engine takes the long factors and long mscale for every position, as
+    transformers' longrope initialiser gives them for such a length (and Phi-3.5's reference code uses);
+    transformers 5's Phimoe forward keeps the short factors there (it calls the initialiser without the
+    length), so the long side is checked against the initialiser's frequencies."""
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from offload_moe.layers import rope_tables
+
+    torch.manual_seed(0)
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 64,
+            "short_factor": [1.0 + 0.1 * i for i in range(8)], "long_factor": [2.0 + 0.3 * i for i in range(8)],
+            "short_mscale": 1.1, "long_mscale": 1.3}
+    cfg = transformers.PhimoeConfig(vocab_size=320, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                    num_experts_per_tok=2, max_position_embeddings=256, rope_parameters=rope)
+    model = transformers.PhimoeForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path)
+    ids = [(7 * i + 3) % 320 for i in range(12)]
+    engine = Engine.load(tmp_path, EngineOptions(prefetch=0, context=64, progress=False))
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(engine.score(ids), want, rtol=0, atol=1e-4)
+    long = Engine.load(tmp_path, EngineOptions(prefetch=0, context=256, progress=False)).config
+    inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](cfg, torch.device("cpu"), seq_len=256)
+    emb = torch.outer(torch.arange(256, dtype=torch.float32), inv_freq).repeat(1, 2)  # [256, hd]
+    cos, sin = rope_tables(16, long.rope_theta, 256, torch.device("cpu"), long.rope_scaling)
+    torch.testing.assert_close(cos, emb.cos() * 1.3)
+    torch.testing.assert_close(sin, emb.sin() * 1.3)
