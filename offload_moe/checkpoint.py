@@ -26,11 +26,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .attention_quant import ATTENTION_SUFFIXES
 from .config import from_params_json, read_json
 from .errors import UserError
 from .models import COMMON, family_of, mixtral
 from .packed import DENSE, packed_attention_group, read_index
-from .quant import ATTENTION_SUFFIXES, int8_part_shapes
+from .quant import int8_part_shapes
 
 # A source: (file, key in that file, transform applied after reading)
 Source = tuple[Path, str, Callable[[torch.Tensor], torch.Tensor] | None]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .attention_quant import ATTENTION_QUANTS
 from .cache import MISS_POLICIES
 from .demo import resolve_model
 from .engine import DTYPES, Engine, EngineOptions
@@ -18,7 +19,7 @@ from .errors import UserError
 from .generate import Sampling
 from .policy import ONLINE_POLICIES, POLICIES
 from .profiles import CARDS, parse_size
-from .quant import ATTENTION_QUANTS, DEFAULT_GROUP_SIZE, EXPERT_QUANTS, GROUP_SIZES, INT4_LAYOUTS
+from .quant import DEFAULT_GROUP_SIZE, EXPERT_QUANTS, GROUP_SIZES, INT4_LAYOUTS
 from .simulate import run_simulate
 from .stats import format_table
 from .trace import save_trace
@@ -402,7 +403,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from .checkpoint import Checkpoint
     from .convert import convert
-    from .quant import expert_format, int4_layout_for, resolve_group_size
+    from .int4_layouts import int4_layout_for
+    from .quant import expert_format, resolve_group_size
 
     config = Checkpoint(resolve_model(args.model)).config
     dtype = DTYPES[args.dtype]

@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .attention_quant import ATTENTION_SUFFIXES, check_int8_attention, int8_attention_state
 from .checkpoint import Checkpoint
 from .config import read_json
 from .errors import UserError
 from .formats import ExpertFormat
 from .packed import ALIGN, DATA, DENSE, INDEX, JOURNAL, VERSION, aligned
 from .progress import Progress
-from .quant import ATTENTION_SUFFIXES, check_int8_attention, int8_attention_state
 from .sources import MappedSource
 from .tokenizer import tokenizer_files
 
@@ -33,7 +33,7 @@ FLUSH_EVERY = 16  # experts between journal updates
 def convert(source: str | Path, out: str | Path, fmt: ExpertFormat, dense_dtype: torch.dtype,
             progress: bool = True, pack_device: torch.device | None = None, attention_group: int | None = None) -> dict:
     """Write `source` (any layout the engine reads) as a packed folder; resume an interrupted run.
-    With `attention_group`, the attention projections are stored as int8 (`quant.Int8Linear`'s parts)."""
+    With `attention_group`, the attention projections are stored as int8 (`attention_quant.Int8Linear`'s parts)."""
     ckpt = Checkpoint(source)
     out = Path(out)
     if ckpt.layout == "packed":

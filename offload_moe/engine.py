@@ -17,12 +17,21 @@ from pathlib import Path
 
 import torch
 
+from .attention_quant import (
+    ATTENTION_QUANTS,
+    ATTENTION_SUFFIXES,
+    Int8Linear,
+    dense_bytes,
+    int8_attention,
+    int8_attention_state,
+)
 from .cache import MISS_POLICIES, ExpertCache
 from .checkpoint import Checkpoint
 from .errors import UserError
 from .expert_store import ExpertStore
 from .formats import DenseFormat, ExpertFormat
 from .generate import GenerationResult, Sampling, generate_tokens
+from .int4_layouts import int4_layout_for
 from .layers import KVCache, rope_tables
 from .model import Transformer
 from .packed import packed_attention_group
@@ -37,18 +46,7 @@ from .profiles import (
     plan_memory,
     ram_for_experts,
 )
-from .quant import (
-    ATTENTION_QUANTS,
-    ATTENTION_SUFFIXES,
-    Int8Linear,
-    dense_bytes,
-    expert_format,
-    int4_layout_for,
-    int8_attention,
-    int8_attention_state,
-    parse_format_name,
-    resolve_group_size,
-)
+from .quant import expert_format, parse_format_name, resolve_group_size
 from .sources import open_source
 from .stats import collect_stats
 from .tiered import TieredStore
@@ -102,7 +100,7 @@ def expert_format_for(ckpt: Checkpoint, options: EngineOptions, dtype: torch.dty
                       device: torch.device | None = None) -> ExpertFormat:
     """The experts' packed format: a packed folder's own, else the one asked for.
 
-    int4 experts take the code layout of the compute device (`quant.int4_layout_for`): torch's CUDA
+    int4 experts take the code layout of the compute device (`int4_layouts.int4_layout_for`): torch's CUDA
     tiles (`int4-gG-cuda`) where its int4 kernel runs, else the CPU kernel's order (`int4-gG`). A
     packed folder keeps the layout it was written in: when that is not the device's, its experts run
     the dequantizing path, which is correct but slower, and a note on stderr says how to convert."""

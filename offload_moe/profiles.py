@@ -208,7 +208,8 @@ def card_plan(config: ModelConfig, profiles=CARDS, context: int | None = None, d
     bytes per expert in fp16/int8/int4 (the engine's own formats, at the group size the engine would pick),
     the host RAM for every expert, and per card the expert slots per layer beside the dense weights (kept in
     the profile's dtype), the KV cache and the reserve, capped at the expert count; `fits`: at least top-k."""
-    from .quant import EXPERT_QUANTS, auto_group_size, dense_bytes, expert_format
+    from .attention_quant import dense_bytes
+    from .quant import EXPERT_QUANTS, auto_group_size, expert_format
 
     group = auto_group_size(config)  # None: no group size divides D and I, so no quantized formats
     precisions = [p for p in EXPERT_QUANTS if p == "none" or group is not None]

@@ -16,8 +16,8 @@ for the stored, rounded values.
 Layout: a fixed function of the shapes and of the format's name, the same on every machine, because
 `packed.py` stores these bytes and another machine may load them. int4 has two code layouts, each its
 own format name (see `Int4Format`): `int4-gG`, in the order of torch's AVX-512 int4 CPU kernel (row
-blocks of 64; see `_pack_nibbles`), and `int4-gG-cuda`, in the tiles of torch's CUDA int4 kernel (see
-`_tile_int4`). Both are written by us with torch ops, not by torch's converters, whose CPU order
+blocks of 64; see `pack_nibbles`), and `int4-gG-cuda`, in the tiles of torch's CUDA int4 kernel (see
+`tile_int4`). Both are written by us with torch ops, not by torch's converters, whose CPU order
 depends on the CPU it runs on (blocks of 32 with AVX2) and whose CUDA one needs a GPU: any machine can
 pack and unpack either layout, and a process checks once that the kernel it would use reads ours.
 
@@ -60,19 +60,29 @@ B int4 row block.
 
 from __future__ import annotations
 
-import functools
 import math
 import re
-import sys
 from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .config import ModelConfig
 from .errors import UserError
 from .formats import ALIGN, DenseFormat, ExpertFormat
+from .int4_layouts import (
+    cpu_int4_kernel_reads_blocks_of_64,
+    cuda_inner_k_tiles,
+    cuda_int4_kernel_runs,
+    cuda_tile_shape,
+    int4_cpu_kernel_linear,
+    int4_cuda_kernel_linear,
+    pack_nibbles,
+    row_block,
+    tile_int4,
+    unpack_nibbles,
+    untile_int4,
+)
 
 EXPERT_QUANTS = ("none", "int8", "int4")
 GROUP_SIZES = (32, 64, 128)
@@ -101,7 +111,7 @@ def quantize(
     if bits not in (4, 8):
         raise UserError(f"quantize: bits must be 4 or 8, got {bits}")
     rows, cols = w.shape
-    _check_groups(group_size, cols, "quantize: input columns")
+    check_groups(group_size, cols, "quantize: input columns")
     top, mid = (1 << bits) - 1, 1 << (bits - 1)  # largest code, code of `zero`
     wg = w.reshape(rows, cols // group_size, group_size).float()  # [rows, G, gs]
     lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)  # [rows, G]
@@ -133,8 +143,8 @@ class _GroupQuantFormat(ABC):
 
     def __init__(self, config: ModelConfig, compute_dtype: torch.dtype, group_size: int = 64):
         D, I = config.dim, config.ffn_dim
-        _check_groups(group_size, D, "model dim")
-        _check_groups(group_size, I, "expert ffn dim")
+        check_groups(group_size, D, "model dim")
+        check_groups(group_size, I, "expert ffn dim")
         self.D, self.I, self.group_size, self.compute_dtype = D, I, group_size, compute_dtype
         self.name = f"int{self.bits}-g{group_size}"
         self._plan: list[list[tuple[int, torch.dtype, tuple[int, ...]]]] = []  # per matrix: (offset, dtype, shape)
@@ -290,104 +300,6 @@ def int8_part_shapes(N: int, K: int, group_size: int) -> dict[str, tuple[int, ..
     return {"codes": (G, N, group_size), "scales": (G, N), "zeros": (G, N)}
 
 
-class Int8Scratch:
-    """The buffer that `Int8Linear`s widen or rebuild their matrix in, one per (device, dtype), of
-    `numel` elements (the largest matrix among the layers that share it), allocated at first use
-    and reused by every later call: no weight-sized allocation per call. The layers that share one
-    run one after another on one stream, so it is never rewritten while a matmul still reads it."""
-
-    def __init__(self, numel: int):
-        self.numel = numel
-        self.buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-
-    def get(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        key = (device, dtype)
-        if key not in self.buffers:
-            self.buffers[key] = torch.empty(self.numel, dtype=dtype, device=device)
-        return self.buffers[key]
-
-
-class Int8Linear(nn.Module):
-    """A resident linear layer (attention's wq wk wv wo) with int8 weights: `Int8Format`'s matrix
-    layout and paths, held in three buffers, so that a state dict carries it. Each call widens (CPU,
-    `int8_bmm_linear`) or rebuilds (elsewhere, fp32 on the CPU for many tokens) its matrix in
-    `scratch`, which `int8_attention` shares among all the model's projections (default: its own,
-    of this matrix's size)."""
-
-    PARTS = tuple(INT8_PART_DTYPES)
-
-    def __init__(self, in_features: int, out_features: int, group_size: int, scratch: Int8Scratch | None = None,
-                 bias: bool = False):
-        super().__init__()
-        _check_groups(group_size, in_features, "attention input size")
-        for part, shape in int8_part_shapes(out_features, in_features, group_size).items():
-            self.register_buffer(part, torch.empty(shape, dtype=INT8_PART_DTYPES[part]))
-        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None  # kept in the compute dtype
-        if scratch is not None and scratch.numel < in_features * out_features:
-            raise ValueError(f"an Int8Scratch of {scratch.numel} elements cannot hold a {out_features}x{in_features} "
-                             "matrix")
-        self.scratch = scratch or Int8Scratch(in_features * out_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cpu = x.device.type == "cpu"
-        buf = self.scratch.get(x.device, torch.float32 if cpu else x.dtype)  # fp32 on the CPU, as Int8Format
-        y = int8_linear(x, self.codes, self.scales, self.zeros, cpu, buf)
-        return y if self.bias is None else y + self.bias
-
-
-def int8_parts(w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
-    """`Int8Linear`'s buffers for the weight w [N, K], quantized on w's device."""
-    out = {part: torch.empty(shape, dtype=INT8_PART_DTYPES[part], device=w.device)
-           for part, shape in int8_part_shapes(*w.shape, group_size).items()}
-    int8_store(*quantize(w, 8, group_size), *out.values())
-    return out
-
-
-ATTENTION_QUANTS = ("none", "int8")
-ATTENTION_WEIGHTS = ("wq", "wk", "wv", "wo")
-ATTENTION_SUFFIXES = tuple(f"attention.{w}.weight" for w in ATTENTION_WEIGHTS)  # their names in a state dict
-
-
-def check_int8_attention(config: ModelConfig, group_size: int) -> None:
-    """Refuse a group size that does not divide the attention projections' inputs (D for wq wk wv,
-    H*hd for wo), before anything is built or written."""
-    for size in (config.dim, config.n_heads * config.head_dim):
-        _check_groups(group_size, size, "attention input size")
-
-
-def int8_attention(model: nn.Module, group_size: int) -> None:
-    """Swap every layer's attention projections for `Int8Linear`s of the same shape (on the model's
-    device, usually `meta`, before the state dict is assigned), all sharing one `Int8Scratch` sized to
-    the largest projection (Mixtral: wq or wo, 4096 x 4096: 32 MiB in fp16, 64 MiB in fp32 on the CPU)."""
-    linears = [(blk.attention, name, getattr(blk.attention, name)) for blk in model.layers
-               for name in ATTENTION_WEIGHTS]
-    scratch = Int8Scratch(max(lin.in_features * lin.out_features for _, _, lin in linears))
-    for attention, name, lin in linears:
-        with lin.weight.device:
-            setattr(attention, name, Int8Linear(lin.in_features, lin.out_features, group_size, scratch,
-                                                bias=lin.bias is not None))
-
-
-def int8_attention_state(name: str, w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
-    """The state-dict entries of `Int8Linear` that replace the attention weight `name` ([N, K])."""
-    prefix = name.removesuffix("weight")
-    return {prefix + part: v for part, v in int8_parts(w, group_size).items()}
-
-
-def attention_bytes(config: ModelConfig, quant: str, group_size: int, dtype: torch.dtype) -> int:
-    """Bytes of all layers' attention projections, dense in `dtype` or int8 with bf16 scales and zeros."""
-    n = config.attention_params
-    if quant == "none":
-        return n * dtype.itemsize
-    return n + 2 * SCALE_DTYPE.itemsize * n // group_size
-
-
-def dense_bytes(config: ModelConfig, dtype: torch.dtype, attention: str = "none", group_size: int = 64) -> int:
-    """The resident weights: everything in `dtype` but the attention projections, which may be int8."""
-    return (config.dense_params - config.attention_params) * dtype.itemsize + attention_bytes(
-        config, attention, group_size, dtype)
-
-
 INT4_LAYOUTS = ("cpu", "cuda")  # code orders of the int4 format; see `Int4Format`
 # Above this many tokens, dequantizing + F.linear (a tensor-core GEMM) beats torch's CUDA int4 kernel, which is
 # built for decode. Not measured here: torchao's HQQ README (A6000, 4096 x 4096, group 128) has the kernel at
@@ -399,11 +311,11 @@ class Int4Format(_GroupQuantFormat):
     """Half a byte a weight, the codes in one of two layouts (`layout`, part of the format's name):
 
     - "cpu", named `int4-gG`: codes uint8 [N, K/2], two a byte in the AVX-512 int4 CPU kernel's order
-      (see `_pack_nibbles`). I is a multiple of 32 (the smallest group), so w13's 2I rows come in blocks
+      (see `pack_nibbles`). I is a multiple of 32 (the smallest group), so w13's 2I rows come in blocks
       of 64; w2's D rows do too unless D is an odd multiple of 32, and then in blocks of 32, with the
       kernel off.
     - "cuda", named `int4-gG-cuda`: codes int32 [N/8, K/(16t), 32, t/2] in the tiles that torch's CUDA
-      int4 kernel `_weight_int4pack_mm` reads (see `_tile_int4`), t = `cuda_inner_k_tiles(K)`; the same
+      int4 kernel `_weight_int4pack_mm` reads (see `tile_int4`), t = `cuda_inner_k_tiles(K)`; the same
       bytes as `_convert_weight_to_int4pack` writes, but made by torch ops, so that any device packs
       them and any device can unpack them (the CPU-miss path, the dequantizing fallback). Unpacking
       the tiles on a CPU is a fine-grained shuffle: measured 48 ms for a D=512, I=1792 expert on the
@@ -421,7 +333,7 @@ class Int4Format(_GroupQuantFormat):
         super().__init__(config, compute_dtype, group_size)
         if layout == "cuda":
             self.name += "-cuda"
-        self.cpu_kernel = layout == "cpu" and _cpu_int4_kernel_reads_blocks_of_64() and self.D % 64 == 0
+        self.cpu_kernel = layout == "cpu" and cpu_int4_kernel_reads_blocks_of_64() and self.D % 64 == 0
         self._cuda_kernel: dict[torch.device, bool] = {}  # per device: does torch's CUDA kernel run there
 
     def _parts(self, N: int, K: int) -> list[tuple[torch.dtype, tuple[int, ...]]]:
@@ -433,16 +345,16 @@ class Int4Format(_GroupQuantFormat):
     def _store(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dst: tuple) -> None:
         codes, sz = dst
         if self.layout == "cuda":
-            codes.copy_(_tile_int4(q, cuda_inner_k_tiles(q.shape[1])))
+            codes.copy_(tile_int4(q, cuda_inner_k_tiles(q.shape[1])))
         else:
-            codes.copy_(_pack_nibbles(q, _row_block(q.shape[0])))
+            codes.copy_(pack_nibbles(q, row_block(q.shape[0])))
         sz[..., 0].copy_(scales.T)  # [N, G] -> [G, N]
         sz[..., 1].copy_(zeros.T)
 
     def _dequant(self, mat: tuple, out: torch.Tensor) -> torch.Tensor:
         codes, sz = mat
         G, N, _ = sz.shape
-        q = _untile_int4(codes, out) if self.layout == "cuda" else _unpack_nibbles(codes, _row_block(N), out)
+        q = untile_int4(codes, out) if self.layout == "cuda" else unpack_nibbles(codes, row_block(N), out)
         return _int4_scale_shift(q.view(N, G, self.group_size), sz).view(N, -1)  # [N, G, gs] -> [N, K]
 
     def _linear(self, x: torch.Tensor, mat: tuple, cpu: bool) -> torch.Tensor:
@@ -467,173 +379,6 @@ def _int4_scale_shift(q: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
     bf16 first would bias whole groups: measured 1.5x the error of the unfused passes)."""
     s, z = sz[..., 0].float(), sz[..., 1].float()  # [G, N]
     return torch.addcmul((z - 8 * s).T.unsqueeze(-1), q, s.T.unsqueeze(-1), out=q)  # [N, G, 1] broadcast
-
-
-def int4_cuda_kernel_linear(x: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
-    """x [T, K] times an int4 matrix in the "cuda" layout -> [T, N] in x's dtype, by torch's CUDA int4
-    kernel (tinygemm). It takes bf16 activations only (`_weight_int4pack_mm_cuda` checks A is bf16) and
-    returns bf16, so x is cast to bf16 and the result back: for fp16 compute that costs bf16's
-    precision on the output (~0.4%), far below int4's own error. The kernel dequantizes each code in
-    registers as (q - 8) * scale + zero in bf16 and accumulates in fp32: it reads half a byte per
-    weight plus 4 bytes of scale and zero per group (0.56 bytes per weight at group 64), against 2 for
-    fp16 weights and 12.5 for the dequantizing path (see `Int4Format`)."""
-    xb = x.to(torch.bfloat16).contiguous()
-    return torch.ops.aten._weight_int4pack_mm(xb, codes, group_size, sz).to(x.dtype)
-
-
-def cuda_inner_k_tiles(K: int) -> int:
-    """Inner k-tiles of the "cuda" layout for K inputs: 8 (16-byte loads, torchao's and gpt-fast's
-    default) where K is a multiple of 128, else 4 or 2 (K is a multiple of 32, the smallest group)."""
-    return next(t for t in (8, 4, 2) if K % (16 * t) == 0)
-
-
-def cuda_tile_shape(N: int, K: int) -> tuple[int, int, int, int]:
-    """Shape of the int32 codes of a [N, K] matrix in the "cuda" layout: [N/8, K/(16t), 32, t/2]."""
-    if N % 8 or K % 32:
-        raise UserError(f"the CUDA int4 layout needs rows a multiple of 8 and inputs a multiple of 32, got {N} x {K}")
-    t = cuda_inner_k_tiles(K)
-    return N // 8, K // (16 * t), 32, t // 2
-
-
-def int4_converter_bytes(q: torch.Tensor) -> torch.Tensor:
-    """Codes [N, K] -> the uint8 [N, K/2] that torch's `_convert_weight_to_int4pack` takes (torch >= 2.5):
-    byte j of a row holds code 2j in its high nibble and code 2j + 1 in its low one, as torchao packs
-    them (`q[:, ::2] << 4 | q[:, 1::2]`). Only the GPU checks need it: `_tile_int4` goes straight from q."""
-    q = q.to(torch.uint8)
-    return (q[:, ::2] << 4) | q[:, 1::2]
-
-
-def _tile_int4(q: torch.Tensor, inner_k_tiles: int) -> torch.Tensor:
-    """Codes [N, K] (< 16) -> int32 [N/8, K/(16t), 32, t/2] in the layout of torch's CUDA int4 kernel,
-    equal to `_convert_weight_to_int4pack(int4_converter_bytes(q), t)` (its `matrix_to_m16n8k16_Bint4_layout`
-    in aten/src/ATen/native/cuda/int4mm.cu; tested against a transcription of that loop on the CPU and
-    against torch's own converter on a GPU), computed with torch ops on q's device.
-
-    The kernel feeds m16n8k16 tensor-core tiles: 8 rows (n) by 16 inputs (k) per tile, each of a warp's
-    32 lanes holding row n = lane // 4 and inputs k = 2 (lane % 4) + {0, 1, 8, 9} of a k-tile. One
-    int32 holds a lane's 8 codes of two consecutive k-tiles; t k-tiles (t/2 words) lie back to back
-    per lane. With k = 16 (k-tile) + 8 b + 2 c + d, lane = 4 n' + c, and `a` the k-tile within the
-    pair: the word's byte 2d + a holds b = 0 in its low nibble and b = 1 in its high one. Bytes are
-    assembled as uint8 and viewed as int32 in memory order (little-endian, as CUDA devices and the
-    hosts that drive them are)."""
-    if sys.byteorder != "little":
-        raise UserError("the CUDA int4 layout is built on little-endian hosts only")
-    N, K = q.shape
-    J = inner_k_tiles // 2
-    KO = K // (16 * inner_k_tiles)
-    v = q.to(torch.uint8).view(N // 8, 8, KO, J, 2, 2, 4, 2)  # [n tile, n', k super-tile, word, a, b, c, d]
-    v = v.permute(0, 2, 1, 6, 3, 7, 4, 5)  # [N/8, KO, n', c, word, d, a, b]
-    words = (v[..., 0] | (v[..., 1] << 4)).contiguous()  # [N/8, KO, n', c, word, byte = 2d + a]
-    return words.view(N // 8, KO, 32, J, 4).view(torch.int32).view(N // 8, KO, 32, J)
-
-
-def _untile_int4(codes: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """The inverse of `_tile_int4`: int32 [N/8, K/(16t), 32, t/2] -> codes [N, K] as floats in `out`
-    (its dtype), in place the way `_unpack_nibbles` does it: each byte widened into its low-nibble
-    position, the high nibble split off by floor division, no temporary of the matrix's size."""
-    NT, KO, _, J = codes.shape
-    N, K = NT * 8, KO * J * 32
-    b = codes.view(torch.uint8).view(NT, KO, 8, 4, J, 2, 2)  # [N/8, KO, n', c, word, d, a]
-    w = out[: N * K].view(NT, 8, KO, J, 2, 2, 4, 2).permute(0, 2, 1, 6, 3, 7, 4, 5)  # [N/8, KO, n', c, word, d, a, b]
-    low, high = w[..., 0], w[..., 1]
-    low.copy_(b)  # the whole byte, 0..255
-    torch.div(low, 16, rounding_mode="floor", out=high)
-    low.add_(high, alpha=-16)
-    return out[: N * K].view(N, K)
-
-
-def cuda_int4_kernel_runs(device: torch.device) -> bool:
-    """Whether torch's CUDA int4 kernel runs on `device` and reads `_tile_int4`'s layout (checked once per
-    device, at load: see `_probe_cuda_int4_kernel`). False off CUDA, on ROCm (whose tiles are 16 rows),
-    before compute capability 8.0 (the kernel is built for sm_80 and later) and wherever the probe fails;
-    there the "cpu" layout and the dequantizing path run, as before this kernel was used."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _probe_cuda_int4_kernel(index)
-
-
-@functools.cache
-def _probe_cuda_int4_kernel(index: int) -> bool:
-    device = torch.device("cuda", index)
-    if torch.version.hip is not None or not hasattr(torch.ops.aten, "_weight_int4pack_mm"):
-        return False
-    if torch.cuda.get_device_capability(device) < (8, 0):
-        return False
-    g = torch.Generator().manual_seed(0)
-    N, K, gs = 16, 256, 64
-    try:
-        for t in (2, 4, 8):  # our tiles are torch's, for every inner k-tile count a shape may use
-            q = torch.randint(0, 16, (N, K), generator=g).to(torch.uint8)
-            theirs = torch.ops.aten._convert_weight_to_int4pack(int4_converter_bytes(q).to(device), t)
-            if not torch.equal(_tile_int4(q, t).to(device), theirs):
-                return False
-        q = torch.randint(0, 16, (N, K), generator=g).to(torch.uint8)
-        scales = (torch.rand(N, K // gs, generator=g) * 0.1 + 0.01).to(SCALE_DTYPE)
-        zeros = (torch.randn(N, K // gs, generator=g) * 0.1).to(SCALE_DTYPE)
-        sz = torch.stack((scales.T, zeros.T), dim=-1).contiguous().to(device)  # [G, N, 2]
-        x = torch.randn(3, K, generator=g)
-        y = int4_cuda_kernel_linear(x.to(device), _tile_int4(q, cuda_inner_k_tiles(K)).to(device), sz, gs)
-        ref = x @ dequantize(q, scales, zeros, 4, gs).T  # [3, N]: the kernel must decode (q - 8) * scale + zero
-        return bool(((y.float().cpu() - ref).abs().max() / ref.abs().max()) < 2e-2)
-    except (RuntimeError, NotImplementedError):
-        return False
-
-
-def int4_layout_for(device: torch.device) -> str:
-    """The int4 layout an engine on `device` packs: "cuda" where torch's CUDA int4 kernel runs and reads
-    our tiles (`cuda_int4_kernel_runs`), else "cpu" (the CPU kernel's order; on other GPUs the
-    dequantizing path)."""
-    return "cuda" if cuda_int4_kernel_runs(device) else "cpu"
-
-
-def int4_cpu_kernel_linear(x: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
-    """x [T, K] (any float dtype) times an int4 matrix -> [T, N] in x's dtype, by torch's CPU int4 kernel
-    in bf16 (the one dtype it vectorizes)."""
-    xb = x.to(torch.bfloat16).contiguous()
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, codes, group_size, sz).to(x.dtype)
-
-
-def _row_block(N: int) -> int:
-    """Rows per block of the int4 code layout: 64 (the AVX-512 kernel's) where N allows, else 32."""
-    return 64 if N % 64 == 0 else 32
-
-
-def _pack_nibbles(q: torch.Tensor, block: int) -> torch.Tensor:
-    """Codes [N, K] (< 16) -> bytes [N, K/2] in the CPU int4 kernel's order: row blocks of `block`, each
-    stored k-major as [K, block/2] bytes, byte j holding row j (low nibble) and row j + block/2 (high).
-    With block 64 that is torch's AVX-512 order, with 32 its AVX2 order."""
-    N, K = q.shape
-    b = q.to(torch.uint8).view(N // block, 2, block // 2, K)  # [N/B, low|high, B/2, K]
-    return (b[:, 0] | (b[:, 1] << 4)).transpose(1, 2).contiguous().view(N, K // 2)  # [N/B, K, B/2] -> [N, K/2]
-
-
-def _unpack_nibbles(codes: torch.Tensor, block: int, out: torch.Tensor) -> torch.Tensor:
-    """The inverse of `_pack_nibbles`: bytes [N, K/2] -> codes [N, K] as floats, written into `out`
-    (its dtype) in place: each byte widened into its low row, the high nibble split off by floor
-    division, so no temporary of the matrix's size is made (byte values are exact in bf16 too)."""
-    N, K = codes.shape[0], codes.shape[1] * 2
-    b = codes.view(N // block, K, block // 2)  # [N/B, K, B/2]
-    w = out[: N * K].view(N // block, block, K)  # [N/B, B, K]: rows j (low nibbles), j + B/2 (high)
-    low, high = w[:, : block // 2], w[:, block // 2 :]  # [N/B, B/2, K] each
-    low.copy_(b.transpose(1, 2))  # the whole byte, 0..255
-    torch.div(low, 16, rounding_mode="floor", out=high)
-    low.add_(high, alpha=-16)
-    return w.view(N, K)
-
-
-@functools.cache
-def _cpu_int4_kernel_reads_blocks_of_64() -> bool:
-    """Whether this process's CPU int4 kernel reads our code order, i.e. torch's own packing of a probe
-    equals `_pack_nibbles(probe, 64)`: true for AVX-512 builds; AVX2 packs blocks of 32, ARM otherwise."""
-    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
-        return False
-    probe = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
-    try:
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
-    except RuntimeError:
-        return False
-    return torch.equal(packed, _pack_nibbles(probe, 64))
 
 
 def expert_format(name: str, config: ModelConfig, compute_dtype: torch.dtype, group_size: int = 64,
@@ -716,7 +461,7 @@ def resolve_group_size(config: ModelConfig, requested: int | None, experts: bool
     return requested
 
 
-def _check_groups(group_size: int, size: int, what: str) -> None:
+def check_groups(group_size: int, size: int, what: str) -> None:
     if group_size not in GROUP_SIZES:
         raise UserError(f"quantization group size must be one of {GROUP_SIZES}, got {group_size}")
     if size % group_size:

@@ -33,10 +33,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .attention_quant import ATTENTION_QUANTS, dense_bytes
 from .config import ModelConfig
 from .errors import UserError
+from .int4_layouts import int4_layout_for
 from .profiles import DEFAULT_RESERVE, Profile, gib, parse_size
-from .quant import ATTENTION_QUANTS, auto_group_size, bytes_per_expert, dense_bytes, expert_format, int4_layout_for
+from .quant import auto_group_size, bytes_per_expert, expert_format
 from .simulate import simulate, simulate_many
 from .trace import Trace
 

@@ -16,19 +16,21 @@ from offload_moe.convert import convert
 from offload_moe.engine import Engine, EngineOptions, expert_format_for
 from offload_moe.errors import UserError
 from offload_moe.formats import ALIGN
+from offload_moe.int4_layouts import (
+    cuda_inner_k_tiles,
+    cuda_int4_kernel_runs,
+    cuda_tile_shape,
+    int4_converter_bytes,
+    int4_layout_for,
+    tile_int4,
+    untile_int4,
+)
 from offload_moe.packed import INDEX
 from offload_moe.quant import (
     INT4_CUDA_KERNEL_MAX_TOKENS,
     Int4Format,
-    _tile_int4,
-    _untile_int4,
-    cuda_inner_k_tiles,
-    cuda_int4_kernel_runs,
-    cuda_tile_shape,
     dequantize,
     expert_format,
-    int4_converter_bytes,
-    int4_layout_for,
     parse_format_name,
     quantize,
 )
@@ -81,7 +83,7 @@ def kernel_emulation(x: torch.Tensor, tiles: torch.Tensor, group_size: int, sz: 
     """`_weight_int4pack_mm` on the CPU, from the CUDA kernel's checks and its B-tile decode (lane t of
     n-tile n holds row 8n + t//4; word j's nibble i (bits 4i) is input 16 k-tile + 2 (t%4) + 8 (i%2),
     k-tile = 8-tile pair 2j + i//2, and bits 16 + 4i the next input; w = (q - 8) * scale + zero in bf16,
-    fp32 accumulation, bf16 out). Written apart from `_untile_int4`, so that it checks it."""
+    fp32 accumulation, bf16 out). Written apart from `untile_int4`, so that it checks it."""
     assert x.dtype == torch.bfloat16 and x.is_contiguous() and x.dim() == 2
     assert tiles.dtype == torch.int32 and tiles.is_contiguous() and tiles.dim() == 4 and tiles.shape[2] == 32
     t = tiles.shape[3] * 2
@@ -108,7 +110,7 @@ def kernel_emulation(x: torch.Tensor, tiles: torch.Tensor, group_size: int, sz: 
 @pytest.mark.parametrize("inner_k_tiles", [2, 4, 8])
 def test_tiles_are_torchs_converter_output(inner_k_tiles):
     q = codes(24, 256, inner_k_tiles)
-    tiles = _tile_int4(q, inner_k_tiles)
+    tiles = tile_int4(q, inner_k_tiles)
     assert tiles.dtype == torch.int32 and tiles.shape == (3, 256 // (16 * inner_k_tiles), 32, inner_k_tiles // 2)
     assert torch.equal(tiles, converter_transcription(int4_converter_bytes(q), inner_k_tiles))
 
@@ -126,7 +128,7 @@ def test_untile_inverts_tile(N, K):
     q = codes(N, K, N + K)
     t = cuda_inner_k_tiles(K)
     out = torch.full((N * K + 5,), -1.0)  # a scratch buffer larger than the matrix
-    assert torch.equal(_untile_int4(_tile_int4(q, t), out), q.float()) and (out[N * K:] == -1).all()
+    assert torch.equal(untile_int4(tile_int4(q, t), out), q.float()) and (out[N * K:] == -1).all()
 
 
 def test_inner_k_tiles_and_tile_shapes():
@@ -274,8 +276,8 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_d
 def test_gpu_tiles_equal_torchs_converter(inner_k_tiles):
     q = codes(64, 512, inner_k_tiles)
     theirs = torch.ops.aten._convert_weight_to_int4pack(int4_converter_bytes(q).cuda(), inner_k_tiles)
-    assert torch.equal(_tile_int4(q.cuda(), inner_k_tiles), theirs)
-    assert torch.equal(_tile_int4(q, inner_k_tiles).cuda(), theirs)
+    assert torch.equal(tile_int4(q.cuda(), inner_k_tiles), theirs)
+    assert torch.equal(tile_int4(q, inner_k_tiles).cuda(), theirs)
 
 
 @cuda_only

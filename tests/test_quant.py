@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from offload_moe.attention_quant import Int8Linear, int8_parts
 from offload_moe.config import ModelConfig
 from offload_moe.errors import UserError
 from offload_moe.formats import ALIGN, DenseFormat
@@ -14,11 +15,9 @@ from offload_moe.quant import (
     INT8_BMM_MAX_TOKENS,
     Int4Format,
     Int8Format,
-    Int8Linear,
     bytes_per_expert,
     dequantize,
     expert_format,
-    int8_parts,
     quantize,
 )
 
@@ -160,8 +159,8 @@ def test_int8_linear_allocates_nothing_of_a_weights_size(T):
 
 
 def test_int8_attention_shares_one_scratch_sized_to_the_largest_projection():
+    from offload_moe.attention_quant import int8_attention
     from offload_moe.model import Transformer
-    from offload_moe.quant import int8_attention
 
     config = ModelConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64, ffn_dim=128, num_experts=2,
                          top_k=1, vocab_size=16)  # wq [256, 128], wk wv [128, 128], wo [128, 256]
