@@ -5,8 +5,9 @@
     print(engine.generate("[INST] Hi [/INST]", max_new_tokens=32).text)
 """
 
+from .batch import Scheduler
 from .engine import Engine, EngineOptions
 from .errors import UserError
 from .generate import GenerationResult, Sampling
 
-__all__ = ["Engine", "EngineOptions", "GenerationResult", "Sampling", "UserError"]
+__all__ = ["Engine", "EngineOptions", "GenerationResult", "Sampling", "Scheduler", "UserError"]

@@ -5,7 +5,8 @@ variant of each piece a layer has.
 Layers with experts are the cache's rows: `row_of[layer]` (-1 for a dense layer); the prefetcher,
 the routing trace and the cache count in rows.
 
-Legend for shape comments: T tokens, D dim, E experts, K top-k, V vocabulary.
+Legend for shape comments: T tokens, D dim, E experts, K top-k, V vocabulary, B sequences decoding
+together (a batch step: T = B, one token each).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .layers import MLP, Attention, KVCache, make_norm
+from .layers import MLP, Attention, KVCache, KVPool, make_norm
+
+ROUTER_BIAS = "gate.e_score_correction_bias"  # the sigmoid router's choice bias [E]: resident, kept in float32
 
 
 class Block(nn.Module):
@@ -31,6 +34,8 @@ class Block(nn.Module):
             self.mlp = MLP(c.dim, c.dense_ffn_dim)
             return
         self.gate = nn.Linear(c.dim, c.num_experts, bias=False)
+        if c.router == "sigmoid":
+            self.gate.register_buffer("e_score_correction_bias", torch.empty(c.num_experts, dtype=torch.float32))
         if c.shared_ffn_dim:
             self.shared = MLP(c.dim, c.shared_ffn_dim)
         if c.shared_gate:
@@ -61,14 +66,42 @@ class Transformer(nn.Module):
         T = tokens.shape[0]
         cos, sin = self.rope
         cos, sin = cos[kv.pos : kv.pos + T], sin[kv.pos : kv.pos + T]  # [T, hd]
-        h = self.tok_embeddings(tokens)  # [T, D]
+        h = self._blocks(self.tok_embeddings(tokens), lambda blk, i, x: blk.attention(x, i, kv, cos, sin))
+        kv.pos += T
+        if last_only:
+            h = h[-1:]
+        return self.output(self.norm(h)).float()  # [T, V]
+
+    @torch.inference_mode()
+    def forward_batch(self, tokens: torch.Tensor, pool: KVPool, rows: list[int]) -> torch.Tensor:
+        """One decode step of B sequences: tokens [B], token b the next of the sequence in pool slot
+        rows[b], each at its own position. Attention is per sequence (`decode_ragged`); the MoE layers
+        see the B tokens as one T = B pass, so each expert is acquired once per step for the union of
+        the batch's choices and computed for the rows that chose it. Returns logits [B, V]."""
+        seqs = [pool.seqs[r] for r in rows]
+        positions = [s.pos for s in seqs]
+        span = max(min(p + 1, pool.length) for p in positions)  # the longest cached span, on the host
+        pos = torch.tensor(positions, device=tokens.device)  # [B]
+        rows_t = torch.tensor(rows, device=tokens.device)  # [B]
+        cos, sin = self.rope[0][pos], self.rope[1][pos]  # [B, hd]
+
+        def attend(blk: Block, i: int, x: torch.Tensor) -> torch.Tensor:
+            return blk.attention.decode_ragged(x, i, pool, rows_t, pos, span, cos, sin)
+
+        h = self._blocks(self.tok_embeddings(tokens), attend)
+        for s in seqs:
+            s.pos += 1
+        return self.output(self.norm(h)).float()  # [B, V]
+
+    def _blocks(self, h: torch.Tensor, attend) -> torch.Tensor:
+        """h [T, D] through every layer; `attend(blk, layer, x)` is the attention of the normed x."""
         for i, blk in enumerate(self.layers):
             row = self.row_of[i]
             if row >= 0 and self.prefetcher is not None:
                 self.prefetcher(row, h)
             if row >= 0 and self.recorder is not None:
                 self.recorder.enter(row, h)
-            h = h + blk.attention(blk.attention_norm(h), i, kv, cos, sin)
+            h = h + attend(blk, i, blk.attention_norm(h))
             x = blk.ffn_norm(h)
             if row < 0:
                 h = h + blk.mlp(x)
@@ -78,14 +111,18 @@ class Transformer(nn.Module):
                 shared = blk.shared(x)  # [T, D]
                 out = out + (torch.sigmoid(blk.shared_gate(x)) * shared if self.config.shared_gate else shared)
             h = h + out
-        kv.pos += T
-        if last_only:
-            h = h[-1:]
-        return self.output(self.norm(h)).float()  # [T, V]
+        return h
 
     def route(self, blk: Block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The router's weights and experts, [T, K] each, in rank order: softmax over all experts in
-        float32 then top-k (renormalised when the family says so), or Phi's sparsemixer."""
+        float32 then top-k (renormalised when the family says so), Phi's sparsemixer, or the sigmoid
+        router (DeepSeek-V3, GLM-4.5: `sigmoid_topk`, logits in float32 as transformers')."""
+        c = self.config
+        if c.router == "sigmoid":
+            logits = F.linear(x.float(), blk.gate.weight.float())  # [T, E]
+            weights, idx = sigmoid_topk(logits, blk.gate.e_score_correction_bias, c.top_k, c.n_group, c.topk_group,
+                                        c.norm_topk_prob, c.routed_scaling_factor)
+            return weights.to(x.dtype), idx
         logits = F.linear(x, blk.gate.weight)  # [T, E]
         if self.config.router == "sparsemixer":
             weights, idx = sparsemixer(logits, self.config.router_jitter)
@@ -98,8 +135,11 @@ class Transformer(nn.Module):
 
     def predict(self, row: int, h: torch.Tensor) -> torch.Tensor:
         """Speculative routing: row `row`'s router applied to an earlier hidden state h [T, D]. [T, K]
-        (The top-k logits: what every router here picks, sparsemixer included.)"""
+        (The top-k logits: what the softmax and sparsemixer routers pick; the sigmoid router's own choice,
+        bias and groups included.)"""
         blk = self.layers[self.rows[row]]
+        if self.config.router == "sigmoid":
+            return self.route(blk, blk.ffn_norm(h))[1]
         logits = F.linear(blk.ffn_norm(h), blk.gate.weight)  # [T, E]
         return torch.topk(logits, self.config.top_k, dim=-1).indices  # [T, K]
 
@@ -159,6 +199,28 @@ def _resident_first(late: list[bool], skip: list[bool] | None = None) -> list[in
     """Indices of the experts to compute on the device: those resident now, then those in flight."""
     keep = [k for k in range(len(late)) if skip is None or not skip[k]]
     return [k for k in keep if not late[k]] + [k for k in keep if late[k]]
+
+
+def sigmoid_topk(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
+                 renormalise: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's router (GLM-4.5's too), in transformers' order of operations: scores = sigmoid(logits);
+    the choice is made on scores + bias (`e_score_correction_bias`), within the best `topk_group` of
+    `n_group` equal groups of experts (a group scored by the sum of its best 2 biased scores); the weights
+    are the unbiased scores of the chosen, renormalised (+1e-20) when `renormalise`, times `scale`.
+    logits [T, E] (float32) -> weights [T, K] float32, experts [T, K] in rank order (best biased first)."""
+    T, E = logits.shape
+    scores = logits.float().sigmoid()
+    choice = scores + bias.float()  # [T, E]
+    if n_group > 1:
+        group_scores = choice.view(T, n_group, E // n_group).topk(2, dim=-1)[0].sum(dim=-1)  # [T, n_group]
+        keep = torch.topk(group_scores, topk_group, dim=-1, sorted=False)[1]  # [T, topk_group]
+        mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+        choice = choice.masked_fill(~mask.repeat_interleave(E // n_group, dim=1), float("-inf"))
+    idx = torch.topk(choice, top_k, dim=-1)[1]  # [T, K]
+    weights = scores.gather(1, idx)
+    if renormalise:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * scale, idx
 
 
 def sparsemixer(logits: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
