@@ -186,6 +186,8 @@ class Checkpoint:
                 shapes |= {p + "mlp.w1.weight": (I, D), p + "mlp.w3.weight": (I, D), p + "mlp.w2.weight": (D, I)}
                 continue
             shapes[p + "gate.weight"] = (c.num_experts, D)
+            if c.router == "sigmoid":
+                shapes[p + "gate.e_score_correction_bias"] = (c.num_experts,)
             if c.shared_ffn_dim:
                 I = c.shared_ffn_dim
                 shapes |= {p + "shared.w1.weight": (I, D), p + "shared.w3.weight": (I, D),

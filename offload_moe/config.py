@@ -14,7 +14,7 @@ from .errors import UserError
 
 NORMS = ("rms", "layer")
 QK_NORMS = ("none", "head", "full")
-ROUTERS = ("softmax", "sparsemixer")
+ROUTERS = ("softmax", "sparsemixer", "sigmoid")
 
 
 @dataclass(frozen=True)
@@ -43,15 +43,21 @@ class ModelConfig:
     o_bias: bool = False  # bias of wo
     qk_norm: str = "none"  # RMSNorm of q and k before RoPE: per head (Qwen3) or over the whole projection (OLMoE)
     clip_qkv: float | None = None  # q, k, v clamped to +-clip_qkv (OLMoE)
-    router: str = "softmax"  # softmax then top-k, or sparsemixer (Phi-3.5-MoE)
+    router: str = "softmax"  # softmax then top-k, sparsemixer (Phi-3.5-MoE), or sigmoid (DeepSeek-V3, GLM-4.5)
     norm_topk_prob: bool = True  # renormalise the top-k softmax weights
     router_jitter: float = 0.0  # sparsemixer's relative band
+    # the sigmoid router: experts chosen by sigmoid + e_score_correction_bias within the best topk_group of
+    # n_group groups, weighted by the unbiased sigmoid (renormalised by norm_topk_prob) x routed_scaling_factor
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
     shared_ffn_dim: int = 0  # a resident shared expert beside the routed ones (Qwen2-MoE); 0: none
     shared_gate: bool = False  # the shared expert's output scaled by sigmoid(gate . x)
     dense_ffn_dim: int = 0  # the MLP of dense layers
     dense_layers: tuple[int, ...] = ()  # layers with a dense MLP instead of experts
     lm_head_bias: bool = False
     rope_scaling: dict | None = None  # longrope: short/long factors and mscales, original_max
+    partial_rotary_factor: float = 1.0  # RoPE turns the first rotary_dim dims of each head only (GLM-4.5: 0.5)
 
     def __post_init__(self) -> None:
         for name in ("eos_ids", "dense_layers"):  # JSON gives lists
@@ -73,6 +79,16 @@ class ModelConfig:
             raise UserError("config: every layer is dense; this engine runs models with experts")
         if self.dense_layers and self.dense_ffn_dim <= 0:
             raise UserError("config: dense layers need the dense MLP size (intermediate_size)")
+        if not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
+            raise UserError(f"config: partial_rotary_factor {self.partial_rotary_factor} gives {self.rotary_dim} "
+                            f"rotary dims of {self.head_dim}; they must be even and positive")
+        if self.router == "sigmoid":
+            groups, keep = self.n_group, self.topk_group
+            if groups <= 0 or self.num_experts % groups or not 0 < keep <= groups or (
+                    groups > 1 and self.num_experts // groups < 2):  # a group is scored by its best 2
+                raise UserError(f"config: {self.num_experts} experts in n_group {groups} groups, topk_group {keep}")
+            if self.top_k > keep * (self.num_experts // groups):
+                raise UserError(f"config: top-k {self.top_k} exceeds the experts of {keep} kept groups")
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
@@ -87,6 +103,11 @@ class ModelConfig:
     def moe_layers(self) -> tuple[int, ...]:
         """The layers that have experts, in order; the expert cache's rows are these."""
         return tuple(i for i in range(self.n_layers) if i not in self.dense_layers)
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that RoPE turns (the first ones; the rest pass unchanged), as transformers."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def n_moe_layers(self) -> int:
@@ -110,13 +131,14 @@ class ModelConfig:
     @property
     def dense_params(self) -> int:
         """Everything that is not a routed expert: attention (biases, QK norms), norms, routers,
-        shared experts, dense MLP layers, embeddings, head."""
+        shared experts, dense MLP layers, embeddings, head (and the sigmoid router's correction bias)."""
         H, G, hd, D = self.n_heads, self.n_kv_heads, self.head_dim, self.dim
         norm = 2 * D if self.norm == "layer" else D
         attn = self.attention_params + self.n_layers * (
             (H + 2 * G) * hd * self.qkv_bias + D * self.o_bias
             + {"none": 0, "head": 2 * hd, "full": (H + G) * hd}[self.qk_norm])
-        moe = self.n_moe_layers * (self.num_experts * D + 3 * D * self.shared_ffn_dim + D * self.shared_gate)
+        router = self.num_experts * (D + (self.router == "sigmoid"))  # + e_score_correction_bias
+        moe = self.n_moe_layers * (router + 3 * D * self.shared_ffn_dim + D * self.shared_gate)
         dense = len(self.dense_layers) * 3 * D * self.dense_ffn_dim
         head = (0 if self.tie_word_embeddings else self.vocab_size * D) + self.vocab_size * self.lm_head_bias
         return attn + self.n_layers * 2 * norm + moe + dense + self.vocab_size * D + head + norm

@@ -22,6 +22,7 @@ from .checkpoint import Checkpoint
 from .config import read_json
 from .errors import UserError
 from .formats import ExpertFormat
+from .model import ROUTER_BIAS
 from .packed import ALIGN, DATA, DENSE, INDEX, JOURNAL, VERSION, aligned
 from .progress import Progress
 from .sources import MappedSource
@@ -80,8 +81,8 @@ def convert(source: str | Path, out: str | Path, fmt: ExpertFormat, dense_dtype:
         t = ckpt.dense(name)
         if attention_group is not None and name.endswith(ATTENTION_SUFFIXES):
             dense |= int8_attention_state(name, t, attention_group)
-        else:
-            dense[name] = t.to(dense_dtype).contiguous()
+        else:  # the sigmoid router's choice bias stays float32, as the engine holds it
+            dense[name] = (t.float() if name.endswith(ROUTER_BIAS) else t.to(dense_dtype)).contiguous()
     save_file(dense, out / DENSE, metadata={"format": "pt"})
     # the source's own config.json where it has one (it names the family), else Mixtral's from params.json
     hf = read_json(ckpt.path / "config.json") if ckpt.layout == "hf" else c.to_hf_config()

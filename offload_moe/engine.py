@@ -33,7 +33,7 @@ from .formats import DenseFormat, ExpertFormat
 from .generate import GenerationResult, Sampling, generate_tokens
 from .int4_layouts import int4_layout_for
 from .layers import KVCache, rope_tables
-from .model import Transformer
+from .model import ROUTER_BIAS, Transformer
 from .packed import packed_attention_group
 from .prefetch import Prefetcher
 from .profiles import (
@@ -252,12 +252,14 @@ class Engine:
                 state[name] = t
             elif attn_group is not None and name.endswith(ATTENTION_SUFFIXES):  # quantized here, on the device
                 state |= int8_attention_state(name, t, attn_group)
+            elif name.endswith(ROUTER_BIAS):  # kept in float32, as transformers: it decides close choices
+                state[name] = t.float()
             else:
                 state[name] = t.to(dtype)
         if c.tie_word_embeddings:
             state["output.weight"] = state["tok_embeddings.weight"]
         model.load_state_dict(state, assign=True, strict=True)
-        model.rope = rope_tables(c.head_dim, c.rope_theta, context, device, c.rope_scaling)
+        model.rope = rope_tables(c.rotary_dim, c.rope_theta, context, device, c.rope_scaling)
         model.eval()
 
         if in_ram:

@@ -89,6 +89,7 @@ class KVPool:
 def rope_tables(hd: int, theta: float, length: int, device: torch.device,
                 scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [length, hd] in float32 (rotate-halves convention: frequency i turns dims i and i + hd/2).
+    `hd` is the rotary dims (`ModelConfig.rotary_dim`): with partial rotary (GLM-4.5) fewer than a head's.
 
     `scaling` longrope (Phi-3.5): each frequency divided by its factor, and cos, sin times an mscale;
     the long factors and mscale when `length` exceeds the original context, else the short ones. The
@@ -108,7 +109,11 @@ def rope_tables(hd: int, theta: float, length: int, device: torch.device,
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [..., T, hd] (any leading axes, e.g. heads); cos, sin [T, hd]."""
+    """x [..., T, hd] (any leading axes, e.g. heads); cos, sin [T, r]. Partial rotary (r < hd, GLM-4.5):
+    the first r dims of each head turn (rotate-halves within them, as transformers), the rest pass."""
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat([apply_rope(x[..., :r], cos, sin), x[..., r:]], dim=-1)
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin

@@ -1,6 +1,7 @@
 """Tiny random checkpoints of every family, written by transformers' own classes (the oracle) and
 laid out as the hub has them: per-expert tensors, sharded, a hub-style config.json (`num_experts`
-for Qwen and OLMoE, `num_local_experts` for Phi, a top-level `rope_theta`)."""
+for Qwen and OLMoE, `num_local_experts` for Phi, `n_routed_experts` and a top-level
+`partial_rotary_factor` for GLM-4.5, a top-level `rope_theta`)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,12 @@ FAMILIES = {
     "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(
         hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         num_local_experts=4, num_experts_per_tok=2, attention_bias=True, lm_head_bias=True)),
+    # the sigmoid router with 4 groups of 4 experts, 2 kept; a dense first layer; partial rotary; QK-norm
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", dict(
+        hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
+        first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+        attention_bias=True, use_qk_norm=True, partial_rotary_factor=0.5)),
 }
 
 
@@ -45,6 +52,9 @@ def make_family(path: Path, family: str, seed: int = 0, tokenizer: str | None = 
                 p.uniform_(-0.3, 0.3)
             elif name.endswith("gate.weight") and "shared" not in name:
                 p.mul_(20)
+        for name, b in model.named_buffers():  # the sigmoid router's choice bias: it must change choices
+            if name.endswith("e_score_correction_bias"):
+                b.uniform_(-0.3, 0.3)
     model.save_pretrained(path, max_shard_size="100KB")
     hub_config(path / "config.json", family)
     if tokenizer is not None:
@@ -56,10 +66,13 @@ def make_family(path: Path, family: str, seed: int = 0, tokenizer: str | None = 
 
 def hub_config(path: Path, family: str) -> None:
     """transformers 5 writes `rope_parameters` and, for Qwen3, `num_local_experts`: the hub's files say
-    `rope_theta` at the top and `num_experts` (Phi: `num_local_experts`)."""
+    `rope_theta` at the top and `num_experts` (Phi: `num_local_experts`); GLM-4.5's, `partial_rotary_factor` at
+    the top."""
     c = json.loads(path.read_text())
     rope = c.pop("rope_parameters", None) or {}
     c["rope_theta"] = rope.get("rope_theta", 10000.0)
+    if "partial_rotary_factor" in rope:
+        c["partial_rotary_factor"] = rope["partial_rotary_factor"]
     if family in ("qwen2_moe", "qwen3_moe", "olmoe"):
         c["num_experts"] = c.pop("num_local_experts", c.get("num_experts"))
     path.write_text(json.dumps(c, indent=2))
