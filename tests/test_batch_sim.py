@@ -1,0 +1,89 @@
+"""`batch_sim`: replaying a trace as batched forwards gives the engine's own counts, and at batch 1
+exactly what `simulate` gives."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from offload_moe.batch import Scheduler
+from offload_moe.batch_sim import batch_forwards, replay_forwards, simulate_batch
+from offload_moe.engine import Engine, EngineOptions
+from offload_moe.errors import UserError
+from offload_moe.policy import POLICIES
+from offload_moe.simulate import simulate
+from offload_moe.trace import Trace
+
+KEYS = ("hits", "misses", "per_layer_hits", "prefetch_copies", "prefetch_hits")
+
+
+def random_trace(T=60, L=3, K=2, E=8, seed=0) -> Trace:
+    rng = np.random.default_rng(seed)
+    # skewed routing, so that caches matter: experts drawn from a per-layer Zipf-like law
+    p = 1.0 / np.arange(1, E + 1)
+    p /= p.sum()
+    ex = np.stack([[rng.choice(E, K, replace=False, p=p) for _ in range(L)] for _ in range(T)]).astype(np.int32)
+    pred = np.stack([[rng.choice(E, K, replace=False, p=p) for _ in range(L)] for _ in range(T)]).astype(np.int32)
+    pred[:, 0] = -1
+    return Trace(ex, np.full(ex.shape, 0.5, np.float32), pred, E, K, L, "test")
+
+
+def test_batch_forwards():
+    assert batch_forwards(7, 1) == [[t] for t in range(7)]
+    assert batch_forwards(7, 2) == [[0, 4], [1, 5], [2, 6], [3]]
+    assert sum(len(f) for f in batch_forwards(100, 8)) == 100
+    with pytest.raises(UserError):
+        batch_forwards(5, 0)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_batch_one_is_simulate(policy, prefetch):
+    trace = random_trace()
+    for slots in (2, 3, 5):
+        want = simulate(trace, slots, policy, prefetch)
+        got = simulate_batch(trace, slots, policy, 1, prefetch)
+        assert {k: got[k] for k in KEYS} == {k: want[k] for k in KEYS}, (slots,)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_batch_larger_than_the_slots(policy):
+    """Four streams' union exceeds top-k slots: split into groups as the engine does, never stuck."""
+    trace = random_trace(T=80, K=2, E=8, seed=1)
+    one = simulate_batch(trace, 2, policy, 1, 1)
+    four = simulate_batch(trace, 2, policy, 4, 1)
+    assert four["forwards"] == 20
+    assert four["accesses"] < one["accesses"] == 80 * 3 * 2  # shared experts are accessed once per forward
+    full = simulate_batch(trace, 8, policy, 4, 0)
+    assert full["misses"] == len({(layer, e) for layer in range(3) for e in trace.experts[:, layer].ravel()})
+
+
+@pytest.mark.parametrize("slots,policy,prefetch", [(2, "lru", 1), (3, "lfu", 0), (4, "fifo", 1), (2, "lru", 0)])
+def test_replay_of_the_engines_forwards_equals_its_counts(ckpts, slots, policy, prefetch):
+    """The Scheduler's real forwards (chunked prefills, batched decodes of 1-3 sequences) replayed from the
+    trace give exactly the engine's live hits, misses and prefetch counts."""
+    engine = Engine.load(ckpts["base"], EngineOptions(cache_experts=slots, policy=policy, prefetch=prefetch,
+                                                      progress=False))
+    engine.start_trace()
+    recorder = engine.model.recorder.recorder
+    sched = Scheduler(engine, max_batch=3, prefill_chunk=4)
+    jobs = [([1, 415, 2936, 9060, 285, 1142], 8), ([1, 851], 5), ([1, 22557, 28725], 9), ([1], 6)]
+    for step in range(100):
+        if step < len(jobs):
+            sched.add(*jobs[step])
+        if step >= len(jobs) and not sched.busy:
+            break
+        sched.step()
+    sizes = [chunk[0].shape[0] for chunk in recorder._chunks]  # tokens per forward, in order
+    trace = engine.stop_trace()
+    assert max(sizes) > 1 and sum(sizes) == trace.num_tokens
+    forwards, t = [], 0
+    for n in sizes:
+        forwards.append(list(range(t, t + n)))
+        t += n
+    got = replay_forwards(trace, forwards, slots, policy, prefetch)
+    table = engine.cache.table
+    assert got["per_layer_hits"] == table.hits
+    assert got["per_layer_misses"] == table.misses
+    assert got["prefetch_copies"] == sum(table.prefetch_copies)
+    assert got["prefetch_hits"] == sum(table.prefetch_hits)
