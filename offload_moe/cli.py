@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "predictions before each access (default: %(default)s)")
     sim.add_argument("--json", action="store_true", help='print one JSON object {"results": [...]}')
     sim.add_argument("--plot", metavar="FILE.png", help="draw hit rate against slots and a per-layer expert heatmap")
+    sim.add_argument("--batch", type=int, default=1, metavar="B", help="replay the trace as B sequences decoding "
+                     "together: B contiguous parts stepped at once, one access of the union of their experts per "
+                     "layer and step, as the engine's batched decode (default: %(default)s)")
 
     tun = sub.add_parser("tune", help="search offload settings for a trace and write the best as a profile",
                          description="Predict decode tokens/s for expert precision, slots per layer, eviction "
@@ -347,7 +350,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     policies = [p.strip() for p in args.policy.split(",") if p.strip()]
-    return run_simulate(args.trace, args.slots, policies, args.prefetch, args.json, args.plot)
+    return run_simulate(args.trace, args.slots, policies, args.prefetch, args.json, args.plot, args.batch)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:

@@ -226,9 +226,10 @@ def default_slots(top_k: int, num_experts: int) -> list[int]:
 
 
 def run_simulate(trace_path: str, slots: list[int] | None, policies: list[str], prefetch: int, as_json: bool,
-                 plot: str | None) -> int:
+                 plot: str | None, batch: int = 1) -> int:
     """The `simulate` command: every (policy, slots) pair, Belady always included as the bound; `slots`
-    None: `default_slots` of the trace's top-k and expert count.
+    None: `default_slots` of the trace's top-k and expert count. `batch` B > 1: the trace as B streams
+    decoding together, one access set per layer and step (`batch_sim`).
 
     Prints a table (or, with as_json, exactly one JSON object on stdout) and optionally draws a PNG.
     """
@@ -254,11 +255,19 @@ def run_simulate(trace_path: str, slots: list[int] | None, policies: list[str], 
                         "insert nothing; record the trace with prediction on or use prefetch 0")
     if plot:
         _plot_target(plot)
-    results = [r for p in chosen for r in simulate_many(trace, sizes, p, prefetch)]
-    if as_json:
-        print(json.dumps({"results": results, "trace": {"tokens": T, "layers": L, "experts": E, "top_k": K}}))
+    if batch > 1:
+        from .batch_sim import simulate_batch  # it builds on this module
+
+        results = [simulate_batch(trace, s, p, batch, prefetch) for p in chosen for s in sizes]
+    elif batch == 1:
+        results = [r for p in chosen for r in simulate_many(trace, sizes, p, prefetch)]
     else:
-        print(_report(trace_path, trace, results, chosen, sizes, prefetch))
+        raise UserError("--batch must be 1 or more")
+    if as_json:
+        print(json.dumps({"results": results, "trace": {"tokens": T, "layers": L, "experts": E, "top_k": K},
+                          "batch": batch}))
+    else:
+        print(_report(trace_path, trace, results, chosen, sizes, prefetch, batch))
     if plot:
         _plot(plot, trace, results, chosen, sizes, prefetch)
         print(f"wrote {plot}", file=sys.stderr if as_json else sys.stdout)
@@ -266,7 +275,7 @@ def run_simulate(trace_path: str, slots: list[int] | None, policies: list[str], 
 
 
 def _report(path: str, trace: Trace, results: list[dict], policies: list[str], sizes: list[int],
-            prefetch: int) -> str:
+            prefetch: int, batch: int = 1) -> str:
     rate = {(r["policy"], r["slots"]): r for r in results}
     head = "".join(f"{p:>9}" for p in policies)
     lines = [f"trace {path}: {trace.num_tokens} tokens x {trace.num_layers} layers, {trace.num_experts} experts, "
@@ -275,6 +284,10 @@ def _report(path: str, trace: Trace, results: list[dict], policies: list[str], s
              "hit rate by slots per layer (belady: evicts the expert used furthest ahead, "
              + ("the offline optimum)" if not prefetch else "under the same prefetches: not an optimum with prefetch)"),
              f"{'slots':>6}{head}"]
+    if batch > 1:
+        forwards = results[0]["forwards"]
+        lines[1:1] = ["", f"batch {batch}: the trace as {batch} streams stepped together, {forwards} forwards; an "
+                      "access is one distinct expert of a forward at a layer"]
     for s in sizes:
         lines.append(f"{s:>6}" + "".join(f"{100 * rate[(p, s)]['hit_rate']:>8.1f}%" for p in policies))
     top = sizes[-1]

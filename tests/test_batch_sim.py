@@ -3,6 +3,8 @@ exactly what `simulate` gives."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -87,3 +89,22 @@ def test_replay_of_the_engines_forwards_equals_its_counts(ckpts, slots, policy, 
     assert got["per_layer_misses"] == table.misses
     assert got["prefetch_copies"] == sum(table.prefetch_copies)
     assert got["prefetch_hits"] == sum(table.prefetch_hits)
+
+
+def test_simulate_command_batch(tmp_path, capsys):
+    from conftest import run_cli
+
+    from offload_moe.trace import save_trace
+
+    path = tmp_path / "t.safetensors"
+    save_trace(path, random_trace(T=90, seed=2))
+    code, out, _ = run_cli(capsys, "simulate", "--trace", str(path), "--slots", "2,4", "--batch", "3", "--json")
+    assert code == 0
+    got = json.loads(out)
+    assert got["batch"] == 3 and all(r["forwards"] == 30 for r in got["results"])
+    lru = next(r for r in got["results"] if r["policy"] == "lru" and r["slots"] == 2)
+    assert lru["hits"] == simulate_batch(random_trace(T=90, seed=2), 2, "lru", 3)["hits"]
+    code, out, _ = run_cli(capsys, "simulate", "--trace", str(path), "--batch", "3", "--prefetch", "1")
+    assert code == 0 and "batch 3: the trace as 3 streams stepped together, 30 forwards" in out
+    code, _, err = run_cli(capsys, "simulate", "--trace", str(path), "--batch", "0")
+    assert code == 1 and "--batch must be 1 or more" in err
