@@ -219,11 +219,12 @@ class Scheduler:
             self.finished.popitem(last=False)
 
     def _request(self, rid: int) -> Request:
-        for req in (*self.active, *self.waiting):
-            if req.id == rid:
-                return req
-        if rid in self.finished:
-            return self.finished[rid]
+        with self.lock:  # another thread may be adding to `waiting`
+            for req in (*self.active, *self.waiting):
+                if req.id == rid:
+                    return req
+            if rid in self.finished:
+                return self.finished[rid]
         raise KeyError(f"no request {rid}")
 
     def result(self, rid: int) -> GenerationResult:

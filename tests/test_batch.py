@@ -152,3 +152,27 @@ def test_bad_requests(ckpts):
         sched.step()
     assert sched.result(rid).stop_reason == engine.generate(list(range(1, 14)), 10).stop_reason
     assert sched.result(rid).tokens == engine.last_result.tokens
+
+
+def test_requests_added_from_another_thread(ckpts):
+    """A server's handlers add while the step loop runs; every request finishes as it would alone."""
+    import threading
+
+    engine = Engine.load(ckpts["base"], EngineOptions(cache_experts=2, progress=False))
+    want = engine.generate([1, 851, 4300], 3).tokens
+    sched = Scheduler(engine, max_batch=2)
+    ids: list[int] = []
+
+    def client():
+        for _ in range(6):
+            ids.append(sched.add([1, 851, 4300], 3))
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    for _ in range(500):
+        sched.step()
+        if not thread.is_alive() and not sched.busy:
+            break
+    thread.join(timeout=10)
+    assert len(ids) == 6
+    assert all(sched.result(rid).tokens == want for rid in ids)
