@@ -113,7 +113,8 @@ class Scheduler:
         """Run one step; returns (request id, new token or None, finish reason or None) per event."""
         events: list[tuple[int, int | None, str | None]] = []
         self._admit(events)
-        decoding = [r for r in self.active if r.pending is not None]
+        # in slot order: the pool's slots are then often consecutive, read as a view (`decode_ragged`)
+        decoding = sorted((r for r in self.active if r.pending is not None), key=lambda r: r.slot)
         if decoding:
             self._decode(decoding, events)
         self._prefill(events)

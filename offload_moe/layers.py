@@ -157,12 +157,12 @@ class Attention(nn.Module):
         return self.wo(out)
 
     def decode_ragged(self, x: torch.Tensor, layer: int, pool: KVPool, rows: torch.Tensor, pos: torch.Tensor,
-                      span: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+                      span: int, cos: torch.Tensor, sin: torch.Tensor, block: slice | None = None) -> torch.Tensor:
         """One new token for each of B sequences: x [B, D], token b of pool slot rows[b] at position
         pos[b] (cos, sin [B, hd] at those positions); `span` N = max(min(pos + 1, C)), known on the host.
         Each attends to its own slot's cached positions only: the slots are read up to the longest
         span and the rest of each masked, so a short sequence beside a long one sees exactly what it
-        would alone. -> [B, D]"""
+        would alone. `block`: the same slots as a slice, when they are consecutive. -> [B, D]"""
         B = x.shape[0]
         H, G, hd = self.n_heads, self.n_kv, self.hd
         q, k, v = self._project(x, cos, sin)  # [H, B, hd], [G, B, hd], [G, B, hd]
@@ -173,7 +173,10 @@ class Attention(nn.Module):
         vc[rows, :, ring] = v.transpose(0, 1)
         n = torch.clamp(pos + 1, max=C)  # [B] cached positions each token sees (the ring holds just those)
         N = span
-        keys, vals = kc[rows, :, :N], vc[rows, :, :N]  # [B, G, N, hd]
+        if block is not None:  # rows are consecutive slots: read a view, no copy of the cached keys
+            keys, vals = kc[block, :, :N], vc[block, :, :N]  # [B, G, N, hd]
+        else:
+            keys, vals = kc[rows, :, :N], vc[rows, :, :N]  # [B, G, N, hd]
         mask = (torch.arange(N, device=x.device)[None, :] < n[:, None])[:, None, None, :]  # [B, 1, 1, N]
         qg = q.reshape(G, H // G, B, hd).permute(2, 0, 1, 3)  # [H, B, hd] -> [B, G, H/G, hd]
         out = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask)  # [B, G, H/G, hd]

@@ -84,9 +84,11 @@ class Transformer(nn.Module):
         pos = torch.tensor(positions, device=tokens.device)  # [B]
         rows_t = torch.tensor(rows, device=tokens.device)  # [B]
         cos, sin = self.rope[0][pos], self.rope[1][pos]  # [B, hd]
+        consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
+        block = slice(rows[0], rows[0] + len(rows)) if consecutive else None
 
         def attend(blk: Block, i: int, x: torch.Tensor) -> torch.Tensor:
-            return blk.attention.decode_ragged(x, i, pool, rows_t, pos, span, cos, sin)
+            return blk.attention.decode_ragged(x, i, pool, rows_t, pos, span, cos, sin, block)
 
         h = self._blocks(self.tok_embeddings(tokens), attend)
         for s in seqs:
