@@ -39,6 +39,7 @@ import torch
 from .errors import UserError
 from .generate import GenerationResult, Sampling, sample
 from .layers import KVPool
+from .profiles import gib
 
 FINISHED_KEPT = 1024  # finished requests whose result and stats stay readable
 
@@ -62,6 +63,19 @@ class Request:
     t_last: float = 0.0
 
 
+def check_pool_fits(engine, max_batch: int) -> None:
+    """The pool comes on top of what the engine planned (its own one-sequence KV cache included): with
+    a device budget, refuse a pool that does not fit it, before allocating anything."""
+    plan = engine.plan
+    if plan is None or plan.device_budget is None:
+        return
+    pool = max_batch * engine.config.kv_bytes(engine.kv_capacity, engine.dtype.itemsize)
+    if plan.device_total + pool > plan.device_budget:
+        raise UserError(f"a KV pool of {max_batch} sequences ({gib(pool)}) does not fit the device beside "
+                        f"{plan.describe()}: budget {gib(plan.device_budget)} (lower --max-batch or --context, or "
+                        "free slots)")
+
+
 class Scheduler:
     """A pool of `max_batch` sequence slots over an engine's model and expert cache."""
 
@@ -71,6 +85,7 @@ class Scheduler:
         if prefill_chunk < 1:
             raise UserError("the prefill chunk must be 1 token or more")
         self.engine, self.max_batch, self.prefill_chunk = engine, max_batch, prefill_chunk
+        check_pool_fits(engine, max_batch)
         self.pool = KVPool(engine.config, engine.kv_capacity, max_batch, engine.device, engine.dtype)
         self.capacity = engine.kv_capacity
         self.free = list(range(max_batch))

@@ -176,3 +176,15 @@ def test_requests_added_from_another_thread(ckpts):
     thread.join(timeout=10)
     assert len(ids) == 6
     assert all(sched.result(rid).tokens == want for rid in ids)
+
+
+def test_a_pool_beyond_the_device_budget_is_refused(ckpts):
+    engine = Engine.load(ckpts["base"], EngineOptions(cache_experts=2, context=64, progress=False))
+    reserve = 1 << 20
+    total = engine.plan.device_total + reserve
+    one = engine.config.kv_bytes(64, 4)
+    tight = Engine.load(ckpts["base"], EngineOptions(cache_experts=2, context=64, progress=False,
+                                                     device_budget=total + 2 * one, device_reserve=reserve))
+    Scheduler(tight, max_batch=2)
+    with pytest.raises(UserError, match="a KV pool of 3 sequences"):
+        Scheduler(tight, max_batch=3)
