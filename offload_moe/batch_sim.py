@@ -9,10 +9,11 @@ engine's order of operations for a forward of T tokens at a layer (`model.moe`):
     layer's slots, one access per group; its prefetch is the predicted experts ranked by how many
     of the T tokens predicted them (ties: lower id first), at most the layer's slots
     (`prefetch.Prefetcher`).
-`replay_forwards` takes any grouping of the trace's tokens into forwards (the engine's own, for a
-check that the two agree); `batch_forwards` makes B streams: the trace cut into B contiguous
-parts, step s one forward of token s of every part that has one. Every token is a step of its
-stream, prompt tokens too (the engine prefills them in chunks; a trace does not say which were).
+`replay_forwards` takes any grouping of the trace's tokens into forwards: `recorded_forwards`, the
+engine's own (a trace records its tokens per forward), or `batch_forwards`, B streams: the trace
+cut into B contiguous parts, step s one forward of token s of every part that has one. There every
+token is a step of its stream, prompt tokens too (a what-if of B sequences of this workload, not
+the engine's schedule of prefills).
 
 Counts: accesses = expert accesses (distinct per forward and layer), hits, misses (= demand
 copies), prefetch copies and hits; belady evicts the expert whose next forward lies furthest ahead.
@@ -40,6 +41,16 @@ def batch_forwards(num_tokens: int, batch: int) -> list[list[int]]:
     streams = [range(bounds[b], bounds[b + 1]) for b in range(batch)]
     steps = max((len(s) for s in streams), default=0)
     return [[s[i] for s in streams if i < len(s)] for i in range(steps)]
+
+
+def recorded_forwards(trace: Trace) -> list[list[int]]:
+    """The forwards the engine ran while recording (the trace's `forward_tokens`, tokens per forward)."""
+    sizes = trace.tensors.get("forward_tokens")
+    if sizes is None or int(sizes.sum()) != trace.num_tokens or (sizes < 1).any():
+        raise UserError("the trace does not say how its tokens were grouped into forwards (no valid "
+                        "'forward_tokens'; traces recorded before batching do not)")
+    ends = np.cumsum(sizes)  # [F]
+    return [list(range(int(e - n), int(e))) for e, n in zip(ends, sizes, strict=True)]
 
 
 def simulate_batch(trace: Trace, slots: int | list[int], policy: str, batch: int, prefetch: int = 0,

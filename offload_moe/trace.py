@@ -223,8 +223,11 @@ class TraceRecorder:
             empty = (0, self.num_layers, self.top_k)
             experts, predicted = np.zeros(empty, np.int32), np.zeros(empty, np.int32)
             weights = np.zeros(empty, np.float32)
+        # tokens per forward pass, in order: how the engine grouped them (a prompt or a chunk of one, a
+        # batched decode step), for `batch_sim.recorded_forwards`
+        forwards = np.array([chunk[0].shape[0] for chunk in self._chunks], np.int64)  # [F]
         return Trace(experts, weights, predicted, self.num_experts, self.top_k, self.num_layers,
-                     self.model_name, dict(self.metadata))
+                     self.model_name, dict(self.metadata), {"forward_tokens": forwards})
 
 
 def routing_counts(experts: np.ndarray, predicted: np.ndarray, num_experts: int) -> dict[str, np.ndarray]:

@@ -7,9 +7,10 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from offload_moe.batch import Scheduler
-from offload_moe.batch_sim import batch_forwards, replay_forwards, simulate_batch
+from offload_moe.batch_sim import batch_forwards, recorded_forwards, replay_forwards, simulate_batch
 from offload_moe.engine import Engine, EngineOptions
 from offload_moe.errors import UserError
 from offload_moe.policy import POLICIES
@@ -76,13 +77,10 @@ def test_replay_of_the_engines_forwards_equals_its_counts(ckpts, slots, policy, 
         if step >= len(jobs) and not sched.busy:
             break
         sched.step()
-    sizes = [chunk[0].shape[0] for chunk in recorder._chunks]  # tokens per forward, in order
     trace = engine.stop_trace()
-    assert max(sizes) > 1 and sum(sizes) == trace.num_tokens
-    forwards, t = [], 0
-    for n in sizes:
-        forwards.append(list(range(t, t + n)))
-        t += n
+    forwards = recorded_forwards(trace)
+    assert [len(f) for f in forwards] == [chunk[0].shape[0] for chunk in recorder._chunks]
+    assert max(len(f) for f in forwards) > 1
     got = replay_forwards(trace, forwards, slots, policy, prefetch)
     table = engine.cache.table
     assert got["per_layer_hits"] == table.hits
@@ -108,3 +106,16 @@ def test_simulate_command_batch(tmp_path, capsys):
     assert code == 0 and "batch 3: the trace as 3 streams stepped together, 30 forwards" in out
     code, _, err = run_cli(capsys, "simulate", "--trace", str(path), "--batch", "0")
     assert code == 1 and "--batch must be 1 or more" in err
+
+
+def test_recorded_forwards_survive_the_file(tmp_path):
+    from offload_moe.trace import TraceRecorder, load_trace, save_trace
+
+    rec = TraceRecorder(1, 2, 4, "m")
+    for T in (3, 1, 2):
+        rec.add(0, torch.zeros(T, 2, dtype=torch.long) + torch.tensor([0, 1]), torch.full((T, 2), 0.5))
+    save_trace(tmp_path / "t", rec.finish())
+    back = load_trace(tmp_path / "t")
+    assert recorded_forwards(back) == [[0, 1, 2], [3], [4, 5]]
+    with pytest.raises(UserError, match="forward_tokens"):
+        recorded_forwards(random_trace())
