@@ -5,7 +5,9 @@
                router, shared expert, dense layers);
   DENSE        [(checkpoint-name regex, our name)] for the resident tensors, beyond `COMMON`;
   EXPERT       a regex whose groups are (layer, expert, checkpoint part), and PARTS, their names in
-               ours: w1 (gate), w3 (up), w2 (down).
+               ours: w1 (gate), w3 (up), w2 (down);
+  FUSED        a regex for a layer's fused expert tensors (transformers 5's gate_up_proj, down_proj),
+               or None.
 The shared pieces live once, in `model.py` and `layers.py`; checkpoint reading, in `checkpoint.py`.
 
 Our names: `tok_embeddings`, `norm`, `output`, `layers.N.attention_norm`, `layers.N.ffn_norm`,
