@@ -224,6 +224,19 @@ def build_parser() -> argparse.ArgumentParser:
     pln.add_argument("--context", type=int, help="context to leave KV-cache room for (default: the profile's, "
                      f"else {DEFAULTS.context})")
     pln.add_argument("--json", action="store_true", help="print the numbers as one JSON object")
+
+    srv = sub.add_parser("serve", parents=[engine_flags()], help="an OpenAI-compatible HTTP server",
+                         description="Serve the model over HTTP with OpenAI's API (/v1/completions, "
+                                     "/v1/chat/completions, /v1/models, /health, /metrics), several requests "
+                                     "decoding together (continuous batching). Needs the serve extra: "
+                                     "pip install 'offload_moe[serve]'.")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    srv.add_argument("--port", type=_nonneg, default=8000, help="port; 0 picks a free one (default: %(default)s)")
+    srv.add_argument("--max-batch", type=int, default=4, metavar="N",
+                     help="sequences decoding together (KV-pool slots) (default: %(default)s)")
+    srv.add_argument("--max-queue", type=_nonneg, default=64, metavar="N",
+                     help="requests waiting for a slot beyond the batch; more are refused with 503 "
+                          "(default: %(default)s)")
     return parser
 
 
@@ -466,8 +479,28 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import Service, bind, make_server, model_id, require_fastapi
+
+    require_fastapi()
+    engine = load_engine(args, quiet=False)
+    service = Service(engine, model_id(args.model), max_batch=args.max_batch, max_queue=args.max_queue)
+    sock = bind(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serving {service.model_id} at http://{shown}:{port}/v1 (max batch {args.max_batch}, queue "
+          f"{args.max_queue}); Ctrl-C stops", file=sys.stderr, flush=True)
+    try:
+        make_server(service, sock).run(sockets=[sock])  # uvicorn: SIGINT/SIGTERM finish or cancel the requests
+    except KeyboardInterrupt:  # uvicorn raises the signal again once it has shut down
+        pass
+    print("stopped", file=sys.stderr)
+    return 0
+
+
 COMMANDS = {"generate": cmd_generate, "profile": cmd_profile, "simulate": cmd_simulate, "tune": cmd_tune,
-            "calibrate": cmd_calibrate, "convert": cmd_convert, "perplexity": cmd_perplexity, "plan": cmd_plan}
+            "calibrate": cmd_calibrate, "convert": cmd_convert, "perplexity": cmd_perplexity, "plan": cmd_plan,
+            "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

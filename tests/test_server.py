@@ -1,0 +1,199 @@
+"""The OpenAI-compatible server (`offload_moe.server`), in this process on 127.0.0.1 and an ephemeral
+port, driven by the official `openai` client: its text equals Engine.generate's, streamed or not,
+alone or beside other streams; chat through a checkpoint's template; errors in OpenAI's shape; a
+client gone mid-stream frees its sequence."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from families import make_family  # noqa: E402
+
+from offload_moe.demo import resolve_model  # noqa: E402
+from offload_moe.engine import Engine, EngineOptions  # noqa: E402
+from offload_moe.server import Service, bind, make_server  # noqa: E402
+
+PROMPTS = ["def fib(n):", "import os\n", 'class Config:\n    """']
+TOKENS = 24
+CONTEXT = 512  # the demo holds 256
+
+
+class Running:
+    def __init__(self, engine, name: str, **kw):
+        self.service = Service(engine, name, **kw)
+        sock = bind("127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.server = make_server(self.service, sock)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        for _ in range(200):
+            if self.server.started:
+                break
+            time.sleep(0.02)
+        else:
+            raise AssertionError("the server did not start")
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=30)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        assert not self.thread.is_alive()
+
+    def idle(self, timeout: float = 10) -> bool:
+        sched = self.service.scheduler
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not sched.busy and not self.service.worker.handlers:
+                return True
+            time.sleep(0.02)
+        return False
+
+
+@pytest.fixture(scope="module")
+def demo():
+    engine = Engine.load(resolve_model("demo"), EngineOptions(context=CONTEXT, cache_experts=2, progress=False))
+    refs = {p: engine.generate(p, TOKENS).text for p in PROMPTS}  # before the step thread owns the model
+    srv = Running(engine, "demo", max_batch=4, max_queue=1)
+    srv.refs = refs
+    yield srv
+    srv.close()
+
+
+def complete(client, prompt, stream=False, **kw):
+    if not stream:
+        r = client.completions.create(model="demo", prompt=prompt, max_tokens=TOKENS, temperature=0, **kw)
+        return r.choices[0].text, r.choices[0].finish_reason, r.usage
+    text, finish, usage = [], None, None
+    for chunk in client.completions.create(model="demo", prompt=prompt, max_tokens=TOKENS, temperature=0,
+                                           stream=True, stream_options={"include_usage": True}, **kw):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            text.append(c.text)
+            finish = c.finish_reason or finish
+    return "".join(text), finish, usage
+
+
+def test_models_and_health(demo):
+    assert [m.id for m in demo.client.models.list().data] == ["demo"]
+    assert httpx.get(demo.url + "/health", timeout=10).json() == {"status": "ok"}
+
+
+def test_greedy_equals_generate_streamed_or_not(demo):
+    for prompt in PROMPTS[:2]:
+        text, finish, usage = complete(demo.client, prompt)
+        assert text == demo.refs[prompt]
+        assert finish == "length"
+        n_prompt = len(demo.service.engine.encode(prompt))
+        assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (n_prompt, TOKENS,
+                                                                                      n_prompt + TOKENS)
+        streamed = complete(demo.client, prompt, stream=True)
+        assert streamed[0] == text and streamed[1] == finish
+        assert streamed[2].completion_tokens == TOKENS
+
+
+def test_concurrent_streams_each_equal_alone(demo):
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(lambda p: complete(demo.client, p, stream=True)[0], PROMPTS))
+    assert got == [demo.refs[p] for p in PROMPTS]
+    assert max(demo.service.scheduler.batch_sizes) >= 2
+
+
+def test_stop_text_ends_the_output(demo):
+    ref = demo.refs[PROMPTS[0]]
+    stop = ref[6:9]
+    want = ref[: ref.find(stop)]
+    for stream in (False, True):
+        text, finish, _ = complete(demo.client, PROMPTS[0], stream=stream, stop=["@@never@@", stop])
+        assert (text, finish) == (want, "stop")
+    assert demo.idle()
+
+
+def error_of(call) -> tuple[int, dict]:
+    with pytest.raises(openai.APIStatusError) as info:
+        call()
+    return info.value.status_code, info.value.body
+
+
+@pytest.mark.parametrize("kw,param", [({"max_tokens": -1}, "max_tokens"), ({"temperature": 2.5}, "temperature"),
+                                      ({"temperature": -0.1}, "temperature"), ({"n": 2}, "n")])
+def test_bad_parameters_are_400(demo, kw, param):
+    args = {"model": "demo", "prompt": "x", "max_tokens": 4} | kw
+    status, body = error_of(lambda: demo.client.completions.create(**args))
+    assert status == 400 and body["param"] == param and body["type"] == "invalid_request_error"
+    assert complete(demo.client, PROMPTS[0])[0] == demo.refs[PROMPTS[0]]  # still serving
+
+
+def test_prompt_longer_than_the_context_is_400(demo):
+    capacity = demo.service.scheduler.capacity  # the demo's own context, 256, under CONTEXT
+    n = capacity + 44
+    status, body = error_of(lambda: demo.client.completions.create(model="demo", prompt=[1] * n, max_tokens=4))
+    assert status == 400 and body["code"] == "context_length_exceeded"
+    assert str(capacity) in body["message"] and str(n) in body["message"]
+
+
+def test_unknown_model_and_route_are_404(demo):
+    status, body = error_of(lambda: demo.client.completions.create(model="gpt-4", prompt="x", max_tokens=2))
+    assert status == 404 and body["code"] == "model_not_found"
+    r = httpx.post(demo.url + "/v1/nope", json={}, timeout=10)
+    assert r.status_code == 404
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = httpx.get(demo.url + "/v1/completions", timeout=10)
+    assert r.status_code == 405 and "message" in r.json()["error"]
+    assert complete(demo.client, PROMPTS[1])[0] == demo.refs[PROMPTS[1]]
+
+
+def test_full_queue_is_503_and_a_client_gone_is_cancelled(demo):
+    """max_batch 4 + max_queue 1: five held streams, the sixth is refused; closing the streams mid-way
+    cancels their sequences at the next step."""
+    streams = [demo.client.completions.create(model="demo", prompt=PROMPTS[i % 3], max_tokens=CONTEXT,
+                                              temperature=0, stream=True) for i in range(5)]
+    try:
+        next(iter(streams[0]))  # one token arrived: the step thread is running them
+        status, body = error_of(lambda: demo.client.completions.create(model="demo", prompt="x", max_tokens=2))
+        assert status == 503 and body["code"] == "queue_full" and set(body) == {"message", "type", "param", "code"}
+    finally:
+        for s in streams:
+            s.close()
+    assert demo.idle(), "the cancelled sequences were not freed"
+    finished = demo.service.scheduler.finished
+    assert sum(r.result.stop_reason == "cancelled" for r in finished.values()) >= 4
+    assert complete(demo.client, PROMPTS[2])[0] == demo.refs[PROMPTS[2]]
+
+
+def test_metrics(demo):
+    text = httpx.get(demo.url + "/metrics", timeout=10).text
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if not line.startswith("#")}
+    assert values["offload_moe_requests_total"] > 0
+    assert values["offload_moe_generation_tokens_total"] > 0
+    assert 0 <= values["offload_moe_expert_hit_rate"] <= 1
+    assert {"offload_moe_batch_size", "offload_moe_queue_length"} <= set(values)
+
+
+def test_chat_with_the_checkpoints_template(tmp_path):
+    path = make_family(tmp_path / "qwen3", "qwen3_moe", seed=1, tokenizer="chatml")
+    engine = Engine.load(path, EngineOptions(progress=False))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello, world!"}]
+    ref = engine.generate(messages, 12)
+    srv = Running(engine, "qwen3", max_batch=2)
+    try:
+        r = srv.client.chat.completions.create(model="qwen3", messages=messages, max_tokens=12, temperature=0)
+        assert r.choices[0].message.role == "assistant"
+        assert r.choices[0].message.content == ref.text
+        assert r.choices[0].finish_reason == ("stop" if ref.stop_reason == "eos" else "length")
+        assert r.usage.prompt_tokens == len(ref.prompt_ids)
+        assert r.usage.completion_tokens == len(ref.tokens)
+        parts = [c.choices[0].delta.content or "" for c in srv.client.chat.completions.create(
+            model="qwen3", messages=messages, max_tokens=12, temperature=0, stream=True) if c.choices]
+        assert "".join(parts) == ref.text
+    finally:
+        srv.close()
