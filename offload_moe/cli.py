@@ -490,6 +490,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {service.model_id} at http://{shown}:{port}/v1 (max batch {args.max_batch}, queue "
           f"{args.max_queue}); Ctrl-C stops", file=sys.stderr, flush=True)
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():  # SIGTERM ends as Ctrl-C does, after the shutdown
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         make_server(service, sock).run(sockets=[sock])  # uvicorn: SIGINT/SIGTERM finish or cancel the requests
     except KeyboardInterrupt:  # uvicorn raises the signal again once it has shut down

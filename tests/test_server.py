@@ -5,6 +5,7 @@ client gone mid-stream frees its sequence."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -197,3 +198,50 @@ def test_chat_with_the_checkpoints_template(tmp_path):
         assert "".join(parts) == ref.text
     finally:
         srv.close()
+
+
+def test_serve_command_prints_its_address_and_stops_on_a_signal():
+    """`run.py serve --port 0` prints the address it listens on, answers, and stops cleanly (exit 0) on SIGINT
+    and on SIGTERM."""
+    import os
+    import selectors
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        proc = subprocess.Popen([sys.executable, str(root / "run.py"), "serve", "--model", "demo", "--port", "0",
+                                 "--max-batch", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                cwd=root, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            sel = selectors.DefaultSelector()
+            sel.register(proc.stderr, selectors.EVENT_READ)
+            err, url, deadline = b"", None, time.monotonic() + 60
+            while url is None and time.monotonic() < deadline and proc.poll() is None:
+                if sel.select(timeout=1):
+                    err += os.read(proc.stderr.fileno(), 4096)
+                    for line in err.decode().splitlines():
+                        if line.startswith("serving demo at "):
+                            url = line.split()[3]
+            assert url is not None, err.decode()[-2000:]
+            assert url.startswith("http://127.0.0.1:") and url.endswith("/v1")
+            assert httpx.get(url.removesuffix("/v1") + "/health", timeout=10).json() == {"status": "ok"}
+            proc.send_signal(sig)
+            rest = proc.communicate(timeout=30)[1]
+            assert proc.returncode == 0, rest.decode()[-2000:]
+            assert "stopped" in rest.decode()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+def test_serve_without_fastapi_is_one_line(capsys, monkeypatch):
+    from conftest import run_cli
+
+    monkeypatch.setitem(sys.modules, "fastapi", None)
+    code, _, err = run_cli(capsys, "serve", "--model", "demo")
+    assert code == 1
+    assert err.strip().count("\n") == 0 and "pip install 'offload_moe[serve]'" in err
