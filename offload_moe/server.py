@@ -12,6 +12,7 @@ Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}.
 
 
 import asyncio
+import contextlib
 import json
 import random
 import socket
@@ -80,7 +81,10 @@ class Worker:
                 raise APIError(503, f"the server is busy: {len(self.handlers)} requests running or queued "
                                     f"(--max-batch {self.sched.max_batch}, --max-queue {self.max_queue}); retry later",
                                code="queue_full", kind="server_error")
-            rid = self.sched.add(ids, max_tokens, sampling)
+            try:
+                rid = self.sched.add(ids, max_tokens, sampling)
+            except UserError as e:
+                raise APIError(400, str(e), code="invalid_value") from None
             self.handlers[rid] = (loop, queue)
             self.counts["requests"] += 1
             self.counts["prompt_tokens"] += len(ids)
@@ -311,7 +315,7 @@ def create_app(service: Service):
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
     @asynccontextmanager
     async def lifespan(app):
@@ -382,10 +386,9 @@ def create_app(service: Service):
             return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
 
         if not stream:
-            try:
-                text = "".join([piece async for piece in gen])
-            finally:
-                await gen.aclose()
+            text = await collect(request, gen)
+            if text is None:  # the client is gone: its sequence was cancelled
+                return Response(status_code=499)
             c = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                   "finish_reason": out["finish_reason"]} if chat else
                  {"index": 0, "text": text, "logprobs": None, "finish_reason": out["finish_reason"]})
@@ -417,6 +420,29 @@ def create_app(service: Service):
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def collect(request: Request, gen) -> str | None:
+        """The whole text; None when the client disconnects first (checked every 0.05 s: the request is
+        then cancelled, as a stream's is)."""
+        async def join():
+            return "".join([piece async for piece in gen])
+
+        task = asyncio.ensure_future(join())
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=0.05)
+                if done:
+                    return task.result()
+                if await request.is_disconnected():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                    return None
+        finally:
+            if not task.done():
+                task.cancel()  # the generator's own cleanup cancels the request
+            else:
+                await gen.aclose()
 
     @app.post("/v1/completions")
     async def completions(request: Request):

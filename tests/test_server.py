@@ -119,6 +119,11 @@ def test_stop_text_ends_the_output(demo):
     assert demo.idle()
 
 
+def test_zero_max_tokens(demo):
+    r = demo.client.completions.create(model="demo", prompt="x", max_tokens=0, temperature=0)
+    assert (r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens) == ("", "length", 0)
+
+
 def error_of(call) -> tuple[int, dict]:
     with pytest.raises(openai.APIStatusError) as info:
         call()
@@ -169,6 +174,17 @@ def test_full_queue_is_503_and_a_client_gone_is_cancelled(demo):
     finished = demo.service.scheduler.finished
     assert sum(r.result.stop_reason == "cancelled" for r in finished.values()) >= 4
     assert complete(demo.client, PROMPTS[2])[0] == demo.refs[PROMPTS[2]]
+
+
+def test_a_client_gone_before_a_whole_completion_is_cancelled(demo):
+    assert demo.idle()
+    sched = demo.service.scheduler
+    before = {rid for rid, r in sched.finished.items() if r.result.stop_reason == "cancelled"}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(demo.url + "/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 1000, "temperature": 0},
+                   timeout=httpx.Timeout(10, read=0.05))  # 250 tokens: 0.6 s here
+    assert demo.idle(), "the request of the client gone was not freed"
+    assert {rid for rid, r in sched.finished.items() if r.result.stop_reason == "cancelled"} - before
 
 
 def test_metrics(demo):
