@@ -292,9 +292,22 @@ class Service:
             ("offload_moe_expert_hit_rate", "gauge", "expert cache hit rate overall",
              hits / (hits + misses) if hits + misses else 1.0),
         ]
+        counters = self.engine.cache.counters
+        accesses = hits + misses
+        rows += [
+            ("offload_moe_expert_copies_total", "counter", "experts copied to the device", counters.copies),
+            ("offload_moe_expert_bytes_to_device_total", "counter", "expert bytes copied to the device",
+             counters.bytes_to_device),
+            ("offload_moe_prefetch_recall", "gauge", "accesses served by a prefetched expert, over all accesses",
+             sum(table.prefetch_hits) / accesses if accesses else 0.0),
+        ]
         lines = []
         for name, kind, help_, value in rows:
             lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
+        name = "offload_moe_expert_layer_hit_rate"
+        lines += [f"# HELP {name} expert cache hit rate per MoE layer", f"# TYPE {name} gauge"]
+        for layer, (h, m) in enumerate(zip(list(table.hits), list(table.misses), strict=True)):
+            lines.append(f'{name}{{layer="{layer}"}} {h / (h + m) if h + m else 1.0}')
         return "\n".join(lines) + "\n"
 
 

@@ -193,7 +193,10 @@ def test_metrics(demo):
     assert values["offload_moe_requests_total"] > 0
     assert values["offload_moe_generation_tokens_total"] > 0
     assert 0 <= values["offload_moe_expert_hit_rate"] <= 1
-    assert {"offload_moe_batch_size", "offload_moe_queue_length"} <= set(values)
+    assert {"offload_moe_batch_size", "offload_moe_queue_length", "offload_moe_prefetch_recall"} <= set(values)
+    assert values["offload_moe_expert_bytes_to_device_total"] > 0  # 2 of 8 experts cached: misses copied
+    layers = [k for k in values if k.startswith('offload_moe_expert_layer_hit_rate{layer="')]
+    assert len(layers) == demo.service.engine.config.n_moe_layers
 
 
 def test_chat_with_the_checkpoints_template(tmp_path):
