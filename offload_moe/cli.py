@@ -237,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-queue", type=_nonneg, default=64, metavar="N",
                      help="requests waiting for a slot beyond the batch; more are refused with 503 "
                           "(default: %(default)s)")
+    srv.add_argument("--trace-out", metavar="TRACE", help="record the routing of every request served, written "
+                     "when the server stops (see README: traces)")
     return parser
 
 
@@ -486,6 +488,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = load_engine(args, quiet=False)
     service = Service(engine, model_id(args.model), max_batch=args.max_batch, max_queue=args.max_queue)
     sock = bind(args.host, args.port)
+    if args.trace_out:
+        engine.start_trace(args.model)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {service.model_id} at http://{shown}:{port}/v1 (max batch {args.max_batch}, queue "
@@ -499,6 +503,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         make_server(service, sock).run(sockets=[sock])  # uvicorn: SIGINT/SIGTERM finish or cancel the requests
     except KeyboardInterrupt:  # uvicorn raises the signal again once it has shut down
         pass
+    if args.trace_out:  # the step thread has stopped with the server
+        save_trace(args.trace_out, engine.stop_trace())
+        print(f"wrote {args.trace_out}", file=sys.stderr)
     print("stopped", file=sys.stderr)
     return 0
 

@@ -22,6 +22,7 @@ from families import make_family  # noqa: E402
 from offload_moe.demo import resolve_model  # noqa: E402
 from offload_moe.engine import Engine, EngineOptions  # noqa: E402
 from offload_moe.server import Service, bind, make_server  # noqa: E402
+from offload_moe.trace import load_trace  # noqa: E402
 
 PROMPTS = ["def fib(n):", "import os\n", 'class Config:\n    """']
 TOKENS = 24
@@ -219,9 +220,9 @@ def test_chat_with_the_checkpoints_template(tmp_path):
         srv.close()
 
 
-def test_serve_command_prints_its_address_and_stops_on_a_signal():
+def test_serve_command_prints_its_address_and_stops_on_a_signal(tmp_path):
     """`run.py serve --port 0` prints the address it listens on, answers, and stops cleanly (exit 0) on SIGINT
-    and on SIGTERM."""
+    and on SIGTERM, writing its --trace-out."""
     import os
     import selectors
     import signal
@@ -231,9 +232,10 @@ def test_serve_command_prints_its_address_and_stops_on_a_signal():
 
     root = Path(__file__).resolve().parent.parent
     for sig in (signal.SIGINT, signal.SIGTERM):
-        proc = subprocess.Popen([sys.executable, str(root / "run.py"), "serve", "--model", "demo", "--port", "0",
-                                 "--max-batch", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                cwd=root, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        cmd = [sys.executable, str(root / "run.py"), "serve", "--model", "demo", "--port", "0", "--max-batch", "2",
+               "--trace-out", str(tmp_path / f"{sig.name}.trace")]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=root,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
             sel = selectors.DefaultSelector()
             sel.register(proc.stderr, selectors.EVENT_READ)
@@ -247,10 +249,15 @@ def test_serve_command_prints_its_address_and_stops_on_a_signal():
             assert url is not None, err.decode()[-2000:]
             assert url.startswith("http://127.0.0.1:") and url.endswith("/v1")
             assert httpx.get(url.removesuffix("/v1") + "/health", timeout=10).json() == {"status": "ok"}
+            r = httpx.post(url + "/completions", json={"prompt": "import os", "max_tokens": 5, "temperature": 0},
+                           timeout=30)
+            assert r.json()["usage"]["completion_tokens"] == 5
             proc.send_signal(sig)
             rest = proc.communicate(timeout=30)[1]
             assert proc.returncode == 0, rest.decode()[-2000:]
             assert "stopped" in rest.decode()
+            trace = load_trace(tmp_path / f"{sig.name}.trace")
+            assert trace.experts.shape[0] == 3 + 5 - 1  # the prompt's tokens and the fed ones
         finally:
             if proc.poll() is None:
                 proc.kill()
