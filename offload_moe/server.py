@@ -10,7 +10,6 @@ POST /v1/chat/completions (streamed as server-sent events or not), GET /health, 
 Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}.
 """
 
-
 import asyncio
 import contextlib
 import json
