@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import UserError
-from .generate import GenerationResult, Sampling, sample
+from .generate import GenerationResult, Sampling, check_request, sample, sampling_generator
 from .layers import KVPool
 from .profiles import gib
 
@@ -106,12 +106,8 @@ class Scheduler:
             keep_logits: bool = False) -> int:
         """Queue a sequence; it joins at the next step with a free slot. Returns its request id."""
         sampling = sampling or Sampling()
-        sampling.check()
-        if max_new_tokens < 0:
-            raise UserError("--max-new-tokens must be 0 or more")
+        check_request(list(prompt_ids), max_new_tokens, sampling, self.capacity)
         ids = self.engine.encode(list(prompt_ids))  # checks the ids against the vocabulary
-        if len(ids) >= self.capacity:
-            raise UserError(f"the prompt has {len(ids)} tokens; the context holds {self.capacity} (raise --context)")
         with self.lock:
             rid, self.next_id = self.next_id, self.next_id + 1
             req = Request(rid, ids, max_new_tokens, sampling, keep_logits, t_added=time.perf_counter())
@@ -153,9 +149,7 @@ class Scheduler:
                     continue
                 req.slot = self.free.pop(0)
                 self.pool.seqs[req.slot].reset()
-                if req.sampling.temperature > 0:
-                    req.gen = torch.Generator(device=self.engine.device)
-                    req.gen.manual_seed(req.sampling.seed)
+                req.gen = sampling_generator(req.sampling, self.engine.device)
                 self.active.append(req)
 
     def _decode(self, reqs: list[Request], events: list) -> None:

@@ -66,6 +66,25 @@ def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> to
     return (probs / noise).argmax()
 
 
+def check_request(prompt_ids: list[int], max_new_tokens: int, sampling: Sampling, capacity: int) -> None:
+    """What generation refuses before it starts, alone or batched: bad sampling settings, a negative
+    token count, a prompt that leaves the context no room for a new token."""
+    sampling.check()
+    if max_new_tokens < 0:
+        raise UserError("--max-new-tokens must be 0 or more")
+    if len(prompt_ids) >= capacity:
+        raise UserError(f"the prompt has {len(prompt_ids)} tokens; the context holds {capacity} (raise --context)")
+
+
+def sampling_generator(sampling: Sampling, device: torch.device) -> torch.Generator | None:
+    """The seeded random stream of a sampled request (None when greedy: argmax draws nothing)."""
+    if sampling.temperature == 0:
+        return None
+    gen = torch.Generator(device=device)
+    gen.manual_seed(sampling.seed)
+    return gen
+
+
 def generate_tokens(
     engine,
     prompt_ids: list[int],
@@ -75,17 +94,10 @@ def generate_tokens(
     on_token: Callable[[int], None] | None = None,
 ) -> Generator[int, None, GenerationResult]:
     """Yield each new token id; return the GenerationResult (via StopIteration.value)."""
-    sampling.check()
-    if max_new_tokens < 0:
-        raise UserError("--max-new-tokens must be 0 or more")
     capacity = engine.kv_capacity
-    if len(prompt_ids) >= capacity:
-        raise UserError(f"the prompt has {len(prompt_ids)} tokens; the context holds {capacity} (raise --context)")
+    check_request(prompt_ids, max_new_tokens, sampling, capacity)
     device = engine.device
-    gen = None
-    if sampling.temperature > 0:
-        gen = torch.Generator(device=device)
-        gen.manual_seed(sampling.seed)
+    gen = sampling_generator(sampling, device)
     engine.kv.reset()
     engine.cache.reset_counters()
     if hasattr(engine.cache.store, "reset_counters"):
