@@ -67,6 +67,13 @@ def _nonneg(text: str) -> int:
     return n
 
 
+def _port(text: str) -> int:
+    n = _nonneg(text)
+    if n > 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535, got {n}")
+    return n
+
+
 def engine_flags() -> argparse.ArgumentParser:
     """Flags shared by every command that runs the model."""
     p = argparse.ArgumentParser(add_help=False)
@@ -231,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "decoding together (continuous batching). Needs the serve extra: "
                                      "pip install 'offload_moe[serve]'.")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    srv.add_argument("--port", type=_nonneg, default=8000, help="port; 0 picks a free one (default: %(default)s)")
+    srv.add_argument("--port", type=_port, default=8000, help="port; 0 picks a free one (default: %(default)s)")
     srv.add_argument("--max-batch", type=int, default=4, metavar="N",
                      help="sequences decoding together (KV-pool slots) (default: %(default)s)")
     srv.add_argument("--max-queue", type=_nonneg, default=64, metavar="N",

@@ -276,3 +276,13 @@ def test_serve_without_fastapi_is_one_line(capsys, monkeypatch):
     code, _, err = run_cli(capsys, "serve", "--model", "demo")
     assert code == 1
     assert err.strip().count("\n") == 0 and "pip install 'offload_moe[serve]'" in err
+
+
+def test_serve_refuses_a_port_out_of_range(capsys):
+    from offload_moe.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--model", "demo", "--port", "70000"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "a port is 0 to 65535, got 70000" in err and "Traceback" not in err
