@@ -7,6 +7,7 @@ Legend: D dim, L layers, E experts, K top-k, I expert ffn dim.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -189,7 +190,7 @@ def need(data: dict, path: Path, *keys: str):
 
 def rope_of(c: dict, path: Path) -> tuple[float, dict | None]:
     """(theta, scaling) from either style: top-level `rope_theta` and `rope_scaling`, or transformers 5's
-    `rope_parameters`. Scaling: None, or longrope's factors (Phi-3.5)."""
+    `rope_parameters`. Scaling: None, longrope's factors (Phi-3.5) or YaRN's parameters (gpt-oss, DeepSeek)."""
     params = c.get("rope_parameters") or {}
     old = c.get("rope_scaling") or {}
     theta = float(params.get("rope_theta", c.get("rope_theta", 1e6)))
@@ -207,7 +208,37 @@ def rope_of(c: dict, path: Path) -> tuple[float, dict | None]:
                            "long_mscale": float(scaling.get("long_mscale", 1.0))}
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{path}: longrope scaling is incomplete ({e})") from None
-    raise UserError(f"{path}: RoPE scaling {kind!r} is not supported (default, longrope)")
+    if kind == "yarn":
+        try:
+            return theta, yarn_of(scaling, c)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+            raise UserError(f"{path}: yarn scaling is incomplete ({e})") from None
+    raise UserError(f"{path}: RoPE scaling {kind!r} is not supported (default, longrope, yarn)")
+
+
+def yarn_of(s: dict, c: dict) -> dict:
+    """YaRN's parameters as transformers reads them (gpt-oss, DeepSeek): without `factor`, the ratio of
+    the context to the original; the attention factor (cos, sin times it) from `attention_factor`, or
+    from log(factor) and DeepSeek's `mscale` / `mscale_all_dim`, whose ratio it is."""
+    original = int(s.get("original_max_position_embeddings") or c["original_max_position_embeddings"])
+    factor = s.get("factor")
+    factor = float(factor) if factor is not None else c["max_position_embeddings"] / original
+    mscale, mscale_all_dim = s.get("mscale"), s.get("mscale_all_dim")
+    attention = s.get("attention_factor")
+    if attention is None:
+        if mscale and mscale_all_dim:
+            attention = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention = yarn_mscale(factor)
+    return {"type": "yarn", "factor": factor, "original_max": original,
+            "beta_fast": float(s.get("beta_fast") or 32), "beta_slow": float(s.get("beta_slow") or 1),
+            "truncate": bool(s.get("truncate", True)), "attention_factor": float(attention),
+            "mscale": float(mscale or 0), "mscale_all_dim": float(mscale_all_dim or 0)}
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction for a context `factor` times the original (1 at or below it)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 def hf_common(c: dict, path: Path, **family) -> ModelConfig:

@@ -8,6 +8,8 @@ longest of their cached spans.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -91,6 +93,7 @@ def rope_tables(hd: int, theta: float, length: int, device: torch.device,
     """cos, sin [length, hd] in float32 (rotate-halves convention: frequency i turns dims i and i + hd/2).
     `hd` is the rotary dims (`ModelConfig.rotary_dim`): with partial rotary (GLM-4.5) fewer than a head's.
 
+    `scaling` yarn (gpt-oss, DeepSeek): `yarn_inv_freq`, cos and sin times the attention factor.
     `scaling` longrope (Phi-3.5): each frequency divided by its factor, and cos, sin times an mscale;
     the long factors and mscale when `length` exceeds the original context, else the short ones. The
     engine decides once, from the context it preallocates, so that the cached keys never mix the two;
@@ -98,7 +101,9 @@ def rope_tables(hd: int, theta: float, length: int, device: torch.device,
     factors, with the long mscale, past the original context): within it all agree."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))
     mscale = 1.0
-    if scaling is not None:
+    if scaling is not None and scaling["type"] == "yarn":
+        inv_freq, mscale = yarn_inv_freq(inv_freq, hd, theta, scaling), scaling["attention_factor"]
+    elif scaling is not None:
         long = length > scaling["original_max"]
         factors = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32, device=device)
         inv_freq = inv_freq / factors
@@ -106,6 +111,23 @@ def rope_tables(hd: int, theta: float, length: int, device: torch.device,
     freqs = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)  # [len, hd/2]
     emb = torch.cat([freqs, freqs], dim=-1)  # [len, hd]
     return emb.cos() * mscale, emb.sin() * mscale
+
+
+def yarn_inv_freq(inv_freq: torch.Tensor, hd: int, theta: float, s: dict) -> torch.Tensor:
+    """YaRN (gpt-oss, DeepSeek): frequencies that turn fewer than `beta_slow` times over the original
+    context are divided by `factor` (interpolated), those that turn more than `beta_fast` times are
+    kept (extrapolated), with a linear ramp between; `truncate` rounds the ramp's ends outward."""
+    def dim_of(rotations: float) -> float:  # the dim index whose frequency turns `rotations` times
+        return hd * math.log(s["original_max"] / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+    low, high = dim_of(s["beta_fast"]), dim_of(s["beta_slow"])
+    if s["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, hd - 1)
+    if low == high:
+        high += 0.001  # as transformers: no zero-width ramp
+    ramp = ((torch.arange(hd // 2, dtype=torch.float32, device=inv_freq.device) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: extrapolate (high frequencies), 0: interpolate
+    return inv_freq / s["factor"] * (1 - keep) + inv_freq * keep
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,8 @@ from top-k to all experts, with and without prefetch; offloaded == resident exac
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from families import FAMILIES, make_family, reference
@@ -81,3 +83,30 @@ def test_phi_longrope_matches_transformers(tmp_path):
     cos, sin = rope_tables(16, long.rope_theta, 256, torch.device("cpu"), long.rope_scaling)
     torch.testing.assert_close(cos, emb.cos() * 1.3)
     torch.testing.assert_close(sin, emb.sin() * 1.3)
+
+
+@pytest.mark.parametrize("cls, scaling", [
+    ("GptOssConfig", {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                      "original_max_position_embeddings": 4096, "rope_theta": 150000.0}),
+    ("DeepseekV2Config", {"rope_type": "yarn", "factor": 40.0, "beta_fast": 32, "beta_slow": 1, "mscale": 0.707,
+                          "mscale_all_dim": 0.707, "original_max_position_embeddings": 4096, "rope_theta": 10000.0}),
+    ("DeepseekV2Config", {"rope_type": "yarn", "factor": 16.0, "mscale": 1.0, "mscale_all_dim": 0.5,
+                          "original_max_position_embeddings": 128, "rope_theta": 10000.0}),
+])
+def test_yarn_tables_match_transformers(cls, scaling):
+    """YaRN's frequencies and attention factor, as transformers computes them from the same config
+    (gpt-oss with truncate off; DeepSeek with its mscale pair, equal and unequal)."""
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from offload_moe.config import rope_of
+    from offload_moe.layers import rope_tables
+
+    cfg = getattr(transformers, cls)(rope_parameters=dict(scaling), max_position_embeddings=4096 * 32)
+    inv_freq, factor = ROPE_INIT_FUNCTIONS["yarn"](cfg, torch.device("cpu"))
+    theta, ours = rope_of(cfg.to_dict(), Path("config.json"))
+    emb = torch.outer(torch.arange(300, dtype=torch.float32), inv_freq).repeat(1, 2)  # [300, hd]
+    cos, sin = rope_tables(2 * inv_freq.numel(), theta, 300, torch.device("cpu"), ours)
+    assert ours["attention_factor"] == pytest.approx(factor)
+    torch.testing.assert_close(cos, emb.cos() * factor)
+    torch.testing.assert_close(sin, emb.sin() * factor)
