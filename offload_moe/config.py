@@ -32,6 +32,7 @@ class ModelConfig:
     rope_theta: float = 1e6
     norm_eps: float = 1e-5
     sliding_window: int | None = None
+    window_layers: tuple[int, ...] | None = None  # the layers that sliding_window applies to (gpt-oss); None: all
     max_context: int = 32768
     tie_word_embeddings: bool = False
     bos_id: int = 1
@@ -44,6 +45,7 @@ class ModelConfig:
     o_bias: bool = False  # bias of wo
     qk_norm: str = "none"  # RMSNorm of q and k before RoPE: per head (Qwen3) or over the whole projection (OLMoE)
     clip_qkv: float | None = None  # q, k, v clamped to +-clip_qkv (OLMoE)
+    attention_sinks: bool = False  # a learned logit per head joins each softmax and takes no value (gpt-oss)
     router: str = "softmax"  # softmax then top-k, sparsemixer (Phi-3.5-MoE), or sigmoid (DeepSeek-V3, GLM-4.5)
     norm_topk_prob: bool = True  # renormalise the top-k softmax weights
     router_jitter: float = 0.0  # sparsemixer's relative band
@@ -63,6 +65,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name in ("eos_ids", "dense_layers"):  # JSON gives lists
             object.__setattr__(self, name, tuple(int(i) for i in getattr(self, name)))
+        if self.window_layers is not None:
+            object.__setattr__(self, "window_layers", tuple(int(i) for i in self.window_layers))
         if not self.eos_ids:
             object.__setattr__(self, "eos_ids", (self.eos_id,))
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "num_experts",
@@ -76,6 +80,8 @@ class ModelConfig:
         for name, allowed in (("norm", NORMS), ("qk_norm", QK_NORMS), ("router", ROUTERS)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"config: {name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if self.window_layers is not None and not self.sliding_window:
+            raise UserError("config: window_layers names the layers of a sliding window, but there is none")
         if not self.moe_layers:
             raise UserError("config: every layer is dense; this engine runs models with experts")
         if self.dense_layers and self.dense_ffn_dim <= 0:
@@ -142,12 +148,25 @@ class ModelConfig:
         moe = self.n_moe_layers * (router + 3 * D * self.shared_ffn_dim + D * self.shared_gate)
         dense = len(self.dense_layers) * 3 * D * self.dense_ffn_dim
         head = (0 if self.tie_word_embeddings else self.vocab_size * D) + self.vocab_size * self.lm_head_bias
-        return attn + self.n_layers * 2 * norm + moe + dense + self.vocab_size * D + head + norm
+        sinks = self.n_layers * H * self.attention_sinks
+        return attn + sinks + self.n_layers * 2 * norm + moe + dense + self.vocab_size * D + head + norm
 
     def kv_bytes(self, context: int, bytes_per_value: int) -> int:
-        """KV cache for `context` tokens (or the sliding window, if shorter)."""
-        length = min(context, self.sliding_window) if self.sliding_window else context
-        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * length * bytes_per_value
+        """KV cache for `context` tokens (each layer's sliding window, if shorter)."""
+        per_token = 2 * self.n_kv_heads * self.head_dim * bytes_per_value
+        return per_token * sum(self.kv_length(i, context) for i in range(self.n_layers))
+
+    def window_of(self, layer: int) -> int | None:
+        """The sliding window of `layer`'s attention, None where it sees the whole context."""
+        if self.window_layers is not None and layer not in self.window_layers:
+            return None
+        return self.sliding_window
+
+    def kv_length(self, layer: int, context: int) -> int:
+        """Positions `layer`'s KV cache holds for `context` tokens: the context, or its sliding window if shorter
+        (a ring: see `layers.KVCache`)."""
+        window = self.window_of(layer)
+        return min(context, window) if window else context
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -38,54 +38,56 @@ def make_norm(config: ModelConfig, dim: int) -> nn.Module:
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: [L, G, C, hd].
+    """Preallocated keys and values, one tensor per layer: k[layer], v[layer] [G, C_l, hd].
 
-    C is the context, or the sliding window when that is shorter: position p lives in slot
-    p % C, so the cache is a ring that holds exactly the last C positions.
+    C_l is the context, or the layer's sliding window when that is shorter (`ModelConfig.kv_length`):
+    position p lives in slot p % C_l, so the cache is a ring that holds exactly the last C_l positions.
+    With a window on some layers only (gpt-oss: 128 on every other layer), those layers' rings hold just
+    their window and the others the whole context, and the memory plan counts each layer's own length.
     """
 
     def __init__(self, config: ModelConfig, length: int, device: torch.device, dtype: torch.dtype):
-        window = config.sliding_window
-        self.window = window
-        self.length = min(length, window) if window else length
-        shape = (config.n_layers, config.n_kv_heads, self.length, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.windows = [config.window_of(i) for i in range(config.n_layers)]
+        lengths = [config.kv_length(i, length) for i in range(config.n_layers)]
+        shapes = [(config.n_kv_heads, n, config.head_dim) for n in lengths]
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for shape in shapes]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for shape in shapes]
+        self.length = max(lengths)  # the positions the longest layer holds
         self.pos = 0  # tokens written so far
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
     def reset(self) -> None:
         self.pos = 0
 
     @classmethod
-    def over(cls, k: torch.Tensor, v: torch.Tensor, window: int | None) -> KVCache:
-        """A KVCache on given tensors k, v [L, G, C, hd] (one slot of a KVPool): no allocation."""
+    def over(cls, k: list[torch.Tensor], v: list[torch.Tensor], windows: list[int | None]) -> KVCache:
+        """A KVCache on given per-layer tensors k, v [G, C_l, hd] (one slot of a KVPool): no allocation."""
         kv = cls.__new__(cls)
-        kv.k, kv.v, kv.window, kv.length, kv.pos = k, v, window, k.shape[2], 0
+        kv.k, kv.v, kv.windows, kv.length, kv.pos = k, v, windows, max(t.shape[1] for t in k), 0
         return kv
 
 
 class KVPool:
-    """Keys and values of S sequences at once, [L, S, G, C, hd]: `seqs[s]` is slot s's own KVCache
-    (its own ring and position) over its part, so a prompt is prefilled into a slot by the single-
-    sequence forward, and `Attention.decode_ragged` reads every slot's layer at once (`k[layer]`,
-    [S, G, C, hd], one contiguous block per layer)."""
+    """Keys and values of S sequences at once, per layer k[layer], v[layer] [S, G, C_l, hd]: `seqs[s]` is slot
+    s's own KVCache (its own rings and position) over its part, so a prompt is prefilled into a slot by the
+    single-sequence forward, and `Attention.decode_ragged` reads every slot's layer at once (`k[layer]`, one
+    contiguous block per layer)."""
 
     def __init__(self, config: ModelConfig, length: int, seqs: int, device: torch.device, dtype: torch.dtype):
-        window = config.sliding_window
-        self.window = window
-        self.length = min(length, window) if window else length
-        shape = (config.n_layers, seqs, config.n_kv_heads, self.length, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.seqs = [KVCache.over(self.k[:, s], self.v[:, s], window) for s in range(seqs)]
+        windows = [config.window_of(i) for i in range(config.n_layers)]
+        lengths = [config.kv_length(i, length) for i in range(config.n_layers)]
+        shapes = [(seqs, config.n_kv_heads, n, config.head_dim) for n in lengths]
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for shape in shapes]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for shape in shapes]
+        self.length = max(lengths)
+        self.seqs = [KVCache.over([t[s] for t in self.k], [t[s] for t in self.v], windows) for s in range(seqs)]
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
 
 def rope_tables(hd: int, theta: float, length: int, device: torch.device,
@@ -141,9 +143,40 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+SINK_SCORES = 1 << 24  # scores (floats) one `attend` step with sinks may hold: 64 MiB in float32
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+           sinks: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd), where `mask` allows) v for q [..., R, hd] and k, v [..., S, hd] (any leading
+    axes that broadcast; mask, bool, broadcasts to [..., R, S]); by SDPA, unless there are `sinks`.
+
+    `sinks` (gpt-oss), one logit per row of q, broadcast to [..., R, 1]: a column that joins each row's
+    softmax and takes no value, so a row's weights on the keys sum to less than 1, as transformers' eager
+    attention computes it. SDPA has no such column, so these rows are computed here: the scores, the
+    sink column, a float32 softmax, the sink dropped, the weights times v; in steps of rows that keep the
+    scores under SINK_SCORES elements (a long prompt's [H, T, T] would not fit a card)."""
+    if sinks is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    R, S = q.shape[-2], k.shape[-2]
+    step = max(1, SINK_SCORES // max(1, S * q[..., :1, :1].numel()))
+    outs = []
+    for r in range(0, R, step):
+        rows = slice(r, r + step)
+        scores = torch.matmul(q[..., rows, :], k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # [..., r, S]
+        if mask is not None:
+            scores = scores.masked_fill(~(mask[..., rows, :] if mask.shape[-2] > 1 else mask), float("-inf"))
+        row_sinks = sinks[..., rows, :] if sinks.shape[-2] > 1 else sinks
+        logits = torch.cat([scores, row_sinks.to(scores.dtype).expand(*scores.shape[:-1], 1)], dim=-1)
+        weights = torch.softmax(logits.float(), dim=-1)[..., :-1].to(v.dtype)  # [..., r, S]
+        outs.append(torch.matmul(weights, v))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
+
+
 class Attention(nn.Module):
     """GQA attention with the family's options: q/k/v and o biases, RMSNorm of q and k per head
-    (Qwen3) or over the whole projection (OLMoE), clamping of q, k, v (OLMoE)."""
+    (Qwen3) or over the whole projection (OLMoE), clamping of q, k, v (OLMoE), a learned sink logit
+    per head (gpt-oss, `attend`), and a sliding window on all layers or some (`KVCache`)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -158,50 +191,55 @@ class Attention(nn.Module):
             per_head = c.qk_norm == "head"
             self.q_norm = RMSNorm(c.head_dim if per_head else c.n_heads * c.head_dim, c.norm_eps)
             self.k_norm = RMSNorm(c.head_dim if per_head else c.n_kv_heads * c.head_dim, c.norm_eps)
+        self.sinks = nn.Parameter(torch.empty(c.n_heads)) if c.attention_sinks else None  # [H]
 
     def forward(self, x: torch.Tensor, layer: int, kv: KVCache, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
         H, G, hd = self.n_heads, self.n_kv, self.hd
         q, k, v = self._project(x, cos, sin)  # [H, T, hd], [G, T, hd], [G, T, hd]
-        start, C = kv.pos, kv.length
-        kc, vc = kv.k[layer], kv.v[layer]  # [G, C, hd]
+        kc, vc = kv.k[layer], kv.v[layer]  # [G, C, hd], C this layer's length
+        start, C = kv.pos, kc.shape[1]
         # grouped-query attention without repeating k/v: the H/G query heads that share a kv
         # head ride along the token axis. [H, T, hd] -> [G, H/G*T, hd]
         qg = q.reshape(G, H // G * T, hd)
+        sinks = None if self.sinks is None else self.sinks.view(G, H // G, 1, 1).expand(G, H // G, T, 1)
+        sinks = None if sinks is None else sinks.reshape(G, H // G * T, 1)  # one per row of qg
         if T == 1:
             kc[:, start % C] = k[:, 0]
             vc[:, start % C] = v[:, 0]
             n = min(start + 1, C)  # the ring holds exactly the positions this token may see
-            out = F.scaled_dot_product_attention(qg, kc[:, :n], vc[:, :n])  # [G, H/G, hd]
+            out = attend(qg, kc[:, :n], vc[:, :n], None, sinks)  # [G, H/G, hd]
         else:
-            out = self._prefill(qg, k, v, kc, vc, start, T, kv.window)  # [G, H/G*T, hd]
+            out = self._prefill(qg, k, v, kc, vc, start, T, kv.windows[layer], sinks)  # [G, H/G*T, hd]
         out = out.reshape(H, T, hd).transpose(0, 1).reshape(T, H * hd)  # [H, T, hd] -> [T, H*hd]
         return self.wo(out)
 
     def decode_ragged(self, x: torch.Tensor, layer: int, pool: KVPool, rows: torch.Tensor, pos: torch.Tensor,
                       span: int, cos: torch.Tensor, sin: torch.Tensor, block: slice | None = None) -> torch.Tensor:
         """One new token for each of B sequences: x [B, D], token b of pool slot rows[b] at position
-        pos[b] (cos, sin [B, hd] at those positions); `span` N = max(min(pos + 1, C)), known on the host.
-        Each attends to its own slot's cached positions only: the slots are read up to the longest
-        span and the rest of each masked, so a short sequence beside a long one sees exactly what it
-        would alone. `block`: the same slots as a slice, when they are consecutive. -> [B, D]"""
+        pos[b] (cos, sin [B, hd] at those positions); `span` = max(min(pos + 1, pool.length)), known on
+        the host (N = min(span, C) for a layer whose ring is shorter). Each attends to its own slot's
+        cached positions only: the slots are read up to the longest span and the rest of each masked,
+        so a short sequence beside a long one sees exactly what it would alone. `block`: the same slots
+        as a slice, when they are consecutive. -> [B, D]"""
         B = x.shape[0]
         H, G, hd = self.n_heads, self.n_kv, self.hd
         q, k, v = self._project(x, cos, sin)  # [H, B, hd], [G, B, hd], [G, B, hd]
-        C = pool.length
-        kc, vc = pool.k[layer], pool.v[layer]  # [S, G, C, hd]
+        kc, vc = pool.k[layer], pool.v[layer]  # [S, G, C, hd], C this layer's length
+        C = kc.shape[2]
         ring = pos % C  # [B]
         kc[rows, :, ring] = k.transpose(0, 1)  # [B, G, hd]
         vc[rows, :, ring] = v.transpose(0, 1)
         n = torch.clamp(pos + 1, max=C)  # [B] cached positions each token sees (the ring holds just those)
-        N = span
+        N = min(span, C)
         if block is not None:  # rows are consecutive slots: read a view, no copy of the cached keys
             keys, vals = kc[block, :, :N], vc[block, :, :N]  # [B, G, N, hd]
         else:
             keys, vals = kc[rows, :, :N], vc[rows, :, :N]  # [B, G, N, hd]
         mask = (torch.arange(N, device=x.device)[None, :] < n[:, None])[:, None, None, :]  # [B, 1, 1, N]
         qg = q.reshape(G, H // G, B, hd).permute(2, 0, 1, 3)  # [H, B, hd] -> [B, G, H/G, hd]
-        out = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask)  # [B, G, H/G, hd]
+        sinks = None if self.sinks is None else self.sinks.view(1, G, H // G, 1)
+        out = attend(qg, keys, vals, mask, sinks)  # [B, G, H/G, hd]
         return self.wo(out.reshape(B, H * hd))
 
     def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -223,7 +261,8 @@ class Attention(nn.Module):
         return q, k, v
 
     @staticmethod
-    def _prefill(qg, k, v, kc, vc, start: int, T: int, window: int | None) -> torch.Tensor:
+    def _prefill(qg, k, v, kc, vc, start: int, T: int, window: int | None, sinks: torch.Tensor | None
+                 ) -> torch.Tensor:
         """Several new tokens: attend to the cached positions and to each other, masked by position."""
         C = kc.shape[1]
         old = min(start, C)  # cached positions still held, oldest first: start-old .. start-1
@@ -240,7 +279,7 @@ class Attention(nn.Module):
             allowed &= kpos[None, :] > qpos[:, None] - window
         heads_per_kv = qg.shape[1] // T
         mask = allowed.repeat(heads_per_kv, 1)  # [H/G*T, old+T], rows follow qg's head-major order
-        out = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask)
+        out = attend(qg, keys, vals, mask, sinks)
         keep = min(T, C)  # write the last `keep` new positions into the ring
         ring_new = torch.arange(start + T - keep, start + T, device=k.device) % C
         kc[:, ring_new] = k[:, T - keep :]
