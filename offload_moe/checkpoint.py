@@ -29,6 +29,7 @@ from safetensors import safe_open
 from .attention_quant import ATTENTION_SUFFIXES
 from .config import from_params_json, read_json
 from .errors import UserError
+from .formats import bias_parts
 from .models import COMMON, family_of, mixtral
 from .packed import DENSE, packed_attention_group, read_index
 from .quant import int8_part_shapes
@@ -106,22 +107,27 @@ class Checkpoint:
             by_file = {single.name: self._open(single).keys()}
         E, I = self.config.num_experts, self.config.ffn_dim
         f = self.family
-        expert, fused, dense = re.compile(f.EXPERT), f.FUSED and re.compile(f.FUSED), f.DENSE + COMMON
+        expert, fused, dense = f.EXPERT and re.compile(f.EXPERT), f.FUSED and re.compile(f.FUSED), f.DENSE + COMMON
+        split = getattr(f, "FUSED_PARTS", None)  # the family's own fused layout (gpt-oss), else transformers 5's
         for fname, keys in by_file.items():
             file = self.path / fname
             if not file.exists():
                 raise UserError(f"{self.path}: shard {fname} is listed in the index but missing")
             for key in keys:
-                if m := expert.fullmatch(key):
+                if expert and (m := expert.fullmatch(key)):
                     self.expert_sources[(int(m[1]), int(m[2]), f.PARTS[m[3]])] = (file, key, None)
+                elif split and (m := fused.fullmatch(key)):
+                    for e in range(E):
+                        for part, (index, transposed) in split[m[2]].items():
+                            self.expert_sources[(int(m[1]), e, part)] = (file, key, _pick(e, index, transposed))
                 elif fused and (m := fused.fullmatch(key)):
                     layer = int(m[1])
                     for e in range(E):
                         if m[2] == "down_proj":
                             self.expert_sources[(layer, e, "w2")] = (file, key, _pick(e))
                         else:  # gate_up_proj [E, 2I, D]: w1 rows first, then w3
-                            self.expert_sources[(layer, e, "w1")] = (file, key, _pick(e, 0, I))
-                            self.expert_sources[(layer, e, "w3")] = (file, key, _pick(e, I, 2 * I))
+                            self.expert_sources[(layer, e, "w1")] = (file, key, _pick(e, (slice(0, I),)))
+                            self.expert_sources[(layer, e, "w3")] = (file, key, _pick(e, (slice(I, 2 * I),)))
                 else:
                     self._add_dense(key, dense, file, None)
 
@@ -180,12 +186,16 @@ class Checkpoint:
                 shapes |= {a + "wq.bias": (q,), a + "wk.bias": (kv,), a + "wv.bias": (kv,)}
             if c.o_bias:
                 shapes[a + "wo.bias"] = (D,)
+            if c.attention_sinks:
+                shapes[a + "sinks"] = (c.n_heads,)
             shapes |= {a + f"{name}.weight": (n,) for name, n in qk_norm.items()}
             if i in c.dense_layers:
                 I = c.dense_ffn_dim
                 shapes |= {p + "mlp.w1.weight": (I, D), p + "mlp.w3.weight": (I, D), p + "mlp.w2.weight": (D, I)}
                 continue
             shapes[p + "gate.weight"] = (c.num_experts, D)
+            if c.router_bias:
+                shapes[p + "gate.bias"] = (c.num_experts,)
             if c.router == "sigmoid":
                 shapes[p + "gate.e_score_correction_bias"] = (c.num_experts,)
             if c.shared_ffn_dim:
@@ -201,9 +211,11 @@ class Checkpoint:
                 shapes |= {prefix + part: shape for part, shape in int8_part_shapes(*shapes.pop(name), group).items()}
         return shapes
 
-    def expert_shapes(self) -> dict[str, tuple[int, int]]:
+    def expert_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The parts of an expert: w1, w3 [I, D] and w2 [D, I], and the biases where the family has them."""
         c = self.config
-        return {"w1": (c.ffn_dim, c.dim), "w3": (c.ffn_dim, c.dim), "w2": (c.dim, c.ffn_dim)}
+        shapes = {"w1": (c.ffn_dim, c.dim), "w3": (c.ffn_dim, c.dim), "w2": (c.dim, c.ffn_dim)}
+        return shapes | {name: (n,) for name, n in bias_parts(c).items()}
 
     def _check_complete(self) -> None:
         for name in self.expected_dense():
@@ -219,7 +231,7 @@ class Checkpoint:
             return
         for layer in c.moe_layers:
             for e in range(c.num_experts):
-                for part in ("w1", "w2", "w3"):
+                for part in self.expert_shapes():
                     if (layer, e, part) not in self.expert_sources:
                         raise UserError(f"{self.path}: expert ({layer}, {e}) has no {part} in the checkpoint")
 
@@ -262,7 +274,7 @@ class Checkpoint:
         return t
 
     def expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
-        """The three weights of one expert, in checkpoint dtype, HF orientation."""
+        """One expert's parts (`expert_shapes`), in checkpoint dtype, HF orientation."""
         out = {}
         for part, want in self.expert_shapes().items():
             try:
@@ -294,11 +306,13 @@ def _rows(start: int, stop: int):
     return take
 
 
-def _pick(e: int, start: int | None = None, stop: int | None = None):
+def _pick(e: int, index: tuple[slice, ...] = (), transposed: bool = False):
+    """Expert e of a fused tensor [E, ...], `index` taken from its slice (and the result transposed)."""
     def take(t: torch.Tensor) -> torch.Tensor:
         if t.shape[0] <= e:
             raise RuntimeError(f"fused tensor holds {t.shape[0]} experts, needs {e + 1}")
-        return t[e] if start is None else t[e, start:stop]
+        part = t[e][index]
+        return part.T if transposed else part
 
     return take
 

@@ -49,6 +49,7 @@ class ModelConfig:
     router: str = "softmax"  # softmax then top-k, sparsemixer (Phi-3.5-MoE), or sigmoid (DeepSeek-V3, GLM-4.5)
     norm_topk_prob: bool = True  # renormalise the top-k softmax weights
     router_jitter: float = 0.0  # sparsemixer's relative band
+    router_bias: bool = False  # the router's linear has a bias (gpt-oss)
     # the sigmoid router: experts chosen by sigmoid + e_score_correction_bias within the best topk_group of
     # n_group groups, weighted by the unbiased sigmoid (renormalised by norm_topk_prob) x routed_scaling_factor
     n_group: int = 1
@@ -58,6 +59,9 @@ class ModelConfig:
     shared_gate: bool = False  # the shared expert's output scaled by sigmoid(gate . x)
     dense_ffn_dim: int = 0  # the MLP of dense layers
     dense_layers: tuple[int, ...] = ()  # layers with a dense MLP instead of experts
+    expert_bias: bool = False  # the routed experts' w1 w3 w2 have biases (gpt-oss)
+    swiglu_limit: float | None = None  # the experts' activation: None, silu(gate) * up; a limit, gpt-oss's clamped
+    # SwiGLU (`formats.clamped_swiglu`)
     lm_head_bias: bool = False
     rope_scaling: dict | None = None  # longrope: short/long factors and mscales, original_max
     partial_rotary_factor: float = 1.0  # RoPE turns the first rotary_dim dims of each head only (GLM-4.5: 0.5)
@@ -127,8 +131,8 @@ class ModelConfig:
 
     @property
     def expert_params(self) -> int:
-        """Parameters of one expert: w1, w3 [I, D] and w2 [D, I]."""
-        return 3 * self.dim * self.ffn_dim
+        """Parameters of one expert: w1, w3 [I, D] and w2 [D, I] (and their biases [I], [I], [D])."""
+        return 3 * self.dim * self.ffn_dim + (2 * self.ffn_dim + self.dim) * self.expert_bias
 
     @property
     def attention_params(self) -> int:
@@ -144,7 +148,7 @@ class ModelConfig:
         attn = self.attention_params + self.n_layers * (
             (H + 2 * G) * hd * self.qkv_bias + D * self.o_bias
             + {"none": 0, "head": 2 * hd, "full": (H + G) * hd}[self.qk_norm])
-        router = self.num_experts * (D + (self.router == "sigmoid"))  # + e_score_correction_bias
+        router = self.num_experts * (D + (self.router == "sigmoid") + self.router_bias)  # + either bias
         moe = self.n_moe_layers * (router + 3 * D * self.shared_ffn_dim + D * self.shared_gate)
         dense = len(self.dense_layers) * 3 * D * self.dense_ffn_dim
         head = (0 if self.tie_word_embeddings else self.vocab_size * D) + self.vocab_size * self.lm_head_bias

@@ -33,7 +33,7 @@ class Block(nn.Module):
         if layer in c.dense_layers:
             self.mlp = MLP(c.dim, c.dense_ffn_dim)
             return
-        self.gate = nn.Linear(c.dim, c.num_experts, bias=False)
+        self.gate = nn.Linear(c.dim, c.num_experts, bias=c.router_bias)
         if c.router == "sigmoid":
             self.gate.register_buffer("e_score_correction_bias", torch.empty(c.num_experts, dtype=torch.float32))
         if c.shared_ffn_dim:
@@ -125,10 +125,11 @@ class Transformer(nn.Module):
             weights, idx = sigmoid_topk(logits, blk.gate.e_score_correction_bias, c.top_k, c.n_group, c.topk_group,
                                         c.norm_topk_prob, c.routed_scaling_factor)
             return weights.to(x.dtype), idx
-        logits = F.linear(x, blk.gate.weight)  # [T, E]
+        logits = F.linear(x, blk.gate.weight, blk.gate.bias)  # [T, E]
         if self.config.router == "sparsemixer":
             weights, idx = sparsemixer(logits, self.config.router_jitter)
             return weights.to(x.dtype), idx
+        # gpt-oss's router (a softmax over the top-k logits) is this one renormalised: the same weights
         probs = F.softmax(logits.float(), dim=-1)  # [T, E]
         weights, idx = torch.topk(probs, self.config.top_k, dim=-1)  # [T, K]
         if self.config.norm_topk_prob:
@@ -142,7 +143,7 @@ class Transformer(nn.Module):
         blk = self.layers[self.rows[row]]
         if self.config.router == "sigmoid":
             return self.route(blk, blk.ffn_norm(h))[1]
-        logits = F.linear(blk.ffn_norm(h), blk.gate.weight)  # [T, E]
+        logits = F.linear(blk.ffn_norm(h), blk.gate.weight, blk.gate.bias)  # [T, E], the router's bias too
         return torch.topk(logits, self.config.top_k, dim=-1).indices  # [T, K]
 
     def moe(self, row: int, blk: Block, x: torch.Tensor) -> torch.Tensor:

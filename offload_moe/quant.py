@@ -69,7 +69,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .errors import UserError
-from .formats import ALIGN, DenseFormat, ExpertFormat
+from .formats import ALIGN, DenseFormat, ExpertFormat, activation
 from .int4_layouts import (
     cpu_int4_kernel_reads_blocks_of_64,
     cuda_inner_k_tiles,
@@ -133,8 +133,11 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits:
     return w.view(rows, cols)  # [rows, cols]
 
 
-class _GroupQuantFormat(ABC):
-    """What int8 and int4 share: validation, the buffer plan, pack and the SwiGLU around the linears.
+class GroupQuantFormat(ABC):
+    """What int8 and int4 share: validation, the buffer plan, pack and the activation
+    (`formats.activation`) and biases around the linears. The biases, where the family has them (b13 =
+    [b1; b3] [2I] and b2 [D], gpt-oss), lie after both matrices in float32 (a few KiB; exact for any
+    checkpoint dtype), and are added in place to each linear's output, in its dtype.
 
     A subclass says how one matrix [N, K] lies in the buffer (`_parts`, `_store`), how to rebuild its
     weights (`_dequant`) and how to multiply by it (`_linear`, kernel or `_dequant_linear`)."""
@@ -147,6 +150,7 @@ class _GroupQuantFormat(ABC):
         check_groups(group_size, I, "expert ffn dim")
         self.D, self.I, self.group_size, self.compute_dtype = D, I, group_size, compute_dtype
         self.name = f"int{self.bits}-g{group_size}"
+        self.act = activation(config)
         self._plan: list[list[tuple[int, torch.dtype, tuple[int, ...]]]] = []  # per matrix: (offset, dtype, shape)
         offset = 0
         for N, K in ((2 * I, D), (D, I)):  # w13, w2
@@ -155,6 +159,11 @@ class _GroupQuantFormat(ABC):
                 parts.append((offset, dtype, shape))
                 offset += _aligned(math.prod(shape) * dtype.itemsize)
             self._plan.append(parts)
+        self._bias_plan = []  # (offset, length) of b13 and b2, float32
+        if config.expert_bias:
+            for n in (2 * I, D):
+                self._bias_plan.append((offset, n))
+                offset += _aligned(4 * n)
         self.nbytes = offset  # a multiple of ALIGN, so that experts laid end to end stay aligned
         self._largest = max(2 * I * D, D * I)  # elements of the larger matrix
         self._scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
@@ -170,28 +179,41 @@ class _GroupQuantFormat(ABC):
         return self._scratch[key]
 
     def views(self, buf: torch.Tensor) -> tuple:
-        """(w13 parts, w2 parts, on_cpu): on_cpu, read once per buffer, lets the CPU kernels run."""
+        """(w13 parts, w2 parts, on_cpu), then b13 and b2 where the family has biases: on_cpu, read once per
+        buffer, lets the CPU kernels run."""
         w13, w2 = (
             tuple(buf[o : o + math.prod(shape) * dtype.itemsize].view(dtype).view(shape) for o, dtype, shape in parts)
             for parts in self._plan
         )  # each part [bytes] -> its `_parts` dtype and shape
-        return w13, w2, buf.device.type == "cpu"
+        biases = tuple(buf[o : o + 4 * n].view(torch.float32) for o, n in self._bias_plan)  # b13 [2I], b2 [D]
+        return w13, w2, buf.device.type == "cpu", *biases
 
     def pack(self, parts: dict[str, torch.Tensor], out: torch.Tensor) -> None:
-        w13, w2, _ = self.views(out)
-        for w, dst in ((torch.cat((parts["w1"], parts["w3"])), w13), (parts["w2"], w2)):  # [2I, D], [D, I]
-            self._store(*quantize(w, self.bits, self.group_size), dst)
+        w13, w2, _, *biases = self.views(out)
+        self._store(torch.cat((parts["w1"], parts["w3"])), w13)  # [2I, D]
+        self._store(parts["w2"], w2)  # [D, I]
+        self._pack_biases(parts, biases)
+
+    def _pack_biases(self, parts: dict[str, torch.Tensor], biases: list[torch.Tensor]) -> None:
+        if biases:
+            b13, b2 = biases
+            b13[: self.I].copy_(parts["b1"])
+            b13[self.I :].copy_(parts["b3"])
+            b2.copy_(parts["b2"])
 
     def forward(self, x: torch.Tensor, views: tuple) -> torch.Tensor:
-        w13, w2, cpu = views
-        a, b = self._linear(x, w13, cpu).chunk(2, dim=-1)  # [T, 2I] -> 2 x [T, I]
-        return self._linear(F.silu(a) * b, w2, cpu)  # [T, D]
+        return self._ffn(x, views, self._linear)
 
     def forward_dequant(self, x: torch.Tensor, views: tuple) -> torch.Tensor:
         """`forward` with the kernels off: the reference that the kernel paths are tested against."""
-        w13, w2, cpu = views
-        a, b = self._dequant_linear(x, w13, cpu).chunk(2, dim=-1)  # [T, 2I] -> 2 x [T, I]
-        return self._dequant_linear(F.silu(a) * b, w2, cpu)  # [T, D]
+        return self._ffn(x, views, self._dequant_linear)
+
+    def _ffn(self, x: torch.Tensor, views: tuple, linear) -> torch.Tensor:
+        w13, w2, cpu, *biases = views
+        h = linear(x, w13, cpu)  # [T, 2I], a new tensor in x's dtype
+        a, b = (h.add_(biases[0]) if biases else h).chunk(2, dim=-1)  # 2 x [T, I]
+        y = linear(self.act(a, b), w2, cpu)  # [T, D]
+        return y.add_(biases[1]) if biases else y
 
     def _dequant_linear(self, x: torch.Tensor, mat: tuple, cpu: bool) -> torch.Tensor:
         return dequant_linear(x, self._dequant(mat, self.scratch(x.device, torch.float32 if cpu else x.dtype)))
@@ -201,8 +223,8 @@ class _GroupQuantFormat(ABC):
         """(dtype, shape) of each part of one matrix [N, K], in buffer order."""
 
     @abstractmethod
-    def _store(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dst: tuple) -> None:
-        """Write `quantize`'s output for one matrix into its views `dst`."""
+    def _store(self, w: torch.Tensor, dst: tuple) -> None:
+        """Quantize one matrix w [N, K] into its views `dst`."""
 
     @abstractmethod
     def _dequant(self, mat: tuple, out: torch.Tensor) -> torch.Tensor:
@@ -213,7 +235,7 @@ class _GroupQuantFormat(ABC):
         """x [T, K] times one matrix -> [T, N], by a kernel where one applies, else `_dequant_linear`."""
 
 
-class Int8Format(_GroupQuantFormat):
+class Int8Format(GroupQuantFormat):
     """One byte a weight. Per matrix: codes int8 [G, N, gs] (q - 128, group-major so that each group is
     a contiguous [N, gs] operand of `int8_bmm_linear`'s batched matmul), scales bf16 [G, N], zeros
     bf16 [G, N]."""
@@ -224,8 +246,8 @@ class Int8Format(_GroupQuantFormat):
         G = K // self.group_size
         return [(torch.int8, (G, N, self.group_size)), (SCALE_DTYPE, (G, N)), (SCALE_DTYPE, (G, N))]
 
-    def _store(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dst: tuple) -> None:
-        int8_store(q, scales, zeros, *dst)
+    def _store(self, w: torch.Tensor, dst: tuple) -> None:
+        int8_store(*quantize(w, 8, self.group_size), *dst)
 
     def _dequant(self, mat: tuple, out: torch.Tensor) -> torch.Tensor:
         return int8_dequant(*mat, out.dtype, out)
@@ -307,7 +329,7 @@ INT4_LAYOUTS = ("cpu", "cuda")  # code orders of the int4 format; see `Int4Forma
 INT4_CUDA_KERNEL_MAX_TOKENS = 128
 
 
-class Int4Format(_GroupQuantFormat):
+class Int4Format(GroupQuantFormat):
     """Half a byte a weight, the codes in one of two layouts (`layout`, part of the format's name):
 
     - "cpu", named `int4-gG`: codes uint8 [N, K/2], two a byte in the AVX-512 int4 CPU kernel's order
@@ -342,7 +364,8 @@ class Int4Format(_GroupQuantFormat):
             return [(torch.int32, cuda_tile_shape(N, K)), sz]
         return [(torch.uint8, (N, K // 2)), sz]
 
-    def _store(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dst: tuple) -> None:
+    def _store(self, w: torch.Tensor, dst: tuple) -> None:
+        q, scales, zeros = quantize(w, 4, self.group_size)
         codes, sz = dst
         if self.layout == "cuda":
             codes.copy_(tile_int4(q, cuda_inner_k_tiles(q.shape[1])))

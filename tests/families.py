@@ -33,6 +33,13 @@ FAMILIES = {
         num_key_value_heads=2, head_dim=32, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
         first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
         attention_bias=True, use_qk_norm=True, partial_rotary_factor=0.5)),
+    # sliding (window 4) and full layers, sinks, biases everywhere, YaRN on a 64-token original context, the
+    # clamped SwiGLU at a limit these small activations reach, fused interleaved experts
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(
+        hidden_size=64, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, num_local_experts=8, num_experts_per_tok=2, sliding_window=4, swiglu_limit=0.3,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
+                         "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 64})),
 }
 
 
@@ -50,8 +57,10 @@ def make_family(path: Path, family: str, seed: int = 0, tokenizer: str | None = 
                 p.uniform_(0.5, 1.5)
             elif name.endswith("bias"):
                 p.uniform_(-0.3, 0.3)
-            elif name.endswith("gate.weight") and "shared" not in name:
+            elif (name.endswith("gate.weight") and "shared" not in name) or name.endswith("router.weight"):
                 p.mul_(20)
+            elif name.endswith("sinks"):  # gpt-oss: sinks that take a real share of each softmax
+                p.uniform_(-1.0, 1.5)
         for name, b in model.named_buffers():  # the sigmoid router's choice bias: it must change choices
             if name.endswith("e_score_correction_bias"):
                 b.uniform_(-0.3, 0.3)
@@ -67,7 +76,7 @@ def make_family(path: Path, family: str, seed: int = 0, tokenizer: str | None = 
 def hub_config(path: Path, family: str) -> None:
     """transformers 5 writes `rope_parameters` and, for Qwen3, `num_local_experts`: the hub's files say
     `rope_theta` at the top and `num_experts` (Phi: `num_local_experts`); GLM-4.5's, `partial_rotary_factor` at
-    the top."""
+    the top; gpt-oss's, a `rope_scaling` with `rope_type` and no `swiglu_alpha`."""
     c = json.loads(path.read_text())
     rope = c.pop("rope_parameters", None) or {}
     c["rope_theta"] = rope.get("rope_theta", 10000.0)
@@ -75,6 +84,10 @@ def hub_config(path: Path, family: str) -> None:
         c["partial_rotary_factor"] = rope["partial_rotary_factor"]
     if family in ("qwen2_moe", "qwen3_moe", "olmoe"):
         c["num_experts"] = c.pop("num_local_experts", c.get("num_experts"))
+    if family == "gpt_oss":  # the hub's: `rope_type` in rope_scaling, no swiglu_alpha, experts_per_token too
+        c["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+        del c["swiglu_alpha"]
+        c["experts_per_token"] = c["num_experts_per_tok"]
     path.write_text(json.dumps(c, indent=2))
 
 

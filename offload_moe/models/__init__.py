@@ -5,17 +5,20 @@
                router, shared expert, dense layers);
   DENSE        [(checkpoint-name regex, our name)] for the resident tensors, beyond `COMMON`;
   EXPERT       a regex whose groups are (layer, expert, checkpoint part), and PARTS, their names in
-               ours: w1 (gate), w3 (up), w2 (down);
+               ours: w1 (gate), w3 (up), w2 (down); or None (gpt-oss: fused experts only);
   FUSED        a regex for a layer's fused expert tensors (transformers 5's gate_up_proj, down_proj),
-               or None.
+               or None: groups (layer, checkpoint part). Their layout is transformers 5's, gate_up_proj
+               [E, 2I, D] (w1 rows, then w3) and down_proj [E, D, I], unless the family declares its own
+               in FUSED_PARTS (gpt-oss: {checkpoint part: {our part: (index into one expert, transposed)}}).
 The shared pieces live once, in `model.py` and `layers.py`; checkpoint reading, in `checkpoint.py`.
 
 Our names: `tok_embeddings`, `norm`, `output`, `layers.N.attention_norm`, `layers.N.ffn_norm`,
-`layers.N.attention.{wq,wk,wv,wo}` (with `.bias` where the family has one),
+`layers.N.attention.{wq,wk,wv,wo}` (with `.bias` where the family has one), `layers.N.attention.sinks` (gpt-oss),
 `layers.N.attention.{q_norm,k_norm}`, `layers.N.gate` (the router; `.e_score_correction_bias` for
-the sigmoid router), `layers.N.shared.{w1,w2,w3}`
+the sigmoid router, `.bias` for gpt-oss's), `layers.N.shared.{w1,w2,w3}`
 and `layers.N.shared_gate` (a resident shared expert), `layers.N.mlp.{w1,w2,w3}` (a dense layer);
-experts are `(layer, expert)` with parts w1, w3 [I, D] and w2 [D, I].
+experts are `(layer, expert)` with parts w1, w3 [I, D] and w2 [D, I] (and biases b1, b3 [I], b2 [D] where the
+family has them).
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ from types import ModuleType
 
 from ..config import ModelConfig, read_json
 from ..errors import UserError
-from . import glm4_moe, mixtral, olmoe, phimoe, qwen_moe
+from . import glm4_moe, gpt_oss, mixtral, olmoe, phimoe, qwen_moe
 
-FAMILIES: tuple[ModuleType, ...] = (mixtral, qwen_moe, olmoe, phimoe, glm4_moe)
+FAMILIES: tuple[ModuleType, ...] = (mixtral, qwen_moe, olmoe, phimoe, glm4_moe, gpt_oss)
 
 # names that every family here shares (the Llama layout), checkpoint regex -> ours
 L = r"model\.layers\.(\d+)\."

@@ -1,0 +1,57 @@
+"""gpt-oss (OpenAI, `GptOssForCausalLM`: gpt-oss-20b, gpt-oss-120b): a router with a bias whose softmax runs
+over the top-k logits only (the softmax router renormalised: the same weights), experts with biases and a
+clamped SwiGLU (`swiglu_limit`, `formats.clamped_swiglu`), q/k/v/o biases (`attention_bias`), a learned
+sink logit per head (`self_attn.sinks`), a sliding window (`sliding_window`, 128) on the layers that
+`layer_types` calls sliding (every other one) and full attention on the rest, YaRN RoPE.
+
+The experts of a layer are fused: `gate_up_proj` [E, D, 2I], gate and up in alternate columns (gate
+even, up odd), with `gate_up_proj_bias` [E, 2I]; `down_proj` [E, I, D] with `down_proj_bias` [E, D], as
+the BF16 checkpoints hold them. FUSED_PARTS says which of our parts each one holds (checkpoint.py reads
+it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import ModelConfig, hf_common, need
+from ..errors import UserError
+from ..formats import SWIGLU_ALPHA as ALPHA
+
+MODEL_TYPES = {"gpt_oss": ("GptOssForCausalLM",)}
+
+L = r"model\.layers\.(\d+)\."
+DENSE = [
+    (L + r"mlp\.router\.(weight|bias)", "layers.{0}.gate.{1}"),
+    (L + r"self_attn\.sinks", "layers.{0}.attention.sinks"),
+]
+EXPERT = None  # no per-expert tensors: a layer's experts are fused
+PARTS: dict[str, str] = {}
+FUSED = r"model\.layers\.(\d+)\.mlp\.experts\.((?:gate_up|down)_proj(?:_bias)?)"
+ALL, EVEN, ODD = slice(None), slice(0, None, 2), slice(1, None, 2)
+# fused checkpoint part -> {our part: (index into one expert's slice, transposed)}: gate in the even columns
+# of gate_up, up in the odd ones; the weights are [in, out], hence transposed
+FUSED_PARTS = {
+    "gate_up_proj": {"w1": ((ALL, EVEN), True), "w3": ((ALL, ODD), True)},
+    "down_proj": {"w2": ((), True)},
+    "gate_up_proj_bias": {"b1": ((EVEN,), False), "b3": ((ODD,), False)},
+    "down_proj_bias": {"b2": ((), False)},
+}
+LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def config(c: dict, path: Path) -> ModelConfig:
+    n_layers = int(need(c, path, "num_hidden_layers"))
+    # transformers' default when the key is absent: sliding on even layers, full on odd ones
+    types = c.get("layer_types") or [LAYER_TYPES[i % 2] for i in range(n_layers)]
+    if len(types) != n_layers or not set(types) <= set(LAYER_TYPES):
+        raise UserError(f"{path}: layer_types must give {n_layers} of {', '.join(LAYER_TYPES)}")
+    if float(c.get("swiglu_alpha", ALPHA)) != ALPHA:
+        raise UserError(f"{path}: swiglu_alpha {c['swiglu_alpha']} (the experts' activation takes {ALPHA})")
+    bias = bool(c.get("attention_bias", True))
+    return hf_common(
+        c, path, family="gpt_oss", ffn_dim=int(need(c, path, "intermediate_size")),
+        num_experts=int(need(c, path, "num_local_experts", "num_experts")), norm_topk_prob=True,
+        qkv_bias=bias, o_bias=bias, attention_sinks=True, router_bias=True, expert_bias=True,
+        swiglu_limit=float(c.get("swiglu_limit", 7.0)),
+        window_layers=tuple(i for i, t in enumerate(types) if t == "sliding_attention"),
+    )
