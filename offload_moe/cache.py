@@ -64,9 +64,16 @@ class ExpertCache:
             for layer, (n, alias) in enumerate(zip(self.slots, self.aliased, strict=True))
         ]
         self.views = [[fmt.views(self.mem[layer][s]) for s in range(n)] for layer, n in enumerate(self.slots)]
+        self._host_views: dict[tuple[int, int], tuple] = {}  # (layer, expert) -> views of its RAM buffer
         self.transfers = Transfers(device, self.slots)
         self.planned: list[tuple[int, list[int]]] = []  # prefetches waiting for this layer's demand copies
         self.counters = CacheCounters()
+
+    @property
+    def host_is_device(self) -> bool:
+        """No copy engine (a CPU device) and every expert in RAM: the host store is the device's memory, so
+        copying is the only difference between fetching an expert and computing it from RAM."""
+        return self.transfers.cuda is None and self.store.in_ram
 
     @property
     def device_bytes(self) -> int:
@@ -86,7 +93,8 @@ class ExpertCache:
         planned at this layer's entry are issued (rule 2). With miss policy `cpu` (or `auto`, when
         the CPU computes an expert faster than the link copies it) a decode step does not wait for
         a miss's copy: it computes the expert from host RAM, and the copy, for later tokens, goes
-        on the prefetch stream, since nothing waits for it now.
+        on the prefetch stream, since nothing waits for it now. On the CPU with every expert in RAM
+        that policy copies nothing: a slot filled then reads the expert's RAM buffer in place.
         """
         hit, slots, _ = self.table.access_row(layer, experts)
         c = self.counters
@@ -106,10 +114,19 @@ class ExpertCache:
 
     def cpu_forward(self, layer: int, expert: int, x_host: torch.Tensor) -> torch.Tensor:
         """Run one expert on the CPU from its host-RAM bytes: x_host [T, D] -> [T, D] on the CPU."""
-        buf = self.store.buffer(layer, expert)
-        y = self.fmt.forward(x_host, self.fmt.views(buf))
+        y = self.fmt.forward(x_host, self.host_views(layer, expert))
         self.store.done(layer, expert)
         return y
+
+    def host_views(self, layer: int, expert: int) -> tuple:
+        """The weight views of an expert's host buffer; computed once when every expert is in RAM (those
+        buffers never move; the tiered store's do)."""
+        if not self.store.in_ram:
+            return self.fmt.views(self.store.buffer(layer, expert))
+        views = self._host_views.get((layer, expert))
+        if views is None:
+            views = self._host_views[layer, expert] = self.fmt.views(self.store.buffer(layer, expert))
+        return views
 
     def calibrate_misses(self, dim: int, dtype: torch.dtype, repeats: int = 3) -> dict:
         """For miss policy `auto`: time one expert's decode forward on the CPU against one copy to the
@@ -129,8 +146,8 @@ class ExpertCache:
                 torch.cuda.synchronize(self.device)  # SYNC: calibration at load, not on the decode path
             times["copy_s"] = min(times["copy_s"], time.perf_counter() - t0)
         self.store.done(0, 0)
-        if self.miss_policy == "auto":
-            self.cpu_cheaper = times["cpu_s"] < times["copy_s"]
+        if self.miss_policy == "auto":  # on the CPU device an expert runs on the CPU either way, copied or not
+            self.cpu_cheaper = self.host_is_device or times["cpu_s"] < times["copy_s"]
         return times
 
     def release(self, layer: int, slots: list[int]) -> None:
@@ -156,6 +173,9 @@ class ExpertCache:
 
     def _copy(self, layer: int, s: int, expert: int, demand: bool) -> None:
         if self.aliased[layer]:  # slot s already is the host buffer of expert s (filled by warm)
+            return
+        if self.host_is_device and self.cpu_cheaper:  # the CPU computes it from RAM: the slot reads that in place
+            self.views[layer][s] = self.host_views(layer, expert)
             return
         if demand and self.transfers.prefetch_busy():
             self.counters.demand_during_prefetch += 1

@@ -66,7 +66,7 @@ class Transformer(nn.Module):
         T = tokens.shape[0]
         cos, sin = self.rope
         cos, sin = cos[kv.pos : kv.pos + T], sin[kv.pos : kv.pos + T]  # [T, hd]
-        h = self._blocks(self.tok_embeddings(tokens), lambda blk, i, x: blk.attention(x, i, kv, cos, sin))
+        h = self._blocks(self.tok_embeddings(tokens), lambda blk, i, x: blk.attention(x, i, kv, cos, sin), T == 1)
         kv.pos += T
         if last_only:
             h = h[-1:]
@@ -76,8 +76,8 @@ class Transformer(nn.Module):
     def forward_batch(self, tokens: torch.Tensor, pool: KVPool, rows: list[int]) -> torch.Tensor:
         """One decode step of B sequences: tokens [B], token b the next of the sequence in pool slot
         rows[b], each at its own position. Attention is per sequence (`decode_ragged`); the MoE layers
-        see the B tokens as one T = B pass, so each expert is acquired once per step for the union of
-        the batch's choices and computed for the rows that chose it. Returns logits [B, V]."""
+        see the B tokens as one decode pass (`_decode_experts`), so the union of the batch's experts is
+        acquired once per step and each expert computed for the rows that chose it. Returns logits [B, V]."""
         seqs = [pool.seqs[r] for r in rows]
         positions = [s.pos for s in seqs]
         span = max(min(p + 1, pool.length) for p in positions)  # the longest cached span, on the host
@@ -90,13 +90,14 @@ class Transformer(nn.Module):
         def attend(blk: Block, i: int, x: torch.Tensor) -> torch.Tensor:
             return blk.attention.decode_ragged(x, i, pool, rows_t, pos, span, cos, sin, block)
 
-        h = self._blocks(self.tok_embeddings(tokens), attend)
+        h = self._blocks(self.tok_embeddings(tokens), attend, decode=True)
         for s in seqs:
             s.pos += 1
         return self.output(self.norm(h)).float()  # [B, V]
 
-    def _blocks(self, h: torch.Tensor, attend) -> torch.Tensor:
-        """h [T, D] through every layer; `attend(blk, layer, x)` is the attention of the normed x."""
+    def _blocks(self, h: torch.Tensor, attend, decode: bool) -> torch.Tensor:
+        """h [T, D] through every layer; `attend(blk, layer, x)` is the attention of the normed x; `decode`:
+        the T tokens are one decode step (of one sequence, or of B together), else a prompt."""
         for i, blk in enumerate(self.layers):
             row = self.row_of[i]
             if row >= 0 and self.prefetcher is not None:
@@ -108,7 +109,7 @@ class Transformer(nn.Module):
             if row < 0:
                 h = h + blk.mlp(x)
                 continue
-            out = self.moe(row, blk, x)
+            out = self.moe(row, blk, x, decode)
             if self.config.shared_ffn_dim:
                 shared = blk.shared(x)  # [T, D]
                 out = out + (torch.sigmoid(blk.shared_gate(x)) * shared if self.config.shared_gate else shared)
@@ -146,40 +147,23 @@ class Transformer(nn.Module):
         logits = F.linear(blk.ffn_norm(h), blk.gate.weight, blk.gate.bias)  # [T, E], the router's bias too
         return torch.topk(logits, self.config.top_k, dim=-1).indices  # [T, K]
 
-    def moe(self, row: int, blk: Block, x: torch.Tensor) -> torch.Tensor:
-        """x [T, D] normed hidden state entering row `row`'s experts. Each (token, rank) output lands in
-        its own row of `out` [T, K, D], summed in rank order: the result does not depend on which
-        experts were resident or in what order they were computed. Kernels go in the order of
-        prefetch.py's rules 3 and 4: resident experts first, each expert still in flight waited for
-        just before its own kernel; the hidden state leaves for the CPU before any device expert is
-        launched."""
+    def moe(self, row: int, blk: Block, x: torch.Tensor, decode: bool) -> torch.Tensor:
+        """x [T, D] normed hidden state entering row `row`'s experts: one decode step (`decode`, T = 1 or
+        B sequences' tokens: `_decode_experts`) or a prompt. Each (token, rank) output lands in its own
+        row of `out` [T, K, D], summed in rank order: the result does not depend on which experts were
+        resident, where they were computed or in what order. Kernels go in the order of prefetch.py's
+        rule 3: resident experts first, each expert still in flight waited for just before its own kernel."""
         T, K = x.shape[0], self.config.top_k
         weights, idx = self.route(blk, x)
         chosen = idx.tolist()  # SYNC: the experts' residency is decided on the host
         if self.recorder is not None:
             self.recorder.chosen(row, idx, weights)
-        cache, fmt = self.cache, self.cache.fmt
-        if T == 1:
-            experts = chosen[0]
-            slots, on_cpu, late = cache.acquire(row, experts, decode=True)
-            if any(on_cpu):
-                cache.transfers.to_host(x)  # rule 4: on its way before the device experts are launched
-            outs: list[torch.Tensor | None] = [None] * K
-            for k in _resident_first(late, on_cpu):
-                if late[k]:
-                    cache.wait(row, slots[k])
-                outs[k] = fmt.forward(x, cache.views[row][slots[k]])
-            if any(on_cpu):
-                x_host = cache.transfers.host_x()
-                missed = [k for k in range(K) if on_cpu[k]]
-                ys = torch.cat([cache.cpu_forward(row, experts[k], x_host) for k in missed])  # [n, D]
-                for k, y in zip(missed, cache.transfers.to_device(ys), strict=True):
-                    outs[k] = y.view(1, -1)
-            out = torch.stack(outs, dim=1)  # K x [1, D] -> [1, K, D]
-            cache.release(row, slots)
-        else:
+        if decode:
+            out = self._decode_experts(row, x, chosen)
+        else:  # a prompt: its misses are fetched (a prompt's expert serves many rows; the copy pays off)
+            cache, fmt = self.cache, self.cache.fmt
             out = x.new_empty(T, K, x.shape[1])  # [T, K, D]
-            for group in self._groups(row, chosen):
+            for group in self._groups(row, {e for tok in chosen for e in tok}):
                 slots, _, late = cache.acquire(row, group)
                 for k in _resident_first(late):
                     if late[k]:
@@ -189,13 +173,65 @@ class Transformer(nn.Module):
                 cache.release(row, slots)
         return (out * weights.unsqueeze(-1)).sum(dim=1)  # [T, K, D] -> [T, D]
 
-    def _groups(self, row: int, chosen: list[list[int]]) -> list[list[int]]:
-        """The distinct experts of a prompt, resident ones first, in groups that fit the row's slots."""
+    def _decode_experts(self, row: int, x: torch.Tensor, chosen: list[list[int]]) -> torch.Tensor:
+        """A decode step's experts: x [T, D] (T = 1, or the B tokens of a batched step), chosen [T][K] ->
+        [T, K, D]. The step's distinct experts are acquired once, in groups only where they outnumber the
+        row's slots (one token: its K in rank order, else ascending with the resident ones first, the
+        order `batch_sim` replays); each is computed for the rows that chose it. Misses that the cache
+        computes on the CPU (miss policy cpu, or auto when the CPU is faster) run from host RAM for their
+        rows after every device expert is launched, the hidden state sent to the host before (rule 4)."""
+        T, K = len(chosen), self.config.top_k
+        cache, fmt = self.cache, self.cache.fmt
+        where: dict[int, list[int]] = {}  # expert -> the flat positions t*K + k that chose it
+        for t, tok in enumerate(chosen):
+            for k, e in enumerate(tok):
+                where.setdefault(e, []).append(t * K + k)
+        groups = [chosen[0]] if T == 1 else self._groups(row, where)
+        # a step's misses are exactly the experts not resident now: group 1 holds every resident one
+        send = cache.cpu_cheaper and any(cache.table.slot(row, e) < 0 for e in where)
+        flat: list[torch.Tensor | None] = [None] * (T * K)  # [D] per (token, rank)
+        missed: list[int] = []
+        for group in groups:
+            slots, on_cpu, late = cache.acquire(row, group, decode=True)
+            if send:
+                cache.transfers.to_host(x)  # rule 4: on its way before the device experts are launched
+                send = False
+            for k in _resident_first(late, on_cpu):
+                if late[k]:
+                    cache.wait(row, slots[k])
+                e = group[k]
+                _place(flat, where[e], fmt.forward(_rows(x, where[e], K), cache.views[row][slots[k]]))
+            missed += [e for e, cpu in zip(group, on_cpu, strict=True) if cpu]
+            cache.release(row, slots)
+        if missed:
+            x_host = cache.transfers.host_x()
+            ys = torch.cat([cache.cpu_forward(row, e, _rows(x_host, where[e], K)) for e in missed])  # [n, D]
+            _place(flat, [p for e in missed for p in where[e]], cache.transfers.to_device(ys))
+        return torch.stack(flat).view(T, K, -1)  # T*K x [D] -> [T, K, D]
+
+    def _groups(self, row: int, experts) -> list[list[int]]:
+        """Distinct experts, ascending, resident ones first, in groups that fit the row's slots."""
         table = self.cache.table
-        needed = sorted({e for tok in chosen for e in tok})
+        needed = sorted(experts)
         needed.sort(key=lambda e: table.slot(row, e) < 0)
         n = self.cache.slots[row]
         return [needed[i : i + n] for i in range(0, len(needed), n)]
+
+
+def _rows(x: torch.Tensor, positions: list[int], K: int) -> torch.Tensor:
+    """The rows of x [T, D] of the tokens at flat positions t*K + k (distinct tokens): [n, D]."""
+    if x.shape[0] == 1:
+        return x
+    if len(positions) == 1:
+        t = positions[0] // K
+        return x[t : t + 1]  # a view
+    return x[[p // K for p in positions]]
+
+
+def _place(flat: list, positions: list[int], y: torch.Tensor) -> None:
+    """Row i of y [n, D] is the output at flat position positions[i]."""
+    for p, row in zip(positions, y, strict=True):
+        flat[p] = row
 
 
 def _resident_first(late: list[bool], skip: list[bool] | None = None) -> list[int]:

@@ -188,3 +188,25 @@ def test_a_pool_beyond_the_device_budget_is_refused(ckpts):
     Scheduler(tight, max_batch=2)
     with pytest.raises(UserError, match="a KV pool of 3 sequences"):
         Scheduler(tight, max_batch=3)
+
+
+@pytest.mark.parametrize("miss_policy", ["cpu", "auto"])
+def test_misses_of_a_batched_step_computed_on_the_cpu(ckpts, miss_policy):
+    """Miss policy cpu (and auto, which on a CPU device always computes from RAM: the device is the CPU)
+    in batched steps: the same tokens, logits bit for bit and hits as fetching; on a CPU device nothing
+    is copied: a slot filled by such a miss reads the expert's RAM buffer in place."""
+    def run(policy: str):
+        engine = Engine.load(ckpts["base"], EngineOptions(cache_experts=2, prefetch=1, miss_policy=policy,
+                                                          progress=False))
+        sched, ids, _ = batched(engine, MIXTRAL, max_batch=3, prefill_chunk=4)
+        return engine, [sched.result(rid) for rid in ids], sched
+
+    ref, want, _ = run("fetch")
+    engine, got, sched = run(miss_policy)
+    assert max(sched.batch_sizes) == 3
+    for a, b in zip(got, want, strict=True):
+        assert a.tokens == b.tokens and torch.equal(a.logits, b.logits)
+    assert engine.cache.table.hits == ref.cache.table.hits and engine.cache.table.misses == ref.cache.table.misses
+    c = engine.cache.counters
+    assert c.cpu_misses > 0 and c.copies == 0 and c.bytes_to_device == 0
+    assert ref.cache.counters.bytes_to_device > 0

@@ -8,6 +8,7 @@ import pytest
 import torch
 from fake_cuda import FakeCuda
 
+from offload_moe.batch import Scheduler
 from offload_moe.engine import Engine, EngineOptions
 from offload_moe.prefetch import Transfers
 
@@ -62,7 +63,7 @@ def _instrumented(ckpt, **options) -> tuple[Engine, FakeCuda, dict]:
         return forward(x, views)
 
     def logged_acquire(layer, experts, decode=False):
-        fake.log.append(("acquire", layer, len(x := experts)))
+        fake.log.append(("acquire", layer, len(x := experts), decode))
         got = acquire(layer, x, decode)
         fake.log.append(("acquired", layer, *got))
         return got
@@ -133,6 +134,52 @@ def test_missed_experts_computed_on_the_cpu_overlap_the_device_experts(ckpts):
         assert all(e[1] == "prefetch" for e in step if e[0] == "copy" and ready[id(e[2])][0] == layer)
         checked += bool(device)
     assert checked > 0 and got.stats["cpu_misses"] > 0
+
+
+def test_a_batched_step_computes_its_misses_on_the_cpu_after_the_device_experts(ckpts):
+    """A decode step of three sequences under miss policy cpu, 2 slots: each layer's union of experts
+    outnumbers the slots, so it is acquired in groups; every miss of the layer is computed on the CPU
+    for the rows that chose it, after all of the layer's device experts (rule 4), and the logits equal
+    the fetch policy's batched run bit for bit."""
+    jobs = [([1, 415, 2936, 9060, 285], 8), ([1, 851, 4300], 8), ([1, 22557, 28725, 910], 8)]
+
+    def run(engine):
+        sched = Scheduler(engine, max_batch=3)
+        ids = [sched.add(p, n, keep_logits=True) for p, n in jobs]
+        while sched.busy:
+            sched.step()
+        return [sched.result(rid).logits for rid in ids], sched
+
+    ref = Engine.load(ckpts["base"], EngineOptions(cache_experts=2, prefetch=1, progress=False))
+    want, _ = run(ref)
+    engine, fake, ready = _instrumented(ckpts["base"], cache_experts=2, prefetch=1, miss_policy="cpu")
+    host = engine.cache.transfers.host_event
+    got, sched = run(engine)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert max(sched.batch_sizes) == 3
+    # one layer of one step: from its first acquire to the next layer's (a decode layer's groups stay together)
+    cuts, last = [], None
+    for i, e in enumerate(fake.log):
+        if e[0] == "acquire":
+            if not (e[3] and last == (e[1], True)):
+                cuts.append(i)
+            last = (e[1], e[3])
+    checked = 0
+    for a, b in zip(cuts, cuts[1:] + [len(fake.log)], strict=True):
+        step = fake.log[a:b]
+        got_ = [e for e in step if e[0] == "acquired"]
+        if not step[0][3] or len(got_) < 2 or not any(cpu for e in got_ for cpu in e[3]):
+            continue  # a prefill, or a layer whose union fits its slots, or without misses
+        layer = step[0][1]
+        sent = next(i for i, e in enumerate(step) if e[0] == "record" and e[2] is host)
+        waited = next(i for i, e in enumerate(step) if e[0] == "host_wait" and e[1] is host)
+        device = [i for i, e in enumerate(step) if e[0] == "kernel" and e[1] == layer]
+        cpu = [i for i, e in enumerate(step) if e[0] == "kernel" and e[1] == "cpu"]
+        assert sent < min(device) and max(device) < waited < min(cpu)
+        assert len(cpu) == sum(cpu for e in got_ for cpu in e[3])  # one CPU forward per missed expert
+        assert all(e[1] == "prefetch" for e in step if e[0] == "copy" and ready[id(e[2])][0] == layer)
+        checked += 1
+    assert checked > 0 and engine.cache.counters.cpu_misses > 0
 
 
 # -- on a GPU -----------------------------------------------------------------------------------------
