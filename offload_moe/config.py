@@ -15,7 +15,7 @@ from .errors import UserError
 
 NORMS = ("rms", "layer")
 QK_NORMS = ("none", "head", "full")
-ROUTERS = ("softmax", "sparsemixer", "sigmoid")
+ROUTERS = ("softmax", "sparsemixer", "sigmoid", "grouped_softmax")
 
 
 @dataclass(frozen=True)
@@ -46,12 +46,15 @@ class ModelConfig:
     qk_norm: str = "none"  # RMSNorm of q and k before RoPE: per head (Qwen3) or over the whole projection (OLMoE)
     clip_qkv: float | None = None  # q, k, v clamped to +-clip_qkv (OLMoE)
     attention_sinks: bool = False  # a learned logit per head joins each softmax and takes no value (gpt-oss)
-    router: str = "softmax"  # softmax then top-k, sparsemixer (Phi-3.5-MoE), or sigmoid (DeepSeek-V3, GLM-4.5)
+    router: str = "softmax"  # softmax then top-k, sparsemixer (Phi-3.5-MoE), sigmoid (DeepSeek-V3, GLM-4.5),
+    # or grouped_softmax (DeepSeek-V2: float32 softmax, top-k within the best topk_group of n_group groups, each
+    # scored by its best expert; renormalised by norm_topk_prob, else times routed_scaling_factor)
     norm_topk_prob: bool = True  # renormalise the top-k softmax weights
     router_jitter: float = 0.0  # sparsemixer's relative band
     router_bias: bool = False  # the router's linear has a bias (gpt-oss)
     # the sigmoid router: experts chosen by sigmoid + e_score_correction_bias within the best topk_group of
-    # n_group groups, weighted by the unbiased sigmoid (renormalised by norm_topk_prob) x routed_scaling_factor
+    # n_group groups, weighted by the unbiased sigmoid (renormalised by norm_topk_prob) x routed_scaling_factor;
+    # the grouped_softmax router's groups and scale
     n_group: int = 1
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
@@ -93,10 +96,10 @@ class ModelConfig:
         if not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
             raise UserError(f"config: partial_rotary_factor {self.partial_rotary_factor} gives {self.rotary_dim} "
                             f"rotary dims of {self.head_dim}; they must be even and positive")
-        if self.router == "sigmoid":
+        if self.router in ("sigmoid", "grouped_softmax"):
             groups, keep = self.n_group, self.topk_group
             if groups <= 0 or self.num_experts % groups or not 0 < keep <= groups or (
-                    groups > 1 and self.num_experts // groups < 2):  # a group is scored by its best 2
+                    self.router == "sigmoid" and groups > 1 and self.num_experts // groups < 2):  # scored by its best 2
                 raise UserError(f"config: {self.num_experts} experts in n_group {groups} groups, topk_group {keep}")
             if self.top_k > keep * (self.num_experts // groups):
                 raise UserError(f"config: top-k {self.top_k} exceeds the experts of {keep} kept groups")

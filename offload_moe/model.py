@@ -119,12 +119,17 @@ class Transformer(nn.Module):
     def route(self, blk: Block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The router's weights and experts, [T, K] each, in rank order: softmax over all experts in
         float32 then top-k (renormalised when the family says so), Phi's sparsemixer, or the sigmoid
-        router (DeepSeek-V3, GLM-4.5: `sigmoid_topk`, logits in float32 as transformers')."""
+        router (DeepSeek-V3, GLM-4.5: `sigmoid_topk`) or DeepSeek-V2's (`grouped_softmax_topk`), both with
+        logits in float32 as transformers'."""
         c = self.config
-        if c.router == "sigmoid":
+        if c.router in ("sigmoid", "grouped_softmax"):
             logits = F.linear(x.float(), blk.gate.weight.float())  # [T, E]
-            weights, idx = sigmoid_topk(logits, blk.gate.e_score_correction_bias, c.top_k, c.n_group, c.topk_group,
-                                        c.norm_topk_prob, c.routed_scaling_factor)
+            if c.router == "sigmoid":
+                weights, idx = sigmoid_topk(logits, blk.gate.e_score_correction_bias, c.top_k, c.n_group,
+                                            c.topk_group, c.norm_topk_prob, c.routed_scaling_factor)
+            else:
+                weights, idx = grouped_softmax_topk(logits, c.top_k, c.n_group, c.topk_group, c.norm_topk_prob,
+                                                    c.routed_scaling_factor)
             return weights.to(x.dtype), idx
         logits = F.linear(x, blk.gate.weight, blk.gate.bias)  # [T, E]
         if self.config.router == "sparsemixer":
@@ -139,10 +144,10 @@ class Transformer(nn.Module):
 
     def predict(self, row: int, h: torch.Tensor) -> torch.Tensor:
         """Speculative routing: row `row`'s router applied to an earlier hidden state h [T, D]. [T, K]
-        (The top-k logits: what the softmax and sparsemixer routers pick; the sigmoid router's own choice,
-        bias and groups included.)"""
+        (The top-k logits: what the softmax and sparsemixer routers pick; the sigmoid and grouped_softmax
+        routers' own choice, bias and groups included.)"""
         blk = self.layers[self.rows[row]]
-        if self.config.router == "sigmoid":
+        if self.config.router in ("sigmoid", "grouped_softmax"):
             return self.route(blk, blk.ffn_norm(h))[1]
         logits = F.linear(blk.ffn_norm(h), blk.gate.weight, blk.gate.bias)  # [T, E], the router's bias too
         return torch.topk(logits, self.config.top_k, dim=-1).indices  # [T, K]
@@ -259,6 +264,28 @@ def sigmoid_topk(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: 
     weights = scores.gather(1, idx)
     if renormalise:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * scale, idx
+
+
+def grouped_softmax_topk(logits: torch.Tensor, top_k: int, n_group: int, topk_group: int, renormalise: bool,
+                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V2's router: scores = softmax(logits); `greedy` is one group, `group_limited_greedy` keeps the
+    best `topk_group` of `n_group` equal groups of experts (a group scored by its best expert) and picks the
+    top-k among them. The weights are the scores, renormalised (+1e-20) when `renormalise`, else times
+    `scale`, as DeepSeek's own code (transformers' port ignores norm_topk_prob and always scales: the two
+    agree on every public V2 config, which sets it false). logits [T, E] (float32) -> weights [T, K]
+    float32, experts [T, K] in rank order."""
+    T, E = logits.shape
+    scores = logits.float().softmax(dim=-1)  # [T, E]
+    choice = scores
+    if n_group > 1:
+        group_scores = scores.view(T, n_group, E // n_group).amax(dim=-1)  # [T, n_group]
+        keep = torch.topk(group_scores, topk_group, dim=-1, sorted=False)[1]  # [T, topk_group]
+        mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+        choice = scores.masked_fill(~mask.repeat_interleave(E // n_group, dim=1), 0.0)  # softmax scores are > 0
+    weights, idx = torch.topk(choice, top_k, dim=-1)  # [T, K]
+    if renormalise and top_k > 1:
+        return weights / (weights.sum(dim=-1, keepdim=True) + 1e-20), idx
     return weights * scale, idx
 
 
