@@ -64,8 +64,8 @@ class Request:
 
 
 def check_pool_fits(engine, max_batch: int) -> None:
-    """The pool comes on top of what the engine planned (its own one-sequence KV cache included): with
-    a device budget, refuse a pool that does not fit it, before allocating anything."""
+    """A pool beyond the engine's own comes on top of what the engine planned (its own KV cache included):
+    with a device budget, refuse a pool that does not fit it, before allocating anything."""
     plan = engine.plan
     if plan is None or plan.device_budget is None:
         return
@@ -77,7 +77,9 @@ def check_pool_fits(engine, max_batch: int) -> None:
 
 
 class Scheduler:
-    """A pool of `max_batch` sequence slots over an engine's model and expert cache."""
+    """A pool of `max_batch` sequence slots over an engine's model and expert cache: the engine's own KV pool
+    when it was loaded with max_batch >= this one (planned at load; `generate` on that engine uses its slot
+    0, so not while this scheduler runs), else a pool allocated here, if it fits the device budget."""
 
     def __init__(self, engine, max_batch: int = 4, prefill_chunk: int = 256):
         if max_batch < 1:
@@ -85,8 +87,12 @@ class Scheduler:
         if prefill_chunk < 1:
             raise UserError("the prefill chunk must be 1 token or more")
         self.engine, self.max_batch, self.prefill_chunk = engine, max_batch, prefill_chunk
-        check_pool_fits(engine, max_batch)
-        self.pool = KVPool(engine.config, engine.kv_capacity, max_batch, engine.device, engine.dtype)
+        own = engine.pool
+        if own is not None and len(own.seqs) >= max_batch:
+            self.pool = own
+        else:
+            check_pool_fits(engine, max_batch)
+            self.pool = KVPool(engine.config, engine.kv_capacity, max_batch, engine.device, engine.dtype)
         self.capacity = engine.kv_capacity
         self.free = list(range(max_batch))
         self.active: list[Request] = []  # admitted, in admission order

@@ -230,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
                           f"(default: {' '.join(CARDS)})")
     pln.add_argument("--context", type=int, help="context to leave KV-cache room for (default: the profile's, "
                      f"else {DEFAULTS.context})")
+    pln.add_argument("--max-batch", type=int, default=1, metavar="N", help="sequences decoding together (serve "
+                     "--max-batch): the KV cache of N sequences (default: %(default)s)")
     pln.add_argument("--json", action="store_true", help="print the numbers as one JSON object")
 
     srv = sub.add_parser("serve", parents=[engine_flags()], help="an OpenAI-compatible HTTP server",
@@ -240,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     srv.add_argument("--port", type=_port, default=8000, help="port; 0 picks a free one (default: %(default)s)")
     srv.add_argument("--max-batch", type=int, default=4, metavar="N",
-                     help="sequences decoding together (KV-pool slots) (default: %(default)s)")
+                     help="sequences decoding together: a KV pool of N sequences, counted in the memory plan "
+                          "(default: %(default)s)")
     srv.add_argument("--max-queue", type=_nonneg, default=64, metavar="N",
                      help="requests waiting for a slot beyond the batch; more are refused with 503 "
                           "(default: %(default)s)")
@@ -252,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
 def options_from(args: argparse.Namespace) -> dict:
     """The engine flags that were given (others come from the profile or EngineOptions)."""
     keys = ("device", "dtype", "cache_experts", "prefetch", "policy", "miss_policy", "expert_quant", "attention_quant",
-            "group_size", "ram_budget", "context")
+            "group_size", "ram_budget", "context", "max_batch")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
@@ -483,7 +486,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     config = read_config(args.config)
     if args.context is not None and args.context < 1:
         raise UserError("--context must be positive")
-    plan = card_plan(config, args.profile or CARDS, args.context, DEFAULTS.context)
+    plan = card_plan(config, args.profile or CARDS, args.context, DEFAULTS.context, args.max_batch)
     print(json.dumps(plan) if args.json else format_card_plan(plan, str(args.config)))
     return 0
 

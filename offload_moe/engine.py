@@ -32,7 +32,7 @@ from .expert_store import ExpertStore
 from .formats import DenseFormat, ExpertFormat
 from .generate import GenerationResult, Sampling, generate_tokens
 from .int4_layouts import int4_layout_for
-from .layers import KVCache, rope_tables
+from .layers import KVCache, KVPool, rope_tables
 from .model import ROUTER_BIAS, Transformer
 from .packed import packed_attention_group
 from .prefetch import Prefetcher
@@ -77,6 +77,7 @@ class EngineOptions:
     device_reserve: int = int(DEFAULT_RESERVE)  # kept free on the device for context, activations
     ram_budget: int | None = None  # RAM for the experts (None: 80% of what is available); less than they
     # need makes the store tiered: a RAM cache of this size over the checkpoint on storage
+    max_batch: int = 1  # sequences whose KV cache is allocated and planned (serve --max-batch; `Scheduler`)
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -210,6 +211,7 @@ class Engine:
     last_result: GenerationResult | None = None
     plan: MemoryPlan | None = None  # what load planned on the device and in RAM (pinned bytes included)
     file_eos_ids: tuple[int, ...] = ()  # EOS ids of generation_config.json and the tokenizer (see `stop_ids`)
+    pool: KVPool | None = None  # the KV cache of options.max_batch sequences: `kv` is slot 0, a `Scheduler` uses it
 
     @classmethod
     def load(cls, path: str | Path, options: EngineOptions | None = None, profile: str | None = None,
@@ -227,18 +229,21 @@ class Engine:
             raise UserError("--prefetch must be 0 or more")
         if options.context < 1:
             raise UserError("--context must be positive")
+        if options.max_batch < 1:
+            raise UserError("--max-batch must be 1 or more")
         context = min(options.context, c.max_context)
         fmt = expert_format_for(ckpt, options, dtype, device)
         attn_group = attention_group(ckpt, options)
         dense = dense_bytes(c, dtype, "none" if attn_group is None else "int8", attn_group or 64)
         if prof is not None and prof.auto and "cache_experts" not in given:
-            slots, budget = auto_slots(c, dtype, fmt.nbytes, context, device, options.device_reserve, dense)
+            slots, budget = auto_slots(c, dtype, fmt.nbytes, context, device, options.device_reserve, dense,
+                                       options.max_batch)
             options = replace(options, cache_experts=slots, device_budget=budget)
         slots = resolve_slots(options.cache_experts, c.n_moe_layers, c.num_experts, c.top_k)
         pin = device.type == "cuda"  # the host store is pinned (registered exactly: plan.pinned bytes)
         plan = plan_memory(c, dtype, fmt.nbytes, slots, context, options.device_budget, options.device_reserve,
-                           options.ram_budget, dense, pin=pin)
-        check_fits(plan)
+                           options.ram_budget, dense, pin=pin, sequences=options.max_batch)
+        check_fits(plan)  # before anything is loaded: with --max-batch, the KV pool too
         in_ram, ram = ram_for_experts(plan)
 
         with torch.device("meta"):
@@ -280,10 +285,11 @@ class Engine:
         # pass and a host sync per layer, 4-7% of a CPU decode step on the 512-dim bench shape)
         cached = any(n < c.num_experts for n in slots)
         model.prefetcher = Prefetcher(model, cache, options.prefetch) if options.prefetch and cached else None
-        kv = KVCache(c, context, device, dtype)
+        pool = KVPool(c, context, options.max_batch, device, dtype)  # generate's own sequence is its slot 0
         tok = load_tokenizer(ckpt.path)  # tokenizer.json, else tokenizer.model, else None (ids only)
         eos = generation_eos_ids(ckpt.path) + (tok.eos_ids if tok is not None else ())
-        return cls(ckpt, model, cache, kv, tok, options, device, dtype, plan=plan, file_eos_ids=eos)
+        return cls(ckpt, model, cache, pool.seqs[0], tok, options, device, dtype, plan=plan, file_eos_ids=eos,
+                   pool=pool)
 
     @property
     def config(self):
@@ -305,9 +311,9 @@ class Engine:
 
     @property
     def device_bytes(self) -> int:
-        """What this engine placed on the compute device: dense weights, expert slots, KV cache."""
+        """What this engine placed on the compute device: dense weights, expert slots, KV cache (of every sequence)."""
         dense = sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers()))
-        return dense + self.cache.device_bytes + self.kv.nbytes
+        return dense + self.cache.device_bytes + (self.pool.nbytes if self.pool is not None else self.kv.nbytes)
 
     def encode(self, prompt: str | list[int] | list[dict], chat: bool = False) -> list[int]:
         """Prompt ids: token ids as given; a text through the tokenizer (`chat`: as the user's message, in the

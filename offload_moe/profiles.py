@@ -111,6 +111,7 @@ class MemoryPlan:
     ram: int = 0  # RAM for the experts: ram_budget, or RAM_HEADROOM of the RAM available when planned
     pin: bool = False  # a CUDA device reads the host store: it is pinned (page-locked)
     host_experts: int = 0  # experts in the host store (layers x experts), for the tiered store's slots
+    sequences: int = 1  # sequences whose KV cache `kv` holds (serve --max-batch: a pool of them)
 
     @property
     def device_total(self) -> int:
@@ -134,23 +135,24 @@ class MemoryPlan:
         return self.host_ram if self.pin else 0
 
     def describe(self) -> str:
+        seqs = f" ({self.sequences} sequences)" if self.sequences > 1 else ""
         return (f"dense {gib(self.dense)} + {sum(self.slots)} expert slots x {self.expert_bytes / 2**20:.1f} MiB "
-                f"= {gib(self.expert_bytes * sum(self.slots))} + KV cache {gib(self.kv)} + reserve {gib(self.reserve)}"
-                f" = {gib(self.device_total)}")
+                f"= {gib(self.expert_bytes * sum(self.slots))} + KV cache{seqs} {gib(self.kv)} + reserve "
+                f"{gib(self.reserve)} = {gib(self.device_total)}")
 
 
 def plan_memory(config: ModelConfig, dtype: torch.dtype, expert_bytes: int, slots: list[int], context: int,
                 device_budget: int | None, reserve: int, ram_budget: int | None,
-                dense_bytes: int | None = None, pin: bool = False) -> MemoryPlan:
+                dense_bytes: int | None = None, pin: bool = False, sequences: int = 1) -> MemoryPlan:
     """`dense_bytes`: the resident weights when some are quantized (default: all in `dtype`); `pin`: the
-    host store is pinned (a CUDA device). Without a RAM budget, the RAM for experts is RAM_HEADROOM of
-    the RAM available now."""
+    host store is pinned (a CUDA device); `sequences`: the KV cache holds that many sequences of `context`
+    tokens (a batch). Without a RAM budget, the RAM for experts is RAM_HEADROOM of the RAM available now."""
     ram = ram_budget if ram_budget is not None else int(psutil.virtual_memory().available * RAM_HEADROOM)
     return MemoryPlan(
         dense=config.dense_params * dtype.itemsize if dense_bytes is None else dense_bytes,
         expert_bytes=expert_bytes,
         slots=slots,
-        kv=config.kv_bytes(context, dtype.itemsize),
+        kv=config.kv_bytes(context, dtype.itemsize) * sequences,
         reserve=reserve if device_budget is not None else 0,
         host_store=config.n_moe_layers * config.num_experts * expert_bytes,
         device_budget=device_budget,
@@ -158,6 +160,7 @@ def plan_memory(config: ModelConfig, dtype: torch.dtype, expert_bytes: int, slot
         ram=ram,
         pin=pin,
         host_experts=config.n_moe_layers * config.num_experts,
+        sequences=sequences,
     )
 
 
@@ -176,12 +179,14 @@ def ram_for_experts(plan: MemoryPlan) -> tuple[bool, int]:
 
 
 def auto_slots(config: ModelConfig, dtype: torch.dtype, expert_bytes: int, context: int, device: torch.device,
-               reserve: int = int(DEFAULT_RESERVE), dense_bytes: int | None = None) -> tuple[list[int], int | None]:
-    """Slots per layer that the free device memory holds, and that budget (None on the CPU: all resident)."""
+               reserve: int = int(DEFAULT_RESERVE), dense_bytes: int | None = None, sequences: int = 1
+               ) -> tuple[list[int], int | None]:
+    """Slots per layer that the free device memory holds beside the KV cache of `sequences`, and that budget
+    (None on the CPU: all resident)."""
     if device.type != "cuda":
         return [config.num_experts] * config.n_moe_layers, None
     free, _ = torch.cuda.mem_get_info(device)
-    per_layer, base = slots_that_fit(config, dtype, expert_bytes, free, context, reserve, dense_bytes)
+    per_layer, base = slots_that_fit(config, dtype, expert_bytes, free, context, reserve, dense_bytes, sequences)
     if per_layer < config.top_k:
         need = base.device_total + expert_bytes * config.n_moe_layers * config.top_k
         raise UserError(f"--profile auto: {gib(free)} free on {device}, but {config.top_k} slots per layer need "
@@ -190,11 +195,12 @@ def auto_slots(config: ModelConfig, dtype: torch.dtype, expert_bytes: int, conte
 
 
 def slots_that_fit(config: ModelConfig, dtype: torch.dtype, expert_bytes: int, budget: int, context: int,
-                   reserve: int, dense_bytes: int | None = None) -> tuple[int, MemoryPlan]:
+                   reserve: int, dense_bytes: int | None = None, sequences: int = 1) -> tuple[int, MemoryPlan]:
     """Expert slots per layer with experts that a device of `budget` bytes holds beside the resident weights,
-    the KV cache of `context` tokens and `reserve` (not capped at the expert count; under top-k, no run
-    fits), and the plan without slots."""
-    base = plan_memory(config, dtype, expert_bytes, [0], context, budget, reserve, 0, dense_bytes)
+    the KV cache of `sequences` x `context` tokens and `reserve` (not capped at the expert count; under top-k,
+    no run fits), and the plan without slots."""
+    base = plan_memory(config, dtype, expert_bytes, [0], context, budget, reserve, 0, dense_bytes,
+                       sequences=sequences)
     return int(max(budget - base.device_total, 0) // (expert_bytes * config.n_moe_layers)), base
 
 
@@ -202,12 +208,16 @@ CARDS = ("24gb", "16gb", "12gb")  # the card profiles `plan` reads by default
 _PLAN_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "auto": torch.float16}
 
 
-def card_plan(config: ModelConfig, profiles=CARDS, context: int | None = None, default_context: int = 4096) -> dict:
+def card_plan(config: ModelConfig, profiles=CARDS, context: int | None = None, default_context: int = 4096,
+              batch: int = 1) -> dict:
     """The memory math of `config` on the cards that `profiles` describe (their budget, reserve, dtype and
     context; `context` overrides theirs, `default_context` stands in where a profile has none): parameters,
     bytes per expert in fp16/int8/int4 (the engine's own formats, at the group size the engine would pick),
     the host RAM for every expert, and per card the expert slots per layer beside the dense weights (kept in
-    the profile's dtype), the KV cache and the reserve, capped at the expert count; `fits`: at least top-k."""
+    the profile's dtype), the KV cache of `batch` sequences (serve --max-batch) and the reserve, capped at
+    the expert count; `fits`: at least top-k."""
+    if batch < 1:
+        raise UserError("--max-batch must be 1 or more")
     from .attention_quant import dense_bytes
     from .quant import EXPERT_QUANTS, auto_group_size, expert_format
 
@@ -224,6 +234,7 @@ def card_plan(config: ModelConfig, profiles=CARDS, context: int | None = None, d
         "formats": {p: f.name for p, f in fmt.items()},
         "bytes_per_expert": {p: f.nbytes for p, f in fmt.items()},
         "host_bytes": {p: rows * f.nbytes for p, f in fmt.items()},
+        "batch": batch,
         "cards": [],
     }
     for name in profiles:
@@ -235,7 +246,8 @@ def card_plan(config: ModelConfig, profiles=CARDS, context: int | None = None, d
         dense = dense_bytes(config, dtype)
         slots, base = {}, None
         for p, f in fmt.items():
-            n, base = slots_that_fit(config, dtype, f.nbytes, prof.device_budget, ctx, prof.device_reserve, dense)
+            n, base = slots_that_fit(config, dtype, f.nbytes, prof.device_budget, ctx, prof.device_reserve, dense,
+                                     batch)
             slots[p] = min(n, config.num_experts)
         out["cards"].append({
             "profile": prof.name, "budget": prof.device_budget, "reserve": prof.device_reserve, "context": ctx,
@@ -262,8 +274,9 @@ def format_card_plan(plan: dict, source: str = "") -> str:
     if plan["group_size"] is None:
         lines.append("no quantization group size (32, 64, 128) divides D and I: fp16 experts only")
     heads = "".join(f"{plan['formats'][p]:>11}" for p in plan["formats"])
+    kv = "the KV cache" if plan["batch"] == 1 else f"the KV cache of {plan['batch']} sequences (--max-batch)"
     lines += ["", f"expert slots per layer on the card (of {m['experts']}; '-': fewer than top-k = {m['top_k']} fit), "
-                  "beside the dense weights, the KV cache and the reserve:",
+                  f"beside the dense weights, {kv} and the reserve:",
               f"{'profile':<9}{'card':>10}{'dense':>11}{'context':>9}{'KV cache':>11}{'reserve':>11}{'left':>11}"
               + heads]
     for c in plan["cards"]:

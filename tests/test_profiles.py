@@ -89,3 +89,69 @@ def test_explicit_engine_options_override_only_what_they_set(tmp_path):
     # an EngineOptions left at the defaults changes nothing the profile says
     o = Engine.load(path, EngineOptions(), profile=str(profile), progress=False).options
     assert (o.cache_experts, o.policy, o.device_budget) == (3, "lfu", 2**30)
+
+
+def test_the_plan_counts_the_kv_cache_of_a_batch(tmp_path, capsys):
+    """`plan --max-batch N` counts N sequences' KV cache on each card, and fewer slots fit beside it."""
+    import json
+
+    from conftest import run_cli
+
+    from offload_moe.profiles import card_plan
+
+    one, eight = (card_plan(MIXTRAL_8X7B, ["24gb"], batch=b)["cards"][0] for b in (1, 8))
+    assert one["kv"] == MIXTRAL_8X7B.kv_bytes(4096, 2) == 512 * 2**20 and eight["kv"] == 8 * one["kv"]
+    assert eight["free"] == one["free"] - 7 * one["kv"]
+    assert (one["slots"]["int4"], eight["slots"]["int4"]) == (6, 5)  # 19.0 and 15.5 GiB free, 2.95 GiB per slot
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 4096, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336, "num_local_experts": 8,
+        "num_experts_per_tok": 2, "vocab_size": 32000, "max_position_embeddings": 32768, "rope_theta": 1e6}))
+    code, out, err = run_cli(capsys, "plan", "--config", str(config), "--profile", "24gb", "--max-batch", "8", "--json")
+    assert code == 0, err
+    assert json.loads(out)["batch"] == 8 and json.loads(out)["cards"][0] == eight
+    code, out, _ = run_cli(capsys, "plan", "--config", str(config), "--profile", "24gb", "--max-batch", "8")
+    assert code == 0 and "KV cache of 8 sequences" in out
+    code, _, err = run_cli(capsys, "plan", "--config", str(config), "--max-batch", "0")
+    assert code == 1 and err.startswith("error: --max-batch")
+
+
+def test_a_batch_whose_kv_cache_does_not_fit_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    """A budget that fits one sequence's KV cache but not four: Engine.load with max_batch 4 (serve
+    --max-batch 4) refuses before reading any weight, with the sequences in the numbers; with max_batch 3
+    the engine allocates that pool, and a Scheduler of 3 decodes in it."""
+    from conftest import run_cli
+
+    from offload_moe import engine as engine_module
+    from offload_moe.batch import Scheduler
+    from offload_moe.demo import resolve_model
+    from offload_moe.engine import Engine, EngineOptions
+
+    demo = resolve_model("demo")
+    base = Engine.load(demo, EngineOptions(cache_experts=2, context=128, progress=False))
+    one = base.config.kv_bytes(128, 4)
+    budget = base.plan.device_total + (1 << 20) + 2 * one + one // 2  # 3.5 sequences beside a 1 MiB reserve
+    profile = tmp_path / "tight.toml"
+    profile.write_text(f'device = "cpu"\ncache_experts = 2\ncontext = 128\n[budget]\ndevice = {budget}\n'
+                       'device_reserve = "1MiB"\n')
+
+    def no_loading(*args, **kw):
+        raise AssertionError("weights were read before the plan was checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(engine_module, "ExpertStore", no_loading)
+        with pytest.raises(UserError, match=r"KV cache \(4 sequences\)"):
+            Engine.load(demo, profile=str(profile), max_batch=4, progress=False)
+        code, _, err = run_cli(capsys, "serve", "--model", "demo", "--profile", str(profile), "--max-batch", "4")
+        assert code == 1 and err.count("\n") == 1 and "(4 sequences)" in err and "does not fit" in err
+    engine = Engine.load(demo, profile=str(profile), max_batch=3, progress=False)
+    assert engine.plan.kv == engine.pool.nbytes == 3 * one
+    assert engine.device_bytes == base.device_bytes + 2 * one
+    sched = Scheduler(engine, max_batch=3)
+    assert sched.pool is engine.pool
+    for prompt in ([1, 415, 2936], [1, 851], [1, 2255, 2872]):
+        sched.add(prompt, 4)
+    while sched.busy:
+        sched.step()
+    assert max(sched.batch_sizes) == 3
