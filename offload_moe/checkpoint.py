@@ -211,10 +211,21 @@ class Checkpoint:
                 shapes |= {prefix + part: shape for part, shape in int8_part_shapes(*shapes.pop(name), group).items()}
         return shapes
 
+    @property
+    def mxfp4(self) -> bool:
+        """The experts are stored as MXFP4 blocks and scales (gpt-oss's official checkpoints)."""
+        return any(part == "w1_blocks" for _, _, part in self.expert_sources)
+
     def expert_shapes(self) -> dict[str, tuple[int, ...]]:
-        """The parts of an expert: w1, w3 [I, D] and w2 [D, I], and the biases where the family has them."""
+        """The parts of an expert as the checkpoint stores them: w1, w3 [I, D] and w2 [D, I], or their MXFP4
+        blocks and scales (`mxfp4.py`); and the biases where the family has them."""
         c = self.config
-        shapes = {"w1": (c.ffn_dim, c.dim), "w3": (c.ffn_dim, c.dim), "w2": (c.dim, c.ffn_dim)}
+        D, I = c.dim, c.ffn_dim
+        if self.mxfp4:
+            shapes = {f"{w}_{what}": (n, k // 32, 16)[: 3 if what == "blocks" else 2]
+                      for w, n, k in (("w1", I, D), ("w3", I, D), ("w2", D, I)) for what in ("blocks", "scales")}
+        else:
+            shapes = {"w1": (I, D), "w3": (I, D), "w2": (D, I)}
         return shapes | {name: (n,) for name, n in bias_parts(c).items()}
 
     def _check_complete(self) -> None:
@@ -274,7 +285,8 @@ class Checkpoint:
         return t
 
     def expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
-        """One expert's parts (`expert_shapes`), in checkpoint dtype, HF orientation."""
+        """One expert's parts (`expert_shapes`): weights in checkpoint dtype and HF orientation, or MXFP4 blocks
+        and scales as stored (`mxfp4.parts_for` turns them into weights for the other formats)."""
         out = {}
         for part, want in self.expert_shapes().items():
             try:

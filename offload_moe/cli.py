@@ -97,8 +97,8 @@ def engine_flags() -> argparse.ArgumentParser:
                    help="a decode-step miss: fetch (copy it, wait), cpu (compute it on the CPU from RAM while "
                         f"the copy runs), auto (whichever measures faster) (default: {DEFAULTS.miss_policy})")
     g.add_argument("--expert-quant", choices=EXPERT_QUANTS,
-                   help="quantize the experts at load; a packed --model keeps its own "
-                        f"(default: {DEFAULTS.expert_quant})")
+                   help="quantize the experts at load; a packed --model keeps its own, none keeps an MXFP4 "
+                        f"checkpoint's experts MXFP4 (default: {DEFAULTS.expert_quant})")
     g.add_argument("--attention-quant", choices=ATTENTION_QUANTS,
                    help="quantize the attention projections at load (they stay resident: int8 frees device memory "
                         f"for expert slots); a packed --model keeps its own (default: {DEFAULTS.attention_quant})")
@@ -197,8 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "packed one after another with a checksummed index. Resumable.")
     con.add_argument("--model", required=True, help="source folder (any layout the engine reads)")
     con.add_argument("--out", required=True, help="the folder to write")
-    con.add_argument("--experts", choices=EXPERT_QUANTS, default="int4", help="expert precision (default: "
-                     "%(default)s)")
+    con.add_argument("--experts", choices=(*EXPERT_QUANTS, "auto"), default="auto", help="expert precision; auto: "
+                     "an MXFP4 checkpoint's stay MXFP4, others become int4 (default: %(default)s)")
     con.add_argument("--attention", choices=ATTENTION_QUANTS, default=DEFAULTS.attention_quant,
                      help="attention projections' precision: int8 or none (the --dtype) (default: %(default)s)")
     con.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=DEFAULTS.group_size,
@@ -432,15 +432,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .checkpoint import Checkpoint
     from .convert import convert
     from .int4_layouts import int4_layout_for
-    from .quant import expert_format, resolve_group_size
+    from .quant import expert_format, load_quant, resolve_group_size
 
-    config = Checkpoint(resolve_model(args.model)).config
+    ckpt = Checkpoint(resolve_model(args.model))
+    config = ckpt.config
+    quant = load_quant(args.experts, ckpt.mxfp4) if args.experts != "auto" else "mxfp4" if ckpt.mxfp4 else "int4"
     dtype = DTYPES[args.dtype]
     gpu = torch.device("cuda") if torch.cuda.is_available() else None  # quantizes much faster there
     layout = args.layout if args.layout != "auto" else int4_layout_for(gpu or torch.device("cpu"))
-    group = resolve_group_size(config, args.group_size, experts=args.experts != "none",
+    group = resolve_group_size(config, args.group_size, experts=quant in ("int8", "int4"),
                                attention=args.attention == "int8")
-    fmt = expert_format(args.experts, config, dtype, group, layout)
+    fmt = expert_format(quant, config, dtype, group, layout)
     attention = None if args.attention == "none" else group
     index = convert(resolve_model(args.model), args.out, fmt, dtype, pack_device=gpu, attention_group=attention)
     print(f"wrote {args.out}: {len(index['experts'])} experts as {fmt.name}, {fmt.nbytes / 2**20:.2f} MiB each; "

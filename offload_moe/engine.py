@@ -46,7 +46,7 @@ from .profiles import (
     plan_memory,
     ram_for_experts,
 )
-from .quant import expert_format, parse_format_name, resolve_group_size
+from .quant import expert_format, load_quant, parse_format_name, resolve_group_size
 from .sources import open_source
 from .stats import collect_stats
 from .tiered import TieredStore
@@ -66,7 +66,8 @@ class EngineOptions:
     prefetch: int = 1  # layers ahead whose experts are prefetched; 0 turns it off
     policy: str = "lru"  # eviction: lru, lfu, fifo, random
     miss_policy: str = "fetch"  # a decode miss: fetch (copy, wait), cpu (compute on the CPU), auto (faster one)
-    expert_quant: str = "none"  # experts quantized at load: none, int8, int4 (a packed folder keeps its own)
+    expert_quant: str = "none"  # experts quantized at load: none, int8, int4, mxfp4 (a packed folder keeps its own;
+    # none keeps an MXFP4 checkpoint's experts MXFP4)
     attention_quant: str = "none"  # attention projections quantized at load: none, int8 (likewise)
     group_size: int | None = None  # quantization group size: 32, 64 or 128; None: 64 where it divides every
     # quantized input (the experts' D and I, the attention's D and H*hd when int8), else the largest that does
@@ -99,7 +100,8 @@ class EngineOptions:
 
 def expert_format_for(ckpt: Checkpoint, options: EngineOptions, dtype: torch.dtype,
                       device: torch.device | None = None) -> ExpertFormat:
-    """The experts' packed format: a packed folder's own, else the one asked for.
+    """The experts' packed format: a packed folder's own, else the one asked for (an MXFP4 checkpoint's stay
+    MXFP4 unless another quantization is asked for: `quant.load_quant`).
 
     int4 experts take the code layout of the compute device (`int4_layouts.int4_layout_for`): torch's CUDA
     tiles (`int4-gG-cuda`) where its int4 kernel runs, else the CPU kernel's order (`int4-gG`). A
@@ -108,7 +110,8 @@ def expert_format_for(ckpt: Checkpoint, options: EngineOptions, dtype: torch.dty
     device = device or torch.device("cpu")
     if ckpt.packed_index is None:
         layout = int4_layout_for(device) if options.expert_quant == "int4" else "cpu"
-        return expert_format(options.expert_quant, ckpt.config, dtype, group_size_for(ckpt.config, options), layout)
+        return expert_format(load_quant(options.expert_quant, ckpt.mxfp4), ckpt.config, dtype,
+                             group_size_for(ckpt.config, options), layout)
     name = ckpt.packed_index["format"]
     parsed = parse_format_name(name)
     if parsed is not None:

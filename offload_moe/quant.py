@@ -84,7 +84,7 @@ from .int4_layouts import (
     untile_int4,
 )
 
-EXPERT_QUANTS = ("none", "int8", "int4")
+EXPERT_QUANTS = ("none", "int8", "int4", "mxfp4")  # mxfp4: `mxfp4.Mxfp4Format`
 GROUP_SIZES = (32, 64, 128)
 SCALE_DTYPE = torch.bfloat16  # scales and zeros in every packed format
 INT8_BMM_MAX_TOKENS = 16  # up to this many tokens, the CPU's int8 path goes group by group (`int8_bmm_linear`)
@@ -134,7 +134,7 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits:
 
 
 class GroupQuantFormat(ABC):
-    """What int8 and int4 share: validation, the buffer plan, pack and the activation
+    """What int8, int4 and MXFP4 (`mxfp4.py`) share: validation, the buffer plan, pack and the activation
     (`formats.activation`) and biases around the linears. The biases, where the family has them (b13 =
     [b1; b3] [2I] and b2 [D], gpt-oss), lie after both matrices in float32 (a few KiB; exact for any
     checkpoint dtype), and are added in place to each linear's output, in its dtype.
@@ -406,10 +406,14 @@ def _int4_scale_shift(q: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
 
 def expert_format(name: str, config: ModelConfig, compute_dtype: torch.dtype, group_size: int = 64,
                   layout: str = "cpu") -> ExpertFormat:
-    """The expert format called `name`: "none" (dense, in the compute dtype), "int8" or "int4"; `layout`
-    ("cpu" or "cuda", see `Int4Format`) applies to int4 only."""
+    """The expert format called `name`: "none" (dense, in the compute dtype), "int8", "int4" or "mxfp4" (its
+    blocks of 32 whatever `group_size`); `layout` ("cpu" or "cuda", see `Int4Format`) applies to int4 only."""
     if name == "none":
         return DenseFormat(config, compute_dtype)
+    if name == "mxfp4":
+        from .mxfp4 import Mxfp4Format  # mxfp4.py builds on this module
+
+        return Mxfp4Format(config, compute_dtype)
     if name == "int8":
         return Int8Format(config, compute_dtype, group_size)
     if name == "int4":
@@ -419,13 +423,21 @@ def expert_format(name: str, config: ModelConfig, compute_dtype: torch.dtype, gr
 
 def parse_format_name(name: str) -> tuple[str, int, str] | None:
     """(quantization, group size, layout) of a quantized format's name as `packed.json` records it
-    (`int8-g64`, `int4-g64`, `int4-g64-cuda`), or None for a dense one (fp16, bf16, fp32)."""
+    (`int8-g64`, `int4-g64`, `int4-g64-cuda`, `mxfp4`), or None for a dense one (fp16, bf16, fp32)."""
+    if name == "mxfp4":
+        return "mxfp4", 32, "cpu"
     if not name.startswith("int"):
         return None
     m = re.fullmatch(r"(int8|int4)-g(\d+)(-cuda)?", name)
     if m is None or (m[1] == "int8" and m[3]):
         raise UserError(f"packed.json: unknown expert format {name!r}; convert the model again")
     return m[1], int(m[2]), "cuda" if m[3] else "cpu"
+
+
+def load_quant(quant: str, mxfp4_checkpoint: bool) -> str:
+    """The expert format a load (or `convert`) asked for as `quant` makes of a checkpoint: "none" (no
+    quantization at load) keeps an MXFP4 checkpoint's experts as they are, "mxfp4"; the rest as asked."""
+    return "mxfp4" if quant == "none" and mxfp4_checkpoint else quant
 
 
 def bytes_per_expert(config: ModelConfig, name: str, group_size: int = 64, dtype: torch.dtype = torch.float16) -> int:

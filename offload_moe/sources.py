@@ -56,6 +56,7 @@ import torch
 from .checkpoint import Checkpoint
 from .errors import UserError
 from .formats import DenseFormat, ExpertFormat
+from .mxfp4 import parts_for
 from .packed import ALIGN, DATA, aligned
 
 Key = tuple[int, int]  # (row, expert)
@@ -188,9 +189,10 @@ class MappedSource:
         with self.lock:
             parts = self.checkpoint.expert(layer, key[1])
             if self.pack_device is not None:
-                self.fmt.pack({k: v.to(self.pack_device) for k, v in parts.items()}, slot[: self.fmt.nbytes])
+                self.fmt.pack(parts_for(self.fmt, {k: v.to(self.pack_device) for k, v in parts.items()}),
+                              slot[: self.fmt.nbytes])
             else:
-                self.fmt.pack(parts, slot[: self.fmt.nbytes])
+                self.fmt.pack(parts_for(self.fmt, parts), slot[: self.fmt.nbytes])
             if self.drop_pages:
                 files = [str(self.checkpoint.expert_sources[(layer, key[1], part)][0].resolve()) for part in parts]
                 self._drop_pages(list(zip(files, parts.values(), strict=True)))

@@ -120,7 +120,7 @@ def test_plan_prints_the_slots_each_card_leaves(tmp_path, capsys, name):
     plan = json.loads(out)
     c = from_hf_config(path)
     assert tuple(plan["bytes_per_expert"][p] for p in PRECISIONS) == EXPERT_BYTES[name]
-    assert plan["formats"] == {"none": "fp16", "int8": "int8-g64", "int4": "int4-g64"}
+    assert plan["formats"] == {"none": "fp16", "int8": "int8-g64", "int4": "int4-g64", "mxfp4": "mxfp4"}
     assert [card["profile"] for card in plan["cards"]] == ["24gb", "16gb", "12gb"]
     for card in plan["cards"]:
         assert tuple(card["slots"][p] for p in PRECISIONS) == SLOTS[name][card["profile"]]

@@ -18,7 +18,7 @@ Our names: `tok_embeddings`, `norm`, `output`, `layers.N.attention_norm`, `layer
 the sigmoid router, `.bias` for gpt-oss's), `layers.N.shared.{w1,w2,w3}`
 and `layers.N.shared_gate` (a resident shared expert), `layers.N.mlp.{w1,w2,w3}` (a dense layer);
 experts are `(layer, expert)` with parts w1, w3 [I, D] and w2 [D, I] (and biases b1, b3 [I], b2 [D] where the
-family has them).
+family has them; an MXFP4 checkpoint's `w1_blocks`, `w1_scales`, ... in `mxfp4.py`'s layout).
 """
 
 from __future__ import annotations

@@ -5,9 +5,11 @@ sink logit per head (`self_attn.sinks`), a sliding window (`sliding_window`, 128
 `layer_types` calls sliding (every other one) and full attention on the rest, YaRN RoPE.
 
 The experts of a layer are fused: `gate_up_proj` [E, D, 2I], gate and up in alternate columns (gate
-even, up odd), with `gate_up_proj_bias` [E, 2I]; `down_proj` [E, I, D] with `down_proj_bias` [E, D], as
-the BF16 checkpoints hold them. FUSED_PARTS says which of our parts each one holds (checkpoint.py reads
-it)."""
+even, up odd), with `gate_up_proj_bias` [E, 2I]; `down_proj` [E, I, D] with `down_proj_bias` [E, D]. The
+official checkpoints store both weights as MXFP4 (`quantization_config.quant_method` "mxfp4"):
+`*_blocks` [E, N, K/32, 16] uint8 and `*_scales` [E, N, K/32] uint8, output-major (N = 2I interleaved
+rows for gate_up, N = D for down), which `mxfp4.py` keeps as they are; the BF16 variants hold the plain
+tensors. FUSED_PARTS says which of our parts each one holds (checkpoint.py reads it)."""
 
 from __future__ import annotations
 
@@ -26,15 +28,19 @@ DENSE = [
 ]
 EXPERT = None  # no per-expert tensors: a layer's experts are fused
 PARTS: dict[str, str] = {}
-FUSED = r"model\.layers\.(\d+)\.mlp\.experts\.((?:gate_up|down)_proj(?:_bias)?)"
+FUSED = r"model\.layers\.(\d+)\.mlp\.experts\.((?:gate_up|down)_proj(?:_bias|_blocks|_scales)?)"
 ALL, EVEN, ODD = slice(None), slice(0, None, 2), slice(1, None, 2)
 # fused checkpoint part -> {our part: (index into one expert's slice, transposed)}: gate in the even columns
-# of gate_up, up in the odd ones; the weights are [in, out], hence transposed
+# (MXFP4: rows) of gate_up, up in the odd ones; the plain weights are [in, out], hence transposed
 FUSED_PARTS = {
     "gate_up_proj": {"w1": ((ALL, EVEN), True), "w3": ((ALL, ODD), True)},
     "down_proj": {"w2": ((), True)},
     "gate_up_proj_bias": {"b1": ((EVEN,), False), "b3": ((ODD,), False)},
     "down_proj_bias": {"b2": ((), False)},
+    "gate_up_proj_blocks": {"w1_blocks": ((EVEN,), False), "w3_blocks": ((ODD,), False)},
+    "gate_up_proj_scales": {"w1_scales": ((EVEN,), False), "w3_scales": ((ODD,), False)},
+    "down_proj_blocks": {"w2_blocks": ((), False)},
+    "down_proj_scales": {"w2_scales": ((), False)},
 }
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
@@ -45,6 +51,9 @@ def config(c: dict, path: Path) -> ModelConfig:
     types = c.get("layer_types") or [LAYER_TYPES[i % 2] for i in range(n_layers)]
     if len(types) != n_layers or not set(types) <= set(LAYER_TYPES):
         raise UserError(f"{path}: layer_types must give {n_layers} of {', '.join(LAYER_TYPES)}")
+    quant = c.get("quantization_config") or {}
+    if quant and quant.get("quant_method") != "mxfp4":
+        raise UserError(f"{path}: quantization_config {quant.get('quant_method')!r} is not supported (mxfp4 is)")
     if float(c.get("swiglu_alpha", ALPHA)) != ALPHA:
         raise UserError(f"{path}: swiglu_alpha {c['swiglu_alpha']} (the experts' activation takes {ALPHA})")
     bias = bool(c.get("attention_bias", True))
