@@ -10,8 +10,9 @@ Two backends behind one interface (`Tokenizer`), chosen by `load_tokenizer(folde
   tokenizer.model  sentencepiece (Mixtral's release layout, the demo model).
 
 Chat (`Tokenizer.chat`): the checkpoint's own `chat_template` (chat_template.jinja, else tokenizer_config.json's),
-rendered as transformers renders it (a sandboxed jinja2 environment with trim_blocks and lstrip_blocks,
-`raise_exception`, `tojson`, `strftime_now`, the messages, add_generation_prompt=True and the special tokens as
+rendered as transformers renders it (a sandboxed jinja2 environment with trim_blocks and lstrip_blocks, loop
+controls, `raise_exception`, `tojson`, `strftime_now`, a `namespace` that refuses underscore names, the messages
+with a reasoning also as `thinking` (gpt-oss's harmony template), add_generation_prompt=True and the special tokens as
 `bos_token`, `eos_token`, ...), then encoded without adding BOS (the template writes its own). A sentencepiece
 folder uses Mixtral-Instruct's template, <s>[INST] message [/INST].
 
@@ -90,12 +91,22 @@ def generation_eos_ids(folder: str | Path) -> tuple[int, ...]:
         raise UserError(f"{path}: eos_token_id must be an id or a list of ids, got {eos!r}") from None
 
 
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # names of an assistant's reasoning
+
+
 def _messages(messages: Messages) -> list[dict]:
+    """The messages as transformers hands them to a template: None keys dropped, and a reasoning given under any
+    of REASONING_FIELDS also as `thinking` (gpt-oss's harmony template reads that) and `reasoning_content`."""
     if isinstance(messages, str):
         return [{"role": "user", "content": messages}]
     if not messages or not all(isinstance(m, dict) for m in messages):
         raise UserError("a chat is a message, or a non-empty list of {'role': ..., 'content': ...} messages")
-    return [{k: v for k, v in m.items() if v is not None} for m in messages]  # as transformers: None keys dropped
+    out = []
+    for m in messages:
+        m = {k: v for k, v in m.items() if v is not None}
+        reasoning = next((m[k] for k in REASONING_FIELDS if k in m), None)
+        out.append(m if reasoning is None else {"thinking": reasoning, **m, "reasoning_content": reasoning})
+    return out
 
 
 # -- sentencepiece ---------------------------------------------------------------------------------------
@@ -285,6 +296,25 @@ def _compile(template: str):
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
+    class Namespace(jinja2.utils.Namespace):
+        """`namespace()` as transformers gives it: no attribute whose name starts with an underscore."""
+
+        def __init__(*args, **kwargs):  # jinja's own signature trick, so that namespace(self=...) works
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                Namespace.check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            Namespace.check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def check(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"a chat template may not set {name!r} on a namespace")
+
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
@@ -293,6 +323,7 @@ def _compile(template: str):
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["namespace"] = Namespace
     try:
         return env.from_string(template)
     except jinja2.TemplateSyntaxError as e:

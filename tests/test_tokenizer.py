@@ -165,6 +165,63 @@ def test_chat_template_errors(tok_dirs, tmp_path):
     assert load_tokenizer(tmp_path).render_chat("hi") == "False|hi"  # ChatML has no BOS; the file wins
 
 
+# gpt-oss's harmony template is this kind of Jinja: defaults for undefined kwargs, strftime_now, a namespace whose
+# attributes are set in loops, loop.index0, loop controls, macros, tojson, raise_exception, and an assistant's
+# reasoning read as `thinking` (given here as `reasoning_content`, which transformers aliases)
+HARMONY = """{%- macro channel(name, text) -%}<|start|>assistant<|channel|>{{ name }}<|message|>{{ text }}<|end|>
+{%- endmacro -%}
+{%- if reasoning_effort is not defined %}{% set reasoning_effort = "medium" %}{% endif -%}
+<|start|>system<|message|>Knowledge cutoff: 2024-06
+Current date: {{ strftime_now("%Y-%m-%d") }}
+Reasoning: {{ reasoning_effort }}<|end|>
+{%- set state = namespace(last_user=-1) -%}
+{%- for m in messages -%}
+  {%- if m.role == "user" %}{% set state.last_user = loop.index0 %}{% endif -%}
+{%- endfor -%}
+{%- for m in messages -%}
+  {%- if m.role == "system" %}{% continue %}{% endif -%}
+  {%- if "<|channel|>" in m.content %}{{ raise_exception("put the analysis in 'thinking'") }}{% endif -%}
+  {%- if m.role == "assistant" -%}
+    {%- if "thinking" in m and loop.index0 > state.last_user %}{{ channel("analysis", m.thinking) }}{% endif -%}
+    {{- channel("final", m.content) -}}
+  {%- elif m.role == "tool" -%}
+    <|start|>functions.lookup to=assistant<|channel|>commentary<|message|>{{ m.content | tojson }}<|end|>
+  {%- else -%}
+    <|start|>{{ m.role }}<|message|>{{ m.content }}<|end|>
+  {%- endif -%}
+  {%- if m.content == "stop here" %}{% break %}{% endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt %}<|start|>assistant{% endif -%}"""
+
+
+def test_a_harmony_like_template_renders_as_transformers(tmp_path):
+    add_tokenizer(tmp_path, "chatml")
+    (tmp_path / "chat_template.jinja").write_text(HARMONY)
+    ref, ours = AutoTokenizer.from_pretrained(tmp_path), load_tokenizer(tmp_path)
+    chats = [
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+         {"role": "assistant", "reasoning_content": "old thoughts", "content": "hello"},
+         {"role": "user", "content": "again"}],
+        [{"role": "user", "content": "a"}, {"role": "assistant", "reasoning_content": "new thoughts", "content": "b"}],
+        [{"role": "user", "content": "stop here"}, {"role": "user", "content": "never shown"}],
+        [{"role": "user", "content": "x"}, {"role": "tool", "content": {"temperature": 21}}],
+    ]
+    rendered = []
+    for messages in chats:
+        text = ref.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        rendered.append(ours.render_chat(messages))
+        assert rendered[-1] == text
+        assert ours.chat(messages) == ref.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+    assert "old thoughts" not in rendered[0] and "<|channel|>analysis<|message|>new thoughts" in rendered[1]
+    assert "never shown" not in rendered[2] and '{"temperature": 21}' in rendered[3]
+    assert "Current date: 20" in rendered[0] and rendered[0].endswith("<|start|>assistant")
+    with pytest.raises(UserError, match="put the analysis in 'thinking'"):
+        ours.chat([{"role": "assistant", "content": "<|channel|>final<|message|>x"}])
+    (tmp_path / "chat_template.jinja").write_text("{% set ns = namespace(_hidden=1) %}{{ ns._hidden }}")
+    with pytest.raises(UserError, match="_hidden"):  # as transformers' sandbox refuses it
+        load_tokenizer(tmp_path).chat("hi")
+
+
 # -- through the engine ---------------------------------------------------------------------------------
 
 
