@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: the profile's, else 1.5GiB)")
     tun.add_argument("--context", type=int, default=DEFAULTS.context, help="context to leave room for "
                      "(default: %(default)s)")
+    tun.add_argument("--batch", type=int, default=1, metavar="B", help="sequences decoding together (serve "
+                     "--max-batch): the trace replayed as B streams, one access of the union of their experts per "
+                     "layer and step, tokens/s over the batch, B sequences' KV cache (default: %(default)s)")
     tun.add_argument("--out", metavar="FILE.toml", help="write the winner as a profile (default: print it)")
 
     cal = sub.add_parser("calibrate", help="measure link, device and CPU speeds for the cost model",
@@ -393,12 +396,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"trace {args.trace}: {trace.experts.shape[0]} tokens; model {config.n_layers} layers ({config.n_moe_layers} "
           f"with experts) x {config.num_experts} experts, top-{config.top_k} (D={config.dim}, I={config.ffn_dim}); "
           f"device budget {budget / 2**30:.1f} GiB; "
-          f"link {hw['h2d_bytes_per_s'] / 1e9:.1f} GB/s")
+          f"link {hw['h2d_bytes_per_s'] / 1e9:.1f} GB/s"
+          + (f"; batch {args.batch}: B sequences decoding together, tok/s over the batch" if args.batch > 1 else ""))
     measured = str(hw.get("measured_on", ""))
     if measured and f"D={config.dim} I={config.ffn_dim} " not in measured + " ":
         print(f"note: the [hardware] rates were measured on another expert shape ({measured}); this model's experts "
               f"are D={config.dim}, I={config.ffn_dim}: `python run.py calibrate --config MODEL` measures them")
-    best, default, everything = tune(trace, config, budget, hw, reserve, args.context)
+    best, default, everything = tune(trace, config, budget, hw, reserve, args.context, batch=args.batch)
     print(f"\n  default  {default.describe()}")
     print(f"  best     {best.describe()}   ({best.tokens_per_s / default.tokens_per_s:.2f}x)")
     print("\n  one lever at a time, from the default:")

@@ -1,9 +1,13 @@
 """Cost model, hardware calibration and the offload-policy tuner.
 
-The cost model predicts the time of one decode token from a simulated cache run. Decode is
-memory-bound; copies are bytes over the measured link bandwidth, and an expert's compute is what
-`calibrate` measured for its format (one expert's decode forward, as weights per second):
-  compute  = dense bytes / device bandwidth + L*K * expert_s    (expert_s = expert weights / measured rate)
+The cost model predicts the time of one decode step from a simulated cache run: one token's, or, with
+a batch of B sequences decoding together (`--batch`), one step of all B (`batch_sim`'s replay: each
+layer acquires the union of the B tokens' experts once, so more distinct experts per step, shared
+by the rows that chose them). Decode is memory-bound; copies are bytes over the measured link
+bandwidth, and an expert's compute is what `calibrate` measured for its format (one expert's decode
+forward, as weights per second; an expert's weights are read once however many rows chose it):
+  compute  = dense bytes / device bandwidth + X * expert_s      (expert_s = expert weights / measured rate;
+                                                                 X = experts computed per step, L*K for one token)
   copy     = expert bytes / host-to-device bandwidth          (one miss or one prefetch)
   cpu      = expert weights / measured CPU rate               (one miss computed on the CPU)
 A format's kernel decides its rate, not its bytes: int4 read as 0.56 bytes per weight by a real int4
@@ -11,11 +15,12 @@ kernel is fast, int4 rebuilt in fp16 (about 12.5 bytes of traffic per weight) is
 itself. Where a profile's [hardware] has no measured rate for a format (`device_weights_per_s_int4`,
 `cpu_weights_per_s_int4`, ...), the expert costs its bytes over the device (or CPU) bandwidth, the
 assumption of a kernel that reads each byte once, and the tuner says so in its output.
-With m demand misses and p prefetch copies per token (from the simulator):
+With m demand misses and p prefetch copies per step (from the simulator):
   fetch: t = max(compute + m*copy, (m + p)*copy)    a demand miss stalls; prefetches overlap compute,
                                                    but the link carries every copy
   cpu:   t = max(compute + m*cpu,  (m + p)*copy)    the miss runs on the CPU; its copy still happens
   auto:  the faster of the two per miss (min(copy, cpu) in the first term)
+and B / t tokens per second (aggregate over the batch). The KV cache of B sequences comes off the budget.
 The tuner searches expert precision (which sets how many slots fit the budget), attention precision
 (int8 attention frees device memory for slots and reads fewer bytes per token), prefetch depth,
 miss handling, eviction policy, and slots per layer (uniform, or spread by per-layer hit curves),
@@ -34,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention_quant import ATTENTION_QUANTS, dense_bytes
+from .batch_sim import simulate_batch
 from .config import ModelConfig
 from .errors import UserError
 from .int4_layouts import int4_layout_for
@@ -58,18 +64,25 @@ class Candidate:
     prefetch: int
     miss_policy: str
     hit_rate: float
-    seconds_per_token: float
+    seconds_per_step: float  # one decode step of `batch` sequences
+    batch: int = 1
+
+    @property
+    def seconds_per_token(self) -> float:
+        return self.seconds_per_step / self.batch
 
     @property
     def tokens_per_s(self) -> float:
-        return 1 / self.seconds_per_token
+        """Aggregate over the batch."""
+        return self.batch / self.seconds_per_step
 
     def describe(self) -> str:
         s = self.slots
         slots = str(s[0]) if len(set(s)) == 1 else f"{min(s)}-{max(s)} (sum {sum(s)})"
         return (f"{self.precision:<5} attn {self.attention:<4} slots {slots:<14} {self.policy:<6} "
                 f"prefetch {self.prefetch} miss {self.miss_policy:<5} hit {100 * self.hit_rate:5.1f}%  "
-                f"{self.tokens_per_s:7.2f} tok/s")
+                f"{self.tokens_per_s:7.2f} tok/s" + (f" ({1e3 * self.seconds_per_step:.2f} ms per step of {self.batch})"
+                                                     if self.batch > 1 else ""))
 
 
 def rate_key(where: str, precision: str) -> str:
@@ -99,14 +112,16 @@ def rate_notes(hw: dict, precisions=PRECISIONS) -> list[str]:
     return notes
 
 
-def token_seconds(config: ModelConfig, expert_bytes: int, hw: dict, misses: float, prefetches: float,
-                  miss_policy: str, attention: str = "none", group_size: int = 64, precision: str | None = None
-                  ) -> float:
-    """Predicted seconds per decode token (see the module docstring); `precision` ("none", "int8",
-    "int4") selects the measured compute rates of `hw` (see `expert_seconds`)."""
+def step_seconds(config: ModelConfig, expert_bytes: int, hw: dict, misses: float, prefetches: float,
+                 miss_policy: str, attention: str = "none", group_size: int = 64, precision: str | None = None,
+                 experts: float | None = None) -> float:
+    """Predicted seconds of one decode step with `misses` and `prefetches` copies (see the module docstring):
+    `experts` computed in it (default L*K, one token's); `precision` ("none", "int8", "int4") selects the
+    measured compute rates of `hw` (see `expert_seconds`)."""
     dense = dense_bytes(config, torch.float16, attention, group_size)  # fp16 resident weights
     expert_s, cpu = expert_seconds(config, expert_bytes, hw, precision)
-    compute = dense / hw["device_bytes_per_s"] + config.n_moe_layers * config.top_k * expert_s
+    experts = config.n_moe_layers * config.top_k if experts is None else experts
+    compute = dense / hw["device_bytes_per_s"] + experts * expert_s
     copy = expert_bytes / hw["h2d_bytes_per_s"]
     per_miss = {"fetch": copy, "cpu": cpu, "auto": min(copy, cpu)}[miss_policy]
     return max(compute + misses * per_miss, (misses + prefetches) * copy)
@@ -161,19 +176,30 @@ def spread_slots(hits: dict[int, list[int]], total: int, top_k: int, num_experts
 
 
 def tune(trace: Trace, config: ModelConfig, budget: int, hw: dict, reserve: int = int(DEFAULT_RESERVE),
-         context: int = 4096, policies=("lru", "lfu", "fifo", "random"), log=print) -> tuple[Candidate, Candidate,
-                                                                                          list[Candidate]]:
-    """Search the offload settings for `trace` on a device of `budget` bytes. Returns (best, default, all)."""
+         context: int = 4096, policies=("lru", "lfu", "fifo", "random"), log=print, batch: int = 1
+         ) -> tuple[Candidate, Candidate, list[Candidate]]:
+    """Search the offload settings for `trace` on a device of `budget` bytes, for `batch` sequences decoding
+    together (the trace replayed as B streams, `batch_sim.simulate_batch`; their KV cache off the budget).
+    Returns (best, default, all)."""
+    if batch < 1:
+        raise UserError("--batch must be 1 or more")
     if trace.num_layers != config.n_moe_layers or trace.num_experts != config.num_experts:
         raise UserError(f"the trace has {trace.num_layers} layers x {trace.num_experts} experts; the model shape has "
                         f"{config.n_moe_layers} x {config.num_experts}")
     T = trace.experts.shape[0]
     K, E, L = config.top_k, config.num_experts, config.n_moe_layers
+
+    def replay(slots: int | list[int], policy: str, prefetch: int) -> dict:
+        return simulate(trace, slots, policy, prefetch) if batch == 1 else simulate_batch(trace, slots, policy, batch,
+                                                                                         prefetch)
+
     curves: dict[tuple[str, int], dict[int, dict]] = {}  # (policy, prefetch) -> slots -> result
     for policy in policies:
         for prefetch in (0, 1) if (trace.predicted >= 0).any() else (0,):
             sizes = tune_sizes(K, E)
-            curves[policy, prefetch] = dict(zip(sizes, simulate_many(trace, sizes, policy, prefetch), strict=True))
+            results = simulate_many(trace, sizes, policy, prefetch) if batch == 1 else [
+                replay(s, policy, prefetch) for s in sizes]
+            curves[policy, prefetch] = dict(zip(sizes, results, strict=True))
 
     for note in rate_notes(hw):
         log(note)
@@ -185,7 +211,7 @@ def tune(trace: Trace, config: ModelConfig, budget: int, hw: dict, reserve: int 
                 f"I={config.ffn_dim} and H*hd={config.n_heads * config.head_dim}")
             continue
         free = budget - reserve - dense_bytes(config, torch.float16, attention, group or 64) - config.kv_bytes(
-            context, 2)
+            context, 2) * batch
         nbytes = bytes_per_expert(config, precision, group or 64, torch.float16)
         total = int(free // nbytes)
         if total < K * L:
@@ -200,18 +226,18 @@ def tune(trace: Trace, config: ModelConfig, budget: int, hw: dict, reserve: int 
             if spread != allocations[0]:
                 allocations.append(spread)
             for alloc in allocations:
-                r = curve[alloc[0]] if len(set(alloc)) == 1 else simulate(trace, alloc, policy, prefetch)
-                misses = r["misses"] / T
-                prefetches = r["prefetch_copies"] / T
+                r = curve[alloc[0]] if len(set(alloc)) == 1 else replay(alloc, policy, prefetch)
+                steps = r.get("forwards", T)  # one token each when batch is 1
+                misses, prefetches = r["misses"] / steps, r["prefetch_copies"] / steps
                 for miss in ("fetch", "cpu", "auto"):
-                    secs = token_seconds(config, nbytes, hw, misses, prefetches, miss, attention, group or 64,
-                                         precision)
+                    secs = step_seconds(config, nbytes, hw, misses, prefetches, miss, attention, group or 64,
+                                        precision, r["accesses"] / steps)
                     out.append(Candidate(precision, attention, group or 64, alloc, policy, prefetch, miss,
-                                         r["hit_rate"], secs))
+                                         r["hit_rate"], secs, batch))
     if not out:
         dense = dense_bytes(config, torch.float16, "int8" if group else "none", group or 64)
         raise UserError(f"nothing fits a {gib(budget)} device: dense weights and KV cache take at least "
-                        f"{gib(dense + config.kv_bytes(context, 2))} plus {gib(reserve)} reserve")
+                        f"{gib(dense + config.kv_bytes(context, 2) * batch)} plus {gib(reserve)} reserve")
     best = min(out, key=lambda c: c.seconds_per_token)
     default = next((c for c in out if c.policy == "lru" and c.prefetch == 0 and c.miss_policy == "fetch"
                     and len(set(c.slots)) == 1 and c.precision == best.precision and c.attention == "none"), best)
@@ -342,8 +368,9 @@ def _size_text(n: int) -> str:
 
 def winner_profile(best: Candidate, base: Profile, budget: int, reserve: int, hw: dict, trace_name: str) -> str:
     data = {
-        "description": f"tuned on {trace_name}: predicted {best.tokens_per_s:.2f} tok/s, hit rate "
-                       f"{100 * best.hit_rate:.1f}%",
+        "description": f"tuned on {trace_name}: predicted {best.tokens_per_s:.2f} tok/s"
+                       + (f" over {best.batch} sequences (serve --max-batch {best.batch})" if best.batch > 1 else "")
+                       + f", hit rate {100 * best.hit_rate:.1f}%",
         "device": base.settings.get("device", "cuda"),
         "dtype": base.settings.get("dtype", "float16"),
         "expert_quant": best.precision,

@@ -11,7 +11,7 @@ import torch
 
 from offload_moe.quant import bytes_per_expert
 from offload_moe.trace import Trace
-from offload_moe.tune import MIXTRAL_8X7B, spread_slots, to_toml, token_seconds, tune
+from offload_moe.tune import MIXTRAL_8X7B, spread_slots, step_seconds, to_toml, tune
 
 HW = {"h2d_bytes_per_s": 25e9, "device_bytes_per_s": 800e9, "cpu_bytes_per_s": 40e9}
 
@@ -36,16 +36,16 @@ def test_cost_model_orders_the_levers():
     fp16 = MIXTRAL_8X7B.expert_params * 2
     int4 = fp16 // 4
     # fewer misses is faster; a smaller expert is cheaper to copy; the CPU wins for a slow link
-    assert token_seconds(MIXTRAL_8X7B, fp16, HW, 10, 0, "fetch") < token_seconds(MIXTRAL_8X7B, fp16, HW, 20, 0, "fetch")
-    assert token_seconds(MIXTRAL_8X7B, int4, HW, 10, 0, "fetch") < token_seconds(MIXTRAL_8X7B, fp16, HW, 10, 0, "fetch")
+    assert step_seconds(MIXTRAL_8X7B, fp16, HW, 10, 0, "fetch") < step_seconds(MIXTRAL_8X7B, fp16, HW, 20, 0, "fetch")
+    assert step_seconds(MIXTRAL_8X7B, int4, HW, 10, 0, "fetch") < step_seconds(MIXTRAL_8X7B, fp16, HW, 10, 0, "fetch")
     slow_link = dict(HW, h2d_bytes_per_s=4e9)
-    assert token_seconds(MIXTRAL_8X7B, fp16, slow_link, 10, 0, "cpu") < token_seconds(
+    assert step_seconds(MIXTRAL_8X7B, fp16, slow_link, 10, 0, "cpu") < step_seconds(
         MIXTRAL_8X7B, fp16, slow_link, 10, 0, "fetch")
-    assert token_seconds(MIXTRAL_8X7B, fp16, HW, 10, 0, "auto") == min(
-        token_seconds(MIXTRAL_8X7B, fp16, HW, 10, 0, m) for m in ("fetch", "cpu"))
+    assert step_seconds(MIXTRAL_8X7B, fp16, HW, 10, 0, "auto") == min(
+        step_seconds(MIXTRAL_8X7B, fp16, HW, 10, 0, m) for m in ("fetch", "cpu"))
     # with no misses a token costs its compute: dense + 64 experts read at device bandwidth
     compute = (MIXTRAL_8X7B.dense_params * 2 + 64 * fp16) / HW["device_bytes_per_s"]
-    assert token_seconds(MIXTRAL_8X7B, fp16, HW, 0, 0, "fetch") == pytest.approx(compute)
+    assert step_seconds(MIXTRAL_8X7B, fp16, HW, 0, 0, "fetch") == pytest.approx(compute)
 
 
 def test_profile_writer_round_trips_through_tomllib():
@@ -64,7 +64,7 @@ def test_int8_attention_buys_expert_slots_and_reads_fewer_bytes():
     # Mixtral's attention: 2.5 GiB in fp16, 1.3 GiB in int8: room for 13 more int4 experts (94.5 MiB)
     assert slots["int8"] - slots["none"] == 13
     fp16 = MIXTRAL_8X7B.expert_params * 2
-    assert token_seconds(MIXTRAL_8X7B, fp16, HW, 0, 0, "fetch", "int8") < token_seconds(
+    assert step_seconds(MIXTRAL_8X7B, fp16, HW, 0, 0, "fetch", "int8") < step_seconds(
         MIXTRAL_8X7B, fp16, HW, 0, 0, "fetch", "none")
 
 
@@ -99,13 +99,13 @@ def test_cost_model_reads_measured_rates():
     measured = dict(HW, **{rate_key("device", "int4"): 2e11, rate_key("cpu", "int4"): 5e9})
     dense = MIXTRAL_8X7B.dense_params * 2 / HW["device_bytes_per_s"]
     per_expert = MIXTRAL_8X7B.expert_params / 2e11  # not int4's bytes over the bandwidth
-    assert token_seconds(MIXTRAL_8X7B, int4, measured, 0, 0, "fetch", precision="int4") == pytest.approx(
+    assert step_seconds(MIXTRAL_8X7B, int4, measured, 0, 0, "fetch", precision="int4") == pytest.approx(
         dense + 64 * per_expert)
     cpu_miss = MIXTRAL_8X7B.expert_params / 5e9
-    assert token_seconds(MIXTRAL_8X7B, int4, measured, 1, 0, "cpu", precision="int4") == pytest.approx(
+    assert step_seconds(MIXTRAL_8X7B, int4, measured, 1, 0, "cpu", precision="int4") == pytest.approx(
         dense + 64 * per_expert + cpu_miss)
     # without a precision, or for a precision the profile has no figure for: bytes over bandwidth, as before
-    assert token_seconds(MIXTRAL_8X7B, int4, measured, 0, 0, "fetch") == token_seconds(
+    assert step_seconds(MIXTRAL_8X7B, int4, measured, 0, 0, "fetch") == step_seconds(
         MIXTRAL_8X7B, int4, HW, 0, 0, "fetch", precision="int4")
 
 
@@ -138,3 +138,44 @@ def test_card_profiles_hold_no_unmeasured_compute_rates():
         hw = hardware_of(load_profile(name))
         assert not any(k.endswith(("_weights_per_s_none", "_weights_per_s_int8", "_weights_per_s_int4")) for k in hw)
         assert len(rate_notes(hw)) == 2  # device and CPU
+
+
+def test_tuning_for_a_batch_replays_b_streams_and_prices_the_whole_step(tmp_path, capsys):
+    """--batch B: each candidate's hits and copies are batch_sim's replay of the trace as B streams (the
+    engine's eviction rule); the step computes the union of the B tokens' experts per layer (more than
+    one token's L*K, fewer than B times that), costs `step_seconds` of those per-step counts, and its
+    tokens/s count all B; the KV cache of B sequences comes off the budget (fewer slots fit)."""
+    from conftest import run_cli
+
+    from offload_moe.batch_sim import simulate_batch
+    from offload_moe.trace import save_trace
+
+    trace, B = random_trace(96), 4
+    budget, reserve, context = 20 * 2**30, 2**30, 4096  # 15.5 GiB for int4 slots of 2.95 GiB a layer: 5; 14.0: 4
+    _, _, alone = tune(trace, MIXTRAL_8X7B, budget, HW, reserve, context, policies=("lru",), log=lambda _: None)
+    _, _, batched = tune(trace, MIXTRAL_8X7B, budget, HW, reserve, context, policies=("lru",), log=lambda _: None,
+                         batch=B)
+    int4 = bytes_per_expert(MIXTRAL_8X7B, "int4", 64, torch.float16)
+
+    def uniform(cands):
+        return max(c.slots[0] for c in cands if (c.precision, c.attention, len(set(c.slots))) == ("int4", "none", 1))
+
+    assert uniform(alone) == 5 and uniform(batched) == 4
+    c = next(c for c in batched if (c.precision, c.attention, c.slots, c.prefetch, c.miss_policy) ==
+             ("int4", "none", [4] * 32, 0, "fetch"))
+    r = simulate_batch(trace, 4, "lru", B)
+    steps = r["forwards"]
+    assert steps == 96 // B and c.batch == B and c.hit_rate == r["hit_rate"]
+    experts = r["accesses"] / steps
+    assert 32 * 2 < experts < B * 32 * 2
+    want = step_seconds(MIXTRAL_8X7B, int4, HW, r["misses"] / steps, 0, "fetch", precision="int4", experts=experts)
+    assert c.seconds_per_step == pytest.approx(want) and c.tokens_per_s == pytest.approx(B / want)
+    assert "ms per step of 4" in c.describe()
+    path = tmp_path / "t.trace"
+    save_trace(path, trace)
+    code, out, err = run_cli(capsys, "tune", "--trace", str(path), "--budget", "20GB", "--reserve", "1GB", "--batch",
+                             "4")
+    assert code == 0, err
+    assert "batch 4" in out and "over 4 sequences (serve --max-batch 4)" in out
+    code, _, err = run_cli(capsys, "tune", "--trace", str(path), "--budget", "20GB", "--batch", "0")
+    assert code == 1 and "--batch must be 1 or more" in err
