@@ -42,6 +42,7 @@ from .layers import KVPool
 from .profiles import gib
 
 FINISHED_KEPT = 1024  # finished requests whose result and stats stay readable
+RECENT_S = 10.0  # the window of `decode_rate`, seconds
 
 
 @dataclass
@@ -103,6 +104,8 @@ class Scheduler:
         self.next_id = 0
         self.steps = 0
         self.batch_sizes: list[int] = []  # sequences per decode forward, for the stats
+        self.decode_tokens, self.decode_s = 0, 0.0  # tokens of decode steps (not prefills) and their seconds
+        self.recent: deque[tuple[float, int, float]] = deque()  # (end, tokens, seconds) of the last RECENT_S's steps
 
     @property
     def busy(self) -> bool:
@@ -166,6 +169,12 @@ class Scheduler:
         ids = picked.tolist()  # SYNC: the tokens go to the host, to stream them and to check for EOS
         self.batch_sizes.append(len(reqs))
         now = time.perf_counter()
+        self.decode_tokens += len(reqs)
+        self.decode_s += now - t0
+        with self.lock:  # `decode_rate` reads it from another thread
+            self.recent.append((now, len(reqs), now - t0))
+            while self.recent[0][0] < now - RECENT_S:
+                self.recent.popleft()
         for b, req in enumerate(reqs):
             req.result.decode_steps += 1
             if req.result.decode_steps == 1:
@@ -233,6 +242,15 @@ class Scheduler:
         self.finished[req.id] = req
         while len(self.finished) > FINISHED_KEPT:
             self.finished.popitem(last=False)
+
+    def decode_rate(self) -> float:
+        """Aggregate decode tokens/s of the decode steps that ended in the last RECENT_S seconds: their
+        tokens over their seconds (the rate while decoding; 0 when none ran)."""
+        since = time.perf_counter() - RECENT_S
+        with self.lock:
+            steps = [(n, s) for end, n, s in self.recent if end >= since]
+        seconds = sum(s for _, s in steps)
+        return sum(n for n, _ in steps) / seconds if seconds > 0 else 0.0
 
     def _request(self, rid: int) -> Request:
         with self.lock:  # another thread may be adding to `waiting`

@@ -194,15 +194,40 @@ def test_a_client_gone_before_a_whole_completion_is_cancelled(demo):
 
 
 def test_metrics(demo):
+    """Every figure the issue lists, parsed from the Prometheus text: requests, tokens in and out, decode
+    tok/s (counters of decode tokens and seconds, and a gauge over the last 10 s), batch size, queue length,
+    hit rate overall and per layer, bytes copied, prefetch recall; each sample under its # TYPE."""
+    assert demo.idle()
+    with ThreadPoolExecutor(2) as pool:  # two streams: decode steps of 2 sequences, within the gauge's window
+        list(pool.map(lambda p: complete(demo.client, p), PROMPTS[:2]))
     text = httpx.get(demo.url + "/metrics", timeout=10).text
-    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if not line.startswith("#")}
-    assert values["offload_moe_requests_total"] > 0
-    assert values["offload_moe_generation_tokens_total"] > 0
-    assert 0 <= values["offload_moe_expert_hit_rate"] <= 1
-    assert {"offload_moe_batch_size", "offload_moe_queue_length", "offload_moe_prefetch_recall"} <= set(values)
-    assert values["offload_moe_expert_bytes_to_device_total"] > 0  # 2 of 8 experts cached: misses copied
-    layers = [k for k in values if k.startswith('offload_moe_expert_layer_hit_rate{layer="')]
+    values, types = {}, {}
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            types[name] = kind
+        elif not line.startswith("#"):
+            name, value = line.split()
+            values[name] = float(value)
+            assert name.split("{")[0] in types, name
+    p = "offload_moe_"
+    listed = ["requests_total", "prompt_tokens_total", "generation_tokens_total", "decode_tokens_total",
+              "decode_seconds_total", "decode_tokens_per_second", "batch_size", "queue_length", "expert_hit_rate",
+              "expert_bytes_to_device_total", "expert_copies_total", "prefetch_recall"]
+    assert {p + n for n in listed} <= set(values)
+    assert all(types[p + n] == ("counter" if n.endswith("_total") else "gauge") for n in listed)
+    assert values[p + "requests_total"] >= 2 and values[p + "prompt_tokens_total"] > 0
+    generated = values[p + "generation_tokens_total"]
+    assert 0 < values[p + "decode_tokens_total"] <= generated  # prefills made the first tokens
+    assert values[p + "decode_seconds_total"] > 0
+    rate = values[p + "decode_tokens_per_second"]
+    assert 0 < rate and rate == pytest.approx(demo.service.scheduler.decode_rate(), rel=0.5)
+    assert (values[p + "batch_size"], values[p + "queue_length"]) == (0, 0)  # idle again
+    assert 0 <= values[p + "expert_hit_rate"] <= 1 and 0 <= values[p + "prefetch_recall"] <= 1
+    assert values[p + "expert_bytes_to_device_total"] > 0  # 2 of 8 experts cached: misses copied
+    layers = [k for k in values if k.startswith(p + 'expert_layer_hit_rate{layer="')]
     assert len(layers) == demo.service.engine.config.n_moe_layers
+    assert all(0 <= values[k] <= 1 for k in layers)
 
 
 def test_chat_with_the_checkpoints_template(tmp_path):
