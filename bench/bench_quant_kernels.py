@@ -1,9 +1,10 @@
-"""CPU expert forward by format and path: dense against int8 and int4, torch's packed kernels against
-dequantize + matmul. This is the measurement behind the kernel choices in offload_moe/quant.py.
+"""CPU expert forward by format and path: dense against int8, int4 and MXFP4, torch's packed kernels against
+dequantize + matmul. This is the measurement behind the kernel choices in offload_moe/quant.py and mxfp4.py.
 
     python bench/bench_quant_kernels.py [--threads 2] [--tokens 1 16] [--seconds 60] [--group-size 64]
+                                        [--dim 512 --ffn 1792]   (gpt-oss's experts: --dim 2880 --ffn 2880)
 
-One expert of the shape in bench_decode.py (D=512, I=1792), random std-0.02 weights, per compute dtype
+One expert of the shape in bench_decode.py (D=512, I=1792, or --dim/--ffn), random std-0.02 weights, per compute dtype
 (fp32, the CPU default; bf16; fp16, what a CUDA engine hands to its CPU-miss path). Paths:
   forward      what `fmt.forward` runs (one of the below, by device, dtype and token count)
   dequant      `fmt.forward_dequant`: dequantize in fp32, fp32 matmul, cast back
@@ -12,6 +13,7 @@ One expert of the shape in bench_decode.py (D=512, I=1792), random std-0.02 weig
                int4: `_weight_int4pack_mm_for_cpu` in bf16, activations cast
   kernel-dtype int4 only: the same kernel in the compute dtype itself (scalar but for bf16)
   bmm          int8 only: `int8_bmm_linear`, codes widened in place order, one batched matmul in fp32
+MXFP4 (`mxfp4.Mxfp4Format`) has one path: `forward` is its `dequant` (decode into fp32, fp32 matmul).
 Times are the best of many interleaved runs, in microseconds, so that other load on the machine
 shows as little as possible; `GB/s` is the expert's packed bytes over the first token count's time
 (what a CPU-computed miss must stream from RAM); `err` is the largest difference from `dequant`,
@@ -24,6 +26,7 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -34,10 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from offload_moe.config import ModelConfig  # noqa: E402
 from offload_moe.formats import DenseFormat  # noqa: E402
 from offload_moe.int4_layouts import int4_cpu_kernel_linear  # noqa: E402
+from offload_moe.mxfp4 import Mxfp4Format  # noqa: E402
 from offload_moe.quant import Int4Format, Int8Format, int8_bmm_linear  # noqa: E402
 
 SHAPE = ModelConfig(dim=512, n_layers=1, n_heads=8, n_kv_heads=2, head_dim=64, ffn_dim=1792, num_experts=8, top_k=2,
-                    vocab_size=32000)
+                    vocab_size=32000)  # --dim and --ffn replace D and I
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -75,17 +79,19 @@ def packed(fmt, parts: dict[str, torch.Tensor]) -> tuple:
     return fmt.views(buf)
 
 
-def candidates(dtype: torch.dtype, group_size: int) -> tuple[dict[tuple[str, str], Forward], dict[str, int]]:
+def candidates(shape: ModelConfig, dtype: torch.dtype, group_size: int
+               ) -> tuple[dict[tuple[str, str], Forward], dict[str, int]]:
     """(format, path) -> the expert forward of x [T, D] by that path; and each format's bytes per expert."""
     g = torch.Generator().manual_seed(0)
-    D, I = SHAPE.dim, SHAPE.ffn_dim
+    D, I = shape.dim, shape.ffn_dim
     parts = {k: torch.randn(*s, generator=g) * 0.02 for k, s in {"w1": (I, D), "w3": (I, D), "w2": (D, I)}.items()}
-    dense = DenseFormat(SHAPE, dtype)
-    int8, int4 = Int8Format(SHAPE, dtype, group_size), Int4Format(SHAPE, dtype, group_size)
-    dv, v8, v4 = packed(dense, parts), packed(int8, parts), packed(int4, parts)
+    dense = DenseFormat(shape, dtype)
+    int8, int4 = Int8Format(shape, dtype, group_size), Int4Format(shape, dtype, group_size)
+    mx = Mxfp4Format(shape, dtype)
+    dv, v8, v4, vm = packed(dense, parts), packed(int8, parts), packed(int4, parts), packed(mx, parts)
     out: dict[tuple[str, str], Forward] = {
         ("dense", "forward"): lambda x: dense.forward(x, dv)}
-    for fmt, views in ((int8, v8), (int4, v4)):
+    for fmt, views in ((int8, v8), (int4, v4), (mx, vm)):
         out[fmt.name, "forward"] = lambda x, fmt=fmt, views=views: fmt.forward(x, views)
         out[fmt.name, "dequant"] = lambda x, fmt=fmt, views=views: fmt.forward_dequant(x, views)
     out[int8.name, "kernel"] = lambda x: swiglu(int8_kernel, x, v8)
@@ -96,7 +102,7 @@ def candidates(dtype: torch.dtype, group_size: int) -> tuple[dict[tuple[str, str
 
         out[int4.name, "kernel"] = lambda x: swiglu(int4_bf16, x, v4)
         out[int4.name, "kernel-dtype"] = lambda x: swiglu(int4_kernel_in_dtype(group_size), x, v4)
-    return out, {f.name: f.nbytes for f in (dense, int8, int4)}
+    return out, {f.name: f.nbytes for f in (dense, int8, int4, mx)}
 
 
 def main() -> None:
@@ -106,19 +112,22 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     ap.add_argument("--seconds", type=float, default=60.0, help="total measuring time, shared by all rows")
     ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--dim", type=int, default=SHAPE.dim)
+    ap.add_argument("--ffn", type=int, default=SHAPE.ffn_dim)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    shape = replace(SHAPE, dim=args.dim, ffn_dim=args.ffn)
 
     runs: dict[tuple[str, str, str, int], Forward] = {}
     errors: dict[tuple[str, str, str, int], float] = {}
     nbytes: dict[tuple[str, str], int] = {}  # (format, dtype) -> bytes one forward must read
     for dname in args.dtypes:
         dtype = DTYPES[dname]
-        forwards, sizes = candidates(dtype, args.group_size)
+        forwards, sizes = candidates(shape, dtype, args.group_size)
         for (fmt, path), fwd in forwards.items():
-            nbytes[fmt, dname] = sizes[fmt if fmt != "dense" else DenseFormat(SHAPE, dtype).name]
+            nbytes[fmt, dname] = sizes[fmt if fmt != "dense" else DenseFormat(shape, dtype).name]
             for T in args.tokens:
-                x = torch.randn(T, SHAPE.dim, generator=torch.Generator().manual_seed(T)).to(dtype)
+                x = torch.randn(T, shape.dim, generator=torch.Generator().manual_seed(T)).to(dtype)
                 runs[fmt, path, dname, T] = lambda fwd=fwd, x=x: fwd(x)
     for key, run in runs.items():
         fmt, _, dname, T = key
@@ -135,7 +144,7 @@ def main() -> None:
             best[key] = min(best[key], time.perf_counter() - t0)
 
     cols = [f"T={T} us" for T in args.tokens]
-    print(f"CPU expert forward, D={SHAPE.dim} I={SHAPE.ffn_dim}, group {args.group_size}, "
+    print(f"CPU expert forward, D={shape.dim} I={shape.ffn_dim}, group {args.group_size}, "
           f"{args.threads} threads, torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}")
     print("GB/s: the expert's bytes over the first token count's time, i.e. how fast the path streams the weights")
     print(f"{'format':<10} {'path':<13} {'dtype':<5} {'MiB':>6} " + " ".join(f"{c:>10}" for c in cols)

@@ -1,9 +1,10 @@
 """transformers' decode speed, timed the way the engine reports its own: over the decode steps after
-the first (the engine times the first decode step apart), best of several runs. Shared by the bench
-scripts that compare against transformers."""
+the first (the engine times the first decode step apart), best of several runs; and the engine's own, from
+its stats. Shared by the bench scripts that compare against transformers."""
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
@@ -25,3 +26,26 @@ def transformers_decode_rate(model, prompt: list[int], tokens: int, repeats: int
         total = timed(tokens)
         best = max(best, (tokens - 2) / max(total - head, 1e-9))
     return best
+
+
+def engine_decode_rate(engine, prompt: list[int], tokens: int, repeats: int) -> tuple[float, dict]:
+    """The engine's decode tokens/s on `prompt` (best of `repeats`, greedy) and that run's stats."""
+    engine.generate(prompt[:8], 4)  # one-time work out of the way
+    runs = [engine.generate(prompt, tokens).stats for _ in range(repeats)]
+    best = max(runs, key=lambda s: s["decode_tokens_per_s"])
+    return best["decode_tokens_per_s"], best
+
+
+def prompt_bench_args(description: str) -> tuple[argparse.Namespace, dict[str, list[int]]]:
+    """The flags of a bench that decodes after a short and a long prompt (--tokens, --long, --threads, applied
+    here, --repeats), and those two prompts: 8 and --long random ids of a 32000-piece vocabulary, BOS first."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--long", type=int, default=1024, help="prompt tokens of the long-context run")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(1)
+    return args, {"short": [1] + torch.randint(3, 32000, (7,), generator=g).tolist(),
+                  "long": [1] + torch.randint(3, 32000, (args.long - 1,), generator=g).tolist()}

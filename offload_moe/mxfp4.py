@@ -7,19 +7,22 @@ element 2j in the low nibble of byte j and element 2j + 1 in the high one, plus 
 2**(s - 127). A code's bit 8 is the sign, its low 3 bits index FP4 = [0, .5, 1, 1.5, 2, 3, 4, 6]. A weight
 is FP4[code] * 2**(s - 127): 4.25 bits per weight.
 
-`Mxfp4Format`'s buffer (a `quant.GroupQuantFormat`: per matrix, its parts on 64-byte boundaries):
-  w13 blocks uint8 [2I, D/2] and scales uint8 [2I, D/32]: w1's I rows, then w3's (the checkpoint
-      interleaves gate and up rows, 2i and 2i + 1; rows are whole blocks, so taking them apart moves
-      bytes and changes no code);
-  w2 blocks uint8 [D, I/2] and scales uint8 [D, I/32];
+`Mxfp4Format`'s buffer (a `quant.GroupQuantFormat`: per matrix, its parts on 64-byte boundaries), the
+checkpoint's bytes moved, never changed (blocks and rows stay whole):
+  w13 blocks uint8 [D/32, 2I, 16] and scales uint8 [D/32, 2I]: block-major (all rows' first blocks, then
+      their second, ...), w1's I rows before w3's (the checkpoint interleaves gate and up rows);
+  w2 blocks uint8 [I/32, D, 16] and scales uint8 [I/32, D];
   then, where the family has them (gpt-oss does), the biases in float32.
-gpt-oss-20b's expert (D = I = 2880): 13,253,760 bytes, against 49,800,960 in bf16.
+gpt-oss-20b's expert (D = I = 2880): 13,253,760 bytes, against 49,783,680 in bf16.
 
-Compute (CPU and device alike): each matrix is decoded into the format's scratch buffer (float32 on the
-CPU, the compute dtype on a device) by one gather through a 256-entry table that maps a byte to its two
-values (`dequantize`), scaled per block in place, then one `F.linear`; nothing of a weight's size is
-allocated per call. Not a fused kernel: the CPU pays for decoding each weight on every use, which
-bench/bench_quant_kernels.py measures beside int4's kernel.
+Compute: a matrix's weights are decoded by one gather through a 256-entry table that maps a byte to its two
+values (`dequantize`), into the format's scratch buffer (float32 on the CPU, the compute dtype on
+a device), so nothing of a weight's size is allocated per call. On the CPU, for up to MXFP4_BMM_MAX_TOKENS
+tokens (`mxfp4_bmm_linear`), the block-major layout makes the decoded blocks G contiguous [N, 32] matrices:
+one batched matmul gives each block's partial sums, which the scales then weigh (the int8 format's
+`int8_bmm_linear` does the same), instead of a pass that scales every weight. Elsewhere (a device, a prompt)
+the weights are decoded in [N, K] order, scaled, and `F.linear` runs. Not a fused kernel: the CPU decodes
+each weight on every use, which bench/bench_quant_kernels.py measures beside int4's kernel.
 
 `quantize` (for `--expert-quant mxfp4` on other checkpoints, and the tests' MXFP4 files): each block's
 scale is the smallest power of two that brings its largest magnitude within 6, each value rounds to the
@@ -44,33 +47,54 @@ MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)  # between consecutive FP4 m
 SCALE_BIAS = 127  # E8M0: scale 2**(s - 127)
 
 
+MXFP4_BMM_MAX_TOKENS = 16  # up to this many tokens the CPU weighs block partial sums (`mxfp4_bmm_linear`)
+
+
 @functools.cache
-def _byte_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """[256] integers of twice `dtype`'s width, each holding the two values of a byte (low nibble first) in
-    `dtype`: one gather decodes a byte into its two weights."""
-    codes = torch.arange(256)
+def _pair_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[256] items of twice `dtype`'s width, item b holding the two values of byte b (low nibble first) in
+    `dtype`: one gather decodes a byte into its two weights; the table (1 or 2 KiB) stays in the L1 cache."""
+    b = torch.arange(256)
     values = torch.tensor(FP4 + tuple(-v for v in FP4), dtype=torch.float32)
-    pairs = torch.stack((values[codes & 15], values[codes >> 4]), dim=-1).to(dtype)  # [256, 2]
+    pairs = torch.stack((values[b & 15], values[b >> 4]), dim=-1).to(dtype)  # [256, 2]
     wide = {2: torch.int32, 4: torch.int64}[dtype.itemsize]
     return pairs.contiguous().view(wide).view(256).to(device)
 
 
+def _decode(blocks: torch.Tensor, out: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """The unscaled values of blocks [..., 16] uint8 (any strides), in their order, into `out` (its dtype;
+    32 values a block); `index`: an int32 buffer of one element a byte (default: a new one). -> [2n] of n bytes"""
+    n = blocks.numel()
+    if index is None:
+        index = torch.empty(n, dtype=torch.int32, device=blocks.device)
+    idx = index[:n].view(blocks.shape).copy_(blocks).view(-1)  # the bytes, widened for the gather
+    table = _pair_table(blocks.device, out.dtype)
+    return torch.index_select(table, 0, idx, out=out[: 2 * n].view(table.dtype)).view(out.dtype)
+
+
 def dequantize(blocks: torch.Tensor, scales: torch.Tensor, out: torch.Tensor | None = None,
                index: torch.Tensor | None = None) -> torch.Tensor:
-    """The weights [N, K] of MXFP4 blocks [N, K/2] (or [N, G, 16]) uint8 and scales [N, G] uint8, in
-    `out`'s dtype and memory (at least N*K elements; default: a new float32 tensor). `index`, an int32
-    buffer of at least N*K/2 elements, holds the bytes widened for the gather (default: a new one)."""
+    """The weights [N, K] of MXFP4 blocks [N, G, 16] uint8 (or [N, K/2]) and scales [N, G] uint8, either
+    possibly strided views (the format's block-major parts, transposed), in `out`'s dtype and memory (at
+    least N*K elements; default: a new float32 tensor); `index` as `_decode`'s."""
     N, G = scales.shape
-    K = G * BLOCK
     if out is None:
-        out = torch.empty(N * K, dtype=torch.float32, device=blocks.device)
-    table = _byte_table(blocks.device, out.dtype)
-    w = out[: N * K]
-    idx = blocks.reshape(-1).to(torch.int32) if index is None else index[: N * K // 2].copy_(blocks.reshape(-1))
-    torch.index_select(table, 0, idx, out=w.view(table.dtype))  # byte j -> weights 2j, 2j + 1
-    factor = torch.exp2(scales.float() - SCALE_BIAS)  # [N, G], exact powers of two
-    w.view(N, G, BLOCK).mul_(factor.unsqueeze(-1))  # in float32, rounded once to out's dtype
-    return w.view(N, K)
+        out = torch.empty(N * G * BLOCK, dtype=torch.float32, device=blocks.device)
+    w = _decode(blocks.view(N, G, 16), out, index).view(N, G, BLOCK)
+    w.mul_(torch.exp2(scales.float() - SCALE_BIAS).unsqueeze(-1))  # exact powers of two, one rounding to out's dtype
+    return w.view(N, G * BLOCK)
+
+
+def mxfp4_bmm_linear(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, scratch: torch.Tensor,
+                     index: torch.Tensor) -> torch.Tensor:
+    """x [T, K] times a block-major MXFP4 matrix, blocks [G, N, 16] and scales [G, N], in float32: the
+    unscaled values decoded into `scratch` as G contiguous [N, 32] matrices, one batched matmul with x's
+    blocks [G, 32, T] -> partial sums [G, N, T], weighed by the scales and summed over G. -> [T, N]"""
+    (G, N), T = scales.shape, x.shape[0]
+    values = _decode(blocks, scratch, index).view(G, N, BLOCK)
+    part = torch.bmm(values, x.float().view(T, G, BLOCK).permute(1, 2, 0))  # [G, N, T]
+    y = (part * torch.exp2(scales.float() - SCALE_BIAS).unsqueeze(-1)).sum(0)  # [N, T]
+    return y.T.to(x.dtype)
 
 
 def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,11 +123,11 @@ class Mxfp4Format(GroupQuantFormat):
     def __init__(self, config: ModelConfig, compute_dtype: torch.dtype):
         super().__init__(config, compute_dtype, BLOCK)
         self.name = "mxfp4"
-        self._index: dict[torch.device, torch.Tensor] = {}  # per device: the bytes of a matrix, widened
+        self._index: dict[torch.device, torch.Tensor] = {}  # per device: a matrix's bytes, widened
 
     def index(self, device: torch.device) -> torch.Tensor:
-        """The int32 buffer `dequantize` widens a matrix's bytes into, one per device, allocated at first use
-        (I*D elements: both matrices hold that many bytes of codes)."""
+        """The int32 buffer `_decode` widens a matrix's bytes into, one per device, allocated at first use (I*D
+        elements: w13 holds I*D bytes of codes)."""
         if device not in self._index:
             self._index[device] = torch.empty(self.I * self.D, dtype=torch.int32, device=device)
         return self._index[device]
@@ -113,25 +137,27 @@ class Mxfp4Format(GroupQuantFormat):
             return super().pack(parts, out)
         (b13, s13), (b2, s2), _, *biases = self.views(out)
         for rows, name in ((slice(None, self.I), "w1"), (slice(self.I, None), "w3")):
-            b13[rows].copy_(parts[f"{name}_blocks"].reshape(self.I, -1))
-            s13[rows].copy_(parts[f"{name}_scales"])
-        b2.copy_(parts["w2_blocks"].reshape(b2.shape))
-        s2.copy_(parts["w2_scales"])
+            b13[:, rows].copy_(parts[f"{name}_blocks"].transpose(0, 1))  # [I, G, 16] -> [G, I, 16]
+            s13[:, rows].copy_(parts[f"{name}_scales"].T)
+        b2.copy_(parts["w2_blocks"].transpose(0, 1))
+        s2.copy_(parts["w2_scales"].T)
         self._pack_biases(parts, biases)
 
     def _parts(self, N: int, K: int) -> list[tuple[torch.dtype, tuple[int, ...]]]:
-        return [(torch.uint8, (N, K // 2)), (torch.uint8, (N, K // BLOCK))]
+        return [(torch.uint8, (K // BLOCK, N, 16)), (torch.uint8, (K // BLOCK, N))]
 
     def _store(self, w: torch.Tensor, dst: tuple) -> None:
-        blocks, scales = quantize(w)
-        dst[0].copy_(blocks.view(dst[0].shape))
-        dst[1].copy_(scales)
+        blocks, scales = quantize(w)  # [N, G, 16], [N, G]
+        dst[0].copy_(blocks.transpose(0, 1))
+        dst[1].copy_(scales.T)
 
     def _dequant(self, mat: tuple, out: torch.Tensor) -> torch.Tensor:
         blocks, scales = mat
-        return dequantize(blocks, scales, out, self.index(out.device))
+        return dequantize(blocks.transpose(0, 1), scales.T, out, self.index(out.device))
 
     def _linear(self, x: torch.Tensor, mat: tuple, cpu: bool) -> torch.Tensor:
+        if cpu and x.shape[0] <= MXFP4_BMM_MAX_TOKENS:
+            return mxfp4_bmm_linear(x, *mat, self.scratch(x.device, torch.float32), self.index(x.device))
         return self._dequant_linear(x, mat, cpu)
 
 

@@ -23,7 +23,7 @@ from offload_moe.config import ModelConfig
 from offload_moe.engine import Engine, EngineOptions
 from offload_moe.formats import DenseFormat
 from offload_moe.models import from_hf_config
-from offload_moe.mxfp4 import Mxfp4Format, dequantize, quantize
+from offload_moe.mxfp4 import MXFP4_BMM_MAX_TOKENS, Mxfp4Format, dequantize, quantize
 from offload_moe.profiles import card_plan, load_profile, plan_memory
 from offload_moe.quant import expert_format
 
@@ -107,12 +107,15 @@ def test_the_format_computes_the_dequantized_expert(dtype):
     views = pack(fmt, parts)
     (b13, s13), (b2, s2), on_cpu, bias13, bias2 = views
     assert on_cpu and fmt.nbytes == 128 * 96 * 3 // 2 + 3 * 128 * 96 // 32 + 4 * (2 * 96 + 128)  # no padding here
-    weights = {"w1": dequantize(b13, s13)[:96], "w3": dequantize(b13, s13)[96:], "w2": dequantize(b2, s2)}
+    w13 = dequantize(b13.transpose(0, 1), s13.T)  # the format's block-major parts, as [N, G, 16] and [N, G]
+    weights = {"w1": w13[:96], "w3": w13[96:], "w2": dequantize(b2.transpose(0, 1), s2.T)}
     ref_fmt = DenseFormat(CONFIG, torch.float32)
-    x = torch.randn(5, 128)
-    ref = ref_fmt.forward(x, pack(ref_fmt, parts | weights))
+    for T in (1, MXFP4_BMM_MAX_TOKENS, 20):  # the CPU weighs block partial sums up to 16 tokens, decodes above
+        x = torch.randn(T, 128)
+        ref = ref_fmt.forward(x, pack(ref_fmt, parts | weights))
+        assert ((fmt.forward(x, views) - ref).abs().max() / ref.abs().max()) < 1e-5  # in float32 on the CPU
+        assert ((fmt.forward_dequant(x, views) - ref).abs().max() / ref.abs().max()) < 1e-5
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
-    assert ((fmt.forward(x, views) - ref).abs().max() / ref.abs().max()) < 1e-5  # the CPU computes in float32
     device_path = fmt.forward(x.to(dtype), ((b13, s13), (b2, s2), False, bias13, bias2))
     assert device_path.dtype == dtype and ((device_path.float() - ref).abs().max() / ref.abs().max()) < tol
     meta = fmt.views(torch.empty(fmt.nbytes, dtype=torch.uint8, device="meta"))
