@@ -174,6 +174,19 @@ def test_expert_quant_converts_mxfp4_and_convert_keeps_it(mx, tmp_path, capsys):
     assert json.loads((tmp_path / "int4" / "packed.json").read_text())["format"] == "int4-g32"
 
 
+def test_batched_decode_equals_each_sequence_alone(mx):
+    """Continuous batching on gpt-oss: decode_ragged with the sinks and each layer's own KV length (the sliding
+    layers' rings of 4 wrap within these prompts) gives each sequence its tokens and logits run alone."""
+    from test_batch import alone, batched, check_same
+
+    jobs = [(PROMPT, 8, 0), ([1, 5, 6], 6, 1), ([1, 40, 41, 42, 43, 44, 45], 5, 1), ([9, 8], 7, 4)]
+    engine = Engine.load(mx, EngineOptions(cache_experts=2, prefetch=1, progress=False, max_batch=4))
+    refs = alone(engine, jobs)
+    sched, ids, _ = batched(engine, jobs, max_batch=4, prefill_chunk=3)
+    check_same(sched, ids, refs)
+    assert max(sched.batch_sizes) >= 3
+
+
 # gpt-oss-20b and -120b: https://huggingface.co/openai/gpt-oss-20b/blob/main/config.json and gpt-oss-120b's (the
 # same keys; 36 layers and 128 experts); the model card: 20.9B and 116.8B parameters, MXFP4 experts
 LAYER_TYPES = ("sliding_attention", "full_attention")
