@@ -78,7 +78,7 @@ def checkpoint_saying(tmp_path: Path, **keys) -> Path:
 
 @pytest.mark.parametrize("keys,says", [
     (dict(model_type="deepseek_v2", architectures=["DeepseekV2ForCausalLM"]), "model_type 'deepseek_v2'"),
-    (dict(model_type="gpt_oss", architectures=None), "model_type 'gpt_oss'"),
+    (dict(model_type="granitemoe", architectures=None), "model_type 'granitemoe'"),
     (dict(model_type=None, architectures=["DeepseekV3ForCausalLM"]), "architectures DeepseekV3ForCausalLM"),
     (dict(model_type="mixtral", architectures=["PhiMoEForCausalLM"]), "architectures PhiMoEForCausalLM"),
 ])

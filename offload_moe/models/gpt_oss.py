@@ -62,5 +62,6 @@ def config(c: dict, path: Path) -> ModelConfig:
         num_experts=int(need(c, path, "num_local_experts", "num_experts")), norm_topk_prob=True,
         qkv_bias=bias, o_bias=bias, attention_sinks=True, router_bias=True, expert_bias=True,
         swiglu_limit=float(c.get("swiglu_limit", 7.0)),
+        sliding_window=int(c.get("sliding_window") or 128),  # transformers' default
         window_layers=tuple(i for i, t in enumerate(types) if t == "sliding_attention"),
     )
