@@ -38,7 +38,6 @@ it reads, is `bench/bench_quant_kernels.py`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import tempfile
@@ -48,6 +47,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import llama_cpp_peer  # noqa: E402
 
 from offload_moe.config import ModelConfig  # noqa: E402
 from offload_moe.convert import convert  # noqa: E402
@@ -168,54 +170,10 @@ def engine_resident_run(path: Path, quant: str, tokens: int) -> dict:
     return {"tok_s": r.stats["decode_tokens_per_s"], "tokens": r.tokens, "format": engine.cache.fmt.name}
 
 
-@contextlib.contextmanager
-def native_stderr_silenced():
-    """llama.cpp logs every tensor it quantizes or loads to file descriptor 2, from C."""
-    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(null)
-
-
 def llama_cpp_runs(path: Path, converter: Path, tokens: int, threads: int, tmp: Path) -> dict[str, dict]:
     """llama.cpp's all-CPU greedy decode of the checkpoint, per GGUF type: tokens/s and the tokens."""
-    import subprocess
-
-    import llama_cpp
-
-    f32 = tmp / "model.f32.gguf"
-    env = dict(os.environ, PYTHONPATH=str(converter.parent / "gguf-py"))  # the converter's own gguf package
-    done = subprocess.run([sys.executable, str(converter), str(path), "--outfile", str(f32), "--outtype", "f32"],
-                          env=env, capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"GGUF conversion failed:\n{done.stderr[-2000:]}")
-    files = {"f32": f32}
-    for name, ftype in (("q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0), ("q4_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0)):
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype, params.nthread = ftype, threads
-        files[name] = tmp / f"model.{name}.gguf"
-        with native_stderr_silenced():
-            failed = llama_cpp.llama_model_quantize(str(f32).encode(), str(files[name]).encode(), params)
-        if failed:
-            raise SystemExit(f"llama.cpp could not quantize to {name}")
-    out = {}
-    for name, file in files.items():
-        with native_stderr_silenced():
-            llm = llama_cpp.Llama(str(file), n_ctx=256, n_threads=threads, n_batch=64, verbose=False)
-        made, stamps = [], []
-        for tok in llm.generate(PROMPT, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
-            stamps.append(time.perf_counter())
-            made.append(tok)
-            if len(made) == tokens:
-                break
-        out[name] = {"tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]), "tokens": made,
-                     "mib": file.stat().st_size / 2**20}
-        del llm
-    return out
+    files = llama_cpp_peer.gguf_files(path, converter, threads, tmp)
+    return {name: llama_cpp_peer.decode(file, PROMPT, tokens, threads) for name, file in files.items()}
 
 
 def print_cpu_reference(path: Path, converter: Path, tokens: int, threads: int, tmp: Path) -> None:

@@ -1,0 +1,146 @@
+"""CPU expert compute against its peers: this engine with every expert resident (fp32, int8, int4) against
+llama.cpp (f32, q8_0, q4_0) and transformers (fp32), on random Mixtral-layout checkpoints, all on the CPU.
+
+    python bench/bench_cpu_peers.py [--llama-cpp CONVERTER] [--threads 2] [--tokens 48] [--repeats 3]
+                                    [--shapes small,wide]
+
+Shapes: "small" (hidden 512, FFN 1792, 8 layers, 8 experts, top-2, vocab 32000) and "wide", bandwidth-bound
+(hidden 2048, FFN 5632, 4 layers, 8 experts, top-2: 4.4 GiB of fp32 experts). Per shape and precision both
+sides run alternately in this one process, `--repeats` times each, and the best decode tok/s is kept (over
+the steps after the first, greedy, the same prompt). Beside each figure: the weight bytes one decode step
+reads (every resident weight but the embeddings, K of E experts per layer; llama.cpp's from its GGUF's
+tensors) and the GB/s that makes at that speed. llama.cpp is optional (`llama_cpp_peer.INSTALL` says how);
+never run in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import llama_cpp_peer  # noqa: E402
+
+from offload_moe.config import ModelConfig  # noqa: E402
+from offload_moe.demo import write_random_checkpoint  # noqa: E402
+from offload_moe.engine import Engine, EngineOptions  # noqa: E402
+
+SHAPES = {
+    "small": ModelConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64, ffn_dim=1792, num_experts=8,
+                         top_k=2, vocab_size=32000, max_context=4096),
+    "wide": ModelConfig(dim=2048, n_layers=4, n_heads=16, n_kv_heads=4, head_dim=128, ffn_dim=5632, num_experts=8,
+                        top_k=2, vocab_size=32000, max_context=4096),
+}
+PROMPT = [1, 415, 2936, 9060, 285, 1142, 28705, 28740]
+PAIRS = (("none", "f32"), ("int8", "q8_0"), ("int4", "q4_0"))  # our expert format, llama.cpp's GGUF type
+
+
+def ours(path: Path, quant: str, tokens: int, repeats: int) -> dict:
+    """This engine, every expert resident, float32 compute: best decode tok/s of `repeats` generations."""
+    engine = Engine.load(path, EngineOptions(expert_quant=quant, dtype="float32", prefetch=0, context=256,
+                                             progress=False))
+    best, made = 0.0, []
+    for _ in range(repeats):
+        r = engine.generate(PROMPT, tokens)
+        best, made = max(best, r.stats["decode_tokens_per_s"]), r.tokens
+    c, fmt = engine.config, engine.cache.fmt
+    dense = sum(p.numel() * p.element_size() for n, p in engine.model.named_parameters() if "tok_embeddings" not in n)
+    read = dense + len(c.moe_layers) * c.top_k * fmt.nbytes
+    del engine
+    gc.collect()
+    return {"tok_s": best, "tokens": made, "name": fmt.name, "read": read}
+
+
+def theirs(file: Path, config: ModelConfig, tokens: int, repeats: int, threads: int) -> dict:
+    runs = [llama_cpp_peer.decode(file, PROMPT, tokens, threads) for _ in range(repeats)]
+    best = max(runs, key=lambda r: r["tok_s"])
+    return {**best, "read": llama_cpp_peer.bytes_per_token(file, config.top_k, config.num_experts)}
+
+
+def transformers_fp32(path: Path, tokens: int, repeats: int) -> float | None:
+    """transformers' MixtralForCausalLM in float32, greedy: best decode tok/s (a logits processor stamps each step)."""
+    try:
+        from transformers import LogitsProcessor, LogitsProcessorList, MixtralForCausalLM
+    except ImportError:
+        return None
+    model = MixtralForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    stamps: list[float] = []
+
+    class Stamp(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            stamps.append(time.perf_counter())
+            return scores
+
+    best = 0.0
+    for _ in range(repeats):
+        stamps.clear()
+        with torch.no_grad():
+            model.generate(torch.tensor([PROMPT]), max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                           logits_processor=LogitsProcessorList([Stamp()]))
+        best = max(best, (len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    return best
+
+
+def gbs(r: dict) -> str:
+    return f"{r['tok_s']:7.1f} tok/s {r['read'] / 2**20:6.0f} MiB/token {r['read'] * r['tok_s'] / 1e9:5.1f} GB/s"
+
+
+def run_shape(name: str, config: ModelConfig, args, tmp: Path) -> None:
+    print(f"\n## {name}: hidden {config.dim}, FFN {config.ffn_dim}, {config.n_layers} layers, {config.num_experts} "
+          f"experts, top-{config.top_k}, vocab {config.vocab_size}", flush=True)
+    path = write_random_checkpoint(tmp / name / "hf", config, dtype=torch.float32, layers_per_shard=1)
+    files = {}
+    if args.llama_cpp and llama_cpp_peer.available():
+        files = llama_cpp_peer.gguf_files(path, args.llama_cpp, args.threads, tmp / name)
+    else:
+        print(llama_cpp_peer.INSTALL)
+    print("| weights | offload_moe | llama.cpp | ratio |\n|---|---|---|---|")
+    f32_tokens = {}
+    for quant, gguf_type in PAIRS:
+        a = ours(path, quant, args.tokens, args.repeats)  # alternately: ours, then llama.cpp's matching type
+        b = theirs(files[gguf_type], config, args.tokens, args.repeats, args.threads) if files else None
+        if quant == "none":
+            f32_tokens = {"ours": a["tokens"], "theirs": b and b["tokens"]}
+        ratio = f"{a['tok_s'] / b['tok_s']:.2f}" if b else "-"
+        print(f"| {gguf_type} / {a['name']} | {gbs(a)} | {gbs(b) if b else '-'} | {ratio} |", flush=True)
+        if quant == "none":
+            fp32 = a["tok_s"]
+    if files:
+        same = f32_tokens["ours"] == f32_tokens["theirs"]
+        print(f"f32 greedy tokens {'agree' if same else 'differ'} between offload_moe and llama.cpp")
+    if name in args.transformers:
+        hf = transformers_fp32(path, args.tokens, args.repeats)
+        if hf is None:
+            print("transformers not installed: pip install transformers to compare")
+        else:
+            print(f"transformers fp32: {hf:.1f} tok/s; offload_moe fp32 is {fp32 / hf:.2f}x that")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--llama-cpp", type=Path, metavar="CONVERTER",
+                    help="convert_hf_to_gguf.py from llama-cpp-python's sdist (vendor/llama.cpp/)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--repeats", type=int, default=3, help="runs per side and precision; the best is kept")
+    ap.add_argument("--shapes", default="small,wide", help="comma-separated, of: " + ", ".join(SHAPES))
+    ap.add_argument("--transformers", default="small", help="shapes where transformers fp32 runs too")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"# {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {args.threads} threads, {args.tokens} tokens "
+          f"greedy, best of {args.repeats}, decode tok/s")
+    with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:  # on the project's disk, not a tmpfs
+        for name in args.shapes.split(","):
+            run_shape(name, SHAPES[name], args, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()
