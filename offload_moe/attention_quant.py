@@ -1,5 +1,6 @@
-"""int8 attention projections: wq wk wv wo kept resident as int8 (`Int8Linear`, in `quant.Int8Format`'s
-matrix layout and kernels) to free device memory for expert slots; and the resident weights' bytes.
+"""int8 attention projections: wq wk wv wo (latent attention: wq or wq_a wq_b, wkv_a, wo) kept resident as
+int8 (`Int8Linear`, in `quant.Int8Format`'s matrix layout and kernels) to free device memory for expert slots;
+and the resident weights' bytes.
 
 Legend: T tokens, N output rows, K input columns.
 """
@@ -75,14 +76,14 @@ def int8_parts(w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
 
 
 ATTENTION_QUANTS = ("none", "int8")
-ATTENTION_WEIGHTS = ("wq", "wk", "wv", "wo")
+ATTENTION_WEIGHTS = ("wq", "wk", "wv", "wo", "wq_a", "wq_b", "wkv_a")  # those a layer has; wkv_b stays dense
 ATTENTION_SUFFIXES = tuple(f"attention.{w}.weight" for w in ATTENTION_WEIGHTS)  # their names in a state dict
 
 
 def check_int8_attention(config: ModelConfig, group_size: int) -> None:
-    """Refuse a group size that does not divide the attention projections' inputs (D for wq wk wv,
-    H*hd for wo), before anything is built or written."""
-    for size in (config.dim, config.n_heads * config.head_dim):
+    """Refuse a group size that does not divide the attention projections' inputs
+    (`ModelConfig.attention_inputs`), before anything is built or written."""
+    for size in config.attention_inputs:
         check_groups(group_size, size, "attention input size")
 
 
@@ -91,7 +92,7 @@ def int8_attention(model: nn.Module, group_size: int) -> None:
     device, usually `meta`, before the state dict is assigned), all sharing one `Int8Scratch` sized to
     the largest projection (Mixtral: wq or wo, 4096 x 4096: 32 MiB in fp16, 64 MiB in fp32 on the CPU)."""
     linears = [(blk.attention, name, getattr(blk.attention, name)) for blk in model.layers
-               for name in ATTENTION_WEIGHTS]
+               for name in ATTENTION_WEIGHTS if hasattr(blk.attention, name)]
     scratch = Int8Scratch(max(lin.in_features * lin.out_features for _, _, lin in linears))
     for attention, name, lin in linears:
         with lin.weight.device:

@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 
 from .attention_quant import ATTENTION_SUFFIXES
-from .config import from_params_json, read_json
+from .config import ModelConfig, from_params_json, read_json
 from .errors import UserError
 from .formats import bias_parts
 from .models import COMMON, family_of, mixtral
@@ -180,8 +180,11 @@ class Checkpoint:
             p = f"layers.{i}."
             a = p + "attention."
             shapes |= {p + f"{norm}.{n}": (D,) for norm in ("attention_norm", "ffn_norm") for n in norms}
-            shapes |= {a + "wq.weight": (q, D), a + "wk.weight": (kv, D), a + "wv.weight": (kv, D),
-                       a + "wo.weight": (D, q)}
+            if c.kv_lora_rank:
+                shapes |= {a + name: shape for name, shape in latent_attention_shapes(c).items()}
+            else:
+                shapes |= {a + "wq.weight": (q, D), a + "wk.weight": (kv, D), a + "wv.weight": (kv, D),
+                           a + "wo.weight": (D, q)}
             if c.qkv_bias:
                 shapes |= {a + "wq.bias": (q,), a + "wk.bias": (kv,), a + "wv.bias": (kv,)}
             if c.o_bias:
@@ -303,6 +306,19 @@ class Checkpoint:
 
     def close(self) -> None:
         self._files.clear()
+
+
+def latent_attention_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """A layer's latent attention tensors (DeepSeek's MLA, `mla.py`), by our name under `attention.`."""
+    H, R, dr = c.n_heads, c.kv_lora_rank, c.qk_rope_head_dim
+    q = H * c.head_dim
+    if c.q_lora_rank:
+        Q = c.q_lora_rank
+        shapes = {"wq_a.weight": (Q, c.dim), "q_norm.weight": (Q,), "wq_b.weight": (q, Q)}
+    else:
+        shapes = {"wq.weight": (q, c.dim)}
+    return shapes | {"wkv_a.weight": (R + dr, c.dim), "kv_norm.weight": (R,),
+                     "wkv_b.weight": (H * (c.head_dim - dr + c.v_head_dim), R), "wo.weight": (c.dim, H * c.v_head_dim)}
 
 
 def _short(e: Exception) -> str:

@@ -68,6 +68,14 @@ class ModelConfig:
     lm_head_bias: bool = False
     rope_scaling: dict | None = None  # longrope: short/long factors and mscales, original_max
     partial_rotary_factor: float = 1.0  # RoPE turns the first rotary_dim dims of each head only (GLM-4.5: 0.5)
+    # multi-head latent attention (DeepSeek-V2, -V3) when kv_lora_rank > 0: q and k heads of head_dim dims, the
+    # last qk_rope_head_dim of them turned by RoPE; values of v_head_dim; keys and values both come from a
+    # latent of kv_lora_rank per token, which the KV cache holds with the shared roped key (see `kv_dims`)
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0  # 0: q straight from x (wq); else through a bottleneck of this rank (wq_a, q_norm, wq_b)
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False  # q's and k's rotary dims come in (even, odd) pairs (DeepSeek), not in halves
 
     def __post_init__(self) -> None:
         for name in ("eos_ids", "dense_layers"):  # JSON gives lists
@@ -93,6 +101,12 @@ class ModelConfig:
             raise UserError("config: every layer is dense; this engine runs models with experts")
         if self.dense_layers and self.dense_ffn_dim <= 0:
             raise UserError("config: dense layers need the dense MLP size (intermediate_size)")
+        if self.kv_lora_rank and not (0 < self.qk_rope_head_dim < self.head_dim and self.qk_rope_head_dim % 2 == 0
+                                      and self.v_head_dim > 0 and self.q_lora_rank >= 0):
+            raise UserError(f"config: latent attention with head dim {self.head_dim}, rope dims {self.qk_rope_head_dim}"
+                            f" and value dims {self.v_head_dim}: rope dims must be even, fewer than the head's")
+        if self.kv_lora_rank and (self.sliding_window or self.qkv_bias or self.o_bias or self.qk_norm != "none"):
+            raise UserError("config: latent attention has no sliding window, attention biases or QK-norm here")
         if not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
             raise UserError(f"config: partial_rotary_factor {self.partial_rotary_factor} gives {self.rotary_dim} "
                             f"rotary dims of {self.head_dim}; they must be even and positive")
@@ -120,8 +134,26 @@ class ModelConfig:
 
     @property
     def rotary_dim(self) -> int:
-        """Dims of each head that RoPE turns (the first ones; the rest pass unchanged), as transformers."""
-        return int(self.head_dim * self.partial_rotary_factor)
+        """Dims of each head that RoPE turns (the first ones; the rest pass unchanged), as transformers;
+        with latent attention, the last qk_rope_head_dim."""
+        return self.qk_rope_head_dim if self.kv_lora_rank else int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def kv_dims(self) -> tuple[int, int, int]:
+        """What the KV cache holds per token and layer: (heads, key dims, value dims). Latent attention
+        caches one row per token, the normed latent (kv_lora_rank) and the roped shared key
+        (qk_rope_head_dim) side by side as its key, and no value: the values come from the latent."""
+        if self.kv_lora_rank:
+            return 1, self.kv_lora_rank + self.qk_rope_head_dim, 0
+        return self.n_kv_heads, self.head_dim, self.head_dim
+
+    @property
+    def attention_inputs(self) -> tuple[int, ...]:
+        """The input sizes of the attention projections that int8 attention quantizes: D (wq wk wv), H*hd (wo);
+        latent attention: D (wq or wq_a, wkv_a), q_lora_rank (wq_b), H*v_head_dim (wo)."""
+        if self.kv_lora_rank:
+            return (self.dim, *([self.q_lora_rank] if self.q_lora_rank else []), self.n_heads * self.v_head_dim)
+        return self.dim, self.n_heads * self.head_dim
 
     @property
     def n_moe_layers(self) -> int:
@@ -139,8 +171,14 @@ class ModelConfig:
 
     @property
     def attention_params(self) -> int:
-        """wq, wk, wv and wo of every layer (their weights: what int8 attention quantizes)."""
-        return self.n_layers * self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        """wq, wk, wv and wo of every layer (their weights: what int8 attention quantizes); latent attention:
+        wq (or wq_a and wq_b), wkv_a and wo (wkv_b stays in the compute dtype: decode reads it per head)."""
+        D, H, hd = self.dim, self.n_heads, self.head_dim
+        if self.kv_lora_rank:
+            Q = self.q_lora_rank
+            q = Q * (D + H * hd) if Q else D * H * hd
+            return self.n_layers * (q + D * (self.kv_lora_rank + self.qk_rope_head_dim) + H * self.v_head_dim * D)
+        return self.n_layers * D * hd * (2 * H + 2 * self.n_kv_heads)
 
     @property
     def dense_params(self) -> int:
@@ -148,9 +186,13 @@ class ModelConfig:
         shared experts, dense MLP layers, embeddings, head (and the sigmoid router's correction bias)."""
         H, G, hd, D = self.n_heads, self.n_kv_heads, self.head_dim, self.dim
         norm = 2 * D if self.norm == "layer" else D
-        attn = self.attention_params + self.n_layers * (
-            (H + 2 * G) * hd * self.qkv_bias + D * self.o_bias
-            + {"none": 0, "head": 2 * hd, "full": (H + G) * hd}[self.qk_norm])
+        if self.kv_lora_rank:  # wkv_b [H*(nope + v), R] and the norms of the latents
+            R = self.kv_lora_rank
+            extra = R * H * (hd - self.qk_rope_head_dim + self.v_head_dim) + R + self.q_lora_rank
+        else:
+            extra = ((H + 2 * G) * hd * self.qkv_bias + D * self.o_bias
+                     + {"none": 0, "head": 2 * hd, "full": (H + G) * hd}[self.qk_norm])
+        attn = self.attention_params + self.n_layers * extra
         router = self.num_experts * (D + (self.router == "sigmoid") + self.router_bias)  # + either bias
         moe = self.n_moe_layers * (router + 3 * D * self.shared_ffn_dim + D * self.shared_gate)
         dense = len(self.dense_layers) * 3 * D * self.dense_ffn_dim
@@ -159,9 +201,9 @@ class ModelConfig:
         return attn + sinks + self.n_layers * 2 * norm + moe + dense + self.vocab_size * D + head + norm
 
     def kv_bytes(self, context: int, bytes_per_value: int) -> int:
-        """KV cache for `context` tokens (each layer's sliding window, if shorter)."""
-        per_token = 2 * self.n_kv_heads * self.head_dim * bytes_per_value
-        return per_token * sum(self.kv_length(i, context) for i in range(self.n_layers))
+        """KV cache for `context` tokens (each layer's sliding window, if shorter); latent attention's latents."""
+        heads, k, v = self.kv_dims
+        return heads * (k + v) * bytes_per_value * sum(self.kv_length(i, context) for i in range(self.n_layers))
 
     def window_of(self, layer: int) -> int | None:
         """The sliding window of `layer`'s attention, None where it sees the whole context."""

@@ -307,9 +307,9 @@ class Engine:
     @property
     def attention_format(self) -> str:
         """How the attention projections are held: int8-gG or the compute dtype."""
-        wq = self.model.layers[0].attention.wq
-        if isinstance(wq, Int8Linear):
-            return f"int8-g{wq.codes.shape[-1]}"
+        wo = self.model.layers[0].attention.wo  # every attention has wo (latent attention has no wq with q_lora_rank)
+        if isinstance(wo, Int8Linear):
+            return f"int8-g{wo.codes.shape[-1]}"
         return str(self.dtype).removeprefix("torch.")
 
     @property

@@ -38,7 +38,8 @@ def make_norm(config: ModelConfig, dim: int) -> nn.Module:
 
 
 class KVCache:
-    """Preallocated keys and values, one tensor per layer: k[layer], v[layer] [G, C_l, hd].
+    """Preallocated keys and values, one tensor per layer: k[layer], v[layer] [G, C_l, hd] (latent attention:
+    one latent row per token as k [1, C_l, R + dr], and an empty v: `ModelConfig.kv_dims`).
 
     C_l is the context, or the layer's sliding window when that is shorter (`ModelConfig.kv_length`):
     position p lives in slot p % C_l, so the cache is a ring that holds exactly the last C_l positions.
@@ -48,10 +49,10 @@ class KVCache:
 
     def __init__(self, config: ModelConfig, length: int, device: torch.device, dtype: torch.dtype):
         self.windows = [config.window_of(i) for i in range(config.n_layers)]
+        heads, k, v = config.kv_dims
         lengths = [config.kv_length(i, length) for i in range(config.n_layers)]
-        shapes = [(config.n_kv_heads, n, config.head_dim) for n in lengths]
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for shape in shapes]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for shape in shapes]
+        self.k = [torch.zeros((heads, n, k), device=device, dtype=dtype) for n in lengths]
+        self.v = [torch.zeros((heads, n, v), device=device, dtype=dtype) for n in lengths]
         self.length = max(lengths)  # the positions the longest layer holds
         self.pos = 0  # tokens written so far
 
@@ -78,10 +79,10 @@ class KVPool:
 
     def __init__(self, config: ModelConfig, length: int, seqs: int, device: torch.device, dtype: torch.dtype):
         windows = [config.window_of(i) for i in range(config.n_layers)]
+        heads, k, v = config.kv_dims
         lengths = [config.kv_length(i, length) for i in range(config.n_layers)]
-        shapes = [(seqs, config.n_kv_heads, n, config.head_dim) for n in lengths]
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for shape in shapes]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for shape in shapes]
+        self.k = [torch.zeros((seqs, heads, n, k), device=device, dtype=dtype) for n in lengths]
+        self.v = [torch.zeros((seqs, heads, n, v), device=device, dtype=dtype) for n in lengths]
         self.length = max(lengths)
         self.seqs = [KVCache.over([t[s] for t in self.k], [t[s] for t in self.v], windows) for s in range(seqs)]
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .layers import MLP, Attention, KVCache, KVPool, make_norm
+from .mla import LatentAttention
 
 ROUTER_BIAS = "gate.e_score_correction_bias"  # the sigmoid router's choice bias [E]: resident, kept in float32
 
@@ -28,7 +29,7 @@ class Block(nn.Module):
         super().__init__()
         c = config
         self.attention_norm = make_norm(c, c.dim)
-        self.attention = Attention(c)
+        self.attention = LatentAttention(c) if c.kv_lora_rank else Attention(c)
         self.ffn_norm = make_norm(c, c.dim)
         if layer in c.dense_layers:
             self.mlp = MLP(c.dim, c.dense_ffn_dim)

@@ -450,10 +450,10 @@ DEFAULT_GROUP_SIZE = 64  # the group size when none is asked for and it divides 
 
 def quantized_inputs(config: ModelConfig, experts: bool = True, attention: bool = False) -> list[tuple[str, int]]:
     """(what, size) of every input dimension that a group must divide: the experts' (D for w1 w3, I for
-    w2) when they are quantized, the attention projections' (D for wq wk wv, H*hd for wo) when they are."""
+    w2) when they are quantized, the attention projections' (`ModelConfig.attention_inputs`) when they are."""
     sizes = [("model dim", config.dim), ("expert ffn dim", config.ffn_dim)] if experts else []
     if attention:
-        sizes += [("attention input size", config.dim), ("attention input size", config.n_heads * config.head_dim)]
+        sizes += [("attention input size", n) for n in config.attention_inputs]
     return sizes
 
 

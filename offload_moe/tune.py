@@ -208,7 +208,7 @@ def tune(trace: Trace, config: ModelConfig, budget: int, hw: dict, reserve: int 
         group = auto_group_size(config, experts=precision != "none", attention=attention != "none")
         if group is None:  # the engine's own choice when no --group-size is given; None: no allowed size divides
             log(f"  {precision:<5} attn {attention:<4} skipped: no group size divides D={config.dim}, "
-                f"I={config.ffn_dim} and H*hd={config.n_heads * config.head_dim}")
+                f"I={config.ffn_dim} and the attention inputs {', '.join(map(str, config.attention_inputs))}")
             continue
         free = budget - reserve - dense_bytes(config, torch.float16, attention, group or 64) - config.kv_bytes(
             context, 2) * batch

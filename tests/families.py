@@ -33,6 +33,21 @@ FAMILIES = {
         num_key_value_heads=2, head_dim=32, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
         first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
         attention_bias=True, use_qk_norm=True, partial_rotary_factor=0.5)),
+    # latent attention with q straight from x; the softmax router, group-limited (4 groups of 4, 2 kept), not
+    # renormalised, scaled; a dense first layer; YaRN with unequal mscales (the softmax scale takes mscale_all_dim)
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
+        hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+        kv_lora_rank=32, q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+        n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=2, first_k_dense_replace=1,
+        topk_method="group_limited_greedy", n_group=4, topk_group=2, norm_topk_prob=False, routed_scaling_factor=2.0,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings":
+                         64, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.8})),
+    # latent attention through q_lora_rank, interleaved rope; the sigmoid router with groups; a dense first layer
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+        n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1, first_k_dense_replace=1, n_group=4,
+        topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5)),
     # sliding (window 4) and full layers, sinks, biases everywhere, YaRN on a 64-token original context, the
     # clamped SwiGLU at a limit these small activations reach, fused interleaved experts
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(
@@ -76,10 +91,19 @@ def make_family(path: Path, family: str, seed: int = 0, tokenizer: str | None = 
 def hub_config(path: Path, family: str) -> None:
     """transformers 5 writes `rope_parameters` and, for Qwen3, `num_local_experts`: the hub's files say
     `rope_theta` at the top and `num_experts` (Phi: `num_local_experts`); GLM-4.5's, `partial_rotary_factor` at
-    the top; gpt-oss's, a `rope_scaling` with `rope_type` and no `swiglu_alpha`."""
+    the top; DeepSeek's, a `rope_scaling` with `type`, the router's `topk_method` and `scoring_func`, and no
+    `head_dim` (transformers derives it); gpt-oss's, a `rope_scaling` with `rope_type` and no `swiglu_alpha`."""
     c = json.loads(path.read_text())
     rope = c.pop("rope_parameters", None) or {}
     c["rope_theta"] = rope.get("rope_theta", 10000.0)
+    if rope.get("rope_type", "default") != "default":
+        c["rope_scaling"] = {"type": rope["rope_type"]} | {k: v for k, v in rope.items()
+                                                         if k not in ("rope_type", "rope_theta")}
+    if family.startswith("deepseek"):
+        del c["head_dim"], c["qk_head_dim"]
+        v3 = family == "deepseek_v3"
+        c |= {"scoring_func": "sigmoid" if v3 else "softmax", "moe_layer_freq": 1}
+        c.setdefault("topk_method", "noaux_tc")
     if "partial_rotary_factor" in rope:
         c["partial_rotary_factor"] = rope["partial_rotary_factor"]
     if family in ("qwen2_moe", "qwen3_moe", "olmoe"):

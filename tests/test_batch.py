@@ -72,12 +72,15 @@ def test_batched_equals_alone_mixtral(ckpts, name, slots, chunk):
         assert sum(engine.cache.table.misses) > 0
 
 
-def test_batched_equals_alone_qwen3_top8(tmp_path):
-    """Top-8 of 16 experts with 8 slots: a batch's union overflows the slots at every step."""
-    path = make_family(tmp_path / "qwen3_moe", "qwen3_moe", seed=1)
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2", "deepseek_v3"])
+def test_batched_equals_alone_families(tmp_path, family):
+    """Top-k slots of 16 experts (Qwen3: top-8): a batch's union overflows the slots at every step. DeepSeek:
+    latent attention's batched decode over the pool's latent rows."""
+    path = make_family(tmp_path / family, family, seed=1)
     jobs = [([1, 17, 33, 250, 4, 99, 180, 7, 64, 3], 8, 0), ([1, 5, 6], 6, 1), ([1, 40, 41, 42, 43, 44, 45], 5, 1),
             ([9, 8], 7, 4)]
-    engine = Engine.load(path, EngineOptions(cache_experts=8, prefetch=1, progress=False))
+    top_k = Engine.load(path, EngineOptions(prefetch=0, progress=False)).config.top_k
+    engine = Engine.load(path, EngineOptions(cache_experts=top_k, prefetch=1, progress=False))
     refs = alone(engine, jobs)
     sched, ids, _ = batched(engine, jobs, max_batch=4, prefill_chunk=4)
     check_same(sched, ids, refs)

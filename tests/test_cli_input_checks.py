@@ -77,9 +77,9 @@ def checkpoint_saying(tmp_path: Path, **keys) -> Path:
 
 
 @pytest.mark.parametrize("keys,says", [
-    (dict(model_type="deepseek_v2", architectures=["DeepseekV2ForCausalLM"]), "model_type 'deepseek_v2'"),
+    (dict(model_type="dbrx", architectures=["DbrxForCausalLM"]), "model_type 'dbrx'"),
     (dict(model_type="granitemoe", architectures=None), "model_type 'granitemoe'"),
-    (dict(model_type=None, architectures=["DeepseekV3ForCausalLM"]), "architectures DeepseekV3ForCausalLM"),
+    (dict(model_type=None, architectures=["JambaForCausalLM"]), "architectures JambaForCausalLM"),
     (dict(model_type="mixtral", architectures=["PhiMoEForCausalLM"]), "architectures PhiMoEForCausalLM"),
 ])
 def test_an_architecture_the_engine_does_not_implement_is_refused(tmp_path, capsys, keys, says):

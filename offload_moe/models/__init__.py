@@ -14,7 +14,8 @@ The shared pieces live once, in `model.py` and `layers.py`; checkpoint reading, 
 
 Our names: `tok_embeddings`, `norm`, `output`, `layers.N.attention_norm`, `layers.N.ffn_norm`,
 `layers.N.attention.{wq,wk,wv,wo}` (with `.bias` where the family has one), `layers.N.attention.sinks` (gpt-oss),
-`layers.N.attention.{q_norm,k_norm}`, `layers.N.gate` (the router; `.e_score_correction_bias` for
+`layers.N.attention.{q_norm,k_norm}`, latent attention's `layers.N.attention.{wq_a,q_norm,wq_b,wkv_a,kv_norm,wkv_b}`
+beside its wq or wo, `layers.N.gate` (the router; `.e_score_correction_bias` for
 the sigmoid router, `.bias` for gpt-oss's), `layers.N.shared.{w1,w2,w3}`
 and `layers.N.shared_gate` (a resident shared expert), `layers.N.mlp.{w1,w2,w3}` (a dense layer);
 experts are `(layer, expert)` with parts w1, w3 [I, D] and w2 [D, I] (and biases b1, b3 [I], b2 [D] where the
@@ -28,9 +29,9 @@ from types import ModuleType
 
 from ..config import ModelConfig, read_json
 from ..errors import UserError
-from . import glm4_moe, gpt_oss, mixtral, olmoe, phimoe, qwen_moe
+from . import deepseek, glm4_moe, gpt_oss, mixtral, olmoe, phimoe, qwen_moe
 
-FAMILIES: tuple[ModuleType, ...] = (mixtral, qwen_moe, olmoe, phimoe, glm4_moe, gpt_oss)
+FAMILIES: tuple[ModuleType, ...] = (mixtral, qwen_moe, olmoe, phimoe, glm4_moe, deepseek, gpt_oss)
 
 # names that every family here shares (the Llama layout), checkpoint regex -> ours
 L = r"model\.layers\.(\d+)\."

@@ -1,0 +1,69 @@
+"""DeepSeek-V2 / V2-Lite (`DeepseekV2ForCausalLM`) and DeepSeek-V3 (`DeepseekV3ForCausalLM`): multi-head
+latent attention (`mla.py`; q straight from x, or through `q_lora_rank` when set; YaRN RoPE whose
+`mscale_all_dim` also scales the softmax; the rotary dims interleaved, always in V2, by `rope_interleave`
+in V3), a resident shared expert without gate (`n_shared_experts` x `moe_intermediate_size`), dense MLP
+layers first (`first_k_dense_replace`; then every `moe_layer_freq`-th layer has experts, as DeepSeek's
+own code), and the router:
+  V2  softmax in float32, top-k `greedy` or `group_limited_greedy` (the best `topk_group` of `n_group`
+      groups, each scored by its best expert); renormalised by `norm_topk_prob`, else times
+      `routed_scaling_factor` (`model.grouped_softmax_topk`);
+  V3  GLM-4.5's sigmoid router (`model.sigmoid_topk`, `noaux_tc`).
+The tensor names beside the attention's are GLM-4.5's. V3's hub checkpoints also hold the
+multi-token-prediction layer (`model.layers.{num_hidden_layers}.*`): it is not read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import ModelConfig, hf_common, need
+from ..errors import UserError
+from . import glm4_moe
+
+MODEL_TYPES = {"deepseek_v2": ("DeepseekV2ForCausalLM",), "deepseek_v3": ("DeepseekV3ForCausalLM",)}
+
+EXPERT, PARTS, FUSED = glm4_moe.EXPERT, glm4_moe.PARTS, glm4_moe.FUSED
+A = r"model\.layers\.(\d+)\.self_attn\."
+DENSE = glm4_moe.DENSE + [  # q_proj and o_proj are COMMON's wq and wo
+    (A + r"q_a_proj\.weight", "layers.{0}.attention.wq_a.weight"),
+    (A + r"q_a_layernorm\.weight", "layers.{0}.attention.q_norm.weight"),
+    (A + r"q_b_proj\.weight", "layers.{0}.attention.wq_b.weight"),
+    (A + r"kv_a_proj_with_mqa\.weight", "layers.{0}.attention.wkv_a.weight"),
+    (A + r"kv_a_layernorm\.weight", "layers.{0}.attention.kv_norm.weight"),
+    (A + r"kv_b_proj\.weight", "layers.{0}.attention.wkv_b.weight"),
+]
+
+TOPK_METHODS = {"deepseek_v2": ("greedy", "group_limited_greedy"), "deepseek_v3": ("noaux_tc",)}
+SCORING = {"deepseek_v2": "softmax", "deepseek_v3": "sigmoid"}
+
+
+def config(c: dict, path: Path) -> ModelConfig:
+    v3 = c.get("model_type") == "deepseek_v3" or "DeepseekV3ForCausalLM" in (c.get("architectures") or [])
+    family = "deepseek_v3" if v3 else "deepseek_v2"
+    method = c.get("topk_method") or TOPK_METHODS[family][0]
+    scoring = c.get("scoring_func") or SCORING[family]
+    if method not in TOPK_METHODS[family] or scoring != SCORING[family]:
+        raise UserError(f"{path}: {family} routes with topk_method {' or '.join(TOPK_METHODS[family])} and "
+                        f"scoring_func {SCORING[family]}; this config says {method!r} and {scoring!r}")
+    if c.get("attention_bias"):
+        raise UserError(f"{path}: attention_bias (biased latent attention projections) is not implemented")
+    n_layers = int(need(c, path, "num_hidden_layers"))
+    first = int(c.get("first_k_dense_replace", 3 if v3 else 0) or 0)
+    freq = int(c.get("moe_layer_freq") or 1)
+    grouped = method != "greedy"
+    nope, rope = int(need(c, path, "qk_nope_head_dim")), int(need(c, path, "qk_rope_head_dim"))
+    moe_ffn = int(need(c, path, "moe_intermediate_size"))
+    heads = int(need(c, path, "num_attention_heads"))
+    return hf_common(
+        c, path, family=family, ffn_dim=moe_ffn,
+        num_experts=int(need(c, path, "n_routed_experts", "num_local_experts", "num_experts")),
+        n_kv_heads=heads, head_dim=nope + rope, kv_lora_rank=int(need(c, path, "kv_lora_rank")),
+        q_lora_rank=int(c.get("q_lora_rank") or 0), qk_rope_head_dim=rope, v_head_dim=int(need(c, path, "v_head_dim")),
+        rope_interleave=bool(c.get("rope_interleave", True)) if v3 else True,
+        router="sigmoid" if v3 else "grouped_softmax", norm_topk_prob=bool(c.get("norm_topk_prob", v3)),
+        n_group=int(c.get("n_group") or 1) if grouped else 1,
+        topk_group=int(c.get("topk_group") or 1) if grouped else 1,
+        routed_scaling_factor=float(c.get("routed_scaling_factor", 1.0)),
+        shared_ffn_dim=moe_ffn * int(c.get("n_shared_experts") or 0), shared_gate=False,
+        dense_ffn_dim=int(c.get("intermediate_size") or 0),
+        dense_layers=tuple(i for i in range(n_layers) if i < first or i % freq), sliding_window=None,
+    )
