@@ -1,7 +1,9 @@
-"""Memory math against the public configs (issue 11, section 5): the fields of each hub config.json that
-the memory math reads, written here as literals; the parameter totals against the published ones, the
-bytes per expert of the engine's own formats, and the expert slots per layer that `plan` finds on the
-24, 16 and 12 GB card profiles (dense fp16 resident + KV cache for 4096 tokens + 1.5 GiB reserve).
+"""Memory math against the public configs (issue 11, section 5; issue 12: DeepSeek-V2-Lite, GLM-4.5-Air): the
+fields of each hub config.json that the memory math reads, written here as literals; the parameter totals
+against the published ones, the bytes per expert of the engine's own formats, the KV cache per token (for
+DeepSeek's latent attention, against the per-head keys and values it replaces), the expert slots per layer
+that `plan` finds on the 24, 16 and 12 GB card profiles (dense fp16 resident + KV cache for 4096 tokens +
+1.5 GiB reserve), and whether every expert fits 64 GB of RAM.
 
 Sources (the hub's config.json of each model; every figure below was checked against a copy found in
 public code, cited per model):"""
@@ -63,16 +65,56 @@ CONFIGS = {
         "attention_bias": True, "lm_head_bias": True, "router_jitter_noise": 0.01,
         "max_position_embeddings": 131072, "original_max_position_embeddings": 4096, "sliding_window": 131072,
         "rope_theta": 10000.0, "rms_norm_eps": 1e-05, "bos_token_id": 1, "eos_token_id": 32000},
+    # https://huggingface.co/deepseek-ai/DeepSeek-V2-Lite/blob/main/config.json; every field below as a public
+    # dump of DeepSeek-V2-Lite-Chat's config (loaded by transformers 5.7) lists it, and the same widths, expert
+    # counts, 6 of 64 routed + 2 shared, first_k_dense_replace 1, softmax scoring and norm_topk_prob false in a
+    # public audit of the official config; 15.7B total per the DeepSeek-V2 paper (arXiv 2405.04434, V2-Lite)
+    "DeepSeek-V2-Lite": {
+        "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "hidden_size": 2048,
+        "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": 27, "n_routed_experts": 64,
+        "num_experts_per_tok": 6, "n_shared_experts": 2, "first_k_dense_replace": 1, "moe_layer_freq": 1,
+        "num_attention_heads": 16, "num_key_value_heads": 16, "kv_lora_rank": 512, "q_lora_rank": None,
+        "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "vocab_size": 102400,
+        "topk_method": "greedy", "scoring_func": "softmax", "n_group": 1, "topk_group": 1, "norm_topk_prob": False,
+        "routed_scaling_factor": 1.0, "tie_word_embeddings": False, "attention_bias": False,
+        "max_position_embeddings": 163840, "rope_theta": 10000, "rope_scaling": {
+            "type": "yarn", "factor": 40, "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707,
+            "original_max_position_embeddings": 4096}, "rms_norm_eps": 1e-06, "bos_token_id": 100000,
+        "eos_token_id": 100001},
+    # https://huggingface.co/zai-org/GLM-4.5-Air/blob/main/config.json; the fields below as a public conversion
+    # script's copy of the 106B config lists them (hidden 4096, intermediate 10944, moe_intermediate_size 1408,
+    # 46 layers, 96 / 8 heads of 128, 128 routed experts top-8, 1 shared, first_k_dense_replace 1, attention_bias
+    # true, no QK-norm, vocab 151552, untied), partial_rotary_factor 0.5 as transformers' Glm4MoeConfig; 106B total
+    # per the model card. The multi-token-prediction layer (num_nextn_predict_layers) is not counted: not read.
+    "GLM-4.5-Air": {
+        "architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe", "hidden_size": 4096,
+        "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": 46, "n_routed_experts": 128,
+        "num_experts_per_tok": 8, "n_shared_experts": 1, "first_k_dense_replace": 1, "num_attention_heads": 96,
+        "num_key_value_heads": 8, "head_dim": 128, "partial_rotary_factor": 0.5, "vocab_size": 151552,
+        "attention_bias": True, "use_qk_norm": False, "n_group": 1, "topk_group": 1, "norm_topk_prob": True,
+        "routed_scaling_factor": 1.0, "tie_word_embeddings": False, "max_position_embeddings": 131072,
+        "rope_theta": 1000000, "rms_norm_eps": 1e-05, "num_nextn_predict_layers": 1,
+        "eos_token_id": [151329, 151336, 151338]},
 }
 PUBLISHED_TOTAL = {"Qwen3-30B-A3B": 30.5e9, "Qwen1.5-MoE-A2.7B": 14.3e9, "OLMoE-1B-7B-0924": 6.9e9,
-                   "Phi-3.5-MoE-instruct": 41.9e9}
+                   "Phi-3.5-MoE-instruct": 41.9e9, "DeepSeek-V2-Lite": 15.7e9, "GLM-4.5-Air": 106e9}
 # bytes of one packed expert: fp16, int8 and int4 at group 64 (codes, then a bf16 scale and zero per group)
 EXPERT_BYTES = {
     "Qwen3-30B-A3B": (9_437_184, 5_013_504, 2_654_208),
     "Qwen1.5-MoE-A2.7B": (17_301_504, 9_191_424, 4_866_048),
     "OLMoE-1B-7B-0924": (12_582_912, 6_684_672, 3_538_944),
     "Phi-3.5-MoE-instruct": (157_286_400, 83_558_400, 44_236_800),
+    "DeepSeek-V2-Lite": (17_301_504, 9_191_424, 4_866_048),
+    "GLM-4.5-Air": (34_603_008, 18_382_848, 9_732_096),
 }
+# KV cache bytes per token in fp16, all layers: 2 (k, v) x layers x kv heads x head dim x 2 bytes; DeepSeek's
+# latent attention caches kv_lora_rank + qk_rope_head_dim per layer: (512 + 64) x 27 x 2
+KV_PER_TOKEN = {"Qwen3-30B-A3B": 98_304, "Qwen1.5-MoE-A2.7B": 196_608, "OLMoE-1B-7B-0924": 131_072,
+                "Phi-3.5-MoE-instruct": 131_072, "DeepSeek-V2-Lite": 31_104, "GLM-4.5-Air": 188_416}
+# every expert in 64 GB (GiB) of host RAM, fp16 / int8 / int4
+RAM_64GB = {"Qwen3-30B-A3B": (True, True, True), "Qwen1.5-MoE-A2.7B": (True, True, True),
+            "OLMoE-1B-7B-0924": (True, True, True), "Phi-3.5-MoE-instruct": (False, True, True),
+            "DeepSeek-V2-Lite": (True, True, True), "GLM-4.5-Air": (False, False, True)}
 # expert slots per layer on the 24gb, 16gb and 12gb profiles, fp16 / int8 / int4 (capped at the expert count;
 # under top-k nothing runs: Phi-3.5-MoE's fp16 on 12 GB)
 SLOTS = {
@@ -80,6 +122,8 @@ SLOTS = {
     "Qwen1.5-MoE-A2.7B": {"24gb": (47, 60, 60), "16gb": (26, 50, 60), "12gb": (16, 30, 57)},
     "OLMoE-1B-7B-0924": {"24gb": (64, 64, 64), "16gb": (64, 64, 64), "12gb": (48, 64, 64)},
     "Phi-3.5-MoE-instruct": {"24gb": (4, 7, 14), "16gb": (2, 4, 8), "12gb": (1, 2, 5)},
+    "DeepSeek-V2-Lite": {"24gb": (47, 64, 64), "16gb": (28, 53, 64), "12gb": (18, 35, 64)},
+    "GLM-4.5-Air": {"24gb": (5, 10, 20), "16gb": (0, 0, 0), "12gb": (0, 0, 0)},  # 13.4 GiB of dense fp16
 }
 PRECISIONS = ("none", "int8", "int4")
 
@@ -103,7 +147,7 @@ def test_parameters_and_bytes_per_expert_of_the_public_configs(tmp_path, name):
 
 
 def test_the_readers_take_each_family_s_variants(tmp_path):
-    q3, q15, olmoe, phi = (from_hf_config(config_file(tmp_path, n)) for n in CONFIGS)
+    q3, q15, olmoe, phi = (from_hf_config(config_file(tmp_path, n)) for n in list(CONFIGS)[:4])
     assert (q3.qk_norm, q3.shared_ffn_dim, q3.norm_topk_prob, q3.head_dim) == ("head", 0, True, 128)
     assert (q15.shared_ffn_dim, q15.shared_gate, q15.qkv_bias, q15.sliding_window) == (5632, True, True, None)
     assert (olmoe.qk_norm, olmoe.norm_topk_prob, olmoe.clip_qkv) == ("full", False, None)
@@ -127,11 +171,34 @@ def test_plan_prints_the_slots_each_card_leaves(tmp_path, capsys, name):
         assert card["fits"] == {p: n >= c.top_k for p, n in card["slots"].items()}
         # the same figure from the parts: the card, less the reserve, dense fp16 and the KV cache of 4096 tokens
         prof = load_profile(card["profile"])
-        kv = 2 * c.n_layers * c.n_kv_heads * c.head_dim * 4096 * 2
-        free = prof.device_budget - prof.device_reserve - 2 * c.dense_params - kv
+        kv = KV_PER_TOKEN[name] * 4096
+        free = max(prof.device_budget - prof.device_reserve - 2 * c.dense_params - kv, 0)  # GLM-4.5-Air on 16 GB: 0
         assert (card["context"], card["kv"], card["free"]) == (4096, kv, free)
         for p, nbytes in zip(PRECISIONS, EXPERT_BYTES[name], strict=True):
             assert card["slots"][p] == min(free // (nbytes * c.n_moe_layers), c.num_experts)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_kv_per_token_and_every_expert_in_64gb_of_ram(tmp_path, name):
+    c = from_hf_config(config_file(tmp_path, name))
+    assert c.kv_bytes(1, 2) == KV_PER_TOKEN[name]
+    plan = card_plan(c)
+    assert tuple(plan["host_bytes"][p] <= 64 * 2**30 for p in PRECISIONS) == RAM_64GB[name]
+    assert plan["host_bytes"]["int4"] == c.n_moe_layers * c.num_experts * EXPERT_BYTES[name][2]
+
+
+def test_deepseek_v2_lite_latent_cache_against_full_keys_and_values(tmp_path):
+    """MLA caches 576 values a token and layer where per-head keys (128 + 64) and values (128) of 16 heads would
+    be 5120: 8.9 times less. At 4096 tokens, 121.5 MiB instead of 1.05 GiB; the rest of V2-Lite's plan: 26
+    layers of 64 experts and 2 shared, 1.31B dense parameters (2.44 GiB in fp16)."""
+    c = from_hf_config(config_file(tmp_path, "DeepSeek-V2-Lite"))
+    assert (c.kv_lora_rank, c.qk_rope_head_dim, c.head_dim, c.v_head_dim, c.n_heads) == (512, 64, 192, 128, 16)
+    full = c.n_layers * c.n_heads * (c.head_dim + c.v_head_dim) * 2  # bytes per token in fp16
+    assert full == 276_480 and KV_PER_TOKEN["DeepSeek-V2-Lite"] == 31_104
+    assert c.kv_bytes(4096, 2) == 121.5 * 2**20 and full * 4096 / 2**30 == pytest.approx(1.0547, abs=1e-4)
+    assert (c.n_moe_layers, c.dense_layers, c.shared_ffn_dim, c.router, c.n_group) == (26, (0,), 2816,
+                                                                                        "grouped_softmax", 1)
+    assert c.dense_params == 1_311_632_896
 
 
 def test_plan_text_and_the_mixtral_profiles(tmp_path, capsys):
