@@ -107,14 +107,17 @@ class Worker:
                     self._fail(e)
                     break
                 with self.lock:
+                    sends: dict[asyncio.AbstractEventLoop, list] = {}  # one wake-up of each loop per step
                     for rid, tok, reason in events:
                         if tok is not None:
                             self.counts["completion_tokens"] += 1
                         h = self.handlers.get(rid)
                         if h is not None:
-                            h[0].call_soon_threadsafe(h[1].put_nowait, (tok, reason))
+                            sends.setdefault(h[0], []).append((h[1], (tok, reason)))
                             if reason is not None:
                                 del self.handlers[rid]
+                    for loop, items in sends.items():
+                        loop.call_soon_threadsafe(_deliver, items)
 
     def _fail(self, error: Exception) -> None:
         with self.lock:
@@ -122,6 +125,11 @@ class Worker:
                 loop.call_soon_threadsafe(queue.put_nowait, (error, "error"))
                 self.sched.cancel(rid)
             self.handlers.clear()
+
+
+def _deliver(items: list[tuple[asyncio.Queue, tuple]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
 
 
 def _stop_at(text: str, stops: list[str]) -> int | None:
@@ -235,34 +243,39 @@ class Service:
     # -- generation -------------------------------------------------------------------------------
     async def pieces(self, rid: int, queue: asyncio.Queue, stops: list[str], out: dict):
         """Yield request `rid`'s text pieces; `out` gets finish_reason and completion_tokens at the end. Cancels
-        the request in the scheduler when the consumer stops early (a client gone) or a stop string ends it."""
+        the request in the scheduler when the consumer stops early (a client gone) or a stop string ends it.
+        Tokens that arrived while the consumer was busy make one piece (one server-sent event), each still
+        checked for stop strings on its own."""
         text = TextStream(self.engine.tokenizer)
         full, sent, n, done = "", 0, 0, False
         out["completion_tokens"] = 0
         try:
             while True:
-                tok, reason = await queue.get()
-                if isinstance(tok, Exception):
-                    done = True
-                    raise APIError(500, f"generation failed: {tok}", code="internal_error", kind="server_error")
-                if tok is not None:
-                    n += 1
-                    full += text.push(tok)
-                if reason is not None:
-                    done = True
-                    full += text.flush()
-                out["completion_tokens"] = n
-                cut = _stop_at(full, stops)
-                if cut is not None:
-                    out["finish_reason"] = "stop"
-                    if cut > sent:
-                        yield full[sent:cut]
-                    return
-                if reason is not None:
-                    out["finish_reason"] = FINISH.get(reason, reason)
-                    if len(full) > sent:
-                        yield full[sent:]
-                    return
+                events = [await queue.get()]
+                while not queue.empty():
+                    events.append(queue.get_nowait())
+                for tok, reason in events:
+                    if isinstance(tok, Exception):
+                        done = True
+                        raise APIError(500, f"generation failed: {tok}", code="internal_error", kind="server_error")
+                    if tok is not None:
+                        n += 1
+                        full += text.push(tok)
+                    if reason is not None:
+                        done = True
+                        full += text.flush()
+                    out["completion_tokens"] = n
+                    cut = _stop_at(full, stops)
+                    if cut is not None:
+                        out["finish_reason"] = "stop"
+                        if cut > sent:
+                            yield full[sent:cut]
+                        return
+                    if reason is not None:
+                        out["finish_reason"] = FINISH.get(reason, reason)
+                        if len(full) > sent:
+                            yield full[sent:]
+                        return
                 safe = len(full) - _held_back(full, stops)
                 if safe > sent:
                     yield full[sent:safe]

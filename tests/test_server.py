@@ -5,6 +5,7 @@ client gone mid-stream frees its sequence."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import threading
 import time
@@ -180,6 +181,28 @@ def test_full_queue_is_503_and_a_client_gone_is_cancelled(demo):
     finished = demo.service.scheduler.finished
     assert sum(r.result.stop_reason == "cancelled" for r in finished.values()) >= 4
     assert complete(demo.client, PROMPTS[2])[0] == demo.refs[PROMPTS[2]]
+
+
+def test_tokens_that_wait_in_the_queue_make_one_piece(demo):
+    """A stream that falls behind the step thread gets every queued token in one piece (one event); a stop
+    string is still found token by token: the text ends before it and the usage counts the tokens up to it."""
+    svc, tok = demo.service, demo.service.engine.tokenizer
+    ids = svc.engine.encode("def fib(n):\n    return fib(n - 1) + fib(n - 2)\n")
+
+    async def run(stops):
+        queue: asyncio.Queue = asyncio.Queue()
+        for event in [(t, None) for t in ids[:-1]] + [(ids[-1], "length")]:
+            queue.put_nowait(event)
+        out: dict = {}
+        return [piece async for piece in svc.pieces(-1, queue, stops, out)], out
+
+    pieces, out = asyncio.run(run([]))
+    assert pieces == [tok.decode(ids)] and out == {"completion_tokens": len(ids), "finish_reason": "length"}
+    pieces, out = asyncio.run(run(["fib(n - 1)"]))
+    assert pieces == [tok.decode(ids).split("fib(n - 1)")[0]] and out["finish_reason"] == "stop"
+    assert 0 < out["completion_tokens"] < len(ids)
+    assert "fib(n - 1)" in tok.decode(ids[: out["completion_tokens"]]) and "fib(n - 2)" not in pieces[0]
+    assert demo.idle()
 
 
 def test_a_client_gone_before_a_whole_completion_is_cancelled(demo):
