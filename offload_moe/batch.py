@@ -55,7 +55,7 @@ class Request:
     gen: torch.Generator | None = None
     slot: int = -1  # its KV-pool slot while admitted
     prefilled: int = 0  # prompt tokens in its slot
-    pending: torch.Tensor | None = None  # the last sampled token, to be fed at the next decode step
+    pending: int | None = None  # the last sampled token, to be fed at the next decode step
     result: GenerationResult = field(default_factory=lambda: GenerationResult(prompt_ids=[]))
     rows: list[torch.Tensor] = field(default_factory=list)  # logits [V] per generated token (keep_logits)
     t_added: float = 0.0
@@ -163,9 +163,12 @@ class Scheduler:
 
     def _decode(self, reqs: list[Request], events: list) -> None:
         t0 = time.perf_counter()
-        tokens = torch.cat([r.pending.view(1) for r in reqs])  # [B]
+        tokens = torch.tensor([r.pending for r in reqs], device=self.engine.device)  # [B]
         logits = self.engine.model.forward_batch(tokens, self.pool, [r.slot for r in reqs])  # [B, V]
-        picked = torch.stack([sample(logits[b], r.sampling, r.gen) for b, r in enumerate(reqs)])  # [B]
+        if all(r.sampling.temperature == 0 for r in reqs):  # greedy: one argmax for the batch, as `sample` per row
+            picked = logits.argmax(dim=-1)  # [B]
+        else:
+            picked = torch.stack([sample(logits[b], r.sampling, r.gen) for b, r in enumerate(reqs)])  # [B]
         ids = picked.tolist()  # SYNC: the tokens go to the host, to stream them and to check for EOS
         self.batch_sizes.append(len(reqs))
         now = time.perf_counter()
@@ -179,7 +182,7 @@ class Scheduler:
             req.result.decode_steps += 1
             if req.result.decode_steps == 1:
                 req.result.first_decode_s = now - t0
-            self._emit(req, picked[b], ids[b], logits[b], events, now)
+            self._emit(req, ids[b], logits[b] if req.keep_logits else None, events, now)
 
     def _prefill(self, events: list) -> None:
         budget = self.prefill_chunk
@@ -200,9 +203,9 @@ class Scheduler:
             now = time.perf_counter()
             req.result.prefill_s += now - t0
             req.t_first = now
-            self._emit(req, token, tok, logits, events, now)
+            self._emit(req, tok, logits, events, now)
 
-    def _emit(self, req: Request, token: torch.Tensor, tok: int, logits: torch.Tensor, events: list,
+    def _emit(self, req: Request, tok: int, logits: torch.Tensor | None, events: list,
               now: float) -> None:
         """A new token of `req`: record it, then stop by generate_tokens' rules or keep it to feed."""
         req.result.tokens.append(tok)
@@ -216,7 +219,7 @@ class Scheduler:
             reason = "length"
         elif self.pool.seqs[req.slot].pos >= self.capacity:
             reason = "context"
-        req.pending = token if reason is None else None
+        req.pending = tok if reason is None else None
         events.append((req.id, tok, reason))
         if reason is not None:
             self._finish(req, reason, events, report=False)
