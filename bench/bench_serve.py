@@ -1,41 +1,51 @@
 """The server under concurrent streams: aggregate decode tokens/s, time to first token and inter-token
 latency (p50/p95), and the expert hit rate, at each concurrency.
 
-    python bench/bench_serve.py [--concurrency 1,2,4,8] [--tokens 64] [--cache-experts 2] [--threads 2]
+    python bench/bench_serve.py [--concurrency 1,2,4,8] [--tokens 64] [--cache-experts 2] [--miss-policy cpu]
+                                [--prefetch 1] [--threads 1]
 
 The demo model, served in this process on 127.0.0.1 (an ephemeral port) with --max-batch the highest
-concurrency; each stream is a greedy /v1/completions request with stream=true (httpx, server-sent
-events; the tokens from its usage chunk), the prompts differing per stream. Aggregate tok/s: every
-stream's tokens over the wall time from the first request to the last stream's end. One warm-up
-request first. The clients run in this process too: on a small machine they take CPU from the model.
+concurrency; each stream is a greedy /v1/completions request with stream=true (httpx, server-sent events;
+the tokens from its usage chunk), the prompts differing per stream. Aggregate tok/s: every stream's tokens
+over the wall time from the first request to the last stream's end. One warm-up request first.
+
+The defaults, and why they changed (they were: clients as threads of this process, 2 torch threads, miss
+policy fetch):
+  * the clients run in their own processes (one per stream, started before the timing), as a server's
+    clients do: as threads here they took this process's GIL from the step thread at every token;
+  * 1 torch thread: the model takes one core and the HTTP side and the clients the other; with 2, torch's
+    OpenMP workers spin against them, and on a shared 2-core machine runs were bimodal (up to 4x slower);
+  * --miss-policy cpu: on a CPU device with every expert in RAM a missed expert is computed from RAM in
+    place, while fetch first copies it into a device slot (the GPU's flow, modelled byte for byte); the
+    hit rate, the same for both, is what a card with this many slots would see. --miss-policy fetch
+    measures the copies.
+The first line of the output says which configuration ran.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from offload_moe.demo import resolve_model  # noqa: E402
-from offload_moe.engine import Engine, EngineOptions  # noqa: E402
-from offload_moe.server import Service, bind, make_server  # noqa: E402
 
 PROMPTS = ["def fib(n):", "import os\n", "class Config:", "for i in range(", "with open(path) as f:",
            "try:\n    import", "def __init__(self,", "return sorted("]
 
 
-def stream(url: str, prompt: str, tokens: int) -> tuple[float, list[float], int]:
-    """(seconds to the first text chunk, the times of every text chunk, tokens generated) of one streamed
-    completion."""
+def stream(job: tuple[str, str, int, float]) -> tuple[float, float, list[float], int]:
+    """One streamed completion, in a client process: (start, seconds to the first text chunk, the times of
+    every text chunk, tokens generated). `job` = (url, prompt, tokens, when to start: perf_counter, shared by
+    every process on this machine)."""
+    import httpx
+
+    url, prompt, tokens, at = job
+    time.sleep(max(0.0, at - time.perf_counter()))
     t0, times, n = time.perf_counter(), [], 0
     body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
@@ -48,7 +58,7 @@ def stream(url: str, prompt: str, tokens: int) -> tuple[float, list[float], int]
                 n = chunk["usage"]["completion_tokens"]
             elif chunk["choices"][0]["text"]:
                 times.append(time.perf_counter())
-    return times[0] - t0, times, n
+    return t0, times[0] - t0, times, n
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -57,15 +67,25 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def main() -> None:
+    import torch
+
+    from offload_moe.demo import resolve_model
+    from offload_moe.engine import Engine, EngineOptions
+    from offload_moe.server import Service, bind, make_server
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--concurrency", default="1,2,4,8")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--cache-experts", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--miss-policy", default="cpu", choices=("fetch", "cpu", "auto"))
+    ap.add_argument("--prefetch", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     levels = [int(c) for c in args.concurrency.split(",")]
-    engine = Engine.load(resolve_model("demo"), EngineOptions(cache_experts=args.cache_experts, progress=False))
+    options = EngineOptions(cache_experts=args.cache_experts, miss_policy=args.miss_policy, prefetch=args.prefetch,
+                            max_batch=max(levels), progress=False)
+    engine = Engine.load(resolve_model("demo"), options)
     service = Service(engine, "demo", max_batch=max(levels), max_queue=0)
     sock = bind("127.0.0.1", 0)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -74,26 +94,31 @@ def main() -> None:
     thread.start()
     while not server.started:
         time.sleep(0.01)
-    stream(url, PROMPTS[0], args.tokens)  # warm-up
-    print(f"demo model, {args.cache_experts} of 8 experts cached per layer, {args.tokens} tokens per stream, "
-          f"{args.threads} threads")
+    clients = mp.get_context("spawn").Pool(max(levels))  # started (and warm) before anything is timed
+    clients.map(stream, [(url, PROMPTS[0], args.tokens, 0.0)] * max(levels))  # warm-up
+    c = engine.cache
+    in_place = c.host_is_device and c.cpu_cheaper
+    print(f"demo model, {args.cache_experts} of 8 experts cached per layer, miss policy {args.miss_policy} "
+          f"({'misses computed from RAM in place' if in_place else 'misses copied'}), prefetch {args.prefetch}, "
+          f"{args.tokens} tokens per stream, {args.threads} torch thread(s), {engine.device}; clients in their own "
+          "processes")
     print("| streams | aggregate tok/s | x one | TTFT p50 / p95 ms | inter-token p50 / p95 ms | hit rate |")
     print("|---|---|---|---|---|---|")
     base = None
-    table = engine.cache.table
+    table = c.table
     for n in levels:
         h0, m0 = sum(table.hits), sum(table.misses)
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(n) as pool:
-            runs = list(pool.map(lambda i: stream(url, PROMPTS[i % len(PROMPTS)], args.tokens), range(n)))
-        wall = time.perf_counter() - t0
-        rate = sum(n for *_, n in runs) / wall
+        at = time.perf_counter() + 0.2  # every client starts then
+        runs = clients.map(stream, [(url, PROMPTS[i % len(PROMPTS)], args.tokens, at) for i in range(n)])
+        wall = max(times[-1] for _, _, times, _ in runs) - min(t0 for t0, *_ in runs)
+        rate = sum(k for *_, k in runs) / wall
         base = base or rate
-        ttft = [t for t, *_ in runs]
-        itl = [b - a for _, times, _ in runs for a, b in zip(times, times[1:], strict=False)]
+        ttft = [t for _, t, _, _ in runs]
+        itl = [b - a for _, _, times, _ in runs for a, b in zip(times, times[1:], strict=False)]
         hits, misses = sum(table.hits) - h0, sum(table.misses) - m0
         print(f"| {n} | {rate:.0f} | {rate / base:.2f} | {1e3 * pct(ttft, 0.5):.1f} / {1e3 * pct(ttft, 0.95):.1f} "
               f"| {1e3 * pct(itl, 0.5):.1f} / {1e3 * pct(itl, 0.95):.1f} | {hits / max(hits + misses, 1):.1%} |")
+    clients.close()
     server.should_exit = True
     thread.join(timeout=10)
 
