@@ -1,48 +1,78 @@
-"""Time the trace simulator on a Mixtral-sized synthetic trace: 100,000 tokens, 32 layers,
-8 experts, top-2, every policy at 4 slots per layer (and LRU with prefetch 1).
+"""Time `simulate` as a user runs it: the CLI, Python start-up included, all five policies, on two
+synthetic 100,000-token traces written in the trace format (`trace.py`):
 
-Routing has some locality, as real routers do: per layer, each of a token's ranks keeps the
-previous token's expert with probability 0.3, else draws a fresh one. The prediction for layer l
-is the true choice with probability 0.7, else a random one, so prefetch has something to get right.
+  mixtral  32 layers, 8 experts, top-2, 4 slots per layer
+  qwen3    48 layers, 128 experts, top-8, 32 slots per layer (Qwen3-30B-A3B's shape)
 
-    python bench/bench_simulate.py [--tokens N]
+Routing has skew and locality, as trained routers do: each layer favours its own experts (expert
+popularity falls as 1 / rank^0.8, ranks shuffled per layer), and each of a token's ranks keeps the
+previous token's expert with probability 0.3, else draws a fresh one from that popularity. The
+prediction for layer l is the true choice with probability 0.7, else a fresh draw, so prefetch has
+something to get right.
+
+It prints, per trace: the CLI's wall seconds for all five policies (best of --repeat), the start-up
+alone (`simulate --help`), and each policy's hit rate; then, in this process, each policy's
+seconds (`simulate.simulate`, after one call that compiles or loads the compiled replay loop) and
+LRU with prefetch 1.
+
+    python bench/bench_simulate.py [--tokens N] [--repeat 3] [--shape mixtral,qwen3] [--dir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from offload_moe.policy import POLICIES  # noqa: E402
 from offload_moe.simulate import simulate  # noqa: E402
-from offload_moe.trace import Trace  # noqa: E402
+from offload_moe.trace import Trace, load_trace, save_trace  # noqa: E402
+
+SHAPES = {"mixtral": (32, 8, 2, 4), "qwen3": (48, 128, 8, 32)}  # layers, experts, top-k, slots
 
 
-def random_distinct(rng: np.random.Generator, shape: tuple[int, ...], num_experts: int, k: int) -> np.ndarray:
-    """k distinct uniform experts per entry, [*shape, k]: draw rank j among the num_experts - j
-    experts left, then step over the ones already taken (in ascending order), so no sort of E."""
-    out = np.empty((*shape, k), np.int64)
-    for j in range(k):
-        x = rng.integers(0, num_experts - j, size=shape)
-        for taken in np.sort(out[..., :j], axis=-1).transpose(-1, *range(len(shape))):  # [j, *shape]
-            x += x >= taken
-        out[..., j] = x
-    return out
+def skewed_draws(rng: np.random.Generator, tokens: int, popularity: np.ndarray, k: int) -> np.ndarray:
+    """k distinct experts per token and layer, [T, L, K], each drawn from its layer's popularity
+    [L, E]; a rank that repeats an earlier rank of its token is drawn again until none does."""
+    L, E = popularity.shape
+    cdf = np.cumsum(popularity, axis=1)  # [L, E]
+    cdf /= cdf[:, -1:]
+    flat = (cdf + np.arange(L)[:, None]).reshape(-1)  # [L*E]: layer l's cdf shifted to [l, l + 1]
+
+    def draw(u: np.ndarray, layer: np.ndarray) -> np.ndarray:  # uniforms -> expert ids, same shape
+        return np.minimum(np.searchsorted(flat, u + layer, side="right"), L * E - 1) - layer * E
+
+    out = draw(rng.random((tokens, L, k)), np.arange(L)[None, :, None]).reshape(-1, k)  # [T*L, K]
+    layer = np.tile(np.arange(L), tokens)  # [T*L]
+    rows = np.arange(tokens * L)  # the token-layers still to check
+    while len(rows):
+        part = out[rows]  # [R, K]
+        dup = np.zeros(part.shape, bool)  # [R, K]: the rank repeats an earlier one
+        for j in range(1, k):
+            dup[:, j] = (part[:, j : j + 1] == part[:, :j]).any(-1)
+        part[dup] = draw(rng.random(int(dup.sum())), np.broadcast_to(layer[rows, None], part.shape)[dup])
+        out[rows] = part
+        rows = rows[dup.any(-1)]
+    return out.reshape(tokens, L, k)  # [T*L, K] -> [T, L, K]
 
 
-def synthetic_trace(tokens: int, layers: int = 32, experts: int = 8, top_k: int = 2, keep: float = 0.3,
+def synthetic_trace(tokens: int, layers: int, experts: int, top_k: int, keep: float = 0.3, skew: float = 0.8,
                     seed: int = 0) -> Trace:
-    """A Markov chain per layer and rank: each token keeps the previous token's expert with probability
-    `keep`, else takes a fresh draw. Where two ranks of one token then name the same expert, that
-    token-layer takes its fresh draw whole (the chain itself goes on)."""
+    """A Markov chain per layer and rank over skewed fresh draws (see the module docstring). Where two
+    ranks of one token then name the same expert, that token-layer takes its fresh draw whole."""
     rng = np.random.default_rng(seed)
-    fresh = random_distinct(rng, (tokens, layers), experts, top_k)  # [T, L, K]
+    popularity = 1.0 / np.arange(1, experts + 1) ** skew  # [E]
+    popularity = np.stack([rng.permutation(popularity) for _ in range(layers)])  # [L, E]
+    fresh = skewed_draws(rng, tokens, popularity, top_k)  # [T, L, K]
     redraw = rng.random((tokens, layers, top_k)) >= keep  # [T, L, K]
     redraw[0] = True
     # the token whose fresh draw each chain still carries: the last redraw at or before t
@@ -52,32 +82,57 @@ def synthetic_trace(tokens: int, layers: int = 32, experts: int = 8, top_k: int 
     dup = (ranked[..., 1:] == ranked[..., :-1]).any(-1)  # [T, L]
     chosen[dup] = fresh[dup]
     predicted = np.where(rng.random((tokens, layers, 1)) < 0.7, chosen,
-                         random_distinct(rng, (tokens, layers), experts, top_k))  # [T, L, K]
+                         skewed_draws(rng, tokens, popularity, top_k))  # [T, L, K]
     predicted[:, 0] = -1
-    weights = rng.dirichlet(np.ones(top_k), size=(tokens, layers)).astype(np.float32)  # [T, L, K]
+    weights = rng.standard_exponential((tokens, layers, top_k), np.float32)  # [T, L, K]: a flat Dirichlet
+    weights /= weights.sum(-1, keepdims=True)
     return Trace(chosen.astype(np.int32), weights, predicted.astype(np.int32), experts, top_k, layers,
                  "synthetic")
+
+
+def wall(cmd: list[str]) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+    return time.perf_counter() - t0, done.stdout
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=100_000)
-    ap.add_argument("--slots", type=int, default=4)
+    ap.add_argument("--repeat", type=int, default=3, help="CLI runs per trace; the best is shown (default 3)")
+    ap.add_argument("--shape", default="mixtral,qwen3", help="traces to run: mixtral, qwen3 or both")
+    ap.add_argument("--dir", help="where the traces are written, and reused when present (default: a temporary "
+                    "folder)")
     args = ap.parse_args()
-    t0 = time.perf_counter()
-    trace = synthetic_trace(args.tokens)
-    print(f"trace: {args.tokens} tokens x 32 layers, 8 experts, top-2 (built in {time.perf_counter() - t0:.1f} s)")
-    print(f"{'policy':<8}{'prefetch':>9}{'slots':>6}{'hit rate':>10}{'copies/token':>14}{'seconds':>9}")
-    runs = [(p, 0) for p in POLICIES] + [("lru", 1)]
-    total = 0.0
-    for policy, prefetch in runs:
-        t0 = time.perf_counter()
-        r = simulate(trace, args.slots, policy, prefetch=prefetch)
-        secs = time.perf_counter() - t0
-        total += secs if not prefetch else 0.0
-        print(f"{policy:<8}{prefetch:>9}{args.slots:>6}{100 * r['hit_rate']:>9.1f}%"
-              f"{r['copies'] / args.tokens:>14.2f}{secs:>9.2f}", flush=True)
-    print(f"all {len(POLICIES)} policies without prefetch: {total:.1f} s")
+    folder = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="bench_simulate."))
+    folder.mkdir(parents=True, exist_ok=True)
+    start = min(wall([sys.executable, "run.py", "simulate", "--help"])[0] for _ in range(args.repeat))
+    print(f"CLI start-up (simulate --help), best of {args.repeat}: {start:.2f} s")
+    for name in args.shape.split(","):
+        L, E, K, S = SHAPES[name]
+        path = folder / f"{name}-{args.tokens}.trace"
+        if not path.exists():
+            t0 = time.perf_counter()
+            save_trace(path, synthetic_trace(args.tokens, L, E, K))
+            print(f"wrote {path} in {time.perf_counter() - t0:.1f} s")
+        cmd = [sys.executable, "run.py", "simulate", "--trace", str(path), "--slots", str(S),
+               "--policy", ",".join(POLICIES), "--json"]
+        runs = [wall(cmd) for _ in range(args.repeat)]
+        rates = {r["policy"]: r["hit_rate"] for r in json.loads(runs[0][1])["results"]}
+        print(f"\n{name}: {args.tokens} tokens x {L} layers, {E} experts, top-{K}, {S} slots")
+        print(f"  CLI, all {len(POLICIES)} policies: " + ", ".join(f"{t:.2f}" for t, _ in runs)
+              + f" s (best {min(t for t, _ in runs):.2f} s)")
+        trace = load_trace(path)
+        simulate(trace, S, "lru")  # compiles the replay loop, or loads it from the cache
+        print(f"  {'policy':<8}{'prefetch':>9}{'hit rate':>10}{'copies/token':>14}{'seconds':>9}  (in process)")
+        for policy, prefetch in [(p, 0) for p in POLICIES] + [("lru", 1)]:
+            t0 = time.perf_counter()
+            r = simulate(trace, S, policy, prefetch=prefetch)
+            secs = time.perf_counter() - t0
+            if not prefetch:
+                assert r["hit_rate"] == rates[policy], "the CLI and this process disagree"
+            print(f"  {policy:<8}{prefetch:>9}{100 * r['hit_rate']:>9.2f}%{r['copies'] / args.tokens:>14.2f}"
+                  f"{secs:>9.2f}", flush=True)
 
 
 if __name__ == "__main__":

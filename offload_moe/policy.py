@@ -1,10 +1,17 @@
 """Eviction rules: which expert leaves a layer's cache when another must come in.
 
-Pure Python: no tensor is moved here. The engine (`cache.py`) and the trace simulator
-(`simulate.py`) both run this exact code, `SlotTable.replay`, so they cannot disagree about
-hits, misses or prefetch use. The engine replays one step at a time as tokens arrive, the
-simulator a whole trace per call; one tight loop serves both, because per-step method calls
-would cost the simulator five times its running time.
+No tensor is moved here. The engine (`cache.py`) and the trace simulator (`simulate.py`) both run
+this exact code, `_replay_row` through `SlotTable.replay`, so they cannot disagree about hits,
+misses or prefetch use. The engine replays one step at a time as tokens arrive, the simulator a
+whole trace per call; one tight loop serves both.
+
+The loop is written in the subset of Python that numba compiles. Where numba is installed (the
+`jit` extra) it runs compiled, over numpy arrays, 50-100 times faster; else, or with the
+environment variable OFFLOAD_MOE_JIT=0, the same source runs as plain Python over lists. Both give
+the same counts, bit for bit (tests/test_policy.py runs both). The compiled code is cached on disk
+by numba (`cache=True`): in `offload_moe/__pycache__`, or where the package is read-only in numba's
+user-wide cache folder (~/.cache/numba on Linux; NUMBA_CACHE_DIR overrides both), so only the first
+run on a machine compiles (a few seconds).
 
 A `SlotTable` holds several independent layer caches, one *row* each; row r has `slots[r]`
 slots. Rows share nothing (each even has its own random stream), so a caller may advance them
@@ -20,6 +27,7 @@ One step of a row (one token reaching one layer) is an optional prefetch, then a
             3. each missing expert, in the given order, takes an empty slot if there is one (lowest
                first), else evicts the resident expert with the smallest policy key (ties: lowest
                slot), never one of the experts this same access uses.
+Entries < 0 of an access are skipped too (they pad ragged steps to one width).
 A slot filled by a prefetch is *fresh* until its first access: that hit counts as a prefetch hit
 (the prefetch was used); an eviction before any access means the prefetch was wasted.
 
@@ -27,23 +35,38 @@ Policy keys (smallest leaves first):
   lru     last use (insertion counts as use)
   fifo    insertion time
   lfu     (uses of that expert at that layer so far, last use)
-  random  a uniform draw per candidate at each eviction (seeded per row)
+  random  a uniform draw per candidate at each eviction (Python's `random.Random`, seeded per row;
+          compiled, a port of its Mersenne Twister over the generator's state, the same numbers)
   belady  minus the next use of that expert at that layer (never again leaves first);
           offline only: the caller passes the next-use table.
+
+Shape legend: T steps, W experts per step, R rows, S slots, E experts.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+
+import numpy as np
 
 POLICIES = ("lru", "lfu", "fifo", "random", "belady")
 ONLINE_POLICIES = ("lru", "lfu", "fifo", "random")
+LRU, LFU, FIFO, RANDOM, BELADY = range(len(POLICIES))  # the loop's policy codes
 NEVER = 1 << 60  # next-use value for "not used again"
+CLOCK, FILLED, STAMP, HITS, MISSES, PREFETCH_COPIES, PREFETCH_HITS = range(7)  # a row's state entries
+DONE, NO_VICTIM, BAD_EXPERT = range(3)  # what the loop returns
 
 
 class NoVictimError(RuntimeError):
     """Every slot of the row holds an expert that the same access needs."""
+
+
+def jit_available() -> bool:
+    """Whether `SlotTable` compiles its loop: numba is installed and OFFLOAD_MOE_JIT is not 0."""
+    return os.environ.get("OFFLOAD_MOE_JIT", "1") != "0" and importlib.util.find_spec("numba") is not None
 
 
 class SlotTable:
@@ -51,156 +74,273 @@ class SlotTable:
     each row's accesses cost: `hits`, `misses`, `prefetch_copies`, `prefetch_hits` per row."""
 
     def __init__(self, slots: Sequence[int], num_experts: int, policy: str = "lru", seed: int = 0,
-                 streams: Sequence[int] | None = None):
+                 streams: Sequence[int] | None = None, compiled: bool | None = None):
         """`streams[r]` names row r's random stream (default r): rows that model the same layer in
-        several tables (the simulator's cache sizes) draw the same numbers as the engine's layer."""
+        several tables (the simulator's cache sizes) draw the same numbers as the engine's layer.
+        `compiled` None: `jit_available()`."""
         if policy not in POLICIES:
             raise ValueError(f"unknown eviction policy {policy!r}; choose from {', '.join(POLICIES)}")
         slots = [int(s) for s in slots]
         if not slots or min(slots) < 1:
             raise ValueError("slots must be a non-empty list of positive counts, one per layer")
-        R = len(slots)
+        R, S, E = len(slots), max(slots), num_experts
         self.policy, self.num_experts, self.slots = policy, num_experts, slots
-        self.expert = [[-1] * n for n in slots]  # [R][S] resident expert or -1
-        self.slot_of = [[-1] * num_experts for _ in slots]  # [R][E] slot or -1
-        self.last_use = [[0] * n for n in slots]  # [R][S]
-        self.inserted = [[0] * n for n in slots]  # [R][S]
-        self.fresh = [[False] * n for n in slots]  # [R][S] filled by a prefetch, not accessed since
-        self.uses = [[0] * num_experts for _ in slots]  # [R][E]
-        self.clock = [0] * R  # per row: rows advance independently
+        self.compiled = jit_available() if compiled is None else compiled
         streams = range(R) if streams is None else streams
-        self.rng = [random.Random(seed * 1_000_003 + s) for s in streams]
-        self.reset_counts()
+        rngs = [random.Random(seed * 1_000_003 + s) for s in streams]
+        if self.compiled:
+            self._loop = _compiled_loop()
+            self.expert = np.full((R, S), -1, np.int64)  # [R, S] resident expert or -1 (beyond a row's slots too)
+            self.slot_of = np.full((R, E), -1, np.int64)  # [R, E] slot or -1
+            self.last_use, self.inserted = np.zeros((R, S), np.int64), np.zeros((R, S), np.int64)
+            self.fresh = np.zeros((R, S), np.bool_)  # filled by a prefetch, not accessed since
+            self.uses = np.zeros((R, E), np.int64)
+            self.mark = np.zeros((R, S), np.int64)  # the STAMP of the last victim search that protected the slot
+            self.state = np.zeros((R, 7), np.int64)  # CLOCK, FILLED, STAMP, then the counts
+            self.rng = np.array([r.getstate()[1] for r in rngs], np.int64)  # [R, 625]: Mersenne Twister words, index
+            self.draws = np.zeros((R, S), np.float64)  # the loop's scratch, per row (rows may run in threads)
+        else:
+            self._loop = _replay_row
+            self.expert = [[-1] * n for n in slots]
+            self.slot_of = [[-1] * E for _ in slots]
+            self.last_use, self.inserted = [[0] * n for n in slots], [[0] * n for n in slots]
+            self.fresh = [[False] * n for n in slots]
+            self.uses = [[0] * E for _ in slots]
+            self.mark = [[0] * n for n in slots]
+            self.state = [[0] * 7 for _ in slots]
+            self.rng = rngs
+            self.draws = [[0.0] * n for n in slots]
+        self._code = POLICIES.index(policy)
+        self._empty = (np.zeros((0, 0), np.int64), np.zeros(0, np.int64)) if self.compiled else ((), [])
+        # each row's arguments to the loop, built once: the engine calls it per layer and token
+        self._rows = [(n, self.expert[r], self.slot_of[r], self.last_use[r], self.inserted[r], self.fresh[r],
+                       self.uses[r], self.mark[r], self.draws[r], self.state[r], self.rng[r])
+                      for r, n in enumerate(slots)]
 
     def reset_counts(self) -> None:
-        R = len(self.slots)
-        self.hits, self.misses = [0] * R, [0] * R
-        self.prefetch_copies, self.prefetch_hits = [0] * R, [0] * R
+        for row in self.state:
+            for c in range(HITS, PREFETCH_HITS + 1):
+                row[c] = 0
+
+    def _counts(self, c: int) -> list[int]:
+        return [int(row[c]) for row in self.state]
+
+    hits = property(lambda self: self._counts(HITS), doc="accesses that found the expert resident, per row")
+    misses = property(lambda self: self._counts(MISSES), doc="accesses that inserted the expert, per row")
+    prefetch_copies = property(lambda self: self._counts(PREFETCH_COPIES), doc="experts a prefetch inserted")
+    prefetch_hits = property(lambda self: self._counts(PREFETCH_HITS), doc="first hits on a prefetched slot")
 
     # -- queries -------------------------------------------------------------------
     def slot(self, row: int, expert: int) -> int:
         """Slot of `expert` in `row`, or -1 when it is not resident."""
-        return self.slot_of[row][expert]
+        return int(self._rows[row][2][expert])
 
     def resident(self, row: int) -> list[int]:
-        return [e for e in self.expert[row] if e >= 0]
+        return [int(e) for e in self.expert[row] if e >= 0]
 
     # -- one step, for the engine --------------------------------------------------------
     def access_row(self, row: int, experts: Sequence[int], next_use: list[int] | None = None
                    ) -> tuple[list[bool], list[int], list[int]]:
         """One access. Returns hit, slot (where each expert now sits) and evicted (the expert a
         miss displaced; -1 for none or for a hit), one entry per expert."""
-        admitted: list[tuple[int, int, int]] = []
-        self.replay(row, (experts,), next_use=next_use, admitted=admitted)
-        came = {e: old for e, _, old in admitted}  # missed expert -> the expert it displaced
-        return ([e not in came for e in experts], [self.slot_of[row][e] for e in experts],
-                [came.get(e, -1) for e in experts])
+        held, slot_of = _values(self.expert[row]), self.slot_of[row]
+        hit = [bool(slot_of[e] >= 0) for e in experts]
+        self.replay(row, (experts,), next_use=next_use)
+        slots = [int(slot_of[e]) for e in experts]
+        return hit, slots, [-1 if h else held[s] for h, s in zip(hit, slots, strict=True)]
 
     def prefetch_row(self, row: int, experts: Sequence[int], next_use: list[int] | None = None
                      ) -> tuple[list[bool], list[int], list[int]]:
         """A prefetch alone. Returns inserted, slot (-1 where nothing was inserted) and evicted,
         one entry per predicted expert."""
-        admitted: list[tuple[int, int, int]] = []
-        self.replay(row, ((),), (experts,), next_use=next_use, admitted=admitted)
-        done = {e: (s, old) for e, s, old in admitted}
-        inserted = [False] * len(experts)
-        for k, e in enumerate(experts):
-            if e in done and e not in experts[:k]:
-                inserted[k] = True
-        return (inserted, [done[e][0] if ok else -1 for e, ok in zip(experts, inserted, strict=True)],
-                [done[e][1] if ok else -1 for e, ok in zip(experts, inserted, strict=True)])
+        held, slot_of = _values(self.expert[row]), self.slot_of[row]
+        absent = [bool(e >= 0 and slot_of[e] < 0 and e not in experts[:k]) for k, e in enumerate(experts)]
+        self.replay(row, ((),), (experts,), next_use=next_use)
+        slots = [int(slot_of[e]) if new else -1 for e, new in zip(experts, absent, strict=True)]
+        return absent, slots, [held[s] if s >= 0 else -1 for s in slots]
 
     # -- the loop both run ---------------------------------------------------------------
-    def replay(self, row: int, accesses: Sequence[Sequence[int]], predictions: Sequence[Sequence[int]] | None = None,
-               later: Sequence[Sequence[int]] | None = None, next_use: list[int] | None = None,
-               admitted: list[tuple[int, int, int]] | None = None) -> None:
+    def steps(self, steps) -> np.ndarray | list:
+        """Steps (a [T, W] array or T sequences of experts, ragged allowed) in the loop's form:
+        compiled, a C-contiguous int64 [T, W] array, ragged steps padded with -1; else lists."""
+        if not self.compiled:
+            return steps.tolist() if isinstance(steps, np.ndarray) else steps
+        if isinstance(steps, np.ndarray):
+            return np.ascontiguousarray(steps, np.int64).reshape(len(steps), -1)
+        try:
+            out = np.array(steps, np.int64)
+            if out.ndim == 2:
+                return out
+        except ValueError:  # ragged
+            pass
+        width = max((len(s) for s in steps), default=0)
+        out = np.full((len(steps), width), -1, np.int64)  # [T, W]
+        for t, s in enumerate(steps):
+            out[t, : len(s)] = s
+        return out
+
+    def replay(self, row: int, accesses, predictions=None, later=None, next_use: list[int] | np.ndarray | None = None
+               ) -> None:
         """Run steps through one row: step t prefetches predictions[t] (when given), then accesses
-        accesses[t]. Counts go to the row's counters; `admitted`, when given, receives
-        (expert, slot, evicted expert or -1) for every insertion, in order.
+        accesses[t] ([T][W] each, in any form `steps` takes). Counts go to the row's counters.
 
         next_use [E] is Belady's table (each expert's next use at or after the current step); with
-        `later` [T][K] (the step after t at which accesses[t][k] is used again) the loop keeps it
-        current, so one table serves a whole trace."""
-        held, slot_of = self.expert[row], self.slot_of[row]
-        last, ins, uses, fresh = self.last_use[row], self.inserted[row], self.uses[row], self.fresh[row]
-        victim = self._victim_rule(row, next_use)
-        clock = self.clock[row]
-        hits = misses = pf_copies = pf_hits = 0
-        for t, exps in enumerate(accesses):
-            if predictions is not None:
-                clock += 1
-                pred = predictions[t]
-                for e in pred:
-                    if e >= 0 and slot_of[e] < 0:
-                        s = held.index(-1) if -1 in held else victim(pred)
-                        old = held[s]
-                        if old >= 0:
-                            slot_of[old] = -1
-                        held[s], slot_of[e], last[s], ins[s], fresh[s] = e, s, clock, clock, True
-                        pf_copies += 1
-                        if admitted is not None:
-                            admitted.append((e, s, old))
-            clock += 1
-            missing = None
-            for e in exps:
-                uses[e] += 1
-                s = slot_of[e]
-                if s < 0:
-                    missing = [e] if missing is None else [*missing, e]
-                    continue
-                last[s] = clock
-                hits += 1
-                if fresh[s]:
-                    pf_hits += 1
-                    fresh[s] = False
-            if missing is not None:
-                misses += len(missing)
-                for e in missing:
-                    s = held.index(-1) if -1 in held else victim(exps)
-                    old = held[s]
-                    if old >= 0:
-                        slot_of[old] = -1
-                    held[s], slot_of[e], last[s], ins[s], fresh[s] = e, s, clock, clock, False
-                    if admitted is not None:
-                        admitted.append((e, s, old))
-            if later is not None:
-                for e, n in zip(exps, later[t]):  # noqa: B905 (same length by construction; hot loop)
-                    next_use[e] = n
-        self.clock[row] = clock
-        self.hits[row] += hits
-        self.misses[row] += misses
-        self.prefetch_copies[row] += pf_copies
-        self.prefetch_hits[row] += pf_hits
-
-    def _victim_rule(self, row: int, next_use: list[int] | None) -> Callable[[Sequence[int]], int]:
-        """victim(protect) -> the slot to empty in a full row: the smallest key among the slots
-        whose expert is not in `protect` (ties: lowest slot). It runs at every miss of a simulated
-        trace, so the keys are inline branches, not calls."""
-        held, last, ins, uses = self.expert[row], self.last_use[row], self.inserted[row], self.uses[row]
-        rng = self.rng[row]
-        p = self.policy
-        if p == "belady" and next_use is None:
+        `later` [T][W] (the step after t at which accesses[t][k] is used again) the loop keeps it
+        current, in place, so one table serves a whole trace."""
+        if next_use is None and (self.policy == "belady" or later is not None):
             raise ValueError("belady needs the next-use table: it is an offline policy")
+        if next_use is not None and len(next_use) != self.num_experts:
+            raise ValueError(f"the next-use table has {len(next_use)} entries, not one per expert ({self.num_experts})")
+        none, table = self._empty
+        if next_use is not None:
+            table = next_use
+            if self.compiled and not (isinstance(next_use, np.ndarray) and next_use.dtype == np.int64):
+                table = np.array(next_use, np.int64)
+            elif not self.compiled and isinstance(next_use, np.ndarray):
+                table = next_use.tolist()
+        status = self._loop(self._code, *self._rows[row], self.steps(accesses),
+                            none if predictions is None else self.steps(predictions),
+                            none if later is None else self.steps(later), table)
+        if table is not next_use and later is not None:  # the loop changed the copy: hand back the changes
+            next_use[:] = table
+        if status == NO_VICTIM:
+            raise NoVictimError("every slot holds an expert that this access still needs")
+        if status == BAD_EXPERT:
+            raise ValueError(f"an expert id is not below num_experts={self.num_experts}")
 
-        def victim(protect: Sequence[int]) -> int:
-            best, best_key = -1, None
-            for s, e in enumerate(held):
-                if e in protect:
+
+def _values(row: np.ndarray | list) -> list:
+    """A copy of one row of the table's state as a list of Python numbers."""
+    return row.tolist() if isinstance(row, np.ndarray) else list(row)
+
+
+def _replay_row(policy, n, held, slot_of, last, ins, fresh, uses, mark, draws, state, rng, accesses, predictions,
+                later, next_use) -> int:
+    """The loop: `SlotTable.replay` of one row, whose state it updates in place (held, last, ins,
+    fresh, mark [S]; slot_of, uses [E]; state [7]; draws [S] is scratch). predictions and later
+    empty: none given. Returns DONE, or NO_VICTIM when an access found no victim, or BAD_EXPERT at
+    an id >= E (compiled code does not check bounds), leaving the step half done.
+
+    One body serves the prefetch (phase 0) and the access (phase 1) of a step, and the victim
+    search is written out in it, not called: compiled, a call per miss cost a third of the time."""
+    prefetching, tracking, E = len(predictions) > 0, len(later) > 0, len(slot_of)
+    for t in range(len(accesses)):
+        for phase in range(2):
+            if phase == 0 and not prefetching:
+                continue
+            step = predictions[t] if phase == 0 else accesses[t]
+            state[CLOCK] += 1
+            clock = state[CLOCK]
+            if phase == 1:  # hits are decided before any insertion: a miss never evicts an expert of this access
+                for e in step:
+                    if e >= E:
+                        return BAD_EXPERT
+                    if e >= 0:
+                        uses[e] += 1
+                        s = slot_of[e]
+                        if s >= 0:
+                            last[s] = clock
+                            state[HITS] += 1
+                            if fresh[s]:
+                                state[PREFETCH_HITS] += 1
+                                fresh[s] = False
+            for e in step:
+                if e >= E:
+                    return BAD_EXPERT
+                if e < 0 or slot_of[e] >= 0:
                     continue
-                if p == "lru":
-                    key = last[s]
-                elif p == "fifo":
-                    key = ins[s]
-                elif p == "lfu":
-                    key = (uses[e], last[s])
-                elif p == "random":
-                    key = rng.random()
-                else:
-                    key = -next_use[e]
-                if best < 0 or key < best_key:
-                    best, best_key = s, key
-            if best < 0:
-                raise NoVictimError("every slot holds an expert that this access still needs")
-            return best
+                s = state[FILLED]  # slots fill lowest first and never empty again
+                if s < n:
+                    state[FILLED] = s + 1
+                else:  # the victim: the smallest key among the slots that hold no expert of this step
+                    stamp = state[STAMP] + 1
+                    state[STAMP] = stamp
+                    candidates = n
+                    for p in step:
+                        if p >= 0 and slot_of[p] >= 0 and mark[slot_of[p]] != stamp:
+                            mark[slot_of[p]] = stamp
+                            candidates -= 1
+                    if policy == RANDOM:
+                        _uniforms(rng, draws, candidates)
+                    s, key, tie, j = -1, 0, 0, 0
+                    for c in range(n):
+                        if mark[c] == stamp:
+                            continue
+                        if policy == RANDOM:
+                            if s < 0 or draws[j] < draws[key]:
+                                s, key = c, j
+                            j += 1
+                            continue
+                        x = held[c]
+                        if policy == LRU:
+                            k, k2 = last[c], 0
+                        elif policy == FIFO:
+                            k, k2 = ins[c], 0
+                        elif policy == LFU:
+                            k, k2 = uses[x], last[c]
+                        else:
+                            k, k2 = -next_use[x], 0
+                        if s < 0 or k < key or (k == key and k2 < tie):
+                            s, key, tie = c, k, k2
+                    if s < 0:
+                        return NO_VICTIM
+                    slot_of[held[s]] = -1
+                held[s], slot_of[e], last[s], ins[s], fresh[s] = e, s, clock, clock, phase == 0
+                state[PREFETCH_COPIES if phase == 0 else MISSES] += 1
+        if tracking:
+            exps, nxt = accesses[t], later[t]
+            for k in range(len(exps)):
+                if exps[k] >= 0:
+                    next_use[exps[k]] = nxt[k]
+    return DONE
 
-        return victim
+
+def _uniforms(rng, out, count) -> None:
+    """out[:count] = `count` draws in [0, 1) from the row's `random.Random` (compiled: `_mt_uniforms`
+    over its state)."""
+    for i in range(count):
+        out[i] = rng.random()
+
+
+def _mt_uniforms(rng, out, count) -> None:
+    """`_uniforms` over a `random.Random`'s state rng [625] (624 words, then the index): CPython's
+    MT19937 (genrand_uint32), and `random()`'s 53 bits from two 32-bit outputs."""
+    i = rng[624]
+    for c in range(count):
+        a = 0
+        for half in range(2):
+            if i >= 624:  # the next 624 words
+                for k in range(624):
+                    y = (rng[k] & 0x80000000) | (rng[k + 1 if k < 623 else 0] & 0x7FFFFFFF)
+                    rng[k] = rng[k + 397 if k < 227 else k - 227] ^ (y >> 1) ^ (0x9908B0DF if y & 1 else 0)
+                i = 0
+            y = rng[i]
+            i += 1
+            y ^= y >> 11
+            y ^= (y << 7) & 0x9D2C5680
+            y ^= (y << 15) & 0xEFC60000
+            y ^= y >> 18
+            if half == 0:
+                a = y >> 5
+            else:
+                out[c] = (a * 67108864.0 + (y >> 6)) * (1.0 / 9007199254740992.0)
+    rng[624] = i
+
+
+_COMPILED = None
+
+
+def _compiled_loop():
+    """`_replay_row` compiled by numba (once per process; from numba's disk cache after the first run)."""
+    global _COMPILED
+    if _COMPILED is None:
+        from numba import njit, types
+        from numba.extending import overload, register_jitable
+
+        register_jitable(_mt_uniforms)
+        overload(_uniforms)(lambda rng, out, count: _mt_uniforms)  # compiled, a row's generator is its state array
+        i64, row, rows = types.int64, types.int64[::1], types.int64[:, ::1]
+        signature = i64(i64, i64, row, row, row, row, types.boolean[::1], row, row, types.float64[::1], row,
+                                  row, rows, rows, rows, row)
+        _COMPILED = njit(signature, cache=True, nogil=True)(_replay_row)
+    return _COMPILED

@@ -3,23 +3,33 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from offload_moe import policy
 from offload_moe.config import ModelConfig
 from offload_moe.model import Transformer
-from offload_moe.policy import NEVER, POLICIES, NoVictimError, SlotTable
+from offload_moe.policy import NEVER, POLICIES, NoVictimError
+
+# the loop runs compiled (numba) or as plain Python: every rule test runs both
+MODES = [False, pytest.param(True, marks=pytest.mark.skipif(not policy.jit_available(), reason="numba is absent"))]
 
 
-def access(t: SlotTable, row: int, experts: list[int], next_use=None):
+@pytest.fixture(params=MODES, ids=["python", "compiled"])
+def SlotTable(request):
+    return lambda *args, **kw: policy.SlotTable(*args, compiled=request.param, **kw)
+
+
+def access(t: policy.SlotTable, row: int, experts: list[int], next_use=None):
     hit, _, evicted = t.access_row(row, experts, next_use)
     return hit, evicted
 
 
-def test_lru_evicts_least_recently_used_and_never_the_tokens_own():
+def test_lru_evicts_least_recently_used_and_never_the_tokens_own(SlotTable):
     t = SlotTable([3], num_experts=8, policy="lru")
     assert access(t, 0, [0, 1]) == ([False, False], [-1, -1])
     assert access(t, 0, [2, 0]) == ([False, True], [-1, -1])  # 2 fills the empty third slot
@@ -32,7 +42,7 @@ def test_lru_evicts_least_recently_used_and_never_the_tokens_own():
     assert sorted(t.resident(0)) == [3, 4, 5]
 
 
-def test_fifo_ignores_hits_and_lfu_counts_them():
+def test_fifo_ignores_hits_and_lfu_counts_them(SlotTable):
     fifo, lfu = SlotTable([2], 8, "fifo"), SlotTable([2], 8, "lfu")
     for t in (fifo, lfu):
         access(t, 0, [0])
@@ -44,7 +54,7 @@ def test_fifo_ignores_hits_and_lfu_counts_them():
     assert access(lfu, 0, [2]) == ([False], [1])  # 1 used twice, 0 three times
 
 
-def test_belady_evicts_the_furthest_next_use():
+def test_belady_evicts_the_furthest_next_use(SlotTable):
     t = SlotTable([2], 4, "belady")
     access(t, 0, [0, 1], [5, 9, NEVER, NEVER])
     # 2 arrives: 0 is next used at 5, 1 at 9 -> 1 leaves
@@ -53,7 +63,7 @@ def test_belady_evicts_the_furthest_next_use():
     assert access(t, 0, [3], [NEVER, NEVER, 8, 12]) == ([False], [0])
 
 
-def test_prefetch_fills_without_counting_uses_and_never_evicts_its_own_predictions():
+def test_prefetch_fills_without_counting_uses_and_never_evicts_its_own_predictions(SlotTable):
     t = SlotTable([2], 8, "lfu")
     inserted, slot, evicted = t.prefetch_row(0, [4, 5])
     assert inserted == [True, True] and sum(t.uses[0]) == 0
@@ -61,14 +71,14 @@ def test_prefetch_fills_without_counting_uses_and_never_evicts_its_own_predictio
     assert inserted == [False, False]
 
 
-def test_a_repeated_prediction_takes_one_slot():
+def test_a_repeated_prediction_takes_one_slot(SlotTable):
     t = SlotTable([3], 8, "lru")
     inserted, slot, _ = t.prefetch_row(0, [2, 2, 5])
     assert inserted == [True, False, True] and sorted(t.resident(0)) == [2, 5]
-    assert t.slot_of[0][2] == slot[0] and t.expert[0].count(2) == 1
+    assert t.slot_of[0][2] == slot[0] and t.resident(0).count(2) == 1
 
 
-def test_lfu_breaks_ties_by_recency_at_any_count():
+def test_lfu_breaks_ties_by_recency_at_any_count(SlotTable):
     t = SlotTable([2], 4, "lfu")
     access(t, 0, [0])
     access(t, 0, [1])
@@ -78,7 +88,7 @@ def test_lfu_breaks_ties_by_recency_at_any_count():
     assert access(t, 0, [2]) == ([False], [0])
 
 
-def test_rows_are_independent_and_may_differ_in_slots():
+def test_rows_are_independent_and_may_differ_in_slots(SlotTable):
     t = SlotTable([2, 4], 8, "lru")
     for e in range(4):
         t.access_row(0, [e])
@@ -86,13 +96,13 @@ def test_rows_are_independent_and_may_differ_in_slots():
     assert sorted(t.resident(0)) == [2, 3] and sorted(t.resident(1)) == [0, 1, 2, 3]
 
 
-def test_no_victim_when_the_access_needs_more_than_the_slots():
+def test_no_victim_when_the_access_needs_more_than_the_slots(SlotTable):
     t = SlotTable([2], 8, "lru")
     with pytest.raises(NoVictimError):
         access(t, 0, [0, 1, 2])
 
 
-def test_belady_is_offline_and_unknown_policy_is_refused():
+def test_belady_is_offline_and_unknown_policy_is_refused(SlotTable):
     with pytest.raises(ValueError, match="next-use"):
         t = SlotTable([1], 4, "belady")
         access(t, 0, [0])
@@ -101,7 +111,24 @@ def test_belady_is_offline_and_unknown_policy_is_refused():
         SlotTable([1], 4, "mru")
 
 
-def test_a_prefetch_counts_as_used_at_its_first_hit_and_wasted_when_evicted_unused():
+def test_an_expert_id_beyond_the_table_and_a_short_next_use_table_are_refused(SlotTable):
+    t = SlotTable([2], 4, "belady")
+    with pytest.raises(ValueError, match="not below num_experts=4"):  # the compiled loop does not check bounds
+        t.replay(0, [[0], [1, 4]], [[-1], [5]], next_use=[0, 0, 0, 0])
+    with pytest.raises(ValueError, match="one per expert"):
+        t.access_row(0, [1], [0, 0])
+
+
+def test_the_compiled_random_stream_is_pythons():
+    """`_mt_uniforms` (what the compiled loop draws with) is random.Random.random() over its state,
+    across regenerations of the 624 words."""
+    state, out = list(random.Random(1234).getstate()[1]), [0.0] * 1000
+    policy._mt_uniforms(state, out, 1000)
+    reference = random.Random(1234)
+    assert out == [reference.random() for _ in range(1000)]
+
+
+def test_a_prefetch_counts_as_used_at_its_first_hit_and_wasted_when_evicted_unused(SlotTable):
     t = SlotTable([2], 8, "lru")
     t.prefetch_row(0, [4, 5])
     t.access_row(0, [4, 1])  # 4: a prefetch hit; 1 evicts 5, never used
@@ -110,11 +137,12 @@ def test_a_prefetch_counts_as_used_at_its_first_hit_and_wasted_when_evicted_unus
 
 
 @settings(max_examples=40, deadline=None)
-@given(policy=st.sampled_from(POLICIES), slots=st.integers(2, 4), seed=st.integers(0, 3),
+@given(policy_name=st.sampled_from(POLICIES), slots=st.integers(2, 4), seed=st.integers(0, 3),
        steps=st.lists(st.tuples(st.permutations(range(6)), st.permutations(range(6)), st.booleans()),
                       min_size=1, max_size=30))
-def test_replaying_a_trace_in_one_call_equals_stepping_it(policy, slots, seed, steps):
-    """The simulator's one call per row and the engine's step-by-step calls are the same loop."""
+def test_replaying_a_trace_in_one_call_equals_stepping_it(policy_name, slots, seed, steps):
+    """The simulator's one call per row and the engine's step-by-step calls are the same loop, and
+    the compiled loop gives what the plain Python one gives, random draws included."""
     accesses = [list(a[:2]) for a, _, _ in steps]
     predictions = [list(p[:2]) if on else [-1, -1] for _, p, on in steps]
     later = [[NEVER, NEVER] for _ in steps]  # a valid table: each access's next use, from the end
@@ -123,17 +151,22 @@ def test_replaying_a_trace_in_one_call_equals_stepping_it(policy, slots, seed, s
         later[t] = [seen.get(e, NEVER) for e in accesses[t]]
         seen.update({e: t for e in accesses[t]})
     first = [seen.get(e, NEVER) for e in range(6)]
-    whole, stepped = SlotTable([slots], 6, policy, seed), SlotTable([slots], 6, policy, seed)
-    whole.replay(0, accesses, predictions, later, list(first))
-    next_use = list(first)
-    for t, exps in enumerate(accesses):
-        stepped.prefetch_row(0, predictions[t], next_use)
-        stepped.access_row(0, exps, next_use)
-        for e, n in zip(exps, later[t], strict=True):
-            next_use[e] = n
-    assert whole.expert == stepped.expert
-    assert (whole.hits, whole.misses, whole.prefetch_copies, whole.prefetch_hits) == (
-        stepped.hits, stepped.misses, stepped.prefetch_copies, stepped.prefetch_hits)
+    tables = []
+    for compiled in [False, True] if policy.jit_available() else [False]:
+        whole = policy.SlotTable([slots], 6, policy_name, seed, compiled=compiled)
+        stepped = policy.SlotTable([slots], 6, policy_name, seed, compiled=compiled)
+        whole.replay(0, accesses, predictions, later, list(first))
+        next_use = list(first)
+        for t, exps in enumerate(accesses):
+            stepped.prefetch_row(0, predictions[t], next_use)
+            stepped.access_row(0, exps, next_use)
+            for e, n in zip(exps, later[t], strict=True):
+                next_use[e] = n
+        tables += [whole, stepped]
+    for t in tables[1:]:
+        assert [int(e) for e in t.expert[0][:slots]] == [int(e) for e in tables[0].expert[0][:slots]]
+        assert (t.hits, t.misses, t.prefetch_copies, t.prefetch_hits) == (
+            tables[0].hits, tables[0].misses, tables[0].prefetch_copies, tables[0].prefetch_hits)
 
 
 def test_router_renormalises_the_top_k_of_the_softmax():

@@ -4,7 +4,11 @@ Belady's bound as a property, and every way a trace file can be bad."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,10 +18,14 @@ from hypothesis import strategies as st
 from safetensors.numpy import save_file
 from safetensors.torch import save_file as save_torch
 
+from offload_moe import simulate as simulate_module
 from offload_moe.errors import UserError
-from offload_moe.policy import NEVER, ONLINE_POLICIES, POLICIES
+from offload_moe.policy import NEVER, ONLINE_POLICIES, POLICIES, SlotTable, jit_available
 from offload_moe.simulate import next_uses, run_simulate, simulate, simulate_many
 from offload_moe.trace import Trace, TraceRecorder, load_trace, save_trace
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_numba = pytest.mark.skipif(not jit_available(), reason="numba is absent (or OFFLOAD_MOE_JIT=0)")
 
 
 def make_trace(experts, num_experts: int, predicted=None) -> Trace:
@@ -137,16 +145,15 @@ def test_bad_arguments():
 def test_next_uses_matches_a_scan_ahead():
     rng = np.random.default_rng(3)
     experts = np.stack([rng.permutation(6)[:2] for _ in range(40 * 3)]).reshape(40, 3, 2)  # [T*L, K] -> [T, L, K]
-    nxt, first = next_uses(experts, 6)
-    for t in range(40):
-        for layer in range(3):
+    for layer in range(3):
+        nxt, first = next_uses(experts[:, layer], 6)
+        for t in range(40):
             for k in range(2):
                 later = [u for u in range(t + 1, 40) if experts[t, layer, k] in experts[u, layer]] or [NEVER]
-                assert nxt[t, layer, k] == later[0]
-    for layer in range(3):
+                assert nxt[t, k] == later[0]
         for e in range(6):
             uses = [u for u in range(40) if e in experts[u, layer]] or [NEVER]
-            assert first[layer, e] == uses[0]
+            assert first[e] == uses[0]
 
 
 # -- a plain-Python reference and properties ------------------------------------------------------
@@ -238,6 +245,26 @@ def test_several_sizes_in_one_table_equal_separate_runs(case, policy, prefetch):
     sizes = [trace.top_k, slots, trace.num_experts]
     together = simulate_many(trace, sizes, policy, int(prefetch), seed=1)
     assert together == [simulate(trace, s, policy, int(prefetch), seed=1) for s in sizes]
+
+
+# -- the compiled loop and the plain Python one ----------------------------------------------------
+
+@needs_numba
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_the_compiled_loop_counts_what_the_python_loop_counts(monkeypatch, prefetch):
+    """Every policy and size, long enough that each row's random stream regenerates its Mersenne
+    Twister words several times; the layers shared out over threads (compiled) and processes (not)."""
+    rng = np.random.default_rng(7)
+    T, L, E, K = 1500, 2, 8, 2
+    experts = np.argsort(rng.random((T, L, E)), axis=-1)[..., :K]  # [T, L, K]
+    predicted = np.where(rng.random((T, L, 1)) < 0.6, experts, np.roll(experts, 1, axis=0))  # [T, L, K]
+    predicted[:, 0] = -1
+    trace = make_trace(experts, E, predicted)
+    monkeypatch.setattr(simulate_module, "PARALLEL_WORK", 0)
+    compiled = [simulate_many(trace, [2, 3, 5], p, prefetch, seed=3) for p in POLICIES]
+    monkeypatch.setenv("OFFLOAD_MOE_JIT", "0")
+    assert not SlotTable([2], E).compiled
+    assert [simulate_many(trace, [2, 3, 5], p, prefetch, seed=3) for p in POLICIES] == compiled
 
 
 # -- trace files ----------------------------------------------------------------------------------
@@ -390,3 +417,11 @@ def test_run_simulate_prefetch_needs_predictions(tmp_path):
     save_trace(path, make_trace([[0], [1]], num_experts=2))
     with pytest.raises(UserError, match="no predictions"):
         run_simulate(str(path), [1], ["lru"], 1, False, None)
+
+
+@needs_numba
+def test_the_command_prints_the_same_results_without_numba(trace_file):
+    runs = [subprocess.run([sys.executable, "run.py", "simulate", "--trace", trace_file, "--prefetch", "1", "--json"],
+                           cwd=ROOT, env={**os.environ, "OFFLOAD_MOE_JIT": jit}, capture_output=True, text=True,
+                           check=True).stdout for jit in ("1", "0")]
+    assert json.loads(runs[0]) == json.loads(runs[1])
