@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .cpu_kernels import ExpertKernel
 
 ALIGN = 64  # bytes; every part of a packed expert starts on this boundary
 SWIGLU_ALPHA = 1.702  # gpt-oss's sigmoid slope (transformers' swiglu_alpha; the MXFP4 kernels fix it too)
@@ -71,6 +72,8 @@ class DenseFormat:
         self.D, self.I = config.dim, config.ffn_dim
         self.bias = config.expert_bias
         self.act = activation(config)
+        # one token on the CPU in fp32: one C call for the whole expert (cpu_kernels.py), else the torch ops below
+        self.kernel = ExpertKernel("dense", self.D, self.I, 1, config.swiglu_limit) if dtype == torch.float32 else None
         self.nbytes = (3 * self.D * self.I + (2 * self.I + self.D) * self.bias) * dtype.itemsize
 
     def pack(self, parts: dict[str, torch.Tensor], out: torch.Tensor) -> None:
@@ -92,6 +95,8 @@ class DenseFormat:
         return (w13, w2, flat[3 * ID : 3 * ID + 2 * I], flat[3 * ID + 2 * I :]) if self.bias else (w13, w2)
 
     def forward(self, x: torch.Tensor, views: tuple) -> torch.Tensor:
+        if self.kernel is not None and self.kernel.runs(x) and views[0].device.type == "cpu":
+            return self.kernel(x, views)
         w13, w2, b13, b2 = views if self.bias else (*views, None, None)
         a, b = F.linear(x, w13, b13).chunk(2, dim=-1)  # [T, 2I] -> 2 x [T, I]
         return F.linear(self.act(a, b), w2, b2)  # [T, D]

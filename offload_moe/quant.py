@@ -23,6 +23,8 @@ pack and unpack either layout, and a process checks once that the kernel it woul
 
 Kernels (best of many runs on a shared 2-core AVX-512 VM, 2 threads, D=512, I=1792, T=1; dense fp32
 0.86 ms; bench/bench_quant_kernels.py prints the whole table):
+- one token on the CPU, int8 and int4 (the "cpu" layout, row blocks of 64): the whole expert in one call of
+  the C kernels (`cpu_kernels.py`) where they are built; the torch paths below otherwise, and for prompts.
 - int4 on CPU: `_weight_int4pack_mm_for_cpu`, where the host's kernel reads our order (checked once per
   process against `_convert_weight_to_int4pack_for_cpu`: AVX-512 builds) and D is a multiple of 64.
   It is vectorized for bf16 activations only (in fp32 and fp16 it runs a scalar loop, 15-75x slower),
@@ -68,6 +70,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .cpu_kernels import ExpertKernel
 from .errors import UserError
 from .formats import ALIGN, DenseFormat, ExpertFormat, activation
 from .int4_layouts import (
@@ -167,6 +170,7 @@ class GroupQuantFormat(ABC):
         self.nbytes = offset  # a multiple of ALIGN, so that experts laid end to end stay aligned
         self._largest = max(2 * I * D, D * I)  # elements of the larger matrix
         self._scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self.kernel: ExpertKernel | None = None  # one token on the CPU: one C call (cpu_kernels.py) where set
 
     def scratch(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """The dequantization buffer for (device, dtype): as large as the larger matrix, allocated at
@@ -202,6 +206,8 @@ class GroupQuantFormat(ABC):
             b2.copy_(parts["b2"])
 
     def forward(self, x: torch.Tensor, views: tuple) -> torch.Tensor:
+        if self.kernel is not None and views[2] and self.kernel.runs(x):
+            return self.kernel(x, views)
         return self._ffn(x, views, self._linear)
 
     def forward_dequant(self, x: torch.Tensor, views: tuple) -> torch.Tensor:
@@ -241,6 +247,10 @@ class Int8Format(GroupQuantFormat):
     bf16 [G, N]."""
 
     bits = 8
+
+    def __init__(self, config: ModelConfig, compute_dtype: torch.dtype, group_size: int = 64):
+        super().__init__(config, compute_dtype, group_size)
+        self.kernel = ExpertKernel("int8", self.D, self.I, group_size, config.swiglu_limit)
 
     def _parts(self, N: int, K: int) -> list[tuple[torch.dtype, tuple[int, ...]]]:
         G = K // self.group_size
@@ -356,6 +366,8 @@ class Int4Format(GroupQuantFormat):
         if layout == "cuda":
             self.name += "-cuda"
         self.cpu_kernel = layout == "cpu" and cpu_int4_kernel_reads_blocks_of_64() and self.D % 64 == 0
+        if layout == "cpu" and row_block(2 * self.I) == row_block(self.D) == 64:  # the C kernel reads blocks of 64
+            self.kernel = ExpertKernel("int4", self.D, self.I, group_size, config.swiglu_limit)
         self._cuda_kernel: dict[torch.device, bool] = {}  # per device: does torch's CUDA kernel run there
 
     def _parts(self, N: int, K: int) -> list[tuple[torch.dtype, tuple[int, ...]]]:

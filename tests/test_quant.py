@@ -103,7 +103,9 @@ def test_forward_equals_dense_forward_on_dequantized_weights(fmt_cls, group_size
     are `dequantize(quantize(w))`. Measured max error relative to the output's largest element (5 seeds):
     fp32 dequantizing path 0 (the same fp32 matmul); fp16 8.5e-4; any path through bf16 (bf16 compute,
     and the int4 CPU kernel, which casts to bf16 whatever the compute dtype) 6.6e-3. A wrong layout,
-    zero or scale shows as O(1)."""
+    zero or scale shows as O(1). One token on the CPU runs the C kernel where it is built (cpu_kernels.py),
+    on quantized activations: int8 weights x int16 activations measured 7.6e-5 in fp32 (bf16 and fp16 as
+    above), int4 x int8 activations (llama.cpp's q4_0 x q8_0) 6.6e-2, far below int4's own error."""
     fmt = fmt_cls(CONFIG, dtype, group_size)
     parts = expert(seed=T)
     views = packed(fmt, parts)
@@ -111,9 +113,10 @@ def test_forward_equals_dense_forward_on_dequantized_weights(fmt_cls, group_size
     ref = dense_forward(dequantized(parts, fmt.bits, group_size), x)
     through_bf16 = dtype == torch.bfloat16 or fmt_cls is Int4Format
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+    kernel = {Int8Format: max(2e-4, tol[dtype]), Int4Format: 0.1}[fmt_cls] if fmt.kernel.runs(x) else None
     y, y_dequant = fmt.forward(x.to(dtype), views), fmt.forward_dequant(x.to(dtype), views)
     assert y.dtype == y_dequant.dtype == dtype and y.shape == (T, D)
-    assert max_rel(y, ref) < (1e-2 if through_bf16 else tol[dtype])
+    assert max_rel(y, ref) < (kernel or (1e-2 if through_bf16 else tol[dtype]))
     assert max_rel(y_dequant, ref) < tol[dtype]
 
 

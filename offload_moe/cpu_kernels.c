@@ -1,0 +1,289 @@
+/* One expert's forward for one token on the CPU, y = w2 . act(w13 . x + b13) + b2, read straight from the
+ * packed expert buffers of formats.py (DenseFormat fp32) and quant.py (Int8Format, Int4Format "cpu" layout).
+ * Compiled on first use by cpu_kernels.py with the system's gcc (-march=native, OpenMP: torch's own libgomp,
+ * already loaded, so the threads are torch's); every kernel needs AVX-512 F/BW/VL, VNNI and VBMI, and
+ * okm_vectorized() says whether this build has them (else Python keeps torch's path).
+ *
+ * int8 and int4: the activations are quantized per weight group, to int16 for int8 weights (VNNI's int16 pair
+ * dot products; the weights' own error dominates) and to int8 for int4 weights (symmetric, step max|x| / 127,
+ * as llama.cpp's q8_0 activations), and each group's dot product is an exact integer sum:
+ *   y[n] = sum_g scale[g,n] * step[g] * sum_j q[n,g,j] xq[g,j] + zero'[g,n] * sum_j x[g,j]
+ * with the group sums of the unquantized x, so a weight's zero is applied exactly.
+ *
+ * Legend: D dim, I ffn, N output rows, K inputs, G groups per row (K / gs), gs group size.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && \
+    defined(__AVX512VBMI__)
+#define OKM_VECTORIZED 1
+#include <immintrin.h>
+#include <omp.h>
+#else
+#define OKM_VECTORIZED 0
+#endif
+
+int okm_vectorized(void) { return OKM_VECTORIZED; }
+
+#if OKM_VECTORIZED
+
+/* silu(g) * u, or gpt-oss's clamped SwiGLU when limit >= 0 (formats.clamped_swiglu), over n values */
+static void activate(const float *gate, const float *up, float *out, int n, float limit) {
+    if (limit < 0) {
+#pragma omp simd
+        for (int i = 0; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+    } else {
+#pragma omp simd
+        for (int i = 0; i < n; i++) {
+            float g = fminf(gate[i], limit), u = fmaxf(fminf(up[i], limit), -limit);
+            out[i] = (u + 1.0f) * (g / (1.0f + expf(-1.702f * g)));
+        }
+    }
+}
+
+/* x [K] -> xq [K] int8 per group of gs (step[g] = max|x| / 127), with each group's sum of x */
+static void quantize_groups(const float *x, int K, int gs, int8_t *xq, float *step, float *xsum) {
+    for (int g = 0; g < K / gs; g++) {
+        const float *xg = x + g * gs;
+        float amax = 0.0f, s = 0.0f;
+        for (int j = 0; j < gs; j++) {
+            amax = fmaxf(amax, fabsf(xg[j]));
+            s += xg[j];
+        }
+        float d = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
+        for (int j = 0; j < gs; j++) xq[g * gs + j] = (int8_t)lrintf(xg[j] * inv);
+        step[g] = d, xsum[g] = s;
+    }
+}
+
+/* x [K] -> xq [K] int16 per group of gs (step[g] = max|x| / 32767: int8 weights keep their own precision),
+ * with each group's sum of x */
+static void quantize_groups16(const float *x, int K, int gs, int16_t *xq, float *step, float *xsum) {
+    for (int g = 0; g < K / gs; g++) {
+        const float *xg = x + g * gs;
+        float amax = 0.0f, s = 0.0f;
+        for (int j = 0; j < gs; j++) {
+            amax = fmaxf(amax, fabsf(xg[j]));
+            s += xg[j];
+        }
+        float inv = amax > 0 ? 32767.0f / amax : 0.0f;
+        for (int j = 0; j < gs; j++) xq[g * gs + j] = (int16_t)lrintf(xg[j] * inv);
+        step[g] = amax / 32767.0f, xsum[g] = s;
+    }
+}
+
+/* rows [n0, n1) of w [N, K] fp32 times x [K] (+ b) into y */
+static void mv_f32(const float *w, const float *x, const float *b, float *y, int K, int n0, int n1) {
+    __mmask16 tail = (__mmask16)((1u << (K % 16)) - 1);
+    for (int n = n0; n < n1; n++) {
+        const float *r = w + (size_t)n * K;
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+        int k = 0;
+        for (; k + 64 <= K; k += 64) {
+            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r + k), _mm512_loadu_ps(x + k), a0);
+            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(r + k + 16), _mm512_loadu_ps(x + k + 16), a1);
+            a2 = _mm512_fmadd_ps(_mm512_loadu_ps(r + k + 32), _mm512_loadu_ps(x + k + 32), a2);
+            a3 = _mm512_fmadd_ps(_mm512_loadu_ps(r + k + 48), _mm512_loadu_ps(x + k + 48), a3);
+        }
+        for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r + k), _mm512_loadu_ps(x + k), a0);
+        if (tail) a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, r + k), _mm512_maskz_loadu_ps(tail, x + k), a1);
+        y[n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3))) + (b ? b[n] : 0.0f);
+    }
+}
+
+/* elem i = the sum of v[i]'s 16 lanes: a transposing add tree, ~3 ops a row against ~8 for one reduction each */
+static inline __m512i sum16(const __m512i *v) {
+    __m512i p[8], q[4];
+    for (int i = 0; i < 8; i++)
+        p[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+    for (int j = 0; j < 4; j++) /* 128-bit lane L of q[j]: lane L's sums of v[4j .. 4j+3] */
+        q[j] = _mm512_add_epi32(_mm512_unpacklo_epi64(p[2 * j], p[2 * j + 1]), _mm512_unpackhi_epi64(p[2 * j], p[2 * j + 1]));
+    __m512i s01 = _mm512_add_epi32(_mm512_shuffle_i32x4(q[0], q[1], 0x88), _mm512_shuffle_i32x4(q[0], q[1], 0xDD));
+    __m512i s23 = _mm512_add_epi32(_mm512_shuffle_i32x4(q[2], q[3], 0x88), _mm512_shuffle_i32x4(q[2], q[3], 0xDD));
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(s01, s23, 0x88), _mm512_shuffle_i32x4(s01, s23, 0xDD));
+}
+
+/* 16 bf16 values -> fp32 */
+static inline __m512 bf16x16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* rows [n0, n1) (multiples of 16) of an int8 matrix (quant.int8_store: codes [G, N, gs] = q - 128 as signed
+ * bytes, scales and zeros bf16 [G, N]) times x quantized to int16 (xq, step per group; xsum: the groups' sums
+ * of x): per group, this thread's rows are one contiguous stretch of codes, streamed in order */
+static void mv_int8(const int8_t *codes, const uint16_t *s, const uint16_t *z, int N, int K, int gs,
+                    const int16_t *xq, const float *step, const float *xsum, const float *b, float *y, int n0, int n1) {
+    const int G = K / gs, chunks = gs / 32;
+    for (int n = n0; n < n1; n += 16) _mm512_storeu_ps(y + n, b ? _mm512_loadu_ps(b + n) : _mm512_setzero_ps());
+    for (int g = 0; g < G; g++) {
+        const int8_t *cg = codes + (size_t)g * N * gs;
+        __m512i xv[4];
+        for (int c = 0; c < chunks; c++) xv[c] = _mm512_loadu_si512(xq + g * gs + 32 * c);
+        const __m512 d = _mm512_set1_ps(step[g]), xs = _mm512_set1_ps(xsum[g]);
+        for (int n = n0; n < n1; n += 16) {
+            __m512i dots[16];
+            for (int r = 0; r < 16; r++) {
+                const int8_t *c = cg + (size_t)(n + r) * gs;
+                __m512i acc = _mm512_setzero_si512();
+                for (int ch = 0; ch < chunks; ch++) /* codes widened to int16, pairs multiplied and added (VNNI) */
+                    acc = _mm512_dpwssd_epi32(acc, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(c + 32 * ch))),
+                                              xv[ch]);
+                dots[r] = acc;
+            }
+            const size_t at = (size_t)g * N + n;
+            __m512 acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum16(dots)), _mm512_mul_ps(bf16x16(s + at), d),
+                                         _mm512_loadu_ps(y + n));
+            _mm512_storeu_ps(y + n, _mm512_fmadd_ps(bf16x16(z + at), xs, acc));
+        }
+    }
+}
+
+/* rows [n0, n1) (whole blocks of 64) of an int4 matrix in the "cpu" layout (int4_layouts.pack_nibbles, blocks
+ * of 64: per block [K, 32] bytes, byte j = row j low nibble | row j + 32 high), scale and zero bf16
+ * interleaved [G, N, 2]; w = (q - 8) * scale + zero */
+static void mv_int4(const uint8_t *codes, const uint32_t *sz, int N, int K, int gs, const int8_t *xq,
+                    const float *step, const float *xsum, const float *b, float *y, int n0, int n1) {
+    const int G = K / gs;
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    /* from two 64-byte vectors [k: 32 rows][k+1: 32 rows] and [k+2: ..][k+3: ..], the dwords of rows r: q[r, k..k+3] */
+    __m512i pick[2];
+    uint8_t idx[2][64];
+    for (int h = 0; h < 2; h++)
+        for (int r = 0; r < 16; r++) {
+            int row = 16 * h + r;
+            idx[h][4 * r] = (uint8_t)row, idx[h][4 * r + 1] = (uint8_t)(32 + row);
+            idx[h][4 * r + 2] = (uint8_t)(64 + row), idx[h][4 * r + 3] = (uint8_t)(96 + row);
+        }
+    pick[0] = _mm512_loadu_si512(idx[0]), pick[1] = _mm512_loadu_si512(idx[1]);
+    const __m512i hi16 = _mm512_set1_epi32((int)0xFFFF0000u);
+    for (int nb = n0; nb < n1; nb += 64) {
+        const uint8_t *blk = codes + (size_t)nb * (K / 2);
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int g = 0; g < G; g++) {
+            __m512i dot[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                              _mm512_setzero_si512()};
+            for (int k = g * gs; k < (g + 1) * gs; k += 4) {
+                __m512i v0 = _mm512_loadu_si512(blk + (size_t)k * 32), v1 = _mm512_loadu_si512(blk + (size_t)k * 32 + 64);
+                __m512i lo0 = _mm512_and_si512(v0, low4), lo1 = _mm512_and_si512(v1, low4);
+                __m512i hi0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), low4);
+                __m512i hi1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), low4);
+                int32_t xw;
+                memcpy(&xw, xq + k, 4);
+                __m512i xb = _mm512_set1_epi32(xw);
+                dot[0] = _mm512_dpbusd_epi32(dot[0], _mm512_permutex2var_epi8(lo0, pick[0], lo1), xb);
+                dot[1] = _mm512_dpbusd_epi32(dot[1], _mm512_permutex2var_epi8(lo0, pick[1], lo1), xb);
+                dot[2] = _mm512_dpbusd_epi32(dot[2], _mm512_permutex2var_epi8(hi0, pick[0], hi1), xb);
+                dot[3] = _mm512_dpbusd_epi32(dot[3], _mm512_permutex2var_epi8(hi0, pick[1], hi1), xb);
+            }
+            const __m512 d = _mm512_set1_ps(step[g]), xs = _mm512_set1_ps(xsum[g]);
+            for (int i = 0; i < 4; i++) {
+                __m512i w = _mm512_loadu_si512(sz + (size_t)g * N + nb + 16 * i); /* 16 rows' (scale | zero << 16) */
+                __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+                __m512 ze = _mm512_castsi512_ps(_mm512_and_si512(w, hi16));
+                __m512 shift = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc, ze); /* zero - 8 scale */
+                acc[i] = _mm512_fmadd_ps(shift, xs, acc[i]);
+                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i]), _mm512_mul_ps(sc, d), acc[i]);
+            }
+        }
+        for (int i = 0; i < 4; i++) {
+            __m512 out = b ? _mm512_add_ps(acc[i], _mm512_loadu_ps(b + nb + 16 * i)) : acc[i];
+            _mm512_storeu_ps(y + nb + 16 * i, out);
+        }
+    }
+}
+
+/* the row range [n0, n1) of this thread, in whole blocks of `block` rows */
+static void my_rows(int N, int block, int *n0, int *n1) {
+    int blocks = (N + block - 1) / block, t = omp_get_thread_num(), nt = omp_get_num_threads();
+    int per = (blocks + nt - 1) / nt;
+    *n0 = t * per * block < N ? t * per * block : N;
+    *n1 = (t + 1) * per * block < N ? (t + 1) * per * block : N;
+}
+
+/* work: 2I floats (w13's output; its first I then hold the activation) */
+void okm_dense(const float *x, const float *w13, const float *w2, const float *b13, const float *b2, float *y,
+               float *work, int D, int I, float limit) {
+#pragma omp parallel
+    {
+        int n0, n1;
+        my_rows(2 * I, 16, &n0, &n1);
+        mv_f32(w13, x, b13, work, D, n0, n1);
+#pragma omp barrier
+        my_rows(I, 16, &n0, &n1);
+        activate(work + n0, work + I + n0, work + n0, n1 - n0, limit);
+#pragma omp barrier
+        my_rows(D, 16, &n0, &n1);
+        mv_f32(w2, work, b2, y, I, n0, n1);
+    }
+}
+
+/* the scratch after the 2I floats of w13's output: xq (max(D, I) int16, or int8 for int4), then step and xsum
+ * (G each) */
+typedef struct {
+    int8_t *xq;
+    float *step, *xsum;
+} Quantized;
+
+static Quantized scratch(float *work, int D, int I, int gs) {
+    int K = D > I ? D : I;
+    Quantized q;
+    q.xq = (int8_t *)(work + 2 * I);
+    q.step = work + 2 * I + (K + 1) / 2;
+    q.xsum = q.step + K / gs;
+    return q;
+}
+
+/* work: okm_work_floats(D, I, gs) floats */
+void okm_int8(const float *x, const int8_t *c13, const uint16_t *s13, const uint16_t *z13, const int8_t *c2,
+              const uint16_t *s2, const uint16_t *z2, const float *b13, const float *b2, float *y, float *work, int D,
+              int I, int gs, float limit) {
+    Quantized q = scratch(work, D, I, gs);
+#pragma omp parallel
+    {
+        int n0, n1;
+#pragma omp single
+        quantize_groups16(x, D, gs, (int16_t *)q.xq, q.step, q.xsum);
+        my_rows(2 * I, 16, &n0, &n1);
+        mv_int8(c13, s13, z13, 2 * I, D, gs, (int16_t *)q.xq, q.step, q.xsum, b13, work, n0, n1);
+#pragma omp barrier
+        my_rows(I, 16, &n0, &n1);
+        activate(work + n0, work + I + n0, work + n0, n1 - n0, limit);
+#pragma omp barrier
+#pragma omp single
+        quantize_groups16(work, I, gs, (int16_t *)q.xq, q.step, q.xsum);
+        my_rows(D, 16, &n0, &n1);
+        mv_int8(c2, s2, z2, D, I, gs, (int16_t *)q.xq, q.step, q.xsum, b2, y, n0, n1);
+    }
+}
+
+/* N = 2I and D: multiples of 64 (Python checks); work: okm_work_floats(D, I, gs) floats */
+void okm_int4(const float *x, const uint8_t *c13, const uint32_t *sz13, const uint8_t *c2, const uint32_t *sz2,
+              const float *b13, const float *b2, float *y, float *work, int D, int I, int gs, float limit) {
+    Quantized q = scratch(work, D, I, gs);
+#pragma omp parallel
+    {
+        int n0, n1;
+#pragma omp single
+        quantize_groups(x, D, gs, q.xq, q.step, q.xsum);
+        my_rows(2 * I, 64, &n0, &n1);
+        mv_int4(c13, sz13, 2 * I, D, gs, q.xq, q.step, q.xsum, b13, work, n0, n1);
+#pragma omp barrier
+        my_rows(I, 16, &n0, &n1);
+        activate(work + n0, work + I + n0, work + n0, n1 - n0, limit);
+#pragma omp barrier
+#pragma omp single
+        quantize_groups(work, I, gs, q.xq, q.step, q.xsum);
+        my_rows(D, 64, &n0, &n1);
+        mv_int4(c2, sz2, D, I, gs, q.xq, q.step, q.xsum, b2, y, n0, n1);
+    }
+}
+
+#endif
+
+/* floats of scratch that okm_int8 and okm_int4 need (okm_dense: 2I) */
+int okm_work_floats(int D, int I, int gs) {
+    int K = D > I ? D : I;
+    return 2 * I + (K + 1) / 2 + 2 * (K / gs) + 16;
+}
