@@ -43,8 +43,10 @@ static void activate(const float *gate, const float *up, float *out, int n, floa
     }
 }
 
-/* x [K] -> xq [K] int8 per group of gs (step[g] = max|x| / 127), with each group's sum of x */
-static void quantize_groups(const float *x, int K, int gs, int8_t *xq, float *step, float *xsum) {
+/* x [K] quantized per group of gs to `top` (127: int8, 32767: int16) steps of max|x| / top, into xq8 or xq16
+ * (whichever is not NULL), with each group's step and sum of x */
+static void quantize_groups(const float *x, int K, int gs, float top, int8_t *xq8, int16_t *xq16, float *step,
+                            float *xsum) {
     for (int g = 0; g < K / gs; g++) {
         const float *xg = x + g * gs;
         float amax = 0.0f, s = 0.0f;
@@ -52,25 +54,13 @@ static void quantize_groups(const float *x, int K, int gs, int8_t *xq, float *st
             amax = fmaxf(amax, fabsf(xg[j]));
             s += xg[j];
         }
-        float d = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
-        for (int j = 0; j < gs; j++) xq[g * gs + j] = (int8_t)lrintf(xg[j] * inv);
-        step[g] = d, xsum[g] = s;
-    }
-}
-
-/* x [K] -> xq [K] int16 per group of gs (step[g] = max|x| / 32767: int8 weights keep their own precision),
- * with each group's sum of x */
-static void quantize_groups16(const float *x, int K, int gs, int16_t *xq, float *step, float *xsum) {
-    for (int g = 0; g < K / gs; g++) {
-        const float *xg = x + g * gs;
-        float amax = 0.0f, s = 0.0f;
+        float inv = amax > 0 ? top / amax : 0.0f;
         for (int j = 0; j < gs; j++) {
-            amax = fmaxf(amax, fabsf(xg[j]));
-            s += xg[j];
+            long q = lrintf(xg[j] * inv);
+            if (xq8) xq8[g * gs + j] = (int8_t)q;
+            else xq16[g * gs + j] = (int16_t)q;
         }
-        float inv = amax > 0 ? 32767.0f / amax : 0.0f;
-        for (int j = 0; j < gs; j++) xq[g * gs + j] = (int16_t)lrintf(xg[j] * inv);
-        step[g] = amax / 32767.0f, xsum[g] = s;
+        step[g] = amax / top, xsum[g] = s;
     }
 }
 
@@ -244,7 +234,7 @@ void okm_int8(const float *x, const int8_t *c13, const uint16_t *s13, const uint
     {
         int n0, n1;
 #pragma omp single
-        quantize_groups16(x, D, gs, (int16_t *)q.xq, q.step, q.xsum);
+        quantize_groups(x, D, gs, 32767.0f, NULL, (int16_t *)q.xq, q.step, q.xsum);
         my_rows(2 * I, 16, &n0, &n1);
         mv_int8(c13, s13, z13, 2 * I, D, gs, (int16_t *)q.xq, q.step, q.xsum, b13, work, n0, n1);
 #pragma omp barrier
@@ -252,7 +242,7 @@ void okm_int8(const float *x, const int8_t *c13, const uint16_t *s13, const uint
         activate(work + n0, work + I + n0, work + n0, n1 - n0, limit);
 #pragma omp barrier
 #pragma omp single
-        quantize_groups16(work, I, gs, (int16_t *)q.xq, q.step, q.xsum);
+        quantize_groups(work, I, gs, 32767.0f, NULL, (int16_t *)q.xq, q.step, q.xsum);
         my_rows(D, 16, &n0, &n1);
         mv_int8(c2, s2, z2, D, I, gs, (int16_t *)q.xq, q.step, q.xsum, b2, y, n0, n1);
     }
@@ -266,7 +256,7 @@ void okm_int4(const float *x, const uint8_t *c13, const uint32_t *sz13, const ui
     {
         int n0, n1;
 #pragma omp single
-        quantize_groups(x, D, gs, q.xq, q.step, q.xsum);
+        quantize_groups(x, D, gs, 127.0f, q.xq, NULL, q.step, q.xsum);
         my_rows(2 * I, 64, &n0, &n1);
         mv_int4(c13, sz13, 2 * I, D, gs, q.xq, q.step, q.xsum, b13, work, n0, n1);
 #pragma omp barrier
@@ -274,7 +264,7 @@ void okm_int4(const float *x, const uint8_t *c13, const uint32_t *sz13, const ui
         activate(work + n0, work + I + n0, work + n0, n1 - n0, limit);
 #pragma omp barrier
 #pragma omp single
-        quantize_groups(work, I, gs, q.xq, q.step, q.xsum);
+        quantize_groups(work, I, gs, 127.0f, q.xq, NULL, q.step, q.xsum);
         my_rows(D, 64, &n0, &n1);
         mv_int4(c2, sz2, D, I, gs, q.xq, q.step, q.xsum, b2, y, n0, n1);
     }
