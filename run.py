@@ -1,8 +1,8 @@
-"""Command line entry: `python run.py --help`. All logic lives in offload_moe.cli."""
+"""Command line entry: `python run.py --help`. All logic lives in offload_moe.launch and offload_moe.cli."""
 
 import sys
 
-from offload_moe.cli import main
+from offload_moe.launch import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,9 +5,15 @@
     print(engine.generate("[INST] Hi [/INST]", max_new_tokens=32).text)
 """
 
-from .batch import Scheduler
-from .engine import Engine, EngineOptions
-from .errors import UserError
-from .generate import GenerationResult, Sampling
+import importlib
 
-__all__ = ["Engine", "EngineOptions", "GenerationResult", "Sampling", "Scheduler", "UserError"]
+_EXPORTS = {"Engine": "engine", "EngineOptions": "engine", "GenerationResult": "generate", "Sampling": "generate",
+            "Scheduler": "batch", "UserError": "errors"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    """The exports, imported on first use: what needs no model (`simulate`) starts without torch."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

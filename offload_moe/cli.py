@@ -17,10 +17,12 @@ from .demo import resolve_model
 from .engine import DTYPES, Engine, EngineOptions
 from .errors import UserError
 from .generate import Sampling
-from .policy import ONLINE_POLICIES, POLICIES
+from .launch import add_simulate, cmd_simulate, guarded
+from .launch import int_list as _ids
+from .launch import nonneg as _nonneg
+from .policy import ONLINE_POLICIES
 from .profiles import CARDS, parse_size
 from .quant import DEFAULT_GROUP_SIZE, EXPERT_QUANTS, GROUP_SIZES, INT4_LAYOUTS
-from .simulate import run_simulate
 from .stats import format_table
 from .trace import save_trace
 
@@ -32,13 +34,6 @@ DEMO_TOKENS = 48
 MAIN_JOB = ["generate", "--cache-experts", "2", "--temperature", "0.8", "--top-p", "0.95"]
 GROUP_HELP = (f"(default: {DEFAULTS.group_size or f'auto: {DEFAULT_GROUP_SIZE} where it divides every quantized input'}"
               ", else the largest of 32, 64, 128 that does)")
-
-
-def _ids(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.replace(" ", "").split(",") if t]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _slots(text: str) -> int | list[int]:
@@ -55,16 +50,6 @@ def _size(text: str) -> int | None:
         return parse_size(text)
     except UserError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _nonneg(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or more, got {n}")
-    return n
 
 
 def _port(text: str) -> int:
@@ -153,20 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--trace-out", required=True, metavar="TRACE", help="the trace file to write (safetensors)")
     prof.add_argument("--json", action="store_true", help="print the run statistics as one JSON object")
 
-    sim = sub.add_parser("simulate", help="replay a trace under eviction policies and cache sizes",
-                         description="Hit rates of eviction policies against the optimal offline bound (Belady).")
-    sim.add_argument("--trace", required=True, help="a trace written by profile or generate --trace-out")
-    sim.add_argument("--slots", type=_ids, help="cache slots per layer to try, e.g. 2,3,4,6 (default: top-k, 1.5, 2 "
-                     "and 3 times top-k, at most the expert count: 2,3,4,6 for Mixtral's top-2 of 8)")
-    sim.add_argument("--policy", default=",".join(POLICIES), help="policies, comma-separated "
-                     "(default: %(default)s)")
-    sim.add_argument("--prefetch", type=_nonneg, default=0, help="0 or 1: insert the trace's one-layer-ahead "
-                     "predictions before each access (default: %(default)s)")
-    sim.add_argument("--json", action="store_true", help='print one JSON object {"results": [...]}')
-    sim.add_argument("--plot", metavar="FILE.png", help="draw hit rate against slots and a per-layer expert heatmap")
-    sim.add_argument("--batch", type=int, default=1, metavar="B", help="replay the trace as B sequences decoding "
-                     "together: B contiguous parts stepped at once, one access of the union of their experts per "
-                     "layer and step, as the engine's batched decode (default: %(default)s)")
+    add_simulate(sub)
 
     tun = sub.add_parser("tune", help="search offload settings for a trace and write the best as a profile",
                          description="Predict decode tokens/s for expert precision, slots per layer, eviction "
@@ -376,11 +348,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
-    policies = [p.strip() for p in args.policy.split(",") if p.strip()]
-    return run_simulate(args.trace, args.slots, policies, args.prefetch, args.json, args.plot, args.batch)
-
-
 def cmd_tune(args: argparse.Namespace) -> int:
     from .profiles import load_profile
     from .trace import load_trace
@@ -537,18 +504,4 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = [*MAIN_JOB, *argv]
     args = parser.parse_args(argv)
-    try:
-        return COMMANDS[args.command](args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # stdout closed early (| head): stop quietly, as other tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    except MemoryError:
-        print("error: out of memory (try fewer --cache-experts, a shorter --context or a smaller profile)",
-              file=sys.stderr)
-        return 1
+    return guarded(COMMANDS[args.command], args)

@@ -23,13 +23,16 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from .errors import UserError
+
+if TYPE_CHECKING:  # the recorder imports torch when it runs: reading a trace (`simulate`) needs none
+    import torch
 
 ROUTING = {"experts": np.int32, "weights": np.float32, "predicted": np.int32}
 SHAPE_KEYS = ("num_experts", "top_k", "num_layers")
@@ -189,6 +192,8 @@ class TraceRecorder:
             predicted: torch.Tensor | None = None) -> None:
         """Record one layer of the current forward: experts, weights, predicted [T, K] (predicted
         None when no prediction was made, e.g. at layer 0)."""
+        import torch
+
         if layer != len(self._layers):
             raise RuntimeError(f"TraceRecorder.add: expected layer {len(self._layers)}, got {layer}")
         T = experts.shape[0]
@@ -217,6 +222,8 @@ class TraceRecorder:
             raise RuntimeError(f"TraceRecorder.finish: the last forward pass stopped after {len(self._layers)} "
                                f"of {self.num_layers} layers")
         if self._chunks:
+            import torch
+
             # forwards x [T_i, L, K] -> [T_total, L, K]
             experts, weights, predicted = (torch.cat(parts).numpy() for parts in zip(*self._chunks, strict=True))
         else:

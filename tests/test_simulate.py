@@ -425,3 +425,13 @@ def test_the_command_prints_the_same_results_without_numba(trace_file):
                            cwd=ROOT, env={**os.environ, "OFFLOAD_MOE_JIT": jit}, capture_output=True, text=True,
                            check=True).stdout for jit in ("1", "0")]
     assert json.loads(runs[0]) == json.loads(runs[1])
+
+
+def test_the_command_starts_without_torch(trace_file):
+    """run.py's `simulate` imports neither torch nor the engine (their import alone takes seconds)."""
+    code = ("import json, sys; from offload_moe.launch import main; "
+            f"assert main(['simulate', '--trace', {trace_file!r}, '--slots', '2', '--json']) == 0; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert [r["policy"] for r in json.loads(done.stdout)["results"]] == [*POLICIES]
