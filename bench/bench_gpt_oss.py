@@ -24,9 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hf_reference import engine_decode_rate, prompt_bench_args, transformers_decode_rate  # noqa: E402
-
-from offload_moe.engine import Engine, EngineOptions  # noqa: E402
+from hf_reference import decode_table, print_decode_table, prompt_bench_args  # noqa: E402
 
 SHAPE = dict(hidden_size=512, intermediate_size=512, num_hidden_layers=8, num_attention_heads=8,
              num_key_value_heads=2, head_dim=64, num_local_experts=32, num_experts_per_tok=4, sliding_window=128,
@@ -53,29 +51,20 @@ def write_model(path: Path) -> Path:
 def main() -> None:
     args, prompts = prompt_bench_args(__doc__.splitlines()[0])
     context = args.long + args.tokens + 8
-    with tempfile.TemporaryDirectory() as tmp:
-        import transformers
+    held: dict[str, int] = {}  # the KV cache's bytes, from the engines
 
+    def note(engine, rates) -> str:
+        held["kv"] = engine.kv.nbytes
+        return (f"hit rate {100 * rates['long'][1]['hit_rate']:.0f}%, {engine.cache.fmt.nbytes / 2**20:.2f} MiB "
+                "per expert")
+
+    with tempfile.TemporaryDirectory() as tmp:
         path = write_model(Path(tmp) / "gpt-oss-shaped")
         print(f"# {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {args.threads} threads, {args.tokens} "
               f"tokens greedy, gpt-oss shape D=I=512 L=8 (4 sliding) E=32 K=4, float32 compute")
-        rows = []
-        for label, options in ROWS.items():
-            engine = Engine.load(path, EngineOptions(**options, context=context, progress=False))
-            rates = {which: engine_decode_rate(engine, prompt, args.tokens, args.repeats)
-                     for which, prompt in prompts.items()}
-            rows.append((f"offload_moe, {label}", rates["short"][0], rates["long"][0],
-                         f"hit rate {100 * rates['long'][1]['hit_rate']:.0f}%, {engine.cache.fmt.nbytes / 2**20:.2f} "
-                         f"MiB per expert"))
-            kv = engine.kv.nbytes
-            del engine
-        model = transformers.GptOssForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        ref = {which: transformers_decode_rate(model, prompt, args.tokens, args.repeats)
-               for which, prompt in prompts.items()}
-        rows.append(("transformers, all resident", ref["short"], ref["long"], ""))
-    print(f"{'':<50} {'8-token prompt':>15} {f'{args.long}-token prompt':>17}")
-    for label, short, long, note in rows:
-        print(f"{label:<50} {short:>9.1f} tok/s {long:>11.1f} tok/s   {note}")
+        rows = decode_table(path, ROWS, prompts, args, context, "GptOssForCausalLM", note)
+    print_decode_table(rows, args.long)
+    kv = held["kv"]
     full = 2 * 8 * 2 * 64 * 4 * context  # every layer's k and v for the whole context, float32
     print(f"KV cache at a {context}-token context: {kv / 2**20:.1f} MiB (the 4 sliding layers hold 128 positions; "
           f"{full / 2**20:.1f} MiB if every layer held the whole context)")

@@ -49,3 +49,32 @@ def prompt_bench_args(description: str) -> tuple[argparse.Namespace, dict[str, l
     g = torch.Generator().manual_seed(1)
     return args, {"short": [1] + torch.randint(3, 32000, (7,), generator=g).tolist(),
                   "long": [1] + torch.randint(3, 32000, (args.long - 1,), generator=g).tolist()}
+
+
+def decode_table(path, rows: dict[str, dict], prompts: dict[str, list[int]], args, context: int, reference: str,
+                 note=None) -> list[tuple[str, float, float, str]]:
+    """(label, tok/s after the short prompt, after the long one, remark) for the engine on the folder `path`
+    with each of `rows` (label: EngineOptions fields), `note(engine, rates)` giving the remark, and for
+    transformers' class `reference` on the same folder; `print_decode_table` prints them."""
+    import transformers
+
+    from offload_moe.engine import Engine, EngineOptions
+
+    out = []
+    for label, options in rows.items():
+        engine = Engine.load(path, EngineOptions(**options, context=context, progress=False))
+        rates = {which: engine_decode_rate(engine, prompt, args.tokens, args.repeats)
+                 for which, prompt in prompts.items()}
+        out.append((f"offload_moe, {label}", rates["short"][0], rates["long"][0],
+                    note(engine, rates) if note is not None else ""))
+        del engine
+    model = getattr(transformers, reference).from_pretrained(path, dtype=torch.float32).eval()
+    ref = {which: transformers_decode_rate(model, prompt, args.tokens, args.repeats)
+           for which, prompt in prompts.items()}
+    return out + [("transformers, all resident", ref["short"], ref["long"], "")]
+
+
+def print_decode_table(rows: list[tuple[str, float, float, str]], long: int) -> None:
+    print(f"{'':<50} {'8-token prompt':>15} {f'{long}-token prompt':>17}")
+    for label, short, long_rate, note in rows:
+        print(f"{label:<50} {short:>9.1f} tok/s {long_rate:>11.1f} tok/s   {note}")
