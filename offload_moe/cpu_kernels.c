@@ -270,6 +270,20 @@ void okm_int4(const float *x, const uint8_t *c13, const uint32_t *sz13, const ui
     }
 }
 
+/* one int8 matrix (quant.int8_store's layout; N a multiple of 16) times one token x [K], int16 activations:
+ * an int8 resident linear (attention_quant.Int8Linear); work: okm_work_floats(0, K, gs) floats */
+void okm_int8_linear(const float *x, const int8_t *codes, const uint16_t *s, const uint16_t *z, float *y,
+                     float *work, int N, int K, int gs) {
+    Quantized q = scratch(work, 0, K, gs);
+    quantize_groups(x, K, gs, 32767.0f, NULL, (int16_t *)q.xq, q.step, q.xsum);
+#pragma omp parallel
+    {
+        int n0, n1;
+        my_rows(N, 16, &n0, &n1);
+        mv_int8(codes, s, z, N, K, gs, (int16_t *)q.xq, q.step, q.xsum, NULL, y, n0, n1);
+    }
+}
+
 #endif
 
 /* floats of scratch that okm_int8 and okm_int4 need (okm_dense: 2I) */

@@ -84,8 +84,9 @@ def library() -> ctypes.CDLL | None:
     lib.okm_dense.argtypes = [p] * 7 + [i, i, f]
     lib.okm_int8.argtypes = [p] * 11 + [i, i, i, f]
     lib.okm_int4.argtypes = [p] * 9 + [i, i, i, f]
+    lib.okm_int8_linear.argtypes = [p] * 6 + [i, i, i]
     lib.okm_work_floats.restype = i
-    for fn in (lib.okm_dense, lib.okm_int8, lib.okm_int4):
+    for fn in (lib.okm_dense, lib.okm_int8, lib.okm_int4, lib.okm_int8_linear):
         fn.restype = None
     return lib
 
@@ -120,6 +121,22 @@ class ExpertKernel:
             fn(xf.data_ptr(), *ptrs[:n], *(ptrs[n:] or (None, None)), y.data_ptr(), self._work.data_ptr(), self.D,
                self.I, self.gs, self.limit)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def int8_linear(x: torch.Tensor, codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor | None:
+    """One token x [1, K] on the CPU times an int8 matrix in `quant.int8_store`'s layout (codes [G, N, gs],
+    scales and zeros [G, N]) -> [1, N] in x's dtype, by the C kernel (int16 activations, as the int8 expert's);
+    None where it does not run (kernels not built, N not a multiple of 16): the caller's torch path."""
+    lib = library()
+    G, N, gs = codes.shape
+    if lib is None or N % 16 or x.shape[0] != 1 or x.device.type != "cpu":
+        return None
+    xf = x.float().contiguous()
+    y = torch.empty(1, N, dtype=torch.float32)
+    work = torch.empty(lib.okm_work_floats(0, G * gs, gs), dtype=torch.float32)  # a few KiB
+    lib.okm_int8_linear(xf.data_ptr(), codes.data_ptr(), s.data_ptr(), z.data_ptr(), y.data_ptr(), work.data_ptr(),
+                        N, G * gs, gs)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 def _flat(views: tuple) -> list[torch.Tensor]:

@@ -69,6 +69,7 @@ from abc import ABC, abstractmethod
 import torch
 import torch.nn.functional as F
 
+from . import cpu_kernels
 from .config import ModelConfig
 from .cpu_kernels import ExpertKernel
 from .errors import UserError
@@ -296,8 +297,11 @@ def int8_dequant(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor, dtype: t
 
 def int8_linear(x: torch.Tensor, codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor, cpu: bool,
                 scratch: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, K] times an int8 matrix -> [T, N]: on the CPU at decode sizes group by group
-    (`int8_bmm_linear`), else dequantize (into `scratch`, an fp32 buffer on the CPU, when given)."""
+    """x [T, K] times an int8 matrix -> [T, N]: on the CPU one token by the C kernel where it runs
+    (`cpu_kernels.int8_linear`), else at decode sizes group by group (`int8_bmm_linear`), else dequantize
+    (into `scratch`, an fp32 buffer on the CPU, when given)."""
+    if cpu and x.shape[0] == 1 and (y := cpu_kernels.int8_linear(x, codes, s, z)) is not None:
+        return y
     if cpu and x.shape[0] <= INT8_BMM_MAX_TOKENS:
         return int8_bmm_linear(x, codes, s, z, scratch)
     return dequant_linear(x, int8_dequant(codes, s, z, torch.float32 if cpu else x.dtype, scratch))

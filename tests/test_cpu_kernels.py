@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from offload_moe import cpu_kernels
+from offload_moe.attention_quant import int8_parts
 from offload_moe.config import ModelConfig
 from offload_moe.engine import Engine, EngineOptions
 from offload_moe.generate import Sampling, generate_tokens
-from offload_moe.quant import expert_format
+from offload_moe.quant import expert_format, int8_bmm_linear
 
 D, I = 128, 384  # multiples of every group size; 2I and D of the int4 layout's row block (64)
 PLAIN = ModelConfig(dim=D, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=64, ffn_dim=I, num_experts=2, top_k=1,
@@ -139,3 +140,14 @@ def test_whole_model_decode_keeps_its_logits(ckpts, quant):
     assert error <= {"none": 1e-5, "int8": 1e-3, "int4": 0.06}[quant]
     if quant == "none":
         assert tokens == ref_tokens
+
+
+@needs_kernels
+def test_int8_linear_kernel_matches_the_torch_path():
+    """One token through an int8 resident linear (attention's `Int8Linear`): the C kernel against torch's
+    group-by-group path; a row count the kernel does not take (not a multiple of 16) is left to torch."""
+    parts = int8_parts(torch.randn(192, D, generator=torch.Generator().manual_seed(3)) * 0.02, 32)
+    x = torch.randn(1, D, generator=torch.Generator().manual_seed(4))
+    y = cpu_kernels.int8_linear(x, *parts.values())
+    assert y.shape == (1, 192) and max_rel(y, int8_bmm_linear(x, *parts.values())) < 2e-4
+    assert cpu_kernels.int8_linear(x, *int8_parts(torch.randn(40, D), 32).values()) is None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from offload_moe import cpu_kernels
 from offload_moe.attention_quant import Int8Linear, int8_parts
 from offload_moe.config import ModelConfig
 from offload_moe.errors import UserError
@@ -124,7 +125,7 @@ def test_forward_equals_dense_forward_on_dequantized_weights(fmt_cls, group_size
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_int8_linear_computes_with_its_dequantized_weights(dtype, T):
     """Attention's int8 projection: the int8 expert's matrix layout and kernels, in a module. Same
-    tolerances as the experts' (bf16 at T=1 runs the int8 CPU kernel)."""
+    tolerances as the experts' (T=1 runs the C kernel where it is built: 2e-4)."""
     w = torch.randn(192, D, generator=torch.Generator().manual_seed(1)) * 0.02  # [N, K]
     lin = Int8Linear(D, 192, 64)
     lin.load_state_dict(int8_parts(w, 64))
@@ -132,7 +133,8 @@ def test_int8_linear_computes_with_its_dequantized_weights(dtype, T):
     ref = x @ dequantize(*quantize(w, 8, 64), 8, 64).T  # [T, N]
     y = lin(x.to(dtype))
     assert y.dtype == dtype and y.shape == (T, 192)
-    assert max_rel(y, ref) < {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    assert max_rel(y, ref) < (max(tol, 2e-4) if T == 1 and cpu_kernels.library() is not None else tol)
 
 
 def largest_allocation(fn) -> int:
@@ -158,7 +160,11 @@ def test_int8_linear_allocates_nothing_of_a_weights_size(T):
     buf = lin.scratch.get(x.device, torch.float32)
     assert largest_allocation(lambda: lin(x)) < N * D
     assert lin.scratch.get(x.device, torch.float32).data_ptr() == buf.data_ptr() and len(lin.scratch.buffers) == 1
-    assert largest_allocation(lambda: int8_linear(x, lin.codes, lin.scales, lin.zeros, True)) >= 4 * N * D
+    unbuffered = largest_allocation(lambda: int8_linear(x, lin.codes, lin.scales, lin.zeros, True))
+    if T == 1 and cpu_kernels.library() is not None:  # the C kernel reads the codes in place
+        assert unbuffered < N * D
+    else:
+        assert unbuffered >= 4 * N * D
 
 
 def test_int8_attention_shares_one_scratch_sized_to_the_largest_projection():
