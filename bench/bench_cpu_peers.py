@@ -9,8 +9,10 @@ Shapes: "small" (hidden 512, FFN 1792, 8 layers, 8 experts, top-2, vocab 32000) 
 sides run alternately in this one process, `--repeats` times each, and the best decode tok/s is kept (over
 the steps after the first, greedy, the same prompt). Beside each figure: the weight bytes one decode step
 reads (every resident weight but the embeddings, K of E experts per layer; llama.cpp's from its GGUF's
-tensors) and the GB/s that makes at that speed. llama.cpp is optional (`llama_cpp_peer.INSTALL` says how);
-never run in CI.
+tensors) and the GB/s that makes at that speed. Beside int8/int4 experts our attention projections are int8
+too (`--attention-quant`), as llama.cpp's q8_0/q4_0 files quantize theirs; our LM head stays float32 while
+llama.cpp's files quantize their output matrix too (q8_0; q6_K in q4_0 files). llama.cpp is optional
+(`llama_cpp_peer.INSTALL` says how); never run in CI.
 """
 
 from __future__ import annotations
@@ -43,10 +45,10 @@ PROMPT = [1, 415, 2936, 9060, 285, 1142, 28705, 28740]
 PAIRS = (("none", "f32"), ("int8", "q8_0"), ("int4", "q4_0"))  # our expert format, llama.cpp's GGUF type
 
 
-def ours(path: Path, quant: str, tokens: int, repeats: int) -> dict:
+def ours(path: Path, quant: str, tokens: int, repeats: int, attention: str) -> dict:
     """This engine, every expert resident, float32 compute: best decode tok/s of `repeats` generations."""
-    engine = Engine.load(path, EngineOptions(expert_quant=quant, dtype="float32", prefetch=0, context=256,
-                                             progress=False))
+    engine = Engine.load(path, EngineOptions(expert_quant=quant, attention_quant=attention, dtype="float32",
+                                             prefetch=0, context=256, progress=False))
     best, made = 0.0, []
     for _ in range(repeats):
         r = engine.generate(PROMPT, tokens)
@@ -56,7 +58,8 @@ def ours(path: Path, quant: str, tokens: int, repeats: int) -> dict:
     read = dense + len(c.moe_layers) * c.top_k * fmt.nbytes
     del engine
     gc.collect()
-    return {"tok_s": best, "tokens": made, "name": fmt.name, "read": read}
+    name = fmt.name + (" + int8 attention" if attention == "int8" else "")
+    return {"tok_s": best, "tokens": made, "name": name, "read": read}
 
 
 def theirs(file: Path, config: ModelConfig, tokens: int, repeats: int, threads: int) -> dict:
@@ -105,7 +108,8 @@ def run_shape(name: str, config: ModelConfig, args, tmp: Path) -> None:
     print("| weights | offload_moe | llama.cpp | ratio |\n|---|---|---|---|")
     f32_tokens = {}
     for quant, gguf_type in PAIRS:
-        a = ours(path, quant, args.tokens, args.repeats)  # alternately: ours, then llama.cpp's matching type
+        attention = args.attention_quant if quant != "none" else "none"  # llama.cpp quantizes its attention too
+        a = ours(path, quant, args.tokens, args.repeats, attention)  # alternately: ours, then llama.cpp's
         b = theirs(files[gguf_type], config, args.tokens, args.repeats, args.threads) if files else None
         if quant == "none":
             f32_tokens = {"ours": a["tokens"], "theirs": b and b["tokens"]}
@@ -132,6 +136,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=3, help="runs per side and precision; the best is kept")
     ap.add_argument("--shapes", default="small,wide", help="comma-separated, of: " + ", ".join(SHAPES))
+    ap.add_argument("--attention-quant", default="int8", choices=("none", "int8"),
+                    help="our attention projections beside int8/int4 experts (default: %(default)s, as q8_0/q4_0 "
+                    "quantize llama.cpp's)")
     ap.add_argument("--transformers", default="small", help="shapes where transformers fp32 runs too")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
