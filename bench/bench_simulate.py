@@ -10,8 +10,9 @@ previous token's expert with probability 0.3, else draws a fresh one from that p
 prediction for layer l is the true choice with probability 0.7, else a fresh draw, so prefetch has
 something to get right.
 
-It prints, per trace: the CLI's wall seconds for all five policies (best of --repeat), the start-up
-alone (`simulate --help`), and each policy's hit rate; then, in this process, each policy's
+It prints the load average (other work on the machine stretches wall time, not CPU time), the
+start-up alone (`simulate --help`), and per trace: the CLI's wall and CPU seconds (all threads)
+for all five policies, each of --repeat runs; then, in this process, each policy's hit rate and
 seconds (`simulate.simulate`, after one call that compiles or loads the compiled replay loop) and
 LRU with prefetch 1.
 
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -90,10 +93,12 @@ def synthetic_trace(tokens: int, layers: int, experts: int, top_k: int, keep: fl
                  "synthetic")
 
 
-def wall(cmd: list[str]) -> tuple[float, str]:
-    t0 = time.perf_counter()
+def wall(cmd: list[str]) -> tuple[float, float, str]:
+    """Run a command: its wall seconds, its CPU seconds (user + system, all threads) and its stdout."""
+    t0, c0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
-    return time.perf_counter() - t0, done.stdout
+    c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.perf_counter() - t0, c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime, done.stdout
 
 
 def main() -> None:
@@ -106,8 +111,10 @@ def main() -> None:
     args = ap.parse_args()
     folder = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="bench_simulate."))
     folder.mkdir(parents=True, exist_ok=True)
-    start = min(wall([sys.executable, "run.py", "simulate", "--help"])[0] for _ in range(args.repeat))
-    print(f"CLI start-up (simulate --help), best of {args.repeat}: {start:.2f} s")
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (a busy machine stretches wall time, "
+          "not CPU time)")
+    start = min(wall([sys.executable, "run.py", "simulate", "--help"])[:2] for _ in range(args.repeat))
+    print(f"CLI start-up (simulate --help), best of {args.repeat}: {start[0]:.2f} s wall, {start[1]:.2f} s CPU")
     for name in args.shape.split(","):
         L, E, K, S = SHAPES[name]
         path = folder / f"{name}-{args.tokens}.trace"
@@ -118,21 +125,23 @@ def main() -> None:
         cmd = [sys.executable, "run.py", "simulate", "--trace", str(path), "--slots", str(S),
                "--policy", ",".join(POLICIES), "--json"]
         runs = [wall(cmd) for _ in range(args.repeat)]
-        rates = {r["policy"]: r["hit_rate"] for r in json.loads(runs[0][1])["results"]}
+        rates = {r["policy"]: r["hit_rate"] for r in json.loads(runs[0][2])["results"]}
         print(f"\n{name}: {args.tokens} tokens x {L} layers, {E} experts, top-{K}, {S} slots")
-        print(f"  CLI, all {len(POLICIES)} policies: " + ", ".join(f"{t:.2f}" for t, _ in runs)
-              + f" s (best {min(t for t, _ in runs):.2f} s)")
+        print(f"  CLI, all {len(POLICIES)} policies: " + ", ".join(f"{t:.2f}" for t, _, _ in runs)
+              + f" s wall (best {min(t for t, _, _ in runs):.2f}); " + ", ".join(f"{c:.2f}" for _, c, _ in runs)
+              + f" s CPU; load average {os.getloadavg()[0]:.1f}")
         trace = load_trace(path)
         simulate(trace, S, "lru")  # compiles the replay loop, or loads it from the cache
-        print(f"  {'policy':<8}{'prefetch':>9}{'hit rate':>10}{'copies/token':>14}{'seconds':>9}  (in process)")
+        print(f"  {'policy':<8}{'prefetch':>9}{'hit rate':>10}{'copies/token':>14}{'wall s':>8}{'CPU s':>7}"
+              "  (in this process)")
         for policy, prefetch in [(p, 0) for p in POLICIES] + [("lru", 1)]:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             r = simulate(trace, S, policy, prefetch=prefetch)
-            secs = time.perf_counter() - t0
+            secs, cpu = time.perf_counter() - t0, time.process_time() - c0
             if not prefetch:
                 assert r["hit_rate"] == rates[policy], "the CLI and this process disagree"
             print(f"  {policy:<8}{prefetch:>9}{100 * r['hit_rate']:>9.2f}%{r['copies'] / args.tokens:>14.2f}"
-                  f"{secs:>9.2f}", flush=True)
+                  f"{secs:>8.2f}{cpu:>7.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -260,28 +260,26 @@ def _replay_row(policy, n, held, slot_of, last, ins, fresh, uses, mark, draws, s
                         if p >= 0 and slot_of[p] >= 0 and mark[slot_of[p]] != stamp:
                             mark[slot_of[p]] = stamp
                             candidates -= 1
-                    if policy == RANDOM:
-                        _uniforms(rng, draws, candidates)
                     s, key, tie, j = -1, 0, 0, 0
-                    for c in range(n):
-                        if mark[c] == stamp:
-                            continue
-                        if policy == RANDOM:
-                            if s < 0 or draws[j] < draws[key]:
-                                s, key = c, j
-                            j += 1
-                            continue
-                        x = held[c]
-                        if policy == LRU:
-                            k, k2 = last[c], 0
-                        elif policy == FIFO:
-                            k, k2 = ins[c], 0
-                        elif policy == LFU:
-                            k, k2 = uses[x], last[c]
-                        else:
-                            k, k2 = -next_use[x], 0
-                        if s < 0 or k < key or (k == key and k2 < tie):
-                            s, key, tie = c, k, k2
+                    if policy == LRU or policy == FIFO:  # one stored key per slot: the tightest loop
+                        keys = last if policy == LRU else ins
+                        for c in range(n):
+                            if mark[c] != stamp and (s < 0 or keys[c] < key):
+                                s, key = c, keys[c]
+                    elif policy == RANDOM:  # key: the candidates' draws, in slot order
+                        _uniforms(rng, draws, candidates)
+                        for c in range(n):
+                            if mark[c] != stamp:
+                                if s < 0 or draws[j] < draws[key]:
+                                    s, key = c, j
+                                j += 1
+                    else:  # LFU: (uses, last use); Belady: minus the next use
+                        for c in range(n):
+                            if mark[c] != stamp:
+                                x = held[c]
+                                k, k2 = (uses[x], last[c]) if policy == LFU else (-next_use[x], 0)
+                                if s < 0 or k < key or (k == key and k2 < tie):
+                                    s, key, tie = c, k, k2
                     if s < 0:
                         return NO_VICTIM
                     slot_of[held[s]] = -1
@@ -307,24 +305,36 @@ def _mt_uniforms(rng, out, count) -> None:
     MT19937 (genrand_uint32), and `random()`'s 53 bits from two 32-bit outputs."""
     i = rng[624]
     for c in range(count):
-        a = 0
-        for half in range(2):
-            if i >= 624:  # the next 624 words
-                for k in range(624):
-                    y = (rng[k] & 0x80000000) | (rng[k + 1 if k < 623 else 0] & 0x7FFFFFFF)
-                    rng[k] = rng[k + 397 if k < 227 else k - 227] ^ (y >> 1) ^ (0x9908B0DF if y & 1 else 0)
-                i = 0
-            y = rng[i]
-            i += 1
-            y ^= y >> 11
-            y ^= (y << 7) & 0x9D2C5680
-            y ^= (y << 15) & 0xEFC60000
-            y ^= y >> 18
-            if half == 0:
-                a = y >> 5
-            else:
-                out[c] = (a * 67108864.0 + (y >> 6)) * (1.0 / 9007199254740992.0)
+        if i >= 624:
+            _mt_regenerate(rng)
+            i = 0
+        a = _mt_temper(rng[i]) >> 5
+        i += 1
+        if i >= 624:
+            _mt_regenerate(rng)
+            i = 0
+        out[c] = (a * 67108864.0 + (_mt_temper(rng[i]) >> 6)) * (1.0 / 9007199254740992.0)
+        i += 1
     rng[624] = i
+
+
+def _mt_regenerate(rng) -> None:
+    """The next 624 words of MT19937's state."""
+    for k in range(227):
+        y = (rng[k] & 0x80000000) | (rng[k + 1] & 0x7FFFFFFF)
+        rng[k] = rng[k + 397] ^ (y >> 1) ^ (0x9908B0DF if y & 1 else 0)
+    for k in range(227, 623):
+        y = (rng[k] & 0x80000000) | (rng[k + 1] & 0x7FFFFFFF)
+        rng[k] = rng[k - 227] ^ (y >> 1) ^ (0x9908B0DF if y & 1 else 0)
+    y = (rng[623] & 0x80000000) | (rng[0] & 0x7FFFFFFF)
+    rng[623] = rng[396] ^ (y >> 1) ^ (0x9908B0DF if y & 1 else 0)
+
+
+def _mt_temper(y: int) -> int:
+    y ^= y >> 11
+    y ^= (y << 7) & 0x9D2C5680
+    y ^= (y << 15) & 0xEFC60000
+    return y ^ (y >> 18)
 
 
 _COMPILED = None
@@ -337,7 +347,8 @@ def _compiled_loop():
         from numba import njit, types
         from numba.extending import overload, register_jitable
 
-        register_jitable(_mt_uniforms)
+        for fn in (_mt_uniforms, _mt_regenerate, _mt_temper):
+            register_jitable(fn)
         overload(_uniforms)(lambda rng, out, count: _mt_uniforms)  # compiled, a row's generator is its state array
         i64, row, rows = types.int64, types.int64[::1], types.int64[:, ::1]
         signature = i64(i64, i64, row, row, row, row, types.boolean[::1], row, row, types.float64[::1], row,
