@@ -48,6 +48,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import random
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -352,6 +353,19 @@ def _compiled_loop():
         overload(_uniforms)(lambda rng, out, count: _mt_uniforms)  # compiled, a row's generator is its state array
         i64, row, rows = types.int64, types.int64[::1], types.int64[:, ::1]
         signature = i64(i64, i64, row, row, row, row, types.boolean[::1], row, row, types.float64[::1], row,
-                                  row, rows, rows, rows, row)
-        _COMPILED = njit(signature, cache=True, nogil=True)(_replay_row)
+                        row, rows, rows, rows, row)
+        _COMPILED = _compile(njit, _replay_row, signature)
     return _COMPILED
+
+
+def _compile(njit, fn, signature):
+    """njit(fn), cached on disk; where numba finds no writable cache folder (a read-only install, and
+    a read-only home), compiled for this process only, with a note."""
+    try:
+        return njit(signature, cache=True, nogil=True)(fn)
+    except RuntimeError as e:
+        if "cannot cache" not in str(e):
+            raise
+        print("note: numba has no writable cache folder (set NUMBA_CACHE_DIR to one), so the eviction loop is "
+              "compiled again in every run (seconds)", file=sys.stderr)
+        return njit(signature, nogil=True)(fn)

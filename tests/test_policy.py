@@ -128,6 +128,20 @@ def test_the_compiled_random_stream_is_pythons():
     assert out == [reference.random() for _ in range(1000)]
 
 
+def test_without_a_writable_cache_folder_the_loop_is_compiled_for_the_run(capsys):
+    calls = []
+
+    def njit(signature, **options):  # numba's, where no cache folder is writable
+        calls.append(options)
+        if options.get("cache"):
+            raise RuntimeError("cannot cache function '_replay_row': no locator available for file 'policy.py'")
+        return lambda fn: ("compiled", fn)
+
+    assert policy._compile(njit, len, "sig") == ("compiled", len)
+    assert calls == [{"cache": True, "nogil": True}, {"nogil": True}]
+    assert "NUMBA_CACHE_DIR" in capsys.readouterr().err
+
+
 def test_a_prefetch_counts_as_used_at_its_first_hit_and_wasted_when_evicted_unused(SlotTable):
     t = SlotTable([2], 8, "lru")
     t.prefetch_row(0, [4, 5])
