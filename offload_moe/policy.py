@@ -57,7 +57,7 @@ POLICIES = ("lru", "lfu", "fifo", "random", "belady")
 ONLINE_POLICIES = ("lru", "lfu", "fifo", "random")
 LRU, LFU, FIFO, RANDOM, BELADY = range(len(POLICIES))  # the loop's policy codes
 NEVER = 1 << 60  # next-use value for "not used again"
-CLOCK, FILLED, STAMP, HITS, MISSES, PREFETCH_COPIES, PREFETCH_HITS = range(7)  # a row's state entries
+CLOCK, FILLED, STAMP, HEAD, TAIL, HITS, MISSES, PREFETCH_COPIES, PREFETCH_HITS = range(9)  # a row's state entries
 DONE, NO_VICTIM, BAD_EXPERT = range(3)  # what the loop returns
 
 
@@ -97,7 +97,9 @@ class SlotTable:
             self.fresh = np.zeros((R, S), np.bool_)  # filled by a prefetch, not accessed since
             self.uses = np.zeros((R, E), np.int64)
             self.mark = np.zeros((R, S), np.int64)  # the STAMP of the last victim search that protected the slot
-            self.state = np.zeros((R, 7), np.int64)  # CLOCK, FILLED, STAMP, then the counts
+            self.links = np.full((R, 2 * S), -1, np.int64)  # LRU, FIFO: the slots in key order (previous, next)
+            self.state = np.zeros((R, 9), np.int64)  # CLOCK, FILLED, STAMP, HEAD, TAIL, then the counts
+            self.state[:, [HEAD, TAIL]] = -1
             self.rng = np.array([r.getstate()[1] for r in rngs], np.int64)  # [R, 625]: Mersenne Twister words, index
             self.draws = np.zeros((R, S), np.float64)  # the loop's scratch, per row (rows may run in threads)
         else:
@@ -108,14 +110,15 @@ class SlotTable:
             self.fresh = [[False] * n for n in slots]
             self.uses = [[0] * E for _ in slots]
             self.mark = [[0] * n for n in slots]
-            self.state = [[0] * 7 for _ in slots]
+            self.links = [[-1] * (2 * n) for n in slots]
+            self.state = [[0, 0, 0, -1, -1, 0, 0, 0, 0] for _ in slots]
             self.rng = rngs
             self.draws = [[0.0] * n for n in slots]
         self._code = POLICIES.index(policy)
         self._empty = (np.zeros((0, 0), np.int64), np.zeros(0, np.int64)) if self.compiled else ((), [])
         # each row's arguments to the loop, built once: the engine calls it per layer and token
         self._rows = [(n, self.expert[r], self.slot_of[r], self.last_use[r], self.inserted[r], self.fresh[r],
-                       self.uses[r], self.mark[r], self.draws[r], self.state[r], self.rng[r])
+                       self.uses[r], self.mark[r], self.links[r], self.draws[r], self.state[r], self.rng[r])
                       for r, n in enumerate(slots)]
 
     def reset_counts(self) -> None:
@@ -215,8 +218,8 @@ def _values(row: np.ndarray | list) -> list:
     return row.tolist() if isinstance(row, np.ndarray) else list(row)
 
 
-def _replay_row(policy, n, held, slot_of, last, ins, fresh, uses, mark, draws, state, rng, accesses, predictions,
-                later, next_use) -> int:
+def _replay_row(policy, n, held, slot_of, last, ins, fresh, uses, mark, links, draws, state, rng, accesses,
+                predictions, later, next_use) -> int:
     """The loop: `SlotTable.replay` of one row, whose state it updates in place (held, last, ins,
     fresh, mark [S]; slot_of, uses [E]; state [7]; draws [S] is scratch). predictions and later
     empty: none given. Returns DONE, or NO_VICTIM when an access found no victim, or BAD_EXPERT at
@@ -241,10 +244,13 @@ def _replay_row(policy, n, held, slot_of, last, ins, fresh, uses, mark, draws, s
                         s = slot_of[e]
                         if s >= 0:
                             last[s] = clock
+                            if policy == LRU:
+                                _to_tail(s, links, state)
                             state[HITS] += 1
                             if fresh[s]:
                                 state[PREFETCH_HITS] += 1
                                 fresh[s] = False
+            stamp = candidates = 0  # the slots of this step's experts get marked at its first eviction
             for e in step:
                 if e >= E:
                     return BAD_EXPERT
@@ -254,19 +260,26 @@ def _replay_row(policy, n, held, slot_of, last, ins, fresh, uses, mark, draws, s
                 if s < n:
                     state[FILLED] = s + 1
                 else:  # the victim: the smallest key among the slots that hold no expert of this step
-                    stamp = state[STAMP] + 1
-                    state[STAMP] = stamp
-                    candidates = n
-                    for p in step:
-                        if p >= 0 and slot_of[p] >= 0 and mark[slot_of[p]] != stamp:
-                            mark[slot_of[p]] = stamp
-                            candidates -= 1
+                    if stamp == 0:
+                        stamp = state[STAMP] + 1
+                        state[STAMP] = stamp
+                        candidates = n
+                        for p in step:
+                            if p >= 0 and slot_of[p] >= 0 and mark[slot_of[p]] != stamp:
+                                mark[slot_of[p]] = stamp
+                                candidates -= 1
                     s, key, tie, j = -1, 0, 0, 0
-                    if policy == LRU or policy == FIFO:  # one stored key per slot: the tightest loop
-                        keys = last if policy == LRU else ins
-                        for c in range(n):
-                            if mark[c] != stamp and (s < 0 or keys[c] < key):
-                                s, key = c, keys[c]
+                    if policy == LRU or policy == FIFO:  # the slots listed in key order: walk from the head
+                        keys, c, half = last if policy == LRU else ins, state[HEAD], len(links) // 2
+                        while c >= 0:
+                            if mark[c] != stamp:
+                                if s < 0:
+                                    s, key = c, keys[c]
+                                elif keys[c] != key:  # past the smallest key (ties: the lowest slot)
+                                    break
+                                elif c < s:
+                                    s = c
+                            c = links[half + c]
                     elif policy == RANDOM:  # key: the candidates' draws, in slot order
                         _uniforms(rng, draws, candidates)
                         for c in range(n):
@@ -285,6 +298,11 @@ def _replay_row(policy, n, held, slot_of, last, ins, fresh, uses, mark, draws, s
                         return NO_VICTIM
                     slot_of[held[s]] = -1
                 held[s], slot_of[e], last[s], ins[s], fresh[s] = e, s, clock, clock, phase == 0
+                if policy == LRU or policy == FIFO:
+                    _to_tail(s, links, state)
+                if stamp != 0:  # e is an expert of this step now: protected from the step's next evictions
+                    mark[s] = stamp
+                    candidates -= 1
                 state[PREFETCH_COPIES if phase == 0 else MISSES] += 1
         if tracking:
             exps, nxt = accesses[t], later[t]
@@ -292,6 +310,29 @@ def _replay_row(policy, n, held, slot_of, last, ins, fresh, uses, mark, draws, s
                 if exps[k] >= 0:
                     next_use[exps[k]] = nxt[k]
     return DONE
+
+
+def _to_tail(s, links, state) -> None:
+    """Move slot s to the tail of its row's list, or append it when it is not listed yet. links holds
+    each slot's previous, then each slot's next (-1: none); state the HEAD and the TAIL. Slots join
+    the tail as their key (last use, insertion) is stamped with the row's clock, which never goes
+    back, so the list stays in key order and a victim search reads it from the head."""
+    tail, half = state[TAIL], len(links) // 2
+    if tail == s:
+        return
+    before, after = links[s], links[half + s]
+    if before >= 0:
+        links[half + before] = after
+    elif state[HEAD] == s:
+        state[HEAD] = after
+    if after >= 0:
+        links[after] = before
+    links[s], links[half + s] = tail, -1
+    if tail >= 0:
+        links[half + tail] = s
+    else:
+        state[HEAD] = s
+    state[TAIL] = s
 
 
 def _uniforms(rng, out, count) -> None:
@@ -348,12 +389,12 @@ def _compiled_loop():
         from numba import njit, types
         from numba.extending import overload, register_jitable
 
-        for fn in (_mt_uniforms, _mt_regenerate, _mt_temper):
+        for fn in (_mt_uniforms, _mt_regenerate, _mt_temper, _to_tail):
             register_jitable(fn)
         overload(_uniforms)(lambda rng, out, count: _mt_uniforms)  # compiled, a row's generator is its state array
         i64, row, rows = types.int64, types.int64[::1], types.int64[:, ::1]
-        signature = i64(i64, i64, row, row, row, row, types.boolean[::1], row, row, types.float64[::1], row,
-                        row, rows, rows, rows, row)
+        signature = i64(i64, i64, row, row, row, row, types.boolean[::1], row, row, row, types.float64[::1],
+                        row, row, rows, rows, rows, row)
         _COMPILED = _compile(njit, _replay_row, signature)
     return _COMPILED
 
