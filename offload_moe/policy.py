@@ -6,12 +6,12 @@ misses or prefetch use. The engine replays one step at a time as tokens arrive, 
 whole trace per call; one tight loop serves both.
 
 The loop is written in the subset of Python that numba compiles. Where numba is installed (the
-`jit` extra) it runs compiled, over numpy arrays, 50-100 times faster; else, or with the
+`jit` extra) it runs compiled, over numpy arrays, 15-25 times faster per step; else, or with the
 environment variable OFFLOAD_MOE_JIT=0, the same source runs as plain Python over lists. Both give
-the same counts, bit for bit (tests/test_policy.py runs both). The compiled code is cached on disk
-by numba (`cache=True`): in `offload_moe/__pycache__`, or where the package is read-only in numba's
+the same counts, bit for bit (the tests run both). The compiled code is cached on disk by numba
+(`cache=True`): in `offload_moe/__pycache__`, or where the package is read-only in numba's
 user-wide cache folder (~/.cache/numba on Linux; NUMBA_CACHE_DIR overrides both), so only the first
-run on a machine compiles (a few seconds).
+run on a machine compiles (1-2 s); with no writable folder at all it compiles in every run.
 
 A `SlotTable` holds several independent layer caches, one *row* each; row r has `slots[r]`
 slots. Rows share nothing (each even has its own random stream), so a caller may advance them
@@ -111,7 +111,7 @@ class SlotTable:
             self.uses = [[0] * E for _ in slots]
             self.mark = [[0] * n for n in slots]
             self.links = [[-1] * (2 * n) for n in slots]
-            self.state = [[0, 0, 0, -1, -1, 0, 0, 0, 0] for _ in slots]
+            self.state = [[-1 if c in (HEAD, TAIL) else 0 for c in range(9)] for _ in slots]
             self.rng = rngs
             self.draws = [[0.0] * n for n in slots]
         self._code = POLICIES.index(policy)
@@ -221,8 +221,8 @@ def _values(row: np.ndarray | list) -> list:
 def _replay_row(policy, n, held, slot_of, last, ins, fresh, uses, mark, links, draws, state, rng, accesses,
                 predictions, later, next_use) -> int:
     """The loop: `SlotTable.replay` of one row, whose state it updates in place (held, last, ins,
-    fresh, mark [S]; slot_of, uses [E]; state [7]; draws [S] is scratch). predictions and later
-    empty: none given. Returns DONE, or NO_VICTIM when an access found no victim, or BAD_EXPERT at
+    fresh, mark [S]; links [2S]; slot_of, uses [E]; state [9]; draws [S] is scratch). predictions
+    and later empty: none given. Returns DONE, or NO_VICTIM when an access found no victim, or BAD_EXPERT at
     an id >= E (compiled code does not check bounds), leaving the step half done.
 
     One body serves the prefetch (phase 0) and the access (phase 1) of a step, and the victim
