@@ -59,6 +59,7 @@ LRU, LFU, FIFO, RANDOM, BELADY = range(len(POLICIES))  # the loop's policy codes
 NEVER = 1 << 60  # next-use value for "not used again"
 CLOCK, FILLED, STAMP, HEAD, TAIL, HITS, MISSES, PREFETCH_COPIES, PREFETCH_HITS = range(9)  # a row's state entries
 DONE, NO_VICTIM, BAD_EXPERT = range(3)  # what the loop returns
+LINKED_SLOTS = 8  # LRU and FIFO rows with more slots keep them listed in key order (a scan of fewer costs less)
 
 
 class NoVictimError(RuntimeError):
@@ -97,7 +98,7 @@ class SlotTable:
             self.fresh = np.zeros((R, S), np.bool_)  # filled by a prefetch, not accessed since
             self.uses = np.zeros((R, E), np.int64)
             self.mark = np.zeros((R, S), np.int64)  # the STAMP of the last victim search that protected the slot
-            self.links = np.full((R, 2 * S), -1, np.int64)  # LRU, FIFO: the slots in key order (previous, next)
+            self.links = np.full((R, 2 * S), -1, np.int64)  # LRU, FIFO rows: the slots in key order (previous, next)
             self.state = np.zeros((R, 9), np.int64)  # CLOCK, FILLED, STAMP, HEAD, TAIL, then the counts
             self.state[:, [HEAD, TAIL]] = -1
             self.rng = np.array([r.getstate()[1] for r in rngs], np.int64)  # [R, 625]: Mersenne Twister words, index
@@ -222,54 +223,65 @@ def _replay_row(policy, n, held, slot_of, last, ins, fresh, uses, mark, links, d
                 predictions, later, next_use) -> int:
     """The loop: `SlotTable.replay` of one row, whose state it updates in place (held, last, ins,
     fresh, mark [S]; links [2S]; slot_of, uses [E]; state [9]; draws [S] is scratch). predictions
-    and later empty: none given. Returns DONE, or NO_VICTIM when an access found no victim, or BAD_EXPERT at
-    an id >= E (compiled code does not check bounds), leaving the step half done.
+    and later empty: none given. Returns DONE, or NO_VICTIM when an access found no victim, or
+    BAD_EXPERT at an id >= E (compiled code does not check bounds), leaving the step half done.
 
     One body serves the prefetch (phase 0) and the access (phase 1) of a step, and the victim
-    search is written out in it, not called: compiled, a call per miss cost a third of the time."""
+    search is written out in it, not called: compiled, a call per miss cost a third of the time.
+    The counts and the clock stay in locals until the end (as plain Python, a list entry costs).
+    LRU and FIFO rows of more than LINKED_SLOTS slots keep their slots listed in key order
+    (`_to_tail`), so a victim search walks a few slots from the head instead of scanning all."""
     prefetching, tracking, E = len(predictions) > 0, len(later) > 0, len(slot_of)
+    linked = n > LINKED_SLOTS and (policy == LRU or policy == FIFO)
+    clock, filled, stamp = state[CLOCK], state[FILLED], state[STAMP]
+    hits = misses = pf_copies = pf_hits = 0
+    status = DONE
     for t in range(len(accesses)):
         for phase in range(2):
             if phase == 0 and not prefetching:
                 continue
             step = predictions[t] if phase == 0 else accesses[t]
-            state[CLOCK] += 1
-            clock = state[CLOCK]
+            clock += 1
+            missing = 1
             if phase == 1:  # hits are decided before any insertion: a miss never evicts an expert of this access
+                missing = 0
                 for e in step:
                     if e >= E:
-                        return BAD_EXPERT
-                    if e >= 0:
+                        status = BAD_EXPERT
+                    elif e >= 0:
                         uses[e] += 1
                         s = slot_of[e]
-                        if s >= 0:
-                            last[s] = clock
-                            if policy == LRU:
-                                _to_tail(s, links, state)
-                            state[HITS] += 1
-                            if fresh[s]:
-                                state[PREFETCH_HITS] += 1
-                                fresh[s] = False
-            stamp = candidates = 0  # the slots of this step's experts get marked at its first eviction
+                        if s < 0:
+                            missing += 1
+                            continue
+                        last[s] = clock
+                        if linked and policy == LRU:
+                            _to_tail(s, links, state)
+                        hits += 1
+                        if fresh[s]:
+                            pf_hits += 1
+                            fresh[s] = False
+            if missing == 0 and status == DONE:
+                continue
+            marked = False  # the slots of this step's experts are marked at its first eviction
+            candidates = 0
             for e in step:
                 if e >= E:
-                    return BAD_EXPERT
-                if e < 0 or slot_of[e] >= 0:
+                    status = BAD_EXPERT
+                if status != DONE or e < 0 or slot_of[e] >= 0:
                     continue
-                s = state[FILLED]  # slots fill lowest first and never empty again
-                if s < n:
-                    state[FILLED] = s + 1
+                if filled < n:  # slots fill lowest first and never empty again
+                    s = filled
+                    filled += 1
                 else:  # the victim: the smallest key among the slots that hold no expert of this step
-                    if stamp == 0:
-                        stamp = state[STAMP] + 1
-                        state[STAMP] = stamp
-                        candidates = n
+                    if not marked:
+                        marked, stamp, candidates = True, stamp + 1, n
                         for p in step:
                             if p >= 0 and slot_of[p] >= 0 and mark[slot_of[p]] != stamp:
                                 mark[slot_of[p]] = stamp
                                 candidates -= 1
                     s, key, tie, j = -1, 0, 0, 0
-                    if policy == LRU or policy == FIFO:  # the slots listed in key order: walk from the head
+                    if linked:  # the slots listed in key order: walk from the head
                         keys, c, half = last if policy == LRU else ins, state[HEAD], len(links) // 2
                         while c >= 0:
                             if mark[c] != stamp:
@@ -280,6 +292,11 @@ def _replay_row(policy, n, held, slot_of, last, ins, fresh, uses, mark, links, d
                                 elif c < s:
                                     s = c
                             c = links[half + c]
+                    elif policy == LRU or policy == FIFO:  # one stored key per slot
+                        keys = last if policy == LRU else ins
+                        for c in range(n):
+                            if mark[c] != stamp and (s < 0 or keys[c] < key):
+                                s, key = c, keys[c]
                     elif policy == RANDOM:  # key: the candidates' draws, in slot order
                         _uniforms(rng, draws, candidates)
                         for c in range(n):
@@ -295,21 +312,34 @@ def _replay_row(policy, n, held, slot_of, last, ins, fresh, uses, mark, links, d
                                 if s < 0 or k < key or (k == key and k2 < tie):
                                     s, key, tie = c, k, k2
                     if s < 0:
-                        return NO_VICTIM
+                        status = NO_VICTIM
+                        continue
                     slot_of[held[s]] = -1
                 held[s], slot_of[e], last[s], ins[s], fresh[s] = e, s, clock, clock, phase == 0
-                if policy == LRU or policy == FIFO:
+                if linked:
                     _to_tail(s, links, state)
-                if stamp != 0:  # e is an expert of this step now: protected from the step's next evictions
+                if marked:  # e is an expert of this step now: protected from the step's next evictions
                     mark[s] = stamp
                     candidates -= 1
-                state[PREFETCH_COPIES if phase == 0 else MISSES] += 1
+                if phase == 0:
+                    pf_copies += 1
+                else:
+                    misses += 1
+            if status != DONE:
+                break
+        if status != DONE:
+            break
         if tracking:
             exps, nxt = accesses[t], later[t]
             for k in range(len(exps)):
                 if exps[k] >= 0:
                     next_use[exps[k]] = nxt[k]
-    return DONE
+    state[CLOCK], state[FILLED], state[STAMP] = clock, filled, stamp
+    state[HITS] += hits
+    state[MISSES] += misses
+    state[PREFETCH_COPIES] += pf_copies
+    state[PREFETCH_HITS] += pf_hits
+    return status
 
 
 def _to_tail(s, links, state) -> None:

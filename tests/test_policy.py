@@ -151,24 +151,25 @@ def test_a_prefetch_counts_as_used_at_its_first_hit_and_wasted_when_evicted_unus
 
 
 @settings(max_examples=40, deadline=None)
-@given(policy_name=st.sampled_from(POLICIES), slots=st.integers(2, 4), seed=st.integers(0, 3),
-       steps=st.lists(st.tuples(st.permutations(range(6)), st.permutations(range(6)), st.booleans()),
-                      min_size=1, max_size=30))
+@given(policy_name=st.sampled_from(POLICIES), slots=st.sampled_from([3, 4, 9, 11]), seed=st.integers(0, 3),
+       steps=st.lists(st.tuples(st.permutations(range(12)), st.permutations(range(12)), st.booleans()),
+                      min_size=1, max_size=40))
 def test_replaying_a_trace_in_one_call_equals_stepping_it(policy_name, slots, seed, steps):
     """The simulator's one call per row and the engine's step-by-step calls are the same loop, and
-    the compiled loop gives what the plain Python one gives, random draws included."""
-    accesses = [list(a[:2]) for a, _, _ in steps]
-    predictions = [list(p[:2]) if on else [-1, -1] for _, p, on in steps]
-    later = [[NEVER, NEVER] for _ in steps]  # a valid table: each access's next use, from the end
+    the compiled loop gives what the plain Python one gives, random draws included (9 and 11 slots:
+    LRU and FIFO rows that keep their slots listed)."""
+    accesses = [list(a[:3]) for a, _, _ in steps]
+    predictions = [list(p[:3]) if on else [-1, -1, -1] for _, p, on in steps]
+    later = [[NEVER] * 3 for _ in steps]  # a valid table: each access's next use, from the end
     seen: dict[int, int] = {}
     for t in reversed(range(len(steps))):
         later[t] = [seen.get(e, NEVER) for e in accesses[t]]
         seen.update({e: t for e in accesses[t]})
-    first = [seen.get(e, NEVER) for e in range(6)]
+    first = [seen.get(e, NEVER) for e in range(12)]
     tables = []
     for compiled in [False, True] if policy.jit_available() else [False]:
-        whole = policy.SlotTable([slots], 6, policy_name, seed, compiled=compiled)
-        stepped = policy.SlotTable([slots], 6, policy_name, seed, compiled=compiled)
+        whole = policy.SlotTable([slots], 12, policy_name, seed, compiled=compiled)
+        stepped = policy.SlotTable([slots], 12, policy_name, seed, compiled=compiled)
         whole.replay(0, accesses, predictions, later, list(first))
         next_use = list(first)
         for t, exps in enumerate(accesses):

@@ -226,6 +226,18 @@ def test_simulator_matches_the_reference_and_belady_bounds_every_policy(case):
         assert results["belady"]["hits"] >= results[p]["hits"], p
 
 
+def test_many_slots_match_the_reference():
+    """LRU and FIFO rows of more than LINKED_SLOTS slots keep their slots listed in key order:
+    the same hits as the reference's scan."""
+    rng = np.random.default_rng(11)
+    T, L, E, K = 300, 2, 16, 3
+    experts = np.argsort(rng.random((T, L, E)) + (np.arange(E) < 5) * rng.random((T, L, 1)), axis=-1)[..., :K]
+    trace = make_trace(experts, E)
+    for slots in ([9, 12], [11, 3]):
+        for p in ("lru", "fifo", "lfu", "belady"):
+            assert simulate(trace, slots, p)["per_layer_hits"] == reference_hits(trace, slots, p), (slots, p)
+
+
 @settings(max_examples=30, deadline=None)
 @given(traces())
 def test_with_slots_equal_to_top_k_every_policy_agrees(case):
@@ -255,16 +267,19 @@ def test_the_compiled_loop_counts_what_the_python_loop_counts(monkeypatch, prefe
     """Every policy and size, long enough that each row's random stream regenerates its Mersenne
     Twister words several times; the layers shared out over threads (compiled) and processes (not)."""
     rng = np.random.default_rng(7)
-    T, L, E, K = 1500, 2, 8, 2
+    T, L, E, K = 1500, 2, 16, 2
     experts = np.argsort(rng.random((T, L, E)), axis=-1)[..., :K]  # [T, L, K]
+    experts = np.where(rng.random((T, L, 1)) < 0.5, experts % 6, experts)  # [T, L, K]: some locality
+    experts[..., 1] = np.where(experts[..., 1] == experts[..., 0], (experts[..., 0] + 1) % E, experts[..., 1])
     predicted = np.where(rng.random((T, L, 1)) < 0.6, experts, np.roll(experts, 1, axis=0))  # [T, L, K]
     predicted[:, 0] = -1
     trace = make_trace(experts, E, predicted)
+    sizes = [2, 5, 12]  # 12: LRU and FIFO rows that keep their slots listed
     monkeypatch.setattr(simulate_module, "PARALLEL_WORK", 0)
-    compiled = [simulate_many(trace, [2, 3, 5], p, prefetch, seed=3) for p in POLICIES]
+    compiled = [simulate_many(trace, sizes, p, prefetch, seed=3) for p in POLICIES]
     monkeypatch.setenv("OFFLOAD_MOE_JIT", "0")
     assert not SlotTable([2], E).compiled
-    assert [simulate_many(trace, [2, 3, 5], p, prefetch, seed=3) for p in POLICIES] == compiled
+    assert [simulate_many(trace, sizes, p, prefetch, seed=3) for p in POLICIES] == compiled
 
 
 # -- trace files ----------------------------------------------------------------------------------
