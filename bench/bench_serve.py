@@ -1,5 +1,5 @@
 """The server under concurrent streams: aggregate decode tokens/s, time to first token and inter-token
-latency (p50/p95), and the expert hit rate, at each concurrency.
+latency (p50/p95), the expert hit rate, and the server's CPU time per token, at each concurrency.
 
     python bench/bench_serve.py [--concurrency 1,2,4,8] [--tokens 64] [--cache-experts 2] [--miss-policy cpu]
                                 [--prefetch 1] [--threads 1]
@@ -7,7 +7,9 @@ latency (p50/p95), and the expert hit rate, at each concurrency.
 The demo model, served in this process on 127.0.0.1 (an ephemeral port) with --max-batch the highest
 concurrency; each stream is a greedy /v1/completions request with stream=true (httpx, server-sent events;
 the tokens from its usage chunk), the prompts differing per stream. Aggregate tok/s: every stream's tokens
-over the wall time from the first request to the last stream's end. One warm-up request first.
+over the wall time from the first request to the last stream's end. Server CPU per token: this process's
+CPU seconds (the step thread and the HTTP side, every thread) over the tokens, which a busy shared machine
+disturbs much less than the wall time. One warm-up request first.
 
 The defaults, and why they changed (they were: clients as threads of this process, 2 torch threads, miss
 policy fetch):
@@ -108,22 +110,27 @@ def main() -> None:
           f"({'misses computed from RAM in place' if in_place else 'misses copied'}), prefetch {args.prefetch}, "
           f"{args.tokens} tokens per stream, {args.threads} torch thread(s), {engine.device}; clients in their own "
           "processes")
-    print("| streams | aggregate tok/s | x one | TTFT p50 / p95 ms | inter-token p50 / p95 ms | hit rate |")
-    print("|---|---|---|---|---|---|")
+    print("| streams | aggregate tok/s | x one | TTFT p50 / p95 ms | inter-token p50 / p95 ms | hit rate "
+          "| server CPU ms/token |")
+    print("|---|---|---|---|---|---|---|")
     base = None
     table = c.table
     for n in levels:
         h0, m0 = sum(table.hits), sum(table.misses)
         at = time.perf_counter() + 0.2  # every client starts then
+        cpu = time.process_time()
         runs = clients.map(stream, [(url, PROMPTS[i % len(PROMPTS)], args.tokens, at) for i in range(n)])
+        cpu = time.process_time() - cpu
         wall = max(times[-1] for _, _, times, _ in runs) - min(t0 for t0, *_ in runs)
-        rate = sum(k for *_, k in runs) / wall
+        tokens = sum(k for *_, k in runs)
+        rate = tokens / wall
         base = base or rate
         ttft = [t for _, t, _, _ in runs]
         itl = [b - a for _, _, times, _ in runs for a, b in zip(times, times[1:], strict=False)]
         hits, misses = sum(table.hits) - h0, sum(table.misses) - m0
         print(f"| {n} | {rate:.0f} | {rate / base:.2f} | {1e3 * pct(ttft, 0.5):.1f} / {1e3 * pct(ttft, 0.95):.1f} "
-              f"| {1e3 * pct(itl, 0.5):.1f} / {1e3 * pct(itl, 0.95):.1f} | {hits / max(hits + misses, 1):.1%} |")
+              f"| {1e3 * pct(itl, 0.5):.1f} / {1e3 * pct(itl, 0.95):.1f} | {hits / max(hits + misses, 1):.1%} "
+              f"| {1e3 * cpu / tokens:.2f} |")
     clients.close()
     server.should_exit = True
     thread.join(timeout=10)
