@@ -251,6 +251,7 @@ def test_a_folder_in_the_other_layout_runs_dequantizing_with_a_note(ckpts, tmp_p
     native = Engine.load(cpu_dir, EngineOptions(cache_experts=2))
     assert native.cache.fmt.name == "int4-g32" and "note:" not in capsys.readouterr().err
     native.cache.fmt.cpu_kernel = False  # the CPU layout's own dequantizing path, for an exact comparison
+    native.cache.fmt.kernel = None  # (and not the C kernel's one-token steps: cpu_kernels.py)
     assert torch.equal(other.score(PROMPT), native.score(PROMPT))
     assert other.generate(PROMPT, 4).stats["expert_format"] == "int4-g32-cuda"
 
