@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hf_reference import decode_table, print_decode_table, prompt_bench_args  # noqa: E402
+from hf_reference import decode_table, print_decode_table, prompt_bench_args, write_random_model  # noqa: E402
 
 SHAPE = dict(hidden_size=512, intermediate_size=1024, moe_intermediate_size=256, num_hidden_layers=8,
              num_attention_heads=8, kv_lora_rank=128, q_lora_rank=None, qk_nope_head_dim=64, qk_rope_head_dim=32,
@@ -38,13 +38,6 @@ ROWS = {  # label: engine options
 }
 
 
-def write_model(path: Path) -> Path:
-    import transformers
-
-    torch.manual_seed(0)
-    transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(**SHAPE)).eval().save_pretrained(path)
-    return path
-
 
 def main() -> None:
     args, prompts = prompt_bench_args(__doc__.splitlines()[0])
@@ -56,7 +49,7 @@ def main() -> None:
         return f"hit rate {100 * rates['long'][1]['hit_rate']:.0f}%"
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_model(Path(tmp) / "deepseek-v2-shaped")
+        path = write_random_model(Path(tmp) / "deepseek-v2-shaped", "DeepseekV2", SHAPE)
         print(f"# {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {args.threads} threads, {args.tokens} "
               f"tokens greedy, DeepSeek-V2 shape D=512 L=8 E=64 I=256 K=6, MLA H=8 R=128, float32")
         rows = decode_table(path, ROWS, prompts, args, context, "DeepseekV2ForCausalLM", note)

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hf_reference import transformers_decode_rate  # noqa: E402
+from hf_reference import transformers_decode_rate, write_random_model  # noqa: E402
 
 from offload_moe.engine import Engine, EngineOptions  # noqa: E402
 
@@ -34,13 +34,6 @@ SHAPE = dict(hidden_size=512, intermediate_size=1024, moe_intermediate_size=256,
              norm_topk_prob=True, vocab_size=32000, max_position_embeddings=4096)
 PROMPT = [1, 415, 2936, 9060, 285, 1142, 28705, 28740]
 
-
-def write_model(path: Path) -> Path:
-    import transformers
-
-    torch.manual_seed(0)
-    transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**SHAPE)).eval().save_pretrained(path)
-    return path
 
 
 def engine_rate(path: Path, tokens: int, repeats: int, **options) -> tuple[float, dict, Engine]:
@@ -98,7 +91,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_model(Path(tmp) / "qwen3-moe-shaped")
+        path = write_random_model(Path(tmp) / "qwen3-moe-shaped", "Qwen3Moe", SHAPE)
         print(f"# {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {args.threads} threads, {args.tokens} tokens "
               f"greedy, Qwen3-MoE shape D=512 L=8 E=64 I=256 K=8, float32")
         resident, _, engine = engine_rate(path, args.tokens, args.repeats, prefetch=0)

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hf_reference import decode_table, print_decode_table, prompt_bench_args  # noqa: E402
+from hf_reference import decode_table, print_decode_table, prompt_bench_args, write_random_model  # noqa: E402
 
 SHAPE = dict(hidden_size=512, intermediate_size=512, num_hidden_layers=8, num_attention_heads=8,
              num_key_value_heads=2, head_dim=64, num_local_experts=32, num_experts_per_tok=4, sliding_window=128,
@@ -40,13 +40,6 @@ ROWS = {  # label: engine options
 }
 
 
-def write_model(path: Path) -> Path:
-    import transformers
-
-    torch.manual_seed(0)
-    transformers.GptOssForCausalLM(transformers.GptOssConfig(**SHAPE)).eval().save_pretrained(path)
-    return path
-
 
 def main() -> None:
     args, prompts = prompt_bench_args(__doc__.splitlines()[0])
@@ -59,7 +52,7 @@ def main() -> None:
                 "per expert")
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_model(Path(tmp) / "gpt-oss-shaped")
+        path = write_random_model(Path(tmp) / "gpt-oss-shaped", "GptOss", SHAPE)
         print(f"# {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {args.threads} threads, {args.tokens} "
               f"tokens greedy, gpt-oss shape D=I=512 L=8 (4 sliding) E=32 K=4, float32 compute")
         rows = decode_table(path, ROWS, prompts, args, context, "GptOssForCausalLM", note)

@@ -6,8 +6,19 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
+
+
+def write_random_model(path: Path, family: str, shape: dict) -> Path:
+    """A random checkpoint of transformers' `{family}ForCausalLM` with `{family}Config(**shape)`, seed 0."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{family}Config")(**shape)
+    getattr(transformers, f"{family}ForCausalLM")(config).eval().save_pretrained(path)
+    return path
 
 
 def transformers_decode_rate(model, prompt: list[int], tokens: int, repeats: int) -> float:
