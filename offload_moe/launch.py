@@ -51,13 +51,32 @@ def add_simulate(sub) -> None:
     sim.add_argument("--batch", type=int, default=1, metavar="B", help="replay the trace as B sequences decoding "
                      "together: B contiguous parts stepped at once, one access of the union of their experts per "
                      "layer and step, as the engine's batched decode (default: %(default)s)")
+    timed = sim.add_argument_group("timed replay (--timed)")
+    timed.add_argument("--timed", action="store_true", help="also replay in modelled time, with the trace's "
+                       "predictions (lead: its prefetch_lead, else 1) and without prefetch, the first online "
+                       "--policy only: one link, one expert copy at a time; per layer the share of accesses ready "
+                       "on arrival, late (copy in flight) and missed. A Python loop per step, slower than the "
+                       "hit-rate replay (about 0.4 s per cache size, both replays, for 2,000 tokens x 4 layers); "
+                       "imports torch for the cost model")
+    timed.add_argument("--link-gbs", type=float, metavar="X", help="host-to-device GB/s (default: --profile's "
+                       "[hardware] h2d_bytes_per_s, else 25)")
+    timed.add_argument("--layer-ms", type=float, metavar="X", help="compute ms per layer (default: the tuner's cost "
+                       "model: one token's dense and expert compute over the layers, at --profile's [hardware] rates)")
+    timed.add_argument("--expert-quant", metavar="P", help="none, int8 or int4: the expert size copied (default: "
+                       "--profile's expert_quant, else none: the fp16 size)")
+    timed.add_argument("--profile", help="a profile name or .toml file whose [hardware] gives the rates")
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from .simulate import run_simulate
 
     policies = [p.strip() for p in args.policy.split(",") if p.strip()]
-    return run_simulate(args.trace, args.slots, policies, args.prefetch, args.json, args.plot, args.batch)
+    timed = None
+    if args.timed:
+        from .timed import TimedOptions
+
+        timed = TimedOptions(args.link_gbs, args.layer_ms, args.expert_quant, args.profile)
+    return run_simulate(args.trace, args.slots, policies, args.prefetch, args.json, args.plot, args.batch, timed)
 
 
 LIGHT = {"simulate": (add_simulate, cmd_simulate)}  # commands that start without torch

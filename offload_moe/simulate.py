@@ -39,12 +39,16 @@ import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import UserError
 from .policy import NEVER, POLICIES, SlotTable
 from .trace import Trace, load_trace
+
+if TYPE_CHECKING:  # timed.py builds on this module
+    from .timed import TimedOptions
 
 PREFETCH_DEPTHS = (0, 1)
 
@@ -235,10 +239,11 @@ def default_slots(top_k: int, num_experts: int) -> list[int]:
 
 
 def run_simulate(trace_path: str, slots: list[int] | None, policies: list[str], prefetch: int, as_json: bool,
-                 plot: str | None, batch: int = 1) -> int:
+                 plot: str | None, batch: int = 1, timed: TimedOptions | None = None) -> int:
     """The `simulate` command: every (policy, slots) pair, Belady always included as the bound; `slots`
     None: `default_slots` of the trace's top-k and expert count. `batch` B > 1: the trace as B streams
-    decoding together, one access set per layer and step (`batch_sim`).
+    decoding together, one access set per layer and step (`batch_sim`). `timed`: also the timed replay
+    of the first online policy at every size (`timed.run_timed`).
 
     Prints a table (or, with as_json, exactly one JSON object on stdout) and optionally draws a PNG.
     """
@@ -264,6 +269,12 @@ def run_simulate(trace_path: str, slots: list[int] | None, policies: list[str], 
                         "insert nothing; record the trace with prediction on or use prefetch 0")
     if plot:
         _plot_target(plot)
+    if timed is not None:
+        from .timed import run_timed, timed_costs, timed_report  # it builds on this module
+
+        if batch != 1:
+            raise UserError("--timed models one sequence decoding: use it without --batch")
+        costs = timed_costs(trace, timed)  # bad flags fail before the replay
     if batch > 1:
         from .batch_sim import simulate_batch  # it builds on this module
 
@@ -272,11 +283,14 @@ def run_simulate(trace_path: str, slots: list[int] | None, policies: list[str], 
         results = [r for p in chosen for r in simulate_many(trace, sizes, p, prefetch)]
     else:
         raise UserError("--batch must be 1 or more")
+    extra = {"timed": run_timed(trace, sizes, chosen[0], costs)} if timed is not None else {}
     if as_json:
         print(json.dumps({"results": results, "trace": {"tokens": T, "layers": L, "experts": E, "top_k": K},
-                          "batch": batch}))
+                          "batch": batch, **extra}))
     else:
         print(_report(trace_path, trace, results, chosen, sizes, prefetch, batch))
+        if extra:
+            print(timed_report(extra["timed"], L))
     if plot:
         _plot(plot, trace, results, chosen, sizes, prefetch)
         print(f"wrote {plot}", file=sys.stderr if as_json else sys.stdout)
