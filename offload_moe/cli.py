@@ -153,7 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     tun.add_argument("--batch", type=int, default=1, metavar="B", help="sequences decoding together (serve "
                      "--max-batch): the trace replayed as B streams, one access of the union of their experts per "
                      "layer and step, tokens/s over the batch, B sequences' KV cache (default: %(default)s)")
+    tun.add_argument("--holdout", type=float, metavar="FRACTION", help="fit on the head of the trace and score the "
+                     "winner and the default on this share of it held out at the end, split between prompts or forward "
+                     "passes; 0: fit and score on all of it (default: 0.25)")
+    tun.add_argument("--validate", metavar="TRACE", help="fit on the whole --trace and score the winner and the "
+                     "default on this trace (same layers, experts and top-k)")
     tun.add_argument("--out", metavar="FILE.toml", help="write the winner as a profile (default: print it)")
+    tun.add_argument("--json", action="store_true", help="print the winner, the default and both scores as one "
+                     "JSON object (notes go to stderr)")
 
     cal = sub.add_parser("calibrate", help="measure link, device and CPU speeds for the cost model",
                          description="Measure host-to-device, device and CPU bandwidth as decode uses them, and "
@@ -349,35 +356,54 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
     from .profiles import load_profile
     from .trace import load_trace
     from .tune import budget_of, hardware_of, levers, model_shape, tune, winner_profile, write_profile
+    from .validate import score_lines, scores, validation_split
+
+    def say(line: str = "") -> None:
+        print(line, file=sys.stderr if args.json else sys.stdout)
 
     profile = load_profile(args.profile) if args.profile else None
     trace = load_trace(args.trace)
+    split = validation_split(trace, args.trace, args.holdout, load_trace(args.validate) if args.validate else None,
+                             args.validate or "")
     config = model_shape(trace)
     budget = budget_of(args.budget, profile)
     hw = hardware_of(profile)
     reserve = args.reserve if args.reserve is not None else (profile.device_reserve if profile
                                                                else DEFAULTS.device_reserve)
-    print(f"trace {args.trace}: {trace.experts.shape[0]} tokens; model {config.n_layers} layers ({config.n_moe_layers} "
-          f"with experts) x {config.num_experts} experts, top-{config.top_k} (D={config.dim}, I={config.ffn_dim}); "
-          f"device budget {budget / 2**30:.1f} GiB; "
-          f"link {hw['h2d_bytes_per_s'] / 1e9:.1f} GB/s"
-          + (f"; batch {args.batch}: B sequences decoding together, tok/s over the batch" if args.batch > 1 else ""))
+    say(f"trace {args.trace}: {trace.experts.shape[0]} tokens; model {config.n_layers} layers ({config.n_moe_layers} "
+        f"with experts) x {config.num_experts} experts, top-{config.top_k} (D={config.dim}, I={config.ffn_dim}); "
+        f"device budget {budget / 2**30:.1f} GiB; "
+        f"link {hw['h2d_bytes_per_s'] / 1e9:.1f} GB/s"
+        + (f"; batch {args.batch}: B sequences decoding together, tok/s over the batch" if args.batch > 1 else ""))
+    say(split.note)
     measured = str(hw.get("measured_on", ""))
     if measured and f"D={config.dim} I={config.ffn_dim} " not in measured + " ":
-        print(f"note: the [hardware] rates were measured on another expert shape ({measured}); this model's experts "
-              f"are D={config.dim}, I={config.ffn_dim}: `python run.py calibrate --config MODEL` measures them")
-    best, default, everything = tune(trace, config, budget, hw, reserve, args.context, batch=args.batch)
+        say(f"note: the [hardware] rates were measured on another expert shape ({measured}); this model's experts "
+            f"are D={config.dim}, I={config.ffn_dim}: `python run.py calibrate --config MODEL` measures them")
+    best, default, everything = tune(split.fit, config, budget, hw, reserve, args.context, log=say, batch=args.batch)
+    score = scores(split, config, hw, best, default)
+    table = score_lines(score)
+    text = winner_profile(best, profile or load_profile("auto"), budget, reserve, hw, Path(args.trace).name)
+    text = "".join(f"# {line.removeprefix('  ')}\n" for line in [split.note, *table]) + text
+    if args.out:
+        write_profile(args.out, text)
+    if args.json:
+        print(json.dumps({"trace": args.trace, "validation": split.note, **score,
+                          "best": asdict(best), "default": asdict(default), "out": args.out,
+                          "profile": None if args.out else text}))
+        return 0
     print(f"\n  default  {default.describe()}")
     print(f"  best     {best.describe()}   ({best.tokens_per_s / default.tokens_per_s:.2f}x)")
     print("\n  one lever at a time, from the default:")
     for label, cand in levers(default, everything):
         print(f"    {label:<22} {cand.describe()}   ({cand.tokens_per_s / default.tokens_per_s:.2f}x)")
-    text = winner_profile(best, profile or load_profile("auto"), budget, reserve, hw, Path(args.trace).name)
+    print("\n" + "\n".join(table))
     if args.out:
-        write_profile(args.out, text)
         print(f"\nwrote {args.out}: python run.py generate --model DIR --profile {args.out}")
     else:
         print("\n" + text)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -56,6 +56,36 @@ class Trace:
     @property
     def num_tokens(self) -> int:
         return int(self.experts.shape[0])
+
+
+GROUPINGS = ("forward_tokens", "prompt_lengths")  # extra tensors of tokens per forward pass [F] / per prompt [P]
+
+
+def group_ends(trace: Trace, key: str) -> np.ndarray | None:
+    """Where the groups of the grouping tensor `key` end, as token indices [G] (the last is T); None when
+    the trace has no such tensor or it does not group all T tokens in order."""
+    sizes = trace.tensors.get(key)
+    if sizes is None or sizes.ndim != 1 or sizes.dtype.kind not in "iu" or (sizes < 1).any() \
+            or int(sizes.sum()) != trace.num_tokens:
+        return None
+    return np.cumsum(sizes)
+
+
+def slice_trace(trace: Trace, start: int, stop: int) -> Trace:
+    """Tokens [start, stop) of `trace`. A grouping tensor (GROUPINGS) keeps the groups in between where
+    both ends fall between its groups, and is dropped otherwise; other extra tensors are dropped, as
+    nothing says how they index tokens."""
+    tensors = {}
+    for key in GROUPINGS:
+        ends = group_ends(trace, key)
+        if ends is None:
+            continue
+        edges = np.concatenate([[0], ends])  # [G+1]
+        if start in edges and stop in edges:
+            first, last = np.searchsorted(edges, [start, stop])
+            tensors[key] = trace.tensors[key][first:last].copy()
+    return replace(trace, experts=trace.experts[start:stop], weights=trace.weights[start:stop],
+                   predicted=trace.predicted[start:stop], metadata=dict(trace.metadata), tensors=tensors)
 
 
 def check_trace(trace: Trace, name: str = "trace") -> None:

@@ -127,6 +127,23 @@ def step_seconds(config: ModelConfig, expert_bytes: int, hw: dict, misses: float
     return max(compute + misses * per_miss, (misses + prefetches) * copy)
 
 
+def replay(trace: Trace, slots: int | list[int], policy: str, prefetch: int, batch: int) -> dict:
+    """One cache configuration run over `trace`: token by token, or as `batch` streams (`batch_sim`)."""
+    if batch == 1:
+        return simulate(trace, slots, policy, prefetch)
+    return simulate_batch(trace, slots, policy, batch, prefetch)
+
+
+def step_cost(config: ModelConfig, hw: dict, r: dict, tokens: int, precision: str, attention: str, group_size: int,
+              miss_policy: str) -> float:
+    """Predicted seconds of one decode step from `replay`'s counts `r` over a trace of `tokens` tokens (a step
+    is one token, or one forward of the batch), for experts in `precision`."""
+    steps = r.get("forwards", tokens)
+    nbytes = bytes_per_expert(config, precision, group_size, torch.float16)
+    return step_seconds(config, nbytes, hw, r["misses"] / steps, r["prefetch_copies"] / steps, miss_policy,
+                        attention, group_size, precision, r["accesses"] / steps)
+
+
 TUNE_SIZES = 16  # at most this many cache sizes per layer are simulated and spread (all of them up to 16)
 
 
@@ -189,16 +206,12 @@ def tune(trace: Trace, config: ModelConfig, budget: int, hw: dict, reserve: int 
     T = trace.experts.shape[0]
     K, E, L = config.top_k, config.num_experts, config.n_moe_layers
 
-    def replay(slots: int | list[int], policy: str, prefetch: int) -> dict:
-        return simulate(trace, slots, policy, prefetch) if batch == 1 else simulate_batch(trace, slots, policy, batch,
-                                                                                         prefetch)
-
     curves: dict[tuple[str, int], dict[int, dict]] = {}  # (policy, prefetch) -> slots -> result
     for policy in policies:
         for prefetch in (0, 1) if (trace.predicted >= 0).any() else (0,):
             sizes = tune_sizes(K, E)
             results = simulate_many(trace, sizes, policy, prefetch) if batch == 1 else [
-                replay(s, policy, prefetch) for s in sizes]
+                replay(trace, s, policy, prefetch, batch) for s in sizes]
             curves[policy, prefetch] = dict(zip(sizes, results, strict=True))
 
     for note in rate_notes(hw):
@@ -226,12 +239,9 @@ def tune(trace: Trace, config: ModelConfig, budget: int, hw: dict, reserve: int 
             if spread != allocations[0]:
                 allocations.append(spread)
             for alloc in allocations:
-                r = curve[alloc[0]] if len(set(alloc)) == 1 else replay(alloc, policy, prefetch)
-                steps = r.get("forwards", T)  # one token each when batch is 1
-                misses, prefetches = r["misses"] / steps, r["prefetch_copies"] / steps
+                r = curve[alloc[0]] if len(set(alloc)) == 1 else replay(trace, alloc, policy, prefetch, batch)
                 for miss in ("fetch", "cpu", "auto"):
-                    secs = step_seconds(config, nbytes, hw, misses, prefetches, miss, attention, group or 64,
-                                        precision, r["accesses"] / steps)
+                    secs = step_cost(config, hw, r, T, precision, attention, group or 64, miss)
                     out.append(Candidate(precision, attention, group or 64, alloc, policy, prefetch, miss,
                                          r["hit_rate"], secs, batch))
     if not out:

@@ -179,3 +179,133 @@ def test_tuning_for_a_batch_replays_b_streams_and_prices_the_whole_step(tmp_path
     assert "batch 4" in out and "over 4 sequences (serve --max-batch 4)" in out
     code, _, err = run_cli(capsys, "tune", "--trace", str(path), "--budget", "20GB", "--batch", "0")
     assert code == 1 and "--batch must be 1 or more" in err
+
+
+# -- scoring the winner on held-out routing (validate.py) ----------------------------------------
+
+def shifting_trace(head: int = 192, tail: int = 64) -> Trace:
+    """Mixtral's shape. In the head even layers cycle through all 8 experts in pairs and odd layers keep
+    experts 0-1 (slots spread 8/2 hit nearly always); in the tail it is the other way round (4-5 kept)."""
+    pairs = np.array([[0, 1], [2, 3], [4, 5], [6, 7]], np.int32)
+    experts = np.empty((head + tail, 32, 2), np.int32)
+    cycle = pairs[np.arange(head + tail) % 4]  # [T, K]
+    experts[:head, 0::2], experts[:head, 1::2] = cycle[:head, None], pairs[0]
+    experts[head:, 0::2], experts[head:, 1::2] = pairs[2], cycle[head:, None]
+    shape = experts.shape
+    return Trace(experts, np.full(shape, 0.5, np.float32), np.full(shape, -1, np.int32), 8, 2, 32, "shifting")
+
+
+def test_split_falls_between_prompts_or_forwards_and_slices_them_consistently():
+    from offload_moe.trace import slice_trace
+    from offload_moe.validate import split_point
+
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        sizes = np.concatenate([[rng.integers(20, 120)] + [1] * int(rng.integers(0, 40)) for _ in range(6)])
+        trace = random_trace(int(sizes.sum()))
+        trace.tensors["forward_tokens"] = sizes.astype(np.int64)
+        fraction = float(rng.uniform(0.1, 0.5))
+        cut, kind = split_point(trace, fraction)
+        ends = np.cumsum(sizes)
+        assert kind == "forward passes" and cut in ends[:-1]  # never inside a forward
+        T = trace.num_tokens
+        assert abs((T - cut) - fraction * T) == np.abs((T - ends[:-1]) - fraction * T).min()  # the nearest one
+        head, tail = slice_trace(trace, 0, cut), slice_trace(trace, cut, T)
+        np.testing.assert_array_equal(np.concatenate([head.tensors["forward_tokens"], tail.tensors["forward_tokens"]]),
+                                      sizes)
+        assert head.tensors["forward_tokens"].sum() == head.num_tokens == cut
+        np.testing.assert_array_equal(tail.experts, trace.experts[cut:])
+    # prompts come first; a cut inside a forward drops forward_tokens rather than mislabel it
+    trace = random_trace(300)
+    trace.tensors.update(prompt_lengths=np.array([100, 100, 100]), forward_tokens=np.array([150, 150]))
+    assert split_point(trace, 0.25) == (200, "prompts")
+    assert set(slice_trace(trace, 200, 300).tensors) == {"prompt_lengths"}
+    assert split_point(random_trace(100), 0.25) == (75, "tokens")
+
+
+def test_held_out_tail_that_routes_differently_scores_lower():
+    from offload_moe.validate import scores, validation_split
+
+    trace = shifting_trace()
+    split = validation_split(trace, "t", None)
+    assert (split.fit.num_tokens, split.held_out.num_tokens) == (192, 64)
+    best, default, _ = tune(split.fit, MIXTRAL_8X7B, 20 * 2**30, HW, 2**30, policies=("lru",), log=lambda _: None)
+    assert best.slots[0::2] == [8] * 16 and max(best.slots[1::2]) < 8  # spread by the head's hit curves
+    s = scores(split, MIXTRAL_8X7B, HW, best, default)
+    fit, held = s["fitted"]["best"], s["held_out"]["best"]
+    assert fit["hit_rate"] > 0.95 and held["hit_rate"] < 0.6 and held["tokens_per_s"] < 0.8 * fit["tokens_per_s"]
+    # on the tail the spread hits no more than the uniform default, and its 10x lead is gone
+    held_default = s["held_out"]["default"]
+    assert held["hit_rate"] <= held_default["hit_rate"] and s["fitted"]["default"]["hit_rate"] < 0.55
+    assert fit["tokens_per_s"] > 10 * s["fitted"]["default"]["tokens_per_s"]
+    assert held["tokens_per_s"] < 1.2 * held_default["tokens_per_s"]
+
+
+def test_tune_cli_prints_and_writes_both_figures(tmp_path, capsys):
+    import json
+
+    from conftest import run_cli
+
+    from offload_moe.trace import save_trace
+
+    path, short, other = tmp_path / "t.trace", tmp_path / "short.trace", tmp_path / "o.trace"
+    save_trace(path, shifting_trace())
+    save_trace(short, random_trace(100))
+    code, out, err = run_cli(capsys, "tune", "--trace", str(path), "--budget", "20GB", "--reserve", "1GB", "--json",
+                             "--out", str(tmp_path / "p.toml"))
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["fitted"]["tokens"] == 192 and d["held_out"]["tokens"] == 64
+    assert {"hit_rate", "tokens_per_s"} <= set(d["held_out"]["best"]) | set(d["held_out"]["default"])
+    assert d["held_out"]["best"]["hit_rate"] < d["fitted"]["best"]["hit_rate"]
+    header = (tmp_path / "p.toml").read_text().split("\ndescription")[0]
+    assert "scored on the last 64" in header and "held out (64 tokens)" in header
+    assert tomllib.loads((tmp_path / "p.toml").read_text())["expert_quant"] == d["best"]["precision"]
+    # a tail under 64 tokens: said, and fitted on everything
+    code, out, err = run_cli(capsys, "tune", "--trace", str(short), "--budget", "20GB")
+    assert code == 0, err
+    assert "held-out tail 25 (each needs 64); fitted and scored on all 100 tokens" in out
+    assert "held out (" not in out and "fitted (100 tokens)" in out
+    # --validate: fitted on the whole trace, scored on the other
+    save_trace(other, random_trace(80))
+    code, out, err = run_cli(capsys, "tune", "--trace", str(path), "--budget", "20GB", "--validate", str(other),
+                             "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    assert (d["fitted"]["tokens"], d["held_out"]["tokens"]) == (256, 80) and "#" in d["profile"]
+
+
+def test_tune_cli_validate_refuses_a_trace_of_another_shape(tmp_path, capsys):
+    from conftest import run_cli
+
+    from offload_moe.trace import save_trace
+
+    path, other = tmp_path / "t.trace", tmp_path / "o.trace"
+    save_trace(path, random_trace())
+    t = random_trace()
+    save_trace(other, Trace(t.experts[:, :16], t.weights[:, :16], t.predicted[:, :16], 8, 2, 16, "half"))
+    code, out, err = run_cli(capsys, "tune", "--trace", str(path), "--budget", "20GB", "--validate", str(other))
+    assert code == 1 and "Traceback" not in err
+    assert "has 16 layers x 8 experts, top-2; --trace" in err and "32 x 8, top-2: they must match" in err
+    code, _, err = run_cli(capsys, "tune", "--trace", str(path), "--budget", "20GB", "--validate", str(path),
+                           "--holdout", "0.2")
+    assert code == 1 and "not both" in err
+
+
+def test_holdout_0_tunes_and_scores_on_the_whole_trace(tmp_path, capsys):
+    import json
+    from dataclasses import asdict
+
+    from conftest import run_cli
+
+    from offload_moe.trace import save_trace
+
+    trace, path = shifting_trace(), tmp_path / "t.trace"
+    save_trace(path, trace)
+    best, default, _ = tune(trace, MIXTRAL_8X7B, 20 * 2**30, HW, 2**30, log=lambda _: None)
+    code, out, err = run_cli(capsys, "tune", "--trace", str(path), "--budget", "20GB", "--reserve", "1GB",
+                             "--holdout", "0", "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["best"] == asdict(best) and d["default"] == asdict(default)
+    assert d["held_out"] is None and d["fitted"]["tokens"] == 256 and "--holdout 0" in err
