@@ -13,7 +13,7 @@ import torch
 
 from .attention_quant import ATTENTION_QUANTS
 from .cache import MISS_POLICIES
-from .demo import resolve_model
+from .demo import TRAINED_DEMOS, resolve_model
 from .engine import DTYPES, Engine, EngineOptions
 from .errors import UserError
 from .generate import Sampling
@@ -65,7 +65,8 @@ def engine_flags() -> argparse.ArgumentParser:
     g = p.add_argument_group("engine")
     g.add_argument("--model", default="demo",
                    help="model folder (Hugging Face, original or packed layout), 'demo' (the small trained MoE that "
-                        "ships with the package) or 'demo-random' (random weights, Mixtral's tokenizer) "
+                        "ships with the package: 8 experts, top-2), 'demo-fine' (its fine-grained twin: 32 experts, "
+                        "top-4) or 'demo-random' (random weights, Mixtral's tokenizer) "
                         "(default: %(default)s)")
     g.add_argument("--profile", help="offload profile: a name in profiles/, a .toml file, or 'auto' (default: none)")
     g.add_argument("--device", help=f"cpu, cuda, cuda:N or auto (default: {DEFAULTS.device})")
@@ -253,9 +254,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.model == "demo-random" and not args.json:
         print("note: this demo model has random weights: the text below is gibberish; the statistics are real.",
               file=sys.stderr)
-    elif args.model == "demo" and not args.json:
-        print("note: the demo model is a 7.7 MB MoE (4 layers, 8 experts, top-2) trained for 25 minutes on "
-              "Python's standard library: expect code-like text, not working code.", file=sys.stderr)
+    elif args.model in TRAINED_DEMOS and not args.json:
+        c, size = engine.config, sum(f.stat().st_size for f in TRAINED_DEMOS[args.model].iterdir())
+        print(f"note: the {args.model} model is a {size / 1e6:.1f} MB MoE ({c.n_layers} layers, {c.num_experts} "
+              f"experts, top-{c.top_k}) trained for minutes on Python's standard library: expect code-like text, "
+              "not working code.", file=sys.stderr)
     stream = None
     if not args.json:
         if isinstance(prompt, str):

@@ -2,6 +2,8 @@
 
 `demo` is the small MoE trained on Python's standard library that ships in the package
 (`data/tiny-moe`, made by tools/train_tiny_moe.py): real text, real routing, no download.
+`demo-fine` is its fine-grained twin (`data/tiny-moe-fine`: 32 experts of a quarter the size, top-4,
+same corpus, tokenizer and script), the shape of recent MoEs, for cache and prefetch studies.
 `demo-random` is a Mixtral-layout checkpoint with random weights and Mixtral's real 32000-piece
 tokenizer, made once in a cache folder: the vocabulary and shapes the trained one cannot show.
 The same writer makes the benchmark and GPU-check checkpoints (any Mixtral shape).
@@ -23,7 +25,9 @@ from .tokenizer import BUNDLED
 
 DEMO_CONFIG = ModelConfig(dim=128, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=16, ffn_dim=384, num_experts=8,
                           top_k=2, vocab_size=32000, max_context=4096)
-TRAINED_DEMO = Path(__file__).parent / "data" / "tiny-moe"
+TRAINED_DEMOS = {"demo": Path(__file__).parent / "data" / "tiny-moe",
+                 "demo-fine": Path(__file__).parent / "data" / "tiny-moe-fine"}
+DEMO_NAMES = (*TRAINED_DEMOS, "demo-random")
 
 
 def cache_dir() -> Path:
@@ -98,6 +102,6 @@ def random_demo_model() -> Path:
 
 def resolve_model(name: str) -> Path:
     """A model argument: a folder, or one of the embedded names."""
-    if name == "demo":
-        return TRAINED_DEMO
+    if name in TRAINED_DEMOS:
+        return TRAINED_DEMOS[name]
     return random_demo_model() if name == "demo-random" else Path(name)

@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 
 from .batch import RECENT_S, Scheduler
+from .demo import DEMO_NAMES
 from .errors import UserError
 from .generate import Sampling
 from .tokenizer import TextStream
@@ -511,4 +512,4 @@ def make_server(service: Service, sock: socket.socket, log_level: str = "warning
 
 
 def model_id(model: str) -> str:
-    return model if model in ("demo", "demo-random") else Path(model).name or str(model)
+    return model if model in DEMO_NAMES else Path(model).name or str(model)

@@ -59,7 +59,8 @@ def test_the_wheel_holds_every_module_and_profile_and_finds_them_installed(tmp_p
         assert f"offload_moe/data/profiles/{name}.toml" in names
     for module in (ROOT / "offload_moe").rglob("*.py"):  # subpackages too: `packages` must list each
         assert module.relative_to(ROOT).as_posix() in names
-    assert "offload_moe/data/tiny-moe/model.safetensors" in names
+    for demo in ("tiny-moe", "tiny-moe-fine"):
+        assert f"offload_moe/data/{demo}/model.safetensors" in names
 
     # unpacked as pip would, away from the source tree: the profiles resolve inside the package
     site = tmp_path / "site"

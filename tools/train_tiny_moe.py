@@ -7,6 +7,9 @@ layers agree), which is what the offloading engine exploits.
 
     python tools/train_tiny_moe.py                                   # ~25 min on 2 cores
     python tools/train_tiny_moe.py --time-budget 1 --out /tmp/smoke  # a one-minute smoke run
+    python tools/train_tiny_moe.py --experts 32 --top-k 4 --ffn 64 --threads 1 --time-budget 12 \
+        --tokenizer offload_moe/data/tiny-moe/tokenizer.model --out offload_moe/data/tiny-moe-fine
+                                       # the fine-grained demo: same expert parameters, 4x the experts
 
 Corpus: the `.py` files of this Python's standard library (PSF licence), which every install
 carries. Skipped: site-packages, test folders (`test`, `tests`, `idle_test`), and generated files
@@ -22,7 +25,8 @@ attention with rotate-halves RoPE (the Hugging Face Mixtral convention), a route
 y = w2(silu(w1 x) * w3 x), tied embeddings, and the Switch-style load-balancing loss so that every
 expert is used. Tokenizer: a sentencepiece BPE vocabulary trained here on the training files
 (unk 0, bos 1, eos 2, byte fallback: Mixtral's conventions; 4096 pieces, since the real 32000 would
-not fit the size limit).
+not fit the size limit). `--tokenizer` reuses a trained one instead, so that two models share one
+vocabulary and score the same held-out tokens.
 
 Schedule: AdamW, linear warmup, constant, then a linear cooldown over the last 20% of the steps
 ("warmup-stable-decay"). With a time budget, the cooldown starts when 80% of the budget is spent
@@ -68,7 +72,7 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from offload_moe.config import ModelConfig  # noqa: E402
-from offload_moe.model import apply_rope, rope_tables  # noqa: E402
+from offload_moe.layers import apply_rope, rope_tables  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "offload_moe" / "data" / "tiny-moe"
 SKIP_DIRS = {"site-packages", "test", "tests", "idle_test"}
@@ -152,7 +156,7 @@ def encode_stream(sp: spm.SentencePieceProcessor, texts: list[str]) -> torch.Ten
 
 
 # -- model ----------------------------------------------------------------------------------------
-# the shipped shape; `--dim`, `--layers`, `--ffn` and `--seq-len` (max_context) vary it
+# the shipped shape; `--dim`, `--layers`, `--ffn`, `--experts`, `--top-k` and `--seq-len` (max_context) vary it
 TINY = ModelConfig(dim=128, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=16, ffn_dim=256, num_experts=8, top_k=2,
                    vocab_size=4096, rope_theta=10000.0, norm_eps=1e-5, max_context=256, tie_word_embeddings=True,
                    bos_id=BOS, eos_id=EOS)
@@ -402,10 +406,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=50, help="warmup steps (default: %(default)s)")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: %(default)s)")
     p.add_argument("--aux-coef", type=float, default=0.01, help="load-balancing loss weight (default: %(default)s)")
-    p.add_argument("--vocab", type=int, default=4096, help="sentencepiece vocabulary (default: %(default)s)")
+    p.add_argument("--vocab", type=int, default=4096,
+                   help="sentencepiece vocabulary to train; not with --tokenizer (default: %(default)s)")
     p.add_argument("--dim", type=int, default=TINY.dim, help="hidden size (default: %(default)s)")
     p.add_argument("--layers", type=int, default=TINY.n_layers, help="layers (default: %(default)s)")
     p.add_argument("--ffn", type=int, default=TINY.ffn_dim, help="expert FFN size (default: %(default)s)")
+    p.add_argument("--experts", type=int, default=TINY.num_experts, help="experts per layer (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=TINY.top_k, help="experts per token (default: %(default)s)")
+    p.add_argument("--tokenizer", type=Path,
+                   help="a sentencepiece model to reuse instead of training one (e.g. another demo's)")
     p.add_argument("--log-every", type=int, default=25, help="steps between loss lines (default: %(default)s)")
     p.add_argument("--eval-every", type=int, default=250,
                    help="steps between held-out checks on 32 windows (default: %(default)s)")
@@ -414,14 +423,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def replay_command(args: argparse.Namespace, steps: int) -> str:
+    """The command that repeats this run without a clock: the steps reached, and every option set otherwise."""
+    defaults = vars(parse_args([]))
+    flags = [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+             if k not in ("steps", "time_budget") and v != defaults[k]]
+    return " ".join(["python tools/train_tiny_moe.py", f"--steps {steps}", "--time-budget 0", *flags])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not 1 <= args.top_k <= args.experts:
+        sys.exit(f"--top-k must be between 1 and --experts ({args.experts}), not {args.top_k}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t_start = time.perf_counter()
 
     train_files, held_files = split_corpus(corpus_files())
-    tokenizer = train_tokenizer(list(train_files.values()), args.vocab)
+    tokenizer = args.tokenizer.read_bytes() if args.tokenizer else train_tokenizer(list(train_files.values()),
+                                                                                   args.vocab)
     sp = spm.SentencePieceProcessor(model_proto=tokenizer)
     train = encode_stream(sp, list(train_files.values()))
     held = encode_stream(sp, list(held_files.values()))
@@ -431,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     print("held out:", " ".join(held_files), flush=True)
 
     shape = replace(TINY, dim=args.dim, n_layers=args.layers, head_dim=args.dim // TINY.n_heads, ffn_dim=args.ffn,
-                    vocab_size=sp.vocab_size(), max_context=args.seq_len)
+                    num_experts=args.experts, top_k=args.top_k, vocab_size=sp.vocab_size(), max_context=args.seq_len)
     model = TinyMixtral(shape)
     print(f"model: {shape.to_dict()}; {param_count(model):,} parameters", flush=True)
     T, B = args.seq_len, args.batch
@@ -479,8 +499,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"layer {i} expert shares (held-out): " + " ".join(f"{s:.3f}" for s in shares), flush=True)
     save_checkpoint(model, tokenizer, args.out)
     size = sum(f.stat().st_size for f in args.out.iterdir())
-    print(f"saved {args.out} ({size / 1e6:.1f} MB); replay: python tools/train_tiny_moe.py --steps {step} "
-          f"--time-budget 0 --seed {args.seed}; total {(time.perf_counter() - t_start) / 60:.1f} min", flush=True)
+    print(f"saved {args.out} ({size / 1e6:.1f} MB); replay: {replay_command(args, step)}; "
+          f"total {(time.perf_counter() - t_start) / 60:.1f} min", flush=True)
     return 0
 
 
