@@ -1,6 +1,7 @@
 """Is the tiny model's routing real? Perplexity and routing statistics on held-out standard-library files.
 
     python bench/bench_routing.py [--model offload_moe/data/tiny-moe] [--max-windows N]
+    python bench/bench_routing.py --model offload_moe/data/tiny-moe-fine   # the fine-grained demo, 32 x top-4
 
 Offloading pays off when routing has structure: consecutive tokens reuse experts (a cache hits)
 and a layer's choices can be guessed one layer early (a prefetch has something to fetch). This
@@ -30,9 +31,10 @@ these numbers:
                     router's input drifts towards one point and most tokens of a window pick the
                     same experts. That inflates its persistence and hit rates without any locality
                     that a real model would show.
-  cache hit rates   each layer its own cache of 2, 3 or 4 expert slots, tokens in order: LRU
-                    against Belady's optimal offline rule, replaying the routing trace in the
-                    simulator (offload_moe.simulate); with 2 slots and top-2 every policy is forced
+  cache hit rates   each layer its own cache of S expert slots, tokens in order: LRU against
+                    Belady's optimal offline rule, replaying the routing trace in the simulator
+                    (offload_moe.simulate) at its default sizes, K, 1.5K, 2K and 3K (2, 3, 4, 6 for
+                    top-2 of 8; 4, 6, 8, 12 for top-4 of 32); with K slots every policy is forced
 
 Legend: T tokens, D dim, E experts, K top-k, L layers.
 """
@@ -59,11 +61,10 @@ from train_tiny_moe import TinyMixtral, corpus_files, save_checkpoint, split_cor
 from offload_moe.demo import write_random_checkpoint  # noqa: E402
 from offload_moe.engine import Engine, EngineOptions  # noqa: E402
 from offload_moe.models import from_hf_config  # noqa: E402
-from offload_moe.simulate import simulate  # noqa: E402
+from offload_moe.simulate import default_slots, simulate  # noqa: E402
 from offload_moe.trace import Trace, routing_counts  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "offload_moe" / "data" / "tiny-moe"
-SLOT_COUNTS = (2, 3, 4)
 
 
 class RoutingStats:
@@ -123,7 +124,8 @@ def untrained_checkpoint(model_dir: Path, out: Path, seed: int) -> Path:
 
 
 def measure(path: Path, windows: list[list[int]]) -> tuple[RoutingStats, list[dict]]:
-    """Score every window; return the routing statistics and, per slot count, LRU and Belady hit rates."""
+    """Score every window; return the routing statistics and, per slot count (`default_slots`), LRU and
+    Belady hit rates."""
     engine = Engine.load(path, EngineOptions(prefetch=0, dtype="float32", progress=False))
     c = engine.config
     stats = RoutingStats(c.n_layers, c.num_experts)
@@ -137,7 +139,7 @@ def measure(path: Path, windows: list[list[int]]) -> tuple[RoutingStats, list[di
     routing = Trace(*(np.concatenate([getattr(t, k) for t in traces]) for k in ("experts", "weights", "predicted")),
                     c.num_experts, c.top_k, c.n_layers, str(path))
     caches = [{"slots": s, "lru": simulate(routing, s, "lru")["hit_rate"],
-               "optimal": simulate(routing, s, "belady")["hit_rate"]} for s in SLOT_COUNTS]
+               "optimal": simulate(routing, s, "belady")["hit_rate"]} for s in default_slots(c.top_k, c.num_experts)]
     return stats, caches
 
 
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nexpert cache hit rates (each layer its own cache of S of {c.num_experts} slots, tokens in order)")
     print(f"{'S':>5} " + " ".join(f"{name + ' LRU':>14} {name + ' opt':>14}" for name in results))
-    for i, slots in enumerate(SLOT_COUNTS):
+    for i, slots in enumerate(default_slots(c.top_k, c.num_experts)):
         cells = [f"{caches[i]['lru']:>14.1%} {caches[i]['optimal']:>14.1%}" for _, caches in results.values()]
         print(f"{slots:>5} " + " ".join(cells))
     print(f"\n{time.perf_counter() - t0:.0f} s")
