@@ -80,7 +80,8 @@ def replay_forwards(trace: Trace, forwards: list[list[int]], slots: int | list[i
             want = wants[f]
             accesses[layer] += len(want)
             if predicted is not None:  # issued before this layer's accesses (at the previous layer's acquire)
-                table.replay(layer, ((),), (_predicted(predicted, toks, n),), next_use=next_use)
+                chosen = _predicted(predicted, toks, n, trace.top_k, table.uses[layer])
+                table.replay(layer, ((),), (chosen,), next_use=next_use)
             if len(toks) == 1:
                 groups = [want]
             else:
@@ -91,6 +92,9 @@ def replay_forwards(trace: Trace, forwards: list[list[int]], slots: int | list[i
             if later is not None:
                 for e, nxt in later[f]:
                     next_use[e] = nxt
+        if prefetch and "predicted_after" in trace.tensors:  # the last token's prefetch for a token that never came
+            chosen = [e for e in trace.tensors["predicted_after"][layer, :n].tolist() if e >= 0]
+            table.replay(layer, ((),), (chosen,), next_use=next_use)
         del experts
     hits, misses = table.hits, table.misses
     total, copies_pf, pf_hits = sum(hits), sum(table.prefetch_copies), sum(table.prefetch_hits)
@@ -124,12 +128,18 @@ def _wanted(experts: list[list[int]], toks: list[int]) -> list[int]:
     return sorted({e for t in toks for e in experts[t]})
 
 
-def _predicted(predicted: list[list[int]], toks: list[int], n: int) -> list[int]:
-    """What the engine prefetches for a forward: one token's prediction, or the most predicted experts."""
-    if len(toks) == 1:
-        return list(predicted[toks[0]])
-    counts = Counter(e for t in toks for e in predicted[t] if e >= 0)
-    ranked = sorted(counts, key=lambda e: (-counts[e], e))
+def _predicted(predicted: list[list[int]], toks: list[int], n: int, top_k: int, uses) -> list[int]:
+    """What the engine prefetches for a forward (prefetch.py): the prediction of its one token (or of the one
+    token predicted, the first, from the last forward's last token), else the experts most tokens rank in
+    their top-k, ties to the most used so far (`uses` [E]), at most `n` and the width of one token's prediction."""
+    made = [t for t in toks if predicted[t][0] >= 0]
+    if not made:
+        return []
+    n = min(n, sum(e >= 0 for e in predicted[made[0]]))  # the engine's width: what one token's prediction holds
+    if len(made) == 1:
+        return list(predicted[made[0]][:n])
+    counts = Counter(e for t in made for e in predicted[t][:top_k] if e >= 0)
+    ranked = sorted(counts, key=lambda e: (-counts[e], -uses[e], e))
     return ranked[:n]
 
 

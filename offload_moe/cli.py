@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .atomic import write_safetensors_atomic
 from .attention_quant import ATTENTION_QUANTS
 from .cache import MISS_POLICIES
 from .demo import TRAINED_DEMOS, resolve_model
@@ -76,8 +75,15 @@ def engine_flags() -> argparse.ArgumentParser:
                    help="expert cache slots per layer: one count, or one per layer as 4,4,6,... "
                         "(default: all experts resident)")
     g.add_argument("--prefetch", type=_nonneg, metavar="N",
-                   help=f"prefetch the predicted experts of the next N layers; 0 turns it off "
-                        f"(default: {DEFAULTS.prefetch})")
+                   help=f"predict each layer's experts N layers ahead (layer 0 from the previous token) and prefetch "
+                        f"them (at most MoE layers - 1); 0 turns it off (default: {DEFAULTS.prefetch})")
+    g.add_argument("--predictor", metavar="P",
+                   help="what predicts: router (the layer's own router on the earlier hidden state), a file written "
+                        "by train-predictor, or auto (the model folder's predictor.safetensors when there is one, "
+                        f"else router) (default: {DEFAULTS.predictor})")
+    g.add_argument("--prefetch-width", type=_nonneg, metavar="W",
+                   help="experts prefetched per layer and token, best first, at most its slots; 0: top-k "
+                        f"(default: {DEFAULTS.prefetch_width})")
     g.add_argument("--policy", choices=ONLINE_POLICIES, help=f"eviction policy (default: {DEFAULTS.policy})")
     g.add_argument("--miss-policy", choices=MISS_POLICIES,
                    help="a decode-step miss: fetch (copy it, wait), cpu (compute it on the CPU from RAM while "
@@ -137,9 +143,31 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--max-new-tokens", type=_nonneg, default=DEMO_TOKENS, metavar="N",
                       help="new tokens per prompt (default: %(default)s)")
     prof.add_argument("--trace-out", required=True, metavar="TRACE", help="the trace file to write (safetensors)")
+    prof.add_argument("--hidden-states", action="store_true",
+                      help="record the hidden state entering each MoE layer too (float16, dim x MoE layers x 2 "
+                           "bytes per token: large), for train-predictor")
     prof.add_argument("--json", action="store_true", help="print the run statistics as one JSON object")
 
     add_simulate(sub)
+
+    trp = sub.add_parser("train-predictor", help="fit the learned expert predictor on a trace with hidden states",
+                         description="Fit a small MLP per MoE layer that predicts the layer's experts from an earlier "
+                                     "hidden state (a trace recorded with profile --hidden-states), print its "
+                                     "held-out recall beside the other predictors', and write the file that "
+                                     "--predictor loads.")
+    trp.add_argument("trace", help="a trace recorded with profile --hidden-states")
+    trp.add_argument("--out", required=True, help="the predictor file to write (safetensors)")
+    trp.add_argument("--lead", type=int, default=1, help="layers ahead it predicts: the --prefetch it serves "
+                     "(default: %(default)s)")
+    trp.add_argument("--hidden-size", type=int, default=256, help="the MLP's hidden size (default: %(default)s)")
+    trp.add_argument("--steps", type=int, default=500, help="Adam steps per layer (default: %(default)s)")
+    trp.add_argument("--batch", type=int, default=512, help="samples per step (default: %(default)s)")
+    trp.add_argument("--lr", type=float, default=3e-3, help="learning rate (default: %(default)s)")
+    trp.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    trp.add_argument("--holdout", type=float, help="fit on the head, score on this share of the trace's tail "
+                     "(default: 0.25; 0: fit on everything, no score)")
+    trp.add_argument("--validate", metavar="TRACE", help="fit on the whole trace, score on this one")
+    trp.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
     tun = sub.add_parser("tune", help="search offload settings for a trace and write the best as a profile",
                          description="Predict decode tokens/s for expert precision, slots per layer, eviction "
@@ -237,8 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def options_from(args: argparse.Namespace) -> dict:
     """The engine flags that were given (others come from the profile or EngineOptions)."""
-    keys = ("device", "dtype", "cache_experts", "prefetch", "policy", "miss_policy", "expert_quant", "attention_quant",
-            "group_size", "ram_budget", "context", "max_batch")
+    keys = ("device", "dtype", "cache_experts", "prefetch", "predictor", "prefetch_width", "policy", "miss_policy",
+            "expert_quant", "attention_quant", "group_size", "ram_budget", "context", "max_batch")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
@@ -283,23 +311,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_safetensors_atomic(path: str, tensors: dict) -> None:
-    """Write next to the target and rename, so an existing file is never left half-written."""
-    from safetensors.torch import save_file
-
-    target = Path(path)
-    if not target.parent.exists():
-        raise UserError(f"cannot write {path}: folder {target.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}-", dir=target.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def read_prompts(path: str) -> list[str]:
     try:
         lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
@@ -334,7 +345,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if not runs:
         raise UserError(f"no prompt in {args.prompts} fits the context of {capacity} tokens "
                         f"(all {len(prompts)} skipped; raise --context); no trace written")
-    engine.start_trace(args.model)
+    engine.start_trace(args.model, hidden=args.hidden_states)
     totals = {"tokens": 0, "hits": 0, "misses": 0}
     for i, ids in runs:
         stats = engine.generate(ids, args.max_new_tokens).stats
@@ -522,9 +533,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_predictor(args: argparse.Namespace) -> int:
+    from .train_predictor import run_train_predictor
+
+    return run_train_predictor(args)
+
+
 COMMANDS = {"generate": cmd_generate, "profile": cmd_profile, "simulate": cmd_simulate, "tune": cmd_tune,
             "calibrate": cmd_calibrate, "convert": cmd_convert, "perplexity": cmd_perplexity, "plan": cmd_plan,
-            "serve": cmd_serve}
+            "serve": cmd_serve, "train-predictor": cmd_train_predictor}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,7 @@ from .int4_layouts import int4_layout_for
 from .layers import KVCache, KVPool, rope_tables
 from .model import ROUTER_BIAS, Transformer
 from .packed import packed_attention_group
+from .predictors import RouterPredictor, make_predictor
 from .prefetch import Prefetcher
 from .profiles import (
     DEFAULT_RESERVE,
@@ -63,7 +64,9 @@ class EngineOptions:
     device: str = "auto"  # cpu, cuda, cuda:N or auto (cuda when there is one)
     dtype: str = "auto"  # float32, float16, bfloat16 or auto (float16 on cuda, float32 on cpu)
     cache_experts: int | list[int] | None = None  # slots per layer (one count, or one per layer); None: all
-    prefetch: int = 1  # layers ahead whose experts are prefetched; 0 turns it off
+    prefetch: int = 1  # layers ahead at which each layer's experts are predicted and prefetched; 0 turns it off
+    predictor: str = "auto"  # router, a train-predictor file, or auto (the model folder's predictor file, else router)
+    prefetch_width: int = 0  # experts prefetched per layer and token (at most its slots); 0: top-k
     policy: str = "lru"  # eviction: lru, lfu, fifo, random
     miss_policy: str = "fetch"  # a decode miss: fetch (copy, wait), cpu (compute on the CPU), auto (faster one)
     expert_quant: str = "none"  # experts quantized at load: none, int8, int4, mxfp4 (a packed folder keeps its own;
@@ -185,22 +188,34 @@ def resolve_slots(cache_experts: int | list[int] | None, n_layers: int, num_expe
 
 
 class RoutingTap:
-    """Feeds a TraceRecorder from inside the model: at each layer's entry, the next layer's router
-    applied to the current hidden state (what a one-layer-ahead prefetch would fetch); at each
-    router, the experts chosen."""
+    """Feeds a TraceRecorder from inside the model: at each row's entry, the hidden state (when recorded)
+    and the predictions made there: the engine's prefetcher's, or with prefetch off a one-row-ahead
+    router's of width top-k (`own`: what such a prefetch would fetch); at each router, the experts
+    chosen. A prediction for the next token's row is kept for the next forward's first token(s)."""
 
-    def __init__(self, model: Transformer, recorder: TraceRecorder):
-        self.model, self.recorder = model, recorder
-        self.predicted: dict[int, torch.Tensor] = {}
+    def __init__(self, model: Transformer, recorder: TraceRecorder, own: Prefetcher | None):
+        self.model, self.recorder, self.own = model, recorder, own
+        self.now: dict[int, torch.Tensor] = {}  # row -> [T, P], for this forward
+        self.next: dict[int, torch.Tensor] = {}  # row -> [T, P], made for the next forward
+        self.carried: dict[int, torch.Tensor] = {}  # the previous forward's `next`
 
-    def enter(self, layer: int, h: torch.Tensor) -> None:
-        if layer + 1 < self.model.config.n_moe_layers:
-            self.predicted[layer + 1] = self.model.predict(layer + 1, h)
+    def enter(self, row: int, h: torch.Tensor, decode: bool) -> None:
+        if row == 0:
+            self.carried, self.next = self.next, {}
+        self.recorder.enter(row, h)
+        if self.own is not None:
+            self.own(row, h, decode)
 
-    def chosen(self, layer: int, idx: torch.Tensor, weights: torch.Tensor) -> None:
-        self.recorder.add(layer, idx, weights, self.predicted.pop(layer, None))
+    def predicted(self, target: int, next_token: bool, experts: torch.Tensor) -> None:
+        (self.next if next_token else self.now)[target] = experts
 
-
+    def chosen(self, row: int, idx: torch.Tensor, weights: torch.Tensor) -> None:
+        pred, carried = self.now.pop(row, None), self.carried.pop(row, None)
+        if carried is not None:  # the previous forward's last token(s) predicted this one's first
+            T = idx.shape[0]
+            pred = carried if carried.shape[0] == T else torch.cat([carried[-1:], carried.new_full(
+                (T - 1, carried.shape[1]), -1)])
+        self.recorder.add(row, idx, weights, pred)
 @dataclass
 class Engine:
     checkpoint: Checkpoint
@@ -230,6 +245,8 @@ class Engine:
         c = ckpt.config
         if options.prefetch < 0:
             raise UserError("--prefetch must be 0 or more")
+        if options.prefetch_width < 0:
+            raise UserError("--prefetch-width must be 0 (the layer's slots) or more")
         if options.context < 1:
             raise UserError("--context must be positive")
         if options.max_batch < 1:
@@ -287,7 +304,11 @@ class Engine:
         # with every layer's experts resident there is nothing to prefetch: no predictions (a router
         # pass and a host sync per layer, 4-7% of a CPU decode step on the 512-dim bench shape)
         cached = any(n < c.num_experts for n in slots)
-        model.prefetcher = Prefetcher(model, cache, options.prefetch) if options.prefetch and cached else None
+        lead = min(options.prefetch, c.n_moe_layers - 1)  # a row predicted from itself would evict its own experts
+        if lead and cached:
+            predictor = make_predictor(options.predictor, model, ckpt.path, lead, device, dtype)
+            widths = [min(options.prefetch_width or c.top_k, n) for n in slots]  # a prefetch fills at most the slots
+            model.prefetcher = Prefetcher(model, predictor, widths, cache)
         pool = KVPool(c, context, options.max_batch, device, dtype)  # generate's own sequence is its slot 0
         tok = load_tokenizer(ckpt.path)  # tokenizer.json, else tokenizer.model, else None (ids only)
         eos = generation_eos_ids(ckpt.path) + (tok.eos_ids if tok is not None else ())
@@ -379,16 +400,20 @@ class Engine:
             raise UserError(f"the sequence has {len(ids)} tokens; the context is {self.kv_capacity}")
         return self.model(torch.tensor(ids, device=self.device), self.kv)
 
-    def start_trace(self, model_name: str = "") -> None:
-        """Record the routing of every following forward pass (see `trace.py`) until `stop_trace`."""
-        recorder = TraceRecorder(self.config.n_moe_layers, self.config.top_k, self.config.num_experts,
-                                 model_name or str(self.checkpoint.path),
-                                 metadata={"config": json.dumps(self.config.to_dict())})
-        self.model.recorder = RoutingTap(self.model, recorder)
+    def start_trace(self, model_name: str = "", hidden: bool = False) -> None:
+        """Record the routing of every following forward pass (see `trace.py`) until `stop_trace`; `hidden`:
+        the hidden states entering each MoE layer too (float16, D values per token and layer)."""
+        c, prefetcher = self.config, self.model.prefetcher
+        own = None if prefetcher else Prefetcher(self.model, RouterPredictor(self.model, 1), [c.top_k] * c.n_moe_layers)
+        lead, widths = (prefetcher or own).lead, (prefetcher or own).widths
+        recorder = TraceRecorder(c.n_moe_layers, c.top_k, c.num_experts, model_name or str(self.checkpoint.path),
+                                 metadata={"config": json.dumps(c.to_dict()), "prefetch_lead": str(lead)},
+                                 width=max(widths), hidden=hidden)
+        self.model.recorder = RoutingTap(self.model, recorder, own)
 
     def stop_trace(self) -> Trace:
         tap, self.model.recorder = self.model.recorder, None
-        return tap.recorder.finish()
+        return tap.recorder.finish(after=tap.next)
 
     @property
     def kv_capacity(self) -> int:

@@ -44,8 +44,15 @@ def add_simulate(sub) -> None:
                      "1.5, 2 and 3 times top-k, at most the expert count: 2,3,4,6 for Mixtral's top-2 of 8)")
     sim.add_argument("--policy", default=",".join(POLICIES), help="policies, comma-separated "
                      "(default: %(default)s)")
-    sim.add_argument("--prefetch", type=nonneg, default=0, help="0 or 1: insert the trace's one-layer-ahead "
-                     "predictions before each access (default: %(default)s)")
+    sim.add_argument("--prefetch", type=nonneg, default=0, help="0 or 1: insert the predictions the trace recorded "
+                     "(the engine's predictor's, its --prefetch layers ahead; with prefetch off, the router's one "
+                     "layer ahead) before each access (default: %(default)s)")
+    sim.add_argument("--predictor", metavar="FILE", help="replay instead the predictions of this train-predictor "
+                     "file, made from the trace's hidden states (profile --hidden-states); implies --prefetch 1 "
+                     "(imports torch)")
+    sim.add_argument("--prefetch-width", type=nonneg, default=0, metavar="W", help="with --predictor: experts "
+                     "prefetched per layer and token, at most its slots; 0: top-k, the engine's default "
+                     "(default: %(default)s)")
     sim.add_argument("--json", action="store_true", help='print one JSON object {"results": [...]}')
     sim.add_argument("--plot", metavar="FILE.png", help="draw hit rate against slots and a per-layer expert heatmap")
     sim.add_argument("--batch", type=int, default=1, metavar="B", help="replay the trace as B sequences decoding "
@@ -76,7 +83,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         from .timed import TimedOptions
 
         timed = TimedOptions(args.link_gbs, args.layer_ms, args.expert_quant, args.profile)
-    return run_simulate(args.trace, args.slots, policies, args.prefetch, args.json, args.plot, args.batch, timed)
+    return run_simulate(args.trace, args.slots, policies, args.prefetch, args.json, args.plot, args.batch, timed,
+                        args.predictor, args.prefetch_width)
 
 
 LIGHT = {"simulate": (add_simulate, cmd_simulate)}  # commands that start without torch

@@ -101,10 +101,10 @@ class Transformer(nn.Module):
         the T tokens are one decode step (of one sequence, or of B together), else a prompt."""
         for i, blk in enumerate(self.layers):
             row = self.row_of[i]
+            if row >= 0 and self.recorder is not None:  # first: a new forward's row 0 takes the carried predictions
+                self.recorder.enter(row, h, decode)
             if row >= 0 and self.prefetcher is not None:
-                self.prefetcher(row, h)
-            if row >= 0 and self.recorder is not None:
-                self.recorder.enter(row, h)
+                self.prefetcher(row, h, decode)
             h = h + attend(blk, i, blk.attention_norm(h))
             x = blk.ffn_norm(h)
             if row < 0:
@@ -150,8 +150,17 @@ class Transformer(nn.Module):
         blk = self.layers[self.rows[row]]
         if self.config.router in ("sigmoid", "grouped_softmax"):
             return self.route(blk, blk.ffn_norm(h))[1]
-        logits = F.linear(blk.ffn_norm(h), blk.gate.weight, blk.gate.bias)  # [T, E], the router's bias too
-        return torch.topk(logits, self.config.top_k, dim=-1).indices  # [T, K]
+        return torch.topk(self.router_scores(row, h), self.config.top_k, dim=-1).indices  # [T, K]
+
+    def router_scores(self, row: int, h: torch.Tensor) -> torch.Tensor:
+        """What row `row`'s router ranks experts by, from a hidden state h [T, D] -> [T, E]: the logits with
+        the router's bias (softmax, sparsemixer, grouped_softmax), or sigmoid(logits) + the correction bias
+        (sigmoid). Groups are not applied: for ranking experts beyond the router's own top-k."""
+        blk = self.layers[self.rows[row]]
+        if self.config.router == "sigmoid":
+            logits = F.linear(blk.ffn_norm(h).float(), blk.gate.weight.float())  # [T, E]
+            return logits.sigmoid() + blk.gate.e_score_correction_bias.float()
+        return F.linear(blk.ffn_norm(h), blk.gate.weight, blk.gate.bias)  # [T, E], the router's bias too
 
     def moe(self, row: int, blk: Block, x: torch.Tensor, decode: bool) -> torch.Tensor:
         """x [T, D] normed hidden state entering row `row`'s experts: one decode step (`decode`, T = 1 or

@@ -38,13 +38,15 @@ identical to the CUDA path and to a run without prefetch. The CUDA calls go thro
 (torch.cuda unless a test passes a fake of it), so these rules are tested on the CPU
 (tests/test_transfer_rules.py) and, with `torch.cuda._sleep` widening the races, on a GPU.
 
-Prediction (`Prefetcher`): at the entry of layer l, the routers of layers l+1 .. l+N are applied to
-the hidden state entering layer l (after each target layer's own ffn norm). For one token the
-top-k experts of each target layer are prefetched; for a prompt, the experts chosen by the most
-tokens, up to that layer's slot count. Storage reads (tiered store) start at once; device copies
-wait for layer l's demand copies (rule 2).
+Prediction (`Prefetcher`): at the entry of row l, the predictor (predictors.py) scores the rows
+predicted from there: row l + N, N the prefetch depth, and for the last rows row l + N - L of the next
+token (not in a batched step, whose next step may hold other sequences). For one token its best
+`width` experts are prefetched (default: top-k); for a prompt or a batch, the experts most
+tokens rank in their top-k (ties: the row's most used so far), up to `width`.
+Storage reads (tiered store) start at once and one row further ahead; device copies wait for row
+l's demand copies (rule 2).
 
-Legend: T tokens, D dim, E experts, K top-k, N prefetch depth.
+Legend: T tokens, D dim, E experts, K top-k, N prefetch depth, L rows, P prefetch width.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ import time
 from collections.abc import Sequence
 
 import torch
+
+from .predictors import ranked, targets_of
 
 
 class Transfers:
@@ -156,34 +160,40 @@ class Transfers:
 
 
 class Prefetcher:
-    """Speculative prefetch: apply the next N layers' routers to the current hidden state."""
+    """Speculative prefetch: at each row's entry, the predictor (predictors.py) scores the rows it
+    predicts from there, and each gets its `widths[row]` best experts. With no cache it only predicts,
+    for a routing trace to record what a prefetch would fetch."""
 
-    def __init__(self, model, cache, depth: int):
-        self.model, self.cache, self.depth = model, cache, depth
+    def __init__(self, model, predictor, widths: Sequence[int], cache=None):
+        self.model, self.predictor, self.cache = model, predictor, cache
+        self.lead, self.widths = predictor.lead, list(widths)
 
-    def __call__(self, layer: int, h: torch.Tensor) -> None:
-        """`h` [T, D] is the hidden state entering `layer`; prefetch for layers after it. The device
-        copies are queued on the cache (`plan_prefetch`) and issued after `layer`'s demand copies."""
-        targets = range(layer + 1, min(layer + 1 + self.depth, self.model.config.n_moe_layers))
-        if self.depth == 0 or not targets:
-            return
-        K = self.model.config.top_k
-        T = h.shape[0]
-        store = self.cache.store
-        # storage reads (tiered store only) run one layer ahead of the copies
-        deeper = not store.in_ram and targets.stop < self.model.config.n_moe_layers
-        layers = range(targets.start, targets.stop + 1) if deeper else targets
-        picks = [self.model.predict(j, h) for j in layers]  # N(+1) x [T, K]
-        if T == 1:
-            chosen = torch.stack(picks).view(len(picks), K).tolist()  # SYNC: prediction to host, [N, K]
-            for j, experts in zip(layers, chosen, strict=True):
-                store.prefetch(j, experts)  # non-blocking reads from storage (a no-op when all is in RAM)
-            for j, experts in zip(targets, chosen, strict=False):
-                self.cache.plan_prefetch(j, experts)
-            return
-        E = self.model.config.num_experts
-        counts = torch.stack([torch.bincount(p.view(-1), minlength=E) for p in picks])  # [N, E]
-        order = counts.argsort(dim=-1, descending=True, stable=True).tolist()  # SYNC: prediction to host
-        used = (counts > 0).sum(-1).tolist()
-        for j, ranked, n in zip(targets, order, used, strict=False):
-            self.cache.plan_prefetch(j, ranked[: min(n, self.cache.slots[j])])
+    def __call__(self, row: int, h: torch.Tensor, decode: bool) -> None:
+        """`h` [T, D] is the hidden state entering `row`. The device copies are queued on the cache
+        (`plan_prefetch`) and issued after `row`'s demand copies (rule 2)."""
+        rows, K = self.model.config.n_moe_layers, self.model.config.top_k
+        recorder = self.model.recorder
+        for target, next_token in targets_of(row, self.lead, rows):
+            if next_token and decode and h.shape[0] > 1:
+                continue  # a batch's next step may hold other sequences: no cross-token guess
+            x = h[-1:] if next_token else h  # a prompt's next forward follows its last token
+            first, scores = self.predictor.scores(target, x)
+            experts = ranked(first, scores, self.widths[target])  # [T, P]
+            if recorder is not None:
+                recorder.predicted(target, next_token, experts)
+            if self.cache is None:
+                continue
+            if x.shape[0] == 1:
+                chosen = experts.view(-1).tolist()  # SYNC: prediction to host, [P]
+            else:  # a prompt or a batch: the experts most tokens pick, ties to the row's most used so far
+                votes = torch.bincount(experts[:, :K].reshape(-1), minlength=self.model.config.num_experts)
+                votes = votes.tolist()  # SYNC: prediction to host, [E]
+                uses = self.cache.table.uses[target]
+                order = sorted((e for e in range(len(votes)) if votes[e]), key=lambda e: (-votes[e], -uses[e], e))
+                chosen = order[: self.widths[target]]
+            self.cache.store.prefetch(target, chosen)  # non-blocking reads from storage (tiered store only)
+            self.cache.plan_prefetch(target, chosen)
+        if self.cache is not None and not self.cache.store.in_ram and row + self.lead + 1 < rows and h.shape[0] == 1:
+            # storage reads run one row further ahead than the copies, on the router's guess
+            deeper = row + self.lead + 1
+            self.cache.store.prefetch(deeper, self.model.predict(deeper, h).view(-1).tolist())  # SYNC: to host

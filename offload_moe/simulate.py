@@ -102,8 +102,8 @@ def _check_policy(policy: str) -> None:
 
 def _check_prefetch(prefetch: int) -> None:
     if prefetch not in PREFETCH_DEPTHS:
-        raise UserError(f"prefetch depth {prefetch} cannot be simulated: a trace records one-layer-ahead "
-                        "predictions only, so use 0 or 1")
+        raise UserError(f"--prefetch {prefetch}: use 1 (replay the predictions the trace recorded, made as many "
+                        "layers ahead as the engine's --prefetch when it ran) or 0 (none)")
 
 
 def simulate(trace: Trace, slots: int | list[int], policy: str, prefetch: int = 0, seed: int = 0) -> dict:
@@ -141,10 +141,12 @@ def _replay(trace: Trace, configs: list[list[int]], policy: str, prefetch: int, 
     table = SlotTable([s for c in configs for s in c], trace.num_experts, policy, seed,
                       streams=[layer for _ in configs for layer in range(L)])
     belady = policy == "belady"
+    after = trace.tensors.get("predicted_after") if prefetch else None  # [L, P]
 
     def layer_rows(layer: int) -> list[tuple[int, int, tuple[int, int, int]]]:
         experts = table.steps(trace.experts[:, layer])  # [T, K]
-        predicted = table.steps(trace.predicted[:, layer]) if prefetch else None
+        widths = {configs[c][layer] for c in range(n)}  # a prefetch fills at most the row's slots, as the engine's
+        predicted = {w: table.steps(trace.predicted[:, layer, :w]) for w in widths} if prefetch else {}
         later = first = None
         if belady:
             later, first = next_uses(trace.experts[:, layer], trace.num_experts)  # [T, K], [E]
@@ -152,7 +154,10 @@ def _replay(trace: Trace, configs: list[list[int]], policy: str, prefetch: int, 
         out = []
         for c in range(n):
             row = c * L + layer
-            table.replay(row, experts, predicted, later, first.copy() if belady else None)
+            next_use, width = first.copy() if belady else None, configs[c][layer]
+            table.replay(row, experts, predicted.get(width), later, next_use)
+            if after is not None:  # the last token's prefetch for a token that never came (trace.py)
+                table.replay(row, table.steps([[]]), table.steps(after[layer : layer + 1, :width]), None, next_use)
             out.append((c, layer, (table.hits[row], table.prefetch_copies[row], table.prefetch_hits[row])))
         return out
 
@@ -239,11 +244,14 @@ def default_slots(top_k: int, num_experts: int) -> list[int]:
 
 
 def run_simulate(trace_path: str, slots: list[int] | None, policies: list[str], prefetch: int, as_json: bool,
-                 plot: str | None, batch: int = 1, timed: TimedOptions | None = None) -> int:
+                 plot: str | None, batch: int = 1, timed: TimedOptions | None = None, predictor: str | None = None,
+                 width: int = 0) -> int:
     """The `simulate` command: every (policy, slots) pair, Belady always included as the bound; `slots`
     None: `default_slots` of the trace's top-k and expert count. `batch` B > 1: the trace as B streams
     decoding together, one access set per layer and step (`batch_sim`). `timed`: also the timed replay
-    of the first online policy at every size (`timed.run_timed`).
+    of the first online policy at every size (`timed.run_timed`). `predictor`: a train-predictor file whose
+    predictions, made from the trace's hidden states, `width` per layer (0: top-k), replace the recorded ones
+    (prefetch on; imports torch).
 
     Prints a table (or, with as_json, exactly one JSON object on stdout) and optionally draws a PNG.
     """
@@ -258,6 +266,10 @@ def run_simulate(trace_path: str, slots: list[int] | None, policies: list[str], 
     sizes = sorted(set(slots))
     for s in sizes:
         _per_layer(s, trace)
+    if predictor:
+        from .predictors import replayed
+
+        trace, prefetch = replayed(trace, predictor, width or K), 1  # a size below the width takes the best
     if not policies:
         raise UserError(f"give at least one policy: {', '.join(POLICIES)}")
     for p in policies:

@@ -6,15 +6,24 @@ without loading the model again. It is a safetensors file:
   experts    int32   [T, L, K]  the K experts the router chose, per token (processing order) and layer,
                                 in rank order
   weights    float32 [T, L, K]  their routing weights
-  predicted  int32   [T, L, K]  the experts layer l's router picks from the hidden state entering
-                                layer l-1 (a one-layer-ahead prediction); -1 where there is none
-                                (always at layer 0)
+  predicted  int32   [T, L, P]  the experts a prefetch for token t at layer l would fetch, best first,
+                                as the engine's predictor ranked them (predictors.py: made
+                                `prefetch_lead` layers earlier, layer 0 from the previous token);
+                                -1 where there is none or to pad. With prefetch off: the router's
+                                one-layer-ahead top-k.
 
-and string metadata `num_experts`, `top_k`, `num_layers`, `model`. Other tensors (for example
+and, optionally (`profile --hidden-states`), the hidden states a predictor learns from:
+
+  hidden     float16 [T, L, D]  the hidden state entering each layer (before its attention norm)
+
+and `predicted_after` int32 [L, P] when the last token predicted a next token's layers (the engine
+prefetched them; the simulator does too, after the last token).
+
+and string metadata `num_experts`, `top_k`, `num_layers`, `model` (and `prefetch_lead`). Other tensors (for example
 `prompt_lengths` int64 [P]) and other metadata (for example `config`, the model shape as JSON)
 travel along untouched.
 
-Shape legend: T tokens, L layers, K top-k, E experts.
+Shape legend: T tokens, L layers, K top-k, E experts, P predicted per layer, D dim.
 """
 
 from __future__ import annotations
@@ -45,7 +54,7 @@ class Trace:
 
     experts: np.ndarray  # int32 [T, L, K]
     weights: np.ndarray  # float32 [T, L, K]
-    predicted: np.ndarray  # int32 [T, L, K], -1 where no prediction exists
+    predicted: np.ndarray  # int32 [T, L, P], -1 where no prediction exists
     num_experts: int
     top_k: int
     num_layers: int
@@ -73,9 +82,9 @@ def group_ends(trace: Trace, key: str) -> np.ndarray | None:
 
 def slice_trace(trace: Trace, start: int, stop: int) -> Trace:
     """Tokens [start, stop) of `trace`. A grouping tensor (GROUPINGS) keeps the groups in between where
-    both ends fall between its groups, and is dropped otherwise; other extra tensors are dropped, as
-    nothing says how they index tokens."""
-    tensors = {}
+    both ends fall between its groups, and is dropped otherwise; `hidden` keeps its tokens; other extra
+    tensors are dropped, as nothing says how they index tokens."""
+    tensors = {"hidden": trace.tensors["hidden"][start:stop]} if "hidden" in trace.tensors else {}
     for key in GROUPINGS:
         ends = group_ends(trace, key)
         if ends is None:
@@ -107,7 +116,7 @@ def check_trace(trace: Trace, name: str = "trace") -> None:
             raise UserError(f"{name}: tensor '{key}' must be [tokens, layers, top_k], not {list(arr.shape)}")
         if shape is None:
             shape = arr.shape
-        elif arr.shape != shape:
+        elif arr.shape[:2] != shape[:2] or (key == "weights" and arr.shape != shape):
             raise UserError(f"{name}: tensor '{key}' has shape {list(arr.shape)}, 'experts' has {list(shape)}")
     if shape[1:] != (L, K):
         raise UserError(f"{name}: tensors are [tokens, {shape[1]}, {shape[2]}] but the metadata says "
@@ -125,6 +134,10 @@ def check_trace(trace: Trace, name: str = "trace") -> None:
             t, layer, _ = np.argwhere(dup)[0]
             raise UserError(f"{name}: '{key}' names one expert twice for token {t} at layer {layer}: "
                             f"{arr[t, layer].tolist()}")
+    hidden = trace.tensors.get("hidden")
+    if hidden is not None and (hidden.dtype != np.float16 or hidden.ndim != 3 or hidden.shape[:2] != shape[:2]):
+        raise UserError(f"{name}: tensor 'hidden' must be float16 [tokens, layers, dim] = [{shape[0]}, {L}, D], not "
+                        f"{hidden.dtype} {list(hidden.shape)}")
     if not np.isfinite(trace.weights).all():
         raise UserError(f"{name}: 'weights' holds NaN or infinite values")
 
@@ -205,23 +218,35 @@ def load_trace(path: str | os.PathLike) -> Trace:
 class TraceRecorder:
     """Collects the routing of every forward pass while the engine runs.
 
-    The engine calls `add` once per layer per forward pass, layers 0..L-1 in order. Each call keeps
-    a CPU copy of three small [T, K] tensors; the stacking into [T_total, L, K] happens once, in
-    `finish`, so recording costs next to nothing on the decode path.
+    The engine calls `add` once per layer per forward pass, layers 0..L-1 in order (and `enter`
+    before, for the hidden states, when they are recorded). Each call keeps a CPU copy of a few
+    small tensors; the stacking into [T_total, L, ...] happens once, in `finish`, so recording costs
+    next to nothing on the decode path (hidden states cost a device-to-host copy per layer).
     """
 
     def __init__(self, num_layers: int, top_k: int, num_experts: int, model_name: str,
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, width: int | None = None, hidden: bool = False):
+        """`width`: most experts predicted per layer (P; default top_k); `hidden`: record hidden states."""
         self.num_layers, self.top_k, self.num_experts = num_layers, top_k, num_experts
+        self.width = width or top_k
         self.model_name = model_name
         self.metadata = dict(metadata or {})
-        self._layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # the forward in progress
-        self._chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # finished forwards, [T, L, K]
+        self.hidden = hidden
+        self._layers: list[tuple[torch.Tensor, ...]] = []  # the forward in progress
+        self._hidden: list[torch.Tensor] = []  # the forward in progress, [T, D] per layer
+        self._chunks: list[tuple[torch.Tensor, ...]] = []  # finished forwards, [T, L, ...]
+
+    def enter(self, layer: int, h: torch.Tensor) -> None:
+        """The hidden state h [T, D] entering `layer` (kept only when recording hidden states)."""
+        if self.hidden:
+            import torch
+
+            self._hidden.append(h.detach().to("cpu", torch.float16, copy=True))
 
     def add(self, layer: int, experts: torch.Tensor, weights: torch.Tensor,
             predicted: torch.Tensor | None = None) -> None:
-        """Record one layer of the current forward: experts, weights, predicted [T, K] (predicted
-        None when no prediction was made, e.g. at layer 0)."""
+        """Record one layer of the current forward: experts, weights [T, K], predicted [T, P] with
+        P <= width, -1 padded (None when no prediction was made)."""
         import torch
 
         if layer != len(self._layers):
@@ -233,38 +258,54 @@ class TraceRecorder:
         if self._layers and T != self._layers[0][0].shape[0]:
             raise RuntimeError(f"TraceRecorder.add: layer {layer} has {T} tokens, layer 0 had "
                                f"{self._layers[0][0].shape[0]}")
-        if predicted is None:
-            pred = torch.full((T, self.top_k), -1, dtype=torch.int32)
-        else:
-            if predicted.shape != experts.shape:
-                raise RuntimeError(f"TraceRecorder.add: predicted {tuple(predicted.shape)} must be [T, {self.top_k}]")
-            pred = predicted.detach().to("cpu", torch.int32, copy=True)
+        pred = torch.full((T, self.width), -1, dtype=torch.int32)
+        if predicted is not None:
+            if predicted.shape[0] != T or predicted.shape[1] > self.width:
+                raise RuntimeError(f"TraceRecorder.add: predicted {tuple(predicted.shape)} must be [{T}, <= "
+                                   f"{self.width}]")
+            pred[:, : predicted.shape[1]] = predicted.detach().to("cpu", torch.int32)
         self._layers.append((experts.detach().to("cpu", torch.int32, copy=True),
                              weights.detach().to("cpu", torch.float32, copy=True), pred))
         if len(self._layers) == self.num_layers:
-            # L x [T, K] -> [T, L, K], for experts, weights and predicted
-            self._chunks.append(tuple(torch.stack(parts, dim=1) for parts in zip(*self._layers, strict=True)))
-            self._layers = []
+            # L x [T, K] -> [T, L, K], for experts, weights and predicted (and hidden, L x [T, D])
+            parts = [torch.stack(p, dim=1) for p in zip(*self._layers, strict=True)]
+            if self.hidden:
+                if len(self._hidden) != self.num_layers:
+                    raise RuntimeError(f"TraceRecorder: {len(self._hidden)} hidden states for {self.num_layers} layers")
+                parts.append(torch.stack(self._hidden, dim=1))
+            self._chunks.append(tuple(parts))
+            self._layers, self._hidden = [], []
 
-    def finish(self) -> Trace:
-        """All recorded tokens as one Trace, [T_total, L, K] in processing order."""
+    def finish(self, after: dict[int, torch.Tensor] | None = None) -> Trace:
+        """All recorded tokens as one Trace, [T_total, L, K] in processing order. `after`: predictions made
+        by the last forward for a token that never came (layer -> [T, P]), kept as `predicted_after` [L, P]
+        (its last token's), since the engine prefetched them."""
         if self._layers:
             raise RuntimeError(f"TraceRecorder.finish: the last forward pass stopped after {len(self._layers)} "
                                f"of {self.num_layers} layers")
+        tensors = {}
         if self._chunks:
             import torch
 
-            # forwards x [T_i, L, K] -> [T_total, L, K]
-            experts, weights, predicted = (torch.cat(parts).numpy() for parts in zip(*self._chunks, strict=True))
+            # forwards x [T_i, L, ...] -> [T_total, L, ...]
+            arrays = [torch.cat(parts).numpy() for parts in zip(*self._chunks, strict=True)]
+            experts, weights, predicted = arrays[:3]
+            if self.hidden:
+                tensors["hidden"] = arrays[3]
         else:
             empty = (0, self.num_layers, self.top_k)
-            experts, predicted = np.zeros(empty, np.int32), np.zeros(empty, np.int32)
-            weights = np.zeros(empty, np.float32)
+            experts, weights = np.zeros(empty, np.int32), np.zeros(empty, np.float32)
+            predicted = np.zeros((0, self.num_layers, self.width), np.int32)
         # tokens per forward pass, in order: how the engine grouped them (a prompt or a chunk of one, a
         # batched decode step), for `batch_sim.recorded_forwards`
-        forwards = np.array([chunk[0].shape[0] for chunk in self._chunks], np.int64)  # [F]
+        tensors["forward_tokens"] = np.array([chunk[0].shape[0] for chunk in self._chunks], np.int64)  # [F]
+        if after:
+            pending = np.full((self.num_layers, self.width), -1, np.int32)  # [L, P]
+            for layer, p in after.items():
+                pending[layer, : p.shape[1]] = p[-1].cpu().numpy()
+            tensors["predicted_after"] = pending
         return Trace(experts, weights, predicted, self.num_experts, self.top_k, self.num_layers,
-                     self.model_name, dict(self.metadata), {"forward_tokens": forwards})
+                     self.model_name, dict(self.metadata), tensors)
 
 
 def routing_counts(experts: np.ndarray, predicted: np.ndarray, num_experts: int) -> dict[str, np.ndarray]:

@@ -6,22 +6,46 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from offload_moe.cli import main
 from offload_moe.engine import Engine, EngineOptions
 from offload_moe.simulate import simulate
 from offload_moe.trace import load_trace, save_trace
 
 
-@pytest.mark.parametrize("slots,policy,prefetch", [(2, "lru", 0), (3, "lru", 1), (3, "lfu", 0), (2, "fifo", 1),
-                                                   ([2, 4, 3], "lru", 1)])
-def test_replaying_the_trace_gives_the_live_counts(ckpts, tmp_path, slots, policy, prefetch):
-    engine = Engine.load(ckpts["base"], EngineOptions(cache_experts=slots, policy=policy, prefetch=prefetch))
+@pytest.fixture(scope="module")
+def learned(ckpts, tmp_path_factory) -> dict[int, str]:
+    """Learned predictors for the base model, one and two layers ahead, fitted on a trace with hidden states."""
+    engine = Engine.load(ckpts["base"], EngineOptions(prefetch=0))
+    engine.start_trace("base", hidden=True)
+    engine.generate([1, 415, 2936], max_new_tokens=60)
+    folder = tmp_path_factory.mktemp("predictors")
+    save_trace(folder / "h.trace", engine.stop_trace())
+    out = {}
+    for lead in (1, 2):
+        out[lead] = str(folder / f"lead{lead}.pred")
+        assert main(["train-predictor", str(folder / "h.trace"), "--out", out[lead], "--lead", str(lead),
+                     "--steps", "30", "--holdout", "0", "--json"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("slots,policy,prefetch,predictor,width", [
+    (2, "lru", 0, "router", 0), (3, "lru", 1, "router", 0), (3, "lfu", 0, "router", 0), (2, "fifo", 1, "router", 0),
+    ([2, 4, 3], "lru", 1, "router", 0), (3, "lru", 1, "router", 2), (3, "lru", 2, "router", 0),
+    (3, "lru", 1, "learned", 0), ([2, 4, 3], "fifo", 2, "learned", 3), (3, "random", 1, "learned", 2),
+])
+def test_replaying_the_trace_gives_the_live_counts(ckpts, learned, tmp_path, slots, policy, prefetch, predictor,
+                                                   width):
+    """For every predictor, lead and width: the recorded predictions replayed give the live counts."""
+    predictor = learned[prefetch] if predictor == "learned" else predictor
+    engine = Engine.load(ckpts["base"], EngineOptions(cache_experts=slots, policy=policy, prefetch=prefetch,
+                                                      predictor=predictor, prefetch_width=width))
     engine.start_trace("base")
     stats = engine.generate([1], max_new_tokens=40).stats  # a one-token prompt: every step is one token
     path = tmp_path / "run.trace"
     save_trace(path, engine.stop_trace())
     trace = load_trace(path)
     assert trace.experts.shape == (40, 3, 2)  # the prompt token and 39 generated ones went through the model
-    replay = simulate(trace, slots, policy, prefetch=prefetch)
+    replay = simulate(trace, slots, policy, prefetch=min(prefetch, 1))  # 1: the recorded predictions, at any lead
     assert replay["per_layer_hits"] == stats["per_layer_hits"]
     assert replay["per_layer_misses"] == stats["per_layer_misses"]
     if prefetch:
@@ -36,7 +60,10 @@ def test_trace_records_choices_weights_and_one_layer_ahead_predictions(ckpts):
     engine.generate([1, 415, 2936, 9060], max_new_tokens=5)
     trace = engine.stop_trace()
     assert trace.experts.shape == (8, 3, 2)  # 4 prompt tokens + 4 decode steps
-    assert (trace.predicted[:, 0] == -1).all() and (trace.predicted[:, 1:] >= 0).all()
+    # layer 0 is predicted from the previous token's last layer: for the first decode step from the prompt's last
+    # token, not inside the prompt (one forward); the other layers from the layer before, for every token
+    assert (trace.predicted[:4, 0] == -1).all() and (trace.predicted[4:, 0] >= 0).all()
+    assert (trace.predicted[:, 1:] >= 0).all() and trace.metadata["prefetch_lead"] == "1"
     np.testing.assert_allclose(trace.weights.sum(-1), 1.0, rtol=1e-5)
     assert (trace.weights[..., 0] >= trace.weights[..., 1]).all()  # rank order
     assert "config" in trace.metadata

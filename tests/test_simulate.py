@@ -138,7 +138,7 @@ def test_bad_arguments():
     trace = make_trace([[0], [1]], num_experts=2)
     with pytest.raises(UserError, match="lru"):
         simulate(trace, 2, "mru")
-    with pytest.raises(UserError, match="use 0 or 1"):
+    with pytest.raises(UserError, match="use 1 .replay the predictions"):
         simulate(trace, 2, "lru", prefetch=2)
 
 
@@ -420,7 +420,7 @@ def test_run_simulate_table_prefetch_and_plot(trace_file, tmp_path, capsys):
     ([1], ["lru"], 0, "at least top_k=2"),
     ([7], ["lru"], 0, "at most num_experts=6"),
     ([2], ["lru", "clock"], 0, "unknown policy 'clock'; choose from lru, lfu, fifo, random, belady"),
-    ([2], ["lru"], 2, "use 0 or 1"),
+    ([2], ["lru"], 2, "use 1 .replay the predictions"),
 ])
 def test_run_simulate_rejects_bad_requests(trace_file, slots, policies, prefetch, message):
     with pytest.raises(UserError, match=message):

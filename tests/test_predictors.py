@@ -1,0 +1,131 @@
+"""Predictors: which rows each row's entry predicts, the ranking, the learned predictor's file and training,
+hidden-state traces, and the predictors replayed offline."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from offload_moe.cli import main
+from offload_moe.engine import Engine, EngineOptions
+from offload_moe.errors import UserError
+from offload_moe.predictors import (
+    FILE_NAME,
+    LearnedPredictor,
+    RouterPredictor,
+    load_predictor,
+    ranked,
+    replayed,
+    save_predictor,
+    source_of,
+    targets_of,
+)
+from offload_moe.simulate import simulate
+from offload_moe.trace import Trace, load_trace, save_trace, slice_trace
+
+
+@pytest.mark.parametrize("rows", [2, 3, 5])
+def test_every_row_is_predicted_once_per_token_from_its_source(rows):
+    for lead in range(1, rows):
+        made = [(target, nxt, row) for row in range(rows) for target, nxt in targets_of(row, lead, rows)]
+        assert sorted(t for t, _, _ in made) == list(range(rows))  # each row once per token
+        for target, nxt, row in made:
+            assert source_of(target, lead, rows) == (row, nxt)
+            assert (target < lead) == nxt  # the first `lead` rows come from the token before
+
+
+def test_ranked_puts_the_routers_pick_first_then_the_rest_by_score():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.7, 0.2]])
+    first = torch.tensor([[2, 0]])  # the router's own pick (e.g. with groups) need not be the top scores
+    assert ranked(first, scores, 2).tolist() == [[2, 0]]
+    assert ranked(first, scores, 4).tolist() == [[2, 0, 1, 3]]
+    assert ranked(None, scores, 3).tolist() == [[1, 3, 2]]
+
+
+def synthetic_trace(T=1200, L=3, E=8, K=2, D=16, seed=0) -> Trace:
+    """Routing that is a fixed function of the hidden state one layer earlier (for layer 0: the previous token's
+    last layer), so a learned predictor can find it and the frequency prior cannot."""
+    rng = np.random.default_rng(seed)
+    hidden = rng.standard_normal((T, L, D)).astype(np.float16)
+    maps = rng.standard_normal((L, D, E))
+    experts = np.zeros((T, L, K), np.int32)
+    for row in range(L):
+        src = hidden[:, row - 1] if row else np.roll(hidden[:, L - 1], 1, axis=0)
+        experts[:, row] = np.argsort(-(src.astype(np.float64) @ maps[row]), axis=1)[:, :K]
+    return Trace(experts, np.full((T, L, K), 0.5, np.float32), np.full((T, L, K), -1, np.int32), E, K, L,
+                 "synthetic", {}, {"hidden": hidden, "forward_tokens": np.ones(T, np.int64)})
+
+
+def test_train_predictor_learns_routing_and_simulate_replays_it(tmp_path, capsys):
+    save_trace(tmp_path / "s.trace", synthetic_trace())
+    out = tmp_path / "s.pred"
+    assert main(["train-predictor", str(tmp_path / "s.trace"), "--out", str(out), "--steps", "300", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    recall = report["recall"]["2"]
+    assert "900 tokens" in report["note"] and "last 300" in report["note"]  # fitted on the head, scored on the tail
+    assert min(recall["learned"]) > 0.8 > max(recall["frequency"])
+    model = load_predictor(out, 3, 16, 8)
+    assert model.lead == 1 and isinstance(model, LearnedPredictor)
+    trace = load_trace(tmp_path / "s.trace")
+    tail = slice_trace(trace, 900, 1200)
+    assert tail.tensors["hidden"].shape == (300, 3, 16)
+    without = simulate(tail, 4, "lru")["hit_rate"]
+    best = simulate(tail, 4, "belady")["hit_rate"]
+    learned = simulate(replayed(tail, str(out), 4), 4, "lru", prefetch=1)
+    assert learned["hit_rate"] > best > without  # prediction beats the offline optimum without it
+    assert main(["simulate", "--trace", str(tmp_path / "s.trace"), "--predictor", str(out), "--slots", "4",
+                 "--policy", "lru", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)["results"]
+    assert res[0]["prefetch"] == 1 and res[0]["hit_rate"] > 0.9
+
+
+def test_train_predictor_and_simulate_refuse_a_trace_without_hidden_states(tmp_path, capsys):
+    trace = synthetic_trace(T=100)
+    trace.tensors.pop("hidden")
+    save_trace(tmp_path / "t.trace", trace)
+    assert main(["train-predictor", str(tmp_path / "t.trace"), "--out", str(tmp_path / "p")]) == 1
+    assert "profile --hidden-states" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+    save_predictor(tmp_path / "p", [{"w1": torch.zeros(4, 16), "b1": torch.zeros(4), "w2": torch.zeros(8, 4),
+                                     "b2": torch.zeros(8)} for _ in range(3)], 1, {})
+    assert main(["simulate", "--trace", str(tmp_path / "t.trace"), "--predictor", str(tmp_path / "p")]) == 1
+    assert "hidden states" in capsys.readouterr().err
+    save_trace(tmp_path / "h.trace", synthetic_trace(T=100))
+    before = (tmp_path / "p").read_bytes()
+    assert main(["train-predictor", str(tmp_path / "h.trace"), "--out", str(tmp_path / "p"), "--lead", "3"]) == 1
+    assert "--lead must be from 1 to 2" in capsys.readouterr().err
+    assert (tmp_path / "p").read_bytes() == before  # a refused run leaves the user's file as it was
+
+
+def test_profile_records_hidden_states_and_auto_loads_the_model_folders_predictor(ckpts, tmp_path, capsys):
+    trace_path = tmp_path / "h.trace"
+    engine = Engine.load(ckpts["base"], EngineOptions(cache_experts=3))
+    engine.start_trace("base", hidden=True)
+    engine.generate([1, 415, 2936], max_new_tokens=40)
+    save_trace(trace_path, engine.stop_trace())
+    trace = load_trace(trace_path)
+    c = engine.config
+    assert trace.tensors["hidden"].shape == (42, c.n_moe_layers, c.dim) and trace.tensors["hidden"].dtype == np.float16
+    folder = tmp_path / "model"
+    shutil.copytree(ckpts["base"], folder)
+    assert main(["train-predictor", str(trace_path), "--out", str(folder / FILE_NAME), "--holdout", "0",
+                 "--steps", "20"]) == 0
+    capsys.readouterr()
+    def predictor(**options):
+        return Engine.load(folder, EngineOptions(cache_experts=3, **options)).model.prefetcher.predictor
+
+    assert isinstance(predictor(), LearnedPredictor) and isinstance(predictor(predictor="router"), RouterPredictor)
+    with pytest.raises(UserError, match="predicts 1 layer"):
+        Engine.load(folder, EngineOptions(cache_experts=3, prefetch=2))
+    with pytest.raises(UserError, match="trained for"):
+        Engine.load(ckpts["top3"], EngineOptions(cache_experts=3, predictor=str(folder / FILE_NAME)))
+    assert main(["generate", "--model", str(ckpts["base"]), "--prompt-ids", "1,2", "--cache-experts", "3",
+                 "--predictor", str(tmp_path / "nothing.pred")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "junk.pred").write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match="not a safetensors file"):
+        load_predictor(tmp_path / "junk.pred", 3, 64, 8)
