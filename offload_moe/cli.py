@@ -187,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "passes; 0: fit and score on all of it (default: 0.25)")
     tun.add_argument("--validate", metavar="TRACE", help="fit on the whole --trace and score the winner and the "
                      "default on this trace (same layers, experts and top-k)")
+    tun.add_argument("--predictor", type=lambda v: [p for p in v.split(",") if p], default=[], metavar="FILE,...",
+                     help="train-predictor files to try as well, each with its own lead (the prefetch depth); their "
+                          "predictions come from the trace's hidden states (profile --hidden-states)")
     tun.add_argument("--out", metavar="FILE.toml", help="write the winner as a profile (default: print it)")
     tun.add_argument("--json", action="store_true", help="print the winner, the default and both scores as one "
                      "JSON object (notes go to stderr)")
@@ -399,7 +402,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if measured and f"D={config.dim} I={config.ffn_dim} " not in measured + " ":
         say(f"note: the [hardware] rates were measured on another expert shape ({measured}); this model's experts "
             f"are D={config.dim}, I={config.ffn_dim}: `python run.py calibrate --config MODEL` measures them")
-    best, default, everything = tune(split.fit, config, budget, hw, reserve, args.context, log=say, batch=args.batch)
+    best, default, everything = tune(split.fit, config, budget, hw, reserve, args.context, log=say, batch=args.batch,
+                                     predictors=args.predictor)
     score = scores(split, config, hw, best, default)
     table = score_lines(score)
     text = winner_profile(best, profile or load_profile("auto"), budget, reserve, hw, Path(args.trace).name)

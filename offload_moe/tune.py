@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -66,6 +67,7 @@ class Candidate:
     hit_rate: float
     seconds_per_step: float  # one decode step of `batch` sequences
     batch: int = 1
+    predictor: str = ""  # a train-predictor file whose predictions were replayed; "": the trace's recorded ones
 
     @property
     def seconds_per_token(self) -> float:
@@ -80,7 +82,8 @@ class Candidate:
         s = self.slots
         slots = str(s[0]) if len(set(s)) == 1 else f"{min(s)}-{max(s)} (sum {sum(s)})"
         return (f"{self.precision:<5} attn {self.attention:<4} slots {slots:<14} {self.policy:<6} "
-                f"prefetch {self.prefetch} miss {self.miss_policy:<5} hit {100 * self.hit_rate:5.1f}%  "
+                f"prefetch {self.prefetch}{' ' + Path(self.predictor).name if self.predictor else ''} "
+                f"miss {self.miss_policy:<5} hit {100 * self.hit_rate:5.1f}%  "
                 f"{self.tokens_per_s:7.2f} tok/s" + (f" ({1e3 * self.seconds_per_step:.2f} ms per step of {self.batch})"
                                                      if self.batch > 1 else ""))
 
@@ -127,11 +130,31 @@ def step_seconds(config: ModelConfig, expert_bytes: int, hw: dict, misses: float
     return max(compute + misses * per_miss, (misses + prefetches) * copy)
 
 
-def replay(trace: Trace, slots: int | list[int], policy: str, prefetch: int, batch: int) -> dict:
-    """One cache configuration run over `trace`: token by token, or as `batch` streams (`batch_sim`)."""
+def replay(trace: Trace, slots: int | list[int], policy: str, prefetch: int, batch: int, predictor: str = "") -> dict:
+    """One cache configuration run over `trace`: token by token, or as `batch` streams (`batch_sim`); with
+    prefetch (its lead; any > 0 replays the predictions) those the trace recorded, or `predictor`'s."""
+    if predictor:
+        from .predictors import replayed
+
+        trace = replayed(trace, predictor, trace.top_k)
+    prefetch = min(prefetch, 1)
     if batch == 1:
         return simulate(trace, slots, policy, prefetch)
     return simulate_batch(trace, slots, policy, batch, prefetch)
+
+
+def prediction_options(trace: Trace, predictors: Sequence[str]) -> list[tuple[int, str, Trace]]:
+    """(prefetch lead, predictor file or "", the trace with those predictions) for each way to prefetch: none,
+    the recorded predictions (when there are some), and each predictor file's (at the engine's width, top-k)."""
+    from .predictors import replayed
+
+    out = [(0, "", trace)]
+    if (trace.predicted >= 0).any():
+        out.append((int(trace.metadata.get("prefetch_lead", 1)), "", trace))
+    for path in predictors:
+        variant = replayed(trace, path, trace.top_k)
+        out.append((int(variant.metadata["prefetch_lead"]), path, variant))
+    return out
 
 
 def step_cost(config: ModelConfig, hw: dict, r: dict, tokens: int, precision: str, attention: str, group_size: int,
@@ -193,11 +216,12 @@ def spread_slots(hits: dict[int, list[int]], total: int, top_k: int, num_experts
 
 
 def tune(trace: Trace, config: ModelConfig, budget: int, hw: dict, reserve: int = int(DEFAULT_RESERVE),
-         context: int = 4096, policies=("lru", "lfu", "fifo", "random"), log=print, batch: int = 1
-         ) -> tuple[Candidate, Candidate, list[Candidate]]:
+         context: int = 4096, policies=("lru", "lfu", "fifo", "random"), log=print, batch: int = 1,
+         predictors: Sequence[str] = ()) -> tuple[Candidate, Candidate, list[Candidate]]:
     """Search the offload settings for `trace` on a device of `budget` bytes, for `batch` sequences decoding
-    together (the trace replayed as B streams, `batch_sim.simulate_batch`; their KV cache off the budget).
-    Returns (best, default, all)."""
+    together (the trace replayed as B streams, `batch_sim.simulate_batch`; their KV cache off the budget);
+    prefetch: none, the trace's recorded predictions, and each of `predictors` (train-predictor files, each
+    with its own lead: the depth). Returns (best, default, all)."""
     if batch < 1:
         raise UserError("--batch must be 1 or more")
     if trace.num_layers != config.n_moe_layers or trace.num_experts != config.num_experts:
@@ -206,13 +230,13 @@ def tune(trace: Trace, config: ModelConfig, budget: int, hw: dict, reserve: int 
     T = trace.experts.shape[0]
     K, E, L = config.top_k, config.num_experts, config.n_moe_layers
 
-    curves: dict[tuple[str, int], dict[int, dict]] = {}  # (policy, prefetch) -> slots -> result
+    curves: dict[tuple[str, int, str], tuple[Trace, dict[int, dict]]] = {}  # (policy, lead, predictor) -> slots
     for policy in policies:
-        for prefetch in (0, 1) if (trace.predicted >= 0).any() else (0,):
+        for prefetch, predictor, source in prediction_options(trace, predictors):
             sizes = tune_sizes(K, E)
-            results = simulate_many(trace, sizes, policy, prefetch) if batch == 1 else [
-                replay(trace, s, policy, prefetch, batch) for s in sizes]
-            curves[policy, prefetch] = dict(zip(sizes, results, strict=True))
+            results = simulate_many(source, sizes, policy, min(prefetch, 1)) if batch == 1 else [
+                replay(source, s, policy, prefetch, batch) for s in sizes]
+            curves[policy, prefetch, predictor] = source, dict(zip(sizes, results, strict=True))
 
     for note in rate_notes(hw):
         log(note)
@@ -232,18 +256,18 @@ def tune(trace: Trace, config: ModelConfig, budget: int, hw: dict, reserve: int 
                 f"{max(total, 0)} slots, top-k needs {K * L}")
             continue
         uniform = max(s for s in tune_sizes(K, E) if s <= min(total // L, E))  # the largest simulated size that fits
-        for (policy, prefetch), curve in curves.items():
+        for (policy, prefetch, predictor), (source, curve) in curves.items():
             hits = {s: r["per_layer_hits"] for s, r in curve.items()}
             allocations = [[uniform] * L]
             spread = spread_slots(hits, total, K, E)
             if spread != allocations[0]:
                 allocations.append(spread)
             for alloc in allocations:
-                r = curve[alloc[0]] if len(set(alloc)) == 1 else replay(trace, alloc, policy, prefetch, batch)
+                r = curve[alloc[0]] if len(set(alloc)) == 1 else replay(source, alloc, policy, prefetch, batch)
                 for miss in ("fetch", "cpu", "auto"):
                     secs = step_cost(config, hw, r, T, precision, attention, group or 64, miss)
                     out.append(Candidate(precision, attention, group or 64, alloc, policy, prefetch, miss,
-                                         r["hit_rate"], secs, batch))
+                                         r["hit_rate"], secs, batch, predictor))
     if not out:
         dense = dense_bytes(config, torch.float16, "int8" if group else "none", group or 64)
         raise UserError(f"nothing fits a {gib(budget)} device: dense weights and KV cache take at least "
@@ -388,6 +412,7 @@ def winner_profile(best: Candidate, base: Profile, budget: int, reserve: int, hw
         "group_size": best.group_size,
         "cache_experts": best.slots[0] if len(set(best.slots)) == 1 else best.slots,
         "prefetch": best.prefetch,
+        **({"predictor": best.predictor} if best.predictor else {}),
         "policy": best.policy,
         "miss_policy": best.miss_policy,
         "context": base.settings.get("context", 4096),

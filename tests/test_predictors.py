@@ -24,8 +24,11 @@ from offload_moe.predictors import (
     source_of,
     targets_of,
 )
+from offload_moe.profiles import load_profile
 from offload_moe.simulate import simulate
 from offload_moe.trace import Trace, load_trace, save_trace, slice_trace
+from offload_moe.tune import DEFAULT_HARDWARE, model_shape, tune, winner_profile
+from offload_moe.validate import rescore
 
 
 @pytest.mark.parametrize("rows", [2, 3, 5])
@@ -129,3 +132,31 @@ def test_profile_records_hidden_states_and_auto_loads_the_model_folders_predicto
     (tmp_path / "junk.pred").write_bytes(b"not a safetensors file")
     with pytest.raises(UserError, match="not a safetensors file"):
         load_predictor(tmp_path / "junk.pred", 3, 64, 8)
+
+
+def test_tune_tries_a_learned_predictor_and_writes_it_into_the_profile(tmp_path, capsys):
+    trace = synthetic_trace(T=1200, L=3, E=8, K=2, D=16)
+    trace.metadata["config"] = json.dumps({"dim": 4096, "n_layers": 3, "n_heads": 32, "n_kv_heads": 8,
+                                           "head_dim": 128, "ffn_dim": 14336, "num_experts": 8, "top_k": 2,
+                                           "vocab_size": 32000})
+    pred = tmp_path / "s.pred"
+    save_trace(tmp_path / "s.trace", trace)
+    assert main(["train-predictor", str(tmp_path / "s.trace"), "--out", str(pred), "--steps", "300"]) == 0
+    capsys.readouterr()
+    config = model_shape(trace)
+    best, default, out = tune(trace, config, 3 * 2**30, dict(DEFAULT_HARDWARE), 2**30, log=lambda *a: None,
+                              predictors=[str(pred)])
+    learned = [c for c in out if c.predictor == str(pred)]
+    recorded = [c for c in out if c.prefetch and not c.predictor]
+    assert learned and not recorded  # the synthetic trace recorded no predictions of its own
+    assert all(c.prefetch == 1 for c in learned)
+    same = next(c for c in learned if c.slots == default.slots and c.policy == "lru" and c.miss_policy == "fetch"
+                and c.precision == default.precision and c.attention == default.attention)
+    assert same.hit_rate > 0.95 > default.hit_rate + 0.3  # the learned routing is what the cache needed
+    held = rescore(slice_trace(trace, 900, 1200), config, dict(DEFAULT_HARDWARE), same)
+    assert held.hit_rate > 0.9  # replayed from the held-out tokens' own hidden states (never fitted on)
+    profile = winner_profile(same, load_profile("24gb"), 3 * 2**30, 2**30, dict(DEFAULT_HARDWARE), "s.trace")
+    assert f'predictor = "{pred}"' in profile and "prefetch = 1" in profile
+    assert main(["tune", "--trace", str(tmp_path / "s.trace"), "--budget", "3GB", "--reserve", "1GB",
+                 "--predictor", str(tmp_path / "missing.pred")]) == 1
+    assert "does not exist" in capsys.readouterr().err
