@@ -1,0 +1,148 @@
+"""Expert prediction on a trained demo: which predictor makes experts resident on arrival, on held-out text.
+
+    python bench/bench_prediction.py [--model demo|demo-fine|PATH] [--fit-tokens 40000] [--eval-tokens 20000]
+                                     [--write] [--threads 2]
+
+Both sides of the split come from the training script's corpus split (tools/train_tiny_moe.py): the
+learned predictor is fitted on windows of training files, every figure is measured on windows of the
+held-out files, which neither the model nor the predictor saw. Each window (the model's context) is
+scored in one pass with a trace recording the hidden states; the windows then replay one after
+another as one token stream, as a decode would meet them. Printed:
+  * recall per layer at width K and 2K (train_predictor.recall_table's predictors, plus the router one
+    layer ahead: each layer's own router on the hidden state entering the layer before; layer 0 from
+    the previous token's last layer);
+  * hit rates per cache size: LRU and Belady without prefetch, LRU with each predictor prefetching as
+    many experts as the layer has slots (the engine's default width) and top-k of them;
+  * the timed replay (timed.py) of those at the 24 GB profile's link and the cost model's compute:
+    per size, the share of expert uses ready on arrival, late (copy in flight) and missed.
+`--write` saves the learned predictor as the model folder's predictor.safetensors, which the engine's
+`--predictor auto` (the default) loads: how the demos' files are made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from train_tiny_moe import corpus_files, split_corpus  # noqa: E402
+
+from offload_moe.demo import resolve_model  # noqa: E402
+from offload_moe.engine import Engine, EngineOptions  # noqa: E402
+from offload_moe.predictors import FILE_NAME, LearnedPredictor, RouterPredictor, replayed, save_predictor  # noqa: E402
+from offload_moe.simulate import default_slots, simulate  # noqa: E402
+from offload_moe.timed import TimedOptions, simulate_timed, timed_costs  # noqa: E402
+from offload_moe.trace import Trace  # noqa: E402
+from offload_moe.train_predictor import fit_row, recall_table, samples  # noqa: E402
+
+
+def windows_trace(engine: Engine, files: dict[str, str], tokens: int) -> Trace:
+    """Windows of `files` (BOS + context - 1 tokens each), scored until `tokens`, as one trace with hidden states."""
+    step, parts, n = engine.kv_capacity - 1, [], 0
+    for text in files.values():
+        ids = engine.tokenizer.encode(text, bos=False)
+        for i in range(0, len(ids), step):
+            engine.start_trace("bench", hidden=True)
+            engine.score([engine.config.bos_id, *ids[i : i + step]])
+            parts.append(engine.stop_trace())
+            n += parts[-1].num_tokens
+            if n >= tokens:
+                break
+        if n >= tokens:
+            break
+    first = parts[0]
+    joined = {k: np.concatenate([getattr(p, k) for p in parts]) for k in ("experts", "weights", "predicted")}
+    hidden = np.concatenate([p.tensors["hidden"] for p in parts])
+    return Trace(**joined, num_experts=first.num_experts, top_k=first.top_k, num_layers=first.num_layers,
+                 model=first.model, metadata=dict(first.metadata), tensors={"hidden": hidden})
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="demo", help="demo, demo-fine or a trained Mixtral-layout folder")
+    ap.add_argument("--fit-tokens", type=int, default=40_000)
+    ap.add_argument("--eval-tokens", type=int, default=20_000)
+    ap.add_argument("--hidden-size", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--write", action="store_true", help="save the predictor as the model folder's " + FILE_NAME)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    folder = resolve_model(args.model)
+    engine = Engine.load(folder, EngineOptions(prefetch=0, dtype="float32", progress=False))
+    c = engine.config
+    L, E, K = c.n_moe_layers, c.num_experts, c.top_k
+    train, held = split_corpus(corpus_files())
+    fit, evaluation = windows_trace(engine, train, args.fit_tokens), windows_trace(engine, held, args.eval_tokens)
+    print(f"# {time.strftime('%Y-%m-%d')}, {args.model}: {L} layers, {E} experts, top-{K}; fitted on "
+          f"{fit.num_tokens:,} tokens of training files, measured on {evaluation.num_tokens:,} held-out tokens")
+    fitted = {lead: [fit_row(*samples(fit, row, lead), E, args.hidden_size, args.steps, 512, 3e-3, row)
+                     for row in range(L)] for lead in sorted({1, min(2, L - 1)})}
+    meta = {"trace": f"bench_prediction: {fit.num_tokens} tokens of training-file windows", "model": args.model,
+            "fitted_tokens": str(fit.num_tokens), "hidden_size": str(args.hidden_size), "steps": str(args.steps)}
+    learned = {lead: LearnedPredictor(w, lead, meta) for lead, w in fitted.items()}
+    if args.write:
+        save_predictor(folder / FILE_NAME, fitted[1], 1, meta)
+        print(f"wrote {folder / FILE_NAME}")
+    router = RouterPredictor(engine.model, 1)
+
+    for width in sorted({K, min(2 * K, E)}):
+        table = recall_table(learned[1], fit, evaluation, width)
+        table.pop("recorded")  # the windows were scored with prefetch off: the router's top-k, as "router" at K
+        cut = replayed(evaluation, router, width)
+        table["router"] = [float((cut.predicted[:, r, :, None] == evaluation.experts[:, r, None, :]).any(1).mean())
+                           for r in range(L)]
+        if 2 in learned:
+            table["learned 2"] = recall_table(learned[2], fit, evaluation, width)["learned"]
+        print(f"\nrecall at width {width} per layer (share of chosen experts among the {width} predicted; learned 2: "
+              "two layers ahead)")
+        print(f"{'layer':>6}" + "".join(f"{name:>11}" for name in table))
+        for r in range(L):
+            print(f"{r:>6}" + "".join(f"{100 * table[name][r]:>10.1f}%" for name in table))
+        print(f"{'mean':>6}" + "".join(f"{100 * np.mean(table[name]):>10.1f}%" for name in table))
+
+    sizes = default_slots(K, E)
+    # (name, predictor, width: None for the cache's slots)
+    configs = [("router K", router, K), ("router S", router, None), ("learned K", learned[1], K),
+               ("learned S", learned[1], None)] + ([("learned 2 K", learned[2], K)] if 2 in learned else [])
+    print("\nhit rate (resident on arrival) per cache size, held out; prefetch width top-k (K) or the slots (S), "
+          "learned 2: two layers ahead")
+    names = ["LRU", "Belady"] + [name for name, _, _ in configs]
+    print(f"{'slots':>6}" + "".join(f"{c:>12}" for c in names))
+    replays = {}
+    for s in sizes:
+        row = [simulate(evaluation, s, "lru")["hit_rate"], simulate(evaluation, s, "belady")["hit_rate"]]
+        for name, predictor, width in configs:
+            replays[s, name] = cut = replayed(evaluation, predictor, width or s)
+            row.append(simulate(cut, s, "lru", prefetch=1)["hit_rate"])
+        print(f"{s:>6}" + "".join(f"{100 * v:>11.1f}%" for v in row))
+
+    costs = timed_costs(evaluation, TimedOptions(profile="24gb"))
+    link = costs["h2d_bytes_per_s"] / 1e9
+    print(f"\ntimed, LRU (24gb profile: {link:.0f} GB/s link, copy {1e6 * costs['copy_s']:.1f} us per expert of "
+          f"{costs['expert_bytes'] / 1e3:.0f} kB; compute {1e6 * costs['layer_s']:.2f} us per layer "
+          "from the cost model): ready / late / missed %, us per token")
+    print(f"{'slots':>6}" + "".join(f"{c:>23}" for c in ["none", *names[2:]]))
+    for s in sizes:
+        runs = [simulate_timed(evaluation, s, "lru", None, 1, costs["copy_s"], costs["layer_s"])]
+        for name, predictor, _ in configs:
+            cut = replays[s, name]
+            runs.append(simulate_timed(cut, s, "lru", cut.predicted, predictor.lead, costs["copy_s"], costs["layer_s"],
+                                       after=cut.tensors["predicted_after"]))
+        print(f"{s:>6}" + "".join(f"{100 * r['ready']:>6.1f}/{100 * r['late']:.1f}/{100 * r['missed']:.1f} "
+                                  f"{1e6 * r['seconds_per_token']:>5.1f}" for r in runs))
+    print(f"\n{time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
