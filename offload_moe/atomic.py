@@ -20,6 +20,9 @@ def write_safetensors_atomic(path: str | os.PathLike, tensors: dict, metadata: d
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would make it, not mkstemp's owner-only 0600
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

@@ -30,7 +30,8 @@ def collect_stats(engine, result) -> dict:
         "misses": sum(misses),
         "per_layer_hits": list(hits),
         "per_layer_misses": list(misses),
-        "prefetch_depth": engine.options.prefetch,
+        "prefetch_depth": engine.model.prefetcher.lead if engine.model.prefetcher else 0,  # 0: off, or all resident
+        "predictor": engine.model.prefetcher.predictor.name if engine.model.prefetcher else None,
         "prefetch_copies": prefetch_copies,
         "prefetch_recall": prefetch_used / accesses if accesses else 0.0,
         "prefetch_precision": prefetch_used / prefetch_copies if prefetch_copies else 0.0,
@@ -87,7 +88,8 @@ def format_table(stats: dict) -> str:
         ("decode", f"{stats['generated_tokens']} tokens, {stats['decode_tokens_per_s']:.1f} tok/s (the first step "
                    f"apart: {1000 * stats['first_decode_s']:.1f} ms)"),
         ("expert hit rate", f"{100 * stats['hit_rate']:.1f}% ({stats['hits']} hits, {stats['misses']} misses)"),
-        ("prefetch", f"depth {stats['prefetch_depth']}, {stats['prefetch_copies']} copies, recall "
+        ("prefetch", f"depth {stats['prefetch_depth']} ({stats['predictor'] or 'off'}), {stats['prefetch_copies']} "
+                     "copies, recall "
                      f"{100 * stats['prefetch_recall']:.1f}%, precision {100 * stats['prefetch_precision']:.1f}%"),
         ("copied to device", f"{_bytes(stats['bytes_to_device'])} in {stats['copies']} copies "
                              f"({_bytes(stats['bytes_per_expert'])} per expert)"),
