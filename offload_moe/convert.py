@@ -24,6 +24,7 @@ from .errors import UserError
 from .formats import ExpertFormat
 from .model import ROUTER_BIAS
 from .packed import ALIGN, DATA, DENSE, INDEX, JOURNAL, VERSION, aligned
+from .predictors import FILE_NAME as PREDICTOR_FILE
 from .progress import Progress
 from .sources import MappedSource
 from .tokenizer import tokenizer_files
@@ -90,6 +91,8 @@ def convert(source: str | Path, out: str | Path, fmt: ExpertFormat, dense_dtype:
     (out / "config.json").write_text(json.dumps(hf, indent=2))
     for file in tokenizer_files(ckpt.path):  # tokenizer, chat template, generation config: the stop ids
         shutil.copy(file, out / file.name)
+    if (ckpt.path / PREDICTOR_FILE).is_file():  # the learned predictor --predictor auto loads: the model's hidden
+        shutil.copy(ckpt.path / PREDICTOR_FILE, out / PREDICTOR_FILE)  # states, whatever the experts' format
     index = {**settings, "align": ALIGN, "experts": entries}
     tmp = out / (INDEX + ".tmp")
     tmp.write_text(json.dumps(index))

@@ -15,9 +15,10 @@ copies the `width` best-scored experts (default: top-k; at most the row's slots)
            FILE`). Small enough to stay resident (D*H + H*E weights per row) and one matmul pair
            per row and token.
 The engine's default (`auto`): the model folder's `predictor.safetensors` when there is one (the
-demos ship theirs), else the router. Why (bench/bench_prediction.py, held-out prompts): on the
-trained demo at 4 slots the learned one makes 92% of expert uses resident on arrival against the
-router's 76% and Belady's 77% without prefetch; the router needs no file and no trace.
+demos ship theirs), else the router. Why (bench/bench_prediction.py, held-out text, one layer ahead,
+top-k prefetched): on the trained demo at 4 slots the learned one makes 85% of expert uses resident
+on arrival, the router 75%, Belady's eviction without prefetch 76%; on the fine-grained demo at 8
+slots 77%, 61% and 61%. The router needs no file and no trace.
 
 Shape legend: T tokens, D dim, H predictor hidden size, E experts, L rows, P prefetch width.
 """
@@ -35,7 +36,6 @@ from .atomic import write_safetensors_atomic
 from .errors import UserError
 
 FILE_NAME = "predictor.safetensors"  # looked for in the model folder by `--predictor auto`
-KINDS = ("auto", "router")  # or a file path
 
 
 def source_of(target: int, lead: int, rows: int) -> tuple[int, bool]:

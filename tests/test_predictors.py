@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from offload_moe.cli import main
+from offload_moe.demo import resolve_model
 from offload_moe.engine import Engine, EngineOptions
 from offload_moe.errors import UserError
 from offload_moe.predictors import (
@@ -160,3 +161,13 @@ def test_tune_tries_a_learned_predictor_and_writes_it_into_the_profile(tmp_path,
     assert main(["tune", "--trace", str(tmp_path / "s.trace"), "--budget", "3GB", "--reserve", "1GB",
                  "--predictor", str(tmp_path / "missing.pred")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_demos_ship_a_learned_predictor_that_convert_carries(tmp_path):
+    for name in ("demo", "demo-fine"):
+        engine = Engine.load(resolve_model(name), EngineOptions(cache_experts=4 if name == "demo" else 8))
+        assert isinstance(engine.model.prefetcher.predictor, LearnedPredictor)
+    assert main(["convert", "--model", "demo", "--out", str(tmp_path / "packed"), "--experts", "int8"]) == 0
+    assert (tmp_path / "packed" / FILE_NAME).read_bytes() == (resolve_model("demo") / FILE_NAME).read_bytes()
+    packed = Engine.load(tmp_path / "packed", EngineOptions(cache_experts=2))
+    assert isinstance(packed.model.prefetcher.predictor, LearnedPredictor)
