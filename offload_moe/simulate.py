@@ -12,7 +12,9 @@ Semantics, exactly those of the engine because both run `policy.SlotTable`:
     never one that the same token uses at that layer;
   * hit rate = hits / (T * L * K).
 With prefetch 1, before each token's access at layer l, `SlotTable.prefetch` inserts the trace's
-prediction `predicted[t, l]` (made one layer earlier). Prefetch accounting:
+prediction `predicted[t, l]` (made by the engine's predictor `prefetch_lead` layers earlier, or
+offline by a learned one: `--predictor`; cut to the layer's slots), and after the last token its
+`predicted_after` (the engine copied those too). Prefetch accounting:
   * prefetch_copies     experts that a prefetch inserted (it skips resident ones);
   * prefetch_hits       accesses that hit a slot filled by a prefetch and not accessed since: the
                         prefetches that were used;
