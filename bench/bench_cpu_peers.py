@@ -9,9 +9,9 @@ Shapes: "small" (hidden 512, FFN 1792, 8 layers, 8 experts, top-2, vocab 32000) 
 sides run alternately in this one process, `--repeats` times each, and the best decode tok/s is kept (over
 the steps after the first, greedy, the same prompt). Beside each figure: the weight bytes one decode step
 reads (every resident weight but the embeddings, K of E experts per layer; llama.cpp's from its GGUF's
-tensors) and the GB/s that makes at that speed. Beside int8/int4 experts our attention projections are int8
-too (`--attention-quant`), as llama.cpp's q8_0/q4_0 files quantize theirs; our LM head stays float32 while
-llama.cpp's files quantize their output matrix too (q8_0; q6_K in q4_0 files). llama.cpp is optional
+tensors) and the GB/s that makes at that speed. Beside int8/int4 experts our attention projections and LM
+head are int8 too (`--attention-quant`, `--head-quant`), as llama.cpp's q8_0/q4_0 files quantize their
+attention and output matrix (q8_0; q6_K for the output in q4_0 files). llama.cpp is optional
 (`llama_cpp_peer.INSTALL` says how); never run in CI.
 """
 
@@ -45,20 +45,22 @@ PROMPT = [1, 415, 2936, 9060, 285, 1142, 28705, 28740]
 PAIRS = (("none", "f32"), ("int8", "q8_0"), ("int4", "q4_0"))  # our expert format, llama.cpp's GGUF type
 
 
-def ours(path: Path, quant: str, tokens: int, repeats: int, attention: str) -> dict:
+def ours(path: Path, quant: str, tokens: int, repeats: int, attention: str, head: str) -> dict:
     """This engine, every expert resident, float32 compute: best decode tok/s of `repeats` generations."""
-    engine = Engine.load(path, EngineOptions(expert_quant=quant, attention_quant=attention, dtype="float32",
-                                             prefetch=0, context=256, progress=False))
+    engine = Engine.load(path, EngineOptions(expert_quant=quant, attention_quant=attention, head_quant=head,
+                                             dtype="float32", prefetch=0, context=256, progress=False))
     best, made = 0.0, []
     for _ in range(repeats):
         r = engine.generate(PROMPT, tokens)
         best, made = max(best, r.stats["decode_tokens_per_s"]), r.tokens
     c, fmt = engine.config, engine.cache.fmt
-    dense = sum(p.numel() * p.element_size() for n, p in engine.model.named_parameters() if "tok_embeddings" not in n)
+    weights = (*engine.model.named_parameters(), *engine.model.named_buffers())  # int8 layers hold buffers
+    dense = sum(p.numel() * p.element_size() for n, p in weights if "tok_embeddings" not in n)
     read = dense + len(c.moe_layers) * c.top_k * fmt.nbytes
     del engine
     gc.collect()
-    name = fmt.name + (" + int8 attention" if attention == "int8" else "")
+    int8 = [what for what, q in (("attention", attention), ("head", head)) if q == "int8"]
+    name = fmt.name + (f" + int8 {' and '.join(int8)}" if int8 else "")
     return {"tok_s": best, "tokens": made, "name": name, "read": read}
 
 
@@ -109,7 +111,8 @@ def run_shape(name: str, config: ModelConfig, args, tmp: Path) -> None:
     f32_tokens = {}
     for quant, gguf_type in PAIRS:
         attention = args.attention_quant if quant != "none" else "none"  # llama.cpp quantizes its attention too
-        a = ours(path, quant, args.tokens, args.repeats, attention)  # alternately: ours, then llama.cpp's
+        head = args.head_quant if quant != "none" else "none"  # and its output matrix
+        a = ours(path, quant, args.tokens, args.repeats, attention, head)  # alternately: ours, then llama.cpp's
         b = theirs(files[gguf_type], config, args.tokens, args.repeats, args.threads) if files else None
         if quant == "none":
             f32_tokens = {"ours": a["tokens"], "theirs": b and b["tokens"]}
@@ -139,6 +142,9 @@ def main() -> None:
     ap.add_argument("--attention-quant", default="int8", choices=("none", "int8"),
                     help="our attention projections beside int8/int4 experts (default: %(default)s, as q8_0/q4_0 "
                     "quantize llama.cpp's)")
+    ap.add_argument("--head-quant", default="int8", choices=("none", "int8"),
+                    help="our LM head beside int8/int4 experts (default: %(default)s, as q8_0/q4_0 quantize "
+                    "llama.cpp's output matrix)")
     ap.add_argument("--transformers", default="small", help="shapes where transformers fp32 runs too")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

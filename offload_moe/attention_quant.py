@@ -1,6 +1,6 @@
 """int8 attention projections: wq wk wv wo (latent attention: wq or wq_a wq_b, wkv_a, wo) kept resident as
 int8 (`Int8Linear`, in `quant.Int8Format`'s matrix layout and kernels) to free device memory for expert slots;
-and the resident weights' bytes.
+the int8 LM head (the output matrix: on the CPU a decode step's largest read); and the resident weights' bytes.
 
 Legend: T tokens, N output rows, K input columns.
 """
@@ -40,11 +40,11 @@ class Int8Scratch:
 
 
 class Int8Linear(nn.Module):
-    """A resident linear layer (attention's wq wk wv wo) with int8 weights: `Int8Format`'s matrix
+    """A resident linear layer (attention's wq wk wv wo, the LM head) with int8 weights: `Int8Format`'s matrix
     layout and paths, held in three buffers, so that a state dict carries it. Each call widens (CPU,
     `int8_bmm_linear`) or rebuilds (elsewhere, fp32 on the CPU for many tokens) its matrix in
     `scratch`, which `int8_attention` shares among all the model's projections (default: its own,
-    of this matrix's size)."""
+    of this matrix's size, as the head's)."""
 
     PARTS = tuple(INT8_PART_DTYPES)
 
@@ -101,9 +101,29 @@ def int8_attention(model: nn.Module, group_size: int) -> None:
 
 
 def int8_attention_state(name: str, w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
-    """The state-dict entries of `Int8Linear` that replace the attention weight `name` ([N, K])."""
+    """The state-dict entries of `Int8Linear` that replace the weight `name` ([N, K]): an attention
+    projection's, or the head's."""
     prefix = name.removesuffix("weight")
     return {prefix + part: v for part, v in int8_parts(w, group_size).items()}
+
+
+HEAD_QUANTS = ("none", "int8")
+
+
+def int8_head(model: nn.Module, group_size: int) -> None:
+    """Swap the LM head (`model.output`) for an `Int8Linear` of the same shape, on the model's device (before
+    the state dict is assigned), with its own scratch: allocated at first use, which a decode step on the CPU
+    (one row, the C kernel) never makes; B rows of a batched step on the CPU (`int8_bmm_linear`), a long
+    `score` or any call on another device fill it: V*D elements, fp32 on the CPU (Mixtral: 500 MiB),
+    the compute dtype elsewhere."""
+    lin = model.output
+    with lin.weight.device:
+        model.output = Int8Linear(lin.in_features, lin.out_features, group_size, bias=lin.bias is not None)
+
+
+def int8_bytes(params: int, group_size: int) -> int:
+    """Bytes of `params` weights as int8 codes with a bf16 scale and zero per group."""
+    return params + 2 * SCALE_DTYPE.itemsize * params // group_size
 
 
 def attention_bytes(config: ModelConfig, quant: str, group_size: int, dtype: torch.dtype) -> int:
@@ -111,10 +131,16 @@ def attention_bytes(config: ModelConfig, quant: str, group_size: int, dtype: tor
     n = config.attention_params
     if quant == "none":
         return n * dtype.itemsize
-    return n + 2 * SCALE_DTYPE.itemsize * n // group_size
+    return int8_bytes(n, group_size)
 
 
-def dense_bytes(config: ModelConfig, dtype: torch.dtype, attention: str = "none", group_size: int = 64) -> int:
-    """The resident weights: everything in `dtype` but the attention projections, which may be int8."""
-    return (config.dense_params - config.attention_params) * dtype.itemsize + attention_bytes(
-        config, attention, group_size, dtype)
+def dense_bytes(config: ModelConfig, dtype: torch.dtype, attention: str = "none", group_size: int = 64,
+                head: str = "none") -> int:
+    """The resident weights: everything in `dtype` but the attention projections and the LM head, which may be
+    int8 (a tied head is then an int8 copy beside the embedding, which stays in `dtype`)."""
+    dense = config.dense_params - config.attention_params
+    if head == "int8":
+        untied = 0 if config.tie_word_embeddings else config.vocab_size * config.dim
+        return (dense - untied) * dtype.itemsize + attention_bytes(config, attention, group_size, dtype) + int8_bytes(
+            config.vocab_size * config.dim, group_size)
+    return dense * dtype.itemsize + attention_bytes(config, attention, group_size, dtype)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .atomic import write_safetensors_atomic
-from .attention_quant import ATTENTION_QUANTS
+from .attention_quant import ATTENTION_QUANTS, HEAD_QUANTS
 from .cache import MISS_POLICIES
 from .demo import TRAINED_DEMOS, resolve_model
 from .engine import DTYPES, Engine, EngineOptions
@@ -94,6 +94,12 @@ def engine_flags() -> argparse.ArgumentParser:
     g.add_argument("--attention-quant", choices=ATTENTION_QUANTS,
                    help="quantize the attention projections at load (they stay resident: int8 frees device memory "
                         f"for expert slots); a packed --model keeps its own (default: {DEFAULTS.attention_quant})")
+    g.add_argument("--head-quant", choices=HEAD_QUANTS,
+                   help="quantize the LM head (output matrix) at load to int8, group-wise like the attention (a "
+                        "packed --model's too): a CPU decode lever, the one-token C kernel reads a quarter of "
+                        "float32's bytes (batched steps and long scores widen it in an fp32 scratch of its size); "
+                        "on CUDA it is rebuilt in a scratch as large as the fp16 matrix, so it saves no device "
+                        f"memory there (default: {DEFAULTS.head_quant})")
     g.add_argument("--group-size", type=int, choices=GROUP_SIZES, help=f"quantization group size {GROUP_HELP}")
     g.add_argument("--ram-budget", type=_size, metavar="SIZE",
                    help="RAM for the experts, e.g. 16GB, or auto; when they need more, they stream from storage "
@@ -269,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
 def options_from(args: argparse.Namespace) -> dict:
     """The engine flags that were given (others come from the profile or EngineOptions)."""
     keys = ("device", "dtype", "cache_experts", "prefetch", "predictor", "prefetch_width", "policy", "miss_policy",
-            "expert_quant", "attention_quant", "group_size", "ram_budget", "context", "max_batch")
+            "expert_quant", "attention_quant", "head_quant", "group_size", "ram_budget", "context", "max_batch")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 

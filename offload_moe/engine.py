@@ -20,10 +20,12 @@ import torch
 from .attention_quant import (
     ATTENTION_QUANTS,
     ATTENTION_SUFFIXES,
+    HEAD_QUANTS,
     Int8Linear,
     dense_bytes,
     int8_attention,
     int8_attention_state,
+    int8_head,
 )
 from .cache import MISS_POLICIES, ExpertCache
 from .checkpoint import Checkpoint
@@ -72,8 +74,10 @@ class EngineOptions:
     expert_quant: str = "none"  # experts quantized at load: none, int8, int4, mxfp4 (a packed folder keeps its own;
     # none keeps an MXFP4 checkpoint's experts MXFP4)
     attention_quant: str = "none"  # attention projections quantized at load: none, int8 (likewise)
+    head_quant: str = "none"  # the LM head quantized at load: none, int8 (a packed folder's too)
     group_size: int | None = None  # quantization group size: 32, 64 or 128; None: 64 where it divides every
-    # quantized input (the experts' D and I, the attention's D and H*hd when int8), else the largest that does
+    # quantized input (the experts' D and I, the attention's D and H*hd, the head's D when int8), else the
+    # largest that does
     context: int = 4096  # KV-cache length to preallocate (clipped to the model's own)
     seed: int = 0  # for the random eviction policy
     progress: bool = True  # a progress bar on large loads
@@ -142,11 +146,23 @@ def attention_group(ckpt: Checkpoint, options: EngineOptions) -> int | None:
     return None if options.attention_quant == "none" else group_size_for(ckpt.config, options)
 
 
+def head_group(ckpt: Checkpoint, options: EngineOptions) -> int | None:
+    """The group size of an int8 LM head, or None when it stays in the compute dtype. A packed folder's
+    experts and attention keep their own group sizes: its head is checked alone."""
+    if options.head_quant not in HEAD_QUANTS:
+        raise UserError(f"unknown head quantization {options.head_quant!r} (use {', '.join(HEAD_QUANTS)})")
+    if options.head_quant == "none":
+        return None
+    if ckpt.packed_index is not None:
+        return resolve_group_size(ckpt.config, options.group_size, experts=False, head=True)
+    return group_size_for(ckpt.config, options)
+
+
 def group_size_for(config, options: EngineOptions) -> int:
     """The quantization group size of a run that quantizes at load: the one asked for, checked against the
     inputs it quantizes, or the automatic one (`quant.resolve_group_size`)."""
     return resolve_group_size(config, options.group_size, experts=options.expert_quant in ("int8", "int4"),
-                              attention=options.attention_quant == "int8")
+                              attention=options.attention_quant == "int8", head=options.head_quant == "int8")
 
 
 def set_fields(options: EngineOptions) -> dict:
@@ -254,7 +270,11 @@ class Engine:
         context = min(options.context, c.max_context)
         fmt = expert_format_for(ckpt, options, dtype, device)
         attn_group = attention_group(ckpt, options)
+        head = head_group(ckpt, options)
         dense = dense_bytes(c, dtype, "none" if attn_group is None else "int8", attn_group or 64)
+        if head is not None:  # its int8 bytes in place of its dense ones; off the CPU, the scratch it is rebuilt in
+            dense += dense_bytes(c, dtype, head="int8", group_size=head) - dense_bytes(c, dtype)
+            dense += c.vocab_size * c.dim * dtype.itemsize if device.type != "cpu" else 0
         if prof is not None and prof.auto and "cache_experts" not in given:
             slots, budget = auto_slots(c, dtype, fmt.nbytes, context, device, options.device_reserve, dense,
                                        options.max_batch)
@@ -270,6 +290,8 @@ class Engine:
             model = Transformer(c)
         if attn_group is not None:
             int8_attention(model, attn_group)
+        if head is not None:
+            int8_head(model, head)
         state = {}
         for name in ckpt.expected_dense():
             t = ckpt.dense(name).to(device)
@@ -281,7 +303,10 @@ class Engine:
                 state[name] = t.float()
             else:
                 state[name] = t.to(dtype)
-        if c.tie_word_embeddings:
+        if head is not None:  # quantized here, on the device; a tied embedding stays dense beside its int8 copy
+            w = state["tok_embeddings.weight"] if c.tie_word_embeddings else state.pop("output.weight")
+            state |= int8_attention_state("output.weight", w, head)
+        elif c.tie_word_embeddings:
             state["output.weight"] = state["tok_embeddings.weight"]
         model.load_state_dict(state, assign=True, strict=True)
         model.rope = rope_tables(c.rotary_dim, c.rope_theta, context, device, c.rope_scaling)
@@ -306,7 +331,7 @@ class Engine:
         cached = any(n < c.num_experts for n in slots)
         lead = min(options.prefetch, c.n_moe_layers - 1)  # a row predicted from itself would evict its own experts
         if lead and cached:
-            predictor = make_predictor(options.predictor, model, ckpt.path, lead, device, dtype)
+            predictor = make_predictor(options.predictor, model, ckpt.path, lead, device)
             widths = [min(options.prefetch_width or c.top_k, n) for n in slots]  # a prefetch fills at most the slots
             model.prefetcher = Prefetcher(model, predictor, widths, cache)
         pool = KVPool(c, context, options.max_batch, device, dtype)  # generate's own sequence is its slot 0
@@ -328,9 +353,17 @@ class Engine:
     @property
     def attention_format(self) -> str:
         """How the attention projections are held: int8-gG or the compute dtype."""
-        wo = self.model.layers[0].attention.wo  # every attention has wo (latent attention has no wq with q_lora_rank)
-        if isinstance(wo, Int8Linear):
-            return f"int8-g{wo.codes.shape[-1]}"
+        return self._format(self.model.layers[0].attention.wo)  # every attention has wo (latent attention
+        # has no wq with q_lora_rank)
+
+    @property
+    def head_format(self) -> str:
+        """How the LM head is held: int8-gG or the compute dtype."""
+        return self._format(self.model.output)
+
+    def _format(self, linear: torch.nn.Module) -> str:
+        if isinstance(linear, Int8Linear):
+            return f"int8-g{linear.codes.shape[-1]}"
         return str(self.dtype).removeprefix("torch.")
 
     @property

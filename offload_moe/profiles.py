@@ -35,8 +35,8 @@ def _profile_dir() -> Path:
 
 
 PROFILE_DIR = _profile_dir()
-ENGINE_KEYS = ("device", "dtype", "expert_quant", "attention_quant", "group_size", "cache_experts", "prefetch",
-               "predictor", "prefetch_width", "policy", "miss_policy", "context")
+ENGINE_KEYS = ("device", "dtype", "expert_quant", "attention_quant", "head_quant", "group_size", "cache_experts",
+               "prefetch", "predictor", "prefetch_width", "policy", "miss_policy", "context")
 DEFAULT_RESERVE = 1.5 * 2**30  # CUDA context, activations, allocator slack on a real card
 _UNITS = {"": 1, "b": 1, "kb": 2**10, "kib": 2**10, "mb": 2**20, "mib": 2**20, "gb": 2**30, "gib": 2**30,
           "tb": 2**40, "tib": 2**40}

@@ -464,43 +464,50 @@ def bytes_per_expert(config: ModelConfig, name: str, group_size: int = 64, dtype
 DEFAULT_GROUP_SIZE = 64  # the group size when none is asked for and it divides every quantized input
 
 
-def quantized_inputs(config: ModelConfig, experts: bool = True, attention: bool = False) -> list[tuple[str, int]]:
+def quantized_inputs(config: ModelConfig, experts: bool = True, attention: bool = False,
+                     head: bool = False) -> list[tuple[str, int]]:
     """(what, size) of every input dimension that a group must divide: the experts' (D for w1 w3, I for
-    w2) when they are quantized, the attention projections' (`ModelConfig.attention_inputs`) when they are."""
+    w2) when they are quantized, the attention projections' (`ModelConfig.attention_inputs`) when they are,
+    the LM head's (D) when it is."""
     sizes = [("model dim", config.dim), ("expert ffn dim", config.ffn_dim)] if experts else []
     if attention:
         sizes += [("attention input size", n) for n in config.attention_inputs]
+    if head:
+        sizes.append(("model dim", config.dim))
     return sizes
 
 
-def dividing_group_sizes(config: ModelConfig, experts: bool = True, attention: bool = False) -> list[int]:
+def dividing_group_sizes(config: ModelConfig, experts: bool = True, attention: bool = False,
+                         head: bool = False) -> list[int]:
     """The allowed group sizes that divide every quantized input (all of them when nothing is quantized)."""
-    sizes = quantized_inputs(config, experts, attention)
+    sizes = quantized_inputs(config, experts, attention, head)
     return [g for g in GROUP_SIZES if all(n % g == 0 for _, n in sizes)]
 
 
-def auto_group_size(config: ModelConfig, experts: bool = True, attention: bool = False) -> int | None:
+def auto_group_size(config: ModelConfig, experts: bool = True, attention: bool = False,
+                    head: bool = False) -> int | None:
     """DEFAULT_GROUP_SIZE where it divides every quantized input, else the largest allowed size that does,
     else None (this model's weights cannot be group-quantized)."""
-    ok = dividing_group_sizes(config, experts, attention)
+    ok = dividing_group_sizes(config, experts, attention, head)
     return DEFAULT_GROUP_SIZE if DEFAULT_GROUP_SIZE in ok else max(ok, default=None)
 
 
 def resolve_group_size(config: ModelConfig, requested: int | None, experts: bool = True,
-                       attention: bool = False) -> int:
+                       attention: bool = False, head: bool = False) -> int:
     """The group size to quantize with: `requested` when given (checked), else `auto_group_size`. A size
     that does not divide an input, or a model that no allowed size divides, is a one-line UserError that
     names the sizes that would work. With nothing quantized the group size is unused: returned unchecked."""
-    if not experts and not attention:
+    if not experts and not attention and not head:
         return DEFAULT_GROUP_SIZE if requested is None else requested
-    inputs = quantized_inputs(config, experts, attention)
-    ok = dividing_group_sizes(config, experts, attention)
+    inputs = quantized_inputs(config, experts, attention, head)
+    ok = dividing_group_sizes(config, experts, attention, head)
     listed = ", ".join(dict.fromkeys(f"{what} {n}" for what, n in inputs))
     if not ok:
         raise UserError(f"no quantization group size ({', '.join(map(str, GROUP_SIZES))}) divides the quantized "
-                        f"inputs ({listed}): quantize nothing here (--expert-quant none, --attention-quant none)")
+                        f"inputs ({listed}): quantize nothing here (--expert-quant none, --attention-quant none, "
+                        "--head-quant none)")
     if requested is None:
-        return auto_group_size(config, experts, attention)
+        return auto_group_size(config, experts, attention, head)
     if requested not in GROUP_SIZES:
         raise UserError(f"quantization group size must be one of {GROUP_SIZES}, got {requested}")
     bad = [(what, n) for what, n in inputs if n % requested]

@@ -42,6 +42,7 @@ def collect_stats(engine, result) -> dict:
         "bytes_per_expert": engine.cache.fmt.nbytes,
         "expert_format": engine.cache.fmt.name,
         "attention_format": engine.attention_format,
+        "head_format": engine.head_format,
         "copy_wait_s": c.copy_wait_s,
         "demand_during_prefetch": c.demand_during_prefetch,
         "peak_device_bytes": peak,
