@@ -84,8 +84,10 @@ class LearnedPredictor:
     def scores(self, target: int, h: torch.Tensor) -> tuple[None, torch.Tensor]:
         return None, self.logits(target, h)
 
-    def to(self, device: torch.device, dtype: torch.dtype) -> LearnedPredictor:
-        self.weights = [{k: v.to(device, dtype) for k, v in w.items()} for w in self.weights]
+    def to(self, device: torch.device) -> LearnedPredictor:
+        """On the model's device, in float32 whatever the model's dtype: the folded input standardisation
+        can make weights and biases too large for float16, and the MLP is tiny."""
+        self.weights = [{k: v.to(device, torch.float32) for k, v in w.items()} for w in self.weights]
         return self
 
 
@@ -132,7 +134,7 @@ def load_predictor(path: str | os.PathLike, rows: int, dim: int, experts: int) -
     return LearnedPredictor(weights, lead, meta)
 
 
-def make_predictor(kind: str, model, model_dir: Path, lead: int, device: torch.device, dtype: torch.dtype):
+def make_predictor(kind: str, model, model_dir: Path, lead: int, device: torch.device):
     """`--predictor`: 'router', a file, or 'auto' (the model folder's predictor file, else the router).
     A learned predictor predicts `lead` rows ahead as it was trained; `--prefetch` must agree."""
     c = model.config
@@ -145,7 +147,7 @@ def make_predictor(kind: str, model, model_dir: Path, lead: int, device: torch.d
     if learned.lead != lead:
         raise UserError(f"predictor {kind} predicts {learned.lead} layer(s) ahead; --prefetch {lead} asks for "
                         f"{lead} (use --prefetch {learned.lead}, or --predictor router)")
-    return learned.to(device, dtype)
+    return learned.to(device)
 
 
 def replayed(trace, predictor, width: int):
