@@ -127,10 +127,21 @@ def load_predictor(path: str | os.PathLike, rows: int, dim: int, experts: int) -
         raise UserError(f"predictor {p} is not a train-predictor file (no lead, rows or row weights)") from None
     if meta.get("kind") != "learned":
         raise UserError(f"predictor {p}: unknown kind {meta.get('kind')!r}")
-    got = (n, weights[0]["w1"].shape[1], weights[0]["w2"].shape[0])
+    if not weights:
+        raise UserError(f"predictor {p} holds no layers")
+    got = (n, weights[0]["w1"].shape[-1], weights[0]["w2"].shape[0])
     if got != (rows, dim, experts):
         raise UserError(f"predictor {p} was trained for {got[0]} MoE layers, dim {got[1]}, {got[2]} experts; "
                         f"this model has {rows}, {dim}, {experts}")
+    hidden = weights[0]["b1"].shape
+    for r, w in enumerate(weights):
+        shapes = [tuple(w[k].shape) for k in ("w1", "b1", "w2", "b2")]
+        if shapes != [(*hidden, dim), hidden, (experts, *hidden), (experts,)]:
+            raise UserError(f"predictor {p}: layer {r}'s weights have shapes {shapes}, not an MLP {dim} -> "
+                            f"{hidden[0] if hidden else '?'} -> {experts}")
+    if not 1 <= lead < rows:
+        raise UserError(f"predictor {p} predicts {lead} layers ahead; this model's {rows} MoE layers allow 1 to "
+                        f"{rows - 1}")
     return LearnedPredictor(weights, lead, meta)
 
 

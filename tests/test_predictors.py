@@ -171,3 +171,20 @@ def test_the_demos_ship_a_learned_predictor_that_convert_carries(tmp_path):
     assert (tmp_path / "packed" / FILE_NAME).read_bytes() == (resolve_model("demo") / FILE_NAME).read_bytes()
     packed = Engine.load(tmp_path / "packed", EngineOptions(cache_experts=2))
     assert isinstance(packed.model.prefetcher.predictor, LearnedPredictor)
+
+
+def test_a_malformed_predictor_file_is_refused_with_the_reason(tmp_path):
+    def mlp(hidden=4, dim=16, experts=8):
+        return {"w1": torch.zeros(hidden, dim), "b1": torch.zeros(hidden), "w2": torch.zeros(experts, hidden),
+                "b2": torch.zeros(experts)}
+
+    save_predictor(tmp_path / "ok", [mlp() for _ in range(3)], 1, {})
+    assert load_predictor(tmp_path / "ok", 3, 16, 8).lead == 1
+    save_predictor(tmp_path / "shapes", [mlp(), mlp(hidden=5), mlp()], 1, {})
+    with pytest.raises(UserError, match="layer 1's weights have shapes"):
+        load_predictor(tmp_path / "shapes", 3, 16, 8)
+    save_predictor(tmp_path / "lead", [mlp() for _ in range(3)], 3, {})
+    with pytest.raises(UserError, match="allow 1 to 2"):
+        load_predictor(tmp_path / "lead", 3, 16, 8)
+    with pytest.raises(UserError, match="trained for 3 MoE layers, dim 16, 8 experts"):
+        load_predictor(tmp_path / "ok", 4, 16, 8)
