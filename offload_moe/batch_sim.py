@@ -23,12 +23,10 @@ Shape legend: T tokens, L layers, K top-k, E experts, F forwards, B streams.
 
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
 
 from .errors import UserError
-from .policy import NEVER, SlotTable
+from .policy import NEVER, SlotTable, prefetch_choice
 from .simulate import _check_policy, _check_prefetch, _per_layer
 from .trace import Trace
 
@@ -80,7 +78,7 @@ def replay_forwards(trace: Trace, forwards: list[list[int]], slots: int | list[i
             want = wants[f]
             accesses[layer] += len(want)
             if predicted is not None:  # issued before this layer's accesses (at the previous layer's acquire)
-                chosen = _predicted(predicted, toks, n, trace.top_k, table.uses[layer])
+                chosen = prefetch_choice([predicted[t] for t in toks], trace.top_k, n, table.uses[layer])
                 table.replay(layer, ((),), (chosen,), next_use=next_use)
             if len(toks) == 1:
                 groups = [want]
@@ -126,21 +124,6 @@ def _wanted(experts: list[list[int]], toks: list[int]) -> list[int]:
     if len(toks) == 1:
         return list(experts[toks[0]])
     return sorted({e for t in toks for e in experts[t]})
-
-
-def _predicted(predicted: list[list[int]], toks: list[int], n: int, top_k: int, uses) -> list[int]:
-    """What the engine prefetches for a forward (prefetch.py): the prediction of its one token (or of the one
-    token predicted, the first, from the last forward's last token), else the experts most tokens rank in
-    their top-k, ties to the most used so far (`uses` [E]), at most `n` and the width of one token's prediction."""
-    made = [t for t in toks if predicted[t][0] >= 0]
-    if not made:
-        return []
-    n = min(n, sum(e >= 0 for e in predicted[made[0]]))  # the engine's width: what one token's prediction holds
-    if len(made) == 1:
-        return list(predicted[made[0]][:n])
-    counts = Counter(e for t in made for e in predicted[t][:top_k] if e >= 0)
-    ranked = sorted(counts, key=lambda e: (-counts[e], -uses[e], e))
-    return ranked[:n]
 
 
 def _next_uses(wants: list[list[int]], num_experts: int) -> tuple[list[int], list[list[tuple[int, int]]]]:

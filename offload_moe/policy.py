@@ -40,6 +40,9 @@ Policy keys (smallest leaves first):
   belady  minus the next use of that expert at that layer (never again leaves first);
           offline only: the caller passes the next-use table.
 
+What a forward prefetches for a row, from its tokens' ranked predictions, is one rule too
+(`prefetch_choice`), which the engine's prefetcher and the batched replay both call.
+
 Shape legend: T steps, W experts per step, R rows, S slots, E experts.
 """
 
@@ -49,6 +52,7 @@ import importlib.util
 import os
 import random
 import sys
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -212,6 +216,22 @@ class SlotTable:
             raise NoVictimError("every slot holds an expert that this access still needs")
         if status == BAD_EXPERT:
             raise ValueError(f"an expert id is not below num_experts={self.num_experts}")
+
+
+def prefetch_choice(predicted: list[list[int]], top_k: int, width: int, uses) -> list[int]:
+    """What a forward prefetches for one row (the engine's `Prefetcher` and `batch_sim` both call this, so
+    they cannot disagree):
+    predicted [T][P] its tokens' ranked predictions (rows starting with -1: none made). One token's
+    prediction is taken whole; several tokens' vote with their top-k, the most votes first, ties to the
+    row's most used experts so far (`uses` [E], the frequency prior); at most `width` and P experts."""
+    made = [p for p in predicted if p and p[0] >= 0]
+    if not made:
+        return []
+    width = min(width, sum(e >= 0 for e in made[0]))
+    if len(made) == 1:
+        return list(made[0][:width])
+    votes = Counter(e for p in made for e in p[:top_k] if e >= 0)
+    return sorted(votes, key=lambda e: (-votes[e], -uses[e], e))[:width]
 
 
 def _values(row: np.ndarray | list) -> list:

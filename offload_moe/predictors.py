@@ -63,10 +63,18 @@ class RouterPredictor:
 
     def __init__(self, model, lead: int):
         self.model, self.lead = model, lead
+        # sigmoid and grouped routers pick within groups, which their scores alone do not show
+        self.own_pick = model.config.router in ("sigmoid", "grouped_softmax")
 
-    def scores(self, target: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """h [T, D] -> the router's own top-k [T, K] and its scores [T, E] for ranking the rest."""
-        return self.model.predict(target, h), self.model.router_scores(target, h)
+    def rank(self, target: int, h: torch.Tensor, width: int) -> torch.Tensor:
+        """h [T, D] -> the `width` best experts [T, P]: the router's own top-k first, then by router score
+        (one router pass where the scores rank them all)."""
+        if not self.own_pick:
+            return ranked(None, self.model.router_scores(target, h), width)
+        first = self.model.predict(target, h)  # [T, K]
+        if width <= first.shape[1]:
+            return first[:, :width]
+        return ranked(first, self.model.router_scores(target, h), width)
 
 
 class LearnedPredictor:
@@ -81,8 +89,9 @@ class LearnedPredictor:
         w = self.weights[target]
         return F.linear(F.gelu(F.linear(h.to(w["w1"].dtype), w["w1"], w["b1"])), w["w2"], w["b2"])  # [T, E]
 
-    def scores(self, target: int, h: torch.Tensor) -> tuple[None, torch.Tensor]:
-        return None, self.logits(target, h)
+    def rank(self, target: int, h: torch.Tensor, width: int) -> torch.Tensor:
+        """h [T, D] -> the `width` best-scored experts [T, P]."""
+        return torch.topk(self.logits(target, h), width, dim=-1).indices
 
     def to(self, device: torch.device) -> LearnedPredictor:
         """On the model's device, in float32 whatever the model's dtype: the folded input standardisation
@@ -183,7 +192,7 @@ def replayed(trace, predictor, width: int):
     with torch.no_grad():
         for row in range(L):
             src, cross = source_of(row, predictor.lead, L)
-            top = ranked(*predictor.scores(row, hidden[:, src]), width).numpy()  # [T, P]
+            top = predictor.rank(row, hidden[:, src], width).numpy()  # [T, P]
             if cross:  # token t's from token t - 1's hidden state; the last token's for a next token
                 predicted[1:, row], after[row] = top[:-1], top[-1]
             else:

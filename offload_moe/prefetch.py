@@ -56,7 +56,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .predictors import ranked, targets_of
+from .policy import prefetch_choice
+from .predictors import targets_of
 
 
 class Transfers:
@@ -177,20 +178,13 @@ class Prefetcher:
             if next_token and decode and h.shape[0] > 1:
                 continue  # a batch's next step may hold other sequences: no cross-token guess
             x = h[-1:] if next_token else h  # a prompt's next forward follows its last token
-            first, scores = self.predictor.scores(target, x)
-            experts = ranked(first, scores, self.widths[target])  # [T, P]
+            experts = self.predictor.rank(target, x, self.widths[target])  # [T, P]
             if recorder is not None:
                 recorder.predicted(target, next_token, experts)
             if self.cache is None:
                 continue
-            if x.shape[0] == 1:
-                chosen = experts.view(-1).tolist()  # SYNC: prediction to host, [P]
-            else:  # a prompt or a batch: the experts most tokens pick, ties to the row's most used so far
-                votes = torch.bincount(experts[:, :K].reshape(-1), minlength=self.model.config.num_experts)
-                votes = votes.tolist()  # SYNC: prediction to host, [E]
-                uses = self.cache.table.uses[target]
-                order = sorted((e for e in range(len(votes)) if votes[e]), key=lambda e: (-votes[e], -uses[e], e))
-                chosen = order[: self.widths[target]]
+            chosen = prefetch_choice(experts.tolist(), K, self.widths[target],  # SYNC: prediction to host, [T][P]
+                                     self.cache.table.uses[target])
             self.cache.store.prefetch(target, chosen)  # non-blocking reads from storage (tiered store only)
             self.cache.plan_prefetch(target, chosen)
         if self.cache is not None and not self.cache.store.in_ram and row + self.lead + 1 < rows and h.shape[0] == 1:

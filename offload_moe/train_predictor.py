@@ -78,7 +78,7 @@ def recall_table(model: LearnedPredictor, fit: Trace, held: Trace, width: int) -
     for row in range(L):
         x, chosen = samples(held, row, model.lead)
         with torch.no_grad():
-            learned = torch.topk(model.logits(row, x), width, dim=-1).indices.numpy()  # [N, P]
+            learned = model.rank(row, x, width).numpy()  # [N, P]
         chosen = chosen.numpy()
         out["learned"].append(recall(learned, chosen))
         out["recorded"].append(recall(held.predicted[:, row, :width], held.experts[:, row]))
