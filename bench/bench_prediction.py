@@ -40,8 +40,8 @@ from offload_moe.engine import Engine, EngineOptions  # noqa: E402
 from offload_moe.predictors import FILE_NAME, LearnedPredictor, RouterPredictor, replayed, save_predictor  # noqa: E402
 from offload_moe.simulate import default_slots, simulate  # noqa: E402
 from offload_moe.timed import TimedOptions, simulate_timed, timed_costs  # noqa: E402
-from offload_moe.trace import Trace  # noqa: E402
-from offload_moe.train_predictor import fit_row, recall_table, samples  # noqa: E402
+from offload_moe.trace import Trace, join_traces  # noqa: E402
+from offload_moe.train_predictor import fit_row, recall, recall_table, samples  # noqa: E402
 
 
 def windows_trace(engine: Engine, files: dict[str, str], tokens: int) -> Trace:
@@ -58,11 +58,7 @@ def windows_trace(engine: Engine, files: dict[str, str], tokens: int) -> Trace:
                 break
         if n >= tokens:
             break
-    first = parts[0]
-    joined = {k: np.concatenate([getattr(p, k) for p in parts]) for k in ("experts", "weights", "predicted")}
-    hidden = np.concatenate([p.tensors["hidden"] for p in parts])
-    return Trace(**joined, num_experts=first.num_experts, top_k=first.top_k, num_layers=first.num_layers,
-                 model=first.model, metadata=dict(first.metadata), tensors={"hidden": hidden})
+    return join_traces(parts)
 
 
 def main() -> int:
@@ -99,8 +95,7 @@ def main() -> int:
         table = recall_table(learned[1], fit, evaluation, width)
         table.pop("recorded")  # the windows were scored with prefetch off: the router's top-k, as "router" at K
         cut = replayed(evaluation, router, width)
-        table["router"] = [float((cut.predicted[:, r, :, None] == evaluation.experts[:, r, None, :]).any(1).mean())
-                           for r in range(L)]
+        table["router"] = [recall(cut.predicted[:, r], evaluation.experts[:, r]) for r in range(L)]
         if 2 in learned:
             table["learned 2"] = recall_table(learned[2], fit, evaluation, width)["learned"]
         print(f"\nrecall at width {width} per layer (share of chosen experts among the {width} predicted; learned 2: "

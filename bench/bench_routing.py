@@ -62,7 +62,7 @@ from offload_moe.demo import write_random_checkpoint  # noqa: E402
 from offload_moe.engine import Engine, EngineOptions  # noqa: E402
 from offload_moe.models import from_hf_config  # noqa: E402
 from offload_moe.simulate import default_slots, simulate  # noqa: E402
-from offload_moe.trace import Trace, routing_counts  # noqa: E402
+from offload_moe.trace import join_traces, routing_counts  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "offload_moe" / "data" / "tiny-moe"
 
@@ -136,8 +136,7 @@ def measure(path: Path, windows: list[list[int]]) -> tuple[RoutingStats, list[di
         traces.append(engine.stop_trace())
         stats.add(ids, logits, traces[-1].experts, traces[-1].predicted)
     # every window, one after another, as the simulator's workload: windows x [T_i, L, K] -> [T, L, K]
-    routing = Trace(*(np.concatenate([getattr(t, k) for t in traces]) for k in ("experts", "weights", "predicted")),
-                    c.num_experts, c.top_k, c.n_layers, str(path))
+    routing = join_traces(traces)
     caches = [{"slots": s, "lru": simulate(routing, s, "lru")["hit_rate"],
                "optimal": simulate(routing, s, "belady")["hit_rate"]} for s in default_slots(c.top_k, c.num_experts)]
     return stats, caches

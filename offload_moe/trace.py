@@ -97,6 +97,17 @@ def slice_trace(trace: Trace, start: int, stop: int) -> Trace:
                    predicted=trace.predicted[start:stop], metadata=dict(trace.metadata), tensors=tensors)
 
 
+def join_traces(parts: list[Trace]) -> Trace:
+    """Traces of one model (same L, K, E, prediction width), one after another, as one workload: the first's
+    metadata; `hidden` when every part has it; other extra tensors dropped (they describe one part)."""
+    first = parts[0]
+    arrays = {k: np.concatenate([getattr(p, k) for p in parts]) for k in ROUTING}  # parts x [T_i, L, .] -> [T, L, .]
+    tensors = {"hidden": np.concatenate([p.tensors["hidden"] for p in parts])} if all(
+        "hidden" in p.tensors for p in parts) else {}
+    return Trace(**arrays, num_experts=first.num_experts, top_k=first.top_k, num_layers=first.num_layers,
+                 model=first.model, metadata=dict(first.metadata), tensors=tensors)
+
+
 def check_trace(trace: Trace, name: str = "trace") -> None:
     """Raise UserError unless `trace` is well formed. Shared by save and load so that a file this
     module writes always loads, and a hand-made or damaged file fails with the reason, not later
