@@ -23,6 +23,7 @@ Shape legend: T tokens, L rows, D dim, H hidden size, E experts, K top-k, P widt
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -96,8 +97,10 @@ def run_train_predictor(args) -> int:
     L, E, K = trace.num_layers, trace.num_experts, trace.top_k
     if not 1 <= args.lead < L:
         raise UserError(f"--lead must be from 1 to {L - 1} (the trace has {L} layers), not {args.lead}")
-    if min(args.hidden_size, args.steps) < 1:
-        raise UserError("--hidden-size and --steps must be positive")
+    if min(args.hidden_size, args.steps, args.batch) < 1 or not args.lr > 0:
+        raise UserError("--hidden-size, --steps, --batch and --lr must be positive")
+    if not Path(args.out).parent.is_dir():  # before the fitting, not after it
+        raise UserError(f"cannot write {args.out}: folder {Path(args.out).parent} does not exist")
     other = None
     if args.validate:
         other = load_trace(args.validate)

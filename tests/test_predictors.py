@@ -102,6 +102,11 @@ def test_train_predictor_and_simulate_refuse_a_trace_without_hidden_states(tmp_p
     before = (tmp_path / "p").read_bytes()
     assert main(["train-predictor", str(tmp_path / "h.trace"), "--out", str(tmp_path / "p"), "--lead", "3"]) == 1
     assert "--lead must be from 1 to 2" in capsys.readouterr().err
+    for flag, value in (("--batch", "0"), ("--lr", "-1"), ("--steps", "0")):
+        assert main(["train-predictor", str(tmp_path / "h.trace"), "--out", str(tmp_path / "p"), flag, value]) == 1
+        assert "must be positive" in capsys.readouterr().err
+    assert main(["train-predictor", str(tmp_path / "h.trace"), "--out", str(tmp_path / "no" / "p")]) == 1
+    assert "does not exist" in capsys.readouterr().err
     assert (tmp_path / "p").read_bytes() == before  # a refused run leaves the user's file as it was
 
 
