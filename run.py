@@ -2,7 +2,7 @@
 
 import sys
 
-from offload_moe.launch import main
+from offload_moe.cli.entry import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -52,12 +52,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llama_cpp_peer  # noqa: E402
 
 from offload_moe.config import ModelConfig  # noqa: E402
-from offload_moe.convert import convert  # noqa: E402
 from offload_moe.demo import write_random_checkpoint  # noqa: E402
 from offload_moe.engine import Engine, EngineOptions  # noqa: E402
-from offload_moe.formats import DenseFormat  # noqa: E402
+from offload_moe.formats.base import DenseFormat  # noqa: E402
 from offload_moe.generate import Sampling, generate_tokens  # noqa: E402
-from offload_moe.sources import page_cache_bytes  # noqa: E402
+from offload_moe.weights.convert import convert  # noqa: E402
+from offload_moe.weights.sources import page_cache_bytes  # noqa: E402
 
 SHAPE = ModelConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64, ffn_dim=1792, num_experts=16, top_k=2,
                     vocab_size=32000, max_context=4096)

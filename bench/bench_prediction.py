@@ -37,11 +37,11 @@ from train_tiny_moe import corpus_files, split_corpus  # noqa: E402
 
 from offload_moe.demo import resolve_model  # noqa: E402
 from offload_moe.engine import Engine, EngineOptions  # noqa: E402
-from offload_moe.predictors import FILE_NAME, LearnedPredictor, RouterPredictor, replayed, save_predictor  # noqa: E402
-from offload_moe.simulate import default_slots, simulate  # noqa: E402
-from offload_moe.timed import TimedOptions, simulate_timed, timed_costs  # noqa: E402
-from offload_moe.trace import Trace, join_traces  # noqa: E402
-from offload_moe.train_predictor import fit_row, recall, recall_table, samples  # noqa: E402
+from offload_moe.offload.predictors import FILE_NAME, LearnedPredictor, RouterPredictor, replayed, save_predictor  # noqa: E402
+from offload_moe.planning.replay import default_slots, simulate  # noqa: E402
+from offload_moe.planning.timed import TimedOptions, simulate_timed, timed_costs  # noqa: E402
+from offload_moe.planning.trace import Trace, join_traces  # noqa: E402
+from offload_moe.planning.train_predictor import fit_row, recall, recall_table, samples  # noqa: E402
 
 
 def windows_trace(engine: Engine, files: dict[str, str], tokens: int) -> Trace:

@@ -35,10 +35,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from offload_moe.config import ModelConfig  # noqa: E402
-from offload_moe.formats import DenseFormat  # noqa: E402
-from offload_moe.int4_layouts import int4_cpu_kernel_linear  # noqa: E402
-from offload_moe.mxfp4 import Mxfp4Format  # noqa: E402
-from offload_moe.quant import Int4Format, Int8Format, int8_bmm_linear  # noqa: E402
+from offload_moe.formats.base import DenseFormat  # noqa: E402
+from offload_moe.formats.int4_layouts import int4_cpu_kernel_linear  # noqa: E402
+from offload_moe.formats.mxfp4 import Mxfp4Format  # noqa: E402
+from offload_moe.formats.quant import Int4Format, Int8Format, int8_bmm_linear  # noqa: E402
 
 SHAPE = ModelConfig(dim=512, n_layers=1, n_heads=8, n_kv_heads=2, head_dim=64, ffn_dim=1792, num_experts=8, top_k=2,
                     vocab_size=32000)  # --dim and --ffn replace D and I

@@ -33,7 +33,7 @@ these numbers:
                     that a real model would show.
   cache hit rates   each layer its own cache of S expert slots, tokens in order: LRU against
                     Belady's optimal offline rule, replaying the routing trace in the simulator
-                    (offload_moe.simulate) at its default sizes, K, 1.5K, 2K and 3K (2, 3, 4, 6 for
+                    (offload_moe.planning.replay) at its default sizes, K, 1.5K, 2K and 3K (2, 3, 4, 6 for
                     top-2 of 8; 4, 6, 8, 12 for top-4 of 32); with K slots every policy is forced
 
 Legend: T tokens, D dim, E experts, K top-k, L layers.
@@ -61,8 +61,8 @@ from train_tiny_moe import TinyMixtral, corpus_files, save_checkpoint, split_cor
 from offload_moe.demo import write_random_checkpoint  # noqa: E402
 from offload_moe.engine import Engine, EngineOptions  # noqa: E402
 from offload_moe.models import from_hf_config  # noqa: E402
-from offload_moe.simulate import default_slots, simulate  # noqa: E402
-from offload_moe.trace import join_traces, routing_counts  # noqa: E402
+from offload_moe.planning.replay import default_slots, simulate  # noqa: E402
+from offload_moe.planning.trace import join_traces, routing_counts  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "offload_moe" / "data" / "tiny-moe"
 

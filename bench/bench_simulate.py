@@ -36,9 +36,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from offload_moe.policy import POLICIES  # noqa: E402
-from offload_moe.simulate import simulate  # noqa: E402
-from offload_moe.trace import Trace, load_trace, save_trace  # noqa: E402
+from offload_moe.offload.eviction import POLICIES  # noqa: E402
+from offload_moe.planning.replay import simulate  # noqa: E402
+from offload_moe.planning.trace import Trace, load_trace, save_trace  # noqa: E402
 
 SHAPES = {"mixtral": (32, 8, 2, 4), "qwen3": (48, 128, 8, 32)}  # layers, experts, top-k, slots
 

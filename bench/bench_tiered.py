@@ -32,14 +32,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from offload_moe.checkpoint import Checkpoint  # noqa: E402
 from offload_moe.config import ModelConfig  # noqa: E402
-from offload_moe.convert import convert  # noqa: E402
 from offload_moe.demo import write_random_checkpoint  # noqa: E402
-from offload_moe.formats import DenseFormat  # noqa: E402
-from offload_moe.packed import DATA, INDEX  # noqa: E402
-from offload_moe.sources import open_source, page_cache_bytes
-from offload_moe.tiered import TieredStore  # noqa: E402
+from offload_moe.formats.base import DenseFormat  # noqa: E402
+from offload_moe.offload.tiered import TieredStore  # noqa: E402
+from offload_moe.weights.checkpoint import Checkpoint  # noqa: E402
+from offload_moe.weights.convert import convert  # noqa: E402
+from offload_moe.weights.packed import DATA, INDEX  # noqa: E402
+from offload_moe.weights.sources import open_source, page_cache_bytes
 
 SHAPE = ModelConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64, ffn_dim=1792, num_experts=8, top_k=2,
                     vocab_size=32000, max_context=4096)

@@ -38,7 +38,7 @@ import torch
 
 from .errors import UserError
 from .generate import GenerationResult, Sampling, check_request, sample, sampling_generator
-from .layers import KVPool
+from .modeling.layers import KVPool
 from .profiles import gib
 
 FINISHED_KEPT = 1024  # finished requests whose result and stats stay readable

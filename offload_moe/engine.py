@@ -17,7 +17,10 @@ from pathlib import Path
 
 import torch
 
-from .attention_quant import (
+from .errors import UserError
+from .formats.base import DenseFormat, ExpertFormat
+from .formats.int4_layouts import int4_layout_for
+from .formats.int8_linear import (
     ATTENTION_QUANTS,
     ATTENTION_SUFFIXES,
     HEAD_QUANTS,
@@ -27,18 +30,16 @@ from .attention_quant import (
     int8_attention_state,
     int8_head,
 )
-from .cache import MISS_POLICIES, ExpertCache
-from .checkpoint import Checkpoint
-from .errors import UserError
-from .expert_store import ExpertStore
-from .formats import DenseFormat, ExpertFormat
+from .formats.quant import expert_format, load_quant, parse_format_name, resolve_group_size
 from .generate import GenerationResult, Sampling, generate_tokens
-from .int4_layouts import int4_layout_for
-from .layers import KVCache, KVPool, rope_tables
-from .model import ROUTER_BIAS, Transformer
-from .packed import packed_attention_group
-from .predictors import RouterPredictor, make_predictor
-from .prefetch import Prefetcher
+from .modeling.layers import KVCache, KVPool, rope_tables
+from .modeling.transformer import ROUTER_BIAS, Transformer
+from .offload.cache import MISS_POLICIES, ExpertCache
+from .offload.predictors import RouterPredictor, make_predictor
+from .offload.prefetch import Prefetcher
+from .offload.store import ExpertStore
+from .offload.tiered import TieredStore
+from .planning.trace import Trace, TraceRecorder
 from .profiles import (
     DEFAULT_RESERVE,
     MemoryPlan,
@@ -49,12 +50,11 @@ from .profiles import (
     plan_memory,
     ram_for_experts,
 )
-from .quant import expert_format, load_quant, parse_format_name, resolve_group_size
-from .sources import open_source
 from .stats import collect_stats
-from .tiered import TieredStore
 from .tokenizer import TextStream, Tokenizer, generation_eos_ids, load_tokenizer
-from .trace import Trace, TraceRecorder
+from .weights.checkpoint import Checkpoint
+from .weights.packed import packed_attention_group
+from .weights.sources import open_source
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

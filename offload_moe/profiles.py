@@ -23,7 +23,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import UserError
-from .tiered import ram_tier_allocation
+from .offload.tiered import ram_tier_allocation
 
 
 def _profile_dir() -> Path:
@@ -218,8 +218,8 @@ def card_plan(config: ModelConfig, profiles=CARDS, context: int | None = None, d
     the expert count; `fits`: at least top-k."""
     if batch < 1:
         raise UserError("--max-batch must be 1 or more")
-    from .attention_quant import dense_bytes
-    from .quant import EXPERT_QUANTS, auto_group_size, expert_format
+    from .formats.int8_linear import dense_bytes
+    from .formats.quant import EXPERT_QUANTS, auto_group_size, expert_format
 
     group = auto_group_size(config)  # None: no group size divides D and I, so no quantized formats
     precisions = [p for p in EXPERT_QUANTS if p == "none" or group is not None]

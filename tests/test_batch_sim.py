@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from offload_moe.batch import Scheduler
-from offload_moe.batch_sim import batch_forwards, recorded_forwards, replay_forwards, simulate_batch
 from offload_moe.engine import Engine, EngineOptions
 from offload_moe.errors import UserError
-from offload_moe.policy import POLICIES
-from offload_moe.simulate import simulate
-from offload_moe.trace import Trace
+from offload_moe.offload.eviction import POLICIES
+from offload_moe.planning.batch_replay import batch_forwards, recorded_forwards, replay_forwards, simulate_batch
+from offload_moe.planning.replay import simulate
+from offload_moe.planning.trace import Trace
 
 KEYS = ("hits", "misses", "per_layer_hits", "prefetch_copies", "prefetch_hits")
 
@@ -92,7 +92,7 @@ def test_replay_of_the_engines_forwards_equals_its_counts(ckpts, slots, policy, 
 def test_simulate_command_batch(tmp_path, capsys):
     from conftest import run_cli
 
-    from offload_moe.trace import save_trace
+    from offload_moe.planning.trace import save_trace
 
     path = tmp_path / "t.safetensors"
     save_trace(path, random_trace(T=90, seed=2))
@@ -109,7 +109,7 @@ def test_simulate_command_batch(tmp_path, capsys):
 
 
 def test_recorded_forwards_survive_the_file(tmp_path):
-    from offload_moe.trace import TraceRecorder, load_trace, save_trace
+    from offload_moe.planning.trace import TraceRecorder, load_trace, save_trace
 
     rec = TraceRecorder(1, 2, 4, "m")
     for T in (3, 1, 2):

@@ -11,7 +11,7 @@ import pytest
 from conftest import run_cli as run
 
 from offload_moe.models import supported
-from offload_moe.trace import load_trace
+from offload_moe.planning.trace import load_trace
 
 DEMO = Path(__file__).resolve().parent.parent / "offload_moe" / "data" / "tiny-moe"
 LONG = "def " + " ".join(f"name_{i} = value_{i} + {i}" for i in range(60))  # far over 64 tokens

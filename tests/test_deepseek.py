@@ -16,13 +16,13 @@ from families import make_family, reference
 from safetensors.torch import save_file
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
 
-from offload_moe.checkpoint import Checkpoint
 from offload_moe.engine import Engine, EngineOptions
 from offload_moe.errors import UserError
-from offload_moe.layers import KVPool
-from offload_moe.mla import LatentAttention
-from offload_moe.model import grouped_softmax_topk
+from offload_moe.modeling.layers import KVPool
+from offload_moe.modeling.mla import LatentAttention
+from offload_moe.modeling.transformer import grouped_softmax_topk
 from offload_moe.models import from_hf_config
+from offload_moe.weights.checkpoint import Checkpoint
 
 PROMPT = [1, 17, 33, 250, 4, 99, 180, 7, 64, 3]
 FAMILIES = ["deepseek_v2", "deepseek_v3"]

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from offload_moe.cli import main
+from offload_moe.cli.commands import main
 from offload_moe.engine import Engine, EngineOptions
-from offload_moe.simulate import simulate
-from offload_moe.trace import load_trace, save_trace
+from offload_moe.planning.replay import simulate
+from offload_moe.planning.trace import load_trace, save_trace
 
 
 @pytest.fixture(scope="module")

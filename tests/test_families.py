@@ -61,7 +61,7 @@ def test_phi_longrope_matches_transformers(tmp_path):
     import transformers
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from offload_moe.layers import rope_tables
+    from offload_moe.modeling.layers import rope_tables
 
     torch.manual_seed(0)
     rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 64,
@@ -100,7 +100,7 @@ def test_yarn_tables_match_transformers(cls, scaling):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     from offload_moe.config import rope_of
-    from offload_moe.layers import rope_tables
+    from offload_moe.modeling.layers import rope_tables
 
     cfg = getattr(transformers, cls)(rope_parameters=dict(scaling), max_position_embeddings=4096 * 32)
     inv_freq, factor = ROPE_INIT_FUNCTIONS["yarn"](cfg, torch.device("cpu"))

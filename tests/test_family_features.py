@@ -20,16 +20,16 @@ from conftest import run_cli as run
 from families import FAMILIES, VOCAB, hub_config, make_family, reference
 from safetensors.torch import load_file
 
-from offload_moe.checkpoint import Checkpoint
 from offload_moe.config import ModelConfig
 from offload_moe.engine import Engine, EngineOptions
 from offload_moe.errors import UserError
+from offload_moe.formats.quant import resolve_group_size
+from offload_moe.offload.tiered import ram_tier_layout
 from offload_moe.perplexity import perplexity
-from offload_moe.quant import resolve_group_size
-from offload_moe.simulate import default_slots
-from offload_moe.tiered import ram_tier_layout
-from offload_moe.trace import load_trace
-from offload_moe.tune import TUNE_SIZES, spread_slots, tune_sizes
+from offload_moe.planning.replay import default_slots
+from offload_moe.planning.trace import load_trace
+from offload_moe.planning.tune import TUNE_SIZES, spread_slots, tune_sizes
+from offload_moe.weights.checkpoint import Checkpoint
 
 PROMPT = [1, 17, 33, 250, 4, 99, 180, 7, 64, 3]
 IDS = ",".join(map(str, PROMPT))

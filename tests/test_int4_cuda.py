@@ -12,11 +12,10 @@ import torch
 from conftest import run_cli
 
 from offload_moe.config import ModelConfig
-from offload_moe.convert import convert
 from offload_moe.engine import Engine, EngineOptions, expert_format_for
 from offload_moe.errors import UserError
-from offload_moe.formats import ALIGN
-from offload_moe.int4_layouts import (
+from offload_moe.formats.base import ALIGN
+from offload_moe.formats.int4_layouts import (
     cuda_inner_k_tiles,
     cuda_int4_kernel_runs,
     cuda_tile_shape,
@@ -25,8 +24,7 @@ from offload_moe.int4_layouts import (
     tile_int4,
     untile_int4,
 )
-from offload_moe.packed import INDEX
-from offload_moe.quant import (
+from offload_moe.formats.quant import (
     INT4_CUDA_KERNEL_MAX_TOKENS,
     Int4Format,
     dequantize,
@@ -34,6 +32,8 @@ from offload_moe.quant import (
     parse_format_name,
     quantize,
 )
+from offload_moe.weights.convert import convert
+from offload_moe.weights.packed import INDEX
 
 D, I = 256, 384
 CONFIG = ModelConfig(dim=D, n_layers=1, n_heads=4, n_kv_heads=4, head_dim=64, ffn_dim=I, num_experts=2, top_k=1,
@@ -220,7 +220,7 @@ def test_layout_follows_the_device(ckpts, monkeypatch):
     assert int4_layout_for(torch.device("cpu")) == "cpu" and not cuda_int4_kernel_runs(torch.device("cpu"))
     if not torch.cuda.is_available():
         assert int4_layout_for(torch.device("cuda")) == "cpu"
-    from offload_moe.checkpoint import Checkpoint
+    from offload_moe.weights.checkpoint import Checkpoint
 
     ckpt = Checkpoint(ckpts["base"])
     int4, int8 = EngineOptions(expert_quant="int4", group_size=32), EngineOptions(expert_quant="int8", group_size=32)

@@ -10,16 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from offload_moe.checkpoint import Checkpoint
 from offload_moe.config import ModelConfig
-from offload_moe.convert import convert
 from offload_moe.demo import write_random_checkpoint
-from offload_moe.expert_store import ExpertStore
-from offload_moe.formats import DenseFormat
+from offload_moe.formats.base import DenseFormat
+from offload_moe.formats.quant import expert_format
+from offload_moe.offload.store import ExpertStore
+from offload_moe.offload.tiered import TieredStore
 from offload_moe.profiles import plan_memory
-from offload_moe.quant import expert_format
-from offload_moe.sources import open_source
-from offload_moe.tiered import TieredStore
+from offload_moe.weights.checkpoint import Checkpoint
+from offload_moe.weights.convert import convert
+from offload_moe.weights.sources import open_source
 
 # 3 x 8 experts whose size (3 * 64 * 160 * 4 = 122880 bytes, int4 below) is no power of two
 SHAPE = ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=160, num_experts=8, top_k=2,

@@ -10,10 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from offload_moe import policy
 from offload_moe.config import ModelConfig
-from offload_moe.model import Transformer
-from offload_moe.policy import NEVER, POLICIES, NoVictimError
+from offload_moe.modeling.transformer import Transformer
+from offload_moe.offload import eviction as policy
+from offload_moe.offload.eviction import NEVER, POLICIES, NoVictimError
 
 # the loop runs compiled (numba) or as plain Python: every rule test runs both
 MODES = [False, pytest.param(True, marks=pytest.mark.skipif(not policy.jit_available(), reason="numba is absent"))]

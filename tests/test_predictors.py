@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from offload_moe.cli import main
+from offload_moe.cli.commands import main
 from offload_moe.demo import resolve_model
 from offload_moe.engine import Engine, EngineOptions
 from offload_moe.errors import UserError
-from offload_moe.predictors import (
+from offload_moe.offload.predictors import (
     FILE_NAME,
     LearnedPredictor,
     RouterPredictor,
@@ -25,11 +25,11 @@ from offload_moe.predictors import (
     source_of,
     targets_of,
 )
+from offload_moe.planning.replay import simulate
+from offload_moe.planning.trace import Trace, load_trace, save_trace, slice_trace
+from offload_moe.planning.tune import DEFAULT_HARDWARE, model_shape, tune, winner_profile
+from offload_moe.planning.validate import rescore
 from offload_moe.profiles import load_profile
-from offload_moe.simulate import simulate
-from offload_moe.trace import Trace, load_trace, save_trace, slice_trace
-from offload_moe.tune import DEFAULT_HARDWARE, model_shape, tune, winner_profile
-from offload_moe.validate import rescore
 
 
 @pytest.mark.parametrize("rows", [2, 3, 5])

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from offload_moe.errors import UserError
+from offload_moe.formats.quant import bytes_per_expert
+from offload_moe.planning.tune import MIXTRAL_8X7B
 from offload_moe.profiles import available_profiles, check_fits, load_profile, parse_size, plan_memory
-from offload_moe.quant import bytes_per_expert
-from offload_moe.tune import MIXTRAL_8X7B
 
 
 def mixtral_plan(profile_name: str, quant: str | None = None):

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from offload_moe import cpu_kernels
-from offload_moe.attention_quant import Int8Linear, int8_parts
 from offload_moe.config import ModelConfig
 from offload_moe.errors import UserError
-from offload_moe.formats import ALIGN, DenseFormat
-from offload_moe.quant import (
+from offload_moe.formats import cpu_kernels
+from offload_moe.formats.base import ALIGN, DenseFormat
+from offload_moe.formats.int8_linear import Int8Linear, int8_parts
+from offload_moe.formats.quant import (
     INT4_KERNEL_MAX_TOKENS,
     INT8_BMM_MAX_TOKENS,
     Int4Format,
@@ -150,7 +150,7 @@ def largest_allocation(fn) -> int:
 def test_int8_linear_allocates_nothing_of_a_weights_size(T):
     """Int8Linear widens or rebuilds its matrix in the scratch buffer, allocated once: a call's largest
     allocation is smaller than even the int8 codes (without the buffer: the fp32 matrix, 4x the codes)."""
-    from offload_moe.quant import int8_linear
+    from offload_moe.formats.quant import int8_linear
 
     N = 512
     lin = Int8Linear(D, N, 64)
@@ -168,8 +168,8 @@ def test_int8_linear_allocates_nothing_of_a_weights_size(T):
 
 
 def test_int8_attention_shares_one_scratch_sized_to_the_largest_projection():
-    from offload_moe.attention_quant import int8_attention
-    from offload_moe.model import Transformer
+    from offload_moe.formats.int8_linear import int8_attention
+    from offload_moe.modeling.transformer import Transformer
 
     config = ModelConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64, ffn_dim=128, num_experts=2,
                          top_k=1, vocab_size=16)  # wq [256, 128], wk wv [128, 128], wo [128, 256]

@@ -9,11 +9,11 @@ import pytest
 import torch
 from conftest import run_cli as run
 
-from offload_moe.attention_quant import attention_bytes
-from offload_moe.convert import convert
 from offload_moe.engine import Engine, EngineOptions
-from offload_moe.packed import DATA, INDEX, JOURNAL
-from offload_moe.quant import expert_format
+from offload_moe.formats.int8_linear import attention_bytes
+from offload_moe.formats.quant import expert_format
+from offload_moe.weights.convert import convert
+from offload_moe.weights.packed import DATA, INDEX, JOURNAL
 
 PROMPT = [1, 415, 2936, 9060, 285, 1142, 28705, 28740, 28734, 6211, 12, 77]
 # max |logit - fp32 logit| / max |fp32 logit| on the "base" shape, group 32; measured 0.0011 (int8)

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible server (`offload_moe.server`), in this process on 127.0.0.1 and an ephemeral
+"""The OpenAI-compatible server (`offload_moe.serve`), in this process on 127.0.0.1 and an ephemeral
 port, driven by the official `openai` client: its text equals Engine.generate's, streamed or not,
 alone or beside other streams; chat through a checkpoint's template; errors in OpenAI's shape; a
 client gone mid-stream frees its sequence."""
@@ -22,8 +22,8 @@ from families import make_family  # noqa: E402
 
 from offload_moe.demo import resolve_model  # noqa: E402
 from offload_moe.engine import Engine, EngineOptions  # noqa: E402
-from offload_moe.server import Service, bind, make_server  # noqa: E402
-from offload_moe.trace import load_trace  # noqa: E402
+from offload_moe.planning.trace import load_trace  # noqa: E402
+from offload_moe.serve.app import Service, bind, make_server  # noqa: E402
 
 PROMPTS = ["def fib(n):", "import os\n", 'class Config:\n    """']
 TOKENS = 24
@@ -327,7 +327,7 @@ def test_serve_without_fastapi_is_one_line(capsys, monkeypatch):
 
 
 def test_serve_refuses_a_port_out_of_range(capsys):
-    from offload_moe.cli import main
+    from offload_moe.cli.commands import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["serve", "--model", "demo", "--port", "70000"])

@@ -18,11 +18,11 @@ from hypothesis import strategies as st
 from safetensors.numpy import save_file
 from safetensors.torch import save_file as save_torch
 
-from offload_moe import simulate as simulate_module
 from offload_moe.errors import UserError
-from offload_moe.policy import NEVER, ONLINE_POLICIES, POLICIES, SlotTable, jit_available
-from offload_moe.simulate import next_uses, run_simulate, simulate, simulate_many
-from offload_moe.trace import Trace, TraceRecorder, load_trace, save_trace
+from offload_moe.offload.eviction import NEVER, ONLINE_POLICIES, POLICIES, SlotTable, jit_available
+from offload_moe.planning import replay as simulate_module
+from offload_moe.planning.replay import next_uses, run_simulate, simulate, simulate_many
+from offload_moe.planning.trace import Trace, TraceRecorder, load_trace, save_trace
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_numba = pytest.mark.skipif(not jit_available(), reason="numba is absent (or OFFLOAD_MOE_JIT=0)")
@@ -444,7 +444,7 @@ def test_the_command_prints_the_same_results_without_numba(trace_file):
 
 def test_the_command_starts_without_torch(trace_file):
     """run.py's `simulate` imports neither torch nor the engine (their import alone takes seconds)."""
-    code = ("import json, sys; from offload_moe.launch import main; "
+    code = ("import json, sys; from offload_moe.cli.entry import main; "
             f"assert main(['simulate', '--trace', {trace_file!r}, '--slots', '2', '--json']) == 0; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)

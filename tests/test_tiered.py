@@ -16,16 +16,16 @@ import psutil
 import pytest
 import torch
 
-from offload_moe.checkpoint import Checkpoint
 from offload_moe.config import ModelConfig
-from offload_moe.convert import convert
 from offload_moe.demo import write_random_checkpoint
 from offload_moe.errors import UserError
-from offload_moe.expert_store import ExpertStore
-from offload_moe.formats import DenseFormat
-from offload_moe.packed import DATA
-from offload_moe.sources import open_source, page_cache_bytes
-from offload_moe.tiered import TieredStore
+from offload_moe.formats.base import DenseFormat
+from offload_moe.offload.store import ExpertStore
+from offload_moe.offload.tiered import TieredStore
+from offload_moe.weights.checkpoint import Checkpoint
+from offload_moe.weights.convert import convert
+from offload_moe.weights.packed import DATA
+from offload_moe.weights.sources import open_source, page_cache_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 # 64 experts of 3.4 MiB (fp32): 216 MiB of experts, so a 54 MiB budget holds a quarter of them
@@ -186,11 +186,11 @@ def test_original_layout_gives_the_same_bytes(small, small_ref, tmp_path):
 _RSS_CHILD = """
 import json, random, sys
 import psutil, torch
-from offload_moe.checkpoint import Checkpoint
-from offload_moe.expert_store import ExpertStore
-from offload_moe.formats import DenseFormat
-from offload_moe.sources import open_source
-from offload_moe.tiered import TieredStore
+from offload_moe.weights.checkpoint import Checkpoint
+from offload_moe.offload.store import ExpertStore
+from offload_moe.formats.base import DenseFormat
+from offload_moe.weights.sources import open_source
+from offload_moe.offload.tiered import TieredStore
 
 path, kind, budget, passes = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 ckpt = Checkpoint(path)

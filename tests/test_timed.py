@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from test_simulate import make_trace
 
-from offload_moe.launch import main
-from offload_moe.policy import ONLINE_POLICIES
-from offload_moe.simulate import simulate
-from offload_moe.timed import simulate_timed
-from offload_moe.trace import save_trace
+from offload_moe.cli.entry import main
+from offload_moe.offload.eviction import ONLINE_POLICIES
+from offload_moe.planning.replay import simulate
+from offload_moe.planning.timed import simulate_timed
+from offload_moe.planning.trace import save_trace
 
 
 def random_trace(T: int, L: int, K: int, E: int, seed: int = 0, lead: int = 1, perfect: bool = False):

@@ -24,7 +24,7 @@ from conftest import hf_model, run_cli
 
 from offload_moe.demo import TRAINED_DEMOS, write_random_checkpoint
 from offload_moe.engine import Engine, EngineOptions
-from offload_moe.trace import routing_counts
+from offload_moe.planning.trace import routing_counts
 
 # experts, top-k, and the expert cache slots per layer that the offloaded generation test uses
 SHAPES = {"demo": (8, 2, 2), "demo-fine": (32, 4, 8)}

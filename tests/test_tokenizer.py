@@ -376,8 +376,8 @@ def test_engine_stream_equals_the_result_text(family_dirs):
 
 
 def test_a_converted_folder_keeps_the_tokenizer_chat_and_stop_ids(family_dirs, tmp_path):
-    from offload_moe.convert import convert
-    from offload_moe.formats import DenseFormat
+    from offload_moe.formats.base import DenseFormat
+    from offload_moe.weights.convert import convert
 
     src = Engine.load(family_dirs["qwen2_moe"], EngineOptions(prefetch=0, progress=False))
     out = tmp_path / "packed"

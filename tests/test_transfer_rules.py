@@ -10,8 +10,8 @@ from fake_cuda import FakeCuda
 
 from offload_moe.batch import Scheduler
 from offload_moe.engine import Engine, EngineOptions
-from offload_moe.predictors import targets_of
-from offload_moe.prefetch import Transfers
+from offload_moe.offload.predictors import targets_of
+from offload_moe.offload.prefetch import Transfers
 
 PROMPT = [1, 415, 2936, 9060, 285, 1142]
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from offload_moe.quant import bytes_per_expert
-from offload_moe.trace import Trace
-from offload_moe.tune import MIXTRAL_8X7B, spread_slots, step_seconds, to_toml, tune
+from offload_moe.formats.quant import bytes_per_expert
+from offload_moe.planning.trace import Trace
+from offload_moe.planning.tune import MIXTRAL_8X7B, spread_slots, step_seconds, to_toml, tune
 
 HW = {"h2d_bytes_per_s": 25e9, "device_bytes_per_s": 800e9, "cpu_bytes_per_s": 40e9}
 
@@ -78,8 +78,8 @@ def random_trace(tokens: int = 64) -> Trace:
 def test_calibrate_measures_each_expert_format_on_the_cpu():
     """One expert's decode forward per format, as weights per second, on the device and the CPU (one
     measurement on a CPU device); the figures survive a profile's TOML and `hardware_of`."""
+    from offload_moe.planning.tune import calibrate, hardware_of, rate_key
     from offload_moe.profiles import Profile
-    from offload_moe.tune import calibrate, hardware_of, rate_key
 
     hw = calibrate(torch.device("cpu"), dim=128, ffn=256, dtype=torch.float32, repeats=1)
     for precision in ("none", "int8", "int4"):
@@ -93,7 +93,7 @@ def test_calibrate_measures_each_expert_format_on_the_cpu():
 
 
 def test_cost_model_reads_measured_rates():
-    from offload_moe.tune import rate_key
+    from offload_moe.planning.tune import rate_key
 
     int4 = bytes_per_expert(MIXTRAL_8X7B, "int4")
     measured = dict(HW, **{rate_key("device", "int4"): 2e11, rate_key("cpu", "int4"): 5e9})
@@ -113,7 +113,7 @@ def test_tuner_prefers_the_format_the_measured_rates_favour():
     """A budget where every format caches every expert (misses are the first use of each), so compute
     decides: by bytes int4 wins; where the profile says int4 runs slowly on the device (a dequantizing path), the tuner
     follows the figures. Without figures it says that it falls back to bytes."""
-    from offload_moe.tune import rate_key
+    from offload_moe.planning.tune import rate_key
 
     trace = random_trace()
     logged: list[str] = []
@@ -131,8 +131,8 @@ def test_tuner_prefers_the_format_the_measured_rates_favour():
 
 def test_card_profiles_hold_no_unmeasured_compute_rates():
     """No card was measured for them: the tuner must say it falls back, not read invented figures."""
+    from offload_moe.planning.tune import hardware_of, rate_notes
     from offload_moe.profiles import load_profile
-    from offload_moe.tune import hardware_of, rate_notes
 
     for name in ("24gb", "16gb", "12gb"):
         hw = hardware_of(load_profile(name))
@@ -147,8 +147,8 @@ def test_tuning_for_a_batch_replays_b_streams_and_prices_the_whole_step(tmp_path
     tokens/s count all B; the KV cache of B sequences comes off the budget (fewer slots fit)."""
     from conftest import run_cli
 
-    from offload_moe.batch_sim import simulate_batch
-    from offload_moe.trace import save_trace
+    from offload_moe.planning.batch_replay import simulate_batch
+    from offload_moe.planning.trace import save_trace
 
     trace, B = random_trace(96), 4
     budget, reserve, context = 20 * 2**30, 2**30, 4096  # 15.5 GiB for int4 slots of 2.95 GiB a layer: 5; 14.0: 4
@@ -196,8 +196,8 @@ def shifting_trace(head: int = 192, tail: int = 64) -> Trace:
 
 
 def test_split_falls_between_prompts_or_forwards_and_slices_them_consistently():
-    from offload_moe.trace import slice_trace
-    from offload_moe.validate import split_point
+    from offload_moe.planning.trace import slice_trace
+    from offload_moe.planning.validate import split_point
 
     rng = np.random.default_rng(1)
     for _ in range(20):
@@ -224,7 +224,7 @@ def test_split_falls_between_prompts_or_forwards_and_slices_them_consistently():
 
 
 def test_held_out_tail_that_routes_differently_scores_lower():
-    from offload_moe.validate import scores, validation_split
+    from offload_moe.planning.validate import scores, validation_split
 
     trace = shifting_trace()
     split = validation_split(trace, "t", None)
@@ -246,7 +246,7 @@ def test_tune_cli_prints_and_writes_both_figures(tmp_path, capsys):
 
     from conftest import run_cli
 
-    from offload_moe.trace import save_trace
+    from offload_moe.planning.trace import save_trace
 
     path, short, other = tmp_path / "t.trace", tmp_path / "short.trace", tmp_path / "o.trace"
     save_trace(path, shifting_trace())
@@ -278,7 +278,7 @@ def test_tune_cli_prints_and_writes_both_figures(tmp_path, capsys):
 def test_tune_cli_validate_refuses_a_trace_of_another_shape(tmp_path, capsys):
     from conftest import run_cli
 
-    from offload_moe.trace import save_trace
+    from offload_moe.planning.trace import save_trace
 
     path, other = tmp_path / "t.trace", tmp_path / "o.trace"
     save_trace(path, random_trace())
@@ -298,7 +298,7 @@ def test_holdout_0_tunes_and_scores_on_the_whole_trace(tmp_path, capsys):
 
     from conftest import run_cli
 
-    from offload_moe.trace import save_trace
+    from offload_moe.planning.trace import save_trace
 
     trace, path = shifting_trace(), tmp_path / "t.trace"
     save_trace(path, trace)

@@ -19,7 +19,7 @@ Held out, never trained on (neither the model nor the tokenizer): a file whose r
 `p` has `int(sha256(p)[:8], 16) % 20 == 0`, about 5% of the files (`is_held_out`).
 
 Model: plain PyTorch, batched for training; only the RoPE tables and rotation are the engine's
-(`offload_moe.model`). RMSNorm, grouped-query
+(`offload_moe.modeling.transformer`). RMSNorm, grouped-query
 attention with rotate-halves RoPE (the Hugging Face Mixtral convention), a router per layer
 (softmax over all experts in float32, top-k, renormalised), SiLU-gated experts
 y = w2(silu(w1 x) * w3 x), tied embeddings, and the Switch-style load-balancing loss so that every
@@ -72,7 +72,7 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from offload_moe.config import ModelConfig  # noqa: E402
-from offload_moe.layers import apply_rope, rope_tables  # noqa: E402
+from offload_moe.modeling.layers import apply_rope, rope_tables  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "offload_moe" / "data" / "tiny-moe"
 SKIP_DIRS = {"site-packages", "test", "tests", "idle_test"}

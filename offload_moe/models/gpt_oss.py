@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..config import ModelConfig, hf_common, need
 from ..errors import UserError
-from ..formats import SWIGLU_ALPHA as ALPHA
+from ..formats.base import SWIGLU_ALPHA as ALPHA
 
 MODEL_TYPES = {"gpt_oss": ("GptOssForCausalLM",)}
 

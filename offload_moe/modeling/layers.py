@@ -1,0 +1,301 @@
+"""The shared pieces every family is built from: norms, RoPE, the KV cache, attention, the dense MLP.
+A family picks a variant of each through its `ModelConfig` (see `models/`).
+
+Legend for shape comments: T tokens, D dim, H query heads, G kv heads, hd head dim, C KV-cache
+length, I ffn dim, L layers, S sequence slots of a KVPool, B sequences decoding together, N the
+longest of their cached spans.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # in float32, as the reference implementations, then back to the activation dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def make_norm(config: ModelConfig, dim: int) -> nn.Module:
+    """RMSNorm, or LayerNorm with a bias (Phi-3.5-MoE), over `dim`."""
+    if config.norm == "layer":
+        return nn.LayerNorm(dim, eps=config.norm_eps)
+    return RMSNorm(dim, config.norm_eps)
+
+
+class KVCache:
+    """Preallocated keys and values, one tensor per layer: k[layer], v[layer] [G, C_l, hd] (latent attention:
+    one latent row per token as k [1, C_l, R + dr], and an empty v: `ModelConfig.kv_dims`).
+
+    C_l is the context, or the layer's sliding window when that is shorter (`ModelConfig.kv_length`):
+    position p lives in slot p % C_l, so the cache is a ring that holds exactly the last C_l positions.
+    With a window on some layers only (gpt-oss: 128 on every other layer), those layers' rings hold just
+    their window and the others the whole context, and the memory plan counts each layer's own length.
+    """
+
+    def __init__(self, config: ModelConfig, length: int, device: torch.device, dtype: torch.dtype):
+        self.windows = [config.window_of(i) for i in range(config.n_layers)]
+        heads, k, v = config.kv_dims
+        lengths = [config.kv_length(i, length) for i in range(config.n_layers)]
+        self.k = [torch.zeros((heads, n, k), device=device, dtype=dtype) for n in lengths]
+        self.v = [torch.zeros((heads, n, v), device=device, dtype=dtype) for n in lengths]
+        self.length = max(lengths)  # the positions the longest layer holds
+        self.pos = 0  # tokens written so far
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    @classmethod
+    def over(cls, k: list[torch.Tensor], v: list[torch.Tensor], windows: list[int | None]) -> KVCache:
+        """A KVCache on given per-layer tensors k, v [G, C_l, hd] (one slot of a KVPool): no allocation."""
+        kv = cls.__new__(cls)
+        kv.k, kv.v, kv.windows, kv.length, kv.pos = k, v, windows, max(t.shape[1] for t in k), 0
+        return kv
+
+
+class KVPool:
+    """Keys and values of S sequences at once, per layer k[layer], v[layer] [S, G, C_l, hd]: `seqs[s]` is slot
+    s's own KVCache (its own rings and position) over its part, so a prompt is prefilled into a slot by the
+    single-sequence forward, and `Attention.decode_ragged` reads every slot's layer at once (`k[layer]`, one
+    contiguous block per layer)."""
+
+    def __init__(self, config: ModelConfig, length: int, seqs: int, device: torch.device, dtype: torch.dtype):
+        windows = [config.window_of(i) for i in range(config.n_layers)]
+        heads, k, v = config.kv_dims
+        lengths = [config.kv_length(i, length) for i in range(config.n_layers)]
+        self.k = [torch.zeros((seqs, heads, n, k), device=device, dtype=dtype) for n in lengths]
+        self.v = [torch.zeros((seqs, heads, n, v), device=device, dtype=dtype) for n in lengths]
+        self.length = max(lengths)
+        self.seqs = [KVCache.over([t[s] for t in self.k], [t[s] for t in self.v], windows) for s in range(seqs)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+
+def rope_tables(hd: int, theta: float, length: int, device: torch.device,
+                scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [length, hd] in float32 (rotate-halves convention: frequency i turns dims i and i + hd/2).
+    `hd` is the rotary dims (`ModelConfig.rotary_dim`): with partial rotary (GLM-4.5) fewer than a head's.
+
+    `scaling` yarn (gpt-oss, DeepSeek): `yarn_inv_freq`, cos and sin times the attention factor.
+    `scaling` longrope (Phi-3.5): each frequency divided by its factor, and cos, sin times an mscale;
+    the long factors and mscale when `length` exceeds the original context, else the short ones. The
+    engine decides once, from the context it preallocates, so that the cached keys never mix the two;
+    Phi-3.5's reference code switches per sequence length (transformers 5's Phimoe keeps the short
+    factors, with the long mscale, past the original context): within it all agree."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))
+    mscale = 1.0
+    if scaling is not None and scaling["type"] == "yarn":
+        inv_freq, mscale = yarn_inv_freq(inv_freq, hd, theta, scaling), scaling["attention_factor"]
+    elif scaling is not None:
+        long = length > scaling["original_max"]
+        factors = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32, device=device)
+        inv_freq = inv_freq / factors
+        mscale = scaling["long_mscale" if long else "short_mscale"]
+    freqs = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)  # [len, hd/2]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [len, hd]
+    return emb.cos() * mscale, emb.sin() * mscale
+
+
+def yarn_inv_freq(inv_freq: torch.Tensor, hd: int, theta: float, s: dict) -> torch.Tensor:
+    """YaRN (gpt-oss, DeepSeek): frequencies that turn fewer than `beta_slow` times over the original
+    context are divided by `factor` (interpolated), those that turn more than `beta_fast` times are
+    kept (extrapolated), with a linear ramp between; `truncate` rounds the ramp's ends outward."""
+    def dim_of(rotations: float) -> float:  # the dim index whose frequency turns `rotations` times
+        return hd * math.log(s["original_max"] / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+    low, high = dim_of(s["beta_fast"]), dim_of(s["beta_slow"])
+    if s["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, hd - 1)
+    if low == high:
+        high += 0.001  # as transformers: no zero-width ramp
+    ramp = ((torch.arange(hd // 2, dtype=torch.float32, device=inv_freq.device) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: extrapolate (high frequencies), 0: interpolate
+    return inv_freq / s["factor"] * (1 - keep) + inv_freq * keep
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [..., T, hd] (any leading axes, e.g. heads); cos, sin [T, r]. Partial rotary (r < hd, GLM-4.5):
+    the first r dims of each head turn (rotate-halves within them, as transformers), the rest pass."""
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat([apply_rope(x[..., :r], cos, sin), x[..., r:]], dim=-1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+SINK_SCORES = 1 << 24  # scores (floats) one `attend` step with sinks may hold: 64 MiB in float32
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+           sinks: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd), where `mask` allows) v for q [..., R, hd] and k, v [..., S, hd] (any leading
+    axes that broadcast; mask, bool, broadcasts to [..., R, S]); by SDPA, unless there are `sinks`.
+
+    `sinks` (gpt-oss), one logit per row of q, broadcast to [..., R, 1]: a column that joins each row's
+    softmax and takes no value, so a row's weights on the keys sum to less than 1, as transformers' eager
+    attention computes it. SDPA has no such column, so these rows are computed here: the scores, the
+    sink column, a float32 softmax, the sink dropped, the weights times v; in steps of rows that keep the
+    scores under SINK_SCORES elements (a long prompt's [H, T, T] would not fit a card)."""
+    if sinks is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    R, S = q.shape[-2], k.shape[-2]
+    step = max(1, SINK_SCORES // max(1, S * q[..., :1, :1].numel()))
+    outs = []
+    for r in range(0, R, step):
+        rows = slice(r, r + step)
+        scores = torch.matmul(q[..., rows, :], k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # [..., r, S]
+        if mask is not None:
+            scores = scores.masked_fill(~(mask[..., rows, :] if mask.shape[-2] > 1 else mask), float("-inf"))
+        row_sinks = sinks[..., rows, :] if sinks.shape[-2] > 1 else sinks
+        logits = torch.cat([scores, row_sinks.to(scores.dtype).expand(*scores.shape[:-1], 1)], dim=-1)
+        weights = torch.softmax(logits.float(), dim=-1)[..., :-1].to(v.dtype)  # [..., r, S]
+        outs.append(torch.matmul(weights, v))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
+
+
+class Attention(nn.Module):
+    """GQA attention with the family's options: q/k/v and o biases, RMSNorm of q and k per head
+    (Qwen3) or over the whole projection (OLMoE), clamping of q, k, v (OLMoE), a learned sink logit
+    per head (gpt-oss, `attend`), and a sliding window on all layers or some (`KVCache`)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.n_heads, self.n_kv, self.hd = c.n_heads, c.n_kv_heads, c.head_dim
+        self.qk_norm, self.clip = c.qk_norm, c.clip_qkv
+        self.wq = nn.Linear(c.dim, c.n_heads * c.head_dim, bias=c.qkv_bias)
+        self.wk = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.wv = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.wo = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=c.o_bias)
+        if c.qk_norm != "none":
+            per_head = c.qk_norm == "head"
+            self.q_norm = RMSNorm(c.head_dim if per_head else c.n_heads * c.head_dim, c.norm_eps)
+            self.k_norm = RMSNorm(c.head_dim if per_head else c.n_kv_heads * c.head_dim, c.norm_eps)
+        self.sinks = nn.Parameter(torch.empty(c.n_heads)) if c.attention_sinks else None  # [H]
+
+    def forward(self, x: torch.Tensor, layer: int, kv: KVCache, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        T = x.shape[0]
+        H, G, hd = self.n_heads, self.n_kv, self.hd
+        q, k, v = self._project(x, cos, sin)  # [H, T, hd], [G, T, hd], [G, T, hd]
+        kc, vc = kv.k[layer], kv.v[layer]  # [G, C, hd], C this layer's length
+        start, C = kv.pos, kc.shape[1]
+        # grouped-query attention without repeating k/v: the H/G query heads that share a kv
+        # head ride along the token axis. [H, T, hd] -> [G, H/G*T, hd]
+        qg = q.reshape(G, H // G * T, hd)
+        sinks = None if self.sinks is None else self.sinks.view(G, H // G, 1, 1).expand(G, H // G, T, 1)
+        sinks = None if sinks is None else sinks.reshape(G, H // G * T, 1)  # one per row of qg
+        if T == 1:
+            kc[:, start % C] = k[:, 0]
+            vc[:, start % C] = v[:, 0]
+            n = min(start + 1, C)  # the ring holds exactly the positions this token may see
+            out = attend(qg, kc[:, :n], vc[:, :n], None, sinks)  # [G, H/G, hd]
+        else:
+            out = self._prefill(qg, k, v, kc, vc, start, T, kv.windows[layer], sinks)  # [G, H/G*T, hd]
+        out = out.reshape(H, T, hd).transpose(0, 1).reshape(T, H * hd)  # [H, T, hd] -> [T, H*hd]
+        return self.wo(out)
+
+    def decode_ragged(self, x: torch.Tensor, layer: int, pool: KVPool, rows: torch.Tensor, pos: torch.Tensor,
+                      span: int, cos: torch.Tensor, sin: torch.Tensor, block: slice | None = None) -> torch.Tensor:
+        """One new token for each of B sequences: x [B, D], token b of pool slot rows[b] at position
+        pos[b] (cos, sin [B, hd] at those positions); `span` = max(min(pos + 1, pool.length)), known on
+        the host (N = min(span, C) for a layer whose ring is shorter). Each attends to its own slot's
+        cached positions only: the slots are read up to the longest span and the rest of each masked,
+        so a short sequence beside a long one sees exactly what it would alone. `block`: the same slots
+        as a slice, when they are consecutive. -> [B, D]"""
+        B = x.shape[0]
+        H, G, hd = self.n_heads, self.n_kv, self.hd
+        q, k, v = self._project(x, cos, sin)  # [H, B, hd], [G, B, hd], [G, B, hd]
+        kc, vc = pool.k[layer], pool.v[layer]  # [S, G, C, hd], C this layer's length
+        C = kc.shape[2]
+        ring = pos % C  # [B]
+        kc[rows, :, ring] = k.transpose(0, 1)  # [B, G, hd]
+        vc[rows, :, ring] = v.transpose(0, 1)
+        n = torch.clamp(pos + 1, max=C)  # [B] cached positions each token sees (the ring holds just those)
+        N = min(span, C)
+        if block is not None:  # rows are consecutive slots: read a view, no copy of the cached keys
+            keys, vals = kc[block, :, :N], vc[block, :, :N]  # [B, G, N, hd]
+        else:
+            keys, vals = kc[rows, :, :N], vc[rows, :, :N]  # [B, G, N, hd]
+        mask = (torch.arange(N, device=x.device)[None, :] < n[:, None])[:, None, None, :]  # [B, 1, 1, N]
+        qg = q.reshape(G, H // G, B, hd).permute(2, 0, 1, 3)  # [H, B, hd] -> [B, G, H/G, hd]
+        sinks = None if self.sinks is None else self.sinks.view(1, G, H // G, 1)
+        out = attend(qg, keys, vals, mask, sinks)  # [B, G, H/G, hd]
+        return self.wo(out.reshape(B, H * hd))
+
+    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q [H, T, hd], k, v [G, T, hd] of x [T, D], with the family's norms and clamps and RoPE at
+        the tokens' positions (cos, sin [T, hd])."""
+        T = x.shape[0]
+        H, G, hd = self.n_heads, self.n_kv, self.hd
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)  # [T, H*hd], [T, G*hd], [T, G*hd]
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip is not None:
+            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
+        q = q.view(T, H, hd)
+        k = k.view(T, G, hd)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.view(T, G, hd).transpose(0, 1)  # [H|G, T, hd]
+        q, k = apply_rope(q, cos, sin).to(x.dtype), apply_rope(k, cos, sin).to(x.dtype)
+        return q, k, v
+
+    @staticmethod
+    def _prefill(qg, k, v, kc, vc, start: int, T: int, window: int | None, sinks: torch.Tensor | None
+                 ) -> torch.Tensor:
+        """Several new tokens: attend to the cached positions and to each other, masked by position."""
+        C = kc.shape[1]
+        old = min(start, C)  # cached positions still held, oldest first: start-old .. start-1
+        if old:
+            ring = (torch.arange(start - old, start, device=kc.device)) % C
+            keys = torch.cat([kc[:, ring], k], dim=1)  # [G, old+T, hd]
+            vals = torch.cat([vc[:, ring], v], dim=1)
+        else:
+            keys, vals = k, v
+        kpos = torch.arange(start - old, start + T, device=k.device)  # [old+T]
+        qpos = torch.arange(start, start + T, device=k.device)  # [T]
+        allowed = kpos[None, :] <= qpos[:, None]  # [T, old+T]
+        if window:
+            allowed &= kpos[None, :] > qpos[:, None] - window
+        heads_per_kv = qg.shape[1] // T
+        mask = allowed.repeat(heads_per_kv, 1)  # [H/G*T, old+T], rows follow qg's head-major order
+        out = attend(qg, keys, vals, mask, sinks)
+        keep = min(T, C)  # write the last `keep` new positions into the ring
+        ring_new = torch.arange(start + T - keep, start + T, device=k.device) % C
+        kc[:, ring_new] = k[:, T - keep :]
+        vc[:, ring_new] = v[:, T - keep :]
+        return out
+
+
+class MLP(nn.Module):
+    """A resident SwiGLU MLP: a shared expert (Qwen2-MoE) or a dense layer's MLP. [T, D] -> [T, D]"""
+
+    def __init__(self, dim: int, ffn: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, ffn, bias=False)  # gate
+        self.w3 = nn.Linear(dim, ffn, bias=False)  # up
+        self.w2 = nn.Linear(ffn, dim, bias=False)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))

@@ -1,0 +1,194 @@
+"""Expert residency on the compute device: preallocated slots per layer, filled from the host store.
+
+Which expert leaves a full layer is decided by `policy.SlotTable` (the same code the simulator
+runs); moving the bytes and ordering the copies is `prefetch.Transfers`' job. This module keeps
+the slots, asks the table, issues the copies and counts what happened.
+
+Slots are allocated once, `[S_l, bytes]` per layer, and their weight views are computed once,
+so a miss allocates nothing: it is one `copy_` into an existing slot.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..formats.base import ExpertFormat
+from .eviction import ONLINE_POLICIES, SlotTable
+from .prefetch import Transfers
+from .store import ExpertStore
+
+MISS_POLICIES = ("fetch", "cpu", "auto")
+
+
+@dataclass
+class CacheCounters:
+    """Raw counts of the bytes moved; `stats.py` turns them into rates. Hits, misses and prefetch
+    use are counted per layer by the slot table itself (`table.hits` etc.), the simulator's code."""
+
+    bytes_to_device: int = 0
+    copy_wait_s: float = 0.0
+    copies: int = 0
+    cpu_misses: int = 0  # misses whose output this step computed on the CPU (miss policy cpu/auto)
+    demand_during_prefetch: int = 0  # demand copies issued while a speculative copy was in flight
+
+
+class ExpertCache:
+    def __init__(
+        self,
+        store: ExpertStore,
+        fmt: ExpertFormat,
+        slots: Sequence[int],
+        device: torch.device,
+        policy: str = "lru",
+        seed: int = 0,
+        miss_policy: str = "fetch",
+    ):
+        if policy not in ONLINE_POLICIES:
+            raise ValueError(f"the engine runs online policies only ({', '.join(ONLINE_POLICIES)}), not {policy!r}")
+        if miss_policy not in MISS_POLICIES:
+            raise ValueError(f"unknown miss policy {miss_policy!r}; choose from {', '.join(MISS_POLICIES)}")
+        self.store, self.fmt, self.device = store, fmt, device
+        self.slots = list(slots)
+        E = store.num_experts
+        self.table = SlotTable(self.slots, E, policy, seed)
+        self.miss_policy = miss_policy
+        self.cpu_cheaper = miss_policy == "cpu"  # for auto, decided by `calibrate_misses`
+        # on the CPU a layer whose slots cover every expert reads the host store in place: no second copy
+        self.aliased = [device.type == "cpu" and n >= E and store.in_ram for n in self.slots]
+        self.mem = [
+            store.layers[layer] if alias else torch.empty((n, fmt.nbytes), dtype=torch.uint8, device=device)
+            for layer, (n, alias) in enumerate(zip(self.slots, self.aliased, strict=True))
+        ]
+        self.views = [[fmt.views(self.mem[layer][s]) for s in range(n)] for layer, n in enumerate(self.slots)]
+        self._host_views: dict[tuple[int, int], tuple] = {}  # (layer, expert) -> views of its RAM buffer
+        self.transfers = Transfers(device, self.slots)
+        self.planned: list[tuple[int, list[int]]] = []  # prefetches waiting for this layer's demand copies
+        self.counters = CacheCounters()
+
+    @property
+    def host_is_device(self) -> bool:
+        """No copy engine (a CPU device) and every expert in RAM: the host store is the device's memory, so
+        copying is the only difference between fetching an expert and computing it from RAM."""
+        return self.transfers.cuda is None and self.store.in_ram
+
+    @property
+    def device_bytes(self) -> int:
+        return sum(m.numel() for m, alias in zip(self.mem, self.aliased, strict=True) if not alias)
+
+    def reset_counters(self) -> None:
+        self.counters = CacheCounters()
+        self.table.reset_counts()
+
+    def acquire(self, layer: int, experts: list[int], decode: bool = False
+                ) -> tuple[list[int], list[bool], list[bool]]:
+        """Make `experts` (distinct) resident for the current layer. Returns, for each: its slot;
+        whether this step computes it on the CPU instead (`cpu_forward`); whether its copy is still
+        in flight (`wait` before computing it). Nothing here waits (prefetch.py, rule 3).
+
+        A miss is always admitted: its copy starts now, on the demand stream; then the prefetches
+        planned at this layer's entry are issued (rule 2). With miss policy `cpu` (or `auto`, when
+        the CPU computes an expert faster than the link copies it) a decode step does not wait for
+        a miss's copy: it computes the expert from host RAM, and the copy, for later tokens, goes
+        on the prefetch stream, since nothing waits for it now. On the CPU with every expert in RAM
+        that policy copies nothing: a slot filled then reads the expert's RAM buffer in place.
+        """
+        hit, slots, _ = self.table.access_row(layer, experts)
+        c = self.counters
+        on_cpu = [False] * len(experts)
+        for k, e in enumerate(experts):
+            if not hit[k]:
+                on_cpu[k] = decode and self.cpu_cheaper
+                c.cpu_misses += on_cpu[k]
+                self._copy(layer, slots[k], e, demand=not on_cpu[k])
+        self._flush_prefetch()
+        late = [not cpu and self.transfers.in_flight[layer][s] for s, cpu in zip(slots, on_cpu, strict=True)]
+        return slots, on_cpu, late
+
+    def wait(self, layer: int, slot: int) -> None:
+        """Order compute after the copy into `slot`; a host wait is counted as compute stalled on a copy."""
+        self.counters.copy_wait_s += self.transfers.wait_ready(layer, slot)
+
+    def cpu_forward(self, layer: int, expert: int, x_host: torch.Tensor) -> torch.Tensor:
+        """Run one expert on the CPU from its host-RAM bytes: x_host [T, D] -> [T, D] on the CPU."""
+        y = self.fmt.forward(x_host, self.host_views(layer, expert))
+        self.store.done(layer, expert)
+        return y
+
+    def host_views(self, layer: int, expert: int) -> tuple:
+        """The weight views of an expert's host buffer; computed once when every expert is in RAM (those
+        buffers never move; the tiered store's do)."""
+        if not self.store.in_ram:
+            return self.fmt.views(self.store.buffer(layer, expert))
+        views = self._host_views.get((layer, expert))
+        if views is None:
+            views = self._host_views[layer, expert] = self.fmt.views(self.store.buffer(layer, expert))
+        return views
+
+    def calibrate_misses(self, dim: int, dtype: torch.dtype, repeats: int = 3) -> dict:
+        """For miss policy `auto`: time one expert's decode forward on the CPU against one copy to the
+        device. Call it before any expert is resident: it uses slot 0 of layer 0 as scratch."""
+        x = torch.randn(1, dim, dtype=dtype)
+        buf = self.store.buffer(0, 0)
+        views = self.fmt.views(buf)
+        dst = self.mem[0][0] if not self.aliased[0] else torch.empty_like(buf, device=self.device)
+        times = {"cpu_s": float("inf"), "copy_s": float("inf")}
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            self.fmt.forward(x, views)
+            times["cpu_s"] = min(times["cpu_s"], time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            dst.copy_(buf, non_blocking=True)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # SYNC: calibration at load, not on the decode path
+            times["copy_s"] = min(times["copy_s"], time.perf_counter() - t0)
+        self.store.done(0, 0)
+        if self.miss_policy == "auto":  # on the CPU device an expert runs on the CPU either way, copied or not
+            self.cpu_cheaper = self.host_is_device or times["cpu_s"] < times["copy_s"]
+        return times
+
+    def release(self, layer: int, slots: list[int]) -> None:
+        """The kernels reading these slots are enqueued: a later copy into them must wait for those."""
+        for s in slots:
+            self.transfers.mark_free(layer, s)
+
+    def plan_prefetch(self, layer: int, experts: list[int]) -> None:
+        """Queue a prefetch for `layer`; it is issued after the current layer's demand copies."""
+        self.planned.append((layer, experts))
+
+    def _flush_prefetch(self) -> None:
+        planned, self.planned = self.planned, []
+        for layer, experts in planned:
+            self.prefetch(layer, experts)
+
+    def prefetch(self, layer: int, experts: list[int]) -> None:
+        """Start copying predicted experts that are not resident (never evicting one of them)."""
+        inserted, slots, _ = self.table.prefetch_row(layer, experts)
+        for k, e in enumerate(experts):
+            if inserted[k]:
+                self._copy(layer, slots[k], e, demand=False)
+
+    def _copy(self, layer: int, s: int, expert: int, demand: bool) -> None:
+        if self.aliased[layer]:  # slot s already is the host buffer of expert s (filled by warm)
+            return
+        if self.host_is_device and self.cpu_cheaper:  # the CPU computes it from RAM: the slot reads that in place
+            self.views[layer][s] = self.host_views(layer, expert)
+            return
+        if demand and self.transfers.prefetch_busy():
+            self.counters.demand_during_prefetch += 1
+        event = self.transfers.copy(self.mem[layer][s], self.store.buffer(layer, expert), layer, s, demand)
+        self.store.done(layer, expert, event)
+        self.counters.bytes_to_device += self.fmt.nbytes
+        self.counters.copies += 1
+
+    def warm(self) -> float:
+        """Load every expert of the layers whose slots cover them all: those layers are resident."""
+        t0 = time.perf_counter()
+        for layer, n in enumerate(self.slots):
+            if n >= self.table.num_experts:
+                self.acquire(layer, list(range(self.table.num_experts)))
+        self.transfers.synchronize()
+        return time.perf_counter() - t0

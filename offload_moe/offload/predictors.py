@@ -1,0 +1,202 @@
+"""Which experts a row will want before it asks: the predictors behind prefetch.
+
+Every predictor answers one question. For token t and MoE row l it scores each expert from an
+earlier hidden state: the one entering row l - lead of the same token or, for the first rows
+(l < lead), the one entering row l - lead + L of the token processed before (cross-token: layer 0
+is predicted too). `lead` is the prefetch depth N; the prefetch for (t, l) is issued at that
+earlier row, so its copy has `lead` rows of compute to land in. The prefetcher (prefetch.py)
+copies the `width` best-scored experts (default: top-k; at most the row's slots).
+
+  router   row l's own router (its ffn norm, gate and bias) on the earlier hidden state: its top-k
+           as the router picks them (sigmoid and grouped routers' own choice, bias and groups
+           included), then the other experts by router score. Nothing to train.
+  learned  a two-layer MLP per row (D -> H -> E), trained by `train-predictor` on a trace recorded
+           with hidden states (`profile --hidden-states`), loaded from its file (`--predictor
+           FILE`). Small enough to stay resident (D*H + H*E weights per row) and one matmul pair
+           per row and token.
+The engine's default (`auto`): the model folder's `predictor.safetensors` when there is one (the
+demos ship theirs), else the router. Why (bench/bench_prediction.py, held-out text, one layer ahead,
+top-k prefetched): on the trained demo at 4 slots the learned one makes 85% of expert uses resident
+on arrival, the router 75%, Belady's eviction without prefetch 76%; on the fine-grained demo at 8
+slots 77%, 61% and 61%. The router needs no file and no trace.
+
+Shape legend: T tokens, D dim, H predictor hidden size, E experts, L rows, P prefetch width.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+
+from ..atomic import write_safetensors_atomic
+from ..errors import UserError
+
+FILE_NAME = "predictor.safetensors"  # looked for in the model folder by `--predictor auto`
+
+
+def source_of(target: int, lead: int, rows: int) -> tuple[int, bool]:
+    """The row whose entering hidden state predicts row `target`, and whether it is the previous
+    token's (cross-token)."""
+    src = target - lead
+    return (src + rows, True) if src < 0 else (src, False)
+
+
+def targets_of(row: int, lead: int, rows: int) -> list[tuple[int, bool]]:
+    """The rows predicted at `row`'s entry: (target, for the next token?). Each row is predicted once per
+    token; 1 <= lead < rows (a row predicting itself for the next token would evict its own experts)."""
+    out = []
+    if row + lead < rows:
+        out.append((row + lead, False))
+    if row + lead >= rows:
+        out.append((row + lead - rows, True))
+    return out
+
+
+class RouterPredictor:
+    """The target row's own router on an earlier hidden state."""
+
+    name = "router"
+
+    def __init__(self, model, lead: int):
+        self.model, self.lead = model, lead
+        # sigmoid and grouped routers pick within groups, which their scores alone do not show
+        self.own_pick = model.config.router in ("sigmoid", "grouped_softmax")
+
+    def rank(self, target: int, h: torch.Tensor, width: int) -> torch.Tensor:
+        """h [T, D] -> the `width` best experts [T, P]: the router's own top-k first, then by router score
+        (one router pass where the scores rank them all)."""
+        if not self.own_pick:
+            return ranked(None, self.model.router_scores(target, h), width)
+        first = self.model.predict(target, h)  # [T, K]
+        if width <= first.shape[1]:
+            return first[:, :width]
+        return ranked(first, self.model.router_scores(target, h), width)
+
+
+class LearnedPredictor:
+    """Per row a two-layer MLP, scores = w2 gelu(w1 h + b1) + b2 (the input normalisation folded into w1, b1)."""
+
+    name = "learned"
+
+    def __init__(self, weights: list[dict[str, torch.Tensor]], lead: int, meta: dict[str, str]):
+        self.weights, self.lead, self.meta = weights, lead, meta
+
+    def logits(self, target: int, h: torch.Tensor) -> torch.Tensor:
+        w = self.weights[target]
+        return F.linear(F.gelu(F.linear(h.to(w["w1"].dtype), w["w1"], w["b1"])), w["w2"], w["b2"])  # [T, E]
+
+    def rank(self, target: int, h: torch.Tensor, width: int) -> torch.Tensor:
+        """h [T, D] -> the `width` best-scored experts [T, P]."""
+        return torch.topk(self.logits(target, h), width, dim=-1).indices
+
+    def to(self, device: torch.device) -> LearnedPredictor:
+        """On the model's device, in float32 whatever the model's dtype: the folded input standardisation
+        can make weights and biases too large for float16, and the MLP is tiny."""
+        self.weights = [{k: v.to(device, torch.float32) for k, v in w.items()} for w in self.weights]
+        return self
+
+
+def ranked(first: torch.Tensor | None, scores: torch.Tensor, width: int) -> torch.Tensor:
+    """The `width` experts to prefetch, best first: `first` [T, K] (the router's own pick) when given,
+    then the rest by score [T, E]. -> [T, P]"""
+    if first is None:
+        return torch.topk(scores, width, dim=-1).indices
+    if width <= first.shape[1]:
+        return first[:, :width]
+    rest = scores.scatter(1, first, float("-inf"))  # the pick goes first, once
+    return torch.cat([first, torch.topk(rest, width - first.shape[1], dim=-1).indices], dim=1)
+
+
+def save_predictor(path: str | os.PathLike, weights: list[dict[str, torch.Tensor]], lead: int,
+                   meta: dict[str, str]) -> None:
+    tensors = {f"rows.{r}.{k}": v.contiguous() for r, w in enumerate(weights) for k, v in w.items()}
+    write_safetensors_atomic(path, tensors, metadata={**meta, "kind": "learned", "lead": str(lead),
+                                                      "rows": str(len(weights))})
+
+
+def load_predictor(path: str | os.PathLike, rows: int, dim: int, experts: int) -> LearnedPredictor:
+    """Read a `train-predictor` file and check it fits the model (rows, D, E)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"predictor {p} does not exist (give a file written by train-predictor, or 'router')")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"predictor {p} is not a safetensors file ({exc})") from None
+    try:
+        lead, n = int(meta["lead"]), int(meta["rows"])
+        weights = [{k: tensors[f"rows.{r}.{k}"].float() for k in ("w1", "b1", "w2", "b2")} for r in range(n)]
+    except (KeyError, ValueError):
+        raise UserError(f"predictor {p} is not a train-predictor file (no lead, rows or row weights)") from None
+    if meta.get("kind") != "learned":
+        raise UserError(f"predictor {p}: unknown kind {meta.get('kind')!r}")
+    if not weights:
+        raise UserError(f"predictor {p} holds no layers")
+    got = (n, weights[0]["w1"].shape[-1], weights[0]["w2"].shape[0])
+    if got != (rows, dim, experts):
+        raise UserError(f"predictor {p} was trained for {got[0]} MoE layers, dim {got[1]}, {got[2]} experts; "
+                        f"this model has {rows}, {dim}, {experts}")
+    hidden = weights[0]["b1"].shape
+    for r, w in enumerate(weights):
+        shapes = [tuple(w[k].shape) for k in ("w1", "b1", "w2", "b2")]
+        if shapes != [(*hidden, dim), hidden, (experts, *hidden), (experts,)]:
+            raise UserError(f"predictor {p}: layer {r}'s weights have shapes {shapes}, not an MLP {dim} -> "
+                            f"{hidden[0] if hidden else '?'} -> {experts}")
+    if not 1 <= lead < rows:
+        raise UserError(f"predictor {p} predicts {lead} layers ahead; this model's {rows} MoE layers allow 1 to "
+                        f"{rows - 1}")
+    return LearnedPredictor(weights, lead, meta)
+
+
+def make_predictor(kind: str, model, model_dir: Path, lead: int, device: torch.device):
+    """`--predictor`: 'router', a file, or 'auto' (the model folder's predictor file, else the router).
+    A learned predictor predicts `lead` rows ahead as it was trained; `--prefetch` must agree."""
+    c = model.config
+    if kind == "auto":
+        found = Path(model_dir) / FILE_NAME
+        kind = str(found) if found.is_file() else "router"
+    if kind == "router":
+        return RouterPredictor(model, lead)
+    learned = load_predictor(kind, c.n_moe_layers, c.dim, c.num_experts)
+    if learned.lead != lead:
+        raise UserError(f"predictor {kind} predicts {learned.lead} layer(s) ahead; --prefetch {lead} asks for "
+                        f"{lead} (use --prefetch {learned.lead}, or --predictor router)")
+    return learned.to(device)
+
+
+def replayed(trace, predictor, width: int):
+    """`trace` with the predictions `predictor` (a learned one, or a file path of one, or a router) makes from
+    its hidden states, `width` per row ([T, L, P], -1 where none: cross-token rows of the first token), as
+    the engine makes them decoding one token at a time; `predicted_after` from the last token; metadata
+    `prefetch_lead` the predictor's lead."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    if "hidden" not in trace.tensors:
+        raise UserError("--predictor needs a trace with hidden states: record it with profile --hidden-states")
+    hidden = torch.from_numpy(trace.tensors["hidden"].astype(np.float32))  # [T, L, D]
+    T, L, D = hidden.shape
+    if isinstance(predictor, str | os.PathLike):
+        predictor = load_predictor(predictor, L, D, trace.num_experts)
+    if not 1 <= width <= trace.num_experts:
+        raise UserError(f"a prediction width must be from 1 to {trace.num_experts}, not {width}")
+    predicted = np.full((T, L, width), -1, np.int32)
+    after = np.full((L, width), -1, np.int32)
+    with torch.no_grad():
+        for row in range(L):
+            src, cross = source_of(row, predictor.lead, L)
+            top = predictor.rank(row, hidden[:, src], width).numpy()  # [T, P]
+            if cross:  # token t's from token t - 1's hidden state; the last token's for a next token
+                predicted[1:, row], after[row] = top[:-1], top[-1]
+            else:
+                predicted[:, row] = top
+    tensors = {**trace.tensors, "predicted_after": after}
+    return replace(trace, predicted=predicted, metadata={**trace.metadata, "prefetch_lead": str(predictor.lead)},
+                   tensors=tensors)

@@ -1,0 +1,193 @@
+"""Moving expert bytes to the device, and guessing which experts the next layers will want.
+
+Stream and event rules (CUDA). Every stream and event belongs to the engine's device (`cuda:N`
+included): streams are created on it and "the compute stream" is `current_stream(device)`, never
+the current device's. Three streams take part: the compute stream, a `demand` stream for copies
+that the current layer needs now (created with the higher priority) and a `prefetch` stream for
+speculative copies. Each slot owns two events, created once:
+  ready[l][s]  recorded on the copying stream right after the copy into slot s of layer l.
+  free[l][s]   recorded on the compute stream right after the last kernel that reads slot s
+               has been enqueued (`mark_free`).
+  1. A copy into a slot first makes its stream wait for that slot's `free` event, so it never
+     overwrites weights that a queued kernel is still going to read, and for the slot's previous
+     `ready` event, so two copies into one slot (a prefetch, then a demand copy that evicted the
+     prefetched expert before use) land in the order they were issued.
+  2. Demand copies never queue behind speculative ones. The host-to-device copy engine serves a
+     stream's copies in the order they were enqueued, so speculative copies have their own stream,
+     and a layer's prefetches (decided at the layer's entry, `Prefetcher`) are enqueued only after
+     that layer's demand copies (`ExpertCache.acquire` flushes them). A demand copy issued while a
+     prefetch copy is still in flight shares the link with it; `demand_during_prefetch` counts those.
+  3. Issuing and waiting are apart. `acquire` issues the misses' copies and returns at once; the
+     MoE layer launches the kernels of the experts already resident, then waits for each expert
+     still in flight (`wait_ready`) just before its own kernel. Waiting makes the compute stream
+     wait for the slot's `ready` event; if the copy has not finished, the host also waits on it
+     (a labelled SYNC), and that time is counted as compute stalled on a copy (`copy_wait_s`).
+  4. A decode miss computed on the CPU (miss policy cpu/auto): the hidden state goes to a pinned
+     host buffer first (`to_host`: a non-blocking copy and an event), then the device experts are
+     launched, then the host waits for that event only (not for the expert kernels) and computes
+     the missed experts; their outputs go back through a pinned buffer with one non-blocking copy.
+  5. A copy's source is a pinned host buffer. The all-in-RAM store never rewrites one; the tiered
+     store (RAM cache over storage) gets the slot's `ready` event with `done()` and does not
+     reuse that RAM buffer before the event has completed (a later recording of that event is a
+     later copy into the same slot, which by rule 1 completes after ours).
+  6. Nothing else synchronises. The per-layer `.tolist()` of router choices (in `model.py`) and,
+     with prefetch on, the prediction's `.tolist()` are the decode step's syncs: residency is
+     decided on the host.
+On a CPU device there are no streams: copies run inline, in the same order, so the results are
+identical to the CUDA path and to a run without prefetch. The CUDA calls go through `self.cuda`
+(torch.cuda unless a test passes a fake of it), so these rules are tested on the CPU
+(tests/test_transfer_rules.py) and, with `torch.cuda._sleep` widening the races, on a GPU.
+
+Prediction (`Prefetcher`): at the entry of row l, the predictor (predictors.py) scores the rows
+predicted from there: row l + N, N the prefetch depth, and for the last rows row l + N - L of the next
+token (not in a batched step, whose next step may hold other sequences). For one token its best
+`width` experts are prefetched (default: top-k); for a prompt or a batch, the experts most
+tokens rank in their top-k (ties: the row's most used so far), up to `width`.
+Storage reads (tiered store) start at once and one row further ahead; device copies wait for row
+l's demand copies (rule 2).
+
+Legend: T tokens, D dim, E experts, K top-k, N prefetch depth, L rows, P prefetch width.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from .eviction import prefetch_choice
+from .predictors import targets_of
+
+
+class Transfers:
+    """Host-to-device copies of whole experts, and the hidden state's round trip for CPU-computed
+    misses, with per-slot events on CUDA (the rules above). `cuda`: torch.cuda, or a test's fake."""
+
+    def __init__(self, device: torch.device, slots: Sequence[int], cuda=None):
+        self.device = device
+        self.cuda = cuda if cuda is not None else (torch.cuda if device.type == "cuda" else None)
+        self.in_flight = [[False] * n for n in slots]  # a copy into [l][s] was issued and not yet waited for
+        if self.cuda is None:
+            return
+        cuda = self.cuda
+        self.demand = cuda.Stream(device, priority=-1)  # rule 2: its own stream, the higher priority
+        self.prefetch = cuda.Stream(device)
+        self.ready = [[cuda.Event() for _ in range(n)] for n in slots]
+        self.free = [[cuda.Event() for _ in range(n)] for n in slots]
+        self.prefetch_tail = cuda.Event()  # recorded after the latest speculative copy
+        self.host_event, self.back_event = cuda.Event(), cuda.Event()
+        self.pin = cuda is torch.cuda  # a fake backend runs on CPU tensors, which cannot be pinned
+        self._host: dict[tuple, torch.Tensor] = {}  # pinned staging buffers, allocated once per shape
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, layer: int, slot: int, demand: bool = True):
+        """Copy one expert into a slot, on the demand stream (needed by this layer now) or the
+        prefetch stream; return the event after which `src` may be reused (None: now)."""
+        if self.cuda is None:
+            dst.copy_(src)
+            return None
+        stream = self.demand if demand else self.prefetch
+        with self.cuda.stream(stream):
+            stream.wait_event(self.free[layer][slot])  # rule 1: queued kernels have read the old weights
+            stream.wait_event(self.ready[layer][slot])  # rule 1: an earlier copy into this slot has landed
+            dst.copy_(src, non_blocking=True)
+            self.ready[layer][slot].record(stream)
+            if not demand:
+                self.prefetch_tail.record(stream)
+        self.in_flight[layer][slot] = True
+        return self.ready[layer][slot]
+
+    def prefetch_busy(self) -> bool:
+        """Whether a speculative copy is still in flight (a demand copy issued now shares the link)."""
+        return self.cuda is not None and not self.prefetch_tail.query()
+
+    def wait_ready(self, layer: int, slot: int) -> float:
+        """Order compute after the slot's copy (rule 3); return host seconds spent waiting."""
+        if self.cuda is None or not self.in_flight[layer][slot]:
+            return 0.0
+        ev = self.ready[layer][slot]
+        waited = 0.0
+        if not ev.query():
+            t0 = time.perf_counter()
+            ev.synchronize()  # SYNC: compute needs this expert now and its copy is still in flight
+            waited = time.perf_counter() - t0
+        self.cuda.current_stream(self.device).wait_event(ev)
+        self.in_flight[layer][slot] = False
+        return waited
+
+    def mark_free(self, layer: int, slot: int) -> None:
+        if self.cuda is not None:
+            self.free[layer][slot].record(self.cuda.current_stream(self.device))
+
+    def to_host(self, x: torch.Tensor) -> None:
+        """Start copying the hidden state x [T, D] to a pinned host buffer (rule 4); `host_x` waits."""
+        if self.cuda is None:
+            self._x = x
+            return
+        buf = self._staging("x", x)
+        buf.copy_(x, non_blocking=True)
+        self.host_event.record(self.cuda.current_stream(self.device))
+        self._x = buf
+
+    def host_x(self) -> torch.Tensor:
+        """The hidden state given to `to_host`, once it is on the host."""
+        if self.cuda is not None:
+            self.host_event.synchronize()  # SYNC: the CPU computes missed experts from it (rule 4)
+        return self._x
+
+    def to_device(self, y: torch.Tensor) -> torch.Tensor:
+        """CPU-computed expert outputs y [n, D] onto the device, one non-blocking copy from pinned memory."""
+        if self.cuda is None:
+            return y
+        buf = self._staging("y", y)
+        # SYNC: the previous layer's copy out of this buffer has finished (it has: this layer's router
+        # read its choices on the host since); written only after that, so no copy reads a half-new buffer
+        self.back_event.synchronize()
+        buf.copy_(y)
+        out = buf.to(self.device, non_blocking=True)
+        self.back_event.record(self.cuda.current_stream(self.device))
+        return out
+
+    def _staging(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        key = (name, tuple(like.shape), like.dtype)
+        if key not in self._host:
+            self._host[key] = torch.empty(like.shape, dtype=like.dtype, pin_memory=self.pin)
+        return self._host[key]
+
+    def synchronize(self) -> None:
+        if self.cuda is not None:
+            self.demand.synchronize()  # SYNC: end of load/warm-up, not on the decode path
+            self.prefetch.synchronize()  # SYNC: likewise
+
+
+class Prefetcher:
+    """Speculative prefetch: at each row's entry, the predictor (predictors.py) scores the rows it
+    predicts from there, and each gets its `widths[row]` best experts. With no cache it only predicts,
+    for a routing trace to record what a prefetch would fetch."""
+
+    def __init__(self, model, predictor, widths: Sequence[int], cache=None):
+        self.model, self.predictor, self.cache = model, predictor, cache
+        self.lead, self.widths = predictor.lead, list(widths)
+
+    def __call__(self, row: int, h: torch.Tensor, decode: bool) -> None:
+        """`h` [T, D] is the hidden state entering `row`. The device copies are queued on the cache
+        (`plan_prefetch`) and issued after `row`'s demand copies (rule 2)."""
+        rows, K = self.model.config.n_moe_layers, self.model.config.top_k
+        recorder = self.model.recorder
+        for target, next_token in targets_of(row, self.lead, rows):
+            if next_token and decode and h.shape[0] > 1:
+                continue  # a batch's next step may hold other sequences: no cross-token guess
+            x = h[-1:] if next_token else h  # a prompt's next forward follows its last token
+            experts = self.predictor.rank(target, x, self.widths[target])  # [T, P]
+            if recorder is not None:
+                recorder.predicted(target, next_token, experts)
+            if self.cache is None:
+                continue
+            chosen = prefetch_choice(experts.tolist(), K, self.widths[target],  # SYNC: prediction to host, [T][P]
+                                     self.cache.table.uses[target])
+            self.cache.store.prefetch(target, chosen)  # non-blocking reads from storage (tiered store only)
+            self.cache.plan_prefetch(target, chosen)
+        if self.cache is not None and not self.cache.store.in_ram and row + self.lead + 1 < rows and h.shape[0] == 1:
+            # storage reads run one row further ahead than the copies, on the router's guess
+            deeper = row + self.lead + 1
+            self.cache.store.prefetch(deeper, self.model.predict(deeper, h).view(-1).tolist())  # SYNC: to host

@@ -1,0 +1,353 @@
+"""Checkpoint reading: where checkpoint names become ours, through each family's tables (`models/`).
+
+Our names are listed in `models/__init__.py`; experts are addressed as `(layer, expert)` with
+parts `w1`, `w3` [I, D] and `w2` [D, I] (the down projection).
+
+Layouts read, tensor by tensor (safetensors and mmap'd torch files), never the whole model at once:
+  hf        config.json + model.safetensors, or shards listed in model.safetensors.index.json, with
+            the names of the family that config.json names (e.g. Mixtral's
+            `block_sparse_moe.experts.E.w1.weight` or transformers-5's fused `mlp.experts.gate_up_proj`,
+            Qwen's `mlp.experts.E.gate_proj.weight`)
+  packed    written by `convert` (see packed.py): dense.safetensors already under our names, and the
+            experts as ready-packed buffers in experts.bin
+  original  Mixtral's release: params.json + consolidated.NN.pt, experts stacked per layer as
+            `block_sparse_moe.w1/w2/w3` [E*I, D] (w2's block is the transpose of the down projection)
+            or named `feed_forward.experts.E.w1.weight`. Its wq/wk use interleaved (complex-pair) RoPE;
+            we permute them once here to the rotate-halves convention that the model uses.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..config import ModelConfig, from_params_json, read_json
+from ..errors import UserError
+from ..formats.base import bias_parts
+from ..formats.int8_linear import ATTENTION_SUFFIXES
+from ..formats.quant import int8_part_shapes
+from ..models import COMMON, family_of, mixtral
+from .packed import DENSE, packed_attention_group, read_index
+
+# A source: (file, key in that file, transform applied after reading)
+Source = tuple[Path, str, Callable[[torch.Tensor], torch.Tensor] | None]
+
+
+def interleaved_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Permute wq/wk rows from the interleaved RoPE convention to rotate-halves (as HF's conversion)."""
+    rows, cols = w.shape
+    # [H*hd, D] -> [H, hd/2, 2, D] -> [H, 2, hd/2, D] -> [H*hd, D]
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+class Checkpoint:
+    """A model folder, opened lazily. `dense()` yields resident tensors, `expert()` one expert's parts."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise UserError(f"no such model folder: {self.path}")
+        self._files: dict[Path, object] = {}
+        self.dense_sources: dict[str, Source] = {}
+        self.expert_sources: dict[tuple[int, int, str], Source] = {}
+        self.packed_index: dict | None = None
+        if (self.path / "packed.json").exists():
+            self.layout = "packed"
+            raw = read_json(self.path / "config.json")
+            self.family = family_of(raw, self.path / "config.json")
+            self.config = self.family.config(raw, self.path / "config.json")
+            self.packed_index = read_index(self.path)
+            dense = self.path / DENSE
+            if not dense.exists():
+                raise UserError(f"{self.path}: {DENSE} is missing")
+            self.dense_sources = {key: (dense, key, None) for key in self._keys(dense)}
+        elif (self.path / "config.json").exists():
+            self.layout = "hf"
+            raw = read_json(self.path / "config.json")
+            self.family = family_of(raw, self.path / "config.json")
+            self.config = self.family.config(raw, self.path / "config.json")
+            self._index_hf()
+        elif (self.path / "params.json").exists():
+            self.layout = "original"
+            self.family = mixtral
+            self.config = from_params_json(self.path / "params.json")
+            self._index_original()
+        else:
+            raise UserError(f"{self.path}: no config.json (Hugging Face layout) or params.json (original layout)")
+        self._check_complete()
+        self.dtype = self.read(*self.dense_sources["tok_embeddings.weight"]).dtype
+        if self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise UserError(f"{self.path}: weights are {self.dtype}; expected float32, float16 or bfloat16")
+
+    @property
+    def tokenizer_path(self) -> Path | None:
+        p = self.path / "tokenizer.model"
+        return p if p.exists() else None
+
+    # -- indexing (reads each file's key list once) --------------------------------------
+    def _index_hf(self) -> None:
+        index = self.path / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{index} is not a valid safetensors index (needs a 'weight_map')") from None
+            by_file: dict[str, list[str]] = {}
+            for key, fname in weight_map.items():
+                by_file.setdefault(fname, []).append(key)
+        else:
+            single = self.path / "model.safetensors"
+            if not single.exists():
+                raise UserError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
+            by_file = {single.name: self._open(single).keys()}
+        E, I = self.config.num_experts, self.config.ffn_dim
+        f = self.family
+        expert, fused, dense = f.EXPERT and re.compile(f.EXPERT), f.FUSED and re.compile(f.FUSED), f.DENSE + COMMON
+        split = getattr(f, "FUSED_PARTS", None)  # the family's own fused layout (gpt-oss), else transformers 5's
+        for fname, keys in by_file.items():
+            file = self.path / fname
+            if not file.exists():
+                raise UserError(f"{self.path}: shard {fname} is listed in the index but missing")
+            for key in keys:
+                if expert and (m := expert.fullmatch(key)):
+                    self.expert_sources[(int(m[1]), int(m[2]), f.PARTS[m[3]])] = (file, key, None)
+                elif split and (m := fused.fullmatch(key)):
+                    for e in range(E):
+                        for part, (index, transposed) in split[m[2]].items():
+                            self.expert_sources[(int(m[1]), e, part)] = (file, key, _pick(e, index, transposed))
+                elif fused and (m := fused.fullmatch(key)):
+                    layer = int(m[1])
+                    for e in range(E):
+                        if m[2] == "down_proj":
+                            self.expert_sources[(layer, e, "w2")] = (file, key, _pick(e))
+                        else:  # gate_up_proj [E, 2I, D]: w1 rows first, then w3
+                            self.expert_sources[(layer, e, "w1")] = (file, key, _pick(e, (slice(0, I),)))
+                            self.expert_sources[(layer, e, "w3")] = (file, key, _pick(e, (slice(I, 2 * I),)))
+                else:
+                    self._add_dense(key, dense, file, None)
+
+    def _index_original(self) -> None:
+        files = sorted(self.path.glob("consolidated.*.pt")) + sorted(self.path.glob("consolidated.*.safetensors"))
+        if not files:
+            raise UserError(f"{self.path}: params.json found but no consolidated.NN.pt files")
+        c = self.config
+        E, I = c.num_experts, c.ffn_dim
+        for file in files:
+            for key in self._keys(file):
+                if m := re.fullmatch(mixtral.ORIGINAL_STACKED, key):
+                    layer, part = int(m[1]), m[2]
+                    for e in range(E):
+                        rows = _rows(e * I, (e + 1) * I)
+                        # w2 is stored [E*I, D]: each expert's block is the transpose of its [D, I] weight
+                        fn = _compose(rows, torch.t) if part == "w2" else rows
+                        self.expert_sources[(layer, e, part)] = (file, key, fn)
+                elif m := re.fullmatch(mixtral.ORIGINAL_EXPERT, key):
+                    self.expert_sources[(int(m[1]), int(m[2]), m[3])] = (file, key, None)
+                else:
+                    fix = None
+                    if key.endswith("attention.wq.weight"):
+                        fix = _permute(c.n_heads)
+                    elif key.endswith("attention.wk.weight"):
+                        fix = _permute(c.n_kv_heads)
+                    self._add_dense(key, mixtral.ORIGINAL_DENSE, file, fix)
+
+    def _add_dense(self, key: str, table, file: Path, fix) -> None:
+        for pattern, ours in table:
+            if m := re.fullmatch(pattern, key):
+                self.dense_sources[ours.format(*m.groups())] = (file, key, fix)
+                return
+        # unknown tensors (rotary caches, extra heads) are ignored on purpose
+
+    def expected_dense(self) -> dict[str, tuple[int, ...]]:
+        """Every resident tensor the config implies, by our name, with its shape."""
+        c = self.config
+        D, hd = c.dim, c.head_dim
+        q, kv = c.n_heads * hd, c.n_kv_heads * hd
+        norms = ("weight", "bias") if c.norm == "layer" else ("weight",)
+        shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (c.vocab_size, D)}
+        shapes |= {f"norm.{n}": (D,) for n in norms}
+        if not c.tie_word_embeddings:
+            shapes["output.weight"] = (c.vocab_size, D)
+        if c.lm_head_bias:
+            shapes["output.bias"] = (c.vocab_size,)
+        qk_norm = {"none": {}, "head": {"q_norm": hd, "k_norm": hd}, "full": {"q_norm": q, "k_norm": kv}}[c.qk_norm]
+        for i in range(c.n_layers):
+            p = f"layers.{i}."
+            a = p + "attention."
+            shapes |= {p + f"{norm}.{n}": (D,) for norm in ("attention_norm", "ffn_norm") for n in norms}
+            if c.kv_lora_rank:
+                shapes |= {a + name: shape for name, shape in latent_attention_shapes(c).items()}
+            else:
+                shapes |= {a + "wq.weight": (q, D), a + "wk.weight": (kv, D), a + "wv.weight": (kv, D),
+                           a + "wo.weight": (D, q)}
+            if c.qkv_bias:
+                shapes |= {a + "wq.bias": (q,), a + "wk.bias": (kv,), a + "wv.bias": (kv,)}
+            if c.o_bias:
+                shapes[a + "wo.bias"] = (D,)
+            if c.attention_sinks:
+                shapes[a + "sinks"] = (c.n_heads,)
+            shapes |= {a + f"{name}.weight": (n,) for name, n in qk_norm.items()}
+            if i in c.dense_layers:
+                I = c.dense_ffn_dim
+                shapes |= {p + "mlp.w1.weight": (I, D), p + "mlp.w3.weight": (I, D), p + "mlp.w2.weight": (D, I)}
+                continue
+            shapes[p + "gate.weight"] = (c.num_experts, D)
+            if c.router_bias:
+                shapes[p + "gate.bias"] = (c.num_experts,)
+            if c.router == "sigmoid":
+                shapes[p + "gate.e_score_correction_bias"] = (c.num_experts,)
+            if c.shared_ffn_dim:
+                I = c.shared_ffn_dim
+                shapes |= {p + "shared.w1.weight": (I, D), p + "shared.w3.weight": (I, D),
+                           p + "shared.w2.weight": (D, I)}
+            if c.shared_gate:
+                shapes[p + "shared_gate.weight"] = (1, D)
+        if self.packed_index is not None:  # a packed folder with int8 attention holds Int8Linear's parts instead
+            group = packed_attention_group(self.packed_index)
+            for name in [n for n in shapes if group is not None and n.endswith(ATTENTION_SUFFIXES)]:
+                prefix = name.removesuffix("weight")
+                shapes |= {prefix + part: shape for part, shape in int8_part_shapes(*shapes.pop(name), group).items()}
+        return shapes
+
+    @property
+    def mxfp4(self) -> bool:
+        """The experts are stored as MXFP4 blocks and scales (gpt-oss's official checkpoints)."""
+        return any(part == "w1_blocks" for _, _, part in self.expert_sources)
+
+    def expert_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The parts of an expert as the checkpoint stores them: w1, w3 [I, D] and w2 [D, I], or their MXFP4
+        blocks and scales (`mxfp4.py`); and the biases where the family has them."""
+        c = self.config
+        D, I = c.dim, c.ffn_dim
+        if self.mxfp4:
+            shapes = {f"{w}_{what}": (n, k // 32, 16)[: 3 if what == "blocks" else 2]
+                      for w, n, k in (("w1", I, D), ("w3", I, D), ("w2", D, I)) for what in ("blocks", "scales")}
+        else:
+            shapes = {"w1": (I, D), "w3": (I, D), "w2": (D, I)}
+        return shapes | {name: (n,) for name, n in bias_parts(c).items()}
+
+    def _check_complete(self) -> None:
+        for name in self.expected_dense():
+            if name not in self.dense_sources:
+                raise UserError(f"{self.path}: tensor {name} is missing from the checkpoint")
+        c = self.config
+        if self.layout == "packed":
+            placed = {(layer, e) for layer, e, *_ in self.packed_index["experts"]}
+            missing = [(layer, e) for layer in c.moe_layers for e in range(c.num_experts)
+                       if (layer, e) not in placed]
+            if missing:
+                raise UserError(f"{self.path}: expert {missing[0]} is missing from the packed index")
+            return
+        for layer in c.moe_layers:
+            for e in range(c.num_experts):
+                for part in self.expert_shapes():
+                    if (layer, e, part) not in self.expert_sources:
+                        raise UserError(f"{self.path}: expert ({layer}, {e}) has no {part} in the checkpoint")
+
+    # -- reading --------------------------------------------------------------------------
+    def _open(self, file: Path):
+        handle = self._files.get(file)
+        if handle is None:
+            try:
+                if file.suffix == ".safetensors":
+                    handle = safe_open(str(file), framework="pt")
+                else:
+                    handle = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+                    if not isinstance(handle, dict):
+                        raise UserError(f"{file} does not hold a dictionary of tensors")
+            except UserError:
+                raise
+            except Exception as e:  # safetensors and torch raise many types for damaged files
+                raise UserError(f"cannot read {file.name}: {_short(e)} (truncated or damaged file?)") from None
+            self._files[file] = handle
+        return handle
+
+    def _keys(self, file: Path) -> list[str]:
+        return list(self._open(file).keys())
+
+    def read(self, file: Path, key: str, fix=None) -> torch.Tensor:
+        handle = self._open(file)
+        try:
+            t = handle.get_tensor(key) if file.suffix == ".safetensors" else handle[key]
+        except KeyError:
+            raise UserError(f"{file.name}: tensor {key} is missing") from None
+        except Exception as e:
+            raise UserError(f"cannot read {key} from {file.name}: {_short(e)} (truncated file?)") from None
+        return fix(t) if fix is not None else t
+
+    def dense(self, name: str) -> torch.Tensor:
+        t = self.read(*self.dense_sources[name])
+        want = self.expected_dense()[name]
+        if tuple(t.shape) != want:
+            raise UserError(f"{self.path}: tensor {name} has shape {list(t.shape)}, config implies {list(want)}")
+        return t
+
+    def expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        """One expert's parts (`expert_shapes`): weights in checkpoint dtype and HF orientation, or MXFP4 blocks
+        and scales as stored (`mxfp4.parts_for` turns them into weights for the other formats)."""
+        out = {}
+        for part, want in self.expert_shapes().items():
+            try:
+                t = self.read(*self.expert_sources[(layer, expert, part)])
+            except RuntimeError as e:  # a stacked tensor too short to slice
+                raise UserError(f"{self.path}: expert ({layer}, {expert}) {part}: {_short(e)}") from None
+            if tuple(t.shape) != want:
+                raise UserError(
+                    f"{self.path}: expert ({layer}, {expert}) {part} has shape {list(t.shape)}, "
+                    f"config implies {list(want)}"
+                )
+            out[part] = t
+        return out
+
+    def close(self) -> None:
+        self._files.clear()
+
+
+def latent_attention_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """A layer's latent attention tensors (DeepSeek's MLA, `mla.py`), by our name under `attention.`."""
+    H, R, dr = c.n_heads, c.kv_lora_rank, c.qk_rope_head_dim
+    q = H * c.head_dim
+    if c.q_lora_rank:
+        Q = c.q_lora_rank
+        shapes = {"wq_a.weight": (Q, c.dim), "q_norm.weight": (Q,), "wq_b.weight": (q, Q)}
+    else:
+        shapes = {"wq.weight": (q, c.dim)}
+    return shapes | {"wkv_a.weight": (R + dr, c.dim), "kv_norm.weight": (R,),
+                     "wkv_b.weight": (H * (c.head_dim - dr + c.v_head_dim), R), "wo.weight": (c.dim, H * c.v_head_dim)}
+
+
+def _short(e: Exception) -> str:
+    return str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+
+
+def _rows(start: int, stop: int):
+    def take(t: torch.Tensor) -> torch.Tensor:
+        if t.shape[0] < stop:
+            raise RuntimeError(f"stacked tensor has {t.shape[0]} rows, needs {stop}")
+        return t[start:stop]
+
+    return take
+
+
+def _pick(e: int, index: tuple[slice, ...] = (), transposed: bool = False):
+    """Expert e of a fused tensor [E, ...], `index` taken from its slice (and the result transposed)."""
+    def take(t: torch.Tensor) -> torch.Tensor:
+        if t.shape[0] <= e:
+            raise RuntimeError(f"fused tensor holds {t.shape[0]} experts, needs {e + 1}")
+        part = t[e][index]
+        return part.T if transposed else part
+
+    return take
+
+
+def _compose(f, g):
+    return lambda t: g(f(t))
+
+
+def _permute(n_heads: int):
+    return lambda t: interleaved_to_halves(t, n_heads)
