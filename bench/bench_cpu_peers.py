@@ -33,7 +33,8 @@ import llama_cpp_peer  # noqa: E402
 
 from offload_moe.config import ModelConfig  # noqa: E402
 from offload_moe.demo import write_random_checkpoint  # noqa: E402
-from offload_moe.engine import Engine, EngineOptions  # noqa: E402
+from offload_moe.engine import Engine
+from offload_moe.options import EngineOptions  # noqa: E402
 
 SHAPES = {
     "small": ModelConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64, ffn_dim=1792, num_experts=8,

@@ -30,7 +30,8 @@ from hf_reference import transformers_decode_rate  # noqa: E402
 
 from offload_moe.config import ModelConfig  # noqa: E402
 from offload_moe.demo import write_random_checkpoint  # noqa: E402
-from offload_moe.engine import Engine, EngineOptions  # noqa: E402
+from offload_moe.engine import Engine
+from offload_moe.options import EngineOptions  # noqa: E402
 
 SHAPE = ModelConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64, ffn_dim=1792, num_experts=8, top_k=2,
                     vocab_size=32000, max_context=4096)

@@ -36,8 +36,9 @@ sys.path.insert(0, str(ROOT / "tools"))
 from train_tiny_moe import corpus_files, split_corpus  # noqa: E402
 
 from offload_moe.demo import resolve_model  # noqa: E402
-from offload_moe.engine import Engine, EngineOptions  # noqa: E402
+from offload_moe.engine import Engine  # noqa: E402
 from offload_moe.offload.predictors import FILE_NAME, LearnedPredictor, RouterPredictor, replayed, save_predictor  # noqa: E402
+from offload_moe.options import EngineOptions  # noqa: E402
 from offload_moe.planning.replay import default_slots, simulate  # noqa: E402
 from offload_moe.planning.timed import TimedOptions, simulate_timed, timed_costs  # noqa: E402
 from offload_moe.planning.trace import Trace, join_traces  # noqa: E402

@@ -59,8 +59,9 @@ sys.path.insert(0, str(ROOT / "tools"))
 from train_tiny_moe import TinyMixtral, corpus_files, save_checkpoint, split_corpus  # noqa: E402
 
 from offload_moe.demo import write_random_checkpoint  # noqa: E402
-from offload_moe.engine import Engine, EngineOptions  # noqa: E402
+from offload_moe.engine import Engine  # noqa: E402
 from offload_moe.models import from_hf_config  # noqa: E402
+from offload_moe.options import EngineOptions  # noqa: E402
 from offload_moe.planning.replay import default_slots, simulate  # noqa: E402
 from offload_moe.planning.trace import join_traces, routing_counts  # noqa: E402
 

@@ -78,7 +78,8 @@ def main() -> None:
     import torch
 
     from offload_moe.demo import resolve_model
-    from offload_moe.engine import Engine, EngineOptions
+    from offload_moe.engine import Engine
+    from offload_moe.options import EngineOptions
     from offload_moe.serve.app import Service, bind, make_server
 
     ap = argparse.ArgumentParser()

@@ -69,7 +69,8 @@ def decode_table(path, rows: dict[str, dict], prompts: dict[str, list[int]], arg
     transformers' class `reference` on the same folder; `print_decode_table` prints them."""
     import transformers
 
-    from offload_moe.engine import Engine, EngineOptions
+    from offload_moe.engine import Engine
+    from offload_moe.options import EngineOptions
 
     out = []
     for label, options in rows.items():

@@ -38,8 +38,8 @@ import torch
 
 from .errors import UserError
 from .generate import GenerationResult, Sampling, check_request, sample, sampling_generator
+from .memory import gib
 from .modeling.layers import KVPool
-from .profiles import gib
 
 FINISHED_KEPT = 1024  # finished requests whose result and stats stay readable
 RECENT_S = 10.0  # the window of `decode_rate`, seconds

@@ -1,29 +1,22 @@
 """Offload profiles: named TOML files in `profiles/` that say how a model should run on a target. The folder stays
 at the top of the repository and ships inside the installed package (see `_profile_dir`).
 
-A profile gives engine settings (device, dtype, expert precision, cache slots per layer,
-prefetch depth, eviction policy, context) and memory budgets. Before anything is allocated,
-`plan_memory` adds up what the run will place on the device and in RAM, and `check_fits`
-refuses a plan that does not fit, with the numbers. `auto` sizes the cache from the memory
-that is free now (torch.cuda.mem_get_info, psutil).
-
-Sizes are written like "24GB", "1.5GiB", "800MB" or a number of bytes; GB and GiB both mean
-2**30 bytes here, as cards are sold ("24 GB" is 24 GiB).
+A profile gives engine settings (the EngineOptions fields whose `profile` key is top-level: device, dtype,
+expert precision, cache slots per layer, prefetch, eviction policy, context, ...), memory budgets under
+[budget] (device, device_reserve, ram) and cost-model rates under [hardware] for the tuner. Every key and
+value is checked when the file is read, against the option's own check in `options.py`: a bad one is a
+one-line UserError naming the file and the key, before any weight is read. `auto` sizes the cache from the
+memory that is free at load (`memory.auto_slots`).
 """
 
 from __future__ import annotations
 
-import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-import torch
-
-from .config import ModelConfig
 from .errors import UserError
-from .offload.tiered import ram_tier_allocation
+from .options import DEFAULT_RESERVE, OPTIONS, check_value
 
 
 def _profile_dir() -> Path:
@@ -35,24 +28,12 @@ def _profile_dir() -> Path:
 
 
 PROFILE_DIR = _profile_dir()
-ENGINE_KEYS = ("device", "dtype", "expert_quant", "attention_quant", "head_quant", "group_size", "cache_experts",
-               "prefetch", "predictor", "prefetch_width", "policy", "miss_policy", "context")
-DEFAULT_RESERVE = 1.5 * 2**30  # CUDA context, activations, allocator slack on a real card
-_UNITS = {"": 1, "b": 1, "kb": 2**10, "kib": 2**10, "mb": 2**20, "mib": 2**20, "gb": 2**30, "gib": 2**30,
-          "tb": 2**40, "tib": 2**40}
-
-
-def parse_size(text: str | int | float) -> int:
-    if isinstance(text, int | float):
-        return int(text)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m[2].lower() not in _UNITS:
-        raise UserError(f"cannot read the size {text!r} (write e.g. 24GB, 1.5GiB or 800MB)")
-    return int(float(m[1]) * _UNITS[m[2].lower()])
-
-
-def gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
+# profile key -> EngineOptions field, generated from the fields' metadata
+ENGINE_KEYS = {f.metadata["profile"] or name: name for name, f in OPTIONS.items()
+               if f.metadata["profile"] is not None and "." not in f.metadata["profile"]}
+BUDGET_KEYS = {f.metadata["profile"].removeprefix("budget."): name for name, f in OPTIONS.items()
+               if (f.metadata["profile"] or "").startswith("budget.")}
+OTHER_KEYS = {"description": str, "model": str}  # read by people, not by the engine
 
 
 def available_profiles() -> list[str]:
@@ -62,11 +43,11 @@ def available_profiles() -> list[str]:
 @dataclass
 class Profile:
     name: str
-    settings: dict  # EngineOptions fields
+    settings: dict  # EngineOptions fields, checked
     device_budget: int | None = None  # bytes the engine may use on the device
-    device_reserve: int = int(DEFAULT_RESERVE)
+    device_reserve: int = DEFAULT_RESERVE
     ram_budget: int | None = None
-    hardware: dict | None = None  # cost-model figures, for the tuner
+    hardware: dict | None = None  # cost-model figures, for the tuner (numbers; measured_on a string)
     auto: bool = False
 
 
@@ -81,207 +62,53 @@ def load_profile(name_or_path: str) -> Profile:
         raise UserError(f"unknown profile {name_or_path!r}: give a .toml file or one of {names}")
     try:
         data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"profile {path} is not valid TOML: {e}") from None
-    unknown = set(data) - set(ENGINE_KEYS) - {"description", "budget", "hardware", "model"}
+    unknown = set(data) - set(ENGINE_KEYS) - set(OTHER_KEYS) - {"budget", "hardware"}
     if unknown:
         raise UserError(f"profile {path}: unknown key(s) {', '.join(sorted(unknown))}")
-    budget = data.get("budget", {})
-    ram = budget.get("ram")
-    return Profile(
-        name=path.stem,
-        settings={k: data[k] for k in ENGINE_KEYS if k in data},
-        device_budget=parse_size(budget["device"]) if "device" in budget else None,
-        device_reserve=parse_size(budget.get("device_reserve", DEFAULT_RESERVE)),
-        ram_budget=None if ram in (None, "auto") else parse_size(ram),
-        hardware=data.get("hardware"),
-    )
+    for key, kind in OTHER_KEYS.items():
+        if key in data and not isinstance(data[key], kind):
+            raise UserError(f"profile {path}: {key}: expected a string, got {data[key]!r}")
+    settings = {ENGINE_KEYS[k]: check_value(ENGINE_KEYS[k], v, f"profile {path}: {k}")
+                for k, v in data.items() if k in ENGINE_KEYS}
+    budgets = _budgets(path, _table(path, data, "budget"))
+    return Profile(name=path.stem, settings=settings, **budgets, hardware=_hardware(path, data))
 
 
-@dataclass
-class MemoryPlan:
-    dense: int
-    expert_bytes: int
-    slots: list[int]
-    kv: int
-    reserve: int
-    host_store: int
-    device_budget: int | None
-    ram_budget: int | None
-    ram: int = 0  # RAM for the experts: ram_budget, or RAM_HEADROOM of the RAM available when planned
-    pin: bool = False  # a CUDA device reads the host store: it is pinned (page-locked)
-    host_experts: int = 0  # experts in the host store (layers x experts), for the tiered store's slots
-    sequences: int = 1  # sequences whose KV cache `kv` holds (serve --max-batch: a pool of them)
-
-    @property
-    def device_total(self) -> int:
-        return self.dense + self.expert_bytes * sum(self.slots) + self.kv + self.reserve
-
-    @property
-    def experts_in_ram(self) -> bool:
-        """Every expert fits the RAM for experts; else the store is tiered (a RAM cache over storage)."""
-        return self.host_store <= self.ram
-
-    @property
-    def host_ram(self) -> int:
-        """RAM the expert store allocates: every expert, or the tiered store's slots and alignment."""
-        if self.experts_in_ram:
-            return self.host_store
-        return ram_tier_allocation(self.ram, self.expert_bytes, self.host_experts)
-
-    @property
-    def pinned(self) -> int:
-        """Host RAM the expert store pins (registers with cudaHostRegister), exactly: `host_ram` on CUDA, else 0."""
-        return self.host_ram if self.pin else 0
-
-    def describe(self) -> str:
-        seqs = f" ({self.sequences} sequences)" if self.sequences > 1 else ""
-        return (f"dense {gib(self.dense)} + {sum(self.slots)} expert slots x {self.expert_bytes / 2**20:.1f} MiB "
-                f"= {gib(self.expert_bytes * sum(self.slots))} + KV cache{seqs} {gib(self.kv)} + reserve "
-                f"{gib(self.reserve)} = {gib(self.device_total)}")
+def _table(path: Path, data: dict, key: str) -> dict:
+    table = data.get(key, {})
+    if not isinstance(table, dict):
+        raise UserError(f"profile {path}: {key} must be a table ([{key}]), got {table!r}")
+    return table
 
 
-def plan_memory(config: ModelConfig, dtype: torch.dtype, expert_bytes: int, slots: list[int], context: int,
-                device_budget: int | None, reserve: int, ram_budget: int | None,
-                dense_bytes: int | None = None, pin: bool = False, sequences: int = 1) -> MemoryPlan:
-    """`dense_bytes`: the resident weights when some are quantized (default: all in `dtype`); `pin`: the
-    host store is pinned (a CUDA device); `sequences`: the KV cache holds that many sequences of `context`
-    tokens (a batch). Without a RAM budget, the RAM for experts is RAM_HEADROOM of the RAM available now."""
-    ram = ram_budget if ram_budget is not None else int(psutil.virtual_memory().available * RAM_HEADROOM)
-    return MemoryPlan(
-        dense=config.dense_params * dtype.itemsize if dense_bytes is None else dense_bytes,
-        expert_bytes=expert_bytes,
-        slots=slots,
-        kv=config.kv_bytes(context, dtype.itemsize) * sequences,
-        reserve=reserve if device_budget is not None else 0,
-        host_store=config.n_moe_layers * config.num_experts * expert_bytes,
-        device_budget=device_budget,
-        ram_budget=ram_budget,
-        ram=ram,
-        pin=pin,
-        host_experts=config.n_moe_layers * config.num_experts,
-        sequences=sequences,
-    )
-
-
-def check_fits(plan: MemoryPlan) -> None:
-    if plan.device_budget is not None and plan.device_total > plan.device_budget:
-        raise UserError(f"the profile does not fit the device: {plan.describe()} > budget {gib(plan.device_budget)}")
-
-
-RAM_HEADROOM = 0.8  # share of the available RAM that `auto` lets the expert store take
-
-
-def ram_for_experts(plan: MemoryPlan) -> tuple[bool, int]:
-    """(all experts fit in RAM, the RAM budget for them). When they do not fit, the store is tiered:
-    a RAM cache of that size over the checkpoint on storage."""
-    return plan.experts_in_ram, plan.ram
-
-
-def auto_slots(config: ModelConfig, dtype: torch.dtype, expert_bytes: int, context: int, device: torch.device,
-               reserve: int = int(DEFAULT_RESERVE), dense_bytes: int | None = None, sequences: int = 1
-               ) -> tuple[list[int], int | None]:
-    """Slots per layer that the free device memory holds beside the KV cache of `sequences`, and that budget
-    (None on the CPU: all resident)."""
-    if device.type != "cuda":
-        return [config.num_experts] * config.n_moe_layers, None
-    free, _ = torch.cuda.mem_get_info(device)
-    per_layer, base = slots_that_fit(config, dtype, expert_bytes, free, context, reserve, dense_bytes, sequences)
-    if per_layer < config.top_k:
-        need = base.device_total + expert_bytes * config.n_moe_layers * config.top_k
-        raise UserError(f"--profile auto: {gib(free)} free on {device}, but {config.top_k} slots per layer need "
-                        f"{gib(need)} ({base.describe()} plus the slots); try quantized experts or a shorter context")
-    return [min(int(per_layer), config.num_experts)] * config.n_moe_layers, free
-
-
-def slots_that_fit(config: ModelConfig, dtype: torch.dtype, expert_bytes: int, budget: int, context: int,
-                   reserve: int, dense_bytes: int | None = None, sequences: int = 1) -> tuple[int, MemoryPlan]:
-    """Expert slots per layer with experts that a device of `budget` bytes holds beside the resident weights,
-    the KV cache of `sequences` x `context` tokens and `reserve` (not capped at the expert count; under top-k,
-    no run fits), and the plan without slots."""
-    base = plan_memory(config, dtype, expert_bytes, [0], context, budget, reserve, 0, dense_bytes,
-                       sequences=sequences)
-    return int(max(budget - base.device_total, 0) // (expert_bytes * config.n_moe_layers)), base
-
-
-CARDS = ("24gb", "16gb", "12gb")  # the card profiles `plan` reads by default
-_PLAN_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "auto": torch.float16}
-
-
-def card_plan(config: ModelConfig, profiles=CARDS, context: int | None = None, default_context: int = 4096,
-              batch: int = 1) -> dict:
-    """The memory math of `config` on the cards that `profiles` describe (their budget, reserve, dtype and
-    context; `context` overrides theirs, `default_context` stands in where a profile has none): parameters,
-    bytes per expert in fp16/int8/int4 (the engine's own formats, at the group size the engine would pick),
-    the host RAM for every expert, and per card the expert slots per layer beside the dense weights (kept in
-    the profile's dtype), the KV cache of `batch` sequences (serve --max-batch) and the reserve, capped at
-    the expert count; `fits`: at least top-k."""
-    if batch < 1:
-        raise UserError("--max-batch must be 1 or more")
-    from .formats.int8_linear import dense_bytes
-    from .formats.quant import EXPERT_QUANTS, auto_group_size, expert_format
-
-    group = auto_group_size(config)  # None: no group size divides D and I, so no quantized formats
-    precisions = [p for p in EXPERT_QUANTS if p == "none" or group is not None]
-    fmt = {p: expert_format(p, config, torch.float16, group or 64) for p in precisions}
-    rows = config.n_moe_layers * config.num_experts
-    out = {
-        "model": {"family": config.family, "layers": config.n_layers, "moe_layers": config.n_moe_layers,
-                  "experts": config.num_experts, "top_k": config.top_k, "dim": config.dim, "ffn_dim": config.ffn_dim},
-        "params": {"experts": rows * config.expert_params, "dense": config.dense_params,
-                   "total": rows * config.expert_params + config.dense_params},
-        "group_size": group,
-        "formats": {p: f.name for p, f in fmt.items()},
-        "bytes_per_expert": {p: f.nbytes for p, f in fmt.items()},
-        "host_bytes": {p: rows * f.nbytes for p, f in fmt.items()},
-        "batch": batch,
-        "cards": [],
-    }
-    for name in profiles:
-        prof = load_profile(name)
-        if prof.device_budget is None:
-            raise UserError(f"profile {name!r} gives no device budget ([budget] device = ...): it is not a card")
-        dtype = _PLAN_DTYPES.get(prof.settings.get("dtype", "auto"), torch.float16)
-        ctx = min(context or int(prof.settings.get("context", default_context)), config.max_context)
-        dense = dense_bytes(config, dtype)
-        slots, base = {}, None
-        for p, f in fmt.items():
-            n, base = slots_that_fit(config, dtype, f.nbytes, prof.device_budget, ctx, prof.device_reserve, dense,
-                                     batch)
-            slots[p] = min(n, config.num_experts)
-        out["cards"].append({
-            "profile": prof.name, "budget": prof.device_budget, "reserve": prof.device_reserve, "context": ctx,
-            "dtype": str(dtype).removeprefix("torch."), "dense": base.dense, "kv": base.kv,
-            "free": max(prof.device_budget - base.device_total, 0), "slots": slots,
-            "fits": {p: n >= config.top_k for p, n in slots.items()},
-        })
+def _budgets(path: Path, budget: dict) -> dict:
+    """[budget] device, device_reserve, ram ("auto": 80% of the available RAM) as EngineOptions fields."""
+    unknown = set(budget) - set(BUDGET_KEYS)
+    if unknown:
+        raise UserError(f"profile {path}: unknown key(s) under [budget]: {', '.join(sorted(unknown))} "
+                        f"(use {', '.join(BUDGET_KEYS)})")
+    out = {}
+    for key, name in BUDGET_KEYS.items():
+        value = budget.get(key)
+        if value is None or (key == "ram" and value == "auto"):
+            continue
+        out[name] = check_value(name, value, f"profile {path}: budget.{key}")
     return out
 
 
-def format_card_plan(plan: dict, source: str = "") -> str:
-    """`card_plan`'s numbers as the `plan` command prints them."""
-    m, P = plan["model"], plan["params"]
-    mib = {p: n / 2**20 for p, n in plan["bytes_per_expert"].items()}
-    lines = [
-        f"{source + ': ' if source else ''}{m['family']}, {m['layers']} layers ({m['moe_layers']} with experts) x "
-        f"{m['experts']} experts, top-{m['top_k']}, D={m['dim']}, I={m['ffn_dim']}",
-        f"parameters {P['total'] / 1e9:.2f}B: experts {P['experts'] / 1e9:.2f}B, dense {P['dense'] / 1e9:.2f}B",
-        "bytes per expert: " + ", ".join(f"{plan['formats'][p]} {mib[p]:.2f} MiB ({n:,} B)"
-                                         for p, n in plan["bytes_per_expert"].items()),
-        "every expert in host RAM: " + ", ".join(f"{plan['formats'][p]} {gib(n)}"
-                                                 for p, n in plan["host_bytes"].items()),
-    ]
-    if plan["group_size"] is None:
-        lines.append("no quantization group size (32, 64, 128) divides D and I: fp16 experts only")
-    heads = "".join(f"{plan['formats'][p]:>11}" for p in plan["formats"])
-    kv = "the KV cache" if plan["batch"] == 1 else f"the KV cache of {plan['batch']} sequences (--max-batch)"
-    lines += ["", f"expert slots per layer on the card (of {m['experts']}; '-': fewer than top-k = {m['top_k']} fit), "
-                  f"beside the dense weights, {kv} and the reserve:",
-              f"{'profile':<9}{'card':>10}{'dense':>11}{'context':>9}{'KV cache':>11}{'reserve':>11}{'left':>11}"
-              + heads]
-    for c in plan["cards"]:
-        cells = "".join(f"{(str(n) if c['fits'][p] else '-') + (' (all)' if n == m['experts'] else ''):>11}"
-                        for p, n in c["slots"].items())
-        lines.append(f"{c['profile']:<9}{gib(c['budget']):>10}{gib(c['dense']):>11}{c['context']:>9}{gib(c['kv']):>11}"
-                     f"{gib(c['reserve']):>11}{gib(c['free']):>11}{cells}")
-    return "\n".join(lines)
+def _hardware(path: Path, data: dict) -> dict | None:
+    """[hardware]: rates and bandwidths as positive numbers (bytes or weights per second), `measured_on` text."""
+    if "hardware" not in data:
+        return None
+    hw = _table(path, data, "hardware")
+    for key, value in hw.items():
+        if key == "measured_on":
+            ok = isinstance(value, str)
+        else:
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+        if not ok:
+            want = "a string" if key == "measured_on" else "a positive number (e.g. 25e9)"
+            raise UserError(f"profile {path}: hardware.{key}: expected {want}, got {value!r}")
+    return hw

@@ -8,9 +8,10 @@ import torch
 from families import make_family
 
 from offload_moe.batch import Scheduler
-from offload_moe.engine import Engine, EngineOptions
+from offload_moe.engine import Engine
 from offload_moe.errors import UserError
 from offload_moe.generate import Sampling
+from offload_moe.options import EngineOptions
 
 TOL = 1e-4
 # (prompt, max_new_tokens, step at which it is added): lengths 12, 3, 9, 6 and 1; with max_batch 3

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from offload_moe.batch import Scheduler
-from offload_moe.engine import Engine, EngineOptions
+from offload_moe.engine import Engine
 from offload_moe.errors import UserError
 from offload_moe.offload.eviction import POLICIES
+from offload_moe.options import EngineOptions
 from offload_moe.planning.batch_replay import batch_forwards, recorded_forwards, replay_forwards, simulate_batch
 from offload_moe.planning.replay import simulate
 from offload_moe.planning.trace import Trace

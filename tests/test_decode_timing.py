@@ -9,7 +9,8 @@ import torch
 
 from offload_moe.config import ModelConfig
 from offload_moe.demo import write_random_checkpoint
-from offload_moe.engine import Engine, EngineOptions
+from offload_moe.engine import Engine
+from offload_moe.options import EngineOptions
 from offload_moe.stats import decode_rate
 
 SHAPE = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128, num_experts=4, top_k=2,

@@ -16,12 +16,13 @@ from families import make_family, reference
 from safetensors.torch import save_file
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
 
-from offload_moe.engine import Engine, EngineOptions
+from offload_moe.engine import Engine
 from offload_moe.errors import UserError
 from offload_moe.modeling.layers import KVPool
 from offload_moe.modeling.mla import LatentAttention
 from offload_moe.modeling.transformer import grouped_softmax_topk
 from offload_moe.models import from_hf_config
+from offload_moe.options import EngineOptions
 from offload_moe.weights.checkpoint import Checkpoint
 
 PROMPT = [1, 17, 33, 250, 4, 99, 180, 7, 64, 3]

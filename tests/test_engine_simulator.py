@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from offload_moe.cli.commands import main
-from offload_moe.engine import Engine, EngineOptions
+from offload_moe.engine import Engine
+from offload_moe.options import EngineOptions
 from offload_moe.planning.replay import simulate
 from offload_moe.planning.trace import load_trace, save_trace
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import hf_model
 
-from offload_moe.engine import Engine, EngineOptions
+from offload_moe.engine import Engine
+from offload_moe.options import EngineOptions
 
 PROMPT = [1, 415, 2936, 9060, 285, 1142, 28705, 28740, 28734, 6211, 12, 77]
 TOL = 1e-4

@@ -9,7 +9,8 @@ import pytest
 import torch
 from families import FAMILIES, make_family, reference
 
-from offload_moe.engine import Engine, EngineOptions
+from offload_moe.engine import Engine
+from offload_moe.options import EngineOptions
 
 PROMPT = [1, 17, 33, 250, 4, 99, 180, 7, 64, 3]
 

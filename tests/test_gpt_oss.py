@@ -19,12 +19,14 @@ from safetensors.torch import load_file, save_file
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from offload_moe.config import ModelConfig
-from offload_moe.engine import Engine, EngineOptions
+from offload_moe.engine import Engine
 from offload_moe.formats.base import DenseFormat
 from offload_moe.formats.mxfp4 import MXFP4_BMM_MAX_TOKENS, Mxfp4Format, dequantize, quantize
 from offload_moe.formats.quant import expert_format
+from offload_moe.memory import card_plan, plan_memory
 from offload_moe.models import from_hf_config
-from offload_moe.profiles import card_plan, load_profile, plan_memory
+from offload_moe.options import EngineOptions
+from offload_moe.profiles import load_profile
 from offload_moe.weights.checkpoint import Checkpoint
 
 PROMPT = [1, 17, 33, 250, 4, 99, 180, 7, 64, 3, 18, 40, 41]

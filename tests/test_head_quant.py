@@ -11,9 +11,10 @@ from conftest import make_hf
 from conftest import run_cli as run
 
 from offload_moe.cli.commands import resolve_model
-from offload_moe.engine import Engine, EngineOptions
+from offload_moe.engine import Engine
 from offload_moe.formats.int8_linear import Int8Linear, int8_bytes
 from offload_moe.formats.quant import expert_format
+from offload_moe.options import EngineOptions
 from offload_moe.weights.convert import convert
 
 PROMPT = [1, 415, 2936, 9060, 285, 1142, 28705, 28740, 28734, 6211, 12, 77]

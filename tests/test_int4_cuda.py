@@ -12,7 +12,7 @@ import torch
 from conftest import run_cli
 
 from offload_moe.config import ModelConfig
-from offload_moe.engine import Engine, EngineOptions, expert_format_for
+from offload_moe.engine import Engine
 from offload_moe.errors import UserError
 from offload_moe.formats.base import ALIGN
 from offload_moe.formats.int4_layouts import (
@@ -32,6 +32,8 @@ from offload_moe.formats.quant import (
     parse_format_name,
     quantize,
 )
+from offload_moe.options import EngineOptions
+from offload_moe.plan import expert_format_for
 from offload_moe.weights.convert import convert
 from offload_moe.weights.packed import INDEX
 

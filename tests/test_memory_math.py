@@ -17,8 +17,9 @@ import torch
 from conftest import run_cli as run
 
 from offload_moe.formats.quant import expert_format
+from offload_moe.memory import card_plan
 from offload_moe.models import from_hf_config
-from offload_moe.profiles import card_plan, load_profile
+from offload_moe.profiles import load_profile
 
 CONFIGS = {
     # https://huggingface.co/Qwen/Qwen3-30B-A3B/blob/main/config.json; corroborated by a Qwen3-30B-A3B-derived

@@ -12,7 +12,7 @@ import torch
 
 from offload_moe.cli.commands import main
 from offload_moe.demo import resolve_model
-from offload_moe.engine import Engine, EngineOptions
+from offload_moe.engine import Engine
 from offload_moe.errors import UserError
 from offload_moe.offload.predictors import (
     FILE_NAME,
@@ -25,6 +25,7 @@ from offload_moe.offload.predictors import (
     source_of,
     targets_of,
 )
+from offload_moe.options import EngineOptions
 from offload_moe.planning.replay import simulate
 from offload_moe.planning.trace import Trace, load_trace, save_trace, slice_trace
 from offload_moe.planning.tune import DEFAULT_HARDWARE, model_shape, tune, winner_profile

@@ -7,8 +7,10 @@ import torch
 
 from offload_moe.errors import UserError
 from offload_moe.formats.quant import bytes_per_expert
+from offload_moe.memory import check_fits, plan_memory
+from offload_moe.options import parse_size
 from offload_moe.planning.tune import MIXTRAL_8X7B
-from offload_moe.profiles import available_profiles, check_fits, load_profile, parse_size, plan_memory
+from offload_moe.profiles import available_profiles, load_profile
 
 
 def mixtral_plan(profile_name: str, quant: str | None = None):
@@ -67,7 +69,8 @@ def test_explicit_engine_options_override_only_what_they_set(tmp_path):
     overrides. An explicit EngineOptions used to drop the whole profile, budgets included."""
     from offload_moe.config import ModelConfig
     from offload_moe.demo import write_random_checkpoint
-    from offload_moe.engine import Engine, EngineOptions
+    from offload_moe.engine import Engine
+    from offload_moe.options import EngineOptions
 
     shape = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128, num_experts=4,
                         top_k=2, vocab_size=256)
@@ -97,7 +100,7 @@ def test_the_plan_counts_the_kv_cache_of_a_batch(tmp_path, capsys):
 
     from conftest import run_cli
 
-    from offload_moe.profiles import card_plan
+    from offload_moe.memory import card_plan
 
     one, eight = (card_plan(MIXTRAL_8X7B, ["24gb"], batch=b)["cards"][0] for b in (1, 8))
     assert one["kv"] == MIXTRAL_8X7B.kv_bytes(4096, 2) == 512 * 2**20 and eight["kv"] == 8 * one["kv"]
@@ -126,7 +129,8 @@ def test_a_batch_whose_kv_cache_does_not_fit_is_refused_before_loading(tmp_path,
     from offload_moe import engine as engine_module
     from offload_moe.batch import Scheduler
     from offload_moe.demo import resolve_model
-    from offload_moe.engine import Engine, EngineOptions
+    from offload_moe.engine import Engine
+    from offload_moe.options import EngineOptions
 
     demo = resolve_model("demo")
     base = Engine.load(demo, EngineOptions(cache_experts=2, context=128, progress=False))

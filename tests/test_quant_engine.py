@@ -9,9 +9,10 @@ import pytest
 import torch
 from conftest import run_cli as run
 
-from offload_moe.engine import Engine, EngineOptions
+from offload_moe.engine import Engine
 from offload_moe.formats.int8_linear import attention_bytes
 from offload_moe.formats.quant import expert_format
+from offload_moe.options import EngineOptions
 from offload_moe.weights.convert import convert
 from offload_moe.weights.packed import DATA, INDEX, JOURNAL
 

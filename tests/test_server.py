@@ -21,7 +21,8 @@ httpx = pytest.importorskip("httpx")
 from families import make_family  # noqa: E402
 
 from offload_moe.demo import resolve_model  # noqa: E402
-from offload_moe.engine import Engine, EngineOptions  # noqa: E402
+from offload_moe.engine import Engine  # noqa: E402
+from offload_moe.options import EngineOptions  # noqa: E402
 from offload_moe.planning.trace import load_trace  # noqa: E402
 from offload_moe.serve.app import Service, bind, make_server  # noqa: E402
 

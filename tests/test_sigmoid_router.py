@@ -10,8 +10,9 @@ import transformers
 from families import FAMILIES, make_family, reference
 from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeTopkRouter
 
-from offload_moe.engine import Engine, EngineOptions
+from offload_moe.engine import Engine
 from offload_moe.modeling.transformer import sigmoid_topk
+from offload_moe.options import EngineOptions
 from offload_moe.weights.checkpoint import Checkpoint
 
 PROMPT = [1, 17, 33, 250, 4, 99, 180, 7, 64, 3]

@@ -23,7 +23,8 @@ import torch
 from conftest import hf_model, run_cli
 
 from offload_moe.demo import TRAINED_DEMOS, write_random_checkpoint
-from offload_moe.engine import Engine, EngineOptions
+from offload_moe.engine import Engine
+from offload_moe.options import EngineOptions
 from offload_moe.planning.trace import routing_counts
 
 # experts, top-k, and the expert cache slots per layer that the offloaded generation test uses

@@ -17,8 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from offload_moe.engine import Engine, EngineOptions
+from offload_moe.engine import Engine
 from offload_moe.errors import UserError
+from offload_moe.options import EngineOptions
 from offload_moe.tokenizer import (
     BUNDLED,
     HFTokenizer,

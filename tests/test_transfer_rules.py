@@ -9,9 +9,10 @@ import torch
 from fake_cuda import FakeCuda
 
 from offload_moe.batch import Scheduler
-from offload_moe.engine import Engine, EngineOptions
+from offload_moe.engine import Engine
 from offload_moe.offload.predictors import targets_of
 from offload_moe.offload.prefetch import Transfers
+from offload_moe.options import EngineOptions
 
 PROMPT = [1, 415, 2936, 9060, 285, 1142]
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -11,15 +11,16 @@ import torch
 
 from ..atomic import write_safetensors_atomic
 from ..demo import TRAINED_DEMOS, resolve_model
-from ..engine import DTYPES, Engine, EngineOptions
+from ..engine import Engine
 from ..errors import UserError
 from ..formats.int8_linear import ATTENTION_QUANTS, HEAD_QUANTS
 from ..formats.quant import DEFAULT_GROUP_SIZE, EXPERT_QUANTS, GROUP_SIZES, INT4_LAYOUTS
 from ..generate import Sampling
-from ..offload.cache import MISS_POLICIES
+from ..memory import CARDS
 from ..offload.eviction import ONLINE_POLICIES
+from ..options import MISS_POLICIES, EngineOptions, parse_size
+from ..plan import DTYPES
 from ..planning.trace import save_trace
-from ..profiles import CARDS, parse_size
 from ..stats import format_table
 from .entry import add_simulate, cmd_simulate, guarded
 from .entry import int_list as _ids
@@ -504,7 +505,7 @@ def read_config(text: str):
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from ..profiles import card_plan, format_card_plan
+    from ..memory import card_plan, format_card_plan
 
     config = read_config(args.config)
     if args.context is not None and args.context < 1:

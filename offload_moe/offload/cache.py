@@ -17,11 +17,10 @@ from dataclasses import dataclass
 import torch
 
 from ..formats.base import ExpertFormat
+from ..options import MISS_POLICIES
 from .eviction import ONLINE_POLICIES, SlotTable
 from .prefetch import Transfers
 from .store import ExpertStore
-
-MISS_POLICIES = ("fetch", "cpu", "auto")
 
 
 @dataclass

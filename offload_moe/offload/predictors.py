@@ -154,13 +154,10 @@ def load_predictor(path: str | os.PathLike, rows: int, dim: int, experts: int) -
     return LearnedPredictor(weights, lead, meta)
 
 
-def make_predictor(kind: str, model, model_dir: Path, lead: int, device: torch.device):
-    """`--predictor`: 'router', a file, or 'auto' (the model folder's predictor file, else the router).
-    A learned predictor predicts `lead` rows ahead as it was trained; `--prefetch` must agree."""
+def make_predictor(kind: str, model, lead: int, device: torch.device):
+    """'router' or a predictor file (`--predictor`, its `auto` resolved by the load plan). A learned predictor
+    predicts `lead` rows ahead as it was trained; `--prefetch` must agree."""
     c = model.config
-    if kind == "auto":
-        found = Path(model_dir) / FILE_NAME
-        kind = str(found) if found.is_file() else "router"
     if kind == "router":
         return RouterPredictor(model, lead)
     learned = load_predictor(kind, c.n_moe_layers, c.dim, c.num_experts)

@@ -44,7 +44,9 @@ from ..errors import UserError
 from ..formats.int4_layouts import int4_layout_for
 from ..formats.int8_linear import ATTENTION_QUANTS, dense_bytes
 from ..formats.quant import auto_group_size, bytes_per_expert, expert_format
-from ..profiles import DEFAULT_RESERVE, Profile, gib, parse_size
+from ..memory import gib
+from ..options import DEFAULT_RESERVE, parse_size
+from ..profiles import Profile
 from .batch_replay import simulate_batch
 from .replay import simulate, simulate_many
 from .trace import Trace

@@ -44,6 +44,9 @@ def interleaved_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     # [H*hd, D] -> [H, hd/2, 2, D] -> [H, 2, hd/2, D] -> [H*hd, D]
     return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
+# a safetensors header's dtype names (others are reported by name, and refused)
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
 
 class Checkpoint:
     """A model folder, opened lazily. `dense()` yields resident tensors, `expert()` one expert's parts."""
@@ -80,7 +83,7 @@ class Checkpoint:
         else:
             raise UserError(f"{self.path}: no config.json (Hugging Face layout) or params.json (original layout)")
         self._check_complete()
-        self.dtype = self.read(*self.dense_sources["tok_embeddings.weight"]).dtype
+        self.dtype = self.dtype_of(*self.dense_sources["tok_embeddings.weight"][:2])  # from the header: no data read
         if self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise UserError(f"{self.path}: weights are {self.dtype}; expected float32, float16 or bfloat16")
 
@@ -279,6 +282,19 @@ class Checkpoint:
         except Exception as e:
             raise UserError(f"cannot read {key} from {file.name}: {_short(e)} (truncated file?)") from None
         return fix(t) if fix is not None else t
+
+    def dtype_of(self, file: Path, key: str) -> torch.dtype:
+        """A tensor's dtype without reading its data: a safetensors header, or a memory-mapped torch file."""
+        handle = self._open(file)
+        try:
+            if file.suffix != ".safetensors":
+                return handle[key].dtype
+            name = handle.get_slice(key).get_dtype()
+        except KeyError:
+            raise UserError(f"{file.name}: tensor {key} is missing") from None
+        except Exception as e:
+            raise UserError(f"cannot read {key} from {file.name}: {_short(e)} (truncated file?)") from None
+        return SAFETENSORS_DTYPES.get(name, name)
 
     def dense(self, name: str) -> torch.Tensor:
         t = self.read(*self.dense_sources[name])
