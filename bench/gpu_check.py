@@ -28,8 +28,10 @@ from offload_moe.config import ModelConfig  # noqa: E402
 from offload_moe.demo import write_random_checkpoint  # noqa: E402
 from offload_moe.engine import Engine, EngineOptions  # noqa: E402
 from offload_moe.formats.base import DenseFormat  # noqa: E402
+from offload_moe.formats.int4 import Int4Format
 from offload_moe.formats.int4_layouts import cuda_int4_kernel_runs, int4_cuda_kernel_linear, int4_layout_for  # noqa: E402
-from offload_moe.formats.quant import Int4Format, Int8Format, bytes_per_expert, expert_format  # noqa: E402
+from offload_moe.formats.int8 import Int8Format
+from offload_moe.formats.registry import bytes_per_expert, expert_format  # noqa: E402
 from offload_moe.profiles import DEFAULT_RESERVE  # noqa: E402
 from offload_moe.weights.convert import convert  # noqa: E402
 

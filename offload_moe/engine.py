@@ -20,17 +20,9 @@ import torch
 from .errors import UserError
 from .formats.base import DenseFormat, ExpertFormat
 from .formats.int4_layouts import int4_layout_for
-from .formats.int8_linear import (
-    ATTENTION_QUANTS,
-    ATTENTION_SUFFIXES,
-    HEAD_QUANTS,
-    Int8Linear,
-    dense_bytes,
-    int8_attention,
-    int8_attention_state,
-    int8_head,
-)
-from .formats.quant import expert_format, load_quant, parse_format_name, resolve_group_size
+from .formats.int8_linear import ATTENTION_SUFFIXES, Int8Linear, int8_attention, int8_attention_state, int8_head
+from .formats.registry import expert_format, load_quant, parse_format_name, resolve_group_size
+from .formats.sizes import dense_bytes
 from .generate import GenerationResult, Sampling, generate_tokens
 from .modeling.layers import KVCache, KVPool, rope_tables
 from .modeling.transformer import ROUTER_BIAS, Transformer
@@ -39,6 +31,7 @@ from .offload.predictors import RouterPredictor, make_predictor
 from .offload.prefetch import Prefetcher
 from .offload.store import ExpertStore
 from .offload.tiered import TieredStore
+from .options import ATTENTION_QUANTS, HEAD_QUANTS
 from .planning.trace import Trace, TraceRecorder
 from .profiles import (
     DEFAULT_RESERVE,

@@ -218,8 +218,9 @@ def card_plan(config: ModelConfig, profiles=CARDS, context: int | None = None, d
     the expert count; `fits`: at least top-k."""
     if batch < 1:
         raise UserError("--max-batch must be 1 or more")
-    from .formats.int8_linear import dense_bytes
-    from .formats.quant import EXPERT_QUANTS, auto_group_size, expert_format
+    from .formats.registry import auto_group_size, expert_format
+    from .formats.sizes import dense_bytes
+    from .options import EXPERT_QUANTS
 
     group = auto_group_size(config)  # None: no group size divides D and I, so no quantized formats
     precisions = [p for p in EXPERT_QUANTS if p == "none" or group is not None]

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from offload_moe.config import ModelConfig
 from offload_moe.engine import Engine, EngineOptions
 from offload_moe.errors import UserError
-from offload_moe.formats.quant import resolve_group_size
+from offload_moe.formats.registry import resolve_group_size
 from offload_moe.offload.tiered import ram_tier_layout
 from offload_moe.perplexity import perplexity
 from offload_moe.planning.replay import default_slots

@@ -12,8 +12,9 @@ from conftest import run_cli as run
 
 from offload_moe.cli.commands import resolve_model
 from offload_moe.engine import Engine, EngineOptions
-from offload_moe.formats.int8_linear import Int8Linear, int8_bytes
-from offload_moe.formats.quant import expert_format
+from offload_moe.formats.int8_linear import Int8Linear
+from offload_moe.formats.registry import expert_format
+from offload_moe.formats.sizes import int8_bytes
 from offload_moe.weights.convert import convert
 
 PROMPT = [1, 415, 2936, 9060, 285, 1142, 28705, 28740, 28734, 6211, 12, 77]

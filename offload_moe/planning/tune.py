@@ -42,8 +42,9 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 from ..errors import UserError
 from ..formats.int4_layouts import int4_layout_for
-from ..formats.int8_linear import ATTENTION_QUANTS, dense_bytes
-from ..formats.quant import auto_group_size, bytes_per_expert, expert_format
+from ..formats.registry import auto_group_size, bytes_per_expert, expert_format
+from ..formats.sizes import dense_bytes
+from ..options import ATTENTION_QUANTS
 from ..profiles import DEFAULT_RESERVE, Profile, gib, parse_size
 from .batch_replay import simulate_batch
 from .replay import simulate, simulate_many
