@@ -1,5 +1,6 @@
 """CPU expert forward by format and path: dense against int8, int4 and MXFP4, torch's packed kernels against
-dequantize + matmul. This is the measurement behind the kernel choices in offload_moe/quant.py and mxfp4.py.
+dequantize + matmul. This is the measurement behind the kernel choices of offload_moe/formats/
+(int8.py, int4.py, mxfp4.py).
 
     python bench/bench_quant_kernels.py [--threads 2] [--tokens 1 16] [--seconds 60] [--group-size 64]
                                         [--dim 512 --ffn 1792]   (gpt-oss's experts: --dim 2880 --ffn 2880)
@@ -17,7 +18,8 @@ MXFP4 (`mxfp4.Mxfp4Format`) has one path: `forward` is its `dequant` (decode int
 Times are the best of many interleaved runs, in microseconds, so that other load on the machine
 shows as little as possible; `GB/s` is the expert's packed bytes over the first token count's time
 (what a CPU-computed miss must stream from RAM); `err` is the largest difference from `dequant`,
-relative to its largest output. Results on the development machine are in the module docstring of offload_moe/quant.py.
+relative to its largest output. Results on the development machine are in BENCHMARKS.md,
+"Kernel choices: the measurements behind formats/".
 """
 
 from __future__ import annotations
@@ -36,9 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from offload_moe.config import ModelConfig  # noqa: E402
 from offload_moe.formats.base import DenseFormat  # noqa: E402
+from offload_moe.formats.int4 import Int4Format
 from offload_moe.formats.int4_layouts import int4_cpu_kernel_linear  # noqa: E402
+from offload_moe.formats.int8 import Int8Format, int8_bmm_linear  # noqa: E402
 from offload_moe.formats.mxfp4 import Mxfp4Format  # noqa: E402
-from offload_moe.formats.quant import Int4Format, Int8Format, int8_bmm_linear  # noqa: E402
 
 SHAPE = ModelConfig(dim=512, n_layers=1, n_heads=8, n_kv_heads=2, head_dim=64, ffn_dim=1792, num_experts=8, top_k=2,
                     vocab_size=32000)  # --dim and --ffn replace D and I
@@ -55,7 +58,7 @@ def swiglu(linear: Callable[[torch.Tensor, tuple], torch.Tensor], x: torch.Tenso
 def int8_kernel(x: torch.Tensor, mat: tuple) -> torch.Tensor:
     """torch's int8 CPU kernel has one scale per output channel, so a grouped matmul is one call per
     group (summed in fp32) plus the zeros times each group's sum of x. The engine does not use it
-    (see offload_moe/quant.py); it is here to show why."""
+    (see offload_moe/formats/int8.py); it is here to show why."""
     codes, s, z = mat
     T, G = x.shape[0], codes.shape[0]
     xg = x.reshape(T, G, -1)  # [T, K] -> [T, G, gs]

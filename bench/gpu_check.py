@@ -28,12 +28,11 @@ from offload_moe.config import ModelConfig  # noqa: E402
 from offload_moe.demo import write_random_checkpoint  # noqa: E402
 from offload_moe.engine import Engine
 from offload_moe.formats.base import DenseFormat  # noqa: E402
+from offload_moe.formats.int4 import Int4Format  # noqa: E402
 from offload_moe.formats.int4_layouts import cuda_int4_kernel_runs, int4_cuda_kernel_linear, int4_layout_for  # noqa: E402
-from offload_moe.formats.quant import Int4Format, Int8Format, bytes_per_expert, expert_format  # noqa: E402
-from offload_moe.options import (
-    DEFAULT_RESERVE,  # noqa: E402
-    EngineOptions,  # noqa: E402
-)
+from offload_moe.formats.int8 import Int8Format  # noqa: E402
+from offload_moe.formats.registry import bytes_per_expert, expert_format  # noqa: E402
+from offload_moe.options import DEFAULT_RESERVE, EngineOptions
 from offload_moe.weights.convert import convert  # noqa: E402
 
 MIXTRAL = ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, ffn_dim=14336, num_experts=8,

@@ -15,8 +15,8 @@ import torch
 
 from .config import ModelConfig
 from .errors import UserError
-from .formats.int8_linear import dense_bytes
-from .formats.quant import auto_group_size, expert_format
+from .formats.registry import auto_group_size, expert_format
+from .formats.sizes import dense_bytes
 from .offload.tiered import ram_tier_allocation
 from .options import DEFAULT_RESERVE, EXPERT_QUANTS
 from .profiles import load_profile

@@ -22,7 +22,7 @@ from .config import ModelConfig
 from .errors import UserError
 from .formats.base import DenseFormat, ExpertFormat
 from .formats.int4_layouts import int4_layout_for
-from .formats.quant import expert_format, load_quant, parse_format_name, resolve_group_size
+from .formats.registry import expert_format, load_quant, parse_format_name, resolve_group_size
 from .memory import MemoryPlan, auto_slots, check_fits, plan_memory, resident_bytes
 from .offload.predictors import FILE_NAME as PREDICTOR_FILE
 from .options import EngineOptions, check_options, set_fields

@@ -13,8 +13,9 @@ import torch
 from offload_moe.config import ModelConfig
 from offload_moe.engine import Engine
 from offload_moe.formats import cpu_kernels
+from offload_moe.formats.int8 import int8_bmm_linear
 from offload_moe.formats.int8_linear import int8_parts
-from offload_moe.formats.quant import expert_format, int8_bmm_linear
+from offload_moe.formats.registry import expert_format
 from offload_moe.generate import Sampling, generate_tokens
 from offload_moe.options import EngineOptions
 

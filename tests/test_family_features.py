@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from offload_moe.config import ModelConfig
 from offload_moe.engine import Engine
 from offload_moe.errors import UserError
-from offload_moe.formats.quant import resolve_group_size
+from offload_moe.formats.registry import resolve_group_size
 from offload_moe.offload.tiered import ram_tier_layout
 from offload_moe.options import EngineOptions
 from offload_moe.perplexity import perplexity

@@ -22,7 +22,7 @@ from offload_moe.config import ModelConfig
 from offload_moe.engine import Engine
 from offload_moe.formats.base import DenseFormat
 from offload_moe.formats.mxfp4 import MXFP4_BMM_MAX_TOKENS, Mxfp4Format, dequantize, quantize
-from offload_moe.formats.quant import expert_format
+from offload_moe.formats.registry import expert_format
 from offload_moe.memory import card_plan, plan_memory
 from offload_moe.models import from_hf_config
 from offload_moe.options import EngineOptions

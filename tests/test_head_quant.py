@@ -12,8 +12,9 @@ from conftest import run_cli as run
 
 from offload_moe.cli.commands import resolve_model
 from offload_moe.engine import Engine
-from offload_moe.formats.int8_linear import Int8Linear, int8_bytes
-from offload_moe.formats.quant import expert_format
+from offload_moe.formats.int8_linear import Int8Linear
+from offload_moe.formats.registry import expert_format
+from offload_moe.formats.sizes import int8_bytes
 from offload_moe.options import EngineOptions
 from offload_moe.weights.convert import convert
 

@@ -15,6 +15,8 @@ from offload_moe.config import ModelConfig
 from offload_moe.engine import Engine
 from offload_moe.errors import UserError
 from offload_moe.formats.base import ALIGN
+from offload_moe.formats.group import dequantize, quantize
+from offload_moe.formats.int4 import INT4_CUDA_KERNEL_MAX_TOKENS, Int4Format
 from offload_moe.formats.int4_layouts import (
     cuda_inner_k_tiles,
     cuda_int4_kernel_runs,
@@ -24,14 +26,7 @@ from offload_moe.formats.int4_layouts import (
     tile_int4,
     untile_int4,
 )
-from offload_moe.formats.quant import (
-    INT4_CUDA_KERNEL_MAX_TOKENS,
-    Int4Format,
-    dequantize,
-    expert_format,
-    parse_format_name,
-    quantize,
-)
+from offload_moe.formats.registry import expert_format, parse_format_name
 from offload_moe.options import EngineOptions
 from offload_moe.plan import expert_format_for
 from offload_moe.weights.convert import convert

@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import run_cli as run
 
-from offload_moe.formats.quant import expert_format
+from offload_moe.formats.registry import expert_format
 from offload_moe.memory import card_plan
 from offload_moe.models import from_hf_config
 from offload_moe.profiles import load_profile

@@ -13,7 +13,7 @@ import torch
 from offload_moe.config import ModelConfig
 from offload_moe.demo import write_random_checkpoint
 from offload_moe.formats.base import DenseFormat
-from offload_moe.formats.quant import expert_format
+from offload_moe.formats.registry import expert_format
 from offload_moe.memory import plan_memory
 from offload_moe.offload.store import ExpertStore
 from offload_moe.offload.tiered import TieredStore

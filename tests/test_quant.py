@@ -10,17 +10,11 @@ from offload_moe.config import ModelConfig
 from offload_moe.errors import UserError
 from offload_moe.formats import cpu_kernels
 from offload_moe.formats.base import ALIGN, DenseFormat
+from offload_moe.formats.group import dequantize, quantize
+from offload_moe.formats.int4 import INT4_KERNEL_MAX_TOKENS, Int4Format
+from offload_moe.formats.int8 import INT8_BMM_MAX_TOKENS, Int8Format
 from offload_moe.formats.int8_linear import Int8Linear, int8_parts
-from offload_moe.formats.quant import (
-    INT4_KERNEL_MAX_TOKENS,
-    INT8_BMM_MAX_TOKENS,
-    Int4Format,
-    Int8Format,
-    bytes_per_expert,
-    dequantize,
-    expert_format,
-    quantize,
-)
+from offload_moe.formats.registry import bytes_per_expert, expert_format
 
 D, I = 256, 384  # multiples of every group size and of the int4 kernel's row block (64)
 CONFIG = ModelConfig(dim=D, n_layers=1, n_heads=4, n_kv_heads=4, head_dim=64, ffn_dim=I, num_experts=2, top_k=1,
@@ -150,7 +144,7 @@ def largest_allocation(fn) -> int:
 def test_int8_linear_allocates_nothing_of_a_weights_size(T):
     """Int8Linear widens or rebuilds its matrix in the scratch buffer, allocated once: a call's largest
     allocation is smaller than even the int8 codes (without the buffer: the fp32 matrix, 4x the codes)."""
-    from offload_moe.formats.quant import int8_linear
+    from offload_moe.formats.int8 import int8_linear
 
     N = 512
     lin = Int8Linear(D, N, 64)

@@ -10,8 +10,8 @@ import torch
 from conftest import run_cli as run
 
 from offload_moe.engine import Engine
-from offload_moe.formats.int8_linear import attention_bytes
-from offload_moe.formats.quant import expert_format
+from offload_moe.formats.registry import expert_format
+from offload_moe.formats.sizes import attention_bytes
 from offload_moe.options import EngineOptions
 from offload_moe.weights.convert import convert
 from offload_moe.weights.packed import DATA, INDEX, JOURNAL

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from offload_moe.formats.quant import bytes_per_expert
+from offload_moe.formats.registry import bytes_per_expert
 from offload_moe.planning.trace import Trace
 from offload_moe.planning.tune import MIXTRAL_8X7B, spread_slots, step_seconds, to_toml, tune
 

@@ -13,12 +13,20 @@ from ..atomic import write_safetensors_atomic
 from ..demo import TRAINED_DEMOS, resolve_model
 from ..engine import Engine
 from ..errors import UserError
-from ..formats.int8_linear import ATTENTION_QUANTS, HEAD_QUANTS
-from ..formats.quant import DEFAULT_GROUP_SIZE, EXPERT_QUANTS, GROUP_SIZES, INT4_LAYOUTS
+from ..formats.int4_layouts import INT4_LAYOUTS
+from ..formats.registry import DEFAULT_GROUP_SIZE
 from ..generate import Sampling
 from ..memory import CARDS
 from ..offload.eviction import ONLINE_POLICIES
-from ..options import MISS_POLICIES, EngineOptions, parse_size
+from ..options import (
+    ATTENTION_QUANTS,
+    EXPERT_QUANTS,
+    GROUP_SIZES,
+    HEAD_QUANTS,
+    MISS_POLICIES,
+    EngineOptions,
+    parse_size,
+)
 from ..plan import DTYPES
 from ..planning.trace import save_trace
 from ..stats import format_table
@@ -452,7 +460,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from ..formats.int4_layouts import int4_layout_for
-    from ..formats.quant import expert_format, load_quant, resolve_group_size
+    from ..formats.registry import expert_format, load_quant, resolve_group_size
     from ..weights.checkpoint import Checkpoint
     from ..weights.convert import convert
 

@@ -4,7 +4,7 @@ moves it. A leaf of the load path (config -> formats -> checkpoint readers -> st
 An `ExpertFormat` says how an expert's weights lie in its buffer (`pack`), how to see them
 without copying (`views`, computed once per buffer) and how to run the expert on those views
 (`forward`). The dense format here stores [w1; w3] fused as w13 [2I, D] followed by w2 [D, I];
-quantized formats live in `quant.py` and `mxfp4.py` and follow the same three methods.
+quantized formats live in `int8.py`, `int4.py` and `mxfp4.py` (on `group.py`) and follow the same three methods.
 
 Every format computes w2 . act(w1 . x, w3 . x), where `activation(config)` picks act once per format:
 silu(gate) * up, or gpt-oss's `clamped_swiglu`; where the family has expert biases (b1, b3 [I], b2 [D],

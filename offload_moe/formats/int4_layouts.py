@@ -7,7 +7,7 @@
           `_weight_int4pack_mm` (`int4_cuda_kernel_linear`) where a once-per-device probe finds that
           kernel and our tiles agree (`cuda_int4_kernel_runs`).
 Both are written by us with torch ops, the same on every machine (a packed folder stores them);
-`quant.Int4Format` holds the scales and zeros beside them and falls back to dequantizing.
+`int4.Int4Format` holds the scales and zeros beside them and falls back to dequantizing.
 
 Legend: T tokens, N output rows, K input columns, G groups per row, B row block, t inner k-tiles.
 """
@@ -20,6 +20,8 @@ import sys
 import torch
 
 from ..errors import UserError
+
+INT4_LAYOUTS = ("cpu", "cuda")  # the code orders above, each its own format name (`int4.Int4Format`)
 
 
 def int4_cuda_kernel_linear(x: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:

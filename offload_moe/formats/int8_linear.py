@@ -1,6 +1,6 @@
 """int8 attention projections: wq wk wv wo (latent attention: wq or wq_a wq_b, wkv_a, wo) kept resident as
-int8 (`Int8Linear`, in `quant.Int8Format`'s matrix layout and kernels) to free device memory for expert slots;
-the int8 LM head (the output matrix: on the CPU a decode step's largest read); and the resident weights' bytes.
+int8 (`Int8Linear`, in `int8.Int8Format`'s matrix layout and kernels) to free device memory for expert slots;
+and the int8 LM head (the output matrix: on the CPU a decode step's largest read). Their bytes: `sizes.py`.
 
 Legend: T tokens, N output rows, K input columns.
 """
@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .quant import INT8_PART_DTYPES, SCALE_DTYPE, check_groups, int8_linear, int8_part_shapes, int8_store, quantize
+from .group import check_groups, quantize
+from .int8 import INT8_PART_DTYPES, int8_linear, int8_part_shapes, int8_store
 
 
 class Int8Scratch:
@@ -67,7 +68,6 @@ def int8_parts(w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
     return out
 
 
-ATTENTION_QUANTS = ("none", "int8")
 ATTENTION_WEIGHTS = ("wq", "wk", "wv", "wo", "wq_a", "wq_b", "wkv_a")  # those a layer has; wkv_b stays dense
 ATTENTION_SUFFIXES = tuple(f"attention.{w}.weight" for w in ATTENTION_WEIGHTS)  # their names in a state dict
 
@@ -99,9 +99,6 @@ def int8_attention_state(name: str, w: torch.Tensor, group_size: int) -> dict[st
     return {prefix + part: v for part, v in int8_parts(w, group_size).items()}
 
 
-HEAD_QUANTS = ("none", "int8")
-
-
 def int8_head(model: nn.Module, group_size: int) -> None:
     """Swap the LM head (`model.output`) for an `Int8Linear` of the same shape, on the model's device (before
     the state dict is assigned), with its own scratch: allocated at first use, which a decode step on the CPU
@@ -111,28 +108,3 @@ def int8_head(model: nn.Module, group_size: int) -> None:
     lin = model.output
     with lin.weight.device:
         model.output = Int8Linear(lin.in_features, lin.out_features, group_size, bias=lin.bias is not None)
-
-
-def int8_bytes(params: int, group_size: int) -> int:
-    """Bytes of `params` weights as int8 codes with a bf16 scale and zero per group."""
-    return params + 2 * SCALE_DTYPE.itemsize * params // group_size
-
-
-def attention_bytes(config: ModelConfig, quant: str, group_size: int, dtype: torch.dtype) -> int:
-    """Bytes of all layers' attention projections, dense in `dtype` or int8 with bf16 scales and zeros."""
-    n = config.attention_params
-    if quant == "none":
-        return n * dtype.itemsize
-    return int8_bytes(n, group_size)
-
-
-def dense_bytes(config: ModelConfig, dtype: torch.dtype, attention: str = "none", group_size: int = 64,
-                head: str = "none") -> int:
-    """The resident weights: everything in `dtype` but the attention projections and the LM head, which may be
-    int8 (a tied head is then an int8 copy beside the embedding, which stays in `dtype`)."""
-    dense = config.dense_params - config.attention_params
-    if head == "int8":
-        untied = 0 if config.tie_word_embeddings else config.vocab_size * config.dim
-        return (dense - untied) * dtype.itemsize + attention_bytes(config, attention, group_size, dtype) + int8_bytes(
-            config.vocab_size * config.dim, group_size)
-    return dense * dtype.itemsize + attention_bytes(config, attention, group_size, dtype)

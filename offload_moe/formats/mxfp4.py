@@ -7,7 +7,7 @@ element 2j in the low nibble of byte j and element 2j + 1 in the high one, plus 
 2**(s - 127). A code's bit 8 is the sign, its low 3 bits index FP4 = [0, .5, 1, 1.5, 2, 3, 4, 6]. A weight
 is FP4[code] * 2**(s - 127): 4.25 bits per weight.
 
-`Mxfp4Format`'s buffer (a `quant.GroupQuantFormat`: per matrix, its parts on 64-byte boundaries), the
+`Mxfp4Format`'s buffer (a `group.GroupQuantFormat`: per matrix, its parts on 64-byte boundaries), the
 checkpoint's bytes moved, never changed (blocks and rows stay whole):
   w13 blocks uint8 [D/32, 2I, 16] and scales uint8 [D/32, 2I]: block-major (all rows' first blocks, then
       their second, ...), w1's I rows before w3's (the checkpoint interleaves gate and up rows);
@@ -39,7 +39,7 @@ import functools
 import torch
 
 from ..config import ModelConfig
-from .quant import GroupQuantFormat
+from .group import GroupQuantFormat
 
 BLOCK = 32  # values per scale
 FP4 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # magnitudes of codes 0-7; codes 8-15 are their negatives
@@ -47,9 +47,8 @@ MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)  # between consecutive FP4 m
 SCALE_BIAS = 127  # E8M0: scale 2**(s - 127)
 
 
-# up to this many tokens the CPU weighs block partial sums (`mxfp4_bmm_linear`); above, decoding [N, K] once wins:
-# gpt-oss-20b's expert, 1 thread, best of 90 s on a busy 2-core VM: 20.8 against 28.3 ms at 1 token, 33.7 / 45.2
-# at 4, 45.3 / 41.5 at 8, 72.9 / 41.8 at 16
+# up to this many tokens the CPU weighs block partial sums (`mxfp4_bmm_linear`); above, decoding [N, K] once wins
+# (the measured crossover: BENCHMARKS.md, "Kernel choices")
 MXFP4_BMM_MAX_TOKENS = 4
 
 

@@ -152,7 +152,7 @@ def timed_costs(trace: Trace, opts: TimedOptions) -> dict:
         raise UserError(f"--link-gbs {opts.link_gbs}: give the link speed in GB/s, above 0")
     if opts.layer_ms is not None and not opts.layer_ms >= 0:
         raise UserError(f"--layer-ms {opts.layer_ms}: give the compute time of one layer in ms, 0 or more")
-    from ..formats.quant import bytes_per_expert, resolve_group_size
+    from ..formats.registry import bytes_per_expert, resolve_group_size
     from ..profiles import load_profile
     from .tune import PRECISIONS, hardware_of, model_shape, step_seconds
 

@@ -42,10 +42,10 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 from ..errors import UserError
 from ..formats.int4_layouts import int4_layout_for
-from ..formats.int8_linear import ATTENTION_QUANTS, dense_bytes
-from ..formats.quant import auto_group_size, bytes_per_expert, expert_format
+from ..formats.registry import auto_group_size, bytes_per_expert, expert_format
+from ..formats.sizes import dense_bytes
 from ..memory import gib
-from ..options import DEFAULT_RESERVE, parse_size
+from ..options import ATTENTION_QUANTS, DEFAULT_RESERVE, parse_size
 from ..profiles import Profile
 from .batch_replay import simulate_batch
 from .replay import simulate, simulate_many

@@ -29,8 +29,8 @@ from safetensors import safe_open
 from ..config import ModelConfig, from_params_json, read_json
 from ..errors import UserError
 from ..formats.base import bias_parts
+from ..formats.int8 import int8_part_shapes
 from ..formats.int8_linear import ATTENTION_SUFFIXES
-from ..formats.quant import int8_part_shapes
 from ..models import COMMON, family_of, mixtral
 from .packed import DENSE, packed_attention_group, read_index
 
