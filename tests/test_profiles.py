@@ -7,7 +7,7 @@ import torch
 
 from offload_moe.errors import UserError
 from offload_moe.formats.quant import bytes_per_expert
-from offload_moe.planning.tune import MIXTRAL_8X7B
+from offload_moe.planning.costs import MIXTRAL_8X7B
 from offload_moe.profiles import available_profiles, check_fits, load_profile, parse_size, plan_memory
 
 
