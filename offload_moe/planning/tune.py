@@ -146,17 +146,7 @@ def tune(trace: Trace, config: ModelConfig, budget: int, hw: dict, reserve: int 
     if trace.num_layers != config.n_moe_layers or trace.num_experts != config.num_experts:
         raise UserError(f"the trace has {trace.num_layers} layers x {trace.num_experts} experts; the model shape has "
                         f"{config.n_moe_layers} x {config.num_experts}")
-    T = trace.experts.shape[0]
-    K, E, L = config.top_k, config.num_experts, config.n_moe_layers
-
-    curves: dict[tuple[str, int, str], tuple[Trace, dict[int, dict]]] = {}  # (policy, lead, predictor) -> slots
-    for policy in policies:
-        for prefetch, predictor, source in prediction_options(trace, predictors):
-            sizes = tune_sizes(K, E)
-            results = simulate_many(source, sizes, policy, min(prefetch, 1)) if batch == 1 else [
-                replay(source, s, policy, prefetch, batch) for s in sizes]
-            curves[policy, prefetch, predictor] = source, dict(zip(sizes, results, strict=True))
-
+    curves = _hit_curves(trace, config, policies, predictors, batch)
     for note in rate_notes(hw):
         log(note)
     out: list[Candidate] = []
@@ -166,27 +156,14 @@ def tune(trace: Trace, config: ModelConfig, budget: int, hw: dict, reserve: int 
             log(f"  {precision:<5} attn {attention:<4} skipped: no group size divides D={config.dim}, "
                 f"I={config.ffn_dim} and the attention inputs {', '.join(map(str, config.attention_inputs))}")
             continue
-        free = budget - reserve - dense_bytes(config, torch.float16, attention, group or 64) - config.kv_bytes(
+        free = budget - reserve - dense_bytes(config, torch.float16, attention, group) - config.kv_bytes(
             context, 2) * batch
-        nbytes = bytes_per_expert(config, precision, group or 64, torch.float16)
-        total = int(free // nbytes)
-        if total < K * L:
+        total = int(free // bytes_per_expert(config, precision, group, torch.float16))
+        if total < config.top_k * config.n_moe_layers:
             log(f"  {precision:<5} attn {attention:<4} does not fit: {gib(max(free, 0))} left for experts holds "
-                f"{max(total, 0)} slots, top-k needs {K * L}")
+                f"{max(total, 0)} slots, top-k needs {config.top_k * config.n_moe_layers}")
             continue
-        uniform = max(s for s in tune_sizes(K, E) if s <= min(total // L, E))  # the largest simulated size that fits
-        for (policy, prefetch, predictor), (source, curve) in curves.items():
-            hits = {s: r["per_layer_hits"] for s, r in curve.items()}
-            allocations = [[uniform] * L]
-            spread = spread_slots(hits, total, K, E)
-            if spread != allocations[0]:
-                allocations.append(spread)
-            for alloc in allocations:
-                r = curve[alloc[0]] if len(set(alloc)) == 1 else replay(source, alloc, policy, prefetch, batch)
-                for miss in ("fetch", "cpu", "auto"):
-                    secs = step_cost(config, hw, r, T, precision, attention, group or 64, miss)
-                    out.append(Candidate(precision, attention, group or 64, alloc, policy, prefetch, miss,
-                                         r["hit_rate"], secs, batch, predictor))
+        out += _candidates(curves, config, hw, trace.num_tokens, total, precision, attention, group, batch)
     if not out:
         dense = dense_bytes(config, torch.float16, "int8" if group else "none", group or 64)
         raise UserError(f"nothing fits a {gib(budget)} device: dense weights and KV cache take at least "
@@ -195,6 +172,45 @@ def tune(trace: Trace, config: ModelConfig, budget: int, hw: dict, reserve: int 
     default = next((c for c in out if c.policy == "lru" and c.prefetch == 0 and c.miss_policy == "fetch"
                     and len(set(c.slots)) == 1 and c.precision == best.precision and c.attention == "none"), best)
     return best, default, out
+
+
+Curves = dict[tuple[str, int, str], tuple[Trace, dict[int, dict]]]  # (policy, lead, predictor) -> (trace, slots -> run)
+
+
+def _hit_curves(trace: Trace, config: ModelConfig, policies: Sequence[str], predictors: Sequence[str], batch: int
+                ) -> Curves:
+    """Every policy and way to prefetch replayed at each of `tune_sizes`: the hit curves the search spreads
+    slots by, kept with the trace they replayed."""
+    curves: Curves = {}
+    sizes = tune_sizes(config.top_k, config.num_experts)
+    for policy in policies:
+        for prefetch, predictor, source in prediction_options(trace, predictors):
+            results = simulate_many(source, sizes, policy, min(prefetch, 1)) if batch == 1 else [
+                replay(source, s, policy, prefetch, batch) for s in sizes]
+            curves[policy, prefetch, predictor] = source, dict(zip(sizes, results, strict=True))
+    return curves
+
+
+def _candidates(curves: Curves, config: ModelConfig, hw: dict, tokens: int, total: int, precision: str,
+                attention: str, group: int, batch: int) -> list[Candidate]:
+    """The candidates of one expert and attention precision with `total` slots: for each curve, the largest
+    uniform size that fits and the spread allocation (when it differs), under each miss handling."""
+    K, E, L = config.top_k, config.num_experts, config.n_moe_layers
+    uniform = max(s for s in tune_sizes(K, E) if s <= min(total // L, E))  # the largest simulated size that fits
+    out = []
+    for (policy, prefetch, predictor), (source, curve) in curves.items():
+        hits = {s: r["per_layer_hits"] for s, r in curve.items()}
+        allocations = [[uniform] * L]
+        spread = spread_slots(hits, total, K, E)
+        if spread != allocations[0]:
+            allocations.append(spread)
+        for alloc in allocations:
+            r = curve[alloc[0]] if len(set(alloc)) == 1 else replay(source, alloc, policy, prefetch, batch)
+            for miss in ("fetch", "cpu", "auto"):
+                secs = step_cost(config, hw, r, tokens, precision, attention, group, miss)
+                out.append(Candidate(precision, attention, group, alloc, policy, prefetch, miss,
+                                     r["hit_rate"], secs, batch, predictor))
+    return out
 
 
 def levers(default: Candidate, out: list[Candidate]) -> list[tuple[str, Candidate]]:
