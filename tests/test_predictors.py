@@ -26,9 +26,10 @@ from offload_moe.offload.predictors import (
     targets_of,
 )
 from offload_moe.options import EngineOptions
+from offload_moe.planning.costs import DEFAULT_HARDWARE, model_shape
 from offload_moe.planning.replay import simulate
 from offload_moe.planning.trace import Trace, load_trace, save_trace, slice_trace
-from offload_moe.planning.tune import DEFAULT_HARDWARE, model_shape, tune, winner_profile
+from offload_moe.planning.tune import tune, winner_profile
 from offload_moe.planning.validate import rescore
 from offload_moe.profiles import load_profile
 

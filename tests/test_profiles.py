@@ -9,7 +9,7 @@ from offload_moe.errors import UserError
 from offload_moe.formats.registry import bytes_per_expert
 from offload_moe.memory import check_fits, plan_memory
 from offload_moe.options import parse_size
-from offload_moe.planning.tune import MIXTRAL_8X7B
+from offload_moe.planning.costs import MIXTRAL_8X7B
 from offload_moe.profiles import available_profiles, load_profile
 
 

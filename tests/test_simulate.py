@@ -21,7 +21,8 @@ from safetensors.torch import save_file as save_torch
 from offload_moe.errors import UserError
 from offload_moe.offload.eviction import NEVER, ONLINE_POLICIES, POLICIES, SlotTable, jit_available
 from offload_moe.planning import replay as simulate_module
-from offload_moe.planning.replay import next_uses, run_simulate, simulate, simulate_many
+from offload_moe.planning.replay import next_uses, simulate, simulate_many
+from offload_moe.planning.report import run_simulate
 from offload_moe.planning.trace import Trace, TraceRecorder, load_trace, save_trace
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from offload_moe.formats.registry import bytes_per_expert
+from offload_moe.planning.costs import MIXTRAL_8X7B, step_seconds
 from offload_moe.planning.trace import Trace
-from offload_moe.planning.tune import MIXTRAL_8X7B, spread_slots, step_seconds, to_toml, tune
+from offload_moe.planning.tune import spread_slots, to_toml, tune
 
 HW = {"h2d_bytes_per_s": 25e9, "device_bytes_per_s": 800e9, "cpu_bytes_per_s": 40e9}
 
@@ -78,7 +79,8 @@ def random_trace(tokens: int = 64) -> Trace:
 def test_calibrate_measures_each_expert_format_on_the_cpu():
     """One expert's decode forward per format, as weights per second, on the device and the CPU (one
     measurement on a CPU device); the figures survive a profile's TOML and `hardware_of`."""
-    from offload_moe.planning.tune import calibrate, hardware_of, rate_key
+    from offload_moe.planning.calibrate import calibrate
+    from offload_moe.planning.costs import hardware_of, rate_key
     from offload_moe.profiles import Profile
 
     hw = calibrate(torch.device("cpu"), dim=128, ffn=256, dtype=torch.float32, repeats=1)
@@ -93,7 +95,7 @@ def test_calibrate_measures_each_expert_format_on_the_cpu():
 
 
 def test_cost_model_reads_measured_rates():
-    from offload_moe.planning.tune import rate_key
+    from offload_moe.planning.costs import rate_key
 
     int4 = bytes_per_expert(MIXTRAL_8X7B, "int4")
     measured = dict(HW, **{rate_key("device", "int4"): 2e11, rate_key("cpu", "int4"): 5e9})
@@ -113,7 +115,7 @@ def test_tuner_prefers_the_format_the_measured_rates_favour():
     """A budget where every format caches every expert (misses are the first use of each), so compute
     decides: by bytes int4 wins; where the profile says int4 runs slowly on the device (a dequantizing path), the tuner
     follows the figures. Without figures it says that it falls back to bytes."""
-    from offload_moe.planning.tune import rate_key
+    from offload_moe.planning.costs import rate_key
 
     trace = random_trace()
     logged: list[str] = []
@@ -131,7 +133,7 @@ def test_tuner_prefers_the_format_the_measured_rates_favour():
 
 def test_card_profiles_hold_no_unmeasured_compute_rates():
     """No card was measured for them: the tuner must say it falls back, not read invented figures."""
-    from offload_moe.planning.tune import hardware_of, rate_notes
+    from offload_moe.planning.costs import hardware_of, rate_notes
     from offload_moe.profiles import load_profile
 
     for name in ("24gb", "16gb", "12gb"):

@@ -390,8 +390,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
+    from ..planning.costs import budget_of, hardware_of, model_shape
     from ..planning.trace import load_trace
-    from ..planning.tune import budget_of, hardware_of, levers, model_shape, tune, winner_profile, write_profile
+    from ..planning.tune import levers, tune, winner_profile, write_profile
     from ..planning.validate import score_lines, scores, validation_split
     from ..profiles import load_profile
 
@@ -444,7 +445,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from ..planning.tune import calibrate, to_toml
+    from ..planning.calibrate import calibrate
+    from ..planning.tune import to_toml
 
     device = EngineOptions(device=args.device or DEFAULTS.device).resolved_device()
     dtype = torch.float16 if device.type == "cuda" else torch.float32

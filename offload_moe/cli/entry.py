@@ -75,7 +75,7 @@ def add_simulate(sub) -> None:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from ..planning.replay import run_simulate
+    from ..planning.report import run_simulate
 
     policies = [p.strip() for p in args.policy.split(",") if p.strip()]
     timed = None

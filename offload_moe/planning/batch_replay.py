@@ -2,7 +2,7 @@
 
 With B sequences decoding together, a layer sees the union of their experts once per step (the
 engine's `Transformer.forward_batch`), so more distinct experts per layer per step, fewer accesses
-per token. This replays that through `policy.SlotTable.replay`, the one eviction rule, with the
+per token. This replays that through `eviction.SlotTable.replay`, the one eviction rule, with the
 engine's order of operations for a forward of T tokens at a layer (`model.moe`):
   * T = 1: one access of the token's K experts in rank order; its prefetch is the prediction as is;
   * T > 1: the distinct experts, ascending, then resident ones first, in groups of at most the
@@ -27,7 +27,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..offload.eviction import NEVER, SlotTable, prefetch_choice
-from .replay import _check_policy, _check_prefetch, _per_layer
+from .replay import check_policy, check_prefetch, slots_per_layer
 from .trace import Trace
 
 
@@ -53,7 +53,7 @@ def recorded_forwards(trace: Trace) -> list[list[int]]:
 
 def simulate_batch(trace: Trace, slots: int | list[int], policy: str, batch: int, prefetch: int = 0,
                    seed: int = 0) -> dict:
-    """`simulate.simulate` for B streams decoding together (see the module docstring)."""
+    """`replay.simulate` for B streams decoding together (see the module docstring)."""
     out = replay_forwards(trace, batch_forwards(trace.num_tokens, batch), slots, policy, prefetch, seed)
     out["batch"] = batch
     return out
@@ -62,9 +62,9 @@ def simulate_batch(trace: Trace, slots: int | list[int], policy: str, batch: int
 def replay_forwards(trace: Trace, forwards: list[list[int]], slots: int | list[int], policy: str,
                     prefetch: int = 0, seed: int = 0) -> dict:
     """Replay `forwards` (lists of trace token indices, each one forward pass) layer by layer."""
-    _check_policy(policy)
-    _check_prefetch(prefetch)
-    per_layer = _per_layer(slots, trace)
+    check_policy(policy)
+    check_prefetch(prefetch)
+    per_layer = slots_per_layer(slots, trace)
     L, E = trace.num_layers, trace.num_experts
     table = SlotTable(per_layer, E, policy, seed)
     accesses = [0] * L

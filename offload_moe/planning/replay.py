@@ -1,10 +1,12 @@
-"""Replay a routing trace under eviction policies and cache sizes, without the model.
+"""Replay a routing trace under eviction policies and cache sizes, without the model: the simulator
+core (`simulate`, `simulate_many`), the checks of its inputs and Belady's next uses, which the
+batched and timed replays share.
 
 What a policy is worth depends on the workload's routing, so we measure it on a recorded trace
 and put it beside Belady's rule (evict the expert whose next use lies furthest ahead), the best
 any eviction rule can do when experts are fetched on demand.
 
-Semantics, exactly those of the engine because both run `policy.SlotTable`:
+Semantics, exactly those of the engine because both run `eviction.SlotTable`:
   * every layer has its own cache of `slots` experts, empty at the start;
   * tokens go in trace order; at every layer a token accesses the K experts it chose; an access
     is a hit if the expert is resident when the token reaches that layer;
@@ -34,23 +36,16 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import multiprocessing as mp
 import os
-import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import UserError
 from ..offload.eviction import NEVER, POLICIES, SlotTable
-from .trace import Trace, load_trace
-
-if TYPE_CHECKING:  # timed.py builds on this module
-    from .timed import TimedOptions
+from .trace import Trace
 
 PREFETCH_DEPTHS = (0, 1)
 
@@ -80,7 +75,7 @@ def next_uses(experts: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.nda
     return nxt.reshape(T, K), first  # [T*K] -> [T, K]
 
 
-def _per_layer(slots: int | Sequence[int], trace: Trace) -> list[int]:
+def slots_per_layer(slots: int | Sequence[int], trace: Trace) -> list[int]:
     """Slots per layer, validated: a token needs its K experts resident at once, and more slots
     than experts would never be used."""
     L, K, E = trace.num_layers, trace.top_k, trace.num_experts
@@ -97,12 +92,14 @@ def _per_layer(slots: int | Sequence[int], trace: Trace) -> list[int]:
     return per_layer
 
 
-def _check_policy(policy: str) -> None:
+def check_policy(policy: str) -> None:
+    """A UserError naming the choices unless `policy` is one of eviction.POLICIES."""
     if policy not in POLICIES:
         raise UserError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
 
 
-def _check_prefetch(prefetch: int) -> None:
+def check_prefetch(prefetch: int) -> None:
+    """A UserError unless `prefetch` is a depth the replay models (PREFETCH_DEPTHS)."""
     if prefetch not in PREFETCH_DEPTHS:
         raise UserError(f"--prefetch {prefetch}: use 1 (replay the predictions the trace recorded, made as many "
                         "layers ahead as the engine's --prefetch when it ran) or 0 (none)")
@@ -125,9 +122,9 @@ def simulate_many(trace: Trace, slot_configs: Sequence[int | list[int]], policy:
     All sizes replay in one table (R = sizes x L rows); row l of every size draws layer l's random
     stream, so each result is the one `simulate` gives alone with the same seed.
     """
-    _check_policy(policy)
-    _check_prefetch(prefetch)
-    configs = [_per_layer(s, trace) for s in slot_configs]
+    check_policy(policy)
+    check_prefetch(prefetch)
+    configs = [slots_per_layer(s, trace) for s in slot_configs]
     out = _replay(trace, configs, policy, prefetch, seed) if configs else []
     for res, given in zip(out, slot_configs, strict=True):
         res["slots"] = int(given) if isinstance(given, (int, np.integer)) else [int(s) for s in given]
@@ -243,142 +240,3 @@ def default_slots(top_k: int, num_experts: int) -> list[int]:
     """The cache sizes `simulate` tries when none are given: top-k, 1.5x, 2x and 3x top-k, at most every
     expert (Mixtral, K=2 of 8: 2, 3, 4, 6; Qwen3-30B-A3B, K=8 of 128: 8, 12, 16, 24)."""
     return sorted({min(s, num_experts) for s in (top_k, top_k * 3 // 2, 2 * top_k, 3 * top_k)})
-
-
-def run_simulate(trace_path: str, slots: list[int] | None, policies: list[str], prefetch: int, as_json: bool,
-                 plot: str | None, batch: int = 1, timed: TimedOptions | None = None, predictor: str | None = None,
-                 width: int = 0) -> int:
-    """The `simulate` command: every (policy, slots) pair, Belady always included as the bound; `slots`
-    None: `default_slots` of the trace's top-k and expert count. `batch` B > 1: the trace as B streams
-    decoding together, one access set per layer and step (`batch_sim`). `timed`: also the timed replay
-    of the first online policy at every size (`timed.run_timed`). `predictor`: a train-predictor file whose
-    predictions, made from the trace's hidden states, `width` per layer (0: top-k), replace the recorded ones
-    (prefetch on; imports torch).
-
-    Prints a table (or, with as_json, exactly one JSON object on stdout) and optionally draws a PNG.
-    """
-    trace = load_trace(trace_path)
-    T, L, K, E = trace.num_tokens, trace.num_layers, trace.top_k, trace.num_experts
-    if T == 0:
-        raise UserError(f"trace {trace_path} holds no tokens")
-    if slots is None:
-        slots = default_slots(K, E)
-    if not slots:
-        raise UserError("give at least one slots count")
-    sizes = sorted(set(slots))
-    for s in sizes:
-        _per_layer(s, trace)
-    if predictor:
-        from ..offload.predictors import replayed
-
-        trace, prefetch = replayed(trace, predictor, width or K), 1  # a size below the width takes the best
-    if not policies:
-        raise UserError(f"give at least one policy: {', '.join(POLICIES)}")
-    for p in policies:
-        _check_policy(p)
-    chosen = list(dict.fromkeys(p for p in policies if p != "belady")) + ["belady"]
-    _check_prefetch(prefetch)
-    if prefetch and not (trace.predicted >= 0).any():
-        raise UserError(f"trace {trace_path} holds no predictions (predicted is all -1), so prefetch 1 would "
-                        "insert nothing; record the trace with prediction on or use prefetch 0")
-    if plot:
-        _plot_target(plot)
-    if timed is not None:
-        from .timed import run_timed, timed_costs, timed_report  # it builds on this module
-
-        if batch != 1:
-            raise UserError("--timed models one sequence decoding: use it without --batch")
-        costs = timed_costs(trace, timed)  # bad flags fail before the replay
-    if batch > 1:
-        from .batch_replay import simulate_batch  # it builds on this module
-
-        results = [simulate_batch(trace, s, p, batch, prefetch) for p in chosen for s in sizes]
-    elif batch == 1:
-        results = [r for p in chosen for r in simulate_many(trace, sizes, p, prefetch)]
-    else:
-        raise UserError("--batch must be 1 or more")
-    extra = {"timed": run_timed(trace, sizes, chosen[0], costs)} if timed is not None else {}
-    if as_json:
-        print(json.dumps({"results": results, "trace": {"tokens": T, "layers": L, "experts": E, "top_k": K},
-                          "batch": batch, **extra}))
-    else:
-        print(_report(trace_path, trace, results, chosen, sizes, prefetch, batch))
-        if extra:
-            print(timed_report(extra["timed"], L))
-    if plot:
-        _plot(plot, trace, results, chosen, sizes, prefetch)
-        print(f"wrote {plot}", file=sys.stderr if as_json else sys.stdout)
-    return 0
-
-
-def _report(path: str, trace: Trace, results: list[dict], policies: list[str], sizes: list[int],
-            prefetch: int, batch: int = 1) -> str:
-    rate = {(r["policy"], r["slots"]): r for r in results}
-    head = "".join(f"{p:>9}" for p in policies)
-    lines = [f"trace {path}: {trace.num_tokens} tokens x {trace.num_layers} layers, {trace.num_experts} experts, "
-             f"top-{trace.top_k}" + (f", model {trace.model}" if trace.model else "") + f"; prefetch {prefetch}",
-             "",
-             "hit rate by slots per layer (belady: evicts the expert used furthest ahead, "
-             + ("the offline optimum)" if not prefetch else "under the same prefetches: not an optimum with prefetch)"),
-             f"{'slots':>6}{head}"]
-    if batch > 1:
-        forwards = results[0]["forwards"]
-        lines[1:1] = ["", f"batch {batch}: the trace as {batch} streams stepped together, {forwards} forwards; an "
-                      "access is one distinct expert of a forward at a layer"]
-    for s in sizes:
-        lines.append(f"{s:>6}" + "".join(f"{100 * rate[(p, s)]['hit_rate']:>8.1f}%" for p in policies))
-    top = sizes[-1]
-    lines += ["", f"per layer at {top} slots", f"{'layer':>6}{head}"]
-    for layer in range(trace.num_layers):
-        lines.append(f"{layer:>6}" + "".join(f"{100 * rate[(p, top)]['per_layer'][layer]:>8.1f}%"
-                                             for p in policies))
-    if prefetch:
-        lines += ["", f"prefetch at {top} slots: copies per token, precision, recall",
-                  f"{'':>6}{'copies':>9}{'precision':>11}{'recall':>9}"]
-        for p in policies:
-            r = rate[(p, top)]
-            lines.append(f"{p:>6}{r['copies'] / trace.num_tokens:>9.2f}{100 * r['prefetch_precision']:>10.1f}%"
-                         f"{100 * r['prefetch_recall']:>8.1f}%")
-    return "\n".join(lines)
-
-
-def _plot_target(plot: str) -> None:
-    """Fail before the replay, not after it, when the picture cannot be drawn or written."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise UserError("--plot needs matplotlib: pip install 'offload_moe[plot]'") from None
-    folder = Path(plot).parent
-    if not folder.is_dir():
-        raise UserError(f"cannot write {plot}: folder {folder} does not exist")
-
-
-def _plot(plot: str, trace: Trace, results: list[dict], policies: list[str], sizes: list[int],
-          prefetch: int) -> None:
-    """Two panels: hit rate against slots per policy (belady dashed), and the share of each layer's
-    accesses that each expert takes (skewed layers are where a small cache does well)."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise UserError("--plot needs matplotlib: pip install 'offload_moe[plot]'") from None
-    T, L, K, E = trace.num_tokens, trace.num_layers, trace.top_k, trace.num_experts
-    fig = Figure(figsize=(12, 4.8), layout="constrained")
-    FigureCanvasAgg(fig)  # the Agg canvas, without touching pyplot's global backend
-    curve, heat = fig.subplots(1, 2)
-    for p in policies:
-        ys = [100 * next(r["hit_rate"] for r in results if r["policy"] == p and r["slots"] == s) for s in sizes]
-        curve.plot(sizes, ys, marker="o", linestyle="--" if p == "belady" else "-", label=p)
-    curve.set(xlabel="slots per layer", ylabel="hit rate (%)", xticks=sizes,
-              title="hit rate against cache size" + (f" (prefetch {prefetch})" if prefetch else ""))
-    curve.grid(alpha=0.3)
-    curve.legend()
-    key = (np.arange(L)[None, :, None] * E + trace.experts.astype(np.int64)).reshape(-1)  # [T, L, K] -> [T*L*K]
-    share = np.bincount(key, minlength=L * E).reshape(L, E) / (T * K)  # [L*E] -> [L, E]
-    image = heat.imshow(share, aspect="auto", cmap="viridis", interpolation="nearest")
-    heat.set(xlabel="expert", ylabel="layer", title="share of each layer's accesses")
-    fig.colorbar(image, ax=heat)
-    try:
-        fig.savefig(plot, dpi=120)
-    except OSError as exc:
-        raise UserError(f"cannot write {plot}: {exc.strerror or exc}") from None

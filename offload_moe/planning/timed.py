@@ -2,7 +2,7 @@
 
 `simulate` counts hits; a hit on an expert whose copy is still crossing the link saves only part
 of a miss. Here the trace goes token by token, row by row (a row: one MoE layer's cache), through
-one `policy.SlotTable` with the engine's per-step calls in the engine's order, so the hit counts are
+one `eviction.SlotTable` with the engine's per-step calls in the engine's order, so the hit counts are
 `simulate`'s with the same predictions, and a clock runs beside them:
 
   * one host-to-device link carries one expert copy at a time, first issued first served, each
@@ -36,7 +36,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..offload.eviction import ONLINE_POLICIES, SlotTable
-from .replay import _per_layer
+from .replay import slots_per_layer
 from .trace import Trace
 
 OUTCOMES = ("ready", "late", "missed")
@@ -58,7 +58,31 @@ def simulate_timed(trace: Trace, slots: int | list[int], policy: str, predicted:
     "prefetch_copies" (per token, into that row)}}.
     """
     T, L, K = trace.experts.shape
-    per_layer = _per_layer(slots, trace)
+    per_layer = slots_per_layer(slots, trace)
+    layer_s = _checked(trace, policy, predicted, lead, copy_s, layer_s)
+    table = SlotTable(per_layer, trace.num_experts, policy, seed)
+    experts = trace.experts.tolist()  # [T][L][K]: the loop reads Python lists
+    preds = _issued(predicted, after, per_layer)
+    clock = _Clock(per_layer, copy_s)
+    for t in range(T):
+        for l in range(L):  # noqa: E741 (a row, as in the legend)
+            ends, where = clock.access(table, l, experts[t][l])
+            ends += layer_s[l]
+            for s in where:
+                clock.free_at[l][s] = ends
+            target, tt = (l + lead, t) if l + lead < L else (l + lead - L, t + 1)
+            if preds is not None and tt < len(preds):
+                clock.prefetch(table, target, preds[tt][target])
+            clock.now = ends
+    out = {"policy": policy, "slots": slots if isinstance(slots, int) else per_layer,
+           "lead": lead if predicted is not None else 0, "copy_s": float(copy_s), "layer_s": layer_s}
+    return {**out, **_figures_of(table, clock, T, K)}
+
+
+def _checked(trace: Trace, policy: str, predicted: np.ndarray | None, lead: int, copy_s: float,
+             layer_s: float | Sequence[float]) -> list[float]:
+    """The checks of `simulate_timed`'s arguments; returns the layer times, one per row."""
+    T, L, _ = trace.experts.shape
     if policy not in ONLINE_POLICIES:
         raise UserError(f"the timed replay runs the engine's online policies ({', '.join(ONLINE_POLICIES)}), "
                         f"not {policy!r}")
@@ -70,46 +94,69 @@ def simulate_timed(trace: Trace, slots: int | list[int], policy: str, predicted:
             raise UserError(f"predictions of shape {predicted.shape}: expected [{T}, {L}, P]")
         if not 1 <= lead <= L:
             raise UserError(f"prefetch lead {lead}: give 1 to {L} rows (the trace has {L})")
-    table = SlotTable(per_layer, trace.num_experts, policy, seed)
-    experts = trace.experts.tolist()  # [T][L][K]: the loop reads Python lists
-    preds = None if predicted is None else [[p[:n] for p, n in zip(tok, per_layer, strict=True)]
-                                           for tok in predicted.tolist()]  # [T][L][<=S]
-    if preds is not None and after is not None:
-        preds.append([p[:n] for p, n in zip(after.tolist(), per_layer, strict=True)])  # token T's, never accessed
-    ready_at = [[0.0] * n for n in per_layer]  # [L][S]: when the copy into each slot finishes
-    free_at = [[0.0] * n for n in per_layer]  # [L][S]: when the last row that read each slot ends
-    count = [[0] * L for _ in OUTCOMES]  # [3][L]: ready, late, missed per row
-    wait = [[0.0] * L for _ in range(3)]  # [3][L]: late waits, miss waits, stall per row
-    link = now = 0.0  # when the link is free; the current row's start
-    for t in range(T):
-        for l in range(L):  # noqa: E741 (a row, as in the legend)
-            hit, where, _ = table.access_row(l, experts[t][l])
-            ready, ends = ready_at[l], now
-            for k, s in enumerate(where):
-                if hit[k]:
-                    done = ready[s]
-                    late = done > now
-                    count[late][l] += 1
-                    wait[0][l] += done - now if late else 0.0
-                else:  # the evicted slot held no expert of this access: its readers have ended
-                    done = ready[s] = link = max(now, link) + copy_s
-                    count[2][l] += 1
-                    wait[1][l] += done - now
-                ends = max(ends, done)
-            wait[2][l] += ends - now
-            ends += layer_s[l]
-            for s in where:
-                free_at[l][s] = ends
-            target, tt = (l + lead, t) if l + lead < L else (l + lead - L, t + 1)
-            if preds is not None and tt < len(preds):
-                inserted, into, _ = table.prefetch_row(target, preds[tt][target])
-                for new, s in zip(inserted, into, strict=True):
-                    if new:
-                        ready_at[target][s] = link = max(now, link, free_at[target][s]) + copy_s
-            now = ends
-    count, wait = np.array(count, np.float64), np.array(wait)  # [3, L] each
+    return layer_s
+
+
+def _issued(predicted: np.ndarray | None, after: np.ndarray | None, per_layer: list[int]
+            ) -> list[list[list[int]]] | None:
+    """The prefetches each token issues per row, cut to the row's slots, as Python lists [T(+1)][L][<=S];
+    `after`'s, for token T (never accessed), last. None without prefetch."""
+    if predicted is None:
+        return None
+    preds = [[p[:n] for p, n in zip(tok, per_layer, strict=True)] for tok in predicted.tolist()]
+    if after is not None:
+        preds.append([p[:n] for p, n in zip(after.tolist(), per_layer, strict=True)])
+    return preds
+
+
+class _Clock:
+    """The modelled time beside the table: when each slot's copy lands, when its last reader ends, the
+    link, the current row's start, and the outcome counts and waits per row."""
+
+    def __init__(self, per_layer: list[int], copy_s: float):
+        L = len(per_layer)
+        self.copy_s = copy_s
+        self.ready_at = [[0.0] * n for n in per_layer]  # [L][S]: when the copy into each slot finishes
+        self.free_at = [[0.0] * n for n in per_layer]  # [L][S]: when the last row that read each slot ends
+        self.count = [[0] * L for _ in OUTCOMES]  # [3][L]: ready, late, missed per row
+        self.wait = [[0.0] * L for _ in range(3)]  # [3][L]: late waits, miss waits, stall per row
+        self.link = self.now = 0.0  # when the link is free; the current row's start
+
+    def access(self, table: SlotTable, l: int, experts: list[int]) -> tuple[float, list[int]]:  # noqa: E741
+        """Row l's accesses at `now`, demand copies queued on the link: (when the latest needed copy
+        lands, or now; the slots the row reads)."""
+        hit, where, _ = table.access_row(l, experts)
+        ready, now = self.ready_at[l], self.now
+        count, wait, ends = self.count, self.wait, now
+        for k, s in enumerate(where):
+            if hit[k]:
+                done = ready[s]
+                late = done > now
+                count[late][l] += 1
+                wait[0][l] += done - now if late else 0.0
+            else:  # the evicted slot held no expert of this access: its readers have ended
+                done = ready[s] = self.link = max(now, self.link) + self.copy_s
+                count[2][l] += 1
+                wait[1][l] += done - now
+            ends = max(ends, done)
+        wait[2][l] += ends - now
+        return ends, where
+
+    def prefetch(self, table: SlotTable, row: int, predicted: list[int]) -> None:
+        """Issue `predicted` into `row` at `now`, after the demand copies; a copy into a slot waits for
+        its last reader to end."""
+        inserted, into, _ = table.prefetch_row(row, predicted)
+        for new, s in zip(inserted, into, strict=True):
+            if new:
+                self.ready_at[row][s] = self.link = max(self.now, self.link, self.free_at[row][s]) + self.copy_s
+
+
+def _figures_of(table: SlotTable, clock: _Clock, T: int, K: int) -> dict:
+    """`simulate_timed`'s counts, shares and per-token figures, in total and per row."""
+    count, wait = np.array(clock.count, np.float64), np.array(clock.wait)  # [3, L] each
     prefetched = np.array(table.prefetch_copies, np.float64)  # [L]: copies into each row
-    span, tokens = max(now, link), max(T, 1)
+    L, now, copy_s = count.shape[1], clock.now, clock.copy_s
+    span, tokens = max(now, clock.link), max(T, 1)
     row_accesses = max(T * K, 1)
 
     def figures(c: np.ndarray, w: np.ndarray, accesses: int) -> dict:
@@ -119,8 +166,6 @@ def simulate_timed(trace: Trace, slots: int | list[int], policy: str, predicted:
                 "stall_s": float(w[2]) / tokens, "demand_copies": float(c[2]) / tokens}
 
     return {
-        "policy": policy, "slots": slots if isinstance(slots, int) else per_layer,
-        "lead": lead if predicted is not None else 0, "copy_s": float(copy_s), "layer_s": layer_s,
         "hits": int(sum(table.hits)), "per_layer_hits": table.hits,
         "prefetch_copies": int(prefetched.sum()), "prefetch_hits": int(sum(table.prefetch_hits)),
         **figures(count.sum(1), wait.sum(1), row_accesses * L),
@@ -143,7 +188,7 @@ class TimedOptions:
 
 
 def timed_costs(trace: Trace, opts: TimedOptions) -> dict:
-    """The copy and compute times of the cost model `tune` uses (imported here: it needs torch):
+    """The copy and compute times of the cost model the tuner uses (`costs`):
     copy_s = one expert's bytes (the trace's model shape, `--expert-quant`, else the profile's
     expert_quant, else none: the fp16 size) over the link (`--link-gbs`, else the profile's
     [hardware] h2d_bytes_per_s, else tune's default); layer_s = the cost model's compute of one
@@ -152,9 +197,10 @@ def timed_costs(trace: Trace, opts: TimedOptions) -> dict:
         raise UserError(f"--link-gbs {opts.link_gbs}: give the link speed in GB/s, above 0")
     if opts.layer_ms is not None and not opts.layer_ms >= 0:
         raise UserError(f"--layer-ms {opts.layer_ms}: give the compute time of one layer in ms, 0 or more")
+    # here, not at the top: the cost model needs torch, which `simulate` without --timed starts without
     from ..formats.registry import bytes_per_expert, resolve_group_size
     from ..profiles import load_profile
-    from .tune import PRECISIONS, hardware_of, model_shape, step_seconds
+    from .costs import PRECISIONS, hardware_of, model_shape, step_seconds
 
     profile = load_profile(opts.profile) if opts.profile else None
     quant = opts.expert_quant or (profile.settings.get("expert_quant") if profile else None) or "none"

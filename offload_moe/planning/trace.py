@@ -308,7 +308,7 @@ class TraceRecorder:
             experts, weights = np.zeros(empty, np.int32), np.zeros(empty, np.float32)
             predicted = np.zeros((0, self.num_layers, self.width), np.int32)
         # tokens per forward pass, in order: how the engine grouped them (a prompt or a chunk of one, a
-        # batched decode step), for `batch_sim.recorded_forwards`
+        # batched decode step), for `batch_replay.recorded_forwards`
         tensors["forward_tokens"] = np.array([chunk[0].shape[0] for chunk in self._chunks], np.int64)  # [F]
         if after:
             pending = np.full((self.num_layers, self.width), -1, np.int32)  # [L, P]

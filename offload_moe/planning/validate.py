@@ -8,7 +8,7 @@ else between forward passes (`forward_tokens`), else between tokens, the one nea
 `fraction` of the tokens. Where the head or the tail would be shorter than MIN_TOKENS it fits and
 scores on everything and says so. `--validate TRACE` fits on the whole trace and scores on another
 of the same shape. Scoring replays the candidate's own settings through the tuner's simulator and
-cost model (`tune.replay`, `tune.step_cost`) on the held-out tokens, starting from empty caches.
+cost model (`tune.replay`, `costs.step_cost`) on the held-out tokens, starting from empty caches.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import UserError
+from .costs import step_cost
 from .trace import Trace, group_ends, slice_trace
-from .tune import Candidate, replay, step_cost
+from .tune import Candidate, replay
 
 DEFAULT_HOLDOUT = 0.25
 MIN_TOKENS = 64  # a held-out part (or a fitted head) shorter than this says little

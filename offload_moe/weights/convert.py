@@ -35,7 +35,7 @@ FLUSH_EVERY = 16  # experts between journal updates
 def convert(source: str | Path, out: str | Path, fmt: ExpertFormat, dense_dtype: torch.dtype,
             progress: bool = True, pack_device: torch.device | None = None, attention_group: int | None = None) -> dict:
     """Write `source` (any layout the engine reads) as a packed folder; resume an interrupted run.
-    With `attention_group`, the attention projections are stored as int8 (`attention_quant.Int8Linear`'s parts)."""
+    With `attention_group`, the attention projections are stored as int8 (`formats.int8_linear.Int8Linear`'s parts)."""
     ckpt = Checkpoint(source)
     out = Path(out)
     if ckpt.layout == "packed":

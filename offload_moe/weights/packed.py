@@ -4,7 +4,7 @@ experts and `checkpoint.Checkpoint` its dense tensors.
 
     DIR2/config.json         the model shape (Hugging Face style)
     DIR2/dense.safetensors   every non-expert tensor, under our names, RoPE already converted; with
-                             int8 attention, each projection as `attention_quant.Int8Linear`'s codes, scales, zeros
+                             int8 attention, each projection as `formats.int8_linear.Int8Linear`'s codes, scales, zeros
     DIR2/experts.bin         each expert's packed buffer (the exact bytes a slot holds), one after
                              another at 4096-byte aligned offsets (so storage can be read with O_DIRECT)
     DIR2/packed.json         version, expert and attention formats, and the index: layer, expert,
