@@ -29,9 +29,10 @@ from offload_moe.demo import write_random_checkpoint  # noqa: E402
 from offload_moe.engine import Engine
 from offload_moe.formats.base import DenseFormat  # noqa: E402
 from offload_moe.formats.int4 import Int4Format  # noqa: E402
-from offload_moe.formats.int4_layouts import cuda_int4_kernel_runs, int4_cuda_kernel_linear, int4_layout_for  # noqa: E402
+from offload_moe.formats.int4_layouts import cuda_int4_kernel_runs, int4_cuda_kernel_linear  # noqa: E402
 from offload_moe.formats.int8 import Int8Format  # noqa: E402
-from offload_moe.formats.registry import bytes_per_expert, expert_format  # noqa: E402
+from offload_moe.formats.registry import bytes_per_expert, format_for  # noqa: E402
+from offload_moe.memory import slots_that_fit  # noqa: E402
 from offload_moe.options import DEFAULT_RESERVE, EngineOptions
 from offload_moe.weights.convert import convert  # noqa: E402
 
@@ -44,8 +45,8 @@ PROMPT = [1, 415, 2936, 9060, 285, 1142, 28705, 28740, 28734, 6211, 12, 77]
 
 def slots_for_card(quant: str, group: int) -> int:
     """Slots per layer that a 24 GB card leaves for the full 32-layer Mixtral at a 4K context, fp16 dense."""
-    free = CARD - DEFAULT_RESERVE - MIXTRAL.dense_params * 2 - MIXTRAL.kv_bytes(CONTEXT, 2)
-    return int(free // (bytes_per_expert(MIXTRAL, quant, group, torch.float16) * MIXTRAL.n_layers))
+    nbytes = bytes_per_expert(MIXTRAL, quant, group, torch.float16)
+    return slots_that_fit(MIXTRAL, torch.float16, nbytes, CARD, CONTEXT, DEFAULT_RESERVE)[0]
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
@@ -263,7 +264,7 @@ def main() -> int:
         # the storage tier: a packed int4 folder (quantized on the GPU), RAM for a quarter of the experts
         t0 = time.perf_counter()
         packed = Path(tmp) / "packed-int4"
-        fmt = expert_format("int4", config, compute_dtype(device), 64, int4_layout_for(device))  # the device's layout
+        fmt = format_for(config, "int4", compute_dtype(device), 64, device)  # the device's layout
         convert(path, packed, fmt, compute_dtype(device), progress=False, pack_device=device)
         print(f"packed int4 folder written in {time.perf_counter() - t0:.0f} s", flush=True)
         quarter = config.n_layers * config.num_experts * fmt.nbytes // 4

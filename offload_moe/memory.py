@@ -26,15 +26,15 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def resident_bytes(config: ModelConfig, dtype: torch.dtype, attention_group: int | None, head_group: int | None,
-                   device: torch.device) -> int:
+def resident_bytes(config: ModelConfig, dtype: torch.dtype, attention_group: int | None = None,
+                   head_group: int | None = None, device: torch.device | None = None) -> int:
     """The resident weights' bytes: in `dtype`, int8 attention where `attention_group` is set, an int8 head
     where `head_group` is (its int8 bytes in place of its dense ones; off the CPU, plus the scratch it is
-    rebuilt in)."""
+    rebuilt in: `device` matters for the head only)."""
     dense = dense_bytes(config, dtype, "none" if attention_group is None else "int8", attention_group or 64)
     if head_group is not None:
         dense += dense_bytes(config, dtype, head="int8", group_size=head_group) - dense_bytes(config, dtype)
-        dense += config.vocab_size * config.dim * dtype.itemsize if device.type != "cpu" else 0
+        dense += config.vocab_size * config.dim * dtype.itemsize if device is not None and device.type != "cpu" else 0
     return dense
 
 
@@ -89,7 +89,7 @@ def plan_memory(config: ModelConfig, dtype: torch.dtype, expert_bytes: int, slot
     tokens (a batch). Without a RAM budget, the RAM for experts is RAM_HEADROOM of the RAM available now."""
     ram = ram_budget if ram_budget is not None else int(psutil.virtual_memory().available * RAM_HEADROOM)
     return MemoryPlan(
-        dense=config.dense_params * dtype.itemsize if dense_bytes is None else dense_bytes,
+        dense=resident_bytes(config, dtype) if dense_bytes is None else dense_bytes,
         expert_bytes=expert_bytes,
         slots=slots,
         kv=config.kv_bytes(context, dtype.itemsize) * sequences,
@@ -174,7 +174,7 @@ def card_plan(config: ModelConfig, profiles=CARDS, context: int | None = None, d
             raise UserError(f"profile {name!r} gives no device budget ([budget] device = ...): it is not a card")
         dtype = _PLAN_DTYPES.get(prof.settings.get("dtype", "auto"), torch.float16)
         ctx = min(context or int(prof.settings.get("context", default_context)), config.max_context)
-        dense = dense_bytes(config, dtype)
+        dense = resident_bytes(config, dtype)
         slots, base = {}, None
         for p, f in fmt.items():
             n, base = slots_that_fit(config, dtype, f.nbytes, prof.device_budget, ctx, prof.device_reserve, dense,

@@ -22,7 +22,7 @@ from .config import ModelConfig
 from .errors import UserError
 from .formats.base import DenseFormat, ExpertFormat
 from .formats.int4_layouts import int4_layout_for
-from .formats.registry import expert_format, load_quant, parse_format_name, resolve_group_size
+from .formats.registry import expert_format, format_for, load_quant, parse_format_name, resolve_group_size
 from .memory import MemoryPlan, auto_slots, check_fits, plan_memory, resident_bytes
 from .offload.predictors import FILE_NAME as PREDICTOR_FILE
 from .options import EngineOptions, check_options, set_fields
@@ -83,15 +83,14 @@ def expert_format_for(ckpt: Checkpoint, options: EngineOptions, dtype: torch.dty
     """The experts' packed format: a packed folder's own, else the one asked for (an MXFP4 checkpoint's stay
     MXFP4 unless another quantization is asked for: `load_quant`).
 
-    int4 experts take the code layout of the compute device (`int4_layout_for`): torch's CUDA tiles
+    int4 experts take the code layout of the compute device (`format_for`): torch's CUDA tiles
     (`int4-gG-cuda`) where its int4 kernel runs, else the CPU kernel's order (`int4-gG`). A packed folder keeps
     the layout it was written in: when that is not the device's, its experts run the dequantizing path,
     which is correct but slower, and a note on stderr says how to convert."""
     device = device or torch.device("cpu")
     if ckpt.packed_index is None:
-        layout = int4_layout_for(device) if options.expert_quant == "int4" else "cpu"
-        return expert_format(load_quant(options.expert_quant, ckpt.mxfp4), ckpt.config, dtype,
-                             group_size_for(ckpt.config, options), layout)
+        return format_for(ckpt.config, load_quant(options.expert_quant, ckpt.mxfp4), dtype, options.group_size,
+                          device, attention=options.attention_quant == "int8", head=options.head_quant == "int8")
     name = ckpt.packed_index["format"]
     parsed = parse_format_name(name)
     if parsed is not None:

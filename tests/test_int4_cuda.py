@@ -222,7 +222,7 @@ def test_layout_follows_the_device(ckpts, monkeypatch):
     ckpt = Checkpoint(ckpts["base"])
     int4, int8 = EngineOptions(expert_quant="int4", group_size=32), EngineOptions(expert_quant="int8", group_size=32)
     assert expert_format_for(ckpt, int4, torch.float16, torch.device("cpu")).name == "int4-g32"
-    monkeypatch.setattr("offload_moe.engine.int4_layout_for", lambda d: "cuda" if d.type == "cuda" else "cpu")
+    monkeypatch.setattr("offload_moe.formats.registry.int4_layout_for", lambda d: "cuda" if d.type == "cuda" else "cpu")
     assert expert_format_for(ckpt, int4, torch.float16, torch.device("cuda")).name == "int4-g32-cuda"
     assert expert_format_for(ckpt, int4, torch.float16, torch.device("cpu")).name == "int4-g32"
     assert expert_format_for(ckpt, int8, torch.float16, torch.device("cuda")).name == "int8-g32"
@@ -256,7 +256,7 @@ def test_a_folder_in_the_other_layout_runs_dequantizing_with_a_note(ckpts, tmp_p
 def test_tiered_store_packs_the_cuda_layout_from_a_checkpoint(ckpts, monkeypatch):
     """A RAM budget below the experts' size packs each expert on the CPU as it is read: the CUDA layout
     too (pure torch), with the logits of the all-in-RAM store."""
-    monkeypatch.setattr("offload_moe.engine.int4_layout_for", lambda d: "cuda")
+    monkeypatch.setattr("offload_moe.formats.registry.int4_layout_for", lambda d: "cuda")
     full = Engine.load(ckpts["base"], EngineOptions(cache_experts=2, expert_quant="int4", group_size=32))
     small = Engine.load(ckpts["base"], EngineOptions(cache_experts=2, expert_quant="int4", group_size=32,
                                                      ram_budget=4 * full.cache.fmt.nbytes))

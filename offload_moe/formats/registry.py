@@ -14,6 +14,7 @@ from ..errors import UserError
 from ..options import EXPERT_QUANTS, GROUP_SIZES
 from .base import DenseFormat, ExpertFormat
 from .int4 import Int4Format
+from .int4_layouts import int4_layout_for
 from .int8 import Int8Format
 from .mxfp4 import Mxfp4Format
 
@@ -35,6 +36,19 @@ def expert_format(name: str, config: ModelConfig, compute_dtype: torch.dtype, gr
     raise UserError(f"unknown expert quantization {name!r} (use {', '.join(EXPERT_QUANTS)})")
 
 
+def format_for(config: ModelConfig, quant: str, compute_dtype: torch.dtype, group_size: int | None = None,
+               device: torch.device | None = None, layout: str | None = None, attention: bool = False,
+               head: bool = False) -> ExpertFormat:
+    """The expert format that a load, `convert`, `calibrate`, `tune` or the timed replay uses for experts in
+    `quant`: its group size `group_size` checked, or the automatic one, against every input quantized with it
+    (`resolve_group_size`; `attention`, `head`: those are int8 too), and int4's code layout `layout`, else the
+    one `device`'s kernel reads (`int4_layout_for`; the CPU's by default)."""
+    group = resolve_group_size(config, group_size, experts=quant in ("int8", "int4"), attention=attention, head=head)
+    if layout is None:
+        layout = int4_layout_for(device or torch.device("cpu")) if quant == "int4" else "cpu"
+    return expert_format(quant, config, compute_dtype, group, layout)
+
+
 def parse_format_name(name: str) -> tuple[str, int, str] | None:
     """(quantization, group size, layout) of a quantized format's name as `packed.json` records it
     (`int8-g64`, `int4-g64`, `int4-g64-cuda`, `mxfp4`), or None for a dense one (fp16, bf16, fp32)."""
@@ -54,9 +68,11 @@ def load_quant(quant: str, mxfp4_checkpoint: bool) -> str:
     return "mxfp4" if quant == "none" and mxfp4_checkpoint else quant
 
 
-def bytes_per_expert(config: ModelConfig, name: str, group_size: int = 64, dtype: torch.dtype = torch.float16) -> int:
-    """`expert_format(name, ...).nbytes`, for memory planning; `dtype` matters for "none" only."""
-    return expert_format(name, config, dtype, group_size).nbytes
+def bytes_per_expert(config: ModelConfig, quant: str, group_size: int | None = None,
+                     dtype: torch.dtype = torch.float16) -> int:
+    """`format_for(...).nbytes`, for memory planning (the same in either int4 layout); `dtype` matters for "none"
+    only."""
+    return format_for(config, quant, dtype, group_size).nbytes
 
 
 def quantized_inputs(config: ModelConfig, experts: bool = True, attention: bool = False,

@@ -11,8 +11,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from ..formats.int4_layouts import int4_layout_for
-from ..formats.registry import expert_format
+from ..formats.registry import auto_group_size, format_for
 from .costs import MIXTRAL_8X7B, PRECISIONS, rate_key
 
 
@@ -41,13 +40,12 @@ def calibrate(device: torch.device, dim: int = 4096, ffn: int = 14336, dtype: to
 
     hw = _bandwidths(device, dim, ffn, dtype, best)
     config = replace(MIXTRAL_8X7B, dim=dim, ffn_dim=ffn)
-    group = next((g for g in (64, 128, 32) if dim % g == 0 and ffn % g == 0), None)
+    quantizable = auto_group_size(config) is not None
     names = []
     for precision in formats:
-        if precision != "none" and group is None:
+        if precision != "none" and not quantizable:
             continue  # no group size divides the shape: no quantized format to measure
-        layout = int4_layout_for(device) if precision == "int4" else "cpu"
-        fmt = expert_format(precision, config, dtype, group or 64, layout)
+        fmt = format_for(config, precision, dtype, device=device)  # the engine's group size and int4 layout
         names.append(fmt.name)
         device_s, cpu_s = _expert_forward_seconds(fmt, device, dim, ffn, dtype, best)
         hw[rate_key("device", precision)] = config.expert_params / device_s

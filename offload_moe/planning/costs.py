@@ -33,7 +33,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import UserError
 from ..formats.registry import bytes_per_expert
-from ..formats.sizes import dense_bytes
+from ..memory import resident_bytes
 from ..options import parse_size
 from ..profiles import Profile
 from .trace import Trace
@@ -77,7 +77,7 @@ def step_seconds(config: ModelConfig, expert_bytes: int, hw: dict, misses: float
     """Predicted seconds of one decode step with `misses` and `prefetches` copies (see the module docstring):
     `experts` computed in it (default L*K, one token's); `precision` ("none", "int8", "int4") selects the
     measured compute rates of `hw` (see `expert_seconds`)."""
-    dense = dense_bytes(config, torch.float16, attention, group_size)  # fp16 resident weights
+    dense = resident_bytes(config, torch.float16, group_size if attention == "int8" else None)  # fp16 resident weights
     expert_s, cpu = expert_seconds(config, expert_bytes, hw, precision)
     experts = config.n_moe_layers * config.top_k if experts is None else experts
     compute = dense / hw["device_bytes_per_s"] + experts * expert_s

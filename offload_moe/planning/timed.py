@@ -198,7 +198,7 @@ def timed_costs(trace: Trace, opts: TimedOptions) -> dict:
     if opts.layer_ms is not None and not opts.layer_ms >= 0:
         raise UserError(f"--layer-ms {opts.layer_ms}: give the compute time of one layer in ms, 0 or more")
     # here, not at the top: the cost model needs torch, which `simulate` without --timed starts without
-    from ..formats.registry import bytes_per_expert, resolve_group_size
+    from ..formats.registry import bytes_per_expert
     from ..profiles import load_profile
     from .costs import PRECISIONS, hardware_of, model_shape, step_seconds
 
@@ -210,7 +210,7 @@ def timed_costs(trace: Trace, opts: TimedOptions) -> dict:
     if opts.link_gbs is not None:
         hw["h2d_bytes_per_s"] = opts.link_gbs * 1e9
     config = model_shape(trace)
-    nbytes = bytes_per_expert(config, quant, resolve_group_size(config, None, experts=quant != "none"))
+    nbytes = bytes_per_expert(config, quant)
     compute = step_seconds(config, nbytes, hw, 0, 0, "fetch", precision=quant)  # no copies: the compute term
     return {"copy_s": nbytes / hw["h2d_bytes_per_s"], "expert_bytes": nbytes, "expert_quant": quant,
             "h2d_bytes_per_s": hw["h2d_bytes_per_s"],

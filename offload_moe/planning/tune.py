@@ -21,8 +21,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import UserError
 from ..formats.registry import auto_group_size, bytes_per_expert
-from ..formats.sizes import dense_bytes
-from ..memory import gib
+from ..memory import gib, resident_bytes
 from ..offload.predictors import replayed
 from ..options import ATTENTION_QUANTS, DEFAULT_RESERVE
 from ..profiles import Profile
@@ -158,8 +157,8 @@ def tune(trace: Trace, config: ModelConfig, budget: int, hw: dict, reserve: int 
             log(f"  {precision:<5} attn {attention:<4} skipped: no group size divides D={config.dim}, "
                 f"I={config.ffn_dim} and the attention inputs {', '.join(map(str, config.attention_inputs))}")
             continue
-        free = budget - reserve - dense_bytes(config, torch.float16, attention, group) - config.kv_bytes(
-            context, 2) * batch
+        dense = resident_bytes(config, torch.float16, group if attention == "int8" else None)
+        free = budget - reserve - dense - config.kv_bytes(context, 2) * batch
         total = int(free // bytes_per_expert(config, precision, group, torch.float16))
         if total < config.top_k * config.n_moe_layers:
             log(f"  {precision:<5} attn {attention:<4} does not fit: {gib(max(free, 0))} left for experts holds "
@@ -167,7 +166,7 @@ def tune(trace: Trace, config: ModelConfig, budget: int, hw: dict, reserve: int 
             continue
         out += _candidates(curves, config, hw, trace.num_tokens, total, precision, attention, group, batch)
     if not out:
-        dense = dense_bytes(config, torch.float16, "int8" if group else "none", group or 64)
+        dense = resident_bytes(config, torch.float16, group)
         raise UserError(f"nothing fits a {gib(budget)} device: dense weights and KV cache take at least "
                         f"{gib(dense + config.kv_bytes(context, 2) * batch)} plus {gib(reserve)} reserve")
     best = min(out, key=lambda c: c.seconds_per_token)
