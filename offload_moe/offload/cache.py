@@ -1,10 +1,11 @@
-"""Expert residency on the compute device: preallocated slots per layer, filled from the host store.
+"""Expert residency on the compute device: preallocated slots per row, filled from the host store.
 
-Which expert leaves a full layer is decided by `policy.SlotTable` (the same code the simulator
+A row is a layer with experts, numbered among those layers (a dense first layer has none), the model's word
+too: an expert is (row, expert). Which expert leaves a full row is decided by `eviction.SlotTable` (the same code the simulator
 runs); moving the bytes and ordering the copies is `prefetch.Transfers`' job. This module keeps
 the slots, asks the table, issues the copies and counts what happened.
 
-Slots are allocated once, `[S_l, bytes]` per layer, and their weight views are computed once,
+Slots are allocated once, `[S_l, bytes]` per row, and their weight views are computed once,
 so a miss allocates nothing: it is one `copy_` into an existing slot.
 """
 
@@ -59,11 +60,11 @@ class ExpertCache:
         # on the CPU a layer whose slots cover every expert reads the host store in place: no second copy
         self.aliased = [device.type == "cpu" and n >= E and store.in_ram for n in self.slots]
         self.mem = [
-            store.layers[layer] if alias else torch.empty((n, fmt.nbytes), dtype=torch.uint8, device=device)
-            for layer, (n, alias) in enumerate(zip(self.slots, self.aliased, strict=True))
+            store.layers[row] if alias else torch.empty((n, fmt.nbytes), dtype=torch.uint8, device=device)
+            for row, (n, alias) in enumerate(zip(self.slots, self.aliased, strict=True))
         ]
-        self.views = [[fmt.views(self.mem[layer][s]) for s in range(n)] for layer, n in enumerate(self.slots)]
-        self._host_views: dict[tuple[int, int], tuple] = {}  # (layer, expert) -> views of its RAM buffer
+        self.views = [[fmt.views(self.mem[row][s]) for s in range(n)] for row, n in enumerate(self.slots)]
+        self._host_views: dict[tuple[int, int], tuple] = {}  # (row, expert) -> views of its RAM buffer
         self.transfers = Transfers(device, self.slots)
         self.planned: list[tuple[int, list[int]]] = []  # prefetches waiting for this layer's demand copies
         self.counters = CacheCounters()
@@ -82,7 +83,7 @@ class ExpertCache:
         self.counters = CacheCounters()
         self.table.reset_counts()
 
-    def acquire(self, layer: int, experts: list[int], decode: bool = False
+    def acquire(self, row: int, experts: list[int], decode: bool = False
                 ) -> tuple[list[int], list[bool], list[bool]]:
         """Make `experts` (distinct) resident for the current layer. Returns, for each: its slot;
         whether this step computes it on the CPU instead (`cpu_forward`); whether its copy is still
@@ -95,36 +96,36 @@ class ExpertCache:
         on the prefetch stream, since nothing waits for it now. On the CPU with every expert in RAM
         that policy copies nothing: a slot filled then reads the expert's RAM buffer in place.
         """
-        hit, slots, _ = self.table.access_row(layer, experts)
+        hit, slots, _ = self.table.access_row(row, experts)
         c = self.counters
         on_cpu = [False] * len(experts)
         for k, e in enumerate(experts):
             if not hit[k]:
                 on_cpu[k] = decode and self.cpu_cheaper
                 c.cpu_misses += on_cpu[k]
-                self._copy(layer, slots[k], e, demand=not on_cpu[k])
+                self._copy(row, slots[k], e, demand=not on_cpu[k])
         self._flush_prefetch()
-        late = [not cpu and self.transfers.in_flight[layer][s] for s, cpu in zip(slots, on_cpu, strict=True)]
+        late = [not cpu and self.transfers.in_flight[row][s] for s, cpu in zip(slots, on_cpu, strict=True)]
         return slots, on_cpu, late
 
-    def wait(self, layer: int, slot: int) -> None:
+    def wait(self, row: int, slot: int) -> None:
         """Order compute after the copy into `slot`; a host wait is counted as compute stalled on a copy."""
-        self.counters.copy_wait_s += self.transfers.wait_ready(layer, slot)
+        self.counters.copy_wait_s += self.transfers.wait_ready(row, slot)
 
-    def cpu_forward(self, layer: int, expert: int, x_host: torch.Tensor) -> torch.Tensor:
+    def cpu_forward(self, row: int, expert: int, x_host: torch.Tensor) -> torch.Tensor:
         """Run one expert on the CPU from its host-RAM bytes: x_host [T, D] -> [T, D] on the CPU."""
-        y = self.fmt.forward(x_host, self.host_views(layer, expert))
-        self.store.done(layer, expert)
+        y = self.fmt.forward(x_host, self.host_views(row, expert))
+        self.store.done(row, expert)
         return y
 
-    def host_views(self, layer: int, expert: int) -> tuple:
+    def host_views(self, row: int, expert: int) -> tuple:
         """The weight views of an expert's host buffer; computed once when every expert is in RAM (those
         buffers never move; the tiered store's do)."""
         if not self.store.in_ram:
-            return self.fmt.views(self.store.buffer(layer, expert))
-        views = self._host_views.get((layer, expert))
+            return self.fmt.views(self.store.buffer(row, expert))
+        views = self._host_views.get((row, expert))
         if views is None:
-            views = self._host_views[layer, expert] = self.fmt.views(self.store.buffer(layer, expert))
+            views = self._host_views[row, expert] = self.fmt.views(self.store.buffer(row, expert))
         return views
 
     def calibrate_misses(self, dim: int, dtype: torch.dtype, repeats: int = 3) -> dict:
@@ -149,45 +150,45 @@ class ExpertCache:
             self.cpu_cheaper = self.host_is_device or times["cpu_s"] < times["copy_s"]
         return times
 
-    def release(self, layer: int, slots: list[int]) -> None:
+    def release(self, row: int, slots: list[int]) -> None:
         """The kernels reading these slots are enqueued: a later copy into them must wait for those."""
         for s in slots:
-            self.transfers.mark_free(layer, s)
+            self.transfers.mark_free(row, s)
 
-    def plan_prefetch(self, layer: int, experts: list[int]) -> None:
+    def plan_prefetch(self, row: int, experts: list[int]) -> None:
         """Queue a prefetch for `layer`; it is issued after the current layer's demand copies."""
-        self.planned.append((layer, experts))
+        self.planned.append((row, experts))
 
     def _flush_prefetch(self) -> None:
         planned, self.planned = self.planned, []
-        for layer, experts in planned:
-            self.prefetch(layer, experts)
+        for row, experts in planned:
+            self.prefetch(row, experts)
 
-    def prefetch(self, layer: int, experts: list[int]) -> None:
+    def prefetch(self, row: int, experts: list[int]) -> None:
         """Start copying predicted experts that are not resident (never evicting one of them)."""
-        inserted, slots, _ = self.table.prefetch_row(layer, experts)
+        inserted, slots, _ = self.table.prefetch_row(row, experts)
         for k, e in enumerate(experts):
             if inserted[k]:
-                self._copy(layer, slots[k], e, demand=False)
+                self._copy(row, slots[k], e, demand=False)
 
-    def _copy(self, layer: int, s: int, expert: int, demand: bool) -> None:
-        if self.aliased[layer]:  # slot s already is the host buffer of expert s (filled by warm)
+    def _copy(self, row: int, s: int, expert: int, demand: bool) -> None:
+        if self.aliased[row]:  # slot s already is the host buffer of expert s (filled by warm)
             return
         if self.host_is_device and self.cpu_cheaper:  # the CPU computes it from RAM: the slot reads that in place
-            self.views[layer][s] = self.host_views(layer, expert)
+            self.views[row][s] = self.host_views(row, expert)
             return
         if demand and self.transfers.prefetch_busy():
             self.counters.demand_during_prefetch += 1
-        event = self.transfers.copy(self.mem[layer][s], self.store.buffer(layer, expert), layer, s, demand)
-        self.store.done(layer, expert, event)
+        event = self.transfers.copy(self.mem[row][s], self.store.buffer(row, expert), row, s, demand)
+        self.store.done(row, expert, event)
         self.counters.bytes_to_device += self.fmt.nbytes
         self.counters.copies += 1
 
     def warm(self) -> float:
         """Load every expert of the layers whose slots cover them all: those layers are resident."""
         t0 = time.perf_counter()
-        for layer, n in enumerate(self.slots):
+        for row, n in enumerate(self.slots):
             if n >= self.table.num_experts:
-                self.acquire(layer, list(range(self.table.num_experts)))
+                self.acquire(row, list(range(self.table.num_experts)))
         self.transfers.synchronize()
         return time.perf_counter() - t0

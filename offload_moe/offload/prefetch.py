@@ -5,7 +5,7 @@ included): streams are created on it and "the compute stream" is `current_stream
 the current device's. Three streams take part: the compute stream, a `demand` stream for copies
 that the current layer needs now (created with the higher priority) and a `prefetch` stream for
 speculative copies. Each slot owns two events, created once:
-  ready[l][s]  recorded on the copying stream right after the copy into slot s of layer l.
+  ready[l][s]  recorded on the copying stream right after the copy into slot s of row l.
   free[l][s]   recorded on the compute stream right after the last kernel that reads slot s
                has been enqueued (`mark_free`).
   1. A copy into a slot first makes its stream wait for that slot's `free` event, so it never
@@ -80,7 +80,7 @@ class Transfers:
         self.pin = cuda is torch.cuda  # a fake backend runs on CPU tensors, which cannot be pinned
         self._host: dict[tuple, torch.Tensor] = {}  # pinned staging buffers, allocated once per shape
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, layer: int, slot: int, demand: bool = True):
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, row: int, slot: int, demand: bool = True):
         """Copy one expert into a slot, on the demand stream (needed by this layer now) or the
         prefetch stream; return the event after which `src` may be reused (None: now)."""
         if self.cuda is None:
@@ -88,36 +88,36 @@ class Transfers:
             return None
         stream = self.demand if demand else self.prefetch
         with self.cuda.stream(stream):
-            stream.wait_event(self.free[layer][slot])  # rule 1: queued kernels have read the old weights
-            stream.wait_event(self.ready[layer][slot])  # rule 1: an earlier copy into this slot has landed
+            stream.wait_event(self.free[row][slot])  # rule 1: queued kernels have read the old weights
+            stream.wait_event(self.ready[row][slot])  # rule 1: an earlier copy into this slot has landed
             dst.copy_(src, non_blocking=True)
-            self.ready[layer][slot].record(stream)
+            self.ready[row][slot].record(stream)
             if not demand:
                 self.prefetch_tail.record(stream)
-        self.in_flight[layer][slot] = True
-        return self.ready[layer][slot]
+        self.in_flight[row][slot] = True
+        return self.ready[row][slot]
 
     def prefetch_busy(self) -> bool:
         """Whether a speculative copy is still in flight (a demand copy issued now shares the link)."""
         return self.cuda is not None and not self.prefetch_tail.query()
 
-    def wait_ready(self, layer: int, slot: int) -> float:
+    def wait_ready(self, row: int, slot: int) -> float:
         """Order compute after the slot's copy (rule 3); return host seconds spent waiting."""
-        if self.cuda is None or not self.in_flight[layer][slot]:
+        if self.cuda is None or not self.in_flight[row][slot]:
             return 0.0
-        ev = self.ready[layer][slot]
+        ev = self.ready[row][slot]
         waited = 0.0
         if not ev.query():
             t0 = time.perf_counter()
             ev.synchronize()  # SYNC: compute needs this expert now and its copy is still in flight
             waited = time.perf_counter() - t0
         self.cuda.current_stream(self.device).wait_event(ev)
-        self.in_flight[layer][slot] = False
+        self.in_flight[row][slot] = False
         return waited
 
-    def mark_free(self, layer: int, slot: int) -> None:
+    def mark_free(self, row: int, slot: int) -> None:
         if self.cuda is not None:
-            self.free[layer][slot].record(self.cuda.current_stream(self.device))
+            self.free[row][slot].record(self.cuda.current_stream(self.device))
 
     def to_host(self, x: torch.Tensor) -> None:
         """Start copying the hidden state x [T, D] to a pinned host buffer (rule 4); `host_x` waits."""

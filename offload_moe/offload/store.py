@@ -65,13 +65,13 @@ class ExpertStore:
     def num_experts(self) -> int:
         return self.layers[0].shape[0]
 
-    def buffer(self, layer: int, expert: int) -> torch.Tensor:
-        return self.layers[layer][expert]
+    def buffer(self, row: int, expert: int) -> torch.Tensor:
+        return self.layers[row][expert]
 
-    def done(self, layer: int, expert: int, event=None) -> None:
+    def done(self, row: int, expert: int, event=None) -> None:
         """Nothing to release: these buffers are never rewritten (the tiered store's are)."""
 
-    def prefetch(self, layer: int, experts: list[int]) -> None:
+    def prefetch(self, row: int, experts: list[int]) -> None:
         """Nothing to read ahead: every expert is already in RAM."""
 
     @property

@@ -5,11 +5,11 @@ experts do not fit in RAM.
 `prefetch`, `num_experts`, `in_ram`), so it can be swapped in.
 
 Tiers
-  device   `cache.ExpertCache` slots, filled from `buffer(layer, expert)`.
+  device   `cache.ExpertCache` slots, filled from `buffer(row, expert)`.
   RAM      `ram_slots` expert slots, allocated once as one `[ram_slots, stride]` uint8 tensor
            (stride = the expert's bytes rounded up to 4096, the tensor started on a 4096
            boundary), pinned with `cudaHostRegister` when `pin`. Replacement is LRU over the
-           slots. At construction the slots are filled with the first experts in (layer, expert)
+           slots. At construction the slots are filled with the first experts in (row, expert)
            order, so the first tokens do not all come from storage (`progress` shows that load).
   storage  a source (`sources.py`): a packed folder's `experts.bin`, or any other checkpoint layout.
 
@@ -19,7 +19,7 @@ reads must not leave the model in the page cache.
 
 Slot reuse rule (who waits for what)
   - `buffer()` hands a slot out and counts a user; the slot is not reused until `done()`.
-  - `done(layer, expert, event)` gets the CUDA event recorded after the device copy out of the
+  - `done(row, expert, event)` gets the CUDA event recorded after the device copy out of the
     slot; the slot is not reused until `event.query()` reports it complete. (The device cache
     passes a slot's `ready` event, which it records again for later copies on the same in-order
     stream: a later completion implies ours, so the test only errs on the side of waiting.)
@@ -172,8 +172,8 @@ class TieredStore:
         self.counters = TierCounters()
 
     def _fill(self, progress: bool) -> None:
-        """Read the first `ram_slots` experts in (layer, expert) order, in parallel; raise the first failure."""
-        keys = [(layer, e) for layer in range(self.num_layers) for e in range(self.num_experts)][: self.ram_slots]
+        """Read the first `ram_slots` experts in (row, expert) order, in parallel; raise the first failure."""
+        keys = [(row, e) for row in range(self.num_layers) for e in range(self.num_experts)][: self.ram_slots]
         bar = Progress("experts into RAM", len(keys) * self.nbytes, enabled=progress)
         with self._cond:
             futures = [self._pool.submit(self._read, self._claim(key), key, False) for key in keys]
@@ -189,12 +189,12 @@ class TieredStore:
         with self._cond:
             self.counters = TierCounters()
 
-    def buffer(self, layer: int, expert: int) -> torch.Tensor:
+    def buffer(self, row: int, expert: int) -> torch.Tensor:
         """The expert's bytes (uint8 [nbytes] in RAM), read from storage first on a miss (blocking).
 
-        Valid until the matching `done(layer, expert, event)`; a slot is never reused before that.
+        Valid until the matching `done(row, expert, event)`; a slot is never reused before that.
         """
-        key = (layer, expert)
+        key = (row, expert)
         t0 = time.perf_counter()
         missed = False
         while True:
@@ -226,9 +226,9 @@ class TieredStore:
             else:
                 self._read(claimed, key, False)  # in this thread; the next turn hands it out or raises
 
-    def done(self, layer: int, expert: int, event: torch.cuda.Event | None = None) -> None:
-        """The caller is finished with `buffer(layer, expert)`; with CUDA, once `event` has completed."""
-        key = (layer, expert)
+    def done(self, row: int, expert: int, event: torch.cuda.Event | None = None) -> None:
+        """The caller is finished with `buffer(row, expert)`; with CUDA, once `event` has completed."""
+        key = (row, expert)
         with self._cond:
             i = self._where.get(key)
             if i is None or self._slots[i].users == 0:
@@ -238,11 +238,11 @@ class TieredStore:
             if event is not None:
                 slot.event = event
 
-    def prefetch(self, layer: int, experts: list[int]) -> None:
+    def prefetch(self, row: int, experts: list[int]) -> None:
         """Start reading the listed experts into free RAM slots; never blocks, never evicts a busy slot."""
         with self._cond:
             for e in experts:
-                key = (layer, e)
+                key = (row, e)
                 i = self._where.get(key)
                 if i is not None:
                     if not self._slots[i].reading:
