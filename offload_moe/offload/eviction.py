@@ -6,12 +6,12 @@ misses or prefetch use. The engine replays one step at a time as tokens arrive, 
 whole trace per call; one tight loop serves both.
 
 The loop is written in the subset of Python that numba compiles. Where numba is installed (the
-`jit` extra) it runs compiled, over numpy arrays, 15-25 times faster per step; else, or with the
+`jit` extra) it runs compiled, over numpy arrays; else, or with the
 environment variable OFFLOAD_MOE_JIT=0, the same source runs as plain Python over lists. Both give
 the same counts, bit for bit (the tests run both). The compiled code is cached on disk by numba
 (`cache=True`): in `offload_moe/__pycache__`, or where the package is read-only in numba's
 user-wide cache folder (~/.cache/numba on Linux; NUMBA_CACHE_DIR overrides both), so only the first
-run on a machine compiles (1-2 s); with no writable folder at all it compiles in every run.
+run on a machine compiles; with no writable folder at all it compiles in every run.
 
 A `SlotTable` holds several independent layer caches, one *row* each; row r has `slots[r]`
 slots. Rows share nothing (each even has its own random stream), so a caller may advance them

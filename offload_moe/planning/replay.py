@@ -27,7 +27,7 @@ offline by a learned one: `--predictor`; cut to the layer's slots), and after th
 Each row (one layer's cache in one configuration) replays the whole trace in one
 `SlotTable.replay` call, the engine's own loop (compiled by numba where it is installed), and the
 layers are shared out among threads (compiled; the loop releases the GIL) or processes (plain
-Python), so a 100k-token trace replays in well under a second per policy (seconds without numba).
+Python).
 These are the engine's counts too: its stats read the same table counters.
 Shape legend: T tokens, L layers, K top-k, E experts, S slots, R table rows.
 """
@@ -194,7 +194,7 @@ def _replay(trace: Trace, configs: list[list[int]], policy: str, prefetch: int, 
 @contextlib.contextmanager
 def _no_cyclic_gc():
     """A trace as Python lists is millions of small objects, and the cyclic collector would walk
-    them again and again while they are built (it cost as much as the replay itself). Nothing
+    them again and again while they are built, for nothing. Nothing
     here forms a cycle, so reference counting frees it all the same."""
     was = gc.isenabled()
     gc.disable()

@@ -23,7 +23,7 @@ or at the first read, e.g. tmpfs) reads go through the page cache with readahead
 (`POSIX_FADV_RANDOM`: a read caches exactly its range, not the next expert's first megabytes)
 and each read range is dropped with `posix_fadvise(DONTNEED)` right after. For memory-mapped
 checkpoints `posix_fadvise` alone does nothing, because the kernel keeps pages that are mapped
-(measured: the whole model stayed cached and counted in RSS). So after packing, the pages lying
+(BENCHMARKS.md, "Figures that left the code"). So after packing, the pages lying
 wholly inside the expert's tensors are unmapped with `madvise(MADV_DONTNEED)` (only inside a
 private, file-backed mapping of that shard, found in /proc/self/maps, where a dropped page is
 simply read again from the file), and then the shard's unmapped pages are dropped with
@@ -33,8 +33,8 @@ read at a time this cannot discard pages another read is about to use. Pages out
 expert's tensors are never unmapped (a page someone wrote to in a private mapping would lose
 the write), so some stay mapped and cached: the partial pages at each end, and neighbours that
 the kernel's fault-around (64 KiB each side) mapped from what it had read ahead. A neighbour
-inside another expert is unmapped when that expert is read, so this stays below ~400 KiB per
-expert (measured: 4 MiB after reading a 216 MiB model, 26 MiB after 672 MiB in 4 shards). Off
+inside another expert is unmapped when that expert is read, so what stays is bounded by those two
+ends and neighbours per expert, not by the model's size. Off
 Linux, mapped checkpoints keep their pages until the kernel reclaims them: convert to a packed
 folder there.
 `page_cache_bytes(path)` measures what a file has in the page cache.
