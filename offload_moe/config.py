@@ -64,7 +64,7 @@ class ModelConfig:
     dense_layers: tuple[int, ...] = ()  # layers with a dense MLP instead of experts
     expert_bias: bool = False  # the routed experts' w1 w3 w2 have biases (gpt-oss)
     swiglu_limit: float | None = None  # the experts' activation: None, silu(gate) * up; a limit, gpt-oss's clamped
-    # SwiGLU (`formats.clamped_swiglu`)
+    # SwiGLU (`formats.base.clamped_swiglu`)
     lm_head_bias: bool = False
     rope_scaling: dict | None = None  # longrope: short/long factors and mscales, original_max
     partial_rotary_factor: float = 1.0  # RoPE turns the first rotary_dim dims of each head only (GLM-4.5: 0.5)

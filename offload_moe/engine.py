@@ -189,7 +189,7 @@ class Engine:
         return self.model(torch.tensor(ids, device=self.device), self.kv)
 
     def start_trace(self, model_name: str = "", hidden: bool = False) -> None:
-        """Record the routing of every following forward pass (see `trace.py`) until `stop_trace`; `hidden`:
+        """Record the routing of every following forward pass (see `planning/trace.py`) until `stop_trace`; `hidden`:
         the hidden states entering each MoE layer too (float16, D values per token and layer)."""
         self.model.recorder = start_tap(self.model, model_name or str(self.checkpoint.path), hidden)
 

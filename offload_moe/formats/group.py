@@ -102,7 +102,7 @@ def check_groups(group_size: int, size: int, what: str) -> None:
 
 class GroupQuantFormat(ABC):
     """What int8, int4 and MXFP4 (`mxfp4.py`) share: validation, the buffer plan, pack and the activation
-    (`formats.activation`) and biases around the linears. The biases, where the family has them (b13 =
+    (`base.activation`) and biases around the linears. The biases, where the family has them (b13 =
     [b1; b3] [2I] and b2 [D], gpt-oss), lie after both matrices in float32 (a few KiB; exact for any
     checkpoint dtype), and are added in place to each linear's output, in its dtype.
 

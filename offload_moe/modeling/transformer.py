@@ -1,4 +1,4 @@
-"""The model: resident attention, norms, routers, shared experts and dense layers (`layers.py`);
+"""The model: resident attention, norms, routers, shared experts and dense layers (`modeling/layers.py`);
 routed experts served by the expert cache. One class for every family: `ModelConfig` says which
 variant of each piece a layer has.
 
@@ -192,7 +192,7 @@ class Transformer(nn.Module):
         """A decode step's experts: x [T, D] (T = 1, or the B tokens of a batched step), chosen [T][K] ->
         [T, K, D]. The step's distinct experts are acquired once, in groups only where they outnumber the
         row's slots (one token: its K in rank order, else ascending with the resident ones first, the
-        order `batch_sim` replays); each is computed for the rows that chose it. Misses that the cache
+        order `batch_replay` replays); each is computed for the rows that chose it. Misses that the cache
         computes on the CPU (miss policy cpu, or auto when the CPU is faster) run from host RAM for their
         rows after every device expert is launched, the hidden state sent to the host before (rule 4)."""
         T, K = len(chosen), self.config.top_k

@@ -10,7 +10,7 @@
                or None: groups (layer, checkpoint part). Their layout is transformers 5's, gate_up_proj
                [E, 2I, D] (w1 rows, then w3) and down_proj [E, D, I], unless the family declares its own
                in FUSED_PARTS (gpt-oss: {checkpoint part: {our part: (index into one expert, transposed)}}).
-The shared pieces live once, in `model.py` and `layers.py`; checkpoint reading, in `checkpoint.py`.
+The shared pieces live once, in `modeling/`; checkpoint reading, in `weights/checkpoint.py`.
 
 Our names: `tok_embeddings`, `norm`, `output`, `layers.N.attention_norm`, `layers.N.ffn_norm`,
 `layers.N.attention.{wq,wk,wv,wo}` (with `.bias` where the family has one), `layers.N.attention.sinks` (gpt-oss),

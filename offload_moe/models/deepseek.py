@@ -1,13 +1,13 @@
 """DeepSeek-V2 / V2-Lite (`DeepseekV2ForCausalLM`) and DeepSeek-V3 (`DeepseekV3ForCausalLM`): multi-head
-latent attention (`mla.py`; q straight from x, or through `q_lora_rank` when set; YaRN RoPE whose
+latent attention (`modeling/mla.py`; q straight from x, or through `q_lora_rank` when set; YaRN RoPE whose
 `mscale_all_dim` also scales the softmax; the rotary dims interleaved, always in V2, by `rope_interleave`
 in V3), a resident shared expert without gate (`n_shared_experts` x `moe_intermediate_size`), dense MLP
 layers first (`first_k_dense_replace`; then every `moe_layer_freq`-th layer has experts, as DeepSeek's
 own code), and the router:
   V2  softmax in float32, top-k `greedy` or `group_limited_greedy` (the best `topk_group` of `n_group`
       groups, each scored by its best expert); renormalised by `norm_topk_prob`, else times
-      `routed_scaling_factor` (`model.grouped_softmax_topk`);
-  V3  GLM-4.5's sigmoid router (`model.sigmoid_topk`, `noaux_tc`).
+      `routed_scaling_factor` (`transformer.grouped_softmax_topk`);
+  V3  GLM-4.5's sigmoid router (`transformer.sigmoid_topk`, `noaux_tc`).
 The tensor names beside the attention's are GLM-4.5's. V3's hub checkpoints also hold the
 multi-token-prediction layer (`model.layers.{num_hidden_layers}.*`): it is not read."""
 

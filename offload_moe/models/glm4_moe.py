@@ -1,5 +1,5 @@
 """GLM-4.5 and GLM-4.5-Air (Zhipu AI, `Glm4MoeForCausalLM`): the sigmoid router of DeepSeek-V3
-(`model.sigmoid_topk`: sigmoid scores, `e_score_correction_bias` for the choice only, group-limited
+(`transformer.sigmoid_topk`: sigmoid scores, `e_score_correction_bias` for the choice only, group-limited
 top-k over `n_group` / `topk_group`, renormalised by `norm_topk_prob`, times `routed_scaling_factor`),
 one resident shared expert without a gate (`n_shared_experts` x `moe_intermediate_size`), dense MLP
 layers first (`first_k_dense_replace`, `intermediate_size`), q/k/v biases (`attention_bias`; no

@@ -1,6 +1,6 @@
 """gpt-oss (OpenAI, `GptOssForCausalLM`: gpt-oss-20b, gpt-oss-120b): a router with a bias whose softmax runs
 over the top-k logits only (the softmax router renormalised: the same weights), experts with biases and a
-clamped SwiGLU (`swiglu_limit`, `formats.clamped_swiglu`), q/k/v/o biases (`attention_bias`), a learned
+clamped SwiGLU (`swiglu_limit`, `formats.base.clamped_swiglu`), q/k/v/o biases (`attention_bias`), a learned
 sink logit per head (`self_attn.sinks`), a sliding window (`sliding_window`, 128) on the layers that
 `layer_types` calls sliding (every other one) and full attention on the rest, YaRN RoPE.
 

@@ -1,7 +1,7 @@
 """Mixtral (Mistral AI): RMSNorm, GQA attention without biases, softmax router whose top-k is
 renormalised, SwiGLU experts. Two checkpoint layouts: the hub's (per-expert
 `block_sparse_moe.experts.E.w1`, or transformers-5's fused `mlp.experts.gate_up_proj`) and the
-original release's (`params.json`, read in `checkpoint.py` with the ORIGINAL_* tables)."""
+original release's (`params.json`, read in `weights/checkpoint.py` with the ORIGINAL_* tables)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Eviction rules: which expert leaves a layer's cache when another must come in.
 
-No tensor is moved here. The engine (`cache.py`) and the trace simulator (`simulate.py`) both run
+No tensor is moved here. The engine (`cache.py`) and the trace simulator (`planning/replay.py`) both run
 this exact code, `_replay_row` through `SlotTable.replay`, so they cannot disagree about hits,
 misses or prefetch use. The engine replays one step at a time as tokens arrive, the simulator a
 whole trace per call; one tight loop serves both.
@@ -219,7 +219,7 @@ class SlotTable:
 
 
 def prefetch_choice(predicted: list[list[int]], top_k: int, width: int, uses) -> list[int]:
-    """What a forward prefetches for one row (the engine's `Prefetcher` and `batch_sim` both call this, so
+    """What a forward prefetches for one row (the engine's `Prefetcher` and `batch_replay` both call this, so
     they cannot disagree):
     predicted [T][P] its tokens' ranked predictions (rows starting with -1: none made). One token's
     prediction is taken whole; several tokens' vote with their top-k, the most votes first, ties to the

@@ -30,7 +30,7 @@ speculative copies. Each slot owns two events, created once:
      store (RAM cache over storage) gets the slot's `ready` event with `done()` and does not
      reuse that RAM buffer before the event has completed (a later recording of that event is a
      later copy into the same slot, which by rule 1 completes after ours).
-  6. Nothing else synchronises. The per-layer `.tolist()` of router choices (in `model.py`) and,
+  6. Nothing else synchronises. The per-layer `.tolist()` of router choices (in `modeling/transformer.py`) and,
      with prefetch on, the prediction's `.tolist()` are the decode step's syncs: residency is
      decided on the host.
 On a CPU device there are no streams: copies run inline, in the same order, so the results are

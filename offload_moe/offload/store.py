@@ -1,5 +1,5 @@
 """Host-side expert store: every expert of a model in RAM, each packed as one contiguous byte buffer
-(see `formats.py`), filled from a source (`sources.py`) and pinned exactly when a CUDA device reads it.
+(see `formats/base.py`), filled from a source (`weights/sources.py`) and pinned exactly when a CUDA device reads it.
 
 Legend: E experts, R rows (the layers with experts).
 """
@@ -40,7 +40,7 @@ class ExpertStore:
     store is collected or closed. `pinned_bytes` says how much it pinned."""
 
     def __init__(self, config: ModelConfig, fmt: ExpertFormat, source, pin: bool = False, progress: bool = True):
-        """`source` (`sources.open_source`) reads each expert into its buffer; it is closed when done."""
+        """`source` (`weights.sources.open_source`) reads each expert into its buffer; it is closed when done."""
         c = config
         self.fmt = fmt
         self.nbytes = fmt.nbytes

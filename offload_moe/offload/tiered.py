@@ -11,9 +11,9 @@ Tiers
            boundary), pinned with `cudaHostRegister` when `pin`. Replacement is LRU over the
            slots. At construction the slots are filled with the first experts in (row, expert)
            order, so the first tokens do not all come from storage (`progress` shows that load).
-  storage  a source (`sources.py`): a packed folder's `experts.bin`, or any other checkpoint layout.
+  storage  a source (`weights/sources.py`): a packed folder's `experts.bin`, or any other checkpoint layout.
 
-Reads come from a source (`sources.py`: a packed folder's experts.bin with O_DIRECT, or a
+Reads come from a source (`weights/sources.py`: a packed folder's experts.bin with O_DIRECT, or a
 checkpoint's tensors packed on the fly), which also keeps the page-cache rule there: storage
 reads must not leave the model in the page cache.
 
@@ -123,7 +123,7 @@ class TieredStore:
 
     def __init__(self, config: ModelConfig, fmt: ExpertFormat, source, ram_budget: int, pin: bool = False,
                  threads: int = 4, progress: bool = True):
-        """`source` (`sources.open_source`) reads an expert from storage into a RAM slot; the store
+        """`source` (`weights.sources.open_source`) reads an expert from storage into a RAM slot; the store
         owns it from here on and closes it (also when this constructor fails)."""
         try:
             self._setup(config, fmt, source, ram_budget, pin, threads)

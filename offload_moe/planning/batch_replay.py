@@ -3,7 +3,7 @@
 With B sequences decoding together, a layer sees the union of their experts once per step (the
 engine's `Transformer.forward_batch`), so more distinct experts per layer per step, fewer accesses
 per token. This replays that through `eviction.SlotTable.replay`, the one eviction rule, with the
-engine's order of operations for a forward of T tokens at a layer (`model.moe`):
+engine's order of operations for a forward of T tokens at a layer (`Transformer.moe`):
   * T = 1: one access of the token's K experts in rank order; its prefetch is the prediction as is;
   * T > 1: the distinct experts, ascending, then resident ones first, in groups of at most the
     layer's slots, one access per group; its prefetch is the predicted experts ranked by how many

@@ -1,6 +1,6 @@
 """Routing traces: which experts every token chose at every layer, saved for offline study.
 
-A trace lets `simulate.py` replay one real workload under any eviction policy and cache size
+A trace lets `replay.py` replay one real workload under any eviction policy and cache size
 without loading the model again. It is a safetensors file:
 
   experts    int32   [T, L, K]  the K experts the router chose, per token (processing order) and layer,

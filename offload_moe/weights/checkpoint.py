@@ -325,7 +325,7 @@ class Checkpoint:
 
 
 def latent_attention_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """A layer's latent attention tensors (DeepSeek's MLA, `mla.py`), by our name under `attention.`."""
+    """A layer's latent attention tensors (DeepSeek's MLA, `modeling/mla.py`), by our name under `attention.`."""
     H, R, dr = c.n_heads, c.kv_lora_rank, c.qk_rope_head_dim
     q = H * c.head_dim
     if c.q_lora_rank:
