@@ -1,8 +1,8 @@
 """Expert residency on the compute device: preallocated slots per row, filled from the host store.
 
 A row is a layer with experts, numbered among those layers (a dense first layer has none), the model's word
-too: an expert is (row, expert). Which expert leaves a full row is decided by `eviction.SlotTable` (the same code the simulator
-runs); moving the bytes and ordering the copies is `prefetch.Transfers`' job. This module keeps
+too: an expert is (row, expert). Which expert leaves a full row is decided by `eviction.SlotTable` (the
+same code the simulator runs); moving the bytes and ordering the copies is `prefetch.Transfers`' job. This module keeps
 the slots, asks the table, issues the copies and counts what happened.
 
 Slots are allocated once, `[S_l, bytes]` per row, and their weight views are computed once,
