@@ -24,6 +24,7 @@ import torch
 from .config import ModelConfig
 from .errors import UserError
 from .offload.tiered import ram_tier_allocation
+from .options import CARDS
 
 
 def _profile_dir() -> Path:
@@ -204,7 +205,6 @@ def slots_that_fit(config: ModelConfig, dtype: torch.dtype, expert_bytes: int, b
     return int(max(budget - base.device_total, 0) // (expert_bytes * config.n_moe_layers)), base
 
 
-CARDS = ("24gb", "16gb", "12gb")  # the card profiles `plan` reads by default
 _PLAN_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "auto": torch.float16}
 
 

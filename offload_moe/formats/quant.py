@@ -71,6 +71,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..errors import UserError
+from ..options import INT4_LAYOUTS
 from . import cpu_kernels
 from .base import ALIGN, DenseFormat, ExpertFormat, activation
 from .cpu_kernels import ExpertKernel
@@ -336,7 +337,6 @@ def int8_part_shapes(N: int, K: int, group_size: int) -> dict[str, tuple[int, ..
     return {"codes": (G, N, group_size), "scales": (G, N), "zeros": (G, N)}
 
 
-INT4_LAYOUTS = ("cpu", "cuda")  # code orders of the int4 format; see `Int4Format`
 # Above this many tokens, dequantizing + F.linear (a tensor-core GEMM) beats torch's CUDA int4 kernel, which is
 # built for decode. Not measured here: torchao's HQQ README (A6000, 4096 x 4096, group 128) has the kernel at
 # 0.25 ms against 0.27 for dequantize + matmul at 128 rows, 0.52 against 0.33 at 256; gpu_check prints both.
