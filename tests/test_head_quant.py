@@ -10,7 +10,7 @@ import torch
 from conftest import make_hf
 from conftest import run_cli as run
 
-from offload_moe.cli.commands import resolve_model
+from offload_moe.demo import resolve_model
 from offload_moe.engine import Engine, EngineOptions
 from offload_moe.formats.int8_linear import Int8Linear, int8_bytes
 from offload_moe.formats.quant import expert_format
