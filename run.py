@@ -1,4 +1,4 @@
-"""Command line entry: `python run.py --help`. All logic lives in offload_moe.launch and offload_moe.cli."""
+"""Command line entry: `python run.py --help`. All logic lives in offload_moe.cli."""
 
 import sys
 

@@ -55,8 +55,9 @@ from offload_moe.config import ModelConfig  # noqa: E402
 from offload_moe.demo import write_random_checkpoint  # noqa: E402
 from offload_moe.engine import Engine
 from offload_moe.formats.base import DenseFormat  # noqa: E402
-from offload_moe.generate import Sampling, generate_tokens  # noqa: E402
+from offload_moe.generate import generate_tokens  # noqa: E402
 from offload_moe.options import EngineOptions  # noqa: E402
+from offload_moe.sampling import Sampling  # noqa: E402
 from offload_moe.weights.convert import convert  # noqa: E402
 from offload_moe.weights.sources import page_cache_bytes  # noqa: E402
 

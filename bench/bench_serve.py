@@ -80,7 +80,8 @@ def main() -> None:
     from offload_moe.demo import resolve_model
     from offload_moe.engine import Engine
     from offload_moe.options import EngineOptions
-    from offload_moe.serve.app import Service, bind, make_server
+    from offload_moe.serve.app import bind, make_server
+    from offload_moe.serve.service import Service
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--concurrency", default="1,2,4,8")

@@ -37,9 +37,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import UserError
-from .generate import GenerationResult, Sampling, check_request, sample, sampling_generator
+from .generate import GenerationResult, check_request, sample, sampling_generator
 from .memory import gib
 from .modeling.layers import KVPool
+from .sampling import Sampling
 
 FINISHED_KEPT = 1024  # finished requests whose result and stats stay readable
 RECENT_S = 10.0  # the window of `decode_rate`, seconds

@@ -17,7 +17,7 @@ import torch
 
 from .errors import UserError
 from .formats.int8_linear import Int8Linear
-from .generate import GenerationResult, Sampling, generate_tokens
+from .generate import GenerationResult, generate_tokens
 from .memory import MemoryPlan
 from .modeling.layers import KVCache, KVPool
 from .modeling.transformer import Transformer
@@ -30,6 +30,7 @@ from .options import EngineOptions
 from .plan import LoadPlan, merge_options, plan_load
 from .planning.trace import Trace
 from .profiles import load_profile
+from .sampling import Sampling
 from .stats import collect_stats
 from .tokenizer import TextStream, Tokenizer, generation_eos_ids, load_tokenizer
 from .tracing import start_tap

@@ -18,7 +18,7 @@ from .errors import UserError
 from .formats.registry import auto_group_size, expert_format
 from .formats.sizes import dense_bytes
 from .offload.tiered import ram_tier_allocation
-from .options import DEFAULT_RESERVE, EXPERT_QUANTS
+from .options import CARDS, DEFAULT_RESERVE, EXPERT_QUANTS
 from .profiles import load_profile
 
 
@@ -138,7 +138,6 @@ def slots_that_fit(config: ModelConfig, dtype: torch.dtype, expert_bytes: int, b
     return int(max(budget - base.device_total, 0) // (expert_bytes * config.n_moe_layers)), base
 
 
-CARDS = ("24gb", "16gb", "12gb")  # the card profiles `plan` reads by default
 _PLAN_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "auto": torch.float16}
 
 

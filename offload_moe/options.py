@@ -21,8 +21,10 @@ EXPERT_QUANTS = ("none", "int8", "int4", "mxfp4")  # mxfp4: `formats.mxfp4.Mxfp4
 ATTENTION_QUANTS = ("none", "int8")
 HEAD_QUANTS = ("none", "int8")
 GROUP_SIZES = (32, 64, 128)
+INT4_LAYOUTS = ("cpu", "cuda")  # code orders of the int4 format; see `formats.int4.Int4Format`
 MISS_POLICIES = ("fetch", "cpu", "auto")  # a decode miss: copy and wait, compute on the CPU, or the faster one
 DEFAULT_RESERVE = int(1.5 * 2**30)  # CUDA context, activations, allocator slack on a real card
+CARDS = ("24gb", "16gb", "12gb")  # the card profiles `plan` reads by default
 
 _UNITS = {"": 1, "b": 1, "kb": 2**10, "kib": 2**10, "mb": 2**20, "mib": 2**20, "gb": 2**30, "gib": 2**30,
           "tb": 2**40, "tib": 2**40}

@@ -104,7 +104,7 @@ def write_original(src: Path, dst: Path, per_expert_names: bool = False) -> Path
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     """run.py's main in this process: (exit code, stdout, stderr)."""
-    from offload_moe.cli.commands import main
+    from offload_moe.cli.entry import main
 
     code = main(list(args))
     out = capsys.readouterr()

@@ -10,8 +10,8 @@ from families import make_family
 from offload_moe.batch import Scheduler
 from offload_moe.engine import Engine
 from offload_moe.errors import UserError
-from offload_moe.generate import Sampling
 from offload_moe.options import EngineOptions
+from offload_moe.sampling import Sampling
 
 TOL = 1e-4
 # (prompt, max_new_tokens, step at which it is added): lengths 12, 3, 9, 6 and 1; with max_batch 3

@@ -103,3 +103,11 @@ def test_mixtral_and_a_config_that_does_not_say_still_load(tmp_path, capsys, key
                          "--json")
     assert code == 0, err
     assert len(json.loads(out)["tokens"]) == 2
+
+
+@pytest.mark.parametrize("flag,value", [("--temperature", "-1"), ("--top-p", "0")])
+def test_a_bad_sampling_flag_is_refused_before_the_model_loads(capsys, flag, value):
+    code, out, err = run(capsys, "generate", "--model", "demo", "--prompt", "def f():", flag, value)
+    assert code == 1 and out == ""  # the prompt is not echoed: nothing ran
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("error: ") and flag in err

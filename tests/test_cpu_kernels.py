@@ -16,8 +16,9 @@ from offload_moe.formats import cpu_kernels
 from offload_moe.formats.int8 import int8_bmm_linear
 from offload_moe.formats.int8_linear import int8_parts
 from offload_moe.formats.registry import expert_format
-from offload_moe.generate import Sampling, generate_tokens
+from offload_moe.generate import generate_tokens
 from offload_moe.options import EngineOptions
+from offload_moe.sampling import Sampling
 
 D, I = 128, 384  # multiples of every group size; 2I and D of the int4 layout's row block (64)
 PLAIN = ModelConfig(dim=D, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=64, ffn_dim=I, num_experts=2, top_k=1,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from offload_moe.cli.commands import main
+from offload_moe.cli.entry import main
 from offload_moe.engine import Engine
 from offload_moe.options import EngineOptions
 from offload_moe.planning.replay import simulate

@@ -94,7 +94,7 @@ def test_prefill_in_chunks_matches_one_pass(ckpts):
 
 
 def test_sampling_is_seeded_and_respects_top_k(ckpts):
-    from offload_moe.generate import Sampling
+    from offload_moe.sampling import Sampling
 
     engine = Engine.load(ckpts["base"], EngineOptions(cache_experts=2))
     s = Sampling(temperature=0.8, top_p=0.9, top_k=5, seed=7)

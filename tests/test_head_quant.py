@@ -10,7 +10,7 @@ import torch
 from conftest import make_hf
 from conftest import run_cli as run
 
-from offload_moe.cli.commands import resolve_model
+from offload_moe.demo import resolve_model
 from offload_moe.engine import Engine
 from offload_moe.formats.int8_linear import Int8Linear
 from offload_moe.formats.registry import expert_format

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from offload_moe.cli.commands import main
+from offload_moe.cli.entry import main
 from offload_moe.demo import resolve_model
 from offload_moe.engine import Engine
 from offload_moe.errors import UserError

@@ -24,7 +24,8 @@ from offload_moe.demo import resolve_model  # noqa: E402
 from offload_moe.engine import Engine  # noqa: E402
 from offload_moe.options import EngineOptions  # noqa: E402
 from offload_moe.planning.trace import load_trace  # noqa: E402
-from offload_moe.serve.app import Service, bind, make_server  # noqa: E402
+from offload_moe.serve.app import bind, make_server  # noqa: E402
+from offload_moe.serve.service import Service  # noqa: E402
 
 PROMPTS = ["def fib(n):", "import os\n", 'class Config:\n    """']
 TOKENS = 24
@@ -328,7 +329,7 @@ def test_serve_without_fastapi_is_one_line(capsys, monkeypatch):
 
 
 def test_serve_refuses_a_port_out_of_range(capsys):
-    from offload_moe.cli.commands import main
+    from offload_moe.cli.entry import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["serve", "--model", "demo", "--port", "70000"])

@@ -31,10 +31,10 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import UserError
+from ..options import INT4_LAYOUTS
 from .cpu_kernels import ExpertKernel
 from .group import SCALE_DTYPE, GroupQuantFormat, quantize
 from .int4_layouts import (
-    INT4_LAYOUTS,
     cpu_int4_kernel_reads_blocks_of_64,
     cuda_inner_k_tiles,
     cuda_int4_kernel_runs,

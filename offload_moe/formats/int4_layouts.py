@@ -21,8 +21,6 @@ import torch
 
 from ..errors import UserError
 
-INT4_LAYOUTS = ("cpu", "cuda")  # the code orders above, each its own format name (`int4.Int4Format`)
-
 
 def int4_cuda_kernel_linear(x: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
     """x [T, K] times an int4 matrix in the "cuda" layout -> [T, N] in x's dtype, by torch's CUDA int4

@@ -15,10 +15,8 @@ copies the `width` best-scored experts (default: top-k; at most the row's slots)
            FILE`). Small enough to stay resident (D*H + H*E weights per row) and one matmul pair
            per row and token.
 The engine's default (`auto`): the model folder's `predictor.safetensors` when there is one (the
-demos ship theirs), else the router. Why (bench/bench_prediction.py, held-out text, one layer ahead,
-top-k prefetched): on the trained demo at 4 slots the learned one makes 85% of expert uses resident
-on arrival, the router 75%, Belady's eviction without prefetch 76%; on the fine-grained demo at 8
-slots 77%, 61% and 61%. The router needs no file and no trace.
+demos ship theirs), else the router, which needs no file and no trace. Why: the learned one makes more
+expert uses resident on arrival on held-out text (`bench/bench_prediction.py`; BENCHMARKS.md).
 
 Shape legend: T tokens, D dim, H predictor hidden size, E experts, L rows, P prefetch width.
 """
@@ -26,8 +24,10 @@ Shape legend: T tokens, D dim, H predictor hidden size, E experts, L rows, P pre
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
@@ -172,10 +172,6 @@ def replayed(trace, predictor, width: int):
     its hidden states, `width` per row ([T, L, P], -1 where none: cross-token rows of the first token), as
     the engine makes them decoding one token at a time; `predicted_after` from the last token; metadata
     `prefetch_lead` the predictor's lead."""
-    from dataclasses import replace
-
-    import numpy as np
-
     if "hidden" not in trace.tensors:
         raise UserError("--predictor needs a trace with hidden states: record it with profile --hidden-states")
     hidden = torch.from_numpy(trace.tensors["hidden"].astype(np.float32))  # [T, L, D]

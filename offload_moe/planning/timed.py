@@ -36,6 +36,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..offload.eviction import ONLINE_POLICIES, SlotTable
+from ..profiles import load_profile
 from .replay import slots_per_layer
 from .trace import Trace
 
@@ -199,7 +200,6 @@ def timed_costs(trace: Trace, opts: TimedOptions) -> dict:
         raise UserError(f"--layer-ms {opts.layer_ms}: give the compute time of one layer in ms, 0 or more")
     # here, not at the top: the cost model needs torch, which `simulate` without --timed starts without
     from ..formats.registry import bytes_per_expert
-    from ..profiles import load_profile
     from .costs import PRECISIONS, hardware_of, model_shape, step_seconds
 
     profile = load_profile(opts.profile) if opts.profile else None

@@ -3,30 +3,25 @@
 
     python run.py serve --model demo --port 8000 --max-batch 4
 
-One background thread (`Worker`) runs `scheduler.step()` while anything is busy and hands each event
-to its request's asyncio queue (`loop.call_soon_threadsafe`); the HTTP handlers only tokenize, queue
-and format, never touch the model. Endpoints: GET /v1/models, POST /v1/completions,
+The HTTP handlers only tokenize, queue and format, never touch the model: the request logic and the
+step thread are `service.py`'s. Endpoints: GET /v1/models, POST /v1/completions,
 POST /v1/chat/completions (streamed as server-sent events or not), GET /health, GET /metrics.
-Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}.
+Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}. FastAPI and uvicorn are
+imported where they are used: without them, `require_fastapi` says what to install.
 """
 
 import asyncio
 import contextlib
 import json
-import random
 import socket
-import threading
 import time
 import uuid
 from pathlib import Path
 
-from ..batch import RECENT_S, Scheduler
 from ..demo import DEMO_NAMES
 from ..errors import UserError
-from ..generate import Sampling
-from ..tokenizer import TextStream
+from .service import APIError, Service
 
-FINISH = {"eos": "stop", "length": "length", "context": "length"}
 MISSING = "pip install 'offload_moe[serve]'"
 
 
@@ -38,318 +33,11 @@ def require_fastapi():
         raise UserError(f"serve needs FastAPI and uvicorn ({e.name} is missing): {MISSING}") from None
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-
-class Worker:
-    """The one thread that steps the scheduler; hands (token or None, finish reason or None) to each
-    request's queue on its event loop."""
-
-    def __init__(self, scheduler: Scheduler, max_queue: int):
-        self.sched, self.max_queue = scheduler, max_queue
-        self.handlers: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self.lock = threading.Lock()
-        self.wake = threading.Event()
-        self.stopping = False
-        self.counts = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "rejected": 0}
-        self.thread = threading.Thread(target=self._run, name="offload-moe-step", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        with self.lock:
-            for rid in list(self.handlers):
-                self.sched.cancel(rid)
-        self.stopping = True
-        self.wake.set()
-        self.thread.join(timeout=10)
-
-    def submit(self, ids: list[int], max_tokens: int, sampling: Sampling) -> tuple[int, asyncio.Queue]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        with self.lock:  # the step thread dispatches under this lock: no event before the handler is set
-            if len(self.handlers) >= self.sched.max_batch + self.max_queue:
-                self.counts["rejected"] += 1
-                raise APIError(503, f"the server is busy: {len(self.handlers)} requests running or queued "
-                                    f"(--max-batch {self.sched.max_batch}, --max-queue {self.max_queue}); retry later",
-                               code="queue_full", kind="server_error")
-            try:
-                rid = self.sched.add(ids, max_tokens, sampling)
-            except UserError as e:
-                raise APIError(400, str(e), code="invalid_value") from None
-            self.handlers[rid] = (loop, queue)
-            self.counts["requests"] += 1
-            self.counts["prompt_tokens"] += len(ids)
-        self.wake.set()
-        return rid, queue
-
-    def cancel(self, rid: int) -> None:
-        with self.lock:
-            self.handlers.pop(rid, None)
-        self.sched.cancel(rid)
-        self.wake.set()
-
-    def _run(self) -> None:
-        while not self.stopping:
-            self.wake.wait(timeout=0.5)
-            self.wake.clear()
-            while self.sched.busy:
-                try:
-                    events = self.sched.step()
-                except Exception as e:  # noqa: BLE001 - every waiting request gets the error, the thread lives on
-                    self._fail(e)
-                    break
-                with self.lock:
-                    sends: dict[asyncio.AbstractEventLoop, list] = {}  # one wake-up of each loop per step
-                    for rid, tok, reason in events:
-                        if tok is not None:
-                            self.counts["completion_tokens"] += 1
-                        h = self.handlers.get(rid)
-                        if h is not None:
-                            sends.setdefault(h[0], []).append((h[1], (tok, reason)))
-                            if reason is not None:
-                                del self.handlers[rid]
-                    for loop, items in sends.items():
-                        loop.call_soon_threadsafe(_deliver, items)
-
-    def _fail(self, error: Exception) -> None:
-        with self.lock:
-            for rid, (loop, queue) in self.handlers.items():
-                loop.call_soon_threadsafe(queue.put_nowait, (error, "error"))
-                self.sched.cancel(rid)
-            self.handlers.clear()
-
-
-def _deliver(items: list[tuple[asyncio.Queue, tuple]]) -> None:
-    for queue, item in items:
-        queue.put_nowait(item)
-
-
-def _stop_at(text: str, stops: list[str]) -> int | None:
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(found) if found else None
-
-
-def _held_back(text: str, stops: list[str]) -> int:
-    """Characters at the end of `text` that could begin a stop string: not shown yet."""
-    held = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), held, -1):
-            if text.endswith(s[:n]):
-                held = n
-                break
-    return held
-
-
-class Service:
-    """The request logic, apart from the HTTP framework."""
-
-    def __init__(self, engine, model_id: str, max_batch: int = 4, max_queue: int = 64, prefill_chunk: int = 256):
-        if max_queue < 0:
-            raise UserError("--max-queue must be 0 or more")
-        self.engine, self.model_id = engine, model_id
-        self.scheduler = Scheduler(engine, max_batch=max_batch, prefill_chunk=prefill_chunk)
-        self.worker = Worker(self.scheduler, max_queue)
-        self.created = int(time.time())
-
-    # -- parameters -------------------------------------------------------------------------------
-    def check_model(self, body: dict) -> None:
-        model = body.get("model")
-        if model is not None and model != self.model_id:
-            raise APIError(404, f"The model '{model}' does not exist; this server runs '{self.model_id}'",
-                           param="model", code="model_not_found")
-
-    def params(self, body: dict, default_max: int | None) -> tuple[int | None, Sampling, list[str], bool, bool]:
-        def number(name, lo, hi, default, kind=(int, float)):
-            v = body.get(name)
-            if v is None:
-                return default
-            if isinstance(v, bool) or not isinstance(v, kind) or not lo <= v <= hi:
-                raise APIError(400, f"'{name}' must be a number in [{lo}, {hi}], got {v!r}", param=name,
-                               code="invalid_value")
-            return v
-
-        n = body.get("n")
-        if n is not None and n != 1:
-            raise APIError(400, f"'n' must be 1 (this server returns one choice), got {n!r}", param="n",
-                           code="invalid_value")
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
-                                       or max_tokens < 0):
-            raise APIError(400, f"'max_tokens' must be an integer >= 0, got {max_tokens!r}", param="max_tokens",
-                           code="invalid_value")
-        temperature = number("temperature", 0, 2, 1.0)
-        top_p = number("top_p", 0, 1, 1.0)
-        if top_p == 0:
-            raise APIError(400, "'top_p' must be in (0, 1], got 0", param="top_p", code="invalid_value")
-        seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise APIError(400, f"'seed' must be an integer, got {seed!r}", param="seed", code="invalid_value")
-        stop = body.get("stop")
-        stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
-        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-            raise APIError(400, "'stop' must be a string or a list of strings", param="stop", code="invalid_value")
-        stops = [s for s in stops if s]
-        stream = body.get("stream") or False
-        if not isinstance(stream, bool):
-            raise APIError(400, f"'stream' must be a boolean, got {stream!r}", param="stream", code="invalid_value")
-        options = body.get("stream_options") or {}
-        if not isinstance(options, dict):
-            raise APIError(400, "'stream_options' must be an object", param="stream_options", code="invalid_value")
-        sampling = Sampling(temperature=float(temperature), top_p=float(top_p),
-                            seed=seed if seed is not None else random.randrange(2**31))
-        return (max_tokens if max_tokens is not None else default_max), sampling, stops, stream, \
-            bool(options.get("include_usage"))
-
-    def prompt_ids(self, body: dict, chat: bool) -> list[int]:
-        try:
-            if chat:
-                messages = body.get("messages")
-                if not isinstance(messages, list) or not messages or not all(
-                        isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
-                    raise APIError(400, "'messages' must be a non-empty list of {role, content} objects",
-                                   param="messages", code="invalid_value")
-                messages = [{**m, "content": _content(m.get("content"))} for m in messages]
-                ids = self.engine.encode(messages, chat=True)
-            else:
-                prompt = body.get("prompt")
-                if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-                    prompt = prompt[0]
-                ok = isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(
-                    isinstance(t, int) and not isinstance(t, bool) for t in prompt))
-                if not ok:
-                    raise APIError(400, "'prompt' must be a string (or one list of token ids)", param="prompt",
-                                   code="invalid_value")
-                ids = self.engine.encode(prompt)
-        except UserError as e:
-            raise APIError(400, str(e), param="messages" if chat else "prompt", code="invalid_value") from None
-        except Exception as e:  # noqa: BLE001 - a template that raises on these messages
-            raise APIError(400, f"cannot apply the chat template: {e}", param="messages",
-                           code="invalid_value") from None
-        capacity = self.scheduler.capacity
-        if len(ids) >= capacity:
-            raise APIError(400, f"This model's maximum context length is {capacity} tokens; the prompt has "
-                                f"{len(ids)} tokens", param="messages" if chat else "prompt",
-                           code="context_length_exceeded")
-        return ids
-
-    # -- generation -------------------------------------------------------------------------------
-    async def pieces(self, rid: int, queue: asyncio.Queue, stops: list[str], out: dict):
-        """Yield request `rid`'s text pieces; `out` gets finish_reason and completion_tokens at the end. Cancels
-        the request in the scheduler when the consumer stops early (a client gone) or a stop string ends it.
-        Tokens that arrived while the consumer was busy make one piece (one server-sent event), each still
-        checked for stop strings on its own."""
-        text = TextStream(self.engine.tokenizer)
-        full, sent, n, done = "", 0, 0, False
-        out["completion_tokens"] = 0
-        try:
-            while True:
-                events = [await queue.get()]
-                while not queue.empty():
-                    events.append(queue.get_nowait())
-                for tok, reason in events:
-                    if isinstance(tok, Exception):
-                        done = True
-                        raise APIError(500, f"generation failed: {tok}", code="internal_error", kind="server_error")
-                    if tok is not None:
-                        n += 1
-                        full += text.push(tok)
-                    if reason is not None:
-                        done = True
-                        full += text.flush()
-                    out["completion_tokens"] = n
-                    cut = _stop_at(full, stops)
-                    if cut is not None:
-                        out["finish_reason"] = "stop"
-                        if cut > sent:
-                            yield full[sent:cut]
-                        return
-                    if reason is not None:
-                        out["finish_reason"] = FINISH.get(reason, reason)
-                        if len(full) > sent:
-                            yield full[sent:]
-                        return
-                safe = len(full) - _held_back(full, stops)
-                if safe > sent:
-                    yield full[sent:safe]
-                    sent = safe
-        finally:
-            if not done:
-                self.worker.cancel(rid)
-
-    def usage(self, ids: list[int], out: dict) -> dict:
-        return {"prompt_tokens": len(ids), "completion_tokens": out["completion_tokens"],
-                "total_tokens": len(ids) + out["completion_tokens"]}
-
-    def metrics(self) -> str:
-        table = self.engine.cache.table
-        hits, misses = sum(table.hits), sum(table.misses)
-        c = self.worker.counts
-        rows = [
-            ("offload_moe_requests_total", "counter", "requests accepted", c["requests"]),
-            ("offload_moe_requests_rejected_total", "counter", "requests refused: the queue was full", c["rejected"]),
-            ("offload_moe_prompt_tokens_total", "counter", "prompt tokens of accepted requests", c["prompt_tokens"]),
-            ("offload_moe_generation_tokens_total", "counter", "tokens generated", c["completion_tokens"]),
-            ("offload_moe_decode_tokens_total", "counter", "tokens generated by decode steps (a prompt's first "
-             "token comes from its prefill)", self.scheduler.decode_tokens),
-            ("offload_moe_decode_seconds_total", "counter", "seconds spent in decode steps: rate(tokens) / rate("
-             "seconds) is the decode tok/s while decoding", self.scheduler.decode_s),
-            ("offload_moe_decode_tokens_per_second", "gauge", f"aggregate decode tok/s over the decode steps of the "
-             f"last {RECENT_S:.0f} s (0 when none ran)", self.scheduler.decode_rate()),
-            ("offload_moe_batch_size", "gauge", "sequences admitted in the batch", len(self.scheduler.active)),
-            ("offload_moe_queue_length", "gauge", "requests waiting for a slot", len(self.scheduler.waiting)),
-            ("offload_moe_expert_hits_total", "counter", "expert cache hits", hits),
-            ("offload_moe_expert_misses_total", "counter", "expert cache misses", misses),
-            ("offload_moe_expert_hit_rate", "gauge", "expert cache hit rate overall",
-             hits / (hits + misses) if hits + misses else 1.0),
-        ]
-        counters = self.engine.cache.counters
-        accesses = hits + misses
-        rows += [
-            ("offload_moe_expert_copies_total", "counter", "experts copied to the device", counters.copies),
-            ("offload_moe_expert_bytes_to_device_total", "counter", "expert bytes copied to the device",
-             counters.bytes_to_device),
-            ("offload_moe_prefetch_recall", "gauge", "accesses served by a prefetched expert, over all accesses",
-             sum(table.prefetch_hits) / accesses if accesses else 0.0),
-        ]
-        lines = []
-        for name, kind, help_, value in rows:
-            lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
-        name = "offload_moe_expert_layer_hit_rate"
-        lines += [f"# HELP {name} expert cache hit rate per MoE layer", f"# TYPE {name} gauge"]
-        for layer, (h, m) in enumerate(zip(list(table.hits), list(table.misses), strict=True)):
-            lines.append(f'{name}{{layer="{layer}"}} {h / (h + m) if h + m else 1.0}')
-        return "\n".join(lines) + "\n"
-
-
-def _content(content) -> str:
-    """A message's content: a string, or OpenAI's list of parts (the text parts joined)."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-    raise APIError(400, "a message's 'content' must be a string or a list of text parts", param="messages",
-                   code="invalid_value")
-
-
 def create_app(service: Service):
     """The FastAPI application over a Service; the step thread starts and stops with it."""
-    from contextlib import asynccontextmanager
+    from fastapi import FastAPI
 
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-
-    @asynccontextmanager
+    @contextlib.asynccontextmanager
     async def lifespan(app):
         service.worker.start()
         try:
@@ -358,12 +46,21 @@ def create_app(service: Service):
             service.worker.stop()
 
     app = FastAPI(title="offload_moe", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    add_error_handlers(app)
+    add_model_routes(app, service)
+    add_completion_routes(app, service)
+    return app
+
+
+def add_error_handlers(app) -> None:
+    """APIError, and the router's 404 and 405, as JSON in OpenAI's shape."""
+    from fastapi.responses import JSONResponse
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
         return JSONResponse(e.body(), status_code=e.status)
 
-    async def http_error(request, e):  # the router's 404 and 405, in OpenAI's shape
+    async def http_error(request, e):
         status = getattr(e, "status_code", 404)
         message = f"Invalid URL ({request.method} {request.url.path})" if status == 404 else str(e.detail)
         return JSONResponse(APIError(status, message).body(), status_code=status)
@@ -371,14 +68,10 @@ def create_app(service: Service):
     app.add_exception_handler(404, http_error)
     app.add_exception_handler(405, http_error)
 
-    async def read_body(request) -> dict:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise APIError(400, "the request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object")
-        return body
+
+def add_model_routes(app, service: Service) -> None:
+    """GET /health, /metrics, /v1/models and /v1/models/{model}."""
+    from fastapi.responses import PlainTextResponse
 
     @app.get("/health")
     async def health():
@@ -390,101 +83,134 @@ def create_app(service: Service):
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": service.model_id, "object": "model", "created": service.created,
-                                            "owned_by": "offload_moe"}]}
+        return {"object": "list", "data": [model_card(service)]}
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str):
         service.check_model({"model": model})
-        return {"id": service.model_id, "object": "model", "created": service.created, "owned_by": "offload_moe"}
+        return model_card(service)
 
-    async def complete(request: Request, chat: bool):
-        body = await read_body(request)
-        service.check_model(body)
-        max_tokens, sampling, stops, stream, include_usage = service.params(body, None if chat else 16)
-        ids = service.prompt_ids(body, chat)
-        if max_tokens is None:
-            max_tokens = service.scheduler.capacity - len(ids)
-        kind = "chatcmpl" if chat else "cmpl"
-        rid, created = f"{kind}-{uuid.uuid4().hex[:24]}", int(time.time())
-        obj = "chat.completion" if chat else "text_completion"
-        out: dict = {}
-        gen = service.pieces(*service.worker.submit(ids, max_tokens, sampling), stops, out)  # 503: the queue is full
 
-        def choice(text: str | None, finish):
-            if chat:
-                delta = {} if text is None else {"content": text}
-                return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+def model_card(service: Service) -> dict:
+    return {"id": service.model_id, "object": "model", "created": service.created, "owned_by": "offload_moe"}
 
-        if not stream:
-            text = await collect(request, gen)
-            if text is None:  # the client is gone: its sequence was cancelled
-                return Response(status_code=499)
-            c = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": out["finish_reason"]} if chat else
-                 {"index": 0, "text": text, "logprobs": None, "finish_reason": out["finish_reason"]})
-            return {"id": rid, "object": obj, "created": created, "model": service.model_id, "choices": [c],
-                    "usage": service.usage(ids, out)}
 
-        chunk_obj = "chat.completion.chunk" if chat else "text_completion"
-
-        def sse(choices, usage=None) -> str:
-            data = {"id": rid, "object": chunk_obj, "created": created, "model": service.model_id,
-                    "choices": choices}
-            if include_usage:
-                data["usage"] = usage
-            return f"data: {json.dumps(data)}\n\n"
-
-        async def events():
-            try:
-                if chat:
-                    yield sse([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                "finish_reason": None}])
-                async for piece in gen:
-                    yield sse([choice(piece, None)])
-                yield sse([choice(None, out["finish_reason"])])
-                if include_usage:
-                    yield sse([], service.usage(ids, out))
-                yield "data: [DONE]\n\n"
-            finally:
-                await gen.aclose()
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    async def collect(request: Request, gen) -> str | None:
-        """The whole text; None when the client disconnects first (checked every 0.05 s: the request is
-        then cancelled, as a stream's is)."""
-        async def join():
-            return "".join([piece async for piece in gen])
-
-        task = asyncio.ensure_future(join())
-        try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=0.05)
-                if done:
-                    return task.result()
-                if await request.is_disconnected():
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-                    return None
-        finally:
-            if not task.done():
-                task.cancel()  # the generator's own cleanup cancels the request
-            else:
-                await gen.aclose()
+def add_completion_routes(app, service: Service) -> None:
+    """POST /v1/completions and /v1/chat/completions."""
+    from fastapi import Request
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await complete(request, chat=False)
+        return await complete(service, request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await complete(request, chat=True)
+        return await complete(service, request, chat=True)
 
-    return app
+
+async def read_body(request) -> dict:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise APIError(400, "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    return body
+
+
+async def complete(service: Service, request, chat: bool):
+    """A completion request: checked, queued (503 when the queue is full), answered whole or streamed."""
+    body = await read_body(request)
+    service.check_model(body)
+    max_tokens, sampling, stops, stream, include_usage = service.params(body, None if chat else 16)
+    ids = service.prompt_ids(body, chat)
+    if max_tokens is None:
+        max_tokens = service.scheduler.capacity - len(ids)
+    reply = Reply(service, chat, ids, include_usage)
+    gen = service.pieces(*service.worker.submit(ids, max_tokens, sampling), stops, reply.out)
+    if stream:
+        return reply.streamed(gen)
+    return await reply.whole(request, gen)
+
+
+class Reply:
+    """The response to one completion request, in OpenAI's shape for a chat or a text completion."""
+
+    def __init__(self, service: Service, chat: bool, ids: list[int], include_usage: bool):
+        self.service, self.chat, self.ids, self.include_usage = service, chat, ids, include_usage
+        kind = "chatcmpl" if chat else "cmpl"
+        self.id, self.created = f"{kind}-{uuid.uuid4().hex[:24]}", int(time.time())
+        self.out: dict = {}  # finish_reason and completion_tokens, filled by `Service.pieces`
+
+    async def whole(self, request, gen):
+        from fastapi.responses import Response
+
+        text = await collect(request, gen)
+        if text is None:  # the client is gone: its sequence was cancelled
+            return Response(status_code=499)
+        c = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+              "finish_reason": self.out["finish_reason"]} if self.chat else
+             {"index": 0, "text": text, "logprobs": None, "finish_reason": self.out["finish_reason"]})
+        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
+                "created": self.created, "model": self.service.model_id, "choices": [c],
+                "usage": self.service.usage(self.ids, self.out)}
+
+    def streamed(self, gen):
+        from fastapi.responses import StreamingResponse
+
+        return StreamingResponse(self.events(gen), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def choice(self, text: str | None, finish) -> dict:
+        if self.chat:
+            delta = {} if text is None else {"content": text}
+            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+
+    def sse(self, choices, usage=None) -> str:
+        data = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                "created": self.created, "model": self.service.model_id, "choices": choices}
+        if self.include_usage:
+            data["usage"] = usage
+        return f"data: {json.dumps(data)}\n\n"
+
+    async def events(self, gen):
+        try:
+            if self.chat:
+                yield self.sse([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                 "finish_reason": None}])
+            async for piece in gen:
+                yield self.sse([self.choice(piece, None)])
+            yield self.sse([self.choice(None, self.out["finish_reason"])])
+            if self.include_usage:
+                yield self.sse([], self.service.usage(self.ids, self.out))
+            yield "data: [DONE]\n\n"
+        finally:
+            await gen.aclose()
+
+
+async def collect(request, gen) -> str | None:
+    """The whole text; None when the client disconnects first (checked every 0.05 s: the request is
+    then cancelled, as a stream's is)."""
+    async def join():
+        return "".join([piece async for piece in gen])
+
+    task = asyncio.ensure_future(join())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.05)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                return None
+    finally:
+        if not task.done():
+            task.cancel()  # the generator's own cleanup cancels the request
+        else:
+            await gen.aclose()
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -513,3 +239,4 @@ def make_server(service: Service, sock: socket.socket, log_level: str = "warning
 
 def model_id(model: str) -> str:
     return model if model in DEMO_NAMES else Path(model).name or str(model)
+

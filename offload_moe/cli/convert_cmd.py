@@ -1,0 +1,31 @@
+"""`convert`: write a model once in the engine's packed layout (dense weights, experts packed one after another
+with a checksummed index), in the expert precision and int4 layout asked for."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ..demo import resolve_model
+from ..formats.registry import format_for, load_quant, resolve_group_size
+from ..plan import DTYPES
+from ..weights.checkpoint import Checkpoint
+from ..weights.convert import convert
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    ckpt = Checkpoint(resolve_model(args.model))
+    config = ckpt.config
+    quant = load_quant(args.experts, ckpt.mxfp4) if args.experts != "auto" else "mxfp4" if ckpt.mxfp4 else "int4"
+    int8_attention = args.attention == "int8"
+    gpu = torch.device("cuda") if torch.cuda.is_available() else None  # quantizes much faster there
+    fmt = format_for(config, quant, DTYPES[args.dtype], args.group_size, gpu,
+                     layout=None if args.layout == "auto" else args.layout, attention=int8_attention)
+    attention = resolve_group_size(config, args.group_size, experts=quant in ("int8", "int4"),
+                                   attention=True) if int8_attention else None
+    index = convert(resolve_model(args.model), args.out, fmt, DTYPES[args.dtype], pack_device=gpu,
+                    attention_group=attention)
+    print(f"wrote {args.out}: {len(index['experts'])} experts as {fmt.name}, {fmt.nbytes / 2**20:.2f} MiB each; "
+          f"attention {index['attention']}")
+    return 0

@@ -1,0 +1,38 @@
+"""`serve`: the OpenAI-compatible HTTP server (`serve.app`) over the engine the flags describe, until Ctrl-C
+or SIGTERM; the routing trace of every request served is written when it stops."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+from ..planning.trace import save_trace
+from ..serve.app import bind, make_server, model_id, require_fastapi
+from ..serve.service import Service
+from .run_cmds import load_engine
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    require_fastapi()
+    engine = load_engine(args, quiet=False)
+    service = Service(engine, model_id(args.model), max_batch=args.max_batch, max_queue=args.max_queue)
+    sock = bind(args.host, args.port)
+    if args.trace_out:
+        engine.start_trace(args.model)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serving {service.model_id} at http://{shown}:{port}/v1 (max batch {args.max_batch}, queue "
+          f"{args.max_queue}); Ctrl-C stops", file=sys.stderr, flush=True)
+    if threading.current_thread() is threading.main_thread():  # SIGTERM ends as Ctrl-C does, after the shutdown
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        make_server(service, sock).run(sockets=[sock])  # uvicorn: SIGINT/SIGTERM finish or cancel the requests
+    except KeyboardInterrupt:  # uvicorn raises the signal again once it has shut down
+        pass
+    if args.trace_out:  # the step thread has stopped with the server
+        save_trace(args.trace_out, engine.stop_trace())
+        print(f"wrote {args.trace_out}", file=sys.stderr)
+    print("stopped", file=sys.stderr)
+    return 0
