@@ -7,7 +7,7 @@
 
 import importlib
 
-_EXPORTS = {"Engine": "engine", "EngineOptions": "engine", "GenerationResult": "generate", "Sampling": "generate",
+_EXPORTS = {"Engine": "engine", "EngineOptions": "options", "GenerationResult": "generate", "Sampling": "sampling",
             "Scheduler": "batch", "UserError": "errors"}
 __all__ = list(_EXPORTS)
 
