@@ -25,6 +25,7 @@ from offload_moe.formats.mxfp4 import MXFP4_BMM_MAX_TOKENS, Mxfp4Format, dequant
 from offload_moe.formats.registry import expert_format
 from offload_moe.memory import card_plan, plan_memory
 from offload_moe.models import from_hf_config
+from offload_moe.models.public import public_config
 from offload_moe.options import EngineOptions
 from offload_moe.profiles import load_profile
 from offload_moe.weights.checkpoint import Checkpoint
@@ -189,27 +190,7 @@ def test_batched_decode_equals_each_sequence_alone(mx):
     assert max(sched.batch_sizes) >= 3
 
 
-# gpt-oss-20b and -120b: https://huggingface.co/openai/gpt-oss-20b/blob/main/config.json and gpt-oss-120b's (the
-# same keys; 36 layers and 128 experts); the model card: 20.9B and 116.8B parameters, MXFP4 experts
-LAYER_TYPES = ("sliding_attention", "full_attention")
-
-
-def public_config(layers: int, experts: int) -> dict:
-    return {
-        "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "attention_bias": True,
-        "eos_token_id": 200002, "pad_token_id": 199999, "experts_per_token": 4, "num_experts_per_tok": 4,
-        "head_dim": 64, "hidden_act": "silu", "hidden_size": 2880, "intermediate_size": 2880,
-        "initial_context_length": 4096, "max_position_embeddings": 131072, "num_attention_heads": 64,
-        "num_key_value_heads": 8, "num_hidden_layers": layers, "num_local_experts": experts,
-        "layer_types": [LAYER_TYPES[i % 2] for i in range(layers)], "sliding_window": 128, "swiglu_limit": 7.0,
-        "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": [
-            "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]},
-        "rms_norm_eps": 1e-05, "rope_theta": 150000, "rope_scaling": {
-            "rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
-            "original_max_position_embeddings": 4096},
-        "tie_word_embeddings": False, "vocab_size": 201088}
-
-
+# the shipped public configs (offload_moe/data/configs/, sources there); the model card: 20.9B and 116.8B parameters
 PUBLIC = {"gpt-oss-20b": (24, 32, 20.9e9), "gpt-oss-120b": (36, 128, 116.8e9)}
 # one expert (D = I = 2880, with its biases): bf16, int8-g64, int4-g64, mxfp4
 EXPERT_BYTES = {"none": 49_783_680, "int8": 26_472_960, "int4": 14_031_360, "mxfp4": 13_253_760}
@@ -223,8 +204,7 @@ SLOTS = {
 @pytest.mark.parametrize("name", list(PUBLIC))
 def test_memory_plan_of_the_public_configs(tmp_path, name):
     layers, experts, published = PUBLIC[name]
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps(public_config(layers, experts)))
+    path = public_config(name)
     c = from_hf_config(path)
     assert (c.window_layers, c.attention_sinks, c.router_bias, c.expert_bias) == (tuple(range(0, layers, 2)), True,
                                                                                  True, True)

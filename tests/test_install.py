@@ -61,6 +61,9 @@ def test_the_wheel_holds_every_module_and_profile_and_finds_them_installed(tmp_p
         assert module.relative_to(ROOT).as_posix() in names
     for demo in ("tiny-moe", "tiny-moe-fine"):
         assert f"offload_moe/data/{demo}/model.safetensors" in names
+    for config in (ROOT / "offload_moe" / "data" / "configs").iterdir():  # the public configs `plan` reads by name
+        assert config.relative_to(ROOT).as_posix() in names
+    assert "offload_moe/formats/cpu_kernels.c" in names  # compiled on first use
 
     # unpacked as pip would, away from the source tree: the profiles resolve inside the package
     site = tmp_path / "site"

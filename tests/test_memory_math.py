@@ -1,12 +1,9 @@
-"""Memory math against the public configs (issue 11, section 5; issue 12: DeepSeek-V2-Lite, GLM-4.5-Air): the
-fields of each hub config.json that the memory math reads, written here as literals; the parameter totals
-against the published ones, the bytes per expert of the engine's own formats, the KV cache per token (for
-DeepSeek's latent attention, against the per-head keys and values it replaces), the expert slots per layer
-that `plan` finds on the 24, 16 and 12 GB card profiles (dense fp16 resident + KV cache for 4096 tokens +
-1.5 GiB reserve), and whether every expert fits 64 GB of RAM.
-
-Sources (the hub's config.json of each model; every figure below was checked against a copy found in
-public code, cited per model):"""
+"""Memory math against the public configs that ship in `offload_moe/data/configs/` (issue 11, section 5; issue 12:
+DeepSeek-V2-Lite, GLM-4.5-Air; their sources: SOURCES.md there): the parameter totals against the published
+ones, the bytes per expert of the engine's own formats, the KV cache per token (for DeepSeek's latent attention,
+against the per-head keys and values it replaces), the expert slots per layer that `plan` finds on the 24, 16
+and 12 GB card profiles (dense fp16 resident + KV cache for 4096 tokens + 1.5 GiB reserve), and whether every
+expert fits 64 GB of RAM. `plan --config NAME` reads them by name, offline."""
 
 from __future__ import annotations
 
@@ -19,84 +16,12 @@ from conftest import run_cli as run
 from offload_moe.formats.registry import expert_format
 from offload_moe.memory import card_plan
 from offload_moe.models import from_hf_config
+from offload_moe.models.public import public_config, public_configs
 from offload_moe.profiles import load_profile
 
-CONFIGS = {
-    # https://huggingface.co/Qwen/Qwen3-30B-A3B/blob/main/config.json; corroborated by a Qwen3-30B-A3B-derived
-    # config (same vocab, widths, heads, moe_intermediate_size 768, top-8) and the model card (48 layers,
-    # 32 q / 4 kv heads, 128 experts, 8 active, no shared expert, 30.5B total)
-    "Qwen3-30B-A3B": {
-        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 2048,
-        "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
-        "intermediate_size": 6144, "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
-        "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [], "vocab_size": 151936,
-        "tie_word_embeddings": False, "attention_bias": False, "max_position_embeddings": 40960,
-        "rope_theta": 1000000.0, "rms_norm_eps": 1e-06, "sliding_window": None, "use_sliding_window": False,
-        "bos_token_id": 151643, "eos_token_id": 151645},
-    # https://huggingface.co/Qwen/Qwen1.5-MoE-A2.7B/blob/main/config.json; the same fields appear in several
-    # test fixtures in public code (hidden 2048, 24 layers, 16/16 heads, moe_intermediate_size 1408, 60 experts,
-    # top-4, shared_expert_intermediate_size 5632, vocab 151936, untied); q/k/v biases are Qwen2-MoE's
-    # architecture (no config key); 14.3B total per the model card
-    "Qwen1.5-MoE-A2.7B": {
-        "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "hidden_size": 2048,
-        "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 16, "intermediate_size": 5632,
-        "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632, "num_experts": 60,
-        "num_experts_per_tok": 4, "norm_topk_prob": False, "decoder_sparse_step": 1, "vocab_size": 151936,
-        "tie_word_embeddings": False, "max_position_embeddings": 8192, "rope_theta": 1000000.0,
-        "rms_norm_eps": 1e-06, "sliding_window": 32768, "use_sliding_window": False,
-        "bos_token_id": 151643, "eos_token_id": 151643},
-    # https://huggingface.co/allenai/OLMoE-1B-7B-0924/blob/main/config.json; corroborated by NVIDIA's Megatron
-    # Bridge OLMoE page (16 layers, hidden 2048, expert FFN 1024, 16/16 heads, 64 experts, top-8, vocab 50,304,
-    # QK norm, RoPE base 10000) and transformers' OlmoeConfig; 6.9B total per the paper (arXiv 2409.02060)
-    "OLMoE-1B-7B-0924": {
-        "architectures": ["OlmoeForCausalLM"], "model_type": "olmoe", "hidden_size": 2048,
-        "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 16, "intermediate_size": 1024,
-        "num_experts": 64, "num_experts_per_tok": 8, "norm_topk_prob": False, "vocab_size": 50304,
-        "tie_word_embeddings": False, "attention_bias": False, "clip_qkv": None, "max_position_embeddings": 4096,
-        "rope_theta": 10000.0, "rms_norm_eps": 1e-05, "pad_token_id": 1, "eos_token_id": 50279},
-    # https://huggingface.co/microsoft/Phi-3.5-MoE-instruct/blob/main/config.json (transcribed field by field in
-    # a public fine-tuning write-up: attention_bias true, hidden 4096, intermediate 6400, lm_head_bias true,
-    # 32 layers, 32/8 heads, 16 local experts, top-2, vocab 32064, sliding_window 131072, untied); LayerNorm is
-    # the architecture's. Its longrope rope_scaling (64 short and 64 long factors) is left out: it sizes nothing.
-    # 41.9B total per the model card.
-    "Phi-3.5-MoE-instruct": {
-        "architectures": ["PhiMoEForCausalLM"], "model_type": "phimoe", "hidden_size": 4096,
-        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 6400,
-        "num_local_experts": 16, "num_experts_per_tok": 2, "vocab_size": 32064, "tie_word_embeddings": False,
-        "attention_bias": True, "lm_head_bias": True, "router_jitter_noise": 0.01,
-        "max_position_embeddings": 131072, "original_max_position_embeddings": 4096, "sliding_window": 131072,
-        "rope_theta": 10000.0, "rms_norm_eps": 1e-05, "bos_token_id": 1, "eos_token_id": 32000},
-    # https://huggingface.co/deepseek-ai/DeepSeek-V2-Lite/blob/main/config.json; every field below as a public
-    # dump of DeepSeek-V2-Lite-Chat's config (loaded by transformers 5.7) lists it, and the same widths, expert
-    # counts, 6 of 64 routed + 2 shared, first_k_dense_replace 1, softmax scoring and norm_topk_prob false in a
-    # public audit of the official config; 15.7B total per the DeepSeek-V2 paper (arXiv 2405.04434, V2-Lite)
-    "DeepSeek-V2-Lite": {
-        "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "hidden_size": 2048,
-        "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": 27, "n_routed_experts": 64,
-        "num_experts_per_tok": 6, "n_shared_experts": 2, "first_k_dense_replace": 1, "moe_layer_freq": 1,
-        "num_attention_heads": 16, "num_key_value_heads": 16, "kv_lora_rank": 512, "q_lora_rank": None,
-        "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "vocab_size": 102400,
-        "topk_method": "greedy", "scoring_func": "softmax", "n_group": 1, "topk_group": 1, "norm_topk_prob": False,
-        "routed_scaling_factor": 1.0, "tie_word_embeddings": False, "attention_bias": False,
-        "max_position_embeddings": 163840, "rope_theta": 10000, "rope_scaling": {
-            "type": "yarn", "factor": 40, "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707,
-            "original_max_position_embeddings": 4096}, "rms_norm_eps": 1e-06, "bos_token_id": 100000,
-        "eos_token_id": 100001},
-    # https://huggingface.co/zai-org/GLM-4.5-Air/blob/main/config.json; the fields below as a public conversion
-    # script's copy of the 106B config lists them (hidden 4096, intermediate 10944, moe_intermediate_size 1408,
-    # 46 layers, 96 / 8 heads of 128, 128 routed experts top-8, 1 shared, first_k_dense_replace 1, attention_bias
-    # true, no QK-norm, vocab 151552, untied), partial_rotary_factor 0.5 as transformers' Glm4MoeConfig; 106B total
-    # per the model card. The multi-token-prediction layer (num_nextn_predict_layers) is not counted: not read.
-    "GLM-4.5-Air": {
-        "architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe", "hidden_size": 4096,
-        "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": 46, "n_routed_experts": 128,
-        "num_experts_per_tok": 8, "n_shared_experts": 1, "first_k_dense_replace": 1, "num_attention_heads": 96,
-        "num_key_value_heads": 8, "head_dim": 128, "partial_rotary_factor": 0.5, "vocab_size": 151552,
-        "attention_bias": True, "use_qk_norm": False, "n_group": 1, "topk_group": 1, "norm_topk_prob": True,
-        "routed_scaling_factor": 1.0, "tie_word_embeddings": False, "max_position_embeddings": 131072,
-        "rope_theta": 1000000, "rms_norm_eps": 1e-05, "num_nextn_predict_layers": 1,
-        "eos_token_id": [151329, 151336, 151338]},
-}
+NAMES = ("Qwen3-30B-A3B", "Qwen1.5-MoE-A2.7B", "OLMoE-1B-7B-0924", "Phi-3.5-MoE-instruct", "DeepSeek-V2-Lite",
+         "GLM-4.5-Air")
+CONFIGS = {name: public_config(name) for name in NAMES}
 PUBLISHED_TOTAL = {"Qwen3-30B-A3B": 30.5e9, "Qwen1.5-MoE-A2.7B": 14.3e9, "OLMoE-1B-7B-0924": 6.9e9,
                    "Phi-3.5-MoE-instruct": 41.9e9, "DeepSeek-V2-Lite": 15.7e9, "GLM-4.5-Air": 106e9}
 # bytes of one packed expert: fp16, int8 and int4 at group 64 (codes, then a bf16 scale and zero per group)
@@ -130,9 +55,7 @@ PRECISIONS = ("none", "int8", "int4")
 
 
 def config_file(tmp_path, name):
-    path = tmp_path / f"{name}.json"
-    path.write_text(json.dumps(CONFIGS[name]))
-    return path
+    return CONFIGS[name]
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -204,15 +127,11 @@ def test_deepseek_v2_lite_latent_cache_against_full_keys_and_values(tmp_path):
 
 def test_plan_text_and_the_mixtral_profiles(tmp_path, capsys):
     """The text table; and for Mixtral-8x7B the plan gives the int4 slot counts the card profiles ship."""
-    mixtral = tmp_path / "mixtral.json"
-    mixtral.write_text(json.dumps({
-        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 4096, "num_hidden_layers": 32,
-        "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336, "num_local_experts": 8,
-        "num_experts_per_tok": 2, "vocab_size": 32000, "max_position_embeddings": 32768, "rope_theta": 1e6}))
+    mixtral = "mistralai/Mixtral-8x7B-v0.1"  # a hub id: the shipped config, by its name
     code, out, err = run(capsys, "plan", "--config", str(mixtral))
     assert code == 0, err
     assert "fp16 336.00 MiB" in out and "int4-g64 94.50 MiB" in out and "parameters 46.70B" in out
-    plan = card_plan(from_hf_config(mixtral))
+    plan = card_plan(from_hf_config(public_config(mixtral)))
     for card in plan["cards"]:
         assert card["slots"]["int4"] == load_profile(card["profile"]).settings["cache_experts"]
         assert not card["fits"]["none"]
@@ -221,3 +140,15 @@ def test_plan_text_and_the_mixtral_profiles(tmp_path, capsys):
     assert code == 0 and "32768" in out and "16gb" not in out
     code, _, err = run(capsys, "plan", "--config", str(mixtral), "--profile", "cpu")
     assert code == 1 and "no device budget" in err
+
+
+def test_every_shipped_config_reads_and_names_itself(capsys):
+    """Each shipped file is a config the readers take, found by its name in any case, with or without the
+    organisation; an unknown name lists them."""
+    shipped = public_configs()
+    assert {"Mixtral-8x7B-v0.1", "gpt-oss-20b", *NAMES} <= set(shipped)
+    for name, path in shipped.items():
+        assert from_hf_config(path).num_experts > 1
+        assert public_config(name.upper()) == public_config(f"some-org/{name}") == path
+    code, _, err = run(capsys, "plan", "--config", "No-Such-Model")
+    assert code == 1 and "shipped public configs" in err and "Qwen3-30B-A3B" in err

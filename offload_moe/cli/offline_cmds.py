@@ -14,6 +14,7 @@ from ..config import from_params_json
 from ..errors import UserError
 from ..memory import card_plan, format_card_plan
 from ..models import from_hf_config
+from ..models.public import public_config, public_configs
 from ..options import CARDS, default_of
 from ..plan import resolve_device, resolve_dtype
 from ..planning.calibrate import calibrate
@@ -25,12 +26,17 @@ from ..profiles import load_profile
 
 
 def read_config(text: str):
-    """The model shape of a config.json, a params.json or a model folder (no weights needed)."""
+    """The model shape of a config.json, a params.json or a model folder (no weights needed), else of a shipped
+    public config by model name (`models.public`)."""
     path = Path(text)
     if path.is_dir():
         path = path / "config.json" if (path / "config.json").exists() else path / "params.json"
     if not path.exists():
-        raise UserError(f"no such config: {path}")
+        shipped = public_config(text)
+        if shipped is None:
+            raise UserError(f"no such config: {path} (give a config.json, params.json or model folder, or one of the "
+                            f"shipped public configs: {', '.join(public_configs())})")
+        path = shipped
     return from_params_json(path) if path.name == "params.json" else from_hf_config(path)
 
 
