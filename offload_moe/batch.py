@@ -158,9 +158,12 @@ class Scheduler:
                     self._finish(req, "length", events)
                     continue
                 req.slot = self.free.pop(0)
-                self.pool.seqs[req.slot].reset()
-                req.gen = sampling_generator(req.sampling, self.engine.device)
                 self.active.append(req)
+                try:  # one request's setup failing must not touch the others, nor keep its slot
+                    self.pool.seqs[req.slot].reset()
+                    req.gen = sampling_generator(req.sampling, self.engine.device)
+                except Exception:  # noqa: BLE001 - reported to that request alone, as its finish reason
+                    self._finish(req, "error", events)
 
     def _decode(self, reqs: list[Request], events: list) -> None:
         t0 = time.perf_counter()

@@ -3,9 +3,12 @@ defaults from here without importing torch (`generate.py` samples)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .errors import UserError
+
+SEEDS = 2**64  # a seed is 0 <= seed < 2**64: what torch.Generator.manual_seed takes
 
 
 @dataclass
@@ -16,9 +19,11 @@ class Sampling:
     seed: int = 0
 
     def check(self) -> None:
-        if self.temperature < 0:
-            raise UserError("--temperature must be 0 or more")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):  # nan passes `< 0`: refused here
+            raise UserError(f"--temperature must be a number, 0 or more, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise UserError("--top-p must be in (0, 1]")
         if self.top_k < 0:
             raise UserError("--top-k must be 0 or more")
+        if not 0 <= self.seed < SEEDS:
+            raise UserError(f"--seed must be 0 or more and below 2**64, got {self.seed}")

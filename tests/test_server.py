@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,48 +18,16 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from families import make_family  # noqa: E402
+from serving import Running  # noqa: E402
 
 from offload_moe.demo import resolve_model  # noqa: E402
 from offload_moe.engine import Engine  # noqa: E402
 from offload_moe.options import EngineOptions  # noqa: E402
 from offload_moe.planning.trace import load_trace  # noqa: E402
-from offload_moe.serve.app import bind, make_server  # noqa: E402
-from offload_moe.serve.service import Service  # noqa: E402
 
 PROMPTS = ["def fib(n):", "import os\n", 'class Config:\n    """']
 TOKENS = 24
 CONTEXT = 512  # the demo holds 256
-
-
-class Running:
-    def __init__(self, engine, name: str, **kw):
-        self.service = Service(engine, name, **kw)
-        sock = bind("127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = make_server(self.service, sock)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        for _ in range(200):
-            if self.server.started:
-                break
-            time.sleep(0.02)
-        else:
-            raise AssertionError("the server did not start")
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=30)
-
-    def close(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        assert not self.thread.is_alive()
-
-    def idle(self, timeout: float = 10) -> bool:
-        sched = self.service.scheduler
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not sched.busy and not self.service.worker.handlers:
-                return True
-            time.sleep(0.02)
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +125,8 @@ def test_unknown_model_and_route_are_404(demo):
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
     r = httpx.get(demo.url + "/v1/completions", timeout=10)
     assert r.status_code == 405 and "message" in r.json()["error"]
-    r = httpx.post(demo.url + "/v1/completions", content=b"{not json", timeout=10)
+    r = httpx.post(demo.url + "/v1/completions", content=b"{not json", timeout=10,
+                   headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     assert complete(demo.client, PROMPTS[1])[0] == demo.refs[PROMPTS[1]]
 

@@ -50,6 +50,31 @@ def size(text: str) -> int | None:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def positive(text: str) -> int:
+    n = nonneg(text)
+    if n == 0:
+        raise argparse.ArgumentTypeError("expected 1 or more, got 0")
+    return n
+
+
+def nbytes(text: str) -> int:
+    """Bytes from "4MB" and the like, above 0."""
+    n = size(text) if text != "auto" else None
+    if not n:
+        raise argparse.ArgumentTypeError(f"expected a size above 0 such as 4MB, got {text!r}")
+    return n
+
+
+def seconds(text: str) -> float:
+    try:
+        s = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not s > 0 or s == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds above 0, got {text!r}")
+    return s
+
+
 def port(text: str) -> int:
     n = nonneg(text)
     if n > 65535:

@@ -20,9 +20,11 @@ from ..options import (
     default_of,
 )
 from ..sampling import Sampling
-from .args import engine_flags, flag_help, int_list, nonneg, port, size
+from ..serve.guard import Limits
+from .args import engine_flags, flag_help, int_list, nbytes, nonneg, port, positive, seconds, size
 
 SAMPLING = Sampling()
+LIMITS = Limits()
 DEMO_PROMPT = 'def read_config(path):\n    """'
 DEMO_TOKENS = 48
 # the main job (no command): the trained demo, 2 of 8 experts cached per layer, gently sampled
@@ -98,8 +100,7 @@ def add_simulate(sub) -> None:
                        "predictions (lead: its prefetch_lead, else 1) and without prefetch, the first online "
                        "--policy only: one link, one expert copy at a time; per layer the share of accesses ready "
                        "on arrival, late (copy in flight) and missed. A Python loop per step, slower than the "
-                       "hit-rate replay (about 0.4 s per cache size, both replays, for 2,000 tokens x 4 layers); "
-                       "imports torch for the cost model")
+                       "hit-rate replay; imports torch for the cost model")
     timed.add_argument("--link-gbs", type=float, metavar="X", help="host-to-device GB/s (default: --profile's "
                        "[hardware] h2d_bytes_per_s, else 25)")
     timed.add_argument("--layer-ms", type=float, metavar="X", help="compute ms per layer (default: the tuner's cost "
@@ -235,6 +236,19 @@ def add_serve(sub) -> None:
                           "(default: %(default)s)")
     srv.add_argument("--trace-out", metavar="TRACE", help="record the routing of every request served, written "
                      "when the server stops (see README: traces)")
+    lim = srv.add_argument_group("limits (one client must not hurt the others)")
+    lim.add_argument("--max-request-bytes", type=nbytes, default=LIMITS.max_request_bytes, metavar="SIZE",
+                     help="a larger request body is refused with 413 (default: %(default)s bytes)")
+    lim.add_argument("--max-connections", type=positive, default=LIMITS.max_connections, metavar="N",
+                     help="connections open at once; more are closed at once (default: %(default)s)")
+    lim.add_argument("--header-timeout", type=seconds, default=LIMITS.header_timeout, metavar="S",
+                     help="seconds a connection has to send a request's headers (default: %(default)s)")
+    lim.add_argument("--shutdown-grace", type=seconds, default=LIMITS.shutdown_grace, metavar="S",
+                     help="on Ctrl-C or SIGTERM, seconds running requests get to finish before they end with an "
+                          "error (default: %(default)s)")
+    lim.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                     help="a Host or Origin name to answer besides the bound address's (a server on a loopback "
+                          "address answers only loopback names, against DNS rebinding); '*': any; repeatable")
 
 
 SUBPARSERS = (add_generate, add_profile, add_simulate, add_train_predictor, add_tune, add_calibrate, add_convert,

@@ -8,14 +8,20 @@ import signal
 import sys
 import threading
 
+from ..atomic import check_target
 from ..planning.trace import save_trace
 from ..serve.app import bind, make_server, model_id, require_fastapi
+from ..serve.guard import Limits
 from ..serve.service import Service
 from .run_cmds import load_engine
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     require_fastapi()
+    if args.trace_out:
+        check_target(args.trace_out)  # now, not when the server stops and the trace would be lost
+    limits = Limits(args.max_request_bytes, args.max_connections, args.header_timeout, args.shutdown_grace,
+                    tuple(args.allow_host))
     engine = load_engine(args, quiet=False)
     service = Service(engine, model_id(args.model), max_batch=args.max_batch, max_queue=args.max_queue)
     sock = bind(args.host, args.port)
@@ -28,7 +34,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if threading.current_thread() is threading.main_thread():  # SIGTERM ends as Ctrl-C does, after the shutdown
         signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        make_server(service, sock).run(sockets=[sock])  # uvicorn: SIGINT/SIGTERM finish or cancel the requests
+        make_server(service, sock, limits).run(sockets=[sock])  # uvicorn: SIGINT/SIGTERM finish or cancel the requests
     except KeyboardInterrupt:  # uvicorn raises the signal again once it has shut down
         pass
     if args.trace_out:  # the step thread has stopped with the server

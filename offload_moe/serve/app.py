@@ -20,6 +20,8 @@ from pathlib import Path
 
 from ..demo import DEMO_NAMES
 from ..errors import UserError
+from .guard import Guard, Limits, allowed_hosts, protocol, quiet_repeats
+from .schema import ChatCompletion, Completion, check
 from .service import APIError, Service
 
 MISSING = "pip install 'offload_moe[serve]'"
@@ -33,8 +35,9 @@ def require_fastapi():
         raise UserError(f"serve needs FastAPI and uvicorn ({e.name} is missing): {MISSING}") from None
 
 
-def create_app(service: Service):
-    """The FastAPI application over a Service; the step thread starts and stops with it."""
+def create_app(service: Service, limits: Limits | None = None, hosts: set[str] | None = None):
+    """The FastAPI application over a Service, behind the `Guard` (`hosts`: the Host names it answers, None any);
+    the step thread starts and stops with it."""
     from fastapi import FastAPI
 
     @contextlib.asynccontextmanager
@@ -49,7 +52,7 @@ def create_app(service: Service):
     add_error_handlers(app)
     add_model_routes(app, service)
     add_completion_routes(app, service)
-    return app
+    return Guard(app, limits or Limits(), hosts)
 
 
 def add_error_handlers(app) -> None:
@@ -58,7 +61,8 @@ def add_error_handlers(app) -> None:
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
+        retry = {"Retry-After": "1"} if e.status == 503 else None  # a full queue: worth retrying soon
+        return JSONResponse(e.body(), status_code=e.status, headers=retry)
 
     async def http_error(request, e):
         status = getattr(e, "status_code", 404)
@@ -87,7 +91,7 @@ def add_model_routes(app, service: Service) -> None:
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str):
-        service.check_model({"model": model})
+        service.check_model(model)
         return model_card(service)
 
 
@@ -110,25 +114,29 @@ def add_completion_routes(app, service: Service) -> None:
 
 async def read_body(request) -> dict:
     try:
-        body = await request.json()
+        body = json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise APIError(400, "the request body is not valid JSON") from None
+    except RecursionError:  # nesting deeper than the parser's stack
+        raise APIError(400, "the request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     return body
 
 
 async def complete(service: Service, request, chat: bool):
-    """A completion request: checked, queued (503 when the queue is full), answered whole or streamed."""
-    body = await read_body(request)
-    service.check_model(body)
-    max_tokens, sampling, stops, stream, include_usage = service.params(body, None if chat else 16)
-    ids = service.prompt_ids(body, chat)
-    if max_tokens is None:
-        max_tokens = service.scheduler.capacity - len(ids)
-    reply = Reply(service, chat, ids, include_usage)
-    gen = service.pieces(*service.worker.submit(ids, max_tokens, sampling), stops, reply.out)
-    if stream:
+    """A completion request: checked (`schema`), tokenized off the event loop, queued (503 when the queue is
+    full), answered whole or streamed."""
+    req = check(ChatCompletion if chat else Completion, await read_body(request))
+    service.check_model(req.model)
+    ids = await asyncio.to_thread(service.prompt_ids, req, chat)  # a long prompt must not stall other streams
+    max_tokens = req.token_limit
+    if max_tokens is None:  # OpenAI's defaults: 16 for a text completion, the context for a chat
+        max_tokens = service.scheduler.capacity - len(ids) if chat else 16
+    reply = Reply(service, chat, ids, bool(req.stream_options and req.stream_options.include_usage))
+    gen = service.pieces(*service.worker.submit(ids, max_tokens, service.sampling(req)), service.stops(req),
+                         reply.out)
+    if req.stream:
         return reply.streamed(gen)
     return await reply.whole(request, gen)
 
@@ -176,14 +184,17 @@ class Reply:
 
     async def events(self, gen):
         try:
-            if self.chat:
-                yield self.sse([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                 "finish_reason": None}])
-            async for piece in gen:
-                yield self.sse([self.choice(piece, None)])
-            yield self.sse([self.choice(None, self.out["finish_reason"])])
-            if self.include_usage:
-                yield self.sse([], self.service.usage(self.ids, self.out))
+            try:
+                if self.chat:
+                    yield self.sse([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                     "finish_reason": None}])
+                async for piece in gen:
+                    yield self.sse([self.choice(piece, None)])
+                yield self.sse([self.choice(None, self.out["finish_reason"])])
+                if self.include_usage:
+                    yield self.sse([], self.service.usage(self.ids, self.out))
+            except APIError as e:  # the headers are sent: the error is the stream's last event (OpenAI's way)
+                yield f"data: {json.dumps(e.body())}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             await gen.aclose()
@@ -228,13 +239,31 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def make_server(service: Service, sock: socket.socket, log_level: str = "warning"):
-    """A uvicorn.Server for the app; run it with `server.run(sockets=[sock])`."""
+def make_server(service: Service, sock: socket.socket, limits: Limits | None = None, log_level: str = "warning"):
+    """A uvicorn.Server for the app on `sock` (run it with `server.run(sockets=[sock])`), with the `limits`: the
+    Host names of the bound address, the protocol's bounds, and on shutdown a drain (`Worker.drain`)."""
     import uvicorn
 
-    config = uvicorn.Config(create_app(service), log_level=log_level, timeout_graceful_shutdown=5,
-                            lifespan="on")
-    return uvicorn.Server(config)
+    limits = limits or Limits()
+    hosts = allowed_hosts(sock.getsockname()[0], limits.allowed_hosts)
+    config = uvicorn.Config(create_app(service, limits, hosts), log_level=log_level, lifespan="on",
+                            http=protocol(limits), timeout_graceful_shutdown=int(limits.shutdown_grace) + 2)
+    quiet_repeats()
+
+    class Draining(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            """New requests get a 503 at once; running ones get `shutdown_grace` seconds to finish, then an
+            error (a stream's last event) and their end, before uvicorn's own deadline cancels anything."""
+            service.worker.draining = True
+            late = asyncio.get_running_loop().call_later(limits.shutdown_grace, service.worker.fail_all,
+                                                         APIError(503, "the server is shutting down",
+                                                                  code="shutting_down", kind="server_error"))
+            try:
+                await super().shutdown(sockets)
+            finally:
+                late.cancel()
+
+    return Draining(config)
 
 
 def model_id(model: str) -> str:

@@ -39,6 +39,7 @@ class Worker:
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.stopping = False
+        self.draining = False  # shutting down: new requests are refused
         self.counts = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "rejected": 0}
         self.thread = threading.Thread(target=self._run, name="offload-moe-step", daemon=True)
 
@@ -57,6 +58,8 @@ class Worker:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         with self.lock:  # the step thread dispatches under this lock: no event before the handler is set
+            if self.draining:
+                raise APIError(503, "the server is shutting down", code="shutting_down", kind="server_error")
             if len(self.handlers) >= self.sched.max_batch + self.max_queue:
                 self.counts["rejected"] += 1
                 raise APIError(503, f"the server is busy: {len(self.handlers)} requests running or queued "
@@ -86,7 +89,7 @@ class Worker:
                 try:
                     events = self.sched.step()
                 except Exception as e:  # noqa: BLE001 - every waiting request gets the error, the thread lives on
-                    self._fail(e)
+                    self.fail_all(e)
                     break
                 with self.lock:
                     sends: dict[asyncio.AbstractEventLoop, list] = {}  # one wake-up of each loop per step
@@ -101,7 +104,8 @@ class Worker:
                     for loop, items in sends.items():
                         loop.call_soon_threadsafe(_deliver, items)
 
-    def _fail(self, error: Exception) -> None:
+    def fail_all(self, error: Exception) -> None:
+        """End every request in flight with `error` (an APIError is passed on as it is)."""
         with self.lock:
             for rid, (loop, queue) in self.handlers.items():
                 loop.call_soon_threadsafe(queue.put_nowait, (error, "error"))
@@ -141,74 +145,32 @@ class Service:
         self.worker = Worker(self.scheduler, max_queue)
         self.created = int(time.time())
 
-    # -- parameters -------------------------------------------------------------------------------
-    def check_model(self, body: dict) -> None:
-        model = body.get("model")
+    # -- parameters (their types and ranges: `schema.py`) -----------------------------------------------
+    def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_id:
             raise APIError(404, f"The model '{model}' does not exist; this server runs '{self.model_id}'",
                            param="model", code="model_not_found")
 
-    def params(self, body: dict, default_max: int | None) -> tuple[int | None, Sampling, list[str], bool, bool]:
-        def number(name, lo, hi, default, kind=(int, float)):
-            v = body.get(name)
-            if v is None:
-                return default
-            if isinstance(v, bool) or not isinstance(v, kind) or not lo <= v <= hi:
-                raise APIError(400, f"'{name}' must be a number in [{lo}, {hi}], got {v!r}", param=name,
-                               code="invalid_value")
-            return v
+    @staticmethod
+    def sampling(req) -> Sampling:
+        """The request's sampling; no seed: a fresh one (OpenAI's default temperature is 1)."""
+        return Sampling(temperature=float(1.0 if req.temperature is None else req.temperature),
+                        top_p=float(1.0 if req.top_p is None else req.top_p),
+                        seed=req.seed if req.seed is not None else random.randrange(2**31))
 
-        n = body.get("n")
-        if n is not None and n != 1:
-            raise APIError(400, f"'n' must be 1 (this server returns one choice), got {n!r}", param="n",
-                           code="invalid_value")
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
-                                       or max_tokens < 0):
-            raise APIError(400, f"'max_tokens' must be an integer >= 0, got {max_tokens!r}", param="max_tokens",
-                           code="invalid_value")
-        temperature = number("temperature", 0, 2, 1.0)
-        top_p = number("top_p", 0, 1, 1.0)
-        if top_p == 0:
-            raise APIError(400, "'top_p' must be in (0, 1], got 0", param="top_p", code="invalid_value")
-        seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise APIError(400, f"'seed' must be an integer, got {seed!r}", param="seed", code="invalid_value")
-        stop = body.get("stop")
-        stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
-        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-            raise APIError(400, "'stop' must be a string or a list of strings", param="stop", code="invalid_value")
-        stops = [s for s in stops if s]
-        stream = body.get("stream") or False
-        if not isinstance(stream, bool):
-            raise APIError(400, f"'stream' must be a boolean, got {stream!r}", param="stream", code="invalid_value")
-        options = body.get("stream_options") or {}
-        if not isinstance(options, dict):
-            raise APIError(400, "'stream_options' must be an object", param="stream_options", code="invalid_value")
-        sampling = Sampling(temperature=float(temperature), top_p=float(top_p),
-                            seed=seed if seed is not None else random.randrange(2**31))
-        return (max_tokens if max_tokens is not None else default_max), sampling, stops, stream, \
-            bool(options.get("include_usage"))
+    @staticmethod
+    def stops(req) -> list[str]:
+        stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
+        return [s for s in stop if s]
 
-    def prompt_ids(self, body: dict, chat: bool) -> list[int]:
+    def prompt_ids(self, req, chat: bool) -> list[int]:
+        """The request's prompt as token ids (tokenizing: run it off the event loop), checked against the context."""
         try:
             if chat:
-                messages = body.get("messages")
-                if not isinstance(messages, list) or not messages or not all(
-                        isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
-                    raise APIError(400, "'messages' must be a non-empty list of {role, content} objects",
-                                   param="messages", code="invalid_value")
-                messages = [{**m, "content": _content(m.get("content"))} for m in messages]
-                ids = self.engine.encode(messages, chat=True)
+                ids = self.engine.encode([{**m.model_dump(), "content": m.text} for m in req.messages], chat=True)
             else:
-                prompt = body.get("prompt")
-                if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-                    prompt = prompt[0]
-                ok = isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(
-                    isinstance(t, int) and not isinstance(t, bool) for t in prompt))
-                if not ok:
-                    raise APIError(400, "'prompt' must be a string (or one list of token ids)", param="prompt",
-                                   code="invalid_value")
+                prompt = req.prompt[0] if isinstance(req.prompt, list) and isinstance(req.prompt[0], str) \
+                    else req.prompt
                 ids = self.engine.encode(prompt)
         except UserError as e:
             raise APIError(400, str(e), param="messages" if chat else "prompt", code="invalid_value") from None
@@ -237,12 +199,18 @@ class Service:
                 while not queue.empty():
                     events.append(queue.get_nowait())
                 for tok, reason in events:
+                    if isinstance(tok, APIError):
+                        done = True
+                        raise tok
                     if isinstance(tok, Exception):
                         done = True
                         raise APIError(500, f"generation failed: {tok}", code="internal_error", kind="server_error")
                     if tok is not None:
                         n += 1
                         full += text.push(tok)
+                    if reason == "error":  # this request alone could not start (`Scheduler._admit`)
+                        done = True
+                        raise APIError(500, "generation failed to start", code="internal_error", kind="server_error")
                     if reason is not None:
                         done = True
                         full += text.flush()
@@ -309,15 +277,3 @@ class Service:
         for layer, (h, m) in enumerate(zip(list(table.hits), list(table.misses), strict=True)):
             lines.append(f'{name}{{layer="{layer}"}} {h / (h + m) if h + m else 1.0}')
         return "\n".join(lines) + "\n"
-
-
-def _content(content) -> str:
-    """A message's content: a string, or OpenAI's list of parts (the text parts joined)."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-    raise APIError(400, "a message's 'content' must be a string or a list of text parts", param="messages",
-                   code="invalid_value")
