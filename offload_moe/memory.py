@@ -109,6 +109,17 @@ def check_fits(plan: MemoryPlan) -> None:
         raise UserError(f"the profile does not fit the device: {plan.describe()} > budget {gib(plan.device_budget)}")
 
 
+def check_kv_in_ram(plan: MemoryPlan, available: int | None = None) -> None:
+    """On the CPU the KV cache (of every sequence) lies in RAM beside the experts' store: refuse a plan whose KV
+    cache does not fit the RAM available now less the store, before anything is allocated."""
+    available = psutil.virtual_memory().available if available is None else available
+    left = available - plan.host_ram
+    if plan.kv > left:
+        seqs = f" of {plan.sequences} sequences" if plan.sequences > 1 else ""
+        raise UserError(f"the KV cache{seqs} needs {gib(plan.kv)} of RAM; {gib(max(left, 0))} is left beside the "
+                        f"experts' {gib(plan.host_ram)}: lower --max-batch or --context")
+
+
 RAM_HEADROOM = 0.8  # share of the available RAM that `auto` lets the expert store take
 
 

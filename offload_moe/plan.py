@@ -23,7 +23,7 @@ from .errors import UserError
 from .formats.base import DenseFormat, ExpertFormat
 from .formats.int4_layouts import int4_layout_for
 from .formats.registry import expert_format, format_for, load_quant, parse_format_name, resolve_group_size
-from .memory import MemoryPlan, auto_slots, check_fits, plan_memory, resident_bytes
+from .memory import MemoryPlan, auto_slots, check_fits, check_kv_in_ram, plan_memory, resident_bytes
 from .offload.predictors import FILE_NAME as PREDICTOR_FILE
 from .options import EngineOptions, check_options, set_fields
 from .profiles import Profile
@@ -191,6 +191,8 @@ def plan_load(ckpt: Checkpoint, options: EngineOptions, auto: bool = False) -> L
     memory = plan_memory(c, dtype, fmt.nbytes, slots, context, options.device_budget, options.device_reserve,
                          options.ram_budget, dense, pin=pin, sequences=options.max_batch)
     check_fits(memory)  # before anything is loaded: with --max-batch, the KV pool too
+    if device.type == "cpu":
+        check_kv_in_ram(memory)
     # with every layer's experts resident there is nothing to prefetch; a row predicted from itself would
     # evict its own experts, so the lead stops one short of the layer count
     cached = any(n < c.num_experts for n in slots)

@@ -10,6 +10,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from ..atomic import check_target, write_text_atomic
 from ..config import from_params_json
 from ..errors import UserError
 from ..memory import card_plan, format_card_plan
@@ -20,7 +21,7 @@ from ..plan import resolve_device, resolve_dtype
 from ..planning.calibrate import calibrate
 from ..planning.costs import budget_of, hardware_of, model_shape
 from ..planning.trace import load_trace
-from ..planning.tune import levers, to_toml, tune, winner_profile, write_profile
+from ..planning.tune import levers, to_toml, tune, winner_profile
 from ..planning.validate import score_lines, scores, validation_split
 from ..profiles import load_profile
 
@@ -77,6 +78,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     def say(line: str = "") -> None:
         print(line, file=sys.stderr if args.json else sys.stdout)
 
+    if args.out:
+        check_target(args.out)
     profile = load_profile(args.profile) if args.profile else None
     trace = load_trace(args.trace)
     split = validation_split(trace, args.trace, args.holdout, load_trace(args.validate) if args.validate else None,
@@ -98,7 +101,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     text = winner_profile(best, profile or load_profile("auto"), budget, reserve, hw, Path(args.trace).name)
     text = "".join(f"# {line.removeprefix('  ')}\n" for line in [split.note, *table]) + text
     if args.out:
-        write_profile(args.out, text)
+        write_text_atomic(args.out, text)
     if args.json:
         print(json.dumps({"trace": args.trace, "validation": split.note, **score,
                           "best": asdict(best), "default": asdict(default), "out": args.out,

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..atomic import write_safetensors_atomic
+from ..atomic import check_target, write_safetensors_atomic
 from ..demo import TRAINED_DEMOS, resolve_model
 from ..engine import Engine
 from ..errors import UserError
@@ -44,6 +44,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sampling = Sampling(temperature=0.0 if args.greedy else args.temperature, top_p=args.top_p,
                         top_k=args.top_k, seed=args.seed)
     sampling.check()  # before the load: a bad flag costs no model load and prints no prompt
+    for out in (args.logits_out, args.trace_out):
+        if out:
+            check_target(out)
     engine = load_engine(args, args.json)
     prompt = args.prompt_ids if args.prompt_ids is not None else (args.prompt or DEMO_PROMPT)
     stream = None
@@ -68,11 +71,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_prompts(path: str) -> list[str]:
+def read_text(path: str) -> str:
+    """A text file's content, or a one-line error: missing, unreadable, or not UTF-8."""
     try:
-        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+        return Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r})") from None
+
+
+def read_prompts(path: str) -> list[str]:
+    lines = [line for line in read_text(path).splitlines() if line.strip()]
     if path.endswith(".jsonl"):
         try:
             prompts = [json.loads(line)["prompt"] for line in lines]
@@ -107,6 +117,7 @@ def fitting_prompts(engine: Engine, prompts: list[str], path: str) -> tuple[list
 
 def cmd_profile(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompts)
+    check_target(args.trace_out)
     engine = load_engine(args, args.json)
     runs, skipped = fitting_prompts(engine, prompts, args.prompts)
     engine.start_trace(args.model, hidden=args.hidden_states)
@@ -134,10 +145,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_perplexity(args: argparse.Namespace) -> int:
-    try:
-        text = Path(args.text_file).read_text()
-    except OSError as e:
-        raise UserError(f"cannot read {args.text_file}: {e.strerror}") from None
+    text = read_text(args.text_file)
     engine = load_engine(args, args.json)
     ids = engine.encode(text)[: args.max_tokens + 1]
     window = args.window or min(engine.kv_capacity, len(ids))

@@ -29,15 +29,14 @@ Shape legend: T tokens, L layers, K top-k, E experts, P predicted per layer, D d
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 
+from ..atomic import check_target, write_safetensors_atomic
 from ..errors import UserError
 
 if TYPE_CHECKING:  # the recorder imports torch when it runs: reading a trace (`simulate`) needs none
@@ -154,11 +153,8 @@ def check_trace(trace: Trace, name: str = "trace") -> None:
 
 
 def save_trace(path: str | os.PathLike, trace: Trace) -> None:
-    """Write `trace` atomically: a temporary file in the same folder, then a rename, so a reader
-    (or a crash) never sees half a trace."""
-    target = Path(path)
-    if not target.parent.is_dir():
-        raise UserError(f"cannot write {target}: folder {target.parent} does not exist")
+    """Write `trace` so that a reader (or a crash) never sees half a trace (`atomic.write_safetensors_atomic`)."""
+    target = check_target(path)
     check_trace(trace, str(target))
     clash = set(trace.tensors) & set(ROUTING)
     if clash:
@@ -167,15 +163,7 @@ def save_trace(path: str | os.PathLike, trace: Trace) -> None:
                **{k: np.ascontiguousarray(getattr(trace, k)) for k in ROUTING}}
     metadata = {**trace.metadata, "num_experts": str(trace.num_experts), "top_k": str(trace.top_k),
                 "num_layers": str(trace.num_layers), "model": trace.model}
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_safetensors_atomic(target, tensors, metadata)
 
 
 def load_trace(path: str | os.PathLike) -> Trace:

@@ -281,12 +281,3 @@ def winner_profile(best: Candidate, base: Profile, budget: int, reserve: int, hw
         "hardware": {k: v for k, v in hw.items()},
     }
     return to_toml(data)
-
-
-def write_profile(path: str, text: str) -> None:
-    target = Path(path)
-    if not target.parent.exists():
-        raise UserError(f"cannot write {path}: folder {target.parent} does not exist")
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(target)

@@ -1,0 +1,81 @@
+"""The CLI's outputs and inputs as a careless user gives them (issue 23): an output that is a FIFO, a device or
+a symlink is written into or through, never replaced; a folder, a missing folder, a non-UTF-8 file, a seed out
+of range or a NaN temperature is one `error:` line before any model loads; a KV pool the RAM cannot hold is
+refused before it is allocated."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+
+import pytest
+from conftest import run_cli as run
+from safetensors.torch import load as load_safetensors
+
+GEN = ("generate", "--model", "demo", "--prompt-ids", "1,2,3", "--max-new-tokens", "2")
+
+
+def one_error(code: int, out: str, err: str, *says: str) -> None:
+    assert code == 1 and out == "" and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    assert all(s in err for s in says), err
+
+
+def test_an_output_through_a_symlink_writes_its_target_and_keeps_the_link(tmp_path, capsys):
+    target, link = tmp_path / "logits.safetensors", tmp_path / "link.safetensors"
+    target.write_bytes(b"old")
+    link.symlink_to(target)
+    code, _, err = run(capsys, *GEN, "--json", "--logits-out", str(link))
+    assert code == 0, err
+    assert link.is_symlink() and load_safetensors(target.read_bytes())["logits"].shape[0] == 2
+
+
+@pytest.mark.parametrize("flag,tensor", [("--logits-out", "logits"), ("--trace-out", "experts")])
+def test_an_output_that_is_a_fifo_is_written_into(tmp_path, capsys, flag, tensor):
+    """A FIFO (as a device: /dev/null, /dev/stdout) is not a regular file: written into, never replaced. The tests
+    never aim at the real /dev/null: were the rule broken, running as root would destroy it."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    code, _, err = run(capsys, *GEN, "--json", flag, str(fifo))
+    reader.join(timeout=30)
+    assert code == 0, err
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and load_safetensors(got[0])[tensor].shape[0] > 0
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
+def test_a_full_device_is_one_line(capsys):
+    code, out, err = run(capsys, *GEN, "--json", "--logits-out", "/dev/full")
+    assert code == 1 and "cannot write /dev/full" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag", ["--trace-out", "--logits-out"])
+def test_an_output_that_is_a_folder_or_in_no_folder_is_refused_first(tmp_path, capsys, flag):
+    one_error(*run(capsys, *GEN, flag, str(tmp_path)), "is a folder")
+    one_error(*run(capsys, *GEN, flag, str(tmp_path / "no" / "such.out")), "does not exist")
+
+
+def test_serve_checks_its_trace_output_before_it_loads(tmp_path, capsys):
+    one_error(*run(capsys, "serve", "--model", "demo", "--port", "0", "--trace-out", str(tmp_path / "no" / "t")),
+              "does not exist")
+
+
+def test_a_kv_pool_that_ram_cannot_hold_is_refused(capsys):
+    one_error(*run(capsys, "serve", "--model", "demo", "--port", "0", "--max-batch", "1000000000"),
+              "KV cache", "--max-batch")
+
+
+def test_non_utf8_inputs_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "prompts.txt"
+    bad.write_bytes(b"def f():\n\xff\xfe oops\n")
+    one_error(*run(capsys, "profile", "--model", "demo", "--prompts", str(bad), "--trace-out",
+                   str(tmp_path / "t.trace")), "not UTF-8")
+    one_error(*run(capsys, "perplexity", "--model", "demo", "--text-file", str(bad)), "not UTF-8")
+
+
+@pytest.mark.parametrize("flags,says", [(["--seed", str(2**64), "--temperature", "0.5"], "--seed"),
+                                        (["--seed", "-1"], "--seed"), (["--temperature", "nan"], "--temperature")])
+def test_sampling_values_out_of_range_are_one_line(capsys, flags, says):
+    one_error(*run(capsys, *GEN, *flags), says)
