@@ -2,7 +2,7 @@
 latency (p50/p95), the expert hit rate, and the server's CPU time per token, at each concurrency.
 
     python bench/bench_serve.py [--concurrency 1,2,4,8] [--tokens 64] [--cache-experts 2] [--miss-policy cpu]
-                                [--prefetch 1] [--threads 1]
+                                [--prefetch 1] [--threads 1] [--hostile]
 
 The demo model, served in this process on 127.0.0.1 (an ephemeral port) with --max-batch the highest
 concurrency; each stream is a greedy /v1/completions request with stream=true (httpx, server-sent events;
@@ -23,6 +23,11 @@ policy fetch):
     hit rate, the same for both, is what a card with this many slots would see. --miss-policy fetch
     measures the copies.
 The first line of the output says which configuration ran.
+
+--hostile: instead, 4 streams run quiet, then again beside a hostile client process that keeps sending what a
+careless or hostile user sends (5 MB bodies, seeds out of range, non-JSON bodies, connections that send half
+their headers and stall); prints both inter-token latencies (p50/p95), their ratio, and what the hostile client
+got back. Issue 23's bar: p95 within 1.5x of the quiet run.
 """
 
 from __future__ import annotations
@@ -69,6 +74,63 @@ def stream(job: tuple[str, str, int, float]) -> tuple[float, float, list[float],
     return t0, times[0] - t0, times, n
 
 
+def hostile(job: tuple) -> dict:
+    """In a client process, from `at` (perf_counter) until `done` is set: bad requests in a loop, and stalled
+    connections (half their headers, then nothing) held 20 at a time. Returns the status codes seen."""
+    import socket
+
+    import httpx
+
+    url, at, done = job
+    time.sleep(max(0.0, at - time.perf_counter()))
+    host, port = url.removeprefix("http://").split(":")
+    seen: dict[str, int] = {}
+    big = b'{"prompt": "' + b"x" * (5 * 2**20) + b'"}'
+    requests = [(big, "application/json"), (b'{"prompt": "x", "seed": 18446744073709551616}', "application/json"),
+                (b"prompt=x", "application/x-www-form-urlencoded")]
+    held: list[socket.socket] = []
+    with httpx.Client(timeout=30) as client:
+        while not done.is_set():
+            for body, ctype in requests:
+                try:
+                    code = str(client.post(url + "/v1/completions", content=body,
+                                           headers={"content-type": ctype}).status_code)
+                except httpx.HTTPError as e:
+                    code = type(e).__name__
+                seen[code] = seen.get(code, 0) + 1
+            s = socket.create_connection((host, int(port)))
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            held.append(s)
+            if len(held) > 20:
+                held.pop(0).close()
+    for s in held:
+        s.close()
+    return seen
+
+
+def run_hostile(url: str, tokens: int) -> None:
+    """4 streams quiet, then beside `hostile`; inter-token latency of both (see the module docstring)."""
+    ctx = mp.get_context("spawn")
+    pool, done = ctx.Pool(5), ctx.Manager().Event()
+    pool.map(stream, [(url, PROMPTS[0], tokens, 0.0)] * 4)  # warm-up
+    rows = {}
+    for label in ("quiet", "hostile"):
+        at = time.perf_counter() + 0.3
+        attack = pool.apply_async(hostile, ((url, at - 0.2, done),)) if label == "hostile" else None
+        runs = pool.map(stream, [(url, PROMPTS[i], tokens, at) for i in range(4)])
+        itl = [b - a for _, _, times, _ in runs for a, b in zip(times, times[1:], strict=False)]
+        rows[label] = (pct(itl, 0.5), pct(itl, 0.95), sum(k for *_, k in runs))
+        if attack is not None:
+            done.set()
+            print(f"the hostile client got (status: count): {attack.get(timeout=60)}")
+    pool.close()
+    print("| 4 streams | inter-token p50 / p95 ms | tokens |")
+    print("|---|---|---|")
+    for label, (p50, p95, n) in rows.items():
+        print(f"| {label} | {1e3 * p50:.1f} / {1e3 * p95:.1f} | {n} |")
+    print(f"p95 hostile / quiet: {rows['hostile'][1] / rows['quiet'][1]:.2f} (bar: 1.5)")
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(int(q * len(xs)), len(xs) - 1)] if xs else float("nan")
@@ -90,9 +152,10 @@ def main() -> None:
     ap.add_argument("--miss-policy", default="cpu", choices=("fetch", "cpu", "auto"))
     ap.add_argument("--prefetch", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--hostile", action="store_true", help="4 streams quiet, then beside a hostile client")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    levels = [int(c) for c in args.concurrency.split(",")]
+    levels = [4] if args.hostile else [int(c) for c in args.concurrency.split(",")]
     options = EngineOptions(cache_experts=args.cache_experts, miss_policy=args.miss_policy, prefetch=args.prefetch,
                             max_batch=max(levels), progress=False)
     engine = Engine.load(resolve_model("demo"), options)
@@ -104,6 +167,11 @@ def main() -> None:
     thread.start()
     while not server.started:
         time.sleep(0.01)
+    if args.hostile:
+        run_hostile(url, args.tokens)
+        server.should_exit = True
+        thread.join(timeout=30)
+        return
     clients = mp.get_context("spawn").Pool(max(levels))  # started (and warm) before anything is timed
     clients.map(stream, [(url, PROMPTS[0], args.tokens, 0.0)] * max(levels))  # warm-up
     c = engine.cache
