@@ -88,6 +88,9 @@ class ModelConfig:
                      "top_k", "vocab_size", "max_context"):
             if int(getattr(self, name)) <= 0:
                 raise UserError(f"config: {name} must be positive, got {getattr(self, name)}")
+        if not (self.norm_eps > 0 and self.rope_theta > 0):
+            raise UserError(f"config: rms_norm_eps ({self.norm_eps}) and rope_theta ({self.rope_theta}) must be "
+                            "positive")
         if self.n_heads % self.n_kv_heads:
             raise UserError(f"config: {self.n_heads} heads are not a multiple of {self.n_kv_heads} kv heads")
         if self.top_k > self.num_experts:
@@ -249,11 +252,30 @@ def read_json(path: Path) -> dict:
 
 
 def need(data: dict, path: Path, *keys: str):
-    """The first of `keys` that `data` has (a family's names for one thing), else a clear error."""
+    """The first of `keys` that `data` has (a family's names for one count: a whole number), else a clear error."""
     for key in keys:
         if key in data and data[key] is not None:
-            return data[key]
+            value = data[key]
+            whole = isinstance(value, int) or isinstance(value, float) and value.is_integer()
+            if isinstance(value, bool) or not whole:
+                raise UserError(f"{path}: {key} must be a whole number, got {value!r}")
+            return int(value)
     raise UserError(f"{path}: missing {keys[0]!r}")
+
+
+# config.json keys every family reads alike that must be numbers when present (a string or a boolean there is
+# a broken file: refused with its name, not converted, `true` as 1, or a traceback)
+NUMBERS = ("rope_theta", "rms_norm_eps", "max_position_embeddings", "num_key_value_heads", "head_dim",
+           "bos_token_id", "partial_rotary_factor", "routed_scaling_factor", "n_group", "topk_group",
+           "first_k_dense_replace", "moe_layer_freq", "intermediate_size")
+
+
+def check_numbers(c: dict, path: Path) -> None:
+    for key in NUMBERS:
+        value = c.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                  or not math.isfinite(value)):
+            raise UserError(f"{path}: {key} must be a finite number, got {value!r}")
 
 
 def rope_of(c: dict, path: Path) -> tuple[float, dict | None]:

@@ -35,9 +35,11 @@ def parse_size(text: str | int | float) -> int:
     if isinstance(text, bool):
         raise UserError(f"cannot read the size {text!r} (write e.g. 24GB, 1.5GiB or 800MB)")
     if isinstance(text, int | float):
-        if text < 0:
-            raise UserError(f"a size cannot be negative, got {text}")
+        if not 0 <= text < float("inf"):
+            raise UserError(f"a size is 0 or more bytes, got {text}")
         return int(text)
+    if not isinstance(text, str):
+        raise UserError(f"cannot read the size {text!r} (write e.g. 24GB, 1.5GiB or 800MB)")
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     if not m or m[2].lower() not in _UNITS:
         raise UserError(f"cannot read the size {text!r} (write e.g. 24GB, 1.5GiB or 800MB)")

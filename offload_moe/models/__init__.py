@@ -27,7 +27,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import ModuleType
 
-from ..config import ModelConfig, read_json
+from ..config import ModelConfig, check_numbers, read_json
 from ..errors import UserError
 from . import deepseek, glm4_moe, gpt_oss, mixtral, olmoe, phimoe, qwen_moe
 
@@ -71,6 +71,12 @@ def family_of(c: dict, path: Path) -> ModuleType:
 
 
 def from_hf_config(path: Path) -> ModelConfig:
-    """`config.json` as the hub has it: its family's reader, after the architecture check."""
+    """`config.json` as the hub has it: its family's reader, after the architecture check and the type check of
+    the keys every family reads. A value of a type a reader cannot take is a one-line error, not a traceback."""
     c = read_json(path)
-    return family_of(c, path).config(c, path)
+    family = family_of(c, path)
+    check_numbers(c, path)
+    try:
+        return family.config(c, path)
+    except (TypeError, ValueError, ArithmeticError, AttributeError, KeyError, IndexError) as e:  # e.g. a table where a number is
+        raise UserError(f"{path}: a value has the wrong type or range ({type(e).__name__}: {e})") from None
