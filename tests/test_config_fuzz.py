@@ -33,7 +33,7 @@ def test_a_config_value_of_any_type_is_read_or_refused_in_one_line(tmp_path, bas
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
     try:
-        c = from_hf_config(path)
+        from_hf_config(path)
     except UserError as e:
         assert "\n" not in str(e)
         return

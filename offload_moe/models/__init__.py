@@ -78,5 +78,5 @@ def from_hf_config(path: Path) -> ModelConfig:
     check_numbers(c, path)
     try:
         return family.config(c, path)
-    except (TypeError, ValueError, ArithmeticError, AttributeError, KeyError, IndexError) as e:  # e.g. a table where a number is
+    except (TypeError, ValueError, ArithmeticError, AttributeError, KeyError, IndexError) as e:  # a table for a number
         raise UserError(f"{path}: a value has the wrong type or range ({type(e).__name__}: {e})") from None
