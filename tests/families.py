@@ -55,6 +55,12 @@ FAMILIES = {
         num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
         n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1, n_group=4, topk_group=2, norm_topk_prob=True,
         routed_scaling_factor=1.8, mlp_layer_types=["dense", "sparse", "sparse"])),
+    # MiniMax-M2: the sigmoid router without groups or scaling, RMSNorm of the whole q and k projections, partial
+    # RoPE (rotary_dim 8 of 16), Mixtral's expert names
+    "minimax_m2": ("MiniMaxM2Config", "MiniMaxM2ForCausalLM", dict(
+        hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, num_local_experts=8, num_experts_per_tok=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
     # sliding (window 4) and full layers, sinks, biases everywhere, YaRN on a 64-token original context, the
     # clamped SwiGLU at a limit these small activations reach, fused interleaved experts
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(
@@ -101,7 +107,9 @@ def hub_config(path: Path, family: str) -> None:
     the top; DeepSeek's, a `rope_scaling` with `type`, the router's `topk_method` and `scoring_func`, and no
     `head_dim` (transformers derives it); GLM-4.7-Flash's (zai-org/GLM-4.7-Flash), `first_k_dense_replace` for
     `mlp_layer_types`, `topk_method`, a top-level `partial_rotary_factor`, `num_nextn_predict_layers` and no
-    `rope_interleave` (true by default); gpt-oss's, a `rope_scaling` with `rope_type` and no `swiglu_alpha`."""
+    `rope_interleave` (true by default); MiniMax-M2's, `rotary_dim` for the partial RoPE and the keys of its
+    variant (`qk_norm_type`, `scoring_func`, `attn_type_list`, ...); gpt-oss's, a `rope_scaling` with
+    `rope_type` and no `swiglu_alpha`."""
     c = json.loads(path.read_text())
     rope = c.pop("rope_parameters", None) or {}
     c["rope_theta"] = rope.get("rope_theta", 10000.0)
@@ -113,7 +121,11 @@ def hub_config(path: Path, family: str) -> None:
         v3 = family == "deepseek_v3"
         c |= {"scoring_func": "sigmoid" if v3 else "softmax", "moe_layer_freq": 1}
         c.setdefault("topk_method", "noaux_tc")
-    if "partial_rotary_factor" in rope:
+    if family == "minimax_m2":  # MiniMaxAI/MiniMax-M2's: `rotary_dim`, and its keys for the variant it is
+        c |= {"rotary_dim": int(c["head_dim"] * rope["partial_rotary_factor"]), "qk_norm_type": "per_layer",
+              "use_qk_norm": True, "scoring_func": "sigmoid", "use_routing_bias": True, "shared_intermediate_size": 0,
+              "attn_type_list": [1] * c["num_hidden_layers"]}
+    elif "partial_rotary_factor" in rope:
         c["partial_rotary_factor"] = rope["partial_rotary_factor"]
     if family in ("qwen2_moe", "qwen3_moe", "olmoe"):
         c["num_experts"] = c.pop("num_local_experts", c.get("num_experts"))
