@@ -1,7 +1,7 @@
 """Tiny random checkpoints of every family, written by transformers' own classes (the oracle) and
 laid out as the hub has them: per-expert tensors, sharded, a hub-style config.json (`num_experts`
 for Qwen and OLMoE, `num_local_experts` for Phi, `n_routed_experts` and a top-level
-`partial_rotary_factor` for GLM-4.5, a top-level `rope_theta`)."""
+`partial_rotary_factor` for GLM-4.5, a top-level `rope_theta`; `hub_config` says each family's)."""
 
 from __future__ import annotations
 
@@ -48,6 +48,19 @@ FAMILIES = {
         num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
         n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1, first_k_dense_replace=1, n_group=4,
         topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5)),
+    # GLM-4.7-Flash: DeepSeek-V3's latent attention (q through q_lora_rank, interleaved rope) and sigmoid router
+    # (4 groups of 4, 2 kept), GLM's keys; a dense first layer
+    "glm4_moe_lite": ("Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM", dict(
+        hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+        n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1, n_group=4, topk_group=2, norm_topk_prob=True,
+        routed_scaling_factor=1.8, mlp_layer_types=["dense", "sparse", "sparse"])),
+    # MiniMax-M2: the sigmoid router without groups or scaling, RMSNorm of the whole q and k projections, partial
+    # RoPE (rotary_dim 8 of 16), Mixtral's expert names
+    "minimax_m2": ("MiniMaxM2Config", "MiniMaxM2ForCausalLM", dict(
+        hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, num_local_experts=8, num_experts_per_tok=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
     # sliding (window 4) and full layers, sinks, biases everywhere, YaRN on a 64-token original context, the
     # clamped SwiGLU at a limit these small activations reach, fused interleaved experts
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(
@@ -92,7 +105,11 @@ def hub_config(path: Path, family: str) -> None:
     """transformers 5 writes `rope_parameters` and, for Qwen3, `num_local_experts`: the hub's files say
     `rope_theta` at the top and `num_experts` (Phi: `num_local_experts`); GLM-4.5's, `partial_rotary_factor` at
     the top; DeepSeek's, a `rope_scaling` with `type`, the router's `topk_method` and `scoring_func`, and no
-    `head_dim` (transformers derives it); gpt-oss's, a `rope_scaling` with `rope_type` and no `swiglu_alpha`."""
+    `head_dim` (transformers derives it); GLM-4.7-Flash's (zai-org/GLM-4.7-Flash), `first_k_dense_replace` for
+    `mlp_layer_types`, `topk_method`, a top-level `partial_rotary_factor`, `num_nextn_predict_layers` and no
+    `rope_interleave` (true by default); MiniMax-M2's, `rotary_dim` for the partial RoPE and the keys of its
+    variant (`qk_norm_type`, `scoring_func`, `attn_type_list`, ...); gpt-oss's, a `rope_scaling` with
+    `rope_type` and no `swiglu_alpha`."""
     c = json.loads(path.read_text())
     rope = c.pop("rope_parameters", None) or {}
     c["rope_theta"] = rope.get("rope_theta", 10000.0)
@@ -104,10 +121,19 @@ def hub_config(path: Path, family: str) -> None:
         v3 = family == "deepseek_v3"
         c |= {"scoring_func": "sigmoid" if v3 else "softmax", "moe_layer_freq": 1}
         c.setdefault("topk_method", "noaux_tc")
-    if "partial_rotary_factor" in rope:
+    if family == "minimax_m2":  # MiniMaxAI/MiniMax-M2's: `rotary_dim`, and its keys for the variant it is
+        c |= {"rotary_dim": int(c["head_dim"] * rope["partial_rotary_factor"]), "qk_norm_type": "per_layer",
+              "use_qk_norm": True, "scoring_func": "sigmoid", "use_routing_bias": True, "shared_intermediate_size": 0,
+              "attn_type_list": [1] * c["num_hidden_layers"]}
+    elif "partial_rotary_factor" in rope:
         c["partial_rotary_factor"] = rope["partial_rotary_factor"]
     if family in ("qwen2_moe", "qwen3_moe", "olmoe"):
         c["num_experts"] = c.pop("num_local_experts", c.get("num_experts"))
+    if family == "glm4_moe_lite":
+        types = c.pop("mlp_layer_types")
+        del c["qk_head_dim"], c["rope_interleave"]
+        c |= {"first_k_dense_replace": types.index("sparse"), "topk_method": "noaux_tc", "partial_rotary_factor": 1.0,
+              "num_nextn_predict_layers": 1}
     if family == "gpt_oss":  # the hub's: `rope_type` in rope_scaling, no swiglu_alpha, experts_per_token too
         c["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
         del c["swiglu_alpha"]

@@ -29,9 +29,10 @@ from types import ModuleType
 
 from ..config import ModelConfig, check_numbers, read_json
 from ..errors import UserError
-from . import deepseek, glm4_moe, gpt_oss, mixtral, olmoe, phimoe, qwen_moe
+from . import deepseek, glm4_moe, glm4_moe_lite, gpt_oss, minimax_m2, mixtral, olmoe, phimoe, qwen_moe
 
-FAMILIES: tuple[ModuleType, ...] = (mixtral, qwen_moe, olmoe, phimoe, glm4_moe, deepseek, gpt_oss)
+FAMILIES: tuple[ModuleType, ...] = (mixtral, qwen_moe, olmoe, phimoe, glm4_moe, deepseek, gpt_oss, glm4_moe_lite,
+                                    minimax_m2)
 
 # names that every family here shares (the Llama layout), checkpoint regex -> ours
 L = r"model\.layers\.(\d+)\."

@@ -32,13 +32,27 @@ DENSE = glm4_moe.DENSE + [  # q_proj and o_proj are COMMON's wq and wo
     (A + r"kv_b_proj\.weight", "layers.{0}.attention.wkv_b.weight"),
 ]
 
-TOPK_METHODS = {"deepseek_v2": ("greedy", "group_limited_greedy"), "deepseek_v3": ("noaux_tc",)}
-SCORING = {"deepseek_v2": "softmax", "deepseek_v3": "sigmoid"}
+TOPK_METHODS = {"deepseek_v2": ("greedy", "group_limited_greedy"), "deepseek_v3": ("noaux_tc",),
+                "glm4_moe_lite": ("noaux_tc",)}
+SCORING = {"deepseek_v2": "softmax", "deepseek_v3": "sigmoid", "glm4_moe_lite": "sigmoid"}
 
 
 def config(c: dict, path: Path) -> ModelConfig:
     v3 = c.get("model_type") == "deepseek_v3" or "DeepseekV3ForCausalLM" in (c.get("architectures") or [])
-    family = "deepseek_v3" if v3 else "deepseek_v2"
+    n_layers = int(need(c, path, "num_hidden_layers"))
+    first = int(c.get("first_k_dense_replace", 3 if v3 else 0) or 0)
+    freq = int(c.get("moe_layer_freq") or 1)
+    dense = tuple(i for i in range(n_layers) if i < first or i % freq)
+    if v3:
+        return latent_moe(c, path, "deepseek_v3", dense, rope_interleave=bool(c.get("rope_interleave", True)))
+    return latent_moe(c, path, "deepseek_v2", dense, rope_interleave=True)
+
+
+def latent_moe(c: dict, path: Path, family: str, dense_layers: tuple[int, ...], **variant) -> ModelConfig:
+    """DeepSeek's layout, under the keys its hub configs (and GLM-4.7-Flash's) share: latent attention,
+    `n_routed_experts` and `n_shared_experts` of `moe_intermediate_size`, the dense MLP's `intermediate_size`,
+    and `family`'s router (V2's softmax one, or the sigmoid one), checked against `topk_method` and
+    `scoring_func`; `variant`: further ModelConfig fields (rope_interleave)."""
     method = c.get("topk_method") or TOPK_METHODS[family][0]
     scoring = c.get("scoring_func") or SCORING[family]
     if method not in TOPK_METHODS[family] or scoring != SCORING[family]:
@@ -46,9 +60,7 @@ def config(c: dict, path: Path) -> ModelConfig:
                         f"scoring_func {SCORING[family]}; this config says {method!r} and {scoring!r}")
     if c.get("attention_bias"):
         raise UserError(f"{path}: attention_bias (biased latent attention projections) is not implemented")
-    n_layers = int(need(c, path, "num_hidden_layers"))
-    first = int(c.get("first_k_dense_replace", 3 if v3 else 0) or 0)
-    freq = int(c.get("moe_layer_freq") or 1)
+    sigmoid = scoring == "sigmoid"
     grouped = method != "greedy"
     nope, rope = int(need(c, path, "qk_nope_head_dim")), int(need(c, path, "qk_rope_head_dim"))
     moe_ffn = int(need(c, path, "moe_intermediate_size"))
@@ -58,12 +70,11 @@ def config(c: dict, path: Path) -> ModelConfig:
         num_experts=int(need(c, path, "n_routed_experts", "num_local_experts", "num_experts")),
         n_kv_heads=heads, head_dim=nope + rope, kv_lora_rank=int(need(c, path, "kv_lora_rank")),
         q_lora_rank=int(c.get("q_lora_rank") or 0), qk_rope_head_dim=rope, v_head_dim=int(need(c, path, "v_head_dim")),
-        rope_interleave=bool(c.get("rope_interleave", True)) if v3 else True,
-        router="sigmoid" if v3 else "grouped_softmax", norm_topk_prob=bool(c.get("norm_topk_prob", v3)),
+        router="sigmoid" if sigmoid else "grouped_softmax", norm_topk_prob=bool(c.get("norm_topk_prob", sigmoid)),
         n_group=int(c.get("n_group") or 1) if grouped else 1,
         topk_group=int(c.get("topk_group") or 1) if grouped else 1,
         routed_scaling_factor=float(c.get("routed_scaling_factor", 1.0)),
         shared_ffn_dim=moe_ffn * int(c.get("n_shared_experts") or 0), shared_gate=False,
-        dense_ffn_dim=int(c.get("intermediate_size") or 0),
-        dense_layers=tuple(i for i in range(n_layers) if i < first or i % freq), sliding_window=None,
+        dense_ffn_dim=int(c.get("intermediate_size") or 0), dense_layers=dense_layers, sliding_window=None,
+        **variant,
     )
