@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import UserError
 
-NORMS = ("rms", "layer")
+NORMS = ("rms", "layer", "rms_plus_one")
 QK_NORMS = ("none", "head", "full")
 ROUTERS = ("softmax", "sparsemixer", "sigmoid", "grouped_softmax")
 
@@ -40,7 +40,8 @@ class ModelConfig:
     # the family and its variant of each shared piece (the defaults are Mixtral's)
     family: str = "mixtral"
     eos_ids: tuple[int, ...] = ()  # every id that ends generation (default: eos_id)
-    norm: str = "rms"  # rms, or layer (LayerNorm with bias)
+    norm: str = "rms"  # rms, layer (LayerNorm with bias), or rms_plus_one (RMSNorm whose weights are stored centred
+    # on zero and applied as 1 + w, in float32 before the cast back: Qwen3-Next, QK-norm included)
     qkv_bias: bool = False  # biases of wq wk wv
     o_bias: bool = False  # bias of wo
     qk_norm: str = "none"  # RMSNorm of q and k before RoPE: per head (Qwen3) or over the whole projection (OLMoE)
@@ -76,9 +77,20 @@ class ModelConfig:
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
     rope_interleave: bool = False  # q's and k's rotary dims come in (even, odd) pairs (DeepSeek), not in halves
+    attention_output_gate: bool = False  # wq gives each head's queries then as many gate values; the attention's
+    # output is scaled by sigmoid(gate) before wo (Qwen3-Next)
+    # Gated DeltaNet linear attention (Qwen3-Next, `modeling/deltanet.py`) on `linear_layers` in place of attention:
+    # no KV cache there but a fixed-size state per sequence (`state_bytes`); q and k of linear_k_heads heads of
+    # linear_k_dim, v of linear_v_heads of linear_v_dim, through a causal conv of linear_conv_kernel taps
+    linear_layers: tuple[int, ...] = ()
+    linear_k_heads: int = 0
+    linear_v_heads: int = 0
+    linear_k_dim: int = 0
+    linear_v_dim: int = 0
+    linear_conv_kernel: int = 4
 
     def __post_init__(self) -> None:
-        for name in ("eos_ids", "dense_layers"):  # JSON gives lists
+        for name in ("eos_ids", "dense_layers", "linear_layers"):  # JSON gives lists
             object.__setattr__(self, name, tuple(int(i) for i in getattr(self, name)))
         if self.window_layers is not None:
             object.__setattr__(self, "window_layers", tuple(int(i) for i in self.window_layers))
@@ -110,6 +122,15 @@ class ModelConfig:
                             f" and value dims {self.v_head_dim}: rope dims must be even, fewer than the head's")
         if self.kv_lora_rank and (self.sliding_window or self.qkv_bias or self.o_bias or self.qk_norm != "none"):
             raise UserError("config: latent attention has no sliding window, attention biases or QK-norm here")
+        if self.linear_layers and not (
+                min(self.linear_k_heads, self.linear_k_dim, self.linear_v_dim, self.linear_conv_kernel) > 0
+                and self.linear_v_heads % self.linear_k_heads == 0 and self.linear_v_heads > 0):
+            raise UserError(f"config: linear attention with {self.linear_k_heads} key heads of {self.linear_k_dim} "
+                            f"and {self.linear_v_heads} value heads of {self.linear_v_dim}, kernel "
+                            f"{self.linear_conv_kernel}: sizes must be positive, value heads a multiple of key heads")
+        if self.linear_layers and (self.kv_lora_rank or not set(self.linear_layers) <= set(range(self.n_layers))):
+            raise UserError(f"config: linear attention layers {list(self.linear_layers)} must be among the "
+                            f"{self.n_layers} layers, without latent attention")
         if not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
             raise UserError(f"config: partial_rotary_factor {self.partial_rotary_factor} gives {self.rotary_dim} "
                             f"rotary dims of {self.head_dim}; they must be even and positive")
@@ -152,11 +173,13 @@ class ModelConfig:
 
     @property
     def attention_inputs(self) -> tuple[int, ...]:
-        """The input sizes of the attention projections that int8 attention quantizes: D (wq wk wv), H*hd (wo);
+        """The input sizes of the attention projections that int8 attention quantizes: D (wq wk wv, linear
+        attention's wqkvz), H*hd (wo), linear attention's value heads x dims (its wo);
         latent attention: D (wq or wq_a, wkv_a), q_lora_rank (wq_b), H*v_head_dim (wo)."""
         if self.kv_lora_rank:
             return (self.dim, *([self.q_lora_rank] if self.q_lora_rank else []), self.n_heads * self.v_head_dim)
-        return self.dim, self.n_heads * self.head_dim
+        linear = (self.linear_v_heads * self.linear_v_dim,) if self.linear_layers else ()  # linear attention's wo
+        return self.dim, self.n_heads * self.head_dim, *linear
 
     @property
     def n_moe_layers(self) -> int:
@@ -175,38 +198,74 @@ class ModelConfig:
     @property
     def attention_params(self) -> int:
         """wq, wk, wv and wo of every layer (their weights: what int8 attention quantizes); latent attention:
-        wq (or wq_a and wq_b), wkv_a and wo (wkv_b stays in the compute dtype: decode reads it per head)."""
+        wq (or wq_a and wq_b), wkv_a and wo (wkv_b stays in the compute dtype: decode reads it per head);
+        linear attention: wqkvz and wo (its small wba stays in the compute dtype)."""
         D, H, hd = self.dim, self.n_heads, self.head_dim
         if self.kv_lora_rank:
             Q = self.q_lora_rank
             q = Q * (D + H * hd) if Q else D * H * hd
             return self.n_layers * (q + D * (self.kv_lora_rank + self.qk_rope_head_dim) + H * self.v_head_dim * D)
-        return self.n_layers * D * hd * (2 * H + 2 * self.n_kv_heads)
+        wq = H * (1 + self.attention_output_gate)  # the output gate's rows come with wq's
+        linear = len(self.linear_layers) * D * (2 * self.linear_key_dims + 3 * self.linear_value_dims)  # wqkvz, wo
+        return self.n_attention_layers * D * hd * (wq + H + 2 * self.n_kv_heads) + linear
 
     @property
     def dense_params(self) -> int:
         """Everything that is not a routed expert: attention (biases, QK norms), norms, routers,
-        shared experts, dense MLP layers, embeddings, head (and the sigmoid router's correction bias)."""
+        shared experts, dense MLP layers, embeddings, head (and the sigmoid router's correction bias); linear
+        attention's small tensors."""
         H, G, hd, D = self.n_heads, self.n_kv_heads, self.head_dim, self.dim
         norm = 2 * D if self.norm == "layer" else D
         if self.kv_lora_rank:  # wkv_b [H*(nope + v), R] and the norms of the latents
             R = self.kv_lora_rank
             extra = R * H * (hd - self.qk_rope_head_dim + self.v_head_dim) + R + self.q_lora_rank
         else:
-            extra = ((H + 2 * G) * hd * self.qkv_bias + D * self.o_bias
+            extra = ((H * (1 + self.attention_output_gate) + 2 * G) * hd * self.qkv_bias + D * self.o_bias
                      + {"none": 0, "head": 2 * hd, "full": (H + G) * hd}[self.qk_norm])
-        attn = self.attention_params + self.n_layers * extra
+        Hv, Kd = self.linear_v_heads, self.linear_key_dims  # wba, conv, dt_bias, A_log, the gated norm
+        linear = 2 * Hv * D + (2 * Kd + self.linear_value_dims) * self.linear_conv_kernel + 2 * Hv + self.linear_v_dim
+        attn = self.attention_params + self.n_attention_layers * extra + len(self.linear_layers) * linear
         router = self.num_experts * (D + (self.router == "sigmoid") + self.router_bias)  # + either bias
         moe = self.n_moe_layers * (router + 3 * D * self.shared_ffn_dim + D * self.shared_gate)
         dense = len(self.dense_layers) * 3 * D * self.dense_ffn_dim
         head = (0 if self.tie_word_embeddings else self.vocab_size * D) + self.vocab_size * self.lm_head_bias
-        sinks = self.n_layers * H * self.attention_sinks
+        sinks = self.n_attention_layers * H * self.attention_sinks
         return attn + sinks + self.n_layers * 2 * norm + moe + dense + self.vocab_size * D + head + norm
 
     def kv_bytes(self, context: int, bytes_per_value: int) -> int:
-        """KV cache for `context` tokens (each layer's sliding window, if shorter); latent attention's latents."""
+        """What one sequence of `context` tokens keeps: the KV cache (each layer's sliding window, if shorter;
+        latent attention's latents) and the linear attention layers' state (`state_bytes`)."""
         heads, k, v = self.kv_dims
-        return heads * (k + v) * bytes_per_value * sum(self.kv_length(i, context) for i in range(self.n_layers))
+        kv = heads * (k + v) * bytes_per_value * sum(self.kv_length(i, context) for i in range(self.n_layers))
+        return kv + self.state_bytes(bytes_per_value)
+
+    @property
+    def n_attention_layers(self) -> int:
+        """Layers with attention (a KV cache), not linear attention."""
+        return self.n_layers - len(self.linear_layers)
+
+    @property
+    def linear_key_dims(self) -> int:
+        """Linear attention's q (and k) width: key heads x key dims."""
+        return self.linear_k_heads * self.linear_k_dim
+
+    @property
+    def linear_value_dims(self) -> int:
+        """Linear attention's v (and z, and output) width: value heads x value dims."""
+        return self.linear_v_heads * self.linear_v_dim
+
+    @property
+    def conv_dims(self) -> int:
+        """Channels of linear attention's causal conv: q, k and v side by side."""
+        return 2 * self.linear_key_dims + self.linear_value_dims
+
+    def state_bytes(self, bytes_per_value: int) -> int:
+        """The fixed-size state one sequence keeps in the linear attention layers, whatever its length: the
+        conv's last kernel-1 inputs [conv_dims, kernel-1] in the compute dtype, and the delta rule's state
+        [value heads, key dims, value dims] in float32."""
+        conv = self.conv_dims * (self.linear_conv_kernel - 1) * bytes_per_value
+        recurrent = self.linear_v_heads * self.linear_k_dim * self.linear_v_dim * 4
+        return len(self.linear_layers) * (conv + recurrent)
 
     def window_of(self, layer: int) -> int | None:
         """The sliding window of `layer`'s attention, None where it sees the whole context."""
@@ -216,7 +275,9 @@ class ModelConfig:
 
     def kv_length(self, layer: int, context: int) -> int:
         """Positions `layer`'s KV cache holds for `context` tokens: the context, or its sliding window if shorter
-        (a ring: see `layers.KVCache`)."""
+        (a ring: see `layers.KVCache`); none in a linear attention layer."""
+        if layer in self.linear_layers:  # a state instead (`state_bytes`)
+            return 0
         window = self.window_of(layer)
         return min(context, window) if window else context
 

@@ -68,6 +68,13 @@ FAMILIES = {
         head_dim=16, num_local_experts=8, num_experts_per_tok=2, sliding_window=4, swiglu_limit=0.3,
         rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
                          "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 64})),
+    # the hybrid: linear attention (2 key heads, 4 value heads) on layers 0 and 2, gated attention with partial
+    # rotary on layer 1; a gated shared expert
+    "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM", dict(
+        hidden_size=64, intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
+        num_experts_per_tok=4, norm_topk_prob=True, full_attention_interval=2, linear_num_key_heads=2,
+        linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4)),
 }
 
 
@@ -82,13 +89,16 @@ def make_family(path: Path, family: str, seed: int = 0, tokenizer: str | None = 
     with torch.no_grad():  # norms away from 1, biases away from 0, routers sharper: so that bugs show
         for name, p in model.named_parameters():
             if "norm" in name and name.endswith("weight"):
-                p.uniform_(0.5, 1.5)
+                # Qwen3-Next's norms apply 1 + w (but linear attention's gated one): the same scales
+                p.uniform_(0.5, 1.5).sub_(1 if family == "qwen3_next" and "linear_attn" not in name else 0)
             elif name.endswith("bias"):
                 p.uniform_(-0.3, 0.3)
             elif (name.endswith("gate.weight") and "shared" not in name) or name.endswith("router.weight"):
                 p.mul_(20)
             elif name.endswith("sinks"):  # gpt-oss: sinks that take a real share of each softmax
                 p.uniform_(-1.0, 1.5)
+            elif name.endswith("A_log"):  # linear attention: decays of 0.75 to 0.97 a token, so the state carries
+                p.uniform_(-3.0, -1.0)
         for name, b in model.named_buffers():  # the sigmoid router's choice bias: it must change choices
             if name.endswith("e_score_correction_bias"):
                 b.uniform_(-0.3, 0.3)
@@ -109,7 +119,8 @@ def hub_config(path: Path, family: str) -> None:
     `mlp_layer_types`, `topk_method`, a top-level `partial_rotary_factor`, `num_nextn_predict_layers` and no
     `rope_interleave` (true by default); MiniMax-M2's, `rotary_dim` for the partial RoPE and the keys of its
     variant (`qk_norm_type`, `scoring_func`, `attn_type_list`, ...); gpt-oss's, a `rope_scaling` with
-    `rope_type` and no `swiglu_alpha`."""
+    `rope_type` and no `swiglu_alpha`; Qwen3-Next's, `full_attention_interval` instead of `layer_types`, and
+    `partial_rotary_factor` at the top."""
     c = json.loads(path.read_text())
     rope = c.pop("rope_parameters", None) or {}
     c["rope_theta"] = rope.get("rope_theta", 10000.0)
@@ -134,6 +145,10 @@ def hub_config(path: Path, family: str) -> None:
         del c["qk_head_dim"], c["rope_interleave"]
         c |= {"first_k_dense_replace": types.index("sparse"), "topk_method": "noaux_tc", "partial_rotary_factor": 1.0,
               "num_nextn_predict_layers": 1}
+    if family == "qwen3_next":  # the hub's: the layers by `full_attention_interval` (every other one here)
+        assert c.pop("layer_types") == ["linear_attention", "full_attention"] * (c["num_hidden_layers"] // 2) + [
+            "linear_attention"] * (c["num_hidden_layers"] % 2)
+        c["full_attention_interval"] = 2
     if family == "gpt_oss":  # the hub's: `rope_type` in rope_scaling, no swiglu_alpha, experts_per_token too
         c["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
         del c["swiglu_alpha"]

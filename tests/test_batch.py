@@ -73,10 +73,13 @@ def test_batched_equals_alone_mixtral(ckpts, name, slots, chunk):
         assert sum(engine.cache.table.misses) > 0
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe_lite", "minimax_m2"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe_lite", "minimax_m2",
+                                    "qwen3_next"])
 def test_batched_equals_alone_families(tmp_path, family):
     """Top-k slots of 16 experts (Qwen3: top-8; MiniMax-M2: top-2 of 8): a batch's union overflows the slots at
-    every step. DeepSeek and GLM-4.7-Flash: latent attention's batched decode over the pool's latent rows."""
+    every step. DeepSeek and GLM-4.7-Flash: latent attention's batched decode over the pool's latent rows.
+    Qwen3-Next: linear attention's state in the pool's slots, prompts prefilled in chunks of 4 from the state
+    so far."""
     path = make_family(tmp_path / family, family, seed=1)
     jobs = [([1, 17, 33, 250, 4, 99, 180, 7, 64, 3], 8, 0), ([1, 5, 6], 6, 1), ([1, 40, 41, 42, 43, 44, 45], 5, 1),
             ([9, 8], 7, 4)]

@@ -68,7 +68,8 @@ def int8_parts(w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
     return out
 
 
-ATTENTION_WEIGHTS = ("wq", "wk", "wv", "wo", "wq_a", "wq_b", "wkv_a")  # those a layer has; wkv_b stays dense
+# those a layer has; wkv_b stays dense, and linear attention's wba (small: two values per head)
+ATTENTION_WEIGHTS = ("wq", "wk", "wv", "wo", "wq_a", "wq_b", "wkv_a", "wqkvz")
 ATTENTION_SUFFIXES = tuple(f"attention.{w}.weight" for w in ATTENTION_WEIGHTS)  # their names in a state dict
 
 

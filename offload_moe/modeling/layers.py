@@ -18,23 +18,51 @@ from ..config import ModelConfig
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """`plus_one`: the weights are stored centred on zero and applied as 1 + w, and the product is taken in
+    float32 before the cast back (Qwen3-Next's, after Gemma's); else w times the normed x in its dtype (Llama's)."""
+
+    def __init__(self, dim: int, eps: float, plus_one: bool = False):
         super().__init__()
-        self.eps = eps
+        self.eps, self.plus_one = eps, plus_one
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # in float32, as the reference implementations, then back to the activation dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.plus_one:
+            return (xf * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * xf.to(x.dtype)
 
 
+def make_rms(config: ModelConfig, dim: int) -> RMSNorm:
+    """The family's RMSNorm over `dim` (QK-norm's too): plain, or with zero-centred weights (`rms_plus_one`)."""
+    return RMSNorm(dim, config.norm_eps, plus_one=config.norm == "rms_plus_one")
+
+
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:
-    """RMSNorm, or LayerNorm with a bias (Phi-3.5-MoE), over `dim`."""
+    """The family's RMSNorm (`make_rms`), or LayerNorm with a bias (Phi-3.5-MoE), over `dim`."""
     if config.norm == "layer":
         return nn.LayerNorm(dim, eps=config.norm_eps)
-    return RMSNorm(dim, config.norm_eps)
+    return make_rms(config, dim)
+
+
+def sequence_buffers(config: ModelConfig, length: int, lead: tuple[int, ...], device: torch.device,
+                     dtype: torch.dtype) -> tuple[list, list, list, list]:
+    """What `lead` sequences keep per layer (lead: () for one, (S,) for a pool), zeroed: keys and values
+    [*lead, G, C_l, hd] (C_l = `ModelConfig.kv_length`: none in a linear attention layer), and a linear
+    attention layer's state, None elsewhere: its conv's last inputs [*lead, conv_dims, kernel-1] in `dtype`
+    and the delta rule's state [*lead, Hv, dk, dv] in float32 (`ModelConfig.state_bytes`)."""
+    heads, k, v = config.kv_dims
+    lengths = [config.kv_length(i, length) for i in range(config.n_layers)]
+    keys = [torch.zeros((*lead, heads, n, k), device=device, dtype=dtype) for n in lengths]
+    values = [torch.zeros((*lead, heads, n, v), device=device, dtype=dtype) for n in lengths]
+    linear = [i in config.linear_layers for i in range(config.n_layers)]
+    conv = [torch.zeros((*lead, config.conv_dims, config.linear_conv_kernel - 1), device=device, dtype=dtype)
+            if lin else None for lin in linear]
+    shape = (config.linear_v_heads, config.linear_k_dim, config.linear_v_dim)
+    recurrent = [torch.zeros((*lead, *shape), device=device, dtype=torch.float32) if lin else None for lin in linear]
+    return keys, values, conv, recurrent
 
 
 class KVCache:
@@ -45,50 +73,61 @@ class KVCache:
     position p lives in slot p % C_l, so the cache is a ring that holds exactly the last C_l positions.
     With a window on some layers only (gpt-oss: 128 on every other layer), those layers' rings hold just
     their window and the others the whole context, and the memory plan counts each layer's own length.
+
+    A linear attention layer (`deltanet.py`) has no keys or values (C_l = 0) but a state of fixed size,
+    conv[layer] and recurrent[layer] (`sequence_buffers`), which `reset` zeroes: a new sequence starts
+    from none. Elsewhere both are None.
     """
 
     def __init__(self, config: ModelConfig, length: int, device: torch.device, dtype: torch.dtype):
-        self.windows = [config.window_of(i) for i in range(config.n_layers)]
-        heads, k, v = config.kv_dims
-        lengths = [config.kv_length(i, length) for i in range(config.n_layers)]
-        self.k = [torch.zeros((heads, n, k), device=device, dtype=dtype) for n in lengths]
-        self.v = [torch.zeros((heads, n, v), device=device, dtype=dtype) for n in lengths]
-        self.length = max(lengths)  # the positions the longest layer holds
+        windows = [config.window_of(i) for i in range(config.n_layers)]
+        self._set(*sequence_buffers(config, length, (), device, dtype), windows)
+
+    def _set(self, k: list, v: list, conv: list, recurrent: list, windows: list[int | None]) -> None:
+        self.k, self.v, self.conv, self.recurrent, self.windows = k, v, conv, recurrent, windows
+        self.length = max(t.shape[-2] for t in k)  # the positions the longest layer holds
         self.pos = 0  # tokens written so far
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v, *self.conv, *self.recurrent)
+                   if t is not None)
 
     def reset(self) -> None:
         self.pos = 0
+        for t in (*self.conv, *self.recurrent):
+            if t is not None:
+                t.zero_()
 
     @classmethod
-    def over(cls, k: list[torch.Tensor], v: list[torch.Tensor], windows: list[int | None]) -> KVCache:
-        """A KVCache on given per-layer tensors k, v [G, C_l, hd] (one slot of a KVPool): no allocation."""
+    def over(cls, k: list, v: list, conv: list, recurrent: list, windows: list[int | None]) -> KVCache:
+        """A KVCache on given per-layer tensors (one slot of a KVPool): no allocation."""
         kv = cls.__new__(cls)
-        kv.k, kv.v, kv.windows, kv.length, kv.pos = k, v, windows, max(t.shape[1] for t in k), 0
+        kv._set(k, v, conv, recurrent, windows)
         return kv
 
 
 class KVPool:
-    """Keys and values of S sequences at once, per layer k[layer], v[layer] [S, G, C_l, hd]: `seqs[s]` is slot
-    s's own KVCache (its own rings and position) over its part, so a prompt is prefilled into a slot by the
-    single-sequence forward, and `Attention.decode_ragged` reads every slot's layer at once (`k[layer]`, one
-    contiguous block per layer)."""
+    """Keys and values of S sequences at once, per layer k[layer], v[layer] [S, G, C_l, hd], and the linear
+    attention layers' state conv[layer], recurrent[layer] [S, ...]: `seqs[s]` is slot s's own KVCache (its own
+    rings, state and position) over its part, so a prompt is prefilled into a slot by the single-sequence
+    forward, and `decode_ragged` reads every slot's layer at once (`k[layer]`, one contiguous block per layer)."""
 
     def __init__(self, config: ModelConfig, length: int, seqs: int, device: torch.device, dtype: torch.dtype):
         windows = [config.window_of(i) for i in range(config.n_layers)]
-        heads, k, v = config.kv_dims
-        lengths = [config.kv_length(i, length) for i in range(config.n_layers)]
-        self.k = [torch.zeros((seqs, heads, n, k), device=device, dtype=dtype) for n in lengths]
-        self.v = [torch.zeros((seqs, heads, n, v), device=device, dtype=dtype) for n in lengths]
-        self.length = max(lengths)
-        self.seqs = [KVCache.over([t[s] for t in self.k], [t[s] for t in self.v], windows) for s in range(seqs)]
+        self.k, self.v, self.conv, self.recurrent = sequence_buffers(config, length, (seqs,), device, dtype)
+        self.length = max(t.shape[-2] for t in self.k)
+
+        def slot(ts: list, s: int) -> list:
+            return [None if t is None else t[s] for t in ts]
+
+        self.seqs = [KVCache.over(slot(self.k, s), slot(self.v, s), slot(self.conv, s), slot(self.recurrent, s),
+                                  windows) for s in range(seqs)]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v, *self.conv, *self.recurrent)
+                   if t is not None)
 
 
 def rope_tables(hd: int, theta: float, length: int, device: torch.device,
@@ -177,27 +216,28 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 class Attention(nn.Module):
     """GQA attention with the family's options: q/k/v and o biases, RMSNorm of q and k per head
     (Qwen3) or over the whole projection (OLMoE), clamping of q, k, v (OLMoE), a learned sink logit
-    per head (gpt-oss, `attend`), and a sliding window on all layers or some (`KVCache`)."""
+    per head (gpt-oss, `attend`), a sliding window on all layers or some (`KVCache`), and an output
+    gate (Qwen3-Next: wq gives each head's queries then its gate; the output times sigmoid(gate))."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         c = config
         self.n_heads, self.n_kv, self.hd = c.n_heads, c.n_kv_heads, c.head_dim
-        self.qk_norm, self.clip = c.qk_norm, c.clip_qkv
-        self.wq = nn.Linear(c.dim, c.n_heads * c.head_dim, bias=c.qkv_bias)
+        self.qk_norm, self.clip, self.gated = c.qk_norm, c.clip_qkv, c.attention_output_gate
+        self.wq = nn.Linear(c.dim, c.n_heads * c.head_dim * (1 + self.gated), bias=c.qkv_bias)
         self.wk = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.wv = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.wo = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=c.o_bias)
         if c.qk_norm != "none":
             per_head = c.qk_norm == "head"
-            self.q_norm = RMSNorm(c.head_dim if per_head else c.n_heads * c.head_dim, c.norm_eps)
-            self.k_norm = RMSNorm(c.head_dim if per_head else c.n_kv_heads * c.head_dim, c.norm_eps)
+            self.q_norm = make_rms(c, c.head_dim if per_head else c.n_heads * c.head_dim)
+            self.k_norm = make_rms(c, c.head_dim if per_head else c.n_kv_heads * c.head_dim)
         self.sinks = nn.Parameter(torch.empty(c.n_heads)) if c.attention_sinks else None  # [H]
 
     def forward(self, x: torch.Tensor, layer: int, kv: KVCache, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
         H, G, hd = self.n_heads, self.n_kv, self.hd
-        q, k, v = self._project(x, cos, sin)  # [H, T, hd], [G, T, hd], [G, T, hd]
+        q, k, v, gate = self._project(x, cos, sin)  # [H, T, hd], [G, T, hd], [G, T, hd], [T, H*hd] or None
         kc, vc = kv.k[layer], kv.v[layer]  # [G, C, hd], C this layer's length
         start, C = kv.pos, kc.shape[1]
         # grouped-query attention without repeating k/v: the H/G query heads that share a kv
@@ -213,7 +253,7 @@ class Attention(nn.Module):
         else:
             out = self._prefill(qg, k, v, kc, vc, start, T, kv.windows[layer], sinks)  # [G, H/G*T, hd]
         out = out.reshape(H, T, hd).transpose(0, 1).reshape(T, H * hd)  # [H, T, hd] -> [T, H*hd]
-        return self.wo(out)
+        return self.wo(out if gate is None else out * torch.sigmoid(gate))
 
     def decode_ragged(self, x: torch.Tensor, layer: int, pool: KVPool, rows: torch.Tensor, pos: torch.Tensor,
                       span: int, cos: torch.Tensor, sin: torch.Tensor, block: slice | None = None) -> torch.Tensor:
@@ -225,7 +265,7 @@ class Attention(nn.Module):
         as a slice, when they are consecutive. -> [B, D]"""
         B = x.shape[0]
         H, G, hd = self.n_heads, self.n_kv, self.hd
-        q, k, v = self._project(x, cos, sin)  # [H, B, hd], [G, B, hd], [G, B, hd]
+        q, k, v, gate = self._project(x, cos, sin)  # [H, B, hd], [G, B, hd], [G, B, hd], [B, H*hd] or None
         kc, vc = pool.k[layer], pool.v[layer]  # [S, G, C, hd], C this layer's length
         C = kc.shape[2]
         ring = pos % C  # [B]
@@ -240,15 +280,19 @@ class Attention(nn.Module):
         mask = (torch.arange(N, device=x.device)[None, :] < n[:, None])[:, None, None, :]  # [B, 1, 1, N]
         qg = q.reshape(G, H // G, B, hd).permute(2, 0, 1, 3)  # [H, B, hd] -> [B, G, H/G, hd]
         sinks = None if self.sinks is None else self.sinks.view(1, G, H // G, 1)
-        out = attend(qg, keys, vals, mask, sinks)  # [B, G, H/G, hd]
-        return self.wo(out.reshape(B, H * hd))
+        out = attend(qg, keys, vals, mask, sinks).reshape(B, H * hd)  # [B, G, H/G, hd] -> [B, H*hd]
+        return self.wo(out if gate is None else out * torch.sigmoid(gate))
 
     def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """q [H, T, hd], k, v [G, T, hd] of x [T, D], with the family's norms and clamps and RoPE at
-        the tokens' positions (cos, sin [T, hd])."""
+        the tokens' positions (cos, sin [T, hd]); and the output gate [T, H*hd] (None without one)."""
         T = x.shape[0]
         H, G, hd = self.n_heads, self.n_kv, self.hd
-        q, k, v = self.wq(x), self.wk(x), self.wv(x)  # [T, H*hd], [T, G*hd], [T, G*hd]
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)  # [T, H*hd] (gated: [T, H*2hd]), [T, G*hd], [T, G*hd]
+        gate = None
+        if self.gated:  # per head: its hd queries, then its hd gate values
+            q, gate = q.view(T, H, 2 * hd).split(hd, dim=-1)
+            q, gate = q.reshape(T, H * hd), gate.reshape(T, H * hd)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip is not None:
@@ -259,7 +303,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.view(T, G, hd).transpose(0, 1)  # [H|G, T, hd]
         q, k = apply_rope(q, cos, sin).to(x.dtype), apply_rope(k, cos, sin).to(x.dtype)
-        return q, k, v
+        return q, k, v, gate
 
     @staticmethod
     def _prefill(qg, k, v, kc, vc, start: int, T: int, window: int | None, sinks: torch.Tensor | None

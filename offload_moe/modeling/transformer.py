@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .deltanet import GatedDeltaNet
 from .layers import MLP, Attention, KVCache, KVPool, make_norm
 from .mla import LatentAttention
 
@@ -29,7 +30,10 @@ class Block(nn.Module):
         super().__init__()
         c = config
         self.attention_norm = make_norm(c, c.dim)
-        self.attention = LatentAttention(c) if c.kv_lora_rank else Attention(c)
+        if layer in c.linear_layers:  # linear attention, under the same name: the same calls
+            self.attention = GatedDeltaNet(c)
+        else:
+            self.attention = LatentAttention(c) if c.kv_lora_rank else Attention(c)
         self.ffn_norm = make_norm(c, c.dim)
         if layer in c.dense_layers:
             self.mlp = MLP(c.dim, c.dense_ffn_dim)

@@ -186,18 +186,22 @@ class Checkpoint:
             p = f"layers.{i}."
             a = p + "attention."
             shapes |= {p + f"{norm}.{n}": (D,) for norm in ("attention_norm", "ffn_norm") for n in norms}
-            if c.kv_lora_rank:
+            if i in c.linear_layers:
+                shapes |= {a + name: shape for name, shape in linear_attention_shapes(c).items()}
+            elif c.kv_lora_rank:
                 shapes |= {a + name: shape for name, shape in latent_attention_shapes(c).items()}
             else:
-                shapes |= {a + "wq.weight": (q, D), a + "wk.weight": (kv, D), a + "wv.weight": (kv, D),
-                           a + "wo.weight": (D, q)}
-            if c.qkv_bias:
-                shapes |= {a + "wq.bias": (q,), a + "wk.bias": (kv,), a + "wv.bias": (kv,)}
-            if c.o_bias:
-                shapes[a + "wo.bias"] = (D,)
-            if c.attention_sinks:
-                shapes[a + "sinks"] = (c.n_heads,)
-            shapes |= {a + f"{name}.weight": (n,) for name, n in qk_norm.items()}
+                shapes |= {a + "wq.weight": (q * (1 + c.attention_output_gate), D), a + "wk.weight": (kv, D),
+                           a + "wv.weight": (kv, D), a + "wo.weight": (D, q)}
+            if i not in c.linear_layers:
+                if c.qkv_bias:
+                    shapes |= {a + "wq.bias": (q * (1 + c.attention_output_gate),), a + "wk.bias": (kv,),
+                               a + "wv.bias": (kv,)}
+                if c.o_bias:
+                    shapes[a + "wo.bias"] = (D,)
+                if c.attention_sinks:
+                    shapes[a + "sinks"] = (c.n_heads,)
+                shapes |= {a + f"{name}.weight": (n,) for name, n in qk_norm.items()}
             if i in c.dense_layers:
                 I = c.dense_ffn_dim
                 shapes |= {p + "mlp.w1.weight": (I, D), p + "mlp.w3.weight": (I, D), p + "mlp.w2.weight": (D, I)}
@@ -325,6 +329,14 @@ class Checkpoint:
 
     def close(self) -> None:
         self._files.clear()
+
+
+def linear_attention_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """A layer's Gated DeltaNet tensors (`modeling/deltanet.py`), by our name under `attention.`."""
+    Hv, Vd = c.linear_v_heads, c.linear_value_dims
+    return {"wqkvz.weight": (2 * c.linear_key_dims + 2 * Vd, c.dim), "wba.weight": (2 * Hv, c.dim),
+            "conv.weight": (c.conv_dims, 1, c.linear_conv_kernel), "dt_bias": (Hv,), "A_log": (Hv,),
+            "norm.weight": (c.linear_v_dim,), "wo.weight": (c.dim, Vd)}
 
 
 def latent_attention_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
