@@ -171,6 +171,8 @@ def card_plan(config: ModelConfig, profiles=CARDS, context: int | None = None, d
                   "experts": config.num_experts, "top_k": config.top_k, "dim": config.dim, "ffn_dim": config.ffn_dim},
         "params": {"experts": rows * config.expert_params, "dense": config.dense_params,
                    "total": rows * config.expert_params + config.dense_params},
+        # fp16: a token's keys and values over every layer, and the fixed state a sequence keeps whatever its length
+        "kv_per_token": config.kv_bytes(1, 2) - config.state_bytes(2), "state_per_sequence": config.state_bytes(2),
         "group_size": group,
         "formats": {p: f.name for p, f in fmt.items()},
         "bytes_per_expert": {p: f.nbytes for p, f in fmt.items()},
@@ -212,13 +214,18 @@ def format_card_plan(plan: dict, source: str = "") -> str:
         "every expert in host RAM: " + ", ".join(f"{plan['formats'][p]} {gib(n)}"
                                                  for p, n in plan["host_bytes"].items()),
     ]
+    state = plan["state_per_sequence"]
+    per_seq = f"; linear attention state: {state / 2**20:.1f} MiB a sequence, whatever its length" if state else ""
+    lines.append(f"KV cache (fp16): {plan['kv_per_token'] / 2**10:.1f} KiB a token{per_seq}")
     if plan["group_size"] is None:
         lines.append("no quantization group size (32, 64, 128) divides D and I: fp16 experts only")
     heads = "".join(f"{plan['formats'][p]:>11}" for p in plan["formats"])
-    kv = "the KV cache" if plan["batch"] == 1 else f"the KV cache of {plan['batch']} sequences (--max-batch)"
+    what = "the KV cache" + (" and state" if state else "")
+    kv = what if plan["batch"] == 1 else f"{what} of {plan['batch']} sequences (--max-batch)"
     lines += ["", f"expert slots per layer on the card (of {m['experts']}; '-': fewer than top-k = {m['top_k']} fit), "
                   f"beside the dense weights, {kv} and the reserve:",
-              f"{'profile':<9}{'card':>10}{'dense':>11}{'context':>9}{'KV cache':>11}{'reserve':>11}{'left':>11}"
+              f"{'profile':<9}{'card':>10}{'dense':>11}{'context':>9}{'KV+state' if state else 'KV cache':>11}"
+              f"{'reserve':>11}{'left':>11}"
               + heads]
     for c in plan["cards"]:
         cells = "".join(f"{(str(n) if c['fits'][p] else '-') + (' (all)' if n == m['experts'] else ''):>11}"

@@ -21,19 +21,8 @@ from offload_moe.engine import Engine
 from offload_moe.modeling.deltanet import _l2norm, chunked, recurrent_step
 from offload_moe.modeling.layers import KVPool
 from offload_moe.models import from_hf_config
+from offload_moe.models.public import public_config
 from offload_moe.options import EngineOptions
-
-# Qwen3-Next-80B-A3B-Instruct's config.json as the hub has it (the keys the engine reads)
-HUB_80B = {
-    "architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen3_next", "attention_bias": False,
-    "decoder_sparse_step": 1, "full_attention_interval": 4, "head_dim": 256, "hidden_size": 2048,
-    "intermediate_size": 5120, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_num_key_heads": 16,
-    "linear_num_value_heads": 32, "linear_value_head_dim": 128, "max_position_embeddings": 262144,
-    "mlp_only_layers": [], "moe_intermediate_size": 512, "norm_topk_prob": True, "num_attention_heads": 16,
-    "num_experts": 512, "num_experts_per_tok": 10, "num_hidden_layers": 48, "num_key_value_heads": 2,
-    "partial_rotary_factor": 0.25, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 10000000,
-    "shared_expert_intermediate_size": 512, "tie_word_embeddings": False, "use_sliding_window": False,
-    "vocab_size": 151936, "bos_token_id": 151643, "eos_token_id": 151645}
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +104,7 @@ def test_the_state_in_the_pool_and_the_memory_plan(ckpt, tmp_path, capsys):
     assert pool.nbytes == 3 * c.kv_bytes(32, 4)
 
     # Qwen3-Next-80B-A3B: 80B parameters; 12 attention layers of 2 kv heads x 256, 36 linear ones
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps(HUB_80B))
+    path = public_config("Qwen3-Next-80B-A3B-Instruct")  # shipped: offload_moe/data/configs
     big = from_hf_config(path)
     assert big.n_moe_layers * big.num_experts * big.expert_params + big.dense_params == pytest.approx(80e9, rel=0.01)
     assert big.kv_bytes(1, 2) - big.state_bytes(2) == 12 * 2 * 2 * 256 * 2  # fp16 KV a token
