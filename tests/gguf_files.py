@@ -30,8 +30,9 @@ def quantized(name: str, t: np.ndarray) -> bool:
     return t.ndim >= 2 and "ffn_gate_inp" not in name
 
 
-def gguf_tensors(model, family: str) -> dict[str, np.ndarray]:
-    """The model's tensors under llama.cpp's names and in its layout, float32."""
+def gguf_tensors(model, family: str, per_expert: bool = False) -> dict[str, np.ndarray]:
+    """The model's tensors under llama.cpp's names and in its layout, float32; `per_expert`: each expert's
+    tensors apart (`blk.N.ffn_gate.E.weight`), as llama.cpp wrote Mixtral before it stacked them."""
     c = model.config
     sd = {k: v.detach().float() for k, v in model.state_dict().items()}
     out = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"]}
@@ -47,6 +48,10 @@ def gguf_tensors(model, family: str) -> dict[str, np.ndarray]:
         if p + "mlp.experts.gate_up_proj" in sd:  # [E, 2I, D]: gate rows, then up
             gate, up = sd[p + "mlp.experts.gate_up_proj"].chunk(2, dim=1)
             out[b + "ffn_gate_exps.weight"], out[b + "ffn_up_exps.weight"] = gate, up
+        if per_expert:
+            for part in ("gate", "up", "down"):
+                stacked = out.pop(b + f"ffn_{part}_exps.weight")
+                out |= {b + f"ffn_{part}.{e}.weight": stacked[e] for e in range(len(stacked))}
         if ARCH[family] == "llama":
             out[b + "attn_q.weight"] = halves_to_interleaved(out[b + "attn_q.weight"], c.num_attention_heads)
             out[b + "attn_k.weight"] = halves_to_interleaved(out[b + "attn_k.weight"], c.num_key_value_heads)
@@ -54,9 +59,9 @@ def gguf_tensors(model, family: str) -> dict[str, np.ndarray]:
 
 
 def write_gguf(model, family: str, path: Path, qtype: Q = Q.F32, split_max_tensors: int = 0,
-               raw: dict[str, tuple[np.ndarray, Q]] | None = None) -> Path:
+               raw: dict[str, tuple[np.ndarray, Q]] | None = None, per_expert: bool = False) -> Path:
     """The model as a GGUF at `path` (split into files of `split_max_tensors` tensors: then the first file's path);
-    `raw`: tensors written as these bytes of that type instead."""
+    `raw`: tensors written as these bytes of that type instead; `per_expert`: see `gguf_tensors`."""
     c = model.config
     arch = ARCH[family]
     w = gguf.GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
@@ -81,7 +86,7 @@ def write_gguf(model, family: str, path: Path, qtype: Q = Q.F32, split_max_tenso
         w.add_clamp_kqv(c.clip_qkv)
     w.add_bos_token_id(c.bos_token_id)
     w.add_eos_token_id(c.eos_token_id)
-    for name, t in gguf_tensors(model, family).items():
+    for name, t in gguf_tensors(model, family, per_expert).items():
         if name in (raw or {}):
             w.add_tensor(name, raw[name][0], raw_dtype=raw[name][1])
         elif qtype != Q.F32 and quantized(name, t):

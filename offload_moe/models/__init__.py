@@ -14,6 +14,8 @@ A family that llama.cpp converts (a GGUF file, `weights/gguf.py`) also declares:
   GGUF_ARCH    {GGUF `general.architecture`: our model_type}, the names llama.cpp's converter writes;
   GGUF_DENSE   [(llama.cpp tensor-name regex, our name)] beyond `GGUF_COMMON`;
   GGUF_PERMUTED  whether the converter interleaved wq/wk rows for its RoPE (the `llama` arch), undone at load.
+  GGUF_EXPERT  a regex for one expert's tensor in files that predate stacked experts (groups: layer, part in
+               `GGUF_PARTS`, expert), or None; every file stacks them in `GGUF_EXPERTS`.
 The shared pieces live once, in `modeling/`; checkpoint reading, in `weights/checkpoint.py`.
 
 Our names: `tok_embeddings`, `norm`, `output`, `layers.N.attention_norm`, `layers.N.ffn_norm`,

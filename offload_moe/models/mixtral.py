@@ -21,6 +21,8 @@ FUSED = r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)"
 GGUF_ARCH = {"llama": "mixtral"}
 GGUF_DENSE: list = []
 GGUF_PERMUTED = True
+# files written before llama.cpp stacked each layer's experts (b2589, April 2024), e.g. the first Mixtral GGUFs
+GGUF_EXPERT = r"blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight"
 
 # the original release: params.json + consolidated.NN.pt
 ORIGINAL_DENSE = [

@@ -18,6 +18,7 @@ FUSED = None
 GGUF_ARCH = {"olmoe": "olmoe"}
 GGUF_DENSE: list = []
 GGUF_PERMUTED = False
+GGUF_EXPERT = None  # llama.cpp's files of this family all stack the experts
 
 
 def config(c: dict, path: Path) -> ModelConfig:

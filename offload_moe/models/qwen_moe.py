@@ -39,6 +39,7 @@ GGUF_DENSE = [
     (B + r"ffn_gate_inp_shexp\.weight", "layers.{0}.shared_gate.weight"),
 ]
 GGUF_PERMUTED = False
+GGUF_EXPERT = None  # llama.cpp's files of this family all stack the experts
 
 
 def dense_layers(c: dict, n_layers: int) -> tuple[int, ...]:

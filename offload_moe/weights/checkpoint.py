@@ -16,7 +16,8 @@ Layouts read, tensor by tensor (safetensors and mmap'd torch files), never the w
             we permute them once here to the rotate-halves convention that the model uses.
   gguf      llama.cpp's file (`NAME.gguf`, or the first file of a split set), through `gguf.py`: the config from
             its metadata, the family's GGUF names (`blk.N.attn_q.weight`), each expert a slice of its layer's
-            stacked `ffn_{gate,up,down}_exps`, decoded exactly to float; the `llama` arch's wq/wk are interleaved
+            stacked `ffn_{gate,up,down}_exps` (or, in Mixtral files before April 2024, `ffn_gate.E`), decoded
+            exactly to float; the `llama` arch's wq/wk are interleaved
             as the original layout's, and permuted back the same way.
 """
 
@@ -175,11 +176,14 @@ class Checkpoint:
     def _index_gguf(self) -> None:
         """Every tensor the config needs, by our name; a type gguf.py does not read is refused here, by name."""
         c, f, g = self.config, self.family, self.gguf
-        expert = re.compile(GGUF_EXPERTS)
+        stacked, alone = re.compile(GGUF_EXPERTS), f.GGUF_EXPERT and re.compile(f.GGUF_EXPERT)
         for key in g.tensors:
-            if m := expert.fullmatch(key):
+            if m := stacked.fullmatch(key):
                 for e in range(c.num_experts):
                     self.expert_sources[(int(m[1]), e, GGUF_PARTS[m[2]])] = (g.file_of(key), key, _pick(e))
+            elif alone and (m := alone.fullmatch(key)):
+                self.expert_sources[(int(m[1]), int(m[3]), GGUF_PARTS[m[2]])] = (g.file_of(key), key,
+                                                                                GGUFTensor.dequantize)
             else:
                 self._add_dense(key, f.GGUF_DENSE + GGUF_COMMON, g.file_of(key), GGUFTensor.dequantize)
         if f.GGUF_PERMUTED:  # llama.cpp's converter interleaved wq/wk rows (LlamaModel.permute)
