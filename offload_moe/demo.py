@@ -101,7 +101,7 @@ def random_demo_model() -> Path:
 
 
 def resolve_model(name: str) -> Path:
-    """A model argument: a folder, or one of the embedded names."""
+    """A model argument: a folder or GGUF file, or one of the embedded names."""
     if name in TRAINED_DEMOS:
         return TRAINED_DEMOS[name]
     return random_demo_model() if name == "demo-random" else Path(name)

@@ -134,8 +134,9 @@ class Engine:
         is_messages = isinstance(prompt, list) and any(isinstance(m, dict) for m in prompt)
         if isinstance(prompt, str) or is_messages:
             if self.tokenizer is None:
-                raise UserError(f"{self.checkpoint.path} has no tokenizer (tokenizer.json or tokenizer.model): "
-                                "pass token ids (--prompt-ids)")
+                has = ("its own vocabulary is not read yet" if self.checkpoint.layout == "gguf"
+                       else "tokenizer.json or tokenizer.model")
+                raise UserError(f"{self.checkpoint.path} has no tokenizer ({has}): pass token ids (--prompt-ids)")
             prompt = self.tokenizer.chat(prompt) if chat or is_messages else self.tokenizer.encode(prompt)
         V = self.config.vocab_size
         bad = [t for t in prompt if not 0 <= t < V]

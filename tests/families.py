@@ -78,13 +78,13 @@ FAMILIES = {
 }
 
 
-def make_family(path: Path, family: str, seed: int = 0, tokenizer: str | None = None) -> Path:
+def make_family(path: Path, family: str, seed: int = 0, tokenizer: str | None = None, **overrides) -> Path:
     """`tokenizer`: also a tokenizer.json with its tokenizer_config.json and generation_config.json, in
-    one of hf_tokenizer.add_tokenizer's styles (e.g. 'chatml')."""
+    one of hf_tokenizer.add_tokenizer's styles (e.g. 'chatml'); `overrides`: config keys instead of FAMILIES'."""
     cfg_cls, model_cls, kwargs = FAMILIES[family]
     torch.manual_seed(seed)
     cfg = getattr(transformers, cfg_cls)(vocab_size=VOCAB, max_position_embeddings=256, bos_token_id=1,
-                                         eos_token_id=2, pad_token_id=0, **kwargs)
+                                         eos_token_id=2, pad_token_id=0, **(kwargs | overrides))
     model = getattr(transformers, model_cls)(cfg).eval()
     with torch.no_grad():  # norms away from 1, biases away from 0, routers sharper: so that bugs show
         for name, p in model.named_parameters():

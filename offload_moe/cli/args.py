@@ -106,7 +106,8 @@ def engine_flags() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("engine")
     g.add_argument("--model", default="demo",
-                   help="model folder (Hugging Face, original or packed layout), 'demo' (the small trained MoE that "
+                   help="model folder (Hugging Face, original or packed layout), a GGUF file (llama.cpp's; of a split "
+                        "set, its first file -00001-of-N.gguf), 'demo' (the small trained MoE that "
                         "ships with the package: 8 experts, top-2), 'demo-fine' (its fine-grained twin: 32 experts, "
                         "top-4) or 'demo-random' (random weights, Mixtral's tokenizer) "
                         "(default: %(default)s)")

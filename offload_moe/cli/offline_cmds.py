@@ -24,19 +24,22 @@ from ..planning.trace import load_trace
 from ..planning.tune import levers, to_toml, tune, winner_profile
 from ..planning.validate import score_lines, scores, validation_split
 from ..profiles import load_profile
+from ..weights.gguf import GGUFModel
 
 
 def read_config(text: str):
-    """The model shape of a config.json, a params.json or a model folder (no weights needed), else of a shipped
-    public config by model name (`models.public`)."""
+    """The model shape of a config.json, a params.json, a model folder or a GGUF file's metadata (no weights
+    needed), else of a shipped public config by model name (`models.public`)."""
     path = Path(text)
+    if path.suffix == ".gguf" and path.is_file():
+        return GGUFModel(path).config()
     if path.is_dir():
         path = path / "config.json" if (path / "config.json").exists() else path / "params.json"
     if not path.exists():
         shipped = public_config(text)
         if shipped is None:
-            raise UserError(f"no such config: {path} (give a config.json, params.json or model folder, or one of the "
-                            f"shipped public configs: {', '.join(public_configs())})")
+            raise UserError(f"no such config: {path} (give a config.json, params.json, model folder or GGUF file, "
+                            f"or one of the shipped public configs: {', '.join(public_configs())})")
         path = shipped
     return from_params_json(path) if path.name == "params.json" else from_hf_config(path)
 

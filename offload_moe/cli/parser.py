@@ -169,14 +169,14 @@ def add_calibrate(sub) -> None:
                      "Mixtral-8x7B's)")
     cal.add_argument("--ffn", type=int, default=14336, help="expert FFN dim (default: %(default)s)")
     cal.add_argument("--config", metavar="CONFIG", help="measure an expert of this model's shape instead (a "
-                     "config.json, params.json or model folder): its D and I replace --dim and --ffn")
+                     "config.json, params.json, model folder or GGUF file): its D and I replace --dim and --ffn")
 
 
 def add_convert(sub) -> None:
     con = sub.add_parser("convert", help="write a packed offload folder that loads fast",
                          description="Write the model once in the engine's layout: dense weights, and experts "
                                      "packed one after another with a checksummed index. Resumable.")
-    con.add_argument("--model", required=True, help="source folder (any layout the engine reads)")
+    con.add_argument("--model", required=True, help="source folder or GGUF file (any layout the engine reads)")
     con.add_argument("--out", required=True, help="the folder to write")
     con.add_argument("--experts", choices=(*EXPERT_QUANTS, "auto"), default="auto", help="expert precision; auto: "
                      "an MXFP4 checkpoint's stay MXFP4, others become int4 (default: %(default)s)")
@@ -207,9 +207,11 @@ def add_plan(sub) -> None:
     pln = sub.add_parser("plan", help="memory math of a model on 24, 16 and 12 GB cards, from its config.json",
                          description="Print the bytes per expert in fp16, int8 and int4, and the expert slots per "
                                      "layer that each card leaves beside the dense weights (fp16), the KV cache of "
-                                     "the context and the reserve. Needs no weights: a config.json is enough.")
+                                     "the context and the reserve. Needs no weights: a config.json (or a GGUF's "
+                                     "metadata) is enough.")
     pln.add_argument("--config", required=True, metavar="CONFIG",
-                     help="a config.json (Hugging Face), a params.json (original release) or a model folder")
+                     help="a config.json (Hugging Face), a params.json (original release), a model folder or a GGUF "
+                          "file (its metadata)")
     pln.add_argument("--profile", action="append", metavar="NAME",
                      help="a card profile (its budget, reserve, dtype and context); repeat for several "
                           f"(default: {' '.join(CARDS)})")

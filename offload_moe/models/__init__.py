@@ -10,6 +10,12 @@
                or None: groups (layer, checkpoint part). Their layout is transformers 5's, gate_up_proj
                [E, 2I, D] (w1 rows, then w3) and down_proj [E, D, I], unless the family declares its own
                in FUSED_PARTS (gpt-oss: {checkpoint part: {our part: (index into one expert, transposed)}}).
+A family that llama.cpp converts (a GGUF file, `weights/gguf.py`) also declares:
+  GGUF_ARCH    {GGUF `general.architecture`: our model_type}, the names llama.cpp's converter writes;
+  GGUF_DENSE   [(llama.cpp tensor-name regex, our name)] beyond `GGUF_COMMON`;
+  GGUF_PERMUTED  whether the converter interleaved wq/wk rows for its RoPE (the `llama` arch), undone at load.
+  GGUF_EXPERT  a regex for one expert's tensor in files that predate stacked experts (groups: layer, part in
+               `GGUF_PARTS`, expert), or None; every file stacks them in `GGUF_EXPERTS`.
 The shared pieces live once, in `modeling/`; checkpoint reading, in `weights/checkpoint.py`.
 
 Our names: `tok_embeddings`, `norm`, `output`, `layers.N.attention_norm`, `layers.N.ffn_norm`,
@@ -46,6 +52,44 @@ COMMON = [
     (L + r"self_attn\.([qkvo])_proj\.(weight|bias)", "layers.{0}.attention.w{1}.{2}"),
     (L + r"self_attn\.([qk])_norm\.weight", "layers.{0}.attention.{1}_norm.weight"),
 ]
+
+
+# GGUF: llama.cpp's names that every family here shares (`gguf.TENSOR_NAMES`), regex -> ours
+B = r"blk\.(\d+)\."
+GGUF_COMMON = [
+    (r"token_embd\.weight", "tok_embeddings.weight"),
+    (r"output_norm\.weight", "norm.weight"),
+    (r"output\.weight", "output.weight"),
+    (B + r"attn_norm\.weight", "layers.{0}.attention_norm.weight"),
+    (B + r"ffn_norm\.weight", "layers.{0}.ffn_norm.weight"),
+    (B + r"attn_([qkv])\.(weight|bias)", "layers.{0}.attention.w{1}.{2}"),
+    (B + r"attn_output\.weight", "layers.{0}.attention.wo.weight"),
+    (B + r"attn_([qk])_norm\.weight", "layers.{0}.attention.{1}_norm.weight"),
+    (B + r"ffn_gate_inp\.weight", "layers.{0}.gate.weight"),
+]
+# a layer's experts stacked in one tensor per part: gate and up [E, I, D], down [E, D, I]
+GGUF_EXPERTS = B + r"ffn_(gate|up|down)_exps\.weight"
+GGUF_PARTS = {"gate": "w1", "up": "w3", "down": "w2"}
+# GGUF metadata, the key after `{arch}.` -> the config.json key that the family's `config` reads
+GGUF_CONFIG = {
+    "embedding_length": "hidden_size", "block_count": "num_hidden_layers", "context_length": "max_position_embeddings",
+    "attention.head_count": "num_attention_heads", "attention.head_count_kv": "num_key_value_heads",
+    "attention.key_length": "head_dim", "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+    "attention.clamp_kqv": "clip_qkv", "attention.sliding_window": "sliding_window", "rope.freq_base": "rope_theta",
+    "feed_forward_length": "intermediate_size", "expert_feed_forward_length": "moe_intermediate_size",
+    "expert_shared_feed_forward_length": "shared_expert_intermediate_size", "expert_count": "num_local_experts",
+    "expert_used_count": "num_experts_per_tok", "expert_weights_norm": "norm_topk_prob",
+}
+
+
+def gguf_family(arch: str, path: Path) -> tuple[ModuleType, str]:
+    """The family and model_type of a GGUF's `general.architecture`; any other is refused, as a config.json's."""
+    for family in FAMILIES:
+        if arch in getattr(family, "GGUF_ARCH", {}):
+            return family, family.GGUF_ARCH[arch]
+    names = ", ".join(f"{a} ({t})" for f in FAMILIES for a, t in getattr(f, "GGUF_ARCH", {}).items())
+    raise UserError(f"{path} says general.architecture {arch!r}: offload_moe does not read it from a GGUF "
+                    f"(supported: {names})")
 
 
 def supported() -> dict[str, tuple[str, ...]]:

@@ -17,6 +17,13 @@ PARTS = {"w1": "w1", "w2": "w2", "w3": "w3"}
 # transformers 5 writes a layer's experts fused: gate_up_proj [E, 2I, D] (w1 rows, then w3), down_proj [E, D, I]
 FUSED = r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)"
 
+# GGUF (llama.cpp): Mixtral is its `llama` arch; the converter interleaves wq/wk rows (LlamaModel.permute)
+GGUF_ARCH = {"llama": "mixtral"}
+GGUF_DENSE: list = []
+GGUF_PERMUTED = True
+# files written before llama.cpp stacked each layer's experts (b2589, April 2024), e.g. the first Mixtral GGUFs
+GGUF_EXPERT = r"blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight"
+
 # the original release: params.json + consolidated.NN.pt
 ORIGINAL_DENSE = [
     (r"(tok_embeddings|norm|output)\.weight", "{0}.weight"),

@@ -15,6 +15,11 @@ EXPERT = r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_pr
 PARTS = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 FUSED = None
 
+GGUF_ARCH = {"olmoe": "olmoe"}
+GGUF_DENSE: list = []
+GGUF_PERMUTED = False
+GGUF_EXPERT = None  # llama.cpp's files of this family all stack the experts
+
 
 def config(c: dict, path: Path) -> ModelConfig:
     bias = bool(c.get("attention_bias", False))

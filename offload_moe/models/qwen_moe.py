@@ -30,6 +30,17 @@ EXPERT = L + r"experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight"
 PARTS = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 FUSED = None
 
+GGUF_ARCH = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+B = r"blk\.(\d+)\."
+GGUF_DENSE = [
+    (B + r"ffn_gate_shexp\.weight", "layers.{0}.shared.w1.weight"),
+    (B + r"ffn_up_shexp\.weight", "layers.{0}.shared.w3.weight"),
+    (B + r"ffn_down_shexp\.weight", "layers.{0}.shared.w2.weight"),
+    (B + r"ffn_gate_inp_shexp\.weight", "layers.{0}.shared_gate.weight"),
+]
+GGUF_PERMUTED = False
+GGUF_EXPERT = None  # llama.cpp's files of this family all stack the experts
+
 
 def dense_layers(c: dict, n_layers: int) -> tuple[int, ...]:
     """Layers with a dense MLP instead of experts, as transformers decides them."""

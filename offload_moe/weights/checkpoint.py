@@ -14,6 +14,11 @@ Layouts read, tensor by tensor (safetensors and mmap'd torch files), never the w
             `block_sparse_moe.w1/w2/w3` [E*I, D] (w2's block is the transpose of the down projection)
             or named `feed_forward.experts.E.w1.weight`. Its wq/wk use interleaved (complex-pair) RoPE;
             we permute them once here to the rotate-halves convention that the model uses.
+  gguf      llama.cpp's file (`NAME.gguf`, or the first file of a split set), through `gguf.py`: the config from
+            its metadata, the family's GGUF names (`blk.N.attn_q.weight`), each expert a slice of its layer's
+            stacked `ffn_{gate,up,down}_exps` (or, in Mixtral files before April 2024, `ffn_gate.E`), decoded
+            exactly to float; the `llama` arch's wq/wk are interleaved
+            as the original layout's, and permuted back the same way.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from ..errors import UserError
 from ..formats.base import bias_parts
 from ..formats.int8 import int8_part_shapes
 from ..formats.int8_linear import ATTENTION_SUFFIXES
-from ..models import COMMON, family_of, mixtral
+from ..models import COMMON, GGUF_COMMON, GGUF_EXPERTS, GGUF_PARTS, family_of, mixtral
+from .gguf import READ, GGUFModel, GGUFTensor
 from .packed import DENSE, packed_attention_group, read_index
 
 # A source: (file, key in that file, transform applied after reading)
@@ -53,13 +59,21 @@ class Checkpoint:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        if not self.path.is_dir():
-            raise UserError(f"no such model folder: {self.path}")
+        gguf = self.path.suffix == ".gguf"
+        if not (self.path.is_file() if gguf else self.path.is_dir()):
+            raise UserError(f"no such {'GGUF file' if gguf else 'model folder'}: {self.path}")
         self._files: dict[Path, object] = {}
         self.dense_sources: dict[str, Source] = {}
         self.expert_sources: dict[tuple[int, int, str], Source] = {}
         self.packed_index: dict | None = None
-        if (self.path / "packed.json").exists():
+        self.gguf: GGUFModel | None = None
+        if gguf:
+            self.layout = "gguf"
+            self.gguf = GGUFModel(self.path)
+            self.family, hub = self.gguf.hub_config()
+            self.config = self.family.config(hub, self.path)
+            self._index_gguf()
+        elif (self.path / "packed.json").exists():
             self.layout = "packed"
             raw = read_json(self.path / "config.json")
             self.family = family_of(raw, self.path / "config.json")
@@ -162,6 +176,36 @@ class Checkpoint:
                         fix = _permute(c.n_kv_heads)
                     self._add_dense(key, mixtral.ORIGINAL_DENSE, file, fix)
 
+    def _index_gguf(self) -> None:
+        """Every tensor the config needs, by our name; a type gguf.py does not read is refused here, by name."""
+        c, f, g = self.config, self.family, self.gguf
+        stacked, alone = re.compile(GGUF_EXPERTS), f.GGUF_EXPERT and re.compile(f.GGUF_EXPERT)
+        for key in g.tensors:
+            if m := stacked.fullmatch(key):
+                for e in range(c.num_experts):
+                    self.expert_sources[(int(m[1]), e, GGUF_PARTS[m[2]])] = (g.file_of(key), key, _pick(e))
+            elif alone and (m := alone.fullmatch(key)):
+                self.expert_sources[(int(m[1]), int(m[3]), GGUF_PARTS[m[2]])] = (g.file_of(key), key,
+                                                                                GGUFTensor.dequantize)
+            else:
+                self._add_dense(key, f.GGUF_DENSE + GGUF_COMMON, g.file_of(key), GGUFTensor.dequantize)
+        if f.GGUF_PERMUTED:  # llama.cpp's converter interleaved wq/wk rows (LlamaModel.permute)
+            for i in range(c.n_layers):
+                for name, heads in (("wq", c.n_heads), ("wk", c.n_kv_heads)):
+                    ours = f"layers.{i}.attention.{name}.weight"
+                    if ours in self.dense_sources:
+                        file, key, _ = self.dense_sources[ours]
+                        self.dense_sources[ours] = (file, key, _compose(GGUFTensor.dequantize, _permute(heads)))
+        expected = self.expected_dense()
+        used = [key for name, (_, key, _) in self.dense_sources.items() if name in expected]
+        used += sorted({key for _, key, _ in self.expert_sources.values()})
+        unread = [key for key in used if g.tensors[key][1].tensor_type not in READ]
+        if unread:
+            kinds = sorted({g.type_name(key) for key in unread})
+            raise UserError(f"{self.path}: tensor type {', '.join(kinds)} is not read ({unread[0]}"
+                            f"{f' and {len(unread) - 1} more' if len(unread) > 1 else ''}; read: "
+                            f"{', '.join(t.name for t in READ)})")
+
     def _add_dense(self, key: str, table, file: Path, fix) -> None:
         for pattern, ours in table:
             if m := re.fullmatch(pattern, key):
@@ -261,6 +305,8 @@ class Checkpoint:
 
     # -- reading --------------------------------------------------------------------------
     def _open(self, file: Path):
+        if self.gguf is not None:  # mapped once, at opening
+            return self.gguf
         handle = self._files.get(file)
         if handle is None:
             try:
@@ -283,7 +329,10 @@ class Checkpoint:
     def read(self, file: Path, key: str, fix=None) -> torch.Tensor:
         handle = self._open(file)
         try:
-            t = handle.get_tensor(key) if file.suffix == ".safetensors" else handle[key]
+            if self.gguf is not None:
+                t = handle.tensor(key)
+            else:
+                t = handle.get_tensor(key) if file.suffix == ".safetensors" else handle[key]
         except KeyError:
             raise UserError(f"{file.name}: tensor {key} is missing") from None
         except Exception as e:
@@ -294,6 +343,8 @@ class Checkpoint:
         """A tensor's dtype without reading its data: a safetensors header, or a memory-mapped torch file."""
         handle = self._open(file)
         try:
+            if self.gguf is not None:
+                return handle.dtype_of(key)
             if file.suffix != ".safetensors":
                 return handle[key].dtype
             name = handle.get_slice(key).get_dtype()
@@ -306,6 +357,8 @@ class Checkpoint:
     def dense(self, name: str) -> torch.Tensor:
         t = self.read(*self.dense_sources[name])
         want = self.expected_dense()[name]
+        if self.gguf is not None and [n for n in t.shape if n != 1] == [n for n in want if n != 1]:
+            t = t.reshape(want)  # ggml leaves out size-1 dims: Qwen2-MoE's ffn_gate_inp_shexp is [D] for our [1, D]
         if tuple(t.shape) != want:
             raise UserError(f"{self.path}: tensor {name} has shape {list(t.shape)}, config implies {list(want)}")
         return t

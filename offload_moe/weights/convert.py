@@ -85,8 +85,12 @@ def convert(source: str | Path, out: str | Path, fmt: ExpertFormat, dense_dtype:
         else:  # the sigmoid router's choice bias stays float32, as the engine holds it
             dense[name] = (t.float() if name.endswith(ROUTER_BIAS) else t.to(dense_dtype)).contiguous()
     save_file(dense, out / DENSE, metadata={"format": "pt"})
-    # the source's own config.json where it has one (it names the family), else Mixtral's from params.json
-    hf = read_json(ckpt.path / "config.json") if ckpt.layout == "hf" else c.to_hf_config()
+    # the source's own config.json where it has one (it names the family), a GGUF's metadata as one, else Mixtral's
+    # from params.json
+    if ckpt.layout == "hf":
+        hf = read_json(ckpt.path / "config.json")
+    else:
+        hf = ckpt.gguf.hub_config()[1] if ckpt.layout == "gguf" else c.to_hf_config()
     hf["torch_dtype"] = str(dense_dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(hf, indent=2))
     for file in tokenizer_files(ckpt.path):  # tokenizer, chat template, generation config: the stop ids

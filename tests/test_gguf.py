@@ -1,0 +1,193 @@
+"""GGUF files (llama.cpp's), written here by gguf-py from the tiny transformers checkpoints (`gguf_files.py`):
+the config from the metadata equals the config.json's; an F32 file gives transformers' logits; a Q8_0 file gives
+those of the model gguf-py decodes (max |dlogit| <= 1e-3 x max |logit|); the k-quants decode as gguf-py decodes
+them, an expert's slice alone; offloaded == resident; the CLI; the refusals."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from conftest import hf_model, make_hf, run_cli
+from families import make_family, reference
+from gguf import GGMLQuantizationType as Q
+from gguf_files import as_decoded, write_gguf
+
+from offload_moe.engine import Engine
+from offload_moe.errors import UserError
+from offload_moe.options import EngineOptions
+from offload_moe.weights.checkpoint import Checkpoint
+from offload_moe.weights.gguf import GGUFModel
+
+PROMPT = [1, 17, 33, 250, 4, 99, 180, 7, 64, 3]
+FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe")
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> dict:
+    """Each family's tiny checkpoint folder and its transformers model. Qwen2-MoE's without dense layers and with a
+    shared expert of 64 (llama.cpp has no dense Qwen2-MoE layers, and Q8_0 needs rows of a multiple of 32)."""
+    root = tmp_path_factory.mktemp("gguf-src")
+    out = {"mixtral": make_hf(root / "mixtral", "base", vocab=320)}
+    out["qwen3_moe"] = make_family(root / "qwen3_moe", "qwen3_moe", seed=1)
+    out["qwen2_moe"] = make_family(root / "qwen2_moe", "qwen2_moe", seed=2, mlp_only_layers=[],
+                                   shared_expert_intermediate_size=64)
+    out["olmoe"] = make_family(root / "olmoe", "olmoe", seed=3)
+    return {f: (path, hf_model(path) if f == "mixtral" else reference(path, f)) for f, path in out.items()}
+
+
+def load(path, **options) -> Engine:
+    return Engine.load(path, EngineOptions(prefetch=0, progress=False, **options))
+
+
+def logits_of(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_f32_gguf_gives_transformers_logits_and_the_folders_config(sources, family, tmp_path):
+    """Mixtral's as a split set of three files (the first stands for the set)."""
+    folder, model = sources[family]
+    path = write_gguf(model, family, tmp_path / "m.gguf", split_max_tensors=12 if family == "mixtral" else 0)
+    if family == "mixtral":
+        assert path.name == "m-00001-of-00003.gguf"
+    engine = load(path)
+    assert engine.config == Checkpoint(folder).config
+    got = engine.generate(PROMPT, 6, keep_logits=True)
+    want = logits_of(model, PROMPT + got.tokens[:-1])[len(PROMPT) - 1:]
+    torch.testing.assert_close(got.logits, want, rtol=0, atol=1e-4)
+    assert got.tokens == want.argmax(-1).tolist()
+    if family == "mixtral":  # --expert-quant int8 quantizes the same weights as from the folder
+        int8 = load(path, expert_quant="int8").score(PROMPT)
+        assert torch.equal(int8, load(folder, expert_quant="int8").score(PROMPT))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_q8_0_gguf_equals_the_decoded_model_offloaded_or_not(sources, family, tmp_path):
+    _, model = sources[family]
+    path = write_gguf(model, family, tmp_path / "m.gguf", Q.Q8_0)
+    want = logits_of(as_decoded(copy.deepcopy(model), Q.Q8_0), PROMPT)
+    resident = load(path)
+    got = resident.score(PROMPT)
+    assert (got - want).abs().max() <= 1e-3 * want.abs().max()
+    if family == "mixtral":  # the same file as llama.cpp wrote Mixtral before it stacked the experts
+        legacy = write_gguf(model, family, tmp_path / "legacy.gguf", Q.Q8_0, per_expert=True)
+        assert torch.equal(load(legacy).score(PROMPT), got)
+    c = resident.config
+    alone = resident.generate(PROMPT, 6, keep_logits=True)
+    offloaded = Engine.load(path, EngineOptions(cache_experts=c.top_k, prefetch=1, progress=False))
+    out = offloaded.generate(PROMPT, 6, keep_logits=True)
+    assert torch.equal(out.logits, alone.logits) and out.stats["misses"] > 0
+
+
+@pytest.mark.parametrize("qtype", [Q.F16, Q.BF16])
+def test_half_types_are_read_as_stored(sources, qtype, tmp_path):
+    _, model = sources["mixtral"]
+    path = write_gguf(model, "mixtral", tmp_path / "m.gguf", qtype)
+    half = torch.float16 if qtype == Q.F16 else torch.bfloat16
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in rounded.named_parameters():
+            if p.ndim >= 2 and not name.endswith("mlp.gate.weight"):
+                p.copy_(p.to(half).float())
+    engine = load(path)
+    assert engine.checkpoint.dtype == half
+    torch.testing.assert_close(engine.score(PROMPT), logits_of(rounded, PROMPT), rtol=0, atol=1e-4)
+
+
+def test_k_quants_decode_as_gguf_py_one_expert_at_a_time(tmp_path):
+    """Q4_K and Q6_K (no quantizer in gguf-py): random blocks with finite scales, in a stacked [E, I, D] tensor;
+    each expert's slice decodes as gguf-py decodes the whole tensor. Q4_0, Q5_K too, and Q8_0 through its quantizer."""
+    rng = np.random.default_rng(0)
+    E, I, D = 3, 4, 512
+    halves = {Q.Q4_0: (0,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}  # where each block's fp16 scales lie
+    w = gguf.GGUFWriter(tmp_path / "k.gguf", "llama")
+    raw = {}
+    for qtype, offsets in halves.items():
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        data = rng.integers(0, 256, (E, I, D // block * size), dtype=np.uint8)
+        blocks = data.reshape(-1, size)  # a view: the scales land in data
+        for at in offsets:
+            blocks[:, at:at + 2] = rng.uniform(-0.1, 0.1, len(blocks)).astype(np.float16).view(np.uint8).reshape(-1, 2)
+        raw[qtype.name] = data
+        w.add_tensor(f"{qtype.name}.weight", data, raw_dtype=qtype)
+    raw["Q8_0"] = gguf.quants.quantize(rng.standard_normal((E, I, D)).astype(np.float32), Q.Q8_0)
+    w.add_tensor("Q8_0.weight", raw["Q8_0"], raw_dtype=Q.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    model = GGUFModel(tmp_path / "k.gguf")
+    for name, data in raw.items():
+        want = gguf.quants.dequantize(data, Q[name])
+        t = model.tensor(f"{name}.weight")
+        assert t.shape == (E, I, D) and np.isfinite(want).all()
+        for e in range(E):
+            assert torch.equal(t[e], torch.from_numpy(want[e])), (name, e)
+
+
+def test_cli_generate_plan_convert(sources, tmp_path, capsys):
+    folder, model = sources["qwen3_moe"]
+    path = write_gguf(model, "qwen3_moe", tmp_path / "q3.gguf", Q.Q8_0)
+    code, out, err = run_cli(capsys, "generate", "--model", str(path), "--prompt-ids", ",".join(map(str, PROMPT)),
+                             "--max-new-tokens", "5", "--cache-experts", "8", "--json")
+    assert code == 0, err
+    assert json.loads(out)["tokens"] == load(path).generate(PROMPT, 5).tokens
+    code, _, err = run_cli(capsys, "generate", "--model", str(path), "--prompt", "Hello")
+    assert code == 1 and "pass token ids (--prompt-ids)" in err
+    code, out, err = run_cli(capsys, "plan", "--config", str(path), "--json")
+    assert code == 0, err
+    assert out == run_cli(capsys, "plan", "--config", str(folder), "--json")[1]
+    code, _, err = run_cli(capsys, "convert", "--model", str(path), "--out", str(tmp_path / "packed"), "--experts",
+                           "int8", "--dtype", "float32")
+    assert code == 0, err
+    packed = load(tmp_path / "packed")
+    assert packed.config == load(path).config
+    assert torch.equal(packed.score(PROMPT), load(path, expert_quant="int8").score(PROMPT))
+
+
+def test_refusals_are_one_line(sources, tmp_path):
+    _, model = sources["olmoe"]
+    path = write_gguf(model, "olmoe", tmp_path / "o.gguf")
+    bad = tmp_path / "bad.gguf"  # the same file under an architecture we do not read
+    bad.write_bytes(path.read_bytes().replace(b"olmoe", b"mamba"))
+    with pytest.raises(UserError, match=r"general.architecture 'mamba': offload_moe does not read it .*"
+                                        r"llama \(mixtral\)"):
+        Checkpoint(bad)
+    # experts in a type we do not read: IQ4_NL's bytes (32 weights in 18 bytes) for the up projections
+    E, I, D = model.config.num_experts, model.config.intermediate_size, model.config.hidden_size
+    iq = {f"blk.{i}.ffn_up_exps.weight": (np.zeros((E, I, D // 32 * 18), np.uint8), Q.IQ4_NL) for i in range(2)}
+    write_gguf(model, "olmoe", tmp_path / "iq.gguf", raw=iq)
+    with pytest.raises(UserError, match=r"tensor type IQ4_NL is not read \(blk.0.ffn_up_exps.weight and 1 more"):
+        Checkpoint(tmp_path / "iq.gguf")
+    (tmp_path / "m-00002-of-00003.gguf").write_bytes(b"")
+    with pytest.raises(UserError, match="is part 2 of 3: give the first file, m-00001-of-00003.gguf"):
+        Checkpoint(tmp_path / "m-00002-of-00003.gguf")
+
+
+def test_names_are_those_of_gguf_pys_tables():
+    """Every name the families map is one that gguf-py's tables give their architectures (`MODEL_TENSORS`)."""
+    import re
+
+    from offload_moe.models import FAMILIES, GGUF_COMMON, GGUF_EXPERTS
+
+    arch_of = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
+
+    def names(archs) -> set[str]:
+        return {gguf.TENSOR_NAMES[t].format(bid=0) + w for a in archs for t in gguf.MODEL_TENSORS[arch_of[a]]
+                for w in (".weight", ".bias")}
+
+    read = [a for f in FAMILIES for a in getattr(f, "GGUF_ARCH", {})]
+    assert set(read) == {"llama", "qwen2moe", "qwen3moe", "olmoe"}
+    for family in FAMILIES:
+        for pattern, _ in getattr(family, "GGUF_DENSE", []):
+            assert any(re.fullmatch(pattern, n) for n in names(family.GGUF_ARCH)), pattern
+    for pattern, _ in GGUF_COMMON:
+        assert any(re.fullmatch(pattern, n) for n in names(read)), pattern
+    for arch in read:
+        assert sum(bool(re.fullmatch(GGUF_EXPERTS, n)) for n in names([arch])) == 3, arch
