@@ -24,7 +24,8 @@ BASES = ("Qwen3-30B-A3B", "DeepSeek-V2-Lite", "gpt-oss-20b", "Phi-3.5-MoE-instru
 COUNTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "num_experts_per_tok")
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, derandomize=True,  # the same examples in every run: CI is not a lottery
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(base=st.sampled_from(BASES), key=st.data(), value=VALUES)
 def test_a_config_value_of_any_type_is_read_or_refused_in_one_line(tmp_path, base, key, value):
     config = json.loads(public_config(base).read_text())
@@ -66,7 +67,8 @@ def toml_value(v) -> str:
     return repr(v)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, derandomize=True,  # the same examples in every run: CI is not a lottery
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(key=st.sampled_from(sorted(ENGINE_KEYS) + ["budget.device", "budget.ram", "budget.device_reserve",
                                                   "hardware.h2d_bytes_per_s"]), value=TOML)
 def test_a_profile_value_of_any_type_is_taken_or_refused_in_one_line(tmp_path, key, value):

@@ -102,7 +102,7 @@ def family_of(c: dict, path: Path) -> ModuleType:
     (hand-written) is taken as Mixtral. Anything else is refused with the supported list."""
     model_type = None if c.get("model_type") is None else str(c["model_type"])
     arch = c.get("architectures") or []
-    arch = [str(a) for a in (arch if isinstance(arch, list) else [arch])]
+    arch = [str(a).encode("unicode_escape").decode() for a in (arch if isinstance(arch, list) else [arch])]  # one line
     for family in FAMILIES:
         for t, names in family.MODEL_TYPES.items():
             if model_type in (None, t) and set(arch) <= set(names) and (model_type or arch):
