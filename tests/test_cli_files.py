@@ -1,17 +1,21 @@
 """The CLI's outputs and inputs as a careless user gives them (issue 23): an output that is a FIFO, a device or
 a symlink is written into or through, never replaced; a folder, a missing folder, a non-UTF-8 file, a seed out
 of range or a NaN temperature is one `error:` line before any model loads; a KV pool the RAM cannot hold is
-refused before it is allocated."""
+refused before it is allocated; a shard index pointing outside the model folder, and NaN in a dense weight, are
+refused."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import stat
 import threading
 
 import pytest
 from conftest import run_cli as run
 from safetensors.torch import load as load_safetensors
+from safetensors.torch import load_file, save_file
 
 GEN = ("generate", "--model", "demo", "--prompt-ids", "1,2,3", "--max-new-tokens", "2")
 
@@ -79,3 +83,29 @@ def test_non_utf8_inputs_are_one_line(tmp_path, capsys):
                                         (["--seed", "-1"], "--seed"), (["--temperature", "nan"], "--temperature")])
 def test_sampling_values_out_of_range_are_one_line(capsys, flags, says):
     one_error(*run(capsys, *GEN, *flags), says)
+
+
+def copy_of(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_a_shard_outside_the_model_folder_is_refused(ckpts, tmp_path, capsys):
+    path = copy_of(ckpts["base"], tmp_path / "m")
+    index = path / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    key = next(iter(data["weight_map"]))
+    data["weight_map"][key] = "../../../../etc/passwd"
+    index.write_text(json.dumps(data))
+    one_error(*run(capsys, "generate", "--model", str(path), "--prompt-ids", "1,2", "--max-new-tokens", "1"),
+              "not a file inside the model folder")
+
+
+def test_nan_in_a_dense_weight_is_refused_at_load(ckpts, tmp_path, capsys):
+    path = copy_of(ckpts["base"], tmp_path / "m")
+    shard = path / json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]["model.norm.weight"]
+    tensors = load_file(shard)
+    tensors["model.norm.weight"][3] = float("nan")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    one_error(*run(capsys, "generate", "--model", str(path), "--prompt-ids", "1,2", "--max-new-tokens", "1"),
+              "norm.weight holds NaN")

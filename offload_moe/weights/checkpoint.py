@@ -117,8 +117,13 @@ class Checkpoint:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise UserError(f"{index} is not a valid safetensors index (needs a 'weight_map')") from None
+            if not isinstance(weight_map, dict):
+                raise UserError(f"{index} is not a valid safetensors index (its 'weight_map' is not an object)")
             by_file: dict[str, list[str]] = {}
+            root = self.path.resolve()
             for key, fname in weight_map.items():
+                if not isinstance(fname, str) or not (self.path / fname).resolve().is_relative_to(root):
+                    raise UserError(f"{index}: shard {fname!r} of {key} is not a file inside the model folder")
                 by_file.setdefault(fname, []).append(key)
         else:
             single = self.path / "model.safetensors"

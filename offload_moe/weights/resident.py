@@ -14,6 +14,7 @@ import torch
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 
+from ..errors import UserError
 from ..formats.int8_linear import ATTENTION_SUFFIXES, Int8Linear, int8_attention, int8_attention_state, int8_head
 from ..modeling.layers import rope_tables
 from ..modeling.transformer import ROUTER_BIAS, Transformer
@@ -28,7 +29,10 @@ def dense_state(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, atte
     c = ckpt.config
     state = {}
     for name in ckpt.expected_dense():
-        t = ckpt.dense(name).to(device)
+        t = ckpt.dense(name)
+        if t.is_floating_point() and not torch.isfinite(t).all():  # a broken file, not a model (checked on the host)
+            raise UserError(f"{ckpt.path}: tensor {name} holds NaN or infinite values")
+        t = t.to(device)
         if name.endswith(Int8Linear.PARTS):  # a packed folder's int8 attention: stored as the model holds it
             state[name] = t
         elif attention_group is not None and name.endswith(ATTENTION_SUFFIXES):
