@@ -169,7 +169,7 @@ class Scheduler:
         t0 = time.perf_counter()
         tokens = torch.tensor([r.pending for r in reqs], device=self.engine.device)  # [B]
         logits = self.engine.model.forward_batch(tokens, self.pool, [r.slot for r in reqs])  # [B, V]
-        if all(r.sampling.temperature == 0 for r in reqs):  # greedy: one argmax for the batch, as `sample` per row
+        if all(r.sampling.greedy for r in reqs):  # greedy: one argmax for the batch, as `sample` per row
             picked = logits.argmax(dim=-1)  # [B]
         else:
             picked = torch.stack([sample(logits[b], r.sampling, r.gen) for b, r in enumerate(reqs)])  # [B]

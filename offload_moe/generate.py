@@ -35,7 +35,7 @@ class GenerationResult:
 
 def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> torch.Tensor:
     """logits [V] float32 -> token id (0-d tensor, on the logits' device)."""
-    if s.temperature == 0:
+    if s.greedy:
         return logits.argmax()
     logits = logits / s.temperature
     if s.top_k:
@@ -46,6 +46,7 @@ def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> to
         sorted_p, order = probs.sort(descending=True)
         # drop a token when the tokens ranked above it already reach top_p
         drop = (sorted_p.cumsum(0) - sorted_p) >= s.top_p
+        drop[0] = False  # the top token stays whatever top_p (5e-324 is 0 in float32: it would drop every token)
         probs = probs.scatter(0, order, sorted_p.masked_fill(drop, 0.0))
     noise = torch.empty_like(probs).exponential_(1.0, generator=gen)
     return (probs / noise).argmax()
@@ -63,7 +64,7 @@ def check_request(prompt_ids: list[int], max_new_tokens: int, sampling: Sampling
 
 def sampling_generator(sampling: Sampling, device: torch.device) -> torch.Generator | None:
     """The seeded random stream of a sampled request (None when greedy: argmax draws nothing)."""
-    if sampling.temperature == 0:
+    if sampling.greedy:
         return None
     gen = torch.Generator(device=device)
     gen.manual_seed(sampling.seed)

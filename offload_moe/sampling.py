@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from .errors import UserError
 
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy
 SEEDS = 2**64  # a seed is 0 <= seed < 2**64: what torch.Generator.manual_seed takes
 
 
@@ -17,6 +18,11 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = 0  # 0 means no top-k filter
     seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        """A temperature this close to 0 picks the top token anyway, and dividing by it overflows to NaN."""
+        return self.temperature < GREEDY_BELOW
 
     def check(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):  # nan passes `< 0`: refused here

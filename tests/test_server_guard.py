@@ -209,3 +209,23 @@ def test_fuzzed_requests_get_a_2xx_or_a_4xx_in_json(srv, body, chat):
     if r.status_code < 300 and body.get("stream") is not True:
         assert "choices" in r.json()
     assert srv.idle()
+
+
+@pytest.mark.parametrize("params", [{"temperature": 1e-45}, {"top_p": 5e-324, "temperature": 1.0},
+                                    {"temperature": 1e-6, "seed": 3}])
+def test_tiny_temperature_or_top_p_is_greedy_never_nan(srv, params):
+    """A temperature under 1e-5 is greedy (dividing by it overflows); a top_p that is 0 in float32 keeps the top
+    token. Both used to sample from NaN and emit token 0."""
+    r = post(srv, {"prompt": PROMPT, "max_tokens": 4} | params)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == srv.ref
+
+
+def test_a_missing_prompt_and_a_lone_surrogate_are_400s_that_say_so(srv):
+    r = post(srv, {"max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and "messages" not in r.text
+    r = post(srv, b'{"prompt": "a\\ud800b", "max_tokens": 2}')
+    assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"]
+    r = httpx.post(srv.url + "/v1/chat/completions", content=b'{"messages": [{"role": "user", "content": "\\udfff"}]}',
+                   headers=JSON, timeout=30)
+    assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"]
+    still_serving(srv)

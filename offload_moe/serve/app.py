@@ -121,6 +121,10 @@ async def read_body(request) -> dict:
         raise APIError(400, "the request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
+    try:  # JSON may escape a lone surrogate ("\\ud800"): not text, and no tokenizer should see it
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, "the request body holds a lone surrogate: not valid Unicode text") from None
     return body
 
 

@@ -175,6 +175,8 @@ class Service:
         except UserError as e:
             raise APIError(400, str(e), param="messages" if chat else "prompt", code="invalid_value") from None
         except Exception as e:  # noqa: BLE001 - a template that raises on these messages
+            if not chat:  # the tokenizer itself failed: ours to fix, said without its internals
+                raise APIError(500, "cannot tokenize the prompt", code="internal_error", kind="server_error") from None
             raise APIError(400, f"cannot apply the chat template: {e}", param="messages",
                            code="invalid_value") from None
         capacity = self.scheduler.capacity
