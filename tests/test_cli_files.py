@@ -109,3 +109,24 @@ def test_nan_in_a_dense_weight_is_refused_at_load(ckpts, tmp_path, capsys):
     save_file(tensors, shard, metadata={"format": "pt"})
     one_error(*run(capsys, "generate", "--model", str(path), "--prompt-ids", "1,2", "--max-new-tokens", "1"),
               "norm.weight holds NaN")
+
+
+def test_convert_killed_before_its_first_journal_resumes(ckpts, tmp_path, capsys):
+    """A run killed before its first flush left only experts.bin (and, since, an empty journal): the next run
+    starts it again instead of refusing the folder."""
+    out = tmp_path / "packed"
+    out.mkdir()
+    (out / "experts.bin").write_bytes(b"\x00" * 100)  # what such a run left, before the journal is written first
+    code, _, err = run(capsys, "convert", "--model", str(ckpts["base"]), "--out", str(out), "--experts", "int8",
+                       "--group-size", "32", "--dtype", "float32")
+    assert code == 0, err
+    assert (out / "packed.json").exists()
+
+
+def test_convert_into_a_file_or_an_unwritable_place_is_one_line(ckpts, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    one_error(*run(capsys, "convert", "--model", str(ckpts["base"]), "--out", str(afile)), "is not a folder")
+    assert afile.read_text() == "mine"
+    one_error(*run(capsys, "convert", "--model", str(ckpts["base"]), "--out", "/proc/offload-moe-test"),
+              "cannot write")

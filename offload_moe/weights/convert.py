@@ -40,6 +40,8 @@ def convert(source: str | Path, out: str | Path, fmt: ExpertFormat, dense_dtype:
     out = Path(out)
     if ckpt.layout == "packed":
         raise UserError(f"{source} is already a packed folder")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a folder; choose another --out")
     if (out / INDEX).exists():
         raise UserError(f"{out} already holds a packed model; remove it or choose another --out")
     if attention_group is not None:
@@ -52,11 +54,18 @@ def convert(source: str | Path, out: str | Path, fmt: ExpertFormat, dense_dtype:
     stride = aligned(fmt.nbytes)
     entries, start = _resume(out, settings, stride)
     if entries is None:
-        if out.exists() and any(out.iterdir()):
+        # a folder holding only what a run killed before its first journal leaves (experts.bin, a journal's
+        # temporary file) starts again; anything else is someone's
+        ours = {DATA, JOURNAL + ".tmp"}
+        if out.exists() and any(p.name not in ours for p in out.iterdir()):
             raise UserError(f"{out} exists and is not empty (nor an interrupted conversion of the same model)")
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / DATA).write_bytes(b"")
+        except OSError as e:
+            raise UserError(f"cannot write {out}: {e.strerror}") from None
         entries, start = [], 0
-        (out / DATA).write_bytes(b"")
+        _write_journal(out, settings, entries)  # at once: a run killed now resumes, it does not block the folder
 
     buf = torch.empty(stride, dtype=torch.uint8)
     experts, row_of = MappedSource(ckpt, fmt, drop_pages=False, pack_device=pack_device), c.row_of
@@ -108,6 +117,10 @@ def convert(source: str | Path, out: str | Path, fmt: ExpertFormat, dense_dtype:
 def _journal(out: Path, f, settings: dict, entries: list) -> None:
     f.flush()
     os.fsync(f.fileno())
+    _write_journal(out, settings, entries)
+
+
+def _write_journal(out: Path, settings: dict, entries: list) -> None:
     tmp = out / (JOURNAL + ".tmp")
     tmp.write_text(json.dumps({**settings, "experts": entries}))
     os.replace(tmp, out / JOURNAL)
