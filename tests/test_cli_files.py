@@ -17,6 +17,8 @@ from conftest import run_cli as run
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file, save_file
 
+from offload_moe.planning.trace import load_trace, save_trace
+
 GEN = ("generate", "--model", "demo", "--prompt-ids", "1,2,3", "--max-new-tokens", "2")
 
 
@@ -130,3 +132,14 @@ def test_convert_into_a_file_or_an_unwritable_place_is_one_line(ckpts, tmp_path,
     assert afile.read_text() == "mine"
     one_error(*run(capsys, "convert", "--model", str(ckpts["base"]), "--out", "/proc/offload-moe-test"),
               "cannot write")
+
+
+@pytest.mark.parametrize("bad", ["{not json", "[1, 2]", '{"dim": "wide"}'])
+def test_a_trace_whose_model_shape_is_broken_is_one_line(tmp_path, capsys, bad):
+    code, _, err = run(capsys, *GEN[:-2], "--max-new-tokens", "4", "--json", "--trace-out", str(tmp_path / "t"))
+    assert code == 0, err
+    trace = load_trace(tmp_path / "t")
+    trace.metadata["config"] = bad
+    save_trace(tmp_path / "bad", trace)
+    one_error(*run(capsys, "simulate", "--trace", str(tmp_path / "bad"), "--timed"), "model shape")
+    one_error(*run(capsys, "tune", "--trace", str(tmp_path / "bad"), "--budget", "24GB"), "model shape")

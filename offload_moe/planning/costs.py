@@ -116,6 +116,12 @@ def budget_of(text: str | None, profile: Profile | None) -> int:
 def model_shape(trace: Trace) -> ModelConfig:
     """The model shape recorded in the trace, or Mixtral-8x7B's when the trace has none."""
     raw = trace.metadata.get("config") if trace.metadata else None
-    if raw:
-        return ModelConfig.from_dict(json.loads(raw))
-    return MIXTRAL_8X7B
+    if not raw:
+        return MIXTRAL_8X7B
+    try:
+        shape = json.loads(raw)
+        if not isinstance(shape, dict):
+            raise TypeError(f"a {type(shape).__name__}, not an object")
+        return ModelConfig.from_dict(shape)
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise UserError(f"the trace's 'config' metadata is not a model shape ({e}); record the trace again") from None
