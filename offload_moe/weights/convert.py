@@ -52,20 +52,7 @@ def convert(source: str | Path, out: str | Path, fmt: ExpertFormat, dense_dtype:
     c = ckpt.config
     order = [(layer, e) for layer in c.moe_layers for e in range(c.num_experts)]
     stride = aligned(fmt.nbytes)
-    entries, start = _resume(out, settings, stride)
-    if entries is None:
-        # a folder holding only what a run killed before its first journal leaves (experts.bin, a journal's
-        # temporary file) starts again; anything else is someone's
-        ours = {DATA, JOURNAL + ".tmp"}
-        if out.exists() and any(p.name not in ours for p in out.iterdir()):
-            raise UserError(f"{out} exists and is not empty (nor an interrupted conversion of the same model)")
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / DATA).write_bytes(b"")
-        except OSError as e:
-            raise UserError(f"cannot write {out}: {e.strerror}") from None
-        entries, start = [], 0
-        _write_journal(out, settings, entries)  # at once: a run killed now resumes, it does not block the folder
+    entries, start = _begin(out, settings, stride)
 
     buf = torch.empty(stride, dtype=torch.uint8)
     experts, row_of = MappedSource(ckpt, fmt, drop_pages=False, pack_device=pack_device), c.row_of
@@ -124,6 +111,25 @@ def _write_journal(out: Path, settings: dict, entries: list) -> None:
     tmp = out / (JOURNAL + ".tmp")
     tmp.write_text(json.dumps({**settings, "experts": entries}))
     os.replace(tmp, out / JOURNAL)
+
+
+def _begin(out: Path, settings: dict, stride: int) -> tuple[list, int]:
+    """Where this run starts: an interrupted run's entries (`_resume`), or a new folder with an empty journal."""
+    entries, start = _resume(out, settings, stride)
+    if entries is not None:
+        return entries, start
+    # a folder holding only what a run killed before its first journal left (experts.bin, a journal's temporary
+    # file) starts again; anything else is someone's
+    ours = {DATA, JOURNAL + ".tmp"}
+    if out.exists() and any(p.name not in ours for p in out.iterdir()):
+        raise UserError(f"{out} exists and is not empty (nor an interrupted conversion of the same model)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / DATA).write_bytes(b"")
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror}") from None
+    _write_journal(out, settings, [])  # at once: a run killed now resumes, it does not block the folder
+    return [], 0
 
 
 def _resume(out: Path, settings: dict, stride: int) -> tuple[list | None, int]:
