@@ -143,3 +143,15 @@ def test_a_trace_whose_model_shape_is_broken_is_one_line(tmp_path, capsys, bad):
     save_trace(tmp_path / "bad", trace)
     one_error(*run(capsys, "simulate", "--trace", str(tmp_path / "bad"), "--timed"), "model shape")
     one_error(*run(capsys, "tune", "--trace", str(tmp_path / "bad"), "--budget", "24GB"), "model shape")
+
+
+def test_convert_refuses_nan_in_an_expert(ckpts, tmp_path, capsys):
+    path = copy_of(ckpts["base"], tmp_path / "m")
+    weight_map = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    key = next(k for k in weight_map if ".experts." in k)
+    tensors = load_file(path / weight_map[key])
+    tensors[key][0, 0] = float("inf")
+    save_file(tensors, path / weight_map[key], metadata={"format": "pt"})
+    one_error(*run(capsys, "convert", "--model", str(path), "--out", str(tmp_path / "p"), "--experts", "int8",
+                   "--group-size", "32"), "holds NaN or infinite values")
+    assert not (tmp_path / "p" / "packed.json").exists()

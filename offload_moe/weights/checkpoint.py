@@ -54,6 +54,16 @@ def interleaved_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
+def check_finite(tensors, what: str) -> None:
+    """A NaN or an infinity in a weight is a broken file: refused, not loaded nor written into a packed folder.
+    `tensors`: tensors, or an expert format's views (nested tuples with other values beside them)."""
+    for t in tensors:
+        if isinstance(t, tuple | list):
+            check_finite(t, what)
+        elif isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+            raise UserError(f"{what} holds NaN or infinite values")
+
+
 class Checkpoint:
     """A model folder, opened lazily. `dense()` yields resident tensors, `expert()` one expert's parts."""
 

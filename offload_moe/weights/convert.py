@@ -25,7 +25,7 @@ from ..modeling.transformer import ROUTER_BIAS
 from ..offload.predictors import FILE_NAME as PREDICTOR_FILE
 from ..progress import Progress
 from ..tokenizer import tokenizer_files
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, check_finite
 from .packed import ALIGN, DATA, DENSE, INDEX, JOURNAL, VERSION, aligned
 from .sources import MappedSource
 
@@ -64,6 +64,7 @@ def convert(source: str | Path, out: str | Path, fmt: ExpertFormat, dense_dtype:
         for i, (layer, e) in enumerate(order[start:], start):
             buf.zero_()
             experts.read((row_of[layer], e), buf[: fmt.nbytes])
+            check_finite(fmt.views(buf[: fmt.nbytes]), f"{source}: expert ({layer}, {e})")
             data = buf.numpy().tobytes()
             f.write(data)
             entries.append([layer, e, i * stride, fmt.nbytes, zlib.crc32(data[: fmt.nbytes])])
@@ -76,6 +77,7 @@ def convert(source: str | Path, out: str | Path, fmt: ExpertFormat, dense_dtype:
     dense = {}
     for name in ckpt.expected_dense():
         t = ckpt.dense(name)
+        check_finite((t,), f"{source}: tensor {name}")
         if attention_group is not None and name.endswith(ATTENTION_SUFFIXES):
             dense |= int8_attention_state(name, t, attention_group)
         else:  # the sigmoid router's choice bias stays float32, as the engine holds it

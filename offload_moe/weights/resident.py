@@ -14,11 +14,10 @@ import torch
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 
-from ..errors import UserError
 from ..formats.int8_linear import ATTENTION_SUFFIXES, Int8Linear, int8_attention, int8_attention_state, int8_head
 from ..modeling.layers import rope_tables
 from ..modeling.transformer import ROUTER_BIAS, Transformer
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, check_finite
 
 
 def dense_state(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, attention_group: int | None,
@@ -30,8 +29,7 @@ def dense_state(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, atte
     state = {}
     for name in ckpt.expected_dense():
         t = ckpt.dense(name)
-        if t.is_floating_point() and not torch.isfinite(t).all():  # a broken file, not a model (checked on the host)
-            raise UserError(f"{ckpt.path}: tensor {name} holds NaN or infinite values")
+        check_finite((t,), f"{ckpt.path}: tensor {name}")  # on the host, before the copy
         t = t.to(device)
         if name.endswith(Int8Linear.PARTS):  # a packed folder's int8 attention: stored as the model holds it
             state[name] = t
