@@ -155,3 +155,13 @@ def test_convert_refuses_nan_in_an_expert(ckpts, tmp_path, capsys):
     one_error(*run(capsys, "convert", "--model", str(path), "--out", str(tmp_path / "p"), "--experts", "int8",
                    "--group-size", "32"), "holds NaN or infinite values")
     assert not (tmp_path / "p" / "packed.json").exists()
+
+
+@pytest.mark.parametrize("edit,says", [({"num_hidden_layers": 2}, "has layer 2"), ({"rope_theta": "abc"}, "rope_theta"),
+                                       ({"num_local_experts": 4}, "has expert 4")])
+def test_a_config_that_does_not_fit_its_checkpoint_is_one_line(ckpts, tmp_path, capsys, edit, says):
+    """The base checkpoint has 3 layers of 8 experts: a config declaring fewer would run part of it, silently."""
+    path = copy_of(ckpts["base"], tmp_path / "m")
+    config = json.loads((path / "config.json").read_text()) | edit
+    (path / "config.json").write_text(json.dumps(config))
+    one_error(*run(capsys, "generate", "--model", str(path), "--prompt-ids", "1,2", "--max-new-tokens", "1"), says)

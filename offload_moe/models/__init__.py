@@ -117,12 +117,17 @@ def family_of(c: dict, path: Path) -> ModuleType:
 
 
 def from_hf_config(path: Path) -> ModelConfig:
-    """`config.json` as the hub has it: its family's reader, after the architecture check and the type check of
-    the keys every family reads. A value of a type a reader cannot take is a one-line error, not a traceback."""
-    c = read_json(path)
-    family = family_of(c, path)
+    """`config.json` as the hub has it: `config_of` its content."""
+    return config_of(read_json(path), path)[1]
+
+
+def config_of(c: dict, path: Path, family: ModuleType | None = None) -> tuple[ModuleType, ModelConfig]:
+    """A hub config's family (by the architecture check, unless given) and its ModelConfig, from the family's
+    reader after the type check of the keys every family reads. A value of a type a reader cannot take is a
+    one-line error, not a traceback."""
+    family = family or family_of(c, path)
     check_numbers(c, path)
     try:
-        return family.config(c, path)
+        return family, family.config(c, path)
     except (TypeError, ValueError, ArithmeticError, AttributeError, KeyError, IndexError) as e:  # a table for a number
         raise UserError(f"{path}: a value has the wrong type or range ({type(e).__name__}: {e})") from None

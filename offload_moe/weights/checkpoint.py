@@ -36,7 +36,7 @@ from ..errors import UserError
 from ..formats.base import bias_parts
 from ..formats.int8 import int8_part_shapes
 from ..formats.int8_linear import ATTENTION_SUFFIXES
-from ..models import COMMON, GGUF_COMMON, GGUF_EXPERTS, GGUF_PARTS, family_of, mixtral
+from ..models import COMMON, GGUF_COMMON, GGUF_EXPERTS, GGUF_PARTS, config_of, mixtral
 from .gguf import READ, GGUFModel, GGUFTensor
 from .packed import DENSE, packed_attention_group, read_index
 
@@ -80,14 +80,13 @@ class Checkpoint:
         if gguf:
             self.layout = "gguf"
             self.gguf = GGUFModel(self.path)
-            self.family, hub = self.gguf.hub_config()
-            self.config = self.family.config(hub, self.path)
+            family, hub = self.gguf.hub_config()
+            self.family, self.config = config_of(hub, self.path, family)
             self._index_gguf()
         elif (self.path / "packed.json").exists():
             self.layout = "packed"
             raw = read_json(self.path / "config.json")
-            self.family = family_of(raw, self.path / "config.json")
-            self.config = self.family.config(raw, self.path / "config.json")
+            self.family, self.config = config_of(raw, self.path / "config.json")
             self.packed_index = read_index(self.path)
             dense = self.path / DENSE
             if not dense.exists():
@@ -96,12 +95,12 @@ class Checkpoint:
         elif (self.path / "config.json").exists():
             self.layout = "hf"
             raw = read_json(self.path / "config.json")
-            self.family = family_of(raw, self.path / "config.json")
-            self.config = self.family.config(raw, self.path / "config.json")
+            self.family, self.config = config_of(raw, self.path / "config.json")
             if (raw.get("quantization_config") or {}).get("quant_method") == "fp8":  # `plan` reads such a config
                 raise UserError(f"{self.path}: block-FP8 weights (quantization_config fp8) are not read yet; "
                                 "give a bfloat16, float16 or float32 copy")
             self._index_hf()
+            self._check_beyond(int(raw.get("num_nextn_predict_layers") or 0))
         elif (self.path / "params.json").exists():
             self.layout = "original"
             self.family = mixtral
@@ -299,6 +298,22 @@ class Checkpoint:
         else:
             shapes = {"w1": (I, D), "w3": (I, D), "w2": (D, I)}
         return shapes | {name: (n,) for name, n in bias_parts(c).items()}
+
+    def _check_beyond(self, mtp: int) -> None:
+        """Layers or experts the checkpoint has beyond what its config declares mean a config that does not fit
+        it (`num_hidden_layers: 2` on a 4-layer model would run half of it): refused. A multi-token-prediction
+        layer, numbered after the last (`num_nextn_predict_layers`), is known and skipped."""
+        c = self.config
+        layers = {int(m[1]) for name in self.dense_sources if (m := re.match(r"layers\.(\d+)\.", name))}
+        layers |= {layer for layer, _, _ in self.expert_sources}
+        beyond = sorted(i for i in layers if i >= c.n_layers + mtp)
+        if beyond:
+            raise UserError(f"{self.path}: the checkpoint has layer {beyond[0]}, but config.json declares "
+                            f"{c.n_layers} (num_hidden_layers)")
+        extra = sorted({e for _, e, _ in self.expert_sources if e >= c.num_experts})
+        if extra:
+            raise UserError(f"{self.path}: the checkpoint has expert {extra[0]}, but config.json declares "
+                            f"{c.num_experts}")
 
     def _check_complete(self) -> None:
         for name in self.expected_dense():

@@ -21,7 +21,7 @@ from gguf import GGUFReader, GGUFValueType, Keys
 from gguf.quants import dequantize
 
 from ..errors import UserError
-from ..models import GGUF_CONFIG, gguf_family
+from ..models import GGUF_CONFIG, config_of, gguf_family
 
 # the tensor types read: floats as they are (F32, F16, BF16), the others decoded exactly by gguf-py; any other
 # (IQ*, TQ*, MXFP4 ...) is refused by name
@@ -139,4 +139,4 @@ class GGUFModel:
 
     def config(self):
         family, c = self.hub_config()
-        return family.config(c, self.path)
+        return config_of(c, self.path, family)[1]
