@@ -251,7 +251,8 @@ def make_server(service: Service, sock: socket.socket, limits: Limits | None = N
     limits = limits or Limits()
     hosts = allowed_hosts(sock.getsockname()[0], limits.allowed_hosts)
     config = uvicorn.Config(create_app(service, limits, hosts), log_level=log_level, lifespan="on",
-                            http=protocol(limits), timeout_graceful_shutdown=int(limits.shutdown_grace) + 2)
+                            http=protocol(limits), limit_concurrency=limits.max_connections, timeout_keep_alive=5,
+                            timeout_graceful_shutdown=int(limits.shutdown_grace) + 2)
     quiet_repeats()
 
     class Draining(uvicorn.Server):
