@@ -19,6 +19,7 @@ from ..config import ModelConfig
 from .deltanet import GatedDeltaNet
 from .layers import MLP, Attention, KVCache, KVPool, make_norm
 from .mla import LatentAttention
+from .shortconv import ShortConv
 
 ROUTER_BIAS = "gate.e_score_correction_bias"  # the sigmoid router's choice bias [E]: resident, kept in float32
 
@@ -32,6 +33,8 @@ class Block(nn.Module):
         self.attention_norm = make_norm(c, c.dim)
         if layer in c.linear_layers:  # linear attention, under the same name: the same calls
             self.attention = GatedDeltaNet(c)
+        elif layer in c.conv_layers:  # LFM2's short conv, likewise
+            self.attention = ShortConv(c)
         else:
             self.attention = LatentAttention(c) if c.kv_lora_rank else Attention(c)
         self.ffn_norm = make_norm(c, c.dim)
