@@ -59,6 +59,7 @@ class ModelConfig:
     n_group: int = 1
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
+    router_norm_eps: float = 1e-20  # the sigmoid router's renormalisation: over the sum + this (LFM2-MoE: 1e-6)
     shared_ffn_dim: int = 0  # a resident shared expert beside the routed ones (Qwen2-MoE); 0: none
     shared_gate: bool = False  # the shared expert's output scaled by sigmoid(gate . x)
     dense_ffn_dim: int = 0  # the MLP of dense layers

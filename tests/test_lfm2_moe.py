@@ -10,10 +10,13 @@ import json
 import pytest
 import torch
 from families import make_family, reference
+from transformers import Lfm2MoeConfig
+from transformers.models.lfm2_moe.modeling_lfm2_moe import Lfm2MoeTopKRouter
 
 from offload_moe.engine import Engine
 from offload_moe.errors import UserError
 from offload_moe.modeling.layers import KVPool
+from offload_moe.modeling.transformer import sigmoid_topk
 from offload_moe.models import from_hf_config
 from offload_moe.options import EngineOptions
 
@@ -39,6 +42,20 @@ def test_prefill_whole_equals_pieces_and_token_by_token_and_transformers(ckpt):
     assert (whole - want).abs().max() < 1e-3
     engine.kv.reset()  # a new sequence starts from no conv inputs: the same logits again
     torch.testing.assert_close(engine.score(ids), whole, rtol=0, atol=0)
+
+
+def test_the_router_is_transformers_exactly():
+    """sigmoid + expert_bias for the choice, the unbiased sigmoid renormalised over the sum + 1e-6, scaled: the
+    same experts and the same float32 weights as `Lfm2MoeTopKRouter`."""
+    g = torch.Generator().manual_seed(0)
+    cfg = Lfm2MoeConfig(hidden_size=32, num_experts=16, num_experts_per_tok=4, routed_scaling_factor=2.5)
+    router = Lfm2MoeTopKRouter(cfg)
+    router.weight.data = torch.randn(16, 32, generator=g)
+    x, bias = torch.randn(50, 32, generator=g), torch.rand(16, generator=g) * 0.3
+    with torch.no_grad():
+        logits, want_w, want_i = router(x, bias)
+    w, i = sigmoid_topk(logits, bias, 4, 1, 1, True, 2.5, 1e-6)
+    assert torch.equal(i, want_i) and torch.equal(w, want_w)
 
 
 def test_the_state_in_the_pool_and_the_memory_plan(ckpt):

@@ -6,8 +6,7 @@ instead of a KV cache; the others ("full_attention") are GQA with per-head QK-no
 `moe_intermediate_size`, routed by the sigmoid router: experts chosen by sigmoid(logits) + `expert_bias`
 (a correction for the choice only: DeepSeek-V3's `e_score_correction_bias`, one group), weighted by the
 unbiased sigmoid, renormalised (`norm_topk_prob`) and times `routed_scaling_factor`, as transformers'
-`Lfm2MoeTopKRouter`. (transformers renormalises over the sum + 1e-6, `sigmoid_topk` over the sum + 1e-20:
-the weights differ by at most 1e-6 relative, below float32 rounding of the sums of K sigmoids.)
+`Lfm2MoeTopKRouter` (which renormalises over the sum + 1e-6: `router_norm_eps`).
 
 The hub's config.json says `norm_eps` (not rms_norm_eps); `tie_embedding`, when present, wins over
 tie_word_embeddings (true by default), as transformers reads it."""
@@ -57,7 +56,7 @@ def config(c: dict, path: Path) -> ModelConfig:
         num_experts=int(need(c, path, "num_experts")), norm_eps=float(c.get("norm_eps", 1e-5)),
         tie_word_embeddings=bool(c.get("tie_embedding", c.get("tie_word_embeddings", True))),
         qk_norm="head", router="sigmoid", norm_topk_prob=bool(c.get("norm_topk_prob", True)),
-        routed_scaling_factor=float(c.get("routed_scaling_factor", 1.0)),
+        routed_scaling_factor=float(c.get("routed_scaling_factor", 1.0)), router_norm_eps=1e-6,
         dense_ffn_dim=int(c.get("intermediate_size") or 0), dense_layers=tuple(range(min(dense, n_layers))),
         conv_layers=tuple(i for i, t in enumerate(types) if t == "conv"),
         conv_kernel=int(c.get("conv_L_cache", 3)), conv_bias=bool(c.get("conv_bias", False)), sliding_window=None,
