@@ -59,6 +59,7 @@ class ModelConfig:
     n_group: int = 1
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
+    router_norm_eps: float = 1e-20  # the sigmoid router's renormalisation: over the sum + this (LFM2-MoE: 1e-6)
     shared_ffn_dim: int = 0  # a resident shared expert beside the routed ones (Qwen2-MoE); 0: none
     shared_gate: bool = False  # the shared expert's output scaled by sigmoid(gate . x)
     dense_ffn_dim: int = 0  # the MLP of dense layers
@@ -88,9 +89,15 @@ class ModelConfig:
     linear_k_dim: int = 0
     linear_v_dim: int = 0
     linear_conv_kernel: int = 4
+    # LFM2's gated short convolutions (`modeling/shortconv.py`) on `conv_layers` in place of attention: no KV cache
+    # there but the conv's last conv_kernel-1 inputs per sequence (`state_bytes`); conv_bias: biases on its
+    # projections and its conv
+    conv_layers: tuple[int, ...] = ()
+    conv_kernel: int = 3
+    conv_bias: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("eos_ids", "dense_layers", "linear_layers"):  # JSON gives lists
+        for name in ("eos_ids", "dense_layers", "linear_layers", "conv_layers"):  # JSON gives lists
             object.__setattr__(self, name, tuple(int(i) for i in getattr(self, name)))
         if self.window_layers is not None:
             object.__setattr__(self, "window_layers", tuple(int(i) for i in self.window_layers))
@@ -131,6 +138,10 @@ class ModelConfig:
         if self.linear_layers and (self.kv_lora_rank or not set(self.linear_layers) <= set(range(self.n_layers))):
             raise UserError(f"config: linear attention layers {list(self.linear_layers)} must be among the "
                             f"{self.n_layers} layers, without latent attention")
+        if self.conv_layers and (self.conv_kernel <= 0 or self.kv_lora_rank or set(self.conv_layers) & set(
+                self.linear_layers) or not set(self.conv_layers) <= set(range(self.n_layers))):
+            raise UserError(f"config: short conv layers {list(self.conv_layers)} (kernel {self.conv_kernel}) must be "
+                            f"among the {self.n_layers} layers, a positive kernel, without latent or linear attention")
         if not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
             raise UserError(f"config: partial_rotary_factor {self.partial_rotary_factor} gives {self.rotary_dim} "
                             f"rotary dims of {self.head_dim}; they must be even and positive")
@@ -199,7 +210,7 @@ class ModelConfig:
     def attention_params(self) -> int:
         """wq, wk, wv and wo of every layer (their weights: what int8 attention quantizes); latent attention:
         wq (or wq_a and wq_b), wkv_a and wo (wkv_b stays in the compute dtype: decode reads it per head);
-        linear attention: wqkvz and wo (its small wba stays in the compute dtype)."""
+        linear attention: wqkvz and wo (its small wba stays in the compute dtype); short convs: wbcx and wo."""
         D, H, hd = self.dim, self.n_heads, self.head_dim
         if self.kv_lora_rank:
             Q = self.q_lora_rank
@@ -207,13 +218,14 @@ class ModelConfig:
             return self.n_layers * (q + D * (self.kv_lora_rank + self.qk_rope_head_dim) + H * self.v_head_dim * D)
         wq = H * (1 + self.attention_output_gate)  # the output gate's rows come with wq's
         linear = len(self.linear_layers) * D * (2 * self.linear_key_dims + 3 * self.linear_value_dims)  # wqkvz, wo
-        return self.n_attention_layers * D * hd * (wq + H + 2 * self.n_kv_heads) + linear
+        short = len(self.conv_layers) * 4 * D * D  # wbcx [3D, D], wo [D, D]
+        return self.n_attention_layers * D * hd * (wq + H + 2 * self.n_kv_heads) + linear + short
 
     @property
     def dense_params(self) -> int:
         """Everything that is not a routed expert: attention (biases, QK norms), norms, routers,
         shared experts, dense MLP layers, embeddings, head (and the sigmoid router's correction bias); linear
-        attention's small tensors."""
+        attention's small tensors; the short convs' taps (and biases)."""
         H, G, hd, D = self.n_heads, self.n_kv_heads, self.head_dim, self.dim
         norm = 2 * D if self.norm == "layer" else D
         if self.kv_lora_rank:  # wkv_b [H*(nope + v), R] and the norms of the latents
@@ -224,7 +236,9 @@ class ModelConfig:
                      + {"none": 0, "head": 2 * hd, "full": (H + G) * hd}[self.qk_norm])
         Hv, Kd = self.linear_v_heads, self.linear_key_dims  # wba, conv, dt_bias, A_log, the gated norm
         linear = 2 * Hv * D + (2 * Kd + self.linear_value_dims) * self.linear_conv_kernel + 2 * Hv + self.linear_v_dim
-        attn = self.attention_params + self.n_attention_layers * extra + len(self.linear_layers) * linear
+        short = self.dim * self.conv_kernel + 5 * self.dim * self.conv_bias  # taps [D, W]; biases 3D, D, D
+        attn = (self.attention_params + self.n_attention_layers * extra + len(self.linear_layers) * linear
+                + len(self.conv_layers) * short)
         router = self.num_experts * (D + (self.router == "sigmoid") + self.router_bias)  # + either bias
         moe = self.n_moe_layers * (router + 3 * D * self.shared_ffn_dim + D * self.shared_gate)
         dense = len(self.dense_layers) * 3 * D * self.dense_ffn_dim
@@ -234,15 +248,15 @@ class ModelConfig:
 
     def kv_bytes(self, context: int, bytes_per_value: int) -> int:
         """What one sequence of `context` tokens keeps: the KV cache (each layer's sliding window, if shorter;
-        latent attention's latents) and the linear attention layers' state (`state_bytes`)."""
+        latent attention's latents) and the linear attention and short conv layers' state (`state_bytes`)."""
         heads, k, v = self.kv_dims
         kv = heads * (k + v) * bytes_per_value * sum(self.kv_length(i, context) for i in range(self.n_layers))
         return kv + self.state_bytes(bytes_per_value)
 
     @property
     def n_attention_layers(self) -> int:
-        """Layers with attention (a KV cache), not linear attention."""
-        return self.n_layers - len(self.linear_layers)
+        """Layers with attention (a KV cache), not linear attention or a short conv."""
+        return self.n_layers - len(self.linear_layers) - len(self.conv_layers)
 
     @property
     def linear_key_dims(self) -> int:
@@ -262,10 +276,12 @@ class ModelConfig:
     def state_bytes(self, bytes_per_value: int) -> int:
         """The fixed-size state one sequence keeps in the linear attention layers, whatever its length: the
         conv's last kernel-1 inputs [conv_dims, kernel-1] in the compute dtype, and the delta rule's state
-        [value heads, key dims, value dims] in float32."""
+        [value heads, key dims, value dims] in float32; in the short conv layers, the conv's last
+        conv_kernel-1 inputs [D, conv_kernel-1] in the compute dtype."""
         conv = self.conv_dims * (self.linear_conv_kernel - 1) * bytes_per_value
         recurrent = self.linear_v_heads * self.linear_k_dim * self.linear_v_dim * 4
-        return len(self.linear_layers) * (conv + recurrent)
+        short = self.dim * (self.conv_kernel - 1) * bytes_per_value
+        return len(self.linear_layers) * (conv + recurrent) + len(self.conv_layers) * short
 
     def window_of(self, layer: int) -> int | None:
         """The sliding window of `layer`'s attention, None where it sees the whole context."""
@@ -275,8 +291,8 @@ class ModelConfig:
 
     def kv_length(self, layer: int, context: int) -> int:
         """Positions `layer`'s KV cache holds for `context` tokens: the context, or its sliding window if shorter
-        (a ring: see `layers.KVCache`); none in a linear attention layer."""
-        if layer in self.linear_layers:  # a state instead (`state_bytes`)
+        (a ring: see `layers.KVCache`); none in a linear attention or short conv layer."""
+        if layer in self.linear_layers or layer in self.conv_layers:  # a state instead (`state_bytes`)
             return 0
         window = self.window_of(layer)
         return min(context, window) if window else context

@@ -75,6 +75,12 @@ FAMILIES = {
         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
         num_experts_per_tok=4, norm_topk_prob=True, full_attention_interval=2, linear_num_key_heads=2,
         linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4)),
+    # the hybrid: short convs (3 taps, with biases) on layers 0 and 2, attention with QK-norm on layer 1; a dense
+    # first layer; the sigmoid router with its choice bias (`expert_bias`), renormalised and scaled
+    "lfm2_moe": ("Lfm2MoeConfig", "Lfm2MoeForCausalLM", dict(
+        hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, num_dense_layers=1, conv_bias=True,
+        conv_L_cache=3, routed_scaling_factor=1.5, layer_types=["conv", "full_attention", "conv"])),
 }
 
 
@@ -100,7 +106,7 @@ def make_family(path: Path, family: str, seed: int = 0, tokenizer: str | None = 
             elif name.endswith("A_log"):  # linear attention: decays of 0.75 to 0.97 a token, so the state carries
                 p.uniform_(-3.0, -1.0)
         for name, b in model.named_buffers():  # the sigmoid router's choice bias: it must change choices
-            if name.endswith("e_score_correction_bias"):
+            if name.endswith(("e_score_correction_bias", "expert_bias")):
                 b.uniform_(-0.3, 0.3)
     model.save_pretrained(path, max_shard_size="100KB")
     hub_config(path / "config.json", family)
@@ -120,7 +126,7 @@ def hub_config(path: Path, family: str) -> None:
     `rope_interleave` (true by default); MiniMax-M2's, `rotary_dim` for the partial RoPE and the keys of its
     variant (`qk_norm_type`, `scoring_func`, `attn_type_list`, ...); gpt-oss's, a `rope_scaling` with
     `rope_type` and no `swiglu_alpha`; Qwen3-Next's, `full_attention_interval` instead of `layer_types`, and
-    `partial_rotary_factor` at the top."""
+    `partial_rotary_factor` at the top; LFM2-MoE's, `tie_embedding`."""
     c = json.loads(path.read_text())
     rope = c.pop("rope_parameters", None) or {}
     c["rope_theta"] = rope.get("rope_theta", 10000.0)
@@ -149,6 +155,8 @@ def hub_config(path: Path, family: str) -> None:
         assert c.pop("layer_types") == ["linear_attention", "full_attention"] * (c["num_hidden_layers"] // 2) + [
             "linear_attention"] * (c["num_hidden_layers"] % 2)
         c["full_attention_interval"] = 2
+    if family == "lfm2_moe":  # the key transformers' reader takes first (`tie_embedding`)
+        c["tie_embedding"] = c.pop("tie_word_embeddings")
     if family == "gpt_oss":  # the hub's: `rope_type` in rope_scaling, no swiglu_alpha, experts_per_token too
         c["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
         del c["swiglu_alpha"]

@@ -50,9 +50,10 @@ def make_norm(config: ModelConfig, dim: int) -> nn.Module:
 def sequence_buffers(config: ModelConfig, length: int, lead: tuple[int, ...], device: torch.device,
                      dtype: torch.dtype) -> tuple[list, list, list, list]:
     """What `lead` sequences keep per layer (lead: () for one, (S,) for a pool), zeroed: keys and values
-    [*lead, G, C_l, hd] (C_l = `ModelConfig.kv_length`: none in a linear attention layer), and a linear
-    attention layer's state, None elsewhere: its conv's last inputs [*lead, conv_dims, kernel-1] in `dtype`
-    and the delta rule's state [*lead, Hv, dk, dv] in float32 (`ModelConfig.state_bytes`)."""
+    [*lead, G, C_l, hd] (C_l = `ModelConfig.kv_length`: none in a linear attention or short conv layer), and a
+    linear attention layer's state, None elsewhere: its conv's last inputs [*lead, conv_dims, kernel-1] in `dtype`
+    and the delta rule's state [*lead, Hv, dk, dv] in float32 (`ModelConfig.state_bytes`); a short conv layer's,
+    its conv's last inputs [*lead, D, conv_kernel-1] in `dtype` (recurrent None)."""
     heads, k, v = config.kv_dims
     lengths = [config.kv_length(i, length) for i in range(config.n_layers)]
     keys = [torch.zeros((*lead, heads, n, k), device=device, dtype=dtype) for n in lengths]
@@ -60,6 +61,8 @@ def sequence_buffers(config: ModelConfig, length: int, lead: tuple[int, ...], de
     linear = [i in config.linear_layers for i in range(config.n_layers)]
     conv = [torch.zeros((*lead, config.conv_dims, config.linear_conv_kernel - 1), device=device, dtype=dtype)
             if lin else None for lin in linear]
+    for i in config.conv_layers:
+        conv[i] = torch.zeros((*lead, config.dim, config.conv_kernel - 1), device=device, dtype=dtype)
     shape = (config.linear_v_heads, config.linear_k_dim, config.linear_v_dim)
     recurrent = [torch.zeros((*lead, *shape), device=device, dtype=torch.float32) if lin else None for lin in linear]
     return keys, values, conv, recurrent
@@ -76,7 +79,7 @@ class KVCache:
 
     A linear attention layer (`deltanet.py`) has no keys or values (C_l = 0) but a state of fixed size,
     conv[layer] and recurrent[layer] (`sequence_buffers`), which `reset` zeroes: a new sequence starts
-    from none. Elsewhere both are None.
+    from none; a short conv layer (`shortconv.py`), conv[layer] alone. Elsewhere both are None.
     """
 
     def __init__(self, config: ModelConfig, length: int, device: torch.device, dtype: torch.dtype):

@@ -19,6 +19,7 @@ from ..config import ModelConfig
 from .deltanet import GatedDeltaNet
 from .layers import MLP, Attention, KVCache, KVPool, make_norm
 from .mla import LatentAttention
+from .shortconv import ShortConv
 
 ROUTER_BIAS = "gate.e_score_correction_bias"  # the sigmoid router's choice bias [E]: resident, kept in float32
 
@@ -32,6 +33,8 @@ class Block(nn.Module):
         self.attention_norm = make_norm(c, c.dim)
         if layer in c.linear_layers:  # linear attention, under the same name: the same calls
             self.attention = GatedDeltaNet(c)
+        elif layer in c.conv_layers:  # LFM2's short conv, likewise
+            self.attention = ShortConv(c)
         else:
             self.attention = LatentAttention(c) if c.kv_lora_rank else Attention(c)
         self.ffn_norm = make_norm(c, c.dim)
@@ -131,7 +134,8 @@ class Transformer(nn.Module):
             logits = F.linear(x.float(), blk.gate.weight.float())  # [T, E]
             if c.router == "sigmoid":
                 weights, idx = sigmoid_topk(logits, blk.gate.e_score_correction_bias, c.top_k, c.n_group,
-                                            c.topk_group, c.norm_topk_prob, c.routed_scaling_factor)
+                                            c.topk_group, c.norm_topk_prob, c.routed_scaling_factor,
+                                            c.router_norm_eps)
             else:
                 weights, idx = grouped_softmax_topk(logits, c.top_k, c.n_group, c.topk_group, c.norm_topk_prob,
                                                     c.routed_scaling_factor)
@@ -260,11 +264,12 @@ def _resident_first(late: list[bool], skip: list[bool] | None = None) -> list[in
 
 
 def sigmoid_topk(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
-                 renormalise: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                 renormalise: bool, scale: float, eps: float = 1e-20) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek-V3's router (GLM-4.5's too), in transformers' order of operations: scores = sigmoid(logits);
     the choice is made on scores + bias (`e_score_correction_bias`), within the best `topk_group` of
     `n_group` equal groups of experts (a group scored by the sum of its best 2 biased scores); the weights
-    are the unbiased scores of the chosen, renormalised (+1e-20) when `renormalise`, times `scale`.
+    are the unbiased scores of the chosen, renormalised (over their sum + `eps`: 1e-20, LFM2-MoE's 1e-6) when
+    `renormalise`, times `scale`.
     logits [T, E] (float32) -> weights [T, K] float32, experts [T, K] in rank order (best biased first)."""
     T, E = logits.shape
     scores = logits.float().sigmoid()
@@ -277,7 +282,7 @@ def sigmoid_topk(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: 
     idx = torch.topk(choice, top_k, dim=-1)[1]  # [T, K]
     weights = scores.gather(1, idx)
     if renormalise:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + eps)
     return weights * scale, idx
 
 

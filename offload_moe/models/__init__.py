@@ -21,7 +21,8 @@ The shared pieces live once, in `modeling/`; checkpoint reading, in `weights/che
 Our names: `tok_embeddings`, `norm`, `output`, `layers.N.attention_norm`, `layers.N.ffn_norm`,
 `layers.N.attention.{wq,wk,wv,wo}` (with `.bias` where the family has one), `layers.N.attention.sinks` (gpt-oss),
 `layers.N.attention.{q_norm,k_norm}`, linear attention's `layers.N.attention.{wqkvz,wba,conv,dt_bias,A_log,norm,wo}`
-(Qwen3-Next), latent attention's `layers.N.attention.{wq_a,q_norm,wq_b,wkv_a,kv_norm,wkv_b}`
+(Qwen3-Next), the short conv's `layers.N.attention.{wbcx,conv,wo}` (LFM2), latent attention's
+`layers.N.attention.{wq_a,q_norm,wq_b,wkv_a,kv_norm,wkv_b}`
 beside its wq or wo, `layers.N.gate` (the router; `.e_score_correction_bias` for
 the sigmoid router, `.bias` for gpt-oss's), `layers.N.shared.{w1,w2,w3}`
 and `layers.N.shared_gate` (a resident shared expert), `layers.N.mlp.{w1,w2,w3}` (a dense layer);
@@ -36,10 +37,22 @@ from types import ModuleType
 
 from ..config import ModelConfig, check_numbers, read_json
 from ..errors import UserError
-from . import deepseek, glm4_moe, glm4_moe_lite, gpt_oss, minimax_m2, mixtral, olmoe, phimoe, qwen3_next, qwen_moe
+from . import (
+    deepseek,
+    glm4_moe,
+    glm4_moe_lite,
+    gpt_oss,
+    lfm2_moe,
+    minimax_m2,
+    mixtral,
+    olmoe,
+    phimoe,
+    qwen3_next,
+    qwen_moe,
+)
 
 FAMILIES: tuple[ModuleType, ...] = (mixtral, qwen_moe, olmoe, phimoe, glm4_moe, deepseek, gpt_oss, glm4_moe_lite,
-                                    minimax_m2, qwen3_next)
+                                    minimax_m2, qwen3_next, lfm2_moe)
 
 # names that every family here shares (the Llama layout), checkpoint regex -> ours
 L = r"model\.layers\.(\d+)\."

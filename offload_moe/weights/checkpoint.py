@@ -246,12 +246,14 @@ class Checkpoint:
             shapes |= {p + f"{norm}.{n}": (D,) for norm in ("attention_norm", "ffn_norm") for n in norms}
             if i in c.linear_layers:
                 shapes |= {a + name: shape for name, shape in linear_attention_shapes(c).items()}
+            elif i in c.conv_layers:
+                shapes |= {a + name: shape for name, shape in short_conv_shapes(c).items()}
             elif c.kv_lora_rank:
                 shapes |= {a + name: shape for name, shape in latent_attention_shapes(c).items()}
             else:
                 shapes |= {a + "wq.weight": (q * (1 + c.attention_output_gate), D), a + "wk.weight": (kv, D),
                            a + "wv.weight": (kv, D), a + "wo.weight": (D, q)}
-            if i not in c.linear_layers:
+            if i not in c.linear_layers and i not in c.conv_layers:
                 if c.qkv_bias:
                     shapes |= {a + "wq.bias": (q * (1 + c.attention_output_gate),), a + "wk.bias": (kv,),
                                a + "wv.bias": (kv,)}
@@ -420,6 +422,15 @@ def linear_attention_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {"wqkvz.weight": (2 * c.linear_key_dims + 2 * Vd, c.dim), "wba.weight": (2 * Hv, c.dim),
             "conv.weight": (c.conv_dims, 1, c.linear_conv_kernel), "dt_bias": (Hv,), "A_log": (Hv,),
             "norm.weight": (c.linear_v_dim,), "wo.weight": (c.dim, Vd)}
+
+
+def short_conv_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """A layer's short conv tensors (LFM2, `modeling/shortconv.py`), by our name under `attention.`."""
+    D = c.dim
+    shapes = {"wbcx.weight": (3 * D, D), "conv.weight": (D, 1, c.conv_kernel), "wo.weight": (D, D)}
+    if c.conv_bias:
+        shapes |= {"wbcx.bias": (3 * D,), "conv.bias": (D,), "wo.bias": (D,)}
+    return shapes
 
 
 def latent_attention_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
