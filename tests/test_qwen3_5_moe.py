@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from offload_moe.engine import Engine
 from offload_moe.errors import UserError
+from offload_moe.modeling.layers import rope_tables
 from offload_moe.models import from_hf_config
 from offload_moe.models.public import public_config
 from offload_moe.options import EngineOptions
@@ -140,3 +141,23 @@ def test_the_public_config_s_state_and_kv():
     assert (c.n_layers, len(c.linear_layers), c.num_experts, c.top_k, c.rotary_dim) == (40, 30, 256, 8, 64)
     assert c.kv_bytes(1, 2) - c.state_bytes(2) == 10 * 2 * 2 * 256 * 2  # fp16 KV a token
     assert c.state_bytes(2) == 30 * (8192 * 3 * 2 + 32 * 128 * 128 * 4)  # 61.4 MiB a sequence
+
+
+@pytest.mark.parametrize("section", [[11, 11, 10], [2, 1, 1], [8, 12, 12]])
+def test_multimodal_rope_on_text_positions_is_plain_rope(section):
+    """transformers' interleaved multimodal RoPE with its three position streams equal (text) gives our tables
+    over the rotary dims (64 of 256, Qwen3.6-35B-A3B's), whatever the sections; with unequal streams it does not."""
+    from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeTextRotaryEmbedding
+
+    cfg = transformers.Qwen3_5MoeTextConfig(head_dim=256, rope_parameters={
+        "rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25, "mrope_section": section,
+        "mrope_interleaved": True})
+    rotary = Qwen3_5MoeTextRotaryEmbedding(cfg)
+    c = from_hf_config(public_config("Qwen3.6-35B-A3B"))
+    cos, sin = rope_tables(c.rotary_dim, c.rope_theta, 300, torch.device("cpu"))
+    positions = torch.arange(300)[None, None].expand(3, 1, 300)  # [streams, batch, T]
+    want_cos, want_sin = rotary(torch.zeros(1, dtype=torch.float32), positions)
+    torch.testing.assert_close(cos, want_cos[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(sin, want_sin[0], rtol=0, atol=1e-6)
+    image_like, _ = rotary(torch.zeros(1), torch.stack([positions[0], positions[1] // 2, positions[2] % 7]))
+    assert not torch.allclose(image_like[0], cos)

@@ -16,7 +16,8 @@ the others, zero-centred RMSNorms, a softmax router over 256 experts top-8 plus 
   angle from the temporal, height or width position stream. For text the three streams are the same position
   (transformers' `get_rope_index` without images, and its text model's broadcast of position_ids), so every
   frequency turns by that position and it is plain RoPE over the rotary dims (`head_dim` x
-  `partial_rotary_factor`), whatever the sections: checked against transformers by tests/test_qwen3_5_moe.py. A
+  `partial_rotary_factor`), whatever the sections (tests/test_qwen3_5_moe.py checks the tables against
+  transformers', tests/test_families.py the logits of a model with sections 2, 1, 1). A
   config that would not reduce so (a scaled `rope_type`, sections that are not three counts) is refused.
 
 The hub's experts are fused (`mlp.experts.gate_up_proj` [E, 2I, D], `down_proj` [E, D, I], `FUSED`); transformers'
