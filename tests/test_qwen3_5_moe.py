@@ -161,3 +161,15 @@ def test_multimodal_rope_on_text_positions_is_plain_rope(section):
     torch.testing.assert_close(sin, want_sin[0], rtol=0, atol=1e-6)
     image_like, _ = rotary(torch.zeros(1), torch.stack([positions[0], positions[1] // 2, positions[2] % 7]))
     assert not torch.allclose(image_like[0], cos)
+
+
+def test_parts_that_do_not_join_are_refused_by_name(qwen, tmp_path):
+    path = tmp_path / "short-z"
+    path.mkdir()
+    shutil.copy(qwen / "config.json", path / "config.json")
+    flat = tensors(qwen)
+    z = "model.language_model.layers.2.linear_attn.in_proj_z.weight"
+    flat[z] = flat[z][:32].clone()  # half its value heads
+    save_file(flat, str(path / "model.safetensors"))
+    with pytest.raises(UserError, match=r"tensor layers\.2\.attention\.wqkvz\.weight cannot be made of .*in_proj_z"):
+        load(path)

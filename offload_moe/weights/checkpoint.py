@@ -7,7 +7,9 @@ Layouts read, tensor by tensor (safetensors and mmap'd torch files), never the w
   hf        config.json + model.safetensors, or shards listed in model.safetensors.index.json, with
             the names of the family that config.json names (e.g. Mixtral's
             `block_sparse_moe.experts.E.w1.weight` or transformers-5's fused `mlp.experts.gate_up_proj`,
-            Qwen's `mlp.experts.E.gate_proj.weight`)
+            Qwen's `mlp.experts.E.gate_proj.weight`); a family may rename a wrapper's prefix first (`PREFIXES`,
+            Qwen3.5's `model.language_model.`), skip known tensors it does not run without reading them
+            (`SKIPPED`, a vision tower: said once on stderr), and make one of ours of several (`JOINED`)
   packed    written by `convert` (see packed.py): dense.safetensors already under our names, and the
             experts as ready-packed buffers in experts.bin
   original  Mixtral's release: params.json + consolidated.NN.pt, experts stacked per layer as
