@@ -81,6 +81,18 @@ FAMILIES = {
         hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, num_dense_layers=1, conv_bias=True,
         conv_L_cache=3, routed_scaling_factor=1.5, layer_types=["conv", "full_attention", "conv"])),
+    # Qwen3.5-MoE: the same hybrid in the vision-language wrapper (a one-block vision tower, not run), the text
+    # model's keys under text_config; multimodal RoPE over 8 rotary dims of 32 (sections 2, 1, 1)
+    "qwen3_5_moe": ("Qwen3_5MoeConfig", "Qwen3_5MoeForConditionalGeneration", dict(
+        text_config=dict(
+            hidden_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=32, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=4,
+            full_attention_interval=2, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+            linear_value_head_dim=16, linear_conv_kernel_dim=4,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                             "mrope_section": [2, 1, 1], "mrope_interleaved": True}),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=64,
+                           num_position_embeddings=16, patch_size=4))),
 }
 
 
@@ -89,14 +101,18 @@ def make_family(path: Path, family: str, seed: int = 0, tokenizer: str | None = 
     one of hf_tokenizer.add_tokenizer's styles (e.g. 'chatml'); `overrides`: config keys instead of FAMILIES'."""
     cfg_cls, model_cls, kwargs = FAMILIES[family]
     torch.manual_seed(seed)
-    cfg = getattr(transformers, cfg_cls)(vocab_size=VOCAB, max_position_embeddings=256, bos_token_id=1,
-                                         eos_token_id=2, pad_token_id=0, **(kwargs | overrides))
+    common = dict(vocab_size=VOCAB, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if "text_config" in kwargs:  # a vision-language wrapper: the text model's keys (and the overrides) go there
+        cfg = getattr(transformers, cfg_cls)(**(kwargs | {"text_config": kwargs["text_config"] | common | overrides}))
+    else:
+        cfg = getattr(transformers, cfg_cls)(**common, **(kwargs | overrides))
     model = getattr(transformers, model_cls)(cfg).eval()
     with torch.no_grad():  # norms away from 1, biases away from 0, routers sharper: so that bugs show
         for name, p in model.named_parameters():
             if "norm" in name and name.endswith("weight"):
                 # Qwen3-Next's norms apply 1 + w (but linear attention's gated one): the same scales
-                p.uniform_(0.5, 1.5).sub_(1 if family == "qwen3_next" and "linear_attn" not in name else 0)
+                zero_centred = family in ("qwen3_next", "qwen3_5_moe") and "linear_attn" not in name
+                p.uniform_(0.5, 1.5).sub_(1 if zero_centred and "visual" not in name else 0)
             elif name.endswith("bias"):
                 p.uniform_(-0.3, 0.3)
             elif (name.endswith("gate.weight") and "shared" not in name) or name.endswith("router.weight"):
@@ -126,8 +142,15 @@ def hub_config(path: Path, family: str) -> None:
     `rope_interleave` (true by default); MiniMax-M2's, `rotary_dim` for the partial RoPE and the keys of its
     variant (`qk_norm_type`, `scoring_func`, `attn_type_list`, ...); gpt-oss's, a `rope_scaling` with
     `rope_type` and no `swiglu_alpha`; Qwen3-Next's, `full_attention_interval` instead of `layer_types`, and
-    `partial_rotary_factor` at the top; LFM2-MoE's, `tie_embedding`."""
+    `partial_rotary_factor` at the top; LFM2-MoE's, `tie_embedding`; Qwen3.5-MoE's, a few more keys in
+    `text_config`."""
     c = json.loads(path.read_text())
+    if family == "qwen3_5_moe":  # Qwen/Qwen3.6-35B-A3B's text_config: also these keys; rope_parameters as written
+        c["text_config"] |= {"full_attention_interval": 2, "partial_rotary_factor": 0.25, "attn_output_gate": True,
+                             "mtp_num_hidden_layers": 1, "mtp_use_dedicated_embeddings": False,
+                             "mamba_ssm_dtype": "float32"}
+        path.write_text(json.dumps(c, indent=2))
+        return
     rope = c.pop("rope_parameters", None) or {}
     c["rope_theta"] = rope.get("rope_theta", 10000.0)
     if rope.get("rope_type", "default") != "default":

@@ -74,7 +74,7 @@ def test_batched_equals_alone_mixtral(ckpts, name, slots, chunk):
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe_lite", "minimax_m2",
-                                    "qwen3_next", "lfm2_moe"])
+                                    "qwen3_next", "lfm2_moe", "qwen3_5_moe"])
 def test_batched_equals_alone_families(tmp_path, family):
     """Top-k slots of 16 experts (Qwen3: top-8; MiniMax-M2: top-2 of 8): a batch's union overflows the slots at
     every step. DeepSeek and GLM-4.7-Flash: latent attention's batched decode over the pool's latent rows.

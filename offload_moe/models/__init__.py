@@ -10,6 +10,11 @@
                or None: groups (layer, checkpoint part). Their layout is transformers 5's, gate_up_proj
                [E, 2I, D] (w1 rows, then w3) and down_proj [E, D, I], unless the family declares its own
                in FUSED_PARTS (gpt-oss: {checkpoint part: {our part: (index into one expert, transposed)}}).
+A family may also declare, for checkpoints laid out otherwise (Qwen3.5-MoE's):
+  PREFIXES     {a stored name's prefix: the prefix the tables read instead} (a wrapper's text model);
+  SKIPPED      {regex: what it is} for tensors known and not run (a vision tower): never read, said once;
+  JOINED       [(our name, its parts' names, join(config, *parts))], names with `{0}` for the layer: ours is
+               made at load of the parts, which DENSE names (Qwen3.5's separate in_proj_qkv and in_proj_z).
 A family that llama.cpp converts (a GGUF file, `weights/gguf.py`) also declares:
   GGUF_ARCH    {GGUF `general.architecture`: our model_type}, the names llama.cpp's converter writes;
   GGUF_DENSE   [(llama.cpp tensor-name regex, our name)] beyond `GGUF_COMMON`;
@@ -47,12 +52,13 @@ from . import (
     mixtral,
     olmoe,
     phimoe,
+    qwen3_5_moe,
     qwen3_next,
     qwen_moe,
 )
 
 FAMILIES: tuple[ModuleType, ...] = (mixtral, qwen_moe, olmoe, phimoe, glm4_moe, deepseek, gpt_oss, glm4_moe_lite,
-                                    minimax_m2, qwen3_next, lfm2_moe)
+                                    minimax_m2, qwen3_next, lfm2_moe, qwen3_5_moe)
 
 # names that every family here shares (the Llama layout), checkpoint regex -> ours
 L = r"model\.layers\.(\d+)\."

@@ -40,6 +40,14 @@ LAYER_TYPES = ("linear_attention", "full_attention")
 
 def config(c: dict, path: Path) -> ModelConfig:
     n_layers = int(need(c, path, "num_hidden_layers"))
+    return hybrid(c, path, "qwen3_next", norm_topk_prob=bool(c.get("norm_topk_prob", True)),
+                  dense_ffn_dim=int(c.get("intermediate_size") or 0), dense_layers=qwen_moe.dense_layers(c, n_layers))
+
+
+def hybrid(c: dict, path: Path, family: str, **moe) -> ModelConfig:
+    """The hybrid's config (Qwen3-Next's keys; Qwen3.5-MoE's text config has the same), with the family's
+    `moe` fields: norm_topk_prob and the dense layers."""
+    n_layers = int(need(c, path, "num_hidden_layers"))
     interval = int(c.get("full_attention_interval") or 4)  # transformers' default
     types = c.get("layer_types") or [LAYER_TYPES[(i + 1) % interval == 0] for i in range(n_layers)]
     if len(types) != n_layers or not set(types) <= set(LAYER_TYPES):
@@ -51,14 +59,12 @@ def config(c: dict, path: Path) -> ModelConfig:
     shared = int(c.get("shared_expert_intermediate_size") or 0)
     bias = bool(c.get("attention_bias", False))
     return hf_common(
-        c, path, family="qwen3_next", ffn_dim=int(need(c, path, "moe_intermediate_size")),
+        c, path, family=family, ffn_dim=int(need(c, path, "moe_intermediate_size")),
         num_experts=int(need(c, path, "num_experts", "num_local_experts")),
         norm="rms_plus_one", qkv_bias=bias, o_bias=bias, qk_norm="head", attention_output_gate=True,
-        partial_rotary_factor=float(partial), norm_topk_prob=bool(c.get("norm_topk_prob", True)),
-        shared_ffn_dim=shared, shared_gate=shared > 0,
-        dense_ffn_dim=int(c.get("intermediate_size") or 0), dense_layers=qwen_moe.dense_layers(c, n_layers),
+        partial_rotary_factor=float(partial), shared_ffn_dim=shared, shared_gate=shared > 0,
         linear_layers=tuple(i for i, t in enumerate(types) if t == "linear_attention"),
         linear_k_heads=int(c.get("linear_num_key_heads", 16)), linear_v_heads=int(c.get("linear_num_value_heads", 32)),
         linear_k_dim=int(c.get("linear_key_head_dim", 128)), linear_v_dim=int(c.get("linear_value_head_dim", 128)),
-        linear_conv_kernel=int(c.get("linear_conv_kernel_dim", 4)), sliding_window=None,
+        linear_conv_kernel=int(c.get("linear_conv_kernel_dim", 4)), sliding_window=None, **moe,
     )

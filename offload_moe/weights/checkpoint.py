@@ -7,7 +7,9 @@ Layouts read, tensor by tensor (safetensors and mmap'd torch files), never the w
   hf        config.json + model.safetensors, or shards listed in model.safetensors.index.json, with
             the names of the family that config.json names (e.g. Mixtral's
             `block_sparse_moe.experts.E.w1.weight` or transformers-5's fused `mlp.experts.gate_up_proj`,
-            Qwen's `mlp.experts.E.gate_proj.weight`)
+            Qwen's `mlp.experts.E.gate_proj.weight`); a family may rename a wrapper's prefix first (`PREFIXES`,
+            Qwen3.5's `model.language_model.`), skip known tensors it does not run without reading them
+            (`SKIPPED`, a vision tower: said once on stderr), and make one of ours of several (`JOINED`)
   packed    written by `convert` (see packed.py): dense.safetensors already under our names, and the
             experts as ready-packed buffers in experts.bin
   original  Mixtral's release: params.json + consolidated.NN.pt, experts stacked per layer as
@@ -25,8 +27,10 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -42,6 +46,13 @@ from .packed import DENSE, packed_attention_group, read_index
 
 # A source: (file, key in that file, transform applied after reading)
 Source = tuple[Path, str, Callable[[torch.Tensor], torch.Tensor] | None]
+
+
+class Joined(NamedTuple):
+    """One of our tensors made of several checkpoint tensors (a family's `JOINED`): their sources, and the
+    function of the config and the parts (read in that order) that gives ours."""
+    sources: tuple[Source, ...]
+    join: Callable[..., torch.Tensor]
 
 
 def interleaved_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -73,9 +84,10 @@ class Checkpoint:
         if not (self.path.is_file() if gguf else self.path.is_dir()):
             raise UserError(f"no such {'GGUF file' if gguf else 'model folder'}: {self.path}")
         self._files: dict[Path, object] = {}
-        self.dense_sources: dict[str, Source] = {}
+        self.dense_sources: dict[str, Source | Joined] = {}
         self.expert_sources: dict[tuple[int, int, str], Source] = {}
         self.packed_index: dict | None = None
+        self.not_run: dict[str, int] = {}  # the family's SKIPPED tensors found, by what they are: said at first read
         self.gguf: GGUFModel | None = None
         if gguf:
             self.layout = "gguf"
@@ -100,6 +112,7 @@ class Checkpoint:
                 raise UserError(f"{self.path}: block-FP8 weights (quantization_config fp8) are not read yet; "
                                 "give a bfloat16, float16 or float32 copy")
             self._index_hf()
+            self._join()
             self._check_beyond(int(raw.get("num_nextn_predict_layers") or 0))
         elif (self.path / "params.json").exists():
             self.layout = "original"
@@ -143,27 +156,42 @@ class Checkpoint:
         f = self.family
         expert, fused, dense = f.EXPERT and re.compile(f.EXPERT), f.FUSED and re.compile(f.FUSED), f.DENSE + COMMON
         split = getattr(f, "FUSED_PARTS", None)  # the family's own fused layout (gpt-oss), else transformers 5's
+        prefixes = getattr(f, "PREFIXES", {})  # a wrapper's prefix -> the names the tables read (Qwen3.5's VL model)
+        skipped = {what: re.compile(pattern) for pattern, what in getattr(f, "SKIPPED", {}).items()}
         for fname, keys in by_file.items():
             file = self.path / fname
             if not file.exists():
                 raise UserError(f"{self.path}: shard {fname} is listed in the index but missing")
-            for key in keys:
-                if expert and (m := expert.fullmatch(key)):
-                    self.expert_sources[(int(m[1]), int(m[2]), f.PARTS[m[3]])] = (file, key, None)
+            for stored in keys:
+                key = next((ours + stored[len(p):] for p, ours in prefixes.items() if stored.startswith(p)), stored)
+                if what := next((w for w, pattern in skipped.items() if pattern.fullmatch(key)), None):
+                    self.not_run[what] = self.not_run.get(what, 0) + 1  # known, not run, never opened
+                elif expert and (m := expert.fullmatch(key)):
+                    self.expert_sources[(int(m[1]), int(m[2]), f.PARTS[m[3]])] = (file, stored, None)
                 elif split and (m := fused.fullmatch(key)):
                     for e in range(E):
                         for part, (index, transposed) in split[m[2]].items():
-                            self.expert_sources[(int(m[1]), e, part)] = (file, key, _pick(e, index, transposed))
+                            self.expert_sources[(int(m[1]), e, part)] = (file, stored, _pick(e, index, transposed))
                 elif fused and (m := fused.fullmatch(key)):
                     layer = int(m[1])
                     for e in range(E):
                         if m[2] == "down_proj":
-                            self.expert_sources[(layer, e, "w2")] = (file, key, _pick(e))
+                            self.expert_sources[(layer, e, "w2")] = (file, stored, _pick(e))
                         else:  # gate_up_proj [E, 2I, D]: w1 rows first, then w3
-                            self.expert_sources[(layer, e, "w1")] = (file, key, _pick(e, (slice(0, I),)))
-                            self.expert_sources[(layer, e, "w3")] = (file, key, _pick(e, (slice(I, 2 * I),)))
+                            self.expert_sources[(layer, e, "w1")] = (file, stored, _pick(e, (slice(0, I),)))
+                            self.expert_sources[(layer, e, "w3")] = (file, stored, _pick(e, (slice(I, 2 * I),)))
                 else:
-                    self._add_dense(key, dense, file, None)
+                    self._add_dense(key, dense, file, None, stored)
+
+    def _join(self) -> None:
+        """The family's `JOINED` [(our name, its parts' names, join)], each name with `{0}` for the layer: where a
+        layer has every part (as the family's DENSE names them), ours reads them all and joins them."""
+        for target, parts, join in getattr(self.family, "JOINED", ()):
+            for i in range(self.config.n_layers):
+                names = [part.format(i) for part in parts]
+                if all(name in self.dense_sources for name in names):
+                    self.dense_sources[target.format(i)] = Joined(tuple(self.dense_sources.pop(n) for n in names),
+                                                                  join)
 
     def _index_original(self) -> None:
         files = sorted(self.path.glob("consolidated.*.pt")) + sorted(self.path.glob("consolidated.*.safetensors"))
@@ -220,10 +248,11 @@ class Checkpoint:
                             f"{f' and {len(unread) - 1} more' if len(unread) > 1 else ''}; read: "
                             f"{', '.join(t.name for t in READ)})")
 
-    def _add_dense(self, key: str, table, file: Path, fix) -> None:
+    def _add_dense(self, key: str, table, file: Path, fix, stored: str | None = None) -> None:
+        """`key` as the table reads it; `stored`, as the file names it where a prefix was renamed."""
         for pattern, ours in table:
             if m := re.fullmatch(pattern, key):
-                self.dense_sources[ours.format(*m.groups())] = (file, key, fix)
+                self.dense_sources[ours.format(*m.groups())] = (file, stored or key, fix)
                 return
         # unknown tensors (rotary caches, extra heads) are ignored on purpose
 
@@ -387,7 +416,20 @@ class Checkpoint:
         return SAFETENSORS_DTYPES.get(name, name)
 
     def dense(self, name: str) -> torch.Tensor:
-        t = self.read(*self.dense_sources[name])
+        if self.not_run:  # once, when the weights are read (not before an error that stops the load)
+            print(f"note: {self.path.name}: not run, so not read: "
+                  f"{', '.join(f'{what} ({n} tensors)' for what, n in self.not_run.items())}", file=sys.stderr)
+            self.not_run = {}
+        source = self.dense_sources[name]
+        if isinstance(source, Joined):
+            parts = [self.read(*s) for s in source.sources]
+            try:
+                t = source.join(self.config, *parts)
+            except RuntimeError as e:  # parts of shapes that do not fit together
+                keys = ", ".join(key for _, key, _ in source.sources)
+                raise UserError(f"{self.path}: tensor {name} cannot be made of {keys} ({_short(e)})") from None
+        else:
+            t = self.read(*source)
         want = self.expected_dense()[name]
         if self.gguf is not None and [n for n in t.shape if n != 1] == [n for n in want if n != 1]:
             t = t.reshape(want)  # ggml leaves out size-1 dims: Qwen2-MoE's ffn_gate_inp_shexp is [D] for our [1, D]
