@@ -146,11 +146,11 @@ def test_slow_headers_and_too_many_connections_are_closed(srv):
 
     slow = socket.create_connection(("127.0.0.1", srv.port))
     slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and never the rest
-    assert closed(slow, 3.0)  # header_timeout 0.5 s
+    assert closed(slow, 10.0)  # header_timeout 0.5 s; the margin is for a loaded machine
     held = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(12)]  # max_connections 8
     try:
-        time.sleep(0.2)
-        assert sum(closed(s, 0.3) for s in held) >= 4
+        time.sleep(0.5)  # a loaded machine's event loop may take a while to accept them all
+        assert sum(closed(s, 1.0) for s in held) >= 4
     finally:
         for s in held + [slow]:
             s.close()
