@@ -11,6 +11,9 @@ from pathlib import Path
 import torch
 import transformers
 
+from offload_moe.engine import Engine
+from offload_moe.options import EngineOptions
+
 VOCAB = 320
 FAMILIES = {
     # name: (config class, model class, kwargs)
@@ -190,3 +193,23 @@ def hub_config(path: Path, family: str) -> None:
 def reference(path: Path, family: str):
     _, model_cls, _ = FAMILIES[family]
     return getattr(transformers, model_cls).from_pretrained(path, dtype=torch.float32).eval()
+
+
+def check_prefill_three_ways(path: Path, family: str, tokens: int, piece: int) -> None:
+    """A prompt of `tokens` ids scored at once, in pieces of `piece` (each from the state the earlier ones left)
+    and token by token: within 1e-4 of each other, within 1e-3 of transformers; a reset sequence starts from no
+    state, so scoring it again gives the same logits exactly. For the families whose layers keep a state."""
+    ids = [(7 * i + 3) % VOCAB for i in range(tokens)]
+    engine = Engine.load(path, EngineOptions(prefetch=0, progress=False))
+    whole = engine.score(ids)  # [T, V]
+    engine.kv.reset()
+    pieces = torch.cat([engine.model(torch.tensor(ids[i : i + piece]), engine.kv) for i in range(0, tokens, piece)])
+    engine.kv.reset()
+    steps = torch.cat([engine.model(torch.tensor([t]), engine.kv) for t in ids])
+    assert (pieces - whole).abs().max() < 1e-4 and (steps - whole).abs().max() < 1e-4
+    with torch.no_grad():
+        want = reference(path, family)(torch.tensor([ids])).logits[0]
+    assert (whole - want).abs().max() < 1e-3
+    engine.kv.reset()
+    torch.testing.assert_close(engine.score(ids), whole, rtol=0, atol=0)
+

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from families import make_family, reference
+from families import check_prefill_three_ways, make_family
 from transformers import Lfm2MoeConfig
 from transformers.models.lfm2_moe.modeling_lfm2_moe import Lfm2MoeTopKRouter
 
@@ -29,19 +29,7 @@ def ckpt(tmp_path_factory):
 def test_prefill_whole_equals_pieces_and_token_by_token_and_transformers(ckpt):
     """A 40-token prompt at once, in pieces of 7 (each from the conv inputs so far) and token by token (the
     conv one step at a time): within 1e-4; against transformers within 1e-3."""
-    ids = [(7 * i + 3) % 320 for i in range(40)]
-    engine = Engine.load(ckpt, EngineOptions(prefetch=0, progress=False))
-    whole = engine.score(ids)  # [T, V]
-    engine.kv.reset()
-    pieces = torch.cat([engine.model(torch.tensor(ids[i : i + 7]), engine.kv) for i in range(0, 40, 7)])
-    engine.kv.reset()
-    steps = torch.cat([engine.model(torch.tensor([t]), engine.kv) for t in ids])
-    assert (pieces - whole).abs().max() < 1e-4 and (steps - whole).abs().max() < 1e-4
-    with torch.no_grad():
-        want = reference(ckpt, "lfm2_moe")(torch.tensor([ids])).logits[0]
-    assert (whole - want).abs().max() < 1e-3
-    engine.kv.reset()  # a new sequence starts from no conv inputs: the same logits again
-    torch.testing.assert_close(engine.score(ids), whole, rtol=0, atol=0)
+    check_prefill_three_ways(ckpt, "lfm2_moe", 40, 7)
 
 
 def test_the_router_is_transformers_exactly():

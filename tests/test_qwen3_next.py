@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 from conftest import run_cli as run
-from families import make_family, reference
+from families import check_prefill_three_ways, make_family
 from test_batch import alone, batched, check_same
 from transformers.models.qwen3_next.modeling_qwen3_next import (
     torch_chunk_gated_delta_rule,
@@ -64,19 +64,7 @@ def test_prefill_in_chunks_equals_token_by_token_and_transformers(ckpt):
     """A 70-token prompt at once (the chunked rule: two chunks, the last padded), in pieces of 25 (each from the
     state so far), and token by token (the recurrent rule, the conv one step at a time): within 1e-4; against
     transformers within 1e-3."""
-    ids = [(7 * i + 3) % 320 for i in range(70)]
-    engine = Engine.load(ckpt, EngineOptions(prefetch=0, progress=False))
-    whole = engine.score(ids)  # [T, V]
-    engine.kv.reset()
-    pieces = torch.cat([engine.model(torch.tensor(ids[i : i + 25]), engine.kv) for i in range(0, 70, 25)])
-    engine.kv.reset()
-    steps = torch.cat([engine.model(torch.tensor([t]), engine.kv) for t in ids])
-    assert (pieces - whole).abs().max() < 1e-4 and (steps - whole).abs().max() < 1e-4
-    with torch.no_grad():
-        want = reference(ckpt, "qwen3_next")(torch.tensor([ids])).logits[0]
-    assert (whole - want).abs().max() < 1e-3
-    engine.kv.reset()  # a new sequence starts from no state: the same logits again
-    torch.testing.assert_close(engine.score(ids), whole, rtol=0, atol=0)
+    check_prefill_three_ways(ckpt, "qwen3_next", 70, 25)
 
 
 def test_batched_equals_alone_with_slots_reused(ckpt):
