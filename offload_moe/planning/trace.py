@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from ..atomic import check_target, write_safetensors_atomic
+from ..atomic import write_safetensors_atomic
 from ..errors import UserError
 
 if TYPE_CHECKING:  # the recorder imports torch when it runs: reading a trace (`simulate`) needs none
@@ -154,16 +154,15 @@ def check_trace(trace: Trace, name: str = "trace") -> None:
 
 def save_trace(path: str | os.PathLike, trace: Trace) -> None:
     """Write `trace` so that a reader (or a crash) never sees half a trace (`atomic.write_safetensors_atomic`)."""
-    target = check_target(path)
-    check_trace(trace, str(target))
+    check_trace(trace, str(path))
     clash = set(trace.tensors) & set(ROUTING)
     if clash:
-        raise UserError(f"cannot write {target}: extra tensors may not be named {', '.join(sorted(clash))}")
+        raise UserError(f"cannot write {path}: extra tensors may not be named {', '.join(sorted(clash))}")
     tensors = {**{k: np.ascontiguousarray(v) for k, v in trace.tensors.items()},
                **{k: np.ascontiguousarray(getattr(trace, k)) for k in ROUTING}}
     metadata = {**trace.metadata, "num_experts": str(trace.num_experts), "top_k": str(trace.top_k),
                 "num_layers": str(trace.num_layers), "model": trace.model}
-    write_safetensors_atomic(target, tensors, metadata)
+    write_safetensors_atomic(path, tensors, metadata)  # it checks the target: a folder, no folder
 
 
 def load_trace(path: str | os.PathLike) -> Trace:
