@@ -59,7 +59,7 @@ def positive(text: str) -> int:
 
 def nbytes(text: str) -> int:
     """Bytes from "4MB" and the like, above 0."""
-    n = size(text) if text != "auto" else None
+    n = size(text)  # "auto" is None: refused here
     if not n:
         raise argparse.ArgumentTypeError(f"expected a size above 0 such as 4MB, got {text!r}")
     return n

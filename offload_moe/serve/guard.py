@@ -64,11 +64,15 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        for name in ("host", "origin"):
-            value = headers.get(name)
-            if self.hosts is not None and (value or name == "host") and \
-                    host_of(value if name == "host" else urlsplit(value).netloc) not in self.hosts:
-                return await reject(send, 403, f"{name} {value!r} is not this server's (serve --allow-host adds one)")
+        if self.hosts is not None:
+            host, origin = headers.get("host", ""), headers.get("origin")
+            checked = [("host", host, host_of(host))]  # a request without a Host header is refused too
+            if origin:
+                checked.append(("origin", origin, host_of(urlsplit(origin).netloc)))
+            for name, value, hostname in checked:
+                if hostname not in self.hosts:
+                    return await reject(send, 403, f"{name} {value!r} is not this server's (serve --allow-host adds "
+                                                   "one)")
         if scope["method"] != "POST":
             return await self.app(scope, receive, send)
         if headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
