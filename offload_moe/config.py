@@ -16,6 +16,7 @@ from .errors import UserError
 NORMS = ("rms", "layer", "rms_plus_one")
 QK_NORMS = ("none", "head", "full")
 ROUTERS = ("softmax", "sparsemixer", "sigmoid", "grouped_softmax")
+FFN_ACTS = ("swiglu", "relu2")
 
 
 @dataclass(frozen=True)
@@ -95,9 +96,32 @@ class ModelConfig:
     conv_layers: tuple[int, ...] = ()
     conv_kernel: int = 3
     conv_bias: bool = False
+    # Mamba-2 (Nemotron-H, `modeling/mamba.py`) on `mamba_layers` in place of attention: no KV cache there but the
+    # conv's last inputs and the SSM state per sequence (`state_bytes`); mamba_heads heads of mamba_head_dim, B and
+    # C in mamba_groups groups of mamba_state, a causal conv of mamba_conv_kernel taps, prompts in chunks of
+    # mamba_chunk; the time step clamped to [mamba_dt_min, mamba_dt_max] (None: no upper bound)
+    mamba_layers: tuple[int, ...] = ()
+    mamba_heads: int = 0
+    mamba_head_dim: int = 0
+    mamba_groups: int = 1
+    mamba_state: int = 0
+    mamba_conv_kernel: int = 4
+    mamba_chunk: int = 128
+    mamba_bias: bool = False  # biases on its in and out projections
+    mamba_conv_bias: bool = True
+    mamba_dt_min: float = 0.0
+    mamba_dt_max: float | None = None
+    # layers of one piece (Nemotron-H: each layer a mixer or an FFN, with one norm): mixer_only layers have no FFN
+    # (their norm is attention_norm), ffn_only layers no attention (their norm is ffn_norm)
+    mixer_only: tuple[int, ...] = ()
+    ffn_only: tuple[int, ...] = ()
+    # the experts', shared expert's and dense MLPs' activation: swiglu, w2 . (silu(w1 x) * w3 x) (gpt-oss's clamped
+    # form where swiglu_limit is set), or relu2, w2 . relu(w1 x)^2 with no w3 (Nemotron-H)
+    ffn_act: str = "swiglu"
 
     def __post_init__(self) -> None:
-        for name in ("eos_ids", "dense_layers", "linear_layers", "conv_layers"):  # JSON gives lists
+        for name in ("eos_ids", "dense_layers", "linear_layers", "conv_layers", "mamba_layers", "mixer_only",
+                     "ffn_only"):  # JSON gives lists
             object.__setattr__(self, name, tuple(int(i) for i in getattr(self, name)))
         if self.window_layers is not None:
             object.__setattr__(self, "window_layers", tuple(int(i) for i in self.window_layers))
@@ -114,7 +138,7 @@ class ModelConfig:
             raise UserError(f"config: {self.n_heads} heads are not a multiple of {self.n_kv_heads} kv heads")
         if self.top_k > self.num_experts:
             raise UserError(f"config: top-k {self.top_k} exceeds {self.num_experts} experts")
-        for name, allowed in (("norm", NORMS), ("qk_norm", QK_NORMS), ("router", ROUTERS)):
+        for name, allowed in (("norm", NORMS), ("qk_norm", QK_NORMS), ("router", ROUTERS), ("ffn_act", FFN_ACTS)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"config: {name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if self.window_layers is not None and not self.sliding_window:
@@ -142,9 +166,10 @@ class ModelConfig:
                 self.linear_layers) or not set(self.conv_layers) <= set(range(self.n_layers))):
             raise UserError(f"config: short conv layers {list(self.conv_layers)} (kernel {self.conv_kernel}) must be "
                             f"among the {self.n_layers} layers, a positive kernel, without latent or linear attention")
-        if not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
+        if not (0 <= self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
             raise UserError(f"config: partial_rotary_factor {self.partial_rotary_factor} gives {self.rotary_dim} "
-                            f"rotary dims of {self.head_dim}; they must be even and positive")
+                            f"rotary dims of {self.head_dim}; they must be even (0: no RoPE)")
+        self._check_pieces()
         if self.router in ("sigmoid", "grouped_softmax"):
             groups, keep = self.n_group, self.topk_group
             if groups <= 0 or self.num_experts % groups or not 0 < keep <= groups or (
@@ -152,6 +177,26 @@ class ModelConfig:
                 raise UserError(f"config: {self.num_experts} experts in n_group {groups} groups, topk_group {keep}")
             if self.top_k > keep * (self.num_experts // groups):
                 raise UserError(f"config: top-k {self.top_k} exceeds the experts of {keep} kept groups")
+
+    def _check_pieces(self) -> None:
+        """Mamba-2 sizes, and the layers of one piece: each a layer of the model, none both."""
+        layers = set(range(self.n_layers))
+        if self.mamba_layers and not (
+                min(self.mamba_heads, self.mamba_head_dim, self.mamba_state, self.mamba_conv_kernel,
+                    self.mamba_chunk, self.mamba_groups) > 0 and self.mamba_heads % self.mamba_groups == 0
+                and set(self.mamba_layers) <= layers and not self.kv_lora_rank
+                and not set(self.mamba_layers) & set(self.linear_layers + self.conv_layers)):
+            raise UserError(f"config: Mamba layers {list(self.mamba_layers)} with {self.mamba_heads} heads of "
+                            f"{self.mamba_head_dim} in {self.mamba_groups} groups, state {self.mamba_state}, kernel "
+                            f"{self.mamba_conv_kernel}: sizes must be positive, heads a multiple of groups, layers "
+                            "among the model's, without latent, linear attention or short convs")
+        if set(self.mixer_only) & set(self.ffn_only) or not set(self.mixer_only + self.ffn_only) <= layers:
+            raise UserError(f"config: mixer-only layers {list(self.mixer_only)} and FFN-only layers "
+                            f"{list(self.ffn_only)} must be distinct layers of the {self.n_layers}")
+        if set(self.ffn_only) & set(self.mamba_layers + self.linear_layers + self.conv_layers):
+            raise UserError("config: an FFN-only layer cannot also be a Mamba, linear attention or short conv layer")
+        if self.ffn_act == "relu2" and (self.swiglu_limit is not None or self.shared_gate or self.expert_bias):
+            raise UserError("config: relu2 experts have no swiglu limit, shared gate or expert biases here")
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
@@ -165,7 +210,7 @@ class ModelConfig:
     @property
     def moe_layers(self) -> tuple[int, ...]:
         """The layers that have experts, in order; the expert cache's rows are these."""
-        return tuple(i for i in range(self.n_layers) if i not in self.dense_layers)
+        return tuple(i for i in range(self.n_layers) if i not in self.dense_layers and i not in self.mixer_only)
 
     @property
     def rotary_dim(self) -> int:
@@ -186,11 +231,12 @@ class ModelConfig:
     def attention_inputs(self) -> tuple[int, ...]:
         """The input sizes of the attention projections that int8 attention quantizes: D (wq wk wv, linear
         attention's wqkvz), H*hd (wo), linear attention's value heads x dims (its wo);
-        latent attention: D (wq or wq_a, wkv_a), q_lora_rank (wq_b), H*v_head_dim (wo)."""
+        latent attention: D (wq or wq_a, wkv_a), q_lora_rank (wq_b), H*v_head_dim (wo); Mamba-2's inner width (wo)."""
         if self.kv_lora_rank:
             return (self.dim, *([self.q_lora_rank] if self.q_lora_rank else []), self.n_heads * self.v_head_dim)
         linear = (self.linear_v_heads * self.linear_v_dim,) if self.linear_layers else ()  # linear attention's wo
-        return self.dim, self.n_heads * self.head_dim, *linear
+        mamba = (self.mamba_inner,) if self.mamba_layers else ()
+        return self.dim, self.n_heads * self.head_dim, *linear, *mamba
 
     @property
     def n_moe_layers(self) -> int:
@@ -203,14 +249,40 @@ class ModelConfig:
 
     @property
     def expert_params(self) -> int:
-        """Parameters of one expert: w1, w3 [I, D] and w2 [D, I] (and their biases [I], [I], [D])."""
-        return 3 * self.dim * self.ffn_dim + (2 * self.ffn_dim + self.dim) * self.expert_bias
+        """Parameters of one expert: w1, w3 [I, D] and w2 [D, I] (and their biases [I], [I], [D]); relu2: no w3."""
+        return self.ffn_mats * self.dim * self.ffn_dim + (2 * self.ffn_dim + self.dim) * self.expert_bias
+
+    @property
+    def ffn_mats(self) -> int:
+        """Matrices of an expert, a shared expert or a dense MLP: w1, w3 and w2 (swiglu), or w1 and w2 (relu2)."""
+        return 3 if self.ffn_act == "swiglu" else 2
+
+    @property
+    def expert_parts(self) -> tuple[str, ...]:
+        """An expert's weights by our names: w1 (gate; relu2's up), w3 (up, swiglu only) [I, D], w2 [D, I]."""
+        return ("w1", "w3", "w2") if self.ffn_act == "swiglu" else ("w1", "w2")
+
+    @property
+    def mamba_inner(self) -> int:
+        """Mamba-2's x, z and output width: heads x head dims."""
+        return self.mamba_heads * self.mamba_head_dim
+
+    @property
+    def mamba_conv_dims(self) -> int:
+        """Channels of Mamba-2's causal conv: x, B and C side by side."""
+        return self.mamba_inner + 2 * self.mamba_groups * self.mamba_state
+
+    @property
+    def mamba_in_rows(self) -> int:
+        """Rows of Mamba-2's in projection: z, then x, B and C, then the time step per head."""
+        return self.mamba_inner + self.mamba_conv_dims + self.mamba_heads
 
     @property
     def attention_params(self) -> int:
         """wq, wk, wv and wo of every layer (their weights: what int8 attention quantizes); latent attention:
         wq (or wq_a and wq_b), wkv_a and wo (wkv_b stays in the compute dtype: decode reads it per head);
-        linear attention: wqkvz and wo (its small wba stays in the compute dtype); short convs: wbcx and wo."""
+        linear attention: wqkvz and wo (its small wba stays in the compute dtype); short convs: wbcx and wo;
+        Mamba-2: wzxbcdt and wo."""
         D, H, hd = self.dim, self.n_heads, self.head_dim
         if self.kv_lora_rank:
             Q = self.q_lora_rank
@@ -219,13 +291,15 @@ class ModelConfig:
         wq = H * (1 + self.attention_output_gate)  # the output gate's rows come with wq's
         linear = len(self.linear_layers) * D * (2 * self.linear_key_dims + 3 * self.linear_value_dims)  # wqkvz, wo
         short = len(self.conv_layers) * 4 * D * D  # wbcx [3D, D], wo [D, D]
-        return self.n_attention_layers * D * hd * (wq + H + 2 * self.n_kv_heads) + linear + short
+        mamba = len(self.mamba_layers) * D * (self.mamba_in_rows + self.mamba_inner)  # wzxbcdt, wo
+        return self.n_attention_layers * D * hd * (wq + H + 2 * self.n_kv_heads) + linear + short + mamba
 
     @property
     def dense_params(self) -> int:
         """Everything that is not a routed expert: attention (biases, QK norms), norms, routers,
         shared experts, dense MLP layers, embeddings, head (and the sigmoid router's correction bias); linear
-        attention's small tensors; the short convs' taps (and biases)."""
+        attention's small tensors; the short convs' taps (and biases); Mamba-2's conv, per-head tensors and norm
+        (and biases)."""
         H, G, hd, D = self.n_heads, self.n_kv_heads, self.head_dim, self.dim
         norm = 2 * D if self.norm == "layer" else D
         if self.kv_lora_rank:  # wkv_b [H*(nope + v), R] and the norms of the latents
@@ -237,14 +311,17 @@ class ModelConfig:
         Hv, Kd = self.linear_v_heads, self.linear_key_dims  # wba, conv, dt_bias, A_log, the gated norm
         linear = 2 * Hv * D + (2 * Kd + self.linear_value_dims) * self.linear_conv_kernel + 2 * Hv + self.linear_v_dim
         short = self.dim * self.conv_kernel + 5 * self.dim * self.conv_bias  # taps [D, W]; biases 3D, D, D
+        mamba = (self.mamba_conv_dims * (self.mamba_conv_kernel + self.mamba_conv_bias) + 3 * self.mamba_heads
+                 + self.mamba_inner + (self.mamba_in_rows + D) * self.mamba_bias)  # conv, dt_bias A_log D, norm
         attn = (self.attention_params + self.n_attention_layers * extra + len(self.linear_layers) * linear
-                + len(self.conv_layers) * short)
+                + len(self.conv_layers) * short + len(self.mamba_layers) * mamba)
         router = self.num_experts * (D + (self.router == "sigmoid") + self.router_bias)  # + either bias
-        moe = self.n_moe_layers * (router + 3 * D * self.shared_ffn_dim + D * self.shared_gate)
-        dense = len(self.dense_layers) * 3 * D * self.dense_ffn_dim
+        moe = self.n_moe_layers * (router + self.ffn_mats * D * self.shared_ffn_dim + D * self.shared_gate)
+        dense = len(self.dense_layers) * self.ffn_mats * D * self.dense_ffn_dim
         head = (0 if self.tie_word_embeddings else self.vocab_size * D) + self.vocab_size * self.lm_head_bias
         sinks = self.n_attention_layers * H * self.attention_sinks
-        return attn + sinks + self.n_layers * 2 * norm + moe + dense + self.vocab_size * D + head + norm
+        norms = 2 * self.n_layers - len(self.mixer_only) - len(self.ffn_only)  # one in a layer of one piece
+        return attn + sinks + norms * norm + moe + dense + self.vocab_size * D + head + norm
 
     def kv_bytes(self, context: int, bytes_per_value: int) -> int:
         """What one sequence of `context` tokens keeps: the KV cache (each layer's sliding window, if shorter;
@@ -255,8 +332,12 @@ class ModelConfig:
 
     @property
     def n_attention_layers(self) -> int:
-        """Layers with attention (a KV cache), not linear attention or a short conv."""
-        return self.n_layers - len(self.linear_layers) - len(self.conv_layers)
+        """Layers with attention (a KV cache), not linear attention, a short conv, Mamba-2 or an FFN alone."""
+        return sum(self.has_attention(i) for i in range(self.n_layers))
+
+    def has_attention(self, layer: int) -> bool:
+        """Whether `layer` mixes tokens by attention (and keeps a KV cache)."""
+        return layer not in self.linear_layers + self.conv_layers + self.mamba_layers + self.ffn_only
 
     @property
     def linear_key_dims(self) -> int:
@@ -277,11 +358,16 @@ class ModelConfig:
         """The fixed-size state one sequence keeps in the linear attention layers, whatever its length: the
         conv's last kernel-1 inputs [conv_dims, kernel-1] in the compute dtype, and the delta rule's state
         [value heads, key dims, value dims] in float32; in the short conv layers, the conv's last
-        conv_kernel-1 inputs [D, conv_kernel-1] in the compute dtype."""
+        conv_kernel-1 inputs [D, conv_kernel-1] in the compute dtype; in the Mamba-2 layers, the conv's last
+        inputs [mamba_conv_dims, kernel-1] in the compute dtype and the SSM state [heads, state, head dims] in
+        float32."""
         conv = self.conv_dims * (self.linear_conv_kernel - 1) * bytes_per_value
         recurrent = self.linear_v_heads * self.linear_k_dim * self.linear_v_dim * 4
         short = self.dim * (self.conv_kernel - 1) * bytes_per_value
-        return len(self.linear_layers) * (conv + recurrent) + len(self.conv_layers) * short
+        mamba = (self.mamba_conv_dims * (self.mamba_conv_kernel - 1) * bytes_per_value
+                 + self.mamba_inner * self.mamba_state * 4)
+        return (len(self.linear_layers) * (conv + recurrent) + len(self.conv_layers) * short
+                + len(self.mamba_layers) * mamba)
 
     def window_of(self, layer: int) -> int | None:
         """The sliding window of `layer`'s attention, None where it sees the whole context."""
@@ -291,8 +377,8 @@ class ModelConfig:
 
     def kv_length(self, layer: int, context: int) -> int:
         """Positions `layer`'s KV cache holds for `context` tokens: the context, or its sliding window if shorter
-        (a ring: see `layers.KVCache`); none in a linear attention or short conv layer."""
-        if layer in self.linear_layers or layer in self.conv_layers:  # a state instead (`state_bytes`)
+        (a ring: see `layers.KVCache`); none in a layer without attention."""
+        if not self.has_attention(layer):  # a state instead (`state_bytes`), or nothing
             return 0
         window = self.window_of(layer)
         return min(context, window) if window else context

@@ -109,8 +109,8 @@ class Engine:
     @property
     def attention_format(self) -> str:
         """How the attention projections are held: int8-gG or the compute dtype."""
-        return self._format(self.model.layers[0].attention.wo)  # every attention has wo (latent attention
-        # has no wq with q_lora_rank)
+        # every attention has wo (latent attention has no wq with q_lora_rank); a layer of one FFN, none
+        return self._format(next(blk.attention for blk in self.model.layers if blk.attention is not None).wo)
 
     @property
     def head_format(self) -> str:

@@ -215,7 +215,8 @@ def format_card_plan(plan: dict, source: str = "") -> str:
                                                  for p, n in plan["host_bytes"].items()),
     ]
     state = plan["state_per_sequence"]
-    per_seq = f"; linear attention or conv state: {state / 2**20:.2f} MiB a sequence, any length" if state else ""
+    per_seq = (f"; recurrent state (linear attention, conv, Mamba): {state / 2**20:.2f} MiB a sequence, any length"
+               if state else "")
     lines.append(f"KV cache (fp16): {plan['kv_per_token'] / 2**10:.1f} KiB a token{per_seq}")
     if plan["group_size"] is None:
         lines.append("no quantization group size (32, 64, 128) divides D and I: fp16 experts only")

@@ -96,6 +96,14 @@ FAMILIES = {
                              "mrope_section": [2, 1, 1], "mrope_interleaved": True}),
         vision_config=dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=64,
                            num_position_embeddings=16, patch_size=4))),
+    # Nemotron-H: every kind of layer of the hub's pattern (Mamba-2 with 2 groups, MoE, attention without RoPE, a
+    # dense MLP), relu2 experts without a gate, the sigmoid router with 2 groups of 4, one kept; chunks of 8 tokens
+    "nemotron_h": ("NemotronHConfig", "NemotronHForCausalLM", dict(
+        hidden_size=64, intermediate_size=96, moe_intermediate_size=32, moe_shared_expert_intermediate_size=48,
+        layers_block_type=["linear_attention", "moe", "full_attention", "moe", "mlp", "linear_attention", "moe"],
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, ssm_state_size=16, mamba_num_heads=8,
+        mamba_head_dim=16, n_groups=2, conv_kernel=4, chunk_size=8, n_routed_experts=8, num_experts_per_tok=2,
+        n_group=2, topk_group=1, routed_scaling_factor=1.5)),
 }
 
 
@@ -124,6 +132,8 @@ def make_family(path: Path, family: str, seed: int = 0, tokenizer: str | None = 
                 p.uniform_(-1.0, 1.5)
             elif name.endswith("A_log"):  # linear attention: decays of 0.75 to 0.97 a token, so the state carries
                 p.uniform_(-3.0, -1.0)
+            elif name.endswith("mixer.D"):  # Mamba's skip, away from 1
+                p.uniform_(0.5, 1.5)
         for name, b in model.named_buffers():  # the sigmoid router's choice bias: it must change choices
             if name.endswith(("e_score_correction_bias", "expert_bias")):
                 b.uniform_(-0.3, 0.3)
@@ -181,6 +191,13 @@ def hub_config(path: Path, family: str) -> None:
         assert c.pop("layer_types") == ["linear_attention", "full_attention"] * (c["num_hidden_layers"] // 2) + [
             "linear_attention"] * (c["num_hidden_layers"] % 2)
         c["full_attention_interval"] = 2
+    if family == "nemotron_h":  # nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B's: the layers as a pattern, the Mamba keys
+        c["hybrid_override_pattern"] = c.pop("layers_block_type")  # (mamba_*) and num_hidden_layers
+        c["hybrid_override_pattern"] = "".join({"linear_attention": "M", "moe": "E", "full_attention": "*",
+                                                "mlp": "-"}[t] for t in c["hybrid_override_pattern"])
+        c |= {"num_hidden_layers": len(c["hybrid_override_pattern"]), "mamba_n_groups": c.pop("n_groups"),
+              "mamba_d_conv": c.pop("conv_kernel"), "mamba_chunk_size": c.pop("chunk_size"),
+              "time_step_limit": [0.0, float("inf")]}
     if family == "lfm2_moe":  # the key transformers' reader takes first (`tie_embedding`)
         c["tie_embedding"] = c.pop("tie_word_embeddings")
     if family == "gpt_oss":  # the hub's: `rope_type` in rope_scaling, no swiglu_alpha, experts_per_token too

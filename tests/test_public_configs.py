@@ -10,7 +10,8 @@ from offload_moe.models import from_hf_config
 from offload_moe.models.public import public_config
 
 # the totals the model cards publish
-PUBLISHED_TOTAL = {"GLM-4.7-Flash": 30e9, "MiniMax-M2": 230e9, "LFM2-8B-A1B": 8.3e9, "Qwen3.6-35B-A3B": 35e9}
+PUBLISHED_TOTAL = {"GLM-4.7-Flash": 30e9, "MiniMax-M2": 230e9, "LFM2-8B-A1B": 8.3e9, "Qwen3.6-35B-A3B": 35e9,
+                   "NVIDIA-Nemotron-3-Nano-30B-A3B": 31.6e9}
 
 
 @pytest.mark.parametrize("name", list(PUBLISHED_TOTAL))

@@ -3,7 +3,7 @@
 
 Why: a quantized expert is smaller than fp16 (1 + 4/gs bytes a weight in int8, 1/2 + 4/gs in int4,
 against 2), so more experts stay resident and a cache miss copies fewer bytes. Each format packs one
-expert into one contiguous byte buffer (see `offload/store.py`): for w13 (w1 and w3 fused, [2I, D]) and
+expert into one contiguous byte buffer (see `offload/store.py`): for w13 (w1 and w3 fused, [2I, D]; relu2: w1) and
 w2 ([D, I]) the codes, then the per-group scales and zeros, every part on a 64-byte boundary, so that a
 miss stays one `copy_`.
 
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 from ..errors import UserError
 from ..options import GROUP_SIZES
-from .base import ALIGN, activation
+from .base import ALIGN, activation, up_parts
 from .cpu_kernels import ExpertKernel
 
 SCALE_DTYPE = torch.bfloat16  # scales and zeros in every packed format
@@ -118,9 +118,11 @@ class GroupQuantFormat(ABC):
         self.D, self.I, self.group_size, self.compute_dtype = D, I, group_size, compute_dtype
         self.name = f"int{self.bits}-g{group_size}"
         self.act = activation(config)
+        self.up = up_parts(config)
+        up = len(self.up) * I  # w13's rows
         self._plan: list[list[tuple[int, torch.dtype, tuple[int, ...]]]] = []  # per matrix: (offset, dtype, shape)
         offset = 0
-        for N, K in ((2 * I, D), (D, I)):  # w13, w2
+        for N, K in ((up, D), (D, I)):  # w13, w2
             parts = []
             for dtype, shape in self._parts(N, K):
                 parts.append((offset, dtype, shape))
@@ -132,7 +134,7 @@ class GroupQuantFormat(ABC):
                 self._bias_plan.append((offset, n))
                 offset += _aligned(4 * n)
         self.nbytes = offset  # a multiple of ALIGN, so that experts laid end to end stay aligned
-        self._largest = max(2 * I * D, D * I)  # elements of the larger matrix
+        self._largest = max(up * D, D * I)  # elements of the larger matrix
         self._scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self.kernel: ExpertKernel | None = None  # one token on the CPU: one C call (cpu_kernels.py) where set
 
@@ -158,7 +160,7 @@ class GroupQuantFormat(ABC):
 
     def pack(self, parts: dict[str, torch.Tensor], out: torch.Tensor) -> None:
         w13, w2, _, *biases = self.views(out)
-        self._store(torch.cat((parts["w1"], parts["w3"])), w13)  # [2I, D]
+        self._store(torch.cat([parts[p] for p in self.up]), w13)  # [2I, D] (relu2: [I, D])
         self._store(parts["w2"], w2)  # [D, I]
         self._pack_biases(parts, biases)
 
@@ -180,9 +182,8 @@ class GroupQuantFormat(ABC):
 
     def _ffn(self, x: torch.Tensor, views: tuple, linear) -> torch.Tensor:
         w13, w2, cpu, *biases = views
-        h = linear(x, w13, cpu)  # [T, 2I], a new tensor in x's dtype
-        a, b = (h.add_(biases[0]) if biases else h).chunk(2, dim=-1)  # 2 x [T, I]
-        y = linear(self.act(a, b), w2, cpu)  # [T, D]
+        h = linear(x, w13, cpu)  # [T, 2I] (relu2: [T, I]), a new tensor in x's dtype
+        y = linear(self.act(h.add_(biases[0]) if biases else h), w2, cpu)  # [T, D]
         return y.add_(biases[1]) if biases else y
 
     def _dequant_linear(self, x: torch.Tensor, mat: tuple, cpu: bool) -> torch.Tensor:

@@ -59,8 +59,8 @@ class Int4Format(GroupQuantFormat):
 
     - "cpu", named `int4-gG`: codes uint8 [N, K/2], two a byte in the AVX-512 int4 CPU kernel's order
       (see `pack_nibbles`). I is a multiple of 32 (the smallest group), so w13's 2I rows come in blocks
-      of 64; w2's D rows do too unless D is an odd multiple of 32, and then in blocks of 32, with the
-      kernel off.
+      of 64 (relu2's I rows, of 64 or 32); w2's D rows do too unless D is an odd multiple of 32, and then in
+      blocks of 32, with the kernel off.
     - "cuda", named `int4-gG-cuda`: codes int32 [N/8, K/(16t), 32, t/2] in the tiles that torch's CUDA
       int4 kernel `_weight_int4pack_mm` reads (see `tile_int4`), t = `cuda_inner_k_tiles(K)`; the same
       bytes as `_convert_weight_to_int4pack` writes, but made by torch ops, so that any device packs
@@ -80,8 +80,11 @@ class Int4Format(GroupQuantFormat):
         super().__init__(config, compute_dtype, group_size)
         if layout == "cuda":
             self.name += "-cuda"
-        self.cpu_kernel = layout == "cpu" and cpu_int4_kernel_reads_blocks_of_64() and self.D % 64 == 0
-        if layout == "cpu" and row_block(2 * self.I) == row_block(self.D) == 64:  # the C kernel reads blocks of 64
+        # torch's CPU kernel reads rows in blocks of 64: w2's D rows, and w13's (2I, or relu2's I, maybe 32 x odd)
+        self.cpu_kernel = (layout == "cpu" and cpu_int4_kernel_reads_blocks_of_64() and self.D % 64 == 0
+                           and row_block(len(self.up) * self.I) == 64)
+        # the C kernel computes SwiGLU, and reads rows in blocks of 64
+        if layout == "cpu" and len(self.up) == 2 and row_block(2 * self.I) == row_block(self.D) == 64:
             self.kernel = ExpertKernel("int4", self.D, self.I, group_size, config.swiglu_limit)
         self._cuda_kernel: dict[torch.device, bool] = {}  # per device: does torch's CUDA kernel run there
 

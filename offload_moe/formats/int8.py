@@ -40,7 +40,8 @@ class Int8Format(GroupQuantFormat):
 
     def __init__(self, config: ModelConfig, compute_dtype: torch.dtype, group_size: int = 64):
         super().__init__(config, compute_dtype, group_size)
-        self.kernel = ExpertKernel("int8", self.D, self.I, group_size, config.swiglu_limit)
+        if len(self.up) == 2:  # the C kernel computes SwiGLU
+            self.kernel = ExpertKernel("int8", self.D, self.I, group_size, config.swiglu_limit)
 
     def _parts(self, N: int, K: int) -> list[tuple[torch.dtype, tuple[int, ...]]]:
         G = K // self.group_size

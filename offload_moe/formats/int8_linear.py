@@ -68,9 +68,9 @@ def int8_parts(w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
     return out
 
 
-# those a layer has (the short conv's in projection too); wkv_b stays dense, and linear attention's wba (small: two
-# values per head)
-ATTENTION_WEIGHTS = ("wq", "wk", "wv", "wo", "wq_a", "wq_b", "wkv_a", "wqkvz", "wbcx")
+# those a layer has (the short conv's and Mamba-2's in projections too); wkv_b stays dense, and linear attention's
+# wba (small: two values per head)
+ATTENTION_WEIGHTS = ("wq", "wk", "wv", "wo", "wq_a", "wq_b", "wkv_a", "wqkvz", "wbcx", "wzxbcdt")
 ATTENTION_SUFFIXES = tuple(f"attention.{w}.weight" for w in ATTENTION_WEIGHTS)  # their names in a state dict
 
 

@@ -53,7 +53,9 @@ def sequence_buffers(config: ModelConfig, length: int, lead: tuple[int, ...], de
     [*lead, G, C_l, hd] (C_l = `ModelConfig.kv_length`: none in a linear attention or short conv layer), and a
     linear attention layer's state, None elsewhere: its conv's last inputs [*lead, conv_dims, kernel-1] in `dtype`
     and the delta rule's state [*lead, Hv, dk, dv] in float32 (`ModelConfig.state_bytes`); a short conv layer's,
-    its conv's last inputs [*lead, D, conv_kernel-1] in `dtype` (recurrent None)."""
+    its conv's last inputs [*lead, D, conv_kernel-1] in `dtype` (recurrent None); a Mamba-2 layer's, its conv's
+    last inputs [*lead, mamba_conv_dims, kernel-1] in `dtype` and its SSM state [*lead, heads, state, head dim] in
+    float32."""
     heads, k, v = config.kv_dims
     lengths = [config.kv_length(i, length) for i in range(config.n_layers)]
     keys = [torch.zeros((*lead, heads, n, k), device=device, dtype=dtype) for n in lengths]
@@ -65,6 +67,11 @@ def sequence_buffers(config: ModelConfig, length: int, lead: tuple[int, ...], de
         conv[i] = torch.zeros((*lead, config.dim, config.conv_kernel - 1), device=device, dtype=dtype)
     shape = (config.linear_v_heads, config.linear_k_dim, config.linear_v_dim)
     recurrent = [torch.zeros((*lead, *shape), device=device, dtype=torch.float32) if lin else None for lin in linear]
+    for i in config.mamba_layers:
+        conv[i] = torch.zeros((*lead, config.mamba_conv_dims, config.mamba_conv_kernel - 1), device=device,
+                              dtype=dtype)
+        recurrent[i] = torch.zeros((*lead, config.mamba_heads, config.mamba_state, config.mamba_head_dim),
+                                   device=device, dtype=torch.float32)
     return keys, values, conv, recurrent
 
 
@@ -77,9 +84,10 @@ class KVCache:
     With a window on some layers only (gpt-oss: 128 on every other layer), those layers' rings hold just
     their window and the others the whole context, and the memory plan counts each layer's own length.
 
-    A linear attention layer (`deltanet.py`) has no keys or values (C_l = 0) but a state of fixed size,
-    conv[layer] and recurrent[layer] (`sequence_buffers`), which `reset` zeroes: a new sequence starts
-    from none; a short conv layer (`shortconv.py`), conv[layer] alone. Elsewhere both are None.
+    A linear attention or Mamba-2 layer (`deltanet.py`, `mamba.py`) has no keys or values (C_l = 0) but a state
+    of fixed size, conv[layer] and recurrent[layer] (`sequence_buffers`), which `reset` zeroes: a new sequence
+    starts from none; a short conv layer (`shortconv.py`), conv[layer] alone. Elsewhere both are None (and a
+    layer without attention holds empty keys and values).
     """
 
     def __init__(self, config: ModelConfig, length: int, device: torch.device, dtype: torch.dtype):
@@ -179,6 +187,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """x [..., T, hd] (any leading axes, e.g. heads); cos, sin [T, r]. Partial rotary (r < hd, GLM-4.5):
     the first r dims of each head turn (rotate-halves within them, as transformers), the rest pass."""
     r = cos.shape[-1]
+    if r == 0:  # no RoPE (Nemotron-H's attention)
+        return x
     if r < x.shape[-1]:
         return torch.cat([apply_rope(x[..., :r], cos, sin), x[..., r:]], dim=-1)
     half = x.shape[-1] // 2
@@ -336,13 +346,16 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """A resident SwiGLU MLP: a shared expert (Qwen2-MoE) or a dense layer's MLP. [T, D] -> [T, D]"""
+    """A resident MLP: a shared expert (Qwen2-MoE) or a dense layer's MLP, SwiGLU w2(silu(w1 x) * w3 x) or
+    (`relu2`, Nemotron-H) w2(relu(w1 x)^2) with no w3. [T, D] -> [T, D]"""
 
-    def __init__(self, dim: int, ffn: int):
+    def __init__(self, dim: int, ffn: int, relu2: bool = False):
         super().__init__()
-        self.w1 = nn.Linear(dim, ffn, bias=False)  # gate
-        self.w3 = nn.Linear(dim, ffn, bias=False)  # up
+        self.w1 = nn.Linear(dim, ffn, bias=False)  # gate (relu2: up)
+        self.w3 = None if relu2 else nn.Linear(dim, ffn, bias=False)  # up
         self.w2 = nn.Linear(ffn, dim, bias=False)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w3 is None:
+            return self.w2(F.relu(self.w1(x)).square())
         return self.w2(F.silu(self.w1(x)) * self.w3(x))

@@ -18,6 +18,7 @@ from torch import nn
 from ..config import ModelConfig
 from .deltanet import GatedDeltaNet
 from .layers import MLP, Attention, KVCache, KVPool, make_norm
+from .mamba import Mamba2
 from .mla import LatentAttention
 from .shortconv import ShortConv
 
@@ -25,27 +26,36 @@ ROUTER_BIAS = "gate.e_score_correction_bias"  # the sigmoid router's choice bias
 
 
 class Block(nn.Module):
-    """One decoder layer's resident weights. The routed experts are not here: the cache holds them."""
+    """One decoder layer's resident weights. The routed experts are not here: the cache holds them. A layer of one
+    piece (Nemotron-H) has no attention (`ffn_only`: attention and attention_norm None) or no FFN (`mixer_only`:
+    ffn_norm None, nor anything after it)."""
 
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         c = config
-        self.attention_norm = make_norm(c, c.dim)
-        if layer in c.linear_layers:  # linear attention, under the same name: the same calls
-            self.attention = GatedDeltaNet(c)
-        elif layer in c.conv_layers:  # LFM2's short conv, likewise
-            self.attention = ShortConv(c)
-        else:
-            self.attention = LatentAttention(c) if c.kv_lora_rank else Attention(c)
+        self.attention_norm = self.attention = self.ffn_norm = None
+        if layer not in c.ffn_only:
+            self.attention_norm = make_norm(c, c.dim)
+            if layer in c.linear_layers:  # linear attention, under the same name: the same calls
+                self.attention = GatedDeltaNet(c)
+            elif layer in c.conv_layers:  # LFM2's short conv, likewise
+                self.attention = ShortConv(c)
+            elif layer in c.mamba_layers:  # Nemotron-H's Mamba-2, likewise
+                self.attention = Mamba2(c)
+            else:
+                self.attention = LatentAttention(c) if c.kv_lora_rank else Attention(c)
+        if layer in c.mixer_only:
+            return
         self.ffn_norm = make_norm(c, c.dim)
+        relu2 = c.ffn_act == "relu2"
         if layer in c.dense_layers:
-            self.mlp = MLP(c.dim, c.dense_ffn_dim)
+            self.mlp = MLP(c.dim, c.dense_ffn_dim, relu2)
             return
         self.gate = nn.Linear(c.dim, c.num_experts, bias=c.router_bias)
         if c.router == "sigmoid":
             self.gate.register_buffer("e_score_correction_bias", torch.empty(c.num_experts, dtype=torch.float32))
         if c.shared_ffn_dim:
-            self.shared = MLP(c.dim, c.shared_ffn_dim)
+            self.shared = MLP(c.dim, c.shared_ffn_dim, relu2)
         if c.shared_gate:
             self.shared_gate = nn.Linear(c.dim, 1, bias=False)
 
@@ -112,7 +122,10 @@ class Transformer(nn.Module):
                 self.recorder.enter(row, h, decode)
             if row >= 0 and self.prefetcher is not None:
                 self.prefetcher(row, h, decode)
-            h = h + attend(blk, i, blk.attention_norm(h))
+            if blk.attention is not None:
+                h = h + attend(blk, i, blk.attention_norm(h))
+            if blk.ffn_norm is None:  # a mixer alone
+                continue
             x = blk.ffn_norm(h)
             if row < 0:
                 h = h + blk.mlp(x)

@@ -3,7 +3,8 @@
   config(c, path) -> ModelConfig, from the hub's `config.json` keys (old and new RoPE styles), with
                the variant of each shared piece that the family uses (norm, attention bias, QK-norm,
                router, shared expert, dense layers);
-  DENSE        [(checkpoint-name regex, our name)] for the resident tensors, beyond `COMMON`;
+  DENSE        [(checkpoint-name regex, our name)] for the resident tensors, beyond `COMMON`; our name a format
+               string of the groups, or a function of the config and them (Nemotron-H's norms);
   EXPERT       a regex whose groups are (layer, expert, checkpoint part), and PARTS, their names in
                ours: w1 (gate), w3 (up), w2 (down); or None (gpt-oss: fused experts only);
   FUSED        a regex for a layer's fused expert tensors (transformers 5's gate_up_proj, down_proj),
@@ -26,13 +27,14 @@ The shared pieces live once, in `modeling/`; checkpoint reading, in `weights/che
 Our names: `tok_embeddings`, `norm`, `output`, `layers.N.attention_norm`, `layers.N.ffn_norm`,
 `layers.N.attention.{wq,wk,wv,wo}` (with `.bias` where the family has one), `layers.N.attention.sinks` (gpt-oss),
 `layers.N.attention.{q_norm,k_norm}`, linear attention's `layers.N.attention.{wqkvz,wba,conv,dt_bias,A_log,norm,wo}`
-(Qwen3-Next), the short conv's `layers.N.attention.{wbcx,conv,wo}` (LFM2), latent attention's
+(Qwen3-Next), the short conv's `layers.N.attention.{wbcx,conv,wo}` (LFM2), Mamba-2's
+`layers.N.attention.{wzxbcdt,conv,dt_bias,A_log,skip,norm,wo}` (Nemotron-H), latent attention's
 `layers.N.attention.{wq_a,q_norm,wq_b,wkv_a,kv_norm,wkv_b}`
 beside its wq or wo, `layers.N.gate` (the router; `.e_score_correction_bias` for
 the sigmoid router, `.bias` for gpt-oss's), `layers.N.shared.{w1,w2,w3}`
 and `layers.N.shared_gate` (a resident shared expert), `layers.N.mlp.{w1,w2,w3}` (a dense layer);
-experts are `(layer, expert)` with parts w1, w3 [I, D] and w2 [D, I] (and biases b1, b3 [I], b2 [D] where the
-family has them; an MXFP4 checkpoint's `w1_blocks`, `w1_scales`, ... in `mxfp4.py`'s layout).
+experts are `(layer, expert)` with parts w1, w3 [I, D] and w2 [D, I] (relu2 experts: no w3) (and biases b1, b3
+[I], b2 [D] where the family has them; an MXFP4 checkpoint's `w1_blocks`, `w1_scales`, ... in `mxfp4.py`'s layout).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from . import (
     lfm2_moe,
     minimax_m2,
     mixtral,
+    nemotron_h,
     olmoe,
     phimoe,
     qwen3_5_moe,
@@ -58,7 +61,7 @@ from . import (
 )
 
 FAMILIES: tuple[ModuleType, ...] = (mixtral, qwen_moe, olmoe, phimoe, glm4_moe, deepseek, gpt_oss, glm4_moe_lite,
-                                    minimax_m2, qwen3_next, lfm2_moe, qwen3_5_moe)
+                                    minimax_m2, qwen3_next, lfm2_moe, qwen3_5_moe, nemotron_h)
 
 # names that every family here shares (the Llama layout), checkpoint regex -> ours
 L = r"model\.layers\.(\d+)\."

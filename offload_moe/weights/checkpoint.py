@@ -249,10 +249,13 @@ class Checkpoint:
                             f"{', '.join(t.name for t in READ)})")
 
     def _add_dense(self, key: str, table, file: Path, fix, stored: str | None = None) -> None:
-        """`key` as the table reads it; `stored`, as the file names it where a prefix was renamed."""
+        """`key` as the table reads it; `stored`, as the file names it where a prefix was renamed. A table's name is
+        a format string of the match's groups, or a function of the config and them (a name that depends on the
+        layer's kind: Nemotron-H's one norm a layer)."""
         for pattern, ours in table:
             if m := re.fullmatch(pattern, key):
-                self.dense_sources[ours.format(*m.groups())] = (file, stored or key, fix)
+                name = ours(self.config, *m.groups()) if callable(ours) else ours.format(*m.groups())
+                self.dense_sources[name] = (file, stored or key, fix)
                 return
         # unknown tensors (rotary caches, extra heads) are ignored on purpose
 
@@ -272,17 +275,22 @@ class Checkpoint:
         for i in range(c.n_layers):
             p = f"layers.{i}."
             a = p + "attention."
-            shapes |= {p + f"{norm}.{n}": (D,) for norm in ("attention_norm", "ffn_norm") for n in norms}
+            if i not in c.ffn_only:  # a layer of one piece (Nemotron-H) has one norm
+                shapes |= {p + f"attention_norm.{n}": (D,) for n in norms}
+            if i not in c.mixer_only:
+                shapes |= {p + f"ffn_norm.{n}": (D,) for n in norms}
             if i in c.linear_layers:
                 shapes |= {a + name: shape for name, shape in linear_attention_shapes(c).items()}
             elif i in c.conv_layers:
                 shapes |= {a + name: shape for name, shape in short_conv_shapes(c).items()}
-            elif c.kv_lora_rank:
-                shapes |= {a + name: shape for name, shape in latent_attention_shapes(c).items()}
-            else:
-                shapes |= {a + "wq.weight": (q * (1 + c.attention_output_gate), D), a + "wk.weight": (kv, D),
-                           a + "wv.weight": (kv, D), a + "wo.weight": (D, q)}
-            if i not in c.linear_layers and i not in c.conv_layers:
+            elif i in c.mamba_layers:
+                shapes |= {a + name: shape for name, shape in mamba_shapes(c).items()}
+            elif c.has_attention(i):  # not an FFN alone
+                if c.kv_lora_rank:
+                    shapes |= {a + name: shape for name, shape in latent_attention_shapes(c).items()}
+                else:
+                    shapes |= {a + "wq.weight": (q * (1 + c.attention_output_gate), D), a + "wk.weight": (kv, D),
+                               a + "wv.weight": (kv, D), a + "wo.weight": (D, q)}
                 if c.qkv_bias:
                     shapes |= {a + "wq.bias": (q * (1 + c.attention_output_gate),), a + "wk.bias": (kv,),
                                a + "wv.bias": (kv,)}
@@ -291,9 +299,10 @@ class Checkpoint:
                 if c.attention_sinks:
                     shapes[a + "sinks"] = (c.n_heads,)
                 shapes |= {a + f"{name}.weight": (n,) for name, n in qk_norm.items()}
+            if i in c.mixer_only:
+                continue
             if i in c.dense_layers:
-                I = c.dense_ffn_dim
-                shapes |= {p + "mlp.w1.weight": (I, D), p + "mlp.w3.weight": (I, D), p + "mlp.w2.weight": (D, I)}
+                shapes |= mlp_shapes(c, p + "mlp.", c.dense_ffn_dim)
                 continue
             shapes[p + "gate.weight"] = (c.num_experts, D)
             if c.router_bias:
@@ -301,9 +310,7 @@ class Checkpoint:
             if c.router == "sigmoid":
                 shapes[p + "gate.e_score_correction_bias"] = (c.num_experts,)
             if c.shared_ffn_dim:
-                I = c.shared_ffn_dim
-                shapes |= {p + "shared.w1.weight": (I, D), p + "shared.w3.weight": (I, D),
-                           p + "shared.w2.weight": (D, I)}
+                shapes |= mlp_shapes(c, p + "shared.", c.shared_ffn_dim)
             if c.shared_gate:
                 shapes[p + "shared_gate.weight"] = (1, D)
         if self.packed_index is not None:  # a packed folder with int8 attention holds Int8Linear's parts instead
@@ -327,7 +334,7 @@ class Checkpoint:
             shapes = {f"{w}_{what}": (n, k // 32, 16)[: 3 if what == "blocks" else 2]
                       for w, n, k in (("w1", I, D), ("w3", I, D), ("w2", D, I)) for what in ("blocks", "scales")}
         else:
-            shapes = {"w1": (I, D), "w3": (I, D), "w2": (D, I)}
+            shapes = {part: (D, I) if part == "w2" else (I, D) for part in c.expert_parts}
         return shapes | {name: (n,) for name, n in bias_parts(c).items()}
 
     def _check_beyond(self, mtp: int) -> None:
@@ -473,6 +480,24 @@ def short_conv_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     if c.conv_bias:
         shapes |= {"wbcx.bias": (3 * D,), "conv.bias": (D,), "wo.bias": (D,)}
     return shapes
+
+
+def mamba_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """A layer's Mamba-2 tensors (Nemotron-H, `modeling/mamba.py`), by our name under `attention.`."""
+    H, Cc = c.mamba_heads, c.mamba_conv_dims
+    shapes = {"wzxbcdt.weight": (c.mamba_in_rows, c.dim), "conv.weight": (Cc, 1, c.mamba_conv_kernel), "dt_bias": (H,),
+              "A_log": (H,), "skip": (H,), "norm": (c.mamba_inner,), "wo.weight": (c.dim, c.mamba_inner)}
+    if c.mamba_conv_bias:
+        shapes["conv.bias"] = (Cc,)
+    if c.mamba_bias:
+        shapes |= {"wzxbcdt.bias": (c.mamba_in_rows,), "wo.bias": (c.dim,)}
+    return shapes
+
+
+def mlp_shapes(c: ModelConfig, prefix: str, I: int) -> dict[str, tuple[int, ...]]:
+    """A resident MLP's weights (a dense layer's or a shared expert) under `prefix`: w1, w3 [I, D] and w2 [D, I];
+    relu2, no w3."""
+    return {f"{prefix}{part}.weight": (c.dim, I) if part == "w2" else (I, c.dim) for part in c.expert_parts}
 
 
 def latent_attention_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
