@@ -1,14 +1,12 @@
 """MiniMax-M2 (models/minimax_m2.py): the sigmoid router without groups or scaling against transformers'
 MiniMaxM2TopKRouter, partial RoPE from `rotary_dim` or `partial_rotary_factor` in transformers' order, a
-bfloat16 checkpoint, the variants refused, and block-FP8 weights refused at load while their config
-still reads (for `plan`). Logits against transformers at every cache size are tests/test_families.py's; int4,
-convert, the tiered store and `--miss-policy cpu`, tests/test_family_features.py's; batched == alone,
-tests/test_batch.py's."""
+bfloat16 checkpoint and the variants refused. Its hub files' block-FP8 weights are tests/test_fp8.py's; logits
+against transformers at every cache size, tests/test_families.py's; int4, convert, the tiered store and
+`--miss-policy cpu`, tests/test_family_features.py's; batched == alone, tests/test_batch.py's."""
 
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -101,14 +99,3 @@ def test_a_bfloat16_checkpoint_matches_transformers(tmp_path):
 def test_variants_refused(mm, tmp_path, change, says):
     with pytest.raises(UserError, match=says):
         from_hf_config(edited(mm, tmp_path, change))
-
-
-def test_block_fp8_weights_are_refused_at_load_and_their_config_still_reads(mm, tmp_path):
-    path = tmp_path / "fp8"
-    shutil.copytree(mm, path)
-    fp8 = {"quant_method": "fp8", "fmt": "float8_e4m3fn", "activation_scheme": "dynamic",
-           "weight_block_size": [128, 128]}
-    edited(mm, path, {"quantization_config": fp8})
-    assert from_hf_config(path / "config.json").family == "minimax_m2"
-    with pytest.raises(UserError, match=r"block-FP8 weights \(quantization_config fp8\) are not read yet"):
-        Engine.load(path, EngineOptions(prefetch=0, progress=False))

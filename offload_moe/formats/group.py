@@ -158,6 +158,13 @@ class GroupQuantFormat(ABC):
         biases = tuple(buf[o : o + 4 * n].view(torch.float32) for o, n in self._bias_plan)  # b13 [2I], b2 [D]
         return w13, w2, buf.device.type == "cpu", *biases
 
+    def weights(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float32 weights w13 [2I, D] and w2 [D, I] that a packed buffer stands for, as new tensors: what a
+        conversion's error is measured on (`weights.fp8.report_error`)."""
+        w13, w2, *_ = self.views(buf)
+        return tuple(self._dequant(mat, torch.empty(self._largest, dtype=torch.float32, device=buf.device))
+                     for mat in (w13, w2))
+
     def pack(self, parts: dict[str, torch.Tensor], out: torch.Tensor) -> None:
         w13, w2, _, *biases = self.views(out)
         self._store(torch.cat([parts[p] for p in self.up]), w13)  # [2I, D] (relu2: [I, D])

@@ -8,8 +8,7 @@
   partial RoPE: the first `rotary_dim` dims of each head (the hub's key), or `partial_rotary_factor` (in
       `rope_parameters`, or at the top), in transformers' order of precedence.
 Linear attention layers (`attn_type_list` 0, MiniMax-Text-01's), a shared expert (`shared_intermediate_size`)
-and per-head QK-norm are refused; so are block-FP8 weights (the hub's own MiniMax-M2 files), at load
-(`weights/checkpoint.py`), while `plan` reads their config."""
+and per-head QK-norm are refused. The hub's own files are block-FP8: read, dequantized at load (`weights/fp8.py`)."""
 
 from __future__ import annotations
 

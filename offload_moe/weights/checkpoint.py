@@ -21,6 +21,10 @@ Layouts read, tensor by tensor (safetensors and mmap'd torch files), never the w
             stacked `ffn_{gate,up,down}_exps` (or, in Mixtral files before April 2024, `ffn_gate.E`), decoded
             exactly to float; the `llama` arch's wq/wk are interleaved
             as the original layout's, and permuted back the same way.
+
+Block-FP8 weights (an hf layout whose config.json has `quantization_config` fp8: DeepSeek-V3/R1's, MiniMax-M2's
+and GLM's own files) are read through `fp8.py`: each weight with a `<name>_scale_inv` comes out dequantized
+to float32, so every reader and expert format takes them as any float weight.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from ..formats.base import bias_parts
 from ..formats.int8 import int8_part_shapes
 from ..formats.int8_linear import ATTENTION_SUFFIXES
 from ..models import COMMON, GGUF_COMMON, GGUF_EXPERTS, GGUF_PARTS, config_of, mixtral
+from .fp8 import FLOAT8, SCALE_SUFFIX, BlockFP8, check_scale, dequantize
 from .gguf import READ, GGUFModel, GGUFTensor
 from .packed import DENSE, packed_attention_group, read_index
 
@@ -89,6 +94,7 @@ class Checkpoint:
         self.packed_index: dict | None = None
         self.not_run: dict[str, int] = {}  # the family's SKIPPED tensors found, by what they are: said at first read
         self.gguf: GGUFModel | None = None
+        self.fp8: BlockFP8 | None = None  # an hf layout's block-FP8 weights: dequantized as they are read
         if gguf:
             self.layout = "gguf"
             self.gguf = GGUFModel(self.path)
@@ -108,9 +114,9 @@ class Checkpoint:
             self.layout = "hf"
             raw = read_json(self.path / "config.json")
             self.family, self.config = config_of(raw, self.path / "config.json")
-            if (raw.get("quantization_config") or {}).get("quant_method") == "fp8":  # `plan` reads such a config
-                raise UserError(f"{self.path}: block-FP8 weights (quantization_config fp8) are not read yet; "
-                                "give a bfloat16, float16 or float32 copy")
+            quant = raw.get("quantization_config") or {}
+            if quant.get("quant_method") == "fp8":
+                self.fp8 = BlockFP8(quant, self.path / "config.json")
             self._index_hf()
             self._join()
             self._check_beyond(int(raw.get("num_nextn_predict_layers") or 0))
@@ -163,6 +169,9 @@ class Checkpoint:
             if not file.exists():
                 raise UserError(f"{self.path}: shard {fname} is listed in the index but missing")
             for stored in keys:
+                if self.fp8 is not None and stored.endswith(SCALE_SUFFIX):  # a weight's scales, read with it
+                    self.fp8.scales[stored.removesuffix(SCALE_SUFFIX)] = (file, stored)
+                    continue
                 key = next((ours + stored[len(p):] for p, ours in prefixes.items() if stored.startswith(p)), stored)
                 if what := next((w for w, pattern in skipped.items() if pattern.fullmatch(key)), None):
                     self.not_run[what] = self.not_run.get(what, 0) + 1  # known, not run, never opened
@@ -405,7 +414,28 @@ class Checkpoint:
             raise UserError(f"{file.name}: tensor {key} is missing") from None
         except Exception as e:
             raise UserError(f"cannot read {key} from {file.name}: {_short(e)} (truncated file?)") from None
+        if self.fp8 is not None:
+            t = self._fp8_weight(key, t)
         return fix(t) if fix is not None else t
+
+    def _fp8_weight(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        """A block-FP8 weight times its scales, in float32 (`fp8.dequantize`); an FP8 tensor of a module in
+        modules_to_not_convert, its values in float32 (no float8 tensor leaves the reader); any other tensor as
+        stored. An FP8 weight that needs scales and has none, scales that do not cover its blocks, or a NaN or
+        infinite scale: refused, by name."""
+        converted = self.fp8.converted(key)
+        if not converted or key not in self.fp8.scales:
+            if t.dtype not in FLOAT8:
+                return t
+            if converted:
+                raise UserError(f"{self.path}: {key} is {str(t.dtype).removeprefix('torch.')} with no "
+                                f"{key}{SCALE_SUFFIX} (block-FP8 scales)")
+            return t.float()
+        file, scale_key = self.fp8.scales[key]
+        scale = self.read(file, scale_key)
+        check_scale(key, t, scale_key, scale, self.fp8.block, self.path)
+        check_finite((scale.float(),), f"{self.path}: {scale_key}")
+        return dequantize(t, scale, self.fp8.block)
 
     def dtype_of(self, file: Path, key: str) -> torch.dtype:
         """A tensor's dtype without reading its data: a safetensors header, or a memory-mapped torch file."""
@@ -445,8 +475,9 @@ class Checkpoint:
         return t
 
     def expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
-        """One expert's parts (`expert_shapes`): weights in checkpoint dtype and HF orientation, or MXFP4 blocks
-        and scales as stored (`mxfp4.parts_for` turns them into weights for the other formats)."""
+        """One expert's parts (`expert_shapes`): weights in checkpoint dtype (block-FP8 ones in float32) and HF
+        orientation, or MXFP4 blocks and scales as stored (`mxfp4.parts_for` turns them into weights for the other
+        formats)."""
         out = {}
         for part, want in self.expert_shapes().items():
             try:

@@ -87,6 +87,8 @@ def convert(source: str | Path, out: str | Path, fmt: ExpertFormat, dense_dtype:
     # from params.json
     if ckpt.layout == "hf":
         hf = read_json(ckpt.path / "config.json")
+        if ckpt.fp8 is not None:  # the packed weights are dequantized (and quantized as `fmt` says): no FP8 left
+            del hf["quantization_config"]
     else:
         hf = ckpt.gguf.hub_config()[1] if ckpt.layout == "gguf" else c.to_hf_config()
     hf["torch_dtype"] = str(dense_dtype).removeprefix("torch.")

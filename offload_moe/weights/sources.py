@@ -13,7 +13,8 @@ Read path
   passed are not checked again (the file does not change under a running engine, and zlib's
   ~2.5 GB/s on one core would otherwise cap a blocking miss below NVMe speed).
   Other layouts (Hugging Face safetensors, original .pt): `checkpoint.expert()` gives the raw
-  tensors, memory-mapped by safetensors/torch, and `fmt.pack` writes them into the slot. These
+  tensors, memory-mapped by safetensors/torch (block-FP8 weights dequantized to float32 copies), and
+  `fmt.pack` writes them into the slot. These
   reads run one at a time (see the page-cache rule); `convert` to a packed folder for speed.
 
 Page-cache rule: storage reads must not leave the model in the page cache, where it would
@@ -57,6 +58,7 @@ from ..errors import UserError
 from ..formats.base import DenseFormat, ExpertFormat
 from ..formats.mxfp4 import parts_for
 from .checkpoint import Checkpoint
+from .fp8 import report_error
 from .packed import ALIGN, DATA, aligned
 
 Key = tuple[int, int]  # (row, expert)
@@ -180,6 +182,8 @@ class MappedSource:
         self.lock = threading.Lock()
         self.fds: dict[str, int] = {}
         self.direct = False
+        if checkpoint.fp8 is not None:  # every path that packs a checkpoint's experts (load, tiers, convert) is here
+            report_error(checkpoint, fmt)
 
     def describe(self, key: Key) -> str:
         return f"{self.checkpoint.path}: expert {key}"
