@@ -159,8 +159,8 @@ class GroupQuantFormat(ABC):
         return w13, w2, buf.device.type == "cpu", *biases
 
     def weights(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The float32 weights w13 [2I, D] and w2 [D, I] that a packed buffer stands for, as new tensors: what a
-        conversion's error is measured on (`weights.fp8.report_error`)."""
+        """The float32 weights w13 [2I, D] (relu2: [I, D]) and w2 [D, I] that a packed buffer stands for, as new
+        tensors: what a conversion's error is measured on (`weights.fp8.report_error`)."""
         w13, w2, *_ = self.views(buf)
         return tuple(self._dequant(mat, torch.empty(self._largest, dtype=torch.float32, device=buf.device))
                      for mat in (w13, w2))

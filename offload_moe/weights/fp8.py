@@ -85,8 +85,8 @@ def check_scale(key: str, w: torch.Tensor, scale_key: str, scale: torch.Tensor, 
 
 def report_error(checkpoint, fmt) -> None:
     """One stderr line: how far `fmt`'s packed experts are from the FP8 weights they were made of, as
-    ||packed - fp8|| / ||fp8|| over an expert's w1, w3 and w2, the mean and the largest over up to SAMPLE
-    experts spread over the layers. Only quantized formats: a dense one holds the FP8 weights to its
+    ||packed - fp8|| / ||fp8|| over an expert's w1, w3 (where it has one) and w2, the mean and the largest over up
+    to SAMPLE experts spread over the layers. Only quantized formats: a dense one holds the FP8 weights to its
     dtype's rounding."""
     if not isinstance(fmt, GroupQuantFormat):
         return
@@ -98,9 +98,9 @@ def report_error(checkpoint, fmt) -> None:
     for layer, e in sample:
         parts = checkpoint.expert(layer, e)
         fmt.pack(parts, buf)
-        pairs = zip(fmt.weights(buf), (torch.cat((parts["w1"], parts["w3"])), parts["w2"]), strict=True)
+        pairs = zip(fmt.weights(buf), (torch.cat([parts[p] for p in fmt.up]), parts["w2"]), strict=True)
         diff = sum((q - w.float()).norm().item() ** 2 for q, w in pairs)
-        ref = sum(w.float().norm().item() ** 2 for w in (parts["w1"], parts["w3"], parts["w2"]))
+        ref = sum(parts[p].float().norm().item() ** 2 for p in c.expert_parts)
         errors.append(math.sqrt(diff / ref) if ref else 0.0)
     print(f"note: {checkpoint.path.name}: FP8 experts as {fmt.name}: relative error {sum(errors) / len(errors):.3%} "
           f"against the FP8 weights (mean of {len(errors)} experts; largest {max(errors):.3%})", file=sys.stderr)
