@@ -1,7 +1,7 @@
 """Tokenizers and chat: tokenizer.json against transformers' AutoTokenizer (ids, special tokens in the text, BOS),
 the chat template against `apply_chat_template` (with template arguments: enable_thinking, reasoning_effort, on the
-command line too), text prompts through the engine against transformers' model, every EOS id stopping
-generation, and streaming that never shows a broken UTF-8 sequence."""
+command line too), text prompts through the engine against transformers' model and its `generate`, every EOS id
+stopping generation, and streaming that never shows a broken UTF-8 sequence."""
 
 from __future__ import annotations
 
@@ -268,20 +268,29 @@ def test_a_harmony_like_template_renders_as_transformers(tmp_path):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_text_prompt_tokens_and_logits_match_transformers(family_dirs, family):
+def test_from_text_tokens_logits_and_greedy_tokens_match_transformers(family_dirs, family):
+    """From text, per family: the ids of a text, and of a chat message with a template argument (Qwen3.5's template
+    reads it, ChatML leaves it), are AutoTokenizer's; their logits within 1e-4 of the model's; greedy tokens from
+    the text are those of transformers' generate from its own tokenization, their logits within 1e-3."""
     path = family_dirs[family]
     ref_tok = AutoTokenizer.from_pretrained(path)
     engine = Engine.load(path, EngineOptions(prefetch=0, progress=False))
     ids = engine.encode(PROMPT)
     assert ids == ref_tok(PROMPT)["input_ids"]
-    chat = engine.encode(PROMPT, chat=True)
-    assert chat == ref_tok.apply_chat_template([{"role": "user", "content": PROMPT}],
-                                               add_generation_prompt=True)["input_ids"]
+    no_think = {"enable_thinking": False}
+    chat = engine.encode(PROMPT, chat=True, template_args=no_think)
+    assert chat == ref_tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                               **no_think)["input_ids"]
     ref = reference(path, family)
     with torch.no_grad():
         for seq in (ids, chat):
             want = ref(torch.tensor([seq])).logits[0]
             torch.testing.assert_close(engine.score(seq), want, rtol=0, atol=1e-4)
+        out = ref.generate(**ref_tok(PROMPT, return_tensors="pt"), max_new_tokens=4, do_sample=False,
+                           output_logits=True, return_dict_in_generate=True)
+    got = engine.generate(PROMPT, 4, keep_logits=True)
+    assert got.tokens == out.sequences[0, len(ids):].tolist()
+    torch.testing.assert_close(got.logits, torch.cat(out.logits), rtol=0, atol=1e-3)
 
 
 def test_generation_stops_at_every_eos_id(family_dirs, tmp_path):
