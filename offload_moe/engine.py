@@ -128,16 +128,22 @@ class Engine:
         dense = sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers()))
         return dense + self.cache.device_bytes + (self.pool.nbytes if self.pool is not None else self.kv.nbytes)
 
-    def encode(self, prompt: str | list[int] | list[dict], chat: bool = False) -> list[int]:
+    def encode(self, prompt: str | list[int] | list[dict], chat: bool = False,
+               template_args: dict | None = None) -> list[int]:
         """Prompt ids: token ids as given; a text through the tokenizer (`chat`: as the user's message, in the
-        checkpoint's chat template); a list of {"role", "content"} messages, in the chat template."""
+        checkpoint's chat template); a list of {"role", "content"} messages, in the chat template.
+        `template_args`: the chat template's variables ({"enable_thinking": False}), for a chat only."""
         is_messages = isinstance(prompt, list) and any(isinstance(m, dict) for m in prompt)
+        if template_args and not (is_messages or (chat and isinstance(prompt, str))):
+            raise UserError("chat template arguments apply to a chat (messages, or a text with chat on), not to "
+                            "a prompt that goes in as it is")
         if isinstance(prompt, str) or is_messages:
             if self.tokenizer is None:
                 has = ("its own vocabulary is not read yet" if self.checkpoint.layout == "gguf"
                        else "tokenizer.json or tokenizer.model")
                 raise UserError(f"{self.checkpoint.path} has no tokenizer ({has}): pass token ids (--prompt-ids)")
-            prompt = self.tokenizer.chat(prompt) if chat or is_messages else self.tokenizer.encode(prompt)
+            prompt = (self.tokenizer.chat(prompt, **(template_args or {})) if chat or is_messages
+                      else self.tokenizer.encode(prompt))
         V = self.config.vocab_size
         bad = [t for t in prompt if not 0 <= t < V]
         if bad:
@@ -154,22 +160,23 @@ class Engine:
         chat: bool = False,
         keep_logits: bool = False,
         on_text: Callable[[str], None] | None = None,
+        template_args: dict | None = None,
     ) -> GenerationResult:
-        """Generate from a prompt (text, token ids, or chat messages: see `encode`); `on_text` receives text pieces
-        as they are made."""
-        pieces = self._run(prompt, max_new_tokens, sampling, chat, keep_logits)
+        """Generate from a prompt (text, token ids, or chat messages, with `template_args`: see `encode`); `on_text`
+        receives text pieces as they are made."""
+        pieces = self._run(prompt, max_new_tokens, sampling, chat, keep_logits, template_args)
         for piece in pieces:
             if on_text is not None and piece:
                 on_text(piece)
         return self.last_result
 
     def stream(self, prompt: str | list[int] | list[dict], max_new_tokens: int = 64, sampling: Sampling | None = None,
-               chat: bool = False) -> Iterator[str]:
+               chat: bool = False, template_args: dict | None = None) -> Iterator[str]:
         """Yield text pieces as tokens are made; `last_result` holds tokens and stats afterwards."""
-        return (piece for piece in self._run(prompt, max_new_tokens, sampling, chat, False) if piece)
+        return (piece for piece in self._run(prompt, max_new_tokens, sampling, chat, False, template_args) if piece)
 
-    def _run(self, prompt, max_new_tokens, sampling, chat, keep_logits) -> Iterator[str]:
-        ids = self.encode(prompt, chat)
+    def _run(self, prompt, max_new_tokens, sampling, chat, keep_logits, template_args) -> Iterator[str]:
+        ids = self.encode(prompt, chat, template_args)
         text = TextStream(self.tokenizer) if self.tokenizer is not None else None
         steps = generate_tokens(self, ids, max_new_tokens, sampling or Sampling(), keep_logits)
         while True:

@@ -13,8 +13,11 @@ Chat (`Tokenizer.chat`): the checkpoint's own `chat_template` (chat_template.jin
 rendered as transformers renders it (a sandboxed jinja2 environment with trim_blocks and lstrip_blocks, loop
 controls, `raise_exception`, `tojson`, `strftime_now`, a `namespace` that refuses underscore names, the messages
 with a reasoning also as `thinking` (gpt-oss's harmony template), add_generation_prompt=True and the special tokens as
-`bos_token`, `eos_token`, ...), then encoded without adding BOS (the template writes its own). A sentencepiece
-folder uses Mixtral-Instruct's template, <s>[INST] message [/INST].
+`bos_token`, `eos_token`, ...), then encoded without adding BOS (the template writes its own). Template arguments
+(`chat(messages, enable_thinking=False)`: Qwen3's switch; gpt-oss's `reasoning_effort`) are variables of the template,
+as `apply_chat_template(..., **kwargs)` passes them, except that they may not take the names the renderer sets
+(`RESERVED_ARGS`). A sentencepiece folder uses Mixtral-Instruct's template, <s>[INST] message [/INST], which reads
+no argument.
 
 Generation stops on every EOS id the checkpoint names (`Engine.stop_ids`): config.json's, generation_config.json's
 (`generation_eos_ids`; Qwen lists <|im_end|> and <|endoftext|>) and the tokenizer's `eos_token` (`eos_ids`).
@@ -38,6 +41,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 Messages = str | list[dict]
+# what a chat template argument may not be called: the variables the renderer sets itself, and the parameters of
+# transformers' apply_chat_template that steer it rather than reach the template
+RESERVED_ARGS = ("messages", "add_generation_prompt", "tools", "documents", *SPECIAL_NAMES, "chat_template",
+                 "continue_final_message", "tokenize")
 
 
 class Tokenizer:
@@ -58,9 +65,9 @@ class Tokenizer:
         """Text of `ids`, special tokens (BOS, EOS, chat markers) left out."""
         raise NotImplementedError
 
-    def chat(self, messages: Messages) -> list[int]:
+    def chat(self, messages: Messages, /, **template_args) -> list[int]:
         """Ids of a conversation (one user message, or [{"role": ..., "content": ...}, ...]) ready for the
-        assistant's reply."""
+        assistant's reply; `template_args`: variables of the chat template (`check_template_args`)."""
         raise NotImplementedError
 
 
@@ -89,6 +96,18 @@ def generation_eos_ids(folder: str | Path) -> tuple[int, ...]:
         return tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
     except (TypeError, ValueError):
         raise UserError(f"{path}: eos_token_id must be an id or a list of ids, got {eos!r}") from None
+
+
+def check_template_args(args: dict) -> dict:
+    """`args` if each name can be a chat template's variable: an identifier, not one of RESERVED_ARGS."""
+    for name in args:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise UserError(f"a chat template argument's name must be an identifier such as enable_thinking, "
+                            f"got {name!r}")
+        if name in RESERVED_ARGS:
+            raise UserError(f"{name!r} cannot be a chat template argument: the renderer sets it, or transformers' "
+                            "apply_chat_template takes it itself")
+    return args
 
 
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # names of an assistant's reasoning
@@ -133,8 +152,10 @@ class SentencePieceTokenizer(Tokenizer):
     def encode(self, text: str, bos: bool = True) -> list[int]:
         return ([self.bos_id] if bos and self.bos_id is not None else []) + self.sp.encode(text)
 
-    def chat(self, messages: Messages) -> list[int]:
-        """Mixtral-Instruct's template: <s>[INST] user [/INST] assistant</s>[INST] user [/INST]"""
+    def chat(self, messages: Messages, /, **template_args) -> list[int]:
+        """Mixtral-Instruct's template: <s>[INST] user [/INST] assistant</s>[INST] user [/INST]. It reads no
+        argument: `template_args` are checked and left unread, as a Jinja template leaves those it does not name."""
+        check_template_args(template_args)
         ids = [] if self.bos_id is None else [self.bos_id]
         for m in _messages(messages):
             role, content = m.get("role"), str(m.get("content", "")).strip()
@@ -255,9 +276,11 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: list[int]) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=True)
 
-    def render_chat(self, messages: Messages, add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: Messages, /, **template_args) -> str:
         """The checkpoint's chat template applied to `messages`, as transformers' `apply_chat_template` renders
-        it (tokenize=False)."""
+        it (tokenize=False, add_generation_prompt=True); `template_args`: the template's own variables
+        (enable_thinking=False, ...)."""
+        check_template_args(template_args)
         if self.chat_template is None:
             raise UserError(f"{self.folder} has no chat template (a chat_template in tokenizer_config.json, or "
                             "chat_template.jinja): --chat needs one; without --chat the prompt goes in as it is")
@@ -265,12 +288,16 @@ class HFTokenizer(Tokenizer):
 
         try:
             return _compile(self.chat_template).render(messages=_messages(messages), tools=None, documents=None,
-                                                       add_generation_prompt=add_generation_prompt, **self.special)
+                                                       add_generation_prompt=True, **self.special,
+                                                       **template_args)
         except jinja2.TemplateError as e:
             raise UserError(f"{self.folder}: the chat template failed: {e.message or e}") from None
+        except (TypeError, ValueError, LookupError, ArithmeticError) as e:  # Python's, on the values given: 'a' + 1
+            raise UserError(f"{self.folder}: the chat template failed: {type(e).__name__}: {e}") from None
 
-    def chat(self, messages: Messages) -> list[int]:
-        return self.encode(self.render_chat(messages), bos=False)  # the template writes BOS itself, if any
+    def chat(self, messages: Messages, /, **template_args) -> list[int]:
+        # the template writes BOS itself, if any
+        return self.encode(self.render_chat(messages, **template_args), bos=False)
 
 
 @functools.lru_cache(maxsize=8)

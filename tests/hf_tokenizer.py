@@ -44,6 +44,18 @@ CHATML = (
     "{%- endif %}\n"
 )
 
+# Qwen3.5's and Qwen3.6's ending: the generation prompt opens a <think> block, or with enable_thinking=false (a
+# template argument) writes an empty one
+QWEN3_5 = CHATML.replace(
+    "    {{- '<|im_start|>assistant\\n' }}\n",
+    "    {{- '<|im_start|>assistant\\n' }}\n"
+    "    {%- if enable_thinking is defined and enable_thinking is false %}\n"
+    "        {{- '<think>\\n\\n</think>\\n\\n' }}\n"
+    "    {%- else %}\n"
+    "        {{- '<think>\\n' }}\n"
+    "    {%- endif %}\n")
+assert QWEN3_5 != CHATML
+
 # Mixtral-Instruct's, with the bos_token and eos_token variables, and whitespace that trim_blocks and lstrip_blocks
 # remove (rendered without them, it would be full of newlines and indents)
 INST = (
@@ -77,6 +89,7 @@ def add_tokenizer(path: Path, style: str = "chatml", eos_ids: list[int] | None =
                   tokenizer_class: str = "PreTrainedTokenizerFast") -> Path:
     """Write tokenizer.json, tokenizer_config.json and generation_config.json into `path`. Styles:
       chatml    Qwen's: no BOS, eos_token <|im_end|>, the ChatML template
+      qwen3_5   as chatml, with Qwen3.5's thinking switch (the template argument enable_thinking)
       json_bos  tokenizer.json's own post-processor puts BOS (<|endoftext|>) first, as Llama 3's and Phi's do;
                 Mixtral's [INST] template in Jinja, with bos_token and eos_token
       add_bos   the config asks for add_bos_token but tokenizer.json's post-processor adds none: transformers 5
@@ -92,9 +105,9 @@ def add_tokenizer(path: Path, style: str = "chatml", eos_ids: list[int] | None =
                                        "single_word": False, "special": True} for t in SPECIALS}
     cfg = {"tokenizer_class": tokenizer_class, "added_tokens_decoder": added, "model_max_length": 256,
            "clean_up_tokenization_spaces": False, "split_special_tokens": False, "errors": "replace"}
-    if style == "chatml":
+    if style in ("chatml", "qwen3_5"):
         cfg |= {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None,
-                "add_prefix_space": False, "chat_template": CHATML,
+                "add_prefix_space": False, "chat_template": CHATML if style == "chatml" else QWEN3_5,
                 "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]}
     elif style == "json_bos":
         cfg |= {"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "chat_template": INST}

@@ -20,10 +20,14 @@ httpx = pytest.importorskip("httpx")
 from families import make_family  # noqa: E402
 from serving import Running  # noqa: E402
 
+from offload_moe.cli.parser import build_parser  # noqa: E402
 from offload_moe.demo import resolve_model  # noqa: E402
 from offload_moe.engine import Engine  # noqa: E402
+from offload_moe.errors import UserError  # noqa: E402
 from offload_moe.options import EngineOptions  # noqa: E402
 from offload_moe.planning.trace import load_trace  # noqa: E402
+from offload_moe.serve.schema import ChatCompletion, check  # noqa: E402
+from offload_moe.serve.service import Service  # noqa: E402
 
 PROMPTS = ["def fib(n):", "import os\n", 'class Config:\n    """']
 TOKENS = 24
@@ -224,7 +228,7 @@ def test_metrics(demo):
 
 
 def test_chat_with_the_checkpoints_template(tmp_path):
-    path = make_family(tmp_path / "qwen3", "qwen3_moe", seed=1, tokenizer="chatml")
+    path = make_family(tmp_path / "qwen3", "qwen3_moe", seed=1, tokenizer="qwen3_5")
     engine = Engine.load(path, EngineOptions(progress=False))
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello, world!"}]
     ref = engine.generate(messages, 12)
@@ -239,8 +243,36 @@ def test_chat_with_the_checkpoints_template(tmp_path):
         parts = [c.choices[0].delta.content or "" for c in srv.client.chat.completions.create(
             model="qwen3", messages=messages, max_tokens=12, temperature=0, stream=True) if c.choices]
         assert "".join(parts) == ref.text
+        check_chat_template_kwargs(srv, engine, messages)
     finally:
         srv.close()
+    # the server's default (serve --chat-template-arg), under a request's chat_template_kwargs
+    service = Service(engine, "qwen3", max_batch=1, template_args={"enable_thinking": False})
+    for kwargs, thinking in ((None, False), ({"enable_thinking": True}, True), ({"x": 1}, False)):
+        req = check(ChatCompletion, {"messages": messages, "chat_template_kwargs": kwargs})
+        want = engine.encode(messages, template_args={"enable_thinking": thinking})
+        assert service.prompt_ids(req, chat=True) == want
+    with pytest.raises(UserError, match="'tools' cannot be a chat template argument"):
+        Service(engine, "qwen3", max_batch=1, template_args={"tools": []})
+    args = build_parser().parse_args(["serve", "--chat-template-kwargs", '{"a": 1, "b": 2}', "--chat-template-arg",
+                                      "a=x"])
+    assert args.template_args == {"a": "x", "b": 2}
+
+
+def check_chat_template_kwargs(srv, engine, messages) -> None:
+    """vLLM's chat_template_kwargs reach the template (Qwen3.5's enable_thinking: the prompt changes); a field that
+    is not an object, or a name the renderer sets, is a 400 naming the field."""
+    args = {"enable_thinking": False}
+    ref = engine.generate(messages, 6, template_args=args)
+    assert len(ref.prompt_ids) != len(engine.encode(messages))
+    r = srv.client.chat.completions.create(model="qwen3", messages=messages, max_tokens=6, temperature=0,
+                                           extra_body={"chat_template_kwargs": args})
+    assert r.usage.prompt_tokens == len(ref.prompt_ids) and r.choices[0].message.content == ref.text
+    for kwargs, says in (([1], "must be an object"), ("x", "must be an object"),
+                         ({"messages": []}, "'messages' cannot be a chat template argument")):
+        status, body = error_of(lambda kw=kwargs: srv.client.chat.completions.create(
+            model="qwen3", messages=messages, max_tokens=2, extra_body={"chat_template_kwargs": kw}))
+        assert status == 400 and body["param"] == "chat_template_kwargs" and says in body["message"], body
 
 
 def test_serve_command_prints_its_address_and_stops_on_a_signal(tmp_path):

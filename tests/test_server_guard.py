@@ -180,6 +180,7 @@ def test_shutdown_drains_then_ends_what_is_left_with_an_error(engine):
     assert "shutting down" in str(got[-1])
 
 
+TEMPLATE_ARG_NAMES = st.sampled_from(["enable_thinking", "messages", "bos_token", "a-b", ""])
 REQUEST = st.fixed_dictionaries({}, optional={
     "model": st.one_of(st.just("demo"), st.text(max_size=5), st.integers()),
     "prompt": st.one_of(st.text(max_size=8), st.lists(st.integers(-5, 400), max_size=4),
@@ -193,6 +194,9 @@ REQUEST = st.fixed_dictionaries({}, optional={
     "stop": st.one_of(st.text(max_size=3), st.lists(st.one_of(st.text(max_size=3), st.integers()), max_size=3)),
     "stream": st.one_of(st.booleans(), st.integers(0, 1), st.none()),
     "stream_options": st.one_of(st.none(), st.dictionaries(st.just("include_usage"), st.booleans()), st.text()),
+    "chat_template_kwargs": st.one_of(st.none(), st.text(max_size=3), st.lists(st.integers(), max_size=2),
+                                      st.dictionaries(TEMPLATE_ARG_NAMES, st.one_of(st.booleans(), st.text(max_size=3)),
+                                                      max_size=2)),
 })
 
 

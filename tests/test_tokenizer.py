@@ -1,6 +1,7 @@
 """Tokenizers and chat: tokenizer.json against transformers' AutoTokenizer (ids, special tokens in the text, BOS),
-the chat template against `apply_chat_template`, text prompts through the engine against transformers' model,
-every EOS id stopping generation, and streaming that never shows a broken UTF-8 sequence."""
+the chat template against `apply_chat_template` (with template arguments: enable_thinking, reasoning_effort, on the
+command line too), text prompts through the engine against transformers' model and its `generate`, every EOS id
+stopping generation, and streaming that never shows a broken UTF-8 sequence."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from offload_moe.errors import UserError
 from offload_moe.options import EngineOptions
 from offload_moe.tokenizer import (
     BUNDLED,
+    RESERVED_ARGS,
     HFTokenizer,
     SentencePieceTokenizer,
     TextStream,
@@ -44,7 +46,7 @@ CHATS = [
     [{"role": "user", "content": "Why is the sky blue?"}],
     [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
 ]
-STYLES = ["chatml", "json_bos", "add_bos"]
+STYLES = ["chatml", "qwen3_5", "json_bos", "add_bos"]
 PROMPT = "Why is the sky blue? Caf\u00e9 \U0001f600"
 
 
@@ -63,8 +65,11 @@ def tok_dirs(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def family_dirs(tmp_path_factory) -> dict:
+    """Every family with a tokenizer.json: the Qwen3 ones with Qwen3.5's template (enable_thinking), the others
+    with ChatML."""
     root = tmp_path_factory.mktemp("families-tok")
-    return {name: make_family(root / name, name, seed=i, tokenizer="chatml") for i, name in enumerate(FAMILIES)}
+    return {name: make_family(root / name, name, seed=i, tokenizer="qwen3_5" if name.startswith("qwen3") else "chatml")
+            for i, name in enumerate(FAMILIES)}
 
 
 # -- encoding -------------------------------------------------------------------------------------------
@@ -164,6 +169,40 @@ def test_chat_template_errors(tok_dirs, tmp_path):
         load_tokenizer(tmp_path).chat("hi")
     (tmp_path / "chat_template.jinja").write_text("{{ bos_token is defined }}|{{ messages[0]['content'] }}")
     assert load_tokenizer(tmp_path).render_chat("hi") == "False|hi"  # ChatML has no BOS; the file wins
+    (tmp_path / "chat_template.jinja").write_text("{{ 'effort: ' + reasoning_effort }}")
+    with pytest.raises(UserError, match="the chat template failed: TypeError: can only concatenate"):
+        load_tokenizer(tmp_path).chat("hi", reasoning_effort=3)  # Python's error on a value, not a traceback
+
+
+def test_template_args_equal_apply_chat_template(tok_dirs):
+    """enable_thinking, Qwen3.5's switch, reaches the template as apply_chat_template(..., **kwargs) passes it; an
+    argument the template does not read changes nothing."""
+    path = tok_dirs["qwen3_5", "PreTrainedTokenizerFast"]
+    ref, ours = AutoTokenizer.from_pretrained(path), load_tokenizer(path)
+    for args in ({"enable_thinking": False}, {"enable_thinking": True}, {}):
+        for messages in CHATS:
+            text = ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **args)
+            assert ours.render_chat(messages, **args) == text
+            assert ours.render_chat(messages, **args, unread=[1, {"a": None}]) == text
+            want = ref.apply_chat_template(messages, add_generation_prompt=True, **args)["input_ids"]
+            assert ours.chat(messages, **args) == want
+        empty = args == {"enable_thinking": False}  # an empty think block, else an open one
+        assert text.endswith("<|im_start|>assistant\n" + ("<think>\n\n</think>\n\n" if empty else "<think>\n"))
+
+
+def test_template_args_may_not_take_the_renderers_names(tok_dirs):
+    """The variables the renderer sets (messages, add_generation_prompt, tools, documents, the special tokens) and
+    apply_chat_template's own parameters are refused by name: transformers fails on some (messages) and lets
+    others replace what it sets (bos_token)."""
+    hf, sp = load_tokenizer(tok_dirs["qwen3_5", "PreTrainedTokenizerFast"]), SentencePieceTokenizer()
+    for name in RESERVED_ARGS:
+        for tok in (hf, sp):
+            with pytest.raises(UserError, match=f"'{name}' cannot be a chat template argument"):
+                tok.chat("hi", **{name: 1})
+    for name in ("enable-thinking", "", "2x"):
+        with pytest.raises(UserError, match="must be an identifier"):
+            hf.chat("hi", **{name: False})
+    assert sp.chat("hi", enable_thinking=False) == sp.chat("hi")  # Mixtral's [INST] reads no argument
 
 
 # gpt-oss's harmony template is this kind of Jinja: defaults for undefined kwargs, strftime_now, a namespace whose
@@ -216,6 +255,8 @@ def test_a_harmony_like_template_renders_as_transformers(tmp_path):
     assert "old thoughts" not in rendered[0] and "<|channel|>analysis<|message|>new thoughts" in rendered[1]
     assert "never shown" not in rendered[2] and '{"temperature": 21}' in rendered[3]
     assert "Current date: 20" in rendered[0] and rendered[0].endswith("<|start|>assistant")
+    high = ref.apply_chat_template(chats[0], add_generation_prompt=True, tokenize=False, reasoning_effort="high")
+    assert ours.render_chat(chats[0], reasoning_effort="high") == high and "Reasoning: high<|end|>" in high
     with pytest.raises(UserError, match="put the analysis in 'thinking'"):
         ours.chat([{"role": "assistant", "content": "<|channel|>final<|message|>x"}])
     (tmp_path / "chat_template.jinja").write_text("{% set ns = namespace(_hidden=1) %}{{ ns._hidden }}")
@@ -227,20 +268,29 @@ def test_a_harmony_like_template_renders_as_transformers(tmp_path):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_text_prompt_tokens_and_logits_match_transformers(family_dirs, family):
+def test_from_text_tokens_logits_and_greedy_tokens_match_transformers(family_dirs, family):
+    """From text, per family: the ids of a text, and of a chat message with a template argument (Qwen3.5's template
+    reads it, ChatML leaves it), are AutoTokenizer's; their logits within 1e-4 of the model's; greedy tokens from
+    the text are those of transformers' generate from its own tokenization, their logits within 1e-3."""
     path = family_dirs[family]
     ref_tok = AutoTokenizer.from_pretrained(path)
     engine = Engine.load(path, EngineOptions(prefetch=0, progress=False))
     ids = engine.encode(PROMPT)
     assert ids == ref_tok(PROMPT)["input_ids"]
-    chat = engine.encode(PROMPT, chat=True)
-    assert chat == ref_tok.apply_chat_template([{"role": "user", "content": PROMPT}],
-                                               add_generation_prompt=True)["input_ids"]
+    no_think = {"enable_thinking": False}
+    chat = engine.encode(PROMPT, chat=True, template_args=no_think)
+    assert chat == ref_tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                               **no_think)["input_ids"]
     ref = reference(path, family)
     with torch.no_grad():
         for seq in (ids, chat):
             want = ref(torch.tensor([seq])).logits[0]
             torch.testing.assert_close(engine.score(seq), want, rtol=0, atol=1e-4)
+        out = ref.generate(**ref_tok(PROMPT, return_tensors="pt"), max_new_tokens=4, do_sample=False,
+                           output_logits=True, return_dict_in_generate=True)
+    got = engine.generate(PROMPT, 4, keep_logits=True)
+    assert got.tokens == out.sequences[0, len(ids):].tolist()
+    torch.testing.assert_close(got.logits, torch.cat(out.logits), rtol=0, atol=1e-3)
 
 
 def test_generation_stops_at_every_eos_id(family_dirs, tmp_path):
@@ -279,6 +329,56 @@ def test_generate_chat_through_the_cli(family_dirs, capsys):
                              "--max-new-tokens", "6")
     assert code == 0, err
     assert out.startswith("hi" + result["text"])  # the prompt, then the streamed text
+
+
+def test_chat_template_args_through_the_cli(family_dirs, capsys):
+    """--chat-template-arg and --chat-template-kwargs (vLLM's and llama.cpp's) reach the template: the prompt is
+    apply_chat_template's with the same arguments; a later value for a name wins."""
+    path = family_dirs["qwen3_moe"]  # Qwen3.5's template: enable_thinking
+    ref_tok = AutoTokenizer.from_pretrained(path)
+    engine = Engine.load(path, EngineOptions(progress=False))
+    base = ["generate", "--model", str(path), "--prompt", "hi", "--chat", "--max-new-tokens", "3", "--json"]
+    runs = [([], True), (["--chat-template-arg", "enable_thinking=false"], False),
+            (["--chat-template-kwargs", '{"enable_thinking": false}'], False),
+            (["--chat-template-kwargs", '{"enable_thinking": false}', "--chat-template-arg", "enable_thinking=true"],
+             True)]
+    lengths = set()
+    for flags, thinking in runs:
+        code, out, err = run_cli(capsys, *base, *flags)
+        assert code == 0, err
+        result = json.loads(out)
+        want = ref_tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                           enable_thinking=thinking)["input_ids"]
+        assert result["stats"]["prompt_tokens"] == len(want), flags
+        assert result["tokens"] == engine.generate(want, 3).tokens, flags
+        lengths.add(len(want))
+    assert len(lengths) == 2  # the argument changed the prompt
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--chat-template-arg", "enable_thinking"], "expected KEY=VALUE such as enable_thinking=false"),
+    (["--chat-template-arg", "=1"], "must be an identifier"),
+    (["--chat-template-arg", "messages=[]"], "'messages' cannot be a chat template argument"),
+    (["--chat-template-kwargs", "{enable_thinking: false}"], "not valid JSON"),
+    (["--chat-template-kwargs", "[1]"], "expected a JSON object"),
+    (["--chat-template-kwargs", '{"bos_token": "<s>"}'], "'bos_token' cannot be a chat template argument"),
+])
+def test_bad_chat_template_args_are_usage_errors(capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(capsys, "generate", "--model", "demo", "--prompt", "hi", "--chat", *flags)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err.splitlines()[-1] and "Traceback" not in err
+
+
+def test_chat_template_args_need_a_chat(family_dirs, capsys):
+    for prompt in (["--prompt", "hi"], ["--chat", "--prompt-ids", "5,6"]):  # before any model is loaded
+        code, _, err = run_cli(capsys, "generate", "--model", "demo", *prompt, "--chat-template-arg", "a=1")
+        assert code == 1 and err == ("error: --chat-template-arg and --chat-template-kwargs need --chat and a text "
+                                     "prompt\n")
+    engine = Engine.load(family_dirs["qwen3_moe"], EngineOptions(prefetch=0, progress=False))
+    for prompt, chat in (("hi", False), ([5, 6], True)):
+        with pytest.raises(UserError, match="apply to a chat"):
+            engine.encode(prompt, chat, {"enable_thinking": False})
 
 
 def test_chat_without_a_template_is_an_error_line(family_dirs, tmp_path, capsys):

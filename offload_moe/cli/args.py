@@ -8,11 +8,13 @@ choices and metavar. The flags default to None so that a profile fills what the 
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Callable
 from dataclasses import Field
 
 from ..errors import UserError
 from ..options import OPTIONS, flag_name, parse_size
+from ..tokenizer import check_template_args
 
 
 def int_list(text: str) -> list[int]:
@@ -80,6 +82,45 @@ def port(text: str) -> int:
     if n > 65535:
         raise argparse.ArgumentTypeError(f"a port is 0 to 65535, got {n}")
     return n
+
+
+def template_args(args: dict) -> dict:
+    """Chat template arguments whose names a template may take (`check_template_args`), as a flag's value."""
+    try:
+        return check_template_args(args)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def template_arg(text: str) -> dict:
+    """KEY=VALUE, one chat template argument: VALUE as JSON where it parses (false, 3, "x", [1, 2]), else the text."""
+    key, eq, value = text.partition("=")
+    if not eq:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE such as enable_thinking=false, got {text!r}")
+    try:
+        value = json.loads(value)
+    except json.JSONDecodeError:
+        pass
+    return template_args({key: value})
+
+
+def template_kwargs(text: str) -> dict:
+    """A JSON object of chat template arguments, as vLLM's and llama.cpp's --chat-template-kwargs take it."""
+    try:
+        args = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg} at character {e.pos}): {text!r}") from None
+    if not isinstance(args, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"enable_thinking\": false}}', "
+                                         f"got {text!r}")
+    return template_args(args)
+
+
+class MergeArgs(argparse.Action):
+    """Flags whose values (dicts) add up to one dict, in the order given: a later value for a name wins."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, {**(getattr(namespace, self.dest) or {}), **values})
 
 
 # The fields whose flag needs more than its annotation says: the others are int where the field is an int,

@@ -21,7 +21,20 @@ from ..options import (
 )
 from ..sampling import Sampling
 from ..serve.guard import Limits
-from .args import engine_flags, flag_help, int_list, nbytes, nonneg, port, positive, seconds, size
+from .args import (
+    MergeArgs,
+    engine_flags,
+    flag_help,
+    int_list,
+    nbytes,
+    nonneg,
+    port,
+    positive,
+    seconds,
+    size,
+    template_arg,
+    template_kwargs,
+)
 
 SAMPLING = Sampling()
 LIMITS = Limits()
@@ -29,6 +42,17 @@ DEMO_PROMPT = 'def read_config(path):\n    """'
 DEMO_TOKENS = 48
 # the main job (no command): the trained demo, 2 of 8 experts cached per layer, gently sampled
 MAIN_JOB = ["generate", "--cache-experts", "2", "--temperature", "0.8", "--top-p", "0.95"]
+
+
+def add_template_flags(group, applies: str) -> None:
+    """--chat-template-arg and --chat-template-kwargs, into one dict `template_args`."""
+    group.add_argument("--chat-template-arg", dest="template_args", type=template_arg, action=MergeArgs,
+                       metavar="KEY=VALUE", help="a variable of the chat template, such as enable_thinking=false "
+                       "(Qwen3's) or reasoning_effort=high (gpt-oss's): VALUE is read as JSON where it parses "
+                       f"(false, not False), else as a string; repeatable; {applies}")
+    group.add_argument("--chat-template-kwargs", dest="template_args", type=template_kwargs, action=MergeArgs,
+                       metavar="JSON", help="several at once, as a JSON object: '{\"enable_thinking\": false}' "
+                       "(vLLM's and llama.cpp's flag); with --chat-template-arg, a later name wins")
 
 
 def add_generate(sub) -> None:
@@ -40,6 +64,7 @@ def add_generate(sub) -> None:
     gen.add_argument("--chat", action="store_true",
                      help="send the prompt as a user message in the checkpoint's chat template (its Jinja "
                           "chat_template; a tokenizer.model folder: Mixtral's [INST] ... [/INST])")
+    add_template_flags(gen, "needs --chat")
     gen.add_argument("--max-new-tokens", type=nonneg, default=DEMO_TOKENS, metavar="N",
                      help="stop after N new tokens (default: %(default)s)")
     smp = gen.add_argument_group("sampling (greedy unless --temperature > 0)")
@@ -238,6 +263,8 @@ def add_serve(sub) -> None:
                           "(default: %(default)s)")
     srv.add_argument("--trace-out", metavar="TRACE", help="record the routing of every request served, written "
                      "when the server stops (see README: traces)")
+    add_template_flags(srv, "a default for every chat request (a request's chat_template_kwargs win, name by "
+                            "name)")
     lim = srv.add_argument_group("limits (one client must not hurt the others)")
     lim.add_argument("--max-request-bytes", type=nbytes, default=LIMITS.max_request_bytes, metavar="SIZE",
                      help="a larger request body is refused with 413 (default: %(default)s bytes)")

@@ -44,6 +44,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sampling = Sampling(temperature=0.0 if args.greedy else args.temperature, top_p=args.top_p,
                         top_k=args.top_k, seed=args.seed)
     sampling.check()  # before the load: a bad flag costs no model load and prints no prompt
+    if args.template_args and not (args.chat and args.prompt_ids is None):
+        raise UserError("--chat-template-arg and --chat-template-kwargs need --chat and a text prompt")
     for out in (args.logits_out, args.trace_out):
         if out:
             check_target(out)
@@ -58,7 +60,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.trace_out:
         engine.start_trace(args.model)
     result = engine.generate(prompt, args.max_new_tokens, sampling, chat=args.chat,
-                             keep_logits=args.logits_out is not None, on_text=stream)
+                             keep_logits=args.logits_out is not None, on_text=stream, template_args=args.template_args)
     if args.logits_out:
         write_safetensors_atomic(args.logits_out, {"logits": result.logits})
     if args.trace_out:

@@ -23,7 +23,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = Limits(args.max_request_bytes, args.max_connections, args.header_timeout, args.shutdown_grace,
                     tuple(args.allow_host))
     engine = load_engine(args, quiet=False)
-    service = Service(engine, model_id(args.model), max_batch=args.max_batch, max_queue=args.max_queue)
+    service = Service(engine, model_id(args.model), max_batch=args.max_batch, max_queue=args.max_queue,
+                      template_args=args.template_args)
     sock = bind(args.host, args.port)
     if args.trace_out:
         engine.start_trace(args.model)

@@ -7,7 +7,7 @@ accepted and ignored, as OpenAI's API allows clients to send them.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
@@ -68,11 +68,13 @@ class Completion(Params):
 
 class ChatCompletion(Params):
     messages: Annotated[list[Message], Field(min_length=1)]
+    chat_template_kwargs: dict[StrictStr, Any] | None = None  # vLLM's: the chat template's variables
 
 
 # what a field of several accepted types must be, for its type errors
 EXPECTED = {"temperature": "a number", "top_p": "a number", "prompt": "a string, or one list of token ids",
-            "stop": "a string or a list of strings", "content": "a string or a list of text parts"}
+            "stop": "a string or a list of strings", "content": "a string or a list of text parts",
+            "chat_template_kwargs": "an object"}
 TYPE_TAGS = ("str", "int", "float", "bool", "list", "dict", "function", "constrained", "literal", "json")
 
 

@@ -14,7 +14,7 @@ import time
 from ..batch import RECENT_S, Scheduler
 from ..errors import UserError
 from ..sampling import Sampling
-from ..tokenizer import TextStream
+from ..tokenizer import TextStream, check_template_args
 
 FINISH = {"eos": "stop", "length": "length", "context": "length"}
 
@@ -137,10 +137,13 @@ def _held_back(text: str, stops: list[str]) -> int:
 class Service:
     """The request logic, apart from the HTTP framework."""
 
-    def __init__(self, engine, model_id: str, max_batch: int = 4, max_queue: int = 64, prefill_chunk: int = 256):
+    def __init__(self, engine, model_id: str, max_batch: int = 4, max_queue: int = 64, prefill_chunk: int = 256,
+                 template_args: dict | None = None):
+        """`template_args`: the chat template arguments of every chat request, below its chat_template_kwargs."""
         if max_queue < 0:
             raise UserError("--max-queue must be 0 or more")
         self.engine, self.model_id = engine, model_id
+        self.template_args = check_template_args(dict(template_args or {}))
         self.scheduler = Scheduler(engine, max_batch=max_batch, prefill_chunk=prefill_chunk)
         self.worker = Worker(self.scheduler, max_queue)
         self.created = int(time.time())
@@ -163,11 +166,20 @@ class Service:
         stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
         return [s for s in stop if s]
 
+    def chat_args(self, req) -> dict:
+        """A chat request's template arguments: the server's, and the request's chat_template_kwargs over them."""
+        try:
+            return check_template_args({**self.template_args, **(req.chat_template_kwargs or {})})
+        except UserError as e:
+            raise APIError(400, str(e), param="chat_template_kwargs", code="invalid_value") from None
+
     def prompt_ids(self, req, chat: bool) -> list[int]:
         """The request's prompt as token ids (tokenizing: run it off the event loop), checked against the context."""
+        args = self.chat_args(req) if chat else None
         try:
             if chat:
-                ids = self.engine.encode([{**m.model_dump(), "content": m.text} for m in req.messages], chat=True)
+                ids = self.engine.encode([{**m.model_dump(), "content": m.text} for m in req.messages], chat=True,
+                                         template_args=args)
             else:
                 prompt = req.prompt[0] if isinstance(req.prompt, list) and isinstance(req.prompt[0], str) \
                     else req.prompt
