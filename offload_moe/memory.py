@@ -15,6 +15,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import UserError
+from .formats.base import ExpertFormat
 from .formats.registry import auto_group_size, expert_format
 from .formats.sizes import dense_bytes
 from .offload.tiered import ram_tier_allocation
@@ -153,18 +154,20 @@ _PLAN_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32":
 
 
 def card_plan(config: ModelConfig, profiles=CARDS, context: int | None = None, default_context: int = 4096,
-              batch: int = 1) -> dict:
+              batch: int = 1, kept: ExpertFormat | None = None) -> dict:
     """The memory math of `config` on the cards that `profiles` describe (their budget, reserve, dtype and
     context; `context` overrides theirs, `default_context` stands in where a profile has none): parameters,
     bytes per expert in fp16/int8/int4 (the engine's own formats, at the group size the engine would pick),
     the host RAM for every expert, and per card the expert slots per layer beside the dense weights (kept in
     the profile's dtype), the KV cache of `batch` sequences (serve --max-batch) and the reserve, capped at
-    the expert count; `fits`: at least top-k."""
+    the expert count; `fits`: at least top-k. `kept`: the format a GGUF file's experts keep (`formats.ggml`), a
+    column "gguf" beside the others."""
     if batch < 1:
         raise UserError("--max-batch must be 1 or more")
     group = auto_group_size(config)  # None: no group size divides D and I, so no quantized formats
     precisions = [p for p in EXPERT_QUANTS if p == "none" or group is not None]
-    fmt = {p: expert_format(p, config, torch.float16, group or 64) for p in precisions}
+    fmt = {p: expert_format(p, config, torch.float16, group or 64) for p in precisions} | ({"gguf": kept} if kept
+                                                                                             else {})
     rows = config.n_moe_layers * config.num_experts
     out = {
         "model": {"family": config.family, "layers": config.n_layers, "moe_layers": config.n_moe_layers,

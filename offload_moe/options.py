@@ -141,7 +141,7 @@ class EngineOptions:
         "runs), auto (whichever measures faster)", one_of(MISS_POLICIES), choices=MISS_POLICIES)
     expert_quant: str = option(
         "none", "quantize the experts at load; a packed --model keeps its own, none keeps an MXFP4 checkpoint's "
-        "experts MXFP4", one_of(EXPERT_QUANTS), choices=EXPERT_QUANTS)
+        "experts MXFP4 and a GGUF file's quantized ones in their types", one_of(EXPERT_QUANTS), choices=EXPERT_QUANTS)
     attention_quant: str = option(
         "none", "quantize the attention projections at load (they stay resident: int8 frees device memory for "
         "expert slots); a packed --model keeps its own", one_of(ATTENTION_QUANTS), choices=ATTENTION_QUANTS)

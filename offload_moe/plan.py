@@ -21,6 +21,7 @@ import torch
 from .config import ModelConfig
 from .errors import UserError
 from .formats.base import DenseFormat, ExpertFormat
+from .formats.ggml import GGUFFormat, kinds_from_names
 from .formats.int4_layouts import int4_layout_for
 from .formats.registry import expert_format, format_for, load_quant, parse_format_name, resolve_group_size
 from .memory import MemoryPlan, auto_slots, check_fits, check_kv_in_ram, plan_memory, resident_bytes
@@ -81,7 +82,8 @@ def group_size_for(config: ModelConfig, options: EngineOptions) -> int:
 def expert_format_for(ckpt: Checkpoint, options: EngineOptions, dtype: torch.dtype,
                       device: torch.device | None = None) -> ExpertFormat:
     """The experts' packed format: a packed folder's own, else the one asked for (an MXFP4 checkpoint's stay
-    MXFP4 unless another quantization is asked for: `load_quant`).
+    MXFP4 and a GGUF file's quantized ones keep their types unless another quantization is asked for:
+    `load_quant`, `kept_gguf`).
 
     int4 experts take the code layout of the compute device (`format_for`): torch's CUDA tiles
     (`int4-gG-cuda`) where its int4 kernel runs, else the CPU kernel's order (`int4-gG`). A packed folder keeps
@@ -89,9 +91,12 @@ def expert_format_for(ckpt: Checkpoint, options: EngineOptions, dtype: torch.dty
     which is correct but slower, and a note on stderr says how to convert."""
     device = device or torch.device("cpu")
     if ckpt.packed_index is None:
-        return format_for(ckpt.config, load_quant(options.expert_quant, ckpt.mxfp4), dtype, options.group_size,
-                          device, attention=options.attention_quant == "int8", head=options.head_quant == "int8")
+        return kept_gguf(ckpt, options.expert_quant, dtype) or format_for(
+            ckpt.config, load_quant(options.expert_quant, ckpt.mxfp4), dtype, options.group_size, device,
+            attention=options.attention_quant == "int8", head=options.head_quant == "int8")
     name = ckpt.packed_index["format"]
+    if name.startswith("gguf-"):
+        return GGUFFormat(ckpt.config, dtype, kinds_from_names(ckpt.packed_index.get("gguf_types"), ckpt.path))
     parsed = parse_format_name(name)
     if parsed is not None:
         quant, group, layout = parsed
@@ -105,6 +110,14 @@ def expert_format_for(ckpt: Checkpoint, options: EngineOptions, dtype: torch.dty
         raise UserError(f"{ckpt.path} holds {name} experts; run it with --dtype "
                         f"{ {'fp16': 'float16', 'bf16': 'bfloat16', 'fp32': 'float32'}[name]} (or convert again)")
     return fmt
+
+
+def kept_gguf(ckpt: Checkpoint, quant: str, dtype: torch.dtype) -> GGUFFormat | None:
+    """A GGUF file's experts in the file's own types (`formats.ggml`), where none other is asked for (`quant`
+    none) and they are quantized (float ones take the compute dtype); experts with biases (gpt-oss's) are
+    decoded as before. None: the asked format applies."""
+    kinds = ckpt.gguf_expert_kinds() if quant == "none" and not ckpt.config.expert_bias else None
+    return None if kinds is None else GGUFFormat(ckpt.config, dtype, kinds)
 
 
 def attention_group(ckpt: Checkpoint, options: EngineOptions) -> int | None:

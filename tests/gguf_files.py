@@ -59,9 +59,11 @@ def gguf_tensors(model, family: str, per_expert: bool = False) -> dict[str, np.n
 
 
 def write_gguf(model, family: str, path: Path, qtype: Q = Q.F32, split_max_tensors: int = 0,
-               raw: dict[str, tuple[np.ndarray, Q]] | None = None, per_expert: bool = False) -> Path:
+               raw: dict[str, tuple[np.ndarray, Q]] | None = None, per_expert: bool = False,
+               qtypes: dict[str, Q] | None = None) -> Path:
     """The model as a GGUF at `path` (split into files of `split_max_tensors` tensors: then the first file's path);
-    `raw`: tensors written as these bytes of that type instead; `per_expert`: see `gguf_tensors`."""
+    `raw`: tensors written as these bytes of that type instead; `per_expert`: see `gguf_tensors`; `qtypes`: the
+    type of these tensors (llama.cpp's names), instead of `qtype`."""
     c = model.config
     arch = ARCH[family]
     w = gguf.GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
@@ -89,8 +91,8 @@ def write_gguf(model, family: str, path: Path, qtype: Q = Q.F32, split_max_tenso
     for name, t in gguf_tensors(model, family, per_expert).items():
         if name in (raw or {}):
             w.add_tensor(name, raw[name][0], raw_dtype=raw[name][1])
-        elif qtype != Q.F32 and quantized(name, t):
-            w.add_tensor(name, gguf.quants.quantize(t, qtype), raw_dtype=qtype)
+        elif (kind := (qtypes or {}).get(name, qtype)) != Q.F32 and quantized(name, t):
+            w.add_tensor(name, gguf.quants.quantize(t, kind), raw_dtype=kind)
         else:
             w.add_tensor(name, t)
     w.write_header_to_file()
@@ -100,12 +102,13 @@ def write_gguf(model, family: str, path: Path, qtype: Q = Q.F32, split_max_tenso
     return path if not split_max_tensors else path.with_name(f"{path.stem}-00001-of-{len(w.tensors):05d}.gguf")
 
 
-def as_decoded(model, qtype: Q):
+def as_decoded(model, qtype: Q, qtypes: dict[str, Q] | None = None):
     """The model with every tensor that `write_gguf` quantizes replaced by gguf-py's decoding of it (the rows
-    are quantized along D or I alike in either layout, so this is the file's model in transformers' names)."""
+    are quantized along D or I alike in either layout, so this is the file's model in transformers' names);
+    `qtypes`: the type of these parameters (transformers' names), instead of `qtype`."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim >= 2 and not name.endswith(("mlp.gate.weight", "shared_expert_gate.weight")):
-                t = p.detach().float().contiguous().numpy()
-                p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(t, qtype), qtype)))
+                t, kind = p.detach().float().contiguous().numpy(), (qtypes or {}).get(name, qtype)
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(t, kind), kind)))
     return model

@@ -9,7 +9,7 @@ import torch
 
 from ..demo import resolve_model
 from ..formats.registry import format_for, load_quant, resolve_group_size
-from ..plan import DTYPES
+from ..plan import DTYPES, kept_gguf
 from ..weights.checkpoint import Checkpoint
 from ..weights.convert import convert
 
@@ -20,8 +20,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     quant = load_quant(args.experts, ckpt.mxfp4) if args.experts != "auto" else "mxfp4" if ckpt.mxfp4 else "int4"
     int8_attention = args.attention == "int8"
     gpu = torch.device("cuda") if torch.cuda.is_available() else None  # quantizes much faster there
-    fmt = format_for(config, quant, DTYPES[args.dtype], args.group_size, gpu,
-                     layout=None if args.layout == "auto" else args.layout, attention=int8_attention)
+    if args.experts in ("auto", "none") and (kept := kept_gguf(ckpt, "none", DTYPES[args.dtype])) is not None:
+        fmt, quant = kept, "gguf"  # a GGUF file's quantized experts keep their types
+    else:
+        fmt = format_for(config, quant, DTYPES[args.dtype], args.group_size, gpu,
+                         layout=None if args.layout == "auto" else args.layout, attention=int8_attention)
     attention = resolve_group_size(config, args.group_size, experts=quant in ("int8", "int4"),
                                    attention=True) if int8_attention else None
     index = convert(resolve_model(args.model), args.out, fmt, DTYPES[args.dtype], pack_device=gpu,

@@ -10,6 +10,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
 from ..atomic import check_target, write_text_atomic
 from ..config import from_params_json
 from ..errors import UserError
@@ -17,13 +19,14 @@ from ..memory import card_plan, format_card_plan
 from ..models import from_hf_config
 from ..models.public import public_config, public_configs
 from ..options import CARDS, default_of
-from ..plan import resolve_device, resolve_dtype
+from ..plan import kept_gguf, resolve_device, resolve_dtype
 from ..planning.calibrate import calibrate
 from ..planning.costs import budget_of, hardware_of, model_shape
 from ..planning.trace import load_trace
 from ..planning.tune import levers, to_toml, tune, winner_profile
 from ..planning.validate import score_lines, scores, validation_split
 from ..profiles import load_profile
+from ..weights.checkpoint import Checkpoint
 from ..weights.gguf import GGUFModel
 
 
@@ -131,6 +134,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     config = read_config(args.config)
     if args.context is not None and args.context < 1:
         raise UserError("--context must be positive")
-    plan = card_plan(config, args.profile or CARDS, args.context, default_of("context"), args.max_batch)
+    path = Path(args.config)  # a GGUF file: a column for its experts as it holds them
+    kept = kept_gguf(Checkpoint(path), "none", torch.float16) if path.suffix == ".gguf" and path.is_file() else None
+    plan = card_plan(config, args.profile or CARDS, args.context, default_of("context"), args.max_batch, kept)
     print(json.dumps(plan) if args.json else format_card_plan(plan, str(args.config)))
     return 0

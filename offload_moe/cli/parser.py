@@ -204,7 +204,8 @@ def add_convert(sub) -> None:
     con.add_argument("--model", required=True, help="source folder or GGUF file (any layout the engine reads)")
     con.add_argument("--out", required=True, help="the folder to write")
     con.add_argument("--experts", choices=(*EXPERT_QUANTS, "auto"), default="auto", help="expert precision; auto: "
-                     "an MXFP4 checkpoint's stay MXFP4, others become int4 (default: %(default)s)")
+                     "an MXFP4 checkpoint's stay MXFP4, a GGUF file's quantized ones keep their types (so does none), "
+                     "others become int4 (default: %(default)s)")
     con.add_argument("--attention", choices=ATTENTION_QUANTS, default=default_of("attention_quant"),
                      help="attention projections' precision: int8 or none (the --dtype) (default: %(default)s)")
     con.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=default_of("group_size"),

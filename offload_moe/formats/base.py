@@ -2,10 +2,10 @@
 moves it. A leaf of the load path (config -> formats -> checkpoint readers -> stores).
 
 An `ExpertFormat` says how an expert's weights lie in its buffer (`pack`), how to see them
-without copying (`views`, computed once per buffer) and how to run the expert on those views
-(`forward`). The dense format here stores [w1; w3] fused as w13 [2I, D] (relu2 experts: w1 alone, [I, D])
-followed by w2 [D, I];
-quantized formats live in `int8.py`, `int4.py` and `mxfp4.py` (on `group.py`) and follow the same three methods.
+without copying (`views`, computed once per buffer, given the buffer's row: a GGUF file's types may differ by
+layer) and how to run the expert on those views (`forward`). The dense format here stores [w1; w3] fused as w13
+[2I, D] (relu2 experts: w1 alone, [I, D]) followed by w2 [D, I]; quantized formats live in `int8.py`, `int4.py`
+and `mxfp4.py` (on `group.py`), GGUF's own types in `ggml.py`, and follow the same three methods.
 
 Every format computes w2 . act(w13 . x), where `activation(config)` picks act once per format: silu(gate) * up,
 gpt-oss's `clamped_swiglu`, or Nemotron-H's relu(up)^2 (`relu2`: no gate, so w13 is w1 alone); where the family
@@ -74,7 +74,7 @@ class ExpertFormat(Protocol):
     nbytes: int  # size of one packed expert
 
     def pack(self, parts: dict[str, torch.Tensor], out: torch.Tensor) -> None: ...
-    def views(self, buf: torch.Tensor) -> tuple: ...
+    def views(self, buf: torch.Tensor, row: int = 0) -> tuple: ...  # row: the layer's, where its layout differs
     def forward(self, x: torch.Tensor, views: tuple) -> torch.Tensor: ...
 
 
@@ -106,7 +106,7 @@ class DenseFormat:
             b13[self.I :].copy_(parts["b3"])
             b2.copy_(parts["b2"])
 
-    def views(self, buf: torch.Tensor) -> tuple:
+    def views(self, buf: torch.Tensor, row: int = 0) -> tuple:
         """(w13 [2I, D] (relu2: [I, D]), w2 [D, I]), then b13 [2I] and b2 [D] where the family has biases: views of
         the buffer."""
         flat = buf.view(self.dtype)  # [3*I*D (+ 2I + D)], relu2 [2*I*D]

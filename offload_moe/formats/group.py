@@ -148,7 +148,7 @@ class GroupQuantFormat(ABC):
             self._scratch[key] = torch.empty(self._largest, dtype=dtype, device=device)
         return self._scratch[key]
 
-    def views(self, buf: torch.Tensor) -> tuple:
+    def views(self, buf: torch.Tensor, row: int = 0) -> tuple:
         """(w13 parts, w2 parts, on_cpu), then b13 and b2 where the family has biases: on_cpu, read once per
         buffer, lets the CPU kernels run."""
         w13, w2 = (

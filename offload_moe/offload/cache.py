@@ -63,7 +63,7 @@ class ExpertCache:
             store.layers[row] if alias else torch.empty((n, fmt.nbytes), dtype=torch.uint8, device=device)
             for row, (n, alias) in enumerate(zip(self.slots, self.aliased, strict=True))
         ]
-        self.views = [[fmt.views(self.mem[row][s]) for s in range(n)] for row, n in enumerate(self.slots)]
+        self.views = [[fmt.views(self.mem[row][s], row) for s in range(n)] for row, n in enumerate(self.slots)]
         self._host_views: dict[tuple[int, int], tuple] = {}  # (row, expert) -> views of its RAM buffer
         self.transfers = Transfers(device, self.slots)
         self.planned: list[tuple[int, list[int]]] = []  # prefetches waiting for this layer's demand copies
@@ -122,10 +122,10 @@ class ExpertCache:
         """The weight views of an expert's host buffer; computed once when every expert is in RAM (those
         buffers never move; the tiered store's do)."""
         if not self.store.in_ram:
-            return self.fmt.views(self.store.buffer(row, expert))
+            return self.fmt.views(self.store.buffer(row, expert), row)
         views = self._host_views.get((row, expert))
         if views is None:
-            views = self._host_views[row, expert] = self.fmt.views(self.store.buffer(row, expert))
+            views = self._host_views[row, expert] = self.fmt.views(self.store.buffer(row, expert), row)
         return views
 
     def calibrate_misses(self, dim: int, dtype: torch.dtype, repeats: int = 3) -> dict:
@@ -133,7 +133,7 @@ class ExpertCache:
         device. Call it before any expert is resident: it uses slot 0 of layer 0 as scratch."""
         x = torch.randn(1, dim, dtype=dtype)
         buf = self.store.buffer(0, 0)
-        views = self.fmt.views(buf)
+        views = self.fmt.views(buf, 0)
         dst = self.mem[0][0] if not self.aliased[0] else torch.empty_like(buf, device=self.device)
         times = {"cpu_s": float("inf"), "copy_s": float("inf")}
         for _ in range(repeats):

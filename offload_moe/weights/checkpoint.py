@@ -42,6 +42,8 @@ from safetensors import safe_open
 from ..config import ModelConfig, from_params_json, read_json
 from ..errors import UserError
 from ..formats.base import bias_parts
+from ..formats.ggml import FLOATS as GGML_FLOATS
+from ..formats.ggml import row_bytes
 from ..formats.int8 import int8_part_shapes
 from ..formats.int8_linear import ATTENTION_SUFFIXES
 from ..models import COMMON, GGUF_COMMON, GGUF_EXPERTS, GGUF_PARTS, config_of, mixtral
@@ -473,6 +475,41 @@ class Checkpoint:
         if tuple(t.shape) != want:
             raise UserError(f"{self.path}: tensor {name} has shape {list(t.shape)}, config implies {list(want)}")
         return t
+
+    def gguf_expert_kinds(self) -> list[tuple] | None:
+        """A GGUF model's expert part types per row (`config.expert_parts` order), None where its experts are all
+        floats (or it is no GGUF): what `formats.ggml.GGUFFormat` keeps them in."""
+        if self.gguf is None:
+            return None
+        c, kinds = self.config, []
+        for layer in c.moe_layers:
+            row = []
+            for part in c.expert_parts:
+                types = {self.gguf.tensors[self.expert_sources[(layer, e, part)][1]][1].tensor_type
+                         for e in range(c.num_experts)}
+                if len(types) > 1:  # files of one tensor per expert: each may have its own
+                    raise UserError(f"{self.path}: layer {layer}'s experts hold {part} in "
+                                    f"{', '.join(sorted(t.name for t in types))}; one type a layer is read")
+                row.append(types.pop())
+            kinds.append(tuple(row))
+        return None if all(k in GGML_FLOATS for row in kinds for k in row) else kinds
+
+    def expert_raw(self, layer: int, expert: int) -> dict[str, tuple]:
+        """A GGUF expert's parts as the file holds them: {part: (type, bytes [N, K/bs*ts])}, from its layer's
+        stacked tensor (its slice) or its own tensor."""
+        out = {}
+        for part, (N, K) in self.expert_shapes().items():
+            key = self.expert_sources[(layer, expert, part)][1]
+            shape = self.gguf.tensor(key).shape
+            stacked = len(shape) == 3
+            if stacked and shape[0] <= expert:
+                raise UserError(f"{self.path}: {key} holds {shape[0]} experts, needs {expert + 1}")
+            kind, raw = self.gguf.raw(key, expert if stacked else None)
+            if tuple(raw.shape) != (N, row_bytes(kind, K)):
+                raise UserError(f"{self.path}: expert ({layer}, {expert}) {part} ({key}) holds {list(raw.shape)} "
+                                f"bytes as {kind.name}; the config implies [{N}, {row_bytes(kind, K)}]")
+            out[part] = (kind, raw)
+        return out
 
     def expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         """One expert's parts (`expert_shapes`): weights in checkpoint dtype (block-FP8 ones in float32) and HF

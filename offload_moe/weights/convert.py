@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from ..config import read_json
 from ..errors import UserError
 from ..formats.base import ExpertFormat
+from ..formats.ggml import GGUFFormat
 from ..formats.int8_linear import ATTENTION_SUFFIXES, check_int8_attention, int8_attention_state
 from ..modeling.transformer import ROUTER_BIAS
 from ..offload.predictors import FILE_NAME as PREDICTOR_FILE
@@ -49,6 +50,8 @@ def convert(source: str | Path, out: str | Path, fmt: ExpertFormat, dense_dtype:
     settings = {"version": VERSION, "format": fmt.name, "bytes_per_expert": fmt.nbytes,
                 "attention": "none" if attention_group is None else f"int8-g{attention_group}",
                 "dense_dtype": str(dense_dtype).removeprefix("torch."), "source": str(Path(source).resolve())}
+    if isinstance(fmt, GGUFFormat):  # each row's part types: the layout of its experts
+        settings["gguf_types"] = [[k.name for k in row] for row in fmt.kinds]
     c = ckpt.config
     order = [(layer, e) for layer in c.moe_layers for e in range(c.num_experts)]
     stride = aligned(fmt.nbytes)
@@ -64,7 +67,9 @@ def convert(source: str | Path, out: str | Path, fmt: ExpertFormat, dense_dtype:
         for i, (layer, e) in enumerate(order[start:], start):
             buf.zero_()
             experts.read((row_of[layer], e), buf[: fmt.nbytes])
-            check_finite(fmt.views(buf[: fmt.nbytes]), f"{source}: expert ({layer}, {e})")
+            views = fmt.views(buf[: fmt.nbytes], row_of[layer])
+            check_finite(fmt.weights(views, torch.float32) if isinstance(fmt, GGUFFormat) else views,
+                         f"{source}: expert ({layer}, {e})")
             data = buf.numpy().tobytes()
             f.write(data)
             entries.append([layer, e, i * stride, fmt.nbytes, zlib.crc32(data[: fmt.nbytes])])

@@ -104,6 +104,13 @@ class GGUFModel:
         _, t = self.tensors[name]
         return GGUFTensor(name, t.tensor_type, tuple(int(n) for n in reversed(t.shape.tolist())), t.data)
 
+    def raw(self, name: str, index: int | None = None) -> tuple[Q, torch.Tensor]:
+        """A tensor's type and bytes as the file holds them, [..., rows, row bytes] uint8 (slice `index` of the
+        outermost dimension alone: an expert of a stacked tensor), copied out of the mapping."""
+        _, t = self.tensors[name]
+        data = t.data if index is None else t.data[index]
+        return t.tensor_type, torch.from_numpy(np.array(data).view(np.uint8))
+
     def file_of(self, name: str) -> Path:
         return self.tensors[name][0]
 

@@ -56,6 +56,7 @@ import torch
 
 from ..errors import UserError
 from ..formats.base import DenseFormat, ExpertFormat
+from ..formats.ggml import GGUFFormat
 from ..formats.mxfp4 import parts_for
 from .checkpoint import Checkpoint
 from .fp8 import report_error
@@ -191,6 +192,10 @@ class MappedSource:
     def read(self, key: Key, slot: torch.Tensor) -> int:
         layer = self.checkpoint.config.moe_layers[key[0]]
         with self.lock:
+            if isinstance(self.fmt, GGUFFormat):  # the file's bytes as they are
+                raw = self.checkpoint.expert_raw(layer, key[1])
+                self.fmt.pack(raw, slot[: self.fmt.nbytes])
+                return sum(t.numel() for _, t in raw.values())
             parts = self.checkpoint.expert(layer, key[1])
             if self.pack_device is not None:
                 self.fmt.pack(parts_for(self.fmt, {k: v.to(self.pack_device) for k, v in parts.items()}),
