@@ -1,6 +1,6 @@
-"""CPU expert forward by format and path: dense against int8, int4 and MXFP4, torch's packed kernels against
+"""CPU expert forward by format and path: dense against int8, int4, MXFP4 and GGUF's types, the kernels against
 dequantize + matmul. This is the measurement behind the kernel choices of offload_moe/formats/
-(int8.py, int4.py, mxfp4.py).
+(int8.py, int4.py, mxfp4.py, ggml.py).
 
     python bench/bench_quant_kernels.py [--threads 2] [--tokens 1 16] [--seconds 60] [--group-size 64]
                                         [--dim 512 --ffn 1792]   (gpt-oss's experts: --dim 2880 --ffn 2880)
@@ -15,6 +15,9 @@ One expert of the shape in bench_decode.py (D=512, I=1792, or --dim/--ffn), rand
   kernel-dtype int4 only: the same kernel in the compute dtype itself (scalar but for bf16)
   bmm          int8 only: `int8_bmm_linear`, codes widened in place order, one batched matmul in fp32
 MXFP4 (`mxfp4.Mxfp4Format`) has one path: `forward` is its `dequant` (decode into fp32, fp32 matmul).
+GGUF (`ggml.GGUFFormat`): gguf-Q8_0 and gguf-Q4_0 (gguf-py's quantizer) and gguf-Q4_K+Q6_K (Q4_K_M's mix: gate and
+up Q4_K, down Q6_K; random blocks, gguf-py has no k-quant quantizer): `forward` (one token on the CPU: the C kernel)
+and `dequant` (torch's decode, then matmul); the k-quants need D and I multiples of 256.
 Times are the best of many interleaved runs, in microseconds, so that other load on the machine
 shows as little as possible; `GB/s` is the expert's packed bytes over the first token count's time
 (what a CPU-computed miss must stream from RAM); `err` is the largest difference from `dequant`,
@@ -31,14 +34,20 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType as Q
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # ggml_blocks: GGUF blocks to measure
+
+from ggml_blocks import HALVES, blocks  # noqa: E402
 
 from offload_moe.config import ModelConfig  # noqa: E402
 from offload_moe.formats.base import DenseFormat  # noqa: E402
-from offload_moe.formats.int4 import Int4Format
+from offload_moe.formats.ggml import GGUFFormat  # noqa: E402
+from offload_moe.formats.int4 import Int4Format  # noqa: E402
 from offload_moe.formats.int4_layouts import int4_cpu_kernel_linear  # noqa: E402
 from offload_moe.formats.int8 import Int8Format, int8_bmm_linear  # noqa: E402
 from offload_moe.formats.mxfp4 import Mxfp4Format  # noqa: E402
@@ -94,9 +103,21 @@ def candidates(shape: ModelConfig, dtype: torch.dtype, group_size: int
     dv, v8, v4, vm = packed(dense, parts), packed(int8, parts), packed(int4, parts), packed(mx, parts)
     out: dict[tuple[str, str], Forward] = {
         ("dense", "forward"): lambda x: dense.forward(x, dv)}
+    sizes: dict[str, int] = {}
     for fmt, views in ((int8, v8), (int4, v4), (mx, vm)):
         out[fmt.name, "forward"] = lambda x, fmt=fmt, views=views: fmt.forward(x, views)
         out[fmt.name, "dequant"] = lambda x, fmt=fmt, views=views: fmt.forward_dequant(x, views)
+    rng = np.random.default_rng(0)
+    for kinds in ((Q.Q8_0,) * 3, (Q.Q4_0,) * 3, (Q.Q4_K, Q.Q4_K, Q.Q6_K)):
+        if any(shape.dim % 256 or I % 256 for k in kinds if k in HALVES):  # a k-quant's super-blocks
+            continue
+        gg = GGUFFormat(shape, dtype, [kinds])
+        raw = {p: (k, torch.from_numpy(blocks(k, *s, rng))) for p, k, s in zip(("w1", "w3", "w2"), kinds,
+                                                                                ((I, D), (I, D), (D, I)), strict=True)}
+        vg = packed(gg, raw)
+        sizes[gg.name] = gg.nbytes
+        out[gg.name, "forward"] = lambda x, gg=gg, vg=vg: gg.forward(x, vg)
+        out[gg.name, "dequant"] = lambda x, gg=gg, vg=vg: gg.forward_dequant(x, vg)
     out[int8.name, "kernel"] = lambda x: swiglu(int8_kernel, x, v8)
     out[int8.name, "bmm"] = lambda x: swiglu(lambda x, mat: int8_bmm_linear(x, *mat), x, v8)
     if int4.cpu_kernel:
@@ -105,7 +126,7 @@ def candidates(shape: ModelConfig, dtype: torch.dtype, group_size: int
 
         out[int4.name, "kernel"] = lambda x: swiglu(int4_bf16, x, v4)
         out[int4.name, "kernel-dtype"] = lambda x: swiglu(int4_kernel_in_dtype(group_size), x, v4)
-    return out, {f.name: f.nbytes for f in (dense, int8, int4, mx)}
+    return out, sizes | {f.name: f.nbytes for f in (dense, int8, int4, mx)}
 
 
 def main() -> None:
@@ -150,14 +171,14 @@ def main() -> None:
     print(f"CPU expert forward, D={shape.dim} I={shape.ffn_dim}, group {args.group_size}, "
           f"{args.threads} threads, torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}")
     print("GB/s: the expert's bytes over the first token count's time, i.e. how fast the path streams the weights")
-    print(f"{'format':<10} {'path':<13} {'dtype':<5} {'MiB':>6} " + " ".join(f"{c:>10}" for c in cols)
+    print(f"{'format':<15} {'path':<13} {'dtype':<5} {'MiB':>6} " + " ".join(f"{c:>10}" for c in cols)
           + f" {'GB/s':>6} {'err':>9}")
     for fmt, path, dname in dict.fromkeys(k[:3] for k in runs):
         times = " ".join(f"{best[fmt, path, dname, T] * 1e6:>10.0f}" for T in args.tokens)
         err = max((errors.get((fmt, path, dname, T), 0.0) for T in args.tokens), default=0.0)
         size = nbytes[fmt, dname]
         rate = size / best[fmt, path, dname, args.tokens[0]] / 1e9
-        print(f"{fmt:<10} {path:<13} {dname:<5} {size / 2**20:>6.2f} {times} {rate:>6.1f} {err:>9.1e}")
+        print(f"{fmt:<15} {path:<13} {dname:<5} {size / 2**20:>6.2f} {times} {rate:>6.1f} {err:>9.1e}")
 
 
 if __name__ == "__main__":

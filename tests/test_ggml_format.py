@@ -15,30 +15,16 @@ import torch
 import torch.nn.functional as F
 from conftest import run_cli
 from families import make_family, reference
+from ggml_blocks import blocks
 from gguf import GGMLQuantizationType as Q
 from gguf_files import as_decoded, write_gguf
 
 from offload_moe.engine import Engine
+from offload_moe.formats.cpu_kernels import ggml_linear, library
 from offload_moe.formats.ggml import DECODERS, GGUFFormat, dequantize, row_bytes
 from offload_moe.options import EngineOptions
 
 PROMPT = [1, 17, 33, 250, 4, 99, 180, 7, 64, 3]
-# where each block's fp16 fields lie, for the types without a quantizer in gguf-py (random bytes elsewhere)
-HALVES = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
-
-
-def blocks(kind: Q, rows: int, K: int, rng) -> np.ndarray:
-    """[rows, K/bs*ts] bytes of type `kind`: gguf-py's quantizer where it has one, else random blocks whose fp16
-    fields are finite."""
-    if kind not in HALVES:
-        return gguf.quants.quantize(rng.standard_normal((rows, K)).astype(np.float32), kind)
-    data = rng.integers(0, 256, (rows, row_bytes(kind, K)), dtype=np.uint8)
-    view = data.reshape(-1, gguf.GGML_QUANT_SIZES[kind][1])  # the blocks: writing them writes data
-    for at in HALVES[kind]:
-        view[:, at:at + 2] = rng.uniform(-0.1, 0.1, len(view)).astype(np.float16).view(np.uint8).reshape(-1, 2)
-    return data
-
-
 @pytest.mark.parametrize("kind", list(DECODERS), ids=lambda k: k.name)
 def test_every_type_decodes_as_gguf_py_bit_for_bit(kind):
     rng = np.random.default_rng(int(kind))
@@ -46,6 +32,19 @@ def test_every_type_decodes_as_gguf_py_bit_for_bit(kind):
     want = torch.from_numpy(gguf.quants.dequantize(data, kind))
     got = dequantize(torch.from_numpy(data), kind, 512)
     assert want.isfinite().all() and torch.equal(got, want)
+
+
+@pytest.mark.skipif(library() is None, reason="the CPU kernels are not built here")
+@pytest.mark.parametrize("kind", [k for k in DECODERS if k not in (Q.Q2_K, Q.Q3_K)], ids=lambda k: k.name)
+def test_the_c_kernel_multiplies_as_the_decoded_weights(kind):
+    """One token times a matrix, the weights decoded inside the kernel's dot products: the product of gguf-py's
+    weights to float32 rounding (sums in another order); rows of several super-blocks."""
+    rng = np.random.default_rng(int(kind))
+    data = torch.from_numpy(blocks(kind, 96, 768, rng))
+    x = torch.randn(1, 768, generator=torch.Generator().manual_seed(0))
+    want = x @ torch.from_numpy(gguf.quants.dequantize(data.numpy(), kind)).T
+    got = ggml_linear(x, data, kind, 768)
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
 
 
 def test_an_expert_of_mixed_types_in_one_buffer():

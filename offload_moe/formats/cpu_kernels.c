@@ -1,8 +1,9 @@
 /* One expert's forward for one token on the CPU, y = w2 . act(w13 . x + b13) + b2, read straight from the
  * packed expert buffers of formats.py (DenseFormat fp32) and quant.py (Int8Format, Int4Format "cpu" layout).
  * Compiled on first use by cpu_kernels.py with the system's gcc (-march=native, OpenMP: torch's own libgomp,
- * already loaded, so the threads are torch's); every kernel needs AVX-512 F/BW/VL, VNNI and VBMI, and
- * okm_vectorized() says whether this build has them (else Python keeps torch's path).
+ * already loaded, so the threads are torch's); every kernel but GGUF's (plain C, at the end) needs AVX-512
+ * F/BW/VL, VNNI and VBMI, and okm_vectorized() says whether this build has them (else Python keeps torch's path,
+ * for all of them).
  *
  * int8 and int4: the activations are quantized per weight group, to int16 for int8 weights (VNNI's int16 pair
  * dot products; the weights' own error dominates) and to int8 for int4 weights (symmetric, step max|x| / 127,
@@ -285,6 +286,158 @@ void okm_int8_linear(const float *x, const int8_t *codes, const uint16_t *s, con
 }
 
 #endif
+
+/* ---- GGUF's own block types (formats/ggml.py), one token: y [N] = W x, the weights decoded inside the dot
+ * products. Plain C that gcc vectorizes: each block's codes times x in float32, then its scale and, for the
+ * affine types, its offset times the sum of x over the block (xsum: one float per 16 inputs, made once per
+ * call). Block layouts as gguf-py's decoders read them (llama.cpp's ggml-common.h). */
+
+static inline float h2f(const uint8_t *p) {  /* IEEE half, little-endian -> float */
+    uint16_t h = (uint16_t)(p[0] | (p[1] << 8));
+    uint32_t sign = (uint32_t)(h >> 15) << 31, e = (h >> 10) & 31, m = h & 1023;
+    float f;
+    if (e == 0) {
+        f = ldexpf((float)m, -24);
+        return sign ? -f : f;
+    }
+    uint32_t bits = sign | (e == 31 ? 0x7f800000u | (m << 13) : ((e + 112) << 23) | (m << 13));
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float dot_u8(const uint8_t *q, int shift, int mask, const float *x, int n) {
+    float s = 0;
+    for (int j = 0; j < n; j++) s += (float)((q[j] >> shift) & mask) * x[j];
+    return s;
+}
+
+/* Q4_K's and Q5_K's 6-bit scale and min of sub-block j from their 12 bytes */
+static inline void scale_min(const uint8_t *sc, int j, int *d, int *m) {
+    if (j < 4) {
+        *d = sc[j] & 63;
+        *m = sc[j + 4] & 63;
+    } else {
+        *d = (sc[j + 4] & 15) | ((sc[j - 4] >> 6) << 4);
+        *m = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
+    }
+}
+
+static float row_q8_0(const uint8_t *w, const float *x, const float *xsum, int K) {
+    float acc = 0;
+    for (int b = 0; b < K / 32; b++, w += 34, x += 32) {
+        const int8_t *q = (const int8_t *)(w + 2);
+        float s = 0;
+        for (int j = 0; j < 32; j++) s += (float)q[j] * x[j];
+        acc += h2f(w) * s;
+    }
+    return acc;
+}
+
+/* Q4_0 (affine 0: d (q - 8)), Q4_1 (d q + m) */
+static float row_q4(const uint8_t *w, const float *x, const float *xsum, int K, int affine) {
+    float acc = 0;
+    int ts = affine ? 20 : 18;
+    for (int b = 0; b < K / 32; b++, w += ts, x += 32, xsum += 2) {
+        const uint8_t *q = w + (affine ? 4 : 2);
+        float s = dot_u8(q, 0, 15, x, 16) + dot_u8(q, 4, 15, x + 16, 16);
+        acc += affine ? h2f(w) * s + h2f(w + 2) * (xsum[0] + xsum[1]) : h2f(w) * (s - 8 * (xsum[0] + xsum[1]));
+    }
+    return acc;
+}
+
+/* Q5_0 (d (q - 16)), Q5_1 (d q + m): the fifth bit of weight i is bit i of the 32-bit qh */
+static float row_q5(const uint8_t *w, const float *x, const float *xsum, int K, int affine) {
+    float acc = 0;
+    int ts = affine ? 24 : 22;
+    for (int b = 0; b < K / 32; b++, w += ts, x += 32, xsum += 2) {
+        const uint8_t *h = w + (affine ? 4 : 2), *q = h + 4;
+        uint32_t qh = (uint32_t)h[0] | ((uint32_t)h[1] << 8) | ((uint32_t)h[2] << 16) | ((uint32_t)h[3] << 24);
+        float s = 0;
+        for (int j = 0; j < 16; j++) {
+            s += (float)((q[j] & 15) | (((qh >> j) & 1) << 4)) * x[j];
+            s += (float)((q[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) * x[j + 16];
+        }
+        acc += affine ? h2f(w) * s + h2f(w + 2) * (xsum[0] + xsum[1]) : h2f(w) * (s - 16 * (xsum[0] + xsum[1]));
+    }
+    return acc;
+}
+
+/* Q4_K (qh NULL) and Q5_K: 8 sub-blocks of 32, d sc_j q - dmin m_j; sub-block 2c's low nibbles and 2c+1's high
+ * ones share bytes 32c..32c+31; Q5_K's fifth bit of sub-block j's weight l is bit j of qh[l] */
+static float row_q45_k(const uint8_t *w, const float *x, const float *xsum, int K, int five) {
+    float acc = 0;
+    int ts = five ? 176 : 144;
+    for (int b = 0; b < K / 256; b++, w += ts, x += 256, xsum += 16) {
+        float d = h2f(w), dmin = h2f(w + 2);
+        const uint8_t *sc = w + 4, *qh = five ? w + 16 : NULL, *qs = w + (five ? 48 : 16);
+        for (int j = 0; j < 8; j++) {
+            int scale, min;
+            scale_min(sc, j, &scale, &min);
+            const uint8_t *q = qs + 32 * (j / 2);
+            const float *xj = x + 32 * j;
+            float s;
+            if (qh) {
+                s = 0;
+                for (int l = 0; l < 32; l++)
+                    s += (float)(((q[l] >> (4 * (j & 1))) & 15) | (((qh[l] >> j) & 1) << 4)) * xj[l];
+            } else {
+                s = dot_u8(q, 4 * (j & 1), 15, xj, 32);
+            }
+            acc += d * scale * s - dmin * min * (xsum[2 * j] + xsum[2 * j + 1]);
+        }
+    }
+    return acc;
+}
+
+/* Q6_K: 16 sub-blocks of 16, d sc_s (q - 32); weight i = 128h + r: low nibble of ql[64h + r % 64] at 4 (r / 64),
+ * high two bits of qh[32h + r % 32] at 2 (r / 32) */
+static float row_q6_k(const uint8_t *w, const float *x, const float *xsum, int K) {
+    float acc = 0;
+    for (int b = 0; b < K / 256; b++, w += 210, x += 256, xsum += 16) {
+        const uint8_t *ql = w, *qh = w + 128;
+        const int8_t *sc = (const int8_t *)(w + 192);
+        float d = h2f(w + 208);
+        for (int s = 0; s < 16; s++) {
+            int h = s / 8, r0 = (s % 8) * 16;
+            const uint8_t *lo = ql + 64 * h + r0 % 64, *hi = qh + 32 * h + r0 % 32;
+            int sl = 4 * (r0 / 64), sh = 2 * (r0 / 32);
+            const float *xs = x + 16 * s;
+            float dot = 0;
+            for (int l = 0; l < 16; l++) dot += (float)(((lo[l] >> sl) & 15) | (((hi[l] >> sh) & 3) << 4)) * xs[l];
+            acc += d * sc[s] * (dot - 32 * xsum[s]);
+        }
+    }
+    return acc;
+}
+
+/* GGUF type ids (gguf.GGMLQuantizationType): Q4_0 2, Q4_1 3, Q5_0 6, Q5_1 7, Q8_0 8, Q4_K 12, Q5_K 13, Q6_K 14 */
+int okm_ggml_reads(int type) {
+    return type == 2 || type == 3 || type == 6 || type == 7 || type == 8 || type == 12 || type == 13 || type == 14;
+}
+
+/* y [N] = W x for W [N, K] of `type` (rows of K / bs blocks), x [K]; work: K / 16 floats */
+void okm_ggml_linear(int type, const uint8_t *w, const float *x, float *y, float *work, int N, int K, int row_bytes) {
+    for (int g = 0; g < K / 16; g++) {
+        float s = 0;
+        for (int j = 0; j < 16; j++) s += x[16 * g + j];
+        work[g] = s;
+    }
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const uint8_t *row = w + (size_t)n * row_bytes;
+        switch (type) {
+            case 2: y[n] = row_q4(row, x, work, K, 0); break;
+            case 3: y[n] = row_q4(row, x, work, K, 1); break;
+            case 6: y[n] = row_q5(row, x, work, K, 0); break;
+            case 7: y[n] = row_q5(row, x, work, K, 1); break;
+            case 8: y[n] = row_q8_0(row, x, work, K); break;
+            case 12: y[n] = row_q45_k(row, x, work, K, 0); break;
+            case 13: y[n] = row_q45_k(row, x, work, K, 1); break;
+            case 14: y[n] = row_q6_k(row, x, work, K); break;
+            default: y[n] = NAN;
+        }
+    }
+}
 
 /* floats of scratch that okm_int8 and okm_int4 need (okm_dense: 2I) */
 int okm_work_floats(int D, int I, int gs) {

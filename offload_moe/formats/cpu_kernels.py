@@ -1,6 +1,8 @@
 """C kernels for one expert's forward of one token on the CPU (`cpu_kernels.c`): the decode step's expert
 compute, read straight from the packed buffers of `base.DenseFormat` (fp32), `int8.Int8Format` and
-`int4.Int4Format` (the "cpu" layout, row blocks of 64), biases and gpt-oss's clamped SwiGLU included.
+`int4.Int4Format` (the "cpu" layout, row blocks of 64), biases and gpt-oss's clamped SwiGLU included; and one
+matrix of a GGUF type (`ggml_linear`, for `ggml.GGUFFormat`: the file's blocks decoded inside float32 dot products,
+plain C that gcc vectorizes).
 
 Why: torch runs an expert as five or more ops (two matmuls, chunk, silu, mul) whose dispatch costs as much
 as the arithmetic at decode sizes, and its int8/int4 paths widen codes to floats (int8) or run in bf16 (int4).
@@ -87,8 +89,10 @@ def library() -> ctypes.CDLL | None:
     lib.okm_int8.argtypes = [p] * 11 + [i, i, i, f]
     lib.okm_int4.argtypes = [p] * 9 + [i, i, i, f]
     lib.okm_int8_linear.argtypes = [p] * 6 + [i, i, i]
-    lib.okm_work_floats.restype = i
-    for fn in (lib.okm_dense, lib.okm_int8, lib.okm_int4, lib.okm_int8_linear):
+    lib.okm_ggml_linear.argtypes = [i, p, p, p, p, i, i, i]
+    lib.okm_ggml_reads.argtypes = [i]
+    lib.okm_work_floats.restype = lib.okm_ggml_reads.restype = i
+    for fn in (lib.okm_dense, lib.okm_int8, lib.okm_int4, lib.okm_int8_linear, lib.okm_ggml_linear):
         fn.restype = None
     return lib
 
@@ -139,6 +143,21 @@ def int8_linear(x: torch.Tensor, codes: torch.Tensor, s: torch.Tensor, z: torch.
     lib.okm_int8_linear(xf.data_ptr(), codes.data_ptr(), s.data_ptr(), z.data_ptr(), y.data_ptr(), work.data_ptr(),
                         N, G * gs, gs)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def ggml_linear(x: torch.Tensor, raw: torch.Tensor, kind: int, K: int) -> torch.Tensor | None:
+    """One token x [1, K] on the CPU times a GGUF matrix, its bytes raw [N, K/bs*ts] of type `kind` (a
+    gguf.GGMLQuantizationType), decoded inside the dot products -> [1, N] in float32; None where the C kernel does
+    not read the type or does not run here: the caller's torch path."""
+    lib = library()
+    if lib is None or x.shape[0] != 1 or x.device.type != "cpu" or not lib.okm_ggml_reads(int(kind)):
+        return None
+    xf = x.float().contiguous()
+    N = raw.shape[0]
+    y = torch.empty(1, N, dtype=torch.float32)
+    work = torch.empty(K // 16, dtype=torch.float32)  # the sums of x over each 16 inputs
+    lib.okm_ggml_linear(int(kind), raw.data_ptr(), xf.data_ptr(), y.data_ptr(), work.data_ptr(), N, K, raw.shape[1])
+    return y
 
 
 def _flat(views: tuple) -> list[torch.Tensor]:

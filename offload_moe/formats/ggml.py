@@ -10,14 +10,19 @@ Mixed types: llama.cpp's mixes give an expert's parts their own types (Q4_K_M: g
 layers and Q4_K in others), so the layout is per layer: a row's part types fix where each part lies in the buffer
 (`views(buf, row)`), every buffer is as large as the largest row's.
 
-The decoders follow gguf-py's numpy ones (`gguf.quants`, llama.cpp's reference) step for step in float32, so a
-weight decodes to the same float32 value: tests/test_ggml_format.py checks each type bit for bit. They allocate
-weight-sized temporaries per call (unpacked codes, the float32 weights): no fused kernel yet.
+Computing: one token on the CPU, a part's bytes go straight into the C kernel (`cpu_kernels.ggml_linear`: Q8_0,
+Q4_0/1, Q5_0/1, Q4_K, Q5_K, Q6_K decoded inside float32 dot products); elsewhere (several tokens, Q2_K/Q3_K, a
+GPU) the part is decoded by torch ops (`dequantize`) and multiplied. The decoders follow gguf-py's numpy ones
+(`gguf.quants`, llama.cpp's reference) step for step in float32, so a weight decodes to the same float32 value:
+tests/test_ggml_format.py checks each type bit for bit. They allocate weight-sized temporaries per call
+(unpacked codes, the float32 weights).
 
 Legend: T tokens, D dim, I ffn dim, N output rows, K input columns, n blocks, bs a block's weights, ts its bytes.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +32,7 @@ from gguf import GGMLQuantizationType as Q
 from ..config import ModelConfig
 from ..errors import UserError
 from .base import ALIGN, activation
+from .cpu_kernels import ggml_linear
 
 QK_K = 256  # weights in a k-quant super-block
 FLOATS = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
@@ -37,9 +43,15 @@ def _f16(b: torch.Tensor) -> torch.Tensor:
     return b.contiguous().view(torch.float16).float()
 
 
-def _bits(b: torch.Tensor, shifts: list[int], mask: int) -> torch.Tensor:
+@functools.cache
+def _shifts(shifts: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """The shifts as a [len, 1] tensor on `device`, made once: no host-to-device copy on the hot path."""
+    return torch.tensor(shifts, dtype=dtype, device=device).view(-1, 1)
+
+
+def _bits(b: torch.Tensor, shifts: tuple[int, ...], mask: int) -> torch.Tensor:
     """b [n, ..., m] uint8 -> [n, ..., len(shifts), m]: each byte's field at each shift, masked."""
-    return (b.unsqueeze(-2) >> torch.tensor(shifts, dtype=torch.uint8, device=b.device).view(-1, 1)) & mask
+    return (b.unsqueeze(-2) >> _shifts(shifts, b.device)) & mask
 
 
 def _q8_0(b: torch.Tensor) -> torch.Tensor:
@@ -47,20 +59,20 @@ def _q8_0(b: torch.Tensor) -> torch.Tensor:
 
 
 def _q4_0(b: torch.Tensor) -> torch.Tensor:
-    q = _bits(b[:, 2:], [0, 4], 0x0F).reshape(len(b), -1).to(torch.int8) - 8  # [n, 32]
+    q = _bits(b[:, 2:], (0, 4), 0x0F).reshape(len(b), -1).to(torch.int8) - 8  # [n, 32]
     return _f16(b[:, :2]) * q.float()
 
 
 def _q4_1(b: torch.Tensor) -> torch.Tensor:
-    q = _bits(b[:, 4:], [0, 4], 0x0F).reshape(len(b), -1).float()
+    q = _bits(b[:, 4:], (0, 4), 0x0F).reshape(len(b), -1).float()
     return _f16(b[:, :2]) * q + _f16(b[:, 2:4])
 
 
 def _q5(b: torch.Tensor, offset: int) -> torch.Tensor:
     """Q5_0 (offset 2: d, then the high bits) and Q5_1 (offset 4: d, m): the 5-bit codes [n, 32], uint8."""
     qh = b[:, offset : offset + 4].contiguous().view(torch.int32)  # [n, 1], little-endian as the file
-    high = ((qh >> torch.arange(32, dtype=torch.int32, device=b.device)) & 1).to(torch.uint8)  # [n, 32]
-    low = _bits(b[:, offset + 4 :], [0, 4], 0x0F).reshape(len(b), -1)
+    high = ((qh >> _shifts(tuple(range(32)), b.device, torch.int32).view(-1)) & 1).to(torch.uint8)  # [n, 32]
+    low = _bits(b[:, offset + 4 :], (0, 4), 0x0F).reshape(len(b), -1)
     return low | (high << 4)
 
 
@@ -77,18 +89,18 @@ def _q2_k(b: torch.Tensor) -> torch.Tensor:
     scales, qs, d, dmin = b[:, :16], b[:, 16:80], _f16(b[:, 80:82]), _f16(b[:, 82:84])
     dl = (d * (scales & 0xF).float()).view(n, 16, 1)
     ml = (dmin * (scales >> 4).float()).view(n, 16, 1)
-    q = _bits(qs.reshape(n, -1, 32), [0, 2, 4, 6], 3).reshape(n, 16, 16).float()
+    q = _bits(qs.reshape(n, -1, 32), (0, 2, 4, 6), 3).reshape(n, 16, 16).float()
     return (dl * q - ml).reshape(n, QK_K)
 
 
 def _q3_k(b: torch.Tensor) -> torch.Tensor:
     n = len(b)
     hmask, qs, scales, d = b[:, :32], b[:, 32:96], b[:, 96:108], _f16(b[:, 108:110])
-    low = _bits(scales[:, :8], [0, 4], 0x0F).reshape(n, 16)
-    high = _bits(scales[:, 8:], [0, 2, 4, 6], 0x03).reshape(n, 16)
+    low = _bits(scales[:, :8], (0, 4), 0x0F).reshape(n, 16)
+    high = _bits(scales[:, 8:], (0, 2, 4, 6), 0x03).reshape(n, 16)
     dl = (d * ((low | (high << 4)).to(torch.int8) - 32).float()).view(n, 16, 1)
-    ql = _bits(qs.reshape(n, -1, 32), [0, 2, 4, 6], 3).reshape(n, 16, 16)
-    qh = _bits(hmask.reshape(n, -1, 32), list(range(8)), 1).reshape(n, 16, 16) ^ 1  # offset 4 where the bit is 0
+    ql = _bits(qs.reshape(n, -1, 32), (0, 2, 4, 6), 3).reshape(n, 16, 16)
+    qh = _bits(hmask.reshape(n, -1, 32), tuple(range(8)), 1).reshape(n, 16, 16) ^ 1  # offset 4 where the bit is 0
     return (dl * (ql.to(torch.int8) - (qh << 2).to(torch.int8)).float()).reshape(n, QK_K)
 
 
@@ -107,9 +119,9 @@ def _q45_k(b: torch.Tensor, high_bits: bool) -> torch.Tensor:
     dl = (d * sc.float()).view(n, -1, 1)
     ml = (dmin * mn.float()).view(n, -1, 1)
     qs = b[:, 48:] if high_bits else b[:, 16:]
-    q = _bits(qs.reshape(n, -1, 32), [0, 4], 0x0F).reshape(n, -1, 32)  # [n, 8, 32]
+    q = _bits(qs.reshape(n, -1, 32), (0, 4), 0x0F).reshape(n, -1, 32)  # [n, 8, 32]
     if high_bits:  # Q5_K: the fifth bit of each code
-        q = q | (_bits(b[:, 16:48].reshape(n, -1, 32), list(range(8)), 1).reshape(n, -1, 32) << 4)
+        q = q | (_bits(b[:, 16:48].reshape(n, -1, 32), tuple(range(8)), 1).reshape(n, -1, 32) << 4)
     return (dl * q.float() - ml).reshape(n, QK_K)
 
 
@@ -117,8 +129,8 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
     n = len(b)
     ql, qh, scales, d = b[:, :128], b[:, 128:192], b[:, 192:208], _f16(b[:, 208:210])
     dl = (d * scales.contiguous().view(torch.int8).float()).view(n, 16, 1)
-    low = _bits(ql.reshape(n, -1, 64), [0, 4], 0x0F).reshape(n, -1, 32)
-    high = _bits(qh.reshape(n, -1, 32), [0, 2, 4, 6], 0x03).reshape(n, -1, 32)
+    low = _bits(ql.reshape(n, -1, 64), (0, 4), 0x0F).reshape(n, -1, 32)
+    high = _bits(qh.reshape(n, -1, 32), (0, 2, 4, 6), 0x03).reshape(n, -1, 32)
     q = ((low | (high << 4)).to(torch.int8) - 32).reshape(n, 16, -1).float()
     return (dl * q).reshape(n, QK_K)
 
@@ -207,6 +219,28 @@ class GGUFFormat:
         return [dequantize(raw, kind, K).to(dtype) for kind, raw, K in views]
 
     def forward(self, x: torch.Tensor, views: tuple) -> torch.Tensor:
-        *up, w2 = self.weights(views, x.dtype)
-        h = F.linear(x, up[0] if len(up) == 1 else torch.cat(up))  # [T, 2I] (relu2: [T, I])
-        return F.linear(self.act(h), w2)  # [T, D]
+        return self._ffn(x, views, self._linear)
+
+    def forward_dequant(self, x: torch.Tensor, views: tuple) -> torch.Tensor:
+        """`forward` with the kernel off: the reference it is tested against."""
+        return self._ffn(x, views, _decoded_linear)
+
+    def _ffn(self, x: torch.Tensor, views: tuple, linear) -> torch.Tensor:
+        *up, w2 = views
+        h = torch.cat([linear(x, part) for part in up], dim=-1)  # [T, 2I] (relu2: [T, I])
+        return linear(self.act(h), w2)  # [T, D]
+
+    @staticmethod
+    def _linear(x: torch.Tensor, part: tuple) -> torch.Tensor:
+        """x [T, K] times one part (kind, bytes, K) -> [T, N]: one token on the CPU by the C kernel where it reads
+        the type (`cpu_kernels.ggml_linear`), else decoded and multiplied."""
+        kind, raw, K = part
+        if kind not in FLOATS and (y := ggml_linear(x, raw, kind, K)) is not None:
+            return y.to(x.dtype)
+        return _decoded_linear(x, part)
+
+
+def _decoded_linear(x: torch.Tensor, part: tuple) -> torch.Tensor:
+    """x [T, K] times one part, decoded by `dequantize`: [T, N]."""
+    kind, raw, K = part
+    return F.linear(x, dequantize(raw, kind, K).to(x.dtype))
