@@ -111,7 +111,7 @@ def candidates(shape: ModelConfig, dtype: torch.dtype, group_size: int
     for kinds in ((Q.Q8_0,) * 3, (Q.Q4_0,) * 3, (Q.Q4_K, Q.Q4_K, Q.Q6_K)):
         if any(shape.dim % 256 or I % 256 for k in kinds if k in HALVES):  # a k-quant's super-blocks
             continue
-        gg = GGUFFormat(shape, dtype, [kinds])
+        gg = GGUFFormat(shape, [kinds])
         raw = {p: (k, torch.from_numpy(blocks(k, *s, rng))) for p, k, s in zip(("w1", "w3", "w2"), kinds,
                                                                                 ((I, D), (I, D), (D, I)), strict=True)}
         vg = packed(gg, raw)

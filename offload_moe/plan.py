@@ -91,12 +91,12 @@ def expert_format_for(ckpt: Checkpoint, options: EngineOptions, dtype: torch.dty
     which is correct but slower, and a note on stderr says how to convert."""
     device = device or torch.device("cpu")
     if ckpt.packed_index is None:
-        return kept_gguf(ckpt, options.expert_quant, dtype) or format_for(
+        return kept_gguf(ckpt, options.expert_quant) or format_for(
             ckpt.config, load_quant(options.expert_quant, ckpt.mxfp4), dtype, options.group_size, device,
             attention=options.attention_quant == "int8", head=options.head_quant == "int8")
     name = ckpt.packed_index["format"]
     if name.startswith("gguf-"):
-        return GGUFFormat(ckpt.config, dtype, kinds_from_names(ckpt.packed_index.get("gguf_types"), ckpt.path))
+        return GGUFFormat(ckpt.config, kinds_from_names(ckpt.packed_index.get("gguf_types"), ckpt.path))
     parsed = parse_format_name(name)
     if parsed is not None:
         quant, group, layout = parsed
@@ -112,12 +112,12 @@ def expert_format_for(ckpt: Checkpoint, options: EngineOptions, dtype: torch.dty
     return fmt
 
 
-def kept_gguf(ckpt: Checkpoint, quant: str, dtype: torch.dtype) -> GGUFFormat | None:
+def kept_gguf(ckpt: Checkpoint, quant: str) -> GGUFFormat | None:
     """A GGUF file's experts in the file's own types (`formats.ggml`), where none other is asked for (`quant`
     none) and they are quantized (float ones take the compute dtype); experts with biases (gpt-oss's) are
     decoded as before. None: the asked format applies."""
     kinds = ckpt.gguf_expert_kinds() if quant == "none" and not ckpt.config.expert_bias else None
-    return None if kinds is None else GGUFFormat(ckpt.config, dtype, kinds)
+    return None if kinds is None else GGUFFormat(ckpt.config, kinds)
 
 
 def attention_group(ckpt: Checkpoint, options: EngineOptions) -> int | None:

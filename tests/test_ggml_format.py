@@ -58,7 +58,7 @@ def test_an_expert_of_mixed_types_in_one_buffer():
     kinds = (Q.Q4_K, Q.Q5_0, Q.Q6_K)
     raw = {p: blocks(k, n, K, rng) for p, k, (n, K) in zip(("w1", "w3", "w2"), kinds, ((512, 256), (512, 256),
                                                                                          (256, 512)), strict=True)}
-    fmt = GGUFFormat(c, torch.float32, [kinds])
+    fmt = GGUFFormat(c, [kinds])
     assert fmt.nbytes == sum(-(-a.nbytes // 64) * 64 for a in raw.values())  # each part on a 64-byte boundary
     buf = torch.zeros(fmt.nbytes, dtype=torch.uint8)
     fmt.pack({p: (k, torch.from_numpy(raw[p])) for p, k in zip(("w1", "w3", "w2"), kinds, strict=True)}, buf)

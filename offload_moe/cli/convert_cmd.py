@@ -20,7 +20,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     quant = load_quant(args.experts, ckpt.mxfp4) if args.experts != "auto" else "mxfp4" if ckpt.mxfp4 else "int4"
     int8_attention = args.attention == "int8"
     gpu = torch.device("cuda") if torch.cuda.is_available() else None  # quantizes much faster there
-    if args.experts in ("auto", "none") and (kept := kept_gguf(ckpt, "none", DTYPES[args.dtype])) is not None:
+    if args.experts in ("auto", "none") and (kept := kept_gguf(ckpt, "none")) is not None:
         fmt, quant = kept, "gguf"  # a GGUF file's quantized experts keep their types
     else:
         fmt = format_for(config, quant, DTYPES[args.dtype], args.group_size, gpu,

@@ -10,8 +10,6 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from ..atomic import check_target, write_text_atomic
 from ..config import from_params_json
 from ..errors import UserError
@@ -135,7 +133,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.context is not None and args.context < 1:
         raise UserError("--context must be positive")
     path = Path(args.config)  # a GGUF file: a column for its experts as it holds them
-    kept = kept_gguf(Checkpoint(path), "none", torch.float16) if path.suffix == ".gguf" and path.is_file() else None
+    kept = kept_gguf(Checkpoint(path), "none") if path.suffix == ".gguf" and path.is_file() else None
     plan = card_plan(config, args.profile or CARDS, args.context, default_of("context"), args.max_batch, kept)
     print(json.dumps(plan) if args.json else format_card_plan(plan, str(args.config)))
     return 0

@@ -172,13 +172,13 @@ class GGUFFormat:
     `kinds[row]` in `config.expert_parts` order (w1, w3, w2; relu2: w1, w2); each part's bytes as the file's
     [N, K/bs*ts], on ALIGN boundaries, in that order. `pack` takes the raw parts (`Checkpoint.expert_raw`)."""
 
-    def __init__(self, config: ModelConfig, compute_dtype: torch.dtype, kinds: list[tuple[Q, ...]]):
+    def __init__(self, config: ModelConfig, kinds: list[tuple[Q, ...]]):
         if config.expert_bias:
             raise UserError("GGUF experts with biases (gpt-oss) are decoded at load, not kept in their types")
         self.parts = config.expert_parts
         D, I = config.dim, config.ffn_dim
         self.shapes = {"w1": (I, D), "w3": (I, D), "w2": (D, I)}
-        self.kinds, self.compute_dtype = kinds, compute_dtype
+        self.kinds = kinds
         self.act = activation(config)
         self._layouts = {k: self._layout(k) for k in set(kinds)}  # part types -> [(offset, bytes)] per part
         self.nbytes = max(off + n for layout in self._layouts.values() for off, n in layout[-1:])
