@@ -32,6 +32,7 @@ from .planning.trace import Trace
 from .profiles import load_profile
 from .sampling import Sampling
 from .stats import collect_stats
+from .threads import set_threads
 from .tokenizer import TextStream, Tokenizer, generation_eos_ids, load_tokenizer
 from .tracing import start_tap
 from .weights.checkpoint import Checkpoint
@@ -84,6 +85,7 @@ class Engine:
         options, given = merge_options(options, prof, overrides)
         ckpt = Checkpoint(path)
         plan = plan_load(ckpt, options, auto=prof is not None and prof.auto and "cache_experts" not in given)
+        set_threads(plan.threads)  # before any compute; the C kernels are built here, not mid-stream
         model = load_resident(ckpt, plan.device, plan.dtype, plan.context, plan.attention_group, plan.head_group)
         model.cache = open_cache(ckpt, plan)
         if plan.lead:

@@ -155,6 +155,9 @@ class EngineOptions:
         shown="auto: 64 where it divides every quantized input (the experts' D and I, the attention's D and H*hd, "
               "the head's D when int8), else the largest of 32, 64, 128 that does")
     context: int = option(4096, "KV-cache length to preallocate (clipped to the model's own)", int_at_least(1))
+    threads: int | None = option(
+        None, "CPU threads for torch's ops and the C kernels (one count for both)", optional(int_at_least(1)),
+        shown="the physical cores this process may use (its CPU affinity, its cgroup's quota)", metavar="N")
     seed: int = option(0, "seed of the random eviction policy", int_at_least(0), profile=None, cli=False)
     progress: bool = option(True, "a progress bar on large loads", flag, profile=None, cli=False)
     device_budget: int | None = option(None, "bytes the engine may place on the device (checked at load)",

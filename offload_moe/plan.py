@@ -28,6 +28,7 @@ from .memory import MemoryPlan, auto_slots, check_fits, check_kv_in_ram, plan_me
 from .offload.predictors import FILE_NAME as PREDICTOR_FILE
 from .options import EngineOptions, check_options, set_fields
 from .profiles import Profile
+from .threads import physical_cores
 from .weights.checkpoint import Checkpoint
 from .weights.packed import packed_attention_group
 
@@ -182,6 +183,7 @@ class LoadPlan:
     lead: int  # rows ahead at which experts are predicted and prefetched; 0: no prefetch
     widths: list[int]  # experts prefetched per row and token
     predictor: str  # router, or a predictor file
+    threads: int  # CPU threads of torch's ops and the C kernels
 
 
 
@@ -213,4 +215,4 @@ def plan_load(ckpt: Checkpoint, options: EngineOptions, auto: bool = False) -> L
     widths = [min(options.prefetch_width or c.top_k, n) for n in slots]  # a prefetch fills at most the slots
     return LoadPlan(options, device, dtype, context, fmt, attn, head, slots, memory, pin,
                     tiered=not memory.experts_in_ram, lead=lead, widths=widths,
-                    predictor=predictor_for(options.predictor, ckpt.path))
+                    predictor=predictor_for(options.predictor, ckpt.path), threads=options.threads or physical_cores())

@@ -51,6 +51,7 @@ def collect_stats(engine, result) -> dict:
         "slots_per_layer": list(engine.cache.slots),
         "device": str(engine.device),
         "dtype": str(engine.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
     }
 
 

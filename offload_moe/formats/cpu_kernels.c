@@ -14,14 +14,19 @@
  * Legend: D dim, I ffn, N output rows, K inputs, G groups per row (K / gs), gs group size.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
+
+/* the threads of every kernel's team (threads.set_threads: torch's count too); 0: OpenMP's default */
+static int okm_threads = 0;
+void okm_set_threads(int n) { okm_threads = n; }
+#define TEAM num_threads(okm_threads > 0 ? okm_threads : omp_get_max_threads())
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && \
     defined(__AVX512VBMI__)
 #define OKM_VECTORIZED 1
 #include <immintrin.h>
-#include <omp.h>
 #else
 #define OKM_VECTORIZED 0
 #endif
@@ -196,7 +201,7 @@ static void my_rows(int N, int block, int *n0, int *n1) {
 /* work: 2I floats (w13's output; its first I then hold the activation) */
 void okm_dense(const float *x, const float *w13, const float *w2, const float *b13, const float *b2, float *y,
                float *work, int D, int I, float limit) {
-#pragma omp parallel
+#pragma omp parallel TEAM
     {
         int n0, n1;
         my_rows(2 * I, 16, &n0, &n1);
@@ -231,7 +236,7 @@ void okm_int8(const float *x, const int8_t *c13, const uint16_t *s13, const uint
               const uint16_t *s2, const uint16_t *z2, const float *b13, const float *b2, float *y, float *work, int D,
               int I, int gs, float limit) {
     Quantized q = scratch(work, D, I, gs);
-#pragma omp parallel
+#pragma omp parallel TEAM
     {
         int n0, n1;
 #pragma omp single
@@ -253,7 +258,7 @@ void okm_int8(const float *x, const int8_t *c13, const uint16_t *s13, const uint
 void okm_int4(const float *x, const uint8_t *c13, const uint32_t *sz13, const uint8_t *c2, const uint32_t *sz2,
               const float *b13, const float *b2, float *y, float *work, int D, int I, int gs, float limit) {
     Quantized q = scratch(work, D, I, gs);
-#pragma omp parallel
+#pragma omp parallel TEAM
     {
         int n0, n1;
 #pragma omp single
@@ -277,7 +282,7 @@ void okm_int8_linear(const float *x, const int8_t *codes, const uint16_t *s, con
                      float *work, int N, int K, int gs) {
     Quantized q = scratch(work, 0, K, gs);
     quantize_groups(x, K, gs, 32767.0f, NULL, (int16_t *)q.xq, q.step, q.xsum);
-#pragma omp parallel
+#pragma omp parallel TEAM
     {
         int n0, n1;
         my_rows(N, 16, &n0, &n1);
@@ -422,7 +427,7 @@ void okm_ggml_linear(int type, const uint8_t *w, const float *x, float *y, float
         for (int j = 0; j < 16; j++) s += x[16 * g + j];
         work[g] = s;
     }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) TEAM
     for (int n = 0; n < N; n++) {
         const uint8_t *row = w + (size_t)n * row_bytes;
         switch (type) {

@@ -55,6 +55,17 @@ def _cpu_flags() -> str:
         return platform.processor()
 
 
+_threads = 0  # the kernels' team size (`set_kernel_threads`), also for a library loaded after it was set
+
+
+def set_kernel_threads(n: int) -> None:
+    """Run every kernel's OpenMP team on `n` threads, whichever thread calls it (`threads.set_threads`)."""
+    global _threads
+    _threads = n
+    if (lib := library()) is not None:
+        lib.okm_set_threads(n)
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None where they cannot run here (see the module docstring)."""
@@ -90,6 +101,9 @@ def library() -> ctypes.CDLL | None:
     lib.okm_int4.argtypes = [p] * 9 + [i, i, i, f]
     lib.okm_int8_linear.argtypes = [p] * 6 + [i, i, i]
     lib.okm_ggml_linear.argtypes = [i, p, p, p, p, i, i, i]
+    lib.okm_set_threads.argtypes = [i]
+    lib.okm_set_threads.restype = None
+    lib.okm_set_threads(_threads)
     lib.okm_ggml_reads.argtypes = [i]
     lib.okm_work_floats.restype = lib.okm_ggml_reads.restype = i
     for fn in (lib.okm_dense, lib.okm_int8, lib.okm_int4, lib.okm_int8_linear, lib.okm_ggml_linear):
