@@ -1,6 +1,7 @@
 """The C expert kernels (cpu_kernels.py): each format's kernel against its torch path, with gpt-oss's biases
-and clamped SwiGLU too; the fallback (OFFLOAD_MOE_KERNELS=0, a failed compilation, formats and shapes the
-kernels do not read); a whole model's decode with and without them."""
+and clamped SwiGLU too, in each build this CPU runs (avx512, avx2: OFFLOAD_MOE_ISA); the fallback (OFFLOAD_MOE_ISA=none,
+an ISA the CPU lacks, a failed compilation, formats and shapes the kernels do not read); a whole model's decode
+with and without them."""
 
 from __future__ import annotations
 
@@ -33,10 +34,10 @@ needs_kernels = pytest.mark.skipif(cpu_kernels.library() is None, reason="CPU ke
 
 
 @contextmanager
-def kernels_off():
-    """The torch path everywhere, by the env switch, as a user turns the kernels off."""
+def forced_isa(isa: str = "none"):
+    """The kernels of `isa` (none: the torch path everywhere), by the env switch, as a user forces them."""
     saved = os.environ.get(cpu_kernels.ENV_SWITCH)
-    os.environ[cpu_kernels.ENV_SWITCH] = "0"
+    os.environ[cpu_kernels.ENV_SWITCH] = isa
     cpu_kernels.library.cache_clear()
     try:
         yield
@@ -63,20 +64,28 @@ def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
+CPU_FLAGS = set(cpu_kernels._cpu_flags().split())
+RUNS = {"avx512": CPU_FLAGS.issuperset(cpu_kernels.AVX512), "avx2": {"avx2", "fma"} <= CPU_FLAGS}
+
+
 @needs_kernels
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
 @pytest.mark.parametrize("config", [PLAIN, GPT_OSS], ids=["silu", "gpt-oss"])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("name", ["none", "int8", "int4"])
-def test_kernel_matches_the_torch_path(name, group_size, config):
+def test_kernel_matches_the_torch_path(name, group_size, config, isa):
     if name == "none" and group_size != 32:
         pytest.skip("dense: no groups")
+    if not RUNS[isa]:
+        pytest.skip(f"this CPU does not run the {isa} build")
     fmt = expert_format(name, config, torch.float32, group_size)
     x = torch.randn(1, D, generator=torch.Generator().manual_seed(1))
     for seed in range(3):
         views = packed_expert(fmt, config, seed)
-        assert fmt.kernel.runs(x)
-        y = fmt.forward(x, views)
-        with kernels_off():
+        with forced_isa(isa):
+            assert fmt.kernel.runs(x) and bool(cpu_kernels.library().okm_vectorized()) == (isa == "avx512")
+            y = fmt.forward(x, views)
+        with forced_isa():
             assert not fmt.kernel.runs(x)
             ref = fmt.forward(x, views)
         assert y.shape == ref.shape == (1, D) and y.dtype == torch.float32
@@ -137,7 +146,7 @@ def test_whole_model_decode_keeps_its_logits(ckpts, quant):
     """Every decode step's logits with the kernels against the torch path's: fp32 the same greedy tokens
     (1e-5 relative), int8 within 1e-3, int4 within test_quant_engine's int4 logit bound (0.06)."""
     tokens, logits = decode_logits(ckpts["base"], quant)
-    with kernels_off():
+    with forced_isa():
         ref_tokens, ref = decode_logits(ckpts["base"], quant)
     error = max_rel(logits, ref)
     assert error <= {"none": 1e-5, "int8": 1e-3, "int4": 0.06}[quant]

@@ -1,9 +1,11 @@
 /* One expert's forward for one token on the CPU, y = w2 . act(w13 . x + b13) + b2, read straight from the
  * packed expert buffers of formats.py (DenseFormat fp32) and quant.py (Int8Format, Int4Format "cpu" layout).
  * Compiled on first use by cpu_kernels.py with the system's gcc (-march=native, OpenMP: torch's own libgomp,
- * already loaded, so the threads are torch's); every kernel but GGUF's (plain C, at the end) needs AVX-512
- * F/BW/VL, VNNI and VBMI, and okm_vectorized() says whether this build has them (else Python keeps torch's path,
- * for all of them).
+ * already loaded, so the threads are torch's). Two builds of one source (cpu_kernels.py picks by the CPU, or
+ * OFFLOAD_MOE_ISA): with AVX-512 F/BW/VL, VNNI and VBMI the matrix-vector products below are intrinsics; without
+ * them (the x86-64-v3 build: AVX2 and FMA) they are the portable C of the #else branch, the same arithmetic (the
+ * same quantized activations, exact integer dot products) that gcc vectorizes; okm_vectorized() says which. The
+ * GGUF kernels at the end are portable C in both.
  *
  * int8 and int4: the activations are quantized per weight group, to int16 for int8 weights (VNNI's int16 pair
  * dot products; the weights' own error dominates) and to int8 for int4 weights (symmetric, step max|x| / 127,
@@ -32,8 +34,6 @@ void okm_set_threads(int n) { okm_threads = n; }
 #endif
 
 int okm_vectorized(void) { return OKM_VECTORIZED; }
-
-#if OKM_VECTORIZED
 
 /* silu(g) * u, or gpt-oss's clamped SwiGLU when limit >= 0 (formats.clamped_swiglu), over n values */
 static void activate(const float *gate, const float *up, float *out, int n, float limit) {
@@ -69,6 +69,8 @@ static void quantize_groups(const float *x, int K, int gs, float top, int8_t *xq
         step[g] = amax / top, xsum[g] = s;
     }
 }
+
+#if OKM_VECTORIZED
 
 /* rows [n0, n1) of w [N, K] fp32 times x [K] (+ b) into y */
 static void mv_f32(const float *w, const float *x, const float *b, float *y, int K, int n0, int n1) {
@@ -190,6 +192,67 @@ static void mv_int4(const uint8_t *codes, const uint32_t *sz, int N, int K, int 
     }
 }
 
+#else /* portable: the same products in plain C, for the x86-64-v3 (AVX2, FMA) build */
+
+static void mv_f32(const float *w, const float *x, const float *b, float *y, int K, int n0, int n1) {
+    for (int n = n0; n < n1; n++) {
+        const float *r = w + (size_t)n * K;
+        float acc = 0.0f;
+        for (int k = 0; k < K; k++) acc += r[k] * x[k];
+        y[n] = acc + (b ? b[n] : 0.0f);
+    }
+}
+
+static inline float bf16f(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static void mv_int8(const int8_t *codes, const uint16_t *s, const uint16_t *z, int N, int K, int gs,
+                    const int16_t *xq, const float *step, const float *xsum, const float *b, float *y, int n0, int n1) {
+    for (int n = n0; n < n1; n++) y[n] = b ? b[n] : 0.0f;
+    for (int g = 0; g < K / gs; g++) {
+        const int8_t *cg = codes + (size_t)g * N * gs;
+        const int16_t *xg = xq + g * gs;
+        for (int n = n0; n < n1; n++) {
+            const int8_t *c = cg + (size_t)n * gs;
+            int32_t dot = 0;
+            for (int j = 0; j < gs; j++) dot += (int32_t)c[j] * xg[j];
+            const size_t at = (size_t)g * N + n;
+            y[n] += (float)dot * (bf16f(s[at]) * step[g]) + bf16f(z[at]) * xsum[g];
+        }
+    }
+}
+
+static void mv_int4(const uint8_t *codes, const uint32_t *sz, int N, int K, int gs, const int8_t *xq,
+                    const float *step, const float *xsum, const float *b, float *y, int n0, int n1) {
+    for (int nb = n0; nb < n1; nb += 64) {
+        const uint8_t *blk = codes + (size_t)nb * (K / 2);
+        float acc[64] = {0};
+        for (int g = 0; g < K / gs; g++) {
+            int32_t dot[64] = {0};
+            for (int k = g * gs; k < (g + 1) * gs; k++) {
+                const uint8_t *row = blk + (size_t)k * 32; /* byte j: row j (low nibble), row j + 32 (high) */
+                const int32_t xk = xq[k];
+                for (int j = 0; j < 32; j++) {
+                    dot[j] += (row[j] & 15) * xk;
+                    dot[j + 32] += (row[j] >> 4) * xk;
+                }
+            }
+            for (int r = 0; r < 64; r++) {
+                uint32_t w = sz[(size_t)g * N + nb + r]; /* scale | zero << 16 */
+                float sc = bf16f((uint16_t)(w & 0xFFFF)), ze = bf16f((uint16_t)(w >> 16));
+                acc[r] += (ze - 8.0f * sc) * xsum[g] + (float)dot[r] * (sc * step[g]);
+            }
+        }
+        for (int r = 0; r < 64; r++) y[nb + r] = acc[r] + (b ? b[nb + r] : 0.0f);
+    }
+}
+
+#endif
+
 /* the row range [n0, n1) of this thread, in whole blocks of `block` rows */
 static void my_rows(int N, int block, int *n0, int *n1) {
     int blocks = (N + block - 1) / block, t = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -289,8 +352,6 @@ void okm_int8_linear(const float *x, const int8_t *codes, const uint16_t *s, con
         mv_int8(codes, s, z, N, K, gs, (int16_t *)q.xq, q.step, q.xsum, NULL, y, n0, n1);
     }
 }
-
-#endif
 
 /* ---- GGUF's own block types (formats/ggml.py), one token: y [N] = W x, the weights decoded inside the dot
  * products. Plain C that gcc vectorizes: each block's codes times x in float32, then its scale and, for the

@@ -6,17 +6,20 @@ plain C that gcc vectorizes).
 
 Why: torch runs an expert as five or more ops (two matmuls, chunk, silu, mul) whose dispatch costs as much
 as the arithmetic at decode sizes, and its int8/int4 paths widen codes to floats (int8) or run in bf16 (int4).
-Here one call does the whole expert with AVX-512: fp32 weights stream through FMAs; int8 codes multiply
-activations quantized to int16 per group (VNNI's int16 dot products); int4 codes multiply activations
-quantized to int8 (llama.cpp's q4_0 x q8_0 scheme). The error this adds against the torch path is within
-tests/test_cpu_kernels.py's BOUND (int4's far below int4's own error); the measured errors: BENCHMARKS.md,
-"Kernel choices".
+Here one call does the whole expert: fp32 weights stream through FMAs; int8 codes multiply activations quantized to
+int16 per group (VNNI's int16 dot products); int4 codes multiply activations quantized to int8 (llama.cpp's q4_0 x
+q8_0 scheme). Two builds of the source (`isa`): avx512, intrinsics for CPUs with AVX-512 VNNI and VBMI; avx2, the
+same arithmetic in portable C compiled for x86-64-v3 (AVX2, FMA: the desktop CPUs without AVX-512), which gcc
+vectorizes; the best the CPU runs, unless OFFLOAD_MOE_ISA=avx512|avx2|none forces one. The error this adds
+against the torch path is within tests/test_cpu_kernels.py's BOUND (int4's far below int4's own error); the
+measured errors: BENCHMARKS.md, "Kernel choices".
 
-The source is compiled on first use with the system's gcc (-O3 -march=native -ffast-math -fopenmp) into a
-per-user cache, ~/.cache/offload_moe/kernels (or $OFFLOAD_MOE_CACHE/kernels), named by a hash of the source, the
-flags, gcc's version and the CPU's flags, and loaded with ctypes: no build step at install, no new dependency.
-Where gcc is missing, compilation fails, the CPU lacks AVX-512 VNNI/VBMI, or OFFLOAD_MOE_KERNELS=0, `library()`
-is None and the formats keep their torch path (a one-line note on stderr says why, unless the switch did).
+The source is compiled on first use (at a model's load) with the system's gcc (-O3 -ffast-math -fopenmp, and
+-march=native or -march=x86-64-v3) into a per-user cache, ~/.cache/offload_moe/kernels (or
+$OFFLOAD_MOE_CACHE/kernels), named by a hash of the source, the flags, gcc's version and the CPU's flags, and loaded
+with ctypes: no build step at install, no new dependency. Where gcc is missing, compilation fails, the CPU is not
+x86-64 or lacks AVX2 and FMA, or OFFLOAD_MOE_ISA=none, `library()` is None and the formats keep their torch path
+(a one-line note on stderr says why, unless the switch or the CPU did).
 
 Legend: T tokens, D dim, I ffn dim.
 """
@@ -38,8 +41,12 @@ import torch
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 # -ffast-math for the compile only (vectorized expf, reassociated sums): linked with it, the library would set
 # flush-to-zero for the whole process when loaded (gcc's crtfastmath)
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC"]
-ENV_SWITCH = "OFFLOAD_MOE_KERNELS"  # "0": never use the kernels (the torch path everywhere)
+FLAGS = ["-O3", "-ffast-math", "-fopenmp", "-fPIC"]
+# each instruction set's build: avx512 tuned for this CPU (the intrinsics need its AVX-512 VNNI and VBMI), avx2 for
+# x86-64-v3 (AVX2, FMA, F16C: Haswell and Zen 1 on), the portable C branch of the source
+ISAS = {"avx512": ["-march=native"], "avx2": ["-march=x86-64-v3"]}
+AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi")
+ENV_SWITCH = "OFFLOAD_MOE_ISA"  # avx512, avx2 or none (the torch path everywhere): forces the kernels' build
 
 
 def cache_dir() -> Path:
@@ -55,6 +62,18 @@ def _cpu_flags() -> str:
         return platform.processor()
 
 
+def isa() -> str:
+    """The kernels' instruction set: OFFLOAD_MOE_ISA where set, else the best this CPU runs (none: not x86-64,
+    or no AVX2 and FMA)."""
+    forced = os.environ.get(ENV_SWITCH)
+    if forced is not None:
+        return forced
+    flags = set(_cpu_flags().split())
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return "none"
+    return "avx512" if flags.issuperset(AVX512) else "avx2" if {"avx2", "fma"} <= flags else "none"
+
+
 _threads = 0  # the kernels' team size (`set_kernel_threads`), also for a library loaded after it was set
 
 
@@ -68,22 +87,27 @@ def set_kernel_threads(n: int) -> None:
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None where they cannot run here (see the module docstring)."""
-    if os.environ.get(ENV_SWITCH, "1") == "0":
+    """The compiled kernels of `isa()`, or None where they cannot run here (see the module docstring)."""
+    chosen = isa()
+    if chosen == "none":
         return None
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+    flags = set(_cpu_flags().split())
+    if chosen not in ISAS or not flags.issuperset(AVX512 if chosen == "avx512" else ("avx2", "fma")):
+        print(f"offload_moe: {ENV_SWITCH}={chosen}: {'this CPU does not run it' if chosen in ISAS else 'unknown'} "
+              f"(avx512, avx2, none); using torch's path", file=sys.stderr)
         return None
+    build = [*FLAGS, *ISAS[chosen]]
     try:
         gcc = subprocess.run(["gcc", "--version"], capture_output=True, text=True, check=True).stdout
         source = SOURCE.read_bytes()
-        key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), gcc.encode(), _cpu_flags().encode()]))
+        key = hashlib.sha256(b"\0".join([source, " ".join(build).encode(), gcc.encode(), _cpu_flags().encode()]))
         so = cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
         if not so.exists():
             so.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=so.parent) as tmp:  # then renamed: a half-written file is never loaded
                 obj, out = Path(tmp) / "cpu_kernels.o", Path(tmp) / so.name
                 link = ["-shared", "-fopenmp", "-o", str(out), str(obj), "-lm"]
-                for cmd in ([*FLAGS, "-c", "-o", str(obj), str(SOURCE)], link):
+                for cmd in ([*build, "-c", "-o", str(obj), str(SOURCE)], link):
                     subprocess.run(["gcc", *cmd], capture_output=True, text=True, check=True)
                 out.replace(so)
         lib = ctypes.CDLL(str(so))
@@ -92,8 +116,8 @@ def library() -> ctypes.CDLL | None:
         print(f"offload_moe: CPU kernels unavailable ({' '.join(detail) or 'gcc failed'}); using torch's path",
               file=sys.stderr)
         return None
-    if not lib.okm_vectorized():
-        print("offload_moe: CPU kernels need AVX-512 VNNI and VBMI; using torch's path", file=sys.stderr)
+    if lib.okm_vectorized() != (chosen == "avx512"):  # gcc did not give this CPU's AVX-512 to the avx512 build
+        print(f"offload_moe: the {chosen} CPU kernels did not build as such; using torch's path", file=sys.stderr)
         return None
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.okm_dense.argtypes = [p] * 7 + [i, i, f]
