@@ -11,8 +11,10 @@ the steps after the first, greedy, the same prompt). Beside each figure: the wei
 reads (every resident weight but the embeddings, K of E experts per layer; llama.cpp's from its GGUF's
 tensors) and the GB/s that makes at that speed. Beside int8/int4 experts our attention projections and LM
 head are int8 too (`--attention-quant`, `--head-quant`), as llama.cpp's q8_0/q4_0 files quantize their
-attention and output matrix (q8_0; q6_K for the output in q4_0 files). llama.cpp is optional
-(`llama_cpp_peer.INSTALL` says how); never run in CI.
+attention and output matrix (q8_0; q6_K for the output in q4_0 files). With llama.cpp, a second table runs both
+sides on llama.cpp's own q8_0, q4_0 and q4_k_m files: ours reads the GGUF file itself, its experts kept in the
+file's types (`gguf-*`), its other tensors decoded to float32. llama.cpp is optional (`llama_cpp_peer.INSTALL` says
+how); never run in CI.
 """
 
 from __future__ import annotations
@@ -124,6 +126,11 @@ def run_shape(name: str, config: ModelConfig, args, tmp: Path) -> None:
     if files:
         same = f32_tokens["ours"] == f32_tokens["theirs"]
         print(f"f32 greedy tokens {'agree' if same else 'differ'} between offload_moe and llama.cpp")
+        print("\nllama.cpp's own GGUF files, read by both\n| file | offload_moe | llama.cpp | ratio |\n|---|---|---|---|")
+        for gguf_type in ("q8_0", "q4_0", "q4_k_m"):
+            a = ours(files[gguf_type], "none", args.tokens, args.repeats, "none", "none")
+            b = theirs(files[gguf_type], config, args.tokens, args.repeats, args.threads)
+            print(f"| {gguf_type} / {a['name']} | {gbs(a)} | {gbs(b)} | {a['tok_s'] / b['tok_s']:.2f} |", flush=True)
     if name in args.transformers:
         hf = transformers_fp32(path, args.tokens, args.repeats)
         if hf is None:

@@ -1,7 +1,7 @@
 """llama.cpp as the CPU reference, through llama-cpp-python (optional, never in CI: `pip install
 llama-cpp-python gguf`; `convert_hf_to_gguf.py` comes with llama-cpp-python's source distribution, under
 vendor/llama.cpp/). Shared by the benches that compare against it: the checkpoint converted to an f32 GGUF
-by llama.cpp's own converter, quantized to q8_0 and q4_0 by its own `llama_model_quantize`, and a timed
+by llama.cpp's own converter, quantized to q8_0, q4_0 and q4_k_m by its own `llama_model_quantize`, and a timed
 greedy decode.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 INSTALL = ("llama.cpp side skipped: pip install llama-cpp-python gguf (builds llama.cpp from source), then pass "
            "--llama-cpp PATH/TO/convert_hf_to_gguf.py from its sdist (vendor/llama.cpp/)")
-GGUF_TYPES = ("f32", "q8_0", "q4_0")
+GGUF_TYPES = ("f32", "q8_0", "q4_0", "q4_k_m")
 
 
 def available() -> bool:
@@ -51,7 +51,8 @@ def gguf_files(path: Path, converter: Path, threads: int, tmp: Path) -> dict[str
     if done.returncode:
         raise SystemExit(f"GGUF conversion failed:\n{done.stderr[-2000:]}")
     files = {"f32": f32}
-    for name, ftype in (("q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0), ("q4_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0)):
+    for name, ftype in (("q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0), ("q4_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0),
+                        ("q4_k_m", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M)):
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype, params.nthread = ftype, threads
         files[name] = tmp / f"model.{name}.gguf"
