@@ -126,7 +126,8 @@ def run_shape(name: str, config: ModelConfig, args, tmp: Path) -> None:
     if files:
         same = f32_tokens["ours"] == f32_tokens["theirs"]
         print(f"f32 greedy tokens {'agree' if same else 'differ'} between offload_moe and llama.cpp")
-        print("\nllama.cpp's own GGUF files, read by both\n| file | offload_moe | llama.cpp | ratio |\n|---|---|---|---|")
+        print("\nllama.cpp's own GGUF files, read by both")
+        print("| file | offload_moe | llama.cpp | ratio |\n|---|---|---|---|")
         for gguf_type in ("q8_0", "q4_0", "q4_k_m"):
             a = ours(files[gguf_type], "none", args.tokens, args.repeats, "none", "none")
             b = theirs(files[gguf_type], config, args.tokens, args.repeats, args.threads)
