@@ -15,6 +15,7 @@ import torch
 from conftest import hf_model, make_hf, run_cli
 from families import make_family, reference
 from gguf import GGMLQuantizationType as Q
+from gguf_families import write_family
 from gguf_files import as_decoded, write_gguf
 
 from offload_moe.engine import Engine
@@ -25,6 +26,13 @@ from offload_moe.weights.gguf import GGUFModel
 
 PROMPT = [1, 17, 33, 250, 4, 99, 180, 7, 64, 3]
 FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe")
+# the other families llama.cpp converts (`gguf_families.py`), each with what its file can say: DeepSeek's YaRN with
+# mscale equal to mscale_all_dim (the file keeps the latter only, llama.cpp takes them equal, as the hub's models
+# have them)
+OTHERS = {"deepseek_v2": dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                               "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
+                                               "mscale": 0.8, "mscale_all_dim": 0.8}),
+          "deepseek_v3": {}, "glm4_moe_lite": {}, "glm4_moe": {}}
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +89,37 @@ def test_q8_0_gguf_equals_the_decoded_model_offloaded_or_not(sources, family, tm
     c = resident.config
     alone = resident.generate(PROMPT, 6, keep_logits=True)
     offloaded = Engine.load(path, EngineOptions(cache_experts=c.top_k, prefetch=1, progress=False))
+    out = offloaded.generate(PROMPT, 6, keep_logits=True)
+    assert torch.equal(out.logits, alone.logits) and out.stats["misses"] > 0
+
+
+def converted(family: str, root, qtype: Q = Q.F32, **options):
+    """The family's tiny checkpoint, its transformers model and its GGUF as llama.cpp's converter writes it."""
+    folder = make_family(root / family, family, seed=5, **OTHERS[family])
+    return reference(folder, family), write_family(folder, family, root / f"{family}.gguf", qtype, **options), folder
+
+
+@pytest.mark.parametrize("family", [*OTHERS, "deepseek_v2 with attn_kv_b"])
+def test_f32_gguf_of_every_other_family_gives_transformers_logits(family, tmp_path):
+    """DeepSeek-V2 also as older converters wrote it: kv_b_proj whole (`attn_kv_b`), not split."""
+    family, _, legacy = family.partition(" with ")
+    model, path, _ = converted(family, tmp_path, split_kv_b=False) if legacy else converted(family, tmp_path)
+    got = load(path).generate(PROMPT, 6, keep_logits=True)
+    want = logits_of(model, PROMPT + got.tokens[:-1])[len(PROMPT) - 1:]
+    assert (got.logits - want).abs().max() <= 1e-3 * want.abs().max(), (got.logits - want).abs().max()
+    assert got.tokens == want.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("family, qtype", [("glm4_moe", Q.Q8_0)])
+def test_quantized_gguf_equals_its_decoding_offloaded_or_not(family, qtype, tmp_path):
+    """The experts in Q8_0 (GLM-4.5): the same logits as the file whose tensors are gguf-py's decoding of them;
+    offloaded == resident."""
+    _, path, folder = converted(family, tmp_path, qtype)
+    floats = write_family(folder, family, tmp_path / "decoded.gguf", qtype, decoded=True)
+    resident = load(path)
+    alone = resident.generate(PROMPT, 6, keep_logits=True)
+    assert torch.equal(alone.logits, load(floats).generate(PROMPT, 6, keep_logits=True).logits)
+    offloaded = Engine.load(path, EngineOptions(cache_experts=resident.config.top_k, prefetch=1, progress=False))
     out = offloaded.generate(PROMPT, 6, keep_logits=True)
     assert torch.equal(out.logits, alone.logits) and out.stats["misses"] > 0
 
@@ -174,6 +213,9 @@ def test_names_are_those_of_gguf_pys_tables():
     """Every name the families map is one that gguf-py's tables give their architectures (`MODEL_TENSORS`)."""
     import re
 
+    import gguf_families
+    import gguf_files
+
     from offload_moe.models import FAMILIES, GGUF_COMMON, GGUF_EXPERTS
 
     arch_of = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
@@ -183,11 +225,11 @@ def test_names_are_those_of_gguf_pys_tables():
                 for w in (".weight", ".bias")}
 
     read = [a for f in FAMILIES for a in getattr(f, "GGUF_ARCH", {})]
-    assert set(read) == {"llama", "qwen2moe", "qwen3moe", "olmoe"}
+    assert set(read) == set(gguf_files.ARCH.values()) | set(gguf_families.ARCH.values())
     for family in FAMILIES:
         for pattern, _ in getattr(family, "GGUF_DENSE", []):
             assert any(re.fullmatch(pattern, n) for n in names(family.GGUF_ARCH)), pattern
     for pattern, _ in GGUF_COMMON:
         assert any(re.fullmatch(pattern, n) for n in names(read)), pattern
-    for arch in read:
-        assert sum(bool(re.fullmatch(GGUF_EXPERTS, n)) for n in names([arch])) == 3, arch
+    for arch in read:  # each arch's experts are stacked: up and down at least (relu2 experts have no gate)
+        assert {m[2] for n in names([arch]) if (m := re.fullmatch(GGUF_EXPERTS, n))} >= {"up", "down"}, arch

@@ -1,0 +1,174 @@
+"""GGUF files of the other families' tiny checkpoints (`families.py`), written as llama.cpp's converter
+(convert_hf_to_gguf.py, its classes in `conversion/`) writes them from the hub-style folder: the folder's tensors
+under the hub's names, changed as the converter changes them (the split kv_b_proj, -exp(A_log), norms stored as
+1 + w, the V heads reordered, ...), each layer's experts stacked, then renamed by gguf-py's own name map
+(`gguf.get_tensor_name_map`); the converter's metadata keys. `gguf_files.py` writes the first four families'."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf_files import quantized
+from safetensors.torch import load_file
+
+ARCH = {"deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2", "glm4_moe_lite": "deepseek2", "glm4_moe": "glm4moe"}
+EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(\w+)\.weight")
+
+
+def hub_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """The folder's tensors under the hub's names, float32, each layer's experts stacked per part (`X.experts.w1`)
+    as the converter stacks them."""
+    t = {k: v.float() for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+    stacks: dict[str, dict[int, torch.Tensor]] = {}
+    for name in [n for n in t if EXPERT.fullmatch(n)]:
+        m = EXPERT.fullmatch(name)
+        stacks.setdefault(f"{m[1]}.{m[3]}.weight", {})[int(m[2])] = t.pop(name)
+    return t | {name: torch.stack([e[i] for i in range(len(e))]) for name, e in stacks.items()}
+
+
+class Meta:
+    """The converter's metadata calls, in order; a later call of a key replaces the earlier one (as its
+    set_gguf_parameters overrides its parent's)."""
+
+    def __init__(self):
+        self.calls: dict[str, tuple] = {}
+
+    def __getattr__(self, method: str):
+        return lambda *args: self.calls.__setitem__(method, args)
+
+    def write(self, w: gguf.GGUFWriter) -> None:
+        for method, args in self.calls.items():
+            getattr(w, method)(*args)
+
+
+def base_meta(c: dict, meta: Meta) -> None:
+    """TextModel.set_gguf_parameters: the keys every arch's file has."""
+    meta.add_block_count(c["num_hidden_layers"])
+    meta.add_context_length(c["max_position_embeddings"])
+    meta.add_embedding_length(c["hidden_size"])
+    if c.get("intermediate_size"):
+        meta.add_feed_forward_length(c["intermediate_size"])
+    meta.add_head_count(c["num_attention_heads"])
+    meta.add_head_count_kv(c.get("num_key_value_heads", c["num_attention_heads"]))
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type")) == "yarn":
+        meta.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        meta.add_rope_scaling_factor(rope["factor"])
+        meta.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        if "beta_fast" in rope:
+            meta.add_rope_scaling_yarn_beta_fast(rope["beta_fast"])
+            meta.add_rope_scaling_yarn_beta_slow(rope["beta_slow"])
+    meta.add_rope_freq_base(rope.get("rope_theta", c.get("rope_theta", 10000.0)))
+    if (eps := c.get("rms_norm_eps", c.get("norm_eps"))) is not None:
+        meta.add_layer_norm_rms_eps(eps)
+    if (eps := c.get("layer_norm_epsilon")) is not None:
+        meta.add_layer_norm_eps(eps)
+    if (n := c.get("num_local_experts", c.get("num_experts"))) is not None:
+        meta.add_expert_count(n)
+    meta.add_expert_used_count(c["num_experts_per_tok"])
+    if c.get("n_group") is not None:
+        meta.add_expert_group_count(c["n_group"])
+        meta.add_expert_group_used_count(c["topk_group"])
+    if (score := c.get("scoring_func")) is not None:
+        meta.add_expert_gating_func(gguf.ExpertGatingFuncType[score.upper()])
+    if c.get("head_dim") is not None:
+        meta.add_key_length(c["head_dim"])
+        meta.add_value_length(c["head_dim"])
+    meta.add_bos_token_id(c["bos_token_id"])
+    meta.add_eos_token_id(c["eos_token_id"])
+
+
+def deepseek2(c: dict, t: dict, meta: Meta, split_kv_b: bool = True) -> dict:
+    """DeepseekV2Model (and Glm4MoeLiteModel): MLA as MQA, kv_b_proj split in k_b (transposed) and v_b (older
+    converters: kept); the multi-token-prediction layer kept by GLM-4.7-Flash's (as a block past the last)."""
+    L, H, R, rope = c["num_hidden_layers"], c["num_attention_heads"], c["kv_lora_rank"], c["qk_rope_head_dim"]
+    nope, v = c["qk_nope_head_dim"], c["v_head_dim"]
+    nextn = c.get("num_nextn_predict_layers", 0) if c["model_type"] == "glm4_moe_lite" else 0
+    base_meta(c | {"num_key_value_heads": 1, "head_dim": None, "num_hidden_layers": L + nextn}, meta)
+    meta.add_leading_dense_block_count(c.get("first_k_dense_replace", 1))
+    if c.get("q_lora_rank"):
+        meta.add_q_lora_rank(c["q_lora_rank"])
+    meta.add_kv_lora_rank(R)
+    meta.add_key_length(R + rope)
+    meta.add_value_length(R)
+    meta.add_key_length_mla(nope + rope)
+    meta.add_value_length_mla(v)
+    meta.add_expert_feed_forward_length(c["moe_intermediate_size"])
+    meta.add_expert_count(c["n_routed_experts"])
+    meta.add_expert_shared_count(c.get("n_shared_experts", 0))
+    meta.add_expert_weights_scale(c["routed_scaling_factor"])
+    if c.get("norm_topk_prob"):
+        meta.add_expert_weights_norm(True)
+    meta.add_rope_dimension_count(rope)
+    if (m := (c.get("rope_scaling") or {}).get("mscale_all_dim")) is not None:
+        meta.add_rope_scaling_yarn_log_mul(0.1 * m)
+    if nextn:
+        meta.add_nextn_predict_layers(nextn)
+    for name in [n for n in t if n.endswith("kv_b_proj.weight") and split_kv_b]:
+        k_b, v_b = t.pop(name).view(H, nope + v, R).split([nope, v], dim=1)
+        t[name.replace("kv_b_proj", "k_b_proj")] = k_b.transpose(1, 2)
+        t[name.replace("kv_b_proj", "v_b_proj")] = v_b
+    return t
+
+
+def glm4moe(c: dict, t: dict, meta: Meta) -> dict:
+    """Glm4MoeModel: the multi-token-prediction layer kept as the last block (the tiny checkpoint has none: its
+    tensors here are layer L-1's, with the nextn ones beside, as the hub's files have them)."""
+    L, nextn = c["num_hidden_layers"], c.get("num_nextn_predict_layers", 1)
+    base_meta(c | {"num_hidden_layers": L + nextn}, meta)
+    meta.add_rope_dimension_count(int(c["head_dim"] * c["partial_rotary_factor"]))
+    meta.add_expert_count(c["n_routed_experts"])
+    meta.add_expert_feed_forward_length(c["moe_intermediate_size"])
+    meta.add_expert_shared_count(c["n_shared_experts"])
+    meta.add_leading_dense_block_count(c["first_k_dense_replace"])
+    meta.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    meta.add_expert_weights_scale(c["routed_scaling_factor"])
+    meta.add_expert_weights_norm(c["norm_topk_prob"])
+    meta.add_nextn_predict_layers(nextn)
+    last = f"model.layers.{L - 1}."
+    mtp = {f"model.layers.{L}." + k[len(last):]: v for k, v in t.items() if k.startswith(last)}
+    return t | mtp | {f"model.layers.{L}.{k}.weight": torch.ones(c["hidden_size"]) for k in ("enorm", "hnorm")}
+
+
+CONVERT = {"deepseek2": deepseek2, "glm4moe": glm4moe}
+
+
+def write_family(folder: Path, family: str, path: Path, qtype: Q = Q.F32, decoded: bool = False,
+                 **options) -> Path:
+    """The family's GGUF at `path`: the matrices the converter quantizes in `qtype` (in F16 where their rows do not
+    fill the type's blocks, as the converter falls back), or, `decoded`, as gguf-py decodes them (F32)."""
+    arch = ARCH[family]
+    c = json.loads((folder / "config.json").read_text())
+    c = c | c.get("text_config", {})
+    meta = Meta()
+    t = CONVERT[arch](c, hub_tensors(folder), meta, **options)
+    names = gguf.get_tensor_name_map({v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch], 99)
+    w = gguf.GGUFWriter(path, arch)
+    meta.write(w)
+    if c.get("tie_word_embeddings", c.get("tie_embedding")):
+        t.pop("lm_head.weight", None)
+    for name, tensor in t.items():
+        new = names.get_name(name.replace("e_score_correction_bias", "e_score_correction.bias"),
+                             try_suffixes=(".weight", ".bias"))
+        assert new is not None, name
+        data = tensor.contiguous().numpy()
+        kind = qtype if qtype != Q.F32 and quantized(new, data) else Q.F32
+        try:
+            raw = gguf.quants.quantize(data, kind)
+        except gguf.QuantError:  # rows shorter than a block
+            kind, raw = Q.F16, gguf.quants.quantize(data, Q.F16)
+        if decoded:
+            w.add_tensor(new, np.ascontiguousarray(gguf.quants.dequantize(raw, kind)).astype(np.float32))
+        else:
+            w.add_tensor(new, raw, raw_dtype=kind)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
