@@ -17,7 +17,8 @@ from gguf import GGMLQuantizationType as Q
 from gguf_files import quantized
 from safetensors.torch import load_file
 
-ARCH = {"deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2", "glm4_moe_lite": "deepseek2", "glm4_moe": "glm4moe"}
+ARCH = {"deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2", "glm4_moe_lite": "deepseek2", "glm4_moe": "glm4moe",
+        "gpt_oss": "gpt-oss"}
 EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(\w+)\.weight")
 
 
@@ -136,7 +137,30 @@ def glm4moe(c: dict, t: dict, meta: Meta) -> dict:
     return t | mtp | {f"model.layers.{L}.{k}.weight": torch.ones(c["hidden_size"]) for k in ("enorm", "hnorm")}
 
 
-CONVERT = {"deepseek2": deepseek2, "glm4moe": glm4moe}
+def gpt_oss(c: dict, t: dict, meta: Meta) -> dict:
+    """GptOssModel, BF16 path: gate_up_proj [E, D, 2I] transposed, gate its even rows and up its odd ones (its
+    bias alike), down_proj transposed; sinks as a weight."""
+    base_meta(c, meta)
+    meta.add_sliding_window(c["sliding_window"])
+    meta.add_expert_feed_forward_length(c["intermediate_size"])
+    for name in list(t):
+        p = name.rpartition(".")[0]
+        if name.endswith("sinks"):
+            t[name + ".weight"] = t.pop(name)
+        elif name.endswith("gate_up_proj"):
+            w = t.pop(name).transpose(-1, -2)
+            t[p + ".gate_proj.weight"], t[p + ".up_proj.weight"] = w[:, ::2], w[:, 1::2]
+        elif name.endswith("gate_up_proj_bias"):
+            b = t.pop(name)
+            t[p + ".gate_proj.bias"], t[p + ".up_proj.bias"] = b[..., ::2], b[..., 1::2]
+        elif name.endswith("down_proj"):
+            t[p + ".down_proj.weight"] = t.pop(name).transpose(-1, -2)
+        elif name.endswith("down_proj_bias"):
+            t[p + ".down_proj.bias"] = t.pop(name)
+    return t
+
+
+CONVERT = {"deepseek2": deepseek2, "glm4moe": glm4moe, "gpt-oss": gpt_oss}
 
 
 def write_family(folder: Path, family: str, path: Path, qtype: Q = Q.F32, decoded: bool = False,

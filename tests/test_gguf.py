@@ -28,11 +28,11 @@ PROMPT = [1, 17, 33, 250, 4, 99, 180, 7, 64, 3]
 FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe")
 # the other families llama.cpp converts (`gguf_families.py`), each with what its file can say: DeepSeek's YaRN with
 # mscale equal to mscale_all_dim (the file keeps the latter only, llama.cpp takes them equal, as the hub's models
-# have them)
+# have them); gpt-oss's SwiGLU limit at 7 (llama.cpp's, not in the file)
 OTHERS = {"deepseek_v2": dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                                "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
                                                "mscale": 0.8, "mscale_all_dim": 0.8}),
-          "deepseek_v3": {}, "glm4_moe_lite": {}, "glm4_moe": {}}
+          "deepseek_v3": {}, "glm4_moe_lite": {}, "glm4_moe": {}, "gpt_oss": dict(swiglu_limit=7.0)}
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +110,10 @@ def test_f32_gguf_of_every_other_family_gives_transformers_logits(family, tmp_pa
     assert got.tokens == want.argmax(-1).tolist()
 
 
-@pytest.mark.parametrize("family, qtype", [("glm4_moe", Q.Q8_0)])
+@pytest.mark.parametrize("family, qtype", [("glm4_moe", Q.Q8_0), ("gpt_oss", Q.MXFP4)])
 def test_quantized_gguf_equals_its_decoding_offloaded_or_not(family, qtype, tmp_path):
-    """The experts in Q8_0 (GLM-4.5): the same logits as the file whose tensors are gguf-py's decoding of them;
-    offloaded == resident."""
+    """The experts in Q8_0 (GLM-4.5) or MXFP4 (gpt-oss's own type): the same logits as the file whose tensors are
+    gguf-py's decoding of them; offloaded == resident."""
     _, path, folder = converted(family, tmp_path, qtype)
     floats = write_family(folder, family, tmp_path / "decoded.gguf", qtype, decoded=True)
     resident = load(path)

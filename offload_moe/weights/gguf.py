@@ -24,9 +24,9 @@ from ..errors import UserError
 from ..models import GGUF_CONFIG, config_of, gguf_family
 
 # the tensor types read: floats as they are (F32, F16, BF16), the others decoded exactly by gguf-py; any other
-# (IQ*, TQ*, MXFP4 ...) is refused by name
+# (IQ*, TQ* ...) is refused by name
 FLOATS = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
-DECODED = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+DECODED = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.MXFP4)
 READ = (*FLOATS, *DECODED)
 
 SPLIT = re.compile(r"(.+)-(\d{5})-of-(\d{5})\.gguf")
