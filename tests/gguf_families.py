@@ -18,7 +18,7 @@ from gguf_files import quantized
 from safetensors.torch import load_file
 
 ARCH = {"deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2", "glm4_moe_lite": "deepseek2", "glm4_moe": "glm4moe",
-        "gpt_oss": "gpt-oss"}
+        "gpt_oss": "gpt-oss", "minimax_m2": "minimax-m2"}
 EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(\w+)\.weight")
 
 
@@ -160,7 +160,14 @@ def gpt_oss(c: dict, t: dict, meta: Meta) -> dict:
     return t
 
 
-CONVERT = {"deepseek2": deepseek2, "glm4moe": glm4moe, "gpt-oss": gpt_oss}
+def minimax_m2(c: dict, t: dict, meta: Meta) -> dict:
+    base_meta(c, meta)
+    meta.add_expert_feed_forward_length(c["intermediate_size"])
+    meta.add_rope_dimension_count(c["rotary_dim"])
+    return t
+
+
+CONVERT = {"deepseek2": deepseek2, "glm4moe": glm4moe, "gpt-oss": gpt_oss, "minimax-m2": minimax_m2}
 
 
 def write_family(folder: Path, family: str, path: Path, qtype: Q = Q.F32, decoded: bool = False,

@@ -32,7 +32,8 @@ FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe")
 OTHERS = {"deepseek_v2": dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                                "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
                                                "mscale": 0.8, "mscale_all_dim": 0.8}),
-          "deepseek_v3": {}, "glm4_moe_lite": {}, "glm4_moe": {}, "gpt_oss": dict(swiglu_limit=7.0)}
+          "deepseek_v3": {}, "glm4_moe_lite": {}, "glm4_moe": {}, "gpt_oss": dict(swiglu_limit=7.0),
+          "minimax_m2": {}}
 
 
 @pytest.fixture(scope="module")
