@@ -18,7 +18,7 @@ from gguf_files import quantized
 from safetensors.torch import load_file
 
 ARCH = {"deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2", "glm4_moe_lite": "deepseek2", "glm4_moe": "glm4moe",
-        "gpt_oss": "gpt-oss", "minimax_m2": "minimax-m2"}
+        "gpt_oss": "gpt-oss", "minimax_m2": "minimax-m2", "lfm2_moe": "lfm2moe"}
 EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(\w+)\.weight")
 
 
@@ -167,7 +167,26 @@ def minimax_m2(c: dict, t: dict, meta: Meta) -> dict:
     return t
 
 
-CONVERT = {"deepseek2": deepseek2, "glm4moe": glm4moe, "gpt-oss": gpt_oss, "minimax-m2": minimax_m2}
+def lfm2moe(c: dict, t: dict, meta: Meta) -> dict:
+    """LFM2MoeModel: the KV heads per layer (0 on the conv ones), the conv squeezed to [D, L], the experts as
+    `layers.N.feed_forward.experts.w1`."""
+    base_meta(c | {"num_key_value_heads": [c["num_key_value_heads"] if kind == "full_attention" else 0
+                                           for kind in c["layer_types"]]}, meta)
+    meta.add_expert_feed_forward_length(c["moe_intermediate_size"])
+    meta.add_leading_dense_block_count(c["num_dense_layers"])
+    meta.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    meta.add_vocab_size(c["vocab_size"])
+    meta.add_shortconv_l_cache(c["conv_L_cache"])
+    renamed = {}
+    for name, tensor in t.items():
+        if "conv.conv" in name:
+            tensor = tensor.squeeze(1)
+        renamed[name.replace("expert_bias", "expert_bias.bias").removeprefix("model." if ".experts." in name else "")
+                ] = tensor
+    return renamed
+
+
+CONVERT = {"deepseek2": deepseek2, "glm4moe": glm4moe, "gpt-oss": gpt_oss, "minimax-m2": minimax_m2, "lfm2moe": lfm2moe}
 
 
 def write_family(folder: Path, family: str, path: Path, qtype: Q = Q.F32, decoded: bool = False,

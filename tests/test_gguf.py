@@ -28,12 +28,13 @@ PROMPT = [1, 17, 33, 250, 4, 99, 180, 7, 64, 3]
 FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe")
 # the other families llama.cpp converts (`gguf_families.py`), each with what its file can say: DeepSeek's YaRN with
 # mscale equal to mscale_all_dim (the file keeps the latter only, llama.cpp takes them equal, as the hub's models
-# have them); gpt-oss's SwiGLU limit at 7 (llama.cpp's, not in the file)
+# have them); gpt-oss's SwiGLU limit at 7 (llama.cpp's, not in the file); LFM2-MoE's convs without biases (the
+# converter's squeeze fails on them) and its routed_scaling_factor 1 (not in the file: LFM2-8B-A1B's)
 OTHERS = {"deepseek_v2": dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                                "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
                                                "mscale": 0.8, "mscale_all_dim": 0.8}),
           "deepseek_v3": {}, "glm4_moe_lite": {}, "glm4_moe": {}, "gpt_oss": dict(swiglu_limit=7.0),
-          "minimax_m2": {}}
+          "minimax_m2": {}, "lfm2_moe": dict(conv_bias=False, routed_scaling_factor=1.0)}
 
 
 @pytest.fixture(scope="module")
