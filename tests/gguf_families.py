@@ -18,7 +18,8 @@ from gguf_files import quantized
 from safetensors.torch import load_file
 
 ARCH = {"deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2", "glm4_moe_lite": "deepseek2", "glm4_moe": "glm4moe",
-        "gpt_oss": "gpt-oss", "minimax_m2": "minimax-m2", "lfm2_moe": "lfm2moe"}
+        "gpt_oss": "gpt-oss", "minimax_m2": "minimax-m2", "lfm2_moe": "lfm2moe",
+        "qwen3_next": "qwen3next", "qwen3_5_moe": "qwen35moe"}
 EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(\w+)\.weight")
 
 
@@ -186,7 +187,75 @@ def lfm2moe(c: dict, t: dict, meta: Meta) -> dict:
     return renamed
 
 
-CONVERT = {"deepseek2": deepseek2, "glm4moe": glm4moe, "gpt-oss": gpt_oss, "minimax-m2": minimax_m2, "lfm2moe": lfm2moe}
+def qwen3next(c: dict, t: dict, meta: Meta, split_qkvz: bool = True) -> dict:
+    """Qwen3NextModel: norms but linear attention's as 1 + w, A = -exp(A_log), the conv squeezed, in_proj_qkvz split
+    in qkv (every q, every k, every v) and z (older converters: kept whole, `ssm_in`); Mamba's keys."""
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    Hk, Hv, dk, dv = (c[f"linear_{k}"] for k in ("num_key_heads", "num_value_heads", "key_head_dim", "value_head_dim"))
+    base_meta(c, meta)
+    meta.add_expert_feed_forward_length(c["moe_intermediate_size"])
+    meta.add_expert_shared_feed_forward_length(c["shared_expert_intermediate_size"])
+    meta.add_ssm_conv_kernel(c["linear_conv_kernel_dim"])
+    meta.add_ssm_state_size(dk)
+    meta.add_ssm_group_count(Hk)
+    meta.add_ssm_time_step_rank(Hv)
+    meta.add_ssm_inner_size(dv * Hv)
+    meta.add_full_attention_interval(c.get("full_attention_interval", 4))
+    meta.add_rope_dimension_count(int(head_dim * c.get("partial_rotary_factor", 0.25)))
+    out = {}
+    for name, w in t.items():
+        if name.endswith(".A_log"):
+            w = -torch.exp(w)
+        elif name.endswith(".dt_bias"):
+            name = name.removesuffix(".dt_bias") + ".dt_proj.bias"
+        elif "conv1d" in name:
+            w = w.squeeze()
+        elif name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
+            w = w + 1
+        if "in_proj_qkvz" in name and split_qkvz:  # per key head [q, k, v, z] -> all q, all k, all v; all z
+            q, k, v, z = w.T.reshape(c["hidden_size"], Hk, -1).split([dk, dk, Hv // Hk * dv, Hv // Hk * dv], -1)
+            qkv = torch.cat([x.reshape(c["hidden_size"], -1) for x in (q, k, v)], -1).T
+            out[name.replace("in_proj_qkvz", "in_proj_qkv")], out[name.replace("in_proj_qkvz", "in_proj_z")] = (
+                qkv, z.reshape(c["hidden_size"], -1).T)
+        else:
+            out[name] = w
+    return out
+
+
+def qwen35moe(c: dict, t: dict, meta: Meta) -> dict:
+    """Qwen3_5MoeTextModel: the text model's tensors (`language_model.` dropped, the vision tower's skipped), the
+    value heads reordered from grouped per key head to tiled, then Qwen3-Next's changes; the multimodal RoPE's
+    sections, the multi-token-prediction layer as a last block."""
+    L, Hk, Hv = c["num_hidden_layers"], c["linear_num_key_heads"], c["linear_num_value_heads"]
+    dk, dv, r = c["linear_key_head_dim"], c["linear_value_head_dim"], Hv // Hk
+
+    def tiled(w: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+        return w.unflatten(dim, (Hk, r, size)).transpose(dim, dim + 1).flatten(dim, dim + 2)
+
+    text = {}
+    for name, w in t.items():
+        if "visual." in name:
+            continue
+        name = name.replace("language_model.", "")
+        if ".in_proj_qkv." in name or ".conv1d." in name:
+            w = w.squeeze()
+            w = torch.cat([w[:2 * Hk * dk], tiled(w[2 * Hk * dk:], 0, dv)])
+        elif ".in_proj_z." in name:
+            w = tiled(w, 0, dv)
+        elif ".in_proj_b." in name or ".in_proj_a." in name or name.endswith((".A_log", ".dt_bias")):
+            w = tiled(w, 0, 1)
+        elif ".linear_attn.out_proj." in name:
+            w = tiled(w, 1, dv)
+        text[name] = w
+    nextn = c.get("mtp_num_hidden_layers", 0)
+    out = qwen3next(c | {"num_hidden_layers": L + nextn}, text, meta)
+    meta.add_rope_dimension_sections([*c["rope_parameters"]["mrope_section"], 0])
+    meta.add_nextn_predict_layers(nextn)
+    return out
+
+
+CONVERT = {"deepseek2": deepseek2, "glm4moe": glm4moe, "gpt-oss": gpt_oss, "minimax-m2": minimax_m2, "lfm2moe": lfm2moe,
+           "qwen3next": qwen3next, "qwen35moe": qwen35moe}
 
 
 def write_family(folder: Path, family: str, path: Path, qtype: Q = Q.F32, decoded: bool = False,

@@ -34,7 +34,8 @@ OTHERS = {"deepseek_v2": dict(rope_parameters={"rope_type": "yarn", "rope_theta"
                                                "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
                                                "mscale": 0.8, "mscale_all_dim": 0.8}),
           "deepseek_v3": {}, "glm4_moe_lite": {}, "glm4_moe": {}, "gpt_oss": dict(swiglu_limit=7.0),
-          "minimax_m2": {}, "lfm2_moe": dict(conv_bias=False, routed_scaling_factor=1.0)}
+          "minimax_m2": {}, "lfm2_moe": dict(conv_bias=False, routed_scaling_factor=1.0), "qwen3_next": {},
+          "qwen3_5_moe": {}}
 
 
 @pytest.fixture(scope="module")
@@ -101,11 +102,15 @@ def converted(family: str, root, qtype: Q = Q.F32, **options):
     return reference(folder, family), write_family(folder, family, root / f"{family}.gguf", qtype, **options), folder
 
 
-@pytest.mark.parametrize("family", [*OTHERS, "deepseek_v2 with attn_kv_b"])
+LEGACY = {"attn_kv_b": dict(split_kv_b=False), "ssm_in": dict(split_qkvz=False)}
+
+
+@pytest.mark.parametrize("family", [*OTHERS, "deepseek_v2 with attn_kv_b", "qwen3_next with ssm_in"])
 def test_f32_gguf_of_every_other_family_gives_transformers_logits(family, tmp_path):
-    """DeepSeek-V2 also as older converters wrote it: kv_b_proj whole (`attn_kv_b`), not split."""
+    """DeepSeek-V2 and Qwen3-Next also as older converters wrote them: kv_b_proj whole (`attn_kv_b`), in_proj_qkvz
+    whole (`ssm_in`)."""
     family, _, legacy = family.partition(" with ")
-    model, path, _ = converted(family, tmp_path, split_kv_b=False) if legacy else converted(family, tmp_path)
+    model, path, _ = converted(family, tmp_path, **LEGACY.get(legacy, {}))
     got = load(path).generate(PROMPT, 6, keep_logits=True)
     want = logits_of(model, PROMPT + got.tokens[:-1])[len(PROMPT) - 1:]
     assert (got.logits - want).abs().max() <= 1e-3 * want.abs().max(), (got.logits - want).abs().max()
@@ -224,12 +229,12 @@ def test_names_are_those_of_gguf_pys_tables():
 
     def names(archs) -> set[str]:
         return {gguf.TENSOR_NAMES[t].format(bid=0) + w for a in archs for t in gguf.MODEL_TENSORS[arch_of[a]]
-                for w in (".weight", ".bias")}
+                for w in (".weight", ".bias", "")}  # Mamba's A has no suffix
 
     read = [a for f in FAMILIES for a in getattr(f, "GGUF_ARCH", {})]
     assert set(read) == set(gguf_files.ARCH.values()) | set(gguf_families.ARCH.values())
     for family in FAMILIES:
-        for pattern, _ in getattr(family, "GGUF_DENSE", []):
+        for pattern, *_ in getattr(family, "GGUF_DENSE", []):
             assert any(re.fullmatch(pattern, n) for n in names(family.GGUF_ARCH)), pattern
     for pattern, _ in GGUF_COMMON:
         assert any(re.fullmatch(pattern, n) for n in names(read)), pattern
