@@ -13,13 +13,14 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
+from conftest import halves_to_interleaved
 from gguf import GGMLQuantizationType as Q
 from gguf_files import quantized
 from safetensors.torch import load_file
 
 ARCH = {"deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2", "glm4_moe_lite": "deepseek2", "glm4_moe": "glm4moe",
         "gpt_oss": "gpt-oss", "minimax_m2": "minimax-m2", "lfm2_moe": "lfm2moe",
-        "qwen3_next": "qwen3next", "qwen3_5_moe": "qwen35moe"}
+        "qwen3_next": "qwen3next", "qwen3_5_moe": "qwen35moe", "nemotron_h": "nemotron_h_moe"}
 EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(\w+)\.weight")
 
 
@@ -254,8 +255,51 @@ def qwen35moe(c: dict, t: dict, meta: Meta) -> dict:
     return out
 
 
+def nemotron_h_moe(c: dict, t: dict, meta: Meta) -> dict:
+    """NemotronHModel (MoE): Mamba's keys, per-layer KV heads and expert sizes; A = -exp(A_log) and D as [H, 1], the
+    norm as [groups, inner / groups], the conv squeezed, the experts as `model.layers.N.mlp.experts.up_proj`, the
+    attention's q/k rows interleaved (LlamaModel.permute); the context length 2**20 (no RoPE)."""
+    pattern, H = c["hybrid_override_pattern"], c["mamba_num_heads"]
+    base_meta(c | {"head_dim": None, "num_key_value_heads": [c["num_key_value_heads"] if k == "*" else 0
+                                                              for k in pattern]}, meta)
+    meta.add_vocab_size(c["vocab_size"])
+    meta.add_rope_dimension_count(c["head_dim"])
+    meta.add_ssm_conv_kernel(c["mamba_d_conv"])
+    meta.add_ssm_state_size(c["ssm_state_size"])
+    meta.add_ssm_group_count(c["mamba_n_groups"])
+    meta.add_ssm_inner_size(H * c["mamba_head_dim"])
+    meta.add_ssm_time_step_rank(H)
+    meta.add_rope_scaling_finetuned(False)
+    meta.add_context_length(2**20)
+    meta.add_key_length(c["head_dim"])
+    meta.add_value_length(c["head_dim"])
+    meta.add_feed_forward_length([c["moe_intermediate_size"] if k == "E" else 0 for k in pattern])
+    meta.add_expert_feed_forward_length(c["moe_intermediate_size"])
+    meta.add_expert_shared_feed_forward_length(c["moe_shared_expert_intermediate_size"])
+    meta.add_expert_count(c["n_routed_experts"])
+    meta.add_expert_shared_count(c.get("n_shared_experts", 1))
+    meta.add_expert_weights_norm(c.get("norm_topk_prob", True))
+    meta.add_expert_weights_scale(c["routed_scaling_factor"])
+    out = {}
+    for name, w in t.items():
+        if name.endswith("mixer.dt_bias"):
+            name = name.replace("dt_bias", "dt.bias")
+        elif name.endswith("mixer.conv1d.weight"):
+            w = w.squeeze()
+        elif name.endswith(("mixer.A_log", "mixer.D")):
+            w = (-torch.exp(w) if name.endswith("A_log") else w).reshape(-1, 1)
+        elif name.endswith("mixer.norm.weight"):
+            w = w.reshape(c["mamba_n_groups"], -1)
+        elif name.endswith(("q_proj.weight", "k_proj.weight")):
+            w = halves_to_interleaved(w, c["num_attention_heads" if "q_proj" in name else "num_key_value_heads"])
+        if ".experts." in name:
+            name = name.replace("backbone.", "model.").replace(".mixer.", ".mlp.")
+        out[name] = w
+    return out
+
+
 CONVERT = {"deepseek2": deepseek2, "glm4moe": glm4moe, "gpt-oss": gpt_oss, "minimax-m2": minimax_m2, "lfm2moe": lfm2moe,
-           "qwen3next": qwen3next, "qwen35moe": qwen35moe}
+           "qwen3next": qwen3next, "qwen35moe": qwen35moe, "nemotron_h_moe": nemotron_h_moe}
 
 
 def write_family(folder: Path, family: str, path: Path, qtype: Q = Q.F32, decoded: bool = False,

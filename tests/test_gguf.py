@@ -35,7 +35,7 @@ OTHERS = {"deepseek_v2": dict(rope_parameters={"rope_type": "yarn", "rope_theta"
                                                "mscale": 0.8, "mscale_all_dim": 0.8}),
           "deepseek_v3": {}, "glm4_moe_lite": {}, "glm4_moe": {}, "gpt_oss": dict(swiglu_limit=7.0),
           "minimax_m2": {}, "lfm2_moe": dict(conv_bias=False, routed_scaling_factor=1.0), "qwen3_next": {},
-          "qwen3_5_moe": {}}
+          "qwen3_5_moe": {}, "nemotron_h": {}}
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +107,18 @@ LEGACY = {"attn_kv_b": dict(split_kv_b=False), "ssm_in": dict(split_qkvz=False)}
 
 @pytest.mark.parametrize("family", [*OTHERS, "deepseek_v2 with attn_kv_b", "qwen3_next with ssm_in"])
 def test_f32_gguf_of_every_other_family_gives_transformers_logits(family, tmp_path):
-    """DeepSeek-V2 and Qwen3-Next also as older converters wrote them: kv_b_proj whole (`attn_kv_b`), in_proj_qkvz
+    """Every tensor the file gives is the folder's (within float32's rounding of what the converter computed); and
+    DeepSeek-V2 and Qwen3-Next also as older converters wrote them: kv_b_proj whole (`attn_kv_b`), in_proj_qkvz
     whole (`ssm_in`)."""
     family, _, legacy = family.partition(" with ")
-    model, path, _ = converted(family, tmp_path, **LEGACY.get(legacy, {}))
+    model, path, folder = converted(family, tmp_path, **LEGACY.get(legacy, {}))
+    ours, hub = Checkpoint(path), Checkpoint(folder)
+    assert ours.expected_dense() == hub.expected_dense()
+    for name in hub.expected_dense():
+        torch.testing.assert_close(ours.dense(name), hub.dense(name), rtol=1e-6, atol=1e-6, msg=name)
+    layer = hub.config.moe_layers[0]
+    for part, t in hub.expert(layer, 1).items():
+        assert torch.equal(ours.expert(layer, 1)[part], t), part
     got = load(path).generate(PROMPT, 6, keep_logits=True)
     want = logits_of(model, PROMPT + got.tokens[:-1])[len(PROMPT) - 1:]
     assert (got.logits - want).abs().max() <= 1e-3 * want.abs().max(), (got.logits - want).abs().max()
