@@ -7,6 +7,7 @@ under the hub's names, changed as the converter changes them (the split kv_b_pro
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from safetensors.torch import load_file
 
 ARCH = {"deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2", "glm4_moe_lite": "deepseek2", "glm4_moe": "glm4moe",
         "gpt_oss": "gpt-oss", "minimax_m2": "minimax-m2", "lfm2_moe": "lfm2moe",
-        "qwen3_next": "qwen3next", "qwen3_5_moe": "qwen35moe", "nemotron_h": "nemotron_h_moe"}
+        "qwen3_next": "qwen3next", "qwen3_5_moe": "qwen35moe", "nemotron_h": "nemotron_h_moe",
+        "phimoe": "phimoe"}
 EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(\w+)\.weight")
 
 
@@ -298,14 +300,39 @@ def nemotron_h_moe(c: dict, t: dict, meta: Meta) -> dict:
     return out
 
 
+def phimoe(c: dict, t: dict, meta: Meta) -> dict:
+    """PhiMoeModel (Phi3MiniModel's keys, not TextModel's): the LongRoPE factors as tensors and llama.cpp's
+    attention factor for them (not the config's mscales)."""
+    rope, D, H = c["rope_scaling"], c["hidden_size"], c["num_attention_heads"]
+    meta.add_context_length(c["max_position_embeddings"])
+    meta.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    meta.add_embedding_length(D)
+    meta.add_feed_forward_length(c["intermediate_size"])
+    meta.add_block_count(c["num_hidden_layers"])
+    meta.add_head_count(H)
+    meta.add_head_count_kv(c["num_key_value_heads"])
+    meta.add_layer_norm_rms_eps(c["rms_norm_eps"])
+    meta.add_rope_dimension_count(D // H)
+    meta.add_rope_freq_base(c["rope_theta"])
+    meta.add_sliding_window(c.get("sliding_window") or 0)
+    meta.add_expert_used_count(c["num_experts_per_tok"])
+    meta.add_expert_count(c["num_local_experts"])
+    original = rope["original_max_position_embeddings"]
+    scale = c["max_position_embeddings"] / original
+    meta.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)))
+    return t | {f"rope_factors_{k}.weight": torch.tensor(rope[f"{k}_factor"]) for k in ("long", "short")}
+
+
 CONVERT = {"deepseek2": deepseek2, "glm4moe": glm4moe, "gpt-oss": gpt_oss, "minimax-m2": minimax_m2, "lfm2moe": lfm2moe,
-           "qwen3next": qwen3next, "qwen35moe": qwen35moe, "nemotron_h_moe": nemotron_h_moe}
+           "qwen3next": qwen3next, "qwen35moe": qwen35moe, "nemotron_h_moe": nemotron_h_moe,
+           "phimoe": phimoe}
 
 
 def write_family(folder: Path, family: str, path: Path, qtype: Q = Q.F32, decoded: bool = False,
-                 **options) -> Path:
+                 fuse_gate_up: bool = False, **options) -> Path:
     """The family's GGUF at `path`: the matrices the converter quantizes in `qtype` (in F16 where their rows do not
-    fill the type's blocks, as the converter falls back), or, `decoded`, as gguf-py decodes them (F32)."""
+    fill the type's blocks, as the converter falls back), or, `decoded`, as gguf-py decodes them (F32);
+    `fuse_gate_up`: each layer's gate and up experts in one tensor, gate rows first (--fuse-gate-up-exps)."""
     arch = ARCH[family]
     c = json.loads((folder / "config.json").read_text())
     c = c | c.get("text_config", {})
@@ -316,10 +343,12 @@ def write_family(folder: Path, family: str, path: Path, qtype: Q = Q.F32, decode
     meta.write(w)
     if c.get("tie_word_embeddings", c.get("tie_embedding")):
         t.pop("lm_head.weight", None)
-    for name, tensor in t.items():
-        new = names.get_name(name.replace("e_score_correction_bias", "e_score_correction.bias"),
-                             try_suffixes=(".weight", ".bias"))
-        assert new is not None, name
+    t = {names.get_name(name.replace("e_score_correction_bias", "e_score_correction.bias"),
+                        try_suffixes=(".weight", ".bias")): tensor for name, tensor in t.items()}
+    assert None not in t
+    for gate in [name for name in t if fuse_gate_up and name.endswith("ffn_gate_exps.weight")]:
+        t[gate.replace("gate_exps", "gate_up_exps")] = torch.cat([t.pop(gate), t.pop(gate.replace("gate", "up"))], 1)
+    for new, tensor in t.items():
         data = tensor.contiguous().numpy()
         kind = qtype if qtype != Q.F32 and quantized(new, data) else Q.F32
         try:
