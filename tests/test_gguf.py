@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+from dataclasses import asdict
 
 import gguf
 import numpy as np
@@ -15,6 +17,7 @@ import torch
 from conftest import hf_model, make_hf, run_cli
 from families import make_family, reference
 from gguf import GGMLQuantizationType as Q
+from gguf_families import write_family
 from gguf_files import as_decoded, write_gguf
 
 from offload_moe.engine import Engine
@@ -25,6 +28,22 @@ from offload_moe.weights.gguf import GGUFModel
 
 PROMPT = [1, 17, 33, 250, 4, 99, 180, 7, 64, 3]
 FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe")
+# Phi-3.5-MoE's LongRoPE on a 64-token original context (llama.cpp's converter takes no PhiMoE without it), its
+# mscales llama.cpp's attention factor (the file keeps that one only)
+PHI_MSCALE = (1 + math.log(256 / 64) / math.log(64)) ** 0.5
+PHI_ROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 64,
+            "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8], "long_factor": [1.0, 1.5, 2.5, 4, 6, 9, 13, 18],
+            "short_mscale": PHI_MSCALE, "long_mscale": PHI_MSCALE}
+# the other families llama.cpp converts (`gguf_families.py`), each with what its file can say: DeepSeek's YaRN with
+# mscale equal to mscale_all_dim (the file keeps the latter only, llama.cpp takes them equal, as the hub's models
+# have them); gpt-oss's SwiGLU limit at 7 (llama.cpp's, not in the file); LFM2-MoE's convs without biases (the
+# converter's squeeze fails on them) and its routed_scaling_factor 1 (not in the file: LFM2-8B-A1B's)
+OTHERS = {"deepseek_v2": dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                               "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
+                                               "mscale": 0.8, "mscale_all_dim": 0.8}),
+          "deepseek_v3": {}, "glm4_moe_lite": {}, "glm4_moe": {}, "gpt_oss": dict(swiglu_limit=7.0),
+          "minimax_m2": {}, "lfm2_moe": dict(conv_bias=False, routed_scaling_factor=1.0), "qwen3_next": {},
+          "qwen3_5_moe": {}, "nemotron_h": {}, "phimoe": dict(rope_parameters=PHI_ROPE)}
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +100,65 @@ def test_q8_0_gguf_equals_the_decoded_model_offloaded_or_not(sources, family, tm
     c = resident.config
     alone = resident.generate(PROMPT, 6, keep_logits=True)
     offloaded = Engine.load(path, EngineOptions(cache_experts=c.top_k, prefetch=1, progress=False))
+    out = offloaded.generate(PROMPT, 6, keep_logits=True)
+    assert torch.equal(out.logits, alone.logits) and out.stats["misses"] > 0
+
+
+def converted(family: str, root, qtype: Q = Q.F32, **options):
+    """The family's tiny checkpoint, its transformers model and its GGUF as llama.cpp's converter writes it."""
+    folder = make_family(root / family, family, seed=5, **OTHERS[family])
+    return reference(folder, family), write_family(folder, family, root / f"{family}.gguf", qtype, **options), folder
+
+
+def rounded(value):
+    """Floats (in lists and dicts too) to 6 significant digits: a float32's."""
+    if isinstance(value, float):
+        return float(f"{value:.6g}")
+    if isinstance(value, list | tuple):
+        return [rounded(v) for v in value]
+    return {k: rounded(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+
+LEGACY = {"attn_kv_b": dict(split_kv_b=False), "ssm_in": dict(split_qkvz=False),
+          "ffn_gate_up_exps": dict(fuse_gate_up=True)}
+
+
+@pytest.mark.parametrize("family", [*OTHERS, "deepseek_v2 with attn_kv_b", "qwen3_next with ssm_in",
+                                    "qwen3_next with ffn_gate_up_exps"])
+def test_f32_gguf_of_every_other_family_gives_transformers_logits(family, tmp_path):
+    """The config is the folder's (but what the file does not say: GLM-4.7-Flash is read as DeepSeek-V3, Nemotron-H's
+    context is the converter's 2**20 and its scan's chunk ours; numbers as float32 keeps them), every tensor is
+    the folder's (within float32's rounding of what the converter computed); and DeepSeek-V2 and Qwen3-Next also as
+    older converters wrote them: kv_b_proj whole (`attn_kv_b`), in_proj_qkvz whole (`ssm_in`); and with each layer's
+    gate and up experts fused (the converter's --fuse-gate-up-exps)."""
+    family, _, legacy = family.partition(" with ")
+    model, path, folder = converted(family, tmp_path, **LEGACY.get(legacy, {}))
+    ours, hub = Checkpoint(path), Checkpoint(folder)
+    unsaid = {"family", "max_context", "mamba_chunk"}
+    assert {k: rounded(v) for k, v in asdict(ours.config).items() if k not in unsaid} == {
+        k: rounded(v) for k, v in asdict(hub.config).items() if k not in unsaid}
+    assert ours.expected_dense() == hub.expected_dense()
+    for name in hub.expected_dense():
+        torch.testing.assert_close(ours.dense(name), hub.dense(name), rtol=1e-6, atol=1e-6, msg=name)
+    layer = hub.config.moe_layers[0]
+    for part, t in hub.expert(layer, 1).items():
+        assert torch.equal(ours.expert(layer, 1)[part], t), part
+    got = load(path).generate(PROMPT, 6, keep_logits=True)
+    want = logits_of(model, PROMPT + got.tokens[:-1])[len(PROMPT) - 1:]
+    assert (got.logits - want).abs().max() <= 1e-3 * want.abs().max(), (got.logits - want).abs().max()
+    assert got.tokens == want.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("family, qtype", [("glm4_moe", Q.Q8_0), ("gpt_oss", Q.MXFP4)])
+def test_quantized_gguf_equals_its_decoding_offloaded_or_not(family, qtype, tmp_path):
+    """The experts in Q8_0 (GLM-4.5) or MXFP4 (gpt-oss's own type): the same logits as the file whose tensors are
+    gguf-py's decoding of them; offloaded == resident."""
+    _, path, folder = converted(family, tmp_path, qtype)
+    floats = write_family(folder, family, tmp_path / "decoded.gguf", qtype, decoded=True)
+    resident = load(path)
+    alone = resident.generate(PROMPT, 6, keep_logits=True)
+    assert torch.equal(alone.logits, load(floats).generate(PROMPT, 6, keep_logits=True).logits)
+    offloaded = Engine.load(path, EngineOptions(cache_experts=resident.config.top_k, prefetch=1, progress=False))
     out = offloaded.generate(PROMPT, 6, keep_logits=True)
     assert torch.equal(out.logits, alone.logits) and out.stats["misses"] > 0
 
@@ -169,6 +247,10 @@ def test_refusals_are_one_line(sources, tmp_path):
     write_gguf(model, "olmoe", tmp_path / "iq.gguf", raw=iq)
     with pytest.raises(UserError, match=r"tensor type IQ4_NL is not read \(blk.0.ffn_up_exps.weight and 1 more"):
         Checkpoint(tmp_path / "iq.gguf")
+    _, path, _ = converted("qwen3_next", tmp_path)  # an arch's own key missing (renamed here)
+    bad.write_bytes(path.read_bytes().replace(b"qwen3next.ssm.time_step_rank", b"qwen3next.ssm.time_step_rXnk"))
+    with pytest.raises(UserError, match=r"bad.gguf: metadata qwen3next.ssm.time_step_rank is missing$"):
+        Checkpoint(bad)
     (tmp_path / "m-00002-of-00003.gguf").write_bytes(b"")
     with pytest.raises(UserError, match="is part 2 of 3: give the first file, m-00001-of-00003.gguf"):
         Checkpoint(tmp_path / "m-00002-of-00003.gguf")
@@ -178,20 +260,23 @@ def test_names_are_those_of_gguf_pys_tables():
     """Every name the families map is one that gguf-py's tables give their architectures (`MODEL_TENSORS`)."""
     import re
 
+    import gguf_families
+    import gguf_files
+
     from offload_moe.models import FAMILIES, GGUF_COMMON, GGUF_EXPERTS
 
     arch_of = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
 
     def names(archs) -> set[str]:
         return {gguf.TENSOR_NAMES[t].format(bid=0) + w for a in archs for t in gguf.MODEL_TENSORS[arch_of[a]]
-                for w in (".weight", ".bias")}
+                for w in (".weight", ".bias", "")}  # Mamba's A has no suffix
 
     read = [a for f in FAMILIES for a in getattr(f, "GGUF_ARCH", {})]
-    assert set(read) == {"llama", "qwen2moe", "qwen3moe", "olmoe"}
+    assert set(read) == set(gguf_files.ARCH.values()) | set(gguf_families.ARCH.values())
     for family in FAMILIES:
-        for pattern, _ in getattr(family, "GGUF_DENSE", []):
+        for pattern, *_ in getattr(family, "GGUF_DENSE", []):
             assert any(re.fullmatch(pattern, n) for n in names(family.GGUF_ARCH)), pattern
     for pattern, _ in GGUF_COMMON:
         assert any(re.fullmatch(pattern, n) for n in names(read)), pattern
-    for arch in read:
-        assert sum(bool(re.fullmatch(GGUF_EXPERTS, n)) for n in names([arch])) == 3, arch
+    for arch in read:  # each arch's experts are stacked: up and down at least (relu2 experts have no gate)
+        assert {m[2] for n in names([arch]) if (m := re.fullmatch(GGUF_EXPERTS, n))} >= {"up", "down"}, arch

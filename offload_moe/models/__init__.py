@@ -18,10 +18,17 @@ A family may also declare, for checkpoints laid out otherwise (Qwen3.5-MoE's):
                made at load of the parts, which DENSE names (Qwen3.5's separate in_proj_qkv and in_proj_z).
 A family that llama.cpp converts (a GGUF file, `weights/gguf.py`) also declares:
   GGUF_ARCH    {GGUF `general.architecture`: our model_type}, the names llama.cpp's converter writes;
-  GGUF_DENSE   [(llama.cpp tensor-name regex, our name)] beyond `GGUF_COMMON`;
+  GGUF_DENSE   [(llama.cpp tensor-name regex, our name[, undo])] beyond `GGUF_COMMON` (the first match wins);
+               `undo(config, tensor)`: what reverses the converter's change to that tensor (Qwen3-Next's norms
+               stored as 1 + w, Mamba's A stored as -exp(A_log), ...);
   GGUF_PERMUTED  whether the converter interleaved wq/wk rows for its RoPE (the `llama` arch), undone at load.
   GGUF_EXPERT  a regex for one expert's tensor in files that predate stacked experts (groups: layer, part in
                `GGUF_PARTS`, expert), or None; every file stacks them in `GGUF_EXPERTS`.
+and may declare:
+  GGUF_PARTS   its own {llama.cpp part: ours} (relu2 experts: up is w1);
+  GGUF_JOINED  as JOINED, for a tensor the converter split (DeepSeek's kv_b_proj in attn_k_b and attn_v_b);
+  gguf_config(c, g)  what completes the config.json `c` from the file `g` (`g.meta(key)`: `{arch}.key`; its tensor
+               names): the arch's own metadata keys (latent attention's sizes, the Mamba keys), a model_type.
 The shared pieces live once, in `modeling/`; checkpoint reading, in `weights/checkpoint.py`.
 
 Our names: `tok_embeddings`, `norm`, `output`, `layers.N.attention_norm`, `layers.N.ffn_norm`,
@@ -89,8 +96,9 @@ GGUF_COMMON = [
     (B + r"attn_([qk])_norm\.weight", "layers.{0}.attention.{1}_norm.weight"),
     (B + r"ffn_gate_inp\.weight", "layers.{0}.gate.weight"),
 ]
-# a layer's experts stacked in one tensor per part: gate and up [E, I, D], down [E, D, I]
-GGUF_EXPERTS = B + r"ffn_(gate|up|down)_exps\.weight"
+# a layer's experts stacked in one tensor per part: gate and up [E, I, D], down [E, D, I], biases [E, I] and [E, D]
+# (gpt-oss); or gate and up fused, [E, 2I, D] (gate rows first: the converter's --fuse-gate-up-exps)
+GGUF_EXPERTS = B + r"ffn_(gate_up|gate|up|down)_exps\.(weight|bias)"
 GGUF_PARTS = {"gate": "w1", "up": "w3", "down": "w2"}
 # GGUF metadata, the key after `{arch}.` -> the config.json key that the family's `config` reads
 GGUF_CONFIG = {
@@ -101,6 +109,10 @@ GGUF_CONFIG = {
     "feed_forward_length": "intermediate_size", "expert_feed_forward_length": "moe_intermediate_size",
     "expert_shared_feed_forward_length": "shared_expert_intermediate_size", "expert_count": "num_local_experts",
     "expert_used_count": "num_experts_per_tok", "expert_weights_norm": "norm_topk_prob",
+    "expert_weights_scale": "routed_scaling_factor", "expert_shared_count": "n_shared_experts",
+    "expert_group_count": "n_group", "expert_group_used_count": "topk_group",
+    "leading_dense_block_count": "first_k_dense_replace", "attention.q_lora_rank": "q_lora_rank",
+    "attention.kv_lora_rank": "kv_lora_rank", "attention.layer_norm_epsilon": "layer_norm_epsilon",
 }
 
 

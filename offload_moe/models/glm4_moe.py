@@ -7,7 +7,11 @@ bias on o), optional per-head QK-norm (`use_qk_norm`), and partial RoPE (`partia
 0.5 when absent, as transformers: the first half of each head's dims turn).
 
 The hub's checkpoints also hold the multi-token-prediction layer (`model.layers.{num_hidden_layers}.*`,
-`num_nextn_predict_layers`): its tensors are not read (transformers ignores them too)."""
+`num_nextn_predict_layers`): its tensors are not read (transformers ignores them too).
+
+GGUF: llama.cpp's `glm4moe` arch; its converter keeps the multi-token-prediction layer as the last block
+(`nextn_predict_layers`: not read), names the post-attention norm `post_attention_norm`, and gives the rotary dims
+as `rope.dimension_count` (head_dim x partial_rotary_factor)."""
 
 from __future__ import annotations
 
@@ -32,6 +36,29 @@ EXPERT = L + r"experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight"
 PARTS = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 # transformers 5's in-memory layout, should a checkpoint hold it: gate_up_proj [E, 2I, D], down_proj [E, D, I]
 FUSED = r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)"
+
+GGUF_ARCH = {"glm4moe": "glm4_moe"}
+B = r"blk\.(\d+)\."
+# the router's choice bias, the shared expert and the dense layers' MLP (DeepSeek's GGUF names them alike)
+GGUF_MOE = [
+    (B + r"exp_probs_b\.bias", "layers.{0}.gate.e_score_correction_bias"),
+    (B + r"ffn_gate_shexp\.weight", "layers.{0}.shared.w1.weight"),
+    (B + r"ffn_up_shexp\.weight", "layers.{0}.shared.w3.weight"),
+    (B + r"ffn_down_shexp\.weight", "layers.{0}.shared.w2.weight"),
+    (B + r"ffn_gate\.weight", "layers.{0}.mlp.w1.weight"),
+    (B + r"ffn_up\.weight", "layers.{0}.mlp.w3.weight"),
+    (B + r"ffn_down\.weight", "layers.{0}.mlp.w2.weight"),
+]
+GGUF_DENSE = [(B + r"post_attention_norm\.weight", "layers.{0}.ffn_norm.weight"), *GGUF_MOE]
+GGUF_PERMUTED = False
+GGUF_EXPERT = None  # llama.cpp's files of this family all stack the experts
+
+
+def gguf_config(c: dict, g) -> None:
+    """The rotary share from the rotary dims, QK-norm from its tensors."""
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    c["partial_rotary_factor"] = g.need("rope.dimension_count") / head_dim
+    c["use_qk_norm"] = any(name.endswith(".attn_q_norm.weight") for name in g.tensors)
 
 
 def config(c: dict, path: Path) -> ModelConfig:

@@ -9,7 +9,12 @@ even, up odd), with `gate_up_proj_bias` [E, 2I]; `down_proj` [E, I, D] with `dow
 official checkpoints store both weights as MXFP4 (`quantization_config.quant_method` "mxfp4"):
 `*_blocks` [E, N, K/32, 16] uint8 and `*_scales` [E, N, K/32] uint8, output-major (N = 2I interleaved
 rows for gate_up, N = D for down), which `mxfp4.py` keeps as they are; the BF16 variants hold the plain
-tensors. FUSED_PARTS says which of our parts each one holds (checkpoint.py reads it)."""
+tensors. FUSED_PARTS says which of our parts each one holds (checkpoint.py reads it).
+
+GGUF: llama.cpp's `gpt-oss` arch. Its converter splits gate_up apart (gate the even rows, up the odd ones, each
+expert's [I, D] as ours; their biases alike), transposes the BF16 weights, keeps MXFP4 as ggml's MXFP4 (decoded
+to float here, by gguf-py), and names the sinks `attn_sinks`, the post-attention norm `post_attention_norm`. The
+file has no SwiGLU limit (llama.cpp's is 7, the hub's) and no YaRN `truncate` (false in the hub's config)."""
 
 from __future__ import annotations
 
@@ -43,6 +48,23 @@ FUSED_PARTS = {
     "down_proj_scales": {"w2_scales": ((), False)},
 }
 LAYER_TYPES = ("sliding_attention", "full_attention")
+
+GGUF_ARCH = {"gpt-oss": "gpt_oss"}
+B = r"blk\.(\d+)\."
+GGUF_DENSE = [
+    (B + r"post_attention_norm\.weight", "layers.{0}.ffn_norm.weight"),
+    (B + r"attn_sinks\.weight", "layers.{0}.attention.sinks"),
+    (B + r"attn_output\.bias", "layers.{0}.attention.wo.bias"),
+    (B + r"ffn_gate_inp\.bias", "layers.{0}.gate.bias"),
+]
+GGUF_PERMUTED = False
+GGUF_EXPERT = None  # llama.cpp's files of this family all stack the experts
+
+
+def gguf_config(c: dict, g) -> None:
+    """YaRN without truncation, as the hub's config.json says."""
+    if "rope_scaling" in c:
+        c["rope_scaling"]["truncate"] = False
 
 
 def config(c: dict, path: Path) -> ModelConfig:

@@ -9,7 +9,12 @@ unbiased sigmoid, renormalised (`norm_topk_prob`) and times `routed_scaling_fact
 `Lfm2MoeTopKRouter` (which renormalises over the sum + 1e-6: `router_norm_eps`).
 
 The hub's config.json says `norm_eps` (not rms_norm_eps); `tie_embedding`, when present, wins over
-tie_word_embeddings (true by default), as transformers reads it."""
+tie_word_embeddings (true by default), as transformers reads it.
+
+GGUF: llama.cpp's `lfm2moe` arch. The layers' kinds are in `attention.head_count_kv`, one count a layer (0 on the
+conv layers); the converter squeezes the conv's [D, 1, L] to [D, L] (read back as ours) and names the final norm
+(the hub's `embedding_norm`) `token_embd_norm`. It writes no conv biases (its squeeze fails on them: LFM2-8B-A1B
+has none) and no routed_scaling_factor (LFM2-8B-A1B's is 1, as here by default)."""
 
 from __future__ import annotations
 
@@ -39,6 +44,29 @@ PARTS = {"w1": "w1", "w3": "w3", "w2": "w2"}
 # transformers 5's in-memory layout, should a checkpoint hold it: gate_up_proj [E, 2I, D], down_proj [E, D, I]
 FUSED = L + r"feed_forward\.experts\.(gate_up_proj|down_proj)"
 LAYER_TYPES = ("conv", "full_attention")
+
+GGUF_ARCH = {"lfm2moe": "lfm2_moe"}
+B = r"blk\.(\d+)\."
+GGUF_DENSE = [
+    (r"token_embd_norm\.weight", "norm.weight"),
+    (B + r"shortconv\.in_proj\.weight", "layers.{0}.attention.wbcx.weight"),
+    (B + r"shortconv\.conv\.weight", "layers.{0}.attention.conv.weight"),
+    (B + r"shortconv\.out_proj\.weight", "layers.{0}.attention.wo.weight"),
+    (B + r"ffn_gate\.weight", "layers.{0}.mlp.w1.weight"),
+    (B + r"ffn_up\.weight", "layers.{0}.mlp.w3.weight"),
+    (B + r"ffn_down\.weight", "layers.{0}.mlp.w2.weight"),
+    (B + r"exp_probs_b\.bias", "layers.{0}.gate.e_score_correction_bias"),
+]
+GGUF_PERMUTED = False
+GGUF_EXPERT = None  # llama.cpp's files of this family all stack the experts
+
+
+def gguf_config(c: dict, g) -> None:
+    """The layers' kinds from the per-layer KV heads; the hub's names of the rest."""
+    kv = g.need("attention.head_count_kv")
+    c |= {"layer_types": [LAYER_TYPES[n > 0] for n in kv], "num_key_value_heads": max(kv),
+          "num_experts": c.get("num_local_experts"), "num_dense_layers": c.pop("first_k_dense_replace", 0),
+          "conv_L_cache": g.need("shortconv.l_cache"), "norm_eps": c.get("rms_norm_eps", 1e-5)}
 
 
 def config(c: dict, path: Path) -> ModelConfig:

@@ -8,7 +8,10 @@
   partial RoPE: the first `rotary_dim` dims of each head (the hub's key), or `partial_rotary_factor` (in
       `rope_parameters`, or at the top), in transformers' order of precedence.
 Linear attention layers (`attn_type_list` 0, MiniMax-Text-01's), a shared expert (`shared_intermediate_size`)
-and per-head QK-norm are refused. The hub's own files are block-FP8: read, dequantized at load (`weights/fp8.py`)."""
+and per-head QK-norm are refused. The hub's own files are block-FP8: read, dequantized at load (`weights/fp8.py`).
+
+GGUF: llama.cpp's `minimax-m2` arch, Mixtral's stacked experts with the router's choice bias (`exp_probs_b`) and
+the rotary dims as `rope.dimension_count`; no tensor is changed."""
 
 from __future__ import annotations
 
@@ -23,6 +26,15 @@ MODEL_TYPES = {"minimax_m2": ("MiniMaxM2ForCausalLM",)}
 DENSE = mixtral.DENSE + [(r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.e_score_correction_bias",
                           "layers.{0}.gate.e_score_correction_bias")]
 EXPERT, PARTS, FUSED = mixtral.EXPERT, mixtral.PARTS, mixtral.FUSED
+
+GGUF_ARCH = {"minimax-m2": "minimax_m2"}
+GGUF_DENSE = [(r"blk\.(\d+)\.exp_probs_b\.bias", "layers.{0}.gate.e_score_correction_bias")]
+GGUF_PERMUTED = False
+GGUF_EXPERT = None  # llama.cpp's files of this family all stack the experts
+
+
+def gguf_config(c: dict, g) -> None:
+    c["rotary_dim"] = g.need("rope.dimension_count")
 
 
 def config(c: dict, path: Path) -> ModelConfig:

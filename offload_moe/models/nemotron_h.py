@@ -15,15 +15,26 @@ Our layer i is the pattern's i: M and * are `mixer_only` (attention_norm, then t
 cast back, ours in the activation dtype (Llama's): the same in float32, a rounding apart in bfloat16.
 
 Refused: a latent MoE (`moe_latent_size`, Nemotron-3-Super's experts in a smaller space) and activations other
-than silu (Mamba) and relu2 (MLPs). A multi-token-prediction layer (`mtp.*`) is not read."""
+than silu (Mamba) and relu2 (MLPs). A multi-token-prediction layer (`mtp.*`) is not read.
+
+GGUF: llama.cpp's `nemotron_h_moe` arch. A layer's kind is the kind of its tensors (`ssm_in` M, `attn_q` *,
+`ffn_up_exps` E, `ffn_up` -; the per-layer `head_count_kv` and `feed_forward_length` leave the dense MLP's out);
+the Mamba sizes are Mamba's keys (`ssm.time_step_rank` the heads, `ssm.inner_size` all their dims,
+`ssm.group_count`, `ssm.state_size`, `ssm.conv_kernel`). The converter stores A as -exp(A_log), A and D as
+[H, 1], the norm as [groups, inner / groups], the conv squeezed, and interleaves the attention's q/k rows as
+Llama's (harmless without RoPE): each undone here. The folded multi-token-prediction block (`nextn_predict_layers`)
+is not read."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
+import torch
+
 from ..config import ModelConfig, hf_common, need
 from ..errors import UserError
+from .qwen3_next import a_log
 
 MODEL_TYPES = {"nemotron_h": ("NemotronHForCausalLM",)}
 
@@ -62,6 +73,53 @@ PARTS = {"up_proj": "w1", "down_proj": "w2"}
 FUSED = M + r"experts\.(up_proj|down_proj)"
 FUSED_PARTS = {"up_proj": {"w1": ((), False)}, "down_proj": {"w2": ((), False)}}
 SKIPPED = {r"mtp\..*": "the multi-token-prediction layers"}
+
+GGUF_ARCH = {"nemotron_h_moe": "nemotron_h"}
+B, P = r"blk\.(\d+)\.", "layers.{0}.attention."
+
+
+def _flat(c: ModelConfig, norm: torch.Tensor) -> torch.Tensor:
+    return norm.flatten()
+
+
+GGUF_DENSE = [
+    (B + r"attn_norm\.weight", _norm),
+    (B + r"ssm_in\.(weight|bias)", P + "wzxbcdt.{1}"),
+    (B + r"ssm_conv1d\.(weight|bias)", P + "conv.{1}"),
+    (B + r"ssm_dt\.bias", P + "dt_bias"),
+    (B + r"ssm_a", P + "A_log", a_log),
+    (B + r"ssm_d", P + "skip"),
+    (B + r"ssm_norm\.weight", P + "norm", _flat),
+    (B + r"ssm_out\.(weight|bias)", P + "wo.{1}"),
+    (B + r"ffn_up\.weight", "layers.{0}.mlp.w1.weight"),
+    (B + r"ffn_down\.weight", "layers.{0}.mlp.w2.weight"),
+    (B + r"exp_probs_b\.bias", "layers.{0}.gate.e_score_correction_bias"),
+    (B + r"ffn_up_shexp\.weight", "layers.{0}.shared.w1.weight"),
+    (B + r"ffn_down_shexp\.weight", "layers.{0}.shared.w2.weight"),
+]
+GGUF_PARTS = {"up": "w1", "down": "w2"}
+GGUF_PERMUTED = True
+GGUF_EXPERT = None  # llama.cpp's files of this family all stack the experts
+GGUF_KINDS = {"ssm_in.weight": "M", "attn_q.weight": "*", "ffn_up_exps.weight": "E", "ffn_up.weight": "-"}
+
+
+def gguf_config(c: dict, g) -> None:
+    """The layer pattern from each layer's tensors, the Mamba keys, the dense MLP's size from its tensor."""
+    pattern = ""
+    for i in range(c["num_hidden_layers"]):
+        kind = next((k for name, k in GGUF_KINDS.items() if f"blk.{i}.{name}" in g.tensors), None)
+        if kind is None:
+            raise UserError(f"{g.path}: layer {i} has none of {', '.join(GGUF_KINDS)}: not a layer of Nemotron-H")
+        pattern += kind
+    heads, dense = g.need("ssm.time_step_rank"), pattern.find("-")
+    c |= {"hybrid_override_pattern": pattern, "num_key_value_heads": max(g.need("attention.head_count_kv")),
+          "mamba_num_heads": heads, "mamba_head_dim": g.need("ssm.inner_size") // heads,
+          "n_groups": g.need("ssm.group_count"), "ssm_state_size": g.need("ssm.state_size"),
+          "conv_kernel": g.need("ssm.conv_kernel"), "n_routed_experts": c.get("num_local_experts"),
+          "moe_shared_expert_intermediate_size": c.pop("shared_expert_intermediate_size", 0),
+          "intermediate_size": g.tensor(f"blk.{dense}.ffn_up.weight").shape[0] if dense >= 0 else 0,
+          "use_conv_bias": any(name.endswith(".ssm_conv1d.bias") for name in g.tensors),
+          "use_bias": any(name.endswith(".ssm_in.bias") for name in g.tensors)}
 
 
 def layer_types(c: dict, path: Path) -> list[str]:

@@ -21,7 +21,15 @@ the others, zero-centred RMSNorms, a softmax router over 256 experts top-8 plus 
   config that would not reduce so (a scaled `rope_type`, sections that are not three counts) is refused.
 
 The hub's experts are fused (`mlp.experts.gate_up_proj` [E, 2I, D], `down_proj` [E, D, I], `FUSED`); transformers'
-save_pretrained writes them one by one (`EXPERT`): both are read."""
+save_pretrained writes them one by one (`EXPERT`): both are read.
+
+GGUF: llama.cpp's `qwen35moe` arch: Qwen3-Next's changes (`qwen3_next.py`: norms as 1 + w, A = -exp(A_log), the
+conv squeezed, Mamba's keys; in_proj_qkv as `attn_qkv`, in_proj_z as `attn_gate`, in_proj_b and in_proj_a as
+`ssm_beta` and `ssm_alpha`), the multimodal RoPE's sections in `rope.dimension_sections`, the multi-token-prediction
+layer as a last block (`nextn_predict_layers`: not read), and the value heads reordered from grouped per key head
+to tiled (each key head's first value head, then each one's second, ...: ggml's broadcast) in every tensor that
+has them (the v rows of attn_qkv and of the conv, attn_gate, ssm_beta, ssm_alpha, A, dt_bias, ssm_out's
+columns): put back here, then joined as the hub's parts are."""
 
 from __future__ import annotations
 
@@ -32,6 +40,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import UserError
 from . import qwen3_next, qwen_moe
+from .qwen3_next import a_log, ba, qkvz
 
 MODEL_TYPES = {t: ("Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeForCausalLM")
                for t in ("qwen3_5_moe", "qwen3_5_moe_text")}
@@ -47,25 +56,65 @@ DENSE = [
 EXPERT, PARTS, FUSED = qwen_moe.EXPERT, qwen_moe.PARTS, qwen3_next.FUSED
 
 
-def _qkvz(c: ModelConfig, qkv: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """in_proj_qkv [2 Hk dk + Hv dv, D] and in_proj_z [Hv dv, D] -> wqkvz, grouped per key head."""
-    Hk, dk, D = c.linear_k_heads, c.linear_k_dim, c.dim
-    r_dv = c.linear_v_heads // Hk * c.linear_v_dim  # the value dims of one key head's value heads
-    q, k, v = qkv.split([Hk * dk, Hk * dk, Hk * r_dv])
-    return torch.cat([q.view(Hk, dk, D), k.view(Hk, dk, D), v.view(Hk, r_dv, D), z.view(Hk, r_dv, D)], 1).flatten(0, 1)
-
-
-def _ba(c: ModelConfig, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """in_proj_b, in_proj_a [Hv, D] -> wba, grouped per key head: its value heads' b, then their a."""
-    Hk, D = c.linear_k_heads, c.dim
-    return torch.cat([b.view(Hk, -1, D), a.view(Hk, -1, D)], 1).flatten(0, 1)
-
-
 P = "layers.{0}.attention."
 JOINED = [
-    (P + "wqkvz.weight", (P + "in_proj_qkv.weight", P + "in_proj_z.weight"), _qkvz),
-    (P + "wba.weight", (P + "in_proj_b.weight", P + "in_proj_a.weight"), _ba),
+    (P + "wqkvz.weight", (P + "in_proj_qkv.weight", P + "in_proj_z.weight"), qkvz),
+    (P + "wba.weight", (P + "in_proj_b.weight", P + "in_proj_a.weight"), ba),
 ]
+
+
+def _grouped(c: ModelConfig, t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """Value heads (of `size` along `dim`) from the converter's tiled order back to grouped per key head."""
+    r = c.linear_v_heads // c.linear_k_heads
+    return t.unflatten(dim, (r, c.linear_k_heads, size)).transpose(dim, dim + 1).flatten(dim, dim + 2)
+
+
+def _v_rows(c: ModelConfig, t: torch.Tensor) -> torch.Tensor:
+    """attn_qkv's or the conv's rows: q and k as they are, the v rows grouped again."""
+    qk = 2 * c.linear_k_heads * c.linear_k_dim
+    return torch.cat([t[:qk], _grouped(c, t[qk:], 0, c.linear_v_dim)])
+
+
+def _v_heads(c: ModelConfig, t: torch.Tensor) -> torch.Tensor:
+    return _grouped(c, t, 0, c.linear_v_dim)
+
+
+def _heads(c: ModelConfig, t: torch.Tensor) -> torch.Tensor:
+    return _grouped(c, t, 0, 1)
+
+
+def _v_columns(c: ModelConfig, t: torch.Tensor) -> torch.Tensor:
+    return _grouped(c, t, 1, c.linear_v_dim)
+
+
+def _a_log(c: ModelConfig, a: torch.Tensor) -> torch.Tensor:
+    return a_log(c, _heads(c, a))
+
+
+B = qwen3_next.B
+GGUF_ARCH = {"qwen35moe": "qwen3_5_moe"}
+GGUF_DENSE = [
+    *qwen3_next.GGUF_NORMS,
+    (B + r"attn_qkv\.weight", P + "in_proj_qkv.weight", _v_rows),
+    (B + r"attn_gate\.weight", P + "in_proj_z.weight", _v_heads),
+    (B + r"ssm_beta\.weight", P + "in_proj_b.weight", _heads),
+    (B + r"ssm_alpha\.weight", P + "in_proj_a.weight", _heads),
+    (B + r"ssm_conv1d\.weight", P + "conv.weight", _v_rows),
+    (B + r"ssm_dt\.bias", P + "dt_bias", _heads),
+    (B + r"ssm_a", P + "A_log", _a_log),
+    (B + r"ssm_norm\.weight", P + "norm.weight"),
+    (B + r"ssm_out\.weight", P + "wo.weight", _v_columns),
+    *qwen_moe.GGUF_DENSE,
+]
+GGUF_JOINED = JOINED
+GGUF_PERMUTED = False
+GGUF_EXPERT = None  # llama.cpp's files of this family all stack the experts
+
+
+def gguf_config(c: dict, g) -> None:
+    """Qwen3-Next's keys, and the multimodal RoPE's sections (a fourth, always 0, is ggml's)."""
+    qwen3_next.gguf_config(c, g)
+    c["rope_parameters"] = {"rope_type": "default", "mrope_section": list(g.need("rope.dimension_sections"))[:3]}
 
 
 def config(c: dict, path: Path) -> ModelConfig:

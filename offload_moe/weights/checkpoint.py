@@ -18,9 +18,10 @@ Layouts read, tensor by tensor (safetensors and mmap'd torch files), never the w
             we permute them once here to the rotate-halves convention that the model uses.
   gguf      llama.cpp's file (`NAME.gguf`, or the first file of a split set), through `gguf.py`: the config from
             its metadata, the family's GGUF names (`blk.N.attn_q.weight`), each expert a slice of its layer's
-            stacked `ffn_{gate,up,down}_exps` (or, in Mixtral files before April 2024, `ffn_gate.E`), decoded
-            exactly to float; the `llama` arch's wq/wk are interleaved
-            as the original layout's, and permuted back the same way.
+            stacked `ffn_{gate,up,down}_exps` (or fused `ffn_gate_up_exps`; or, in Mixtral files before April
+            2024, `ffn_gate.E`), decoded exactly to float; the `llama` arch's wq/wk are interleaved as the
+            original layout's, and permuted back the same way; what else the converter changed, the family's GGUF
+            tables undo (a tensor it split is joined again, a value it stored transformed is transformed back).
 
 Block-FP8 weights (an hf layout whose config.json has `quantization_config` fp8: DeepSeek-V3/R1's, MiniMax-M2's
 and GLM's own files) are read through `fp8.py`: each weight with a `<name>_scale_inv` comes out dequantized
@@ -120,7 +121,7 @@ class Checkpoint:
             if quant.get("quant_method") == "fp8":
                 self.fp8 = BlockFP8(quant, self.path / "config.json")
             self._index_hf()
-            self._join()
+            self._join(getattr(self.family, "JOINED", ()))
             self._check_beyond(int(raw.get("num_nextn_predict_layers") or 0))
         elif (self.path / "params.json").exists():
             self.layout = "original"
@@ -194,10 +195,11 @@ class Checkpoint:
                 else:
                     self._add_dense(key, dense, file, None, stored)
 
-    def _join(self) -> None:
-        """The family's `JOINED` [(our name, its parts' names, join)], each name with `{0}` for the layer: where a
-        layer has every part (as the family's DENSE names them), ours reads them all and joins them."""
-        for target, parts, join in getattr(self.family, "JOINED", ()):
+    def _join(self, table) -> None:
+        """The family's `JOINED` (or `GGUF_JOINED`) [(our name, its parts' names, join)], each name with `{0}` for
+        the layer: where a layer has every part (as the family's tables name them), ours reads them all and joins
+        them."""
+        for target, parts, join in table:
             for i in range(self.config.n_layers):
                 names = [part.format(i) for part in parts]
                 if all(name in self.dense_sources for name in names):
@@ -230,18 +232,29 @@ class Checkpoint:
                     self._add_dense(key, mixtral.ORIGINAL_DENSE, file, fix)
 
     def _index_gguf(self) -> None:
-        """Every tensor the config needs, by our name; a type gguf.py does not read is refused here, by name."""
+        """Every tensor the config needs, by our name; a type gguf.py does not read is refused here, by name. The
+        layers past the config's (multi-token prediction's, `nextn_predict_layers`) are not read."""
         c, f, g = self.config, self.family, self.gguf
         stacked, alone = re.compile(GGUF_EXPERTS), f.GGUF_EXPERT and re.compile(f.GGUF_EXPERT)
+        parts, I = getattr(f, "GGUF_PARTS", GGUF_PARTS), c.ffn_dim
         for key in g.tensors:
+            if (m := re.match(r"blk\.(\d+)\.", key)) and int(m[1]) >= c.n_layers:
+                continue
             if m := stacked.fullmatch(key):
                 for e in range(c.num_experts):
-                    self.expert_sources[(int(m[1]), e, GGUF_PARTS[m[2]])] = (g.file_of(key), key, _pick(e))
+                    at = (int(m[1]), e)
+                    if m[2] == "gate_up":  # [E, 2I, D]: w1 rows first, then w3
+                        self.expert_sources[(*at, "w1")] = (g.file_of(key), key, _pick(e, (slice(0, I),)))
+                        self.expert_sources[(*at, "w3")] = (g.file_of(key), key, _pick(e, (slice(I, 2 * I),)))
+                    else:  # a bias is b1, b3 or b2 beside w1, w3 or w2
+                        part = parts[m[2]] if m[3] == "weight" else "b" + parts[m[2]][1:]
+                        self.expert_sources[(*at, part)] = (g.file_of(key), key, _pick(e))
             elif alone and (m := alone.fullmatch(key)):
-                self.expert_sources[(int(m[1]), int(m[3]), GGUF_PARTS[m[2]])] = (g.file_of(key), key,
-                                                                                GGUFTensor.dequantize)
+                self.expert_sources[(int(m[1]), int(m[3]), parts[m[2]])] = (g.file_of(key), key,
+                                                                           GGUFTensor.dequantize)
             else:
                 self._add_dense(key, f.GGUF_DENSE + GGUF_COMMON, g.file_of(key), GGUFTensor.dequantize)
+        self._join(getattr(f, "GGUF_JOINED", ()))
         if f.GGUF_PERMUTED:  # llama.cpp's converter interleaved wq/wk rows (LlamaModel.permute)
             for i in range(c.n_layers):
                 for name, heads in (("wq", c.n_heads), ("wk", c.n_kv_heads)):
@@ -250,7 +263,8 @@ class Checkpoint:
                         file, key, _ = self.dense_sources[ours]
                         self.dense_sources[ours] = (file, key, _compose(GGUFTensor.dequantize, _permute(heads)))
         expected = self.expected_dense()
-        used = [key for name, (_, key, _) in self.dense_sources.items() if name in expected]
+        used = [s[1] for name, source in self.dense_sources.items() if name in expected
+                for s in (source.sources if isinstance(source, Joined) else (source,))]
         used += sorted({key for _, key, _ in self.expert_sources.values()})
         unread = [key for key in used if g.tensors[key][1].tensor_type not in READ]
         if unread:
@@ -262,11 +276,12 @@ class Checkpoint:
     def _add_dense(self, key: str, table, file: Path, fix, stored: str | None = None) -> None:
         """`key` as the table reads it; `stored`, as the file names it where a prefix was renamed. A table's name is
         a format string of the match's groups, or a function of the config and them (a name that depends on the
-        layer's kind: Nemotron-H's one norm a layer)."""
-        for pattern, ours in table:
+        layer's kind: Nemotron-H's one norm a layer); a GGUF table's entry may add what undoes the converter's
+        change to the tensor, a function of the config and it, applied after `fix`."""
+        for pattern, ours, *undo in table:
             if m := re.fullmatch(pattern, key):
                 name = ours(self.config, *m.groups()) if callable(ours) else ours.format(*m.groups())
-                self.dense_sources[name] = (file, stored or key, fix)
+                self.dense_sources[name] = (file, stored or key, _undo(fix, *undo, self.config) if undo else fix)
                 return
         # unknown tensors (rotary caches, extra heads) are ignored on purpose
 
@@ -607,6 +622,11 @@ def _pick(e: int, index: tuple[slice, ...] = (), transposed: bool = False):
 
 def _compose(f, g):
     return lambda t: g(f(t))
+
+
+def _undo(fix, undo, config: ModelConfig):
+    """`fix` (reading), then a GGUF table's `undo(config, tensor)`."""
+    return lambda t: undo(config, fix(t))
 
 
 def _permute(n_heads: int):

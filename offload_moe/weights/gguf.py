@@ -24,9 +24,9 @@ from ..errors import UserError
 from ..models import GGUF_CONFIG, config_of, gguf_family
 
 # the tensor types read: floats as they are (F32, F16, BF16), the others decoded exactly by gguf-py; any other
-# (IQ*, TQ*, MXFP4 ...) is refused by name
+# (IQ*, TQ* ...) is refused by name
 FLOATS = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
-DECODED = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+DECODED = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.MXFP4)
 READ = (*FLOATS, *DECODED)
 
 SPLIT = re.compile(r"(.+)-(\d{5})-of-(\d{5})\.gguf")
@@ -100,6 +100,17 @@ class GGUFModel:
             return float(str(np.float32(field.contents())))
         return field.contents()
 
+    def meta(self, key: str):
+        """The arch's own metadata value `{arch}.key`, None when the file lacks it."""
+        return self.value(f"{self.arch}.{key}")
+
+    def need(self, key: str):
+        """`meta(key)`, which this arch's files always have: its absence is a one-line error."""
+        value = self.meta(key)
+        if value is None:
+            raise UserError(f"{self.path}: metadata {self.arch}.{key} is missing")
+        return value
+
     def tensor(self, name: str) -> GGUFTensor:
         _, t = self.tensors[name]
         return GGUFTensor(name, t.tensor_type, tuple(int(n) for n in reversed(t.shape.tolist())), t.data)
@@ -122,8 +133,10 @@ class GGUFModel:
         return self.tensors[name][1].tensor_type.name
 
     def hub_config(self) -> tuple[ModuleType, dict]:
-        """The family, and the metadata as the config.json its reader takes (`models.GGUF_CONFIG`); the rest from
-        the tensors: the vocabulary from token_embd, a tied head where there is no output, attention biases."""
+        """The family, and the metadata as the config.json its reader takes (`models.GGUF_CONFIG`, then the family's
+        `gguf_config`); the rest from the tensors: the vocabulary from token_embd, a tied head where there is no
+        output, attention biases. Layers past `nextn_predict_layers` from the end are multi-token prediction's,
+        not run; YaRN is read as the hub writes it (`rope_scaling`)."""
         family, model_type = gguf_family(self.arch, self.path)
         if "token_embd.weight" not in self.tensors:
             raise UserError(f"{self.path}: tensor token_embd.weight is missing")
@@ -133,15 +146,30 @@ class GGUFModel:
             value = self.value(f"{self.arch}.{key}")
             if value is not None:
                 c[hub] = value
-        scaling = self.value(Keys.Rope.SCALING_TYPE.format(arch=self.arch))
-        if scaling not in (None, "none"):
+        if nextn := self.meta("nextn_predict_layers"):
+            c |= {"num_hidden_layers": c.get("num_hidden_layers", 0) - nextn, "num_nextn_predict_layers": nextn}
+        scaling = self.meta("rope.scaling.type")
+        if scaling == "yarn":
+            c["rope_scaling"] = {"rope_type": "yarn", "factor": self.need("rope.scaling.factor"),
+                                 "original_max_position_embeddings": self.need("rope.scaling.original_context_length")}
+            for key, hub in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow"),
+                             ("yarn_attn_factor", "attention_factor")):
+                if self.meta(f"rope.scaling.{key}") is not None:
+                    c["rope_scaling"][hub] = self.meta(f"rope.scaling.{key}")
+        elif scaling not in (None, "none"):
             raise UserError(f"{self.path}: RoPE scaling {scaling!r} is not read from a GGUF yet")
         c["vocab_size"] = self.tensor("token_embd.weight").shape[0]
         c["tie_word_embeddings"] = "output.weight" not in self.tensors
-        c["qkv_bias"] = c["attention_bias"] = "blk.0.attn_q.bias" in self.tensors
+        c["qkv_bias"] = c["attention_bias"] = any(name.endswith(".attn_q.bias") for name in self.tensors)
         for key, hub in ((Keys.Tokenizer.BOS_ID, "bos_token_id"), (Keys.Tokenizer.EOS_ID, "eos_token_id")):
             if self.value(key) is not None:
                 c[hub] = self.value(key)
+        if hasattr(family, "gguf_config"):
+            try:
+                family.gguf_config(c, self)
+            except (TypeError, ValueError, ArithmeticError, KeyError, IndexError) as e:  # a value of the wrong kind
+                raise UserError(f"{self.path}: a metadata value has the wrong type or range "
+                                f"({type(e).__name__}: {e})") from None
         return family, c
 
     def config(self):
