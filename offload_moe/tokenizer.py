@@ -1,6 +1,6 @@
 """Tokenizers, chat prompts, end-of-sequence ids and incremental decoding.
 
-Two backends behind one interface (`Tokenizer`), chosen by `load_tokenizer(folder)`:
+Two backends behind one interface (`Tokenizer`), chosen by `load_tokenizer(model)`:
   tokenizer.json   Hugging Face's `tokenizers` (Qwen2/3-MoE, OLMoE, Phi-3.5-MoE and most hub checkpoints), with
                    `tokenizer_config.json` applied as transformers' `PreTrainedTokenizerFast` (5.x) applies it:
                    its added and special tokens and `split_special_tokens`; BOS/EOS around a text come from
@@ -8,6 +8,8 @@ Two backends behind one interface (`Tokenizer`), chosen by `load_tokenizer(folde
                    tokenizer.json). A text gives transformers' ids, special tokens written in the text
                    included. Preferred when a folder has both files.
   tokenizer.model  sentencepiece (Mixtral's release layout, the demo model).
+  X.gguf           the file's tokenizer.ggml.* vocabulary, built into a `tokenizers.Tokenizer` that tokenizes as
+                   llama.cpp does (`gguf_tokenizer.py`), served as a tokenizer.json is (`HFTokenizer`).
 
 Chat (`Tokenizer.chat`): the checkpoint's own `chat_template` (chat_template.jinja, else tokenizer_config.json's),
 rendered as transformers renders it (a sandboxed jinja2 environment with trim_blocks and lstrip_blocks, loop
@@ -35,7 +37,8 @@ from .errors import UserError
 
 BUNDLED = Path(__file__).parent / "data" / "tokenizer.model"  # Mixtral's, from mistral-common (Apache-2.0)
 
-# The files of a folder that tokenizing, chat and stopping read (a converted folder needs them all).
+# The files of a folder that tokenizing, chat and stopping read (a converted folder needs them all; a GGUF's
+# tokenizer is written as the first, third and last: `HFTokenizer.save`).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "generation_config.json")
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -71,9 +74,17 @@ class Tokenizer:
         raise NotImplementedError
 
 
-def load_tokenizer(folder: str | Path) -> Tokenizer | None:
-    """The folder's tokenizer: tokenizer.json when it has one, else tokenizer.model, else None."""
-    folder = Path(folder)
+def load_tokenizer(model) -> Tokenizer | None:
+    """The model's tokenizer, None without one. A folder's: tokenizer.json when it has one, else tokenizer.model.
+    A GGUF file's (its path, or the `weights.gguf.GGUFModel` already open): its tokenizer.ggml.* metadata
+    (`gguf_tokenizer`)."""
+    from .weights.gguf import GGUFModel
+
+    if isinstance(model, GGUFModel) or Path(model).suffix == ".gguf":
+        from .gguf_tokenizer import gguf_tokenizer
+
+        return gguf_tokenizer(model if isinstance(model, GGUFModel) else GGUFModel(Path(model)))
+    folder = Path(model)
     if (folder / "tokenizer.json").exists():
         return HFTokenizer.from_folder(folder)
     if (folder / "tokenizer.model").exists():
@@ -223,8 +234,8 @@ def _folder_template(folder: Path, cfg: dict) -> str | None:
 
 class HFTokenizer(Tokenizer):
     """A Hugging Face `tokenizers.Tokenizer` with its named special tokens and chat template: a folder's
-    tokenizer.json with tokenizer_config.json applied as transformers applies it (`from_folder`), or a tokenizer
-    built from another source's vocabulary, which then encodes, chats and decodes by the same code."""
+    tokenizer.json with tokenizer_config.json applied as transformers applies it (`from_folder`), or the vocabulary
+    of a GGUF file (`gguf_tokenizer.gguf_tokenizer`), so both encode, chat and decode by the same code."""
 
     def __init__(self, backend, special: dict[str, str], chat_template: str | None, source: str | Path,
                  eos_ids: tuple[int, ...] | None = None):
@@ -277,6 +288,16 @@ class HFTokenizer(Tokenizer):
         # BOS/EOS around a text: tokenizer.json's post-processor decides (transformers 5 ignores tokenizer_config.json's
         # add_bos_token/add_eos_token when a tokenizer.json is there, and so do we)
         return cls(tk, special, _folder_template(folder, cfg), folder)
+
+    def save(self, folder: str | Path) -> None:
+        """Write this tokenizer as a folder's files that `from_folder` reads back the same: tokenizer.json (its
+        added tokens and post-processor in it), tokenizer_config.json (the named special tokens, the chat template)
+        and generation_config.json (the stop ids). How a GGUF's tokenizer goes into a converted folder."""
+        folder = Path(folder)
+        self.tk.save(str(folder / "tokenizer.json"))
+        config = {**self.special, **({"chat_template": self.chat_template} if self.chat_template else {})}
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+        (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": list(self.eos_ids)}, indent=2))
 
     @property
     def vocab_size(self) -> int:
