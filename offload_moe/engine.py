@@ -93,7 +93,9 @@ class Engine:
             model.prefetcher = Prefetcher(model, predictor, plan.widths, model.cache)
         c = ckpt.config
         pool = KVPool(c, plan.context, plan.options.max_batch, plan.device, plan.dtype)  # generate's is slot 0
-        tok = load_tokenizer(ckpt.path)  # tokenizer.json, else tokenizer.model, else None (ids only)
+        # a GGUF's from its metadata (the file mapped once), a folder's tokenizer.json, else tokenizer.model, else
+        # None (ids only)
+        tok = load_tokenizer(ckpt.gguf or ckpt.path)
         eos = generation_eos_ids(ckpt.path) + (tok.eos_ids if tok is not None else ())
         return cls(ckpt, model, model.cache, pool.seqs[0], tok, plan.options, plan.device, plan.dtype,
                    plan=plan.memory, file_eos_ids=eos, pool=pool)
@@ -141,7 +143,7 @@ class Engine:
                             "a prompt that goes in as it is")
         if isinstance(prompt, str) or is_messages:
             if self.tokenizer is None:
-                has = ("its own vocabulary is not read yet" if self.checkpoint.layout == "gguf"
+                has = ("no tokenizer.ggml.model in its metadata" if self.checkpoint.layout == "gguf"
                        else "tokenizer.json or tokenizer.model")
                 raise UserError(f"{self.checkpoint.path} has no tokenizer ({has}): pass token ids (--prompt-ids)")
             prompt = (self.tokenizer.chat(prompt, **(template_args or {})) if chat or is_messages

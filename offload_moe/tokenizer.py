@@ -1,6 +1,6 @@
 """Tokenizers, chat prompts, end-of-sequence ids and incremental decoding.
 
-Two backends behind one interface (`Tokenizer`), chosen by `load_tokenizer(folder)`:
+Two backends behind one interface (`Tokenizer`), chosen by `load_tokenizer(model)`:
   tokenizer.json   Hugging Face's `tokenizers` (Qwen2/3-MoE, OLMoE, Phi-3.5-MoE and most hub checkpoints), with
                    `tokenizer_config.json` applied as transformers' `PreTrainedTokenizerFast` (5.x) applies it:
                    its added and special tokens and `split_special_tokens`; BOS/EOS around a text come from
@@ -8,6 +8,8 @@ Two backends behind one interface (`Tokenizer`), chosen by `load_tokenizer(folde
                    tokenizer.json). A text gives transformers' ids, special tokens written in the text
                    included. Preferred when a folder has both files.
   tokenizer.model  sentencepiece (Mixtral's release layout, the demo model).
+  X.gguf           the file's tokenizer.ggml.* vocabulary, built into a `tokenizers.Tokenizer` that tokenizes as
+                   llama.cpp does (`gguf_tokenizer.py`), served as a tokenizer.json is (`HFTokenizer`).
 
 Chat (`Tokenizer.chat`): the checkpoint's own `chat_template` (chat_template.jinja, else tokenizer_config.json's),
 rendered as transformers renders it (a sandboxed jinja2 environment with trim_blocks and lstrip_blocks, loop
@@ -35,7 +37,8 @@ from .errors import UserError
 
 BUNDLED = Path(__file__).parent / "data" / "tokenizer.model"  # Mixtral's, from mistral-common (Apache-2.0)
 
-# The files of a folder that tokenizing, chat and stopping read (a converted folder needs them all).
+# The files of a folder that tokenizing, chat and stopping read (a converted folder needs them all; a GGUF's
+# tokenizer is written as the first, third and last: `HFTokenizer.save`).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "generation_config.json")
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -71,11 +74,19 @@ class Tokenizer:
         raise NotImplementedError
 
 
-def load_tokenizer(folder: str | Path) -> Tokenizer | None:
-    """The folder's tokenizer: tokenizer.json when it has one, else tokenizer.model, else None."""
-    folder = Path(folder)
+def load_tokenizer(model) -> Tokenizer | None:
+    """The model's tokenizer, None without one. A folder's: tokenizer.json when it has one, else tokenizer.model.
+    A GGUF file's (its path, or the `weights.gguf.GGUFModel` already open): its tokenizer.ggml.* metadata
+    (`gguf_tokenizer`)."""
+    from .weights.gguf import GGUFModel
+
+    if isinstance(model, GGUFModel) or Path(model).suffix == ".gguf":
+        from .gguf_tokenizer import gguf_tokenizer
+
+        return gguf_tokenizer(model if isinstance(model, GGUFModel) else GGUFModel(Path(model)))
+    folder = Path(model)
     if (folder / "tokenizer.json").exists():
-        return HFTokenizer(folder)
+        return HFTokenizer.from_folder(folder)
     if (folder / "tokenizer.model").exists():
         return SentencePieceTokenizer(folder / "tokenizer.model")
     return None
@@ -192,79 +203,101 @@ def _added_token(token, special: bool | None = None):
     return AddedToken(str(token), special=True if special is None else special)
 
 
+def _folder_config(folder: Path) -> dict:
+    """tokenizer_config.json, with a legacy special_tokens_map.json over it (read, as transformers reads
+    it, only when the config has no added_tokens_decoder)."""
+    path = folder / "tokenizer_config.json"
+    cfg = read_json(path) if path.exists() else {}
+    legacy = folder / "special_tokens_map.json"
+    if "added_tokens_decoder" not in cfg and legacy.exists():
+        for key, value in read_json(legacy).items():
+            if key in ("additional_special_tokens", "extra_special_tokens") and isinstance(value, list):
+                have = list(cfg.get(key) or [])
+                cfg[key] = have + [t for t in value if t not in have]
+            else:
+                cfg[key] = value
+    return cfg
+
+
+def _folder_template(folder: Path, cfg: dict) -> str | None:
+    """chat_template.jinja, else tokenizer_config.json's chat_template (a string, or named templates: the
+    'default' one)."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.exists():
+        return jinja.read_text()
+    template = cfg.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
+
+
 class HFTokenizer(Tokenizer):
-    """A Hugging Face `tokenizer.json`, with `tokenizer_config.json` applied as transformers applies it."""
+    """A Hugging Face `tokenizers.Tokenizer` with its named special tokens and chat template: a folder's
+    tokenizer.json with tokenizer_config.json applied as transformers applies it (`from_folder`), or the vocabulary
+    of a GGUF file (`gguf_tokenizer.gguf_tokenizer`), so both encode, chat and decode by the same code."""
 
-    def __init__(self, folder: str | Path):
-        from tokenizers import Tokenizer as Backend
-
-        self.folder = Path(folder)
-        path = self.folder / "tokenizer.json"
-        try:
-            self.tk = Backend.from_file(str(path))
-        except Exception as e:  # tokenizers raises a bare Exception for a malformed file
-            raise UserError(f"cannot load tokenizer {path}: {str(e).splitlines()[0] if str(e) else e}") from None
+    def __init__(self, backend, special: dict[str, str], chat_template: str | None, source: str | Path,
+                 eos_ids: tuple[int, ...] | None = None):
+        """`backend`: the tokenizers.Tokenizer, its added tokens and post-processor (BOS/EOS around a text) in place;
+        `special`: the named special tokens' text ({"bos_token": "<s>", ...}), the template's variables;
+        `source`: the folder or file, for messages; `eos_ids`: the stop ids, else the eos_token's id."""
+        self.tk, self.special, self.chat_template, self.source = backend, special, chat_template, Path(source)
         self.tk.no_truncation()  # a file may carry truncation or padding for training; a prompt is encoded whole
         self.tk.no_padding()
-        cfg = self._config()
+        bos, eos = special.get("bos_token"), special.get("eos_token")
+        self.bos_id = self.tk.token_to_id(bos) if bos else None
+        eos_id = self.tk.token_to_id(eos) if eos else None
+        self.eos_ids = eos_ids if eos_ids is not None else (() if eos_id is None else (eos_id,))
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> HFTokenizer:
+        from tokenizers import Tokenizer as Backend
+
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        try:
+            tk = Backend.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+            raise UserError(f"cannot load tokenizer {path}: {str(e).splitlines()[0] if str(e) else e}") from None
+        cfg = _folder_config(folder)
 
         # Added tokens: tokenizer_config.json's added_tokens_decoder, and the named and extra special tokens,
         # where tokenizer.json does not have them already (with the same flags).
         decoder = cfg.get("added_tokens_decoder") or {}
         if not isinstance(decoder, dict):
-            raise UserError(f"{self.folder / 'tokenizer_config.json'}: added_tokens_decoder must be an object")
+            raise UserError(f"{folder / 'tokenizer_config.json'}: added_tokens_decoder must be an object")
         declared = {t["content"]: t for t in decoder.values() if isinstance(t, dict) and "content" in t}
-        have = {repr(t) for t in self.tk.get_added_tokens_decoder().values()}
+        have = {repr(t) for t in tk.get_added_tokens_decoder().values()}
         new = [tok for _, t in sorted(decoder.items(), key=lambda kv: int(kv[0]))
                if isinstance(t, dict) and repr(tok := _added_token(t)) not in have]
-        self.special = {name: _content(cfg.get(name)) for name in SPECIAL_NAMES if _content(cfg.get(name))}
+        special = {name: _content(cfg.get(name)) for name in SPECIAL_NAMES if _content(cfg.get(name))}
         extra = cfg.get("extra_special_tokens") or cfg.get("additional_special_tokens") or []
         extra = list(extra.values()) if isinstance(extra, dict) else list(extra)
-        known = {t.content for t in self.tk.get_added_tokens_decoder().values()} | {t.content for t in new}
-        for raw in [*(cfg[name] for name in self.special), *extra]:
+        known = {t.content for t in tk.get_added_tokens_decoder().values()} | {t.content for t in new}
+        for raw in [*(cfg[name] for name in special), *extra]:
             text = _content(raw)
             if text and text not in known:
                 new.append(_added_token(declared.get(text) or raw, special=True))
                 known.add(text)
         if new:
-            self.tk.add_tokens(new)
+            tk.add_tokens(new)
 
         # special tokens written in a text are those tokens, unless the config says to split them
-        self.tk.encode_special_tokens = bool(cfg.get("split_special_tokens", False))
+        tk.encode_special_tokens = bool(cfg.get("split_special_tokens", False))
         # BOS/EOS around a text: tokenizer.json's post-processor decides (transformers 5 ignores tokenizer_config.json's
         # add_bos_token/add_eos_token when a tokenizer.json is there, and so do we)
-        bos, eos = self.special.get("bos_token"), self.special.get("eos_token")
-        self.bos_id = self.tk.token_to_id(bos) if bos else None
-        eos_id = self.tk.token_to_id(eos) if eos else None
-        self.eos_ids = () if eos_id is None else (eos_id,)
-        self.chat_template = self._chat_template(cfg)
+        return cls(tk, special, _folder_template(folder, cfg), folder)
 
-    def _config(self) -> dict:
-        """tokenizer_config.json, with a legacy special_tokens_map.json over it (read, as transformers reads
-        it, only when the config has no added_tokens_decoder)."""
-        path = self.folder / "tokenizer_config.json"
-        cfg = read_json(path) if path.exists() else {}
-        legacy = self.folder / "special_tokens_map.json"
-        if "added_tokens_decoder" not in cfg and legacy.exists():
-            for key, value in read_json(legacy).items():
-                if key in ("additional_special_tokens", "extra_special_tokens") and isinstance(value, list):
-                    have = list(cfg.get(key) or [])
-                    cfg[key] = have + [t for t in value if t not in have]
-                else:
-                    cfg[key] = value
-        return cfg
-
-    def _chat_template(self, cfg: dict) -> str | None:
-        """chat_template.jinja, else tokenizer_config.json's chat_template (a string, or named templates: the
-        'default' one)."""
-        jinja = self.folder / "chat_template.jinja"
-        if jinja.exists():
-            return jinja.read_text()
-        template = cfg.get("chat_template")
-        if isinstance(template, list):
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            template = named.get("default")
-        return template if isinstance(template, str) else None
+    def save(self, folder: str | Path) -> None:
+        """Write this tokenizer as a folder's files that `from_folder` reads back the same: tokenizer.json (its
+        added tokens and post-processor in it), tokenizer_config.json (the named special tokens, the chat template)
+        and generation_config.json (the stop ids). How a GGUF's tokenizer goes into a converted folder."""
+        folder = Path(folder)
+        self.tk.save(str(folder / "tokenizer.json"))
+        config = {**self.special, **({"chat_template": self.chat_template} if self.chat_template else {})}
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+        (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": list(self.eos_ids)}, indent=2))
 
     @property
     def vocab_size(self) -> int:
@@ -282,8 +315,10 @@ class HFTokenizer(Tokenizer):
         (enable_thinking=False, ...)."""
         check_template_args(template_args)
         if self.chat_template is None:
-            raise UserError(f"{self.folder} has no chat template (a chat_template in tokenizer_config.json, or "
-                            "chat_template.jinja): --chat needs one; without --chat the prompt goes in as it is")
+            where = ("tokenizer.chat_template" if self.source.suffix == ".gguf"
+                     else "a chat_template in tokenizer_config.json, or chat_template.jinja")
+            raise UserError(f"{self.source} has no chat template ({where}): --chat needs one; without --chat the "
+                            "prompt goes in as it is")
         import jinja2
 
         try:
@@ -291,9 +326,9 @@ class HFTokenizer(Tokenizer):
                                                        add_generation_prompt=True, **self.special,
                                                        **template_args)
         except jinja2.TemplateError as e:
-            raise UserError(f"{self.folder}: the chat template failed: {e.message or e}") from None
+            raise UserError(f"{self.source}: the chat template failed: {e.message or e}") from None
         except (TypeError, ValueError, LookupError, ArithmeticError) as e:  # Python's, on the values given: 'a' + 1
-            raise UserError(f"{self.folder}: the chat template failed: {type(e).__name__}: {e}") from None
+            raise UserError(f"{self.source}: the chat template failed: {type(e).__name__}: {e}") from None
 
     def chat(self, messages: Messages, /, **template_args) -> list[int]:
         # the template writes BOS itself, if any

@@ -2,7 +2,8 @@
 converter (convert_hf_to_gguf.py) writes them: its tensor names (`gguf.TENSOR_NAMES`), each layer's experts
 stacked per part (`ffn_{gate,up,down}_exps`, [E, I, D] and [E, D, I]), the `llama` arch's wq/wk rows interleaved
 (`LlamaModel.permute`), its metadata keys; 1-D tensors and the routers in F32 and every other tensor in the
-chosen type, by gguf-py's quantizer."""
+chosen type, by gguf-py's quantizer. With a tokenizer folder, its vocabulary as the converter writes it (`add_vocab`);
+`write_vocab_gguf`: a file of that metadata alone."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+import sentencepiece as spm
 import torch
 from conftest import halves_to_interleaved
 from gguf import GGMLQuantizationType as Q
@@ -60,10 +62,11 @@ def gguf_tensors(model, family: str, per_expert: bool = False) -> dict[str, np.n
 
 def write_gguf(model, family: str, path: Path, qtype: Q = Q.F32, split_max_tensors: int = 0,
                raw: dict[str, tuple[np.ndarray, Q]] | None = None, per_expert: bool = False,
-               qtypes: dict[str, Q] | None = None) -> Path:
+               qtypes: dict[str, Q] | None = None, tokenizer: Path | None = None, pre: str = "qwen2") -> Path:
     """The model as a GGUF at `path` (split into files of `split_max_tensors` tensors: then the first file's path);
     `raw`: tensors written as these bytes of that type instead; `per_expert`: see `gguf_tensors`; `qtypes`: the
-    type of these tensors (llama.cpp's names), instead of `qtype`."""
+    type of these tensors (llama.cpp's names), instead of `qtype`; `tokenizer`: a folder whose tokenizer goes in too
+    (`add_vocab`, `pre`: a byte-level BPE's tokenizer.ggml.pre)."""
     c = model.config
     arch = ARCH[family]
     w = gguf.GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
@@ -88,6 +91,8 @@ def write_gguf(model, family: str, path: Path, qtype: Q = Q.F32, split_max_tenso
         w.add_clamp_kqv(c.clip_qkv)
     w.add_bos_token_id(c.bos_token_id)
     w.add_eos_token_id(c.eos_token_id)
+    if tokenizer is not None:
+        add_vocab(w, tokenizer, pre, c.vocab_size)
     for name, t in gguf_tensors(model, family, per_expert).items():
         if name in (raw or {}):
             w.add_tensor(name, raw[name][0], raw_dtype=raw[name][1])
@@ -100,6 +105,75 @@ def write_gguf(model, family: str, path: Path, qtype: Q = Q.F32, split_max_tenso
     w.write_tensors_to_file()
     w.close()
     return path if not split_max_tensors else path.with_name(f"{path.stem}-00001-of-{len(w.tensors):05d}.gguf")
+
+
+def looks_special(token: str) -> bool:
+    """The converter's `does_token_look_special`, for these vocabularies: <|...|> is a control token."""
+    return token.startswith("<|") and token.endswith("|>")
+
+
+def add_vocab(w: gguf.GGUFWriter, folder: Path, pre: str = "qwen2", n_vocab: int | None = None) -> None:
+    """The folder's tokenizer as metadata, as llama.cpp's converter writes it. A tokenizer.json: byte-level BPE
+    (`get_vocab_base` and `_set_vocab_gpt2`): transformers' vocabulary, each id's token (an added one decoded from its
+    encoding; CONTROL if special or <|...|>, else USER_DEFINED with its ▁ as spaces), `[PADi]` UNUSED up to `n_vocab`,
+    tokenizer.ggml.pre `pre`. A tokenizer.model: SentencePiece, gguf-py's `SentencePieceVocab` (pieces, scores,
+    types), and add_space_prefix false where the model adds no space before a text (its add_dummy_prefix, which the
+    converter writes for the models that turn it off). Then gguf-py's `SpecialVocab`: merges, the special ids,
+    add_bos/add_eos, the chat template."""
+    if (folder / "tokenizer.json").exists():
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(folder)
+        reverse = {i: t for t, i in tok.get_vocab().items()}
+        added, decoder = tok.get_added_vocab(), tok.added_tokens_decoder
+        tokens, types = [], []
+        for i in range(n_vocab or len(reverse)):
+            token = reverse.get(i)
+            if token is None:
+                tokens.append(f"[PAD{i}]")
+                types.append(gguf.TokenType.UNUSED)
+                continue
+            kind = gguf.TokenType.NORMAL
+            if token in added:
+                if not decoder[i].normalized:
+                    token = tok.decode(tok.encode(token, add_special_tokens=False))
+                if decoder[i].special or looks_special(token):
+                    kind = gguf.TokenType.CONTROL
+                else:
+                    token, kind = token.replace("\u2581", " "), gguf.TokenType.USER_DEFINED
+            tokens.append(token)
+            types.append(kind)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(pre)
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        gguf.SpecialVocab(folder, load_merges=True).add_to_gguf(w, quiet=True)
+    else:
+        tokens, scores, types = zip(*gguf.vocab.SentencePieceVocab(folder).all_tokens(), strict=True)
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+        if not sp.encode("x", out_type=str)[0].startswith("\u2581"):
+            w.add_add_space_prefix(False)
+        gguf.SpecialVocab(folder, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
+
+
+def write_vocab_gguf(folder: Path, path: Path, pre: str = "qwen2", keys: dict | None = None) -> Path:
+    """A GGUF of the folder's tokenizer metadata alone (`add_vocab`), no tensors; `keys`: more metadata, written
+    over the converter's, a bool, an id or a string ({"tokenizer.ggml.add_bos_token": True})."""
+    w = gguf.GGUFWriter(path, "qwen3moe")
+    add_vocab(w, folder, pre)
+    for key, value in (keys or {}).items():
+        kind = {bool: gguf.GGUFValueType.BOOL, int: gguf.GGUFValueType.UINT32, str: gguf.GGUFValueType.STRING}
+        w.add_key_value(key, value, kind[type(value)])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
 
 
 def as_decoded(model, qtype: Q, qtypes: dict[str, Q] | None = None):

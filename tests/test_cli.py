@@ -13,6 +13,8 @@ import pytest
 from conftest import run_cli as cli
 from safetensors.torch import load_file
 
+from offload_moe.tokenizer import load_tokenizer
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -62,8 +64,9 @@ def test_json_prints_exactly_one_object(ckpts, capsys):
                          "--max-new-tokens", "6", "--cache-experts", "3", "--json")
     assert code == 0
     data = json.loads(out)
-    assert set(data) == {"tokens", "text", "stats"}
-    assert len(data["tokens"]) == 6
+    assert set(data) == {"prompt_ids", "tokens", "text", "stats"}
+    assert data["prompt_ids"] == load_tokenizer(ckpts["base"]).encode("def add(a, b):")  # BOS first
+    assert data["prompt_ids"][0] == 1 and len(data["tokens"]) == 6
     for key in ("decode_tokens_per_s", "prefill_tokens_per_s", "hit_rate", "per_layer_hit_rate", "prefetch_recall",
                 "prefetch_precision", "bytes_to_device", "copy_wait_s", "peak_device_bytes"):
         assert key in data["stats"], key

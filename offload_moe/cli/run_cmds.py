@@ -66,7 +66,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.trace_out:
         save_trace(args.trace_out, engine.stop_trace())
     if args.json:
-        print(json.dumps({"tokens": result.tokens, "text": result.text, "stats": result.stats}))
+        print(json.dumps({"prompt_ids": result.prompt_ids, "tokens": result.tokens, "text": result.text,
+                          "stats": result.stats}))
     else:
         print("\n")
         print(format_table(result.stats))

@@ -135,11 +135,6 @@ class Checkpoint:
         if self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise UserError(f"{self.path}: weights are {self.dtype}; expected float32, float16 or bfloat16")
 
-    @property
-    def tokenizer_path(self) -> Path | None:
-        p = self.path / "tokenizer.model"
-        return p if p.exists() else None
-
     # -- indexing (reads each file's key list once) --------------------------------------
     def _index_hf(self) -> None:
         index = self.path / "model.safetensors.index.json"

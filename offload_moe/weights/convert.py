@@ -25,7 +25,7 @@ from ..formats.int8_linear import ATTENTION_SUFFIXES, check_int8_attention, int8
 from ..modeling.transformer import ROUTER_BIAS
 from ..offload.predictors import FILE_NAME as PREDICTOR_FILE
 from ..progress import Progress
-from ..tokenizer import tokenizer_files
+from ..tokenizer import load_tokenizer, tokenizer_files
 from .checkpoint import Checkpoint, check_finite
 from .packed import ALIGN, DATA, DENSE, INDEX, JOURNAL, VERSION, aligned
 from .sources import MappedSource
@@ -47,6 +47,8 @@ def convert(source: str | Path, out: str | Path, fmt: ExpertFormat, dense_dtype:
         raise UserError(f"{out} already holds a packed model; remove it or choose another --out")
     if attention_group is not None:
         check_int8_attention(ckpt.config, attention_group)
+    # a GGUF's tokenizer, built before the experts are written (bad metadata stops the run now), saved as a folder's
+    tokenizer = load_tokenizer(ckpt.gguf) if ckpt.gguf is not None else None
     settings = {"version": VERSION, "format": fmt.name, "bytes_per_expert": fmt.nbytes,
                 "attention": "none" if attention_group is None else f"int8-g{attention_group}",
                 "dense_dtype": str(dense_dtype).removeprefix("torch."), "source": str(Path(source).resolve())}
@@ -100,6 +102,8 @@ def convert(source: str | Path, out: str | Path, fmt: ExpertFormat, dense_dtype:
     (out / "config.json").write_text(json.dumps(hf, indent=2))
     for file in tokenizer_files(ckpt.path):  # tokenizer, chat template, generation config: the stop ids
         shutil.copy(file, out / file.name)
+    if tokenizer is not None:
+        tokenizer.save(out)
     if (ckpt.path / PREDICTOR_FILE).is_file():  # the learned predictor --predictor auto loads: the model's hidden
         shutil.copy(ckpt.path / PREDICTOR_FILE, out / PREDICTOR_FILE)  # states, whatever the experts' format
     index = {**settings, "align": ALIGN, "experts": entries}
