@@ -156,7 +156,8 @@ class EngineOptions:
               "the head's D when int8), else the largest of 32, 64, 128 that does")
     context: int = option(4096, "KV-cache length to preallocate (clipped to the model's own)", int_at_least(1))
     seed: int = option(0, "seed of the random eviction policy", int_at_least(0), profile=None, cli=False)
-    progress: bool = option(True, "a progress bar on large loads", flag, profile=None, cli=False)
+    progress: bool = option(True, "a progress bar while experts load (on stderr, where it is a terminal)", flag,
+                           profile=None, cli=False)
     device_budget: int | None = option(None, "bytes the engine may place on the device (checked at load)",
                                        optional(size), profile="budget.device", cli=False)
     device_reserve: int = option(DEFAULT_RESERVE, "kept free on the device for the CUDA context and activations",
