@@ -1,21 +1,50 @@
-"""The command line as a user meets it (issue 24): progress bars on stderr that --quiet turns off, --json output
-untouched by bars and logs, --log-level, a note on stderr that comes before the streamed text, and serve's
-optional access log."""
+"""The command line as a user meets it (issue 24): --version, the program's name in its usage, progress bars on
+stderr that --quiet turns off, --json output untouched by bars and logs, --log-level, a note on stderr that comes
+before the streamed text, and serve's optional access log."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+import subprocess
 import sys
 from functools import partial
+from pathlib import Path
 
 import pytest
 from conftest import run_cli as run
 
+import offload_moe
 from offload_moe.cli.entry import main
-from offload_moe.cli.parser import DEMO_PROMPT
+from offload_moe.cli.parser import DEMO_PROMPT, program
 from offload_moe.formats import cpu_kernels
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_version_prints_the_version_and_exits_0(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"offload_moe {offload_moe.__version__}\n"
+
+
+def test_python_dash_m_runs_the_command_line():
+    r = subprocess.run([sys.executable, "-m", "offload_moe", "plan", "--log-level", "loud"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("usage: python -m offload_moe plan ")
+    assert "invalid choice: 'loud'" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("argv0,prog", [("/venv/bin/offload-moe", "offload-moe"), ("run.py", "python run.py"),
+                                        ("/src/offload_moe/__main__.py", "python -m offload_moe")])
+def test_usage_names_the_program_as_it_was_run(capsys, monkeypatch, argv0, prog):
+    assert program(argv0) == prog
+    monkeypatch.setattr(sys, "argv", [argv0])
+    with pytest.raises(SystemExit) as exit_:
+        main(["simulate"])
+    assert exit_.value.code == 2 and capsys.readouterr().err.startswith(f"usage: {prog} simulate ")
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
-"""The command-line entry point (`run.py`, the `offload-moe` script): parse, set up progress and logging, then
-run the chosen command.
+"""The command-line entry point (the `offload-moe` script, `python run.py`, `python -m offload_moe`): parse, set
+up progress and logging, then run the chosen command.
 
 The full parser is torch-free (`parser.py`); a command's module is imported only once it is chosen
 (`COMMANDS`), so `simulate` and `--help` start without torch or the engine, whose import alone takes
@@ -80,7 +80,7 @@ def setup_logging(level: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv = [*MAIN_JOB, *argv]
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)

@@ -1,13 +1,16 @@
 """The command line's parser: one `add_<command>` per command, `build_parser` puts them together.
 
-Torch-free (the defaults come from `options` and `sampling`): `run.py --help` and every command parse
+Torch-free (the defaults come from `options` and `sampling`): `--help` and every command parse
 before anything heavy is imported, and `simulate` runs without torch at all.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
+from .. import __version__
 from ..offload.eviction import POLICIES
 from ..options import (
     ATTENTION_QUANTS,
@@ -43,6 +46,15 @@ DEMO_TOKENS = 48
 # the main job (no command): the trained demo, 2 of 8 experts cached per layer, gently sampled
 MAIN_JOB = ["generate", "--cache-experts", "2", "--temperature", "0.8", "--top-p", "0.95"]
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def program(argv0: str | None = None) -> str:
+    """The command line as it was started (`argv0`, default sys.argv[0]), for its usage and the commands it
+    suggests: offload-moe (the console script), python run.py, or python -m offload_moe."""
+    path = Path(sys.argv[0] if argv0 is None else argv0)
+    if path.name == "__main__.py":
+        return f"python -m {path.parent.name}"
+    return f"python {path.name}" if path.suffix == ".py" else path.name.removesuffix(".exe") or "offload-moe"
 
 
 def add_template_flags(group, applies: str) -> None:
@@ -299,11 +311,12 @@ def add_output_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="run.py",
+        prog=program(),
         description="Run Mixture-of-Experts models with offloaded experts. With no command (or only flags): "
                     "generate from the embedded demo model, a small MoE trained on Python's standard library, "
                     f"with {' '.join(MAIN_JOB[1:])}.",
     )
+    parser.add_argument("--version", action="version", version=f"offload_moe {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in SUBPARSERS:
         add(sub)

@@ -18,7 +18,7 @@ from ..progress import note, progress_bar
 from ..sampling import Sampling
 from ..stats import format_table
 from .args import options_from
-from .parser import DEMO_PROMPT
+from .parser import DEMO_PROMPT, program
 
 
 def load_engine(args: argparse.Namespace) -> Engine:
@@ -143,7 +143,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     else:
         skips = f" ({len(skipped)} of {len(prompts)} prompts skipped: too long)" if skipped else ""
         print(f"wrote {args.trace_out}: {totals['trace_tokens']} tokens x {trace.num_layers} layers{skips}; live hit "
-              f"rate {100 * totals['hit_rate']:.1f}%. Next: python run.py simulate --trace {args.trace_out}")
+              f"rate {100 * totals['hit_rate']:.1f}%. Next: {program()} simulate --trace {args.trace_out}")
     return 0
 
 
