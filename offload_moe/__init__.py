@@ -7,6 +7,7 @@
 
 import importlib
 
+__version__ = "0.1.0"  # the one place: pyproject.toml reads it (dynamic version)
 _EXPORTS = {"Engine": "engine", "EngineOptions": "options", "GenerationResult": "generate", "Sampling": "sampling",
             "Scheduler": "batch", "UserError": "errors"}
 __all__ = list(_EXPORTS)

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,8 @@ from .weights.resident import load_resident
 from .weights.sources import open_source
 
 __all__ = ["Engine", "EngineOptions"]
+
+log = logging.getLogger(__name__)
 
 
 def open_cache(ckpt: Checkpoint, plan: LoadPlan) -> ExpertCache:
@@ -84,18 +88,29 @@ class Engine:
         prof = load_profile(profile) if profile else None
         options, given = merge_options(options, prof, overrides)
         ckpt = Checkpoint(path)
+        c = ckpt.config
+        log.info("%s: %s layout, %d layers, %d experts, top-%d", ckpt.path, ckpt.layout, c.n_layers, c.num_experts,
+                 c.top_k)
         plan = plan_load(ckpt, options, auto=prof is not None and prof.auto and "cache_experts" not in given)
         set_threads(plan.threads)  # before any compute; the C kernels are built here, not mid-stream
+        log.info("plan: %s, %s, context %d, experts %s, %d device slots, %s", plan.device,
+                 str(plan.dtype).removeprefix("torch."), plan.context, plan.expert_format.name, sum(plan.slots),
+                 "a tiered store (RAM over storage)" if plan.tiered else "every expert in RAM")
+        log.debug("slots per layer %s; %s", plan.slots, plan.memory)
+        start = time.perf_counter()
         model = load_resident(ckpt, plan.device, plan.dtype, plan.context, plan.attention_group, plan.head_group)
+        log.info("dense weights loaded in %.1f s", time.perf_counter() - start)
+        start = time.perf_counter()
         model.cache = open_cache(ckpt, plan)
+        log.info("experts loaded, device cache warmed in %.1f s", time.perf_counter() - start)
         if plan.lead:
             predictor = make_predictor(plan.predictor, model, plan.lead, plan.device)
             model.prefetcher = Prefetcher(model, predictor, plan.widths, model.cache)
-        c = ckpt.config
         pool = KVPool(c, plan.context, plan.options.max_batch, plan.device, plan.dtype)  # generate's is slot 0
         # a GGUF's from its metadata (the file mapped once), a folder's tokenizer.json, else tokenizer.model, else
         # None (ids only)
         tok = load_tokenizer(ckpt.gguf or ckpt.path)
+        log.info("tokenizer: %s", type(tok).__name__ if tok is not None else "none (token ids only)")
         eos = generation_eos_ids(ckpt.path) + (tok.eos_ids if tok is not None else ())
         return cls(ckpt, model, model.cache, pool.seqs[0], tok, plan.options, plan.device, plan.dtype,
                    plan=plan.memory, file_eos_ids=eos, pool=pool)

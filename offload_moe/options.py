@@ -159,7 +159,8 @@ class EngineOptions:
         None, "CPU threads for torch's ops and the C kernels (one count for both)", optional(int_at_least(1)),
         shown="the physical cores this process may use (its CPU affinity, its cgroup's quota)", metavar="N")
     seed: int = option(0, "seed of the random eviction policy", int_at_least(0), profile=None, cli=False)
-    progress: bool = option(True, "a progress bar on large loads", flag, profile=None, cli=False)
+    progress: bool = option(True, "a progress bar while experts load (on stderr, where it is a terminal)", flag,
+                           profile=None, cli=False)
     device_budget: int | None = option(None, "bytes the engine may place on the device (checked at load)",
                                        optional(size), profile="budget.device", cli=False)
     device_reserve: int = option(DEFAULT_RESERVE, "kept free on the device for the CUDA context and activations",

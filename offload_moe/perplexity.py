@@ -12,6 +12,7 @@ import math
 import torch
 
 from .errors import UserError
+from .progress import progress_bar
 
 
 def perplexity(engine, ids: list[int], window: int, stride: int) -> tuple[float, int]:
@@ -23,14 +24,16 @@ def perplexity(engine, ids: list[int], window: int, stride: int) -> tuple[float,
     if not 0 < stride <= window - 1:
         raise UserError(f"--stride must be between 1 and the window - 1 ({window - 1}), got {stride}")
     nll, scored, begin, done = 0.0, 0, 0, 1  # positions < done are scored (position 0, BOS, never is)
-    while done < len(ids):
-        end = min(begin + window, len(ids))
-        logits = engine.score(ids[begin:end])  # [end-begin, V]; row r predicts position begin+r+1
-        rows = torch.arange(done - 1 - begin, end - 1 - begin)
-        targets = torch.tensor(ids[done:end], device=logits.device)
-        logp = torch.log_softmax(logits[rows], dim=-1)  # [n, V]
-        nll -= logp.gather(1, targets[:, None]).sum().item()
-        scored += end - done
-        done = end
-        begin += stride
+    with progress_bar(what="perplexity", total=len(ids) - 1, unit="tok") as bar:
+        while done < len(ids):
+            end = min(begin + window, len(ids))
+            logits = engine.score(ids[begin:end])  # [end-begin, V]; row r predicts position begin+r+1
+            rows = torch.arange(done - 1 - begin, end - 1 - begin)
+            targets = torch.tensor(ids[done:end], device=logits.device)
+            logp = torch.log_softmax(logits[rows], dim=-1)  # [n, V]
+            nll -= logp.gather(1, targets[:, None]).sum().item()
+            scored += end - done
+            bar.update(end - done)
+            done = end
+            begin += stride
     return math.exp(nll / scored), scored

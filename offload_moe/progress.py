@@ -1,29 +1,37 @@
-"""A one-line progress bar on stderr, for long loads."""
+"""Progress bars on stderr (tqdm) for the long steps: loading experts, `convert`, `profile`, `perplexity`,
+`calibrate`, `train-predictor` and `tune`.
+
+A bar shows where stderr is a terminal and clears itself when done; `quiet()` (the command line's --quiet)
+turns every bar off, a call's `enabled` (the engine's `progress` option) its own. `note` writes a line on
+stderr above a running bar, not through it.
+"""
 
 from __future__ import annotations
 
 import sys
-import time
+from collections.abc import Iterable
+
+from tqdm import tqdm
+
+_quiet = False
 
 
-class Progress:
-    """A one-line progress bar on stderr, for loads above 256 MB when stderr is a terminal."""
+def quiet(on: bool = True) -> None:
+    """No bars from here on (on=False: bars again)."""
+    global _quiet
+    _quiet = on
 
-    def __init__(self, what: str, total: int, enabled: bool = True):
-        self.what, self.total, self.done = what, total, 0
-        self.on = enabled and total > 256 * 2**20 and sys.stderr.isatty()
-        self.start = self.last = time.perf_counter()
 
-    def advance(self, n: int) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if self.on and (now - self.last > 0.2 or self.done >= self.total):
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9) / 2**20
-            pct = 100 * self.done / self.total
-            print(f"\rloading {self.what}: {pct:5.1f}% {self.done / 2**30:6.2f} GiB {rate:7.0f} MiB/s",
-                  end="", file=sys.stderr, flush=True)
+def progress_bar(iterable: Iterable | None = None, what: str = "", total: int | None = None, unit: str = "it",
+                 initial: int = 0, enabled: bool = True) -> tqdm:
+    """A bar over `iterable` (or to `total` from `initial`, advanced by `update`); unit "B" counts bytes (KiB,
+    MiB, GiB)."""
+    scaled = {"unit_scale": True, "unit_divisor": 1024} if unit == "B" else {}
+    return tqdm(iterable, desc=what, total=total, initial=initial, unit=unit, leave=False, file=sys.stderr,
+                dynamic_ncols=True, disable=True if _quiet or not enabled else None,  # None: off unless a terminal
+                **scaled)
 
-    def close(self) -> None:
-        if self.on:
-            print(file=sys.stderr)
+
+def note(line: str) -> None:
+    """One line on stderr, above any bar."""
+    tqdm.write(line, file=sys.stderr)

@@ -1,4 +1,5 @@
-"""The command-line entry point (`run.py`, the `offload-moe` script): parse, then run the chosen command.
+"""The command-line entry point (the `offload-moe` script, `python run.py`, `python -m offload_moe`): parse, set
+up progress and logging, then run the chosen command.
 
 The full parser is torch-free (`parser.py`); a command's module is imported only once it is chosen
 (`COMMANDS`), so `simulate` and `--help` start without torch or the engine, whose import alone takes
@@ -10,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 from collections.abc import Callable
 
 from ..errors import UserError
+from ..progress import note, quiet
 from .parser import MAIN_JOB, build_parser
 
 # command -> "module:function"; the one lazy import point of the command line (it keeps torch off `simulate`)
@@ -56,9 +59,30 @@ def guarded(command: Callable[[argparse.Namespace], int], args: argparse.Namespa
         return 1
 
 
+class ToStderr(logging.Handler):
+    """Log records on stderr (as it is when they come), above any progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            note(self.format(record))
+        except Exception:
+            self.handleError(record)
+
+
+def setup_logging(level: str) -> None:
+    """The package's diagnostics (the "offload_moe" logger) on stderr from `level` up."""
+    handler = ToStderr()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    logger = logging.getLogger("offload_moe")
+    logger.handlers = [handler]  # one handler however often main runs in a process
+    logger.setLevel(level.upper())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv = [*MAIN_JOB, *argv]
     args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    quiet(args.quiet)
     return guarded(command_of(args.command), args)

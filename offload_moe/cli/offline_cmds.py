@@ -26,6 +26,7 @@ from ..planning.validate import score_lines, scores, validation_split
 from ..profiles import load_profile
 from ..weights.checkpoint import Checkpoint
 from ..weights.gguf import GGUFModel
+from .parser import program
 
 
 def read_config(text: str):
@@ -60,7 +61,7 @@ def shape_note(config, hw: dict) -> str | None:
     measured = str(hw.get("measured_on", ""))
     if measured and f"D={config.dim} I={config.ffn_dim} " not in measured + " ":
         return (f"note: the [hardware] rates were measured on another expert shape ({measured}); this model's "
-                f"experts are D={config.dim}, I={config.ffn_dim}: `python run.py calibrate --config MODEL` "
+                f"experts are D={config.dim}, I={config.ffn_dim}: `{program()} calibrate --config MODEL` "
                 "measures them")
     return None
 
@@ -73,7 +74,7 @@ def print_tuning(args: argparse.Namespace, best, default, everything, table: lis
         print(f"    {label:<22} {cand.describe()}   ({cand.tokens_per_s / default.tokens_per_s:.2f}x)")
     print("\n" + "\n".join(table))
     if args.out:
-        print(f"\nwrote {args.out}: python run.py generate --model DIR --profile {args.out}")
+        print(f"\nwrote {args.out}: {program()} generate --model DIR --profile {args.out}")
     else:
         print("\n" + text)
 

@@ -1,13 +1,16 @@
 """The command line's parser: one `add_<command>` per command, `build_parser` puts them together.
 
-Torch-free (the defaults come from `options` and `sampling`): `run.py --help` and every command parse
+Torch-free (the defaults come from `options` and `sampling`): `--help` and every command parse
 before anything heavy is imported, and `simulate` runs without torch at all.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
+from .. import __version__
 from ..offload.eviction import POLICIES
 from ..options import (
     ATTENTION_QUANTS,
@@ -42,6 +45,16 @@ DEMO_PROMPT = 'def read_config(path):\n    """'
 DEMO_TOKENS = 48
 # the main job (no command): the trained demo, 2 of 8 experts cached per layer, gently sampled
 MAIN_JOB = ["generate", "--cache-experts", "2", "--temperature", "0.8", "--top-p", "0.95"]
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def program(argv0: str | None = None) -> str:
+    """The command line as it was started (`argv0`, default sys.argv[0]), for its usage and the commands it
+    suggests: offload-moe (the console script), python run.py, or python -m offload_moe."""
+    path = Path(sys.argv[0] if argv0 is None else argv0)
+    if path.name == "__main__.py":
+        return f"python -m {path.parent.name}"
+    return f"python {path.name}" if path.suffix == ".py" else path.name.removesuffix(".exe") or "offload-moe"
 
 
 def add_template_flags(group, applies: str) -> None:
@@ -264,6 +277,8 @@ def add_serve(sub) -> None:
                           "(default: %(default)s)")
     srv.add_argument("--trace-out", metavar="TRACE", help="record the routing of every request served, written "
                      "when the server stops (see README: traces)")
+    srv.add_argument("--access-log", action="store_true", help="a line on stdout for every request (uvicorn's "
+                     "access log; default: off)")
     add_template_flags(srv, "a default for every chat request (a request's chat_template_kwargs win, name by "
                             "name)")
     lim = srv.add_argument_group("limits (one client must not hurt the others)")
@@ -285,14 +300,26 @@ SUBPARSERS = (add_generate, add_profile, add_simulate, add_train_predictor, add_
               add_perplexity, add_plan, add_serve)  # in the order --help lists them
 
 
+def add_output_flags(parser: argparse.ArgumentParser) -> None:
+    """--quiet and --log-level, which every command takes."""
+    out = parser.add_argument_group("progress and diagnostics (on stderr)")
+    out.add_argument("--quiet", action="store_true", help="no progress bars (they show where stderr is a terminal)")
+    out.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default="warning",
+                     help="diagnostics from this level up: info adds the steps of a load, debug more "
+                          "(default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="run.py",
+        prog=program(),
         description="Run Mixture-of-Experts models with offloaded experts. With no command (or only flags): "
                     "generate from the embedded demo model, a small MoE trained on Python's standard library, "
                     f"with {' '.join(MAIN_JOB[1:])}.",
     )
+    parser.add_argument("--version", action="version", version=f"offload_moe {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in SUBPARSERS:
         add(sub)
+    for command in sub.choices.values():
+        add_output_flags(command)
     return parser

@@ -14,14 +14,15 @@ from ..engine import Engine
 from ..errors import UserError
 from ..perplexity import perplexity
 from ..planning.trace import save_trace
+from ..progress import note, progress_bar
 from ..sampling import Sampling
 from ..stats import format_table
 from .args import options_from
-from .parser import DEMO_PROMPT
+from .parser import DEMO_PROMPT, program
 
 
-def load_engine(args: argparse.Namespace, quiet: bool) -> Engine:
-    return Engine.load(resolve_model(args.model), profile=args.profile, progress=not quiet, **options_from(args))
+def load_engine(args: argparse.Namespace) -> Engine:
+    return Engine.load(resolve_model(args.model), profile=args.profile, **options_from(args))
 
 
 def demo_note(args: argparse.Namespace, engine: Engine) -> None:
@@ -49,7 +50,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for out in (args.logits_out, args.trace_out):
         if out:
             check_target(out)
-    engine = load_engine(args, args.json)
+    engine = load_engine(args)
     prompt = args.prompt_ids if args.prompt_ids is not None else (args.prompt or DEMO_PROMPT)
     stream = None
     if not args.json:
@@ -121,18 +122,18 @@ def fitting_prompts(engine: Engine, prompts: list[str], path: str) -> tuple[list
 def cmd_profile(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompts)
     check_target(args.trace_out)
-    engine = load_engine(args, args.json)
+    engine = load_engine(args)
     runs, skipped = fitting_prompts(engine, prompts, args.prompts)
     engine.start_trace(args.model, hidden=args.hidden_states)
     totals = {"tokens": 0, "hits": 0, "misses": 0}
-    for i, ids in runs:
+    for i, ids in progress_bar(runs, "profiling", unit="prompt"):
         stats = engine.generate(ids, args.max_new_tokens).stats
         totals["tokens"] += stats["prompt_tokens"] + stats["generated_tokens"]
         totals["hits"] += stats["hits"]
         totals["misses"] += stats["misses"]
         if not args.json:
-            print(f"prompt {i + 1}/{len(prompts)}: {stats['prompt_tokens']} + {stats['generated_tokens']} tokens, "
-                  f"hit rate {100 * stats['hit_rate']:.1f}%", file=sys.stderr)
+            note(f"prompt {i + 1}/{len(prompts)}: {stats['prompt_tokens']} + {stats['generated_tokens']} tokens, "
+                 f"hit rate {100 * stats['hit_rate']:.1f}%")
     trace = engine.stop_trace()
     save_trace(args.trace_out, trace)
     totals["hit_rate"] = totals["hits"] / max(totals["hits"] + totals["misses"], 1)
@@ -141,15 +142,15 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(totals))
     else:
-        note = f" ({len(skipped)} of {len(prompts)} prompts skipped: too long)" if skipped else ""
-        print(f"wrote {args.trace_out}: {totals['trace_tokens']} tokens x {trace.num_layers} layers{note}; live hit "
-              f"rate {100 * totals['hit_rate']:.1f}%. Next: python run.py simulate --trace {args.trace_out}")
+        skips = f" ({len(skipped)} of {len(prompts)} prompts skipped: too long)" if skipped else ""
+        print(f"wrote {args.trace_out}: {totals['trace_tokens']} tokens x {trace.num_layers} layers{skips}; live hit "
+              f"rate {100 * totals['hit_rate']:.1f}%. Next: {program()} simulate --trace {args.trace_out}")
     return 0
 
 
 def cmd_perplexity(args: argparse.Namespace) -> int:
     text = read_text(args.text_file)
-    engine = load_engine(args, args.json)
+    engine = load_engine(args)
     ids = engine.encode(text)[: args.max_tokens + 1]
     window = args.window or min(engine.kv_capacity, len(ids))
     stride = args.stride or max(window // 2, 1)

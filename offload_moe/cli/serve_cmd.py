@@ -22,7 +22,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         check_target(args.trace_out)  # now, not when the server stops and the trace would be lost
     limits = Limits(args.max_request_bytes, args.max_connections, args.header_timeout, args.shutdown_grace,
                     tuple(args.allow_host))
-    engine = load_engine(args, quiet=False)
+    engine = load_engine(args)
     service = Service(engine, model_id(args.model), max_batch=args.max_batch, max_queue=args.max_queue,
                       template_args=args.template_args)
     sock = bind(args.host, args.port)
@@ -34,8 +34,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"{args.max_queue}); Ctrl-C stops", file=sys.stderr, flush=True)
     if threading.current_thread() is threading.main_thread():  # SIGTERM ends as Ctrl-C does, after the shutdown
         signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        make_server(service, sock, limits).run(sockets=[sock])  # uvicorn: SIGINT/SIGTERM finish or cancel the requests
+    try:  # uvicorn: SIGINT/SIGTERM finish or cancel the requests
+        make_server(service, sock, limits, args.log_level, args.access_log).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn raises the signal again once it has shut down
         pass
     if args.trace_out:  # the step thread has stopped with the server

@@ -13,7 +13,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import UserError
 from ..formats.base import ExpertFormat
-from ..progress import Progress
+from ..progress import progress_bar
 
 
 def register_host(t: torch.Tensor) -> int:
@@ -49,15 +49,15 @@ class ExpertStore:
         self.layers = list(self._mem.unbind(0))  # [R] x [E, bytes], views
         self.pinned_bytes = register_host(self._mem) if pin else 0
         self._finalizer = weakref.finalize(self, unregister_host, self._mem) if pin else None
-        bar = Progress("experts", c.n_moe_layers * c.num_experts * fmt.nbytes, enabled=progress)
         try:
-            for row, buf in enumerate(self.layers):
-                for e in range(c.num_experts):
-                    source.read((row, e), buf[e])
-                    bar.advance(fmt.nbytes)
+            with progress_bar(what="loading experts", total=c.n_moe_layers * c.num_experts * fmt.nbytes, unit="B",
+                              enabled=progress) as bar:
+                for row, buf in enumerate(self.layers):
+                    for e in range(c.num_experts):
+                        source.read((row, e), buf[e])
+                        bar.update(fmt.nbytes)
         finally:
             source.close()
-        bar.close()
 
     in_ram = True  # every expert is in RAM: a layer's buffers can serve as its slots on the CPU
 

@@ -59,7 +59,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import UserError
 from ..formats.base import ExpertFormat
-from ..progress import Progress
+from ..progress import progress_bar
 from ..weights.packed import ALIGN, aligned
 from .store import register_host, unregister_host
 
@@ -174,13 +174,13 @@ class TieredStore:
     def _fill(self, progress: bool) -> None:
         """Read the first `ram_slots` experts in (row, expert) order, in parallel; raise the first failure."""
         keys = [(row, e) for row in range(self.num_layers) for e in range(self.num_experts)][: self.ram_slots]
-        bar = Progress("experts into RAM", len(keys) * self.nbytes, enabled=progress)
         with self._cond:
             futures = [self._pool.submit(self._read, self._claim(key), key, False) for key in keys]
-        for future in as_completed(futures):
-            future.result()
-            bar.advance(self.nbytes)
-        bar.close()
+        with progress_bar(what="loading experts into RAM", total=len(keys) * self.nbytes, unit="B",
+                          enabled=progress) as bar:
+            for future in as_completed(futures):
+                future.result()
+                bar.update(self.nbytes)
         with self._cond:
             if self._errors:
                 raise next(iter(self._errors.values()))

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..formats.registry import auto_group_size, format_for
+from ..progress import progress_bar
 from .costs import MIXTRAL_8X7B, PRECISIONS, rate_key
 
 
@@ -38,18 +39,20 @@ def calibrate(device: torch.device, dim: int = 4096, ffn: int = 14336, dtype: to
             times.append(time.perf_counter() - t0)
         return min(times)
 
-    hw = _bandwidths(device, dim, ffn, dtype, best)
     config = replace(MIXTRAL_8X7B, dim=dim, ffn_dim=ffn)
     quantizable = auto_group_size(config) is not None
+    measured = [p for p in formats if p == "none" or quantizable]  # else no group size divides the shape
     names = []
-    for precision in formats:
-        if precision != "none" and not quantizable:
-            continue  # no group size divides the shape: no quantized format to measure
-        fmt = format_for(config, precision, dtype, device=device)  # the engine's group size and int4 layout
-        names.append(fmt.name)
-        device_s, cpu_s = _expert_forward_seconds(fmt, device, dim, ffn, dtype, best)
-        hw[rate_key("device", precision)] = config.expert_params / device_s
-        hw[rate_key("cpu", precision)] = config.expert_params / cpu_s
+    with progress_bar(what="calibrating", total=1 + len(measured), unit="step") as bar:
+        hw = _bandwidths(device, dim, ffn, dtype, best)
+        bar.update()
+        for precision in measured:
+            fmt = format_for(config, precision, dtype, device=device)  # the engine's group size and int4 layout
+            names.append(fmt.name)
+            device_s, cpu_s = _expert_forward_seconds(fmt, device, dim, ffn, dtype, best)
+            hw[rate_key("device", precision)] = config.expert_params / device_s
+            hw[rate_key("cpu", precision)] = config.expert_params / cpu_s
+            bar.update()
     hw["measured_on"] = (f"{time.strftime('%Y-%m-%d')} {device} {str(dtype).removeprefix('torch.')} D={dim} I={ffn} "
                          f"formats {' '.join(names)}")
     return hw

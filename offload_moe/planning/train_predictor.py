@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..offload.predictors import LearnedPredictor, save_predictor, source_of
+from ..progress import progress_bar
 from .trace import Trace, load_trace
 from .validate import validation_split
 
@@ -113,7 +114,7 @@ def run_train_predictor(args) -> int:
     if fit.num_tokens < 2:
         raise UserError(f"trace {args.trace} has too few tokens to fit on ({fit.num_tokens})")
     weights = [fit_row(*samples(fit, row, args.lead), E, args.hidden_size, args.steps, args.batch, args.lr,
-                       args.seed + row) for row in range(L)]
+                       args.seed + row) for row in progress_bar(range(L), "fitting layers", unit="layer")]
     meta = {"trace": str(args.trace), "model": trace.model, "fitted_tokens": str(fit.num_tokens),
             "hidden_size": str(args.hidden_size), "steps": str(args.steps)}
     save_predictor(args.out, weights, args.lead, meta)

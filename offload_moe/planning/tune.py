@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import product
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from ..memory import gib, resident_bytes
 from ..offload.predictors import replayed
 from ..options import ATTENTION_QUANTS, DEFAULT_RESERVE
 from ..profiles import Profile
+from ..progress import progress_bar
 from .batch_replay import simulate_batch
 from .costs import PRECISIONS, rate_notes, step_cost
 from .replay import simulate, simulate_many
@@ -184,11 +186,12 @@ def _hit_curves(trace: Trace, config: ModelConfig, policies: Sequence[str], pred
     slots by, kept with the trace they replayed."""
     curves: Curves = {}
     sizes = tune_sizes(config.top_k, config.num_experts)
-    for policy in policies:
-        for prefetch, predictor, source in prediction_options(trace, predictors):
-            results = simulate_many(source, sizes, policy, min(prefetch, 1)) if batch == 1 else [
-                replay(source, s, policy, prefetch, batch) for s in sizes]
-            curves[policy, prefetch, predictor] = source, dict(zip(sizes, results, strict=True))
+    options = prediction_options(trace, predictors)
+    for policy, (prefetch, predictor, source) in progress_bar(product(policies, options), "replaying the trace",
+                                                               len(policies) * len(options), "curve"):
+        results = simulate_many(source, sizes, policy, min(prefetch, 1)) if batch == 1 else [
+            replay(source, s, policy, prefetch, batch) for s in sizes]
+        curves[policy, prefetch, predictor] = source, dict(zip(sizes, results, strict=True))
     return curves
 
 

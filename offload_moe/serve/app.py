@@ -13,6 +13,7 @@ imported where they are used: without them, `require_fastapi` says what to insta
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 import time
 import uuid
@@ -243,16 +244,21 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def make_server(service: Service, sock: socket.socket, limits: Limits | None = None, log_level: str = "warning"):
+def make_server(service: Service, sock: socket.socket, limits: Limits | None = None, log_level: str = "warning",
+                access_log: bool = False):
     """A uvicorn.Server for the app on `sock` (run it with `server.run(sockets=[sock])`), with the `limits`: the
-    Host names of the bound address, the protocol's bounds, and on shutdown a drain (`Worker.drain`)."""
+    Host names of the bound address, the protocol's bounds, and on shutdown a drain (`Worker.drain`); uvicorn logs
+    from `log_level` up, and with `access_log` a line per request whatever that level."""
     import uvicorn
 
     limits = limits or Limits()
     hosts = allowed_hosts(sock.getsockname()[0], limits.allowed_hosts)
-    config = uvicorn.Config(create_app(service, limits, hosts), log_level=log_level, lifespan="on",
-                            http=protocol(limits), limit_concurrency=limits.max_connections, timeout_keep_alive=5,
-                            timeout_graceful_shutdown=int(limits.shutdown_grace) + 2)
+    config = uvicorn.Config(create_app(service, limits, hosts), log_level=log_level, access_log=access_log,
+                            lifespan="on", http=protocol(limits), limit_concurrency=limits.max_connections,
+                            timeout_keep_alive=5, timeout_graceful_shutdown=int(limits.shutdown_grace) + 2)
+    if access_log:  # its lines are at info, below the default level
+        access = logging.getLogger("uvicorn.access")
+        access.setLevel(min(access.level, logging.INFO))
     quiet_repeats()
 
     class Draining(uvicorn.Server):

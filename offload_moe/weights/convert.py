@@ -24,7 +24,7 @@ from ..formats.ggml import GGUFFormat
 from ..formats.int8_linear import ATTENTION_SUFFIXES, check_int8_attention, int8_attention_state
 from ..modeling.transformer import ROUTER_BIAS
 from ..offload.predictors import FILE_NAME as PREDICTOR_FILE
-from ..progress import Progress
+from ..progress import progress_bar
 from ..tokenizer import load_tokenizer, tokenizer_files
 from .checkpoint import Checkpoint, check_finite
 from .packed import ALIGN, DATA, DENSE, INDEX, JOURNAL, VERSION, aligned
@@ -61,9 +61,8 @@ def convert(source: str | Path, out: str | Path, fmt: ExpertFormat, dense_dtype:
 
     buf = torch.empty(stride, dtype=torch.uint8)
     experts, row_of = MappedSource(ckpt, fmt, drop_pages=False, pack_device=pack_device), c.row_of
-    bar = Progress("experts", len(order) * fmt.nbytes, enabled=progress)
-    bar.advance(start * fmt.nbytes)
-    with open(out / DATA, "r+b") as f:
+    with open(out / DATA, "r+b") as f, progress_bar(what="converting experts", total=len(order) * fmt.nbytes,
+                                                     initial=start * fmt.nbytes, unit="B", enabled=progress) as bar:
         f.truncate(start * stride)  # drop anything written after the last journal entry
         f.seek(start * stride)
         for i, (layer, e) in enumerate(order[start:], start):
@@ -75,11 +74,10 @@ def convert(source: str | Path, out: str | Path, fmt: ExpertFormat, dense_dtype:
             data = buf.numpy().tobytes()
             f.write(data)
             entries.append([layer, e, i * stride, fmt.nbytes, zlib.crc32(data[: fmt.nbytes])])
-            bar.advance(fmt.nbytes)
+            bar.update(fmt.nbytes)
             if (i + 1) % FLUSH_EVERY == 0:
                 _journal(out, f, settings, entries)
         _journal(out, f, settings, entries)
-    bar.close()
 
     dense = {}
     for name in ckpt.expected_dense():
