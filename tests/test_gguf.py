@@ -151,13 +151,15 @@ def test_f32_gguf_of_every_other_family_gives_transformers_logits(family, tmp_pa
 
 @pytest.mark.parametrize("family, qtype", [("glm4_moe", Q.Q8_0), ("gpt_oss", Q.MXFP4)])
 def test_quantized_gguf_equals_its_decoding_offloaded_or_not(family, qtype, tmp_path):
-    """The experts in Q8_0 (GLM-4.5) or MXFP4 (gpt-oss's own type): the same logits as the file whose tensors are
-    gguf-py's decoding of them; offloaded == resident."""
+    """The experts in Q8_0 (GLM-4.5, kept in its type) or MXFP4 (gpt-oss's own type, decoded): the logits of the file
+    whose tensors are gguf-py's decoding of them (to float32 rounding: Q8_0's kernel sums in its own order);
+    offloaded == resident."""
     _, path, folder = converted(family, tmp_path, qtype)
     floats = write_family(folder, family, tmp_path / "decoded.gguf", qtype, decoded=True)
     resident = load(path)
     alone = resident.generate(PROMPT, 6, keep_logits=True)
-    assert torch.equal(alone.logits, load(floats).generate(PROMPT, 6, keep_logits=True).logits)
+    want = load(floats).generate(PROMPT, 6, keep_logits=True)
+    assert alone.tokens == want.tokens and (alone.logits - want.logits).abs().max() <= 1e-5 * want.logits.abs().max()
     offloaded = Engine.load(path, EngineOptions(cache_experts=resident.config.top_k, prefetch=1, progress=False))
     out = offloaded.generate(PROMPT, 6, keep_logits=True)
     assert torch.equal(out.logits, alone.logits) and out.stats["misses"] > 0
