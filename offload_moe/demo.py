@@ -7,6 +7,7 @@ same corpus, tokenizer and script), the shape of recent MoEs, for cache and pref
 `demo-random` is a Mixtral-layout checkpoint with random weights and Mixtral's real 32000-piece
 tokenizer, made once in a cache folder: the vocabulary and shapes the trained one cannot show.
 The same writer makes the benchmark and GPU-check checkpoints (any Mixtral shape).
+`find_model` turns a model as the user names it (these names, a folder or file, a hub id) into a local path.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import torch
 from safetensors.torch import save_file
 
 from .config import ModelConfig
+from .errors import UserError
 from .tokenizer import BUNDLED
+from .weights.hub import ModelRef, locate
 
 DEMO_CONFIG = ModelConfig(dim=128, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=16, ffn_dim=384, num_experts=8,
                           top_k=2, vocab_size=32000, max_context=4096)
@@ -100,8 +103,17 @@ def random_demo_model() -> Path:
     return path
 
 
-def resolve_model(name: str) -> Path:
-    """A model argument: a folder or GGUF file, or one of the embedded names."""
-    if name in TRAINED_DEMOS:
-        return TRAINED_DEMOS[name]
-    return random_demo_model() if name == "demo-random" else Path(name)
+def find_model(name: str | Path, revision: str | None = None, files: list[str] | None = None) -> ModelRef:
+    """A model as the user names it, wherever a model is taken: one of the embedded names, else a folder, a GGUF
+    file or a hub id (`weights.hub.locate`, which `files` and `revision` are for)."""
+    name = str(name)
+    if name in DEMO_NAMES:
+        if revision is not None:
+            raise UserError(f"a revision applies to a hub id, not to the embedded model {name}")
+        return ModelRef(TRAINED_DEMOS[name] if name in TRAINED_DEMOS else random_demo_model(), name)
+    return locate(name, revision, files)
+
+
+def resolve_model(name: str | Path, revision: str | None = None) -> Path:
+    """The local path of a model as the user names it (`find_model`)."""
+    return find_model(name, revision).path

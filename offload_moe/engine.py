@@ -1,7 +1,7 @@
 """The engine: a checkpoint loaded with resident dense weights, an expert cache and a prefetcher.
 
     from offload_moe import Engine, EngineOptions
-    engine = Engine.load("path/to/model", EngineOptions(cache_experts=4, prefetch=1))
+    engine = Engine.load("path/to/model", EngineOptions(cache_experts=4, prefetch=1))  # or "demo", "org/name"
     result = engine.generate("def fib(n):", max_new_tokens=32)
     print(result.text, result.stats["decode_tokens_per_s"])
     for piece in engine.stream("Hello"): print(piece, end="")
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .demo import find_model
 from .errors import UserError
 from .formats.int8_linear import Int8Linear
 from .generate import GenerationResult, generate_tokens
@@ -78,16 +79,20 @@ class Engine:
     plan: MemoryPlan | None = None  # what load planned on the device and in RAM (pinned bytes included)
     file_eos_ids: tuple[int, ...] = ()  # EOS ids of generation_config.json and the tokenizer (see `stop_ids`)
     pool: KVPool | None = None  # the KV cache of options.max_batch sequences: `kv` is slot 0, a `Scheduler` uses it
+    name: str = ""  # what the model goes by (serve's model id): a hub id or embedded name as given, else its folder's
 
     @classmethod
     def load(cls, path: str | Path, options: EngineOptions | None = None, profile: str | None = None,
-             **overrides) -> Engine:
-        """Open a checkpoint. Settings: EngineOptions defaults < the profile < the fields `options` sets
-        (those that differ from the defaults) < `overrides` (see `plan.merge_options`); all of them are
-        checked and worked out (`plan.plan_load`) before any weight is read."""
+             revision: str | None = None, **overrides) -> Engine:
+        """Open a checkpoint: a folder, a GGUF file, an embedded name ("demo") or a hub id ("org/name", at
+        `revision`; "org/name:Q4_K_M", a GGUF file of it), as `demo.find_model` finds them. Settings:
+        EngineOptions defaults < the profile < the fields `options` sets (those that differ from the defaults)
+        < `overrides` (see `plan.merge_options`); all of them are checked and worked out (`plan.plan_load`)
+        before any weight is read (or downloaded)."""
         prof = load_profile(profile) if profile else None
         options, given = merge_options(options, prof, overrides)
-        ckpt = Checkpoint(path)
+        found = find_model(path, revision)
+        ckpt = Checkpoint(found.path)
         c = ckpt.config
         log.info("%s: %s layout, %d layers, %d experts, top-%d", ckpt.path, ckpt.layout, c.n_layers, c.num_experts,
                  c.top_k)
@@ -113,7 +118,7 @@ class Engine:
         log.info("tokenizer: %s", type(tok).__name__ if tok is not None else "none (token ids only)")
         eos = generation_eos_ids(ckpt.path) + (tok.eos_ids if tok is not None else ())
         return cls(ckpt, model, model.cache, pool.seqs[0], tok, plan.options, plan.device, plan.dtype,
-                   plan=plan.memory, file_eos_ids=eos, pool=pool)
+                   plan=plan.memory, file_eos_ids=eos, pool=pool, name=found.name)
 
     @property
     def config(self):

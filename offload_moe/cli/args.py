@@ -142,16 +142,26 @@ def flag_help(f: Field) -> str:
     return f"{f.metadata['help']} (default: {shown})"
 
 
+def add_revision(group) -> None:
+    """--revision, beside every flag that takes a model or config by name."""
+    group.add_argument("--revision", metavar="REV", help="the branch, tag or commit of a hub id (or of a Hugging Face "
+                       "cache folder models--org--name) (default: main)")
+
+
 def engine_flags() -> argparse.ArgumentParser:
     """Flags shared by every command that runs the model."""
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("engine")
     g.add_argument("--model", default="demo",
-                   help="model folder (Hugging Face, original or packed layout), a GGUF file (llama.cpp's; of a split "
-                        "set, its first file -00001-of-N.gguf), 'demo' (the small trained MoE that "
+                   help="model folder (Hugging Face, original or packed layout; a Hugging Face cache folder "
+                        "models--org--name), a GGUF file (llama.cpp's; of a split "
+                        "set, its first file -00001-of-N.gguf), a hub id org/name (from the Hugging Face cache, "
+                        "else downloaded unless HF_HUB_OFFLINE is set), org/name:QUANT (the GGUF file of that repo "
+                        "whose name holds QUANT, e.g. Q4_K_M), 'demo' (the small trained MoE that "
                         "ships with the package: 8 experts, top-2), 'demo-fine' (its fine-grained twin: 32 experts, "
                         "top-4) or 'demo-random' (random weights, Mixtral's tokenizer) "
                         "(default: %(default)s)")
+    add_revision(g)
     g.add_argument("--profile", help="offload profile: a name in profiles/, a .toml file, or 'auto' (default: none)")
     for name in ENGINE_FLAGS:
         f = OPTIONS[name]

@@ -7,7 +7,7 @@ import argparse
 
 import torch
 
-from ..demo import resolve_model
+from ..demo import find_model
 from ..formats.registry import format_for, load_quant, resolve_group_size
 from ..plan import DTYPES, kept_gguf
 from ..weights.checkpoint import Checkpoint
@@ -15,7 +15,8 @@ from ..weights.convert import convert
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    ckpt = Checkpoint(resolve_model(args.model))
+    source = find_model(args.model, args.revision).path
+    ckpt = Checkpoint(source)
     config = ckpt.config
     quant = load_quant(args.experts, ckpt.mxfp4) if args.experts != "auto" else "mxfp4" if ckpt.mxfp4 else "int4"
     int8_attention = args.attention == "int8"
@@ -27,7 +28,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
                          layout=None if args.layout == "auto" else args.layout, attention=int8_attention)
     attention = resolve_group_size(config, args.group_size, experts=quant in ("int8", "int4"),
                                    attention=True) if int8_attention else None
-    index = convert(resolve_model(args.model), args.out, fmt, DTYPES[args.dtype], pack_device=gpu,
+    index = convert(source, args.out, fmt, DTYPES[args.dtype], pack_device=gpu,
                     attention_group=attention)
     print(f"wrote {args.out}: {len(index['experts'])} experts as {fmt.name}, {fmt.nbytes / 2**20:.2f} MiB each; "
           f"attention {index['attention']}")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..atomic import check_target, write_text_atomic
 from ..config import from_params_json
+from ..demo import find_model
 from ..errors import UserError
 from ..memory import card_plan, format_card_plan
 from ..models import from_hf_config
@@ -28,21 +29,30 @@ from ..weights.checkpoint import Checkpoint
 from ..weights.gguf import GGUFModel
 from .parser import program
 
+CONFIG_FILES = ["config.json", "params.json"]  # all that plan fetches of a hub repository
 
-def read_config(text: str):
-    """The model shape of a config.json, a params.json, a model folder or a GGUF file's metadata (no weights
-    needed), else of a shipped public config by model name (`models.public`)."""
-    path = Path(text)
+
+def config_path(text: str, revision: str | None = None) -> Path:
+    """Where a model's shape is, in this order: a local config.json, params.json, model folder or GGUF file; a
+    shipped public config by model name or hub id (`models.public`, offline; not at another revision); a model
+    name as --model takes it (`demo.find_model`: a hub id's config.json alone is fetched, or read from the cache)."""
+    if not Path(text).exists() and revision is None and (shipped := public_config(text)) is not None:
+        return shipped
+    try:
+        return find_model(text, revision, CONFIG_FILES).path
+    except UserError as e:
+        raise UserError(f"{e}; the shipped public configs: {', '.join(public_configs())}") from None
+
+
+def read_config(path: Path):
+    """The model shape at `config_path`: a config.json, a params.json, a model folder's or a GGUF file's metadata
+    (no weights needed)."""
     if path.suffix == ".gguf" and path.is_file():
         return GGUFModel(path).config()
     if path.is_dir():
         path = path / "config.json" if (path / "config.json").exists() else path / "params.json"
     if not path.exists():
-        shipped = public_config(text)
-        if shipped is None:
-            raise UserError(f"no such config: {path} (give a config.json, params.json, model folder or GGUF file, "
-                            f"or one of the shipped public configs: {', '.join(public_configs())})")
-        path = shipped
+        raise UserError(f"no config.json or params.json in {path.parent}")
     return from_params_json(path) if path.name == "params.json" else from_hf_config(path)
 
 
@@ -121,7 +131,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     dtype = resolve_dtype("auto", device)
     dim, ffn = args.dim, args.ffn
     if args.config is not None:
-        config = read_config(args.config)
+        config = read_config(config_path(args.config, args.revision))
         dim, ffn = config.dim, config.ffn_dim
     hw = calibrate(device, dim, ffn, dtype)
     print("# paste into a profile, or pass the profile to tune")
@@ -130,10 +140,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    config = read_config(args.config)
+    path = config_path(args.config, args.revision)
+    config = read_config(path)
     if args.context is not None and args.context < 1:
         raise UserError("--context must be positive")
-    path = Path(args.config)  # a GGUF file: a column for its experts as it holds them
+    # a GGUF file: a column for its experts as it holds them
     kept = kept_gguf(Checkpoint(path), "none") if path.suffix == ".gguf" and path.is_file() else None
     plan = card_plan(config, args.profile or CARDS, args.context, default_of("context"), args.max_batch, kept)
     print(json.dumps(plan) if args.json else format_card_plan(plan, str(args.config)))

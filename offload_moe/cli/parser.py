@@ -26,6 +26,7 @@ from ..sampling import Sampling
 from ..serve.guard import Limits
 from .args import (
     MergeArgs,
+    add_revision,
     engine_flags,
     flag_help,
     int_list,
@@ -206,15 +207,18 @@ def add_calibrate(sub) -> None:
     cal.add_argument("--dim", type=int, default=4096, help="model dim of the measured expert (default: %(default)s, "
                      "Mixtral-8x7B's)")
     cal.add_argument("--ffn", type=int, default=14336, help="expert FFN dim (default: %(default)s)")
-    cal.add_argument("--config", metavar="CONFIG", help="measure an expert of this model's shape instead (a "
-                     "config.json, params.json, model folder or GGUF file): its D and I replace --dim and --ffn")
+    cal.add_argument("--config", metavar="CONFIG", help="measure an expert of this model's shape instead (as plan "
+                     "--config takes it): its D and I replace --dim and --ffn")
+    add_revision(cal)
 
 
 def add_convert(sub) -> None:
     con = sub.add_parser("convert", help="write a packed offload folder that loads fast",
                          description="Write the model once in the engine's layout: dense weights, and experts "
                                      "packed one after another with a checksummed index. Resumable.")
-    con.add_argument("--model", required=True, help="source folder or GGUF file (any layout the engine reads)")
+    con.add_argument("--model", required=True, help="source folder or GGUF file (any layout the engine reads), "
+                     "or a model name as the engine flags' --model takes it (a hub id org/name[:QUANT], demo)")
+    add_revision(con)
     con.add_argument("--out", required=True, help="the folder to write")
     con.add_argument("--experts", choices=(*EXPERT_QUANTS, "auto"), default="auto", help="expert precision; auto: "
                      "an MXFP4 checkpoint's stay MXFP4, a GGUF file's quantized ones keep their types (so does none), "
@@ -250,7 +254,10 @@ def add_plan(sub) -> None:
                                      "metadata) is enough.")
     pln.add_argument("--config", required=True, metavar="CONFIG",
                      help="a config.json (Hugging Face), a params.json (original release), a model folder or a GGUF "
-                          "file (its metadata)")
+                          "file (its metadata); else the name or hub id of a shipped public config (such as "
+                          "Qwen/Qwen3-30B-A3B), offline; else a model name as --model takes it (a hub id: from the "
+                          "Hugging Face cache, else its config.json alone is downloaded)")
+    add_revision(pln)
     pln.add_argument("--profile", action="append", metavar="NAME",
                      help="a card profile (its budget, reserve, dtype and context); repeat for several "
                           f"(default: {' '.join(CARDS)})")
@@ -267,6 +274,9 @@ def add_serve(sub) -> None:
                                      "/v1/chat/completions, /v1/models, /health, /metrics), several requests "
                                      "decoding together (continuous batching). Needs the serve extra: "
                                      "pip install 'offload_moe[serve]'.")
+    srv.add_argument("--served-model-name", metavar="NAME", help="the model id the server answers to and lists "
+                     "(GET /v1/models) (default: --model as given: the hub id or demo name, else the folder's or "
+                     "file's name)")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     srv.add_argument("--port", type=port, default=8000, help="port; 0 picks a free one (default: %(default)s)")
     srv.add_argument("--max-batch", type=int, default=4, metavar="N",

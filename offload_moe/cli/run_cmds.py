@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..atomic import check_target, write_safetensors_atomic
-from ..demo import TRAINED_DEMOS, resolve_model
+from ..demo import TRAINED_DEMOS
 from ..engine import Engine
 from ..errors import UserError
 from ..perplexity import perplexity
@@ -22,7 +22,7 @@ from .parser import DEMO_PROMPT, program
 
 
 def load_engine(args: argparse.Namespace) -> Engine:
-    return Engine.load(resolve_model(args.model), profile=args.profile, **options_from(args))
+    return Engine.load(args.model, profile=args.profile, revision=args.revision, **options_from(args))
 
 
 def demo_note(args: argparse.Namespace, engine: Engine) -> None:

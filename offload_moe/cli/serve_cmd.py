@@ -10,7 +10,7 @@ import threading
 
 from ..atomic import check_target
 from ..planning.trace import save_trace
-from ..serve.app import bind, make_server, model_id, require_fastapi
+from ..serve.app import bind, make_server, require_fastapi
 from ..serve.guard import Limits
 from ..serve.service import Service
 from .run_cmds import load_engine
@@ -23,7 +23,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = Limits(args.max_request_bytes, args.max_connections, args.header_timeout, args.shutdown_grace,
                     tuple(args.allow_host))
     engine = load_engine(args)
-    service = Service(engine, model_id(args.model), max_batch=args.max_batch, max_queue=args.max_queue,
+    service = Service(engine, args.served_model_name or engine.name, max_batch=args.max_batch,
+                      max_queue=args.max_queue,
                       template_args=args.template_args)
     sock = bind(args.host, args.port)
     if args.trace_out:

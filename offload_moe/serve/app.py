@@ -17,9 +17,7 @@ import logging
 import socket
 import time
 import uuid
-from pathlib import Path
 
-from ..demo import DEMO_NAMES
 from ..errors import UserError
 from .guard import Guard, Limits, allowed_hosts, protocol, quiet_repeats
 from .schema import ChatCompletion, Completion, check
@@ -275,8 +273,4 @@ def make_server(service: Service, sock: socket.socket, limits: Limits | None = N
                 late.cancel()
 
     return Draining(config)
-
-
-def model_id(model: str) -> str:
-    return model if model in DEMO_NAMES else Path(model).name or str(model)
 
