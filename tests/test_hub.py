@@ -176,8 +176,8 @@ def test_the_server_answers_to_the_hub_id_or_the_served_name(monkeypatch, capsys
 
     made = {}
 
-    def make_server(service, sock, limits):
-        made["server"] = server = real(service, sock, limits)
+    def make_server(service, sock, *args):
+        made["server"] = server = real(service, sock, *args)
         made["port"] = sock.getsockname()[1]
         return server
 
