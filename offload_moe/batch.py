@@ -16,10 +16,12 @@ A step, in this order:
   3. prompts are prefilled, at most `prefill_chunk` tokens in all per step (chunked by the single-
      sequence forward into the sequence's slot), so a long prompt delays the others' next token by
      one chunk's forward, not by the whole prompt; a prompt finished here yields its first token.
-Each sequence samples with its own Sampling and generator and stops by the rules of
-`generate_tokens` (EOS, max_new_tokens, a full context), so its tokens and logits are those of the
-sequence run alone with `Engine.generate` (within float rounding: an expert's matmul over several
-rows, the masked attention over the longest span).
+Each sequence samples with its own Sampling, generator and penalty counts (`Adjust`) and stops by the
+rules of `generate_tokens` (EOS, max_new_tokens, a full context), so its tokens and logits are those
+of the sequence run alone with `Engine.generate` (within float rounding: an expert's matmul over
+several rows, the masked attention over the longest span). Asked for, a sequence's log-probabilities
+(`token_logprobs`: its generated tokens', its prompt's) go into its result as they are made; a
+request for its prompt's alone (max_new_tokens 0) is prefilled and generates nothing.
 
 add and cancel may be called from other threads (a server's handlers); step runs in one thread,
 the only one that touches the model.
@@ -37,7 +39,16 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import UserError
-from .generate import GenerationResult, check_request, sample, sampling_generator
+from .generate import (
+    Adjust,
+    GenerationResult,
+    Logprob,
+    adjuster,
+    check_request,
+    pick,
+    sampling_generator,
+    token_logprobs,
+)
 from .memory import gib
 from .modeling.layers import KVPool
 from .sampling import Sampling
@@ -53,7 +64,10 @@ class Request:
     max_new_tokens: int
     sampling: Sampling
     keep_logits: bool = False
+    logprobs: int | None = None  # the generated tokens' log-probabilities, with this many top ones
+    prompt_logprobs: int | None = None  # the prompt's, likewise
     gen: torch.Generator | None = None
+    adjust: Adjust | None = None
     slot: int = -1  # its KV-pool slot while admitted
     prefilled: int = 0  # prompt tokens in its slot
     pending: int | None = None  # the last sampled token, to be fed at the next decode step
@@ -113,14 +127,19 @@ class Scheduler:
         return bool(self.active or self.waiting or self.cancelled)
 
     def add(self, prompt_ids: list[int], max_new_tokens: int = 64, sampling: Sampling | None = None,
-            keep_logits: bool = False) -> int:
-        """Queue a sequence; it joins at the next step with a free slot. Returns its request id."""
+            keep_logits: bool = False, logprobs: int | None = None, prompt_logprobs: int | None = None) -> int:
+        """Queue a sequence; it joins at the next step with a free slot. Returns its request id. `logprobs`,
+        `prompt_logprobs`: its result's `logprobs` and `prompt_logprobs`, each token's with that many top ones."""
         sampling = sampling or Sampling()
-        check_request(list(prompt_ids), max_new_tokens, sampling, self.capacity)
+        check_request(self.engine, list(prompt_ids), max_new_tokens, sampling)
+        for name, k in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+            if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+                raise UserError(f"{name} must be a whole number, 0 or more, got {k!r}")
         ids = self.engine.encode(list(prompt_ids))  # checks the ids against the vocabulary
         with self.lock:
             rid, self.next_id = self.next_id, self.next_id + 1
-            req = Request(rid, ids, max_new_tokens, sampling, keep_logits, t_added=time.perf_counter())
+            req = Request(rid, ids, max_new_tokens, sampling, keep_logits, logprobs, prompt_logprobs,
+                          t_added=time.perf_counter())
             req.result = GenerationResult(prompt_ids=list(ids))
             self.waiting.append(req)
         return rid
@@ -154,7 +173,7 @@ class Scheduler:
             while self.free and self.waiting:
                 req = self.waiting.popleft()
                 req.t_admitted = now
-                if req.max_new_tokens == 0:  # as generate_tokens: nothing to run
+                if req.max_new_tokens == 0 and req.prompt_logprobs is None:  # as generate_tokens: nothing to run
                     self._finish(req, "length", events)
                     continue
                 req.slot = self.free.pop(0)
@@ -162,6 +181,7 @@ class Scheduler:
                 try:  # one request's setup failing must not touch the others, nor keep its slot
                     self.pool.seqs[req.slot].reset()
                     req.gen = sampling_generator(req.sampling, self.engine.device)
+                    req.adjust = adjuster(req.sampling, req.prompt)
                 except Exception:  # noqa: BLE001 - reported to that request alone, as its finish reason
                     self._finish(req, "error", events)
 
@@ -169,11 +189,14 @@ class Scheduler:
         t0 = time.perf_counter()
         tokens = torch.tensor([r.pending for r in reqs], device=self.engine.device)  # [B]
         logits = self.engine.model.forward_batch(tokens, self.pool, [r.slot for r in reqs])  # [B, V]
-        if all(r.sampling.greedy for r in reqs):  # greedy: one argmax for the batch, as `sample` per row
+        if all(r.sampling.greedy and r.adjust is None for r in reqs):  # one argmax for the batch, as `pick` per row
             picked = logits.argmax(dim=-1)  # [B]
         else:
-            picked = torch.stack([sample(logits[b], r.sampling, r.gen) for b, r in enumerate(reqs)])  # [B]
+            picked = torch.stack([pick(logits[b], r.sampling, r.gen, r.adjust) for b, r in enumerate(reqs)])  # [B]
         ids = picked.tolist()  # SYNC: the tokens go to the host, to stream them and to check for EOS
+        asked = [b for b, r in enumerate(reqs) if r.logprobs is not None]  # one host copy for all of them
+        lps = dict(zip(asked, token_logprobs(logits[asked], [ids[b] for b in asked],
+                                             max(reqs[b].logprobs for b in asked)), strict=True)) if asked else {}
         self.batch_sizes.append(len(reqs))
         now = time.perf_counter()
         self.decode_tokens += len(reqs)
@@ -186,7 +209,7 @@ class Scheduler:
             req.result.decode_steps += 1
             if req.result.decode_steps == 1:
                 req.result.first_decode_s = now - t0
-            self._emit(req, ids[b], logits[b] if req.keep_logits else None, events, now)
+            self._emit(req, ids[b], logits[b], events, now, lps.get(b))
 
     def _prefill(self, events: list) -> None:
         budget = self.prefill_chunk
@@ -196,24 +219,43 @@ class Scheduler:
             n = min(budget, len(req.prompt) - req.prefilled)
             budget -= n
             t0 = time.perf_counter()
-            chunk = torch.tensor(req.prompt[req.prefilled : req.prefilled + n], device=self.engine.device)  # [T]
-            logits = self.engine.model(chunk, self.pool.seqs[req.slot], last_only=True)[0]  # [V]
+            start = req.prefilled
+            chunk = torch.tensor(req.prompt[start : start + n], device=self.engine.device)  # [T]
+            out = self.engine.model(chunk, self.pool.seqs[req.slot], last_only=req.prompt_logprobs is None)
             req.prefilled += n
+            if req.prompt_logprobs is not None:  # row t predicts the prompt's token start + t + 1
+                self._prompt_logprobs(req, out, req.prompt[start + 1 : start + n + 1])
+            logits = out[-1]  # [V]
             if req.prefilled < len(req.prompt):
                 req.result.prefill_s += time.perf_counter() - t0
                 continue
-            token = sample(logits, req.sampling, req.gen)
+            if req.max_new_tokens == 0:  # its prompt's log-probabilities were all it asked for
+                req.result.prefill_s += time.perf_counter() - t0
+                self._finish(req, "length", events)
+                continue
+            token = pick(logits, req.sampling, req.gen, req.adjust)
             tok = int(token)  # SYNC: as in _decode
             now = time.perf_counter()
             req.result.prefill_s += now - t0
             req.t_first = now
             self._emit(req, tok, logits, events, now)
 
-    def _emit(self, req: Request, tok: int, logits: torch.Tensor | None, events: list,
-              now: float) -> None:
-        """A new token of `req`: record it, then stop by generate_tokens' rules or keep it to feed."""
+    @staticmethod
+    def _prompt_logprobs(req: Request, out: torch.Tensor, targets: list[int]) -> None:
+        if req.result.prompt_logprobs is None:
+            req.result.prompt_logprobs = [None]  # the first token has no context to be predicted from
+        if targets:
+            req.result.prompt_logprobs += token_logprobs(out[: len(targets)], targets, req.prompt_logprobs)
+
+    def _emit(self, req: Request, tok: int, logits: torch.Tensor, events: list, now: float,
+              lp: Logprob | None = None) -> None:
+        """A new token of `req` (`logits` [V] it was picked from; `lp`: its log-probabilities, when computed with
+        others'): record it, then stop by generate_tokens' rules or keep it to feed."""
         req.result.tokens.append(tok)
         req.t_last = now
+        if req.logprobs is not None:
+            lp = lp or token_logprobs(logits.view(1, -1), [tok], req.logprobs)[0]
+            req.result.logprobs.append(lp._replace(top=lp.top[: req.logprobs]))
         if req.keep_logits:
             req.rows.append(logits)
         reason = None

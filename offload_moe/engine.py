@@ -2,7 +2,7 @@
 
     from offload_moe import Engine, EngineOptions
     engine = Engine.load("path/to/model", EngineOptions(cache_experts=4, prefetch=1))  # or "demo", "org/name"
-    result = engine.generate("def fib(n):", max_new_tokens=32)
+    result = engine.generate("def fib(n):", max_new_tokens=32, temperature=0.7, seed=1, stop="\n\n")
     print(result.text, result.stats["decode_tokens_per_s"])
     for piece in engine.stream("Hello"): print(piece, end="")
 """
@@ -20,7 +20,7 @@ import torch
 from .demo import find_model
 from .errors import UserError
 from .formats.int8_linear import Int8Linear
-from .generate import GenerationResult, generate_tokens
+from .generate import GenerationResult, StopText, generate_tokens
 from .memory import MemoryPlan
 from .modeling.layers import KVCache, KVPool
 from .modeling.transformer import Transformer
@@ -33,7 +33,7 @@ from .options import EngineOptions
 from .plan import LoadPlan, merge_options, plan_load
 from .planning.trace import Trace
 from .profiles import load_profile
-from .sampling import Sampling
+from .sampling import Sampling, with_params
 from .stats import collect_stats
 from .threads import set_threads
 from .tokenizer import TextStream, Tokenizer, generation_eos_ids, load_tokenizer
@@ -185,33 +185,49 @@ class Engine:
         keep_logits: bool = False,
         on_text: Callable[[str], None] | None = None,
         template_args: dict | None = None,
+        stop: str | list[str] | None = None,
+        **params,
     ) -> GenerationResult:
         """Generate from a prompt (text, token ids, or chat messages, with `template_args`: see `encode`); `on_text`
-        receives text pieces as they are made."""
-        pieces = self._run(prompt, max_new_tokens, sampling, chat, keep_logits, template_args)
-        for piece in pieces:
+        receives text pieces as they are made. `params`: `Sampling`'s fields as keywords (temperature, top_p,
+        top_k, min_p, repetition_penalty, presence_penalty, frequency_penalty, logit_bias, seed), over `sampling`'s.
+        `stop`: a string or strings that end the text (left out of it; the stop reason is then "stop")."""
+        sampling = with_params(sampling, params, "generate")
+        for piece in self._run(prompt, max_new_tokens, sampling, chat, keep_logits, template_args, stop):
             if on_text is not None and piece:
                 on_text(piece)
         return self.last_result
 
     def stream(self, prompt: str | list[int] | list[dict], max_new_tokens: int = 64, sampling: Sampling | None = None,
-               chat: bool = False, template_args: dict | None = None) -> Iterator[str]:
-        """Yield text pieces as tokens are made; `last_result` holds tokens and stats afterwards."""
-        return (piece for piece in self._run(prompt, max_new_tokens, sampling, chat, False, template_args) if piece)
+               chat: bool = False, template_args: dict | None = None, stop: str | list[str] | None = None,
+               **params) -> Iterator[str]:
+        """Yield text pieces as tokens are made; `last_result` holds tokens and stats afterwards. The keywords are
+        `generate`'s."""
+        sampling = with_params(sampling, params, "stream")
+        return (piece for piece in self._run(prompt, max_new_tokens, sampling, chat, False, template_args, stop)
+                if piece)
 
-    def _run(self, prompt, max_new_tokens, sampling, chat, keep_logits, template_args) -> Iterator[str]:
+    def _run(self, prompt, max_new_tokens, sampling, chat, keep_logits, template_args, stop) -> Iterator[str]:
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if not isinstance(stops, list | tuple) or not all(isinstance(s, str) for s in stops):
+            raise UserError(f"stop must be a string or a list of strings, got {stop!r}")
         ids = self.encode(prompt, chat, template_args)
+        if stops and self.tokenizer is None:
+            raise UserError("stop strings need a tokenizer: the text is where they are found")
         text = TextStream(self.tokenizer) if self.tokenizer is not None else None
-        steps = generate_tokens(self, ids, max_new_tokens, sampling or Sampling(), keep_logits)
+        shown = StopText(stops)
+        steps = generate_tokens(self, ids, max_new_tokens, sampling, keep_logits)
         while True:
             try:
-                token = next(steps)
+                token = steps.send(shown.stopped or None)
             except StopIteration as done:
                 self.last_result = done.value
                 break
-            yield text.push(token) if text is not None else ""
+            yield shown.push(text.push(token)) if text is not None else ""
         if text is not None:
-            yield text.flush()  # an incomplete character at the very end, as the full decode shows it
+            yield shown.push(text.flush(), final=True)  # an incomplete character at the very end, or held-back text
+        if shown.stopped:
+            self.last_result.text = shown.text
         self.last_result.stats = collect_stats(self, self.last_result)
 
     def score(self, ids: list[int]) -> torch.Tensor:

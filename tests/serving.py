@@ -13,12 +13,12 @@ from offload_moe.serve.service import Service
 
 
 class Running:
-    def __init__(self, engine, name: str, limits: Limits | None = None, **kw):
+    def __init__(self, engine, name: str, limits: Limits | None = None, api_key: str | None = None, **kw):
         self.service = Service(engine, name, **kw)
         sock = bind("127.0.0.1", 0)
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = make_server(self.service, sock, limits)
+        self.server = make_server(self.service, sock, limits, api_key=api_key)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         for _ in range(200):
@@ -27,7 +27,7 @@ class Running:
             time.sleep(0.02)
         else:
             raise AssertionError("the server did not start")
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=30)
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=api_key or "none", max_retries=0, timeout=30)
 
     def close(self) -> None:
         self.server.should_exit = True

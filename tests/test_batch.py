@@ -217,3 +217,41 @@ def test_misses_of_a_batched_step_computed_on_the_cpu(ckpts, miss_policy):
     c = engine.cache.counters
     assert c.cpu_misses > 0 and c.copies == 0 and c.bytes_to_device == 0
     assert ref.cache.counters.bytes_to_device > 0
+
+
+def test_penalties_bias_and_logprobs_per_request_equal_alone(ckpts):
+    """Each sequence of one batch with its own penalties, min-p, bias or none: tokens and logits equal the same
+    sequence alone; its log-probabilities (asked of the scheduler) are the log-softmax of those logits, its
+    prompt's the log-softmax of the prompt's scored logits; a request for the prompt's alone (max_new_tokens 0)
+    generates nothing."""
+    engine = Engine.load(ckpts["base"], EngineOptions(cache_experts=2, progress=False))
+    samplings = [Sampling(repetition_penalty=1.5, frequency_penalty=0.7), Sampling(presence_penalty=-1.0),
+                 Sampling(temperature=0.9, min_p=0.1, seed=3, logit_bias={415: 3.0, 28705: -2.0}), Sampling()]
+    jobs = MIXTRAL[:3] + [MIXTRAL[0]]
+    refs = [engine.generate(p, n, s, keep_logits=True) for (p, n, _), s in zip(jobs, samplings, strict=True)]
+    sched = Scheduler(engine, max_batch=4, prefill_chunk=5)
+    ids = [sched.add(p, n, s, keep_logits=True, logprobs=2, prompt_logprobs=1)
+           for (p, n, _), s in zip(jobs, samplings, strict=True)]
+    scored = sched.add(MIXTRAL[1][0], 0, prompt_logprobs=0)
+    while sched.busy:
+        sched.step()
+    check_same(sched, ids, refs)
+    assert max(sched.batch_sizes) >= 3  # sequences with different settings decoded together
+    for rid, (prompt, *_) in zip(ids, jobs, strict=True):
+        got = sched.result(rid)
+        lp = torch.log_softmax(got.logits, dim=-1)
+        assert [x.token for x in got.logprobs] == got.tokens
+        want = lp[torch.arange(len(got.tokens)), torch.tensor(got.tokens)]
+        assert (torch.tensor([x.logprob for x in got.logprobs]) - want).abs().max() < TOL
+        assert all([t for t, _ in x.top] == lp[i].topk(2).indices.tolist() for i, x in enumerate(got.logprobs))
+        check_prompt_logprobs(engine, prompt, got.prompt_logprobs)
+    got = sched.result(scored)
+    assert got.tokens == [] and got.stop_reason == "length"
+    check_prompt_logprobs(engine, MIXTRAL[1][0], got.prompt_logprobs)
+
+
+def check_prompt_logprobs(engine, prompt, got) -> None:
+    want = torch.log_softmax(engine.score(prompt), dim=-1)  # [T, V]
+    assert got[0] is None and [x.token for x in got[1:]] == prompt[1:]
+    rows = want[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+    assert (torch.tensor([x.logprob for x in got[1:]]) - rows).abs().max() < TOL

@@ -24,10 +24,12 @@ from offload_moe.cli.parser import build_parser  # noqa: E402
 from offload_moe.demo import resolve_model  # noqa: E402
 from offload_moe.engine import Engine  # noqa: E402
 from offload_moe.errors import UserError  # noqa: E402
+from offload_moe.generate import GenerationResult, StopText  # noqa: E402
 from offload_moe.options import EngineOptions  # noqa: E402
 from offload_moe.planning.trace import load_trace  # noqa: E402
 from offload_moe.serve.schema import ChatCompletion, check  # noqa: E402
-from offload_moe.serve.service import Service  # noqa: E402
+from offload_moe.serve.service import Choice, Job, Service  # noqa: E402
+from offload_moe.tokenizer import TextStream  # noqa: E402
 
 PROMPTS = ["def fib(n):", "import os\n", 'class Config:\n    """']
 TOKENS = 24
@@ -105,10 +107,16 @@ def error_of(call) -> tuple[int, dict]:
 
 
 @pytest.mark.parametrize("kw,param", [({"max_tokens": -1}, "max_tokens"), ({"temperature": 2.5}, "temperature"),
-                                      ({"temperature": -0.1}, "temperature"), ({"n": 2}, "n")])
+                                      ({"temperature": -0.1}, "temperature"), ({"n": 0}, "n"),
+                                      ({"n": 6}, "n"), ({"top_k": -2}, "top_k"), ({"min_p": 1.5}, "min_p"),
+                                      ({"repetition_penalty": 0}, "repetition_penalty"),
+                                      ({"presence_penalty": 2.5}, "presence_penalty"),
+                                      ({"logit_bias": {"x": 1}}, "logit_bias"),
+                                      ({"logit_bias": {"1": 101}}, "logit_bias"),
+                                      ({"logit_bias": {"4096": 1}}, "logit_bias"), ({"logprobs": 21}, "logprobs")])
 def test_bad_parameters_are_400(demo, kw, param):
-    args = {"model": "demo", "prompt": "x", "max_tokens": 4} | kw
-    status, body = error_of(lambda: demo.client.completions.create(**args))
+    args = {"model": "demo", "prompt": "x", "max_tokens": 4}
+    status, body = error_of(lambda: demo.client.completions.create(**args, extra_body=kw))
     assert status == 400 and body["param"] == param and body["type"] == "invalid_request_error"
     assert complete(demo.client, PROMPTS[0])[0] == demo.refs[PROMPTS[0]]  # still serving
 
@@ -164,18 +172,18 @@ def test_tokens_that_wait_in_the_queue_make_one_piece(demo):
     ids = svc.engine.encode("def fib(n):\n    return fib(n - 1) + fib(n - 2)\n")
 
     async def run(stops):
-        queue: asyncio.Queue = asyncio.Queue()
-        for event in [(t, None) for t in ids[:-1]] + [(ids[-1], "length")]:
-            queue.put_nowait(event)
-        out: dict = {}
-        return [piece async for piece in svc.pieces(-1, queue, stops, out)], out
+        choice = Choice(0, 0, -1, GenerationResult([]), TextStream(tok), StopText(stops))
+        job = Job([], [choice], asyncio.Queue(), logprobs=False)
+        for event in [(-1, t, None) for t in ids[:-1]] + [(-1, ids[-1], "length")]:
+            job.queue.put_nowait(event)
+        return [d.text async for d in svc.pieces(job)], choice
 
-    pieces, out = asyncio.run(run([]))
-    assert pieces == [tok.decode(ids)] and out == {"completion_tokens": len(ids), "finish_reason": "length"}
-    pieces, out = asyncio.run(run(["fib(n - 1)"]))
-    assert pieces == [tok.decode(ids).split("fib(n - 1)")[0]] and out["finish_reason"] == "stop"
-    assert 0 < out["completion_tokens"] < len(ids)
-    assert "fib(n - 1)" in tok.decode(ids[: out["completion_tokens"]]) and "fib(n - 2)" not in pieces[0]
+    pieces, choice = asyncio.run(run([]))
+    assert pieces == [tok.decode(ids)] and (choice.tokens, choice.finish) == (len(ids), "length")
+    pieces, choice = asyncio.run(run(["fib(n - 1)"]))
+    assert pieces == [tok.decode(ids).split("fib(n - 1)")[0]] and choice.finish == "stop"
+    assert 0 < choice.tokens < len(ids)
+    assert "fib(n - 1)" in tok.decode(ids[: choice.tokens]) and "fib(n - 2)" not in pieces[0]
     assert demo.idle()
 
 
@@ -251,7 +259,7 @@ def test_chat_with_the_checkpoints_template(tmp_path):
     for kwargs, thinking in ((None, False), ({"enable_thinking": True}, True), ({"x": 1}, False)):
         req = check(ChatCompletion, {"messages": messages, "chat_template_kwargs": kwargs})
         want = engine.encode(messages, template_args={"enable_thinking": thinking})
-        assert service.prompt_ids(req, chat=True) == want
+        assert service.prompt_ids(req, chat=True) == [want]
     with pytest.raises(UserError, match="'tools' cannot be a chat template argument"):
         Service(engine, "qwen3", max_batch=1, template_args={"tools": []})
     args = build_parser().parse_args(["serve", "--chat-template-kwargs", '{"a": 1, "b": 2}', "--chat-template-arg",
@@ -277,7 +285,7 @@ def check_chat_template_kwargs(srv, engine, messages) -> None:
 
 def test_serve_command_prints_its_address_and_stops_on_a_signal(tmp_path):
     """`run.py serve --port 0` prints the address it listens on, answers, and stops cleanly (exit 0) on SIGINT
-    and on SIGTERM, writing its --trace-out."""
+    and on SIGTERM, writing its --trace-out; the API key from $OFFLOAD_MOE_API_KEY is required."""
     import os
     import selectors
     import signal
@@ -290,7 +298,7 @@ def test_serve_command_prints_its_address_and_stops_on_a_signal(tmp_path):
         cmd = [sys.executable, str(root / "run.py"), "serve", "--model", "demo", "--port", "0", "--max-batch", "2",
                "--trace-out", str(tmp_path / f"{sig.name}.trace")]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=root,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", "OFFLOAD_MOE_API_KEY": "k3y"})
         try:
             sel = selectors.DefaultSelector()
             sel.register(proc.stderr, selectors.EVENT_READ)
@@ -302,10 +310,11 @@ def test_serve_command_prints_its_address_and_stops_on_a_signal(tmp_path):
                         if line.startswith("serving demo at "):
                             url = line.split()[3]
             assert url is not None, err.decode()[-2000:]
-            assert url.startswith("http://127.0.0.1:") and url.endswith("/v1")
+            assert url.startswith("http://127.0.0.1:") and url.endswith("/v1") and "API key required" in err.decode()
             assert httpx.get(url.removesuffix("/v1") + "/health", timeout=10).json() == {"status": "ok"}
-            r = httpx.post(url + "/completions", json={"prompt": "import os", "max_tokens": 5, "temperature": 0},
-                           timeout=30)
+            body = {"prompt": "import os", "max_tokens": 5, "temperature": 0}
+            assert httpx.post(url + "/completions", json=body, timeout=30).status_code == 401
+            r = httpx.post(url + "/completions", json=body, headers={"Authorization": "Bearer k3y"}, timeout=30)
             assert r.json()["usage"]["completion_tokens"] == 5
             proc.send_signal(sig)
             rest = proc.communicate(timeout=30)[1]
@@ -326,6 +335,13 @@ def test_serve_without_fastapi_is_one_line(capsys, monkeypatch):
     code, _, err = run_cli(capsys, "serve", "--model", "demo")
     assert code == 1
     assert err.strip().count("\n") == 0 and "pip install 'offload_moe[serve]'" in err
+
+
+def test_serve_refuses_an_empty_api_key(capsys):
+    from conftest import run_cli
+
+    code, _, err = run_cli(capsys, "serve", "--model", "demo", "--api-key", "")
+    assert code == 1 and err.strip().count("\n") == 0 and "--api-key must not be empty" in err
 
 
 def test_serve_refuses_a_port_out_of_range(capsys):

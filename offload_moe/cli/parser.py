@@ -23,7 +23,7 @@ from ..options import (
     default_of,
 )
 from ..sampling import Sampling
-from ..serve.guard import Limits
+from ..serve.guard import API_KEY_ENV, Limits
 from .args import (
     MergeArgs,
     add_revision,
@@ -304,6 +304,8 @@ def add_serve(sub) -> None:
     lim.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                      help="a Host or Origin name to answer besides the bound address's (a server on a loopback "
                           "address answers only loopback names, against DNS rebinding); '*': any; repeatable")
+    lim.add_argument("--api-key", metavar="KEY", help="every route but /health then needs Authorization: Bearer "
+                     f"KEY, else 401 (default: ${API_KEY_ENV}; unset or empty: no key, any client is served)")
 
 
 SUBPARSERS = (add_generate, add_profile, add_simulate, add_train_predictor, add_tune, add_calibrate, add_convert,

@@ -4,10 +4,12 @@
     python run.py serve --model demo --port 8000 --max-batch 4
 
 The HTTP handlers only tokenize, queue and format, never touch the model: the request logic and the
-step thread are `service.py`'s. Endpoints: GET /v1/models, POST /v1/completions,
-POST /v1/chat/completions (streamed as server-sent events or not), GET /health, GET /metrics.
-Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}. FastAPI and uvicorn are
-imported where they are used: without them, `require_fastapi` says what to install.
+step thread are `service.py`'s, the responses' shapes `reply.py`'s. Endpoints: GET /v1/models,
+POST /v1/completions, POST /v1/chat/completions (streamed as server-sent events or not), POST /tokenize
+and /detokenize (llama-server's), GET /health, GET /metrics. With an API key, every route but /health
+needs it (`guard.py`). Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}.
+FastAPI and uvicorn are imported where they are used: without them, `require_fastapi` says what to
+install.
 """
 
 import asyncio
@@ -15,12 +17,11 @@ import contextlib
 import json
 import logging
 import socket
-import time
-import uuid
 
 from ..errors import UserError
 from .guard import Guard, Limits, allowed_hosts, protocol, quiet_repeats
-from .schema import ChatCompletion, Completion, check
+from .reply import Reply
+from .schema import ChatCompletion, Completion, Detokenize, Tokenize, check
 from .service import APIError, Service
 
 MISSING = "pip install 'offload_moe[serve]'"
@@ -34,9 +35,11 @@ def require_fastapi():
         raise UserError(f"serve needs FastAPI and uvicorn ({e.name} is missing): {MISSING}") from None
 
 
-def create_app(service: Service, limits: Limits | None = None, hosts: set[str] | None = None):
-    """The FastAPI application over a Service, behind the `Guard` (`hosts`: the Host names it answers, None any);
-    the step thread starts and stops with it."""
+def create_app(service: Service, limits: Limits | None = None, hosts: set[str] | None = None,
+               api_key: str | None = None):
+    """The FastAPI application over a Service, behind the `Guard` (`hosts`: the Host names it answers, None any;
+    `api_key`: the bearer token every route but /health needs, None none); the step thread starts and stops with
+    it."""
     from fastapi import FastAPI
 
     @contextlib.asynccontextmanager
@@ -51,7 +54,8 @@ def create_app(service: Service, limits: Limits | None = None, hosts: set[str] |
     add_error_handlers(app)
     add_model_routes(app, service)
     add_completion_routes(app, service)
-    return Guard(app, limits or Limits(), hosts)
+    add_token_routes(app, service)
+    return Guard(app, limits or Limits(), hosts, api_key)
 
 
 def add_error_handlers(app) -> None:
@@ -127,104 +131,47 @@ async def read_body(request) -> dict:
     return body
 
 
+def add_token_routes(app, service: Service) -> None:
+    """POST /tokenize ({"content"} -> {"tokens"}) and /detokenize ({"tokens"} -> {"content"}), llama-server's; they
+    take vLLM's names too (prompt, add_special_tokens; the text also as "prompt")."""
+    from fastapi import Request
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        req = check(Tokenize, await read_body(request))
+        return {"tokens": await asyncio.to_thread(service.tokenize, req.text, req.special)}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        req = check(Detokenize, await read_body(request))
+        text = await asyncio.to_thread(service.detokenize, req.tokens)
+        return {"content": text, "prompt": text}
+
+
 async def complete(service: Service, request, chat: bool):
-    """A completion request: checked (`schema`), tokenized off the event loop, queued (503 when the queue is
-    full), answered whole or streamed."""
+    """A completion request: checked (`schema`), tokenized off the event loop, its sequences queued (503 when the
+    queue is full), answered whole or streamed (`reply`)."""
     req = check(ChatCompletion if chat else Completion, await read_body(request))
     service.check_model(req.model)
-    ids = await asyncio.to_thread(service.prompt_ids, req, chat)  # a long prompt must not stall other streams
+    prompts = await asyncio.to_thread(service.prompt_ids, req, chat)  # a long prompt must not stall other streams
     max_tokens = req.token_limit
-    if max_tokens is None:  # OpenAI's defaults: 16 for a text completion, the context for a chat
-        max_tokens = service.scheduler.capacity - len(ids) if chat else 16
-    reply = Reply(service, chat, ids, bool(req.stream_options and req.stream_options.include_usage))
-    gen = service.pieces(*service.worker.submit(ids, max_tokens, service.sampling(req)), service.stops(req),
-                         reply.out)
+    if max_tokens is None:  # OpenAI's defaults: 16 for a text completion, the rest of the context for a chat
+        max_tokens = service.scheduler.capacity - len(prompts[0]) if chat else 16
+    echo = None
+    if chat:
+        logprobs, prompt_logprobs = (req.top_logprobs or 0) if req.logprobs else None, None
+    else:
+        logprobs = req.logprobs
+        prompt_logprobs = logprobs if req.echo else None
+        if req.echo:
+            echo = [p if isinstance(p, str) else service.engine.tokenizer.decode(ids)
+                    for p, ids in zip(req.prompts, prompts, strict=True)]
+    job = service.submit(req, prompts, max_tokens, logprobs, prompt_logprobs)
+    reply = Reply(service, job, chat, bool(req.stream_options and req.stream_options.include_usage), echo)
+    gen = service.pieces(job)
     if req.stream:
         return reply.streamed(gen)
     return await reply.whole(request, gen)
-
-
-class Reply:
-    """The response to one completion request, in OpenAI's shape for a chat or a text completion."""
-
-    def __init__(self, service: Service, chat: bool, ids: list[int], include_usage: bool):
-        self.service, self.chat, self.ids, self.include_usage = service, chat, ids, include_usage
-        kind = "chatcmpl" if chat else "cmpl"
-        self.id, self.created = f"{kind}-{uuid.uuid4().hex[:24]}", int(time.time())
-        self.out: dict = {}  # finish_reason and completion_tokens, filled by `Service.pieces`
-
-    async def whole(self, request, gen):
-        from fastapi.responses import Response
-
-        text = await collect(request, gen)
-        if text is None:  # the client is gone: its sequence was cancelled
-            return Response(status_code=499)
-        c = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-              "finish_reason": self.out["finish_reason"]} if self.chat else
-             {"index": 0, "text": text, "logprobs": None, "finish_reason": self.out["finish_reason"]})
-        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
-                "created": self.created, "model": self.service.model_id, "choices": [c],
-                "usage": self.service.usage(self.ids, self.out)}
-
-    def streamed(self, gen):
-        from fastapi.responses import StreamingResponse
-
-        return StreamingResponse(self.events(gen), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    def choice(self, text: str | None, finish) -> dict:
-        if self.chat:
-            delta = {} if text is None else {"content": text}
-            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-
-    def sse(self, choices, usage=None) -> str:
-        data = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                "created": self.created, "model": self.service.model_id, "choices": choices}
-        if self.include_usage:
-            data["usage"] = usage
-        return f"data: {json.dumps(data)}\n\n"
-
-    async def events(self, gen):
-        try:
-            try:
-                if self.chat:
-                    yield self.sse([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                     "finish_reason": None}])
-                async for piece in gen:
-                    yield self.sse([self.choice(piece, None)])
-                yield self.sse([self.choice(None, self.out["finish_reason"])])
-                if self.include_usage:
-                    yield self.sse([], self.service.usage(self.ids, self.out))
-            except APIError as e:  # the headers are sent: the error is the stream's last event (OpenAI's way)
-                yield f"data: {json.dumps(e.body())}\n\n"
-            yield "data: [DONE]\n\n"
-        finally:
-            await gen.aclose()
-
-
-async def collect(request, gen) -> str | None:
-    """The whole text; None when the client disconnects first (checked every 0.05 s: the request is
-    then cancelled, as a stream's is)."""
-    async def join():
-        return "".join([piece async for piece in gen])
-
-    task = asyncio.ensure_future(join())
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=0.05)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                return None
-    finally:
-        if not task.done():
-            task.cancel()  # the generator's own cleanup cancels the request
-        else:
-            await gen.aclose()
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -243,15 +190,16 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def make_server(service: Service, sock: socket.socket, limits: Limits | None = None, log_level: str = "warning",
-                access_log: bool = False):
+                access_log: bool = False, api_key: str | None = None):
     """A uvicorn.Server for the app on `sock` (run it with `server.run(sockets=[sock])`), with the `limits`: the
     Host names of the bound address, the protocol's bounds, and on shutdown a drain (`Worker.drain`); uvicorn logs
-    from `log_level` up, and with `access_log` a line per request whatever that level."""
+    from `log_level` up, and with `access_log` a line per request whatever that level; `api_key`: the bearer token
+    every route but /health needs."""
     import uvicorn
 
     limits = limits or Limits()
     hosts = allowed_hosts(sock.getsockname()[0], limits.allowed_hosts)
-    config = uvicorn.Config(create_app(service, limits, hosts), log_level=log_level, access_log=access_log,
+    config = uvicorn.Config(create_app(service, limits, hosts, api_key), log_level=log_level, access_log=access_log,
                             lifespan="on", http=protocol(limits), limit_concurrency=limits.max_connections,
                             timeout_keep_alive=5, timeout_graceful_shutdown=int(limits.shutdown_grace) + 2)
     if access_log:  # its lines are at info, below the default level

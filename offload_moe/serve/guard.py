@@ -1,7 +1,9 @@
 """What keeps one careless or hostile client from hurting the others, before a request reaches the app.
 
 - `Guard`, an ASGI middleware: a Host (or Origin) that is not this server's is a 403 (a web page cannot reach a
-  local server through DNS rebinding or a cross-site form); a POST whose body is not `application/json` is a 415
+  local server through DNS rebinding or a cross-site form); with an API key (serve --api-key, OFFLOAD_MOE_API_KEY),
+  a request to any route but /health without `Authorization: Bearer <key>` is a 401 (compared in constant time);
+  a POST whose body is not `application/json` is a 415
   (a cross-site form or plain-text POST cannot be one); a body over `max_request_bytes` is a 413, refused by its
   Content-Length or as soon as it grows past the bound, never read whole into memory.
 - `protocol(limits)`: uvicorn's h11 protocol with the two bounds it lacks: a connection whose request headers have
@@ -13,6 +15,7 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import time
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 LOOPBACK = ("localhost", "127.0.0.1", "::1")
+API_KEY_ENV = "OFFLOAD_MOE_API_KEY"  # serve --api-key's default (vLLM's is VLLM_API_KEY)
 
 
 @dataclass
@@ -46,19 +50,30 @@ def host_of(netloc: str) -> str:
     return urlsplit(f"//{netloc}").hostname or ""
 
 
-async def reject(send, status: int, message: str) -> None:
+async def reject(send, status: int, message: str, code: str | None = None, headers: tuple = ()) -> None:
     body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                 "code": None}}).encode()
+                                 "code": code}}).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *headers]})
     await send({"type": "http.response.body", "body": body})
+
+
+OPEN_PATHS = ("/health",)  # what answers without the API key (a load balancer's probe)
+
+
+def authorized(header: bytes | None, key: bytes) -> bool:
+    """`Authorization: Bearer <key>` (the scheme in any case), the key compared in constant time."""
+    scheme, _, token = (header or b"").partition(b" ")
+    return hmac.compare_digest(token.strip(), key) and scheme.lower() == b"bearer"
 
 
 class Guard:
     """The checks above, as pure ASGI middleware around the app."""
 
-    def __init__(self, app, limits: Limits, hosts: set[str] | None):
+    def __init__(self, app, limits: Limits, hosts: set[str] | None, api_key: str | None = None):
         self.app, self.limits, self.hosts = app, limits, hosts
+        self.key = api_key.encode() if api_key else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -73,6 +88,11 @@ class Guard:
                 if hostname not in self.hosts:
                     return await reject(send, 403, f"{name} {value!r} is not this server's (serve --allow-host adds "
                                                    "one)")
+        if self.key is not None and scope["path"] not in OPEN_PATHS:
+            given = next((v for k, v in scope["headers"] if k.lower() == b"authorization"), None)
+            if not authorized(given, self.key):
+                return await reject(send, 401, "a missing or wrong API key: send Authorization: Bearer <key>",
+                                    code="invalid_api_key", headers=((b"www-authenticate", b"Bearer"),))
         if scope["method"] != "POST":
             return await self.app(scope, receive, send)
         if headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
