@@ -176,8 +176,8 @@ def test_the_server_answers_to_the_hub_id_or_the_served_name(monkeypatch, capsys
 
     made = {}
 
-    def make_server(service, sock, *args):
-        made["server"] = server = real(service, sock, *args)
+    def make_server(service, sock, *args, **kwargs):
+        made["server"] = server = real(service, sock, *args, **kwargs)
         made["port"] = sock.getsockname()[1]
         return server
 
