@@ -146,8 +146,6 @@ class GGUFModel:
             value = self.value(f"{self.arch}.{key}")
             if value is not None:
                 c[hub] = value
-        if nextn := self.meta("nextn_predict_layers"):
-            c |= {"num_hidden_layers": c.get("num_hidden_layers", 0) - nextn, "num_nextn_predict_layers": nextn}
         scaling = self.meta("rope.scaling.type")
         if scaling == "yarn":
             c["rope_scaling"] = {"rope_type": "yarn", "factor": self.need("rope.scaling.factor"),
@@ -164,12 +162,14 @@ class GGUFModel:
         for key, hub in ((Keys.Tokenizer.BOS_ID, "bos_token_id"), (Keys.Tokenizer.EOS_ID, "eos_token_id")):
             if self.value(key) is not None:
                 c[hub] = self.value(key)
-        if hasattr(family, "gguf_config"):
-            try:
+        try:
+            if nextn := self.meta("nextn_predict_layers"):
+                c |= {"num_hidden_layers": c.get("num_hidden_layers", 0) - nextn, "num_nextn_predict_layers": nextn}
+            if hasattr(family, "gguf_config"):
                 family.gguf_config(c, self)
-            except (TypeError, ValueError, ArithmeticError, KeyError, IndexError) as e:  # a value of the wrong kind
-                raise UserError(f"{self.path}: a metadata value has the wrong type or range "
-                                f"({type(e).__name__}: {e})") from None
+        except (TypeError, ValueError, ArithmeticError, KeyError, IndexError) as e:  # a value of the wrong kind
+            raise UserError(f"{self.path}: a metadata value has the wrong type or range "
+                            f"({type(e).__name__}: {e})") from None
         return family, c
 
     def config(self):
