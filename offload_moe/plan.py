@@ -93,7 +93,7 @@ def expert_format_for(ckpt: Checkpoint, options: EngineOptions, dtype: torch.dty
     device = device or torch.device("cpu")
     if ckpt.packed_index is None:
         return kept_gguf(ckpt, options.expert_quant) or format_for(
-            ckpt.config, load_quant(options.expert_quant, ckpt.mxfp4), dtype, options.group_size, device,
+            ckpt.config, load_quant(options.expert_quant, ckpt.mxfp4_experts), dtype, options.group_size, device,
             attention=options.attention_quant == "int8", head=options.head_quant == "int8")
     name = ckpt.packed_index["format"]
     if name.startswith("gguf-"):

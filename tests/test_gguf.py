@@ -151,12 +151,19 @@ def test_f32_gguf_of_every_other_family_gives_transformers_logits(family, tmp_pa
 
 @pytest.mark.parametrize("family, qtype", [("glm4_moe", Q.Q8_0), ("gpt_oss", Q.MXFP4)])
 def test_quantized_gguf_equals_its_decoding_offloaded_or_not(family, qtype, tmp_path):
-    """The experts in Q8_0 (GLM-4.5, kept in its type) or MXFP4 (gpt-oss's own type, decoded): the logits of the file
-    whose tensors are gguf-py's decoding of them (to float32 rounding: Q8_0's kernel sums in its own order);
-    offloaded == resident."""
+    """The experts in Q8_0 (GLM-4.5, kept in its type) or MXFP4 (gpt-oss's own type, kept as our MXFP4 format: the
+    file's values encoded again, exactly): the logits of the file whose tensors are gguf-py's decoding of them (to
+    float32 rounding: each format's kernels sum in their own order); offloaded == resident."""
     _, path, folder = converted(family, tmp_path, qtype)
     floats = write_family(folder, family, tmp_path / "decoded.gguf", qtype, decoded=True)
     resident = load(path)
+    if qtype == Q.MXFP4:
+        fmt, decoded = resident.cache.fmt, Checkpoint(floats)
+        assert fmt.name == "mxfp4"
+        layer = decoded.config.moe_layers[0]
+        w13, w2 = fmt.weights(resident.cache.store.buffer(0, 1))
+        parts = decoded.expert(layer, 1)
+        assert torch.equal(w13, torch.cat((parts["w1"], parts["w3"])).float()) and torch.equal(w2, parts["w2"].float())
     alone = resident.generate(PROMPT, 6, keep_logits=True)
     want = load(floats).generate(PROMPT, 6, keep_logits=True)
     assert alone.tokens == want.tokens and (alone.logits - want.logits).abs().max() <= 1e-5 * want.logits.abs().max()

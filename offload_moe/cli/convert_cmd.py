@@ -18,7 +18,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     source = find_model(args.model, args.revision).path
     ckpt = Checkpoint(source)
     config = ckpt.config
-    quant = load_quant(args.experts, ckpt.mxfp4) if args.experts != "auto" else "mxfp4" if ckpt.mxfp4 else "int4"
+    mxfp4 = ckpt.mxfp4_experts
+    quant = load_quant(args.experts, mxfp4) if args.experts != "auto" else "mxfp4" if mxfp4 else "int4"
     int8_attention = args.attention == "int8"
     gpu = torch.device("cuda") if torch.cuda.is_available() else None  # quantizes much faster there
     if args.experts in ("auto", "none") and (kept := kept_gguf(ckpt, "none")) is not None:

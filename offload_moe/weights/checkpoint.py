@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from gguf import GGMLQuantizationType as GGML_TYPES
 from safetensors import safe_open
 
 from ..config import ModelConfig, from_params_json, read_json
@@ -345,6 +346,17 @@ class Checkpoint:
     def mxfp4(self) -> bool:
         """The experts are stored as MXFP4 blocks and scales (gpt-oss's official checkpoints)."""
         return any(part == "w1_blocks" for _, _, part in self.expert_sources)
+
+    @property
+    def mxfp4_experts(self) -> bool:
+        """The experts are MXFP4 in the file: the official checkpoints' blocks and scales (`mxfp4`), or a GGUF's
+        MXFP4 tensors. These are read decoded, and `formats.mxfp4.quantize` encodes their values again exactly:
+        every MXFP4 value of a block is one of the grid's at the scale it picks, the smallest power of two that
+        holds the block's largest value, never above the block's own."""
+        if self.gguf is None:
+            return self.mxfp4
+        return any(self.gguf.tensors[key][1].tensor_type == GGML_TYPES.MXFP4
+                   for (_, _, part), (_, key, _) in self.expert_sources.items() if part in ("w1", "w3", "w2"))
 
     def expert_shapes(self) -> dict[str, tuple[int, ...]]:
         """The parts of an expert as the checkpoint stores them: w1, w3 [I, D] and w2 [D, I], or their MXFP4
