@@ -13,8 +13,9 @@ tensors. FUSED_PARTS says which of our parts each one holds (checkpoint.py reads
 
 GGUF: llama.cpp's `gpt-oss` arch. Its converter splits gate_up apart (gate the even rows, up the odd ones, each
 expert's [I, D] as ours; their biases alike), transposes the BF16 weights, keeps MXFP4 as ggml's MXFP4 (decoded
-as read, by gguf-py, and kept as our MXFP4 format: `Checkpoint.mxfp4_experts`), and names the sinks `attn_sinks`, the post-attention norm `post_attention_norm`. The
-file has no SwiGLU limit (llama.cpp's is 7, the hub's) and no YaRN `truncate` (false in the hub's config)."""
+as read, by gguf-py, and kept as our MXFP4 format: `Checkpoint.mxfp4_experts`), and names the sinks `attn_sinks`,
+the post-attention norm `post_attention_norm`. The file has no SwiGLU limit (llama.cpp's is 7, the hub's) and no
+YaRN `truncate` (false in the hub's config)."""
 
 from __future__ import annotations
 
