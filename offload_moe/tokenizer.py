@@ -164,18 +164,26 @@ class SentencePieceTokenizer(Tokenizer):
         return ([self.bos_id] if bos and self.bos_id is not None else []) + self.sp.encode(text)
 
     def chat(self, messages: Messages, /, **template_args) -> list[int]:
-        """Mixtral-Instruct's template: <s>[INST] user [/INST] assistant</s>[INST] user [/INST]. It reads no
-        argument: `template_args` are checked and left unread, as a Jinja template leaves those it does not name."""
+        """Mixtral-Instruct's template: <s>[INST] user [/INST] assistant</s>[INST] user [/INST]; system messages, as
+        mistral-common's tokenizer v1 takes them, joined and put before the first user message's text ("\n\n"
+        between). It reads no argument: `template_args` are checked and left unread, as a Jinja template leaves
+        those it does not name."""
         check_template_args(template_args)
         ids = [] if self.bos_id is None else [self.bos_id]
-        for m in _messages(messages):
+        messages = _messages(messages)
+        system = "\n\n".join(str(m.get("content", "")).strip() for m in messages if m.get("role") == "system")
+        for m in messages:
             role, content = m.get("role"), str(m.get("content", "")).strip()
+            if role == "system":
+                continue
             if role == "user":
+                if system:
+                    content, system = f"{system}\n\n{content}", ""
                 ids += self.sp.encode(f"[INST] {content} [/INST]")
             elif role == "assistant":
                 ids += self.sp.encode(content) + list(self.eos_ids)
             else:
-                raise UserError(f"the [INST] chat template has user and assistant messages, not {role!r}")
+                raise UserError(f"the [INST] chat template has system, user and assistant messages, not {role!r}")
         return ids
 
     def decode(self, ids: list[int]) -> str:

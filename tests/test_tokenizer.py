@@ -124,6 +124,15 @@ def test_tokenizer_json_is_preferred_and_sentencepiece_kept(tmp_path):
     sp = load_tokenizer(tmp_path)
     assert isinstance(sp, SentencePieceTokenizer) and sp.bos_id == 1 and sp.eos_ids == (2,)
     assert sp.chat("hi") == sp.encode("[INST] hi [/INST]")  # Mixtral's [INST] template, BOS first
+    from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"},
+            {"role": "assistant", "content": "Light."}, {"role": "user", "content": "More?"}]
+    kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+    request = ChatCompletionRequest(messages=[kinds[m["role"]](content=m["content"]) for m in chat])
+    assert sp.chat(chat) == MistralTokenizer.v1().encode_chat_completion(request).tokens  # the system prompt too
     assert load_tokenizer(tmp_path / "missing") is None
 
 
