@@ -21,6 +21,7 @@ from .demo import find_model
 from .errors import UserError
 from .formats.int8_linear import Int8Linear
 from .generate import GenerationResult, StopText, generate_tokens
+from .gguf_tokenizer import gguf_tokenizer
 from .memory import MemoryPlan
 from .modeling.layers import KVCache, KVPool
 from .modeling.transformer import Transformer
@@ -114,7 +115,7 @@ class Engine:
         pool = KVPool(c, plan.context, plan.options.max_batch, plan.device, plan.dtype)  # generate's is slot 0
         # a GGUF's from its metadata (the file mapped once), a folder's tokenizer.json, else tokenizer.model, else
         # None (ids only)
-        tok = load_tokenizer(ckpt.gguf or ckpt.path)
+        tok = gguf_tokenizer(ckpt.gguf) if ckpt.gguf is not None else load_tokenizer(ckpt.path)
         log.info("tokenizer: %s", type(tok).__name__ if tok is not None else "none (token ids only)")
         eos = generation_eos_ids(ckpt.path) + (tok.eos_ids if tok is not None else ())
         return cls(ckpt, model, model.cache, pool.seqs[0], tok, plan.options, plan.device, plan.dtype,

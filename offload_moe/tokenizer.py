@@ -1,6 +1,7 @@
 """Tokenizers, chat prompts, end-of-sequence ids and incremental decoding.
 
-Two backends behind one interface (`Tokenizer`), chosen by `load_tokenizer(model)`:
+Two backends behind one interface (`Tokenizer`), a folder's chosen by `load_tokenizer(folder)`, a GGUF file's made
+by `gguf_tokenizer.gguf_tokenizer`:
   tokenizer.json   Hugging Face's `tokenizers` (Qwen2/3-MoE, OLMoE, Phi-3.5-MoE and most hub checkpoints), with
                    `tokenizer_config.json` applied as transformers' `PreTrainedTokenizerFast` (5.x) applies it:
                    its added and special tokens and `split_special_tokens`; BOS/EOS around a text come from
@@ -74,17 +75,10 @@ class Tokenizer:
         raise NotImplementedError
 
 
-def load_tokenizer(model) -> Tokenizer | None:
-    """The model's tokenizer, None without one. A folder's: tokenizer.json when it has one, else tokenizer.model.
-    A GGUF file's (its path, or the `weights.gguf.GGUFModel` already open): its tokenizer.ggml.* metadata
-    (`gguf_tokenizer`)."""
-    from .weights.gguf import GGUFModel
-
-    if isinstance(model, GGUFModel) or Path(model).suffix == ".gguf":
-        from .gguf_tokenizer import gguf_tokenizer
-
-        return gguf_tokenizer(model if isinstance(model, GGUFModel) else GGUFModel(Path(model)))
-    folder = Path(model)
+def load_tokenizer(folder: str | Path) -> Tokenizer | None:
+    """A folder's tokenizer, None without one: tokenizer.json when it has one, else tokenizer.model. (A GGUF file's
+    comes from its metadata: `gguf_tokenizer.gguf_tokenizer`.)"""
+    folder = Path(folder)
     if (folder / "tokenizer.json").exists():
         return HFTokenizer.from_folder(folder)
     if (folder / "tokenizer.model").exists():

@@ -28,8 +28,15 @@ from transformers import AutoTokenizer
 from offload_moe.demo import TRAINED_DEMOS
 from offload_moe.engine import Engine
 from offload_moe.errors import UserError
+from offload_moe.gguf_tokenizer import gguf_tokenizer
 from offload_moe.options import EngineOptions
-from offload_moe.tokenizer import BUNDLED, HFTokenizer, SentencePieceTokenizer, load_tokenizer
+from offload_moe.tokenizer import BUNDLED, HFTokenizer, SentencePieceTokenizer
+from offload_moe.weights.gguf import GGUFModel
+
+
+def load_tokenizer(path: Path):
+    """A GGUF file's tokenizer, as the engine reads it."""
+    return gguf_tokenizer(GGUFModel(Path(path)))
 
 # NFC (the hub's Qwen tokenizer normalizes, llama.cpp does not), no marks nor all-caps non-ASCII words (gpt-4o's)
 TEXTS = [

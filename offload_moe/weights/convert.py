@@ -22,10 +22,11 @@ from ..errors import UserError
 from ..formats.base import ExpertFormat
 from ..formats.ggml import GGUFFormat
 from ..formats.int8_linear import ATTENTION_SUFFIXES, check_int8_attention, int8_attention_state
+from ..gguf_tokenizer import gguf_tokenizer
 from ..modeling.transformer import ROUTER_BIAS
 from ..offload.predictors import FILE_NAME as PREDICTOR_FILE
 from ..progress import progress_bar
-from ..tokenizer import load_tokenizer, tokenizer_files
+from ..tokenizer import tokenizer_files
 from .checkpoint import Checkpoint, check_finite
 from .packed import ALIGN, DATA, DENSE, INDEX, JOURNAL, VERSION, aligned
 from .sources import MappedSource
@@ -48,7 +49,7 @@ def convert(source: str | Path, out: str | Path, fmt: ExpertFormat, dense_dtype:
     if attention_group is not None:
         check_int8_attention(ckpt.config, attention_group)
     # a GGUF's tokenizer, built before the experts are written (bad metadata stops the run now), saved as a folder's
-    tokenizer = load_tokenizer(ckpt.gguf) if ckpt.gguf is not None else None
+    tokenizer = gguf_tokenizer(ckpt.gguf) if ckpt.gguf is not None else None
     settings = {"version": VERSION, "format": fmt.name, "bytes_per_expert": fmt.nbytes,
                 "attention": "none" if attention_group is None else f"int8-g{attention_group}",
                 "dense_dtype": str(dense_dtype).removeprefix("torch."), "source": str(Path(source).resolve())}
