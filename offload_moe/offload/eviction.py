@@ -24,7 +24,9 @@ One step of a row (one token reaching one layer) is an optional prefetch, then a
 holds experts of one layer:
   prefetch  the predicted experts that are not resident are inserted in the given order (entries
             < 0 and repeats are skipped); no use is counted, recency is stamped at insertion, and
-            no predicted expert is evicted to make room for another of the same prediction;
+            no predicted expert is evicted to make room for another of the same prediction, nor, in a
+            pool shared by layers, an expert of the access just before it (the engine prefetches right
+            after a layer's demand copies, before that layer computes);
   access    1. an expert is a hit if it is resident when the access starts;
             2. every accessed expert counts one use (LFU) and hits are stamped with the row's
                clock (LRU); the layer's own clock counts one step;
@@ -134,7 +136,7 @@ class SlotTable:
             self.mark = np.zeros((R, S), np.int64)  # the STAMP of the last victim search that protected the slot
             self.links = np.full((R, 2 * S), -1, np.int64)  # LRU, FIFO rows: the slots in key order (previous, next)
             self.state = np.zeros((R, NSTATE), np.int64)  # slot_loop's CLOCK ... SERIAL
-            self.state[:, [slot_loop.HEAD, slot_loop.TAIL]] = -1
+            self.state[:, [slot_loop.HEAD, slot_loop.TAIL, slot_loop.GUARD]] = -1
             self.rng = np.array([r.getstate()[1] for r in rngs], np.int64)  # [R, 625]: Mersenne Twister words, index
             self.draws = np.zeros((R, S), np.float64)  # the loop's scratch, per row (rows may run in threads)
             self.groups = np.zeros((R, G * GW), np.int64)  # per layer: its clock, latest prefetch, counts
@@ -149,7 +151,8 @@ class SlotTable:
             self.uses = [[0] * E for _ in slots]
             self.mark = [[0] * n for n in slots]
             self.links = [[-1] * (2 * n) for n in slots]
-            self.state = [[-1 if c in (slot_loop.HEAD, slot_loop.TAIL) else 0 for c in range(NSTATE)] for _ in slots]
+            self.state = [[-1 if c in (slot_loop.HEAD, slot_loop.TAIL, slot_loop.GUARD) else 0 for c in range(NSTATE)]
+                          for _ in slots]
             self.rng = rngs
             self.draws = [[0.0] * n for n in slots]
             self.groups = [[0] * (G * GW) for _ in slots]

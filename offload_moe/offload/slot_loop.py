@@ -7,16 +7,18 @@ lists (plain), and every number it compares is an integer, or a float drawn from
 stream, so both give the same counts, bit for bit.
 
 A row's state, besides the slots (held, slot_of, last, ins, fresh, mark, links, draws as before):
-  state  [NSTATE]  CLOCK (one tick per phase), FILLED, STAMP, HEAD, TAIL, then arc's ARC_P, ARC_T1,
-                   ARC_B1, ARC_B2 and SERIAL (evictions so far)
+  state  [NSTATE]  CLOCK (one tick per phase), FILLED, STAMP, HEAD, TAIL, GUARD (a pool's: the STAMP
+                   marking its latest access's slots, which the prefetch after it may not evict; -1 none),
+                   then arc's ARC_P, ARC_T1, ARC_B1, ARC_B2 and SERIAL (evictions so far)
   groups [G, GW]   per layer sharing the row (G = 1 for a layer's own cache): G_CLOCK (its access
                    steps so far: the layer's own clock), G_PRED (the CLOCK of its latest prefetch, or
                    of the latest pending one), G_LAST (the CLOCK of its latest access), then its counts
                    G_HITS, G_MISSES, G_PF_COPIES, G_PF_HITS
-  aux    [2S]      per slot (n: the row's slots), by policy: least-stale: [n + s] the layer clock at
-                   the last use; predicted: [s] the CLOCK of the latest prefetch that named it, [n + s] as
-                   least-stale; arc: [s] its list (0 T1, 1 T2), [n + i] the ring of the last n
-                   evicted experts (the ghosts)
+  aux    [2S]      per slot (n: the row's slots), by policy: lrfu, learned: [s] its key (`_score`),
+                   refreshed at each access of its layer (nothing it reads changes in between);
+                   least-stale: [n + s] the layer clock at the last use; predicted: [s] the CLOCK
+                   of the latest prefetch that named it, [n + s] as least-stale; arc: [s] its list
+                   (0 T1, 1 T2), [n + i] the ring of the last n evicted experts (the ghosts)
   eaux   [2E]      per expert, by policy: lrfu, learned: [e] the decayed score, [E + e] the layer
                    clock it was decayed to; arc: [e] its ghost list (0 none, 1 B1, 2 B2), [E + e]
                    the SERIAL of its eviction
@@ -30,8 +32,8 @@ from __future__ import annotations
 import sys
 
 LRU, LFU, FIFO, RANDOM, LRFU, ARC, STALE, PREDICTED, LEARNED, BELADY = range(10)  # the policy codes
-CLOCK, FILLED, STAMP, HEAD, TAIL, ARC_P, ARC_T1, ARC_B1, ARC_B2, SERIAL = range(10)  # a row's state entries
-NSTATE = 10
+CLOCK, FILLED, STAMP, HEAD, TAIL, GUARD, ARC_P, ARC_T1, ARC_B1, ARC_B2, SERIAL = range(11)  # a row's state
+NSTATE = 11
 G_CLOCK, G_PRED, G_LAST, G_HITS, G_MISSES, G_PF_COPIES, G_PF_HITS = range(7)  # a layer's entries in `groups`
 GW = 7
 DONE, NO_VICTIM, BAD_EXPERT = range(3)  # what the loop returns
@@ -58,6 +60,7 @@ def _replay_row(policy, n, E0, held, slot_of, last, ins, fresh, uses, mark, link
     G = E // E0
     linked = n > LINKED_SLOTS and (policy == LRU or policy == FIFO)
     staled = policy == STALE or policy == PREDICTED
+    scored = policy == LRFU or policy == LEARNED  # keys kept per slot (aux), exact between the layer's accesses
     clock, filled, stamp = state[CLOCK], state[FILLED], state[STAMP]
     status, now = DONE, 0
     for t in range(len(accesses)):
@@ -116,10 +119,26 @@ def _replay_row(policy, n, E0, held, slot_of, last, ins, fresh, uses, mark, link
                     if fresh[s]:
                         groups[gi + G_PF_HITS] += 1
                         fresh[s] = False
-            if missing == 0:
-                continue
+                if scored:  # the layer's resident experts' keys, which change only at its own accesses
+                    if G == 1:
+                        for c in range(min(filled, n)):
+                            aux[c] = _score(policy, held[c], E0, trans, tfrom, eaux, groups)
+                    else:
+                        for x in range(g * E0, (g + 1) * E0):
+                            if slot_of[x] >= 0:
+                                aux[slot_of[x]] = _score(policy, x, E0, trans, tfrom, eaux, groups)
             marked = False  # the slots of this step's experts are marked at its first eviction
             candidates = 0
+            guard = state[GUARD] if phase == 0 and G > 1 else -1  # the pool's latest access's slots: not victims
+            if phase == 1 and G > 1:  # marked now, then each insertion: what the next prefetch may not evict
+                marked, stamp, candidates = True, stamp + 1, n
+                for p in step:
+                    if p >= 0 and slot_of[p] >= 0 and mark[slot_of[p]] != stamp:
+                        mark[slot_of[p]] = stamp
+                        candidates -= 1
+                state[GUARD] = stamp
+            if missing == 0:
+                continue
             for e in step:
                 if e < 0:
                     continue
@@ -144,11 +163,15 @@ def _replay_row(policy, n, E0, held, slot_of, last, ins, fresh, uses, mark, link
                             if p >= 0 and slot_of[p] >= 0 and mark[slot_of[p]] != stamp:
                                 mark[slot_of[p]] = stamp
                                 candidates -= 1
+                        if guard >= 0:
+                            for c in range(n):
+                                if mark[c] == guard:
+                                    candidates -= 1
                     s, key, tie, tie2, tie3, j = -1, 0, 0, 0, 0, 0
                     if linked:  # the slots listed in key order: walk from the head
                         keys, c, half = last if policy == LRU else ins, state[HEAD], len(links) // 2
                         while c >= 0:
-                            if mark[c] != stamp:
+                            if mark[c] != stamp and mark[c] != guard:
                                 if s < 0:
                                     s, key = c, keys[c]
                                 elif keys[c] != key:  # past the smallest key (ties: the lowest slot)
@@ -159,19 +182,19 @@ def _replay_row(policy, n, E0, held, slot_of, last, ins, fresh, uses, mark, link
                     elif policy == LRU or policy == FIFO:  # one stored key per slot
                         keys = last if policy == LRU else ins
                         for c in range(n):
-                            if mark[c] != stamp and (s < 0 or keys[c] < key):
+                            if mark[c] != stamp and mark[c] != guard and (s < 0 or keys[c] < key):
                                 s, key = c, keys[c]
                     elif policy == RANDOM:  # key: the candidates' draws, in slot order
                         _uniforms(rng, draws, candidates)
                         for c in range(n):
-                            if mark[c] != stamp:
+                            if mark[c] != stamp and mark[c] != guard:
                                 if s < 0 or draws[j] < draws[key]:
                                     s, key = c, j
                                 j += 1
                     elif policy == ARC:  # T1's least recently used when T1 is over its target, else T2's
                         s1, s2 = -1, -1
                         for c in range(n):
-                            if mark[c] != stamp:
+                            if mark[c] != stamp and mark[c] != guard:
                                 if aux[c] == 0:
                                     if s1 < 0 or last[c] < last[s1]:
                                         s1 = c
@@ -182,7 +205,7 @@ def _replay_row(policy, n, E0, held, slot_of, last, ins, fresh, uses, mark, link
                             else s2
                     else:  # keys of four parts, compared in order (eviction.py)
                         for c in range(n):
-                            if mark[c] == stamp:
+                            if mark[c] == stamp or mark[c] == guard:
                                 continue
                             x = held[c]
                             k1, k2, k3, k4 = 0, 0, 0, last[c]
@@ -190,10 +213,8 @@ def _replay_row(policy, n, E0, held, slot_of, last, ins, fresh, uses, mark, link
                                 k1, k2, k4 = uses[x], last[c], 0
                             elif policy == BELADY:
                                 k1, k4 = -next_use[x], 0
-                            elif policy == LRFU:
-                                k1 = _decayed(eaux[x], groups[(x // E0) * GW + G_CLOCK] - eaux[E + x])
-                            elif policy == LEARNED:
-                                k1 = _next_use_score(x, E0, trans, tfrom, eaux, groups)
+                            elif scored:
+                                k1 = aux[c]
                             else:  # least-stale, predicted: staleness in the layer's own steps, then the
                                 gx = x // E0  # layer whose next access lies furthest ahead of this step's
                                 if policy == PREDICTED:  # named by a prefetch for an access still to come
@@ -223,7 +244,9 @@ def _replay_row(policy, n, E0, held, slot_of, last, ins, fresh, uses, mark, link
                 held[s], slot_of[e], last[s], ins[s], fresh[s] = e, s, clock, clock, phase == 0
                 if staled:
                     aux[n + s] = groups[gi + G_CLOCK]
-                if policy == PREDICTED:
+                if scored:
+                    aux[s] = _score(policy, e, E0, trans, tfrom, eaux, groups)
+                elif policy == PREDICTED:
                     aux[s] = clock if phase == 0 else 0
                 elif policy == ARC:
                     if ghost > 0:
@@ -277,18 +300,22 @@ def _learn(trans, tfrom, step, g, E0) -> None:
     tfrom[base] = m
 
 
-def _next_use_score(x, E0, trans, tfrom, eaux, groups):
-    """learned's key of expert x: the share of the accesses after its layer's latest access's experts that used
-    x (the estimated chance that its layer's next access does), weighted P_WEIGHT, plus its decayed use rate
-    (uses per step of its layer), weighted RATE_WEIGHT; in UNITs."""
-    g, width = x // E0, E0 + 1
+def _score(policy, x, E0, trans, tfrom, eaux, groups):
+    """lrfu's and learned's key of expert x, as its layer's clock stands. lrfu: its decayed use count. learned:
+    the share of the accesses after its layer's latest access's experts that used x (the estimated chance that
+    its layer's next access does), weighted P_WEIGHT, plus its decayed use rate (uses per step of its layer),
+    weighted RATE_WEIGHT; in UNITs."""
+    g = x // E0
+    score = _decayed(eaux[x], groups[g * GW + G_CLOCK] - eaux[len(eaux) // 2 + x])
+    if policy == LRFU:
+        return score
+    width = E0 + 1
     base = g * width
     hits, total = 0, 0
     for i in range(tfrom[base]):
         a = (g * E0 + tfrom[base + 1 + i]) * width
         hits += trans[a + x - g * E0]
         total += trans[a + E0]
-    score = _decayed(eaux[x], groups[g * GW + G_CLOCK] - eaux[len(eaux) // 2 + x])
     return P_WEIGHT * (hits * UNIT // max(total, 1)) + RATE_WEIGHT * (score // (2 * HALF_LIFE))
 
 
@@ -386,7 +413,7 @@ def compiled_loop():
         from numba import njit, types
         from numba.extending import overload, register_jitable
 
-        for fn in (_mt_uniforms, _mt_regenerate, _mt_temper, _to_tail, _decayed, _learn, _next_use_score, _to_ghost):
+        for fn in (_mt_uniforms, _mt_regenerate, _mt_temper, _to_tail, _decayed, _learn, _score, _to_ghost):
             register_jitable(fn)
         overload(_uniforms)(lambda rng, out, count: _mt_uniforms)  # compiled, a row's generator is its state array
         i64, row, rows = types.int64, types.int64[::1], types.int64[:, ::1]

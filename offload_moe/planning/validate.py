@@ -81,7 +81,7 @@ def validation_split(trace: Trace, name: str, fraction: float | None, other: Tra
 
 def rescore(trace: Trace, config: ModelConfig, hw: dict, c: Candidate) -> Candidate:
     """`c`'s settings, hit rate and time predicted on `trace`."""
-    r = replay(trace, c.slots, c.policy, c.prefetch, c.batch, c.predictor)
+    r = replay(trace, c.slots, c.policy, c.prefetch, c.batch, c.predictor, c.pool)
     return replace(c, hit_rate=r["hit_rate"], seconds_per_step=step_cost(
         config, hw, r, trace.num_tokens, c.precision, c.attention, c.group_size, c.miss_policy))
 
