@@ -203,6 +203,12 @@ def _replay_row(policy, n, E0, held, slot_of, last, ins, fresh, uses, mark, link
                         t1 = state[ARC_T1]
                         s = s1 if s1 >= 0 and (s2 < 0 or t1 > state[ARC_P] or (ghost == 2 and t1 == state[ARC_P])) \
                             else s2
+                    elif scored:  # the kept keys, then the last use
+                        for c in range(n):
+                            if mark[c] != stamp and mark[c] != guard:
+                                k1 = aux[c]
+                                if s < 0 or k1 < key or (k1 == key and last[c] < tie):
+                                    s, key, tie = c, k1, last[c]
                     else:  # keys of four parts, compared in order (eviction.py)
                         for c in range(n):
                             if mark[c] == stamp or mark[c] == guard:
@@ -213,8 +219,6 @@ def _replay_row(policy, n, E0, held, slot_of, last, ins, fresh, uses, mark, link
                                 k1, k2, k4 = uses[x], last[c], 0
                             elif policy == BELADY:
                                 k1, k4 = -next_use[x], 0
-                            elif scored:
-                                k1 = aux[c]
                             else:  # least-stale, predicted: staleness in the layer's own steps, then the
                                 gx = x // E0  # layer whose next access lies furthest ahead of this step's
                                 if policy == PREDICTED:  # named by a prefetch for an access still to come
