@@ -163,7 +163,8 @@ def add_train_predictor(sub) -> None:
 def add_tune(sub) -> None:
     tun = sub.add_parser("tune", help="search offload settings for a trace and write the best as a profile",
                          description="Predict decode tokens/s for expert precision, slots per layer, eviction "
-                                     "policy, prefetch and miss handling; print the best against uniform LRU.")
+                                     "policy, slot pool, prefetch and miss handling; print the best against the "
+                                     "default.")
     tun.add_argument("--trace", required=True)
     tun.add_argument("--profile", help="base profile: budget, reserve and [hardware] (default: none)")
     tun.add_argument("--budget", help="device memory, e.g. 24GB (default: the profile's)")

@@ -2,7 +2,7 @@
 
 `tune` picks slots per layer, eviction policy and the rest on a trace; scored on that same trace the
 pick flatters itself (slots spread over layers by the hit curves of these tokens fit these tokens).
-So `tune` fits on the head of the trace and scores the winner, and the uniform-LRU default it is
+So `tune` fits on the head of the trace and scores the winner, and the default it is
 compared with, on the held-out tail: the split lies at a boundary between prompts (`prompt_lengths`),
 else between forward passes (`forward_tokens`), else between tokens, the one nearest to holding out
 `fraction` of the tokens. Where the head or the tail would be shorter than MIN_TOKENS it fits and
