@@ -49,7 +49,7 @@ def tune_header(args: argparse.Namespace, trace, config, budget: int, hw: dict) 
     """What tune works from: the trace, the model, the budget and the link."""
     return (f"trace {args.trace}: {trace.experts.shape[0]} tokens; model {config.n_layers} layers "
             f"({config.n_moe_layers} with experts) x {config.num_experts} experts, top-{config.top_k} "
-            f"(D={config.dim}, I={config.ffn_dim}); device budget {budget / 2**30:.1f} GiB; "
+            f"(D={config.dim}, I={config.ffn_dim}); device budget {size_text(budget)}; "
             f"link {hw['h2d_bytes_per_s'] / 1e9:.1f} GB/s"
             + (f"; batch {args.batch}: B sequences decoding together, tok/s over the batch" if args.batch > 1
                else ""))
