@@ -31,7 +31,7 @@ from .offload.prefetch import Prefetcher
 from .offload.store import ExpertStore
 from .offload.tiered import TieredStore
 from .options import EngineOptions
-from .plan import LoadPlan, merge_options, plan_load
+from .plan import LoadPlan, merge_options, plan_load, predictor_for, prefetch_widths
 from .planning.trace import Trace
 from .profiles import load_profile
 from .sampling import Sampling, with_params
@@ -58,7 +58,8 @@ def open_cache(ckpt: Checkpoint, plan: LoadPlan) -> ExpertCache:
         source = open_source(ckpt, fmt, direct=False, drop_pages=False,
                              pack_device=plan.device if plan.pin else None)
         store = ExpertStore(c, fmt, source, pin=plan.pin, progress=o.progress)
-    cache = ExpertCache(store, fmt, plan.slots, plan.device, policy=o.policy, seed=o.seed, miss_policy=o.miss_policy)
+    cache = ExpertCache(store, fmt, plan.slots, plan.device, policy=o.policy, seed=o.seed, miss_policy=o.miss_policy,
+                        pool=plan.pool)
     if o.miss_policy == "auto":
         cache.calibrate_misses(c.dim, plan.dtype)
     cache.warm()
@@ -240,8 +241,12 @@ class Engine:
 
     def start_trace(self, model_name: str = "", hidden: bool = False) -> None:
         """Record the routing of every following forward pass (see `planning/trace.py`) until `stop_trace`; `hidden`:
-        the hidden states entering each MoE layer too (float16, D values per token and layer)."""
-        self.model.recorder = start_tap(self.model, model_name or str(self.checkpoint.path), hidden)
+        the hidden states entering each MoE layer too (float16, D values per token and layer). The predictions
+        recorded are the engine's predictor's at any residency (`tracing.start_tap`)."""
+        o = self.options
+        self.model.recorder = start_tap(self.model, model_name or str(self.checkpoint.path), hidden, o.prefetch,
+                                        predictor_for(o.predictor, self.checkpoint.path),
+                                        prefetch_widths(o, self.config.top_k, self.cache.slots), self.device)
 
     def stop_trace(self) -> Trace:
         tap, self.model.recorder = self.model.recorder, None

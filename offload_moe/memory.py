@@ -53,6 +53,7 @@ class MemoryPlan:
     pin: bool = False  # a CUDA device reads the host store: it is pinned (page-locked)
     host_experts: int = 0  # experts in the host store (layers x experts), for the tiered store's slots
     sequences: int = 1  # sequences whose KV cache `kv` holds (serve --max-batch: a pool of them)
+    pool: str = "layer"  # the slots: each layer its own, or (global) their sum shared by every layer
 
     @property
     def device_total(self) -> int:
@@ -77,17 +78,21 @@ class MemoryPlan:
 
     def describe(self) -> str:
         seqs = f" ({self.sequences} sequences)" if self.sequences > 1 else ""
-        return (f"dense {gib(self.dense)} + {sum(self.slots)} expert slots x {self.expert_bytes / 2**20:.1f} MiB "
+        shared = " (one pool shared by every layer)" if self.pool == "global" else ""
+        return (f"dense {gib(self.dense)} + {sum(self.slots)} expert slots{shared} x "
+                f"{self.expert_bytes / 2**20:.1f} MiB "
                 f"= {gib(self.expert_bytes * sum(self.slots))} + KV cache{seqs} {gib(self.kv)} + reserve "
                 f"{gib(self.reserve)} = {gib(self.device_total)}")
 
 
 def plan_memory(config: ModelConfig, dtype: torch.dtype, expert_bytes: int, slots: list[int], context: int,
                 device_budget: int | None, reserve: int, ram_budget: int | None,
-                dense_bytes: int | None = None, pin: bool = False, sequences: int = 1) -> MemoryPlan:
+                dense_bytes: int | None = None, pin: bool = False, sequences: int = 1, pool: str = "layer"
+                ) -> MemoryPlan:
     """`dense_bytes`: the resident weights when some are quantized (default: all in `dtype`); `pin`: the
     host store is pinned (a CUDA device); `sequences`: the KV cache holds that many sequences of `context`
-    tokens (a batch). Without a RAM budget, the RAM for experts is RAM_HEADROOM of the RAM available now."""
+    tokens (a batch); `pool`: the slots per layer, or (global) their sum shared by every layer (the same bytes).
+    Without a RAM budget, the RAM for experts is RAM_HEADROOM of the RAM available now."""
     ram = ram_budget if ram_budget is not None else int(psutil.virtual_memory().available * RAM_HEADROOM)
     return MemoryPlan(
         dense=resident_bytes(config, dtype) if dense_bytes is None else dense_bytes,
@@ -102,6 +107,7 @@ def plan_memory(config: ModelConfig, dtype: torch.dtype, expert_bytes: int, slot
         pin=pin,
         host_experts=config.n_moe_layers * config.num_experts,
         sequences=sequences,
+        pool=pool,
     )
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 
 from .errors import UserError
-from .offload.eviction import ONLINE_POLICIES
+from .offload.eviction import ONLINE_POLICIES, POOLS
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 EXPERT_QUANTS = ("none", "int8", "int4", "mxfp4")  # mxfp4: `formats.mxfp4.Mxfp4Format`
@@ -135,7 +135,11 @@ class EngineOptions:
         metavar="P")
     prefetch_width: int = option(0, "experts prefetched per layer and token, best first, at most its slots; 0: top-k",
                                  int_at_least(0), metavar="W")
-    policy: str = option("lru", "eviction policy", one_of(ONLINE_POLICIES), choices=ONLINE_POLICIES)
+    policy: str = option("learned", "eviction policy (README: eviction policies; lru: the classic baseline)",
+                         one_of(ONLINE_POLICIES), choices=ONLINE_POLICIES)
+    slot_pool: str = option(
+        "global", "layer: each layer keeps its own --cache-experts slots; global: their sum is one pool in which any "
+        "layer's expert may evict any other layer's (by --policy)", one_of(POOLS), choices=POOLS)
     miss_policy: str = option(
         "fetch", "a decode-step miss: fetch (copy it, wait), cpu (compute it on the CPU from RAM while the copy "
         "runs), auto (whichever measures faster)", one_of(MISS_POLICIES), choices=MISS_POLICIES)

@@ -156,6 +156,12 @@ def resolve_slots(cache_experts: int | list[int] | None, n_layers: int, num_expe
     return [min(n, num_experts) for n in slots]
 
 
+def prefetch_widths(options: EngineOptions, top_k: int, slots: list[int]) -> list[int]:
+    """Experts prefetched per row and token: --prefetch-width (0: top-k), at most the row's slots (a prefetch fills
+    at most them)."""
+    return [min(options.prefetch_width or top_k, n) for n in slots]
+
+
 def predictor_for(name: str, model_dir: Path) -> str:
     """`auto`: the model folder's predictor file when there is one, else the router."""
     if name != "auto":
@@ -177,6 +183,7 @@ class LoadPlan:
     attention_group: int | None  # int8 attention projections' group size; None: in `dtype`
     head_group: int | None  # int8 LM head's group size; None: in `dtype`
     slots: list[int]  # expert slots per layer with experts
+    pool: str  # layer: each layer its slots; global: their sum shared by every layer (all resident: layer)
     memory: MemoryPlan
     pin: bool  # the host store is pinned (a CUDA device reads it)
     tiered: bool  # the experts do not fit the RAM budget: a RAM cache over the checkpoint on storage
@@ -203,16 +210,17 @@ def plan_load(ckpt: Checkpoint, options: EngineOptions, auto: bool = False) -> L
         options = replace(options, cache_experts=slots, device_budget=budget)
     slots = resolve_slots(options.cache_experts, c.n_moe_layers, c.num_experts, c.top_k)
     pin = device.type == "cuda"  # the host store is pinned (registered exactly: memory.pinned bytes)
+    cached = any(n < c.num_experts for n in slots)
+    pool = options.slot_pool if cached else "layer"
     memory = plan_memory(c, dtype, fmt.nbytes, slots, context, options.device_budget, options.device_reserve,
-                         options.ram_budget, dense, pin=pin, sequences=options.max_batch)
+                         options.ram_budget, dense, pin=pin, sequences=options.max_batch, pool=pool)
     check_fits(memory)  # before anything is loaded: with --max-batch, the KV pool too
     if device.type == "cpu":
         check_kv_in_ram(memory)
     # with every layer's experts resident there is nothing to prefetch; a row predicted from itself would
     # evict its own experts, so the lead stops one short of the layer count
-    cached = any(n < c.num_experts for n in slots)
     lead = min(options.prefetch, c.n_moe_layers - 1) if cached else 0
-    widths = [min(options.prefetch_width or c.top_k, n) for n in slots]  # a prefetch fills at most the slots
-    return LoadPlan(options, device, dtype, context, fmt, attn, head, slots, memory, pin,
+    widths = prefetch_widths(options, c.top_k, slots)
+    return LoadPlan(options, device, dtype, context, fmt, attn, head, slots, pool, memory, pin,
                     tiered=not memory.experts_in_ram, lead=lead, widths=widths,
                     predictor=predictor_for(options.predictor, ckpt.path), threads=options.threads or physical_cores())

@@ -49,6 +49,7 @@ def collect_stats(engine, result) -> dict:
         "pinned_host_bytes": getattr(engine.cache.store, "pinned_bytes", 0),  # registered exactly, on CUDA
         **storage_stats(engine.cache.store),
         "slots_per_layer": list(engine.cache.slots),
+        "slot_pool": engine.cache.pool,
         "device": str(engine.device),
         "dtype": str(engine.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
@@ -100,7 +101,9 @@ def format_table(stats: dict) -> str:
         ("misses computed on the CPU", f"{stats['cpu_misses']} (miss policy {stats['miss_policy']})"),
         ("peak device memory", _bytes(stats["peak_device_bytes"])),
         ("pinned host memory", _bytes(stats["pinned_host_bytes"]) if stats["pinned_host_bytes"] else "none (no CUDA)"),
-        ("slots per layer", _compact(stats["slots_per_layer"])),
+        ("slots per layer", _compact(stats["slots_per_layer"])
+         + (f" (one pool of {sum(stats['slots_per_layer'])} shared by every layer)"
+            if stats["slot_pool"] == "global" else "")),
     ]
     if not stats.get("experts_in_ram", True):
         rows.append(("RAM tier over storage", f"{_bytes(stats['ram_tier_bytes'])}, hit rate "

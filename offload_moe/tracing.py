@@ -1,8 +1,11 @@
 """Recording a run's routing: the tap the model calls at each MoE row, feeding a `TraceRecorder`.
 
 `start_tap` sets it up for `Engine.start_trace`: with the engine's prefetcher when it has one (its
-predictions are recorded), else with a one-row-ahead router of width top-k of its own, which records what such
-a prefetch would fetch without fetching anything.
+predictions are recorded), else with a prefetcher of its own that records what a prefetch would fetch without
+fetching anything: the engine's predictor (`--predictor`: the model folder's learned one by default) at its
+`--prefetch` lead and widths when prefetch is on but nothing was left to prefetch (every expert resident), so
+a trace replays the engine as it runs at any residency; with prefetch off, the router one row ahead, top-k wide.
+The trace's metadata `prefetch` is the engine's --prefetch (what `simulate` replays by default).
 """
 
 from __future__ import annotations
@@ -12,18 +15,26 @@ import json
 import torch
 
 from .modeling.transformer import Transformer
-from .offload.predictors import RouterPredictor
+from .offload.predictors import RouterPredictor, make_predictor
 from .offload.prefetch import Prefetcher
 from .planning.trace import TraceRecorder
 
 
-def start_tap(model: Transformer, model_name: str, hidden: bool) -> RoutingTap:
-    """A tap over a new recorder for `model`; `hidden`: record the hidden state entering each MoE row too."""
+def start_tap(model: Transformer, model_name: str, hidden: bool, prefetch: int = 0, predictor: str = "router",
+              widths: list[int] | None = None, device: torch.device | None = None) -> RoutingTap:
+    """A tap over a new recorder for `model`; `hidden`: record the hidden state entering each MoE row too.
+    `prefetch`, `predictor`, `widths`, `device`: the engine's --prefetch, its resolved --predictor, its widths
+    per row and its device, for the predictions recorded where it has no prefetcher (the module docstring)."""
     c, prefetcher = model.config, model.prefetcher
-    own = None if prefetcher else Prefetcher(model, RouterPredictor(model, 1), [c.top_k] * c.n_moe_layers)
+    own = None
+    if prefetcher is None:
+        lead = min(prefetch, c.n_moe_layers - 1)
+        own = (Prefetcher(model, make_predictor(predictor, model, lead, device), widths) if lead and widths
+               else Prefetcher(model, RouterPredictor(model, 1), [c.top_k] * c.n_moe_layers))
     lead, widths = (prefetcher or own).lead, (prefetcher or own).widths
     recorder = TraceRecorder(c.n_moe_layers, c.top_k, c.num_experts, model_name,
-                             metadata={"config": json.dumps(c.to_dict()), "prefetch_lead": str(lead)},
+                             metadata={"config": json.dumps(c.to_dict()), "prefetch_lead": str(lead),
+                                       "prefetch": str(prefetch)},
                              width=max(widths), hidden=hidden)
     return RoutingTap(model, recorder, own)
 

@@ -62,12 +62,15 @@ def test_a_batch_larger_than_the_slots(policy):
     assert full["misses"] == len({(layer, e) for layer in range(3) for e in trace.experts[:, layer].ravel()})
 
 
-@pytest.mark.parametrize("slots,policy,prefetch", [(2, "lru", 1), (3, "lfu", 0), (4, "fifo", 1), (2, "lru", 0)])
-def test_replay_of_the_engines_forwards_equals_its_counts(ckpts, slots, policy, prefetch):
+@pytest.mark.parametrize("slots,policy,prefetch,pool", [
+    (2, "lru", 1, "layer"), (3, "lfu", 0, "layer"), (4, "fifo", 1, "layer"), (2, "lru", 0, "layer"),
+    (2, "lru", 1, "global"), (2, "learned", 1, "global"), (3, "predicted", 2, "global"), (2, "arc", 0, "global"),
+])
+def test_replay_of_the_engines_forwards_equals_its_counts(ckpts, slots, policy, prefetch, pool):
     """The Scheduler's real forwards (chunked prefills, batched decodes of 1-3 sequences) replayed from the
-    trace give exactly the engine's live hits, misses and prefetch counts."""
+    trace give exactly the engine's live hits, misses and prefetch counts, per layer or in a shared pool."""
     engine = Engine.load(ckpts["base"], EngineOptions(cache_experts=slots, policy=policy, prefetch=prefetch,
-                                                      progress=False))
+                                                      slot_pool=pool, progress=False))
     engine.start_trace()
     recorder = engine.model.recorder.recorder
     sched = Scheduler(engine, max_batch=3, prefill_chunk=4)
@@ -82,7 +85,7 @@ def test_replay_of_the_engines_forwards_equals_its_counts(ckpts, slots, policy, 
     forwards = recorded_forwards(trace)
     assert [len(f) for f in forwards] == [chunk[0].shape[0] for chunk in recorder._chunks]
     assert max(len(f) for f in forwards) > 1
-    got = replay_forwards(trace, forwards, slots, policy, prefetch)
+    got = replay_forwards(trace, forwards, slots, policy, min(prefetch, 1), pool=pool)
     table = engine.cache.table
     assert got["per_layer_hits"] == table.hits
     assert got["per_layer_misses"] == table.misses
@@ -102,7 +105,7 @@ def test_simulate_command_batch(tmp_path, capsys):
     got = json.loads(out)
     assert got["batch"] == 3 and all(r["forwards"] == 30 for r in got["results"])
     lru = next(r for r in got["results"] if r["policy"] == "lru" and r["slots"] == 2)
-    assert lru["hits"] == simulate_batch(random_trace(T=90, seed=2), 2, "lru", 3)["hits"]
+    assert lru["hits"] == simulate_batch(random_trace(T=90, seed=2), 2, "lru", 3, pool=got["pool"])["hits"]
     code, out, _ = run_cli(capsys, "simulate", "--trace", str(path), "--batch", "3", "--prefetch", "1")
     assert code == 0 and "batch 3: the trace as 3 streams stepped together, 30 forwards" in out
     code, _, err = run_cli(capsys, "simulate", "--trace", str(path), "--batch", "0")

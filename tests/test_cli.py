@@ -36,7 +36,7 @@ def test_main_job_runs_the_trained_demo_offloaded(tmp_path):
     assert "trained" in r.stderr
     assert r.stdout.startswith('def read_config(path):\n    """')
     assert "expert hit rate" in r.stdout and "decode" in r.stdout
-    assert re.search(r"slots per layer\s+2\n", r.stdout)
+    assert re.search(r"slots per layer\s+2 \(one pool of 8 shared by every layer\)\n", r.stdout)
     text = r.stdout.split("\n\n  prefill")[0]
     assert len(text) > 60 and run(env_cache=tmp_path).stdout.split("\n\n  prefill")[0] == text  # seeded
 

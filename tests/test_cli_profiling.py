@@ -7,6 +7,8 @@ import tomllib
 
 from conftest import run_cli as run
 
+from offload_moe.offload.eviction import ONLINE_POLICIES, POOLS
+
 
 def test_record_simulate_tune_and_generate_with_the_tuned_profile(ckpts, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
@@ -28,14 +30,21 @@ def test_record_simulate_tune_and_generate_with_the_tuned_profile(ckpts, tmp_pat
         assert [r for r in results if r["slots"] == slots and r["policy"] == "belady"][0]["hit_rate"] == best
 
     profile = tmp_path / "tuned.toml"
+    # every expert fits 8.5 MB (int4): said, with no predicted speed, and the profile keeps them all resident
     code, out, err = run(capsys, "tune", "--trace", str(trace), "--budget", "8.5MB", "--reserve", "0",
                          "--context", "256", "--out", str(profile))
     assert code == 0, err
-    assert "default" in out and "best" in out and "eviction policy" in out
+    assert "every expert fits the 8.500MiB budget" in out and "tok/s" not in out
     tuned = tomllib.loads(profile.read_text())
-    assert tuned["policy"] in ("lru", "lfu", "fifo", "random") and "hardware" in tuned
+    assert "cache_experts" not in tuned and "policy" not in tuned and tuned["expert_quant"] == "int4"
+    code, out, err = run(capsys, "tune", "--trace", str(trace), "--budget", "8.2MB", "--reserve", "0",
+                         "--context", "256", "--out", str(profile))
+    assert code == 0, err
+    assert "default" in out and "best" in out and "eviction policy" in out and "slot pool" in out
+    tuned = tomllib.loads(profile.read_text())
+    assert tuned["policy"] in ONLINE_POLICIES and tuned["slot_pool"] in POOLS and "hardware" in tuned
 
-    # the profile's own budget is checked: its float16 dense weights and slots fit 8.5 MB
+    # the profile's own budget is checked: its float16 dense weights and slots fit 8.2 MB
     code, out, err = run(capsys, "generate", "--model", str(ckpts["base"]), "--profile", str(profile), "--device",
                          "cpu", "--context", "256", "--prompt", "x", "--max-new-tokens", "3", "--json")
     assert code == 0, err

@@ -25,7 +25,7 @@ from offload_moe.engine import Engine
 from offload_moe.errors import UserError
 from offload_moe.formats.registry import resolve_group_size
 from offload_moe.offload.tiered import ram_tier_layout
-from offload_moe.options import EngineOptions
+from offload_moe.options import EngineOptions, default_of
 from offload_moe.perplexity import perplexity
 from offload_moe.planning.replay import default_slots
 from offload_moe.planning.trace import load_trace
@@ -135,11 +135,12 @@ def test_trace_simulate_tune_and_the_tuned_profile_each_family(fams, family, tmp
     assert ModelConfig.from_dict(json.loads(trace.metadata["config"])) == c  # the shape tune reads, family included
 
     # the replay gives the live counts (rows: the layers with experts), at the default cache sizes too
-    code, out, err = run(capsys, "simulate", "--trace", str(trace_path), "--slots", str(K), "--policy", "lru",
+    policy = default_of("policy")  # the engine's, and the simulator's default pool is the engine's
+    code, out, err = run(capsys, "simulate", "--trace", str(trace_path), "--slots", str(K), "--policy", policy,
                          "--prefetch", "1", "--json")
     assert code == 0, err
-    lru = next(r for r in json.loads(out)["results"] if r["policy"] == "lru")
-    assert (lru["per_layer_hits"], lru["per_layer_misses"]) == (live["per_layer_hits"], live["per_layer_misses"])
+    got = next(r for r in json.loads(out)["results"] if r["policy"] == policy)
+    assert (got["per_layer_hits"], got["per_layer_misses"]) == (live["per_layer_hits"], live["per_layer_misses"])
     code, out, err = run(capsys, "simulate", "--trace", str(trace_path), "--json")
     assert code == 0, err
     assert sorted({r["slots"] for r in json.loads(out)["results"]}) == default_slots(K, E)

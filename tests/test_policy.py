@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from offload_moe.config import ModelConfig
 from offload_moe.modeling.transformer import Transformer
 from offload_moe.offload import eviction as policy
+from offload_moe.offload import slot_loop
 from offload_moe.offload.eviction import NEVER, POLICIES, NoVictimError
 
 # the loop runs compiled (numba) or as plain Python: every rule test runs both
@@ -123,7 +124,7 @@ def test_the_compiled_random_stream_is_pythons():
     """`_mt_uniforms` (what the compiled loop draws with) is random.Random.random() over its state,
     across regenerations of the 624 words."""
     state, out = list(random.Random(1234).getstate()[1]), [0.0] * 1000
-    policy._mt_uniforms(state, out, 1000)
+    slot_loop._mt_uniforms(state, out, 1000)
     reference = random.Random(1234)
     assert out == [reference.random() for _ in range(1000)]
 
@@ -137,7 +138,7 @@ def test_without_a_writable_cache_folder_the_loop_is_compiled_for_the_run(capsys
             raise RuntimeError("cannot cache function '_replay_row': no locator available for file 'policy.py'")
         return lambda fn: ("compiled", fn)
 
-    assert policy._compile(njit, len, "sig") == ("compiled", len)
+    assert slot_loop.compile_loop(njit, len, "sig") == ("compiled", len)
     assert calls == [{"cache": True, "nogil": True}, {"nogil": True}]
     assert "NUMBA_CACHE_DIR" in capsys.readouterr().err
 

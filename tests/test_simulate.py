@@ -420,7 +420,8 @@ def test_run_simulate_table_prefetch_and_plot(trace_file, tmp_path, capsys):
 @pytest.mark.parametrize("slots, policies, prefetch, message", [
     ([1], ["lru"], 0, "at least top_k=2"),
     ([7], ["lru"], 0, "at most num_experts=6"),
-    ([2], ["lru", "clock"], 0, "unknown policy 'clock'; choose from lru, lfu, fifo, random, belady"),
+    ([2], ["lru", "clock"], 0, "unknown policy 'clock'; choose from lru, lfu, fifo, random, lrfu, arc, least-stale, "
+                               "predicted, learned, belady, or all"),
     ([2], ["lru"], 2, "use 1 .replay the predictions"),
 ])
 def test_run_simulate_rejects_bad_requests(trace_file, slots, policies, prefetch, message):
@@ -451,3 +452,26 @@ def test_the_command_starts_without_torch(trace_file):
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert [r["policy"] for r in json.loads(done.stdout)["results"]] == [*POLICIES]
+
+
+# -- a slot pool shared by the layers ---------------------------------------------------------------
+
+def test_a_global_pool_lends_one_layers_slots_to_another():
+    """Layer 0 keeps to expert 0, layer 1 cycles through 0, 1, 2: 2 slots each, layer 1's lru misses every
+    step; one pool of their 4 holds layer 0's expert and all three of layer 1's, so only first uses miss."""
+    trace = make_trace([[0, t % 3] for t in range(30)], num_experts=4)
+    assert simulate(trace, 2, "lru")["per_layer_hits"] == [29, 0]
+    pooled = simulate(trace, 2, "lru", pool="global")
+    assert pooled["per_layer_hits"] == [29, 27] and pooled["pool"] == "global" and pooled["slots"] == 2
+    with pytest.raises(UserError, match="unknown slot pool 'shared'"):
+        simulate(trace, 2, "lru", pool="shared")
+
+
+@settings(max_examples=30, deadline=None)
+@given(traces())
+def test_in_a_global_pool_belady_bounds_every_policy_and_sizes_share_a_table(case):
+    trace, slots = case
+    results = {p: simulate(trace, slots, p, pool="global") for p in POLICIES}
+    for p in ONLINE_POLICIES:
+        assert results["belady"]["hits"] >= results[p]["hits"], p
+        assert simulate_many(trace, [slots, slots], p, pool="global") == [results[p]] * 2

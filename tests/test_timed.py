@@ -32,12 +32,13 @@ def counts(r: dict, layer: int, tokens: int, top_k: int) -> list[int]:
 
 
 @pytest.mark.parametrize("policy", ONLINE_POLICIES)
-def test_the_same_hits_as_simulate(policy):
+@pytest.mark.parametrize("pool", ["layer", "global"])
+def test_the_same_hits_as_simulate(policy, pool):
     trace = random_trace(150, 3, 2, 6)
     for slots in (2, 3, [2, 4, 3]):
         for prefetch, predicted in ((1, trace.predicted), (0, None)):
-            want = simulate(trace, slots, policy, prefetch)
-            got = simulate_timed(trace, slots, policy, predicted, 1, copy_s=2e-3, layer_s=1e-3)
+            want = simulate(trace, slots, policy, prefetch, pool=pool)
+            got = simulate_timed(trace, slots, policy, predicted, 1, copy_s=2e-3, layer_s=1e-3, pool=pool)
             assert got["per_layer_hits"] == want["per_layer_hits"]
             assert (got["prefetch_copies"], got["prefetch_hits"]) == (want["prefetch_copies"], want["prefetch_hits"])
             for layer in range(3):  # ready + late = hits; + missed = every access

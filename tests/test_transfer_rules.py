@@ -55,7 +55,7 @@ def _instrumented(ckpt, **options) -> tuple[Engine, FakeCuda, dict]:
     engine = Engine.load(ckpt, EngineOptions(progress=False, **options))
     cache = engine.cache
     fake = FakeCuda(copy_ticks=60)
-    cache.transfers = Transfers(engine.device, cache.slots, cuda=fake)
+    cache.transfers = Transfers(engine.device, [len(m) for m in cache.mem], cuda=fake)  # slots per pool
     where = {id(v): (layer, s) for layer, row in enumerate(cache.views) for s, v in enumerate(row)}
     ready = {id(ev): (layer, s) for layer, row in enumerate(cache.transfers.ready) for s, ev in enumerate(row)}
     fmt, forward, acquire = cache.fmt, cache.fmt.forward, cache.acquire
@@ -82,9 +82,11 @@ def _steps(log: list[tuple]) -> list[list[tuple]]:
 
 @pytest.mark.parametrize("prefetch", [1, 2])
 def test_demand_copies_go_first_and_resident_experts_are_computed_before_any_wait(ckpts, prefetch):
-    ref = Engine.load(ckpts["base"], EngineOptions(cache_experts=3, prefetch=prefetch, progress=False))
+    ref = Engine.load(ckpts["base"], EngineOptions(cache_experts=3, prefetch=prefetch, slot_pool="layer",
+                                                   policy="lru", progress=False))
     want = ref.generate(PROMPT, 12, keep_logits=True)
-    engine, fake, ready = _instrumented(ckpts["base"], cache_experts=3, prefetch=prefetch)
+    engine, fake, ready = _instrumented(ckpts["base"], cache_experts=3, prefetch=prefetch, slot_pool="layer",
+                                        policy="lru")
     got = engine.generate(PROMPT, 12, keep_logits=True)
     assert torch.equal(got.logits, want.logits)  # the fake changes the order of nothing that computes
     mixed = 0
@@ -116,9 +118,11 @@ def test_demand_copies_go_first_and_resident_experts_are_computed_before_any_wai
 
 
 def test_missed_experts_computed_on_the_cpu_overlap_the_device_experts(ckpts):
-    ref = Engine.load(ckpts["base"], EngineOptions(cache_experts=3, prefetch=1, progress=False))
+    ref = Engine.load(ckpts["base"], EngineOptions(cache_experts=3, prefetch=1, slot_pool="layer", policy="lru",
+                                                   progress=False))
     want = ref.generate(PROMPT, 12, keep_logits=True)
-    engine, fake, ready = _instrumented(ckpts["base"], cache_experts=3, prefetch=1, miss_policy="cpu")
+    engine, fake, ready = _instrumented(ckpts["base"], cache_experts=3, prefetch=1, miss_policy="cpu",
+                                        slot_pool="layer", policy="lru")
     host = engine.cache.transfers.host_event
     got = engine.generate(PROMPT, 12, keep_logits=True)
     assert torch.equal(got.logits, want.logits)
@@ -153,9 +157,11 @@ def test_a_batched_step_computes_its_misses_on_the_cpu_after_the_device_experts(
             sched.step()
         return [sched.result(rid).logits for rid in ids], sched
 
-    ref = Engine.load(ckpts["base"], EngineOptions(cache_experts=2, prefetch=1, progress=False))
+    ref = Engine.load(ckpts["base"], EngineOptions(cache_experts=2, prefetch=1, slot_pool="layer", policy="lru",
+                                                   progress=False))
     want, _ = run(ref)
-    engine, fake, ready = _instrumented(ckpts["base"], cache_experts=2, prefetch=1, miss_policy="cpu")
+    engine, fake, ready = _instrumented(ckpts["base"], cache_experts=2, prefetch=1, miss_policy="cpu",
+                                        slot_pool="layer", policy="lru")
     host = engine.cache.transfers.host_event
     got, sched = run(engine)
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
@@ -183,6 +189,25 @@ def test_a_batched_step_computes_its_misses_on_the_cpu_after_the_device_experts(
         assert all(e[1] == "prefetch" for e in step if e[0] == "copy" and ready[id(e[2])][0] == layer)
         checked += 1
     assert checked > 0 and engine.cache.counters.cpu_misses > 0
+
+
+def test_a_pool_shared_by_the_layers_keeps_the_rules(ckpts):
+    """One pool for every layer (the default): every copy goes to a slot of it, a copy into a slot lands after
+    the copy before it there (rule 1), and the logits are the per-layer caches' bit for bit."""
+    ref = Engine.load(ckpts["base"], EngineOptions(cache_experts=2, prefetch=1, slot_pool="layer", policy="lru",
+                                                   progress=False))
+    want = ref.generate(PROMPT, 12, keep_logits=True)
+    engine, fake, ready = _instrumented(ckpts["base"], cache_experts=2, prefetch=1, slot_pool="global")
+    got = engine.generate(PROMPT, 12, keep_logits=True)
+    assert torch.equal(got.logits, want.logits)
+    copies = [e for e in fake.log if e[0] == "copy"]
+    assert len(engine.cache.mem) == 1 and copies and {ready[id(e[2])][0] for e in copies} == {0}
+    before: dict[int, tuple] = {}
+    for e in copies:
+        slot = ready[id(e[2])][1]
+        assert slot not in before or e[3] >= before[slot][4]
+        before[slot] = e
+    assert got.stats["slot_pool"] == "global" and got.stats["copy_wait_s"] > 0
 
 
 # -- on a GPU -----------------------------------------------------------------------------------------

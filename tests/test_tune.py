@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import tomllib
 
 import numpy as np
@@ -15,6 +16,7 @@ from offload_moe.planning.trace import Trace
 from offload_moe.planning.tune import spread_slots, to_toml, tune
 
 HW = {"h2d_bytes_per_s": 25e9, "device_bytes_per_s": 800e9, "cpu_bytes_per_s": 40e9}
+MIXTRAL = {"config": json.dumps(MIXTRAL_8X7B.to_dict())}  # the model shape a recorded trace carries
 
 
 def test_spread_slots_is_the_exact_optimum():
@@ -73,7 +75,7 @@ def random_trace(tokens: int = 64) -> Trace:
     rng = np.random.default_rng(0)
     experts = np.stack([rng.permutation(8)[:2] for _ in range(tokens * 32)]).reshape(tokens, 32, 2)
     return Trace(experts.astype(np.int32), np.full((tokens, 32, 2), 0.5, np.float32),
-                 np.full((tokens, 32, 2), -1, np.int32), 8, 2, 32, "random")
+                 np.full((tokens, 32, 2), -1, np.int32), 8, 2, 32, "random", dict(MIXTRAL))
 
 
 def test_calibrate_measures_each_expert_format_on_the_cpu():
@@ -163,8 +165,8 @@ def test_tuning_for_a_batch_replays_b_streams_and_prices_the_whole_step(tmp_path
         return max(c.slots[0] for c in cands if (c.precision, c.attention, len(set(c.slots))) == ("int4", "none", 1))
 
     assert uniform(alone) == 5 and uniform(batched) == 4
-    c = next(c for c in batched if (c.precision, c.attention, c.slots, c.prefetch, c.miss_policy) ==
-             ("int4", "none", [4] * 32, 0, "fetch"))
+    c = next(c for c in batched if (c.precision, c.attention, c.slots, c.pool, c.prefetch, c.miss_policy) ==
+             ("int4", "none", [4] * 32, "layer", 0, "fetch"))
     r = simulate_batch(trace, 4, "lru", B)
     steps = r["forwards"]
     assert steps == 96 // B and c.batch == B and c.hit_rate == r["hit_rate"]
@@ -194,7 +196,8 @@ def shifting_trace(head: int = 192, tail: int = 64) -> Trace:
     experts[:head, 0::2], experts[:head, 1::2] = cycle[:head, None], pairs[0]
     experts[head:, 0::2], experts[head:, 1::2] = pairs[2], cycle[head:, None]
     shape = experts.shape
-    return Trace(experts, np.full(shape, 0.5, np.float32), np.full(shape, -1, np.int32), 8, 2, 32, "shifting")
+    return Trace(experts, np.full(shape, 0.5, np.float32), np.full(shape, -1, np.int32), 8, 2, 32, "shifting",
+                 dict(MIXTRAL))
 
 
 def test_split_falls_between_prompts_or_forwards_and_slices_them_consistently():
@@ -231,7 +234,8 @@ def test_held_out_tail_that_routes_differently_scores_lower():
     trace = shifting_trace()
     split = validation_split(trace, "t", None)
     assert (split.fit.num_tokens, split.held_out.num_tokens) == (192, 64)
-    best, default, _ = tune(split.fit, MIXTRAL_8X7B, 20 * 2**30, HW, 2**30, policies=("lru",), log=lambda _: None)
+    best, default, _ = tune(split.fit, MIXTRAL_8X7B, 20 * 2**30, HW, 2**30, policies=("lru",), log=lambda _: None,
+                            pools=("layer",))
     assert best.slots[0::2] == [8] * 16 and max(best.slots[1::2]) < 8  # spread by the head's hit curves
     s = scores(split, MIXTRAL_8X7B, HW, best, default)
     fit, held = s["fitted"]["best"], s["held_out"]["best"]
@@ -244,8 +248,6 @@ def test_held_out_tail_that_routes_differently_scores_lower():
 
 
 def test_tune_cli_prints_and_writes_both_figures(tmp_path, capsys):
-    import json
-
     from conftest import run_cli
 
     from offload_moe.planning.trace import save_trace
@@ -295,7 +297,6 @@ def test_tune_cli_validate_refuses_a_trace_of_another_shape(tmp_path, capsys):
 
 
 def test_holdout_0_tunes_and_scores_on_the_whole_trace(tmp_path, capsys):
-    import json
     from dataclasses import asdict
 
     from conftest import run_cli

@@ -22,7 +22,7 @@ from ..plan import kept_gguf, resolve_device, resolve_dtype
 from ..planning.calibrate import calibrate
 from ..planning.costs import budget_of, hardware_of, model_shape
 from ..planning.trace import load_trace
-from ..planning.tune import levers, to_toml, tune, winner_profile
+from ..planning.tune import levers, size_text, to_toml, tune, winner_profile
 from ..planning.validate import score_lines, scores, validation_split
 from ..profiles import load_profile
 from ..weights.checkpoint import Checkpoint
@@ -60,7 +60,7 @@ def tune_header(args: argparse.Namespace, trace, config, budget: int, hw: dict) 
     """What tune works from: the trace, the model, the budget and the link."""
     return (f"trace {args.trace}: {trace.experts.shape[0]} tokens; model {config.n_layers} layers "
             f"({config.n_moe_layers} with experts) x {config.num_experts} experts, top-{config.top_k} "
-            f"(D={config.dim}, I={config.ffn_dim}); device budget {budget / 2**30:.1f} GiB; "
+            f"(D={config.dim}, I={config.ffn_dim}); device budget {size_text(budget)}; "
             f"link {hw['h2d_bytes_per_s'] / 1e9:.1f} GB/s"
             + (f"; batch {args.batch}: B sequences decoding together, tok/s over the batch" if args.batch > 1
                else ""))
@@ -97,9 +97,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         check_target(args.out)
     profile = load_profile(args.profile) if args.profile else None
     trace = load_trace(args.trace)
+    config = model_shape(trace, args.trace, required=True)
     split = validation_split(trace, args.trace, args.holdout, load_trace(args.validate) if args.validate else None,
                              args.validate or "")
-    config = model_shape(trace)
     budget = budget_of(args.budget, profile)
     hw = hardware_of(profile)
     reserve = args.reserve if args.reserve is not None else (profile.device_reserve if profile
@@ -110,7 +110,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if note:
         say(note)
     best, default, everything = tune(split.fit, config, budget, hw, reserve, args.context, log=say, batch=args.batch,
-                                     predictors=args.predictor)
+                                     predictors=args.predictor, budget_s=args.budget_s)
+    if min(best.slots) >= config.num_experts:
+        return all_resident(args, best, profile, budget, reserve, hw)
     score = scores(split, config, hw, best, default)
     table = score_lines(score)
     text = winner_profile(best, profile or load_profile("auto"), budget, reserve, hw, Path(args.trace).name)
@@ -123,6 +125,24 @@ def cmd_tune(args: argparse.Namespace) -> int:
                           "profile": None if args.out else text}))
     else:
         print_tuning(args, best, default, everything, table, text)
+    return 0
+
+
+def all_resident(args: argparse.Namespace, best, profile, budget: int, reserve: int, hw: dict) -> int:
+    """`tune` when every expert fits the budget: it says so, and its profile keeps every expert resident (the cost
+    model's figure for such a run is only its compute bound, so none is printed)."""
+    line = (f"every expert fits the {size_text(budget)} budget ({best.precision} experts, {best.attention} "
+            "attention): nothing is offloaded, so there is no cache to tune; the profile keeps every expert resident")
+    text = winner_profile(best, profile or load_profile("auto"), budget, reserve, hw, Path(args.trace).name,
+                          resident=True)
+    if args.out:
+        write_text_atomic(args.out, text)
+    if args.json:
+        print(json.dumps({"trace": args.trace, "all_resident": True, "message": line, "out": args.out,
+                          "profile": None if args.out else text}))
+    else:
+        print(f"\n  {line}")
+        print(f"\nwrote {args.out}" if args.out else "\n" + text)
     return 0
 
 

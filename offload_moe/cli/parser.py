@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .. import __version__
-from ..offload.eviction import POLICIES
+from ..offload.eviction import POLICIES, POOLS
 from ..options import (
     ATTENTION_QUANTS,
     CARDS,
@@ -40,6 +40,7 @@ from .args import (
     template_kwargs,
 )
 
+BUDGET_S = 60.0  # tune --budget-s: a minute of replays on the project's 2-core VM
 SAMPLING = Sampling()
 LIMITS = Limits()
 DEMO_PROMPT = 'def read_config(path):\n    """'
@@ -118,11 +119,14 @@ def add_simulate(sub) -> None:
     sim.add_argument("--trace", required=True, help="a trace written by profile or generate --trace-out")
     sim.add_argument("--slots", type=int_list, help="cache slots per layer to try, e.g. 2,3,4,6 (default: top-k, "
                      "1.5, 2 and 3 times top-k, at most the expert count: 2,3,4,6 for Mixtral's top-2 of 8)")
-    sim.add_argument("--policy", default=",".join(POLICIES), help="policies, comma-separated "
-                     "(default: %(default)s)")
-    sim.add_argument("--prefetch", type=nonneg, default=0, help="0 or 1: insert the predictions the trace recorded "
-                     "(the engine's predictor's, its --prefetch layers ahead; with prefetch off, the router's one "
-                     "layer ahead) before each access (default: %(default)s)")
+    sim.add_argument("--policy", default="all", help=f"policies, comma-separated, from {', '.join(POLICIES)}; all: "
+                     "every online one (belady, the bound, is always shown) (default: %(default)s)")
+    sim.add_argument("--slot-pool", choices=POOLS, default=default_of("slot_pool"), help="layer: each layer its own "
+                     "--slots; global: their sum, one pool shared by every layer (default: %(default)s, the engine's)")
+    sim.add_argument("--prefetch", type=nonneg, help="0 or 1: insert the predictions the trace recorded (the "
+                     "engine's predictor's, its --prefetch layers ahead; with prefetch off, the router's one layer "
+                     "ahead) before each access (default: what the engine that recorded the trace ran: 1 where it "
+                     "ran with prefetch on, else 0)")
     sim.add_argument("--predictor", metavar="FILE", help="replay instead the predictions of this train-predictor "
                      "file, made from the trace's hidden states (profile --hidden-states); implies --prefetch 1 "
                      "(imports torch)")
@@ -173,7 +177,8 @@ def add_train_predictor(sub) -> None:
 def add_tune(sub) -> None:
     tun = sub.add_parser("tune", help="search offload settings for a trace and write the best as a profile",
                          description="Predict decode tokens/s for expert precision, slots per layer, eviction "
-                                     "policy, prefetch and miss handling; print the best against uniform LRU.")
+                                     "policy, slot pool, prefetch and miss handling; print the best against the "
+                                     "default.")
     tun.add_argument("--trace", required=True)
     tun.add_argument("--profile", help="base profile: budget, reserve and [hardware] (default: none)")
     tun.add_argument("--budget", help="device memory, e.g. 24GB (default: the profile's)")
@@ -192,6 +197,9 @@ def add_tune(sub) -> None:
     tun.add_argument("--predictor", type=lambda v: [p for p in v.split(",") if p], default=[], metavar="FILE,...",
                      help="train-predictor files to try as well, each with its own lead (the prefetch depth); their "
                           "predictions come from the trace's hidden states (profile --hidden-states)")
+    tun.add_argument("--budget-s", type=seconds, default=BUDGET_S, metavar="S", help="seconds for the replays: every "
+                     "eviction policy in both slot pools and every way to prefetch, the default's first; what the "
+                     "time leaves out is said (default: %(default)s)")
     tun.add_argument("--out", metavar="FILE.toml", help="write the winner as a profile (default: print it)")
     tun.add_argument("--json", action="store_true", help="print the winner, the default and both scores as one "
                      "JSON object (notes go to stderr)")

@@ -1,12 +1,15 @@
-"""Expert residency on the compute device: preallocated slots per row, filled from the host store.
+"""Expert residency on the compute device: preallocated slots, filled from the host store.
 
 A row is a layer with experts, numbered among those layers (a dense first layer has none), the model's word
-too: an expert is (row, expert). Which expert leaves a full row is decided by `eviction.SlotTable` (the
-same code the simulator runs); moving the bytes and ordering the copies is `prefetch.Transfers`' job. This module keeps
+too: an expert is (row, expert). The slots form one pool per row (`pool` "layer": row l has `slots[l]`), or
+one pool of their sum that every row's experts share (`pool` "global": a miss of any row may evict any
+row's expert). Which expert leaves a full pool is decided by `eviction.SlotTable` (the same code the
+simulator runs); moving the bytes and ordering the copies is `prefetch.Transfers`' job. This module keeps
 the slots, asks the table, issues the copies and counts what happened.
 
-Slots are allocated once, `[S_l, bytes]` per row, and their weight views are computed once,
-so a miss allocates nothing: it is one `copy_` into an existing slot.
+Slots are allocated once, `[S, bytes]` per pool, and their weight views are computed once (in a global pool,
+again when an expert of a row whose layout differs lands in the slot: a GGUF file with per-layer types), so
+a miss allocates nothing else: it is one `copy_` into an existing slot.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 
 from ..formats.base import ExpertFormat
 from ..options import MISS_POLICIES
-from .eviction import ONLINE_POLICIES, SlotTable
+from .eviction import ONLINE_POLICIES, POOLS, SlotTable
 from .prefetch import Transfers
 from .store import ExpertStore
 
@@ -46,26 +49,38 @@ class ExpertCache:
         policy: str = "lru",
         seed: int = 0,
         miss_policy: str = "fetch",
+        pool: str = "layer",
     ):
         if policy not in ONLINE_POLICIES:
             raise ValueError(f"the engine runs online policies only ({', '.join(ONLINE_POLICIES)}), not {policy!r}")
         if miss_policy not in MISS_POLICIES:
             raise ValueError(f"unknown miss policy {miss_policy!r}; choose from {', '.join(MISS_POLICIES)}")
+        if pool not in POOLS:
+            raise ValueError(f"unknown slot pool {pool!r}; choose from {', '.join(POOLS)}")
         self.store, self.fmt, self.device = store, fmt, device
-        self.slots = list(slots)
-        E = store.num_experts
-        self.table = SlotTable(self.slots, E, policy, seed)
+        self.slots, self.pool = list(slots), pool  # slots per row; their sum is one pool when pool is global
+        L, E = len(self.slots), store.num_experts
+        shared = pool == "global"
+        sizes = [sum(self.slots)] if shared else self.slots  # slots per pool
+        self.pool_of = [0] * L if shared else list(range(L))  # each row's pool
+        self.table = SlotTable(sizes, E, policy, seed, layers=L if shared else 1)
         self.miss_policy = miss_policy
         self.cpu_cheaper = miss_policy == "cpu"  # for auto, decided by `calibrate_misses`
         # on the CPU a layer whose slots cover every expert reads the host store in place: no second copy
-        self.aliased = [device.type == "cpu" and n >= E and store.in_ram for n in self.slots]
+        self.aliased = [not shared and device.type == "cpu" and n >= E and store.in_ram for n in sizes]
         self.mem = [
-            store.layers[row] if alias else torch.empty((n, fmt.nbytes), dtype=torch.uint8, device=device)
-            for row, (n, alias) in enumerate(zip(self.slots, self.aliased, strict=True))
+            store.layers[p] if alias else torch.empty((n, fmt.nbytes), dtype=torch.uint8, device=device)
+            for p, (n, alias) in enumerate(zip(sizes, self.aliased, strict=True))
         ]
-        self.views = [[fmt.views(self.mem[row][s], row) for s in range(n)] for row, n in enumerate(self.slots)]
+        if shared:  # one list of views, every row's: recomputed on a copy only where layouts differ by row
+            self.views = [[fmt.views(self.mem[0][s], 0) for s in range(sizes[0])]] * L
+            kinds = getattr(fmt, "kinds", None)
+            self._view_row = [0] * sizes[0] if kinds is not None and len(set(kinds)) > 1 else None
+        else:
+            self.views = [[fmt.views(self.mem[row][s], row) for s in range(n)] for row, n in enumerate(self.slots)]
+            self._view_row = None
         self._host_views: dict[tuple[int, int], tuple] = {}  # (row, expert) -> views of its RAM buffer
-        self.transfers = Transfers(device, self.slots)
+        self.transfers = Transfers(device, sizes)
         self.planned: list[tuple[int, list[int]]] = []  # prefetches waiting for this layer's demand copies
         self.counters = CacheCounters()
 
@@ -96,7 +111,7 @@ class ExpertCache:
         on the prefetch stream, since nothing waits for it now. On the CPU with every expert in RAM
         that policy copies nothing: a slot filled then reads the expert's RAM buffer in place.
         """
-        hit, slots, _ = self.table.access_row(row, experts)
+        hit, slots, _ = self.table.access_row(row, experts, pending=self.planned[0] if self.planned else None)
         c = self.counters
         on_cpu = [False] * len(experts)
         for k, e in enumerate(experts):
@@ -105,12 +120,13 @@ class ExpertCache:
                 c.cpu_misses += on_cpu[k]
                 self._copy(row, slots[k], e, demand=not on_cpu[k])
         self._flush_prefetch()
-        late = [not cpu and self.transfers.in_flight[row][s] for s, cpu in zip(slots, on_cpu, strict=True)]
+        flying = self.transfers.in_flight[self.pool_of[row]]
+        late = [not cpu and flying[s] for s, cpu in zip(slots, on_cpu, strict=True)]
         return slots, on_cpu, late
 
     def wait(self, row: int, slot: int) -> None:
         """Order compute after the copy into `slot`; a host wait is counted as compute stalled on a copy."""
-        self.counters.copy_wait_s += self.transfers.wait_ready(row, slot)
+        self.counters.copy_wait_s += self.transfers.wait_ready(self.pool_of[row], slot)
 
     def cpu_forward(self, row: int, expert: int, x_host: torch.Tensor) -> torch.Tensor:
         """Run one expert on the CPU from its host-RAM bytes: x_host [T, D] -> [T, D] on the CPU."""
@@ -153,7 +169,7 @@ class ExpertCache:
     def release(self, row: int, slots: list[int]) -> None:
         """The kernels reading these slots are enqueued: a later copy into them must wait for those."""
         for s in slots:
-            self.transfers.mark_free(row, s)
+            self.transfers.mark_free(self.pool_of[row], s)
 
     def plan_prefetch(self, row: int, experts: list[int]) -> None:
         """Queue a prefetch for `layer`; it is issued after the current layer's demand copies."""
@@ -172,23 +188,26 @@ class ExpertCache:
                 self._copy(row, slots[k], e, demand=False)
 
     def _copy(self, row: int, s: int, expert: int, demand: bool) -> None:
-        if self.aliased[row]:  # slot s already is the host buffer of expert s (filled by warm)
+        p = self.pool_of[row]
+        if self.aliased[p]:  # slot s already is the host buffer of expert s (filled by warm)
             return
         if self.host_is_device and self.cpu_cheaper:  # the CPU computes it from RAM: the slot reads that in place
             self.views[row][s] = self.host_views(row, expert)
             return
+        if self._view_row is not None and self._view_row[s] != row:  # a global pool's slot, another layout
+            self.views[row][s], self._view_row[s] = self.fmt.views(self.mem[p][s], row), row
         if demand and self.transfers.prefetch_busy():
             self.counters.demand_during_prefetch += 1
-        event = self.transfers.copy(self.mem[row][s], self.store.buffer(row, expert), row, s, demand)
+        event = self.transfers.copy(self.mem[p][s], self.store.buffer(row, expert), p, s, demand)
         self.store.done(row, expert, event)
         self.counters.bytes_to_device += self.fmt.nbytes
         self.counters.copies += 1
 
     def warm(self) -> float:
-        """Load every expert of the layers whose slots cover them all: those layers are resident."""
+        """Load every expert of the layers whose own slots cover them all: those layers are resident."""
         t0 = time.perf_counter()
         for row, n in enumerate(self.slots):
-            if n >= self.table.num_experts:
+            if n >= self.table.num_experts and self.pool == "layer":
                 self.acquire(row, list(range(self.table.num_experts)))
         self.transfers.synchronize()
         return time.perf_counter() - t0

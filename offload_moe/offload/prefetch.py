@@ -184,7 +184,7 @@ class Prefetcher:
             if self.cache is None:
                 continue
             chosen = prefetch_choice(experts.tolist(), K, self.widths[target],  # SYNC: prediction to host, [T][P]
-                                     self.cache.table.uses[target])
+                                     self.cache.table.uses_of(target))
             self.cache.store.prefetch(target, chosen)  # non-blocking reads from storage (tiered store only)
             self.cache.plan_prefetch(target, chosen)
         if self.cache is not None and not self.cache.store.in_ram and row + self.lead + 1 < rows and h.shape[0] == 1:

@@ -16,7 +16,9 @@ token is a step of its stream, prompt tokens too (a what-if of B sequences of th
 the engine's schedule of prefills).
 
 Counts: accesses = expert accesses (distinct per forward and layer), hits, misses (= demand
-copies), prefetch copies and hits; belady evicts the expert whose next forward lies furthest ahead.
+copies), prefetch copies and hits; belady evicts the expert whose next forward lies furthest ahead: the
+next-forward optimum, which is not an optimum when a forward needs more experts than the slots (its
+groups are loaded one after another, and lfu can then beat it).
 
 Shape legend: T tokens, L layers, K top-k, E experts, F forwards, B streams.
 """
@@ -27,7 +29,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..offload.eviction import NEVER, SlotTable, prefetch_choice
-from .replay import check_policy, check_prefetch, slots_per_layer
+from .replay import check_policy, check_pool, check_prefetch, slots_per_layer
 from .trace import Trace
 
 
@@ -52,54 +54,72 @@ def recorded_forwards(trace: Trace) -> list[list[int]]:
 
 
 def simulate_batch(trace: Trace, slots: int | list[int], policy: str, batch: int, prefetch: int = 0,
-                   seed: int = 0) -> dict:
+                   seed: int = 0, pool: str = "layer") -> dict:
     """`replay.simulate` for B streams decoding together (see the module docstring)."""
-    out = replay_forwards(trace, batch_forwards(trace.num_tokens, batch), slots, policy, prefetch, seed)
+    out = replay_forwards(trace, batch_forwards(trace.num_tokens, batch), slots, policy, prefetch, seed, pool)
     out["batch"] = batch
     return out
 
 
 def replay_forwards(trace: Trace, forwards: list[list[int]], slots: int | list[int], policy: str,
-                    prefetch: int = 0, seed: int = 0) -> dict:
-    """Replay `forwards` (lists of trace token indices, each one forward pass) layer by layer."""
+                    prefetch: int = 0, seed: int = 0, pool: str = "layer") -> dict:
+    """Replay `forwards` (lists of trace token indices, each one forward pass) as the engine runs them: forward
+    by forward, layer by layer; pool "global": one pool of the slots' sum, where the prefetch for a layer is
+    issued after the first access of the layer `prefetch_lead` before it (the previous forward's, for the
+    first layers), as the engine's `Prefetcher` plans and `ExpertCache.acquire` issues it."""
     check_policy(policy)
     check_prefetch(prefetch)
+    check_pool(pool)
     per_layer = slots_per_layer(slots, trace)
-    L, E = trace.num_layers, trace.num_experts
-    table = SlotTable(per_layer, E, policy, seed)
+    L, E, K = trace.num_layers, trace.num_experts, trace.top_k
+    shared = pool == "global"
+    table = SlotTable([sum(per_layer)] if shared else per_layer, E, policy, seed, layers=L if shared else 1)
+    lead = int(trace.metadata.get("prefetch_lead", 1)) if prefetch and shared else 0
+    wants = [[_wanted(trace.experts[toks, layer].tolist()) for layer in range(L)] for toks in forwards]  # [F][L]
+    next_use, later = _next_uses(wants, L * E) if policy == "belady" else (None, None)
+    # Belady's next uses: a global pool's one table, or each layer's part of it
+    tables = [next_use if shared else next_use[r * E : (r + 1) * E] for r in range(L)] if next_use else [None] * L
     accesses = [0] * L
-    for layer in range(L):
-        experts = trace.experts[:, layer].tolist()  # [T][K]
-        predicted = trace.predicted[:, layer].tolist() if prefetch else None
-        n = per_layer[layer]
-        wants = [_wanted(experts, f) for f in forwards]  # F x the forward's experts (rank order when T = 1)
-        next_use, later = _next_uses(wants, E) if policy == "belady" else (None, None)
-        for f, toks in enumerate(forwards):
-            want = wants[f]
+
+    def chosen(f: int, layer: int) -> list[int]:
+        """What the engine prefetches for `layer` of forward f (none past the trace)."""
+        if f >= len(forwards):
+            after = trace.tensors.get("predicted_after")
+            return [] if after is None else [e for e in after[layer, : per_layer[layer]].tolist() if e >= 0]
+        rows = [trace.predicted[t, layer].tolist() for t in forwards[f]]
+        return prefetch_choice(rows, K, per_layer[layer], table.uses_of(layer))
+
+    for j in range(lead):  # the first forward's first layers, predicted before the trace began
+        table.prefetch_row(j, chosen(0, j), tables[j])
+    for f, toks in enumerate(forwards):
+        for layer in range(L):
+            want, n = wants[f][layer], per_layer[layer]
             accesses[layer] += len(want)
-            if predicted is not None:  # issued before this layer's accesses (at the previous layer's acquire)
-                chosen = prefetch_choice([predicted[t] for t in toks], trace.top_k, n, table.uses[layer])
-                table.replay(layer, ((),), (chosen,), next_use=next_use)
+            if prefetch and not shared:  # issued before this layer's accesses (at an earlier layer's acquire)
+                table.prefetch_row(layer, chosen(f, layer), tables[layer])
+            target = divmod(f * L + layer + lead, L)  # (forward, layer) of the prefetch issued after this access
+            planned = (target[1], chosen(*target)) if lead else None
             if len(toks) == 1:
                 groups = [want]
             else:
                 want = sorted(want, key=lambda e: table.slot(layer, e) < 0)  # stable: resident first
                 groups = [want[i : i + n] for i in range(0, len(want), n)]
-            for group in groups:
-                table.replay(layer, (group,), next_use=next_use)
-            if later is not None:
-                for e, nxt in later[f]:
-                    next_use[e] = nxt
-        if prefetch and "predicted_after" in trace.tensors:  # the last token's prefetch for a token that never came
-            chosen = [e for e in trace.tensors["predicted_after"][layer, :n].tolist() if e >= 0]
-            table.replay(layer, ((),), (chosen,), next_use=next_use)
-        del experts
+            for g, group in enumerate(groups):
+                table.access_row(layer, group, tables[layer], pending=planned if g == 0 else None)
+                if g == 0 and planned is not None:
+                    table.prefetch_row(*planned, tables[planned[0]])
+            for e, nxt in later[f * L + layer] if later is not None else ():
+                tables[layer][e if shared else e - layer * E] = nxt
+    if prefetch and not shared and "predicted_after" in trace.tensors:  # the last token's, for a token never come
+        for layer in range(L):
+            table.prefetch_row(layer, chosen(len(forwards), layer), tables[layer])
     hits, misses = table.hits, table.misses
     total, copies_pf, pf_hits = sum(hits), sum(table.prefetch_copies), sum(table.prefetch_hits)
     n_acc = sum(accesses)
     return {
         "policy": policy,
         "slots": slots if isinstance(slots, int) else list(slots),
+        "pool": pool,
         "prefetch": prefetch,
         "forwards": len(forwards),
         "hit_rate": total / n_acc if n_acc else 0.0,
@@ -118,22 +138,26 @@ def replay_forwards(trace: Trace, forwards: list[list[int]], slots: int | list[i
     }
 
 
-def _wanted(experts: list[list[int]], toks: list[int]) -> list[int]:
-    """The experts a forward needs at one layer: the token's own, in rank order, for one token; else
-    the distinct ones, ascending (the engine's `_groups` order before residency)."""
-    if len(toks) == 1:
-        return list(experts[toks[0]])
-    return sorted({e for t in toks for e in experts[t]})
+def _wanted(rows: list[list[int]]) -> list[int]:
+    """The experts a forward needs at one layer, from its tokens' choices there: the token's own, in rank order,
+    for one token; else the distinct ones, ascending (the engine's `_groups` order before residency)."""
+    if len(rows) == 1:
+        return list(rows[0])
+    return sorted({e for row in rows for e in row})
 
 
-def _next_uses(wants: list[list[int]], num_experts: int) -> tuple[list[int], list[list[tuple[int, int]]]]:
-    """Belady's table: first [E], each expert's first forward (NEVER if none), and later [F], for each
-    expert of forward f the next forward after f that needs it; the replay updates the table from
-    `later` after each forward, so it always holds each expert's next use."""
+def _next_uses(wants: list[list[list[int]]], size: int) -> tuple[list[int], list[list[tuple[int, int]]]]:
+    """Belady's table over the steps (forward f, layer l) in order, step f * L + l, experts numbered
+    l * E + e: first [L*E], each expert's first step (NEVER if none), and later [F*L], for each expert of a
+    step the next step that needs it; the replay updates the table from `later` after each step, so it
+    always holds each expert's next use (a layer's own rows read their part of it)."""
+    L = len(wants[0]) if wants else 0
+    E = size // L if L else 0
+    steps = [[layer * E + e for e in want] for per in wants for layer, want in enumerate(per)]
     seen: dict[int, int] = {}
-    later: list[list[tuple[int, int]]] = [[] for _ in wants]
-    for f in range(len(wants) - 1, -1, -1):
-        later[f] = [(e, seen.get(e, NEVER)) for e in wants[f]]
-        for e in wants[f]:
-            seen[e] = f
-    return [seen.get(e, NEVER) for e in range(num_experts)], later
+    later: list[list[tuple[int, int]]] = [[] for _ in steps]
+    for i in range(len(steps) - 1, -1, -1):
+        later[i] = [(e, seen.get(e, NEVER)) for e in steps[i]]
+        for e in steps[i]:
+            seen[e] = i
+    return [seen.get(e, NEVER) for e in range(size)], later

@@ -113,9 +113,13 @@ def budget_of(text: str | None, profile: Profile | None) -> int:
     raise UserError("give the device memory with --budget (e.g. 24GB) or a profile that has [budget] device")
 
 
-def model_shape(trace: Trace) -> ModelConfig:
-    """The model shape recorded in the trace, or Mixtral-8x7B's when the trace has none."""
+def model_shape(trace: Trace, name: str = "", required: bool = False) -> ModelConfig:
+    """The model shape recorded in the trace, or Mixtral-8x7B's when the trace has none; `required`: a UserError
+    naming the trace (`name`) then."""
     raw = trace.metadata.get("config") if trace.metadata else None
+    if not raw and required:
+        raise UserError(f"trace {name} records no model shape (its 'config' metadata): record it with profile or "
+                        "generate --trace-out, which write it")
     if not raw:
         return MIXTRAL_8X7B
     try:

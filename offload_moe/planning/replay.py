@@ -7,7 +7,8 @@ and put it beside Belady's rule (evict the expert whose next use lies furthest a
 any eviction rule can do when experts are fetched on demand.
 
 Semantics, exactly those of the engine because both run `eviction.SlotTable`:
-  * every layer has its own cache of `slots` experts, empty at the start;
+  * every layer has its own cache of `slots` experts, empty at the start (pool "layer"), or one pool
+    of their sum holds any layer's experts (pool "global", `--slot-pool global`);
   * tokens go in trace order; at every layer a token accesses the K experts it chose; an access
     is a hit if the expert is resident when the token reaches that layer;
   * each missing expert is then inserted, evicting one resident expert chosen by the policy,
@@ -27,7 +28,9 @@ offline by a learned one: `--predictor`; cut to the layer's slots), and after th
 Each row (one layer's cache in one configuration) replays the whole trace in one
 `SlotTable.replay` call, the engine's own loop (compiled by numba where it is installed), and the
 layers are shared out among threads (compiled; the loop releases the GIL) or processes (plain
-Python).
+Python). A global pool is one row per configuration that replays the T*L steps in the engine's
+order (`pool_steps`): token by token, each layer's access, and after it the prefetch that the
+engine issues there, for the layer `prefetch_lead` ahead (past the last layer, the next token's).
 These are the engine's counts too: its stats read the same table counters.
 Shape legend: T tokens, L layers, K top-k, E experts, S slots, R table rows.
 """
@@ -44,7 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..errors import UserError
-from ..offload.eviction import NEVER, POLICIES, SlotTable
+from ..offload.eviction import NEVER, POLICIES, POOLS, SlotTable
 from .trace import Trace
 
 PREFETCH_DEPTHS = (0, 1)
@@ -98,6 +101,12 @@ def check_policy(policy: str) -> None:
         raise UserError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
 
 
+def check_pool(pool: str) -> None:
+    """A UserError naming the choices unless `pool` is one of eviction.POOLS."""
+    if pool not in POOLS:
+        raise UserError(f"unknown slot pool {pool!r}; choose from {', '.join(POOLS)}")
+
+
 def check_prefetch(prefetch: int) -> None:
     """A UserError unless `prefetch` is a depth the replay models (PREFETCH_DEPTHS)."""
     if prefetch not in PREFETCH_DEPTHS:
@@ -105,36 +114,43 @@ def check_prefetch(prefetch: int) -> None:
                         "layers ahead as the engine's --prefetch when it ran) or 0 (none)")
 
 
-def simulate(trace: Trace, slots: int | list[int], policy: str, prefetch: int = 0, seed: int = 0) -> dict:
-    """Replay `trace` with `slots` per layer (one count, or a list with one per layer).
+def simulate(trace: Trace, slots: int | list[int], policy: str, prefetch: int = 0, seed: int = 0,
+             pool: str = "layer") -> dict:
+    """Replay `trace` with `slots` per layer (one count, or a list with one per layer; pool "global": their
+    sum, shared by every layer).
 
     Returns {"policy", "slots", "prefetch", "hit_rate", "hits", "accesses", "misses", "per_layer"
     (hit rate per layer), "per_layer_hits", "per_layer_misses", "copies", "prefetch_copies",
     "prefetch_hits", "prefetch_recall", "prefetch_precision"}; see the module docstring.
     """
-    return simulate_many(trace, [slots], policy, prefetch, seed)[0]
+    return simulate_many(trace, [slots], policy, prefetch, seed, pool)[0]
 
 
 def simulate_many(trace: Trace, slot_configs: Sequence[int | list[int]], policy: str, prefetch: int = 0,
-                  seed: int = 0) -> list[dict]:
+                  seed: int = 0, pool: str = "layer") -> list[dict]:
     """`simulate` for several cache sizes of one policy, one result per entry of `slot_configs`.
 
-    All sizes replay in one table (R = sizes x L rows); row l of every size draws layer l's random
-    stream, so each result is the one `simulate` gives alone with the same seed.
+    All sizes replay in one table (R = sizes x L rows, or sizes rows of a global pool); row l of every
+    size draws layer l's random stream (a global pool's, the engine's row 0's), so each result is the one
+    `simulate` gives alone with the same seed.
     """
     check_policy(policy)
     check_prefetch(prefetch)
+    check_pool(pool)
     configs = [slots_per_layer(s, trace) for s in slot_configs]
-    out = _replay(trace, configs, policy, prefetch, seed) if configs else []
+    replay = _replay_pool if pool == "global" else _replay
+    counts = replay(trace, configs, policy, prefetch, seed) if configs else np.zeros((3, 0, trace.num_layers))
+    out = _results(trace, configs, counts, policy, prefetch, pool)
     for res, given in zip(out, slot_configs, strict=True):
         res["slots"] = int(given) if isinstance(given, (int, np.integer)) else [int(s) for s in given]
     return out
 
 
-def _replay(trace: Trace, configs: list[list[int]], policy: str, prefetch: int, seed: int) -> list[dict]:
+def _replay(trace: Trace, configs: list[list[int]], policy: str, prefetch: int, seed: int) -> np.ndarray:
     """Row c*L + l of the table is layer l's cache in configuration c. Rows are independent, so
     each replays all its tokens in one `SlotTable.replay` call (layer-major): the same steps, in
-    the same order per row, as the engine's token-major run."""
+    the same order per row, as the engine's token-major run. Returns the counts [3, configs, L]: hits,
+    prefetch copies, prefetch hits."""
     T, L, K = trace.experts.shape
     n = len(configs)
     table = SlotTable([s for c in configs for s in c], trace.num_experts, policy, seed,
@@ -164,16 +180,80 @@ def _replay(trace: Trace, configs: list[list[int]], policy: str, prefetch: int, 
     with _no_cyclic_gc():
         for c, layer, row_counts in _map_layers(layer_rows, L, work=T * n * L, threads=table.compiled):
             counts[:, c, layer] = row_counts
+    return counts
+
+
+def pool_steps(trace: Trace, per_layer: list[int], prefetch: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """A global pool's steps in the engine's order, its experts numbered layer * E + expert: accesses [S, K]
+    and, with prefetch, predictions [S, P], S = T*L + lead (the loop's step: the prefetch issued just before
+    the access). Access i = t*L + l; after it the engine prefetches the prediction for access i + lead
+    (layer l + lead, or the next token's first layers: the trace's `predicted_after` for the last token),
+    each layer's cut to its slots; the first `lead` predictions go before the first access."""
+    T, L, K = trace.experts.shape
+    E = trace.num_experts
+    offsets = (np.arange(L, dtype=np.int64) * E)[None, :, None]  # [1, L, 1]
+    accesses = (trace.experts + offsets).reshape(T * L, K)  # [T, L, K] -> [T*L, K]
+    lead = int(trace.metadata.get("prefetch_lead", 1)) if prefetch else 0
+    pad = np.full((max(lead - 1, 0), K), -1, np.int64)
+    accesses = np.concatenate([pad, accesses, np.full((1 if lead else 0, K), -1, np.int64)])  # [S, K]
+    if not lead:
+        return accesses, None
+    if not 1 <= lead < L:
+        raise UserError(f"the trace's prefetch_lead {lead} must be from 1 to {L - 1} (its layers - 1)")
+    predicted = trace.predicted.astype(np.int64)  # [T, L, P]
+    after = trace.tensors.get("predicted_after")
+    after = np.full((L, predicted.shape[2]), -1, np.int64) if after is None else after.astype(np.int64)
+    predicted = np.concatenate([predicted, after[None, :, : predicted.shape[2]]])  # [T+1, L, P]
+    width = np.arange(predicted.shape[2])[None, None, :] < np.array(per_layer)[None, :, None]  # [1, L, P]
+    predicted = np.where((predicted >= 0) & width, predicted + offsets, -1)  # a layer's cut to its slots
+    return accesses, predicted.reshape((T + 1) * L, -1)[: T * L + lead]  # prediction k: access k's
+
+
+def _replay_pool(trace: Trace, configs: list[list[int]], policy: str, prefetch: int, seed: int) -> np.ndarray:
+    """Row c of the table is configuration c's global pool of sum(configs[c]) slots, over all T*L steps in
+    one `SlotTable.replay` call (`pool_steps`); its counts are per layer all the same. Returns the counts
+    [3, configs, L] as `_replay`."""
+    T, L, K = trace.experts.shape
+    n, E = len(configs), trace.num_experts
+    table = SlotTable([sum(c) for c in configs], E, policy, seed, streams=[0] * n, layers=L)
+
+    def pool_rows(c: int) -> list[tuple[int, list[list[int]]]]:
+        accesses, predicted = pool_steps(trace, configs[c], prefetch)
+        later = next_use = None
+        if policy == "belady":
+            later, next_use = next_uses(np.where(accesses >= 0, accesses, L * E), L * E + 1)  # [S, K], [L*E+1]
+            later, next_use = table.steps(later), next_use[: L * E].copy()
+        pending = None
+        if predicted is not None:  # the prefetch after each access is decided before it (`SlotTable.replay`)
+            pending = table.steps(np.concatenate([predicted[1:], np.full((1, predicted.shape[1]), -1)]))
+            predicted = table.steps(predicted)
+        table.replay(c, table.steps(accesses), predicted, later, next_use, pending)
+        rows = range(c * L, (c + 1) * L)
+        return [(c, [[table.hits[r] for r in rows], [table.prefetch_copies[r] for r in rows],
+                     [table.prefetch_hits[r] for r in rows]])]
+
+    counts = np.zeros((3, n, L), np.int64)
+    with _no_cyclic_gc():
+        for c, row_counts in _map_layers(pool_rows, n, work=T * n * L, threads=table.compiled):
+            counts[:, c] = row_counts
+    return counts
+
+
+def _results(trace: Trace, configs: list[list[int]], counts: np.ndarray, policy: str, prefetch: int, pool: str
+             ) -> list[dict]:
+    """`simulate`'s dicts from the counts [3, configs, L] of hits, prefetch copies and prefetch hits."""
+    T, L, K = trace.experts.shape
     hits, inserted, prefetch_hits = counts
     accesses = T * L * K
     out = []
-    for c in range(n):
+    for c in range(len(configs)):
         total = int(hits[c].sum())
         copies_pf = int(inserted[c].sum())
         pf_hits = int(prefetch_hits[c].sum())
         out.append({
             "policy": policy,
             "slots": configs[c],
+            "pool": pool,
             "prefetch": prefetch,
             "hit_rate": total / accesses if accesses else 0.0,
             "hits": total,
@@ -209,8 +289,8 @@ PARALLEL_WORK = 200_000  # row-token steps above which the layers are shared out
 
 
 def _map_layers(fn, layers: int, work: int, threads: bool):
-    """fn(layer) for every layer, in parallel when the work is large (rows are independent and each has
-    its own random stream, so the result does not depend on the split): in threads when the loop is
+    """fn(layer) for every layer (or pool), in parallel when the work is large (rows are independent and each
+    has its own random stream, so the result does not depend on the split): in threads when the loop is
     compiled (it releases the GIL), else in forked worker processes."""
     workers = min(os.cpu_count() or 1, layers)
     if work < PARALLEL_WORK or workers < 2:

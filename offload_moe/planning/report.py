@@ -15,27 +15,31 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..offload.eviction import POLICIES
+from ..offload.eviction import ONLINE_POLICIES, POLICIES
 from .batch_replay import simulate_batch
-from .replay import check_policy, check_prefetch, default_slots, simulate_many, slots_per_layer
+from .replay import check_policy, check_pool, check_prefetch, default_slots, simulate_many, slots_per_layer
 from .timed import TimedOptions, run_timed, timed_costs, timed_report
 from .trace import Trace, load_trace
 
 
-def run_simulate(trace_path: str, slots: list[int] | None, policies: list[str], prefetch: int, as_json: bool,
+def run_simulate(trace_path: str, slots: list[int] | None, policies: list[str], prefetch: int | None, as_json: bool,
                  plot: str | None, batch: int = 1, timed: TimedOptions | None = None, predictor: str | None = None,
-                 width: int = 0) -> int:
-    """The `simulate` command: every (policy, slots) pair, Belady always included as the bound; `slots`
-    None: `default_slots` of the trace's top-k and expert count. `batch` B > 1: the trace as B streams
+                 width: int = 0, pool: str = "layer") -> int:
+    """The `simulate` command: every (policy, slots) pair, Belady always included as the bound ("all": every
+    online policy); `slots` None: `default_slots` of the trace's top-k and expert count; `prefetch` None: what
+    the engine that recorded the trace ran (`recorded_prefetch`). `batch` B > 1: the trace as B streams
     decoding together, one access set per layer and step (`batch_replay`). `timed`: also the timed replay
     of the first online policy at every size (`timed.run_timed`). `predictor`: a train-predictor file whose
     predictions, made from the trace's hidden states, `width` per layer (0: top-k), replace the recorded ones
-    (prefetch on; imports torch).
+    (prefetch on; imports torch). `pool` "global": the slots' sum as one pool shared by every layer.
 
     Prints a table (or, with as_json, exactly one JSON object on stdout) and optionally draws a PNG.
     """
     trace = load_trace(trace_path)
     sizes = _sizes(trace_path, trace, slots)
+    check_pool(pool)
+    if prefetch is None:
+        prefetch = recorded_prefetch(trace)
     if predictor:
         from ..offload.predictors import replayed  # here: it needs torch, which `simulate` starts without
 
@@ -45,14 +49,14 @@ def run_simulate(trace_path: str, slots: list[int] | None, policies: list[str], 
     if plot:
         _plot_target(plot)
     costs = _timed_costs(trace, timed, batch) if timed is not None else None  # bad flags fail before the replay
-    results = _replay_all(trace, sizes, chosen, prefetch, batch)
-    extra = {"timed": run_timed(trace, sizes, chosen[0], costs)} if timed is not None else {}
+    results = _replay_all(trace, sizes, chosen, prefetch, batch, pool)
+    extra = {"timed": run_timed(trace, sizes, chosen[0], costs, pool)} if timed is not None else {}
     if as_json:
         T, L, K, E = trace.num_tokens, trace.num_layers, trace.top_k, trace.num_experts
         print(json.dumps({"results": results, "trace": {"tokens": T, "layers": L, "experts": E, "top_k": K},
-                          "batch": batch, **extra}))
+                          "batch": batch, "pool": pool, "prefetch": prefetch, **extra}))
     else:
-        print(_report(trace_path, trace, results, chosen, sizes, prefetch, batch))
+        print(_report(trace_path, trace, results, chosen, sizes, prefetch, batch, pool))
         if extra:
             print(timed_report(extra["timed"], trace.num_layers))
     if plot:
@@ -75,11 +79,25 @@ def _sizes(trace_path: str, trace: Trace, slots: list[int] | None) -> list[int]:
     return sizes
 
 
+def recorded_prefetch(trace: Trace) -> int:
+    """What the engine that recorded `trace` prefetched: 1 when it ran with prefetch on (its metadata `prefetch`,
+    the engine's --prefetch) and the trace holds predictions, else 0 (traces from before that key: 0)."""
+    try:
+        on = int(trace.metadata.get("prefetch", "0")) > 0
+    except ValueError:
+        on = False
+    return int(on and bool((trace.predicted >= 0).any()))
+
+
 def _policies(policies: list[str]) -> list[str]:
-    """The policies asked for, checked, without repeats, and belady last (the bound every table shows)."""
+    """The policies asked for ("all": every online one), checked, without repeats, and belady last (the bound
+    every table shows)."""
     if not policies:
-        raise UserError(f"give at least one policy: {', '.join(POLICIES)}")
+        raise UserError(f"give at least one policy: {', '.join(POLICIES)}, or all")
+    policies = [q for p in policies for q in (ONLINE_POLICIES if p == "all" else (p,))]
     for p in policies:
+        if p not in POLICIES:
+            raise UserError(f"unknown policy {p!r}; choose from {', '.join(POLICIES)}, or all")
         check_policy(p)
     return list(dict.fromkeys(p for p in policies if p != "belady")) + ["belady"]
 
@@ -93,48 +111,57 @@ def _check_predictions(trace_path: str, trace: Trace, prefetch: int) -> None:
 
 
 def _timed_costs(trace: Trace, timed: TimedOptions, batch: int) -> dict:
-    """`timed.timed_costs` for --timed, which models one sequence only."""
+    """`timed.timed_costs` for --timed, which models one sequence."""
     if batch != 1:
         raise UserError("--timed models one sequence decoding: use it without --batch")
     return timed_costs(trace, timed)
 
 
-def _replay_all(trace: Trace, sizes: list[int], policies: list[str], prefetch: int, batch: int) -> list[dict]:
+def _replay_all(trace: Trace, sizes: list[int], policies: list[str], prefetch: int, batch: int, pool: str
+                ) -> list[dict]:
     """Every (policy, size) result, policy-major: token by token, or as `batch` streams."""
     if batch > 1:
-        return [simulate_batch(trace, s, p, batch, prefetch) for p in policies for s in sizes]
+        return [simulate_batch(trace, s, p, batch, prefetch, pool=pool) for p in policies for s in sizes]
     if batch == 1:
-        return [r for p in policies for r in simulate_many(trace, sizes, p, prefetch)]
+        return [r for p in policies for r in simulate_many(trace, sizes, p, prefetch, pool=pool)]
     raise UserError("--batch must be 1 or more")
 
 
 def _report(path: str, trace: Trace, results: list[dict], policies: list[str], sizes: list[int],
-            prefetch: int, batch: int = 1) -> str:
+            prefetch: int, batch: int = 1, pool: str = "layer") -> str:
     rate = {(r["policy"], r["slots"]): r for r in results}
-    head = "".join(f"{p:>9}" for p in policies)
+    width = max(9, *(len(p) + 2 for p in policies))
+    head = "".join(f"{p:>{width}}" for p in policies)
+    if batch > 1:
+        bound = ("the next-forward optimum: evicts the expert whose next forward lies furthest ahead; not an optimum "
+                 "when a forward needs more experts than the slots (it then loads them in groups, and can lose to "
+                 "lfu)" + (", nor with prefetch" if prefetch else ""))
+    else:
+        bound = ("evicts the expert used furthest ahead, " + ("the offline optimum" if not prefetch else
+                                                             "under the same prefetches: not an optimum with prefetch"))
+    where = "per layer" if pool == "layer" else "per layer, their sum one pool shared by every layer (global)"
     lines = [f"trace {path}: {trace.num_tokens} tokens x {trace.num_layers} layers, {trace.num_experts} experts, "
              f"top-{trace.top_k}" + (f", model {trace.model}" if trace.model else "") + f"; prefetch {prefetch}",
              "",
-             "hit rate by slots per layer (belady: evicts the expert used furthest ahead, "
-             + ("the offline optimum)" if not prefetch else "under the same prefetches: not an optimum with prefetch)"),
+             f"hit rate by slots {where} (belady: {bound})",
              f"{'slots':>6}{head}"]
     if batch > 1:
         forwards = results[0]["forwards"]
         lines[1:1] = ["", f"batch {batch}: the trace as {batch} streams stepped together, {forwards} forwards; an "
                       "access is one distinct expert of a forward at a layer"]
     for s in sizes:
-        lines.append(f"{s:>6}" + "".join(f"{100 * rate[(p, s)]['hit_rate']:>8.1f}%" for p in policies))
+        lines.append(f"{s:>6}" + "".join(f"{100 * rate[(p, s)]['hit_rate']:>{width - 1}.1f}%" for p in policies))
     top = sizes[-1]
     lines += ["", f"per layer at {top} slots", f"{'layer':>6}{head}"]
     for layer in range(trace.num_layers):
-        lines.append(f"{layer:>6}" + "".join(f"{100 * rate[(p, top)]['per_layer'][layer]:>8.1f}%"
+        lines.append(f"{layer:>6}" + "".join(f"{100 * rate[(p, top)]['per_layer'][layer]:>{width - 1}.1f}%"
                                              for p in policies))
     if prefetch:
         lines += ["", f"prefetch at {top} slots: copies per token, precision, recall",
-                  f"{'':>6}{'copies':>9}{'precision':>11}{'recall':>9}"]
+                  f"{'':>12}{'copies':>9}{'precision':>11}{'recall':>9}"]
         for p in policies:
             r = rate[(p, top)]
-            lines.append(f"{p:>6}{r['copies'] / trace.num_tokens:>9.2f}{100 * r['prefetch_precision']:>10.1f}%"
+            lines.append(f"{p:>12}{r['copies'] / trace.num_tokens:>9.2f}{100 * r['prefetch_precision']:>10.1f}%"
                          f"{100 * r['prefetch_recall']:>8.1f}%")
     return "\n".join(lines)
 

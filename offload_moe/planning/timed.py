@@ -21,7 +21,8 @@ one `eviction.SlotTable` with the engine's per-step calls in the engine's order,
     prefetch of lead L, for this row of the next token, can meet that).
 
 Predictions are `predicted[t, l, :]`, ranked, -1 padded, any width P (cut to the row's slot count:
-a prediction never evicts its own experts). Those of the first `lead` rows of token 0 are never
+a prediction never evicts its own experts). With a pool shared by every row (`pool` "global") the slots and
+their clocks are the pool's. Those of the first `lead` rows of token 0 are never
 issued (no token before it); those the last token made for a token that never came (`after`) are
 copied all the same, as in the engine.
 Shape legend: T tokens, L rows (MoE layers), K top-k, P predicted per row, S slots.
@@ -37,19 +38,20 @@ import numpy as np
 from ..errors import UserError
 from ..offload.eviction import ONLINE_POLICIES, SlotTable
 from ..profiles import load_profile
-from .replay import slots_per_layer
+from .replay import check_pool, slots_per_layer
 from .trace import Trace
 
 OUTCOMES = ("ready", "late", "missed")
 
 
 def simulate_timed(trace: Trace, slots: int | list[int], policy: str, predicted: np.ndarray | None, lead: int,
-                   copy_s: float, layer_s: float | Sequence[float], seed: int = 0, after: np.ndarray | None = None
-                   ) -> dict:
+                   copy_s: float, layer_s: float | Sequence[float], seed: int = 0, after: np.ndarray | None = None,
+                   pool: str = "layer") -> dict:
     """Replay `trace` in modelled time (see the module docstring); `predicted` [T, L, P] or None (no
     prefetch); `after` [L, P]: the predictions the last token issued for a token that never came (the
-    trace's `predicted_after`), prefetched as the engine did. Returns {"policy", "slots", "lead" (0
-    without prefetch), "copy_s", "layer_s" [L], "hits", "per_layer_hits", "prefetch_copies",
+    trace's `predicted_after`), prefetched as the engine did; `pool` "global": the slots' sum shared by every
+    row (each access told the prefetch decided at its row's entry, as the engine's). Returns {"policy", "slots",
+    "lead" (0 without prefetch), "copy_s", "layer_s" [L], "hits", "per_layer_hits", "prefetch_copies",
     "prefetch_hits" (the table's counts, as `simulate`),
     "ready", "late", "missed" (shares of all accesses), "late_wait_s", "miss_wait_s" (per token: the
     waits of every late or missed access, summed), "stall_s" (per token: what the rows waited for
@@ -59,21 +61,25 @@ def simulate_timed(trace: Trace, slots: int | list[int], policy: str, predicted:
     "prefetch_copies" (per token, into that row)}}.
     """
     T, L, K = trace.experts.shape
+    check_pool(pool)
     per_layer = slots_per_layer(slots, trace)
     layer_s = _checked(trace, policy, predicted, lead, copy_s, layer_s)
-    table = SlotTable(per_layer, trace.num_experts, policy, seed)
+    shared = pool == "global"
+    table = SlotTable([sum(per_layer)] if shared else per_layer, trace.num_experts, policy, seed,
+                      layers=L if shared else 1)
     experts = trace.experts.tolist()  # [T][L][K]: the loop reads Python lists
     preds = _issued(predicted, after, per_layer)
-    clock = _Clock(per_layer, copy_s)
+    clock = _Clock([sum(per_layer)] if shared else per_layer, [0] * L if shared else list(range(L)), copy_s)
     for t in range(T):
         for l in range(L):  # noqa: E741 (a row, as in the legend)
-            ends, where = clock.access(table, l, experts[t][l])
+            target, tt = (l + lead, t) if l + lead < L else (l + lead - L, t + 1)
+            planned = (target, preds[tt][target]) if preds is not None and tt < len(preds) else None
+            ends, where = clock.access(table, l, experts[t][l], planned)
             ends += layer_s[l]
             for s in where:
-                clock.free_at[l][s] = ends
-            target, tt = (l + lead, t) if l + lead < L else (l + lead - L, t + 1)
-            if preds is not None and tt < len(preds):
-                clock.prefetch(table, target, preds[tt][target])
+                clock.free_at[clock.pool_of[l]][s] = ends
+            if planned is not None:
+                clock.prefetch(table, *planned)
             clock.now = ends
     out = {"policy": policy, "slots": slots if isinstance(slots, int) else per_layer,
            "lead": lead if predicted is not None else 0, "copy_s": float(copy_s), "layer_s": layer_s}
@@ -114,20 +120,20 @@ class _Clock:
     """The modelled time beside the table: when each slot's copy lands, when its last reader ends, the
     link, the current row's start, and the outcome counts and waits per row."""
 
-    def __init__(self, per_layer: list[int], copy_s: float):
-        L = len(per_layer)
-        self.copy_s = copy_s
-        self.ready_at = [[0.0] * n for n in per_layer]  # [L][S]: when the copy into each slot finishes
-        self.free_at = [[0.0] * n for n in per_layer]  # [L][S]: when the last row that read each slot ends
+    def __init__(self, sizes: list[int], pool_of: list[int], copy_s: float):
+        L = len(pool_of)
+        self.copy_s, self.pool_of = copy_s, pool_of  # each row's pool (its own, or the one shared)
+        self.ready_at = [[0.0] * n for n in sizes]  # [pools][S]: when the copy into each slot finishes
+        self.free_at = [[0.0] * n for n in sizes]  # [pools][S]: when the last row that read each slot ends
         self.count = [[0] * L for _ in OUTCOMES]  # [3][L]: ready, late, missed per row
         self.wait = [[0.0] * L for _ in range(3)]  # [3][L]: late waits, miss waits, stall per row
         self.link = self.now = 0.0  # when the link is free; the current row's start
 
-    def access(self, table: SlotTable, l: int, experts: list[int]) -> tuple[float, list[int]]:  # noqa: E741
-        """Row l's accesses at `now`, demand copies queued on the link: (when the latest needed copy
-        lands, or now; the slots the row reads)."""
-        hit, where, _ = table.access_row(l, experts)
-        ready, now = self.ready_at[l], self.now
+    def access(self, table: SlotTable, l: int, experts: list[int], planned=None) -> tuple[float, list[int]]:  # noqa: E741
+        """Row l's accesses at `now`, demand copies queued on the link (`planned`: the prefetch decided at its
+        entry): (when the latest needed copy lands, or now; the slots the row reads)."""
+        hit, where, _ = table.access_row(l, experts, pending=planned)
+        ready, now = self.ready_at[self.pool_of[l]], self.now
         count, wait, ends = self.count, self.wait, now
         for k, s in enumerate(where):
             if hit[k]:
@@ -147,9 +153,10 @@ class _Clock:
         """Issue `predicted` into `row` at `now`, after the demand copies; a copy into a slot waits for
         its last reader to end."""
         inserted, into, _ = table.prefetch_row(row, predicted)
+        ready, free = self.ready_at[self.pool_of[row]], self.free_at[self.pool_of[row]]
         for new, s in zip(inserted, into, strict=True):
             if new:
-                self.ready_at[row][s] = self.link = max(self.now, self.link, self.free_at[row][s]) + self.copy_s
+                ready[s] = self.link = max(self.now, self.link, free[s]) + self.copy_s
 
 
 def _figures_of(table: SlotTable, clock: _Clock, T: int, K: int) -> dict:
@@ -228,9 +235,9 @@ def trace_lead(trace: Trace) -> int:
         raise UserError(f"the trace's prefetch_lead {raw!r} is not a whole number of rows") from None
 
 
-def run_timed(trace: Trace, sizes: list[int], policy: str, costs: dict) -> dict:
+def run_timed(trace: Trace, sizes: list[int], policy: str, costs: dict, pool: str = "layer") -> dict:
     """`simulate --timed`: at every cache size, the timed replay with the trace's predictions (when it
-    has any) and without prefetch. Returns `costs` with "policy", "lead" and "results" (a list of
+    has any) and without prefetch, in `pool`. Returns `costs` with "policy", "lead" and "results" (a list of
     `simulate_timed` results, with prefetch then without at each size)."""
     if policy not in ONLINE_POLICIES:
         raise UserError(f"--timed replays an online policy ({', '.join(ONLINE_POLICIES)}), the engine's; "
@@ -239,7 +246,7 @@ def run_timed(trace: Trace, sizes: list[int], policy: str, costs: dict) -> dict:
     runs = ([trace.predicted] if (trace.predicted >= 0).any() else []) + [None]
     after = trace.tensors.get("predicted_after")
     results = [simulate_timed(trace, s, policy, p, lead, costs["copy_s"], costs["layer_s"],
-                              after=None if p is None else after) for s in sizes for p in runs]
+                              after=None if p is None else after, pool=pool) for s in sizes for p in runs]
     return {**costs, "policy": policy, "lead": lead, "results": results}
 
 

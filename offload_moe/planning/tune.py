@@ -3,17 +3,20 @@ the winner as a profile.
 
 The tuner searches expert precision (which sets how many slots fit the budget), attention precision
 (int8 attention frees device memory for slots and reads fewer bytes per token), prefetch depth,
-miss handling, eviction policy, and slots per layer (uniform, or spread by per-layer hit curves),
-each candidate's step time from the cost model (`costs`), and reports the best against the
-uniform-LRU default, one lever at a time.
+miss handling, eviction policy, slot pool (per layer, or one pool of their sum shared by every layer),
+and slots per layer (uniform, or spread by per-layer hit curves), each candidate's step time from the
+cost model (`costs`), and reports the best against the default (uniform slots, the engine's default
+policy and pool, no prefetch), one lever at a time. The hit curves are replayed in order of worth (the
+default's first, then the engine's defaults, then the rest) within a time budget (`budget_s`); what the
+budget leaves out is said.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import product
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +26,9 @@ from ..config import ModelConfig
 from ..errors import UserError
 from ..formats.registry import auto_group_size, bytes_per_expert
 from ..memory import gib, resident_bytes
+from ..offload.eviction import ONLINE_POLICIES, POOLS
 from ..offload.predictors import replayed
-from ..options import ATTENTION_QUANTS, DEFAULT_RESERVE
+from ..options import ATTENTION_QUANTS, DEFAULT_RESERVE, default_of
 from ..profiles import Profile
 from ..progress import progress_bar
 from .batch_replay import simulate_batch
@@ -46,6 +50,7 @@ class Candidate:
     seconds_per_step: float  # one decode step of `batch` sequences
     batch: int = 1
     predictor: str = ""  # a train-predictor file whose predictions were replayed; "": the trace's recorded ones
+    pool: str = "layer"  # the slots per layer, or (global) their sum shared by every layer
 
     @property
     def seconds_per_token(self) -> float:
@@ -59,22 +64,24 @@ class Candidate:
     def describe(self) -> str:
         s = self.slots
         slots = str(s[0]) if len(set(s)) == 1 else f"{min(s)}-{max(s)} (sum {sum(s)})"
-        return (f"{self.precision:<5} attn {self.attention:<4} slots {slots:<14} {self.policy:<6} "
+        slots += " global" if self.pool == "global" else ""
+        return (f"{self.precision:<5} attn {self.attention:<4} slots {slots:<14} {self.policy:<11} "
                 f"prefetch {self.prefetch}{' ' + Path(self.predictor).name if self.predictor else ''} "
                 f"miss {self.miss_policy:<5} hit {100 * self.hit_rate:5.1f}%  "
                 f"{self.tokens_per_s:7.2f} tok/s" + (f" ({1e3 * self.seconds_per_step:.2f} ms per step of {self.batch})"
                                                      if self.batch > 1 else ""))
 
 
-def replay(trace: Trace, slots: int | list[int], policy: str, prefetch: int, batch: int, predictor: str = "") -> dict:
+def replay(trace: Trace, slots: int | list[int], policy: str, prefetch: int, batch: int, predictor: str = "",
+           pool: str = "layer") -> dict:
     """One cache configuration run over `trace`: token by token, or as `batch` streams (`batch_replay`); with
     prefetch (its lead; any > 0 replays the predictions) those the trace recorded, or `predictor`'s."""
     if predictor:
         trace = replayed(trace, predictor, trace.top_k)
     prefetch = min(prefetch, 1)
     if batch == 1:
-        return simulate(trace, slots, policy, prefetch)
-    return simulate_batch(trace, slots, policy, batch, prefetch)
+        return simulate(trace, slots, policy, prefetch, pool=pool)
+    return simulate_batch(trace, slots, policy, batch, prefetch, pool=pool)
 
 
 def prediction_options(trace: Trace, predictors: Sequence[str]) -> list[tuple[int, str, Trace]]:
@@ -138,18 +145,20 @@ def spread_slots(hits: dict[int, list[int]], total: int, top_k: int, num_experts
 
 
 def tune(trace: Trace, config: ModelConfig, budget: int, hw: dict, reserve: int = int(DEFAULT_RESERVE),
-         context: int = 4096, policies=("lru", "lfu", "fifo", "random"), log=print, batch: int = 1,
-         predictors: Sequence[str] = ()) -> tuple[Candidate, Candidate, list[Candidate]]:
+         context: int = 4096, policies: Sequence[str] = ONLINE_POLICIES, log=print, batch: int = 1,
+         predictors: Sequence[str] = (), pools: Sequence[str] = POOLS, budget_s: float | None = None
+         ) -> tuple[Candidate, Candidate, list[Candidate]]:
     """Search the offload settings for `trace` on a device of `budget` bytes, for `batch` sequences decoding
     together (the trace replayed as B streams, `batch_replay.simulate_batch`; their KV cache off the budget);
     prefetch: none, the trace's recorded predictions, and each of `predictors` (train-predictor files, each
-    with its own lead: the depth). Returns (best, default, all)."""
+    with its own lead: the depth); every policy of `policies` in every pool of `pools`, the replays within
+    `budget_s` seconds (None: no limit). Returns (best, default, all)."""
     if batch < 1:
         raise UserError("--batch must be 1 or more")
     if trace.num_layers != config.n_moe_layers or trace.num_experts != config.num_experts:
         raise UserError(f"the trace has {trace.num_layers} layers x {trace.num_experts} experts; the model shape has "
                         f"{config.n_moe_layers} x {config.num_experts}")
-    curves = _hit_curves(trace, config, policies, predictors, batch)
+    curves = _hit_curves(trace, config, policies, predictors, batch, pools, budget_s, log)
     for note in rate_notes(hw):
         log(note)
     out: list[Candidate] = []
@@ -172,26 +181,44 @@ def tune(trace: Trace, config: ModelConfig, budget: int, hw: dict, reserve: int 
         raise UserError(f"nothing fits a {gib(budget)} device: dense weights and KV cache take at least "
                         f"{gib(dense + config.kv_bytes(context, 2) * batch)} plus {gib(reserve)} reserve")
     best = min(out, key=lambda c: c.seconds_per_token)
-    default = next((c for c in out if c.policy == "lru" and c.prefetch == 0 and c.miss_policy == "fetch"
-                    and len(set(c.slots)) == 1 and c.precision == best.precision and c.attention == "none"), best)
+    policy, pool = _default_setting(policies, pools)
+    default = next((c for c in out if c.policy == policy and c.pool == pool and c.prefetch == 0
+                    and c.miss_policy == "fetch" and len(set(c.slots)) == 1 and c.precision == best.precision
+                    and c.attention == "none"), best)
     return best, default, out
 
 
-Curves = dict[tuple[str, int, str], tuple[Trace, dict[int, dict]]]  # (policy, lead, predictor) -> (trace, slots -> run)
+Curves = dict[tuple[str, int, str, str], tuple[Trace, dict[int, dict]]]  # (policy, lead, predictor, pool) -> runs
 
 
-def _hit_curves(trace: Trace, config: ModelConfig, policies: Sequence[str], predictors: Sequence[str], batch: int
-                ) -> Curves:
-    """Every policy and way to prefetch replayed at each of `tune_sizes`: the hit curves the search spreads
-    slots by, kept with the trace they replayed."""
+def _default_setting(policies: Sequence[str], pools: Sequence[str]) -> tuple[str, str]:
+    """The policy and pool the default candidate runs: the engine's defaults, where they are searched."""
+    policy, pool = default_of("policy"), default_of("slot_pool")
+    return (policy if policy in policies else policies[0]), (pool if pool in pools else pools[0])
+
+
+def _hit_curves(trace: Trace, config: ModelConfig, policies: Sequence[str], predictors: Sequence[str], batch: int,
+                pools: Sequence[str], budget_s: float | None, log) -> Curves:
+    """Every policy, pool and way to prefetch replayed at each of `tune_sizes`: the hit curves the search spreads
+    slots by, kept with the trace they replayed. In order of worth (the default's curve first, the engine's
+    default policy and pool next), until `budget_s` is spent: the rest is logged as left out."""
     curves: Curves = {}
     sizes = tune_sizes(config.top_k, config.num_experts)
-    options = prediction_options(trace, predictors)
-    for policy, (prefetch, predictor, source) in progress_bar(product(policies, options), "replaying the trace",
-                                                               len(policies) * len(options), "curve"):
-        results = simulate_many(source, sizes, policy, min(prefetch, 1)) if batch == 1 else [
-            replay(source, s, policy, prefetch, batch) for s in sizes]
-        curves[policy, prefetch, predictor] = source, dict(zip(sizes, results, strict=True))
+    policy, pool = _default_setting(policies, pools)
+    ways = prediction_options(trace, predictors)
+    work = [(q, w, p) for q in policies for w in ways for p in pools]
+    work.sort(key=lambda job: (job[0] != policy or job[2] != pool or job[1][0] != 0, job[0] != policy,
+                               job[2] != pool))  # stable: the given order after these
+    start = time.perf_counter()
+    for done, (policy, (prefetch, predictor, source), pool) in enumerate(
+            progress_bar(work, "replaying the trace", len(work), "curve")):
+        if done and budget_s is not None and time.perf_counter() - start > budget_s:
+            left = sorted({f"{q} ({p})" for q, _, p in work[done:]})
+            log(f"  --budget-s {budget_s:g} spent after {done} of {len(work)} replays; not searched: {', '.join(left)}")
+            break
+        results = simulate_many(source, sizes, policy, min(prefetch, 1), pool=pool) if batch == 1 else [
+            replay(source, s, policy, prefetch, batch, pool=pool) for s in sizes]
+        curves[policy, prefetch, predictor, pool] = source, dict(zip(sizes, results, strict=True))
     return curves
 
 
@@ -202,10 +229,10 @@ def _candidates(curves: Curves, config: ModelConfig, hw: dict, tokens: int, tota
     K, E, L = config.top_k, config.num_experts, config.n_moe_layers
     uniform = max(s for s in tune_sizes(K, E) if s <= min(total // L, E))  # the largest simulated size that fits
     out = []
-    for (policy, prefetch, predictor), (source, curve) in curves.items():
+    for (policy, prefetch, predictor, pool), (source, curve) in curves.items():
         hits = {s: r["per_layer_hits"] for s, r in curve.items()}
         allocations = [[uniform] * L]
-        spread = spread_slots(hits, total, K, E)
+        spread = spread_slots(hits, total, K, E) if pool == "layer" else allocations[0]  # a pool: the sum counts
         if spread != allocations[0]:
             allocations.append(spread)
         for alloc in allocations:
@@ -213,13 +240,13 @@ def _candidates(curves: Curves, config: ModelConfig, hw: dict, tokens: int, tota
             for miss in ("fetch", "cpu", "auto"):
                 secs = step_cost(config, hw, r, tokens, precision, attention, group, miss)
                 out.append(Candidate(precision, attention, group, alloc, policy, prefetch, miss,
-                                     r["hit_rate"], secs, batch, predictor))
+                                     r["hit_rate"], secs, batch, predictor, pool))
     return out
 
 
 def levers(default: Candidate, out: list[Candidate]) -> list[tuple[str, Candidate]]:
     """From the default, the best candidate that changes one lever only: what each lever is worth."""
-    keys = ("precision", "attention", "policy", "prefetch", "miss_policy")
+    keys = ("precision", "attention", "policy", "pool", "prefetch", "miss_policy")
 
     def uniform(c: Candidate) -> bool:
         return len(set(c.slots)) == 1
@@ -230,7 +257,8 @@ def levers(default: Candidate, out: list[Candidate]) -> list[tuple[str, Candidat
         return not uniform(c) if lever == "slots" else uniform(c)
 
     rows = []
-    for label, lever in (("eviction policy", "policy"), ("uneven slots", "slots"), ("prefetch", "prefetch"),
+    for label, lever in (("eviction policy", "policy"), ("slot pool", "pool"), ("uneven slots", "slots"),
+                         ("prefetch", "prefetch"),
                          ("miss handling", "miss_policy"), ("int8 attention", "attention")):
         same = [c for c in out if only(c, lever)]
         if same:
@@ -260,11 +288,15 @@ def to_toml(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _size_text(n: int) -> str:
+def size_text(n: int) -> str:
+    """Bytes as a profile writes them: 1.500GiB, 8.500MiB."""
     return f"{n / 2**30:.3f}GiB" if n >= 2**30 else f"{n / 2**20:.3f}MiB"
 
 
-def winner_profile(best: Candidate, base: Profile, budget: int, reserve: int, hw: dict, trace_name: str) -> str:
+def winner_profile(best: Candidate, base: Profile, budget: int, reserve: int, hw: dict, trace_name: str,
+                   resident: bool = False) -> str:
+    """The winner as a profile; `resident`: every expert fits, so the profile keeps them all resident (no slots,
+    policy or prefetch, and no predicted speed)."""
     data = {
         "description": f"tuned on {trace_name}: predicted {best.tokens_per_s:.2f} tok/s"
                        + (f" over {best.batch} sequences (serve --max-batch {best.batch})" if best.batch > 1 else "")
@@ -278,9 +310,14 @@ def winner_profile(best: Candidate, base: Profile, budget: int, reserve: int, hw
         "prefetch": best.prefetch,
         **({"predictor": best.predictor} if best.predictor else {}),
         "policy": best.policy,
+        "slot_pool": best.pool,
         "miss_policy": best.miss_policy,
         "context": base.settings.get("context", 4096),
-        "budget": {"device": _size_text(budget), "device_reserve": _size_text(reserve), "ram": "auto"},
+        "budget": {"device": size_text(budget), "device_reserve": size_text(reserve), "ram": "auto"},
         "hardware": {k: v for k, v in hw.items()},
     }
+    if resident:
+        for key in ("cache_experts", "prefetch", "predictor", "policy", "slot_pool", "miss_policy"):
+            data.pop(key, None)
+        data["description"] = f"tuned on {trace_name}: every expert fits the budget, all resident"
     return to_toml(data)

@@ -2,7 +2,7 @@
 
 `tune` picks slots per layer, eviction policy and the rest on a trace; scored on that same trace the
 pick flatters itself (slots spread over layers by the hit curves of these tokens fit these tokens).
-So `tune` fits on the head of the trace and scores the winner, and the uniform-LRU default it is
+So `tune` fits on the head of the trace and scores the winner, and the default it is
 compared with, on the held-out tail: the split lies at a boundary between prompts (`prompt_lengths`),
 else between forward passes (`forward_tokens`), else between tokens, the one nearest to holding out
 `fraction` of the tokens. Where the head or the tail would be shorter than MIN_TOKENS it fits and
@@ -81,7 +81,7 @@ def validation_split(trace: Trace, name: str, fraction: float | None, other: Tra
 
 def rescore(trace: Trace, config: ModelConfig, hw: dict, c: Candidate) -> Candidate:
     """`c`'s settings, hit rate and time predicted on `trace`."""
-    r = replay(trace, c.slots, c.policy, c.prefetch, c.batch, c.predictor)
+    r = replay(trace, c.slots, c.policy, c.prefetch, c.batch, c.predictor, c.pool)
     return replace(c, hit_rate=r["hit_rate"], seconds_per_step=step_cost(
         config, hw, r, trace.num_tokens, c.precision, c.attention, c.group_size, c.miss_policy))
 
