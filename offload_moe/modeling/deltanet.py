@@ -28,14 +28,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import KVCache, KVPool, RMSNorm
+from .layers import KVCache, RMSNorm, StateMixer
 
 CHUNK = 64  # tokens per chunk of the chunked delta rule, as transformers
 L2_EPS = 1e-6  # q and k are L2-normed with this epsilon, as transformers (after the FLA library)
 
 
-class GatedDeltaNet(nn.Module):
-    """The single-sequence `forward` and the batched `decode_ragged` of `layers.Attention` (RoPE unused)."""
+class GatedDeltaNet(StateMixer):
+    """The single-sequence `forward` and the batched `decode_ragged` (`layers.StateMixer`) of `layers.Attention`
+    (RoPE unused)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -63,18 +64,6 @@ class GatedDeltaNet(nn.Module):
         mixed = F.silu(F.conv1d(seq[None], self.conv.weight, groups=seq.shape[0])[0]).t()  # [T, C]
         q, k, v, g, beta = self._heads(mixed, b, a)  # [Hv, T, dk], [Hv, T, dk], [Hv, T, dv], [Hv, T] x 2
         return self._out(chunked(q, k, v, g, beta, S).transpose(0, 1), z)  # [Hv, T, dv] -> [T, Hv, dv]
-
-    def decode_ragged(self, x: torch.Tensor, layer: int, pool: KVPool, rows: torch.Tensor, pos: torch.Tensor,
-                      span: int, cos: torch.Tensor, sin: torch.Tensor, block: slice | None = None) -> torch.Tensor:
-        """One new token for each of B sequences: x [B, D], token b of pool slot rows[b], each with its own
-        slot's state; `block`: the same slots as a slice when consecutive (the state updated in place through
-        a view), else gathered and written back. -> [B, D]"""
-        if block is not None:
-            return self._step(x, pool.conv[layer][block], pool.recurrent[layer][block])
-        conv, S = pool.conv[layer][rows], pool.recurrent[layer][rows]  # [B, C, W-1], [B, Hv, dk, dv]
-        out = self._step(x, conv, S)
-        pool.conv[layer][rows], pool.recurrent[layer][rows] = conv, S
-        return out
 
     def _step(self, x: torch.Tensor, conv: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
         """One token of each of B sequences, x [B, D], their conv inputs [B, C, W-1] and states [B, Hv, dk, dv]

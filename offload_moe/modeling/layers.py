@@ -141,6 +141,24 @@ class KVPool:
                    if t is not None)
 
 
+class StateMixer(nn.Module):
+    """What a layer that keeps a conv's inputs and a recurrent state per sequence (Gated DeltaNet, Mamba-2) does for a
+    batched decode step, around its own one-token `_step(x [B, D], conv [B, ...], state [B, ...]) -> [B, D]`, which
+    updates both in place."""
+
+    def decode_ragged(self, x: torch.Tensor, layer: int, pool: KVPool, rows: torch.Tensor, pos: torch.Tensor,
+                      span: int, cos: torch.Tensor, sin: torch.Tensor, block: slice | None = None) -> torch.Tensor:
+        """One new token for each of B sequences: x [B, D], token b of pool slot rows[b], each with its own
+        slot's state; `block`: the same slots as a slice when consecutive (the state updated in place through
+        a view), else gathered and written back. -> [B, D]"""
+        if block is not None:
+            return self._step(x, pool.conv[layer][block], pool.recurrent[layer][block])
+        conv, state = pool.conv[layer][rows], pool.recurrent[layer][rows]  # [B, C, W-1], [B, ...]
+        out = self._step(x, conv, state)
+        pool.conv[layer][rows], pool.recurrent[layer][rows] = conv, state
+        return out
+
+
 def rope_tables(hd: int, theta: float, length: int, device: torch.device,
                 scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [length, hd] in float32 (rotate-halves convention: frequency i turns dims i and i + hd/2).

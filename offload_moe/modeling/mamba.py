@@ -26,11 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import KVCache, KVPool
+from .layers import KVCache, StateMixer
 
 
-class Mamba2(nn.Module):
-    """The single-sequence `forward` and the batched `decode_ragged` of `layers.Attention` (RoPE unused)."""
+class Mamba2(StateMixer):
+    """The single-sequence `forward` and the batched `decode_ragged` (`layers.StateMixer`) of `layers.Attention`
+    (RoPE unused)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -58,18 +59,6 @@ class Mamba2(nn.Module):
         xs, B, C = self._split(xbc)  # [T, H, P], [T, H, N] x 2, float32
         y = chunked_scan(xs, self._dt(dt), -self.A_log.float().exp(), B, C, S, self.chunk)  # [T, H, P]
         return self._out(y + self.skip.float()[:, None] * xs, z)
-
-    def decode_ragged(self, x: torch.Tensor, layer: int, pool: KVPool, rows: torch.Tensor, pos: torch.Tensor,
-                      span: int, cos: torch.Tensor, sin: torch.Tensor, block: slice | None = None) -> torch.Tensor:
-        """One new token for each of B sequences: x [B, D], token b of pool slot rows[b], each with its own
-        slot's state; `block`: the same slots as a slice when consecutive (the state updated in place through
-        a view), else gathered and written back. -> [B, D]"""
-        if block is not None:
-            return self._step(x, pool.conv[layer][block], pool.recurrent[layer][block])
-        conv, S = pool.conv[layer][rows], pool.recurrent[layer][rows]  # [B, C, W-1], [B, H, N, P]
-        out = self._step(x, conv, S)
-        pool.conv[layer][rows], pool.recurrent[layer][rows] = conv, S
-        return out
 
     def _step(self, x: torch.Tensor, conv: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
         """One token of each of B sequences, x [B, D], their conv inputs [B, C, W-1] and states [B, H, N, P]
