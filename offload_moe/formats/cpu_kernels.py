@@ -45,7 +45,7 @@ FLAGS = ["-O3", "-ffast-math", "-fopenmp", "-fPIC"]
 # each instruction set's build: avx512 tuned for this CPU (the intrinsics need its AVX-512 VNNI and VBMI), avx2 for
 # x86-64-v3 (AVX2, FMA, F16C: Haswell and Zen 1 on), the portable C branch of the source
 ISAS = {"avx512": ["-march=native"], "avx2": ["-march=x86-64-v3"]}
-AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi")
+NEEDS = {"avx512": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi"), "avx2": ("avx2", "fma")}
 ENV_SWITCH = "OFFLOAD_MOE_ISA"  # avx512, avx2 or none (the torch path everywhere): forces the kernels' build
 
 
@@ -62,16 +62,17 @@ def _cpu_flags() -> str:
         return platform.processor()
 
 
+def runs(build: str) -> bool:
+    """Whether this CPU runs the kernels' `build` (a key of ISAS): x86-64, with the flags it needs."""
+    return (platform.machine().lower() in ("x86_64", "amd64") and build in NEEDS
+            and set(_cpu_flags().split()).issuperset(NEEDS[build]))
+
+
 def isa() -> str:
     """The kernels' instruction set: OFFLOAD_MOE_ISA where set, else the best this CPU runs (none: not x86-64,
     or no AVX2 and FMA)."""
     forced = os.environ.get(ENV_SWITCH)
-    if forced is not None:
-        return forced
-    flags = set(_cpu_flags().split())
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return "none"
-    return "avx512" if flags.issuperset(AVX512) else "avx2" if {"avx2", "fma"} <= flags else "none"
+    return forced if forced is not None else next((build for build in ISAS if runs(build)), "none")
 
 
 _threads = 0  # the kernels' team size (`set_kernel_threads`), also for a library loaded after it was set
@@ -91,8 +92,7 @@ def library() -> ctypes.CDLL | None:
     chosen = isa()
     if chosen == "none":
         return None
-    flags = set(_cpu_flags().split())
-    if chosen not in ISAS or not flags.issuperset(AVX512 if chosen == "avx512" else ("avx2", "fma")):
+    if not runs(chosen):
         print(f"offload_moe: {ENV_SWITCH}={chosen}: {'this CPU does not run it' if chosen in ISAS else 'unknown'} "
               f"(avx512, avx2, none); using torch's path", file=sys.stderr)
         return None
