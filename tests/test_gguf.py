@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import hf_model, make_hf, run_cli
 from families import make_family, reference
+from ggml_blocks import blocks
 from gguf import GGMLQuantizationType as Q
 from gguf_families import write_family
 from gguf_files import as_decoded, write_gguf
@@ -188,23 +189,16 @@ def test_half_types_are_read_as_stored(sources, qtype, tmp_path):
 
 
 def test_k_quants_decode_as_gguf_py_one_expert_at_a_time(tmp_path):
-    """Q4_K and Q6_K (no quantizer in gguf-py): random blocks with finite scales, in a stacked [E, I, D] tensor;
-    each expert's slice decodes as gguf-py decodes the whole tensor. Q4_0, Q5_K too, and Q8_0 through its quantizer."""
+    """Q4_K, Q5_K and Q6_K (no quantizer in gguf-py): random blocks with finite scales (`ggml_blocks.blocks`), in a
+    stacked [E, I, D] tensor; each expert's slice decodes as gguf-py decodes the whole tensor. Q4_0 and Q8_0 too,
+    through gguf-py's quantizer."""
     rng = np.random.default_rng(0)
     E, I, D = 3, 4, 512
-    halves = {Q.Q4_0: (0,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}  # where each block's fp16 scales lie
     w = gguf.GGUFWriter(tmp_path / "k.gguf", "llama")
     raw = {}
-    for qtype, offsets in halves.items():
-        block, size = gguf.GGML_QUANT_SIZES[qtype]
-        data = rng.integers(0, 256, (E, I, D // block * size), dtype=np.uint8)
-        blocks = data.reshape(-1, size)  # a view: the scales land in data
-        for at in offsets:
-            blocks[:, at:at + 2] = rng.uniform(-0.1, 0.1, len(blocks)).astype(np.float16).view(np.uint8).reshape(-1, 2)
-        raw[qtype.name] = data
-        w.add_tensor(f"{qtype.name}.weight", data, raw_dtype=qtype)
-    raw["Q8_0"] = gguf.quants.quantize(rng.standard_normal((E, I, D)).astype(np.float32), Q.Q8_0)
-    w.add_tensor("Q8_0.weight", raw["Q8_0"], raw_dtype=Q.Q8_0)
+    for qtype in (Q.Q4_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_0):
+        raw[qtype.name] = blocks(qtype, E * I, D, rng).reshape(E, I, -1)
+        w.add_tensor(f"{qtype.name}.weight", raw[qtype.name], raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
