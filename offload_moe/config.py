@@ -262,6 +262,11 @@ class ModelConfig:
         """An expert's weights by our names: w1 (gate; relu2's up), w3 (up, swiglu only) [I, D], w2 [D, I]."""
         return ("w1", "w3", "w2") if self.ffn_act == "swiglu" else ("w1", "w2")
 
+    def ffn_shapes(self, ffn: int | None = None) -> dict[str, tuple[int, int]]:
+        """Each of `expert_parts`' shapes in an FFN of `ffn` (default: an expert's I): w1, w3 [I, D], w2 [D, I]."""
+        I = ffn or self.ffn_dim
+        return {part: (self.dim, I) if part == "w2" else (I, self.dim) for part in self.expert_parts}
+
     @property
     def mamba_inner(self) -> int:
         """Mamba-2's x, z and output width: heads x head dims."""

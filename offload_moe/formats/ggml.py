@@ -176,8 +176,7 @@ class GGUFFormat:
         if config.expert_bias:
             raise UserError("GGUF experts with biases (gpt-oss) are decoded at load, not kept in their types")
         self.parts = config.expert_parts
-        D, I = config.dim, config.ffn_dim
-        self.shapes = {"w1": (I, D), "w3": (I, D), "w2": (D, I)}
+        self.shapes = config.ffn_shapes()
         self.kinds = kinds
         self.act = activation(config)
         self._layouts = {k: self._layout(k) for k in set(kinds)}  # part types -> [(offset, bytes)] per part

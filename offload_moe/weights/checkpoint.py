@@ -362,12 +362,10 @@ class Checkpoint:
         """The parts of an expert as the checkpoint stores them: w1, w3 [I, D] and w2 [D, I], or their MXFP4
         blocks and scales (`mxfp4.py`); and the biases where the family has them."""
         c = self.config
-        D, I = c.dim, c.ffn_dim
+        shapes = c.ffn_shapes()
         if self.mxfp4:
             shapes = {f"{w}_{what}": (n, k // 32, 16)[: 3 if what == "blocks" else 2]
-                      for w, n, k in (("w1", I, D), ("w3", I, D), ("w2", D, I)) for what in ("blocks", "scales")}
-        else:
-            shapes = {part: (D, I) if part == "w2" else (I, D) for part in c.expert_parts}
+                      for w, (n, k) in shapes.items() for what in ("blocks", "scales")}
         return shapes | {name: (n,) for name, n in bias_parts(c).items()}
 
     def _check_beyond(self, mtp: int) -> None:
@@ -587,7 +585,7 @@ def mamba_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
 def mlp_shapes(c: ModelConfig, prefix: str, I: int) -> dict[str, tuple[int, ...]]:
     """A resident MLP's weights (a dense layer's or a shared expert) under `prefix`: w1, w3 [I, D] and w2 [D, I];
     relu2, no w3."""
-    return {f"{prefix}{part}.weight": (c.dim, I) if part == "w2" else (I, c.dim) for part in c.expert_parts}
+    return {f"{prefix}{part}.weight": shape for part, shape in c.ffn_shapes(I).items()}
 
 
 def latent_attention_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
