@@ -510,3 +510,5 @@ int okm_work_floats(int D, int I, int gs) {
     int K = D > I ? D : I;
     return 2 * I + (K + 1) / 2 + 2 * (K / gs) + 16;
 }
+
+#include "decode_step.c" /* the attention half of a decode step's layer, over the products above */

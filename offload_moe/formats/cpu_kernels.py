@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
+SOURCES = (SOURCE, SOURCE.with_name("decode_step.c"))  # the first includes the second: one library
 # -ffast-math for the compile only (vectorized expf, reassociated sums): linked with it, the library would set
 # flush-to-zero for the whole process when loaded (gcc's crtfastmath)
 FLAGS = ["-O3", "-ffast-math", "-fopenmp", "-fPIC"]
@@ -99,7 +100,7 @@ def library() -> ctypes.CDLL | None:
     build = [*FLAGS, *ISAS[chosen]]
     try:
         gcc = subprocess.run(["gcc", "--version"], capture_output=True, text=True, check=True).stdout
-        source = SOURCE.read_bytes()
+        source = b"\0".join(f.read_bytes() for f in SOURCES)
         key = hashlib.sha256(b"\0".join([source, " ".join(build).encode(), gcc.encode(), _cpu_flags().encode()]))
         so = cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
         if not so.exists():
@@ -125,12 +126,16 @@ def library() -> ctypes.CDLL | None:
     lib.okm_int4.argtypes = [p] * 9 + [i, i, i, f]
     lib.okm_int8_linear.argtypes = [p] * 6 + [i, i, i]
     lib.okm_ggml_linear.argtypes = [i, p, p, p, p, i, i, i]
+    lib.okm_attention_step.argtypes = [p] * 7 + [i, i, p, p, p]
+    lib.okm_step_floats.argtypes = [i] * 5
+    lib.okm_step_floats.restype = i
     lib.okm_set_threads.argtypes = [i]
     lib.okm_set_threads.restype = None
     lib.okm_set_threads(_threads)
     lib.okm_ggml_reads.argtypes = [i]
     lib.okm_work_floats.restype = lib.okm_ggml_reads.restype = i
-    for fn in (lib.okm_dense, lib.okm_int8, lib.okm_int4, lib.okm_int8_linear, lib.okm_ggml_linear):
+    for fn in (lib.okm_dense, lib.okm_int8, lib.okm_int4, lib.okm_int8_linear, lib.okm_ggml_linear,
+               lib.okm_attention_step):
         fn.restype = None
     return lib
 

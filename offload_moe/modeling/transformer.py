@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .decode_step import DecodeStep
 from .deltanet import GatedDeltaNet
 from .layers import MLP, Attention, KVCache, KVPool, make_norm
 from .mamba import Mamba2
@@ -77,6 +78,7 @@ class Transformer(nn.Module):
         self.prefetcher = None
         self.recorder = None
         self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.decode_step: DecodeStep | None = None  # set at load, once the weights are in place
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, kv: KVCache, last_only: bool = False) -> torch.Tensor:
@@ -84,7 +86,11 @@ class Transformer(nn.Module):
         T = tokens.shape[0]
         cos, sin = self.rope
         cos, sin = cos[kv.pos : kv.pos + T], sin[kv.pos : kv.pos + T]  # [T, hd]
-        h = self._blocks(self.tok_embeddings(tokens), lambda blk, i, x: blk.attention(x, i, kv, cos, sin), T == 1)
+        step = None
+        if T == 1 and self.decode_step is not None:  # one C call a layer for its attention half (decode_step.py)
+            step = lambda i, h: self.decode_step(i, h, kv.k[i], kv.v[i], kv.pos)  # noqa: E731
+        h = self._blocks(self.tok_embeddings(tokens), lambda blk, i, x: blk.attention(x, i, kv, cos, sin), T == 1,
+                         step)
         kv.pos += T
         if last_only:
             h = h[-1:]
@@ -113,38 +119,46 @@ class Transformer(nn.Module):
             s.pos += 1
         return self.output(self.norm(h)).float()  # [B, V]
 
-    def _blocks(self, h: torch.Tensor, attend, decode: bool) -> torch.Tensor:
+    def _blocks(self, h: torch.Tensor, attend, decode: bool, step=None) -> torch.Tensor:
         """h [T, D] through every layer; `attend(blk, layer, x)` is the attention of the normed x; `decode`:
-        the T tokens are one decode step (of one sequence, or of B together), else a prompt."""
+        the T tokens are one decode step (of one sequence, or of B together), else a prompt; `step(layer, h)`:
+        where it returns (h after attention, the FFN's normed input, the router's logits or None), the layer's
+        attention half in one call (`DecodeStep`), else None and the torch path."""
         for i, blk in enumerate(self.layers):
             row = self.row_of[i]
             if row >= 0 and self.recorder is not None:  # first: a new forward's row 0 takes the carried predictions
                 self.recorder.enter(row, h, decode)
             if row >= 0 and self.prefetcher is not None:
                 self.prefetcher(row, h, decode)
-            if blk.attention is not None:
-                h = h + attend(blk, i, blk.attention_norm(h))
+            done = None if step is None else step(i, h)
+            if done is not None:
+                h, x, logits = done
+            else:
+                if blk.attention is not None:
+                    h = h + attend(blk, i, blk.attention_norm(h))
+                x, logits = (None if blk.ffn_norm is None else blk.ffn_norm(h)), None
             if blk.ffn_norm is None:  # a mixer alone
                 continue
-            x = blk.ffn_norm(h)
             if row < 0:
                 h = h + blk.mlp(x)
                 continue
-            out = self.moe(row, blk, x, decode)
+            out = self.moe(row, blk, x, decode, logits)
             if self.config.shared_ffn_dim:
                 shared = blk.shared(x)  # [T, D]
                 out = out + (torch.sigmoid(blk.shared_gate(x)) * shared if self.config.shared_gate else shared)
             h = h + out
         return h
 
-    def route(self, blk: Block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(self, blk: Block, x: torch.Tensor, logits: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
         """The router's weights and experts, [T, K] each, in rank order: softmax over all experts in
         float32 then top-k (renormalised when the family says so), Phi's sparsemixer, or the sigmoid
         router (DeepSeek-V3, GLM-4.5: `sigmoid_topk`) or DeepSeek-V2's (`grouped_softmax_topk`), both with
-        logits in float32 as transformers'."""
+        logits in float32 as transformers'. `logits` [T, E]: the router's, computed already (`DecodeStep`)."""
         c = self.config
         if c.router in ("sigmoid", "grouped_softmax"):
-            logits = F.linear(x.float(), blk.gate.weight.float())  # [T, E]
+            if logits is None:
+                logits = F.linear(x.float(), blk.gate.weight.float())  # [T, E]
             if c.router == "sigmoid":
                 weights, idx = sigmoid_topk(logits, blk.gate.e_score_correction_bias, c.top_k, c.n_group,
                                             c.topk_group, c.norm_topk_prob, c.routed_scaling_factor,
@@ -153,7 +167,8 @@ class Transformer(nn.Module):
                 weights, idx = grouped_softmax_topk(logits, c.top_k, c.n_group, c.topk_group, c.norm_topk_prob,
                                                     c.routed_scaling_factor)
             return weights.to(x.dtype), idx
-        logits = F.linear(x, blk.gate.weight, blk.gate.bias)  # [T, E]
+        if logits is None:
+            logits = F.linear(x, blk.gate.weight, blk.gate.bias)  # [T, E]
         if self.config.router == "sparsemixer":
             weights, idx = sparsemixer(logits, self.config.router_jitter)
             return weights.to(x.dtype), idx
@@ -183,14 +198,15 @@ class Transformer(nn.Module):
             return logits.sigmoid() + blk.gate.e_score_correction_bias.float()
         return F.linear(blk.ffn_norm(h), blk.gate.weight, blk.gate.bias)  # [T, E], the router's bias too
 
-    def moe(self, row: int, blk: Block, x: torch.Tensor, decode: bool) -> torch.Tensor:
+    def moe(self, row: int, blk: Block, x: torch.Tensor, decode: bool, logits: torch.Tensor | None = None
+            ) -> torch.Tensor:
         """x [T, D] normed hidden state entering row `row`'s experts: one decode step (`decode`, T = 1 or
         B sequences' tokens: `_decode_experts`) or a prompt. Each (token, rank) output lands in its own
         row of `out` [T, K, D], summed in rank order: the result does not depend on which experts were
         resident, where they were computed or in what order. Kernels go in the order of prefetch.py's
         rule 3: resident experts first, each expert still in flight waited for just before its own kernel."""
         T, K = x.shape[0], self.config.top_k
-        weights, idx = self.route(blk, x)
+        weights, idx = self.route(blk, x, logits)  # logits [T, E]: computed already, or None
         chosen = idx.tolist()  # SYNC: the experts' residency is decided on the host
         if self.recorder is not None:
             self.recorder.chosen(row, idx, weights)

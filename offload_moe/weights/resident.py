@@ -15,6 +15,7 @@ from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 
 from ..formats.int8_linear import ATTENTION_SUFFIXES, Int8Linear, int8_attention, int8_attention_state, int8_head
+from ..modeling.decode_step import DecodeStep
 from ..modeling.layers import rope_tables
 from ..modeling.transformer import ROUTER_BIAS, Transformer
 from .checkpoint import Checkpoint, check_finite
@@ -67,4 +68,5 @@ def load_resident(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, co
     for name, t in state.items():
         set_module_tensor_to_device(model, name, device, value=t, dtype=t.dtype, clear_cache=False)
     model.rope = rope_tables(c.rotary_dim, c.rope_theta, context, device, c.rope_scaling)
+    model.decode_step = DecodeStep.build(model)  # holds the weights' addresses: built once they are final
     return model.eval()
