@@ -15,11 +15,18 @@ attention and output matrix (q8_0; q6_K for the output in q4_0 files). With llam
 sides on llama.cpp's own q8_0, q4_0 and q4_k_m files: ours reads the GGUF file itself, its experts kept in the
 file's types (`gguf-*`), its other tensors decoded to float32. llama.cpp is optional (`llama_cpp_peer.INSTALL` says
 how); never run in CI.
+
+Prefill: a `--prompt`-token prompt (256 by default, random ids), best of `--repeats`, tokens/s from an empty cache,
+ours with `engine.generate(prompt, 1)`'s prefill time (the last position's logits only), llama.cpp's `eval` in one
+batch. The header gives the CPU's vector instruction sets, the kernels' build (`cpu_kernels.isa()`: set
+OFFLOAD_MOE_ISA=avx2 to run the AVX2 build on an AVX-512 machine) and this machine's copy bandwidth (one thread,
+a 256 MiB fp32 copy: the ceiling decode's GB/s compare with).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import sys
 import tempfile
@@ -35,7 +42,8 @@ import llama_cpp_peer  # noqa: E402
 
 from offload_moe.config import ModelConfig  # noqa: E402
 from offload_moe.demo import write_random_checkpoint  # noqa: E402
-from offload_moe.engine import Engine
+from offload_moe.engine import Engine  # noqa: E402
+from offload_moe.formats import cpu_kernels  # noqa: E402
 from offload_moe.options import EngineOptions  # noqa: E402
 
 SHAPES = {
@@ -46,16 +54,46 @@ SHAPES = {
 }
 PROMPT = [1, 415, 2936, 9060, 285, 1142, 28705, 28740]
 PAIRS = (("none", "f32"), ("int8", "q8_0"), ("int4", "q4_0"))  # our expert format, llama.cpp's GGUF type
+FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512vbmi", "avx512_bf16", "amx_tile")
 
 
-def ours(path: Path, quant: str, tokens: int, repeats: int, attention: str, head: str) -> dict:
-    """This engine, every expert resident, float32 compute: best decode tok/s of `repeats` generations."""
+def machine() -> str:
+    """The CPU's vector instruction sets, the kernels' build and one thread's copy bandwidth."""
+    have = set(cpu_kernels._cpu_flags().split())
+    src, dst = torch.ones(64 << 20), torch.empty(64 << 20)  # 256 MiB each
+    with torch_threads(1):
+        best = min(timed(lambda: dst.copy_(src)) for _ in range(5))
+    return (f"CPU flags: {' '.join(f for f in FLAGS if f in have) or 'none of ' + ' '.join(FLAGS)}; kernels: "
+            f"{cpu_kernels.isa()}; copy {2 * src.nbytes / best / 1e9:.1f} GB/s (read + write, one thread)")
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def ours(path: Path, quant: str, args, attention: str, head: str) -> dict:
+    """This engine, every expert resident, float32 compute: best decode tok/s of `repeats` generations, best
+    prefill tok/s of the long prompt."""
     engine = Engine.load(path, EngineOptions(expert_quant=quant, attention_quant=attention, head_quant=head,
-                                             dtype="float32", prefetch=0, context=256, progress=False))
-    best, made = 0.0, []
-    for _ in range(repeats):
-        r = engine.generate(PROMPT, tokens)
+                                             dtype="float32", prefetch=0, context=args.prompt + 64, progress=False,
+                                             threads=args.threads))
+    best, made, pre = 0.0, [], 0.0
+    for _ in range(args.repeats):
+        r = engine.generate(PROMPT, args.tokens)
         best, made = max(best, r.stats["decode_tokens_per_s"]), r.tokens
+        pre = max(pre, engine.generate(long_prompt(args.prompt), 1).stats["prefill_tokens_per_s"])
     c, fmt = engine.config, engine.cache.fmt
     weights = (*engine.model.named_parameters(), *engine.model.named_buffers())  # int8 layers hold buffers
     dense = sum(p.numel() * p.element_size() for n, p in weights if "tok_embeddings" not in n)
@@ -64,13 +102,19 @@ def ours(path: Path, quant: str, tokens: int, repeats: int, attention: str, head
     gc.collect()
     int8 = [what for what, q in (("attention", attention), ("head", head)) if q == "int8"]
     name = fmt.name + (f" + int8 {' and '.join(int8)}" if int8 else "")
-    return {"tok_s": best, "tokens": made, "name": name, "read": read}
+    return {"tok_s": best, "tokens": made, "name": name, "read": read, "prefill": pre}
 
 
-def theirs(file: Path, config: ModelConfig, tokens: int, repeats: int, threads: int) -> dict:
-    runs = [llama_cpp_peer.decode(file, PROMPT, tokens, threads) for _ in range(repeats)]
+def theirs(file: Path, config: ModelConfig, args) -> dict:
+    runs = [llama_cpp_peer.decode(file, PROMPT, args.tokens, args.threads) for _ in range(args.repeats)]
     best = max(runs, key=lambda r: r["tok_s"])
-    return {**best, "read": llama_cpp_peer.bytes_per_token(file, config.top_k, config.num_experts)}
+    pre = llama_cpp_peer.prefill(file, long_prompt(args.prompt), args.threads, args.repeats)
+    return {**best, "read": llama_cpp_peer.bytes_per_token(file, config.top_k, config.num_experts), "prefill": pre}
+
+
+def long_prompt(n: int) -> list[int]:
+    """The prefill prompt: BOS, then n - 1 ids drawn once (the same on both sides)."""
+    return [1, *torch.randint(3, 32000, (n - 1,), generator=torch.Generator().manual_seed(0)).tolist()]
 
 
 def transformers_fp32(path: Path, tokens: int, repeats: int) -> float | None:
@@ -101,6 +145,14 @@ def gbs(r: dict) -> str:
     return f"{r['tok_s']:7.1f} tok/s {r['read'] / 2**20:6.0f} MiB/token {r['read'] * r['tok_s'] / 1e9:5.1f} GB/s"
 
 
+def row(a: dict, b: dict | None) -> str:
+    """One table row's cells: decode (with bytes and GB/s) and prefill tok/s, each side and the ratio."""
+    if b is None:
+        return f"{gbs(a)} | - | - | {a['prefill']:7.1f} | - | -"
+    return (f"{gbs(a)} | {gbs(b)} | {a['tok_s'] / b['tok_s']:.2f} | {a['prefill']:7.1f} | {b['prefill']:7.1f} | "
+            f"{a['prefill'] / b['prefill']:.2f}")
+
+
 def run_shape(name: str, config: ModelConfig, args, tmp: Path) -> None:
     print(f"\n## {name}: hidden {config.dim}, FFN {config.ffn_dim}, {config.n_layers} layers, {config.num_experts} "
           f"experts, top-{config.top_k}, vocab {config.vocab_size}", flush=True)
@@ -110,28 +162,29 @@ def run_shape(name: str, config: ModelConfig, args, tmp: Path) -> None:
         files = llama_cpp_peer.gguf_files(path, args.llama_cpp, args.threads, tmp / name)
     else:
         print(llama_cpp_peer.INSTALL)
-    print("| weights | offload_moe | llama.cpp | ratio |\n|---|---|---|---|")
+    print("| weights | offload_moe decode | llama.cpp decode | ratio | prefill ours | llama.cpp | ratio |\n"
+          "|---|---|---|---|---|---|---|")
     f32_tokens = {}
     for quant, gguf_type in PAIRS:
         attention = args.attention_quant if quant != "none" else "none"  # llama.cpp quantizes its attention too
         head = args.head_quant if quant != "none" else "none"  # and its output matrix
-        a = ours(path, quant, args.tokens, args.repeats, attention, head)  # alternately: ours, then llama.cpp's
-        b = theirs(files[gguf_type], config, args.tokens, args.repeats, args.threads) if files else None
+        a = ours(path, quant, args, attention, head)  # alternately: ours, then llama.cpp's
+        b = theirs(files[gguf_type], config, args) if files else None
         if quant == "none":
             f32_tokens = {"ours": a["tokens"], "theirs": b and b["tokens"]}
-        ratio = f"{a['tok_s'] / b['tok_s']:.2f}" if b else "-"
-        print(f"| {gguf_type} / {a['name']} | {gbs(a)} | {gbs(b) if b else '-'} | {ratio} |", flush=True)
+        print(f"| {gguf_type} / {a['name']} | {row(a, b)} |", flush=True)
         if quant == "none":
             fp32 = a["tok_s"]
     if files:
         same = f32_tokens["ours"] == f32_tokens["theirs"]
         print(f"f32 greedy tokens {'agree' if same else 'differ'} between offload_moe and llama.cpp")
         print("\nllama.cpp's own GGUF files, read by both")
-        print("| file | offload_moe | llama.cpp | ratio |\n|---|---|---|---|")
+        print("| file | offload_moe decode | llama.cpp decode | ratio | prefill ours | llama.cpp | ratio |\n"
+              "|---|---|---|---|---|---|---|")
         for gguf_type in ("q8_0", "q4_0", "q4_k_m"):
-            a = ours(files[gguf_type], "none", args.tokens, args.repeats, "none", "none")
-            b = theirs(files[gguf_type], config, args.tokens, args.repeats, args.threads)
-            print(f"| {gguf_type} / {a['name']} | {gbs(a)} | {gbs(b)} | {a['tok_s'] / b['tok_s']:.2f} |", flush=True)
+            a = ours(files[gguf_type], "none", args, "none", "none")
+            b = theirs(files[gguf_type], config, args)
+            print(f"| {gguf_type} / {a['name']} | {row(a, b)} |", flush=True)
     if name in args.transformers:
         hf = transformers_fp32(path, args.tokens, args.repeats)
         if hf is None:
@@ -147,6 +200,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=3, help="runs per side and precision; the best is kept")
+    ap.add_argument("--prompt", type=int, default=256, help="the prefill prompt's tokens")
     ap.add_argument("--shapes", default="small,wide", help="comma-separated, of: " + ", ".join(SHAPES))
     ap.add_argument("--attention-quant", default="int8", choices=("none", "int8"),
                     help="our attention projections beside int8/int4 experts (default: %(default)s, as q8_0/q4_0 "
@@ -158,7 +212,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"# {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {args.threads} threads, {args.tokens} tokens "
-          f"greedy, best of {args.repeats}, decode tok/s")
+          f"greedy, best of {args.repeats}, decode tok/s; prefill of {args.prompt} tokens")
+    print(machine())
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:  # on the project's disk, not a tmpfs
         for name in args.shapes.split(","):
             run_shape(name, SHAPES[name], args, Path(tmp))
