@@ -40,18 +40,19 @@ def both_paths(path, **options) -> tuple[Engine, tuple, tuple]:
 
 
 def taken(engine: Engine) -> list[bool]:
+    """Which layers take the C step, then whether the head does."""
     step = engine.model.decode_step
-    return [] if step is None else [layer is not None for layer in step.layers]
+    return [] if step is None else [layer is not None for layer in (*step.layers, step.head)]
 
 
 @needs_kernels
 @pytest.mark.parametrize("family,layers", [
-    ("qwen3_moe", [True, True]),  # per-head q/k norms
-    ("qwen2_moe", [True, True, True]),  # q/k/v biases, a dense MLP layer, a shared expert
-    ("glm4_moe", [True, True, True]),  # partial rotary, q/k norms, biases, the sigmoid router, a dense first layer
-    ("nemotron_h", [False, False, True, False, False, False, False]),  # no RoPE; Mamba and FFN layers keep torch's
-    ("olmoe", []),  # clamped q/k/v and whole-projection norms: none taken
-    ("phimoe", []),  # LayerNorm: none taken
+    ("qwen3_moe", [True, True, True]),  # per-head q/k norms
+    ("qwen2_moe", [True, True, True, True]),  # q/k/v biases, a dense MLP layer, a shared expert
+    ("glm4_moe", [True, True, True, True]),  # partial rotary, q/k norms, biases, the sigmoid router, a dense layer
+    ("nemotron_h", [False, False, True, False, False, False, False, True]),  # no RoPE; Mamba, FFN layers: torch
+    ("olmoe", [False, False, True]),  # clamped q/k/v and whole-projection norms: the head alone
+    ("phimoe", []),  # LayerNorm, a head with a bias after it: none taken
 ])
 def test_families_keep_their_logits(tmp_path, family, layers):
     engine, (tokens, logits), (ref_tokens, ref) = both_paths(make_family(tmp_path / family, family))
@@ -64,13 +65,13 @@ def test_families_keep_their_logits(tmp_path, family, layers):
 @pytest.mark.parametrize("isa", ["avx512", "avx2"])
 @pytest.mark.parametrize("name,attention", [("base", "none"), ("base", "int8"), ("window", "none")])
 def test_mixtral_in_each_build(ckpts, isa, name, attention):
-    """fp32 and int8 projections (int16 activations, as `Int8Linear`'s kernel), and a sliding window of 5 that the
-    10 steps wrap (the ring's slots are overwritten, attention over exactly the last 5 positions)."""
+    """fp32 and int8 projections and head (int16 activations, as `Int8Linear`'s kernel), and a sliding window of 5
+    that the 10 steps wrap (the ring's slots are overwritten, attention over exactly the last 5 positions)."""
     if not cpu_kernels.runs(isa):
         pytest.skip(f"this CPU does not run the {isa} build")
     with forced_isa(isa):
         engine, (tokens, logits), (ref_tokens, ref) = both_paths(ckpts[name], attention_quant=attention,
-                                                                 group_size=32)
+                                                                 head_quant=attention, group_size=32)
     assert all(taken(engine))
     assert tokens == ref_tokens
     assert max_rel(logits, ref) < (1e-5 if attention == "none" else 1e-4)

@@ -127,6 +127,7 @@ def library() -> ctypes.CDLL | None:
     lib.okm_int8_linear.argtypes = [p] * 6 + [i, i, i]
     lib.okm_ggml_linear.argtypes = [i, p, p, p, p, i, i, i]
     lib.okm_attention_step.argtypes = [p] * 7 + [i, i, p, p, p]
+    lib.okm_head_step.argtypes = [p, p, f, i, p, p, p]
     lib.okm_step_floats.argtypes = [i] * 5
     lib.okm_step_floats.restype = i
     lib.okm_set_threads.argtypes = [i]
@@ -135,7 +136,7 @@ def library() -> ctypes.CDLL | None:
     lib.okm_ggml_reads.argtypes = [i]
     lib.okm_work_floats.restype = lib.okm_ggml_reads.restype = i
     for fn in (lib.okm_dense, lib.okm_int8, lib.okm_int4, lib.okm_int8_linear, lib.okm_ggml_linear,
-               lib.okm_attention_step):
+               lib.okm_attention_step, lib.okm_head_step):
         fn.restype = None
     return lib
 

@@ -124,3 +124,15 @@ void okm_attention_step(const OkmLayer *L, const float *h, float *h_out, float *
         if (L->router.N) mv(&L->router, x, qz, logits); /* fp32: no activations to quantize */
     }
 }
+
+/* the LM head at one token: logits [N] = W norm(h) (+ b), W fp32 or int8; work: okm_step_floats(K, 0, 0, 0, 0) */
+void okm_head_step(const OkmMat *W, const float *norm, float eps, int plus_one, const float *h, float *logits,
+                   float *work) {
+    const int K = W->K;
+    float *xn = work;
+    Quantized qz = {(int8_t *)(xn + K), xn + K + (K + 1) / 2, xn + K + (K + 1) / 2 + K};
+    rms(h, norm, xn, K, eps, plus_one);
+    quantize_for(W, xn, qz);
+#pragma omp parallel TEAM
+    mv(W, xn, qz, logits);
+}

@@ -1,6 +1,6 @@
 """A decode step's attention half of a layer in one C call (`formats/decode_step.c`): norm, q/k/v, per-head
 q/k norms, RoPE, the ring cache's write, attention, the output projection and residual, the FFN's norm and the
-router's logits, for one token of one sequence on the CPU in float32.
+router's logits, for one token of one sequence on the CPU in float32; and the final norm with the LM head.
 
 Why: at one token these are some 40 torch calls a layer, each a few microseconds of dispatch for less
 arithmetic (issue 25: the small shape's decode was dispatch-bound against llama.cpp, which runs a token as one
@@ -68,13 +68,15 @@ class DecodeStep:
     """The C step's per-layer descriptions (`OkmLayer`, None where a layer keeps the torch path) and the
     scratch it writes; `__call__` runs one layer."""
 
-    def __init__(self, layers: list[OkmLayer | None], tensors: list, length: int, rope: tuple):
-        self.layers, self._keep = layers, tensors  # the tensors whose addresses the descriptions hold
+    def __init__(self, layers: list[OkmLayer | None], head: OkmMat | None, norm: nn.Module, tensors: list,
+                 length: int, rope: tuple):
+        self.layers, self.head, self.norm, self._keep = layers, head, norm, tensors  # _keep: what they point at
         lib = cpu_kernels.library()
         self.lib = lib
         self.cos, self.sin = rope  # [length, r], contiguous
-        floats = max(lib.okm_step_floats(L.D, L.H, L.G, L.hd, length) for L in layers if L is not None)
-        self.work = torch.empty(floats, dtype=torch.float32)
+        floats = [lib.okm_step_floats(L.D, L.H, L.G, L.hd, length) for L in layers if L is not None]
+        floats += [lib.okm_step_floats(head.K, 0, 0, 0, 0)] if head is not None else []
+        self.work = torch.empty(max(floats), dtype=torch.float32)
 
     @classmethod
     def build(cls, model: nn.Module) -> DecodeStep | None:
@@ -82,11 +84,13 @@ class DecodeStep:
         can take it (see the module docstring)."""
         if cpu_kernels.library() is None or model.rope[0].device.type != "cpu":
             return None
-        keep: list[torch.Tensor] = []
+        keep: list[torch.Tensor] = [*model.output.parameters(), *model.output.buffers(), model.norm.weight]
         layers = [cls._layer(model, blk, keep) for blk in model.layers]
-        if not any(layers):
+        head = _mat(model.output) if _plain_rms(model.norm) else None
+        if not any(layers) and head is None:
             return None
-        return cls(layers, keep, max(model.rope[0].shape[0], 1), tuple(t.contiguous() for t in model.rope))
+        return cls(layers, head, model.norm, keep, max(model.rope[0].shape[0], 1),
+                   tuple(t.contiguous() for t in model.rope))
 
     @staticmethod
     def _layer(model: nn.Module, blk: nn.Module, keep: list) -> OkmLayer | None:
@@ -132,3 +136,15 @@ class DecodeStep:
                                     _ptr(logits), k.data_ptr(), v.data_ptr(), k.shape[1], pos,
                                     self.cos[pos].data_ptr(), self.sin[pos].data_ptr(), self.work.data_ptr())
         return out, x, logits
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor | None:
+        """The LM head's logits [1, V] of h [1, D] (the final norm, then the head, fp32 or int8), or None: the
+        torch path (no plain RMSNorm, or a head the C code does not read)."""
+        W = self.head
+        if W is None:
+            return None
+        h = h.contiguous()
+        out = torch.empty(1, W.N, dtype=torch.float32)
+        self.lib.okm_head_step(ctypes.addressof(W), self.norm.weight.data_ptr(), self.norm.eps,
+                               int(self.norm.plus_one), h.data_ptr(), out.data_ptr(), self.work.data_ptr())
+        return out

@@ -94,6 +94,8 @@ class Transformer(nn.Module):
         kv.pos += T
         if last_only:
             h = h[-1:]
+        if step is not None and (logits := self.decode_step.logits(h)) is not None:
+            return logits  # [1, V]
         return self.output(self.norm(h)).float()  # [T, V]
 
     @torch.inference_mode()
