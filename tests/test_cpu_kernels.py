@@ -50,7 +50,9 @@ def forced_isa(isa: str = "none"):
 
 
 def packed_expert(fmt, config: ModelConfig, seed: int = 0) -> tuple:
+    """A random expert of `config`'s shape packed in `fmt`: its views."""
     g = torch.Generator().manual_seed(seed)
+    I, D = config.ffn_dim, config.dim  # noqa: E741
     shapes = {"w1": (I, D), "w3": (I, D), "w2": (D, I)}
     if config.expert_bias:
         shapes |= {"b1": (I,), "b3": (I,), "b2": (D,)}
@@ -159,3 +161,22 @@ def test_int8_linear_kernel_matches_the_torch_path():
     y = cpu_kernels.int8_linear(x, *parts.values())
     assert y.shape == (1, 192) and max_rel(y, int8_bmm_linear(x, *parts.values())) < 2e-4
     assert cpu_kernels.int8_linear(x, *int8_parts(torch.randn(40, D), 32).values()) is None
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_prompt_dequantizing_kernels_match_the_torch_decode(isa, name):
+    """A prompt's matrices decoded to fp32 in one C pass (`int8_dequant`, `int4_dequant`) give the torch path's
+    weights exactly: w13 [128, 96] and w2 [96, 64], whose int4 rows come in blocks of 64 and of 32."""
+    if not cpu_kernels.runs(isa):
+        pytest.skip(f"this CPU does not run the {isa} build")
+    config = ModelConfig(dim=96, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=48, ffn_dim=64, num_experts=2,
+                         top_k=1, vocab_size=16)
+    fmt = expert_format(name, config, torch.float32, group_size=32)
+    for mat in packed_expert(fmt, config)[:2]:
+        with forced_isa(isa):
+            fast = fmt._dequant(mat, torch.empty(128 * 96)).clone()
+        with forced_isa():
+            ref = fmt._dequant(mat, torch.empty(128 * 96))
+        assert torch.equal(fast, ref)

@@ -35,6 +35,13 @@ void okm_set_threads(int n) { okm_threads = n; }
 
 int okm_vectorized(void) { return OKM_VECTORIZED; }
 
+static inline float bf16f(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
 /* silu(g) * u, or gpt-oss's clamped SwiGLU when limit >= 0 (formats.clamped_swiglu), over n values */
 static void activate(const float *gate, const float *up, float *out, int n, float limit) {
     if (limit < 0) {
@@ -201,13 +208,6 @@ static void mv_f32(const float *w, const float *x, const float *b, float *y, int
         for (int k = 0; k < K; k++) acc += r[k] * x[k];
         y[n] = acc + (b ? b[n] : 0.0f);
     }
-}
-
-static inline float bf16f(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
 }
 
 static void mv_int8(const int8_t *codes, const uint16_t *s, const uint16_t *z, int N, int K, int gs,
@@ -501,6 +501,42 @@ void okm_ggml_linear(int type, const uint8_t *w, const float *x, float *y, float
             case 13: y[n] = row_q45_k(row, x, work, K, 1); break;
             case 14: y[n] = row_q6_k(row, x, work, K); break;
             default: y[n] = NAN;
+        }
+    }
+}
+
+/* ---- a prompt's matrices: the weights decoded to fp32 w [N, K] in one pass (read 1 or 1/2 byte, write 4 a
+ * weight) for torch's GEMM, rows split across the team. The decodes of int8.int8_dequant and
+ * int4._int4_scale_shift: w = c * scale + zero (int8: c = q - 128), w = (q - 8) * scale + zero (int4). */
+
+/* int8.int8_store's layout: codes [G, N, gs], scales and zeros bf16 [G, N] */
+void okm_int8_dequant(const int8_t *codes, const uint16_t *s, const uint16_t *z, float *w, int N, int K, int gs) {
+    const int G = K / gs;
+#pragma omp parallel for TEAM schedule(static)
+    for (int n = 0; n < N; n++)
+        for (int g = 0; g < G; g++) {
+            const float sc = bf16f(s[(size_t)g * N + n]), ze = bf16f(z[(size_t)g * N + n]);
+            const int8_t *c = codes + ((size_t)g * N + n) * gs;
+            float *out = w + (size_t)n * K + (size_t)g * gs;
+#pragma omp simd
+            for (int j = 0; j < gs; j++) out[j] = (float)c[j] * sc + ze;
+        }
+}
+
+/* the "cpu" int4 layout in row blocks of `block` (int4_layouts.pack_nibbles: per block [K, block/2] bytes, byte j
+ * = row j low nibble | row j + block/2 high), scale and zero bf16 interleaved [G, N, 2] */
+void okm_int4_dequant(const uint8_t *codes, const uint32_t *sz, float *w, int N, int K, int gs, int block) {
+    const int half = block / 2;
+#pragma omp parallel for TEAM schedule(static)
+    for (int n = 0; n < N; n++) {
+        const int nb = n - n % block, j = n % half, shift = n % block < half ? 0 : 4;
+        const uint8_t *blk = codes + (size_t)nb * (K / 2);
+        float *out = w + (size_t)n * K;
+        for (int g = 0; g < K / gs; g++) {
+            const uint32_t v = sz[(size_t)g * N + n]; /* scale | zero << 16 */
+            const float sc = bf16f((uint16_t)(v & 0xFFFF)), shifted = bf16f((uint16_t)(v >> 16)) - 8.0f * sc;
+            for (int k = g * gs; k < (g + 1) * gs; k++)
+                out[k] = (float)((blk[(size_t)k * half + j] >> shift) & 15) * sc + shifted;
         }
     }
 }

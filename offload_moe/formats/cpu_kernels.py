@@ -128,6 +128,8 @@ def library() -> ctypes.CDLL | None:
     lib.okm_ggml_linear.argtypes = [i, p, p, p, p, i, i, i]
     lib.okm_attention_step.argtypes = [p] * 7 + [i, i, p, p, p]
     lib.okm_head_step.argtypes = [p, p, f, i, p, p, p]
+    lib.okm_int8_dequant.argtypes = [p, p, p, p, i, i, i]
+    lib.okm_int4_dequant.argtypes = [p, p, p, i, i, i, i]
     lib.okm_step_floats.argtypes = [i] * 5
     lib.okm_step_floats.restype = i
     lib.okm_set_threads.argtypes = [i]
@@ -136,7 +138,7 @@ def library() -> ctypes.CDLL | None:
     lib.okm_ggml_reads.argtypes = [i]
     lib.okm_work_floats.restype = lib.okm_ggml_reads.restype = i
     for fn in (lib.okm_dense, lib.okm_int8, lib.okm_int4, lib.okm_int8_linear, lib.okm_ggml_linear,
-               lib.okm_attention_step, lib.okm_head_step):
+               lib.okm_attention_step, lib.okm_head_step, lib.okm_int8_dequant, lib.okm_int4_dequant):
         fn.restype = None
     return lib
 
@@ -202,6 +204,29 @@ def ggml_linear(x: torch.Tensor, raw: torch.Tensor, kind: int, K: int) -> torch.
     work = torch.empty(K // 16, dtype=torch.float32)  # the sums of x over each 16 inputs
     lib.okm_ggml_linear(int(kind), raw.data_ptr(), xf.data_ptr(), y.data_ptr(), work.data_ptr(), N, K, raw.shape[1])
     return y
+
+
+def int8_dequant(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor, out: torch.Tensor) -> bool:
+    """An int8 matrix in `int8.int8_store`'s layout (codes [G, N, gs], s, z [G, N]) decoded into out [N, K] float32
+    on the CPU in one pass; False where the kernels do not run here (the caller's torch path)."""
+    lib = library()
+    if lib is None or out.dtype != torch.float32 or codes.device.type != "cpu":
+        return False
+    G, N, gs = codes.shape
+    lib.okm_int8_dequant(codes.data_ptr(), s.data_ptr(), z.data_ptr(), out.data_ptr(), N, G * gs, gs)
+    return True
+
+
+def int4_dequant(codes: torch.Tensor, sz: torch.Tensor, out: torch.Tensor, block: int) -> bool:
+    """An int4 matrix in the "cpu" layout (codes [N, K/2] in row blocks of `block`, sz [G, N, 2]) decoded into out
+    [N, K] float32 on the CPU in one pass; False where the kernels do not run here (the caller's torch path)."""
+    lib = library()
+    if lib is None or out.dtype != torch.float32 or codes.device.type != "cpu":
+        return False
+    G, N, _ = sz.shape
+    K = codes.shape[1] * 2
+    lib.okm_int4_dequant(codes.data_ptr(), sz.data_ptr(), out.data_ptr(), N, K, K // G, block)
+    return True
 
 
 def _flat(views: tuple) -> list[torch.Tensor]:

@@ -19,7 +19,8 @@ Which path multiplies by an int4 matrix:
 - elsewhere (int4 where no kernel runs, the other layout, many tokens): dequantize into the scratch buffer
   and `F.linear` (`group.py`): codes unpacked in three passes, then one fused scale and shift
   (`_int4_scale_shift`), about 12.5 bytes of device traffic per weight in fp16 with the matmul's read,
-  down from 22.5 with unfused passes.
+  down from 22.5 with unfused passes; on the CPU in fp32, the "cpu" layout decodes in one C pass
+  (`cpu_kernels.int4_dequant`, the same values) where the kernels are built.
 The measurements behind these choices: BENCHMARKS.md, "Kernel choices".
 
 Legend: T tokens, D dim, I ffn dim, N output rows, K input columns, G groups per row (K / group size).
@@ -32,6 +33,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import UserError
 from ..options import INT4_LAYOUTS
+from . import cpu_kernels
 from .cpu_kernels import ExpertKernel
 from .group import SCALE_DTYPE, GroupQuantFormat, quantize
 from .int4_layouts import (
@@ -107,6 +109,9 @@ class Int4Format(GroupQuantFormat):
     def _dequant(self, mat: tuple, out: torch.Tensor) -> torch.Tensor:
         codes, sz = mat
         G, N, _ = sz.shape
+        w = out[: N * G * self.group_size].view(N, -1)  # [N, K]
+        if self.layout == "cpu" and cpu_kernels.int4_dequant(codes, sz, w, row_block(N)):  # fp32 CPU: one C pass
+            return w
         q = untile_int4(codes, out) if self.layout == "cuda" else unpack_nibbles(codes, row_block(N), out)
         return _int4_scale_shift(q.view(N, G, self.group_size), sz).view(N, -1)  # [N, G, gs] -> [N, K]
 

@@ -8,8 +8,8 @@ Which path multiplies by an int8 matrix:
 - the CPU, T <= INT8_BMM_MAX_TOKENS: group by group (`int8_bmm_linear`): the codes, stored group-major
   [G, N, gs], are widened to fp32 in one contiguous pass into a scratch buffer and one batched matmul
   takes all groups.
-- elsewhere (a device, more tokens): dequantize (`int8_dequant`, one fused pass) into the scratch buffer,
-  then `F.linear` (`group.py`).
+- elsewhere (a device, more tokens): dequantize (`int8_dequant`, one fused pass; on the CPU in fp32 one C pass,
+  `cpu_kernels.int8_dequant`, where the kernels are built) into the scratch buffer, then `F.linear` (`group.py`).
 torch's `_weight_int8pack_mm` has one scale per output channel and no zeros, so a grouped matrix would be
 one call per group: not used. int8 stays slower than dense fp32 on a CPU (widening the codes costs more
 than reading fp32 weights) and is not faster on a GPU: its gain is capacity. The measurements:
@@ -82,9 +82,12 @@ def int8_dequant(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor, dtype: t
     and 1 for an int8 kernel. The scales and zeros are passed as fp32 (G*N elements, small): the pass
     computes in fp32 and rounds once to `dtype`; CUDA casts the codes and the result inside the kernel.
     The CPU would cast the codes to fp32 in a temporary of the matrix's size, so there they are widened
-    into `w` first and the pass runs in place (codes are exact in every float dtype)."""
+    into `w` first and the pass runs in place (codes are exact in every float dtype); in fp32 with the C kernels
+    built, one C pass does both (`cpu_kernels.int8_dequant`, the same values)."""
     G, N, gs = codes.shape
     w = torch.empty(N, G, gs, dtype=dtype, device=codes.device) if out is None else out[: N * G * gs].view(N, G, gs)
+    if cpu_kernels.int8_dequant(codes, s, z, w):  # on the CPU in float32: one pass in C
+        return w.view(N, G * gs)
     wt = w.transpose(0, 1)  # [G, N, gs], the codes' order
     src = wt.copy_(codes) if codes.device.type == "cpu" else codes
     torch.addcmul(z.float().unsqueeze(-1), src, s.float().unsqueeze(-1), out=wt)
