@@ -156,7 +156,9 @@ def row(a: dict, b: dict | None) -> str:
 def run_shape(name: str, config: ModelConfig, args, tmp: Path) -> None:
     print(f"\n## {name}: hidden {config.dim}, FFN {config.ffn_dim}, {config.n_layers} layers, {config.num_experts} "
           f"experts, top-{config.top_k}, vocab {config.vocab_size}", flush=True)
-    path = write_random_checkpoint(tmp / name / "hf", config, dtype=torch.float32, layers_per_shard=1)
+    path = tmp / name / "hf"
+    if not (path / "config.json").exists():  # --files keeps them between runs
+        path = write_random_checkpoint(path, config, dtype=torch.float32, layers_per_shard=1)
     files = {}
     if args.llama_cpp and llama_cpp_peer.available():
         files = llama_cpp_peer.gguf_files(path, args.llama_cpp, args.threads, tmp / name)
@@ -201,6 +203,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=3, help="runs per side and precision; the best is kept")
     ap.add_argument("--prompt", type=int, default=256, help="the prefill prompt's tokens")
+    ap.add_argument("--files", type=Path, help="keep the random checkpoints and GGUF files here and reuse them "
+                    "(default: a temporary folder)")
     ap.add_argument("--shapes", default="small,wide", help="comma-separated, of: " + ", ".join(SHAPES))
     ap.add_argument("--attention-quant", default="int8", choices=("none", "int8"),
                     help="our attention projections beside int8/int4 experts (default: %(default)s, as q8_0/q4_0 "
@@ -216,7 +220,7 @@ def main() -> None:
     print(machine())
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:  # on the project's disk, not a tmpfs
         for name in args.shapes.split(","):
-            run_shape(name, SHAPES[name], args, Path(tmp))
+            run_shape(name, SHAPES[name], args, args.files or Path(tmp))
 
 
 if __name__ == "__main__":

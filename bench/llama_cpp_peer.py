@@ -45,17 +45,18 @@ def gguf_files(path: Path, converter: Path, threads: int, tmp: Path) -> dict[str
     import llama_cpp
 
     f32 = tmp / "model.f32.gguf"
+    files = {"f32": f32, **{name: tmp / f"model.{name}.gguf" for name in GGUF_TYPES[1:]}}
+    if all(f.exists() for f in files.values()):  # made by an earlier run
+        return files
     env = dict(os.environ, PYTHONPATH=str(converter.parent / "gguf-py"))  # the converter's own gguf package
     done = subprocess.run([sys.executable, str(converter), str(path), "--outfile", str(f32), "--outtype", "f32"],
                           env=env, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"GGUF conversion failed:\n{done.stderr[-2000:]}")
-    files = {"f32": f32}
     for name, ftype in (("q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0), ("q4_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0),
                         ("q4_k_m", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M)):
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype, params.nthread = ftype, threads
-        files[name] = tmp / f"model.{name}.gguf"
         with native_stderr_silenced():
             failed = llama_cpp.llama_model_quantize(str(f32).encode(), str(files[name]).encode(), params)
         if failed:
