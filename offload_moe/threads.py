@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .formats.cpu_kernels import set_kernel_threads
+from .formats.gemm import faster_gemm
 
 SYS = Path("/sys")
 
@@ -55,4 +56,5 @@ def set_threads(n: int) -> None:
     """Compute on `n` threads: torch's intra-op pool, and the C kernels' OpenMP teams (`cpu_kernels`), whichever
     thread calls them."""
     torch.set_num_threads(n)
+    faster_gemm()  # timed here, on these threads, not in the middle of a prompt
     set_kernel_threads(n)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from .cpu_kernels import ExpertKernel
+from .gemm import linear
 
 ALIGN = 64  # bytes; every part of a packed expert starts on this boundary
 SWIGLU_ALPHA = 1.702  # gpt-oss's sigmoid slope (transformers' swiglu_alpha; the MXFP4 kernels fix it too)
@@ -119,4 +120,4 @@ class DenseFormat:
         if self.kernel is not None and self.kernel.runs(x) and views[0].device.type == "cpu":
             return self.kernel(x, views)
         w13, w2, b13, b2 = views if self.bias else (*views, None, None)
-        return F.linear(self.act(F.linear(x, w13, b13)), w2, b2)  # [T, 2I or I] -> [T, I] -> [T, D]
+        return linear(self.act(linear(x, w13, b13)), w2, b2)  # [T, 2I or I] -> [T, I] -> [T, D]

@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
@@ -33,6 +32,7 @@ from ..config import ModelConfig
 from ..errors import UserError
 from .base import ALIGN, activation
 from .cpu_kernels import ggml_linear
+from .gemm import linear
 
 QK_K = 256  # weights in a k-quant super-block
 FLOATS = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
@@ -242,4 +242,4 @@ class GGUFFormat:
 def _decoded_linear(x: torch.Tensor, part: tuple) -> torch.Tensor:
     """x [T, K] times one part, decoded by `dequantize`: [T, N]."""
     kind, raw, K = part
-    return F.linear(x, dequantize(raw, kind, K).to(x.dtype))
+    return linear(x, dequantize(raw, kind, K).to(x.dtype))

@@ -35,13 +35,13 @@ import math
 from abc import ABC, abstractmethod
 
 import torch
-import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..errors import UserError
 from ..options import GROUP_SIZES
 from .base import ALIGN, activation, up_parts
 from .cpu_kernels import ExpertKernel
+from .gemm import linear
 
 SCALE_DTYPE = torch.bfloat16  # scales and zeros in every packed format
 
@@ -90,7 +90,7 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits:
 
 def dequant_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [T, K] times dequantized weights w [N, K] (fp32 on the CPU, see above) -> [T, N] in x's dtype."""
-    return F.linear(x.to(w.dtype), w).to(x.dtype)
+    return linear(x.to(w.dtype), w).to(x.dtype)
 
 
 def check_groups(group_size: int, size: int, what: str) -> None:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import KVCache, RMSNorm, StateMixer
+from .layers import KVCache, Linear, RMSNorm, StateMixer
 
 CHUNK = 64  # tokens per chunk of the chunked delta rule, as transformers
 L2_EPS = 1e-6  # q and k are L2-normed with this epsilon, as transformers (after the FLA library)
@@ -44,13 +44,13 @@ class GatedDeltaNet(StateMixer):
         self.k_heads, self.v_heads = c.linear_k_heads, c.linear_v_heads
         self.k_dim, self.v_dim = c.linear_k_dim, c.linear_v_dim
         Kd, Vd, C = c.linear_key_dims, c.linear_value_dims, c.conv_dims
-        self.wqkvz = nn.Linear(c.dim, 2 * Kd + 2 * Vd, bias=False)
-        self.wba = nn.Linear(c.dim, 2 * c.linear_v_heads, bias=False)
+        self.wqkvz = Linear(c.dim, 2 * Kd + 2 * Vd, bias=False)
+        self.wba = Linear(c.dim, 2 * c.linear_v_heads, bias=False)
         self.conv = nn.Conv1d(C, C, c.linear_conv_kernel, groups=C, bias=False)  # weight [C, 1, W]
         self.dt_bias = nn.Parameter(torch.empty(c.linear_v_heads))
         self.A_log = nn.Parameter(torch.empty(c.linear_v_heads))
         self.norm = RMSNorm(c.linear_v_dim, c.norm_eps)  # plain weights, whatever the family's other norms
-        self.wo = nn.Linear(Vd, c.dim, bias=False)
+        self.wo = Linear(Vd, c.dim, bias=False)
 
     def forward(self, x: torch.Tensor, layer: int, kv: KVCache, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [T, D], the next T tokens of kv's sequence: its state in, its state out. -> [T, D]"""

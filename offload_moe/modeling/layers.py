@@ -15,6 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..formats import gemm
+
+
+class Linear(nn.Linear):
+    """nn.Linear, its products of several tokens on the CPU by the faster of torch's GEMMs (`formats/gemm.py`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gemm.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -255,10 +263,10 @@ class Attention(nn.Module):
         c = config
         self.n_heads, self.n_kv, self.hd = c.n_heads, c.n_kv_heads, c.head_dim
         self.qk_norm, self.clip, self.gated = c.qk_norm, c.clip_qkv, c.attention_output_gate
-        self.wq = nn.Linear(c.dim, c.n_heads * c.head_dim * (1 + self.gated), bias=c.qkv_bias)
-        self.wk = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
-        self.wv = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
-        self.wo = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=c.o_bias)
+        self.wq = Linear(c.dim, c.n_heads * c.head_dim * (1 + self.gated), bias=c.qkv_bias)
+        self.wk = Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.wv = Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.wo = Linear(c.n_heads * c.head_dim, c.dim, bias=c.o_bias)
         if c.qk_norm != "none":
             per_head = c.qk_norm == "head"
             self.q_norm = make_rms(c, c.head_dim if per_head else c.n_heads * c.head_dim)
@@ -369,9 +377,9 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, ffn: int, relu2: bool = False):
         super().__init__()
-        self.w1 = nn.Linear(dim, ffn, bias=False)  # gate (relu2: up)
-        self.w3 = None if relu2 else nn.Linear(dim, ffn, bias=False)  # up
-        self.w2 = nn.Linear(ffn, dim, bias=False)  # down
+        self.w1 = Linear(dim, ffn, bias=False)  # gate (relu2: up)
+        self.w3 = None if relu2 else Linear(dim, ffn, bias=False)  # up
+        self.w2 = Linear(ffn, dim, bias=False)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w3 is None:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import KVCache, StateMixer
+from .layers import KVCache, Linear, StateMixer
 
 
 class Mamba2(StateMixer):
@@ -39,13 +39,13 @@ class Mamba2(StateMixer):
         self.H, self.P, self.G, self.N = c.mamba_heads, c.mamba_head_dim, c.mamba_groups, c.mamba_state
         self.chunk, self.dt_min, self.dt_max, self.eps = c.mamba_chunk, c.mamba_dt_min, c.mamba_dt_max, c.norm_eps
         Cc = c.mamba_conv_dims
-        self.wzxbcdt = nn.Linear(c.dim, c.mamba_in_rows, bias=c.mamba_bias)
+        self.wzxbcdt = Linear(c.dim, c.mamba_in_rows, bias=c.mamba_bias)
         self.conv = nn.Conv1d(Cc, Cc, c.mamba_conv_kernel, groups=Cc, bias=c.mamba_conv_bias)  # weight [C, 1, W]
         self.dt_bias = nn.Parameter(torch.empty(self.H))
         self.A_log = nn.Parameter(torch.empty(self.H))
         self.skip = nn.Parameter(torch.empty(self.H))  # the checkpoint's `D`
         self.norm = nn.Parameter(torch.empty(c.mamba_inner))  # the gated norm's weight
-        self.wo = nn.Linear(c.mamba_inner, c.dim, bias=c.mamba_bias)
+        self.wo = Linear(c.mamba_inner, c.dim, bias=c.mamba_bias)
 
     def forward(self, x: torch.Tensor, layer: int, kv: KVCache, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [T, D], the next T tokens of kv's sequence: its state in, its state out. -> [T, D]"""

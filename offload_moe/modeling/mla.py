@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig, yarn_mscale
-from .layers import KVCache, KVPool, RMSNorm, apply_rope
+from .layers import KVCache, KVPool, Linear, RMSNorm, apply_rope
 
 # DeepSeek's q_a_layernorm and kv_a_layernorm keep their class default, not the config's rms_norm_eps
 LATENT_NORM_EPS = 1e-6
@@ -48,15 +48,15 @@ class LatentAttention(nn.Module):
         self.nope_dim, self.v_dim = c.head_dim - c.qk_rope_head_dim, c.v_head_dim
         self.q_lora = c.q_lora_rank > 0
         if self.q_lora:
-            self.wq_a = nn.Linear(c.dim, c.q_lora_rank, bias=False)
+            self.wq_a = Linear(c.dim, c.q_lora_rank, bias=False)
             self.q_norm = RMSNorm(c.q_lora_rank, LATENT_NORM_EPS)
-            self.wq_b = nn.Linear(c.q_lora_rank, H * c.head_dim, bias=False)
+            self.wq_b = Linear(c.q_lora_rank, H * c.head_dim, bias=False)
         else:
-            self.wq = nn.Linear(c.dim, H * c.head_dim, bias=False)
-        self.wkv_a = nn.Linear(c.dim, R + c.qk_rope_head_dim, bias=False)
+            self.wq = Linear(c.dim, H * c.head_dim, bias=False)
+        self.wkv_a = Linear(c.dim, R + c.qk_rope_head_dim, bias=False)
         self.kv_norm = RMSNorm(R, LATENT_NORM_EPS)
-        self.wkv_b = nn.Linear(R, H * (self.nope_dim + self.v_dim), bias=False)
-        self.wo = nn.Linear(H * self.v_dim, c.dim, bias=False)
+        self.wkv_b = Linear(R, H * (self.nope_dim + self.v_dim), bias=False)
+        self.wo = Linear(H * self.v_dim, c.dim, bias=False)
         self.scale = softmax_scale(c)
         self.interleaved = c.rope_interleave
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import KVCache, KVPool
+from .layers import KVCache, KVPool, Linear
 
 
 class ShortConv(nn.Module):
@@ -29,9 +29,9 @@ class ShortConv(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         D = config.dim
-        self.wbcx = nn.Linear(D, 3 * D, bias=config.conv_bias)
+        self.wbcx = Linear(D, 3 * D, bias=config.conv_bias)
         self.conv = nn.Conv1d(D, D, config.conv_kernel, groups=D, bias=config.conv_bias)  # weight [D, 1, W]
-        self.wo = nn.Linear(D, D, bias=config.conv_bias)
+        self.wo = Linear(D, D, bias=config.conv_bias)
 
     def forward(self, x: torch.Tensor, layer: int, kv: KVCache, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [T, D], the next T tokens of kv's sequence: its conv inputs in, its conv inputs out. -> [T, D]"""

@@ -18,7 +18,7 @@ from torch import nn
 from ..config import ModelConfig
 from .decode_step import DecodeStep
 from .deltanet import GatedDeltaNet
-from .layers import MLP, Attention, KVCache, KVPool, make_norm
+from .layers import MLP, Attention, KVCache, KVPool, Linear, make_norm
 from .mamba import Mamba2
 from .mla import LatentAttention
 from .shortconv import ShortConv
@@ -52,13 +52,13 @@ class Block(nn.Module):
         if layer in c.dense_layers:
             self.mlp = MLP(c.dim, c.dense_ffn_dim, relu2)
             return
-        self.gate = nn.Linear(c.dim, c.num_experts, bias=c.router_bias)
+        self.gate = Linear(c.dim, c.num_experts, bias=c.router_bias)
         if c.router == "sigmoid":
             self.gate.register_buffer("e_score_correction_bias", torch.empty(c.num_experts, dtype=torch.float32))
         if c.shared_ffn_dim:
             self.shared = MLP(c.dim, c.shared_ffn_dim, relu2)
         if c.shared_gate:
-            self.shared_gate = nn.Linear(c.dim, 1, bias=False)
+            self.shared_gate = Linear(c.dim, 1, bias=False)
 
 
 class Transformer(nn.Module):
@@ -68,7 +68,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(c.vocab_size, c.dim)
         self.layers = nn.ModuleList(Block(c, i) for i in range(c.n_layers))
         self.norm = make_norm(c, c.dim)
-        self.output = nn.Linear(c.dim, c.vocab_size, bias=c.lm_head_bias)
+        self.output = Linear(c.dim, c.vocab_size, bias=c.lm_head_bias)
         self.rows = c.moe_layers  # row -> layer
         self.row_of = [-1] * c.n_layers  # layer -> row
         for r, layer in enumerate(self.rows):
