@@ -2,21 +2,22 @@
 llama.cpp (f32, q8_0, q4_0) and transformers (fp32), on random Mixtral-layout checkpoints, all on the CPU.
 
     python bench/bench_cpu_peers.py [--llama-cpp CONVERTER] [--threads 2] [--tokens 48] [--repeats 3]
-                                    [--shapes small,wide]
+                                    [--shapes small,wide] [--prompt 256] [--files DIR]
 
-Shapes: "small" (hidden 512, FFN 1792, 8 layers, 8 experts, top-2, vocab 32000) and "wide", bandwidth-bound
-(hidden 2048, FFN 5632, 4 layers, 8 experts, top-2: 4.4 GiB of fp32 experts). Per shape and precision both
-sides run alternately in this one process, `--repeats` times each, and the best decode tok/s is kept (over
-the steps after the first, greedy, the same prompt). Beside each figure: the weight bytes one decode step
-reads (every resident weight but the embeddings, K of E experts per layer; llama.cpp's from its GGUF's
-tensors) and the GB/s that makes at that speed. Beside int8/int4 experts our attention projections and LM
-head are int8 too (`--attention-quant`, `--head-quant`), as llama.cpp's q8_0/q4_0 files quantize their
-attention and output matrix (q8_0; q6_K for the output in q4_0 files). With llama.cpp, a second table runs both
-sides on llama.cpp's own q8_0, q4_0 and q4_k_m files: ours reads the GGUF file itself, its experts kept in the
-file's types (`gguf-*`), its other tensors decoded to float32. llama.cpp is optional (`llama_cpp_peer.INSTALL` says
-how); never run in CI.
+Shapes: "small" (hidden 512, FFN 1792, 8 layers, 8 experts, top-2, vocab 32000) and "wide", bandwidth-bound (hidden
+2048, FFN 5632, 4 layers, 8 experts, top-2: 4.4 GiB of fp32 experts). Per shape and precision both sides are loaded
+in this one process and raced in `--repeats` rounds, each round a decode by each side, then a prompt by each
+(`race`: this VM's memory bandwidth drifts by tens of percent, and a drift then falls on both), and each side's
+best decode tok/s is kept (over the steps after the first, greedy, the same prompt). Beside each figure: the weight
+bytes one decode step reads (every resident weight but the embeddings, K of E experts per layer; llama.cpp's from
+its GGUF's tensors) and the GB/s that makes at that speed. Beside int8/int4 experts our attention projections and
+LM head are int8 too (`--attention-quant`, `--head-quant`), as llama.cpp's q8_0/q4_0 files quantize their attention
+and output matrix (q8_0; q6_K for the output in q4_0 files). With llama.cpp, a second table runs both sides on
+llama.cpp's own q8_0, q4_0 and q4_k_m files: ours reads the GGUF file itself, its experts kept in the file's types
+(`gguf-*`), its other tensors decoded to float32, then the attention and head int8 as above. llama.cpp is optional
+(`llama_cpp_peer.INSTALL` says how); never run in CI.
 
-Prefill: a `--prompt`-token prompt (256 by default, random ids), best of `--repeats`, tokens/s from an empty cache,
+Prefill: a `--prompt`-token prompt (256 by default, random ids), best of the rounds, tokens/s from an empty cache,
 ours with `engine.generate(prompt, 1)`'s prefill time (the last position's logits only), llama.cpp's `eval` in one
 batch. The header gives the CPU's vector instruction sets, the kernels' build (`cpu_kernels.isa()`: set
 OFFLOAD_MOE_ISA=avx2 to run the AVX2 build on an AVX-512 machine) and this machine's copy bandwidth (one thread,
@@ -83,33 +84,55 @@ def torch_threads(n: int):
         torch.set_num_threads(saved)
 
 
-def ours(path: Path, quant: str, args, attention: str, head: str) -> dict:
-    """This engine, every expert resident, float32 compute: best decode tok/s of `repeats` generations, best
-    prefill tok/s of the long prompt."""
-    engine = Engine.load(path, EngineOptions(expert_quant=quant, attention_quant=attention, head_quant=head,
-                                             dtype="float32", prefetch=0, context=args.prompt + 64, progress=False,
-                                             threads=args.threads))
-    best, made, pre = 0.0, [], 0.0
+class Ours:
+    """This engine, every expert resident, float32 compute, loaded once: decodes and prompts in turn with llama.cpp."""
+
+    def __init__(self, path: Path, quant: str, args, attention: str = "none", head: str = "none"):
+        self.engine = engine = Engine.load(path, EngineOptions(
+            expert_quant=quant, attention_quant=attention, head_quant=head, dtype="float32", prefetch=0,
+            context=args.prompt + 64, progress=False, threads=args.threads))
+        c, fmt = engine.config, engine.cache.fmt
+        weights = (*engine.model.named_parameters(), *engine.model.named_buffers())  # int8 layers hold buffers
+        dense = sum(p.numel() * p.element_size() for n, p in weights if "tok_embeddings" not in n)
+        self.read = dense + len(c.moe_layers) * c.top_k * fmt.nbytes
+        int8 = [what for what, q in (("attention", attention), ("head", head)) if q == "int8"]
+        self.name = fmt.name + (f" + int8 {' and '.join(int8)}" if int8 else "")
+
+    def decode(self, prompt: list[int], tokens: int) -> dict:
+        r = self.engine.generate(prompt, tokens)
+        return {"tok_s": r.stats["decode_tokens_per_s"], "tokens": r.tokens}
+
+    def prefill(self, prompt: list[int]) -> float:
+        return self.engine.generate(prompt, 1).stats["prefill_tokens_per_s"]
+
+
+def race(sides: list, args) -> list[dict]:
+    """Each side's best decode and prefill tok/s over `repeats` rounds, the sides alternating within each round, so
+    that a change in the machine's speed (its memory bandwidth varies by tens of percent on this VM) falls on both."""
+    best = [{"tok_s": 0.0, "prefill": 0.0, "tokens": []} for _ in sides]
+    prompt = long_prompt(args.prompt)
     for _ in range(args.repeats):
-        r = engine.generate(PROMPT, args.tokens)
-        best, made = max(best, r.stats["decode_tokens_per_s"]), r.tokens
-        pre = max(pre, engine.generate(long_prompt(args.prompt), 1).stats["prefill_tokens_per_s"])
-    c, fmt = engine.config, engine.cache.fmt
-    weights = (*engine.model.named_parameters(), *engine.model.named_buffers())  # int8 layers hold buffers
-    dense = sum(p.numel() * p.element_size() for n, p in weights if "tok_embeddings" not in n)
-    read = dense + len(c.moe_layers) * c.top_k * fmt.nbytes
-    del engine
+        for side, b in zip(sides, best, strict=True):
+            r = side.decode(PROMPT, args.tokens)
+            if r["tok_s"] > b["tok_s"]:
+                b |= r
+        for side, b in zip(sides, best, strict=True):
+            b["prefill"] = max(b["prefill"], side.prefill(prompt))
+    return best
+
+
+def measure(path: Path, quant: str, args, attention: str, head: str, file: Path | None, config: ModelConfig
+            ) -> tuple[dict, dict | None]:
+    """Ours (and llama.cpp's on `file`), raced: their figures, with the bytes a decode step reads."""
+    a = Ours(path, quant, args, attention, head)
+    sides = [a] if file is None else [a, llama_cpp_peer.Peer(file, args.threads, args.prompt + 64)]
+    results = race(sides, args)
+    ours, theirs = results[0] | {"name": a.name, "read": a.read}, None
+    if file is not None:
+        theirs = results[1] | {"read": llama_cpp_peer.bytes_per_token(file, config.top_k, config.num_experts)}
+    del sides, a
     gc.collect()
-    int8 = [what for what, q in (("attention", attention), ("head", head)) if q == "int8"]
-    name = fmt.name + (f" + int8 {' and '.join(int8)}" if int8 else "")
-    return {"tok_s": best, "tokens": made, "name": name, "read": read, "prefill": pre}
-
-
-def theirs(file: Path, config: ModelConfig, args) -> dict:
-    runs = [llama_cpp_peer.decode(file, PROMPT, args.tokens, args.threads) for _ in range(args.repeats)]
-    best = max(runs, key=lambda r: r["tok_s"])
-    pre = llama_cpp_peer.prefill(file, long_prompt(args.prompt), args.threads, args.repeats)
-    return {**best, "read": llama_cpp_peer.bytes_per_token(file, config.top_k, config.num_experts), "prefill": pre}
+    return ours, theirs
 
 
 def long_prompt(n: int) -> list[int]:
@@ -170,22 +193,21 @@ def run_shape(name: str, config: ModelConfig, args, tmp: Path) -> None:
     for quant, gguf_type in PAIRS:
         attention = args.attention_quant if quant != "none" else "none"  # llama.cpp quantizes its attention too
         head = args.head_quant if quant != "none" else "none"  # and its output matrix
-        a = ours(path, quant, args, attention, head)  # alternately: ours, then llama.cpp's
-        b = theirs(files[gguf_type], config, args) if files else None
+        a, b = measure(path, quant, args, attention, head, files.get(gguf_type), config)
         if quant == "none":
             f32_tokens = {"ours": a["tokens"], "theirs": b and b["tokens"]}
-        print(f"| {gguf_type} / {a['name']} | {row(a, b)} |", flush=True)
-        if quant == "none":
             fp32 = a["tok_s"]
+        print(f"| {gguf_type} / {a['name']} | {row(a, b)} |", flush=True)
     if files:
         same = f32_tokens["ours"] == f32_tokens["theirs"]
         print(f"f32 greedy tokens {'agree' if same else 'differ'} between offload_moe and llama.cpp")
-        print("\nllama.cpp's own GGUF files, read by both")
+        print("\nllama.cpp's own GGUF files, read by both (ours: experts in the file's types, the other tensors "
+              "decoded to float32, then the attention and head int8 as above)")
         print("| file | offload_moe decode | llama.cpp decode | ratio | prefill ours | llama.cpp | ratio |\n"
               "|---|---|---|---|---|---|---|")
         for gguf_type in ("q8_0", "q4_0", "q4_k_m"):
-            a = ours(files[gguf_type], "none", args, "none", "none")
-            b = theirs(files[gguf_type], config, args)
+            a, b = measure(files[gguf_type], "none", args, args.attention_quant, args.head_quant, files[gguf_type],
+                           config)
             print(f"| {gguf_type} / {a['name']} | {row(a, b)} |", flush=True)
     if name in args.transformers:
         hf = transformers_fp32(path, args.tokens, args.repeats)

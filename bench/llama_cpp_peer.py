@@ -64,38 +64,38 @@ def gguf_files(path: Path, converter: Path, threads: int, tmp: Path) -> dict[str
     return files
 
 
+class Peer:
+    """llama.cpp's all-CPU model of one GGUF file, loaded once, for decodes and prompts in turn with another side."""
+
+    def __init__(self, file: Path, threads: int, context: int):
+        import llama_cpp
+
+        with native_stderr_silenced():
+            self.llm = llama_cpp.Llama(str(file), n_ctx=context, n_threads=threads, n_threads_batch=threads,
+                                       n_batch=512, verbose=False)
+
+    def decode(self, prompt: list[int], tokens: int) -> dict:
+        """A greedy decode of `tokens` tokens: tokens/s over the steps after the first, and the tokens."""
+        made, stamps = [], []
+        for tok in self.llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+            stamps.append(time.perf_counter())
+            made.append(tok)
+            if len(made) == tokens:
+                break
+        return {"tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]), "tokens": made}
+
+    def prefill(self, prompt: list[int]) -> float:
+        """The prompt processed in one batch (llama.cpp's micro-batch, 512) from an empty KV cache: tokens/s."""
+        self.llm.reset()  # eval then drops the KV cache from position 0 on
+        t0 = time.perf_counter()
+        self.llm.eval(prompt)
+        return len(prompt) / (time.perf_counter() - t0)
+
+
 def decode(file: Path, prompt: list[int], tokens: int, threads: int) -> dict:
     """llama.cpp's all-CPU greedy decode of `tokens` tokens: tokens/s over the steps after the first, the tokens."""
-    import llama_cpp
-
-    with native_stderr_silenced():
-        llm = llama_cpp.Llama(str(file), n_ctx=256, n_threads=threads, n_batch=64, verbose=False)
-    made, stamps = [], []
-    for tok in llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
-        stamps.append(time.perf_counter())
-        made.append(tok)
-        if len(made) == tokens:
-            break
-    del llm
-    return {"tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]), "tokens": made, "mib": file.stat().st_size / 2**20}
-
-
-def prefill(file: Path, prompt: list[int], threads: int, repeats: int) -> float:
-    """llama.cpp's all-CPU prompt processing of `prompt` in one batch (its default micro-batch, 512): the best
-    tokens/s of `repeats` evaluations, each from an empty KV cache."""
-    import llama_cpp
-
-    with native_stderr_silenced():
-        llm = llama_cpp.Llama(str(file), n_ctx=len(prompt) + 64, n_threads=threads, n_threads_batch=threads,
-                              n_batch=512, verbose=False)
-    best = 0.0
-    for _ in range(repeats):
-        llm.reset()  # eval then drops the KV cache from position 0 on
-        t0 = time.perf_counter()
-        llm.eval(prompt)
-        best = max(best, len(prompt) / (time.perf_counter() - t0))
-    del llm
-    return best
+    result = Peer(file, threads, 256).decode(prompt, tokens)
+    return {**result, "mib": file.stat().st_size / 2**20}
 
 
 def bytes_per_token(file: Path, top_k: int, num_experts: int) -> int:
