@@ -201,6 +201,15 @@ class SlotTable:
         row, off = self._where(layer)
         return self.uses[row][off : off + self.num_experts]
 
+    def vacate(self, layer: int, expert: int) -> None:
+        """Make `layer`'s resident `expert` not resident, its slot empty (the next insertion into the row takes
+        it): a prefetched expert whose copy was dropped (`slot_loop.vacate`)."""
+        row, off = self._where(layer)
+        if self._rows[row][3][expert + off] < 0:
+            raise ValueError(f"expert {expert} of layer {layer} is not resident")
+        slot_loop.vacate(self._code, expert + off, self.expert[row], self.slot_of[row], self.fresh[row],
+                         self.aux[row], self.state[row])
+
     def access_row(self, layer: int, experts: Sequence[int], next_use: list[int] | None = None,
                    pending: tuple[int, Sequence[int]] | None = None) -> tuple[list[bool], list[int], list[int]]:
         """One access of `layer`'s experts; `pending`: (layer, experts) of the prefetch decided before it and
