@@ -38,7 +38,7 @@ class CacheCounters:
     copies: int = 0
     cpu_misses: int = 0  # misses whose output this step computed on the CPU (miss policy cpu/auto)
     demand_during_prefetch: int = 0  # demand copies issued while a speculative copy was in flight
-    prefetch_dropped: int = 0  # speculative copies dropped: their row's routing did not use them (rule 9)
+    prefetch_dropped: int = 0  # speculative copies dropped unfinished: unused by their routing, or evicted (rule 9)
 
 
 class ExpertCache:
@@ -220,6 +220,8 @@ class ExpertCache:
             return
         if self._view_row is not None and self._view_row[s] != row:  # a global pool's slot, another layout
             self.views[row][s], self._view_row[s] = self.fmt.views(self.mem[p][s], row), row
+        if self.transfers.drop(p, s):  # a speculative copy still on its way here: its expert was evicted unused
+            self.counters.prefetch_dropped += 1
         if demand and self.transfers.prefetch_busy():
             self.counters.demand_during_prefetch += 1
         event = self.transfers.copy(self.mem[p][s], self.store.buffer(row, expert), p, s, demand)

@@ -43,7 +43,9 @@ identical to the CUDA path and to a run without prefetch, unless the engine emul
      logical copy: the speculative one resumes after the demand queue is empty).
   9. Stale never: when a row's routing is known (`ExpertCache.routed`), a speculative copy into it of
      an expert the routing does not use, still queued or on the link, is dropped (`drop`): its slot
-     is emptied in the slot table (`SlotTable.vacate`), so it is never counted as resident.
+     is emptied in the slot table (`SlotTable.vacate`), so it is never counted as resident. A
+     speculative copy still on its way into a slot that another copy now fills (its expert evicted
+     unused) is dropped too, so that copy does not wait for it (rule 1).
   Compute waits as in rule 3; `backlog_s` is the link's queue in seconds, for decisions that weigh it.
 The CUDA calls go through `self.cuda` (torch.cuda, the emulated link, or a test's fake of it), so
 these rules are tested on the CPU (tests/test_transfer_rules.py, tests/test_link.py) and, with
