@@ -4,6 +4,7 @@ from clocks, so a loaded machine changes no outcome."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import run_cli as cli
@@ -15,6 +16,8 @@ from offload_moe.offload.link import EmulatedLink
 from offload_moe.offload.prefetch import Transfers
 from offload_moe.options import EngineOptions
 from offload_moe.plan import merge_options, plan_load
+from offload_moe.planning.timed import simulate_timed
+from offload_moe.planning.trace import Trace
 from offload_moe.weights.checkpoint import Checkpoint
 
 PROMPT = "def read_config(path):"
@@ -129,3 +132,30 @@ def test_the_flag_is_refused_at_zero_and_on_cuda(capsys, monkeypatch):
 
     with pytest.raises(UserError, match="--link-gbs emulates a link on a CPU device"):
         plan_load(Checkpoint(resolve_model("demo")), options)
+
+
+def _trace(experts: list[int], predicted_row1: list[int]) -> Trace:
+    """One token over two rows, top-1 of 4 experts: `experts` per row, and the prediction made for row 1."""
+    ex = np.array([experts], np.int32)[..., None]  # [1, 2, 1]
+    pred = np.array([[[-1, -1], predicted_row1]], np.int32)  # [1, 2, 2]
+    return Trace(ex, np.ones(ex.shape, np.float32), pred, 4, 1, 2, "test")
+
+
+def test_the_timed_replay_with_the_links_order_passes_and_drops_speculative_copies():
+    # 1 token x 2 rows, top-1, 2 slots per row, copy 3 s, compute 1 s; at row 0 the prediction for row 1 is
+    # experts 1 and 2 (row 1 uses 1, not 2). t0 r0 at 0: expert 0 misses (0-3); ends 4; prefetches 1 (3-6), 2 (6-9).
+    # fifo: r1 at 4: expert 1 late (2 s), ends 7. demand-first: the same, and at 4 the copy of expert 2 is
+    # dropped, its 3 s given back: the link is busy 6 of 7 s, not 9 of 9.
+    trace = _trace([0, 1], [1, 2])
+    fifo, first = (simulate_timed(trace, 2, "lru", trace.predicted, 1, 3.0, 1.0, link=link)
+                   for link in ("fifo", "demand-first"))
+    assert fifo["seconds_per_token"] == first["seconds_per_token"] == 7.0
+    assert (fifo["prefetch_dropped"], first["prefetch_dropped"]) == (0.0, 1.0)
+    assert fifo["link_busy"] == 1.0 and first["link_busy"] == pytest.approx(6 / 7)
+    # a miss at row 1 passes the queued prefetch: experts 3 at row 1 (miss) while 1, 2 are queued for it
+    trace = _trace([0, 3], [1, 2])
+    fifo, first = (simulate_timed(trace, 2, "lru", trace.predicted, 1, 3.0, 1.0, link=link)
+                   for link in ("fifo", "demand-first"))
+    # fifo: expert 3's copy waits for 1 and 2 (to 9), lands 12, ends 13; demand-first: both dropped at 4 (the
+    # routing does not use them), expert 3 copied 4-7, ends 8
+    assert (fifo["seconds_per_token"], first["seconds_per_token"]) == (13.0, 8.0)
