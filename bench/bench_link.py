@@ -1,6 +1,6 @@
 """The timed replay against the live engine over the emulated link: is the modelled tok/s what a run measures?
 
-    python bench/bench_link.py [--models demo,demo-fine] [--tokens 256] [--copy-ms 5] [--repeats 2] [--threads 2]
+    python bench/bench_link.py [--models demo,demo-fine] [--tokens 224] [--copy-ms 5] [--repeats 2] [--threads 2]
 
 For each trained demo, at twice top-k slots per layer (LRU, a cache per layer, miss policy fetch), with the
 engine's prefetch (its predictor, lead 1) and without: the live engine decodes held-out text (the training
@@ -76,7 +76,7 @@ def decode(engine: Engine, ids: list[int]) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="demo,demo-fine")
-    ap.add_argument("--tokens", type=int, default=256, help="decode steps per run")
+    ap.add_argument("--tokens", type=int, default=224, help="decode steps per run (the demos' context is 256)")
     ap.add_argument("--copy-ms", type=float, default=5.0, help="one expert's copy over the emulated link")
     ap.add_argument("--repeats", type=int, default=2, help="live runs per setting; the fastest counts")
     ap.add_argument("--threads", type=int, default=2)
@@ -99,6 +99,8 @@ def main() -> int:
         hw = calibrate(torch.device("cpu"), c.dim, c.ffn_dim, torch.float32, repeats=50, formats=("none",))
         set_threads(args.threads)
         calibrated_layer_s = step_seconds(c, fmt.nbytes, hw, 0, 0, "fetch", precision="none") / L
+        if PROMPT + 1 + args.tokens > probe.kv_capacity:
+            ap.error(f"--tokens {args.tokens}: {name} holds {probe.kv_capacity} tokens, the prompt {PROMPT + 1}")
         ids = held_out_ids(probe, PROMPT + 1 + args.tokens)
         del probe
         for prefetch in (1, 0):
