@@ -34,8 +34,9 @@ holds experts of one layer:
                first), else evicts the resident expert with the smallest policy key (ties: lowest
                slot), never one of the experts this same access uses.
 Entries < 0 of an access are skipped too (they pad ragged steps to one width).
-A slot filled by a prefetch is *fresh* until its first access: that hit counts as a prefetch hit
-(the prefetch was used); an eviction before any access means the prefetch was wasted.
+A slot empties only by `vacate` (a prefetch whose copy the engine dropped before it landed); the next
+insertion into the row takes it. A slot filled by a prefetch is *fresh* until its first access: that hit
+counts as a prefetch hit (the prefetch was used); an eviction before any access means the prefetch was wasted.
 
 Policy keys (smallest leaves first; "the layer's clock": the access steps of the expert's own layer):
   lru          last use (insertion counts as use)

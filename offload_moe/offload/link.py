@@ -111,8 +111,6 @@ class EmulatedLink:
         self.pending: list[_Copy] = []  # copies whose bytes the worker has still to move
         self.busy_s = 0.0  # link seconds committed since `reset_counts`
         self.preempted = 0  # speculative copies that a demand copy passed, each counted once
-        self.dropped = 0  # speculative copies dropped before they finished
-        self._current: LinkStream | None = None  # the stream of `with stream(...)`
         self._closed = False
         self._worker = threading.Thread(target=self._move, name="emulated-link", daemon=True)
         self._worker.start()
@@ -132,11 +130,7 @@ class EmulatedLink:
 
     @contextmanager
     def stream(self, s: LinkStream):
-        self._current = s
-        try:
-            yield
-        finally:
-            self._current = None
+        yield  # a copy names its stream (`copy`); stream waits and records name theirs
 
     # -- copies -------------------------------------------------------------------------------------
     def copy(self, stream: LinkStream, dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -173,7 +167,6 @@ class EmulatedLink:
             if c in self.pending:  # not started: nothing will move
                 self.pending.remove(c)
                 c.moved = True
-            self.dropped += 1
             self._project()
             self.cond.notify_all()
             return True
@@ -197,7 +190,7 @@ class EmulatedLink:
     def reset_counts(self) -> None:
         with self.cond:
             self._commit(time.perf_counter())
-            self.busy_s, self.preempted, self.dropped = 0.0, 0, 0
+            self.busy_s, self.preempted = 0.0, 0
 
     def busy_until_now(self) -> float:
         """Link seconds committed since `reset_counts`, the schedule committed up to now."""
