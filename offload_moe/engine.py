@@ -59,7 +59,7 @@ def open_cache(ckpt: Checkpoint, plan: LoadPlan) -> ExpertCache:
                              pack_device=plan.device if plan.pin else None)
         store = ExpertStore(c, fmt, source, pin=plan.pin, progress=o.progress)
     cache = ExpertCache(store, fmt, plan.slots, plan.device, policy=o.policy, seed=o.seed, miss_policy=o.miss_policy,
-                        pool=plan.pool)
+                        pool=plan.pool, link_gbs=o.link_gbs)
     if o.miss_policy == "auto":
         cache.calibrate_misses(c.dim, plan.dtype)
     cache.warm()

@@ -56,6 +56,13 @@ def _int(v, low: int | None = None) -> int:
     return v
 
 
+def above_zero(v) -> float:
+    """A finite number above 0."""
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < float("inf"):
+        raise ValueError(f"expected a number above 0, got {v!r}")
+    return float(v)
+
+
 def int_at_least(low: int) -> Callable:
     return lambda v: _int(v, low)
 
@@ -173,6 +180,10 @@ class EngineOptions:
         None, "RAM for the experts, e.g. 16GB, or auto; when they need more, they stream from storage through a "
         "RAM cache of this size", optional(size), profile="budget.ram", shown="auto, 80%% of the available RAM",
         metavar="SIZE")
+    link_gbs: float | None = option(
+        None, "emulate a host-to-device link of X GB/s on a CPU device: expert copies run on a thread, each taking "
+        "bytes / X of wall time, demand copies ahead of speculative ones (README: emulated link); not on cuda",
+        optional(above_zero), profile=None, shown="none: copies run inline", metavar="X")
     max_batch: int = option(1, "sequences whose KV cache is allocated and planned (serve --max-batch; `Scheduler`)",
                             int_at_least(1), profile=None, cli=False)
 

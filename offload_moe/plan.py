@@ -199,6 +199,8 @@ def plan_load(ckpt: Checkpoint, options: EngineOptions, auto: bool = False) -> L
     (`merge_options`); `auto`: size the slots from the device memory free now (profile auto, no slots given)."""
     c = ckpt.config
     device = resolve_device(options.device)
+    if options.link_gbs is not None and device.type != "cpu":
+        raise UserError(f"--link-gbs emulates a link on a CPU device; {device} has its own (drop --link-gbs)")
     dtype = resolve_dtype(options.dtype, device)
     context = min(options.context, c.max_context)
     fmt = expert_format_for(ckpt, options, dtype, device)

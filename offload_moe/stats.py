@@ -45,6 +45,7 @@ def collect_stats(engine, result) -> dict:
         "head_format": engine.head_format,
         "copy_wait_s": c.copy_wait_s,
         "demand_during_prefetch": c.demand_during_prefetch,
+        **link_stats(engine.cache, result),
         "peak_device_bytes": peak,
         "pinned_host_bytes": getattr(engine.cache.store, "pinned_bytes", 0),  # registered exactly, on CUDA
         **storage_stats(engine.cache.store),
@@ -54,6 +55,18 @@ def collect_stats(engine, result) -> dict:
         "dtype": str(engine.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
     }
+
+
+def link_stats(cache, result) -> dict:
+    """The emulated link's (`--link-gbs`): its speed, the share of the run's time (prefill and decode) it carried
+    a copy, the speculative copies a demand copy passed and those dropped as stale (prefetch.py, rules 7-9).
+    Without it: None for the speed and share (an inline copy or a CUDA copy engine is not timed), zeros."""
+    link = cache.transfers.link
+    seconds = result.prefill_s + result.decode_s
+    return {"link_gbs": link.bytes_per_s / 1e9 if link else None,
+            "link_busy": link.busy_until_now() / seconds if link and seconds > 0 else None,
+            "prefetch_preempted": link.preempted if link else 0,
+            "prefetch_dropped": cache.counters.prefetch_dropped}
 
 
 def decode_rate(result) -> float:
@@ -98,6 +111,8 @@ def format_table(stats: dict) -> str:
                              f"({_bytes(stats['bytes_per_expert'])} per expert)"),
         ("compute waiting on copies", f"{stats['copy_wait_s'] * 1000:.1f} ms"),
         ("demand copies beside a prefetch", f"{stats['demand_during_prefetch']} (sharing the link)"),
+        ("speculative copies", f"{stats['prefetch_preempted']} passed by a demand copy, {stats['prefetch_dropped']} "
+                               "dropped as stale"),
         ("misses computed on the CPU", f"{stats['cpu_misses']} (miss policy {stats['miss_policy']})"),
         ("peak device memory", _bytes(stats["peak_device_bytes"])),
         ("pinned host memory", _bytes(stats["pinned_host_bytes"]) if stats["pinned_host_bytes"] else "none (no CUDA)"),
@@ -105,6 +120,8 @@ def format_table(stats: dict) -> str:
          + (f" (one pool of {sum(stats['slots_per_layer'])} shared by every layer)"
             if stats["slot_pool"] == "global" else "")),
     ]
+    if stats["link_gbs"] is not None:
+        rows.append(("emulated link", f"{stats['link_gbs']:g} GB/s, busy {100 * stats['link_busy']:.1f}% of the run"))
     if not stats.get("experts_in_ram", True):
         rows.append(("RAM tier over storage", f"{_bytes(stats['ram_tier_bytes'])}, hit rate "
                      f"{100 * stats['ram_hit_rate']:.1f}%, read {_bytes(stats['bytes_read_from_storage'])}, "

@@ -126,7 +126,7 @@ class MergeArgs(argparse.Action):
 # The fields whose flag needs more than its annotation says: the others are int where the field is an int,
 # else str.
 FLAG_TYPES: dict[str, Callable] = {"cache_experts": slots, "ram_budget": size, "prefetch": nonneg,
-                                   "prefetch_width": nonneg}
+                                   "prefetch_width": nonneg, "link_gbs": float}
 ENGINE_FLAGS = [name for name, f in OPTIONS.items() if f.metadata["cli"]]
 LOAD_KEYS = (*ENGINE_FLAGS, "max_batch")  # serve's --max-batch is not an engine flag, but sizes the load too
 

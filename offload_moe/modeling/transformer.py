@@ -212,6 +212,7 @@ class Transformer(nn.Module):
         chosen = idx.tolist()  # SYNC: the experts' residency is decided on the host
         if self.recorder is not None:
             self.recorder.chosen(row, idx, weights)
+        self.cache.routed(row, chosen)  # speculative copies this routing does not use are dropped (prefetch.py)
         if decode:
             out = self._decode_experts(row, x, chosen)
         else:  # a prompt: its misses are fetched (a prompt's expert serves many rows; the copy pays off)

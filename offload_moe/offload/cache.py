@@ -23,6 +23,7 @@ import torch
 from ..formats.base import ExpertFormat
 from ..options import MISS_POLICIES
 from .eviction import ONLINE_POLICIES, POOLS, SlotTable
+from .link import EmulatedLink
 from .prefetch import Transfers
 from .store import ExpertStore
 
@@ -37,6 +38,7 @@ class CacheCounters:
     copies: int = 0
     cpu_misses: int = 0  # misses whose output this step computed on the CPU (miss policy cpu/auto)
     demand_during_prefetch: int = 0  # demand copies issued while a speculative copy was in flight
+    prefetch_dropped: int = 0  # speculative copies dropped unfinished: unused by their routing, or evicted (rule 9)
 
 
 class ExpertCache:
@@ -50,6 +52,7 @@ class ExpertCache:
         seed: int = 0,
         miss_policy: str = "fetch",
         pool: str = "layer",
+        link_gbs: float | None = None,
     ):
         if policy not in ONLINE_POLICIES:
             raise ValueError(f"the engine runs online policies only ({', '.join(ONLINE_POLICIES)}), not {policy!r}")
@@ -80,8 +83,10 @@ class ExpertCache:
             self.views = [[fmt.views(self.mem[row][s], row) for s in range(n)] for row, n in enumerate(self.slots)]
             self._view_row = None
         self._host_views: dict[tuple[int, int], tuple] = {}  # (row, expert) -> views of its RAM buffer
-        self.transfers = Transfers(device, sizes)
+        # on a CPU device, `link_gbs` emulates a host-to-device link of that speed (prefetch.py, rules 7-9)
+        self.transfers = Transfers(device, sizes, EmulatedLink(link_gbs * 1e9) if link_gbs else None)
         self.planned: list[tuple[int, list[int]]] = []  # prefetches waiting for this layer's demand copies
+        self.speculative: list[list[tuple[int, int]]] = [[] for _ in self.slots]  # per row: (slot, expert) prefetched
         self.counters = CacheCounters()
 
     @property
@@ -97,6 +102,20 @@ class ExpertCache:
     def reset_counters(self) -> None:
         self.counters = CacheCounters()
         self.table.reset_counts()
+        self.transfers.reset_counts()
+
+    def routed(self, row: int, chosen: list[list[int]]) -> None:
+        """Row `row`'s routing is known (chosen [T][K]): drop the speculative copies into it of experts it does
+        not use that are still queued or on the link, and empty their slots (prefetch.py, rule 9)."""
+        issued, self.speculative[row] = self.speculative[row], []
+        if not issued or self.transfers.link is None:
+            return
+        used = set(chosen[0]) if len(chosen) == 1 else {e for tok in chosen for e in tok}
+        p = self.pool_of[row]
+        for s, e in issued:
+            if e not in used and self.table.slot(row, e) == s and self.transfers.drop(p, s):
+                self.table.vacate(row, e)
+                self.counters.prefetch_dropped += 1
 
     def acquire(self, row: int, experts: list[int], decode: bool = False
                 ) -> tuple[list[int], list[bool], list[bool]]:
@@ -162,6 +181,10 @@ class ExpertCache:
                 torch.cuda.synchronize(self.device)  # SYNC: calibration at load, not on the decode path
             times["copy_s"] = min(times["copy_s"], time.perf_counter() - t0)
         self.store.done(0, 0)
+        if self.transfers.link is not None:  # the emulated link's copy, not the memcpy
+            times["copy_s"] = self.transfers.link.seconds(buf.numel() * buf.element_size())
+        elif self.device.type == "cuda":  # what `backlog_s` counts queued bytes in
+            self.transfers.bytes_per_s = buf.numel() * buf.element_size() / times["copy_s"]
         if self.miss_policy == "auto":  # on the CPU device an expert runs on the CPU either way, copied or not
             self.cpu_cheaper = self.host_is_device or times["cpu_s"] < times["copy_s"]
         return times
@@ -186,6 +209,7 @@ class ExpertCache:
         for k, e in enumerate(experts):
             if inserted[k]:
                 self._copy(row, slots[k], e, demand=False)
+                self.speculative[row].append((slots[k], e))
 
     def _copy(self, row: int, s: int, expert: int, demand: bool) -> None:
         p = self.pool_of[row]
@@ -196,6 +220,8 @@ class ExpertCache:
             return
         if self._view_row is not None and self._view_row[s] != row:  # a global pool's slot, another layout
             self.views[row][s], self._view_row[s] = self.fmt.views(self.mem[p][s], row), row
+        if self.transfers.drop(p, s):  # a speculative copy still on its way here: its expert was evicted unused
+            self.counters.prefetch_dropped += 1
         if demand and self.transfers.prefetch_busy():
             self.counters.demand_during_prefetch += 1
         event = self.transfers.copy(self.mem[p][s], self.store.buffer(row, expert), p, s, demand)

@@ -34,8 +34,9 @@ holds experts of one layer:
                first), else evicts the resident expert with the smallest policy key (ties: lowest
                slot), never one of the experts this same access uses.
 Entries < 0 of an access are skipped too (they pad ragged steps to one width).
-A slot filled by a prefetch is *fresh* until its first access: that hit counts as a prefetch hit
-(the prefetch was used); an eviction before any access means the prefetch was wasted.
+A slot empties only by `vacate` (a prefetch whose copy the engine dropped before it landed); the next
+insertion into the row takes it. A slot filled by a prefetch is *fresh* until its first access: that hit
+counts as a prefetch hit (the prefetch was used); an eviction before any access means the prefetch was wasted.
 
 Policy keys (smallest leaves first; "the layer's clock": the access steps of the expert's own layer):
   lru          last use (insertion counts as use)
@@ -200,6 +201,15 @@ class SlotTable:
         """`layer`'s use counts [E] (a view where the table is numpy)."""
         row, off = self._where(layer)
         return self.uses[row][off : off + self.num_experts]
+
+    def vacate(self, layer: int, expert: int) -> None:
+        """Make `layer`'s resident `expert` not resident, its slot empty (the next insertion into the row takes
+        it): a prefetched expert whose copy was dropped (`slot_loop.vacate`)."""
+        row, off = self._where(layer)
+        if self._rows[row][3][expert + off] < 0:
+            raise ValueError(f"expert {expert} of layer {layer} is not resident")
+        slot_loop.vacate(self._code, expert + off, self.expert[row], self.slot_of[row], self.fresh[row],
+                         self.aux[row], self.state[row])
 
     def access_row(self, layer: int, experts: Sequence[int], next_use: list[int] | None = None,
                    pending: tuple[int, Sequence[int]] | None = None) -> tuple[list[bool], list[int], list[int]]:

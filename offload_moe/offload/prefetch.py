@@ -34,9 +34,22 @@ speculative copies. Each slot owns two events, created once:
      with prefetch on, the prediction's `.tolist()` are the decode step's syncs: residency is
      decided on the host.
 On a CPU device there are no streams: copies run inline, in the same order, so the results are
-identical to the CUDA path and to a run without prefetch. The CUDA calls go through `self.cuda`
-(torch.cuda unless a test passes a fake of it), so these rules are tested on the CPU
-(tests/test_transfer_rules.py) and, with `torch.cuda._sleep` widening the races, on a GPU.
+identical to the CUDA path and to a run without prefetch, unless the engine emulates a link
+(`--link-gbs`): then `self.cuda` is `link.EmulatedLink`, and the rules above run as on CUDA, with:
+  7. One copy engine of the given speed, worked by a thread: a copy lasts bytes / speed of wall
+     time; the demand stream's head goes first whenever it can start (rule 1's events done).
+  8. Demand first: a copy runs in chunks of at most `link.CHUNK_S`, so a demand copy issued while a
+     speculative one is on the link passes it at the end of the current chunk (one buffer, one
+     logical copy: the speculative one resumes after the demand queue is empty).
+  9. Stale never: when a row's routing is known (`ExpertCache.routed`), a speculative copy into it of
+     an expert the routing does not use, still queued or on the link, is dropped (`drop`): its slot
+     is emptied in the slot table (`SlotTable.vacate`), so it is never counted as resident. A
+     speculative copy still on its way into a slot that another copy now fills (its expert evicted
+     unused) is dropped too, so that copy does not wait for it (rule 1).
+  Compute waits as in rule 3; `backlog_s` is the link's queue in seconds, for decisions that weigh it.
+The CUDA calls go through `self.cuda` (torch.cuda, the emulated link, or a test's fake of it), so
+these rules are tested on the CPU (tests/test_transfer_rules.py, tests/test_link.py) and, with
+`torch.cuda._sleep` widening the races, on a GPU.
 
 Prediction (`Prefetcher`): at the entry of row l, the predictor (predictors.py) scores the rows
 predicted from there: row l + N, N the prefetch depth, and for the last rows row l + N - L of the next
@@ -52,11 +65,13 @@ Legend: T tokens, D dim, E experts, K top-k, N prefetch depth, L rows, P prefetc
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Sequence
 
 import torch
 
 from .eviction import prefetch_choice
+from .link import EmulatedLink
 from .predictors import targets_of
 
 
@@ -67,7 +82,10 @@ class Transfers:
     def __init__(self, device: torch.device, slots: Sequence[int], cuda=None):
         self.device = device
         self.cuda = cuda if cuda is not None else (torch.cuda if device.type == "cuda" else None)
+        self.link = cuda if isinstance(cuda, EmulatedLink) else None  # rules 7-9
         self.in_flight = [[False] * n for n in slots]  # a copy into [l][s] was issued and not yet waited for
+        self.bytes_per_s: float | None = None  # CUDA: the link's measured speed, for `backlog_s` (calibration)
+        self._queued: deque[tuple] = deque()  # CUDA with a known speed: (ready event, bytes, demand) per copy
         if self.cuda is None:
             return
         cuda = self.cuda
@@ -90,12 +108,43 @@ class Transfers:
         with self.cuda.stream(stream):
             stream.wait_event(self.free[row][slot])  # rule 1: queued kernels have read the old weights
             stream.wait_event(self.ready[row][slot])  # rule 1: an earlier copy into this slot has landed
-            dst.copy_(src, non_blocking=True)
+            if self.link is not None:
+                self.link.copy(stream, dst, src)
+            else:
+                dst.copy_(src, non_blocking=True)
             self.ready[row][slot].record(stream)
             if not demand:
                 self.prefetch_tail.record(stream)
+        if self.bytes_per_s is not None and self.link is None:
+            self._queued.append((self.ready[row][slot], dst.numel() * dst.element_size(), demand))
         self.in_flight[row][slot] = True
         return self.ready[row][slot]
+
+    def drop(self, row: int, slot: int) -> bool:
+        """Drop the speculative copy into a slot if it is still queued or on the emulated link (rule 9); whether
+        it was. Elsewhere a copy cannot be taken back: False."""
+        if self.link is None or not self.in_flight[row][slot] or not self.link.drop(self.ready[row][slot]):
+            return False
+        self.in_flight[row][slot] = False
+        return True
+
+    def backlog_s(self, demand: bool = False) -> float:
+        """Seconds of copy work ahead of a copy issued now (on the demand stream, or the prefetch stream behind
+        everything): 0.0 for inline copies; on the emulated link, its schedule; on CUDA, the bytes of the copies
+        not yet landed over the measured speed (`bytes_per_s`, from `ExpertCache.calibrate_misses`), else 0.0.
+        On CUDA an estimate: a slot's event tells of its latest copy only, and demand copies share the link."""
+        if self.link is not None:
+            return self.link.backlog_s(demand)
+        if self.cuda is None or self.bytes_per_s is None:
+            return 0.0
+        queued = self._queued
+        while queued and queued[0][0].query():
+            queued.popleft()
+        return sum(n for ev, n, d in queued if (d or not demand) and not ev.query()) / self.bytes_per_s
+
+    def reset_counts(self) -> None:
+        if self.link is not None:
+            self.link.reset_counts()
 
     def prefetch_busy(self) -> bool:
         """Whether a speculative copy is still in flight (a demand copy issued now shares the link)."""

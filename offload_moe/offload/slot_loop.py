@@ -9,7 +9,8 @@ stream, so both give the same counts, bit for bit.
 A row's state, besides the slots (held, slot_of, last, ins, fresh, mark, links, draws as before):
   state  [NSTATE]  CLOCK (one tick per phase), FILLED, STAMP, HEAD, TAIL, GUARD (a pool's: the STAMP
                    marking its latest access's slots, which the prefetch after it may not evict; -1 none),
-                   then arc's ARC_P, ARC_T1, ARC_B1, ARC_B2 and SERIAL (evictions so far)
+                   then arc's ARC_P, ARC_T1, ARC_B1, ARC_B2, SERIAL (evictions so far) and HOLES (slots
+                   below FILLED emptied by `vacate`: the next insertions take them, lowest first)
   groups [G, GW]   per layer sharing the row (G = 1 for a layer's own cache): G_CLOCK (its access
                    steps so far: the layer's own clock), G_PRED (the CLOCK of its latest prefetch, or
                    of the latest pending one), G_LAST (the CLOCK of its latest access), then its counts
@@ -32,8 +33,8 @@ from __future__ import annotations
 import sys
 
 LRU, LFU, FIFO, RANDOM, LRFU, ARC, STALE, PREDICTED, LEARNED, BELADY = range(10)  # the policy codes
-CLOCK, FILLED, STAMP, HEAD, TAIL, GUARD, ARC_P, ARC_T1, ARC_B1, ARC_B2, SERIAL = range(11)  # a row's state
-NSTATE = 11
+CLOCK, FILLED, STAMP, HEAD, TAIL, GUARD, ARC_P, ARC_T1, ARC_B1, ARC_B2, SERIAL, HOLES = range(12)  # a row's state
+NSTATE = 12
 G_CLOCK, G_PRED, G_LAST, G_HITS, G_MISSES, G_PF_COPIES, G_PF_HITS = range(7)  # a layer's entries in `groups`
 GW = 7
 DONE, NO_VICTIM, BAD_EXPERT = range(3)  # what the loop returns
@@ -122,7 +123,8 @@ def _replay_row(policy, n, E0, held, slot_of, last, ins, fresh, uses, mark, link
                 if scored:  # the layer's resident experts' keys, which change only at its own accesses
                     if G == 1:
                         for c in range(min(filled, n)):
-                            aux[c] = _score(policy, held[c], E0, trans, tfrom, eaux, groups)
+                            if held[c] >= 0:
+                                aux[c] = _score(policy, held[c], E0, trans, tfrom, eaux, groups)
                     else:
                         for x in range(g * E0, (g + 1) * E0):
                             if slot_of[x] >= 0:
@@ -153,9 +155,14 @@ def _replay_row(policy, n, E0, held, slot_of, last, ins, fresh, uses, mark, link
                         state[ARC_P] = min(n, state[ARC_P] + max(1, b2 // b1))
                     else:
                         state[ARC_P] = max(0, state[ARC_P] - max(1, b1 // b2))
-                if filled < n:  # slots fill lowest first and never empty again
+                if filled < n:  # slots fill lowest first, and empty again only by `vacate`
                     s = filled
                     filled += 1
+                elif state[HOLES] > 0:  # a vacated slot, lowest first: no victim while one is empty
+                    s = 0
+                    while held[s] >= 0:
+                        s += 1
+                    state[HOLES] -= 1
                 else:  # the victim: the smallest key among the slots that hold no expert of this step
                     if not marked:
                         marked, stamp, candidates = True, stamp + 1, n
@@ -275,6 +282,18 @@ def _replay_row(policy, n, E0, held, slot_of, last, ins, fresh, uses, mark, link
                     next_use[exps[k]] = nxt[k]
     state[CLOCK], state[FILLED], state[STAMP] = clock, filled, stamp
     return status
+
+
+def vacate(policy, e, held, slot_of, fresh, aux, state) -> None:
+    """Empty the slot of resident expert e (a row's number) as if it had never been filled: a prefetch whose
+    copy was dropped before it landed (prefetch.py). Its counts stay (the copy was issued); the list of an
+    LRU or FIFO row keeps the slot until its next insertion moves it to the tail. Plain Python: called per
+    dropped copy, not per step."""
+    s = slot_of[e]
+    if policy == ARC and aux[s] == 0:
+        state[ARC_T1] -= 1
+    held[s], slot_of[e], fresh[s] = -1, -1, False
+    state[HOLES] += 1
 
 
 def _decayed(score, steps):

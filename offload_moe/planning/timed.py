@@ -3,11 +3,16 @@
 `simulate` counts hits; a hit on an expert whose copy is still crossing the link saves only part
 of a miss. Here the trace goes token by token, row by row (a row: one MoE layer's cache), through
 one `eviction.SlotTable` with the engine's per-step calls in the engine's order, so the hit counts are
-`simulate`'s with the same predictions, and a clock runs beside them:
+`simulate`'s with the same predictions (`link` "fifo"), and a clock runs beside them:
 
-  * one host-to-device link carries one expert copy at a time, first issued first served, each
-    copy `copy_s` seconds. That is pessimistic for demand copies: on CUDA they have their own
-    higher-priority stream (prefetch.py, rule 2), though they share the copy engine;
+  * one host-to-device link carries one expert copy at a time, each copy `copy_s` seconds. `link`
+    "fifo": first issued first served. That is pessimistic for demand copies: on CUDA they have their
+    own higher-priority stream (prefetch.py, rule 2), though they share the copy engine. `link`
+    "demand-first": as the engine's emulated link serves them (prefetch.py, rules 7-9), a demand copy
+    goes ahead of every speculative copy not landed yet (each of those lands `copy_s` later), and a
+    speculative copy not landed is dropped, giving its remaining link time back, when its row's
+    routing is known and does not use it (its slot emptied: `SlotTable.vacate`, so the hit counts may
+    differ from `simulate`'s) or when another copy fills its slot;
   * row l of token t starts at `now`, and its experts are needed at `now`. An accessed expert is
     ready (resident, its copy done by `now`), late (resident, its copy finishing later: the wait is
     that finish - now) or missed (not resident: a demand copy issued at `now`, queued on the link,
@@ -42,26 +47,31 @@ from .replay import check_pool, slots_per_layer
 from .trace import Trace
 
 OUTCOMES = ("ready", "late", "missed")
+LINKS = ("fifo", "demand-first")  # how the link orders copies (the module docstring)
 
 
 def simulate_timed(trace: Trace, slots: int | list[int], policy: str, predicted: np.ndarray | None, lead: int,
                    copy_s: float, layer_s: float | Sequence[float], seed: int = 0, after: np.ndarray | None = None,
-                   pool: str = "layer") -> dict:
+                   pool: str = "layer", link: str = "fifo") -> dict:
     """Replay `trace` in modelled time (see the module docstring); `predicted` [T, L, P] or None (no
     prefetch); `after` [L, P]: the predictions the last token issued for a token that never came (the
     trace's `predicted_after`), prefetched as the engine did; `pool` "global": the slots' sum shared by every
-    row (each access told the prefetch decided at its row's entry, as the engine's). Returns {"policy", "slots",
-    "lead" (0 without prefetch), "copy_s", "layer_s" [L], "hits", "per_layer_hits", "prefetch_copies",
+    row (each access told the prefetch decided at its row's entry, as the engine's); `link`: one of LINKS.
+    Returns {"policy", "slots", "lead" (0 without prefetch), "copy_s", "layer_s" [L], "hits", "per_layer_hits",
+    "prefetch_copies",
     "prefetch_hits" (the table's counts, as `simulate`),
     "ready", "late", "missed" (shares of all accesses), "late_wait_s", "miss_wait_s" (per token: the
     waits of every late or missed access, summed), "stall_s" (per token: what the rows waited for
     copies, the latest copy per row), "demand_copies", "prefetch_copies_per_token" (per token),
-    "link_busy" (share of the modelled time the link carried a copy), "seconds_per_token",
+    "prefetch_dropped" (per token), "link_busy" (share of the modelled time the link carried a copy),
+    "seconds_per_token",
     "tokens_per_s", "per_layer" [L] {the same shares (of that row's accesses) and per-token figures,
     "prefetch_copies" (per token, into that row)}}.
     """
     T, L, K = trace.experts.shape
     check_pool(pool)
+    if link not in LINKS:
+        raise UserError(f"unknown link order {link!r}; choose from {', '.join(LINKS)}")
     per_layer = slots_per_layer(slots, trace)
     layer_s = _checked(trace, policy, predicted, lead, copy_s, layer_s)
     shared = pool == "global"
@@ -69,11 +79,14 @@ def simulate_timed(trace: Trace, slots: int | list[int], policy: str, predicted:
                       layers=L if shared else 1)
     experts = trace.experts.tolist()  # [T][L][K]: the loop reads Python lists
     preds = _issued(predicted, after, per_layer)
-    clock = _Clock([sum(per_layer)] if shared else per_layer, [0] * L if shared else list(range(L)), copy_s)
+    clock = _Clock([sum(per_layer)] if shared else per_layer, [0] * L if shared else list(range(L)), copy_s,
+                   link == "demand-first")
     for t in range(T):
         for l in range(L):  # noqa: E741 (a row, as in the legend)
             target, tt = (l + lead, t) if l + lead < L else (l + lead - L, t + 1)
             planned = (target, preds[tt][target]) if preds is not None and tt < len(preds) else None
+            if clock.preempt:
+                clock.drop_stale(table, l, experts[t][l])
             ends, where = clock.access(table, l, experts[t][l], planned)
             ends += layer_s[l]
             for s in where:
@@ -120,20 +133,25 @@ class _Clock:
     """The modelled time beside the table: when each slot's copy lands, when its last reader ends, the
     link, the current row's start, and the outcome counts and waits per row."""
 
-    def __init__(self, sizes: list[int], pool_of: list[int], copy_s: float):
+    def __init__(self, sizes: list[int], pool_of: list[int], copy_s: float, preempt: bool):
         L = len(pool_of)
+        self.preempt = preempt  # link "demand-first"
         self.copy_s, self.pool_of = copy_s, pool_of  # each row's pool (its own, or the one shared)
         self.ready_at = [[0.0] * n for n in sizes]  # [pools][S]: when the copy into each slot finishes
         self.free_at = [[0.0] * n for n in sizes]  # [pools][S]: when the last row that read each slot ends
         self.count = [[0] * L for _ in OUTCOMES]  # [3][L]: ready, late, missed per row
         self.wait = [[0.0] * L for _ in range(3)]  # [3][L]: late waits, miss waits, stall per row
         self.link = self.now = 0.0  # when the link is free; the current row's start
+        self.demand = 0.0  # when the link is free of demand copies (they pass speculative ones)
+        self.queued: dict[tuple[int, int], list] = {}  # (pool, slot) -> [row, expert] of a speculative copy not landed
+        self.dropped, self.returned = 0, 0.0  # copies dropped, the link seconds they gave back
 
     def access(self, table: SlotTable, l: int, experts: list[int], planned=None) -> tuple[float, list[int]]:  # noqa: E741
         """Row l's accesses at `now`, demand copies queued on the link (`planned`: the prefetch decided at its
         entry): (when the latest needed copy lands, or now; the slots the row reads)."""
         hit, where, _ = table.access_row(l, experts, pending=planned)
-        ready, now = self.ready_at[self.pool_of[l]], self.now
+        p, now = self.pool_of[l], self.now
+        ready = self.ready_at[p]
         count, wait, ends = self.count, self.wait, now
         for k, s in enumerate(where):
             if hit[k]:
@@ -142,7 +160,12 @@ class _Clock:
                 count[late][l] += 1
                 wait[0][l] += done - now if late else 0.0
             else:  # the evicted slot held no expert of this access: its readers have ended
-                done = ready[s] = self.link = max(now, self.link) + self.copy_s
+                if self.preempt:
+                    self._drop(p, s)
+                    done = ready[s] = self.demand = max(now, self.demand) + self.copy_s
+                    self._pass(done - self.copy_s)
+                else:
+                    done = ready[s] = self.link = max(now, self.link) + self.copy_s
                 count[2][l] += 1
                 wait[1][l] += done - now
             ends = max(ends, done)
@@ -153,10 +176,47 @@ class _Clock:
         """Issue `predicted` into `row` at `now`, after the demand copies; a copy into a slot waits for
         its last reader to end."""
         inserted, into, _ = table.prefetch_row(row, predicted)
-        ready, free = self.ready_at[self.pool_of[row]], self.free_at[self.pool_of[row]]
-        for new, s in zip(inserted, into, strict=True):
+        p = self.pool_of[row]
+        ready, free = self.ready_at[p], self.free_at[p]
+        for k, (new, s) in enumerate(zip(inserted, into, strict=True)):
             if new:
+                if self.preempt:
+                    self._drop(p, s)
+                    self.queued[p, s] = [row, predicted[k]]
                 ready[s] = self.link = max(self.now, self.link, free[s]) + self.copy_s
+
+    def drop_stale(self, table: SlotTable, l: int, experts: list[int]) -> None:  # noqa: E741
+        """Row l's routing is known at `now`: drop its speculative copies not landed of experts it does not use,
+        emptying their slots."""
+        p = self.pool_of[l]
+        for (q, s), (row, e) in list(self.queued.items()):
+            if self.ready_at[q][s] <= self.now:  # landed
+                del self.queued[q, s]
+            elif q == p and row == l and e not in experts and self._drop(p, s):
+                table.vacate(l, e)
+
+    def _drop(self, p: int, s: int) -> bool:
+        """Drop the speculative copy into slot s of pool p if it has not landed by `now`; its remaining link time
+        comes back to the copies after it."""
+        if self.queued.pop((p, s), None) is None or self.ready_at[p][s] <= self.now:
+            return False
+        end = self.ready_at[p][s]
+        back = min(self.copy_s, end - self.now)
+        for q, t in self.queued:
+            if self.ready_at[q][t] > end:
+                self.ready_at[q][t] -= back
+        self.link = max(self.link - back, self.demand)
+        self.ready_at[p][s] = self.now
+        self.dropped += 1
+        self.returned += back
+        return True
+
+    def _pass(self, start: float) -> None:
+        """A demand copy takes the link from `start`: the speculative copies not landed by then land later."""
+        for q, t in self.queued:
+            if self.ready_at[q][t] > start:
+                self.ready_at[q][t] += self.copy_s
+        self.link = max(self.link, start) + self.copy_s
 
 
 def _figures_of(table: SlotTable, clock: _Clock, T: int, K: int) -> dict:
@@ -177,8 +237,8 @@ def _figures_of(table: SlotTable, clock: _Clock, T: int, K: int) -> dict:
         "hits": int(sum(table.hits)), "per_layer_hits": table.hits,
         "prefetch_copies": int(prefetched.sum()), "prefetch_hits": int(sum(table.prefetch_hits)),
         **figures(count.sum(1), wait.sum(1), row_accesses * L),
-        "prefetch_copies_per_token": float(prefetched.sum()) / tokens,
-        "link_busy": copy_s * float(count[2].sum() + prefetched.sum()) / span if span > 0 else 0.0,
+        "prefetch_copies_per_token": float(prefetched.sum()) / tokens, "prefetch_dropped": clock.dropped / tokens,
+        "link_busy": (copy_s * float(count[2].sum() + prefetched.sum()) - clock.returned) / span if span > 0 else 0.0,
         "seconds_per_token": now / tokens, "tokens_per_s": T / now if now > 0 else 0.0,
         "per_layer": [{**figures(count[:, r], wait[:, r], row_accesses),
                        "prefetch_copies": float(prefetched[r]) / tokens} for r in range(L)],

@@ -1,0 +1,128 @@
+"""The timed replay against the live engine over the emulated link: is the modelled tok/s what a run measures?
+
+    python bench/bench_link.py [--models demo,demo-fine] [--tokens 224] [--copy-ms 5] [--repeats 2] [--threads 2]
+
+For each trained demo, at twice top-k slots per layer (LRU, a cache per layer, miss policy fetch), with the
+engine's prefetch (its predictor, lead 1) and without: the live engine decodes held-out text (the training
+script's held-out files, tools/train_tiny_moe.py) token by token, teacher-forced through the decode path, on
+a CPU device whose link is emulated (`--link-gbs`) at the speed that makes one expert's copy last `--copy-ms`
+(well above sleep granularity). Measured over the decode steps after the first: tok/s, the compute's waits
+on copies, the link's busy share. The same tokens' routing and predictions, recorded in a run before the timed
+one, then go through the timed replay (planning/timed.py `simulate_timed`) with the same copy time and a layer's
+compute time from either
+  * calibrated: `planning/calibrate.py` on this CPU at the model's shape, through the tuner's cost model (what
+    `simulate --timed --profile` reads from a calibrated profile), or
+  * measured: the live run's own decode time less its waits, per layer,
+and the ratio modelled / live of each, the replay's link serving demand copies first and dropping stale
+speculative ones as the engine's does (`link` "demand-first"); with measured compute also first issued first
+served ("fifo", the CUDA copy engine's order). The calibrated column says whether the cost model knows this
+CPU's compute; the measured ones whether the replay's link (one copy at a time, waits before use) is the engine's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from train_tiny_moe import corpus_files, split_corpus  # noqa: E402
+
+from offload_moe.engine import Engine  # noqa: E402
+from offload_moe.options import EngineOptions  # noqa: E402
+from offload_moe.planning.calibrate import calibrate  # noqa: E402
+from offload_moe.planning.costs import step_seconds  # noqa: E402
+from offload_moe.planning.timed import simulate_timed  # noqa: E402
+from offload_moe.planning.trace import slice_trace  # noqa: E402
+from offload_moe.threads import set_threads  # noqa: E402
+
+PROMPT = 16  # held-out tokens of prefill before the decode steps
+
+
+def held_out_ids(engine: Engine, count: int) -> list[int]:
+    """BOS and the first `count` - 1 tokens of the held-out files, one after another."""
+    ids = [engine.config.bos_id]
+    for text in split_corpus(corpus_files())[1].values():
+        ids += engine.tokenizer.encode(text, bos=False)
+        if len(ids) >= count:
+            break
+    return ids[:count]
+
+
+@torch.inference_mode()
+def decode(engine: Engine, ids: list[int]) -> dict:
+    """Prefill ids[:PROMPT], then one decode step per following token; timed from the second step on."""
+    cache, link = engine.cache, engine.cache.transfers.link
+    engine.kv.reset()
+    cache.reset_counters()
+    engine.model(torch.tensor(ids[:PROMPT]), engine.kv, last_only=True)
+    engine.model(torch.tensor(ids[PROMPT : PROMPT + 1]), engine.kv)  # the first step: one-time work
+    wait0, busy0, t0 = cache.counters.copy_wait_s, link.busy_until_now(), time.perf_counter()
+    for tok in ids[PROMPT + 1 :]:
+        engine.model(torch.tensor([tok]), engine.kv)
+    seconds = time.perf_counter() - t0
+    steps = len(ids) - PROMPT - 1
+    return {"tok_s": steps / seconds, "wait_s": (cache.counters.copy_wait_s - wait0) / steps,
+            "busy": (link.busy_until_now() - busy0) / seconds, "compute_s": (seconds - cache.counters.copy_wait_s
+                                                                             + wait0) / steps}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="demo,demo-fine")
+    ap.add_argument("--tokens", type=int, default=224, help="decode steps per run (the demos' context is 256)")
+    ap.add_argument("--copy-ms", type=float, default=5.0, help="one expert's copy over the emulated link")
+    ap.add_argument("--repeats", type=int, default=2, help="live runs per setting; the fastest counts")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    print(f"# {time.strftime('%Y-%m-%d')}: {args.tokens} held-out decode steps, one expert copy {args.copy_ms} ms, "
+          "twice top-k slots per layer, LRU, miss policy fetch")
+    print(f"{'model':>10}{'prefetch':>9}{'link GB/s':>10}{'live tok/s':>11}{'wait ms/tok':>12}{'link busy':>10}"
+          f"{'model tok/s':>12}{'ratio':>7}{'fifo':>8}{'ratio':>7}{'calibrated':>11}{'ratio':>7}")
+    for name in args.models.split(","):
+        options = dict(device="cpu", dtype="float32", policy="lru", slot_pool="layer", miss_policy="fetch",
+                       threads=args.threads, progress=False)
+        probe = Engine.load(name, EngineOptions(**options))
+        c, fmt = probe.config, probe.cache.fmt
+        L, K = c.n_moe_layers, c.top_k
+        copy_s = args.copy_ms / 1e3
+        gbs = fmt.nbytes / copy_s / 1e9
+        # one thread (torch's and the C kernels'): at the demos' shapes an op is microseconds, and a second thread adds
+        # only a barrier, which on a loaded machine can wait milliseconds for a descheduled thread
+        set_threads(1)
+        hw = calibrate(torch.device("cpu"), c.dim, c.ffn_dim, torch.float32, repeats=50, formats=("none",))
+        set_threads(args.threads)
+        calibrated_layer_s = step_seconds(c, fmt.nbytes, hw, 0, 0, "fetch", precision="none") / L
+        if PROMPT + 1 + args.tokens > probe.kv_capacity:
+            ap.error(f"--tokens {args.tokens}: {name} holds {probe.kv_capacity} tokens, the prompt {PROMPT + 1}")
+        ids = held_out_ids(probe, PROMPT + 1 + args.tokens)
+        del probe
+        for prefetch in (1, 0):
+            engine = Engine.load(name, EngineOptions(cache_experts=2 * K, prefetch=prefetch, link_gbs=gbs, **options))
+            engine.start_trace(name)
+            decode(engine, ids)
+            trace = engine.stop_trace()
+            live = max((decode(engine, ids) for _ in range(args.repeats)), key=lambda r: r["tok_s"])
+            engine.cache.transfers.link.close()
+            cut = slice_trace(trace, PROMPT + 1, trace.num_tokens)
+            predicted = cut.predicted if prefetch else None
+            after = trace.tensors.get("predicted_after") if prefetch else None
+            modelled = [simulate_timed(cut, 2 * K, "lru", predicted, 1, copy_s, layer_s, after=after,
+                                       link=order)["tokens_per_s"]
+                        for layer_s, order in ((live["compute_s"] / L, "demand-first"), (live["compute_s"] / L, "fifo"),
+                                               (calibrated_layer_s, "demand-first"))]
+            print(f"{name:>10}{'lead 1' if prefetch else 'none':>9}{gbs:>10.3f}{live['tok_s']:>11.1f}"
+                  f"{1e3 * live['wait_s']:>12.2f}{100 * live['busy']:>9.1f}%"
+                  + "".join(f"{m:>{w}.1f}{m / live['tok_s']:>7.2f}"
+                            for m, w in zip(modelled, (12, 8, 11), strict=True)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
