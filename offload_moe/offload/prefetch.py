@@ -97,6 +97,10 @@ class Transfers:
         self.in_flight[row][slot] = True
         return self.ready[row][slot]
 
+    def backlog_s(self) -> float:
+        """Seconds of copy work queued ahead of a new copy (0.0: copies here run inline or are not timed)."""
+        return 0.0
+
     def prefetch_busy(self) -> bool:
         """Whether a speculative copy is still in flight (a demand copy issued now shares the link)."""
         return self.cuda is not None and not self.prefetch_tail.query()
