@@ -12,7 +12,7 @@ row's routing is known (planning/link.py):
   saving  = p * lead: used, it spares that much of the demand copy the row would wait for;
   cost    = (1 - p) * (lead + victim * copy_s): unused, it held the link for `lead` before it was dropped,
             and the expert it displaced (when the row's slots are full) comes back as a miss with the
-            probability `victim`, the least likely resident expert's.
+            probability `victim`, the least likely resident expert's (an unranked one: `rest_chance`).
 A copy is issued when saving > cost; none once `lead` <= 0 (it could not start before its row runs).
 
 Shape legend: T tokens, L rows, K top-k, P predicted per row (ranks), E experts.
@@ -48,15 +48,23 @@ def candidates(predicted: Sequence[Sequence[int]], table: Sequence[float], uses)
     return sorted(((e, 1.0 - q) for e, q in unused.items()), key=lambda c: (-c[1], -uses[c[0]], c[0]))
 
 
+def rest_chance(ranked: Sequence[tuple[int, float]], top_k: int, num_experts: int) -> float:
+    """The probability that the row uses an expert `ranked` does not name: the K uses it expects, less those
+    the ranked ones take, shared by the others."""
+    others = num_experts - len(ranked)
+    return min(1.0, max(0.0, top_k - sum(p for _, p in ranked)) / others) if others > 0 else 0.0
+
+
 def speculate(ranked: Sequence[tuple[int, float]], held: Sequence[int], slots: int, copy_s: float, backlog_s: float,
-              until_s: float, width: int) -> list[int]:
+              until_s: float, width: int, rest: float = 0.0) -> list[int]:
     """The experts to prefetch for one row, at most `width`, from `ranked` (`candidates`), the row's resident
     experts `held` in its `slots`, one copy's `copy_s`, the link's `backlog_s` (copy work queued ahead of a new
-    copy) and `until_s`, the time until the row runs (see the module docstring). A resident candidate costs
+    copy) and `until_s`, the time until the row runs (see the module docstring); `rest`: the chance of an
+    unranked resident (`rest_chance`). A resident candidate costs
     nothing and is named, so the copies do not evict it; each copy issued queues the next one behind it, so
     the width shrinks as the link fills."""
     chance = dict(ranked)
-    victim = min((chance.get(e, 0.0) for e in held), default=0.0) if len(held) >= slots else 0.0
+    victim = min((chance.get(e, rest) for e in held), default=0.0) if len(held) >= slots else 0.0
     resident = set(held)
     out: list[int] = []
     queued = backlog_s

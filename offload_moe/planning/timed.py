@@ -44,7 +44,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..offload.eviction import ONLINE_POLICIES, SlotTable
-from ..offload.speculate import candidates, miss_on_cpu, speculate
+from ..offload.speculate import candidates, miss_on_cpu, rest_chance, speculate
 from ..options import MISS_POLICIES
 from ..profiles import load_profile
 from .link import Link
@@ -100,7 +100,7 @@ def simulate_timed(trace: Trace, slots: int | list[int], policy: str, predicted:
                 chosen = planned[1]
                 if calibration is not None:
                     chosen = clock.decide(table, planned, calibration[target], lead * layer_s[l],
-                                          per_layer[target])
+                                          per_layer[target], K)
                 clock.prefetch(table, planned[0], chosen)
             clock.now = ends
     out = {"policy": policy, "slots": slots if isinstance(slots, int) else per_layer,
@@ -199,13 +199,14 @@ class _Clock:
         return ends, where
 
     def decide(self, table: SlotTable, planned: tuple[int, list[int]], calibration, until_s: float,
-               slots: int) -> list[int]:
+               slots: int, top_k: int) -> list[int]:
         """`speculate`'s choice among the planned predictions, at most the target row's `slots`, from the link's
         backlog at `now` (after this row's demand copies, which the row waits for before `until_s` starts)."""
         row, predicted = planned
         ranked = candidates([predicted], calibration, table.uses_of(row))
         return speculate(ranked, table.resident(row), slots, self.copy_s, self.link.backlog(self.now),
-                         until_s + max(0.0, self.link.demand_end - self.now), slots)
+                         until_s + max(0.0, self.link.demand_end - self.now), slots,
+                         rest_chance(ranked, top_k, table.num_experts))
 
     def prefetch(self, table: SlotTable, row: int, predicted: list[int]) -> None:
         """Issue `predicted` into `row` at `now`, after the demand copies; a copy into a slot waits for
