@@ -80,3 +80,16 @@ def test_the_cpu_takes_misses_when_the_link_is_saturated():
     # a slow CPU: auto keeps fetching
     slow = simulate_timed(trace, 2, "lru", None, 1, 4e-3, 1e-3, miss_policy="auto", cpu_s=1.0)
     assert slow["cpu_misses"] == 0 and slow["tokens_per_s"] == fetch["tokens_per_s"]
+
+
+def test_a_predictor_file_carries_its_calibration(tmp_path):
+    import torch
+
+    from offload_moe.offload.predictors import load_predictor, save_predictor
+
+    w = {"w1": torch.zeros(3, 4), "b1": torch.zeros(3), "w2": torch.zeros(5, 3), "b2": torch.zeros(5)}
+    table = np.array([[0.9, 0.4, 0.1], [0.8, 0.3, 0.0]])
+    save_predictor(tmp_path / "p.safetensors", [w, w], 1, {}, calibration=table)
+    assert np.allclose(load_predictor(tmp_path / "p.safetensors", 2, 4, 5).calibration, table)
+    save_predictor(tmp_path / "q.safetensors", [w, w], 1, {})
+    assert load_predictor(tmp_path / "q.safetensors", 2, 4, 5).calibration is None
