@@ -87,9 +87,10 @@ def test_a_predictor_file_carries_its_calibration(tmp_path):
 
     from offload_moe.offload.predictors import load_predictor, save_predictor
 
-    w = {"w1": torch.zeros(3, 4), "b1": torch.zeros(3), "w2": torch.zeros(5, 3), "b2": torch.zeros(5)}
+    rows = [{"w1": torch.zeros(3, 4), "b1": torch.zeros(3), "w2": torch.zeros(5, 3), "b2": torch.zeros(5)}
+            for _ in range(2)]
     table = np.array([[0.9, 0.4, 0.1], [0.8, 0.3, 0.0]])
-    save_predictor(tmp_path / "p.safetensors", [w, w], 1, {}, calibration=table)
+    save_predictor(tmp_path / "p.safetensors", rows, 1, {}, calibration=table)
     assert np.allclose(load_predictor(tmp_path / "p.safetensors", 2, 4, 5).calibration, table)
-    save_predictor(tmp_path / "q.safetensors", [w, w], 1, {})
+    save_predictor(tmp_path / "q.safetensors", rows, 1, {})
     assert load_predictor(tmp_path / "q.safetensors", 2, 4, 5).calibration is None
