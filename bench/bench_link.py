@@ -13,10 +13,9 @@ compute time from either
   * calibrated: `planning/calibrate.py` on this CPU at the model's shape, through the tuner's cost model (what
     `simulate --timed --profile` reads from a calibrated profile), or
   * measured: the live run's own decode time less its waits, per layer,
-and the ratio modelled / live of each, the replay's link serving demand copies first and dropping stale
-speculative ones as the engine's does (`link` "demand-first"); with measured compute also first issued first
-served ("fifo", the CUDA copy engine's order). The calibrated column says whether the cost model knows this
-CPU's compute; the measured ones whether the replay's link (one copy at a time, waits before use) is the engine's.
+and the ratio modelled / live of each, the replay's link (`planning/link.py`) serving demand copies first and
+dropping stale speculative ones as the engine's does. The calibrated column says whether the cost model knows this
+CPU's compute; the measured one whether the replay's link (one copy at a time, waits before use) is the engine's.
 """
 
 from __future__ import annotations
@@ -84,7 +83,7 @@ def main() -> int:
     print(f"# {time.strftime('%Y-%m-%d')}: {args.tokens} held-out decode steps, one expert copy {args.copy_ms} ms, "
           "twice top-k slots per layer, LRU, miss policy fetch")
     print(f"{'model':>10}{'prefetch':>9}{'link GB/s':>10}{'live tok/s':>11}{'wait ms/tok':>12}{'link busy':>10}"
-          f"{'model tok/s':>12}{'ratio':>7}{'fifo':>8}{'ratio':>7}{'calibrated':>11}{'ratio':>7}")
+          f"{'model tok/s':>12}{'ratio':>7}{'calibrated':>11}{'ratio':>7}")
     for name in args.models.split(","):
         options = dict(device="cpu", dtype="float32", policy="lru", slot_pool="layer", miss_policy="fetch",
                        threads=args.threads, progress=False)
@@ -113,14 +112,12 @@ def main() -> int:
             cut = slice_trace(trace, PROMPT + 1, trace.num_tokens)
             predicted = cut.predicted if prefetch else None
             after = trace.tensors.get("predicted_after") if prefetch else None
-            modelled = [simulate_timed(cut, 2 * K, "lru", predicted, 1, copy_s, layer_s, after=after,
-                                       link=order)["tokens_per_s"]
-                        for layer_s, order in ((live["compute_s"] / L, "demand-first"), (live["compute_s"] / L, "fifo"),
-                                               (calibrated_layer_s, "demand-first"))]
+            modelled = [simulate_timed(cut, 2 * K, "lru", predicted, 1, copy_s, layer_s, after=after)["tokens_per_s"]
+                        for layer_s in (live["compute_s"] / L, calibrated_layer_s)]
             print(f"{name:>10}{'lead 1' if prefetch else 'none':>9}{gbs:>10.3f}{live['tok_s']:>11.1f}"
                   f"{1e3 * live['wait_s']:>12.2f}{100 * live['busy']:>9.1f}%"
                   + "".join(f"{m:>{w}.1f}{m / live['tok_s']:>7.2f}"
-                            for m, w in zip(modelled, (12, 8, 11), strict=True)))
+                            for m, w in zip(modelled, (12, 11), strict=True)))
     return 0
 
 

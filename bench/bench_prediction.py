@@ -14,7 +14,9 @@ another as one token stream, as a decode would meet them. Printed:
   * hit rates per cache size: LRU and Belady without prefetch, LRU with each predictor prefetching as
     many experts as the layer has slots (the engine's default width) and top-k of them;
   * the timed replay (timed.py) of those at the 24 GB profile's link and the cost model's compute:
-    per size, the share of expert uses ready on arrival, late (copy in flight) and missed.
+    per size, the share of expert uses ready on arrival, late (copy in flight) and missed, and the
+    cost-aware decision (speculate.py) over the learned predictor's full ranking, calibrated on the
+    held-out routing; then the target line: at twice top-k slots, its tok/s against no prefetch.
 `--write` saves the learned predictor as the model folder's predictor.safetensors, which the engine's
 `--predictor auto` (the default) loads: how the demos' files are made.
 """
@@ -38,6 +40,7 @@ from train_tiny_moe import corpus_files, split_corpus  # noqa: E402
 from offload_moe.demo import resolve_model  # noqa: E402
 from offload_moe.engine import Engine  # noqa: E402
 from offload_moe.offload.predictors import FILE_NAME, LearnedPredictor, RouterPredictor, replayed, save_predictor  # noqa: E402
+from offload_moe.offload.speculate import calibrate  # noqa: E402
 from offload_moe.options import EngineOptions  # noqa: E402
 from offload_moe.planning.replay import default_slots, simulate  # noqa: E402
 from offload_moe.planning.timed import TimedOptions, simulate_timed, timed_costs  # noqa: E402
@@ -126,16 +129,32 @@ def main() -> int:
     link = costs["h2d_bytes_per_s"] / 1e9
     print(f"\ntimed, LRU (24gb profile: {link:.0f} GB/s link, copy {1e6 * costs['copy_s']:.1f} us per expert of "
           f"{costs['expert_bytes'] / 1e3:.0f} kB; compute {1e6 * costs['layer_s']:.2f} us per layer "
-          "from the cost model): ready / late / missed %, us per token")
-    print(f"{'slots':>6}" + "".join(f"{c:>23}" for c in ["none", *names[2:]]))
+          "from the cost model; demand copies first, stale speculative copies dropped): ready / late / missed %, "
+          "us per token; decided: speculate.py's choice from the learned predictor's ranks, calibrated on the "
+          "held-out routing")
+    full = replayed(evaluation, learned[1], E)  # every expert ranked, for the decision to choose from
+    calibration = calibrate(full.predicted, evaluation.experts)  # [L, E]
+    names = ["none", *names[2:], "decided"]
+    print(f"{'slots':>6}" + "".join(f"{c:>23}" for c in names))
+    target = {}
     for s in sizes:
         runs = [simulate_timed(evaluation, s, "lru", None, 1, costs["copy_s"], costs["layer_s"])]
         for name, predictor, _ in configs:
             cut = replays[s, name]
             runs.append(simulate_timed(cut, s, "lru", cut.predicted, predictor.lead, costs["copy_s"], costs["layer_s"],
                                        after=cut.tensors["predicted_after"]))
+        runs.append(simulate_timed(full, s, "lru", full.predicted, 1, costs["copy_s"], costs["layer_s"],
+                                   after=full.tensors["predicted_after"], calibration=calibration))
+        target[s] = runs
         print(f"{s:>6}" + "".join(f"{100 * r['ready']:>6.1f}/{100 * r['late']:.1f}/{100 * r['missed']:.1f} "
                                   f"{1e6 * r['seconds_per_token']:>5.1f}" for r in runs))
+    s = min(2 * K, E)
+    none, decided = target[s][0], target[s][-1]
+    print(f"\ntarget, {s} slots (2 x top-k), miss policy fetch: no prefetch {none['tokens_per_s'] / 1e3:.1f}k tok/s "
+          f"(link busy {100 * none['link_busy']:.1f}%), decided prefetch {decided['tokens_per_s'] / 1e3:.1f}k tok/s "
+          f"(link busy {100 * decided['link_busy']:.1f}%, {decided['demand_copies']:.2f} demand + "
+          f"{decided['prefetch_copies_per_token']:.2f} speculative copies per token, {decided['dropped']:.2f} "
+          f"dropped): {decided['tokens_per_s'] / none['tokens_per_s']:.3f}x")
     print(f"\n{time.perf_counter() - t0:.0f} s")
     return 0
 

@@ -60,7 +60,7 @@ def open_cache(ckpt: Checkpoint, plan: LoadPlan) -> ExpertCache:
         store = ExpertStore(c, fmt, source, pin=plan.pin, progress=o.progress)
     cache = ExpertCache(store, fmt, plan.slots, plan.device, policy=o.policy, seed=o.seed, miss_policy=o.miss_policy,
                         pool=plan.pool, link_gbs=o.link_gbs)
-    if o.miss_policy == "auto":
+    if o.miss_policy == "auto" or plan.lead:  # the copy and CPU times that auto and `speculate` weigh
         cache.calibrate_misses(c.dim, plan.dtype)
     cache.warm()
     cache.reset_counters()

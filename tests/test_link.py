@@ -141,21 +141,17 @@ def _trace(experts: list[int], predicted_row1: list[int]) -> Trace:
     return Trace(ex, np.ones(ex.shape, np.float32), pred, 4, 1, 2, "test")
 
 
-def test_the_timed_replay_with_the_links_order_passes_and_drops_speculative_copies():
+def test_the_timed_replay_passes_and_drops_speculative_copies_as_the_emulated_link_does():
     # 1 token x 2 rows, top-1, 2 slots per row, copy 3 s, compute 1 s; at row 0 the prediction for row 1 is
     # experts 1 and 2 (row 1 uses 1, not 2). t0 r0 at 0: expert 0 misses (0-3); ends 4; prefetches 1 (3-6), 2 (6-9).
-    # fifo: r1 at 4: expert 1 late (2 s), ends 7. demand-first: the same, and at 4 the copy of expert 2 is
-    # dropped, its 3 s given back: the link is busy 6 of 7 s, not 9 of 9.
+    # r1 at 4: expert 1 late (2 s), ends 7; the copy of expert 2 is dropped, its 3 s given back: the link is busy
+    # 6 of 7 s, not 9 of 9 (first issued first served)
     trace = _trace([0, 1], [1, 2])
-    fifo, first = (simulate_timed(trace, 2, "lru", trace.predicted, 1, 3.0, 1.0, link=link)
-                   for link in ("fifo", "demand-first"))
-    assert fifo["seconds_per_token"] == first["seconds_per_token"] == 7.0
-    assert (fifo["prefetch_dropped"], first["prefetch_dropped"]) == (0.0, 1.0)
-    assert fifo["link_busy"] == 1.0 and first["link_busy"] == pytest.approx(6 / 7)
-    # a miss at row 1 passes the queued prefetch: experts 3 at row 1 (miss) while 1, 2 are queued for it
+    r = simulate_timed(trace, 2, "lru", trace.predicted, 1, 3.0, 1.0)
+    assert r["seconds_per_token"] == 7.0 and r["dropped"] == 1.0 and r["link_busy"] == pytest.approx(6 / 7)
+    # a miss at row 1 passes the speculative copies: expert 3 at row 1 (a miss) while 1 and 2 are on their way
+    # for it: both dropped at 4 (the routing does not use them), expert 3 copied 4-7, ends 8 (first issued first
+    # served: 3 would wait for 1 and 2 until 9, land at 12, end 13)
     trace = _trace([0, 3], [1, 2])
-    fifo, first = (simulate_timed(trace, 2, "lru", trace.predicted, 1, 3.0, 1.0, link=link)
-                   for link in ("fifo", "demand-first"))
-    # fifo: expert 3's copy waits for 1 and 2 (to 9), lands 12, ends 13; demand-first: both dropped at 4 (the
-    # routing does not use them), expert 3 copied 4-7, ends 8
-    assert (fifo["seconds_per_token"], first["seconds_per_token"]) == (13.0, 8.0)
+    r = simulate_timed(trace, 2, "lru", trace.predicted, 1, 3.0, 1.0)
+    assert r["seconds_per_token"] == 8.0 and r["dropped"] == 2.0

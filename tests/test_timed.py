@@ -41,9 +41,11 @@ def test_the_same_hits_as_simulate(policy, pool):
             got = simulate_timed(trace, slots, policy, predicted, 1, copy_s=2e-3, layer_s=1e-3, pool=pool)
             assert got["per_layer_hits"] == want["per_layer_hits"]
             assert (got["prefetch_copies"], got["prefetch_hits"]) == (want["prefetch_copies"], want["prefetch_hits"])
-            for layer in range(3):  # ready + late = hits; + missed = every access
+            for layer in range(3):  # ready + late = hits, but those on a slot whose copy was dropped; + missed = all
                 ready, late, missed = counts(got, layer, 150, 2)
-                assert ready + late == want["per_layer_hits"][layer] and ready + late + missed == 300
+                assert ready + late <= want["per_layer_hits"][layer] and ready + late + missed == 300
+                if predicted is None:
+                    assert ready + late == want["per_layer_hits"][layer]
             if predicted is None:  # a demand copy lands before its row computes: no hit is ever late
                 assert got["late"] == 0 and got["prefetch_copies_per_token"] == 0
 
@@ -65,11 +67,13 @@ def test_a_hand_worked_clock():
     assert (after["hits"], after["seconds_per_token"], after["prefetch_copies_per_token"]) == (3, 6.5, 2.0)
     assert after["link_busy"] == 1.0
     # lead 2 = L: at row l, the next token's row l. t0 r0: 0 misses (0-3), ends 4; the prefetch of expert 2
-    # evicts expert 0, so its copy waits for the row to end: 4-7. t0 r1 at 4: 1 misses (7-10), ends 11;
-    # expert 3's copy waits for it: 11-14. t1 r0 at 11: ready; ends 12. t1 r1 at 12: late (2 s); ends 15.
+    # evicts expert 0, so its copy waits for the row to end (4). t0 r1 at 4: 1 misses; its demand copy passes
+    # the speculative one: 4-7; ends 8. Expert 2's copy runs 7-8; expert 3's waits for row 1 to end (8).
+    # t1 r0 at 8: expert 2's copy is promoted, its 2 s left: 8-10, late; ends 11. Expert 3's runs 10-11.
+    # t1 r1 at 11: promoted, 11-13, late; ends 14.
     r = simulate_timed(trace, 1, "lru", trace.predicted, 2, copy_s=3.0, layer_s=1.0)
-    assert [counts(r, layer, 2, 1) for layer in range(2)] == [[1, 0, 1], [0, 1, 1]]
-    assert (r["late_wait_s"], r["miss_wait_s"], r["seconds_per_token"]) == (1.0, 4.5, 7.5)
+    assert [counts(r, layer, 2, 1) for layer in range(2)] == [[0, 1, 1], [0, 1, 1]]
+    assert (r["late_wait_s"], r["miss_wait_s"], r["seconds_per_token"]) == (2.0, 3.0, 7.0)
 
 
 def test_copy_speed_decides_ready_or_late():

@@ -25,6 +25,7 @@ from ..options import MISS_POLICIES
 from .eviction import ONLINE_POLICIES, POOLS, SlotTable
 from .link import EmulatedLink
 from .prefetch import Transfers
+from .speculate import miss_on_cpu, speculate
 from .store import ExpertStore
 
 
@@ -85,9 +86,14 @@ class ExpertCache:
         self._host_views: dict[tuple[int, int], tuple] = {}  # (row, expert) -> views of its RAM buffer
         # on a CPU device, `link_gbs` emulates a host-to-device link of that speed (prefetch.py, rules 7-9)
         self.transfers = Transfers(device, sizes, EmulatedLink(link_gbs * 1e9) if link_gbs else None)
-        self.planned: list[tuple[int, list[int]]] = []  # prefetches waiting for this layer's demand copies
+        # prefetches waiting for this layer's demand copies: (row, experts, (expert, chance) to choose from or
+        # None, rows ahead, an unranked expert's chance)
+        self.planned: list[tuple[int, list[int], list[tuple[int, float]] | None, int, float]] = []
         self.speculative: list[list[tuple[int, int]]] = [[] for _ in self.slots]  # per row: (slot, expert) prefetched
         self.counters = CacheCounters()
+        self.copy_s = self.cpu_s = 0.0  # one expert's copy and CPU forward, measured by `calibrate_misses`
+        self.layer_s = 0.0  # a layer's compute between two acquires (an average), for `speculate`
+        self._entered = self._waited = None  # the latest acquire's time and copy_wait_s then
 
     @property
     def host_is_device(self) -> bool:
@@ -130,18 +136,35 @@ class ExpertCache:
         on the prefetch stream, since nothing waits for it now. On the CPU with every expert in RAM
         that policy copies nothing: a slot filled then reads the expert's RAM buffer in place.
         """
-        hit, slots, _ = self.table.access_row(row, experts, pending=self.planned[0] if self.planned else None)
+        self._pace()
+        hit, slots, _ = self.table.access_row(row, experts, pending=self.planned[0][:2] if self.planned else None)
         c = self.counters
         on_cpu = [False] * len(experts)
         for k, e in enumerate(experts):
             if not hit[k]:
-                on_cpu[k] = decode and self.cpu_cheaper
+                on_cpu[k] = decode and self._on_cpu(sum(on_cpu))
                 c.cpu_misses += on_cpu[k]
                 self._copy(row, slots[k], e, demand=not on_cpu[k])
-        self._flush_prefetch()
+        self._flush_prefetch(len(experts) - sum(hit) - sum(on_cpu))
         flying = self.transfers.in_flight[self.pool_of[row]]
         late = [not cpu and flying[s] for s, cpu in zip(slots, on_cpu, strict=True)]
         return slots, on_cpu, late
+
+    def _on_cpu(self, queued: int) -> bool:
+        """Whether a decode miss is computed on the CPU: miss policy cpu; auto on a device with a copy engine,
+        per miss from the link's backlog and the CPU misses already queued (`speculate.miss_on_cpu`); auto
+        elsewhere, as `calibrate_misses` found."""
+        if self.miss_policy != "auto" or self.transfers.cuda is None:
+            return self.cpu_cheaper
+        return miss_on_cpu(self.transfers.backlog_s(), self.copy_s, queued * self.cpu_s, self.cpu_s)
+
+    def _pace(self) -> None:
+        """Average a layer's compute: the time since the previous acquire, less what it waited for copies."""
+        now, waited = time.perf_counter(), self.counters.copy_wait_s
+        if self._entered is not None:
+            spent = max(0.0, now - self._entered - (waited - self._waited))
+            self.layer_s = spent if self.layer_s == 0.0 else 0.9 * self.layer_s + 0.1 * spent
+        self._entered, self._waited = now, waited
 
     def wait(self, row: int, slot: int) -> None:
         """Order compute after the copy into `slot`; a host wait is counted as compute stalled on a copy."""
@@ -164,7 +187,7 @@ class ExpertCache:
         return views
 
     def calibrate_misses(self, dim: int, dtype: torch.dtype, repeats: int = 3) -> dict:
-        """For miss policy `auto`: time one expert's decode forward on the CPU against one copy to the
+        """For miss policy `auto` and `speculate`: time one expert's decode forward on the CPU against one copy to the
         device. Call it before any expert is resident: it uses slot 0 of layer 0 as scratch."""
         x = torch.randn(1, dim, dtype=dtype)
         buf = self.store.buffer(0, 0)
@@ -185,6 +208,7 @@ class ExpertCache:
             times["copy_s"] = self.transfers.link.seconds(buf.numel() * buf.element_size())
         elif self.device.type == "cuda":  # what `backlog_s` counts queued bytes in
             self.transfers.bytes_per_s = buf.numel() * buf.element_size() / times["copy_s"]
+        self.copy_s, self.cpu_s = times["copy_s"], times["cpu_s"]
         if self.miss_policy == "auto":  # on the CPU device an expert runs on the CPU either way, copied or not
             self.cpu_cheaper = self.host_is_device or times["cpu_s"] < times["copy_s"]
         return times
@@ -194,13 +218,22 @@ class ExpertCache:
         for s in slots:
             self.transfers.mark_free(self.pool_of[row], s)
 
-    def plan_prefetch(self, row: int, experts: list[int]) -> None:
-        """Queue a prefetch for `layer`; it is issued after the current layer's demand copies."""
-        self.planned.append((row, experts))
+    def plan_prefetch(self, row: int, experts: list[int], ranked: list[tuple[int, float]] | None = None,
+                      lead: int = 1, rest: float = 0.0) -> None:
+        """Queue a prefetch for `row`, `lead` rows ahead; it is issued after the current layer's demand copies:
+        `experts`, or, given `ranked` (expert, chance; `rest`: an unranked one's), those `speculate` chooses
+        then."""
+        self.planned.append((row, experts, ranked, lead, rest))
 
-    def _flush_prefetch(self) -> None:
+    def _flush_prefetch(self, demand: int) -> None:
+        """Issue the planned prefetches, after this layer's `demand` copies (the layer waits for those before
+        the planned row's `lead` layers run)."""
         planned, self.planned = self.planned, []
-        for row, experts in planned:
+        for row, experts, ranked, lead, rest in planned:
+            if ranked is not None:
+                n = self.slots[row] if self.pool == "layer" else sum(self.slots)
+                experts = speculate(ranked, self.table.resident(row), n, self.copy_s, self.transfers.backlog_s(),
+                                    demand * self.copy_s + lead * self.layer_s, self.slots[row], rest)
             self.prefetch(row, experts)
 
     def prefetch(self, row: int, experts: list[int]) -> None:

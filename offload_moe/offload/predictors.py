@@ -61,6 +61,8 @@ class RouterPredictor:
 
     name = "router"
 
+    calibration = None  # no hit probabilities: the prefetcher copies its fixed width
+
     def __init__(self, model, lead: int):
         self.model, self.lead = model, lead
         # sigmoid and grouped routers pick within groups, which their scores alone do not show
@@ -82,8 +84,10 @@ class LearnedPredictor:
 
     name = "learned"
 
-    def __init__(self, weights: list[dict[str, torch.Tensor]], lead: int, meta: dict[str, str]):
+    def __init__(self, weights: list[dict[str, torch.Tensor]], lead: int, meta: dict[str, str],
+                 calibration: np.ndarray | None = None):
         self.weights, self.lead, self.meta = weights, lead, meta
+        self.calibration = calibration  # [L, P] per row and rank, the chance the row uses it (speculate.calibrate)
 
     def logits(self, target: int, h: torch.Tensor) -> torch.Tensor:
         w = self.weights[target]
@@ -112,8 +116,12 @@ def ranked(first: torch.Tensor | None, scores: torch.Tensor, width: int) -> torc
 
 
 def save_predictor(path: str | os.PathLike, weights: list[dict[str, torch.Tensor]], lead: int,
-                   meta: dict[str, str]) -> None:
+                   meta: dict[str, str], calibration: np.ndarray | None = None) -> None:
+    """The predictor file; `calibration` [L, P] (`speculate.calibrate` on routing it was not fitted on) lets
+    the prefetcher weigh each copy's cost (`speculate.speculate`) instead of copying a fixed width."""
     tensors = {f"rows.{r}.{k}": v.contiguous() for r, w in enumerate(weights) for k, v in w.items()}
+    if calibration is not None:
+        tensors["calibration"] = torch.from_numpy(np.asarray(calibration, np.float32))
     write_safetensors_atomic(path, tensors, metadata={**meta, "kind": "learned", "lead": str(lead),
                                                       "rows": str(len(weights))})
 
@@ -151,7 +159,10 @@ def load_predictor(path: str | os.PathLike, rows: int, dim: int, experts: int) -
     if not 1 <= lead < rows:
         raise UserError(f"predictor {p} predicts {lead} layers ahead; this model's {rows} MoE layers allow 1 to "
                         f"{rows - 1}")
-    return LearnedPredictor(weights, lead, meta)
+    calibration = tensors.get("calibration")
+    if calibration is not None and (calibration.ndim != 2 or calibration.shape[0] != rows):
+        raise UserError(f"predictor {p}: its calibration has shape {list(calibration.shape)}, not [{rows}, P]")
+    return LearnedPredictor(weights, lead, meta, None if calibration is None else calibration.double().numpy())
 
 
 def make_predictor(kind: str, model, lead: int, device: torch.device):

@@ -55,7 +55,10 @@ Prediction (`Prefetcher`): at the entry of row l, the predictor (predictors.py) 
 predicted from there: row l + N, N the prefetch depth, and for the last rows row l + N - L of the next
 token (not in a batched step, whose next step may hold other sequences). For one token its best
 `width` experts are prefetched (default: top-k); for a prompt or a batch, the experts most
-tokens rank in their top-k (ties: the row's most used so far), up to `width`.
+tokens rank in their top-k (ties: the row's most used so far), up to `width`. A predictor with a
+calibration (per row and rank, the chance the row uses the expert) ranks every expert it calibrated,
+and the cache issues only the copies that pay (`speculate.speculate`, the timed replay's rule), from
+the link's backlog, one copy's time and the time until the row runs.
 Storage reads (tiered store) start at once and one row further ahead; device copies wait for row
 l's demand copies (rule 2).
 
@@ -73,6 +76,7 @@ import torch
 from .eviction import prefetch_choice
 from .link import EmulatedLink
 from .predictors import targets_of
+from .speculate import candidates, rest_chance
 
 
 class Transfers:
@@ -227,15 +231,22 @@ class Prefetcher:
             if next_token and decode and h.shape[0] > 1:
                 continue  # a batch's next step may hold other sequences: no cross-token guess
             x = h[-1:] if next_token else h  # a prompt's next forward follows its last token
-            experts = self.predictor.rank(target, x, self.widths[target])  # [T, P]
+            cal = self.predictor.calibration
+            width = self.widths[target] if cal is None or self.cache is None else cal.shape[1]
+            experts = self.predictor.rank(target, x, width)  # [T, P]
             if recorder is not None:
                 recorder.predicted(target, next_token, experts)
             if self.cache is None:
                 continue
-            chosen = prefetch_choice(experts.tolist(), K, self.widths[target],  # SYNC: prediction to host, [T][P]
-                                     self.cache.table.uses_of(target))
+            ranks = experts.tolist()  # SYNC: prediction to host, [T][P]
+            uses = self.cache.table.uses_of(target)
+            if self.predictor.calibration is None:
+                chosen, ranked, rest = prefetch_choice(ranks, K, self.widths[target], uses), None, 0.0
+            else:  # the cache chooses among them once this row's demand copies are queued (`speculate`)
+                ranked = candidates(ranks, self.predictor.calibration[target], uses)
+                chosen, rest = [e for e, _ in ranked][: self.cache.slots[target]], rest_chance(ranked, K, len(uses))
             self.cache.store.prefetch(target, chosen)  # non-blocking reads from storage (tiered store only)
-            self.cache.plan_prefetch(target, chosen)
+            self.cache.plan_prefetch(target, chosen, ranked, self.lead, rest)
         if self.cache is not None and not self.cache.store.in_ram and row + self.lead + 1 < rows and h.shape[0] == 1:
             # storage reads run one row further ahead than the copies, on the router's guess
             deeper = row + self.lead + 1

@@ -3,30 +3,32 @@
 `simulate` counts hits; a hit on an expert whose copy is still crossing the link saves only part
 of a miss. Here the trace goes token by token, row by row (a row: one MoE layer's cache), through
 one `eviction.SlotTable` with the engine's per-step calls in the engine's order, so the hit counts are
-`simulate`'s with the same predictions (`link` "fifo"), and a clock runs beside them:
+`simulate`'s with the same predictions, and a clock runs beside them:
 
-  * one host-to-device link carries one expert copy at a time, each copy `copy_s` seconds. `link`
-    "fifo": first issued first served. That is pessimistic for demand copies: on CUDA they have their
-    own higher-priority stream (prefetch.py, rule 2), though they share the copy engine. `link`
-    "demand-first": as the engine's emulated link serves them (prefetch.py, rules 7-9), a demand copy
-    goes ahead of every speculative copy not landed yet (each of those lands `copy_s` later), and a
-    speculative copy not landed is dropped, giving its remaining link time back, when its row's
-    routing is known and does not use it (its slot emptied: `SlotTable.vacate`, so the hit counts may
-    differ from `simulate`'s) or when another copy fills its slot;
+  * one host-to-device link (`link.Link`) carries one expert copy at a time, demand copies first: a
+    demand copy passes queued speculative ones and a started one; speculative copies go first issued
+    first served in the gaps; a speculative copy still on the link when its row's routing is known is
+    dropped if the row does not use it (its slot then holds no expert: an access that the table counts
+    as a hit there is a miss in time, copied on demand) and promoted to a demand copy if it does;
   * row l of token t starts at `now`, and its experts are needed at `now`. An accessed expert is
     ready (resident, its copy done by `now`), late (resident, its copy finishing later: the wait is
-    that finish - now) or missed (not resident: a demand copy issued at `now`, queued on the link,
-    waited for until it lands);
-  * the row ends at max(now, the latest needed copy's finish) + layer_s[l]: the compute waits for
-    every copy first, pessimistic again (the engine runs the resident experts while the others land);
-  * then the prefetches issued at this row go on the link, issued at `now` (the row's start), after
+    that finish - now) or missed (not resident: a demand copy issued at `now`, waited for until it
+    lands; or, miss policy cpu, or auto when `speculate.miss_on_cpu` says so, computed on the CPU,
+    a second resource that runs one expert at a time for `cpu_s` each, while the copy goes on the link
+    as a speculative one for later tokens);
+  * the row ends at max(now, the latest needed copy's finish) + layer_s[l], or when its CPU work ends
+    if later: the compute waits for every copy first, pessimistic (the engine runs the resident
+    experts while the others land);
+  * then the prefetches planned at this row go on the link, issued at `now` (the row's start), after
     its demand copies: the prediction for row l + lead of this token, or, past the last row, for row
     l + lead - L of the next token (the engine predicts `lead` rows ahead, wrapping to the next
-    token). A copy into a slot also waits until the last row that read the slot has ended (only a
-    prefetch of lead L, for this row of the next token, can meet that).
+    token); with a calibration, only those `speculate` chooses (the time until the row runs: this
+    row's demand copies, then lead x layer_s). A copy into a slot also waits until the last row that
+    read the slot has ended (only a prefetch of lead L, for this row of the next token, can meet that).
 
-Predictions are `predicted[t, l, :]`, ranked, -1 padded, any width P (cut to the row's slot count:
-a prediction never evicts its own experts). With a pool shared by every row (`pool` "global") the slots and
+Predictions are `predicted[t, l, :]`, ranked, -1 padded, any width P (without a calibration, cut to
+the row's slot count: a prediction never evicts its own experts; with one, `speculate` names at most
+that many). With a pool shared by every row (`pool` "global") the slots and
 their clocks are the pool's. Those of the first `lead` rows of token 0 are never
 issued (no token before it); those the last token made for a token that never came (`after`) are
 copied all the same, as in the engine.
@@ -42,60 +44,68 @@ import numpy as np
 
 from ..errors import UserError
 from ..offload.eviction import ONLINE_POLICIES, SlotTable
+from ..offload.speculate import candidates, miss_on_cpu, rest_chance, speculate
+from ..options import MISS_POLICIES
 from ..profiles import load_profile
+from .link import Link
 from .replay import check_pool, slots_per_layer
 from .trace import Trace
 
 OUTCOMES = ("ready", "late", "missed")
-LINKS = ("fifo", "demand-first")  # how the link orders copies (the module docstring)
 
 
 def simulate_timed(trace: Trace, slots: int | list[int], policy: str, predicted: np.ndarray | None, lead: int,
                    copy_s: float, layer_s: float | Sequence[float], seed: int = 0, after: np.ndarray | None = None,
-                   pool: str = "layer", link: str = "fifo") -> dict:
+                   pool: str = "layer", calibration: np.ndarray | None = None, miss_policy: str = "fetch",
+                   cpu_s: float = float("inf")) -> dict:
     """Replay `trace` in modelled time (see the module docstring); `predicted` [T, L, P] or None (no
     prefetch); `after` [L, P]: the predictions the last token issued for a token that never came (the
     trace's `predicted_after`), prefetched as the engine did; `pool` "global": the slots' sum shared by every
-    row (each access told the prefetch decided at its row's entry, as the engine's); `link`: one of LINKS.
-    Returns {"policy", "slots", "lead" (0 without prefetch), "copy_s", "layer_s" [L], "hits", "per_layer_hits",
-    "prefetch_copies",
-    "prefetch_hits" (the table's counts, as `simulate`),
-    "ready", "late", "missed" (shares of all accesses), "late_wait_s", "miss_wait_s" (per token: the
-    waits of every late or missed access, summed), "stall_s" (per token: what the rows waited for
-    copies, the latest copy per row), "demand_copies", "prefetch_copies_per_token" (per token),
-    "prefetch_dropped" (per token), "link_busy" (share of the modelled time the link carried a copy),
-    "seconds_per_token",
-    "tokens_per_s", "per_layer" [L] {the same shares (of that row's accesses) and per-token figures,
-    "prefetch_copies" (per token, into that row)}}.
+    row (each access told the prefetch planned at its row's entry, as the engine's); `calibration` [L, P]
+    (`speculate.calibrate`): each prefetch is `speculate`'s choice from the predictions, else every prediction
+    is copied (the fixed width); `miss_policy` fetch, cpu or auto (`speculate.miss_on_cpu` per miss), a CPU
+    miss taking `cpu_s`. Returns {"policy", "slots", "lead" (0 without prefetch), "decided" (whether
+    `speculate` chose), "miss_policy", "copy_s", "layer_s" [L], "hits", "per_layer_hits", "prefetch_copies",
+    "prefetch_hits" (the table's counts, as `simulate` when every prediction is copied),
+    "ready", "late", "missed" (shares of all accesses; a hit on a slot whose copy was dropped is missed),
+    "late_wait_s", "miss_wait_s" (per token: the waits of every late or missed access, summed), "stall_s" (per
+    token: what the rows waited for copies and CPU misses), "demand_copies", "prefetch_copies_per_token",
+    "dropped" (speculative copies dropped per token), "cpu_misses" (per token), "link_busy", "cpu_busy" (shares
+    of the modelled time), "seconds_per_token", "tokens_per_s", "per_layer" [L] {the same shares (of that
+    row's accesses) and per-token figures, "prefetch_copies" (per token, into that row)}}.
     """
     T, L, K = trace.experts.shape
     check_pool(pool)
-    if link not in LINKS:
-        raise UserError(f"unknown link order {link!r}; choose from {', '.join(LINKS)}")
+    if miss_policy not in MISS_POLICIES:
+        raise UserError(f"miss policy {miss_policy!r}: choose from {', '.join(MISS_POLICIES)}")
     per_layer = slots_per_layer(slots, trace)
     layer_s = _checked(trace, policy, predicted, lead, copy_s, layer_s)
     shared = pool == "global"
     table = SlotTable([sum(per_layer)] if shared else per_layer, trace.num_experts, policy, seed,
                       layers=L if shared else 1)
     experts = trace.experts.tolist()  # [T][L][K]: the loop reads Python lists
-    preds = _issued(predicted, after, per_layer)
+    preds = _issued(predicted, after, per_layer if calibration is None else None)
     clock = _Clock([sum(per_layer)] if shared else per_layer, [0] * L if shared else list(range(L)), copy_s,
-                   link == "demand-first")
+                   miss_policy, cpu_s)
     for t in range(T):
         for l in range(L):  # noqa: E741 (a row, as in the legend)
             target, tt = (l + lead, t) if l + lead < L else (l + lead - L, t + 1)
             planned = (target, preds[tt][target]) if preds is not None and tt < len(preds) else None
-            if clock.preempt:
-                clock.drop_stale(table, l, experts[t][l])
             ends, where = clock.access(table, l, experts[t][l], planned)
             ends += layer_s[l]
+            ends = max(ends, clock.cpu_done)
             for s in where:
                 clock.free_at[clock.pool_of[l]][s] = ends
             if planned is not None:
-                clock.prefetch(table, *planned)
+                chosen = planned[1]
+                if calibration is not None:
+                    chosen = clock.decide(table, planned, calibration[target], lead * layer_s[l],
+                                          per_layer[target], K)
+                clock.prefetch(table, planned[0], chosen)
             clock.now = ends
     out = {"policy": policy, "slots": slots if isinstance(slots, int) else per_layer,
-           "lead": lead if predicted is not None else 0, "copy_s": float(copy_s), "layer_s": layer_s}
+           "lead": lead if predicted is not None else 0, "decided": calibration is not None and predicted is not None,
+           "miss_policy": miss_policy, "copy_s": float(copy_s), "layer_s": layer_s}
     return {**out, **_figures_of(table, clock, T, K)}
 
 
@@ -117,114 +127,106 @@ def _checked(trace: Trace, policy: str, predicted: np.ndarray | None, lead: int,
     return layer_s
 
 
-def _issued(predicted: np.ndarray | None, after: np.ndarray | None, per_layer: list[int]
+def _issued(predicted: np.ndarray | None, after: np.ndarray | None, per_layer: list[int] | None
             ) -> list[list[list[int]]] | None:
-    """The prefetches each token issues per row, cut to the row's slots, as Python lists [T(+1)][L][<=S];
-    `after`'s, for token T (never accessed), last. None without prefetch."""
+    """The predictions each token makes per row, cut to the row's slots `per_layer` (None: whole, for
+    `speculate` to choose from), as Python lists [T(+1)][L][P]; `after`'s, for token T (never accessed),
+    last. None without prefetch."""
     if predicted is None:
         return None
-    preds = [[p[:n] for p, n in zip(tok, per_layer, strict=True)] for tok in predicted.tolist()]
-    if after is not None:
-        preds.append([p[:n] for p, n in zip(after.tolist(), per_layer, strict=True)])
-    return preds
+    rows = predicted.tolist() + ([after.tolist()] if after is not None else [])
+    return rows if per_layer is None else [[p[:n] for p, n in zip(tok, per_layer, strict=True)] for tok in rows]
 
 
 class _Clock:
-    """The modelled time beside the table: when each slot's copy lands, when its last reader ends, the
-    link, the current row's start, and the outcome counts and waits per row."""
+    """The modelled time beside the table: when each slot's copy lands (and whether a dropped copy left it
+    without its expert), when its last reader ends, the link, the CPU, the current row's start, and the outcome
+    counts and waits per row."""
 
-    def __init__(self, sizes: list[int], pool_of: list[int], copy_s: float, preempt: bool):
+    def __init__(self, sizes: list[int], pool_of: list[int], copy_s: float, miss_policy: str, cpu_s: float):
         L = len(pool_of)
-        self.preempt = preempt  # link "demand-first"
-        self.copy_s, self.pool_of = copy_s, pool_of  # each row's pool (its own, or the one shared)
+        self.copy_s, self.pool_of, self.miss_policy, self.cpu_s = copy_s, pool_of, miss_policy, cpu_s
         self.ready_at = [[0.0] * n for n in sizes]  # [pools][S]: when the copy into each slot finishes
         self.free_at = [[0.0] * n for n in sizes]  # [pools][S]: when the last row that read each slot ends
+        self.void = [[False] * n for n in sizes]  # [pools][S]: its copy was dropped; the table still names it
         self.count = [[0] * L for _ in OUTCOMES]  # [3][L]: ready, late, missed per row
         self.wait = [[0.0] * L for _ in range(3)]  # [3][L]: late waits, miss waits, stall per row
-        self.link = self.now = 0.0  # when the link is free; the current row's start
-        self.demand = 0.0  # when the link is free of demand copies (they pass speculative ones)
-        self.queued: dict[tuple[int, int], list] = {}  # (pool, slot) -> [row, expert] of a speculative copy not landed
-        self.dropped, self.returned = 0, 0.0  # copies dropped, the link seconds they gave back
+        self.now = 0.0  # the current row's start
+        self.cpu_end = self.cpu_done = self.cpu_busy = 0.0  # the CPU's queue; the current row's CPU work ends
+        self.cpu_misses = 0
+        self.link = Link(copy_s, self._landed)
+
+    def _landed(self, pool: int, slot: int, t: float) -> None:
+        self.ready_at[pool][slot] = t
 
     def access(self, table: SlotTable, l: int, experts: list[int], planned=None) -> tuple[float, list[int]]:  # noqa: E741
-        """Row l's accesses at `now`, demand copies queued on the link (`planned`: the prefetch decided at its
-        entry): (when the latest needed copy lands, or now; the slots the row reads)."""
+        """Row l's accesses at `now` (`planned`: the prefetch planned at its entry): its stale copies dropped,
+        its copies in flight promoted, its misses copied on demand or computed on the CPU. Returns (when the
+        latest needed copy lands, or now; the slots the row reads)."""
+        link, p, now = self.link, self.pool_of[l], self.now
+        link.advance(now)
         hit, where, _ = table.access_row(l, experts, pending=planned)
-        p, now = self.pool_of[l], self.now
-        ready = self.ready_at[p]
+        for q, s in link.stale(l, set(where)):
+            self.void[q][s] = True
+        ready, void = self.ready_at[p], self.void[p]
         count, wait, ends = self.count, self.wait, now
+        self.cpu_done = now
         for k, s in enumerate(where):
-            if hit[k]:
-                done = ready[s]
+            if hit[k] and not void[s]:
+                promoted = link.promote(now, p, s)
+                done = ready[s] = promoted if promoted is not None else ready[s]
                 late = done > now
                 count[late][l] += 1
                 wait[0][l] += done - now if late else 0.0
-            else:  # the evicted slot held no expert of this access: its readers have ended
-                if self.preempt:
-                    self._drop(p, s)
-                    done = ready[s] = self.demand = max(now, self.demand) + self.copy_s
-                    self._pass(done - self.copy_s)
-                else:
-                    done = ready[s] = self.link = max(now, self.link) + self.copy_s
-                count[2][l] += 1
-                wait[1][l] += done - now
+                ends = max(ends, done)
+                continue
+            link.cancel(p, s)  # a miss overwrites the slot: the copy still going into it (another expert's) stops
+            void[s] = False
+            count[2][l] += 1
+            if self.miss_policy == "cpu" or (self.miss_policy == "auto" and miss_on_cpu(
+                    max(0.0, link.demand_end - now), self.copy_s, max(0.0, self.cpu_end - now), self.cpu_s)):
+                self.cpu_done = self.cpu_end = max(now, self.cpu_end) + self.cpu_s
+                self.cpu_busy += self.cpu_s
+                self.cpu_misses += 1
+                wait[1][l] += self.cpu_end - now
+                ready[s] = float("inf")  # until its copy, queued behind the speculative ones, lands
+                link.speculate(p, s, l, now)
+                continue
+            done = ready[s] = link.demand(now)
+            wait[1][l] += done - now
             ends = max(ends, done)
-        wait[2][l] += ends - now
+        wait[2][l] += max(ends, self.cpu_done) - now
         return ends, where
+
+    def decide(self, table: SlotTable, planned: tuple[int, list[int]], calibration, until_s: float,
+               slots: int, top_k: int) -> list[int]:
+        """`speculate`'s choice among the planned predictions, at most the target row's `slots`, from the link's
+        backlog at `now` (after this row's demand copies, which the row waits for before `until_s` starts)."""
+        row, predicted = planned
+        ranked = candidates([predicted], calibration, table.uses_of(row))
+        return speculate(ranked, table.resident(row), slots, self.copy_s, self.link.backlog(self.now),
+                         until_s + max(0.0, self.link.demand_end - self.now), slots,
+                         rest_chance(ranked, top_k, table.num_experts))
 
     def prefetch(self, table: SlotTable, row: int, predicted: list[int]) -> None:
         """Issue `predicted` into `row` at `now`, after the demand copies; a copy into a slot waits for
         its last reader to end."""
         inserted, into, _ = table.prefetch_row(row, predicted)
         p = self.pool_of[row]
-        ready, free = self.ready_at[p], self.free_at[p]
-        for k, (new, s) in enumerate(zip(inserted, into, strict=True)):
+        for new, s in zip(inserted, into, strict=True):
             if new:
-                if self.preempt:
-                    self._drop(p, s)
-                    self.queued[p, s] = [row, predicted[k]]
-                ready[s] = self.link = max(self.now, self.link, free[s]) + self.copy_s
-
-    def drop_stale(self, table: SlotTable, l: int, experts: list[int]) -> None:  # noqa: E741
-        """Row l's routing is known at `now`: drop its speculative copies not landed of experts it does not use,
-        emptying their slots."""
-        p = self.pool_of[l]
-        for (q, s), (row, e) in list(self.queued.items()):
-            if self.ready_at[q][s] <= self.now:  # landed
-                del self.queued[q, s]
-            elif q == p and row == l and e not in experts and self._drop(p, s):
-                table.vacate(l, e)
-
-    def _drop(self, p: int, s: int) -> bool:
-        """Drop the speculative copy into slot s of pool p if it has not landed by `now`; its remaining link time
-        comes back to the copies after it."""
-        if self.queued.pop((p, s), None) is None or self.ready_at[p][s] <= self.now:
-            return False
-        end = self.ready_at[p][s]
-        back = min(self.copy_s, end - self.now)
-        for q, t in self.queued:
-            if self.ready_at[q][t] > end:
-                self.ready_at[q][t] -= back
-        self.link = max(self.link - back, self.demand)
-        self.ready_at[p][s] = self.now
-        self.dropped += 1
-        self.returned += back
-        return True
-
-    def _pass(self, start: float) -> None:
-        """A demand copy takes the link from `start`: the speculative copies not landed by then land later."""
-        for q, t in self.queued:
-            if self.ready_at[q][t] > start:
-                self.ready_at[q][t] += self.copy_s
-        self.link = max(self.link, start) + self.copy_s
+                self.link.cancel(p, s)
+                self.void[p][s] = False
+                self.ready_at[p][s] = float("inf")
+                self.link.speculate(p, s, row, max(self.now, self.free_at[p][s]))
 
 
 def _figures_of(table: SlotTable, clock: _Clock, T: int, K: int) -> dict:
     """`simulate_timed`'s counts, shares and per-token figures, in total and per row."""
     count, wait = np.array(clock.count, np.float64), np.array(clock.wait)  # [3, L] each
     prefetched = np.array(table.prefetch_copies, np.float64)  # [L]: copies into each row
-    L, now, copy_s = count.shape[1], clock.now, clock.copy_s
-    span, tokens = max(now, clock.link), max(T, 1)
+    L, now = count.shape[1], clock.now
+    span, tokens = max(now, clock.link.finish()), max(T, 1)
     row_accesses = max(T * K, 1)
 
     def figures(c: np.ndarray, w: np.ndarray, accesses: int) -> dict:
@@ -237,8 +239,11 @@ def _figures_of(table: SlotTable, clock: _Clock, T: int, K: int) -> dict:
         "hits": int(sum(table.hits)), "per_layer_hits": table.hits,
         "prefetch_copies": int(prefetched.sum()), "prefetch_hits": int(sum(table.prefetch_hits)),
         **figures(count.sum(1), wait.sum(1), row_accesses * L),
-        "prefetch_copies_per_token": float(prefetched.sum()) / tokens, "prefetch_dropped": clock.dropped / tokens,
-        "link_busy": (copy_s * float(count[2].sum() + prefetched.sum()) - clock.returned) / span if span > 0 else 0.0,
+        "demand_copies": (float(count[2].sum()) - clock.cpu_misses) / tokens,
+        "prefetch_copies_per_token": float(prefetched.sum()) / tokens,
+        "dropped": clock.link.dropped / tokens, "cpu_misses": clock.cpu_misses / tokens,
+        "link_busy": clock.link.busy / span if span > 0 else 0.0,
+        "cpu_busy": clock.cpu_busy / span if span > 0 else 0.0,
         "seconds_per_token": now / tokens, "tokens_per_s": T / now if now > 0 else 0.0,
         "per_layer": [{**figures(count[:, r], wait[:, r], row_accesses),
                        "prefetch_copies": float(prefetched[r]) / tokens} for r in range(L)],

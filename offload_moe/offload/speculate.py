@@ -1,0 +1,89 @@
+"""Whether a copy pays: the prefetch decision that weighs cost (`speculate`), the per-miss choice of
+`--miss-policy auto` (`miss_on_cpu`) and the calibrated probabilities the first reads (`calibrate`,
+`candidates`). The engine (`prefetch.Prefetcher`, `cache.ExpertCache`) and the timed replay
+(`planning/timed.py`) call these same functions with the same kinds of figures, so the replay judges the
+engine's own rule.
+
+The cost model of one speculative copy of an expert that its row uses with probability p, on a link where
+demand copies pass speculative ones and a speculative copy whose row does not use it is dropped when the
+row's routing is known (planning/link.py):
+  lead    = min(copy_s, until_s - queued): the link time the copy gets before its row runs (queued: the
+            backlog ahead of it, its own row's earlier copies included);
+  saving  = p * lead: used, it spares that much of the demand copy the row would wait for;
+  cost    = (1 - p) * (lead + victim * copy_s): unused, it held the link for `lead` before it was dropped,
+            and the expert it displaced (when the row's slots are full) comes back as a miss with the
+            probability `victim`, the least likely resident expert's (an unranked one: `rest_chance`).
+A copy is issued when saving > cost; none once `lead` <= 0 (it could not start before its row runs).
+
+Shape legend: T tokens, L rows, K top-k, P predicted per row (ranks), E experts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def calibrate(predicted: np.ndarray, experts: np.ndarray) -> np.ndarray:
+    """[L, P]: per row and rank, the share of tokens whose prediction at that rank was among the experts
+    the row chose, on routing the predictor was not fitted on (ranks with no prediction, -1, are left out;
+    a rank never predicted: 0). predicted [T, L, P], experts [T, L, K]."""
+    made = predicted >= 0  # [T, L, P]
+    used = (predicted[..., :, None] == experts[..., None, :]).any(-1) & made  # [T, L, P]
+    n = made.sum(0)  # [L, P]
+    return np.where(n > 0, used.sum(0) / np.maximum(n, 1), 0.0)
+
+
+def candidates(predicted: Sequence[Sequence[int]], table: Sequence[float], uses) -> list[tuple[int, float]]:
+    """(expert, probability that its row uses it), most likely first (ties: the row's most used, `uses` [E],
+    then the lowest id), from the row's tokens' ranked predictions [T][P] (a token's starting with -1: none
+    made) and the row's calibration [P]: one token's by rank; several tokens' combined as independent
+    chances, 1 - prod(1 - p)."""
+    unused: dict[int, float] = {}
+    for ranks in predicted:
+        for r, e in enumerate(ranks[: len(table)]):
+            if e >= 0:
+                unused[e] = unused.get(e, 1.0) * (1.0 - float(table[r]))
+    return sorted(((e, 1.0 - q) for e, q in unused.items()), key=lambda c: (-c[1], -uses[c[0]], c[0]))
+
+
+def rest_chance(ranked: Sequence[tuple[int, float]], top_k: int, num_experts: int) -> float:
+    """The probability that the row uses an expert `ranked` does not name: the K uses it expects, less those
+    the ranked ones take, shared by the others."""
+    others = num_experts - len(ranked)
+    return min(1.0, max(0.0, top_k - sum(p for _, p in ranked)) / others) if others > 0 else 0.0
+
+
+def speculate(ranked: Sequence[tuple[int, float]], held: Sequence[int], slots: int, copy_s: float, backlog_s: float,
+              until_s: float, width: int, rest: float = 0.0) -> list[int]:
+    """The experts to prefetch for one row, at most `width`, from `ranked` (`candidates`), the row's resident
+    experts `held` in its `slots`, one copy's `copy_s`, the link's `backlog_s` (copy work queued ahead of a new
+    copy) and `until_s`, the time until the row runs (see the module docstring); `rest`: the chance of an
+    unranked resident (`rest_chance`). A resident candidate costs
+    nothing and is named, so the copies do not evict it; each copy issued queues the next one behind it, so
+    the width shrinks as the link fills."""
+    chance = dict(ranked)
+    victim = min((chance.get(e, rest) for e in held), default=0.0) if len(held) >= slots else 0.0
+    resident = set(held)
+    out: list[int] = []
+    queued = backlog_s
+    for e, p in ranked:
+        if len(out) >= width:
+            break
+        if e in resident:
+            out.append(e)
+            continue
+        lead = min(copy_s, until_s - queued)
+        if lead <= 0:
+            break
+        if p * lead > (1.0 - p) * (lead + victim * copy_s):
+            out.append(e)
+            queued += copy_s
+    return out
+
+
+def miss_on_cpu(link_wait_s: float, copy_s: float, cpu_wait_s: float, cpu_s: float) -> bool:
+    """A miss under `--miss-policy auto`: computed on the CPU when it is done there sooner than its demand
+    copy lands (each resource's queue ahead of it, then its own time)."""
+    return cpu_wait_s + cpu_s < link_wait_s + copy_s
