@@ -244,7 +244,9 @@ def test_held_out_tail_that_routes_differently_scores_lower():
     held_default = s["held_out"]["default"]
     assert held["hit_rate"] <= held_default["hit_rate"] and s["fitted"]["default"]["hit_rate"] < 0.55
     assert fit["tokens_per_s"] > 10 * s["fitted"]["default"]["tokens_per_s"]
-    assert held["tokens_per_s"] < 1.2 * held_default["tokens_per_s"]
+    # what lead is left is the winner's miss handling (cpu), not its slots: the timed replay runs CPU misses beside
+    # the link (the cost model, which scored this before, added them to the compute, and the lead was under 1.2x)
+    assert held["tokens_per_s"] < 2 * held_default["tokens_per_s"]
 
 
 def test_tune_cli_prints_and_writes_both_figures(tmp_path, capsys):

@@ -271,8 +271,7 @@ def timed_costs(trace: Trace, opts: TimedOptions) -> dict:
     if opts.layer_ms is not None and not opts.layer_ms >= 0:
         raise UserError(f"--layer-ms {opts.layer_ms}: give the compute time of one layer in ms, 0 or more")
     # here, not at the top: the cost model needs torch, which `simulate` without --timed starts without
-    from ..formats.registry import bytes_per_expert
-    from .costs import PRECISIONS, hardware_of, model_shape, step_seconds
+    from .costs import PRECISIONS, hardware_of, model_shape
 
     profile = load_profile(opts.profile) if opts.profile else None
     quant = opts.expert_quant or (profile.settings.get("expert_quant") if profile else None) or "none"
@@ -282,13 +281,25 @@ def timed_costs(trace: Trace, opts: TimedOptions) -> dict:
     if opts.link_gbs is not None:
         hw["h2d_bytes_per_s"] = opts.link_gbs * 1e9
     config = model_shape(trace)
-    nbytes = bytes_per_expert(config, quant)
-    compute = step_seconds(config, nbytes, hw, 0, 0, "fetch", precision=quant)  # no copies: the compute term
-    return {"copy_s": nbytes / hw["h2d_bytes_per_s"], "expert_bytes": nbytes, "expert_quant": quant,
-            "h2d_bytes_per_s": hw["h2d_bytes_per_s"],
-            "layer_s": opts.layer_ms / 1e3 if opts.layer_ms is not None else compute / config.n_moe_layers,
+    times = replay_times(config, hw, quant)
+    if opts.layer_ms is not None:
+        times["layer_s"] = opts.layer_ms / 1e3
+    return {**times, "expert_quant": quant, "h2d_bytes_per_s": hw["h2d_bytes_per_s"],
             "layer_from": "--layer-ms" if opts.layer_ms is not None else "the tuner's cost model",
             "shape": "the trace's" if trace.metadata.get("config") else "Mixtral-8x7B's (the trace records none)"}
+
+
+def replay_times(config, hw: dict, precision: str, attention: str = "none", group_size: int | None = None) -> dict:
+    """The timed replay's times from the cost model (`costs`) for experts in `precision`: {"copy_s" (one expert's
+    bytes over the link), "layer_s" (one token's compute, dense weights and L*K experts, over the rows), "cpu_s"
+    (one expert's forward on the CPU), "expert_bytes"}."""
+    from ..formats.registry import bytes_per_expert  # here: torch, which `simulate` without --timed starts without
+    from .costs import expert_seconds, step_seconds
+
+    nbytes = bytes_per_expert(config, precision, group_size)
+    compute = step_seconds(config, nbytes, hw, 0, 0, "fetch", attention, group_size or 64, precision)  # no copies
+    return {"copy_s": nbytes / hw["h2d_bytes_per_s"], "layer_s": compute / config.n_moe_layers,
+            "cpu_s": expert_seconds(config, nbytes, hw, precision)[1], "expert_bytes": nbytes}
 
 
 def trace_lead(trace: Trace) -> int:

@@ -5,8 +5,12 @@ The tuner searches expert precision (which sets how many slots fit the budget), 
 (int8 attention frees device memory for slots and reads fewer bytes per token), prefetch depth,
 miss handling, eviction policy, slot pool (per layer, or one pool of their sum shared by every layer),
 and slots per layer (uniform, or spread by per-layer hit curves), each candidate's step time from the
-cost model (`costs`), and reports the best against the default (uniform slots, the engine's default
-policy and pool, no prefetch), one lever at a time. The hit curves are replayed in order of worth (the
+closed-form cost model (`costs`). For one sequence (batch 1) the timed replay then judges (`judge`): at the
+cost model's best layout and the default's, every prefetch option (none, each source of predictions at a
+fixed width, the cost-aware decision), width and miss policy is replayed in modelled time, and the fastest
+of those is the winner, "none" where no prefetch pays (a batch keeps the cost model: the timed replay models
+one sequence). It reports the best against the default (uniform slots, the engine's default policy and
+pool, no prefetch, miss policy fetch), one lever at a time. The hit curves are replayed in order of worth (the
 default's first, then the engine's defaults, then the rest) within a time budget (`budget_s`); what the
 budget leaves out is said.
 """
@@ -33,6 +37,7 @@ from ..profiles import Profile
 from ..progress import progress_bar
 from .batch_replay import simulate_batch
 from .costs import PRECISIONS, rate_notes, step_cost
+from .judge import SCORED, judge
 from .replay import simulate, simulate_many
 from .trace import Trace
 
@@ -51,6 +56,10 @@ class Candidate:
     batch: int = 1
     predictor: str = ""  # a train-predictor file whose predictions were replayed; "": the trace's recorded ones
     pool: str = "layer"  # the slots per layer, or (global) their sum shared by every layer
+    width: int = 0  # fixed-width prefetch: predictions copied per row at most; 0: none, or decided
+    decided: bool = False  # prefetch by the cost-aware decision (`speculate`), not a fixed width
+    scored: str = SCORED[0]  # how seconds_per_step was found: the closed-form cost model or the timed replay
+    link_busy: float | None = None  # the link's busy share in the timed replay; None: not replayed in time
 
     @property
     def seconds_per_token(self) -> float:
@@ -65,11 +74,13 @@ class Candidate:
         s = self.slots
         slots = str(s[0]) if len(set(s)) == 1 else f"{min(s)}-{max(s)} (sum {sum(s)})"
         slots += " global" if self.pool == "global" else ""
+        how = (" decided" if self.decided else f" width {self.width}") if self.prefetch else ""
         return (f"{self.precision:<5} attn {self.attention:<4} slots {slots:<14} {self.policy:<11} "
-                f"prefetch {self.prefetch}{' ' + Path(self.predictor).name if self.predictor else ''} "
+                f"prefetch {self.prefetch}{how}{' ' + Path(self.predictor).name if self.predictor else ''} "
                 f"miss {self.miss_policy:<5} hit {100 * self.hit_rate:5.1f}%  "
                 f"{self.tokens_per_s:7.2f} tok/s" + (f" ({1e3 * self.seconds_per_step:.2f} ms per step of {self.batch})"
-                                                     if self.batch > 1 else ""))
+                                                     if self.batch > 1 else "")
+                + (f" [timed, link busy {100 * self.link_busy:.0f}%]" if self.link_busy is not None else ""))
 
 
 def replay(trace: Trace, slots: int | list[int], policy: str, prefetch: int, batch: int, predictor: str = "",
@@ -185,7 +196,26 @@ def tune(trace: Trace, config: ModelConfig, budget: int, hw: dict, reserve: int 
     default = next((c for c in out if c.policy == policy and c.pool == pool and c.prefetch == 0
                     and c.miss_policy == "fetch" and len(set(c.slots)) == 1 and c.precision == best.precision
                     and c.attention == "none"), best)
+    if batch == 1:  # the timed replay models one sequence decoding: there it judges prefetch and miss handling
+        best, default, timed = _judged(curves, config, hw, best, default)
+        out += timed
     return best, default, out
+
+
+def _judged(curves: Curves, config: ModelConfig, hw: dict, best: Candidate, default: Candidate
+            ) -> tuple[Candidate, Candidate, list[Candidate]]:
+    """Every prefetch option, width and miss policy (`judge`) at the cost model's best layout and the default's,
+    in the timed replay. Returns (the fastest, the default's layout without prefetch and with fetch, all)."""
+    timed: list[Candidate] = []
+    layouts = {(c.precision, c.attention, tuple(c.slots), c.policy, c.pool): c for c in (default, best)}
+    for layout in layouts.values():
+        sources = sorted(((lead, predictor, source) for (policy, lead, predictor, pool), (source, _) in curves.items()
+                          if policy == layout.policy and pool == layout.pool), key=lambda s: s[0] != 0)
+        timed += judge(layout, sources, config, hw)
+    fastest = min(timed, key=lambda c: c.seconds_per_token)  # the first of equal times: no prefetch, fetch
+    base = next(c for c in timed if (c.precision, c.attention, c.slots, c.policy, c.pool, c.prefetch, c.miss_policy)
+                == (default.precision, default.attention, default.slots, default.policy, default.pool, 0, "fetch"))
+    return fastest, base, timed
 
 
 Curves = dict[tuple[str, int, str, str], tuple[Trace, dict[int, dict]]]  # (policy, lead, predictor, pool) -> runs
@@ -261,6 +291,7 @@ def levers(default: Candidate, out: list[Candidate]) -> list[tuple[str, Candidat
                          ("prefetch", "prefetch"),
                          ("miss handling", "miss_policy"), ("int8 attention", "attention")):
         same = [c for c in out if only(c, lever)]
+        same = [c for c in same if c.scored == default.scored] or same  # like with like where there is one
         if same:
             rows.append((label, min(same, key=lambda c: c.seconds_per_token)))
     for precision in PRECISIONS:  # capacity: what each other precision gives, all else as the default
@@ -300,7 +331,8 @@ def winner_profile(best: Candidate, base: Profile, budget: int, reserve: int, hw
     data = {
         "description": f"tuned on {trace_name}: predicted {best.tokens_per_s:.2f} tok/s"
                        + (f" over {best.batch} sequences (serve --max-batch {best.batch})" if best.batch > 1 else "")
-                       + f", hit rate {100 * best.hit_rate:.1f}%",
+                       + f", hit rate {100 * best.hit_rate:.1f}%"
+                       + (", prefetch decided by cost (a predictor file with a calibration)" if best.decided else ""),
         "device": base.settings.get("device", "cuda"),
         "dtype": base.settings.get("dtype", "float16"),
         "expert_quant": best.precision,
@@ -308,6 +340,7 @@ def winner_profile(best: Candidate, base: Profile, budget: int, reserve: int, hw
         "group_size": best.group_size,
         "cache_experts": best.slots[0] if len(set(best.slots)) == 1 else best.slots,
         "prefetch": best.prefetch,
+        **({"prefetch_width": best.width} if best.prefetch and not best.decided else {}),
         **({"predictor": best.predictor} if best.predictor else {}),
         "policy": best.policy,
         "slot_pool": best.pool,
@@ -317,7 +350,7 @@ def winner_profile(best: Candidate, base: Profile, budget: int, reserve: int, hw
         "hardware": {k: v for k, v in hw.items()},
     }
     if resident:
-        for key in ("cache_experts", "prefetch", "predictor", "policy", "slot_pool", "miss_policy"):
+        for key in ("cache_experts", "prefetch", "prefetch_width", "predictor", "policy", "slot_pool", "miss_policy"):
             data.pop(key, None)
         data["description"] = f"tuned on {trace_name}: every expert fits the budget, all resident"
     return to_toml(data)

@@ -7,8 +7,9 @@ compared with, on the held-out tail: the split lies at a boundary between prompt
 else between forward passes (`forward_tokens`), else between tokens, the one nearest to holding out
 `fraction` of the tokens. Where the head or the tail would be shorter than MIN_TOKENS it fits and
 scores on everything and says so. `--validate TRACE` fits on the whole trace and scores on another
-of the same shape. Scoring replays the candidate's own settings through the tuner's simulator and
-cost model (`tune.replay`, `costs.step_cost`) on the held-out tokens, starting from empty caches.
+of the same shape. Scoring replays the candidate's own settings the way the tuner scored them (one sequence: the timed
+replay, `judge.run_candidate`; a batch: the simulator and cost model, `tune.replay`, `costs.step_cost`) on
+the held-out tokens, starting from empty caches.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import UserError
 from .costs import step_cost
+from .judge import SCORED, run_candidate, source_of, timed_candidate
 from .trace import Trace, group_ends, slice_trace
 from .tune import Candidate, replay
 
@@ -80,7 +82,11 @@ def validation_split(trace: Trace, name: str, fraction: float | None, other: Tra
 
 
 def rescore(trace: Trace, config: ModelConfig, hw: dict, c: Candidate) -> Candidate:
-    """`c`'s settings, hit rate and time predicted on `trace`."""
+    """`c`'s settings, hit rate and time predicted on `trace`, the way `c` was scored (the timed replay, or the
+    cost model)."""
+    if c.scored == SCORED[1]:
+        source = source_of(trace, c)
+        return timed_candidate(c, run_candidate(source, config, hw, c), source)
     r = replay(trace, c.slots, c.policy, c.prefetch, c.batch, c.predictor, c.pool)
     return replace(c, hit_rate=r["hit_rate"], seconds_per_step=step_cost(
         config, hw, r, trace.num_tokens, c.precision, c.attention, c.group_size, c.miss_policy))
