@@ -3,8 +3,9 @@
  * Compiled on first use by cpu_kernels.py with the system's gcc (-march=native, OpenMP: torch's own libgomp,
  * already loaded, so the threads are torch's). Two builds of one source (cpu_kernels.py picks by the CPU, or
  * OFFLOAD_MOE_ISA): with AVX-512 F/BW/VL, VNNI and VBMI the matrix-vector products below are intrinsics; without
- * them (the x86-64-v3 build: AVX2 and FMA) they are the portable C of the #else branch, the same arithmetic (the
- * same quantized activations, exact integer dot products) that gcc vectorizes; okm_vectorized() says which. The
+ * them (the x86-64-v3 build: AVX2 and FMA) they are the #else branch, the same arithmetic (the same quantized
+ * activations, exact integer dot products): plain C that gcc vectorizes, and AVX2 intrinsics for int4 (gcc's
+ * vectorization of its nibbles was 2-4x slower); okm_vectorized() says which build. The
  * GGUF kernels at the end are portable C in both.
  *
  * int8 and int4: the activations are quantized per weight group, to int16 for int8 weights (VNNI's int16 pair
@@ -199,7 +200,8 @@ static void mv_int4(const uint8_t *codes, const uint32_t *sz, int N, int K, int 
     }
 }
 
-#else /* portable: the same products in plain C, for the x86-64-v3 (AVX2, FMA) build */
+#else /* the x86-64-v3 (AVX2, FMA) build: the same products in plain C that gcc vectorizes, int4's in AVX2 */
+#include <immintrin.h>
 
 static void mv_f32(const float *w, const float *x, const float *b, float *y, int K, int n0, int n1) {
     for (int n = n0; n < n1; n++) {
@@ -226,25 +228,52 @@ static void mv_int8(const int8_t *codes, const uint16_t *s, const uint16_t *z, i
     }
 }
 
+/* AVX2: pairs of inputs k, k + 1 interleaved per row (unpack of the two [32]-byte rows of codes), so that one
+ * maddubs multiplies each row's two codes (u8) by x[k], x[k + 1] (s8) and adds them into an int16 lane; the int16
+ * sums (each at most 2 * 15 * 127) are widened to int32 every 8 pairs, before they could overflow. The unpacks
+ * work within 128-bit lanes: lo holds rows 0-7 and 16-23, hi rows 8-15 and 24-31 (`ROW` below). */
+static inline void widen_add(__m256i v, int32_t *dot) {
+    __m256i a = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(v));
+    __m256i b = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(v, 1));
+    _mm256_storeu_si256((__m256i *)dot, _mm256_add_epi32(_mm256_loadu_si256((const __m256i *)dot), a));
+    _mm256_storeu_si256((__m256i *)(dot + 8), _mm256_add_epi32(_mm256_loadu_si256((const __m256i *)(dot + 8)), b));
+}
+
 static void mv_int4(const uint8_t *codes, const uint32_t *sz, int N, int K, int gs, const int8_t *xq,
                     const float *step, const float *xsum, const float *b, float *y, int n0, int n1) {
+    /* dot[] order after widen_add of (lo, hi) vectors: lo: rows 0-7, 16-23; hi: rows 8-15, 24-31 (+ 32: high) */
+    static const int ROW[32] = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23,
+                                8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
     for (int nb = n0; nb < n1; nb += 64) {
         const uint8_t *blk = codes + (size_t)nb * (K / 2);
         float acc[64] = {0};
         for (int g = 0; g < K / gs; g++) {
-            int32_t dot[64] = {0};
-            for (int k = g * gs; k < (g + 1) * gs; k++) {
-                const uint8_t *row = blk + (size_t)k * 32; /* byte j: row j (low nibble), row j + 32 (high) */
-                const int32_t xk = xq[k];
-                for (int j = 0; j < 32; j++) {
-                    dot[j] += (row[j] & 15) * xk;
-                    dot[j + 32] += (row[j] >> 4) * xk;
+            int32_t dot[64] = {0}; /* in ROW's order: [0, 32) low nibbles' rows, [32, 64) high nibbles' */
+            for (int k0 = g * gs; k0 < (g + 1) * gs; k0 += 16) {
+                __m256i s[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                                _mm256_setzero_si256()};
+                for (int k = k0; k < k0 + 16; k += 2) {
+                    __m256i v0 = _mm256_loadu_si256((const __m256i *)(blk + (size_t)k * 32));
+                    __m256i v1 = _mm256_loadu_si256((const __m256i *)(blk + (size_t)(k + 1) * 32));
+                    __m256i lo0 = _mm256_and_si256(v0, low4), lo1 = _mm256_and_si256(v1, low4);
+                    __m256i hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low4);
+                    __m256i hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low4);
+                    int16_t pair;
+                    memcpy(&pair, xq + k, 2);
+                    __m256i xx = _mm256_set1_epi16(pair); /* x[k], x[k + 1] in every pair of bytes */
+                    s[0] = _mm256_add_epi16(s[0], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(lo0, lo1), xx));
+                    s[1] = _mm256_add_epi16(s[1], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(lo0, lo1), xx));
+                    s[2] = _mm256_add_epi16(s[2], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(hi0, hi1), xx));
+                    s[3] = _mm256_add_epi16(s[3], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(hi0, hi1), xx));
                 }
+                for (int i = 0; i < 4; i++) widen_add(s[i], dot + 16 * i);
             }
-            for (int r = 0; r < 64; r++) {
+            for (int i = 0; i < 64; i++) {
+                const int r = ROW[i % 32] + 32 * (i / 32);
                 uint32_t w = sz[(size_t)g * N + nb + r]; /* scale | zero << 16 */
                 float sc = bf16f((uint16_t)(w & 0xFFFF)), ze = bf16f((uint16_t)(w >> 16));
-                acc[r] += (ze - 8.0f * sc) * xsum[g] + (float)dot[r] * (sc * step[g]);
+                acc[r] += (ze - 8.0f * sc) * xsum[g] + (float)dot[i] * (sc * step[g]);
             }
         }
         for (int r = 0; r < 64; r++) y[nb + r] = acc[r] + (b ? b[nb + r] : 0.0f);
