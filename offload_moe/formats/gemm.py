@@ -2,8 +2,8 @@
 w [N, K]^T, by whichever of torch's two CPU GEMMs is faster here, decided once per process by timing both.
 
 Why: `F.linear` on the CPU calls MKL's sgemm. On the project's AMD EPYC VM oneDNN's (`torch.ops.mkldnn.
-_linear_pointwise`, which torch ships for its own compiled graphs) runs the prompt's shapes 1.1-4.4x faster, the
-same float32 products in another summation order (1e-6 relative); on Intel CPUs MKL is the one tuned. So the engine
+_linear_pointwise`, which torch ships for its own compiled graphs) runs the prompt's shapes faster (BENCHMARKS.md),
+the same float32 products in another summation order; on Intel CPUs MKL is the one tuned. So the engine
 does not assume either: `faster_gemm` times both on a prompt-sized product at first use (a few milliseconds) and
 keeps the winner. One token (decode) never comes here on the CPU: the C kernels take it.
 
