@@ -30,9 +30,9 @@ from offload_moe.demo import resolve_model  # noqa: E402
 from offload_moe.engine import Engine  # noqa: E402
 from offload_moe.offload.predictors import FILE_NAME, replayed  # noqa: E402
 from offload_moe.options import EngineOptions, default_of  # noqa: E402
+from offload_moe.planning.candidate import Candidate  # noqa: E402
 from offload_moe.planning.costs import hardware_of  # noqa: E402
 from offload_moe.planning.judge import judge  # noqa: E402
-from offload_moe.planning.tune import Candidate  # noqa: E402
 from offload_moe.profiles import load_profile  # noqa: E402
 
 CARDS = ("24gb", "16gb", "12gb")

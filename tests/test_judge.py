@@ -6,10 +6,11 @@ import json
 
 import numpy as np
 
+from offload_moe.planning.candidate import Candidate
 from offload_moe.planning.costs import MIXTRAL_8X7B
 from offload_moe.planning.judge import judge, prefetch_ways
 from offload_moe.planning.trace import Trace
-from offload_moe.planning.tune import Candidate, tune
+from offload_moe.planning.tune import tune
 
 MIXTRAL = {"config": json.dumps(MIXTRAL_8X7B.to_dict()), "prefetch_lead": "1"}
 # int4 experts (94.5 MiB): a 4 GB/s link takes 25 ms a copy against 0.5 ms of a layer's compute at 800 GB/s;

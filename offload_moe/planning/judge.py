@@ -15,19 +15,14 @@ Shape legend: T tokens, L rows, K top-k, P predicted per row.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from ..config import ModelConfig
 from ..offload.predictors import replayed
 from ..offload.speculate import calibrate
 from ..options import MISS_POLICIES
+from .candidate import SCORED, Candidate
 from .timed import replay_times, simulate_timed
 from .trace import Trace
-
-if TYPE_CHECKING:
-    from .tune import Candidate
-
-SCORED = ("cost model", "timed replay")  # how a candidate's time was found
 
 
 def prefetch_ways(lead: int, width: int, top_k: int) -> list[tuple[int, int, bool]]:

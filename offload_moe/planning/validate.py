@@ -20,8 +20,9 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import UserError
+from .candidate import SCORED
 from .costs import step_cost
-from .judge import SCORED, run_candidate, source_of, timed_candidate
+from .judge import run_candidate, source_of, timed_candidate
 from .trace import Trace, group_ends, slice_trace
 from .tune import Candidate, replay
 
