@@ -110,8 +110,10 @@ class DecodeStep:
                                                            *blk.gate.weight.shape, 0)
             if blk.gate.weight.dtype != torch.float32:
                 router = None
-        if any(m is None for m in mats) or router is None or (mats[0].w is None) != (mats[1].w is None):
-            return None  # wq, wk, wv share one quantized input: all int8 or all fp32
+        if any(m is None for m in mats) or router is None:
+            return None
+        if len({(m.w is None, m.gs) for m in mats[:3]}) > 1:
+            return None  # wq, wk, wv share one quantized input: all fp32, or all int8 in one group size
         qn = kn = None
         if a.qk_norm == "head":
             qn, kn = a.q_norm.weight, a.k_norm.weight
