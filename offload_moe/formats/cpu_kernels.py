@@ -9,10 +9,10 @@ as the arithmetic at decode sizes, and its int8/int4 paths widen codes to floats
 Here one call does the whole expert: fp32 weights stream through FMAs; int8 codes multiply activations quantized to
 int16 per group (VNNI's int16 dot products); int4 codes multiply activations quantized to int8 (llama.cpp's q4_0 x
 q8_0 scheme). Two builds of the source (`isa`): avx512, intrinsics for CPUs with AVX-512 VNNI and VBMI; avx2, the
-same arithmetic in portable C compiled for x86-64-v3 (AVX2, FMA: the desktop CPUs without AVX-512), which gcc
-vectorizes; the best the CPU runs, unless OFFLOAD_MOE_ISA=avx512|avx2|none forces one. The error this adds
-against the torch path is within tests/test_cpu_kernels.py's BOUND (int4's far below int4's own error); the
-measured errors: BENCHMARKS.md, "Kernel choices".
+same arithmetic compiled for x86-64-v3 (AVX2, FMA: the desktop CPUs without AVX-512), portable C that gcc
+vectorizes and AVX2 intrinsics for int4; the best the CPU runs, unless OFFLOAD_MOE_ISA=avx512|avx2|none forces
+one. The error this adds against the torch path is within tests/test_cpu_kernels.py's BOUND (int4's far below
+int4's own error); the measured errors: BENCHMARKS.md, "Kernel choices".
 
 The source is compiled on first use (at a model's load) with the system's gcc (-O3 -ffast-math -fopenmp, and
 -march=native or -march=x86-64-v3) into a per-user cache, ~/.cache/offload_moe/kernels (or
@@ -44,7 +44,7 @@ SOURCES = (SOURCE, SOURCE.with_name("decode_step.c"))  # the first includes the 
 # flush-to-zero for the whole process when loaded (gcc's crtfastmath)
 FLAGS = ["-O3", "-ffast-math", "-fopenmp", "-fPIC"]
 # each instruction set's build: avx512 tuned for this CPU (the intrinsics need its AVX-512 VNNI and VBMI), avx2 for
-# x86-64-v3 (AVX2, FMA, F16C: Haswell and Zen 1 on), the portable C branch of the source
+# x86-64-v3 (AVX2, FMA, F16C: Haswell and Zen 1 on), the source's other branch (C, and AVX2 for int4)
 ISAS = {"avx512": ["-march=native"], "avx2": ["-march=x86-64-v3"]}
 NEEDS = {"avx512": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi"), "avx2": ("avx2", "fma")}
 ENV_SWITCH = "OFFLOAD_MOE_ISA"  # avx512, avx2 or none (the torch path everywhere): forces the kernels' build
