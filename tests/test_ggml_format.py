@@ -20,6 +20,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf_files import as_decoded, write_gguf
 
 from offload_moe.engine import Engine
+from offload_moe.formats import cpu_kernels
 from offload_moe.formats.cpu_kernels import ggml_linear, library
 from offload_moe.formats.ggml import DECODERS, GGUFFormat, dequantize, row_bytes
 from offload_moe.options import EngineOptions
@@ -128,3 +129,14 @@ def test_convert_keeps_the_types_and_another_quant_is_asked_for(mixed, tmp_path,
     plan = json.loads(out)
     assert plan["formats"]["gguf"] == "gguf-Q4_0+Q4_1+Q5_1+Q8_0"
     assert plan["bytes_per_expert"]["gguf"] == load(path).cache.fmt.nbytes
+
+
+@pytest.mark.skipif(cpu_kernels.library() is None, reason="CPU kernels not built here")
+@pytest.mark.parametrize("kind", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K])
+def test_a_prompts_c_decode_gives_gguf_pys_weights(kind):
+    """A prompt's GGUF matrix decoded to float32 in one C pass (`cpu_kernels.ggml_dequant`) gives gguf-py's weights
+    (within float32 rounding of the scale products)."""
+    raw = blocks(kind, 48, 512, np.random.default_rng(int(kind)))
+    want = torch.from_numpy(gguf.quants.dequantize(raw, kind).astype(np.float32))
+    got = cpu_kernels.ggml_dequant(torch.from_numpy(raw), kind, 512)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * want.abs().max().item())

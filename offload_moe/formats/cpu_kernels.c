@@ -534,6 +534,68 @@ void okm_ggml_linear(int type, const uint8_t *w, const float *x, float *y, float
     }
 }
 
+/* one row of `type` decoded to float32 out [K]: the values the row products above multiply by x */
+static void dq_row(int type, const uint8_t *w, float *out, int K) {
+    if (type == 8) { /* Q8_0: d q */
+        for (int b = 0; b < K / 32; b++, w += 34, out += 32)
+            for (int j = 0; j < 32; j++) out[j] = h2f(w) * (float)((const int8_t *)(w + 2))[j];
+    } else if (type == 2 || type == 3) { /* Q4_0: d (q - 8); Q4_1: d q + m */
+        const int affine = type == 3, ts = affine ? 20 : 18;
+        for (int b = 0; b < K / 32; b++, w += ts, out += 32) {
+            const uint8_t *q = w + (affine ? 4 : 2);
+            const float d = h2f(w), m = affine ? h2f(w + 2) : -8.0f * d;
+            for (int j = 0; j < 16; j++) out[j] = d * (float)(q[j] & 15) + m, out[j + 16] = d * (float)(q[j] >> 4) + m;
+        }
+    } else if (type == 6 || type == 7) { /* Q5_0: d (q - 16); Q5_1: d q + m */
+        const int affine = type == 7, ts = affine ? 24 : 22;
+        for (int b = 0; b < K / 32; b++, w += ts, out += 32) {
+            const uint8_t *h = w + (affine ? 4 : 2), *q = h + 4;
+            const uint32_t qh = (uint32_t)h[0] | ((uint32_t)h[1] << 8) | ((uint32_t)h[2] << 16) | ((uint32_t)h[3] << 24);
+            const float d = h2f(w), m = affine ? h2f(w + 2) : -16.0f * d;
+            for (int j = 0; j < 16; j++) {
+                out[j] = d * (float)((q[j] & 15) | (((qh >> j) & 1) << 4)) + m;
+                out[j + 16] = d * (float)((q[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) + m;
+            }
+        }
+    } else if (type == 12 || type == 13) { /* Q4_K, Q5_K: d sc_j q - dmin m_j */
+        const int five = type == 13, ts = five ? 176 : 144;
+        for (int b = 0; b < K / 256; b++, w += ts, out += 256) {
+            const float d = h2f(w), dmin = h2f(w + 2);
+            const uint8_t *sc = w + 4, *qh = w + 16, *qs = w + (five ? 48 : 16);
+            for (int j = 0; j < 8; j++) {
+                int scale, min;
+                scale_min(sc, j, &scale, &min);
+                const uint8_t *q = qs + 32 * (j / 2);
+                const float a = d * (float)scale, c = dmin * (float)min;
+                for (int l = 0; l < 32; l++) {
+                    int v = (q[l] >> (4 * (j & 1))) & 15;
+                    if (five) v |= ((qh[l] >> j) & 1) << 4;
+                    out[32 * j + l] = a * (float)v - c;
+                }
+            }
+        }
+    } else if (type == 14) { /* Q6_K: d sc_s (q - 32) */
+        for (int b = 0; b < K / 256; b++, w += 210, out += 256) {
+            const uint8_t *ql = w, *qh = w + 128;
+            const int8_t *sc = (const int8_t *)(w + 192);
+            const float d = h2f(w + 208);
+            for (int s = 0; s < 16; s++) {
+                const int h = s / 8, r0 = (s % 8) * 16, sl = 4 * (r0 / 64), sh = 2 * (r0 / 32);
+                const uint8_t *lo = ql + 64 * h + r0 % 64, *hi = qh + 32 * h + r0 % 32;
+                const float a = d * (float)sc[s];
+                for (int l = 0; l < 16; l++)
+                    out[16 * s + l] = a * (float)((((lo[l] >> sl) & 15) | (((hi[l] >> sh) & 3) << 4)) - 32);
+            }
+        }
+    }
+}
+
+/* W [N, K] of `type` (okm_ggml_reads) decoded to float32 w [N, K], rows split across the team */
+void okm_ggml_dequant(int type, const uint8_t *raw, float *w, int N, int K, int row_bytes) {
+#pragma omp parallel for schedule(static) TEAM
+    for (int n = 0; n < N; n++) dq_row(type, raw + (size_t)n * row_bytes, w + (size_t)n * K, K);
+}
+
 /* ---- a prompt's matrices: the weights decoded to fp32 w [N, K] in one pass (read 1 or 1/2 byte, write 4 a
  * weight) for torch's GEMM, rows split across the team. The decodes of int8.int8_dequant and
  * int4._int4_scale_shift: w = c * scale + zero (int8: c = q - 128), w = (q - 8) * scale + zero (int4). */

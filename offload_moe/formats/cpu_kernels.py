@@ -130,6 +130,7 @@ def library() -> ctypes.CDLL | None:
     lib.okm_head_step.argtypes = [p, p, f, i, p, p, p]
     lib.okm_int8_dequant.argtypes = [p, p, p, p, i, i, i]
     lib.okm_int4_dequant.argtypes = [p, p, p, i, i, i, i]
+    lib.okm_ggml_dequant.argtypes = [i, p, p, i, i, i]
     lib.okm_step_floats.argtypes = [i] * 5
     lib.okm_step_floats.restype = i
     lib.okm_set_threads.argtypes = [i]
@@ -138,7 +139,8 @@ def library() -> ctypes.CDLL | None:
     lib.okm_ggml_reads.argtypes = [i]
     lib.okm_work_floats.restype = lib.okm_ggml_reads.restype = i
     for fn in (lib.okm_dense, lib.okm_int8, lib.okm_int4, lib.okm_int8_linear, lib.okm_ggml_linear,
-               lib.okm_attention_step, lib.okm_head_step, lib.okm_int8_dequant, lib.okm_int4_dequant):
+               lib.okm_attention_step, lib.okm_head_step, lib.okm_int8_dequant, lib.okm_int4_dequant,
+               lib.okm_ggml_dequant):
         fn.restype = None
     return lib
 
@@ -227,6 +229,17 @@ def int4_dequant(codes: torch.Tensor, sz: torch.Tensor, out: torch.Tensor, block
     K = codes.shape[1] * 2
     lib.okm_int4_dequant(codes.data_ptr(), sz.data_ptr(), out.data_ptr(), N, K, K // G, block)
     return True
+
+
+def ggml_dequant(raw: torch.Tensor, kind: int, K: int) -> torch.Tensor | None:
+    """A GGUF matrix, its bytes raw [N, K/bs*ts] of type `kind`, decoded to float32 [N, K] on the CPU in one C pass
+    (a prompt's GEMM then multiplies it); None where the C code does not read the type or does not run here."""
+    lib = library()
+    if lib is None or raw.device.type != "cpu" or not lib.okm_ggml_reads(int(kind)):
+        return None
+    w = torch.empty(raw.shape[0], K, dtype=torch.float32)
+    lib.okm_ggml_dequant(int(kind), raw.data_ptr(), w.data_ptr(), raw.shape[0], K, raw.shape[1])
+    return w
 
 
 def _flat(views: tuple) -> list[torch.Tensor]:

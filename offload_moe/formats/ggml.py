@@ -31,7 +31,7 @@ from gguf import GGMLQuantizationType as Q
 from ..config import ModelConfig
 from ..errors import UserError
 from .base import ALIGN, activation
-from .cpu_kernels import ggml_linear
+from .cpu_kernels import ggml_dequant, ggml_linear
 from .gemm import linear
 
 QK_K = 256  # weights in a k-quant super-block
@@ -240,6 +240,8 @@ class GGUFFormat:
 
 
 def _decoded_linear(x: torch.Tensor, part: tuple) -> torch.Tensor:
-    """x [T, K] times one part, decoded by `dequantize`: [T, N]."""
+    """x [T, K] times one part, decoded (on the CPU in float32 by one C pass, `cpu_kernels.ggml_dequant`, where it
+    reads the type; else by `dequantize`): [T, N]."""
     kind, raw, K = part
-    return linear(x, dequantize(raw, kind, K).to(x.dtype))
+    w = ggml_dequant(raw, kind, K) if x.dtype == torch.float32 and kind not in FLOATS else None
+    return linear(x, (dequantize(raw, kind, K) if w is None else w).to(x.dtype))
