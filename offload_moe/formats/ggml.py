@@ -11,8 +11,9 @@ layers and Q4_K in others), so the layout is per layer: a row's part types fix w
 (`views(buf, row)`), every buffer is as large as the largest row's.
 
 Computing: one token on the CPU, a part's bytes go straight into the C kernel (`cpu_kernels.ggml_linear`: Q8_0,
-Q4_0/1, Q5_0/1, Q4_K, Q5_K, Q6_K decoded inside float32 dot products); elsewhere (several tokens, Q2_K/Q3_K, a
-GPU) the part is decoded by torch ops (`dequantize`) and multiplied. The decoders follow gguf-py's numpy ones
+Q4_0/1, Q5_0/1, Q4_K, Q5_K, Q6_K decoded inside float32 dot products); several tokens on the CPU in float32, those
+types decoded in one C pass (`cpu_kernels.ggml_dequant`) and multiplied; elsewhere (Q2_K/Q3_K, a GPU) the part is
+decoded by torch ops (`dequantize`) and multiplied. The decoders follow gguf-py's numpy ones
 (`gguf.quants`, llama.cpp's reference) step for step in float32, so a weight decodes to the same float32 value:
 tests/test_ggml_format.py checks each type bit for bit. They allocate weight-sized temporaries per call
 (unpacked codes, the float32 weights).
