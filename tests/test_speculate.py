@@ -127,7 +127,9 @@ def test_the_engine_issues_only_the_copies_speculate_chooses(tmp_path, monkeypat
     decide, prefetch = cache_module.speculate, engine.cache.prefetch
     monkeypatch.setattr(cache_module, "speculate", lambda *a: chosen.append(decide(*a)) or chosen[-1])
     monkeypatch.setattr(engine.cache, "prefetch", lambda row, experts: issued.append(experts) or prefetch(row, experts))
+    engine.start_trace("decided")  # the predictions recorded are the full ranking the decision chose from
     engine.generate("def f(x):", 4)
+    assert engine.stop_trace().predicted.shape[2] == 8
     copies = sum(engine.cache.table.prefetch_copies)
     assert issued and issued == chosen and copies > 0  # every prefetch is the decision's; likely ones pay
     # a link whose queue outlasts any row's lead: no copy could start in time, none is issued
