@@ -3,13 +3,14 @@
     python bench/bench_link.py [--models demo,demo-fine] [--tokens 224] [--copy-ms 5] [--repeats 2] [--threads 2]
 
 For each trained demo, at twice top-k slots per layer (LRU, a cache per layer, miss policy fetch), with the
-engine's prefetch (its predictor, lead 1) and without: the live engine decodes held-out text (the training
-script's held-out files, tools/train_tiny_moe.py) token by token, teacher-forced through the decode path, on
-a CPU device whose link is emulated (`--link-gbs`) at the speed that makes one expert's copy last `--copy-ms`
-(well above sleep granularity). Measured over the decode steps after the first: tok/s, the compute's waits
-on copies, the link's busy share. The same tokens' routing and predictions, recorded in a run before the timed
-one, then go through the timed replay (planning/timed.py `simulate_timed`) with the same copy time and a layer's
-compute time from either
+engine's prefetch (its predictor, lead 1: "decided" where the predictor file has a calibration, the copies
+`speculate` chooses, in the replay too; else "lead 1", the fixed width) and without: the live engine decodes
+held-out text (the training script's held-out files, tools/train_tiny_moe.py) token by token, teacher-forced
+through the decode path, on a CPU device whose link is emulated (`--link-gbs`) at the speed that makes one
+expert's copy last `--copy-ms` (well above sleep granularity). Measured over the decode steps after the first:
+tok/s, the compute's waits on copies, the link's busy share. The same tokens' routing and predictions, recorded
+in a run before the timed one, then go through the timed replay (planning/timed.py `simulate_timed`) with the
+same copy time and a layer's compute time from either
   * calibrated: `planning/calibrate.py` on this CPU at the model's shape, through the tuner's cost model (what
     `simulate --timed --profile` reads from a calibrated profile), or
   * measured: the live run's own decode time less its waits, per layer,
@@ -112,9 +113,13 @@ def main() -> int:
             cut = slice_trace(trace, PROMPT + 1, trace.num_tokens)
             predicted = cut.predicted if prefetch else None
             after = trace.tensors.get("predicted_after") if prefetch else None
-            modelled = [simulate_timed(cut, 2 * K, "lru", predicted, 1, copy_s, layer_s, after=after)["tokens_per_s"]
+            # a predictor file with a calibration: the engine prefetches what `speculate` decides, so does the replay
+            table = engine.model.prefetcher.predictor.calibration if prefetch else None
+            modelled = [simulate_timed(cut, 2 * K, "lru", predicted, 1, copy_s, layer_s, after=after,
+                                       calibration=table)["tokens_per_s"]
                         for layer_s in (live["compute_s"] / L, calibrated_layer_s)]
-            print(f"{name:>10}{'lead 1' if prefetch else 'none':>9}{gbs:>10.3f}{live['tok_s']:>11.1f}"
+            kind = "none" if not prefetch else "lead 1" if table is None else "decided"
+            print(f"{name:>10}{kind:>9}{gbs:>10.3f}{live['tok_s']:>11.1f}"
                   f"{1e3 * live['wait_s']:>12.2f}{100 * live['busy']:>9.1f}%"
                   + "".join(f"{m:>{w}.1f}{m / live['tok_s']:>7.2f}"
                             for m, w in zip(modelled, (12, 11), strict=True)))

@@ -1,7 +1,7 @@
 """Expert prediction on a trained demo: which predictor makes experts resident on arrival, on held-out text.
 
     python bench/bench_prediction.py [--model demo|demo-fine|PATH] [--fit-tokens 40000] [--eval-tokens 20000]
-                                     [--write] [--threads 2]
+                                     [--write | --recalibrate] [--threads 2]
 
 Both sides of the split come from the training script's corpus split (tools/train_tiny_moe.py): the
 learned predictor is fitted on windows of training files, every figure is measured on windows of the
@@ -18,7 +18,11 @@ another as one token stream, as a decode would meet them. Printed:
     cost-aware decision (speculate.py) over the learned predictor's full ranking, calibrated on the
     held-out routing; then the target line: at twice top-k slots, its tok/s against no prefetch.
 `--write` saves the learned predictor as the model folder's predictor.safetensors, which the engine's
-`--predictor auto` (the default) loads: how the demos' files are made.
+`--predictor auto` (the default) loads: how the demos' files are made. The file carries the calibration
+measured on the held-out windows (train_predictor.calibration_of, as `train-predictor` measures it on its
+held-out part), so the engine prefetches by `speculate`'s decision. `--recalibrate` instead loads the folder's
+existing predictor.safetensors, measures its calibration on the held-out windows and writes it back with the
+same weights and metadata, then stops (how the shipped files got their calibration without a refit).
 """
 
 from __future__ import annotations
@@ -39,13 +43,19 @@ from train_tiny_moe import corpus_files, split_corpus  # noqa: E402
 
 from offload_moe.demo import resolve_model  # noqa: E402
 from offload_moe.engine import Engine  # noqa: E402
-from offload_moe.offload.predictors import FILE_NAME, LearnedPredictor, RouterPredictor, replayed, save_predictor  # noqa: E402
-from offload_moe.offload.speculate import calibrate  # noqa: E402
+from offload_moe.offload.predictors import (  # noqa: E402
+    FILE_NAME,
+    LearnedPredictor,
+    RouterPredictor,
+    load_predictor,
+    replayed,
+    save_predictor,
+)
 from offload_moe.options import EngineOptions  # noqa: E402
 from offload_moe.planning.replay import default_slots, simulate  # noqa: E402
 from offload_moe.planning.timed import TimedOptions, simulate_timed, timed_costs  # noqa: E402
 from offload_moe.planning.trace import Trace, join_traces  # noqa: E402
-from offload_moe.planning.train_predictor import fit_row, recall, recall_table, samples  # noqa: E402
+from offload_moe.planning.train_predictor import calibration_of, fit_row, recall, recall_table, samples  # noqa: E402
 
 
 def windows_trace(engine: Engine, files: dict[str, str], tokens: int) -> Trace:
@@ -72,7 +82,10 @@ def main() -> int:
     ap.add_argument("--eval-tokens", type=int, default=20_000)
     ap.add_argument("--hidden-size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=500)
-    ap.add_argument("--write", action="store_true", help="save the predictor as the model folder's " + FILE_NAME)
+    ap.add_argument("--write", action="store_true", help="save the predictor as the model folder's " + FILE_NAME +
+                    ", with its calibration measured on the held-out windows")
+    ap.add_argument("--recalibrate", action="store_true", help="rewrite the folder's " + FILE_NAME + " with its "
+                    "weights and metadata as they are and a calibration measured on the held-out windows; then stop")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -82,6 +95,16 @@ def main() -> int:
     c = engine.config
     L, E, K = c.n_moe_layers, c.num_experts, c.top_k
     train, held = split_corpus(corpus_files())
+    if args.recalibrate:
+        path = folder / FILE_NAME
+        existing = load_predictor(path, L, c.dim, E)
+        evaluation = windows_trace(engine, held, args.eval_tokens)
+        calibration = calibration_of(existing, evaluation)  # [L, E]
+        meta = {**existing.meta, "calibrated_tokens": str(evaluation.num_tokens)}
+        save_predictor(path, existing.weights, existing.lead, meta, calibration)
+        print(f"wrote {path}: its weights, calibrated on {evaluation.num_tokens:,} held-out tokens; mean chance "
+              f"per rank " + " ".join(f"{p:.2f}" for p in calibration.mean(0)))
+        return 0
     fit, evaluation = windows_trace(engine, train, args.fit_tokens), windows_trace(engine, held, args.eval_tokens)
     print(f"# {time.strftime('%Y-%m-%d')}, {args.model}: {L} layers, {E} experts, top-{K}; fitted on "
           f"{fit.num_tokens:,} tokens of training files, measured on {evaluation.num_tokens:,} held-out tokens")
@@ -90,8 +113,10 @@ def main() -> int:
     meta = {"trace": f"bench_prediction: {fit.num_tokens} tokens of training-file windows", "model": args.model,
             "fitted_tokens": str(fit.num_tokens), "hidden_size": str(args.hidden_size), "steps": str(args.steps)}
     learned = {lead: LearnedPredictor(w, lead, meta) for lead, w in fitted.items()}
+    calibration = calibration_of(learned[1], evaluation)  # [L, E]
     if args.write:
-        save_predictor(folder / FILE_NAME, fitted[1], 1, meta)
+        save_predictor(folder / FILE_NAME, fitted[1], 1, {**meta, "calibrated_tokens": str(evaluation.num_tokens)},
+                       calibration)
         print(f"wrote {folder / FILE_NAME}")
     router = RouterPredictor(engine.model, 1)
 
@@ -133,7 +158,6 @@ def main() -> int:
           "us per token; decided: speculate.py's choice from the learned predictor's ranks, calibrated on the "
           "held-out routing")
     full = replayed(evaluation, learned[1], E)  # every expert ranked, for the decision to choose from
-    calibration = calibrate(full.predicted, evaluation.experts)  # [L, E]
     names = ["none", *names[2:], "decided"]
     print(f"{'slots':>6}" + "".join(f"{c:>23}" for c in names))
     target = {}

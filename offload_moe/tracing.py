@@ -31,11 +31,14 @@ def start_tap(model: Transformer, model_name: str, hidden: bool, prefetch: int =
         lead = min(prefetch, c.n_moe_layers - 1)
         own = (Prefetcher(model, make_predictor(predictor, model, lead, device), widths) if lead and widths
                else Prefetcher(model, RouterPredictor(model, 1), [c.top_k] * c.n_moe_layers))
-    lead, widths = (prefetcher or own).lead, (prefetcher or own).widths
+    used = prefetcher or own
+    # a calibrated predictor feeding a cache ranks every expert it calibrated (`speculate` chooses among them)
+    calibration = used.predictor.calibration if used.cache is not None else None
+    width = max([*used.widths, *([] if calibration is None else [calibration.shape[1]])])
     recorder = TraceRecorder(c.n_moe_layers, c.top_k, c.num_experts, model_name,
-                             metadata={"config": json.dumps(c.to_dict()), "prefetch_lead": str(lead),
+                             metadata={"config": json.dumps(c.to_dict()), "prefetch_lead": str(used.lead),
                                        "prefetch": str(prefetch)},
-                             width=max(widths), hidden=hidden)
+                             width=width, hidden=hidden)
     return RoutingTap(model, recorder, own)
 
 

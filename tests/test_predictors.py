@@ -29,6 +29,7 @@ from offload_moe.options import EngineOptions
 from offload_moe.planning.costs import DEFAULT_HARDWARE, model_shape
 from offload_moe.planning.replay import simulate
 from offload_moe.planning.trace import Trace, load_trace, save_trace, slice_trace
+from offload_moe.planning.train_predictor import calibration_of
 from offload_moe.planning.tune import tune, winner_profile
 from offload_moe.planning.validate import rescore
 from offload_moe.profiles import load_profile
@@ -78,6 +79,10 @@ def test_train_predictor_learns_routing_and_simulate_replays_it(tmp_path, capsys
     assert model.lead == 1 and isinstance(model, LearnedPredictor)
     trace = load_trace(tmp_path / "s.trace")
     tail = slice_trace(trace, 900, 1200)
+    # the file's calibration is measured on the held-out tail, over every expert ranked (one code path)
+    assert report["calibrated"] and model.meta["calibrated_tokens"] == "300"
+    assert np.allclose(model.calibration, calibration_of(model, tail))
+    assert model.calibration.shape == (3, 8) and model.calibration[:, 0].min() > 0.8  # the learned top rank is used
     assert tail.tensors["hidden"].shape == (300, 3, 16)
     without = simulate(tail, 4, "lru")["hit_rate"]
     best = simulate(tail, 4, "belady")["hit_rate"]
@@ -125,7 +130,9 @@ def test_profile_records_hidden_states_and_auto_loads_the_model_folders_predicto
     shutil.copytree(ckpts["base"], folder)
     assert main(["train-predictor", str(trace_path), "--out", str(folder / FILE_NAME), "--holdout", "0",
                  "--steps", "20"]) == 0
-    capsys.readouterr()
+    assert "no calibration" in capsys.readouterr().out  # nothing held out: the engine prefetches a fixed width
+    assert load_predictor(folder / FILE_NAME, c.n_moe_layers, c.dim, c.num_experts).calibration is None
+
     def predictor(**options):
         return Engine.load(folder, EngineOptions(cache_experts=3, **options)).model.prefetcher.predictor
 

@@ -94,3 +94,45 @@ def test_a_predictor_file_carries_its_calibration(tmp_path):
     assert np.allclose(load_predictor(tmp_path / "p.safetensors", 2, 4, 5).calibration, table)
     save_predictor(tmp_path / "q.safetensors", rows, 1, {})
     assert load_predictor(tmp_path / "q.safetensors", 2, 4, 5).calibration is None
+
+
+def _calibrated_engine(tmp_path, chance: float | None):
+    """The demo with its learned predictor's weights and, unless `chance` is None, a calibration of that chance
+    at every row and rank."""
+    from offload_moe.demo import resolve_model
+    from offload_moe.engine import Engine
+    from offload_moe.offload.predictors import FILE_NAME, load_predictor, save_predictor
+    from offload_moe.options import EngineOptions
+
+    shipped = load_predictor(resolve_model("demo") / FILE_NAME, 4, 128, 8)
+    path = tmp_path / "p.safetensors"
+    save_predictor(path, shipped.weights, 1, {}, None if chance is None else np.full((4, 8), chance))
+    return Engine.load("demo", EngineOptions(progress=False, device="cpu", cache_experts=3, prefetch=1,
+                                             policy="lru", predictor=str(path)))
+
+
+def test_the_engine_issues_only_the_copies_speculate_chooses(tmp_path, monkeypatch):
+    import offload_moe.offload.cache as cache_module
+
+    fixed = _calibrated_engine(tmp_path, None)
+    fixed.generate("def f(x):", 6)
+    assert sum(fixed.cache.table.prefetch_copies) > 0  # no calibration: the fixed width is copied
+
+    never = _calibrated_engine(tmp_path, 0.0)  # no prediction is ever used: no copy pays
+    never.generate("def f(x):", 6)
+    assert sum(never.cache.table.prefetch_copies) == 0
+
+    engine = _calibrated_engine(tmp_path, 0.9)
+    chosen, issued = [], []
+    decide, prefetch = cache_module.speculate, engine.cache.prefetch
+    monkeypatch.setattr(cache_module, "speculate", lambda *a: chosen.append(decide(*a)) or chosen[-1])
+    monkeypatch.setattr(engine.cache, "prefetch", lambda row, experts: issued.append(experts) or prefetch(row, experts))
+    engine.start_trace("decided")  # the predictions recorded are the full ranking the decision chose from
+    engine.generate("def f(x):", 4)
+    assert engine.stop_trace().predicted.shape[2] == 8
+    copies = sum(engine.cache.table.prefetch_copies)
+    assert issued and issued == chosen and copies > 0  # every prefetch is the decision's; likely ones pay
+    # a link whose queue outlasts any row's lead: no copy could start in time, none is issued
+    monkeypatch.setattr(engine.cache.transfers, "backlog_s", lambda demand=False: 1e9)
+    engine.generate("def f(x):", 4)
+    assert issued == chosen and sum(engine.cache.table.prefetch_copies) == 0  # counts reset per generate

@@ -158,7 +158,9 @@ def add_train_predictor(sub) -> None:
                          description="Fit a small MLP per MoE layer that predicts the layer's experts from an earlier "
                                      "hidden state (a trace recorded with profile --hidden-states), print its "
                                      "held-out recall beside the other predictors', and write the file that "
-                                     "--predictor loads.")
+                                     "--predictor loads, with a calibration measured on the held-out part (a "
+                                     "quarter of the trace by default) so the engine prefetches only the "
+                                     "copies that pay.")
     trp.add_argument("trace", help="a trace recorded with profile --hidden-states")
     trp.add_argument("--out", required=True, help="the predictor file to write (safetensors)")
     trp.add_argument("--lead", type=int, default=1, help="layers ahead it predicts: the --prefetch it serves "
@@ -168,9 +170,11 @@ def add_train_predictor(sub) -> None:
     trp.add_argument("--batch", type=int, default=512, help="samples per step (default: %(default)s)")
     trp.add_argument("--lr", type=float, default=3e-3, help="learning rate (default: %(default)s)")
     trp.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    trp.add_argument("--holdout", type=float, help="fit on the head, score on this share of the trace's tail "
-                     "(default: 0.25; 0: fit on everything, no score)")
-    trp.add_argument("--validate", metavar="TRACE", help="fit on the whole trace, score on this one")
+    trp.add_argument("--holdout", type=float, help="fit on the head; score, and calibrate the file's per-rank "
+                     "chances (the prefetch decision's), on this share of the trace's tail, split at a prompt or "
+                     "forward boundary (default: 0.25, a quarter held out; 0: fit on everything, no score and no "
+                     "calibration, so the engine prefetches a fixed width)")
+    trp.add_argument("--validate", metavar="TRACE", help="fit on the whole trace; score and calibrate on this one")
     trp.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
 

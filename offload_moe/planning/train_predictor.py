@@ -7,7 +7,11 @@ row l chose, as a multi-hot target. Per row, a D -> H -> E MLP (GELU) is fitted 
 binary cross-entropy of each expert being chosen, its input standardised (mean and spread of the
 fitted samples, folded into the first layer when saved). The held-out part is the trace's tail
 (`--holdout`, split as `tune` splits: validate.py) or another trace (`--validate`); the file holds
-the model fitted on the head only, so the recall printed is the file's own on unseen tokens.
+the model fitted on the head only, so the recall printed is the file's own on unseen tokens, and its
+calibration (`calibration_of`: per row and rank, the chance the row uses the expert ranked there,
+`speculate.calibrate` over every expert ranked) is measured on that held-out part, which lets the engine
+weigh each speculative copy's cost (`speculate.speculate`). Without a held-out part (`--holdout 0`, or a
+trace too short to split) the file has no calibration and the engine prefetches a fixed width.
 
 Recall of a predictor at width P: the share of the experts row l chose that its P best-ranked
 candidates named. Printed per row for
@@ -30,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..offload.predictors import LearnedPredictor, save_predictor, source_of
+from ..offload.predictors import LearnedPredictor, replayed, save_predictor, source_of
+from ..offload.speculate import calibrate
 from ..progress import progress_bar
 from .trace import Trace, load_trace
 from .validate import validation_split
@@ -71,6 +76,13 @@ def recall(ranked: np.ndarray, chosen: np.ndarray) -> float:
     if not len(chosen):
         return 0.0
     return float((ranked[:, :, None] == chosen[:, None, :]).any(1).mean())
+
+
+def calibration_of(model: LearnedPredictor, held: Trace) -> np.ndarray:
+    """[L, E]: the predictor's calibration (`speculate.calibrate`) on `held`, routing with hidden states it
+    was not fitted on, over its full ranking (every expert), predicted as the engine predicts decoding."""
+    full = replayed(held, model, held.num_experts)  # [T, L, E]
+    return calibrate(full.predicted, held.experts)
 
 
 def recall_table(model: LearnedPredictor, fit: Trace, held: Trace, width: int) -> dict[str, list[float]]:
@@ -117,16 +129,21 @@ def run_train_predictor(args) -> int:
                        args.seed + row) for row in progress_bar(range(L), "fitting layers", unit="layer")]
     meta = {"trace": str(args.trace), "model": trace.model, "fitted_tokens": str(fit.num_tokens),
             "hidden_size": str(args.hidden_size), "steps": str(args.steps)}
-    save_predictor(args.out, weights, args.lead, meta)
-    report = {"note": split.note, "lead": args.lead, "out": str(args.out)}
+    model = LearnedPredictor(weights, args.lead, meta)
+    calibration = None if split.held_out is None else calibration_of(model, split.held_out)  # [L, E]
+    if calibration is not None:
+        meta["calibrated_tokens"] = str(split.held_out.num_tokens)
+    save_predictor(args.out, weights, args.lead, meta, calibration)
+    report = {"note": split.note, "lead": args.lead, "out": str(args.out), "calibrated": calibration is not None}
     if split.held_out is not None:
-        model = LearnedPredictor(weights, args.lead, meta)
         report["recall"] = {str(w): recall_table(model, fit, split.held_out, w) for w in sorted({K, min(2 * K, E)})}
     if args.json:
         print(json.dumps(report))
         return 0
     print(f"wrote {args.out}: per layer a {trace.tensors['hidden'].shape[2]} -> {args.hidden_size} -> {E} MLP, "
-          f"{args.lead} layer(s) ahead; {split.note}")
+          f"{args.lead} layer(s) ahead; {split.note}; "
+          + ("calibrated on the held-out part: prefetch decided by cost" if calibration is not None else
+             "no calibration (nothing held out): the engine prefetches a fixed width"))
     for width, table in report.get("recall", {}).items():
         print(f"\nheld-out recall at width {width} (share of chosen experts among the {width} predicted)")
         print(f"{'layer':>6}" + "".join(f"{name:>11}" for name in table))
