@@ -138,5 +138,6 @@ def test_a_prompts_c_decode_gives_gguf_pys_weights(kind):
     (within float32 rounding of the scale products)."""
     raw = blocks(kind, 48, 512, np.random.default_rng(int(kind)))
     want = torch.from_numpy(gguf.quants.dequantize(raw, kind).astype(np.float32))
-    got = cpu_kernels.ggml_dequant(torch.from_numpy(raw), kind, 512)
+    got = torch.empty(48, 512)
+    assert cpu_kernels.ggml_dequant(torch.from_numpy(raw), kind, 512, got)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * want.abs().max().item())

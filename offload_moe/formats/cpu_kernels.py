@@ -231,15 +231,14 @@ def int4_dequant(codes: torch.Tensor, sz: torch.Tensor, out: torch.Tensor, block
     return True
 
 
-def ggml_dequant(raw: torch.Tensor, kind: int, K: int) -> torch.Tensor | None:
-    """A GGUF matrix, its bytes raw [N, K/bs*ts] of type `kind`, decoded to float32 [N, K] on the CPU in one C pass
-    (a prompt's GEMM then multiplies it); None where the C code does not read the type or does not run here."""
+def ggml_dequant(raw: torch.Tensor, kind: int, K: int, out: torch.Tensor) -> bool:
+    """A GGUF matrix, its bytes raw [N, K/bs*ts] of type `kind`, decoded into out [N, K] float32 on the CPU in one C
+    pass (a prompt's GEMM then multiplies it); False where the C code does not read the type or does not run here."""
     lib = library()
     if lib is None or raw.device.type != "cpu" or not lib.okm_ggml_reads(int(kind)):
-        return None
-    w = torch.empty(raw.shape[0], K, dtype=torch.float32)
-    lib.okm_ggml_dequant(int(kind), raw.data_ptr(), w.data_ptr(), raw.shape[0], K, raw.shape[1])
-    return w
+        return False
+    lib.okm_ggml_dequant(int(kind), raw.data_ptr(), out.data_ptr(), raw.shape[0], K, raw.shape[1])
+    return True
 
 
 def _flat(views: tuple) -> list[torch.Tensor]:

@@ -184,6 +184,7 @@ class GGUFFormat:
         self.nbytes = max(off + n for layout in self._layouts.values() for off, n in layout[-1:])
         self.nbytes = -(-self.nbytes // ALIGN) * ALIGN  # experts laid end to end stay aligned
         self.name = "gguf-" + "+".join(sorted({k.name for row in kinds for k in row}))
+        self._scratch: torch.Tensor | None = None  # float32, a prompt's decoded part on the CPU (`_linear`)
 
     def _layout(self, kinds: tuple[Q, ...]) -> list[tuple[int, int]]:
         if len(kinds) != len(self.parts) or not set(kinds) <= set(NATIVE):
@@ -230,19 +231,24 @@ class GGUFFormat:
         h = torch.cat([linear(x, part) for part in up], dim=-1)  # [T, 2I] (relu2: [T, I])
         return linear(self.act(h), w2)  # [T, D]
 
-    @staticmethod
-    def _linear(x: torch.Tensor, part: tuple) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor, part: tuple) -> torch.Tensor:
         """x [T, K] times one part (kind, bytes, K) -> [T, N]: one token on the CPU by the C kernel where it reads
-        the type (`cpu_kernels.ggml_linear`), else decoded and multiplied."""
+        the type (`cpu_kernels.ggml_linear`); several in float32 on the CPU decoded by one C pass
+        (`cpu_kernels.ggml_dequant`) into a scratch buffer of the largest part, allocated once (a fresh [N, K]
+        tensor a call spent most of its time faulting pages in), then multiplied; else decoded by torch ops."""
         kind, raw, K = part
         if kind not in FLOATS and (y := ggml_linear(x, raw, kind, K)) is not None:
             return y.to(x.dtype)
+        if x.dtype == torch.float32 and kind not in FLOATS and x.device.type == "cpu":
+            if self._scratch is None:
+                self._scratch = torch.empty(max(N * K for N, K in self.shapes.values()), dtype=torch.float32)
+            w = self._scratch[: raw.shape[0] * K].view(raw.shape[0], K)  # [N, K]
+            if ggml_dequant(raw, kind, K, w):
+                return linear(x, w)
         return _decoded_linear(x, part)
 
 
 def _decoded_linear(x: torch.Tensor, part: tuple) -> torch.Tensor:
-    """x [T, K] times one part, decoded (on the CPU in float32 by one C pass, `cpu_kernels.ggml_dequant`, where it
-    reads the type; else by `dequantize`): [T, N]."""
+    """x [T, K] times one part, decoded by `dequantize`: [T, N]."""
     kind, raw, K = part
-    w = ggml_dequant(raw, kind, K) if x.dtype == torch.float32 and kind not in FLOATS else None
-    return linear(x, (dequantize(raw, kind, K) if w is None else w).to(x.dtype))
+    return linear(x, dequantize(raw, kind, K).to(x.dtype))
