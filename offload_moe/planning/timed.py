@@ -330,18 +330,19 @@ def timed_report(timed: dict, layers: int) -> str:
     """The text table of `run_timed`'s result: totals per cache size with and without prefetch, then
     each layer's ready/late/missed shares per size (with prefetch where the trace has predictions)."""
     results = timed["results"]
-    lines = ["", f"timed replay, {timed['policy']}: one link carries one copy at a time, first issued first served; "
+    lines = ["", f"timed replay, {timed['policy']}: one link carries one copy at a time, demand copies first "
+             "(speculative ones passed, stale ones dropped); "
              f"copy {1e3 * timed['copy_s']:.3f} ms per expert ({timed['expert_bytes'] / 1e6:.2f} MB, experts "
              f"{timed['expert_quant']}, {timed['shape']} shape, over {timed['h2d_bytes_per_s'] / 1e9:.1f} GB/s), "
              f"compute {1e3 * results[0]['layer_s'][0]:.3f} ms per layer ({timed['layer_from']})",
              f"{'slots':>6}{'prefetch':>10}{'ready':>8}{'late':>8}{'missed':>8}{'wait ms/tok':>13}{'stall ms/tok':>14}"
-             f"{'link busy':>11}{'ms/tok':>9}{'tok/s':>9}  copies/tok demand+prefetch"]
+             f"{'link busy':>11}{'ms/tok':>9}{'tok/s':>9}  copies/tok demand+prefetch (dropped)"]
     for r in results:
         lines.append(f"{str(r['slots']):>6}{'lead ' + str(r['lead']) if r['lead'] else 'none':>10}"
                      + "".join(f"{100 * r[k]:>7.1f}%" for k in OUTCOMES)
                      + f"{1e3 * (r['late_wait_s'] + r['miss_wait_s']):>13.3f}{1e3 * r['stall_s']:>14.3f}"
                      f"{100 * r['link_busy']:>10.1f}%{1e3 * r['seconds_per_token']:>9.3f}{r['tokens_per_s']:>9.1f}"
-                     f"  {r['demand_copies']:.2f}+{r['prefetch_copies_per_token']:.2f}")
+                     f"  {r['demand_copies']:.2f}+{r['prefetch_copies_per_token']:.2f} ({r['dropped']:.2f})")
     shown = [r for r in results if r["lead"]] or results
     mode = f"lead {shown[0]['lead']}" if shown[0]["lead"] else "no prefetch"
     lines += ["", f"per layer, ready/late/missed % ({mode})",
