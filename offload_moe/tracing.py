@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import torch
 
 from .modeling.transformer import Transformer
@@ -38,7 +39,8 @@ def start_tap(model: Transformer, model_name: str, hidden: bool, prefetch: int =
     recorder = TraceRecorder(c.n_moe_layers, c.top_k, c.num_experts, model_name,
                              metadata={"config": json.dumps(c.to_dict()), "prefetch_lead": str(used.lead),
                                        "prefetch": str(prefetch)},
-                             width=width, hidden=hidden)
+                             width=width, hidden=hidden,
+                             calibration=None if calibration is None else np.asarray(calibration))
     return RoutingTap(model, recorder, own)
 
 

@@ -136,3 +136,23 @@ def test_the_engine_issues_only_the_copies_speculate_chooses(tmp_path, monkeypat
     monkeypatch.setattr(engine.cache.transfers, "backlog_s", lambda demand=False: 1e9)
     engine.generate("def f(x):", 4)
     assert issued == chosen and sum(engine.cache.table.prefetch_copies) == 0  # counts reset per generate
+
+
+def test_a_trace_keeps_its_predictors_calibration_and_the_timed_replay_decides_by_it():
+    """A trace recorded with a calibrated predictor carries the calibration (through a slice too), and
+    `simulate --timed`'s runs with prefetch replay the engine's decision."""
+    from offload_moe.engine import Engine
+    from offload_moe.options import EngineOptions
+    from offload_moe.planning.timed import run_timed
+    from offload_moe.planning.trace import slice_trace
+
+    engine = Engine.load("demo", EngineOptions(progress=False, cache_experts=4, prefetch=1))
+    assert engine.model.prefetcher.predictor.calibration is not None  # the shipped demo predictor has one
+    engine.start_trace("demo")
+    engine.generate([1, 415, 296, 906], 6)
+    trace = engine.stop_trace()
+    cal = trace.tensors["calibration"]
+    assert cal.shape == tuple(engine.model.prefetcher.predictor.calibration.shape)
+    assert np.array_equal(slice_trace(trace, 2, 6).tensors["calibration"], cal)
+    out = run_timed(trace, [4], "lru", {"copy_s": 1e-4, "layer_s": 1e-4})
+    assert [r["decided"] for r in out["results"]] == [True, False]  # with prefetch, then without

@@ -313,7 +313,8 @@ def trace_lead(trace: Trace) -> int:
 
 def run_timed(trace: Trace, sizes: list[int], policy: str, costs: dict, pool: str = "layer") -> dict:
     """`simulate --timed`: at every cache size, the timed replay with the trace's predictions (when it
-    has any) and without prefetch, in `pool`. Returns `costs` with "policy", "lead" and "results" (a list of
+    has any; chosen by `speculate` as the engine did where the trace carries its predictor's calibration) and
+    without prefetch, in `pool`. Returns `costs` with "policy", "lead" and "results" (a list of
     `simulate_timed` results, with prefetch then without at each size)."""
     if policy not in ONLINE_POLICIES:
         raise UserError(f"--timed replays an online policy ({', '.join(ONLINE_POLICIES)}), the engine's; "
@@ -321,8 +322,10 @@ def run_timed(trace: Trace, sizes: list[int], policy: str, costs: dict, pool: st
     lead = trace_lead(trace)
     runs = ([trace.predicted] if (trace.predicted >= 0).any() else []) + [None]
     after = trace.tensors.get("predicted_after")
+    calibration = trace.tensors.get("calibration")  # recorded with a calibrated predictor: the engine's decision
     results = [simulate_timed(trace, s, policy, p, lead, costs["copy_s"], costs["layer_s"],
-                              after=None if p is None else after, pool=pool) for s in sizes for p in runs]
+                              after=None if p is None else after, pool=pool,
+                              calibration=None if p is None else calibration) for s in sizes for p in runs]
     return {**costs, "policy": policy, "lead": lead, "results": results}
 
 

@@ -17,7 +17,10 @@ and, optionally (`profile --hidden-states`), the hidden states a predictor learn
   hidden     float16 [T, L, D]  the hidden state entering each layer (before its attention norm)
 
 and `predicted_after` int32 [L, P] when the last token predicted a next token's layers (the engine
-prefetched them; the simulator does too, after the last token).
+prefetched them; the simulator does too, after the last token), and `calibration` float32 [L, P] when the
+predictor carried one (`speculate.calibrate`): then `predicted` holds its whole ranking, the engine copied only
+what `speculate` chose, and `simulate --timed` replays that choice (the untimed replay, with no clock to decide
+by, copies each row's first `slots` of the ranking).
 
 and string metadata `num_experts`, `top_k`, `num_layers`, `model` (and `prefetch_lead`). Other tensors (for example
 `prompt_lengths` int64 [P]) and other metadata (for example `config`, the model shape as JSON)
@@ -81,9 +84,11 @@ def group_ends(trace: Trace, key: str) -> np.ndarray | None:
 
 def slice_trace(trace: Trace, start: int, stop: int) -> Trace:
     """Tokens [start, stop) of `trace`. A grouping tensor (GROUPINGS) keeps the groups in between where
-    both ends fall between its groups, and is dropped otherwise; `hidden` keeps its tokens; other extra
-    tensors are dropped, as nothing says how they index tokens."""
-    tensors = {"hidden": trace.tensors["hidden"][start:stop]} if "hidden" in trace.tensors else {}
+    both ends fall between its groups, and is dropped otherwise; `hidden` keeps its tokens; `calibration` is kept
+    (it is the predictor's); other extra tensors are dropped, as nothing says how they index tokens."""
+    tensors = {k: trace.tensors[k] for k in ("calibration",) if k in trace.tensors}  # the predictor's, not per token
+    if "hidden" in trace.tensors:
+        tensors["hidden"] = trace.tensors["hidden"][start:stop]
     for key in GROUPINGS:
         ends = group_ends(trace, key)
         if ends is None:
@@ -223,8 +228,11 @@ class TraceRecorder:
     """
 
     def __init__(self, num_layers: int, top_k: int, num_experts: int, model_name: str,
-                 metadata: dict[str, str] | None = None, width: int | None = None, hidden: bool = False):
-        """`width`: most experts predicted per layer (P; default top_k); `hidden`: record hidden states."""
+                 metadata: dict[str, str] | None = None, width: int | None = None, hidden: bool = False,
+                 calibration: np.ndarray | None = None):
+        """`width`: most experts predicted per layer (P; default top_k); `hidden`: record hidden states;
+        `calibration` [L, P]: the predictor's (`speculate.calibrate`), kept with the trace."""
+        self.calibration = calibration
         self.num_layers, self.top_k, self.num_experts = num_layers, top_k, num_experts
         self.width = width or top_k
         self.model_name = model_name
@@ -302,6 +310,8 @@ class TraceRecorder:
             for layer, p in after.items():
                 pending[layer, : p.shape[1]] = p[-1].cpu().numpy()
             tensors["predicted_after"] = pending
+        if self.calibration is not None:
+            tensors["calibration"] = self.calibration.astype(np.float32)
         return Trace(experts, weights, predicted, self.num_experts, self.top_k, self.num_layers,
                      self.model_name, dict(self.metadata), tensors)
 
