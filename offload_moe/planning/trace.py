@@ -17,10 +17,11 @@ and, optionally (`profile --hidden-states`), the hidden states a predictor learn
   hidden     float16 [T, L, D]  the hidden state entering each layer (before its attention norm)
 
 and `predicted_after` int32 [L, P] when the last token predicted a next token's layers (the engine
-prefetched them; the simulator does too, after the last token), and `calibration` float32 [L, P] when the
-predictor carried one (`speculate.calibrate`): then `predicted` holds its whole ranking, the engine copied only
-what `speculate` chose, and `simulate --timed` replays that choice (the untimed replay, with no clock to decide
-by, copies each row's first `slots` of the ranking).
+prefetched them; the simulator does too, after the last token), and `calibration` float32 [L, P] when the engine
+prefetched with a calibrated predictor (`speculate.calibrate`; a run whose prefetcher fed a cache, not one where the
+trace's own predictor only predicts): then `predicted` holds its whole ranking, the engine copied only what
+`speculate` chose, and `simulate --timed` replays that choice (the untimed replay, with no clock to decide by,
+copies each row's first `slots` of the ranking).
 
 and string metadata `num_experts`, `top_k`, `num_layers`, `model` (and `prefetch_lead`). Other tensors (for example
 `prompt_lengths` int64 [P]) and other metadata (for example `config`, the model shape as JSON)
