@@ -95,6 +95,14 @@ GGUF_COMMON = [
     (B + r"attn_output\.weight", "layers.{0}.attention.wo.weight"),
     (B + r"attn_([qk])_norm\.weight", "layers.{0}.attention.{1}_norm.weight"),
     (B + r"ffn_gate_inp\.weight", "layers.{0}.gate.weight"),
+    (B + r"exp_probs_b\.bias", "layers.{0}.gate.e_score_correction_bias"),  # the sigmoid router's choice bias
+    # a shared expert's and a dense layer's gated MLP (relu2 families name theirs in GGUF_DENSE, which comes first)
+    (B + r"ffn_gate_shexp\.weight", "layers.{0}.shared.w1.weight"),
+    (B + r"ffn_up_shexp\.weight", "layers.{0}.shared.w3.weight"),
+    (B + r"ffn_down_shexp\.weight", "layers.{0}.shared.w2.weight"),
+    (B + r"ffn_gate\.weight", "layers.{0}.mlp.w1.weight"),
+    (B + r"ffn_up\.weight", "layers.{0}.mlp.w3.weight"),
+    (B + r"ffn_down\.weight", "layers.{0}.mlp.w2.weight"),
 ]
 # a layer's experts stacked in one tensor per part: gate and up [E, I, D], down [E, D, I], biases [E, I] and [E, D]
 # (gpt-oss); or gate and up fused, [E, 2I, D] (gate rows first: the converter's --fuse-gate-up-exps)

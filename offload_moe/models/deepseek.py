@@ -46,7 +46,7 @@ DENSE = glm4_moe.DENSE + [  # q_proj and o_proj are COMMON's wq and wo
 
 GGUF_ARCH = {"deepseek2": "deepseek_v2"}
 B, P = glm4_moe.B, "layers.{0}.attention."
-GGUF_DENSE = glm4_moe.GGUF_MOE + [
+GGUF_DENSE = [  # with GGUF_COMMON's router bias, shared expert and dense MLP
     (B + r"attn_q_a\.weight", P + "wq_a.weight"),
     (B + r"attn_q_a_norm\.weight", P + "q_norm.weight"),
     (B + r"attn_q_b\.weight", P + "wq_b.weight"),

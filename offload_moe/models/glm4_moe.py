@@ -39,17 +39,8 @@ FUSED = r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)"
 
 GGUF_ARCH = {"glm4moe": "glm4_moe"}
 B = r"blk\.(\d+)\."
-# the router's choice bias, the shared expert and the dense layers' MLP (DeepSeek's GGUF names them alike)
-GGUF_MOE = [
-    (B + r"exp_probs_b\.bias", "layers.{0}.gate.e_score_correction_bias"),
-    (B + r"ffn_gate_shexp\.weight", "layers.{0}.shared.w1.weight"),
-    (B + r"ffn_up_shexp\.weight", "layers.{0}.shared.w3.weight"),
-    (B + r"ffn_down_shexp\.weight", "layers.{0}.shared.w2.weight"),
-    (B + r"ffn_gate\.weight", "layers.{0}.mlp.w1.weight"),
-    (B + r"ffn_up\.weight", "layers.{0}.mlp.w3.weight"),
-    (B + r"ffn_down\.weight", "layers.{0}.mlp.w2.weight"),
-]
-GGUF_DENSE = [(B + r"post_attention_norm\.weight", "layers.{0}.ffn_norm.weight"), *GGUF_MOE]
+# the router's choice bias, the shared expert and the dense layers' MLP: GGUF_COMMON's names
+GGUF_DENSE = [(B + r"post_attention_norm\.weight", "layers.{0}.ffn_norm.weight")]
 GGUF_PERMUTED = False
 GGUF_EXPERT = None  # llama.cpp's files of this family all stack the experts
 

@@ -52,10 +52,6 @@ GGUF_DENSE = [
     (B + r"shortconv\.in_proj\.weight", "layers.{0}.attention.wbcx.weight"),
     (B + r"shortconv\.conv\.weight", "layers.{0}.attention.conv.weight"),
     (B + r"shortconv\.out_proj\.weight", "layers.{0}.attention.wo.weight"),
-    (B + r"ffn_gate\.weight", "layers.{0}.mlp.w1.weight"),
-    (B + r"ffn_up\.weight", "layers.{0}.mlp.w3.weight"),
-    (B + r"ffn_down\.weight", "layers.{0}.mlp.w2.weight"),
-    (B + r"exp_probs_b\.bias", "layers.{0}.gate.e_score_correction_bias"),
 ]
 GGUF_PERMUTED = False
 GGUF_EXPERT = None  # llama.cpp's files of this family all stack the experts

@@ -28,7 +28,7 @@ DENSE = mixtral.DENSE + [(r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.e_sc
 EXPERT, PARTS, FUSED = mixtral.EXPERT, mixtral.PARTS, mixtral.FUSED
 
 GGUF_ARCH = {"minimax-m2": "minimax_m2"}
-GGUF_DENSE = [(r"blk\.(\d+)\.exp_probs_b\.bias", "layers.{0}.gate.e_score_correction_bias")]
+GGUF_DENSE = []  # the router's choice bias (`exp_probs_b`) is in GGUF_COMMON
 GGUF_PERMUTED = False
 GGUF_EXPERT = None  # llama.cpp's files of this family all stack the experts
 

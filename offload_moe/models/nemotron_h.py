@@ -93,7 +93,6 @@ GGUF_DENSE = [
     (B + r"ssm_out\.(weight|bias)", P + "wo.{1}"),
     (B + r"ffn_up\.weight", "layers.{0}.mlp.w1.weight"),
     (B + r"ffn_down\.weight", "layers.{0}.mlp.w2.weight"),
-    (B + r"exp_probs_b\.bias", "layers.{0}.gate.e_score_correction_bias"),
     (B + r"ffn_up_shexp\.weight", "layers.{0}.shared.w1.weight"),
     (B + r"ffn_down_shexp\.weight", "layers.{0}.shared.w2.weight"),
 ]

@@ -33,9 +33,6 @@ FUSED = None
 GGUF_ARCH = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
 B = r"blk\.(\d+)\."
 GGUF_DENSE = [
-    (B + r"ffn_gate_shexp\.weight", "layers.{0}.shared.w1.weight"),
-    (B + r"ffn_up_shexp\.weight", "layers.{0}.shared.w3.weight"),
-    (B + r"ffn_down_shexp\.weight", "layers.{0}.shared.w2.weight"),
     (B + r"ffn_gate_inp_shexp\.weight", "layers.{0}.shared_gate.weight"),
 ]
 GGUF_PERMUTED = False
