@@ -94,6 +94,25 @@ def test_train_predictor_learns_routing_and_simulate_replays_it(tmp_path, capsys
     assert res[0]["prefetch"] == 1 and res[0]["hit_rate"] > 0.9
 
 
+def test_train_predictor_fits_and_calibrates_every_lead_up_to_lead(tmp_path, capsys):
+    save_trace(tmp_path / "s.trace", synthetic_trace())
+    out = tmp_path / "s.pred"
+    assert main(["train-predictor", str(tmp_path / "s.trace"), "--out", str(out), "--steps", "50", "--lead", "2",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["leads"] == [1, 2] and report["lead"] == 2 and report["calibrated"]
+    model = load_predictor(out, 3, 16, 8)
+    tail = slice_trace(load_trace(tmp_path / "s.trace"), 900, 1200)
+    assert model.lead == 1 and [d.lead for d in model.deeper] == [2]
+    assert np.allclose(model.deeper[0].calibration, calibration_of(model.deeper[0], tail))
+    # nothing held out: --lead's model alone, uncalibrated (a fixed width at that depth)
+    assert main(["train-predictor", str(tmp_path / "s.trace"), "--out", str(out), "--steps", "50", "--lead", "2",
+                 "--holdout", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["leads"] == [2]
+    alone = load_predictor(out, 3, 16, 8)
+    assert alone.lead == 2 and alone.deeper == [] and alone.calibration is None
+
+
 def test_train_predictor_and_simulate_refuse_a_trace_without_hidden_states(tmp_path, capsys):
     trace = synthetic_trace(T=100)
     trace.tensors.pop("hidden")

@@ -33,9 +33,13 @@ def test_unlikely_copies_are_not_issued():
 def test_resident_candidates_are_named_free_and_a_likely_victim_raises_the_bar():
     # expert 3 is resident: named (so the copies do not evict it), no copy; 5 is copied
     assert speculate(RANKED, held=[3, 7], slots=4, copy_s=1.0, backlog_s=0.0, until_s=9.0, width=4) == [3, 5]
-    # a full row whose least likely resident (1, p 0.2) would be displaced: 5 at 0.6 no longer pays
+    # a full row, whose residents (p 0.5 each) a copy would displace: 5 at 0.6 no longer pays
     full = [(3, 0.9), (5, 0.6), (1, 0.5), (2, 0.5)]
     assert speculate(full, held=[1, 2], slots=2, copy_s=1.0, backlog_s=0.0, until_s=1.0, width=2) == [3]
+    # the policy, not the prediction, picks the victim: the residents' mean chance counts, not the least one's
+    mixed = [(3, 0.6), (1, 0.9), (2, 0.1)]
+    assert speculate(mixed, held=[1, 2], slots=2, copy_s=1.0, backlog_s=0.0, until_s=1.0, width=2) == [1, 2]
+    assert speculate(mixed, held=[1, 2], slots=3, copy_s=1.0, backlog_s=0.0, until_s=1.0, width=2) == [3, 1]
     assert speculate(RANKED, held=[3], slots=4, copy_s=1.0, backlog_s=0.0, until_s=9.0, width=1) == [3]
 
 
@@ -156,3 +160,90 @@ def test_a_trace_keeps_its_predictors_calibration_and_the_timed_replay_decides_b
     assert np.array_equal(slice_trace(trace, 2, 6).tensors["calibration"], cal)
     out = run_timed(trace, [4], "lru", {"copy_s": 1e-4, "layer_s": 1e-4})
     assert [r["decided"] for r in out["results"]] == [True, False]  # with prefetch, then without
+
+
+def test_a_guess_from_further_ahead_only_fills_the_links_gap_before_a_nearer_guess():
+    # the next layer's nearer guess comes in 1 s: the first copy starts before it, the second would not
+    assert speculate(RANKED, held=[], slots=4, copy_s=1.0, backlog_s=0.0, until_s=9.0, width=4, better_s=1.0) == [3]
+    assert speculate(RANKED, held=[], slots=4, copy_s=1.0, backlog_s=0.0, until_s=9.0, width=4, better_s=1.5) == [3, 5]
+    assert speculate(RANKED, held=[], slots=4, copy_s=1.0, backlog_s=2.0, until_s=9.0, width=4, better_s=1.5) == []
+    assert speculate(RANKED, held=[3], slots=4, copy_s=1.0, backlog_s=2.0, until_s=9.0, width=4, better_s=1.5) == [3]
+
+
+def test_the_timed_replay_decides_deeper_leads_into_the_links_gaps():
+    """Perfect predictions at leads 1 and 3 on a link whose copy lasts three layers: lead 1 alone cannot hide a
+    copy; with lead 3 decided beside it the copies start sooner and the tokens run faster. Deeper leads need a
+    calibration."""
+    from offload_moe.errors import UserError
+    from offload_moe.planning.timed import Deeper
+
+    near, far = random_trace(200, 4, 2, 8, seed=4, perfect=True), random_trace(200, 4, 2, 8, seed=4, perfect=True)
+    table = calibrate(near.predicted, near.experts)  # [L, P]: 1.0, perfect
+    none = simulate_timed(near, 4, "lru", None, 1, 3e-3, 1e-3)
+    one = simulate_timed(near, 4, "lru", near.predicted, 1, 3e-3, 1e-3, calibration=table)
+    deeper = [Deeper(3, far.predicted, None, table)]
+    both = simulate_timed(near, 4, "lru", near.predicted, 1, 3e-3, 1e-3, calibration=table, deeper=deeper)
+    assert none["tokens_per_s"] < one["tokens_per_s"] < both["tokens_per_s"]
+    assert both["ready"] > one["ready"]
+    with pytest.raises(UserError, match="need a calibration"):
+        simulate_timed(near, 4, "lru", near.predicted, 1, 3e-3, 1e-3, deeper=deeper)
+
+
+def test_a_predictor_file_holds_deeper_leads_and_prefetch_picks_them_by_depth(tmp_path):
+    import torch
+
+    from offload_moe.errors import UserError
+    from offload_moe.offload.predictors import LearnedPredictor, load_predictor, save_predictor
+
+    def rows(v):
+        return [{"w1": torch.full((3, 4), v), "b1": torch.zeros(3), "w2": torch.zeros(5, 3), "b2": torch.zeros(5)}
+                for _ in range(4)]
+
+    cal = [np.full((4, 5), x) for x in (0.9, 0.7, 0.5)]
+    deeper = [LearnedPredictor(rows(2.0), 2, {}, cal[1]), LearnedPredictor(rows(3.0), 3, {}, cal[2])]
+    save_predictor(tmp_path / "p", rows(1.0), 1, {}, cal[0], deeper)
+    p = load_predictor(tmp_path / "p", 4, 4, 5)
+    assert [p.lead, *(d.lead for d in p.deeper)] == [1, 2, 3] and p.meta["leads"] == "1,2,3"
+    assert [float(d.weights[0]["w1"][0, 0]) for d in p.deeper] == [2.0, 3.0]
+    assert np.allclose(p.deeper[1].calibration, 0.5)
+    assert [d.lead for d in p.at_depth(2).deeper] == [2] and p.at_depth(1).deeper == []
+    # a file of one uncalibrated lead serves that lead only, a fixed width
+    save_predictor(tmp_path / "q", rows(1.0), 2, {})
+    assert load_predictor(tmp_path / "q", 4, 4, 5).at_depth(2).lead == 2
+    with pytest.raises(UserError, match="lead 3 has no calibration"):
+        save_predictor(tmp_path / "r", rows(1.0), 1, {}, cal[0], [LearnedPredictor(rows(3.0), 3, {})])
+        load_predictor(tmp_path / "r", 4, 4, 5)
+
+
+def test_the_engine_decides_every_lead_up_to_its_depth(tmp_path, monkeypatch):
+    """The demo with its predictor's weights at leads 1 and 2, calibrated: --prefetch 2 plans both leads' copies
+    (the deeper one's as a guess a nearer one follows), --prefetch 1 the nearest only, --prefetch 3 is refused;
+    the tokens are those of no prefetch."""
+    from offload_moe.demo import resolve_model
+    from offload_moe.engine import Engine
+    from offload_moe.errors import UserError
+    from offload_moe.offload.predictors import FILE_NAME, LearnedPredictor, load_predictor, save_predictor
+    from offload_moe.options import EngineOptions
+
+    shipped = load_predictor(resolve_model("demo") / FILE_NAME, 4, 128, 8)
+    path = tmp_path / "p.safetensors"
+    table = np.full((4, 8), 0.9)
+    again = [{k: v.clone() for k, v in w.items()} for w in shipped.weights]  # as lead 2's (a file keeps no aliases)
+    save_predictor(path, shipped.weights, 1, {}, table, [LearnedPredictor(again, 2, {}, table)])
+
+    def load(depth):
+        return Engine.load("demo", EngineOptions(progress=False, device="cpu", cache_experts=3, prefetch=depth,
+                                                 policy="lru", predictor=str(path)))
+
+    plans = []
+    two = load(2)
+    plan = two.cache.plan_prefetch
+    monkeypatch.setattr(two.cache, "plan_prefetch", lambda *a, **k: plans.append((a[3], k["deeper"])) or plan(*a, **k))
+    tokens = two.generate("def f(x):", 6).tokens
+    assert {(1, False), (2, True)} <= set(plans) and sum(two.cache.table.prefetch_copies) > 0
+    assert [s.lead for s in two.model.prefetcher.stages] == [1, 2] and two.model.prefetcher.lead == 2
+    assert [s.lead for s in load(1).model.prefetcher.stages] == [1]
+    none = Engine.load("demo", EngineOptions(progress=False, device="cpu", cache_experts=3, prefetch=0))
+    assert none.generate("def f(x):", 6).tokens == tokens
+    with pytest.raises(UserError, match="predicts 1, 2 layer"):
+        load(3)

@@ -88,7 +88,7 @@ class ExpertCache:
         self.transfers = Transfers(device, sizes, EmulatedLink(link_gbs * 1e9) if link_gbs else None)
         # prefetches waiting for this layer's demand copies: (row, experts, (expert, chance) to choose from or
         # None, rows ahead, an unranked expert's chance)
-        self.planned: list[tuple[int, list[int], list[tuple[int, float]] | None, int, float]] = []
+        self.planned: list[tuple[int, list[int], list[tuple[int, float]] | None, int, float, bool]] = []
         self.speculative: list[list[tuple[int, int]]] = [[] for _ in self.slots]  # per row: (slot, expert) prefetched
         self.counters = CacheCounters()
         self.copy_s = self.cpu_s = 0.0  # one expert's copy and CPU forward, measured by `calibrate_misses`
@@ -219,21 +219,24 @@ class ExpertCache:
             self.transfers.mark_free(self.pool_of[row], s)
 
     def plan_prefetch(self, row: int, experts: list[int], ranked: list[tuple[int, float]] | None = None,
-                      lead: int = 1, rest: float = 0.0) -> None:
+                      lead: int = 1, rest: float = 0.0, deeper: bool = False) -> None:
         """Queue a prefetch for `row`, `lead` rows ahead; it is issued after the current layer's demand copies:
         `experts`, or, given `ranked` (expert, chance; `rest`: an unranked one's), those `speculate` chooses
-        then."""
-        self.planned.append((row, experts, ranked, lead, rest))
+        then; `deeper`: a nearer guess of `row` comes at the next layer (its copies only fill the link until
+        then)."""
+        self.planned.append((row, experts, ranked, lead, rest, deeper))
 
     def _flush_prefetch(self, demand: int) -> None:
         """Issue the planned prefetches, after this layer's `demand` copies (the layer waits for those before
-        the planned row's `lead` layers run)."""
+        the planned row's `lead` layers run, and before the next layer's guesses)."""
         planned, self.planned = self.planned, []
-        for row, experts, ranked, lead, rest in planned:
+        for row, experts, ranked, lead, rest, deeper in planned:
             if ranked is not None:
                 n = self.slots[row] if self.pool == "layer" else sum(self.slots)
+                wait = demand * self.copy_s
                 experts = speculate(ranked, self.table.resident(row), n, self.copy_s, self.transfers.backlog_s(),
-                                    demand * self.copy_s + lead * self.layer_s, self.slots[row], rest)
+                                    wait + lead * self.layer_s, self.slots[row], rest,
+                                    wait + self.layer_s if deeper else float("inf"))
             self.prefetch(row, experts)
 
     def prefetch(self, row: int, experts: list[int]) -> None:

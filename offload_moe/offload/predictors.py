@@ -24,6 +24,7 @@ Shape legend: T tokens, D dim, H predictor hidden size, E experts, L rows, P pre
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -85,9 +86,12 @@ class LearnedPredictor:
     name = "learned"
 
     def __init__(self, weights: list[dict[str, torch.Tensor]], lead: int, meta: dict[str, str],
-                 calibration: np.ndarray | None = None):
+                 calibration: np.ndarray | None = None, deeper: list[LearnedPredictor] | None = None):
         self.weights, self.lead, self.meta = weights, lead, meta
         self.calibration = calibration  # [L, P] per row and rank, the chance the row uses it (speculate.calibrate)
+        # calibrated predictors further ahead (leads > lead, nearest first): the prefetcher decides their copies
+        # too, so the depth adapts (speculate's `better_s`)
+        self.deeper = deeper or []
 
     def logits(self, target: int, h: torch.Tensor) -> torch.Tensor:
         w = self.weights[target]
@@ -101,7 +105,20 @@ class LearnedPredictor:
         """On the model's device, in float32 whatever the model's dtype: the folded input standardisation
         can make weights and biases too large for float16, and the MLP is tiny."""
         self.weights = [{k: v.to(device, torch.float32) for k, v in w.items()} for w in self.weights]
+        for d in self.deeper:
+            d.to(device)
         return self
+
+    def at_depth(self, depth: int) -> LearnedPredictor:
+        """This predictor for `--prefetch depth` (one of its leads): calibrated, its nearest lead with the deeper
+        ones up to `depth` (the engine decides every one's copies); without a calibration, lead `depth` alone
+        (a fixed width)."""
+        every = [self, *self.deeper]
+        if self.calibration is None:
+            p = next(p for p in every if p.lead == depth)
+            return LearnedPredictor(p.weights, p.lead, p.meta, p.calibration)
+        return LearnedPredictor(self.weights, self.lead, self.meta, self.calibration,
+                                [p for p in self.deeper if p.lead <= depth])
 
 
 def ranked(first: torch.Tensor | None, scores: torch.Tensor, width: int) -> torch.Tensor:
@@ -116,13 +133,19 @@ def ranked(first: torch.Tensor | None, scores: torch.Tensor, width: int) -> torc
 
 
 def save_predictor(path: str | os.PathLike, weights: list[dict[str, torch.Tensor]], lead: int,
-                   meta: dict[str, str], calibration: np.ndarray | None = None) -> None:
+                   meta: dict[str, str], calibration: np.ndarray | None = None,
+                   deeper: Sequence[LearnedPredictor] = ()) -> None:
     """The predictor file; `calibration` [L, P] (`speculate.calibrate` on routing it was not fitted on) lets
-    the prefetcher weigh each copy's cost (`speculate.speculate`) instead of copying a fixed width."""
-    tensors = {f"rows.{r}.{k}": v.contiguous() for r, w in enumerate(weights) for k, v in w.items()}
-    if calibration is not None:
-        tensors["calibration"] = torch.from_numpy(np.asarray(calibration, np.float32))
-    write_safetensors_atomic(path, tensors, metadata={**meta, "kind": "learned", "lead": str(lead),
+    the prefetcher weigh each copy's cost (`speculate.speculate`) instead of copying a fixed width. `deeper`:
+    calibrated predictors of further leads, under `lead{N}.` (metadata `leads`: every lead, nearest first)."""
+    parts = [("", weights, calibration)] + [(f"lead{d.lead}.", d.weights, d.calibration) for d in deeper]
+    tensors = {}
+    for prefix, rows, table in parts:
+        tensors |= {f"{prefix}rows.{r}.{k}": v.contiguous() for r, w in enumerate(rows) for k, v in w.items()}
+        if table is not None:
+            tensors[f"{prefix}calibration"] = torch.from_numpy(np.asarray(table, np.float32))
+    leads = ",".join(str(x) for x in [lead, *(d.lead for d in deeper)])
+    write_safetensors_atomic(path, tensors, metadata={**meta, "kind": "learned", "lead": str(lead), "leads": leads,
                                                       "rows": str(len(weights))})
 
 
@@ -138,16 +161,39 @@ def load_predictor(path: str | os.PathLike, rows: int, dim: int, experts: int) -
     except (SafetensorError, OSError) as exc:
         raise UserError(f"predictor {p} is not a safetensors file ({exc})") from None
     try:
-        lead, n = int(meta["lead"]), int(meta["rows"])
-        weights = [{k: tensors[f"rows.{r}.{k}"].float() for k in ("w1", "b1", "w2", "b2")} for r in range(n)]
+        n = int(meta["rows"])
+        leads = [int(x) for x in meta.get("leads", meta["lead"]).split(",")]
+        prefixes = ["", *(f"lead{d}." for d in leads[1:])]  # the nearest lead's keys have none
+        parts = [[{k: tensors[f"{prefix}rows.{r}.{k}"].float() for k in ("w1", "b1", "w2", "b2")} for r in range(n)]
+                 for prefix in prefixes]
     except (KeyError, ValueError):
         raise UserError(f"predictor {p} is not a train-predictor file (no lead, rows or row weights)") from None
     if meta.get("kind") != "learned":
         raise UserError(f"predictor {p}: unknown kind {meta.get('kind')!r}")
-    if not weights:
+    if not n:
         raise UserError(f"predictor {p} holds no layers")
-    got = (n, weights[0]["w1"].shape[-1], weights[0]["w2"].shape[0])
-    if got != (rows, dim, experts):
+    if leads != sorted(set(leads)) or not 1 <= leads[0] <= leads[-1] < rows:
+        raise UserError(f"predictor {p} predicts {', '.join(map(str, leads))} layers ahead; this model's {rows} MoE "
+                        f"layers allow 1 to {rows - 1}, each once, nearest first")
+    made = []
+    for lead, weights, prefix in zip(leads, parts, prefixes, strict=True):
+        _check_rows(p, weights, (rows, dim, experts))
+        calibration = tensors.get(f"{prefix}calibration")
+        if calibration is not None and (calibration.ndim != 2 or calibration.shape[0] != rows):
+            raise UserError(f"predictor {p}: its calibration has shape {list(calibration.shape)}, not [{rows}, P]")
+        if prefix and calibration is None:
+            raise UserError(f"predictor {p}: its lead {lead} has no calibration (a deeper lead needs one)")
+        table = None if calibration is None else calibration.double().numpy()
+        made.append(LearnedPredictor(weights, lead, meta, table))
+    made[0].deeper = made[1:]
+    return made[0]
+
+
+def _check_rows(p: Path, weights: list[dict[str, torch.Tensor]], want: tuple[int, int, int]) -> None:
+    """That one lead's MLPs fit the model: want (rows, D, E)."""
+    rows, dim, experts = want
+    got = (len(weights), weights[0]["w1"].shape[-1], weights[0]["w2"].shape[0])
+    if got != want:
         raise UserError(f"predictor {p} was trained for {got[0]} MoE layers, dim {got[1]}, {got[2]} experts; "
                         f"this model has {rows}, {dim}, {experts}")
     hidden = weights[0]["b1"].shape
@@ -156,26 +202,21 @@ def load_predictor(path: str | os.PathLike, rows: int, dim: int, experts: int) -
         if shapes != [(*hidden, dim), hidden, (experts, *hidden), (experts,)]:
             raise UserError(f"predictor {p}: layer {r}'s weights have shapes {shapes}, not an MLP {dim} -> "
                             f"{hidden[0] if hidden else '?'} -> {experts}")
-    if not 1 <= lead < rows:
-        raise UserError(f"predictor {p} predicts {lead} layers ahead; this model's {rows} MoE layers allow 1 to "
-                        f"{rows - 1}")
-    calibration = tensors.get("calibration")
-    if calibration is not None and (calibration.ndim != 2 or calibration.shape[0] != rows):
-        raise UserError(f"predictor {p}: its calibration has shape {list(calibration.shape)}, not [{rows}, P]")
-    return LearnedPredictor(weights, lead, meta, None if calibration is None else calibration.double().numpy())
 
 
 def make_predictor(kind: str, model, lead: int, device: torch.device):
-    """'router' or a predictor file (`--predictor`, its `auto` resolved by the load plan). A learned predictor
-    predicts `lead` rows ahead as it was trained; `--prefetch` must agree."""
+    """'router' or a predictor file (`--predictor`, its `auto` resolved by the load plan). `--prefetch` (`lead`)
+    must be one of the leads a learned predictor was trained for; a calibrated one decides the nearer ones too
+    (`LearnedPredictor.at_depth`)."""
     c = model.config
     if kind == "router":
         return RouterPredictor(model, lead)
     learned = load_predictor(kind, c.n_moe_layers, c.dim, c.num_experts)
-    if learned.lead != lead:
-        raise UserError(f"predictor {kind} predicts {learned.lead} layer(s) ahead; --prefetch {lead} asks for "
-                        f"{lead} (use --prefetch {learned.lead}, or --predictor router)")
-    return learned.to(device)
+    leads = [learned.lead, *(d.lead for d in learned.deeper)]
+    if lead not in leads:
+        raise UserError(f"predictor {kind} predicts {', '.join(map(str, leads))} layer(s) ahead; --prefetch {lead} "
+                        f"asks for {lead} (use --prefetch {leads[-1]}, or --predictor router)")
+    return learned.at_depth(lead).to(device)
 
 
 def replayed(trace, predictor, width: int):

@@ -58,7 +58,10 @@ token (not in a batched step, whose next step may hold other sequences). For one
 tokens rank in their top-k (ties: the row's most used so far), up to `width`. A predictor with a
 calibration (per row and rank, the chance the row uses the expert) ranks every expert it calibrated,
 and the cache issues only the copies that pay (`speculate.speculate`, the timed replay's rule), from
-the link's backlog, one copy's time and the time until the row runs.
+the link's backlog, one copy's time and the time until the row runs. A calibrated learned predictor with
+deeper leads (trained for leads 1..N, `--prefetch N`) predicts each row from every lead up to N, nearest
+first; a deeper guess's copies go only into the link's gap before the next layer's nearer guess, so the
+depth adapts per row and token to the link's queue.
 Storage reads (tiered store) start at once and one row further ahead; device copies wait for row
 l's demand copies (rule 2).
 
@@ -216,37 +219,42 @@ class Transfers:
 class Prefetcher:
     """Speculative prefetch: at each row's entry, the predictor (predictors.py) scores the rows it
     predicts from there, and each gets its `widths[row]` best experts. With no cache it only predicts,
-    for a routing trace to record what a prefetch would fetch."""
+    for a routing trace to record what a prefetch would fetch. A calibrated learned predictor with deeper
+    leads (`LearnedPredictor.deeper`) predicts each row from several rows ahead, nearest first; the cache
+    issues a deeper guess's copies only into the link's gap before a nearer guess comes (`speculate`)."""
 
     def __init__(self, model, predictor, widths: Sequence[int], cache=None):
         self.model, self.predictor, self.cache = model, predictor, cache
-        self.lead, self.widths = predictor.lead, list(widths)
+        self.stages = [predictor, *getattr(predictor, "deeper", [])]  # nearest lead first
+        self.lead, self.widths = self.stages[-1].lead, list(widths)  # the depth
 
     def __call__(self, row: int, h: torch.Tensor, decode: bool) -> None:
         """`h` [T, D] is the hidden state entering `row`. The device copies are queued on the cache
-        (`plan_prefetch`) and issued after `row`'s demand copies (rule 2)."""
+        (`plan_prefetch`) and issued after `row`'s demand copies (rule 2). A trace records the nearest
+        lead's predictions."""
         rows, K = self.model.config.n_moe_layers, self.model.config.top_k
         recorder = self.model.recorder
-        for target, next_token in targets_of(row, self.lead, rows):
-            if next_token and decode and h.shape[0] > 1:
-                continue  # a batch's next step may hold other sequences: no cross-token guess
-            x = h[-1:] if next_token else h  # a prompt's next forward follows its last token
-            cal = self.predictor.calibration
-            width = self.widths[target] if cal is None or self.cache is None else cal.shape[1]
-            experts = self.predictor.rank(target, x, width)  # [T, P]
-            if recorder is not None:
-                recorder.predicted(target, next_token, experts)
-            if self.cache is None:
-                continue
-            ranks = experts.tolist()  # SYNC: prediction to host, [T][P]
-            uses = self.cache.table.uses_of(target)
-            if self.predictor.calibration is None:
-                chosen, ranked, rest = prefetch_choice(ranks, K, self.widths[target], uses), None, 0.0
-            else:  # the cache chooses among them once this row's demand copies are queued (`speculate`)
-                ranked = candidates(ranks, self.predictor.calibration[target], uses)
-                chosen, rest = [e for e, _ in ranked][: self.cache.slots[target]], rest_chance(ranked, K, len(uses))
-            self.cache.store.prefetch(target, chosen)  # non-blocking reads from storage (tiered store only)
-            self.cache.plan_prefetch(target, chosen, ranked, self.lead, rest)
+        for stage in self.stages:
+            for target, next_token in targets_of(row, stage.lead, rows):
+                if next_token and decode and h.shape[0] > 1:
+                    continue  # a batch's next step may hold other sequences: no cross-token guess
+                x = h[-1:] if next_token else h  # a prompt's next forward follows its last token
+                cal = stage.calibration
+                width = self.widths[target] if cal is None or self.cache is None else cal.shape[1]
+                experts = stage.rank(target, x, width)  # [T, P]
+                if recorder is not None and stage is self.predictor:
+                    recorder.predicted(target, next_token, experts)
+                if self.cache is None:
+                    continue
+                ranks = experts.tolist()  # SYNC: prediction to host, [T][P]
+                uses = self.cache.table.uses_of(target)
+                if cal is None:
+                    chosen, ranked, rest = prefetch_choice(ranks, K, self.widths[target], uses), None, 0.0
+                else:  # the cache chooses among them once this row's demand copies are queued (`speculate`)
+                    ranked = candidates(ranks, cal[target], uses)
+                    chosen, rest = [e for e, _ in ranked][: self.cache.slots[target]], rest_chance(ranked, K, len(uses))
+                self.cache.store.prefetch(target, chosen)  # non-blocking reads from storage (tiered store only)
+                self.cache.plan_prefetch(target, chosen, ranked, stage.lead, rest, deeper=stage is not self.predictor)
         if self.cache is not None and not self.cache.store.in_ram and row + self.lead + 1 < rows and h.shape[0] == 1:
             # storage reads run one row further ahead than the copies, on the router's guess
             deeper = row + self.lead + 1

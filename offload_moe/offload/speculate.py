@@ -12,7 +12,10 @@ row's routing is known (planning/link.py):
   saving  = p * lead: used, it spares that much of the demand copy the row would wait for;
   cost    = (1 - p) * (lead + victim * copy_s): unused, it held the link for `lead` before it was dropped,
             and the expert it displaced (when the row's slots are full) comes back as a miss with the
-            probability `victim`, the least likely resident expert's (an unranked one: `rest_chance`).
+            probability `victim`: the eviction policy, not the prediction, picks which resident goes, so
+            `victim` is the mean chance of the row's residents (an unranked one's: `rest_chance`). The
+            least likely one's chance undervalued it: the replay's decision then ran below no prefetch at
+            three quarters of the experts cached (BENCHMARKS.md).
 A copy is issued when saving > cost; none once `lead` <= 0 (it could not start before its row runs).
 
 Shape legend: T tokens, L rows, K top-k, P predicted per row (ranks), E experts.
@@ -56,15 +59,17 @@ def rest_chance(ranked: Sequence[tuple[int, float]], top_k: int, num_experts: in
 
 
 def speculate(ranked: Sequence[tuple[int, float]], held: Sequence[int], slots: int, copy_s: float, backlog_s: float,
-              until_s: float, width: int, rest: float = 0.0) -> list[int]:
+              until_s: float, width: int, rest: float = 0.0, better_s: float = float("inf")) -> list[int]:
     """The experts to prefetch for one row, at most `width`, from `ranked` (`candidates`), the row's resident
     experts `held` in its `slots`, one copy's `copy_s`, the link's `backlog_s` (copy work queued ahead of a new
     copy) and `until_s`, the time until the row runs (see the module docstring); `rest`: the chance of an
-    unranked resident (`rest_chance`). A resident candidate costs
-    nothing and is named, so the copies do not evict it; each copy issued queues the next one behind it, so
-    the width shrinks as the link fills."""
+    unranked resident (`rest_chance`); `better_s`: the time until a nearer row predicts this row again (a
+    guess from further ahead, which depth adds). A resident candidate costs nothing and is named, so the copies
+    do not evict it; each copy issued queues the next one behind it, so the width shrinks as the link fills. A
+    copy that could not start before the better guess is left to it: a guess from further ahead only fills the
+    link's gap until then, so the depth adapts to the link's queue."""
     chance = dict(ranked)
-    victim = min((chance.get(e, rest) for e in held), default=0.0) if len(held) >= slots else 0.0
+    victim = sum(chance.get(e, rest) for e in held) / len(held) if held and len(held) >= slots else 0.0
     resident = set(held)
     out: list[int] = []
     queued = backlog_s
@@ -75,7 +80,7 @@ def speculate(ranked: Sequence[tuple[int, float]], held: Sequence[int], slots: i
             out.append(e)
             continue
         lead = min(copy_s, until_s - queued)
-        if lead <= 0:
+        if lead <= 0 or queued >= better_s:
             break
         if p * lead > (1.0 - p) * (lead + victim * copy_s):
             out.append(e)

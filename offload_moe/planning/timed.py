@@ -57,7 +57,7 @@ OUTCOMES = ("ready", "late", "missed")
 def simulate_timed(trace: Trace, slots: int | list[int], policy: str, predicted: np.ndarray | None, lead: int,
                    copy_s: float, layer_s: float | Sequence[float], seed: int = 0, after: np.ndarray | None = None,
                    pool: str = "layer", calibration: np.ndarray | None = None, miss_policy: str = "fetch",
-                   cpu_s: float = float("inf")) -> dict:
+                   cpu_s: float = float("inf"), deeper: Sequence[Deeper] = ()) -> dict:
     """Replay `trace` in modelled time (see the module docstring); `predicted` [T, L, P] or None (no
     prefetch); `after` [L, P]: the predictions the last token issued for a token that never came (the
     trace's `predicted_after`), prefetched as the engine did; `pool` "global": the slots' sum shared by every
@@ -85,6 +85,11 @@ def simulate_timed(trace: Trace, slots: int | list[int], policy: str, predicted:
                       layers=L if shared else 1)
     experts = trace.experts.tolist()  # [T][L][K]: the loop reads Python lists
     preds = _issued(predicted, after, per_layer if calibration is None else None)
+    if deeper and calibration is None:
+        raise UserError("predictions further ahead are decided by cost: they need a calibration")
+    # (lead, predictions [T(+1)][L][P], calibration [L, P]), nearest first: its copies go on the link first
+    plans = sorted([(lead, preds, calibration)] + [(d.lead, _issued(d.predicted, d.after, None), d.calibration)
+                                                   for d in deeper], key=lambda plan: plan[0])
     clock = _Clock([sum(per_layer)] if shared else per_layer, [0] * L if shared else list(range(L)), copy_s,
                    miss_policy, cpu_s)
     for t in range(T):
@@ -96,17 +101,33 @@ def simulate_timed(trace: Trace, slots: int | list[int], policy: str, predicted:
             ends = max(ends, clock.cpu_done)
             for s in where:
                 clock.free_at[clock.pool_of[l]][s] = ends
-            if planned is not None:
-                chosen = planned[1]
-                if calibration is not None:
-                    chosen = clock.decide(table, planned, calibration[target], lead * layer_s[l],
-                                          per_layer[target], K)
-                clock.prefetch(table, planned[0], chosen)
+            for d, issued, cal in plans if preds is not None else ():
+                target, tt = (l + d, t) if l + d < L else (l + d - L, t + 1)
+                if tt >= len(issued):
+                    continue
+                chosen = issued[tt][target]
+                if cal is not None:  # a nearer row predicts this target again once this row has run
+                    better = layer_s[l] if d > plans[0][0] else float("inf")
+                    chosen = clock.decide(table, (target, chosen), cal[target], d * layer_s[l], per_layer[target], K,
+                                          better)
+                clock.prefetch(table, target, chosen)
             clock.now = ends
     out = {"policy": policy, "slots": slots if isinstance(slots, int) else per_layer,
            "lead": lead if predicted is not None else 0, "decided": calibration is not None and predicted is not None,
            "miss_policy": miss_policy, "copy_s": float(copy_s), "layer_s": layer_s}
     return {**out, **_figures_of(table, clock, T, K)}
+
+
+@dataclass(frozen=True)
+class Deeper:
+    """Predictions `lead` rows ahead beside the nearest ones (depth that adapts): [T, L, P] ranked, `after`
+    [L, P] (the last token's for a token that never came, or None) and their calibration [L, P]; at each row
+    `speculate` decides them after the nearer rows' copies, with `lead` rows of compute until their row runs."""
+
+    lead: int
+    predicted: np.ndarray
+    after: np.ndarray | None
+    calibration: np.ndarray
 
 
 def _checked(trace: Trace, policy: str, predicted: np.ndarray | None, lead: int, copy_s: float,
@@ -199,14 +220,15 @@ class _Clock:
         return ends, where
 
     def decide(self, table: SlotTable, planned: tuple[int, list[int]], calibration, until_s: float,
-               slots: int, top_k: int) -> list[int]:
+               slots: int, top_k: int, better_s: float = float("inf")) -> list[int]:
         """`speculate`'s choice among the planned predictions, at most the target row's `slots`, from the link's
-        backlog at `now` (after this row's demand copies, which the row waits for before `until_s` starts)."""
+        backlog at `now` (after this row's demand copies, which the row waits for before `until_s` and
+        `better_s` start)."""
         row, predicted = planned
         ranked = candidates([predicted], calibration, table.uses_of(row))
+        demand = max(0.0, self.link.demand_end - self.now)
         return speculate(ranked, table.resident(row), slots, self.copy_s, self.link.backlog(self.now),
-                         until_s + max(0.0, self.link.demand_end - self.now), slots,
-                         rest_chance(ranked, top_k, table.num_experts))
+                         until_s + demand, slots, rest_chance(ranked, top_k, table.num_experts), better_s + demand)
 
     def prefetch(self, table: SlotTable, row: int, predicted: list[int]) -> None:
         """Issue `predicted` into `row` at `now`, after the demand copies; a copy into a slot waits for

@@ -11,7 +11,9 @@ the model fitted on the head only, so the recall printed is the file's own on un
 calibration (`calibration_of`: per row and rank, the chance the row uses the expert ranked there,
 `speculate.calibrate` over every expert ranked) is measured on that held-out part, which lets the engine
 weigh each speculative copy's cost (`speculate.speculate`). Without a held-out part (`--holdout 0`, or a
-trace too short to split) the file has no calibration and the engine prefetches a fixed width.
+trace too short to split) the file has no calibration and the engine prefetches a fixed width. Calibrated,
+the file holds one model per lead from 1 to `--lead` (`lead{N}.` keys), each calibrated on the held-out
+part: the engine's `--prefetch N` decides copies from every lead up to N (prefetch.py).
 
 Recall of a predictor at width P: the share of the experts row l chose that its P best-ranked
 candidates named. Printed per row for
@@ -125,24 +127,30 @@ def run_train_predictor(args) -> int:
     fit = split.fit
     if fit.num_tokens < 2:
         raise UserError(f"trace {args.trace} has too few tokens to fit on ({fit.num_tokens})")
-    weights = [fit_row(*samples(fit, row, args.lead), E, args.hidden_size, args.steps, args.batch, args.lr,
-                       args.seed + row) for row in progress_bar(range(L), "fitting layers", unit="layer")]
+    # calibrated, every lead up to --lead (the engine decides the nearer ones' copies too); else --lead's alone
+    leads = list(range(1, args.lead + 1)) if split.held_out is not None else [args.lead]
+    pairs = [(lead, row) for lead in leads for row in range(L)]
+    weights = [fit_row(*samples(fit, row, lead), E, args.hidden_size, args.steps, args.batch, args.lr, args.seed + row)
+               for lead, row in progress_bar(pairs, "fitting layers", unit="layer")]
     meta = {"trace": str(args.trace), "model": trace.model, "fitted_tokens": str(fit.num_tokens),
             "hidden_size": str(args.hidden_size), "steps": str(args.steps)}
-    model = LearnedPredictor(weights, args.lead, meta)
-    calibration = None if split.held_out is None else calibration_of(model, split.held_out)  # [L, E]
-    if calibration is not None:
+    if split.held_out is not None:
         meta["calibrated_tokens"] = str(split.held_out.num_tokens)
-    save_predictor(args.out, weights, args.lead, meta, calibration)
-    report = {"note": split.note, "lead": args.lead, "out": str(args.out), "calibrated": calibration is not None}
+    made = [LearnedPredictor(weights[i * L : (i + 1) * L], lead, meta) for i, lead in enumerate(leads)]
+    for m in made:
+        m.calibration = None if split.held_out is None else calibration_of(m, split.held_out)  # [L, E]
+    first, model = made[0], made[-1]  # the file's nearest lead; --lead's, whose recall is printed
+    save_predictor(args.out, first.weights, first.lead, meta, first.calibration, made[1:])
+    calibrated = first.calibration is not None
+    report = {"note": split.note, "lead": args.lead, "leads": leads, "out": str(args.out), "calibrated": calibrated}
     if split.held_out is not None:
         report["recall"] = {str(w): recall_table(model, fit, split.held_out, w) for w in sorted({K, min(2 * K, E)})}
     if args.json:
         print(json.dumps(report))
         return 0
     print(f"wrote {args.out}: per layer a {trace.tensors['hidden'].shape[2]} -> {args.hidden_size} -> {E} MLP, "
-          f"{args.lead} layer(s) ahead; {split.note}; "
-          + ("calibrated on the held-out part: prefetch decided by cost" if calibration is not None else
+          f"{', '.join(map(str, leads))} layer(s) ahead (recall below: {args.lead}); {split.note}; "
+          + ("calibrated on the held-out part: prefetch decided by cost" if calibrated else
              "no calibration (nothing held out): the engine prefetches a fixed width"))
     for width, table in report.get("recall", {}).items():
         print(f"\nheld-out recall at width {width} (share of chosen experts among the {width} predicted)")
