@@ -17,7 +17,9 @@ another as one token stream, as a decode would meet them. Printed:
     per size, the share of expert uses ready on arrival, late (copy in flight) and missed, and the
     cost-aware decision (speculate.py) over the learned predictor's full ranking, calibrated on the
     held-out routing; then the target line: at twice top-k slots, its tok/s against no prefetch.
-`--write` saves the learned predictor as the model folder's predictor.safetensors, which the engine's
+  * the decided prefetch by depth: leads 1 to N (`--depth`, each fitted and calibrated as lead 1), every
+    lead decided at each row, a deeper one's copies only into the link's gap before the next layer's guess.
+`--write` saves the learned predictor (every lead) as the model folder's predictor.safetensors, which the engine's
 `--predictor auto` (the default) loads: how the demos' files are made. The file carries the calibration
 measured on the held-out windows (train_predictor.calibration_of, as `train-predictor` measures it on its
 held-out part), so the engine prefetches by `speculate`'s decision. `--recalibrate` instead loads the folder's
@@ -53,7 +55,7 @@ from offload_moe.offload.predictors import (  # noqa: E402
 )
 from offload_moe.options import EngineOptions  # noqa: E402
 from offload_moe.planning.replay import default_slots, simulate  # noqa: E402
-from offload_moe.planning.timed import TimedOptions, simulate_timed, timed_costs  # noqa: E402
+from offload_moe.planning.timed import Deeper, TimedOptions, simulate_timed, timed_costs  # noqa: E402
 from offload_moe.planning.trace import Trace, join_traces  # noqa: E402
 from offload_moe.planning.train_predictor import calibration_of, fit_row, recall, recall_table, samples  # noqa: E402
 
@@ -86,6 +88,8 @@ def main() -> int:
                     ", with its calibration measured on the held-out windows")
     ap.add_argument("--recalibrate", action="store_true", help="rewrite the folder's " + FILE_NAME + " with its "
                     "weights and metadata as they are and a calibration measured on the held-out windows; then stop")
+    ap.add_argument("--depth", type=int, default=3, help="fit leads 1 to this (at most the layers - 1); the "
+                    "depth table decides copies from each lead up to each depth")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -99,9 +103,11 @@ def main() -> int:
         path = folder / FILE_NAME
         existing = load_predictor(path, L, c.dim, E)
         evaluation = windows_trace(engine, held, args.eval_tokens)
-        calibration = calibration_of(existing, evaluation)  # [L, E]
+        for p in (existing, *existing.deeper):
+            p.calibration = calibration_of(p, evaluation)  # [L, E]
+        calibration = existing.calibration
         meta = {**existing.meta, "calibrated_tokens": str(evaluation.num_tokens)}
-        save_predictor(path, existing.weights, existing.lead, meta, calibration)
+        save_predictor(path, existing.weights, existing.lead, meta, calibration, existing.deeper)
         print(f"wrote {path}: its weights, calibrated on {evaluation.num_tokens:,} held-out tokens; mean chance "
               f"per rank " + " ".join(f"{p:.2f}" for p in calibration.mean(0)))
         return 0
@@ -109,15 +115,17 @@ def main() -> int:
     print(f"# {time.strftime('%Y-%m-%d')}, {args.model}: {L} layers, {E} experts, top-{K}; fitted on "
           f"{fit.num_tokens:,} tokens of training files, measured on {evaluation.num_tokens:,} held-out tokens")
     fitted = {lead: [fit_row(*samples(fit, row, lead), E, args.hidden_size, args.steps, 512, 3e-3, row)
-                     for row in range(L)] for lead in sorted({1, min(2, L - 1)})}
+                     for row in range(L)] for lead in range(1, min(args.depth, L - 1) + 1)}
     meta = {"trace": f"bench_prediction: {fit.num_tokens} tokens of training-file windows", "model": args.model,
-            "fitted_tokens": str(fit.num_tokens), "hidden_size": str(args.hidden_size), "steps": str(args.steps)}
+            "fitted_tokens": str(fit.num_tokens), "hidden_size": str(args.hidden_size), "steps": str(args.steps),
+            "calibrated_tokens": str(evaluation.num_tokens)}
     learned = {lead: LearnedPredictor(w, lead, meta) for lead, w in fitted.items()}
-    calibration = calibration_of(learned[1], evaluation)  # [L, E]
+    for p in learned.values():
+        p.calibration = calibration_of(p, evaluation)  # [L, E]
+    calibration = learned[1].calibration
     if args.write:
-        save_predictor(folder / FILE_NAME, fitted[1], 1, {**meta, "calibrated_tokens": str(evaluation.num_tokens)},
-                       calibration)
-        print(f"wrote {folder / FILE_NAME}")
+        save_predictor(folder / FILE_NAME, fitted[1], 1, meta, calibration, [learned[d] for d in sorted(learned)[1:]])
+        print(f"wrote {folder / FILE_NAME} (leads {', '.join(map(str, sorted(learned)))})")
     router = RouterPredictor(engine.model, 1)
 
     for width in sorted({K, min(2 * K, E)}):
@@ -125,10 +133,10 @@ def main() -> int:
         table.pop("recorded")  # the windows were scored with prefetch off: the router's top-k, as "router" at K
         cut = replayed(evaluation, router, width)
         table["router"] = [recall(cut.predicted[:, r], evaluation.experts[:, r]) for r in range(L)]
-        if 2 in learned:
-            table["learned 2"] = recall_table(learned[2], fit, evaluation, width)["learned"]
-        print(f"\nrecall at width {width} per layer (share of chosen experts among the {width} predicted; learned 2: "
-              "two layers ahead)")
+        for d in sorted(learned)[1:]:
+            table[f"learned {d}"] = recall_table(learned[d], fit, evaluation, width)["learned"]
+        print(f"\nrecall at width {width} per layer (share of chosen experts among the {width} predicted; learned N: "
+              "N layers ahead)")
         print(f"{'layer':>6}" + "".join(f"{name:>11}" for name in table))
         for r in range(L):
             print(f"{r:>6}" + "".join(f"{100 * table[name][r]:>10.1f}%" for name in table))
@@ -172,10 +180,27 @@ def main() -> int:
         target[s] = runs
         print(f"{s:>6}" + "".join(f"{100 * r['ready']:>6.1f}/{100 * r['late']:.1f}/{100 * r['missed']:.1f} "
                                   f"{1e6 * r['seconds_per_token']:>5.1f}" for r in runs))
+    deep = sorted(learned)
+    fulls = {d: replayed(evaluation, learned[d], E) for d in deep[1:]}
+    print("\ndecided prefetch by depth N, tok/s over no prefetch, copies per token demand+speculative (leads 1 to N; "
+          "a deeper lead's copies only fill the link until the next layer's nearer guess)")
+    print(f"{'slots':>6}" + "".join(f"{'depth ' + str(d):>34}" for d in deep))
+    for s in sizes:
+        none, cells = target[s][0], []
+        for depth in deep:
+            deeper = [Deeper(d, fulls[d].predicted, fulls[d].tensors["predicted_after"], learned[d].calibration)
+                      for d in deep[1:] if d <= depth]
+            r = simulate_timed(full, s, "lru", full.predicted, 1, costs["copy_s"], costs["layer_s"],
+                               after=full.tensors["predicted_after"], calibration=calibration, deeper=deeper)
+            target[s].append(r)
+            cells.append(f"{r['tokens_per_s'] / none['tokens_per_s']:.3f}x ({r['demand_copies']:.2f}+"
+                         f"{r['prefetch_copies_per_token']:.2f}, {r['dropped']:.2f} dropped)")
+        print(f"{s:>6}" + "".join(f"{c:>34}" for c in cells))
     s = min(2 * K, E)
     none, decided = target[s][0], target[s][-1]
     print(f"\ntarget, {s} slots (2 x top-k), miss policy fetch: no prefetch {none['tokens_per_s'] / 1e3:.1f}k tok/s "
-          f"(link busy {100 * none['link_busy']:.1f}%), decided prefetch {decided['tokens_per_s'] / 1e3:.1f}k tok/s "
+          f"(link busy {100 * none['link_busy']:.1f}%), decided prefetch at depth {deep[-1]} "
+          f"{decided['tokens_per_s'] / 1e3:.1f}k tok/s "
           f"(link busy {100 * decided['link_busy']:.1f}%, {decided['demand_copies']:.2f} demand + "
           f"{decided['prefetch_copies_per_token']:.2f} speculative copies per token, {decided['dropped']:.2f} "
           f"dropped): {decided['tokens_per_s'] / none['tokens_per_s']:.3f}x")
