@@ -135,7 +135,8 @@ class EngineOptions:
         shown="all experts resident", metavar="K")
     prefetch: int = option(
         1, "predict each layer's experts N layers ahead (layer 0 from the previous token) and prefetch them (at "
-        "most MoE layers - 1); 0 turns it off", int_at_least(0), metavar="N")
+        "most MoE layers - 1; a calibrated predictor file's deeper leads are decided too, into the link's gaps); "
+        "0 turns it off", int_at_least(0), metavar="N")
     predictor: str = option(
         "auto", "what predicts: router (the layer's own router on the earlier hidden state), a file written by "
         "train-predictor, or auto (the model folder's predictor.safetensors when there is one, else router)", text,

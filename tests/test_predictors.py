@@ -28,6 +28,7 @@ from offload_moe.offload.predictors import (
 from offload_moe.options import EngineOptions
 from offload_moe.planning.costs import DEFAULT_HARDWARE, model_shape
 from offload_moe.planning.replay import simulate
+from offload_moe.planning.timed import deeper_of
 from offload_moe.planning.trace import Trace, load_trace, save_trace, slice_trace
 from offload_moe.planning.train_predictor import calibration_of
 from offload_moe.planning.tune import tune, winner_profile
@@ -105,6 +106,14 @@ def test_train_predictor_fits_and_calibrates_every_lead_up_to_lead(tmp_path, cap
     tail = slice_trace(load_trace(tmp_path / "s.trace"), 900, 1200)
     assert model.lead == 1 and [d.lead for d in model.deeper] == [2]
     assert np.allclose(model.deeper[0].calibration, calibration_of(model.deeper[0], tail))
+    # replayed from hidden states, the deeper lead comes along for the timed replay, which decides it
+    cut = replayed(tail, str(out), 2)
+    assert cut.tensors["predicted_lead2"].shape == (300, 3, 2) and np.allclose(cut.tensors["calibration"],
+                                                                               model.calibration)
+    assert [(d.lead, d.calibration.shape) for d in deeper_of(cut)] == [(2, (3, 8))]
+    assert main(["simulate", "--trace", str(tmp_path / "s.trace"), "--predictor", str(out), "--slots", "4",
+                 "--policy", "lru", "--timed", "--json"]) == 0
+    assert [r["decided"] for r in json.loads(capsys.readouterr().out)["timed"]["results"]] == [True, False]
     # nothing held out: --lead's model alone, uncalibrated (a fixed width at that depth)
     assert main(["train-predictor", str(tmp_path / "s.trace"), "--out", str(out), "--steps", "50", "--lead", "2",
                  "--holdout", "0", "--json"]) == 0

@@ -189,7 +189,7 @@ def test_the_timed_replay_decides_deeper_leads_into_the_links_gaps():
         simulate_timed(near, 4, "lru", near.predicted, 1, 3e-3, 1e-3, deeper=deeper)
 
 
-def test_a_predictor_file_holds_deeper_leads_and_prefetch_picks_them_by_depth(tmp_path):
+def test_a_predictor_file_holds_deeper_leads_and_prefetch_takes_those_from_its_lead(tmp_path):
     import torch
 
     from offload_moe.errors import UserError
@@ -206,19 +206,20 @@ def test_a_predictor_file_holds_deeper_leads_and_prefetch_picks_them_by_depth(tm
     assert [p.lead, *(d.lead for d in p.deeper)] == [1, 2, 3] and p.meta["leads"] == "1,2,3"
     assert [float(d.weights[0]["w1"][0, 0]) for d in p.deeper] == [2.0, 3.0]
     assert np.allclose(p.deeper[1].calibration, 0.5)
-    assert [d.lead for d in p.at_depth(2).deeper] == [2] and p.at_depth(1).deeper == []
+    assert [d.lead for d in p.from_lead(1).deeper] == [2, 3] and [d.lead for d in p.from_lead(2).deeper] == [3]
+    assert p.from_lead(3).lead == 3 and p.from_lead(3).deeper == []
     # a file of one uncalibrated lead serves that lead only, a fixed width
     save_predictor(tmp_path / "q", rows(1.0), 2, {})
-    assert load_predictor(tmp_path / "q", 4, 4, 5).at_depth(2).lead == 2
+    assert load_predictor(tmp_path / "q", 4, 4, 5).from_lead(2).lead == 2
     with pytest.raises(UserError, match="lead 3 has no calibration"):
         save_predictor(tmp_path / "r", rows(1.0), 1, {}, cal[0], [LearnedPredictor(rows(3.0), 3, {})])
         load_predictor(tmp_path / "r", 4, 4, 5)
 
 
 def test_the_engine_decides_every_lead_up_to_its_depth(tmp_path, monkeypatch):
-    """The demo with its predictor's weights at leads 1 and 2, calibrated: --prefetch 2 plans both leads' copies
-    (the deeper one's as a guess a nearer one follows), --prefetch 1 the nearest only, --prefetch 3 is refused;
-    the tokens are those of no prefetch."""
+    """The demo with its predictor's weights at leads 1 and 2, calibrated: --prefetch 1 plans both leads' copies
+    (the deeper one's as a guess a nearer one follows, all from one sync a row), --prefetch 2 lead 2's only,
+    --prefetch 3 is refused; the tokens are those of no prefetch."""
     from offload_moe.demo import resolve_model
     from offload_moe.engine import Engine
     from offload_moe.errors import UserError
@@ -236,13 +237,13 @@ def test_the_engine_decides_every_lead_up_to_its_depth(tmp_path, monkeypatch):
                                                  policy="lru", predictor=str(path)))
 
     plans = []
-    two = load(2)
-    plan = two.cache.plan_prefetch
-    monkeypatch.setattr(two.cache, "plan_prefetch", lambda *a, **k: plans.append((a[3], k["deeper"])) or plan(*a, **k))
-    tokens = two.generate("def f(x):", 6).tokens
-    assert {(1, False), (2, True)} <= set(plans) and sum(two.cache.table.prefetch_copies) > 0
-    assert [s.lead for s in two.model.prefetcher.stages] == [1, 2] and two.model.prefetcher.lead == 2
-    assert [s.lead for s in load(1).model.prefetcher.stages] == [1]
+    one = load(1)
+    plan = one.cache.plan_prefetch
+    monkeypatch.setattr(one.cache, "plan_prefetch", lambda *a, **k: plans.append((a[3], k["deeper"])) or plan(*a, **k))
+    tokens = one.generate("def f(x):", 6).tokens
+    assert {(1, False), (2, True)} <= set(plans) and sum(one.cache.table.prefetch_copies) > 0
+    assert [s.lead for s in one.model.prefetcher.stages] == [1, 2] and one.model.prefetcher.lead == 2
+    assert [s.lead for s in load(2).model.prefetcher.stages] == [2]
     none = Engine.load("demo", EngineOptions(progress=False, device="cpu", cache_experts=3, prefetch=0))
     assert none.generate("def f(x):", 6).tokens == tokens
     with pytest.raises(UserError, match="predicts 1, 2 layer"):

@@ -90,7 +90,7 @@ class LearnedPredictor:
         self.weights, self.lead, self.meta = weights, lead, meta
         self.calibration = calibration  # [L, P] per row and rank, the chance the row uses it (speculate.calibrate)
         # calibrated predictors further ahead (leads > lead, nearest first): the prefetcher decides their copies
-        # too, so the depth adapts (speculate's `better_s`)
+        # too, each only into the link's gap before a nearer guess (speculate's `better_s`): the depth adapts
         self.deeper = deeper or []
 
     def logits(self, target: int, h: torch.Tensor) -> torch.Tensor:
@@ -109,16 +109,14 @@ class LearnedPredictor:
             d.to(device)
         return self
 
-    def at_depth(self, depth: int) -> LearnedPredictor:
-        """This predictor for `--prefetch depth` (one of its leads): calibrated, its nearest lead with the deeper
-        ones up to `depth` (the engine decides every one's copies); without a calibration, lead `depth` alone
-        (a fixed width)."""
-        every = [self, *self.deeper]
-        if self.calibration is None:
-            p = next(p for p in every if p.lead == depth)
-            return LearnedPredictor(p.weights, p.lead, p.meta, p.calibration)
-        return LearnedPredictor(self.weights, self.lead, self.meta, self.calibration,
-                                [p for p in self.deeper if p.lead <= depth])
+    def from_lead(self, lead: int) -> LearnedPredictor:
+        """This predictor for `--prefetch lead` (one of its leads): calibrated, that lead with every deeper one
+        (the engine decides all their copies, a deeper one's only into the link's gaps); without a calibration,
+        that lead alone (a fixed width)."""
+        chosen = [p for p in (self, *self.deeper) if p.lead >= lead]
+        near = chosen[0]
+        return LearnedPredictor(near.weights, near.lead, near.meta, near.calibration,
+                                chosen[1:] if near.calibration is not None else [])
 
 
 def ranked(first: torch.Tensor | None, scores: torch.Tensor, width: int) -> torch.Tensor:
@@ -206,8 +204,8 @@ def _check_rows(p: Path, weights: list[dict[str, torch.Tensor]], want: tuple[int
 
 def make_predictor(kind: str, model, lead: int, device: torch.device):
     """'router' or a predictor file (`--predictor`, its `auto` resolved by the load plan). `--prefetch` (`lead`)
-    must be one of the leads a learned predictor was trained for; a calibrated one decides the nearer ones too
-    (`LearnedPredictor.at_depth`)."""
+    must be one of the leads a learned predictor was trained for; a calibrated one decides its deeper ones too
+    (`LearnedPredictor.from_lead`)."""
     c = model.config
     if kind == "router":
         return RouterPredictor(model, lead)
@@ -215,15 +213,17 @@ def make_predictor(kind: str, model, lead: int, device: torch.device):
     leads = [learned.lead, *(d.lead for d in learned.deeper)]
     if lead not in leads:
         raise UserError(f"predictor {kind} predicts {', '.join(map(str, leads))} layer(s) ahead; --prefetch {lead} "
-                        f"asks for {lead} (use --prefetch {leads[-1]}, or --predictor router)")
-    return learned.at_depth(lead).to(device)
+                        f"asks for {lead} (use --prefetch {leads[0]}, or --predictor router)")
+    return learned.from_lead(lead).to(device)
 
 
 def replayed(trace, predictor, width: int):
     """`trace` with the predictions `predictor` (a learned one, or a file path of one, or a router) makes from
     its hidden states, `width` per row ([T, L, P], -1 where none: cross-token rows of the first token), as
     the engine makes them decoding one token at a time; `predicted_after` from the last token; metadata
-    `prefetch_lead` the predictor's lead."""
+    `prefetch_lead` the predictor's lead. A calibrated learned one's deeper leads are replayed too, as tensors
+    `predicted_lead{N}` [T, L, P], `predicted_after_lead{N}` [L, P] and `calibration_lead{N}` [L, E] (the
+    timed replay's `timed.deeper_of`), and its calibration replaces the trace's."""
     if "hidden" not in trace.tensors:
         raise UserError("--predictor needs a trace with hidden states: record it with profile --hidden-states")
     hidden = torch.from_numpy(trace.tensors["hidden"].astype(np.float32))  # [T, L, D]
@@ -232,6 +232,23 @@ def replayed(trace, predictor, width: int):
         predictor = load_predictor(predictor, L, D, trace.num_experts)
     if not 1 <= width <= trace.num_experts:
         raise UserError(f"a prediction width must be from 1 to {trace.num_experts}, not {width}")
+    # the trace's own predictor's calibration and deeper leads go: these predictions are `predictor`'s
+    tensors = {k: v for k, v in trace.tensors.items() if k != "calibration" and "_lead" not in k}
+    predicted, tensors["predicted_after"] = _ranked_all(predictor, hidden, width)
+    calibration = getattr(predictor, "calibration", None)
+    if calibration is not None:
+        tensors["calibration"] = calibration
+        for d in predictor.deeper:
+            tensors[f"predicted_lead{d.lead}"], tensors[f"predicted_after_lead{d.lead}"] = _ranked_all(d, hidden, width)
+            tensors[f"calibration_lead{d.lead}"] = d.calibration
+    return replace(trace, predicted=predicted, metadata={**trace.metadata, "prefetch_lead": str(predictor.lead)},
+                   tensors=tensors)
+
+
+def _ranked_all(predictor, hidden: torch.Tensor, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """One predictor's `width` best experts at every token and row, as the engine predicts them decoding:
+    [T, L, P] (-1 where none) and the last token's for a next token [L, P]."""
+    T, L, _ = hidden.shape
     predicted = np.full((T, L, width), -1, np.int32)
     after = np.full((L, width), -1, np.int32)
     with torch.no_grad():
@@ -242,6 +259,4 @@ def replayed(trace, predictor, width: int):
                 predicted[1:, row], after[row] = top[:-1], top[-1]
             else:
                 predicted[:, row] = top
-    tensors = {**trace.tensors, "predicted_after": after}
-    return replace(trace, predicted=predicted, metadata={**trace.metadata, "prefetch_lead": str(predictor.lead)},
-                   tensors=tensors)
+    return predicted, after

@@ -59,9 +59,10 @@ tokens rank in their top-k (ties: the row's most used so far), up to `width`. A 
 calibration (per row and rank, the chance the row uses the expert) ranks every expert it calibrated,
 and the cache issues only the copies that pay (`speculate.speculate`, the timed replay's rule), from
 the link's backlog, one copy's time and the time until the row runs. A calibrated learned predictor with
-deeper leads (trained for leads 1..N, `--prefetch N`) predicts each row from every lead up to N, nearest
-first; a deeper guess's copies go only into the link's gap before the next layer's nearer guess, so the
-depth adapts per row and token to the link's queue.
+deeper leads (`train-predictor --lead N` writes leads 1..N) predicts each row from its `--prefetch` lead
+and every deeper one, nearest first; a deeper guess's copies go only into the link's gap before the next
+layer's nearer guess, so the depth adapts per row and token to the link's queue. All of a row's predictions
+reach the host in one sync.
 Storage reads (tiered store) start at once and one row further ahead; device copies wait for row
 l's demand copies (rule 2).
 
@@ -234,6 +235,7 @@ class Prefetcher:
         lead's predictions."""
         rows, K = self.model.config.n_moe_layers, self.model.config.top_k
         recorder = self.model.recorder
+        made = []  # (stage, target, experts [T, P]) of every lead
         for stage in self.stages:
             for target, next_token in targets_of(row, stage.lead, rows):
                 if next_token and decode and h.shape[0] > 1:
@@ -241,21 +243,26 @@ class Prefetcher:
                 x = h[-1:] if next_token else h  # a prompt's next forward follows its last token
                 cal = stage.calibration
                 width = self.widths[target] if cal is None or self.cache is None else cal.shape[1]
-                experts = stage.rank(target, x, width)  # [T, P]
+                made.append((stage, target, stage.rank(target, x, width)))
                 if recorder is not None and stage is self.predictor:
-                    recorder.predicted(target, next_token, experts)
-                if self.cache is None:
-                    continue
-                ranks = experts.tolist()  # SYNC: prediction to host, [T][P]
-                uses = self.cache.table.uses_of(target)
-                if cal is None:
-                    chosen, ranked, rest = prefetch_choice(ranks, K, self.widths[target], uses), None, 0.0
-                else:  # the cache chooses among them once this row's demand copies are queued (`speculate`)
-                    ranked = candidates(ranks, cal[target], uses)
-                    chosen, rest = [e for e, _ in ranked][: self.cache.slots[target]], rest_chance(ranked, K, len(uses))
-                self.cache.store.prefetch(target, chosen)  # non-blocking reads from storage (tiered store only)
-                self.cache.plan_prefetch(target, chosen, ranked, stage.lead, rest, deeper=stage is not self.predictor)
-        if self.cache is not None and not self.cache.store.in_ram and row + self.lead + 1 < rows and h.shape[0] == 1:
+                    recorder.predicted(target, next_token, made[-1][2])
+        if self.cache is None:
+            return
+        flat = torch.cat([e.reshape(-1) for _, _, e in made]).tolist() if made else []  # SYNC: every lead's, to host
+        at = 0
+        for stage, target, experts in made:
+            T, P = experts.shape
+            ranks = [flat[at + i * P : at + (i + 1) * P] for i in range(T)]  # [T][P]
+            at += T * P
+            uses, cal = self.cache.table.uses_of(target), stage.calibration
+            if cal is None:
+                chosen, ranked, rest = prefetch_choice(ranks, K, self.widths[target], uses), None, 0.0
+            else:  # the cache chooses among them once this row's demand copies are queued (`speculate`)
+                ranked = candidates(ranks, cal[target], uses)
+                chosen, rest = [e for e, _ in ranked][: self.cache.slots[target]], rest_chance(ranked, K, len(uses))
+            self.cache.store.prefetch(target, chosen)  # non-blocking reads from storage (tiered store only)
+            self.cache.plan_prefetch(target, chosen, ranked, stage.lead, rest, deeper=stage is not self.predictor)
+        if not self.cache.store.in_ram and row + self.lead + 1 < rows and h.shape[0] == 1:
             # storage reads run one row further ahead than the copies, on the router's guess
             deeper = row + self.lead + 1
             self.cache.store.prefetch(deeper, self.model.predict(deeper, h).view(-1).tolist())  # SYNC: to host

@@ -6,7 +6,8 @@ The options, for each source of predictions (the trace's recorded ones, each pre
 own lead, since predictions made for one lead replayed at another would read routing the predictor could not
 have seen): none; a fixed width of 1, top-k and every prediction the source makes per row (the engine's
 --prefetch-width), each cut to the row's slots; and the cost-aware decision (`speculate`, the engine's rule
-when its predictor carries a calibration), calibrated on the scored trace's own routing (`speculate.calibrate`).
+when its predictor carries a calibration), calibrated on the scored trace's own routing (`speculate.calibrate`),
+with a calibrated file's deeper leads decided beside its nearest, as the engine decides them.
 Each under every miss policy. No prefetch is listed first, so of equal times it wins: where nothing pays, the
 answer is none.
 Shape legend: T tokens, L rows, K top-k, P predicted per row.
@@ -21,7 +22,7 @@ from ..offload.predictors import replayed
 from ..offload.speculate import calibrate
 from ..options import MISS_POLICIES
 from .candidate import SCORED, Candidate
-from .timed import replay_times, simulate_timed
+from .timed import deeper_of, replay_times, simulate_timed
 from .trace import Trace
 
 
@@ -38,16 +39,17 @@ def run_candidate(source: Trace, config: ModelConfig, hw: dict, c: Candidate) ->
     replays: the recorded ones, or its predictor file's)."""
     times = replay_times(config, hw, c.precision, c.attention, c.group_size)
     predicted = after = calibration = None
+    deeper = []
     if c.prefetch:
         after = source.tensors.get("predicted_after")  # [L, P]
         predicted = source.predicted  # [T, L, P]
-        if c.decided:
-            calibration = calibrate(predicted, source.experts)  # [L, P]
+        if c.decided:  # with the predictor file's deeper leads, as the engine decides them
+            calibration, deeper = calibrate(predicted, source.experts), deeper_of(source, recalibrate=True)  # [L, P]
         else:
             predicted, after = predicted[:, :, : c.width], None if after is None else after[:, : c.width]
     return simulate_timed(source, c.slots, c.policy, predicted, max(c.prefetch, 1), times["copy_s"],
                           times["layer_s"], after=after, pool=c.pool, calibration=calibration,
-                          miss_policy=c.miss_policy, cpu_s=times["cpu_s"])
+                          miss_policy=c.miss_policy, cpu_s=times["cpu_s"], deeper=deeper)
 
 
 def timed_candidate(c: Candidate, r: dict, trace: Trace) -> Candidate:

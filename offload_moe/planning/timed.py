@@ -44,7 +44,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..offload.eviction import ONLINE_POLICIES, SlotTable
-from ..offload.speculate import candidates, miss_on_cpu, rest_chance, speculate
+from ..offload.speculate import calibrate, candidates, miss_on_cpu, rest_chance, speculate
 from ..options import MISS_POLICIES
 from ..profiles import load_profile
 from .link import Link
@@ -128,6 +128,20 @@ class Deeper:
     predicted: np.ndarray
     after: np.ndarray | None
     calibration: np.ndarray
+
+
+def deeper_of(trace: Trace, recalibrate: bool = False) -> list[Deeper]:
+    """The deeper leads' predictions a trace carries (`predictors.replayed` of a calibrated predictor file with
+    deeper leads: tensors `predicted_lead{N}`, `predicted_after_lead{N}`, `calibration_lead{N}`), nearest first;
+    `recalibrate`: each calibrated on the trace's own routing (`speculate.calibrate`, as the tuner's judge
+    calibrates the nearest lead) instead of the file's."""
+    leads = sorted(int(k.removeprefix("predicted_lead")) for k in trace.tensors if k.startswith("predicted_lead"))
+    out = []
+    for d in leads:
+        predicted = trace.tensors[f"predicted_lead{d}"]
+        table = calibrate(predicted, trace.experts) if recalibrate else trace.tensors[f"calibration_lead{d}"]
+        out.append(Deeper(d, predicted, trace.tensors.get(f"predicted_after_lead{d}"), table))
+    return out
 
 
 def _checked(trace: Trace, policy: str, predicted: np.ndarray | None, lead: int, copy_s: float,
@@ -335,8 +349,9 @@ def trace_lead(trace: Trace) -> int:
 
 def run_timed(trace: Trace, sizes: list[int], policy: str, costs: dict, pool: str = "layer") -> dict:
     """`simulate --timed`: at every cache size, the timed replay with the trace's predictions (when it
-    has any; chosen by `speculate` as the engine did where the trace carries its predictor's calibration) and
-    without prefetch, in `pool`. Returns `costs` with "policy", "lead" and "results" (a list of
+    has any; chosen by `speculate` as the engine did where the trace carries its predictor's calibration, with
+    the deeper leads of a predictor file replayed by `simulate --predictor`: `deeper_of`) and without prefetch,
+    in `pool`. Returns `costs` with "policy", "lead" and "results" (a list of
     `simulate_timed` results, with prefetch then without at each size)."""
     if policy not in ONLINE_POLICIES:
         raise UserError(f"--timed replays an online policy ({', '.join(ONLINE_POLICIES)}), the engine's; "
@@ -345,9 +360,11 @@ def run_timed(trace: Trace, sizes: list[int], policy: str, costs: dict, pool: st
     runs = ([trace.predicted] if (trace.predicted >= 0).any() else []) + [None]
     after = trace.tensors.get("predicted_after")
     calibration = trace.tensors.get("calibration")  # recorded with a calibrated predictor: the engine's decision
+    deeper = deeper_of(trace) if calibration is not None else []  # a predictor file's deeper leads (--predictor)
     results = [simulate_timed(trace, s, policy, p, lead, costs["copy_s"], costs["layer_s"],
                               after=None if p is None else after, pool=pool,
-                              calibration=None if p is None else calibration) for s in sizes for p in runs]
+                              calibration=None if p is None else calibration, deeper=() if p is None else deeper)
+               for s in sizes for p in runs]
     return {**costs, "policy": policy, "lead": lead, "results": results}
 
 
