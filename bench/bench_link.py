@@ -3,8 +3,9 @@
     python bench/bench_link.py [--models demo,demo-fine] [--tokens 224] [--copy-ms 5] [--repeats 2] [--threads 2]
 
 For each trained demo, at twice top-k slots per layer (LRU, a cache per layer, miss policy fetch), with the
-engine's prefetch (its predictor, lead 1: "decided" where the predictor file has a calibration, the copies
-`speculate` chooses, in the replay too; else "lead 1", the fixed width) and without: the live engine decodes
+engine's prefetch (its predictor, --prefetch 1: "depth N" where the predictor file has a calibration, the copies
+`speculate` chooses at each of its leads 1 to N, in the replay too; else "lead 1", the fixed width), with the
+file's nearest lead alone ("depth 1", a copy of the file without its deeper leads) and without: the live engine decodes
 held-out text (the training script's held-out files, tools/train_tiny_moe.py) token by token, teacher-forced
 through the decode path, on a CPU device whose link is emulated (`--link-gbs`) at the speed that makes one
 expert's copy last `--copy-ms` (well above sleep granularity). Measured over the decode steps after the first:
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,11 +36,13 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from train_tiny_moe import corpus_files, split_corpus  # noqa: E402
 
+from offload_moe.demo import resolve_model  # noqa: E402
 from offload_moe.engine import Engine  # noqa: E402
+from offload_moe.offload.predictors import FILE_NAME, load_predictor, replayed, save_predictor  # noqa: E402
 from offload_moe.options import EngineOptions  # noqa: E402
 from offload_moe.planning.calibrate import calibrate  # noqa: E402
 from offload_moe.planning.costs import step_seconds  # noqa: E402
-from offload_moe.planning.timed import simulate_timed  # noqa: E402
+from offload_moe.planning.timed import deeper_of, simulate_timed  # noqa: E402
 from offload_moe.planning.trace import slice_trace  # noqa: E402
 from offload_moe.threads import set_threads  # noqa: E402
 
@@ -85,6 +89,7 @@ def main() -> int:
           "twice top-k slots per layer, LRU, miss policy fetch")
     print(f"{'model':>10}{'prefetch':>9}{'link GB/s':>10}{'live tok/s':>11}{'wait ms/tok':>12}{'link busy':>10}"
           f"{'model tok/s':>12}{'ratio':>7}{'calibrated':>11}{'ratio':>7}")
+    tmp = Path(tempfile.mkdtemp())
     for name in args.models.split(","):
         options = dict(device="cpu", dtype="float32", policy="lru", slot_pool="layer", miss_policy="fetch",
                        threads=args.threads, progress=False)
@@ -103,22 +108,30 @@ def main() -> int:
             ap.error(f"--tokens {args.tokens}: {name} holds {probe.kv_capacity} tokens, the prompt {PROMPT + 1}")
         ids = held_out_ids(probe, PROMPT + 1 + args.tokens)
         del probe
-        for prefetch in (1, 0):
-            engine = Engine.load(name, EngineOptions(cache_experts=2 * K, prefetch=prefetch, link_gbs=gbs, **options))
-            engine.start_trace(name)
+        shipped = load_predictor(resolve_model(name) / FILE_NAME, L, c.dim, c.num_experts)
+        nearest = tmp / f"{name}-lead1.safetensors"  # the shipped file's nearest lead alone: depth 1
+        save_predictor(nearest, shipped.weights, shipped.lead, shipped.meta, shipped.calibration)
+        for prefetch, predictor in ((1, "auto"), (1, str(nearest)), (0, "auto")):
+            engine = Engine.load(name, EngineOptions(cache_experts=2 * K, prefetch=prefetch, link_gbs=gbs,
+                                                     predictor=predictor, **options))
+            engine.start_trace(name, hidden=True)
             decode(engine, ids)
             trace = engine.stop_trace()
             live = max((decode(engine, ids) for _ in range(args.repeats)), key=lambda r: r["tok_s"])
             engine.cache.transfers.link.close()
             cut = slice_trace(trace, PROMPT + 1, trace.num_tokens)
-            predicted = cut.predicted if prefetch else None
-            after = trace.tensors.get("predicted_after") if prefetch else None
-            # a predictor file with a calibration: the engine prefetches what `speculate` decides, so does the replay
-            table = engine.model.prefetcher.predictor.calibration if prefetch else None
-            modelled = [simulate_timed(cut, 2 * K, "lru", predicted, 1, copy_s, layer_s, after=after,
-                                       calibration=table)["tokens_per_s"]
-                        for layer_s in (live["compute_s"] / L, calibrated_layer_s)]
-            kind = "none" if not prefetch else "lead 1" if table is None else "decided"
+            used = engine.model.prefetcher.predictor if prefetch else None
+            # a predictor file with a calibration: the engine prefetches what `speculate` decides at each of its leads,
+            # so does the replay (the deeper leads' predictions made again from the recorded hidden states)
+            table = used.calibration if used is not None else None
+            if table is not None:
+                cut = replayed(cut, used, c.num_experts)
+            modelled = [simulate_timed(cut, 2 * K, "lru", cut.predicted if used else None, 1, copy_s, layer_s,
+                                       after=cut.tensors.get("predicted_after") if used else None,
+                                       calibration=table, deeper=deeper_of(cut) if table is not None else ())
+                        ["tokens_per_s"] for layer_s in (live["compute_s"] / L, calibrated_layer_s)]
+            depth = engine.model.prefetcher.lead if prefetch else 0
+            kind = "none" if not prefetch else "lead 1" if table is None else f"depth {depth}"
             print(f"{name:>10}{kind:>9}{gbs:>10.3f}{live['tok_s']:>11.1f}"
                   f"{1e3 * live['wait_s']:>12.2f}{100 * live['busy']:>9.1f}%"
                   + "".join(f"{m:>{w}.1f}{m / live['tok_s']:>7.2f}"

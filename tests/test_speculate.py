@@ -128,18 +128,18 @@ def test_the_engine_issues_only_the_copies_speculate_chooses(tmp_path, monkeypat
 
     engine = _calibrated_engine(tmp_path, 0.9)
     chosen, issued = [], []
-    decide, prefetch = cache_module.speculate, engine.cache.prefetch
-    monkeypatch.setattr(cache_module, "speculate", lambda *a: chosen.append(decide(*a)) or chosen[-1])
+    decide, prefetch = cache_module.decide, engine.cache.prefetch
+    monkeypatch.setattr(cache_module, "decide", lambda *a: chosen.append(decide(*a)) or chosen[-1])
     monkeypatch.setattr(engine.cache, "prefetch", lambda row, experts: issued.append(experts) or prefetch(row, experts))
     engine.start_trace("decided")  # the predictions recorded are the full ranking the decision chose from
     engine.generate("def f(x):", 4)
     assert engine.stop_trace().predicted.shape[2] == 8
     copies = sum(engine.cache.table.prefetch_copies)
-    assert issued and issued == chosen and copies > 0  # every prefetch is the decision's; likely ones pay
+    assert issued and issued == [[e for e, _ in c] for c in chosen] and copies > 0  # the decision's; likely ones pay
     # a link whose queue outlasts any row's lead: no copy could start in time, none is issued
     monkeypatch.setattr(engine.cache.transfers, "backlog_s", lambda demand=False: 1e9)
     engine.generate("def f(x):", 4)
-    assert issued == chosen and sum(engine.cache.table.prefetch_copies) == 0  # counts reset per generate
+    assert issued == [[e for e, _ in c] for c in chosen] and sum(engine.cache.table.prefetch_copies) == 0
 
 
 def test_a_trace_keeps_its_predictors_calibration_and_the_timed_replay_decides_by_it():
@@ -167,7 +167,8 @@ def test_a_guess_from_further_ahead_only_fills_the_links_gap_before_a_nearer_gue
     assert speculate(RANKED, held=[], slots=4, copy_s=1.0, backlog_s=0.0, until_s=9.0, width=4, better_s=1.0) == [3]
     assert speculate(RANKED, held=[], slots=4, copy_s=1.0, backlog_s=0.0, until_s=9.0, width=4, better_s=1.5) == [3, 5]
     assert speculate(RANKED, held=[], slots=4, copy_s=1.0, backlog_s=2.0, until_s=9.0, width=4, better_s=1.5) == []
-    assert speculate(RANKED, held=[3], slots=4, copy_s=1.0, backlog_s=2.0, until_s=9.0, width=4, better_s=1.5) == [3]
+    # nothing could start before it: nothing is decided, a resident candidate not even named
+    assert speculate(RANKED, held=[3], slots=4, copy_s=1.0, backlog_s=2.0, until_s=9.0, width=4, better_s=1.5) == []
 
 
 def test_the_timed_replay_decides_deeper_leads_into_the_links_gaps():
@@ -248,3 +249,24 @@ def test_the_engine_decides_every_lead_up_to_its_depth(tmp_path, monkeypatch):
     assert none.generate("def f(x):", 6).tokens == tokens
     with pytest.raises(UserError, match="predicts 1, 2 layer"):
         load(3)
+
+
+def test_a_prediction_whose_copies_never_pay_is_made_only_to_probe(tmp_path, monkeypatch):
+    """Calibrated at chance 0, no copy pays, so a prediction's expected saving (0) stays below its host time: after
+    the first, the prefetcher predicts once in PROBE calls; recording a trace, it predicts every time."""
+    from offload_moe.offload.prefetch import PROBE
+
+    engine = _calibrated_engine(tmp_path, 0.0)
+    stage = engine.model.prefetcher.predictor
+    made, rank = [], stage.rank
+    monkeypatch.setattr(stage, "rank", lambda *a: made.append(1) or rank(*a))
+    monkeypatch.setattr(engine.cache, "layer_s", 1.0)  # every copy could start in time: only the gate holds it back
+    monkeypatch.setattr(engine.cache, "_pace", lambda: None)
+    engine.generate("def f(x):", 16)
+    calls = engine.model.prefetcher.calls[1]
+    assert calls > 2 * PROBE and len(made) <= calls // PROBE + 2 and sum(engine.cache.table.prefetch_copies) == 0
+    made.clear()
+    engine.start_trace("all")
+    engine.generate("def f(x):", 4)
+    engine.stop_trace()
+    assert len(made) >= 4 * 4 - 1  # every row's entry but the first token's cross-token one

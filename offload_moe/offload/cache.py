@@ -25,7 +25,7 @@ from ..options import MISS_POLICIES
 from .eviction import ONLINE_POLICIES, POOLS, SlotTable
 from .link import EmulatedLink
 from .prefetch import Transfers
-from .speculate import miss_on_cpu, speculate
+from .speculate import decide, miss_on_cpu
 from .store import ExpertStore
 
 
@@ -93,6 +93,7 @@ class ExpertCache:
         self.counters = CacheCounters()
         self.copy_s = self.cpu_s = 0.0  # one expert's copy and CPU forward, measured by `calibrate_misses`
         self.layer_s = 0.0  # a layer's compute between two acquires (an average), for `speculate`
+        self.gains: dict[int, float] = {}  # per lead, the expected saving of the copies decided since `Prefetcher` read
         self._entered = self._waited = None  # the latest acquire's time and copy_wait_s then
 
     @property
@@ -234,9 +235,11 @@ class ExpertCache:
             if ranked is not None:
                 n = self.slots[row] if self.pool == "layer" else sum(self.slots)
                 wait = demand * self.copy_s
-                experts = speculate(ranked, self.table.resident(row), n, self.copy_s, self.transfers.backlog_s(),
-                                    wait + lead * self.layer_s, self.slots[row], rest,
-                                    wait + self.layer_s if deeper else float("inf"))
+                chosen = decide(ranked, self.table.resident(row), n, self.copy_s, self.transfers.backlog_s(),
+                                wait + lead * self.layer_s, self.slots[row], rest,
+                                wait + self.layer_s if deeper else float("inf"))
+                experts = [e for e, _ in chosen]
+                self.gains[lead] = self.gains.get(lead, 0.0) + sum(g for _, g in chosen)  # for `Prefetcher`'s gate
             self.prefetch(row, experts)
 
     def prefetch(self, row: int, experts: list[int]) -> None:

@@ -80,7 +80,7 @@ import torch
 from .eviction import prefetch_choice
 from .link import EmulatedLink
 from .predictors import targets_of
-from .speculate import candidates, rest_chance
+from .speculate import candidates, could_start, rest_chance
 
 
 class Transfers:
@@ -217,6 +217,9 @@ class Transfers:
             self.prefetch.synchronize()  # SYNC: likewise
 
 
+PROBE = 16  # a prediction whose copies have not paid for its host time is still made once in this many calls
+
+
 class Prefetcher:
     """Speculative prefetch: at each row's entry, the predictor (predictors.py) scores the rows it
     predicts from there, and each gets its `widths[row]` best experts. With no cache it only predicts,
@@ -228,11 +231,16 @@ class Prefetcher:
         self.model, self.predictor, self.cache = model, predictor, cache
         self.stages = [predictor, *getattr(predictor, "deeper", [])]  # nearest lead first
         self.lead, self.widths = self.stages[-1].lead, list(widths)  # the depth
+        # per lead, averages of the expected saving of a prediction's copies and of its host time (seconds)
+        self.gain = {s.lead: 0.0 for s in self.stages}
+        self.cost = {s.lead: 0.0 for s in self.stages}
+        self.calls = {s.lead: 0 for s in self.stages}
 
     def __call__(self, row: int, h: torch.Tensor, decode: bool) -> None:
         """`h` [T, D] is the hidden state entering `row`. The device copies are queued on the cache
         (`plan_prefetch`) and issued after `row`'s demand copies (rule 2). A trace records the nearest
         lead's predictions."""
+        t0 = time.perf_counter()
         rows, K = self.model.config.n_moe_layers, self.model.config.top_k
         recorder = self.model.recorder
         made = []  # (stage, target, experts [T, P]) of every lead
@@ -242,6 +250,8 @@ class Prefetcher:
                     continue  # a batch's next step may hold other sequences: no cross-token guess
                 x = h[-1:] if next_token else h  # a prompt's next forward follows its last token
                 cal = stage.calibration
+                if cal is not None and self.cache is not None and recorder is None and not self._pays(stage):
+                    continue
                 width = self.widths[target] if cal is None or self.cache is None else cal.shape[1]
                 made.append((stage, target, stage.rank(target, x, width)))
                 if recorder is not None and stage is self.predictor:
@@ -262,7 +272,28 @@ class Prefetcher:
                 chosen, rest = [e for e, _ in ranked][: self.cache.slots[target]], rest_chance(ranked, K, len(uses))
             self.cache.store.prefetch(target, chosen)  # non-blocking reads from storage (tiered store only)
             self.cache.plan_prefetch(target, chosen, ranked, stage.lead, rest, deeper=stage is not self.predictor)
+        if made:  # the host time, shared by the leads predicted
+            spent = (time.perf_counter() - t0) / len(made)
+            for stage, _, _ in made:
+                self.cost[stage.lead] = 0.9 * self.cost[stage.lead] + 0.1 * spent
         if not self.cache.store.in_ram and row + self.lead + 1 < rows and h.shape[0] == 1:
             # storage reads run one row further ahead than the copies, on the router's guess
             deeper = row + self.lead + 1
             self.cache.store.prefetch(deeper, self.model.predict(deeper, h).view(-1).tolist())  # SYNC: to host
+
+    def _pays(self, stage) -> bool:
+        """Whether to predict for a calibrated `stage` now. Not when no copy decided now could start in time
+        (`speculate.could_start`, from the link's queue at this row's entry: before the row `stage.lead` rows
+        ahead runs, and for a deeper lead before the next row's nearer guess; this row's demand copies, issued
+        before the decision, add the same to both sides). Nor when its copies' expected saving (`decide`'s, an
+        average per prediction) has been below its own host time, but for every PROBE-th call, which keeps the
+        average current: where nothing pays, prefetch costs next to nothing."""
+        c, lead = self.cache, stage.lead
+        for k, g in c.gains.items():  # the savings decided since the last call, into their leads' averages
+            self.gain[k] = 0.9 * self.gain[k] + 0.1 * g
+        c.gains.clear()
+        better = c.layer_s if stage is not self.predictor else float("inf")
+        if not could_start(c.transfers.backlog_s(), lead * c.layer_s, better):
+            return False
+        self.calls[lead] += 1
+        return self.calls[lead] % PROBE == 1 or self.gain[lead] >= self.cost[lead]

@@ -58,9 +58,23 @@ def rest_chance(ranked: Sequence[tuple[int, float]], top_k: int, num_experts: in
     return min(1.0, max(0.0, top_k - sum(p for _, p in ranked)) / others) if others > 0 else 0.0
 
 
+def could_start(backlog_s: float, until_s: float, better_s: float = float("inf")) -> bool:
+    """Whether a copy issued behind the link's `backlog_s` starts before its row runs (`until_s`) and before a
+    nearer guess of the row comes (`better_s`): if not, `speculate` issues nothing, and the prefetcher does not
+    predict (its host time is saved where the link is saturated)."""
+    return backlog_s < until_s and backlog_s < better_s
+
+
 def speculate(ranked: Sequence[tuple[int, float]], held: Sequence[int], slots: int, copy_s: float, backlog_s: float,
               until_s: float, width: int, rest: float = 0.0, better_s: float = float("inf")) -> list[int]:
-    """The experts to prefetch for one row, at most `width`, from `ranked` (`candidates`), the row's resident
+    """`decide`'s experts."""
+    return [e for e, _ in decide(ranked, held, slots, copy_s, backlog_s, until_s, width, rest, better_s)]
+
+
+def decide(ranked: Sequence[tuple[int, float]], held: Sequence[int], slots: int, copy_s: float, backlog_s: float,
+           until_s: float, width: int, rest: float = 0.0, better_s: float = float("inf")) -> list[tuple[int, float]]:
+    """The experts to prefetch for one row, with each one's expected saving in seconds (saving - cost above; 0.0
+    for a resident one), at most `width`, from `ranked` (`candidates`), the row's resident
     experts `held` in its `slots`, one copy's `copy_s`, the link's `backlog_s` (copy work queued ahead of a new
     copy) and `until_s`, the time until the row runs (see the module docstring); `rest`: the chance of an
     unranked resident (`rest_chance`); `better_s`: the time until a nearer row predicts this row again (a
@@ -68,22 +82,25 @@ def speculate(ranked: Sequence[tuple[int, float]], held: Sequence[int], slots: i
     do not evict it; each copy issued queues the next one behind it, so the width shrinks as the link fills. A
     copy that could not start before the better guess is left to it: a guess from further ahead only fills the
     link's gap until then, so the depth adapts to the link's queue."""
+    if not could_start(backlog_s, until_s, better_s):
+        return []
     chance = dict(ranked)
     victim = sum(chance.get(e, rest) for e in held) / len(held) if held and len(held) >= slots else 0.0
     resident = set(held)
-    out: list[int] = []
+    out: list[tuple[int, float]] = []
     queued = backlog_s
     for e, p in ranked:
         if len(out) >= width:
             break
         if e in resident:
-            out.append(e)
+            out.append((e, 0.0))
             continue
         lead = min(copy_s, until_s - queued)
         if lead <= 0 or queued >= better_s:
             break
-        if p * lead > (1.0 - p) * (lead + victim * copy_s):
-            out.append(e)
+        gain = p * lead - (1.0 - p) * (lead + victim * copy_s)
+        if gain > 0:
+            out.append((e, gain))
             queued += copy_s
     return out
 
