@@ -43,6 +43,26 @@ def test_resident_candidates_are_named_free_and_a_likely_victim_raises_the_bar()
     assert speculate(RANKED, held=[3], slots=4, copy_s=1.0, backlog_s=0.0, until_s=9.0, width=1) == [3]
 
 
+def test_in_a_shared_pool_the_other_rows_residents_count_at_the_prior():
+    from offload_moe.offload.eviction import SlotTable
+
+    ranked = [(3, 0.6), (1, 0.1)]
+    # this row holds 1 of a full pool of 4; the 3 others' residents are used at the prior, 0.7: victim 0.55
+    assert speculate(ranked, held=[1], slots=4, copy_s=1.0, backlog_s=0.0, until_s=1.0, width=2, free=0,
+                     prior=0.7) == [1]
+    assert speculate(ranked, held=[1], slots=4, copy_s=1.0, backlog_s=0.0, until_s=1.0, width=2, free=0,
+                     prior=0.1) == [3, 1]
+    assert speculate(ranked, held=[1], slots=4, copy_s=1.0, backlog_s=0.0, until_s=1.0, width=2, free=1,
+                     prior=0.5) == [3, 1]  # an empty slot: nothing is displaced
+    table = SlotTable([4], 3, "lru", layers=2)  # one pool of 4 for 2 layers of 3 experts
+    table.access_row(0, [0, 1])
+    assert table.pool_of(0) == table.pool_of(1) == (4, 2)
+    table.access_row(1, [2, 0])
+    assert table.pool_of(1) == (4, 0)
+    table.vacate(1, 0)
+    assert table.pool_of(0) == (4, 1)
+
+
 def test_probabilities_are_calibrated_per_row_and_rank():
     # one row, two ranks; rank 0 right 3 of 4 times, rank 1 right 1 of 2 (twice no prediction)
     predicted = np.array([[[0, 1]], [[2, -1]], [[4, 5]], [[6, -1]]])  # [T, L, P]

@@ -93,6 +93,7 @@ class ExpertCache:
         self.counters = CacheCounters()
         self.copy_s = self.cpu_s = 0.0  # one expert's copy and CPU forward, measured by `calibrate_misses`
         self.layer_s = 0.0  # a layer's compute between two acquires (an average), for `speculate`
+        self.prior = 0.0  # a row's chance of using a given expert (top-k / E), set by the prefetcher: `decide`
         self.gains: dict[int, float] = {}  # per lead, the expected saving of the copies decided since `Prefetcher` read
         self._entered = self._waited = None  # the latest acquire's time and copy_wait_s then
 
@@ -233,11 +234,11 @@ class ExpertCache:
         planned, self.planned = self.planned, []
         for row, experts, ranked, lead, rest, deeper in planned:
             if ranked is not None:
-                n = self.slots[row] if self.pool == "layer" else sum(self.slots)
+                n, free = self.table.pool_of(row)
                 wait = demand * self.copy_s
                 chosen = decide(ranked, self.table.resident(row), n, self.copy_s, self.transfers.backlog_s(),
                                 wait + lead * self.layer_s, self.slots[row], rest,
-                                wait + self.layer_s if deeper else float("inf"))
+                                wait + self.layer_s if deeper else float("inf"), free, self.prior)
                 experts = [e for e, _ in chosen]
                 self.gains[lead] = self.gains.get(lead, 0.0) + sum(g for _, g in chosen)  # for `Prefetcher`'s gate
             self.prefetch(row, experts)

@@ -197,6 +197,13 @@ class SlotTable:
         row, off = self._where(layer)
         return [int(e) - off for e in self.expert[row] if off <= e < off + self.num_experts]
 
+    def pool_of(self, layer: int) -> tuple[int, int]:
+        """(slots, empty slots) of the row `layer`'s experts sit in: never filled, or vacated."""
+        row, _ = self._where(layer)
+        state = self.state[row]
+        n = self._rows[row][0]
+        return n, int(n - state[slot_loop.FILLED] + state[slot_loop.HOLES])
+
     def uses_of(self, layer: int):
         """`layer`'s use counts [E] (a view where the table is numpy)."""
         row, off = self._where(layer)

@@ -13,7 +13,8 @@ row's routing is known (planning/link.py):
   cost    = (1 - p) * (lead + victim * copy_s): unused, it held the link for `lead` before it was dropped,
             and the expert it displaced (when the row's slots are full) comes back as a miss with the
             probability `victim`: the eviction policy, not the prediction, picks which resident goes, so
-            `victim` is the mean chance of the row's residents (an unranked one's: `rest_chance`). The
+            `victim` is the mean chance of the pool's residents (an unranked one's: `rest_chance`; in a pool
+            shared by every row, another row's: top-k / E). The
             least likely one's chance undervalued it: the replay's decision then ran below no prefetch at
             three quarters of the experts cached (BENCHMARKS.md).
 A copy is issued when saving > cost; none once `lead` <= 0 (it could not start before its row runs).
@@ -66,16 +67,20 @@ def could_start(backlog_s: float, until_s: float, better_s: float = float("inf")
 
 
 def speculate(ranked: Sequence[tuple[int, float]], held: Sequence[int], slots: int, copy_s: float, backlog_s: float,
-              until_s: float, width: int, rest: float = 0.0, better_s: float = float("inf")) -> list[int]:
+              until_s: float, width: int, rest: float = 0.0, better_s: float = float("inf"), free: int | None = None,
+              prior: float = 0.0) -> list[int]:
     """`decide`'s experts."""
-    return [e for e, _ in decide(ranked, held, slots, copy_s, backlog_s, until_s, width, rest, better_s)]
+    return [e for e, _ in decide(ranked, held, slots, copy_s, backlog_s, until_s, width, rest, better_s, free, prior)]
 
 
 def decide(ranked: Sequence[tuple[int, float]], held: Sequence[int], slots: int, copy_s: float, backlog_s: float,
-           until_s: float, width: int, rest: float = 0.0, better_s: float = float("inf")) -> list[tuple[int, float]]:
+           until_s: float, width: int, rest: float = 0.0, better_s: float = float("inf"), free: int | None = None,
+           prior: float = 0.0) -> list[tuple[int, float]]:
     """The experts to prefetch for one row, with each one's expected saving in seconds (saving - cost above; 0.0
     for a resident one), at most `width`, from `ranked` (`candidates`), the row's resident
-    experts `held` in its `slots`, one copy's `copy_s`, the link's `backlog_s` (copy work queued ahead of a new
+    experts `held` in its pool of `slots` (`free` of them empty; None: a pool of the row's own, `slots` - held;
+    in a pool shared by every row the others' residents count at `prior`, a row's chance of using a given
+    expert, top-k / E), one copy's `copy_s`, the link's `backlog_s` (copy work queued ahead of a new
     copy) and `until_s`, the time until the row runs (see the module docstring); `rest`: the chance of an
     unranked resident (`rest_chance`); `better_s`: the time until a nearer row predicts this row again (a
     guess from further ahead, which depth adds). A resident candidate costs nothing and is named, so the copies
@@ -85,7 +90,8 @@ def decide(ranked: Sequence[tuple[int, float]], held: Sequence[int], slots: int,
     if not could_start(backlog_s, until_s, better_s):
         return []
     chance = dict(ranked)
-    victim = sum(chance.get(e, rest) for e in held) / len(held) if held and len(held) >= slots else 0.0
+    free = slots - len(held) if free is None else free
+    victim = (sum(chance.get(e, rest) for e in held) + (slots - len(held)) * prior) / slots if free <= 0 else 0.0
     resident = set(held)
     out: list[tuple[int, float]] = []
     queued = backlog_s

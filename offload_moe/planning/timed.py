@@ -241,8 +241,10 @@ class _Clock:
         row, predicted = planned
         ranked = candidates([predicted], calibration, table.uses_of(row))
         demand = max(0.0, self.link.demand_end - self.now)
-        return speculate(ranked, table.resident(row), slots, self.copy_s, self.link.backlog(self.now),
-                         until_s + demand, slots, rest_chance(ranked, top_k, table.num_experts), better_s + demand)
+        n, free = table.pool_of(row)
+        return speculate(ranked, table.resident(row), n, self.copy_s, self.link.backlog(self.now),
+                         until_s + demand, slots, rest_chance(ranked, top_k, table.num_experts), better_s + demand,
+                         free, top_k / table.num_experts)
 
     def prefetch(self, table: SlotTable, row: int, predicted: list[int]) -> None:
         """Issue `predicted` into `row` at `now`, after the demand copies; a copy into a slot waits for
