@@ -25,6 +25,7 @@ from .schema import ChatCompletion, Completion, Detokenize, Tokenize, check
 from .service import APIError, Service
 
 MISSING = "pip install 'offload_moe[serve]'"
+ERROR_DELIVERY_S = 5  # after the shutdown grace, the time its error events get before uvicorn cancels the streams
 
 
 def require_fastapi():
@@ -198,10 +199,12 @@ def make_server(service: Service, sock: socket.socket, limits: Limits | None = N
     import uvicorn
 
     limits = limits or Limits()
+    # on a loaded 2-core machine 2 s after the grace was once too little for the event loop to write an error out
     hosts = allowed_hosts(sock.getsockname()[0], limits.allowed_hosts)
     config = uvicorn.Config(create_app(service, limits, hosts, api_key), log_level=log_level, access_log=access_log,
                             lifespan="on", http=protocol(limits), limit_concurrency=limits.max_connections,
-                            timeout_keep_alive=5, timeout_graceful_shutdown=int(limits.shutdown_grace) + 2)
+                            timeout_keep_alive=5,
+                            timeout_graceful_shutdown=int(limits.shutdown_grace) + ERROR_DELIVERY_S)
     if access_log:  # its lines are at info, below the default level
         access = logging.getLogger("uvicorn.access")
         access.setLevel(min(access.level, logging.INFO))
