@@ -43,11 +43,11 @@ def test_resident_candidates_are_named_free_and_a_likely_victim_raises_the_bar()
     assert speculate(RANKED, held=[3], slots=4, copy_s=1.0, backlog_s=0.0, until_s=9.0, width=1) == [3]
 
 
-def test_in_a_shared_pool_the_other_rows_residents_count_at_the_prior():
+def test_in_a_shared_pool_the_other_rows_residents_count_at_the_pools_reuse():
     from offload_moe.offload.eviction import SlotTable
 
     ranked = [(3, 0.6), (1, 0.1)]
-    # this row holds 1 of a full pool of 4; the 3 others' residents are used at the prior, 0.7: victim 0.55
+    # this row holds 1 of a full pool of 4; the 3 others' residents are used at the pool's reuse, 0.7: victim 0.55
     assert speculate(ranked, held=[1], slots=4, copy_s=1.0, backlog_s=0.0, until_s=1.0, width=2, free=0,
                      prior=0.7) == [1]
     assert speculate(ranked, held=[1], slots=4, copy_s=1.0, backlog_s=0.0, until_s=1.0, width=2, free=0,
@@ -61,6 +61,8 @@ def test_in_a_shared_pool_the_other_rows_residents_count_at_the_prior():
     assert table.pool_of(1) == (4, 0)
     table.vacate(1, 0)
     assert table.pool_of(0) == (4, 1)
+    table.access_row(0, [0, 1])  # 2 hits in 6 accesses: a third of top-k 2 per layer, 2 layers, over 4 slots
+    assert table.reuse(0, 2) == pytest.approx(1 / 3)
 
 
 def test_probabilities_are_calibrated_per_row_and_rank():

@@ -93,7 +93,7 @@ class ExpertCache:
         self.counters = CacheCounters()
         self.copy_s = self.cpu_s = 0.0  # one expert's copy and CPU forward, measured by `calibrate_misses`
         self.layer_s = 0.0  # a layer's compute between two acquires (an average), for `speculate`
-        self.prior = 0.0  # a row's chance of using a given expert (top-k / E), set by the prefetcher: `decide`
+        self.top_k = 1  # experts a token uses per row, set by the prefetcher: a shared pool's `SlotTable.reuse`
         self.gains: dict[int, float] = {}  # per lead, the expected saving of the copies decided since `Prefetcher` read
         self._entered = self._waited = None  # the latest acquire's time and copy_wait_s then
 
@@ -238,7 +238,8 @@ class ExpertCache:
                 wait = demand * self.copy_s
                 chosen = decide(ranked, self.table.resident(row), n, self.copy_s, self.transfers.backlog_s(),
                                 wait + lead * self.layer_s, self.slots[row], rest,
-                                wait + self.layer_s if deeper else float("inf"), free, self.prior)
+                                wait + self.layer_s if deeper else float("inf"), free,
+                                self.table.reuse(row, self.top_k))
                 experts = [e for e, _ in chosen]
                 self.gains[lead] = self.gains.get(lead, 0.0) + sum(g for _, g in chosen)  # for `Prefetcher`'s gate
             self.prefetch(row, experts)

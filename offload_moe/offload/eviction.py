@@ -197,6 +197,15 @@ class SlotTable:
         row, off = self._where(layer)
         return [int(e) - off for e in self.expert[row] if off <= e < off + self.num_experts]
 
+    def reuse(self, layer: int, top_k: int) -> float:
+        """The chance that a resident of `layer`'s pool is used at the next token: the pool's hits per token
+        (its layers' hit rate so far x top-k each) over its slots, at most 1; 1 before any access."""
+        row, _ = self._where(layer)
+        g = self.groups[row]
+        hits = sum(int(g[i * GW + G_HITS]) for i in range(self.layers))
+        seen = hits + sum(int(g[i * GW + G_MISSES]) for i in range(self.layers))
+        return min(1.0, hits / seen * top_k * self.layers / self._rows[row][0]) if seen else 1.0
+
     def pool_of(self, layer: int) -> tuple[int, int]:
         """(slots, empty slots) of the row `layer`'s experts sit in: never filled, or vacated."""
         row, _ = self._where(layer)

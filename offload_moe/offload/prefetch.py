@@ -236,7 +236,7 @@ class Prefetcher:
         self.cost = {s.lead: 0.0 for s in self.stages}
         self.calls = {s.lead: 0 for s in self.stages}
         if cache is not None:
-            cache.prior = model.config.top_k / model.config.num_experts
+            cache.top_k = model.config.top_k
 
     def __call__(self, row: int, h: torch.Tensor, decode: bool) -> None:
         """`h` [T, D] is the hidden state entering `row`. The device copies are queued on the cache

@@ -14,7 +14,7 @@ row's routing is known (planning/link.py):
             and the expert it displaced (when the row's slots are full) comes back as a miss with the
             probability `victim`: the eviction policy, not the prediction, picks which resident goes, so
             `victim` is the mean chance of the pool's residents (an unranked one's: `rest_chance`; in a pool
-            shared by every row, another row's: top-k / E). The
+            shared by every row, another row's: the pool's hits per token over its slots). The
             least likely one's chance undervalued it: the replay's decision then ran below no prefetch at
             three quarters of the experts cached (BENCHMARKS.md).
 A copy is issued when saving > cost; none once `lead` <= 0 (it could not start before its row runs).
@@ -77,16 +77,16 @@ def decide(ranked: Sequence[tuple[int, float]], held: Sequence[int], slots: int,
            until_s: float, width: int, rest: float = 0.0, better_s: float = float("inf"), free: int | None = None,
            prior: float = 0.0) -> list[tuple[int, float]]:
     """The experts to prefetch for one row, with each one's expected saving in seconds (saving - cost above; 0.0
-    for a resident one), at most `width`, from `ranked` (`candidates`), the row's resident
-    experts `held` in its pool of `slots` (`free` of them empty; None: a pool of the row's own, `slots` - held;
-    in a pool shared by every row the others' residents count at `prior`, a row's chance of using a given
-    expert, top-k / E), one copy's `copy_s`, the link's `backlog_s` (copy work queued ahead of a new
-    copy) and `until_s`, the time until the row runs (see the module docstring); `rest`: the chance of an
-    unranked resident (`rest_chance`); `better_s`: the time until a nearer row predicts this row again (a
-    guess from further ahead, which depth adds). A resident candidate costs nothing and is named, so the copies
-    do not evict it; each copy issued queues the next one behind it, so the width shrinks as the link fills. A
-    copy that could not start before the better guess is left to it: a guess from further ahead only fills the
-    link's gap until then, so the depth adapts to the link's queue."""
+    for a resident one), at most `width`, from `ranked` (`candidates`). The row's resident experts `held` sit
+    in a pool of `slots`, `free` of them empty (None: a pool of the row's own, `slots` - held); in a pool
+    shared by every row the others' residents count at `prior`, the chance that a resident of the pool is used
+    at the next token (`SlotTable.reuse`). `copy_s`: one copy; `backlog_s`: the copy work queued on the link
+    ahead of a new copy; `until_s`: the time until the row runs (see the module docstring); `rest`: the chance
+    of an unranked resident (`rest_chance`); `better_s`: the time until a nearer row predicts this row again
+    (a guess from further ahead, which depth adds). A resident candidate costs nothing and is named, so the
+    copies do not evict it; each copy issued queues the next one behind it, so the width shrinks as the link
+    fills. A copy that could not start before the better guess is left to it: a guess from further ahead only
+    fills the link's gap until then, so the depth adapts to the link's queue."""
     if not could_start(backlog_s, until_s, better_s):
         return []
     chance = dict(ranked)

@@ -244,7 +244,7 @@ class _Clock:
         n, free = table.pool_of(row)
         return speculate(ranked, table.resident(row), n, self.copy_s, self.link.backlog(self.now),
                          until_s + demand, slots, rest_chance(ranked, top_k, table.num_experts), better_s + demand,
-                         free, top_k / table.num_experts)
+                         free, table.reuse(row, top_k))
 
     def prefetch(self, table: SlotTable, row: int, predicted: list[int]) -> None:
         """Issue `predicted` into `row` at `now`, after the demand copies; a copy into a slot waits for
