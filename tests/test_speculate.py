@@ -210,6 +210,10 @@ def test_the_timed_replay_decides_deeper_leads_into_the_links_gaps():
     assert both["ready"] > one["ready"]
     with pytest.raises(UserError, match="need a calibration"):
         simulate_timed(near, 4, "lru", near.predicted, 1, 3e-3, 1e-3, deeper=deeper)
+    # a pool shared by every row takes the nearest lead only, as the engine
+    shared = [simulate_timed(near, 4, "lru", near.predicted, 1, 3e-3, 1e-3, calibration=table, pool="global",
+                             deeper=d) for d in (deeper, ())]
+    assert shared[0] == shared[1]
 
 
 def test_a_predictor_file_holds_deeper_leads_and_prefetch_takes_those_from_its_lead(tmp_path):
@@ -240,9 +244,9 @@ def test_a_predictor_file_holds_deeper_leads_and_prefetch_takes_those_from_its_l
 
 
 def test_the_engine_decides_every_lead_up_to_its_depth(tmp_path, monkeypatch):
-    """The demo with its predictor's weights at leads 1 and 2, calibrated: --prefetch 1 plans both leads' copies
-    (the deeper one's as a guess a nearer one follows, all from one sync a row), --prefetch 2 lead 2's only,
-    --prefetch 3 is refused; the tokens are those of no prefetch."""
+    """The demo with its predictor's weights at leads 1 and 2, calibrated, a pool per layer: --prefetch 1 plans both
+    leads' copies (the deeper one's as a guess a nearer one follows, all from one sync a row), --prefetch 2 lead
+    2's only, a shared pool lead 1's only, --prefetch 3 is refused; the tokens are those of no prefetch."""
     from offload_moe.demo import resolve_model
     from offload_moe.engine import Engine
     from offload_moe.errors import UserError
@@ -255,9 +259,9 @@ def test_the_engine_decides_every_lead_up_to_its_depth(tmp_path, monkeypatch):
     again = [{k: v.clone() for k, v in w.items()} for w in shipped.weights]  # as lead 2's (a file keeps no aliases)
     save_predictor(path, shipped.weights, 1, {}, table, [LearnedPredictor(again, 2, {}, table)])
 
-    def load(depth):
+    def load(depth, pool="layer"):
         return Engine.load("demo", EngineOptions(progress=False, device="cpu", cache_experts=3, prefetch=depth,
-                                                 policy="lru", predictor=str(path)))
+                                                 policy="lru", predictor=str(path), slot_pool=pool))
 
     plans = []
     one = load(1)
@@ -267,6 +271,7 @@ def test_the_engine_decides_every_lead_up_to_its_depth(tmp_path, monkeypatch):
     assert {(1, False), (2, True)} <= set(plans) and sum(one.cache.table.prefetch_copies) > 0
     assert [s.lead for s in one.model.prefetcher.stages] == [1, 2] and one.model.prefetcher.lead == 2
     assert [s.lead for s in load(2).model.prefetcher.stages] == [2]
+    assert [s.lead for s in load(1, "global").model.prefetcher.stages] == [1]  # deeper leads: a row's own pool only
     none = Engine.load("demo", EngineOptions(progress=False, device="cpu", cache_experts=3, prefetch=0))
     assert none.generate("def f(x):", 6).tokens == tokens
     with pytest.raises(UserError, match="predicts 1, 2 layer"):

@@ -87,9 +87,10 @@ def simulate_timed(trace: Trace, slots: int | list[int], policy: str, predicted:
     preds = _issued(predicted, after, per_layer if calibration is None else None)
     if deeper and calibration is None:
         raise UserError("predictions further ahead are decided by cost: they need a calibration")
-    # (lead, predictions [T(+1)][L][P], calibration [L, P]), nearest first: its copies go on the link first
+    # (lead, predictions [T(+1)][L][P], calibration [L, P]), nearest first: its copies go on the link first; the
+    # deeper leads into a pool of each row's own only, as the engine (prefetch.Prefetcher)
     plans = sorted([(lead, preds, calibration)] + [(d.lead, _issued(d.predicted, d.after, None), d.calibration)
-                                                   for d in deeper], key=lambda plan: plan[0])
+                                                   for d in ([] if shared else deeper)], key=lambda plan: plan[0])
     clock = _Clock([sum(per_layer)] if shared else per_layer, [0] * L if shared else list(range(L)), copy_s,
                    miss_policy, cpu_s)
     for t in range(T):
