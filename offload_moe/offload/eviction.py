@@ -192,6 +192,12 @@ class SlotTable:
         row, off = self._where(layer)
         return int(self._rows[row][3][expert + off])
 
+    def expert_in(self, layer: int, slot: int) -> int:
+        """The expert of `layer` in `slot` of its row (-1: none, or another layer's)."""
+        row, off = self._where(layer)
+        e = int(self.expert[row][slot]) - off
+        return e if 0 <= e < self.num_experts else -1
+
     def resident(self, layer: int) -> list[int]:
         """`layer`'s resident experts."""
         row, off = self._where(layer)

@@ -60,9 +60,9 @@ calibration (per row and rank, the chance the row uses the expert) ranks every e
 and the cache issues only the copies that pay (`speculate.speculate`, the timed replay's rule), from
 the link's backlog, one copy's time and the time until the row runs. A calibrated learned predictor with
 deeper leads (`train-predictor --lead N` writes leads 1..N) predicts each row from its `--prefetch` lead
-and every deeper one, nearest first (with a pool per row; a shared pool takes the nearest only); a deeper guess's copies go only into the link's gap before the next
-layer's nearer guess, so the depth adapts per row and token to the link's queue. All of a row's predictions
-reach the host in one sync.
+and every deeper one, nearest first (with a pool per row; a shared pool takes the nearest only); a deeper
+guess's copies go only into the link's gap before the next layer's nearer guess, so the depth adapts per
+row and token to the link's queue. All of a row's predictions reach the host in one sync.
 Storage reads (tiered store) start at once and one row further ahead; device copies wait for row
 l's demand copies (rule 2).
 

@@ -3,13 +3,13 @@
 `simulate` counts hits; a hit on an expert whose copy is still crossing the link saves only part
 of a miss. Here the trace goes token by token, row by row (a row: one MoE layer's cache), through
 one `eviction.SlotTable` with the engine's per-step calls in the engine's order, so the hit counts are
-`simulate`'s with the same predictions, and a clock runs beside them:
+`simulate`'s with the same predictions where no speculative copy is dropped, and a clock runs beside them:
 
   * one host-to-device link (`link.Link`) carries one expert copy at a time, demand copies first: a
     demand copy passes queued speculative ones and a started one; speculative copies go first issued
     first served in the gaps; a speculative copy still on the link when its row's routing is known is
-    dropped if the row does not use it (its slot then holds no expert: an access that the table counts
-    as a hit there is a miss in time, copied on demand) and promoted to a demand copy if it does;
+    dropped if the row does not use it (its slot emptied in the table, `SlotTable.vacate`, before the
+    row's access, as the engine's `ExpertCache.routed`) and promoted to a demand copy if it does;
   * row l of token t starts at `now`, and its experts are needed at `now`. An accessed expert is
     ready (resident, its copy done by `now`), late (resident, its copy finishing later: the wait is
     that finish - now) or missed (not resident: a demand copy issued at `now`, waited for until it
@@ -67,7 +67,7 @@ def simulate_timed(trace: Trace, slots: int | list[int], policy: str, predicted:
     miss taking `cpu_s`. Returns {"policy", "slots", "lead" (0 without prefetch), "decided" (whether
     `speculate` chose), "miss_policy", "copy_s", "layer_s" [L], "hits", "per_layer_hits", "prefetch_copies",
     "prefetch_hits" (the table's counts, as `simulate` when every prediction is copied),
-    "ready", "late", "missed" (shares of all accesses; a hit on a slot whose copy was dropped is missed),
+    "ready", "late", "missed" (shares of all accesses),
     "late_wait_s", "miss_wait_s" (per token: the waits of every late or missed access, summed), "stall_s" (per
     token: what the rows waited for copies and CPU misses), "demand_copies", "prefetch_copies_per_token",
     "dropped" (speculative copies dropped per token), "cpu_misses" (per token), "link_busy", "cpu_busy" (shares
@@ -175,16 +175,14 @@ def _issued(predicted: np.ndarray | None, after: np.ndarray | None, per_layer: l
 
 
 class _Clock:
-    """The modelled time beside the table: when each slot's copy lands (and whether a dropped copy left it
-    without its expert), when its last reader ends, the link, the CPU, the current row's start, and the outcome
-    counts and waits per row."""
+    """The modelled time beside the table: when each slot's copy lands, when its last reader ends, the link, the
+    CPU, the current row's start, and the outcome counts and waits per row."""
 
     def __init__(self, sizes: list[int], pool_of: list[int], copy_s: float, miss_policy: str, cpu_s: float):
         L = len(pool_of)
         self.copy_s, self.pool_of, self.miss_policy, self.cpu_s = copy_s, pool_of, miss_policy, cpu_s
         self.ready_at = [[0.0] * n for n in sizes]  # [pools][S]: when the copy into each slot finishes
         self.free_at = [[0.0] * n for n in sizes]  # [pools][S]: when the last row that read each slot ends
-        self.void = [[False] * n for n in sizes]  # [pools][S]: its copy was dropped; the table still names it
         self.count = [[0] * L for _ in OUTCOMES]  # [3][L]: ready, late, missed per row
         self.wait = [[0.0] * L for _ in range(3)]  # [3][L]: late waits, miss waits, stall per row
         self.now = 0.0  # the current row's start
@@ -201,14 +199,18 @@ class _Clock:
         latest needed copy lands, or now; the slots the row reads)."""
         link, p, now = self.link, self.pool_of[l], self.now
         link.advance(now)
+        # its routing is known: copies into it of experts it does not use are dropped and their slots emptied, as
+        # the engine's `ExpertCache.routed` does before the access
+        used = {table.slot(l, e) for e in experts} - {-1}
+        for _, s in link.stale(l, used):
+            if (e := table.expert_in(l, s)) >= 0:
+                table.vacate(l, e)
         hit, where, _ = table.access_row(l, experts, pending=planned)
-        for q, s in link.stale(l, set(where)):
-            self.void[q][s] = True
-        ready, void = self.ready_at[p], self.void[p]
+        ready = self.ready_at[p]
         count, wait, ends = self.count, self.wait, now
         self.cpu_done = now
         for k, s in enumerate(where):
-            if hit[k] and not void[s]:
+            if hit[k]:
                 promoted = link.promote(now, p, s)
                 done = ready[s] = promoted if promoted is not None else ready[s]
                 late = done > now
@@ -217,7 +219,6 @@ class _Clock:
                 ends = max(ends, done)
                 continue
             link.cancel(p, s)  # a miss overwrites the slot: the copy still going into it (another expert's) stops
-            void[s] = False
             count[2][l] += 1
             if self.miss_policy == "cpu" or (self.miss_policy == "auto" and miss_on_cpu(
                     max(0.0, link.demand_end - now), self.copy_s, max(0.0, self.cpu_end - now), self.cpu_s)):
@@ -255,7 +256,6 @@ class _Clock:
         for new, s in zip(inserted, into, strict=True):
             if new:
                 self.link.cancel(p, s)
-                self.void[p][s] = False
                 self.ready_at[p][s] = float("inf")
                 self.link.speculate(p, s, row, max(self.now, self.free_at[p][s]))
 
