@@ -37,7 +37,7 @@ def start_tap(model: Transformer, model_name: str, hidden: bool, prefetch: int =
     calibration = used.predictor.calibration if used.cache is not None else None
     width = max([*used.widths, *([] if calibration is None else [calibration.shape[1]])])
     recorder = TraceRecorder(c.n_moe_layers, c.top_k, c.num_experts, model_name,
-                             metadata={"config": json.dumps(c.to_dict()), "prefetch_lead": str(used.lead),
+                             metadata={"config": json.dumps(c.to_dict()), "prefetch_lead": str(used.predictor.lead),
                                        "prefetch": str(prefetch)},
                              width=width, hidden=hidden,
                              calibration=None if calibration is None else np.asarray(calibration))

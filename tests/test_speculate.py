@@ -270,6 +270,9 @@ def test_the_engine_decides_every_lead_up_to_its_depth(tmp_path, monkeypatch):
     tokens = one.generate("def f(x):", 6).tokens
     assert {(1, False), (2, True)} <= set(plans) and sum(one.cache.table.prefetch_copies) > 0
     assert [s.lead for s in one.model.prefetcher.stages] == [1, 2] and one.model.prefetcher.lead == 2
+    one.start_trace("t")  # a trace holds the nearest lead's predictions, and says so
+    one.generate("def f(x):", 3)
+    assert one.stop_trace().metadata["prefetch_lead"] == "1"
     assert [s.lead for s in load(2).model.prefetcher.stages] == [2]
     assert [s.lead for s in load(1, "global").model.prefetcher.stages] == [1]  # deeper leads: a row's own pool only
     none = Engine.load("demo", EngineOptions(progress=False, device="cpu", cache_experts=3, prefetch=0))

@@ -231,9 +231,10 @@ class Prefetcher:
         self.model, self.predictor, self.cache = model, predictor, cache
         # nearest lead first; deeper ones only into a pool of the row's own: in one shared by every row, LRU's oldest
         # entries are the next rows' experts of the last token, which a deeper guess's copy displaces just before
-        # their reuse (the demo at the 12gb profile's 2 slots: 0.89x no prefetch with leads 1-3, 0.99x with lead 1)
-        shared = cache is not None and cache.pool == "global"
-        self.stages = [predictor, *([] if shared else getattr(predictor, "deeper", []))]
+        # their reuse (the demo at the 12gb profile's 2 slots: 0.89x no prefetch with leads 1-3, 0.99x with lead 1);
+        # with no cache, only the nearest lead's predictions are recorded
+        nearest = cache is None or cache.pool == "global"
+        self.stages = [predictor, *([] if nearest else getattr(predictor, "deeper", []))]
         self.lead, self.widths = self.stages[-1].lead, list(widths)  # the depth
         # per lead, averages of the expected saving of a prediction's copies and of its host time (seconds)
         self.gain = {s.lead: 0.0 for s in self.stages}
