@@ -164,8 +164,8 @@ def add_train_predictor(sub) -> None:
     trp.add_argument("trace", help="a trace recorded with profile --hidden-states")
     trp.add_argument("--out", required=True, help="the predictor file to write (safetensors)")
     trp.add_argument("--lead", type=int, default=1, help="layers ahead it predicts: the --prefetch it serves; "
-                     "calibrated, it holds every lead from 1 to this, and the engine's --prefetch N decides copies "
-                     "from each lead up to N (default: %(default)s)")
+                     "calibrated, it holds every lead from 1 to this, and the engine's --prefetch M decides copies "
+                     "from lead M and every deeper one (default: %(default)s)")
     trp.add_argument("--hidden-size", type=int, default=256, help="the MLP's hidden size (default: %(default)s)")
     trp.add_argument("--steps", type=int, default=500, help="Adam steps per layer (default: %(default)s)")
     trp.add_argument("--batch", type=int, default=512, help="samples per step (default: %(default)s)")

@@ -87,7 +87,7 @@ class ExpertCache:
         # on a CPU device, `link_gbs` emulates a host-to-device link of that speed (prefetch.py, rules 7-9)
         self.transfers = Transfers(device, sizes, EmulatedLink(link_gbs * 1e9) if link_gbs else None)
         # prefetches waiting for this layer's demand copies: (row, experts, (expert, chance) to choose from or
-        # None, rows ahead, an unranked expert's chance)
+        # None, rows ahead, an unranked expert's chance, whether a nearer guess of the row follows)
         self.planned: list[tuple[int, list[int], list[tuple[int, float]] | None, int, float, bool]] = []
         self.speculative: list[list[tuple[int, int]]] = [[] for _ in self.slots]  # per row: (slot, expert) prefetched
         self.counters = CacheCounters()

@@ -227,13 +227,14 @@ def replayed(trace, predictor, width: int):
     if "hidden" not in trace.tensors:
         raise UserError("--predictor needs a trace with hidden states: record it with profile --hidden-states")
     hidden = torch.from_numpy(trace.tensors["hidden"].astype(np.float32))  # [T, L, D]
-    T, L, D = hidden.shape
+    _, L, D = hidden.shape
     if isinstance(predictor, str | os.PathLike):
         predictor = load_predictor(predictor, L, D, trace.num_experts)
     if not 1 <= width <= trace.num_experts:
         raise UserError(f"a prediction width must be from 1 to {trace.num_experts}, not {width}")
     # the trace's own predictor's calibration and deeper leads go: these predictions are `predictor`'s
-    tensors = {k: v for k, v in trace.tensors.items() if k != "calibration" and "_lead" not in k}
+    deeper_keys = ("predicted_lead", "predicted_after_lead", "calibration_lead")
+    tensors = {k: v for k, v in trace.tensors.items() if k != "calibration" and not k.startswith(deeper_keys)}
     predicted, tensors["predicted_after"] = _ranked_all(predictor, hidden, width)
     calibration = getattr(predictor, "calibration", None)
     if calibration is not None:

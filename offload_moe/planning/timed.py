@@ -23,8 +23,10 @@ one `eviction.SlotTable` with the engine's per-step calls in the engine's order,
     its demand copies: the prediction for row l + lead of this token, or, past the last row, for row
     l + lead - L of the next token (the engine predicts `lead` rows ahead, wrapping to the next
     token); with a calibration, only those `speculate` chooses (the time until the row runs: this
-    row's demand copies, then lead x layer_s). A copy into a slot also waits until the last row that
-    read the slot has ended (only a prefetch of lead L, for this row of the next token, can meet that).
+    row's demand copies, then lead x layer_s), and after them, with a pool per row, those of each deeper
+    lead (`Deeper`), which may only start before the next row's nearer guess. A copy into a slot also
+    waits until the last row that read the slot has ended (only a prefetch of lead L, for this row of the
+    next token, can meet that).
 
 Predictions are `predicted[t, l, :]`, ranked, -1 padded, any width P (without a calibration, cut to
 the row's slot count: a prediction never evicts its own experts; with one, `speculate` names at most

@@ -13,7 +13,7 @@ calibration (`calibration_of`: per row and rank, the chance the row uses the exp
 weigh each speculative copy's cost (`speculate.speculate`). Without a held-out part (`--holdout 0`, or a
 trace too short to split) the file has no calibration and the engine prefetches a fixed width. Calibrated,
 the file holds one model per lead from 1 to `--lead` (`lead{N}.` keys), each calibrated on the held-out
-part: the engine's `--prefetch N` decides copies from every lead up to N (prefetch.py).
+part: the engine's `--prefetch M` decides copies from lead M and every deeper one (prefetch.py).
 
 Recall of a predictor at width P: the share of the experts row l chose that its P best-ranked
 candidates named. Printed per row for
@@ -127,7 +127,8 @@ def run_train_predictor(args) -> int:
     fit = split.fit
     if fit.num_tokens < 2:
         raise UserError(f"trace {args.trace} has too few tokens to fit on ({fit.num_tokens})")
-    # calibrated, every lead up to --lead (the engine decides the nearer ones' copies too); else --lead's alone
+    # calibrated, every lead up to --lead (the engine decides a deeper lead's copies beside its nearest); else
+    # --lead's alone
     leads = list(range(1, args.lead + 1)) if split.held_out is not None else [args.lead]
     pairs = [(lead, row) for lead in leads for row in range(L)]
     weights = [fit_row(*samples(fit, row, lead), E, args.hidden_size, args.steps, args.batch, args.lr, args.seed + row)
