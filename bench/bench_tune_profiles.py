@@ -64,7 +64,7 @@ def main() -> int:
         layout = Candidate(s["expert_quant"], s.get("attention_quant", "none"), 64, [slots] * L,
                            s.get("policy", default_of("policy")), 0, s.get("miss_policy", "fetch"), 0.0, 0.0,
                            pool=s.get("slot_pool", default_of("slot_pool")))
-        out = judge(layout, sources, c, hardware_of(profile))
+        out, _ = judge(layout, sources, c, hardware_of(profile))
         ways = list(dict.fromkeys((x.prefetch, x.width, x.decided) for x in out))
         by = {(x.prefetch, x.width, x.decided, x.miss_policy): x.tokens_per_s for x in out}
         none = by[0, 0, False, layout.miss_policy]

@@ -66,7 +66,8 @@ def test_judge_scores_every_miss_policy():
     """On a slow link with a fast CPU, computing misses on the CPU beats fetching them; each way to prefetch is
     scored under fetch, cpu and auto."""
     hw = dict(SLOW_LINK, cpu_bytes_per_s=400e9)
-    out = judge(layout(4), [(0, "", routed(32)), (1, "", routed(32))], MIXTRAL_8X7B, hw)
+    out, left = judge(layout(4), [(0, "", routed(32)), (1, "", routed(32))], MIXTRAL_8X7B, hw)
+    assert left == 0
     assert len(out) == 4 * 3 and {c.miss_policy for c in out} == {"fetch", "cpu", "auto"}
     none = {c.miss_policy: c for c in out if c.prefetch == 0}
     assert none["cpu"].seconds_per_token < none["fetch"].seconds_per_token
@@ -80,7 +81,19 @@ def test_the_pick_is_never_below_no_prefetch():
     trace = routed(48)
     trace.predicted[::2] = routed(48, right=False, seed=1).predicted[::2]  # every other token's guesses wrong
     for slots in (2, 4, 6):
-        out = judge(layout(slots), [(0, "", trace), (1, "", trace)], MIXTRAL_8X7B, SLOW_LINK)
+        out, _ = judge(layout(slots), [(0, "", trace), (1, "", trace)], MIXTRAL_8X7B, SLOW_LINK)
         pick = min(out, key=lambda c: c.seconds_per_token)
         none = next(c for c in out if c.prefetch == 0 and c.miss_policy == pick.miss_policy)
         assert pick.tokens_per_s >= none.tokens_per_s
+
+
+def test_a_spent_budget_leaves_judge_replays_out_and_says_so():
+    """--budget-s counts the timed replays too: a budget of 0 runs the default's curve and the default layout's
+    judge, leaves out the rest and logs it; the default's no prefetch with fetch is always there."""
+    logged: list[str] = []
+    judged = judge(layout(4), [(0, "", routed(16)), (1, "", routed(16))], MIXTRAL_8X7B, SLOW_LINK, deadline=0.0)
+    assert len(judged[0]) == 1 and judged[1] == 4 * 3 - 1  # only the first replay runs past the deadline
+    best, default, out = tune(routed(16), MIXTRAL_8X7B, 20 * 2**30, SLOW_LINK, 2**30, policies=("lru", "lfu"),
+                              pools=("layer",), log=logged.append, budget_s=0.0)
+    assert any("--budget-s spent after 1 of" in line for line in logged)
+    assert default.prefetch == 0 and default.miss_policy == "fetch" and default.scored == "timed replay"

@@ -203,8 +203,9 @@ def add_tune(sub) -> None:
                      help="train-predictor files to try as well, each with its own lead (the prefetch depth); their "
                           "predictions come from the trace's hidden states (profile --hidden-states)")
     tun.add_argument("--budget-s", type=seconds, default=BUDGET_S, metavar="S", help="seconds for the replays: every "
-                     "eviction policy in both slot pools and every way to prefetch, the default's first; what the "
-                     "time leaves out is said (default: %(default)s)")
+                     "eviction policy in both slot pools and every way to prefetch, the default's first, then the "
+                     "timed replays of the best layout's prefetch and miss options; what the time leaves out is "
+                     "said (default: %(default)s)")
     tun.add_argument("--out", metavar="FILE.toml", help="write the winner as a profile (default: print it)")
     tun.add_argument("--json", action="store_true", help="print the winner, the default and both scores as one "
                      "JSON object (notes go to stderr)")

@@ -15,6 +15,7 @@ Shape legend: T tokens, L rows, K top-k, P predicted per row.
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 from ..config import ModelConfig
@@ -58,22 +59,26 @@ def timed_candidate(c: Candidate, r: dict, trace: Trace) -> Candidate:
                    scored=SCORED[1], link_busy=r["link_busy"])
 
 
-def judge(layout: Candidate, sources: list[tuple[int, str, Trace]], config: ModelConfig, hw: dict
-          ) -> list[Candidate]:
+def judge(layout: Candidate, sources: list[tuple[int, str, Trace]], config: ModelConfig, hw: dict,
+          deadline: float | None = None) -> tuple[list[Candidate], int]:
     """Every prefetch option (from `sources`: `tune.prediction_options`' (lead, predictor, trace)), width and
     miss policy of `layout` (a `tune.Candidate` whose slots, policy, pool and precisions count), scored in the
-    timed replay: candidates, no prefetch first."""
-    out = []
+    timed replay, no prefetch first, until `deadline` (`time.perf_counter`'s; None: all; the first replay always
+    runs). Returns (candidates, how many replays the deadline left out)."""
+    jobs = []
     for lead, predictor, source in sources:
         width = int(source.predicted.shape[2]) if source.predicted.ndim == 3 else 0
         if lead and not (source.predicted >= 0).any():
             continue
-        for way_lead, w, decided in prefetch_ways(lead, width, config.top_k):
-            for miss in MISS_POLICIES:
-                c = replace(layout, prefetch=way_lead, predictor=predictor if way_lead else "", width=w,
-                            decided=decided, miss_policy=miss)
-                out.append(timed_candidate(c, run_candidate(source, config, hw, c), source))
-    return out
+        jobs += [(source, replace(layout, prefetch=way_lead, predictor=predictor if way_lead else "", width=w,
+                                  decided=decided, miss_policy=miss))
+                 for way_lead, w, decided in prefetch_ways(lead, width, config.top_k) for miss in MISS_POLICIES]
+    out = []
+    for source, c in jobs:
+        if out and deadline is not None and time.perf_counter() > deadline:
+            break
+        out.append(timed_candidate(c, run_candidate(source, config, hw, c), source))
+    return out, len(jobs) - len(out)
 
 
 def source_of(trace: Trace, c: Candidate) -> Trace:

@@ -127,7 +127,8 @@ def tune(trace: Trace, config: ModelConfig, budget: int, hw: dict, reserve: int 
     if trace.num_layers != config.n_moe_layers or trace.num_experts != config.num_experts:
         raise UserError(f"the trace has {trace.num_layers} layers x {trace.num_experts} experts; the model shape has "
                         f"{config.n_moe_layers} x {config.num_experts}")
-    curves = _hit_curves(trace, config, policies, predictors, batch, pools, budget_s, log)
+    deadline = None if budget_s is None else time.perf_counter() + budget_s  # the hit curves' and the judge's
+    curves = _hit_curves(trace, config, policies, predictors, batch, pools, deadline, log)
     for note in rate_notes(hw):
         log(note)
     out: list[Candidate] = []
@@ -155,21 +156,26 @@ def tune(trace: Trace, config: ModelConfig, budget: int, hw: dict, reserve: int 
                     and c.miss_policy == "fetch" and len(set(c.slots)) == 1 and c.precision == best.precision
                     and c.attention == "none"), best)
     if batch == 1:  # the timed replay models one sequence decoding: there it judges prefetch and miss handling
-        best, default, timed = _judged(curves, config, hw, best, default)
+        best, default, timed = _judged(curves, config, hw, best, default, deadline, log)
         out += timed
     return best, default, out
 
 
-def _judged(curves: Curves, config: ModelConfig, hw: dict, best: Candidate, default: Candidate
-            ) -> tuple[Candidate, Candidate, list[Candidate]]:
+def _judged(curves: Curves, config: ModelConfig, hw: dict, best: Candidate, default: Candidate,
+            deadline: float | None = None, log=print) -> tuple[Candidate, Candidate, list[Candidate]]:
     """Every prefetch option, width and miss policy (`judge`) at the cost model's best layout and the default's,
-    in the timed replay. Returns (the fastest, the default's layout without prefetch and with fetch, all)."""
+    in the timed replay: the default's layout in full, the best's until `deadline` (`time.perf_counter`'s), what
+    that leaves out logged. Returns (the fastest, the default's layout without prefetch and with fetch, all)."""
     timed: list[Candidate] = []
     layouts = {(c.precision, c.attention, tuple(c.slots), c.policy, c.pool): c for c in (default, best)}
+    left = 0
     for layout in layouts.values():
         sources = sorted(((lead, predictor, source) for (policy, lead, predictor, pool), (source, _) in curves.items()
                           if policy == layout.policy and pool == layout.pool), key=lambda s: s[0] != 0)
-        timed += judge(layout, sources, config, hw)
+        scored, skipped = judge(layout, sources, config, hw, None if not timed else deadline)
+        timed, left = timed + scored, left + skipped
+    if left:
+        log(f"  --budget-s spent: {left} timed replays of prefetch and miss options not run")
     fastest = min(timed, key=lambda c: c.seconds_per_token)  # the first of equal times: no prefetch, fetch
     base = next(c for c in timed if (c.precision, c.attention, c.slots, c.policy, c.pool, c.prefetch, c.miss_policy)
                 == (default.precision, default.attention, default.slots, default.policy, default.pool, 0, "fetch"))
@@ -186,10 +192,10 @@ def _default_setting(policies: Sequence[str], pools: Sequence[str]) -> tuple[str
 
 
 def _hit_curves(trace: Trace, config: ModelConfig, policies: Sequence[str], predictors: Sequence[str], batch: int,
-                pools: Sequence[str], budget_s: float | None, log) -> Curves:
+                pools: Sequence[str], deadline: float | None, log) -> Curves:
     """Every policy, pool and way to prefetch replayed at each of `tune_sizes`: the hit curves the search spreads
     slots by, kept with the trace they replayed. In order of worth (the default's curve first, the engine's
-    default policy and pool next), until `budget_s` is spent: the rest is logged as left out."""
+    default policy and pool next), until `deadline` (`time.perf_counter`'s): the rest is logged as left out."""
     curves: Curves = {}
     sizes = tune_sizes(config.top_k, config.num_experts)
     policy, pool = _default_setting(policies, pools)
@@ -197,12 +203,11 @@ def _hit_curves(trace: Trace, config: ModelConfig, policies: Sequence[str], pred
     work = [(q, w, p) for q in policies for w in ways for p in pools]
     work.sort(key=lambda job: (job[0] != policy or job[2] != pool or job[1][0] != 0, job[0] != policy,
                                job[2] != pool))  # stable: the given order after these
-    start = time.perf_counter()
     for done, (policy, (prefetch, predictor, source), pool) in enumerate(
             progress_bar(work, "replaying the trace", len(work), "curve")):
-        if done and budget_s is not None and time.perf_counter() - start > budget_s:
+        if done and deadline is not None and time.perf_counter() > deadline:
             left = sorted({f"{q} ({p})" for q, _, p in work[done:]})
-            log(f"  --budget-s {budget_s:g} spent after {done} of {len(work)} replays; not searched: {', '.join(left)}")
+            log(f"  --budget-s spent after {done} of {len(work)} replays; not searched: {', '.join(left)}")
             break
         results = simulate_many(source, sizes, policy, min(prefetch, 1), pool=pool) if batch == 1 else [
             replay(source, s, policy, prefetch, batch, pool=pool) for s in sizes]
