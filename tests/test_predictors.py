@@ -230,3 +230,12 @@ def test_a_malformed_predictor_file_is_refused_with_the_reason(tmp_path):
         load_predictor(tmp_path / "lead", 3, 16, 8)
     with pytest.raises(UserError, match="trained for 3 MoE layers, dim 16, 8 experts"):
         load_predictor(tmp_path / "ok", 4, 16, 8)
+    # deeper leads: named in `leads` but absent, out of order, or a bad number
+    from safetensors.torch import save_file
+
+    rows = {f"rows.{r}.{k}": v for r in range(3) for k, v in mlp().items()}
+    for leads, why in (("1,2", "not a train-predictor file"), ("2,1", "each once, nearest first"),
+                       ("1,x", "not a train-predictor file")):
+        save_file(rows, str(tmp_path / "deep"), metadata={"kind": "learned", "lead": "1", "leads": leads, "rows": "3"})
+        with pytest.raises(UserError, match=why):
+            load_predictor(tmp_path / "deep", 3, 16, 8)

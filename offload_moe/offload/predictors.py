@@ -158,21 +158,25 @@ def load_predictor(path: str | os.PathLike, rows: int, dim: int, experts: int) -
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as exc:
         raise UserError(f"predictor {p} is not a safetensors file ({exc})") from None
+    bad = UserError(f"predictor {p} is not a train-predictor file (no lead, rows or row weights)")
     try:
         n = int(meta["rows"])
         leads = [int(x) for x in meta.get("leads", meta["lead"]).split(",")]
-        prefixes = ["", *(f"lead{d}." for d in leads[1:])]  # the nearest lead's keys have none
+    except (KeyError, ValueError):
+        raise bad from None
+    if leads != sorted(set(leads)) or not 1 <= leads[0] <= leads[-1] < rows:
+        raise UserError(f"predictor {p} predicts {', '.join(map(str, leads))} layers ahead; this model's {rows} MoE "
+                        f"layers allow 1 to {rows - 1}, each once, nearest first")
+    prefixes = ["", *(f"lead{d}." for d in leads[1:])]  # the nearest lead's keys have none
+    try:
         parts = [[{k: tensors[f"{prefix}rows.{r}.{k}"].float() for k in ("w1", "b1", "w2", "b2")} for r in range(n)]
                  for prefix in prefixes]
-    except (KeyError, ValueError):
-        raise UserError(f"predictor {p} is not a train-predictor file (no lead, rows or row weights)") from None
+    except KeyError:
+        raise bad from None
     if meta.get("kind") != "learned":
         raise UserError(f"predictor {p}: unknown kind {meta.get('kind')!r}")
     if not n:
         raise UserError(f"predictor {p} holds no layers")
-    if leads != sorted(set(leads)) or not 1 <= leads[0] <= leads[-1] < rows:
-        raise UserError(f"predictor {p} predicts {', '.join(map(str, leads))} layers ahead; this model's {rows} MoE "
-                        f"layers allow 1 to {rows - 1}, each once, nearest first")
     made = []
     for lead, weights, prefix in zip(leads, parts, prefixes, strict=True):
         _check_rows(p, weights, (rows, dim, experts))
