@@ -6,10 +6,15 @@ import numpy as np
 import pytest
 from test_timed import random_trace
 
-from offload_moe.offload.speculate import calibrate, candidates, miss_on_cpu, speculate
+from offload_moe.offload.speculate import calibrate, candidates, decide, miss_on_cpu
 from offload_moe.planning.timed import simulate_timed
 
 RANKED = [(3, 0.9), (5, 0.6), (1, 0.2)]
+
+
+def speculate(*args, **kwargs) -> list[int]:
+    """`decide`'s experts, without their expected savings."""
+    return [e for e, _ in decide(*args, **kwargs)]
 
 
 def test_a_likely_copy_that_lands_in_time_is_issued():
@@ -150,8 +155,8 @@ def test_the_engine_issues_only_the_copies_speculate_chooses(tmp_path, monkeypat
 
     engine = _calibrated_engine(tmp_path, 0.9)
     chosen, issued = [], []
-    decide, prefetch = cache_module.decide, engine.cache.prefetch
-    monkeypatch.setattr(cache_module, "decide", lambda *a: chosen.append(decide(*a)) or chosen[-1])
+    decide_row, prefetch = cache_module.decide_row, engine.cache.prefetch
+    monkeypatch.setattr(cache_module, "decide_row", lambda *a: chosen.append(decide_row(*a)) or chosen[-1])
     monkeypatch.setattr(engine.cache, "prefetch", lambda row, experts: issued.append(experts) or prefetch(row, experts))
     engine.start_trace("decided")  # the predictions recorded are the full ranking the decision chose from
     engine.generate("def f(x):", 4)

@@ -25,7 +25,7 @@ from ..options import MISS_POLICIES
 from .eviction import ONLINE_POLICIES, POOLS, SlotTable
 from .link import EmulatedLink
 from .prefetch import Transfers
-from .speculate import decide, miss_on_cpu
+from .speculate import decide_row, miss_on_cpu
 from .store import ExpertStore
 
 
@@ -87,13 +87,13 @@ class ExpertCache:
         # on a CPU device, `link_gbs` emulates a host-to-device link of that speed (prefetch.py, rules 7-9)
         self.transfers = Transfers(device, sizes, EmulatedLink(link_gbs * 1e9) if link_gbs else None)
         # prefetches waiting for this layer's demand copies: (row, experts, (expert, chance) to choose from or
-        # None, rows ahead, an unranked expert's chance, whether a nearer guess of the row follows)
-        self.planned: list[tuple[int, list[int], list[tuple[int, float]] | None, int, float, bool]] = []
+        # None, rows ahead, whether a nearer guess of the row follows)
+        self.planned: list[tuple[int, list[int], list[tuple[int, float]] | None, int, bool]] = []
         self.speculative: list[list[tuple[int, int]]] = [[] for _ in self.slots]  # per row: (slot, expert) prefetched
         self.counters = CacheCounters()
         self.copy_s = self.cpu_s = 0.0  # one expert's copy and CPU forward, measured by `calibrate_misses`
-        self.layer_s = 0.0  # a layer's compute between two acquires (an average), for `speculate`
-        self.top_k = 1  # experts a token uses per row, set by the prefetcher: a shared pool's `SlotTable.reuse`
+        self.layer_s = 0.0  # a layer's compute between two acquires (an average), for `decide_row`
+        self.top_k = 1  # experts a token uses per row, set by the prefetcher, for `decide_row`
         self.gains: dict[int, float] = {}  # per lead, the expected saving of the copies decided since `Prefetcher` read
         self._entered = self._waited = None  # the latest acquire's time and copy_wait_s then
 
@@ -189,7 +189,7 @@ class ExpertCache:
         return views
 
     def calibrate_misses(self, dim: int, dtype: torch.dtype, repeats: int = 3) -> dict:
-        """For miss policy `auto` and `speculate`: time one expert's decode forward on the CPU against one copy to the
+        """For miss policy `auto` and `decide_row`: time one expert's decode forward on the CPU against one copy to the
         device. Call it before any expert is resident: it uses slot 0 of layer 0 as scratch."""
         x = torch.randn(1, dim, dtype=dtype)
         buf = self.store.buffer(0, 0)
@@ -221,25 +221,22 @@ class ExpertCache:
             self.transfers.mark_free(self.pool_of[row], s)
 
     def plan_prefetch(self, row: int, experts: list[int], ranked: list[tuple[int, float]] | None = None,
-                      lead: int = 1, rest: float = 0.0, deeper: bool = False) -> None:
+                      lead: int = 1, deeper: bool = False) -> None:
         """Queue a prefetch for `row`, `lead` rows ahead; it is issued after the current layer's demand copies:
-        `experts`, or, given `ranked` (expert, chance; `rest`: an unranked one's), those `speculate` chooses
-        then; `deeper`: a nearer guess of `row` comes at the next layer (its copies only fill the link until
-        then)."""
-        self.planned.append((row, experts, ranked, lead, rest, deeper))
+        `experts`, or, given `ranked` (expert, chance), those `speculate.decide_row` chooses then; `deeper`: a
+        nearer guess of `row` comes at the next layer (its copies only fill the link until then)."""
+        self.planned.append((row, experts, ranked, lead, deeper))
 
     def _flush_prefetch(self, demand: int) -> None:
         """Issue the planned prefetches, after this layer's `demand` copies (the layer waits for those before
         the planned row's `lead` layers run, and before the next layer's guesses)."""
         planned, self.planned = self.planned, []
-        for row, experts, ranked, lead, rest, deeper in planned:
+        for row, experts, ranked, lead, deeper in planned:
             if ranked is not None:
-                n, free = self.table.pool_of(row)
                 wait = demand * self.copy_s
-                chosen = decide(ranked, self.table.resident(row), n, self.copy_s, self.transfers.backlog_s(),
-                                wait + lead * self.layer_s, self.slots[row], rest,
-                                wait + self.layer_s if deeper else float("inf"), free,
-                                self.table.reuse(row, self.top_k))
+                chosen = decide_row(self.table, row, ranked, self.top_k, self.copy_s, self.transfers.backlog_s(),
+                                    wait + lead * self.layer_s, self.slots[row],
+                                    wait + self.layer_s if deeper else float("inf"))
                 experts = [e for e, _ in chosen]
                 self.gains[lead] = self.gains.get(lead, 0.0) + sum(g for _, g in chosen)  # for `Prefetcher`'s gate
             self.prefetch(row, experts)

@@ -134,7 +134,7 @@ def save_predictor(path: str | os.PathLike, weights: list[dict[str, torch.Tensor
                    meta: dict[str, str], calibration: np.ndarray | None = None,
                    deeper: Sequence[LearnedPredictor] = ()) -> None:
     """The predictor file; `calibration` [L, P] (`speculate.calibrate` on routing it was not fitted on) lets
-    the prefetcher weigh each copy's cost (`speculate.speculate`) instead of copying a fixed width. `deeper`:
+    the prefetcher weigh each copy's cost (`speculate.decide`) instead of copying a fixed width. `deeper`:
     calibrated predictors of further leads, under `lead{N}.` (metadata `leads`: every lead, nearest first)."""
     parts = [("", weights, calibration)] + [(f"lead{d.lead}.", d.weights, d.calibration) for d in deeper]
     tensors = {}

@@ -57,7 +57,7 @@ token (not in a batched step, whose next step may hold other sequences). For one
 `width` experts are prefetched (default: top-k); for a prompt or a batch, the experts most
 tokens rank in their top-k (ties: the row's most used so far), up to `width`. A predictor with a
 calibration (per row and rank, the chance the row uses the expert) ranks every expert it calibrated,
-and the cache issues only the copies that pay (`speculate.speculate`, the timed replay's rule), from
+and the cache issues only the copies that pay (`speculate.decide_row`, the timed replay's rule), from
 the link's backlog, one copy's time and the time until the row runs. A calibrated learned predictor with
 deeper leads (`train-predictor --lead N` writes leads 1..N) predicts each row from its `--prefetch` lead
 and every deeper one, nearest first (with a pool per row; a shared pool takes the nearest only); a deeper
@@ -80,7 +80,7 @@ import torch
 from .eviction import prefetch_choice
 from .link import EmulatedLink
 from .predictors import targets_of
-from .speculate import candidates, could_start, rest_chance
+from .speculate import candidates, could_start
 
 
 class Transfers:
@@ -225,7 +225,7 @@ class Prefetcher:
     predicts from there, and each gets its `widths[row]` best experts. With no cache it only predicts,
     for a routing trace to record what a prefetch would fetch. A calibrated learned predictor with deeper
     leads (`LearnedPredictor.deeper`) predicts each row from several rows ahead, nearest first; the cache
-    issues a deeper guess's copies only into the link's gap before a nearer guess comes (`speculate`)."""
+    issues a deeper guess's copies only into the link's gap before a nearer guess comes (`decide_row`)."""
 
     def __init__(self, model, predictor, widths: Sequence[int], cache=None):
         self.model, self.predictor, self.cache = model, predictor, cache
@@ -273,12 +273,12 @@ class Prefetcher:
             at += T * P
             uses, cal = self.cache.table.uses_of(target), stage.calibration
             if cal is None:
-                chosen, ranked, rest = prefetch_choice(ranks, K, self.widths[target], uses), None, 0.0
-            else:  # the cache chooses among them once this row's demand copies are queued (`speculate`)
+                chosen, ranked = prefetch_choice(ranks, K, self.widths[target], uses), None
+            else:  # the cache chooses among them once this row's demand copies are queued (`decide_row`)
                 ranked = candidates(ranks, cal[target], uses)
-                chosen, rest = [e for e, _ in ranked][: self.cache.slots[target]], rest_chance(ranked, K, len(uses))
+                chosen = [e for e, _ in ranked][: self.cache.slots[target]]
             self.cache.store.prefetch(target, chosen)  # non-blocking reads from storage (tiered store only)
-            self.cache.plan_prefetch(target, chosen, ranked, stage.lead, rest, deeper=stage is not self.predictor)
+            self.cache.plan_prefetch(target, chosen, ranked, stage.lead, deeper=stage is not self.predictor)
         if made:  # the host time, shared by the leads predicted
             spent = (time.perf_counter() - t0) / len(made)
             for stage, _, _ in made:

@@ -1,4 +1,4 @@
-"""Whether a copy pays: the prefetch decision that weighs cost (`speculate`), the per-miss choice of
+"""Whether a copy pays: the prefetch decision that weighs cost (`decide`), the per-miss choice of
 `--miss-policy auto` (`miss_on_cpu`) and the calibrated probabilities the first reads (`calibrate`,
 `candidates`). The engine (`prefetch.Prefetcher`, `cache.ExpertCache`) and the timed replay
 (`planning/timed.py`) call these same functions with the same kinds of figures, so the replay judges the
@@ -61,16 +61,19 @@ def rest_chance(ranked: Sequence[tuple[int, float]], top_k: int, num_experts: in
 
 def could_start(backlog_s: float, until_s: float, better_s: float = float("inf")) -> bool:
     """Whether a copy issued behind the link's `backlog_s` starts before its row runs (`until_s`) and before a
-    nearer guess of the row comes (`better_s`): if not, `speculate` issues nothing, and the prefetcher does not
+    nearer guess of the row comes (`better_s`): if not, `decide` issues nothing, and the prefetcher does not
     predict (its host time is saved where the link is saturated)."""
     return backlog_s < until_s and backlog_s < better_s
 
 
-def speculate(ranked: Sequence[tuple[int, float]], held: Sequence[int], slots: int, copy_s: float, backlog_s: float,
-              until_s: float, width: int, rest: float = 0.0, better_s: float = float("inf"), free: int | None = None,
-              prior: float = 0.0) -> list[int]:
-    """`decide`'s experts."""
-    return [e for e, _ in decide(ranked, held, slots, copy_s, backlog_s, until_s, width, rest, better_s, free, prior)]
+def decide_row(table, row: int, ranked: Sequence[tuple[int, float]], top_k: int, copy_s: float, backlog_s: float,
+               until_s: float, width: int, better_s: float = float("inf")) -> list[tuple[int, float]]:
+    """`decide` for `row` of an `eviction.SlotTable`, which gives the rest of its figures: the row's residents,
+    its pool's slots, empty slots and reuse, and an unranked expert's chance (`rest_chance`). The engine
+    (`cache.ExpertCache`) and the timed replay both call this, so they decide from the same figures."""
+    n, free = table.pool_of(row)
+    return decide(ranked, table.resident(row), n, copy_s, backlog_s, until_s, width,
+                  rest_chance(ranked, top_k, table.num_experts), better_s, free, table.reuse(row, top_k))
 
 
 def decide(ranked: Sequence[tuple[int, float]], held: Sequence[int], slots: int, copy_s: float, backlog_s: float,

@@ -46,7 +46,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..offload.eviction import ONLINE_POLICIES, SlotTable
-from ..offload.speculate import calibrate, candidates, miss_on_cpu, rest_chance, speculate
+from ..offload.speculate import calibrate, candidates, decide_row, miss_on_cpu
 from ..options import MISS_POLICIES
 from ..profiles import load_profile
 from .link import Link
@@ -245,10 +245,8 @@ class _Clock:
         row, predicted = planned
         ranked = candidates([predicted], calibration, table.uses_of(row))
         demand = max(0.0, self.link.demand_end - self.now)
-        n, free = table.pool_of(row)
-        return speculate(ranked, table.resident(row), n, self.copy_s, self.link.backlog(self.now),
-                         until_s + demand, slots, rest_chance(ranked, top_k, table.num_experts), better_s + demand,
-                         free, table.reuse(row, top_k))
+        return [e for e, _ in decide_row(table, row, ranked, top_k, self.copy_s, self.link.backlog(self.now),
+                                         until_s + demand, slots, better_s + demand)]
 
     def prefetch(self, table: SlotTable, row: int, predicted: list[int]) -> None:
         """Issue `predicted` into `row` at `now`, after the demand copies; a copy into a slot waits for

@@ -10,7 +10,7 @@ fitted samples, folded into the first layer when saved). The held-out part is th
 the model fitted on the head only, so the recall printed is the file's own on unseen tokens, and its
 calibration (`calibration_of`: per row and rank, the chance the row uses the expert ranked there,
 `speculate.calibrate` over every expert ranked) is measured on that held-out part, which lets the engine
-weigh each speculative copy's cost (`speculate.speculate`). Without a held-out part (`--holdout 0`, or a
+weigh each speculative copy's cost (`speculate.decide`). Without a held-out part (`--holdout 0`, or a
 trace too short to split) the file has no calibration and the engine prefetches a fixed width. Calibrated,
 the file holds one model per lead from 1 to `--lead` (`lead{N}.` keys), each calibrated on the held-out
 part: the engine's `--prefetch M` decides copies from lead M and every deeper one (prefetch.py).
