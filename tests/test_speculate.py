@@ -36,16 +36,36 @@ def test_unlikely_copies_are_not_issued():
 
 
 def test_resident_candidates_are_named_free_and_a_likely_victim_raises_the_bar():
-    # expert 3 is resident: named (so the copies do not evict it), no copy; 5 is copied
-    assert speculate(RANKED, held=[3, 7], slots=4, copy_s=1.0, backlog_s=0.0, until_s=9.0, width=4) == [3, 5]
-    # a full row, whose residents (p 0.5 each) a copy would displace: 5 at 0.6 no longer pays
+    # expert 3 is resident: named (so the copies do not evict it), no copy; 5 is copied into an empty slot; 7,
+    # resident and unranked, is named after them
+    assert speculate(RANKED, held=[3, 7], slots=4, copy_s=1.0, backlog_s=0.0, until_s=9.0, width=4) == [3, 5, 7]
+    # a full row of its own: the least likely resident goes (ties: the lowest ranked, 2), the other is named
     full = [(3, 0.9), (5, 0.6), (1, 0.5), (2, 0.5)]
-    assert speculate(full, held=[1, 2], slots=2, copy_s=1.0, backlog_s=0.0, until_s=1.0, width=2) == [3]
-    # the policy, not the prediction, picks the victim: the residents' mean chance counts, not the least one's
-    mixed = [(3, 0.6), (1, 0.9), (2, 0.1)]
-    assert speculate(mixed, held=[1, 2], slots=2, copy_s=1.0, backlog_s=0.0, until_s=1.0, width=2) == [1, 2]
-    assert speculate(mixed, held=[1, 2], slots=3, copy_s=1.0, backlog_s=0.0, until_s=1.0, width=2) == [3, 1]
+    assert speculate(full, held=[1, 2], slots=2, copy_s=1.0, backlog_s=0.0, until_s=1.0, width=2) == [3, 1]
+    # a likely victim (0.9, used now; else at the next token at the pool's reuse) raises the bar: 3 at 0.6 pays
+    # only against the unlikely one
+    assert speculate([(3, 0.6), (1, 0.9)], held=[1], slots=1, copy_s=1.0, backlog_s=0.0, until_s=1.0, width=2) == [1]
+    assert speculate([(3, 0.6), (2, 0.1)], held=[2], slots=1, copy_s=1.0, backlog_s=0.0, until_s=1.0, width=2) == [3]
+    assert speculate([(3, 0.6), (2, 0.1)], held=[2], slots=1, copy_s=1.0, backlog_s=0.0, until_s=1.0, width=2,
+                     reuse=0.9) == [2]
+    # a displaced resident is not copied back, though ranked
+    assert speculate([(3, 0.95), (2, 0.9), (1, 0.1)], held=[1], slots=1, copy_s=1.0, backlog_s=0.0, until_s=9.0,
+                     width=3) == [3]
     assert speculate(RANKED, held=[3], slots=4, copy_s=1.0, backlog_s=0.0, until_s=9.0, width=1) == [3]
+
+
+def test_the_copies_evict_the_least_likely_resident_not_the_policys():
+    from offload_moe.offload.eviction import SlotTable
+    from offload_moe.offload.speculate import decide_row
+
+    table = SlotTable([3], 8, "lru")
+    for e in (0, 1, 2):  # LRU would evict 0
+        table.access_row(0, [e])
+    ranked = [(5, 0.9), (0, 0.8), (1, 0.6), (2, 0.05)]
+    chosen = [e for e, _ in decide_row(table, 0, ranked, 2, 1.0, 0.0, 9.0, 3)]
+    assert chosen == [5, 0, 1]
+    inserted, _, evicted = table.prefetch_row(0, chosen)
+    assert inserted == [True, False, False] and evicted[0] == 2 and sorted(table.resident(0)) == [0, 1, 5]
 
 
 def test_in_a_shared_pool_the_other_rows_residents_count_at_the_pools_reuse():
@@ -54,11 +74,11 @@ def test_in_a_shared_pool_the_other_rows_residents_count_at_the_pools_reuse():
     ranked = [(3, 0.6), (1, 0.1)]
     # this row holds 1 of a full pool of 4; the 3 others' residents are used at the pool's reuse, 0.7: victim 0.55
     assert speculate(ranked, held=[1], slots=4, copy_s=1.0, backlog_s=0.0, until_s=1.0, width=2, free=0,
-                     prior=0.7) == [1]
+                     reuse=0.7, shared=True) == [1]
     assert speculate(ranked, held=[1], slots=4, copy_s=1.0, backlog_s=0.0, until_s=1.0, width=2, free=0,
-                     prior=0.1) == [3, 1]
+                     reuse=0.1, shared=True) == [3, 1]
     assert speculate(ranked, held=[1], slots=4, copy_s=1.0, backlog_s=0.0, until_s=1.0, width=2, free=1,
-                     prior=0.5) == [3, 1]  # an empty slot: nothing is displaced
+                     reuse=0.5, shared=True) == [3, 1]  # an empty slot: nothing is displaced
     table = SlotTable([4], 3, "lru", layers=2)  # one pool of 4 for 2 layers of 3 experts
     table.access_row(0, [0, 1])
     assert table.pool_of(0) == table.pool_of(1) == (4, 2)
