@@ -1,13 +1,14 @@
 """Expert prediction on a trained demo: which predictor makes experts resident on arrival, on held-out text.
 
     python bench/bench_prediction.py [--model demo|demo-fine|PATH] [--fit-tokens 40000] [--eval-tokens 20000]
-                                     [--write | --recalibrate] [--threads 2]
+                                     [--write | --recalibrate] [--threads 2] [--input router_input|hidden]
 
 Both sides of the split come from the training script's corpus split (tools/train_tiny_moe.py): the
 learned predictor is fitted on windows of training files, every figure is measured on windows of the
 held-out files, which neither the model nor the predictor saw. Each window (the model's context) is
 scored in one pass with a trace recording the hidden states; the windows then replay one after
-another as one token stream, as a decode would meet them. Printed:
+another as one token stream, as a decode would meet them. The learned predictor reads each layer's router input
+(`--input`; what `train-predictor` fits by default). Printed:
   * recall per layer at width K and 2K (train_predictor.recall_table's predictors, plus the router one
     layer ahead: each layer's own router on the hidden state entering the layer before; layer 0 from
     the previous token's last layer);
@@ -56,7 +57,7 @@ from offload_moe.offload.predictors import (  # noqa: E402
 from offload_moe.options import EngineOptions  # noqa: E402
 from offload_moe.planning.replay import default_slots, simulate  # noqa: E402
 from offload_moe.planning.timed import Deeper, TimedOptions, simulate_timed, timed_costs  # noqa: E402
-from offload_moe.planning.trace import Trace, join_traces  # noqa: E402
+from offload_moe.planning.trace import HIDDEN, Trace, join_traces  # noqa: E402
 from offload_moe.planning.train_predictor import calibration_of, fit_row, recall, recall_table, samples  # noqa: E402
 
 
@@ -91,6 +92,7 @@ def main() -> int:
     ap.add_argument("--depth", type=int, default=3, help="fit leads 1 to this (at most the layers - 1); the "
                     "depth table decides copies from each lead up to each depth")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--input", choices=HIDDEN, default="router_input", help="the state the learned predictor reads")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -114,11 +116,11 @@ def main() -> int:
     fit, evaluation = windows_trace(engine, train, args.fit_tokens), windows_trace(engine, held, args.eval_tokens)
     print(f"# {time.strftime('%Y-%m-%d')}, {args.model}: {L} layers, {E} experts, top-{K}; fitted on "
           f"{fit.num_tokens:,} tokens of training files, measured on {evaluation.num_tokens:,} held-out tokens")
-    fitted = {lead: [fit_row(*samples(fit, row, lead), E, args.hidden_size, args.steps, 512, 3e-3, row)
+    fitted = {lead: [fit_row(*samples(fit, row, lead, args.input), E, args.hidden_size, args.steps, 512, 3e-3, row)
                      for row in range(L)] for lead in range(1, min(args.depth, L - 1) + 1)}
     meta = {"trace": f"bench_prediction: {fit.num_tokens} tokens of training-file windows", "model": args.model,
             "fitted_tokens": str(fit.num_tokens), "hidden_size": str(args.hidden_size), "steps": str(args.steps),
-            "calibrated_tokens": str(evaluation.num_tokens)}
+            "calibrated_tokens": str(evaluation.num_tokens), "input": args.input}
     learned = {lead: LearnedPredictor(w, lead, meta) for lead, w in fitted.items()}
     for p in learned.values():
         p.calibration = calibration_of(p, evaluation)  # [L, E]

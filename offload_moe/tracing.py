@@ -23,7 +23,8 @@ from .planning.trace import TraceRecorder
 
 def start_tap(model: Transformer, model_name: str, hidden: bool, prefetch: int = 0, predictor: str = "router",
               widths: list[int] | None = None, device: torch.device | None = None) -> RoutingTap:
-    """A tap over a new recorder for `model`; `hidden`: record the hidden state entering each MoE row too.
+    """A tap over a new recorder for `model`; `hidden`: record the hidden state entering each MoE row and its router
+    input too.
     `prefetch`, `predictor`, `widths`, `device`: the engine's --prefetch, its resolved --predictor, its widths
     per row and its device, for the predictions recorded where it has no prefetcher (the module docstring)."""
     c, prefetcher = model.config, model.prefetcher
@@ -45,8 +46,8 @@ def start_tap(model: Transformer, model_name: str, hidden: bool, prefetch: int =
 
 
 class RoutingTap:
-    """Feeds a TraceRecorder from inside the model: at each row's entry, the hidden state (when recorded)
-    and the predictions made there: the engine's prefetcher's, or with prefetch off a one-row-ahead
+    """Feeds a TraceRecorder from inside the model: at each row's entry and at its router, the hidden states (when
+    recorded) and the predictions made there: the engine's prefetcher's, or with prefetch off a one-row-ahead
     router's of width top-k (`own`: what such a prefetch would fetch); at each router, the experts
     chosen. A prediction for the next token's row is kept for the next forward's first token(s)."""
 
@@ -60,8 +61,13 @@ class RoutingTap:
         if row == 0:
             self.carried, self.next = self.next, {}
         self.recorder.enter(row, h)
-        if self.own is not None:
+        if self.own is not None and self.own.input == "hidden":
             self.own(row, h, decode)
+
+    def router_input(self, row: int, x: torch.Tensor, decode: bool) -> None:
+        self.recorder.router_input(row, x)
+        if self.own is not None and self.own.input == "router_input":
+            self.own(row, x, decode)
 
     def predicted(self, target: int, next_token: bool, experts: torch.Tensor) -> None:
         (self.next if next_token else self.now)[target] = experts

@@ -111,7 +111,7 @@ def test_union_of_the_batch_is_acquired_once_per_layer(ckpts, monkeypatch):
     monkeypatch.setattr(engine.cache, "acquire", lambda layer, experts, decode=False:
                         calls.append((layer, list(experts))) or real(layer, experts, decode))
     chosen = []
-    tap = type("Tap", (), {"enter": lambda self, r, h, decode: None,
+    tap = type("Tap", (), {"enter": lambda self, r, h, decode: None, "router_input": lambda self, r, x, decode: None,
                            "chosen": lambda self, r, idx, w: chosen.append((r, idx.tolist()))})()
     engine.model.recorder = tap
     sched.step()  # one decode forward of three sequences

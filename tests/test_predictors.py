@@ -177,6 +177,46 @@ def test_profile_records_hidden_states_and_auto_loads_the_model_folders_predicto
         load_predictor(tmp_path / "junk.pred", 3, 64, 8)
 
 
+def test_a_router_input_predictor_reads_each_rows_router_input_after_its_attention(ckpts, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """A trace records each row's router input: the router on it picks the experts the trace holds. train-predictor
+    fits on it by default and says so in the file; the engine then calls the prefetcher with the very tensor the
+    row's experts get (after the attention), and the tokens are those of no prefetch. A predictor that reads what
+    a trace does not hold is refused in one line."""
+    from offload_moe.modeling.transformer import Transformer
+
+    engine = Engine.load(ckpts["base"], EngineOptions(cache_experts=3, prefetch=0, dtype="float32"))
+    engine.start_trace("base", hidden=True)
+    alone = engine.generate([1, 415, 2936], max_new_tokens=60).tokens
+    trace = engine.stop_trace()
+    model, c = engine.model, engine.config
+    x = torch.from_numpy(trace.tensors["router_input"].astype(np.float32))  # [T, L, D]
+    assert x.shape == trace.tensors["hidden"].shape == (62, c.n_moe_layers, c.dim)
+    for row in range(c.n_moe_layers):
+        picked = model.route(model.layers[model.rows[row]], x[:, row])[1].sort(-1).values.numpy()  # [T, K]
+        assert (picked == np.sort(trace.experts[:, row], -1)).all(-1).mean() > 0.95  # float16 may flip a near tie
+    save_trace(tmp_path / "r.trace", trace)
+    path = tmp_path / "r.pred"
+    assert main(["train-predictor", str(tmp_path / "r.trace"), "--out", str(path), "--steps", "20", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["input"] == "router_input"
+    assert load_predictor(path, c.n_moe_layers, c.dim, c.num_experts).meta["input"] == "router_input"
+    seen, given = [], []
+    moe = Transformer.moe
+    monkeypatch.setattr(Transformer, "moe", lambda self, row, blk, x, *a: seen.append(x) or moe(self, row, blk, x, *a))
+    learned = Engine.load(ckpts["base"], EngineOptions(cache_experts=3, dtype="float32", predictor=str(path)))
+    prefetcher = learned.model.prefetcher
+    assert prefetcher.input == "router_input"
+    call = prefetcher.__call__  # the model calls the instance, so a subclass watches it
+    prefetcher.__class__ = type("Watched", (type(prefetcher),), {
+        "__call__": lambda self, row, h, decode: given.append(h) or call(row, h, decode)})
+    assert learned.generate([1, 415, 2936], max_new_tokens=60).tokens == alone
+    assert given and len(given) == len(seen) and all(h is x for h, x in zip(given, seen, strict=True))
+    trace.tensors.pop("router_input")
+    save_trace(tmp_path / "h.trace", trace)
+    assert main(["simulate", "--trace", str(tmp_path / "h.trace"), "--predictor", str(path)]) == 1
+    assert "reads router_input" in capsys.readouterr().err
+
+
 def test_tune_tries_a_learned_predictor_and_writes_it_into_the_profile(tmp_path, capsys):
     trace = synthetic_trace(T=1200, L=3, E=8, K=2, D=16)
     trace.metadata["config"] = json.dumps({"dim": 4096, "n_layers": 3, "n_heads": 32, "n_kv_heads": 8,
@@ -222,6 +262,10 @@ def test_a_malformed_predictor_file_is_refused_with_the_reason(tmp_path):
 
     save_predictor(tmp_path / "ok", [mlp() for _ in range(3)], 1, {})
     assert load_predictor(tmp_path / "ok", 3, 16, 8).lead == 1
+    assert load_predictor(tmp_path / "ok", 3, 16, 8).input == "hidden"  # a file from before `input`
+    save_predictor(tmp_path / "input", [mlp() for _ in range(3)], 1, {"input": "logits"})
+    with pytest.raises(UserError, match="reads 'logits'"):
+        load_predictor(tmp_path / "input", 3, 16, 8)
     save_predictor(tmp_path / "shapes", [mlp(), mlp(hidden=5), mlp()], 1, {})
     with pytest.raises(UserError, match="layer 1's weights have shapes"):
         load_predictor(tmp_path / "shapes", 3, 16, 8)

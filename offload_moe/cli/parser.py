@@ -22,6 +22,7 @@ from ..options import (
     OPTIONS,
     default_of,
 )
+from ..planning.trace import HIDDEN
 from ..sampling import Sampling
 from ..serve.guard import API_KEY_ENV, Limits
 from .args import (
@@ -108,8 +109,8 @@ def add_profile(sub) -> None:
                       help="new tokens per prompt (default: %(default)s)")
     prof.add_argument("--trace-out", required=True, metavar="TRACE", help="the trace file to write (safetensors)")
     prof.add_argument("--hidden-states", action="store_true",
-                      help="record the hidden state entering each MoE layer too (float16, dim x MoE layers x 2 "
-                           "bytes per token: large), for train-predictor")
+                      help="record the hidden state entering each MoE layer and its router input too (float16, "
+                           "dim x MoE layers x 4 bytes per token: large), for train-predictor")
     prof.add_argument("--json", action="store_true", help="print the run statistics as one JSON object")
 
 
@@ -166,6 +167,10 @@ def add_train_predictor(sub) -> None:
     trp.add_argument("--lead", type=int, default=1, help="layers ahead it predicts: the --prefetch it serves; "
                      "calibrated, it holds every lead from 1 to this, and the engine's --prefetch M decides copies "
                      "from lead M and every deeper one (default: %(default)s)")
+    trp.add_argument("--input", choices=("auto", *HIDDEN), default="auto",
+                     help="the state it reads: each layer's router input (after the attention) or the hidden state "
+                     "entering the layer; the engine reads what the file says (default: %(default)s, the router "
+                     "input where the trace holds it)")
     trp.add_argument("--hidden-size", type=int, default=256, help="the MLP's hidden size (default: %(default)s)")
     trp.add_argument("--steps", type=int, default=500, help="Adam steps per layer (default: %(default)s)")
     trp.add_argument("--batch", type=int, default=512, help="samples per step (default: %(default)s)")

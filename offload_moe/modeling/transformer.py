@@ -130,7 +130,7 @@ class Transformer(nn.Module):
             row = self.row_of[i]
             if row >= 0 and self.recorder is not None:  # first: a new forward's row 0 takes the carried predictions
                 self.recorder.enter(row, h, decode)
-            if row >= 0 and self.prefetcher is not None:
+            if row >= 0 and self.prefetcher is not None and self.prefetcher.input == "hidden":
                 self.prefetcher(row, h, decode)
             done = None if step is None else step(i, h)
             if done is not None:
@@ -144,6 +144,10 @@ class Transformer(nn.Module):
             if row < 0:
                 h = h + blk.mlp(x)
                 continue
+            if self.recorder is not None:
+                self.recorder.router_input(row, x, decode)
+            if self.prefetcher is not None and self.prefetcher.input == "router_input":
+                self.prefetcher(row, x, decode)  # its copies still go after this row's demand copies
             out = self.moe(row, blk, x, decode, logits)
             if self.config.shared_ffn_dim:
                 shared = blk.shared(x)  # [T, D]

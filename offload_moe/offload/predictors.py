@@ -1,19 +1,25 @@
 """Which experts a row will want before it asks: the predictors behind prefetch.
 
 Every predictor answers one question. For token t and MoE row l it scores each expert from an
-earlier hidden state: the one entering row l - lead of the same token or, for the first rows
-(l < lead), the one entering row l - lead + L of the token processed before (cross-token: layer 0
-is predicted too). `lead` is the prefetch depth N; the prefetch for (t, l) is issued at that
-earlier row, so its copy has `lead` rows of compute to land in. The prefetcher (prefetch.py)
-copies the `width` best-scored experts (default: top-k; at most the row's slots).
+earlier hidden state of row l - lead of the same token or, for the first rows (l < lead), of row
+l - lead + L of the token processed before (cross-token: layer 0 is predicted too). Which state is
+its `input` (a trace's tensor of that name holds it, planning/trace.py):
+  hidden        the one entering the row (before its attention);
+  router_input  the row's router input (after its attention, normed). The prefetch is issued after the
+                row's routing either way (after its demand copies), so reading it later costs no lead, and
+                it predicts better (bench/bench_predictor_input.py; BENCHMARKS.md).
+`lead` is the prefetch depth N; the prefetch for (t, l) is issued at that earlier row, so its copy
+has `lead` rows of compute to land in. The prefetcher (prefetch.py) copies the `width` best-scored
+experts (default: top-k; at most the row's slots).
 
   router   row l's own router (its ffn norm, gate and bias) on the earlier hidden state: its top-k
            as the router picks them (sigmoid and grouped routers' own choice, bias and groups
            included), then the other experts by router score. Nothing to train.
   learned  a two-layer MLP per row (D -> H -> E), trained by `train-predictor` on a trace recorded
            with hidden states (`profile --hidden-states`), loaded from its file (`--predictor
-           FILE`). Small enough to stay resident (D*H + H*E weights per row) and one matmul pair
-           per row and token.
+           FILE`; its metadata `input` names what it reads, router_input by default, hidden for a
+           file without one). Small enough to stay resident (D*H + H*E weights per row) and one
+           matmul pair per row and token.
 The engine's default (`auto`): the model folder's `predictor.safetensors` when there is one (the
 demos ship theirs), else the router, which needs no file and no trace. Why: the learned one makes more
 expert uses resident on arrival on held-out text (`bench/bench_prediction.py`; BENCHMARKS.md).
@@ -35,6 +41,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..atomic import write_safetensors_atomic
 from ..errors import UserError
+from ..planning.trace import HIDDEN
 
 FILE_NAME = "predictor.safetensors"  # looked for in the model folder by `--predictor auto`
 
@@ -61,6 +68,7 @@ class RouterPredictor:
     """The target row's own router on an earlier hidden state."""
 
     name = "router"
+    input = "hidden"  # the target row's own ffn norm comes first: the state before any row's norm
 
     calibration = None  # no hit probabilities: the prefetcher copies its fixed width
 
@@ -88,6 +96,7 @@ class LearnedPredictor:
     def __init__(self, weights: list[dict[str, torch.Tensor]], lead: int, meta: dict[str, str],
                  calibration: np.ndarray | None = None, deeper: list[LearnedPredictor] | None = None):
         self.weights, self.lead, self.meta = weights, lead, meta
+        self.input = meta.get("input", "hidden")  # the trace tensor it reads (files before `input` read hidden)
         self.calibration = calibration  # [L, P] per row and rank, the chance the row uses it (speculate.calibrate)
         # calibrated predictors further ahead (leads > lead, nearest first): the prefetcher decides their copies
         # too, each only into the link's gap before a nearer guess (speculate's `better_s`): the depth adapts
@@ -164,6 +173,8 @@ def load_predictor(path: str | os.PathLike, rows: int, dim: int, experts: int) -
         leads = [int(x) for x in meta.get("leads", meta["lead"]).split(",")]
     except (KeyError, ValueError):
         raise bad from None
+    if meta.get("input", "hidden") not in HIDDEN:
+        raise UserError(f"predictor {p} reads {meta['input']!r}; this version reads {' or '.join(HIDDEN)}")
     if leads != sorted(set(leads)) or not 1 <= leads[0] <= leads[-1] < rows:
         raise UserError(f"predictor {p} predicts {', '.join(map(str, leads))} layers ahead; this model's {rows} MoE "
                         f"layers allow 1 to {rows - 1}, each once, nearest first")
@@ -223,17 +234,22 @@ def make_predictor(kind: str, model, lead: int, device: torch.device):
 
 def replayed(trace, predictor, width: int):
     """`trace` with the predictions `predictor` (a learned one, or a file path of one, or a router) makes from
-    its hidden states, `width` per row ([T, L, P], -1 where none: cross-token rows of the first token), as
+    its hidden states (the tensor named by the predictor's `input`), `width` per row ([T, L, P], -1 where none:
+    cross-token rows of the first token), as
     the engine makes them decoding one token at a time; `predicted_after` from the last token; metadata
     `prefetch_lead` the predictor's lead. A calibrated learned one's deeper leads are replayed too, as tensors
     `predicted_lead{N}` [T, L, P], `predicted_after_lead{N}` [L, P] and `calibration_lead{N}` [L, E] (the
     timed replay's `timed.deeper_of`), and its calibration replaces the trace's."""
-    if "hidden" not in trace.tensors:
+    states = [trace.tensors[k] for k in HIDDEN if k in trace.tensors]
+    if not states:
         raise UserError("--predictor needs a trace with hidden states: record it with profile --hidden-states")
-    hidden = torch.from_numpy(trace.tensors["hidden"].astype(np.float32))  # [T, L, D]
-    _, L, D = hidden.shape
+    _, L, D = states[0].shape
     if isinstance(predictor, str | os.PathLike):
         predictor = load_predictor(predictor, L, D, trace.num_experts)
+    if predictor.input not in trace.tensors:
+        raise UserError(f"the predictor reads {predictor.input}, which the trace does not hold: record it again with "
+                        "profile --hidden-states")
+    hidden = torch.from_numpy(trace.tensors[predictor.input].astype(np.float32))  # [T, L, D]
     if not 1 <= width <= trace.num_experts:
         raise UserError(f"a prediction width must be from 1 to {trace.num_experts}, not {width}")
     # the trace's own predictor's calibration and deeper leads go: these predictions are `predictor`'s

@@ -221,11 +221,12 @@ PROBE = 16  # a prediction whose copies have not paid for its host time is still
 
 
 class Prefetcher:
-    """Speculative prefetch: at each row's entry, the predictor (predictors.py) scores the rows it
-    predicts from there, and each gets its `widths[row]` best experts. With no cache it only predicts,
-    for a routing trace to record what a prefetch would fetch. A calibrated learned predictor with deeper
-    leads (`LearnedPredictor.deeper`) predicts each row from several rows ahead, nearest first; the cache
-    issues a deeper guess's copies only into the link's gap before a nearer guess comes (`decide_row`)."""
+    """Speculative prefetch: at each row's entry or at its router (the predictor's `input`), the predictor
+    (predictors.py) scores the rows it predicts from there, and each gets its `widths[row]` best experts. With no
+    cache it only predicts, for a routing trace to record what a prefetch would fetch. A calibrated learned
+    predictor with deeper leads (`LearnedPredictor.deeper`) predicts each row from several rows ahead, nearest
+    first; the cache issues a deeper guess's copies only into the link's gap before a nearer guess comes
+    (`decide_row`)."""
 
     def __init__(self, model, predictor, widths: Sequence[int], cache=None):
         self.model, self.predictor, self.cache = model, predictor, cache
@@ -236,6 +237,7 @@ class Prefetcher:
         nearest = cache is None or cache.pool == "global"
         self.stages = [predictor, *([] if nearest else getattr(predictor, "deeper", []))]
         self.lead, self.widths = self.stages[-1].lead, list(widths)  # the depth
+        self.input = predictor.input  # which hidden state the model calls it with: "hidden" or "router_input"
         # per lead, averages of the expected saving of a prediction's copies and of its host time (seconds)
         self.gain = {s.lead: 0.0 for s in self.stages}
         self.cost = {s.lead: 0.0 for s in self.stages}
@@ -244,9 +246,9 @@ class Prefetcher:
             cache.top_k = model.config.top_k
 
     def __call__(self, row: int, h: torch.Tensor, decode: bool) -> None:
-        """`h` [T, D] is the hidden state entering `row`. The device copies are queued on the cache
-        (`plan_prefetch`) and issued after `row`'s demand copies (rule 2). A trace records the nearest
-        lead's predictions."""
+        """`h` [T, D] is `row`'s hidden state the predictor reads (`input`: entering the row, or its router
+        input). The device copies are queued on the cache (`plan_prefetch`) and issued after `row`'s demand
+        copies (rule 2). A trace records the nearest lead's predictions."""
         t0 = time.perf_counter()
         rows, K = self.model.config.n_moe_layers, self.model.config.top_k
         recorder = self.model.recorder
@@ -284,7 +286,8 @@ class Prefetcher:
             for stage, _, _ in made:
                 self.cost[stage.lead] = 0.9 * self.cost[stage.lead] + 0.1 * spent
         if not self.cache.store.in_ram and row + self.lead + 1 < rows and h.shape[0] == 1:
-            # storage reads run one row further ahead than the copies, on the router's guess
+            # storage reads run one row further ahead than the copies, on the router's guess (from the router input
+            # too, where the predictor reads that: the ffn norm of a normed state, a guess all the same)
             deeper = row + self.lead + 1
             self.cache.store.prefetch(deeper, self.model.predict(deeper, h).view(-1).tolist())  # SYNC: to host
 

@@ -12,9 +12,10 @@ without loading the model again. It is a safetensors file:
                                 -1 where there is none or to pad. With prefetch off: the router's
                                 one-layer-ahead top-k.
 
-and, optionally (`profile --hidden-states`), the hidden states a predictor learns from:
+and, optionally (`profile --hidden-states`), the hidden states a predictor learns from (HIDDEN):
 
-  hidden     float16 [T, L, D]  the hidden state entering each layer (before its attention norm)
+  hidden        float16 [T, L, D]  the hidden state entering each layer (before its attention norm)
+  router_input  float16 [T, L, D]  each layer's router input: its FFN's normed input, after the attention
 
 and `predicted_after` int32 [L, P] when the last token predicted a next token's layers (the engine
 prefetched them; the simulator does too, after the last token), and `calibration` float32 [L, P] when the engine
@@ -47,6 +48,7 @@ if TYPE_CHECKING:  # the recorder imports torch when it runs: reading a trace (`
     import torch
 
 ROUTING = {"experts": np.int32, "weights": np.float32, "predicted": np.int32}
+HIDDEN = ("hidden", "router_input")  # the hidden states a trace may hold [T, L, D], what a predictor reads
 SHAPE_KEYS = ("num_experts", "top_k", "num_layers")
 CORE_METADATA = (*SHAPE_KEYS, "model")
 
@@ -85,11 +87,11 @@ def group_ends(trace: Trace, key: str) -> np.ndarray | None:
 
 def slice_trace(trace: Trace, start: int, stop: int) -> Trace:
     """Tokens [start, stop) of `trace`. A grouping tensor (GROUPINGS) keeps the groups in between where
-    both ends fall between its groups, and is dropped otherwise; `hidden` keeps its tokens; `calibration` is kept
-    (it is the predictor's); other extra tensors are dropped, as nothing says how they index tokens."""
+    both ends fall between its groups, and is dropped otherwise; the hidden states (HIDDEN) keep their tokens;
+    `calibration` is kept (it is the predictor's); other extra tensors are dropped, as nothing says how they index
+    tokens."""
     tensors = {k: trace.tensors[k] for k in ("calibration",) if k in trace.tensors}  # the predictor's, not per token
-    if "hidden" in trace.tensors:
-        tensors["hidden"] = trace.tensors["hidden"][start:stop]
+    tensors |= {k: trace.tensors[k][start:stop] for k in HIDDEN if k in trace.tensors}
     for key in GROUPINGS:
         ends = group_ends(trace, key)
         if ends is None:
@@ -104,11 +106,10 @@ def slice_trace(trace: Trace, start: int, stop: int) -> Trace:
 
 def join_traces(parts: list[Trace]) -> Trace:
     """Traces of one model (same L, K, E, prediction width), one after another, as one workload: the first's
-    metadata; `hidden` when every part has it; other extra tensors dropped (they describe one part)."""
+    metadata; each hidden state (HIDDEN) that every part has; other extra tensors dropped (they describe one part)."""
     first = parts[0]
     arrays = {k: np.concatenate([getattr(p, k) for p in parts]) for k in ROUTING}  # parts x [T_i, L, .] -> [T, L, .]
-    tensors = {"hidden": np.concatenate([p.tensors["hidden"] for p in parts])} if all(
-        "hidden" in p.tensors for p in parts) else {}
+    tensors = {k: np.concatenate([p.tensors[k] for p in parts]) for k in HIDDEN if all(k in p.tensors for p in parts)}
     return Trace(**arrays, num_experts=first.num_experts, top_k=first.top_k, num_layers=first.num_layers,
                  model=first.model, metadata=dict(first.metadata), tensors=tensors)
 
@@ -150,10 +151,11 @@ def check_trace(trace: Trace, name: str = "trace") -> None:
             t, layer, _ = np.argwhere(dup)[0]
             raise UserError(f"{name}: '{key}' names one expert twice for token {t} at layer {layer}: "
                             f"{arr[t, layer].tolist()}")
-    hidden = trace.tensors.get("hidden")
-    if hidden is not None and (hidden.dtype != np.float16 or hidden.ndim != 3 or hidden.shape[:2] != shape[:2]):
-        raise UserError(f"{name}: tensor 'hidden' must be float16 [tokens, layers, dim] = [{shape[0]}, {L}, D], not "
-                        f"{hidden.dtype} {list(hidden.shape)}")
+    for key in HIDDEN:
+        hidden = trace.tensors.get(key)
+        if hidden is not None and (hidden.dtype != np.float16 or hidden.ndim != 3 or hidden.shape[:2] != shape[:2]):
+            raise UserError(f"{name}: tensor '{key}' must be float16 [tokens, layers, dim] = [{shape[0]}, {L}, D], "
+                            f"not {hidden.dtype} {list(hidden.shape)}")
     if not np.isfinite(trace.weights).all():
         raise UserError(f"{name}: 'weights' holds NaN or infinite values")
 
@@ -222,10 +224,10 @@ def load_trace(path: str | os.PathLike) -> Trace:
 class TraceRecorder:
     """Collects the routing of every forward pass while the engine runs.
 
-    The engine calls `add` once per layer per forward pass, layers 0..L-1 in order (and `enter`
-    before, for the hidden states, when they are recorded). Each call keeps a CPU copy of a few
+    The engine calls `add` once per layer per forward pass, layers 0..L-1 in order (and `enter` and
+    `router_input` before, for the hidden states, when they are recorded). Each call keeps a CPU copy of a few
     small tensors; the stacking into [T_total, L, ...] happens once, in `finish`, so recording costs
-    next to nothing on the decode path (hidden states cost a device-to-host copy per layer).
+    next to nothing on the decode path (hidden states cost two device-to-host copies per layer).
     """
 
     def __init__(self, num_layers: int, top_k: int, num_experts: int, model_name: str,
@@ -240,15 +242,22 @@ class TraceRecorder:
         self.metadata = dict(metadata or {})
         self.hidden = hidden
         self._layers: list[tuple[torch.Tensor, ...]] = []  # the forward in progress
-        self._hidden: list[torch.Tensor] = []  # the forward in progress, [T, D] per layer
+        self._hidden: dict[str, list[torch.Tensor]] = {k: [] for k in HIDDEN}  # the forward in progress, [T, D] each
         self._chunks: list[tuple[torch.Tensor, ...]] = []  # finished forwards, [T, L, ...]
 
     def enter(self, layer: int, h: torch.Tensor) -> None:
         """The hidden state h [T, D] entering `layer` (kept only when recording hidden states)."""
+        self._keep("hidden", h)
+
+    def router_input(self, layer: int, x: torch.Tensor) -> None:
+        """`layer`'s router input x [T, D] (kept only when recording hidden states)."""
+        self._keep("router_input", x)
+
+    def _keep(self, key: str, h: torch.Tensor) -> None:
         if self.hidden:
             import torch
 
-            self._hidden.append(h.detach().to("cpu", torch.float16, copy=True))
+            self._hidden[key].append(h.detach().to("cpu", torch.float16, copy=True))
 
     def add(self, layer: int, experts: torch.Tensor, weights: torch.Tensor,
             predicted: torch.Tensor | None = None) -> None:
@@ -277,11 +286,12 @@ class TraceRecorder:
             # L x [T, K] -> [T, L, K], for experts, weights and predicted (and hidden, L x [T, D])
             parts = [torch.stack(p, dim=1) for p in zip(*self._layers, strict=True)]
             if self.hidden:
-                if len(self._hidden) != self.num_layers:
-                    raise RuntimeError(f"TraceRecorder: {len(self._hidden)} hidden states for {self.num_layers} layers")
-                parts.append(torch.stack(self._hidden, dim=1))
+                for key, states in self._hidden.items():
+                    if len(states) != self.num_layers:
+                        raise RuntimeError(f"TraceRecorder: {len(states)} {key} states for {self.num_layers} layers")
+                    parts.append(torch.stack(states, dim=1))
             self._chunks.append(tuple(parts))
-            self._layers, self._hidden = [], []
+            self._layers, self._hidden = [], {k: [] for k in HIDDEN}
 
     def finish(self, after: dict[int, torch.Tensor] | None = None) -> Trace:
         """All recorded tokens as one Trace, [T_total, L, K] in processing order. `after`: predictions made
@@ -298,7 +308,7 @@ class TraceRecorder:
             arrays = [torch.cat(parts).numpy() for parts in zip(*self._chunks, strict=True)]
             experts, weights, predicted = arrays[:3]
             if self.hidden:
-                tensors["hidden"] = arrays[3]
+                tensors |= dict(zip(HIDDEN, arrays[3:], strict=True))
         else:
             empty = (0, self.num_layers, self.top_k)
             experts, weights = np.zeros(empty, np.int32), np.zeros(empty, np.float32)

@@ -1,11 +1,14 @@
 """`train-predictor`: fit the learned predictor (predictors.py) on a trace with hidden states, score it
 on held-out tokens against the other predictors, and write the file the engine loads.
 
-Samples: for row l, the hidden state entering row l - lead of the same token (for l < lead, row
+Samples: for row l, a hidden state of row l - lead of the same token (for l < lead, row
 l - lead + L of the token processed before, as the engine predicts across tokens) and the experts
-row l chose, as a multi-hot target. Per row, a D -> H -> E MLP (GELU) is fitted with Adam on the
-binary cross-entropy of each expert being chosen, its input standardised (mean and spread of the
-fitted samples, folded into the first layer when saved). The held-out part is the trace's tail
+row l chose, as a multi-hot target. The state (`--input`): the row's router input (after its attention,
+normed: the default where the trace holds it, since it predicts better), or the one entering the row
+(`hidden`, what traces recorded before); the file says which (metadata `input`), and the engine reads that.
+Per row, a D -> H -> E MLP (GELU) is fitted with Adam on the binary cross-entropy of each expert being
+chosen, its input standardised (mean and spread of the fitted samples, folded into the first layer when
+saved). The held-out part is the trace's tail
 (`--holdout`, split as `tune` splits: validate.py) or another trace (`--validate`); the file holds
 the model fitted on the head only, so the recall printed is the file's own on unseen tokens, and its
 calibration (`calibration_of`: per row and rank, the chance the row uses the expert ranked there,
@@ -39,13 +42,13 @@ from ..errors import UserError
 from ..offload.predictors import LearnedPredictor, replayed, save_predictor, source_of
 from ..offload.speculate import calibrate
 from ..progress import progress_bar
-from .trace import Trace, load_trace
+from .trace import HIDDEN, Trace, load_trace
 from .validate import validation_split
 
 
-def samples(trace: Trace, row: int, lead: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs [N, D] (float32) and chosen experts [N, K] for one row."""
-    hidden = trace.tensors["hidden"]  # [T, L, D] float16
+def samples(trace: Trace, row: int, lead: int, state: str = "hidden") -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs [N, D] (float32) from the trace's hidden `state` (HIDDEN) and chosen experts [N, K] for one row."""
+    hidden = trace.tensors[state]  # [T, L, D] float16
     src, cross = source_of(row, lead, trace.num_layers)
     x = hidden[:-1, src] if cross else hidden[:, src]
     y = trace.experts[1:, row] if cross else trace.experts[:, row]
@@ -92,7 +95,7 @@ def recall_table(model: LearnedPredictor, fit: Trace, held: Trace, width: int) -
     L, E = held.num_layers, held.num_experts
     out: dict[str, list[float]] = {"learned": [], "recorded": [], "frequency": [], "previous": []}
     for row in range(L):
-        x, chosen = samples(held, row, model.lead)
+        x, chosen = samples(held, row, model.lead, model.input)
         with torch.no_grad():
             learned = model.rank(row, x, width).numpy()  # [N, P]
         chosen = chosen.numpy()
@@ -107,8 +110,9 @@ def recall_table(model: LearnedPredictor, fit: Trace, held: Trace, width: int) -
 
 def run_train_predictor(args) -> int:
     trace = load_trace(args.trace)
-    if "hidden" not in trace.tensors:
-        raise UserError(f"trace {args.trace} holds no hidden states: record it with `profile --hidden-states`")
+    state = args.input if args.input != "auto" else next((k for k in HIDDEN[::-1] if k in trace.tensors), HIDDEN[1])
+    if state not in trace.tensors:
+        raise UserError(f"trace {args.trace} holds no {state} states: record it with `profile --hidden-states`")
     L, E, K = trace.num_layers, trace.num_experts, trace.top_k
     if not 1 <= args.lead < L:
         raise UserError(f"--lead must be from 1 to {L - 1} (the trace has {L} layers), not {args.lead}")
@@ -119,10 +123,10 @@ def run_train_predictor(args) -> int:
     other = None
     if args.validate:
         other = load_trace(args.validate)
-        if "hidden" not in other.tensors:
-            raise UserError(f"--validate {args.validate} holds no hidden states (record it with --hidden-states)")
+        if state not in other.tensors:
+            raise UserError(f"--validate {args.validate} holds no {state} states (record it with --hidden-states)")
     split = validation_split(trace, args.trace, args.holdout, other, args.validate or "")
-    if split.held_out is not None and split.held_out.tensors["hidden"].shape[2] != trace.tensors["hidden"].shape[2]:
+    if split.held_out is not None and split.held_out.tensors[state].shape[2] != trace.tensors[state].shape[2]:
         raise UserError(f"--validate {args.validate} has hidden states of another size than {args.trace}")
     fit = split.fit
     if fit.num_tokens < 2:
@@ -131,10 +135,11 @@ def run_train_predictor(args) -> int:
     # --lead's alone
     leads = list(range(1, args.lead + 1)) if split.held_out is not None else [args.lead]
     pairs = [(lead, row) for lead in leads for row in range(L)]
-    weights = [fit_row(*samples(fit, row, lead), E, args.hidden_size, args.steps, args.batch, args.lr, args.seed + row)
+    weights = [fit_row(*samples(fit, row, lead, state), E, args.hidden_size, args.steps, args.batch, args.lr,
+                       args.seed + row)
                for lead, row in progress_bar(pairs, "fitting layers", unit="layer")]
     meta = {"trace": str(args.trace), "model": trace.model, "fitted_tokens": str(fit.num_tokens),
-            "hidden_size": str(args.hidden_size), "steps": str(args.steps)}
+            "hidden_size": str(args.hidden_size), "steps": str(args.steps), "input": state}
     if split.held_out is not None:
         meta["calibrated_tokens"] = str(split.held_out.num_tokens)
     made = [LearnedPredictor(weights[i * L : (i + 1) * L], lead, meta) for i, lead in enumerate(leads)]
@@ -143,14 +148,16 @@ def run_train_predictor(args) -> int:
     first, model = made[0], made[-1]  # the file's nearest lead; --lead's, whose recall is printed
     save_predictor(args.out, first.weights, first.lead, meta, first.calibration, made[1:])
     calibrated = first.calibration is not None
-    report = {"note": split.note, "lead": args.lead, "leads": leads, "out": str(args.out), "calibrated": calibrated}
+    report = {"note": split.note, "input": state, "lead": args.lead, "leads": leads, "out": str(args.out),
+              "calibrated": calibrated}
     if split.held_out is not None:
         report["recall"] = {str(w): recall_table(model, fit, split.held_out, w) for w in sorted({K, min(2 * K, E)})}
     if args.json:
         print(json.dumps(report))
         return 0
-    print(f"wrote {args.out}: per layer a {trace.tensors['hidden'].shape[2]} -> {args.hidden_size} -> {E} MLP, "
-          f"{', '.join(map(str, leads))} layer(s) ahead (recall below: {args.lead}); {split.note}; "
+    print(f"wrote {args.out}: per layer a {trace.tensors[state].shape[2]} -> {args.hidden_size} -> {E} MLP on the "
+          f"{state.replace('_', ' ')}, {', '.join(map(str, leads))} layer(s) ahead (recall below: {args.lead}); "
+          f"{split.note}; "
           + ("calibrated on the held-out part: prefetch decided by cost" if calibrated else
              "no calibration (nothing held out): the engine prefetches a fixed width"))
     for width, table in report.get("recall", {}).items():
