@@ -82,6 +82,15 @@ def judge(layout: Candidate, sources: list[tuple[int, str, Trace]], config: Mode
 
 
 def source_of(trace: Trace, c: Candidate) -> Trace:
-    """The trace whose predictions `c` replays: its predictor file's made from `trace`'s hidden states, else
-    `trace`'s recorded ones."""
-    return replayed(trace, c.predictor, trace.top_k) if c.predictor else trace
+    """The trace whose predictions `c` replays: its predictor file's made from `trace`'s hidden states
+    (`predicted_by`), else `trace`'s recorded ones."""
+    return predicted_by(trace, c.predictor) if c.predictor else trace
+
+
+def predicted_by(trace: Trace, predictor: str) -> Trace:
+    """`trace` with a predictor file's predictions as the engine makes them: top-k wide, or, calibrated, every
+    expert it calibrated ranked (the engine's prefetcher ranks those for `speculate` to choose from)."""
+    variant = replayed(trace, predictor, trace.top_k)
+    if "calibration" in variant.tensors:
+        variant = replayed(trace, predictor, variant.tensors["calibration"].shape[1])
+    return variant
