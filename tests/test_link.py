@@ -45,6 +45,9 @@ def test_a_demand_copy_passes_queued_and_started_speculative_copies():
     demand = _copy_of(t, 3)
     assert first.start <= demand.start and demand.end < first.end < second.end < third.end  # one chunk, then it
     assert demand.end - demand.start == pytest.approx(30.0, abs=0.01)  # one logical copy, whole
+    # it starts at the first boundary of the started copy's chunks after its issue
+    chunks = (demand.start - first.start) / t.link.chunk_s
+    assert 0 <= demand.start - demand.issued < t.link.chunk_s and chunks == pytest.approx(round(chunks), abs=1e-6)
     assert t.link.preempted == 3
     assert t.backlog_s(demand=False) > t.backlog_s(demand=True) > 0
     t.link.close()
