@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..offload.eviction import POLICIES, POOLS
+from ..offload.states import HIDDEN
 from ..options import (
     ATTENTION_QUANTS,
     CARDS,
@@ -22,7 +23,6 @@ from ..options import (
     OPTIONS,
     default_of,
 )
-from ..planning.trace import HIDDEN
 from ..sampling import Sampling
 from ..serve.guard import API_KEY_ENV, Limits
 from .args import (

@@ -41,7 +41,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..atomic import write_safetensors_atomic
 from ..errors import UserError
-from ..planning.trace import HIDDEN
+from .states import HIDDEN
 
 FILE_NAME = "predictor.safetensors"  # looked for in the model folder by `--predictor auto`
 

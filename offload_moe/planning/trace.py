@@ -43,12 +43,12 @@ from safetensors import SafetensorError, safe_open
 
 from ..atomic import write_safetensors_atomic
 from ..errors import UserError
+from ..offload.states import HIDDEN
 
 if TYPE_CHECKING:  # the recorder imports torch when it runs: reading a trace (`simulate`) needs none
     import torch
 
 ROUTING = {"experts": np.int32, "weights": np.float32, "predicted": np.int32}
-HIDDEN = ("hidden", "router_input")  # the hidden states a trace may hold [T, L, D], what a predictor reads
 SHAPE_KEYS = ("num_experts", "top_k", "num_layers")
 CORE_METADATA = (*SHAPE_KEYS, "model")
 

@@ -41,8 +41,9 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..offload.predictors import LearnedPredictor, replayed, save_predictor, source_of
 from ..offload.speculate import calibrate
+from ..offload.states import HIDDEN
 from ..progress import progress_bar
-from .trace import HIDDEN, Trace, load_trace
+from .trace import Trace, load_trace
 from .validate import validation_split
 
 
