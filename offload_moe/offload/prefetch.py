@@ -253,14 +253,17 @@ class Prefetcher:
         rows, K = self.model.config.n_moe_layers, self.model.config.top_k
         recorder = self.model.recorder
         made = []  # (stage, target, experts [T, P]) of every lead
+        backlog = None  # the link's queue at this row's entry, read once for every lead (`_pays`)
         for stage in self.stages:
             for target, next_token in targets_of(row, stage.lead, rows):
                 if next_token and decode and h.shape[0] > 1:
                     continue  # a batch's next step may hold other sequences: no cross-token guess
                 x = h[-1:] if next_token else h  # a prompt's next forward follows its last token
                 cal = stage.calibration
-                if cal is not None and self.cache is not None and recorder is None and not self._pays(stage):
-                    continue
+                if cal is not None and self.cache is not None and recorder is None:
+                    backlog = self.cache.transfers.backlog_s() if backlog is None else backlog
+                    if not self._pays(stage, backlog):
+                        continue
                 width = self.widths[target] if cal is None or self.cache is None else cal.shape[1]
                 made.append((stage, target, stage.rank(target, x, width)))
                 if recorder is not None and stage is self.predictor:
@@ -291,19 +294,19 @@ class Prefetcher:
             deeper = row + self.lead + 1
             self.cache.store.prefetch(deeper, self.model.predict(deeper, h).view(-1).tolist())  # SYNC: to host
 
-    def _pays(self, stage) -> bool:
+    def _pays(self, stage, backlog_s: float) -> bool:
         """Whether to predict for a calibrated `stage` now. Not when no copy decided now could start in time
-        (`speculate.could_start`, from the link's queue at this row's entry: before the row `stage.lead` rows
-        ahead runs, and for a deeper lead before the next row's nearer guess; this row's demand copies, issued
-        before the decision, add the same to both sides). Nor when its copies' expected saving (`decide`'s, an
-        average per prediction) has been below its own host time, but for every PROBE-th call, which keeps the
-        average current: where nothing pays, prefetch costs next to nothing."""
+        (`speculate.could_start`, from the link's queue at this row's entry, `backlog_s`: before the row
+        `stage.lead` rows ahead runs, and for a deeper lead before the next row's nearer guess; this row's demand
+        copies, issued before the decision, add the same to both sides). Nor when its copies' expected saving
+        (`decide`'s, an average per prediction) has been below its own host time, but for every PROBE-th call,
+        which keeps the average current: where nothing pays, prefetch costs next to nothing."""
         c, lead = self.cache, stage.lead
         for k, g in c.gains.items():  # the savings decided since the last call, into their leads' averages
             self.gain[k] = 0.9 * self.gain[k] + 0.1 * g
         c.gains.clear()
         better = c.layer_s if stage is not self.predictor else float("inf")
-        if not could_start(c.transfers.backlog_s(), lead * c.layer_s, better):
+        if not could_start(backlog_s, lead * c.layer_s, better):
             return False
         self.calls[lead] += 1
         return self.calls[lead] % PROBE == 1 or self.gain[lead] >= self.cost[lead]
