@@ -1,6 +1,6 @@
 """The timed replay against the live engine over the emulated link: is the modelled tok/s what a run measures?
 
-    python bench/bench_link.py [--models demo,demo-fine] [--tokens 224] [--copy-ms 5] [--repeats 2] [--threads 2]
+    python bench/bench_link.py [--models demo,demo-fine] [--tokens 224] [--copy-ms 5] [--repeats 3] [--threads 2]
 
 For each trained demo, at twice top-k slots per layer (LRU, a cache per layer, miss policy fetch), with the
 engine's prefetch (its predictor, --prefetch 1: "depth N" where the predictor file has a calibration, the copies
@@ -8,7 +8,8 @@ engine's prefetch (its predictor, --prefetch 1: "depth N" where the predictor fi
 file's nearest lead alone ("depth 1", a copy of the file without its deeper leads) and without: the live engine decodes
 held-out text (the training script's held-out files, tools/train_tiny_moe.py) token by token, teacher-forced
 through the decode path, on a CPU device whose link is emulated (`--link-gbs`) at the speed that makes one
-expert's copy last `--copy-ms` (well above sleep granularity). Measured over the decode steps after the first:
+expert's copy last `--copy-ms` (well above sleep granularity), the three settings in turn `--repeats` times, the
+fastest run of each counted and the spread of its runs printed. Measured over the decode steps after the first:
 tok/s, the compute's waits on copies, the link's busy share. The same tokens' routing and predictions, recorded
 in a run before the timed one, then go through the timed replay (planning/timed.py `simulate_timed`) with the
 same copy time and a layer's compute time from either
@@ -82,12 +83,14 @@ def main() -> int:
     ap.add_argument("--models", default="demo,demo-fine")
     ap.add_argument("--tokens", type=int, default=224, help="decode steps per run (the demos' context is 256)")
     ap.add_argument("--copy-ms", type=float, default=5.0, help="one expert's copy over the emulated link")
-    ap.add_argument("--repeats", type=int, default=2, help="live runs per setting; the fastest counts")
+    ap.add_argument("--repeats", type=int, default=3, help="live runs per setting, the settings in turn; the fastest "
+                    "counts, the spread is printed")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     print(f"# {time.strftime('%Y-%m-%d')}: {args.tokens} held-out decode steps, one expert copy {args.copy_ms} ms, "
           "twice top-k slots per layer, LRU, miss policy fetch")
-    print(f"{'model':>10}{'prefetch':>9}{'link GB/s':>10}{'live tok/s':>11}{'wait ms/tok':>12}{'link busy':>10}"
+    print(f"{'model':>10}{'prefetch':>9}{'link GB/s':>10}{'live tok/s':>11}{'spread':>10}{'wait ms/tok':>12}"
+          f"{'link busy':>10}"
           f"{'model tok/s':>12}{'ratio':>7}{'calibrated':>11}{'ratio':>7}")
     tmp = Path(tempfile.mkdtemp())
     for name in args.models.split(","):
@@ -111,13 +114,18 @@ def main() -> int:
         shipped = load_predictor(resolve_model(name) / FILE_NAME, L, c.dim, c.num_experts)
         nearest = tmp / f"{name}-lead1.safetensors"  # the shipped file's nearest lead alone: depth 1
         save_predictor(nearest, shipped.weights, shipped.lead, shipped.meta, shipped.calibration)
+        runs = {}  # (prefetch, predictor) -> (engine, trace, live runs)
         for prefetch, predictor in ((1, "auto"), (1, str(nearest)), (0, "auto")):
             engine = Engine.load(name, EngineOptions(cache_experts=2 * K, prefetch=prefetch, link_gbs=gbs,
                                                      predictor=predictor, **options))
             engine.start_trace(name, hidden=True)
             decode(engine, ids)
-            trace = engine.stop_trace()
-            live = max((decode(engine, ids) for _ in range(args.repeats)), key=lambda r: r["tok_s"])
+            runs[prefetch, predictor] = (engine, engine.stop_trace(), [])
+        for _ in range(args.repeats):  # the settings in turn, so a slow spell of the machine falls on each
+            for engine, _, lives in runs.values():
+                lives.append(decode(engine, ids))
+        for (prefetch, _), (engine, trace, lives) in runs.items():
+            live = max(lives, key=lambda r: r["tok_s"])
             engine.cache.transfers.link.close()
             cut = slice_trace(trace, PROMPT + 1, trace.num_tokens)
             used = engine.model.prefetcher.predictor if prefetch else None
@@ -132,7 +140,8 @@ def main() -> int:
                         ["tokens_per_s"] for layer_s in (live["compute_s"] / L, calibrated_layer_s)]
             depth = engine.model.prefetcher.lead if prefetch else 0
             kind = "none" if not prefetch else "lead 1" if table is None else f"depth {depth}"
-            print(f"{name:>10}{kind:>9}{gbs:>10.3f}{live['tok_s']:>11.1f}"
+            spread = f"{min(r['tok_s'] for r in lives):.0f}-{max(r['tok_s'] for r in lives):.0f}"
+            print(f"{name:>10}{kind:>9}{gbs:>10.3f}{live['tok_s']:>11.1f}{spread:>10}"
                   f"{1e3 * live['wait_s']:>12.2f}{100 * live['busy']:>9.1f}%"
                   + "".join(f"{m:>{w}.1f}{m / live['tok_s']:>7.2f}"
                             for m, w in zip(modelled, (12, 11), strict=True)))

@@ -17,7 +17,8 @@ another as one token stream, as a decode would meet them. The learned predictor 
   * the timed replay (timed.py) of those at the 24 GB profile's link and the cost model's compute:
     per size, the share of expert uses ready on arrival, late (copy in flight) and missed, and the
     cost-aware decision (speculate.py) over the learned predictor's full ranking, calibrated on the
-    held-out routing; then the target line: at twice top-k slots, its tok/s against no prefetch.
+    held-out routing; then the target line: at twice top-k slots, its tok/s against no prefetch, and the ceiling
+    there: a perfect predictor (the held-out routing itself) decided the same way.
   * the decided prefetch by depth: leads 1 to N (`--depth`, each fitted and calibrated as lead 1), every
     lead decided at each row, a deeper one's copies only into the link's gap before the next layer's guess.
 `--write` saves the learned predictor (every lead) as the model folder's predictor.safetensors, which the engine's
@@ -54,10 +55,12 @@ from offload_moe.offload.predictors import (  # noqa: E402
     replayed,
     save_predictor,
 )
+from offload_moe.offload.speculate import calibrate  # noqa: E402
+from offload_moe.offload.states import HIDDEN  # noqa: E402
 from offload_moe.options import EngineOptions  # noqa: E402
 from offload_moe.planning.replay import default_slots, simulate  # noqa: E402
 from offload_moe.planning.timed import Deeper, TimedOptions, simulate_timed, timed_costs  # noqa: E402
-from offload_moe.planning.trace import HIDDEN, Trace, join_traces  # noqa: E402
+from offload_moe.planning.trace import Trace, join_traces  # noqa: E402
 from offload_moe.planning.train_predictor import calibration_of, fit_row, recall, recall_table, samples  # noqa: E402
 
 
@@ -206,6 +209,15 @@ def main() -> int:
           f"(link busy {100 * decided['link_busy']:.1f}%, {decided['demand_copies']:.2f} demand + "
           f"{decided['prefetch_copies_per_token']:.2f} speculative copies per token, {decided['dropped']:.2f} "
           f"dropped): {decided['tokens_per_s'] / none['tokens_per_s']:.3f}x")
+    # the ceiling: the held-out routing itself as every lead's prediction, its chosen experts first (calibrated: 1.0,
+    # the rest 0), decided as above
+    chosen = (full.predicted[..., :, None] == evaluation.experts[..., None, :]).any(-1)  # [T, L, E]
+    perfect = np.take_along_axis(full.predicted, np.argsort(~chosen, axis=-1, kind="stable"), -1)  # [T, L, E]
+    sure = calibrate(perfect, evaluation.experts)  # [L, E]
+    r = simulate_timed(evaluation, s, "lru", perfect, 1, costs["copy_s"], costs["layer_s"], calibration=sure,
+                       deeper=[Deeper(d, perfect, None, sure) for d in deep[1:]])
+    print(f"ceiling, {s} slots: a perfect predictor decided at depth {deep[-1]} {r['tokens_per_s'] / 1e3:.1f}k tok/s "
+          f"(link busy {100 * r['link_busy']:.1f}%): {r['tokens_per_s'] / none['tokens_per_s']:.3f}x")
     print(f"\n{time.perf_counter() - t0:.0f} s")
     return 0
 

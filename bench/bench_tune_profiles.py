@@ -1,13 +1,15 @@
 """The shipped profiles' prefetch defaults, judged in the timed replay on a demo's held-out routing.
 
     python bench/bench_tune_profiles.py [--model demo|demo-fine] [--eval-tokens 8000] [--threads 2]
+                                        [--policy P] [--pool layer|global]
 
 The held-out windows are bench_prediction.py's (the training script's held-out files); the predictions
 are the shipped predictor's (the model folder's predictor.safetensors, what `--predictor auto` loads).
 For each card profile: its hardware, expert precision, policy and pool (the engine's default where it sets
-none), its slots per layer scaled to the demo's experts (Mixtral's 8: as they are), every prefetch option,
-width and miss policy scored by the tuner's judge (planning/judge.py). Printed: each option's tok/s
-(modelled) under the profile's miss policy, the fastest of them, and the fastest under any miss policy.
+none; `--policy`, `--pool`: another, to compare), its slots per layer scaled to the demo's experts (Mixtral's 8:
+as they are), every prefetch option, width and miss policy scored by the tuner's judge (planning/judge.py).
+Printed: each option's tok/s (modelled) under the profile's miss policy, the fastest of them, and the fastest
+under any miss policy.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from train_tiny_moe import corpus_files, split_corpus  # noqa: E402
 
 from offload_moe.demo import resolve_model  # noqa: E402
 from offload_moe.engine import Engine  # noqa: E402
+from offload_moe.offload.eviction import ONLINE_POLICIES, POOLS  # noqa: E402
 from offload_moe.offload.predictors import FILE_NAME  # noqa: E402
 from offload_moe.options import EngineOptions, default_of  # noqa: E402
 from offload_moe.planning.candidate import Candidate  # noqa: E402
@@ -44,6 +47,8 @@ def main() -> int:
     ap.add_argument("--model", default="demo", help="demo or demo-fine")
     ap.add_argument("--eval-tokens", type=int, default=8000)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--policy", choices=ONLINE_POLICIES, help="instead of each profile's eviction policy")
+    ap.add_argument("--pool", choices=POOLS, help="instead of each profile's slot pool")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     folder = resolve_model(args.model)
@@ -62,8 +67,8 @@ def main() -> int:
         s = profile.settings
         slots = max(K, min(E, round(s["cache_experts"] * E / MIXTRAL_EXPERTS)))
         layout = Candidate(s["expert_quant"], s.get("attention_quant", "none"), 64, [slots] * L,
-                           s.get("policy", default_of("policy")), 0, s.get("miss_policy", "fetch"), 0.0, 0.0,
-                           pool=s.get("slot_pool", default_of("slot_pool")))
+                           args.policy or s.get("policy", default_of("policy")), 0, s.get("miss_policy", "fetch"),
+                           0.0, 0.0, pool=args.pool or s.get("slot_pool", default_of("slot_pool")))
         out, _ = judge(layout, sources, c, hardware_of(profile))
         ways = list(dict.fromkeys((x.prefetch, x.width, x.decided) for x in out))
         by = {(x.prefetch, x.width, x.decided, x.miss_policy): x.tokens_per_s for x in out}
