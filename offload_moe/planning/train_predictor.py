@@ -157,7 +157,8 @@ def run_train_predictor(args) -> int:
         print(json.dumps(report))
         return 0
     print(f"wrote {args.out}: per layer a {trace.tensors[state].shape[2]} -> {args.hidden_size} -> {E} MLP on the "
-          f"{state.replace('_', ' ')}, {', '.join(map(str, leads))} layer(s) ahead (recall below: {args.lead}); "
+          f"{'router input' if state == 'router_input' else 'hidden state entering the layer'}, "
+          f"{', '.join(map(str, leads))} layer(s) ahead (recall below: {args.lead}); "
           f"{split.note}; "
           + ("calibrated on the held-out part: prefetch decided by cost" if calibrated else
              "no calibration (nothing held out): the engine prefetches a fixed width"))
