@@ -19,8 +19,9 @@ import time
 from dataclasses import replace
 
 from ..config import ModelConfig
-from ..offload.predictors import replayed
+from ..offload.predictors import load_predictor, replayed
 from ..offload.speculate import calibrate
+from ..offload.states import HIDDEN
 from ..options import MISS_POLICIES
 from .candidate import SCORED, Candidate
 from .timed import deeper_of, replay_times, simulate_timed
@@ -90,7 +91,10 @@ def source_of(trace: Trace, c: Candidate) -> Trace:
 def predicted_by(trace: Trace, predictor: str) -> Trace:
     """`trace` with a predictor file's predictions as the engine makes them: top-k wide, or, calibrated, every
     expert it calibrated ranked (the engine's prefetcher ranks those for `speculate` to choose from)."""
-    variant = replayed(trace, predictor, trace.top_k)
-    if "calibration" in variant.tensors:
-        variant = replayed(trace, predictor, variant.tensors["calibration"].shape[1])
-    return variant
+    states = [trace.tensors[k] for k in HIDDEN if k in trace.tensors]
+    if not states:  # `replayed` says what is missing
+        return replayed(trace, predictor, trace.top_k)
+    _, L, D = states[0].shape
+    learned = load_predictor(predictor, L, D, trace.num_experts)  # read once, replayed once
+    calibration = learned.calibration
+    return replayed(trace, learned, trace.top_k if calibration is None else calibration.shape[1])
