@@ -31,11 +31,11 @@ from train_tiny_moe import corpus_files, split_corpus  # noqa: E402
 from offload_moe.demo import resolve_model  # noqa: E402
 from offload_moe.engine import Engine  # noqa: E402
 from offload_moe.offload.eviction import ONLINE_POLICIES, POOLS  # noqa: E402
-from offload_moe.offload.predictors import FILE_NAME  # noqa: E402
+from offload_moe.offload.predictors import FILE_NAME, replayed  # noqa: E402
 from offload_moe.options import EngineOptions, default_of  # noqa: E402
 from offload_moe.planning.candidate import Candidate  # noqa: E402
 from offload_moe.planning.costs import hardware_of  # noqa: E402
-from offload_moe.planning.judge import judge, predicted_by  # noqa: E402
+from offload_moe.planning.judge import judge  # noqa: E402
 from offload_moe.profiles import load_profile  # noqa: E402
 
 CARDS = ("24gb", "16gb", "12gb")
@@ -56,7 +56,7 @@ def main() -> int:
     c = engine.config
     L, E, K = c.n_moe_layers, c.num_experts, c.top_k
     held = windows_trace(engine, split_corpus(corpus_files())[1], args.eval_tokens)
-    predicted = predicted_by(held, str(folder / FILE_NAME))  # as the engine predicts: calibrated, every expert ranked
+    predicted = replayed(held, str(folder / FILE_NAME))  # as the engine predicts: calibrated, every expert ranked
     sources = [(0, "", held), (int(predicted.metadata["prefetch_lead"]), FILE_NAME, predicted)]
     print(f"# {args.model}: {L} layers, {E} experts, top-{K}; {held.num_tokens:,} held-out tokens; "
           f"predictions: the shipped {FILE_NAME} (lead {sources[1][0]}, {predicted.predicted.shape[2]} wide)")

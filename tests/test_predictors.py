@@ -27,7 +27,6 @@ from offload_moe.offload.predictors import (
 )
 from offload_moe.options import EngineOptions
 from offload_moe.planning.costs import DEFAULT_HARDWARE, model_shape
-from offload_moe.planning.judge import predicted_by
 from offload_moe.planning.replay import simulate
 from offload_moe.planning.timed import deeper_of
 from offload_moe.planning.trace import Trace, load_trace, save_trace, slice_trace
@@ -233,7 +232,7 @@ def test_tune_tries_a_learned_predictor_and_writes_it_into_the_profile(tmp_path,
     learned = [c for c in out if c.predictor == str(pred)]
     recorded = [c for c in out if c.prefetch and not c.predictor]
     # the calibrated file's predictions rank every expert, as the engine's prefetcher ranks them for `speculate`
-    assert predicted_by(trace, str(pred)).predicted.shape[2] == 8
+    assert replayed(trace, str(pred)).predicted.shape[2] == 8
     assert {1, 2, 8} <= {c.width for c in learned if not c.decided} and any(c.decided for c in learned)
     assert learned and not recorded  # the synthetic trace recorded no predictions of its own
     assert all(c.prefetch == 1 for c in learned)

@@ -232,14 +232,15 @@ def make_predictor(kind: str, model, lead: int, device: torch.device):
     return learned.from_lead(lead).to(device)
 
 
-def replayed(trace, predictor, width: int):
+def replayed(trace, predictor, width: int | None = None):
     """`trace` with the predictions `predictor` (a learned one, or a file path of one, or a router) makes from
     its hidden states (the tensor named by the predictor's `input`), `width` per row ([T, L, P], -1 where none:
-    cross-token rows of the first token), as
-    the engine makes them decoding one token at a time; `predicted_after` from the last token; metadata
-    `prefetch_lead` the predictor's lead. A calibrated learned one's deeper leads are replayed too, as tensors
-    `predicted_lead{N}` [T, L, P], `predicted_after_lead{N}` [L, P] and `calibration_lead{N}` [L, E] (the
-    timed replay's `timed.deeper_of`), and its calibration replaces the trace's."""
+    cross-token rows of the first token; None: as wide as the engine's prefetcher ranks them, every expert a
+    calibration covers, else top-k), as the engine makes them decoding one token at a time; `predicted_after`
+    from the last token; metadata `prefetch_lead` the predictor's lead. A calibrated learned one's deeper leads
+    are replayed too, as tensors `predicted_lead{N}` [T, L, P], `predicted_after_lead{N}` [L, P] and
+    `calibration_lead{N}` [L, E] (the timed replay's `timed.deeper_of`), and its calibration replaces the
+    trace's."""
     states = [trace.tensors[k] for k in HIDDEN if k in trace.tensors]
     if not states:
         raise UserError("--predictor needs a trace with hidden states: record it with profile --hidden-states")
@@ -250,13 +251,15 @@ def replayed(trace, predictor, width: int):
         raise UserError(f"the predictor reads {predictor.input}, which the trace does not hold: record it again with "
                         "profile --hidden-states")
     hidden = torch.from_numpy(trace.tensors[predictor.input].astype(np.float32))  # [T, L, D]
+    calibration = getattr(predictor, "calibration", None)
+    if width is None:
+        width = trace.top_k if calibration is None else calibration.shape[1]
     if not 1 <= width <= trace.num_experts:
         raise UserError(f"a prediction width must be from 1 to {trace.num_experts}, not {width}")
     # the trace's own predictor's calibration and deeper leads go: these predictions are `predictor`'s
     deeper_keys = ("predicted_lead", "predicted_after_lead", "calibration_lead")
     tensors = {k: v for k, v in trace.tensors.items() if k != "calibration" and not k.startswith(deeper_keys)}
     predicted, tensors["predicted_after"] = _ranked_all(predictor, hidden, width)
-    calibration = getattr(predictor, "calibration", None)
     if calibration is not None:
         tensors["calibration"] = calibration
         for d in predictor.deeper:

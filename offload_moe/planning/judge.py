@@ -19,9 +19,8 @@ import time
 from dataclasses import replace
 
 from ..config import ModelConfig
-from ..offload.predictors import load_predictor, replayed
+from ..offload.predictors import replayed
 from ..offload.speculate import calibrate
-from ..offload.states import HIDDEN
 from ..options import MISS_POLICIES
 from .candidate import SCORED, Candidate
 from .timed import deeper_of, replay_times, simulate_timed
@@ -83,18 +82,6 @@ def judge(layout: Candidate, sources: list[tuple[int, str, Trace]], config: Mode
 
 
 def source_of(trace: Trace, c: Candidate) -> Trace:
-    """The trace whose predictions `c` replays: its predictor file's made from `trace`'s hidden states
-    (`predicted_by`), else `trace`'s recorded ones."""
-    return predicted_by(trace, c.predictor) if c.predictor else trace
-
-
-def predicted_by(trace: Trace, predictor: str) -> Trace:
-    """`trace` with a predictor file's predictions as the engine makes them: top-k wide, or, calibrated, every
-    expert it calibrated ranked (the engine's prefetcher ranks those for `speculate` to choose from)."""
-    states = [trace.tensors[k] for k in HIDDEN if k in trace.tensors]
-    if not states:  # `replayed` says what is missing
-        return replayed(trace, predictor, trace.top_k)
-    _, L, D = states[0].shape
-    learned = load_predictor(predictor, L, D, trace.num_experts)  # read once, replayed once
-    calibration = learned.calibration
-    return replayed(trace, learned, trace.top_k if calibration is None else calibration.shape[1])
+    """The trace whose predictions `c` replays: its predictor file's made from `trace`'s hidden states, as wide
+    as the engine ranks them (`replayed`), else `trace`'s recorded ones."""
+    return replayed(trace, c.predictor) if c.predictor else trace

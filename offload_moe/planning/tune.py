@@ -36,7 +36,7 @@ from ..progress import progress_bar
 from .batch_replay import simulate_batch
 from .candidate import Candidate
 from .costs import PRECISIONS, rate_notes, step_cost
-from .judge import judge, predicted_by
+from .judge import judge
 from .replay import simulate, simulate_many
 from .trace import Trace
 
@@ -56,12 +56,12 @@ def replay(trace: Trace, slots: int | list[int], policy: str, prefetch: int, bat
 def prediction_options(trace: Trace, predictors: Sequence[str]) -> list[tuple[int, str, Trace]]:
     """(prefetch lead, predictor file or "", the trace with those predictions) for each way to prefetch: none,
     the recorded predictions (when there are some), and each predictor file's (as the engine makes them:
-    `judge.predicted_by`)."""
+    `predictors.replayed`'s default width)."""
     out = [(0, "", trace)]
     if (trace.predicted >= 0).any():
         out.append((int(trace.metadata.get("prefetch_lead", 1)), "", trace))
     for path in predictors:
-        variant = predicted_by(trace, path)
+        variant = replayed(trace, path)
         out.append((int(variant.metadata["prefetch_lead"]), path, variant))
     return out
 
