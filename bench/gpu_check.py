@@ -177,7 +177,8 @@ def run_case(path: Path, name: str, tokens: int, bw: float, device: torch.device
     storage = {k: s[k] for k in ("ram_hit_rate", "bytes_read_from_storage", "storage_wait_s") if k in s}
     row = {"case": name, "load_s": round(load_s, 1), **storage, **{k: s[k] for k in (
         "decode_tokens_per_s", "prefill_tokens_per_s", "hit_rate", "prefetch_recall", "prefetch_precision",
-        "bytes_to_device", "copy_wait_s", "peak_device_bytes", "slots_per_layer", "bytes_per_expert", "cpu_misses")},
+        "bytes_to_device", "copy_wait_s", "peak_device_bytes", "slots_per_layer", "bytes_per_expert", "cpu_misses",
+        "demand_during_prefetch", "prefetch_preempted", "prefetch_dropped")},
         "copy_s_at_link_speed": copy_s, "copy_hidden_share": hidden, **pinned}
     print(f"{name:<34} {s['decode_tokens_per_s']:7.2f} tok/s  hit {100 * s['hit_rate']:5.1f}%  "
           f"moved {s['bytes_to_device'] / 2**30:6.2f} GiB  wait {s['copy_wait_s']:6.2f} s  "

@@ -59,13 +59,13 @@ def collect_stats(engine, result) -> dict:
 
 def link_stats(cache, result) -> dict:
     """The emulated link's (`--link-gbs`): its speed, the share of the run's time (prefill and decode) it carried
-    a copy, the speculative copies a demand copy passed and those dropped as stale (prefetch.py, rules 7-9).
-    Without it: None for the speed and share (an inline copy or a CUDA copy engine is not timed), zeros."""
+    a copy; there and on CUDA, the speculative copies a demand copy passed and those dropped as stale (prefetch.py,
+    rules 7-10). Without a link: None for the speed and share (a CUDA copy engine is not timed); inline, zeros."""
     link = cache.transfers.link
     seconds = result.prefill_s + result.decode_s
     return {"link_gbs": link.bytes_per_s / 1e9 if link else None,
             "link_busy": link.busy_until_now() / seconds if link and seconds > 0 else None,
-            "prefetch_preempted": link.preempted if link else 0,
+            "prefetch_preempted": cache.transfers.preempted,
             "prefetch_dropped": cache.counters.prefetch_dropped}
 
 

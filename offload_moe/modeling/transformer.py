@@ -213,7 +213,7 @@ class Transformer(nn.Module):
         rule 3: resident experts first, each expert still in flight waited for just before its own kernel."""
         T, K = x.shape[0], self.config.top_k
         weights, idx = self.route(blk, x, logits)  # logits [T, E]: computed already, or None
-        chosen = idx.tolist()  # SYNC: the experts' residency is decided on the host
+        chosen = self.cache.transfers.host_list(idx)  # SYNC: the experts' residency is decided on the host
         if self.recorder is not None:
             self.recorder.chosen(row, idx, weights)
         self.cache.routed(row, chosen)  # speculative copies this routing does not use are dropped (prefetch.py)

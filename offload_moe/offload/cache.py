@@ -39,7 +39,7 @@ class CacheCounters:
     copies: int = 0
     cpu_misses: int = 0  # misses whose output this step computed on the CPU (miss policy cpu/auto)
     demand_during_prefetch: int = 0  # demand copies issued while a speculative copy was in flight
-    prefetch_dropped: int = 0  # speculative copies dropped unfinished: unused by their routing, or evicted (rule 9)
+    prefetch_dropped: int = 0  # speculative copies dropped unfinished: unused by their routing, or evicted (rule 8)
 
 
 class ExpertCache:
@@ -84,7 +84,7 @@ class ExpertCache:
             self.views = [[fmt.views(self.mem[row][s], row) for s in range(n)] for row, n in enumerate(self.slots)]
             self._view_row = None
         self._host_views: dict[tuple[int, int], tuple] = {}  # (row, expert) -> views of its RAM buffer
-        # on a CPU device, `link_gbs` emulates a host-to-device link of that speed (prefetch.py, rules 7-9)
+        # on a CPU device, `link_gbs` emulates a host-to-device link of that speed (prefetch.py, rules 9-10)
         self.transfers = Transfers(device, sizes, EmulatedLink(link_gbs * 1e9) if link_gbs else None)
         # prefetches waiting for this layer's demand copies: (row, experts, (expert, chance) to choose from or
         # None, rows ahead, whether a nearer guess of the row follows)
@@ -114,9 +114,9 @@ class ExpertCache:
 
     def routed(self, row: int, chosen: list[list[int]]) -> None:
         """Row `row`'s routing is known (chosen [T][K]): drop the speculative copies into it of experts it does
-        not use that are still queued or on the link, and empty their slots (prefetch.py, rule 9)."""
+        not use that are still queued or on the link, and empty their slots (prefetch.py, rule 8)."""
         issued, self.speculative[row] = self.speculative[row], []
-        if not issued or self.transfers.link is None:
+        if not issued or not self.transfers.can_drop:
             return
         used = set(chosen[0]) if len(chosen) == 1 else {e for tok in chosen for e in tok}
         p = self.pool_of[row]
@@ -140,6 +140,9 @@ class ExpertCache:
         """
         self._pace()
         hit, slots, _ = self.table.access_row(row, experts, pending=self.planned[0][:2] if self.planned else None)
+        for s, h in zip(slots, hit, strict=True):
+            if h:  # a prefetch of it not yet on the link goes now, on the demand stream (CUDA's feeder)
+                self.transfers.hurry(self.pool_of[row], s)
         c = self.counters
         on_cpu = [False] * len(experts)
         for k, e in enumerate(experts):
@@ -208,8 +211,8 @@ class ExpertCache:
         self.store.done(0, 0)
         if self.transfers.link is not None:  # the emulated link's copy, not the memcpy
             times["copy_s"] = self.transfers.link.seconds(buf.numel() * buf.element_size())
-        elif self.device.type == "cuda":  # what `backlog_s` counts queued bytes in
-            self.transfers.bytes_per_s = buf.numel() * buf.element_size() / times["copy_s"]
+        elif self.device.type == "cuda":  # what `backlog_s` counts queued bytes in, and the feeder's chunk
+            self.transfers.measured(buf.numel() * buf.element_size() / times["copy_s"])
         self.copy_s, self.cpu_s = times["copy_s"], times["cpu_s"]
         if self.miss_policy == "auto":  # on the CPU device an expert runs on the CPU either way, copied or not
             self.cpu_cheaper = self.host_is_device or times["cpu_s"] < times["copy_s"]

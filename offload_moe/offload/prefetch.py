@@ -15,8 +15,9 @@ speculative copies. Each slot owns two events, created once:
   2. Demand copies never queue behind speculative ones. The host-to-device copy engine serves a
      stream's copies in the order they were enqueued, so speculative copies have their own stream,
      and a layer's prefetches (decided at the layer's entry, `Prefetcher`) are enqueued only after
-     that layer's demand copies (`ExpertCache.acquire` flushes them). A demand copy issued while a
-     prefetch copy is still in flight shares the link with it; `demand_during_prefetch` counts those.
+     that layer's demand copies (`ExpertCache.acquire` flushes them). On CUDA they reach their stream
+     a chunk at a time (rules 7-8: `feeder.Feeder`), so a demand copy issued while a prefetch is in
+     flight finds a few chunks on the link, not the whole queue; `demand_during_prefetch` counts those.
   3. Issuing and waiting are apart. `acquire` issues the misses' copies and returns at once; the
      MoE layer launches the kernels of the experts already resident, then waits for each expert
      still in flight (`wait_ready`) just before its own kernel. Waiting makes the compute stream
@@ -27,29 +28,37 @@ speculative copies. Each slot owns two events, created once:
      launched, then the host waits for that event only (not for the expert kernels) and computes
      the missed experts; their outputs go back through a pinned buffer with one non-blocking copy.
   5. A copy's source is a pinned host buffer. The all-in-RAM store never rewrites one; the tiered
-     store (RAM cache over storage) gets the slot's `ready` event with `done()` and does not
-     reuse that RAM buffer before the event has completed (a later recording of that event is a
-     later copy into the same slot, which by rule 1 completes after ours).
+     store (RAM cache over storage) gets the slot's `ready` event with `done()` (a speculative copy's on
+     CUDA: that event once the feeder has fed all of it, `_Landed`) and does not reuse that RAM buffer
+     before the event has completed (a later recording of that event is a later copy into the same
+     slot, which by rule 1 completes after ours).
   6. Nothing else synchronises. The per-layer `.tolist()` of router choices (in `modeling/transformer.py`) and,
      with prefetch on, the prediction's `.tolist()` are the decode step's syncs: residency is
-     decided on the host.
+     decided on the host. While speculative copies wait to be fed (rule 7), the host spins in them
+     feeding the link, and reads the tensor once its event has completed (`host_list`).
+  7. Demand first. On CUDA a speculative copy is fed to the prefetch stream in chunks of `link.CHUNK_S`
+     (at the link's measured speed), at most `feeder.WINDOW` in flight, by the host: at each issue and
+     wait, and in the decode step's syncs, which spin feeding it while copies are queued (`host_list`,
+     `_host_wait`). A demand copy passes the queued rest. An expert needed before its prefetch is all
+     on the link (a hit still in flight) has the rest copied at once on the demand stream (`hurry`).
+  8. Stale never: when a row's routing is known (`ExpertCache.routed`), a speculative copy into it of
+     an expert the routing does not use is dropped (`drop`) if it has not all gone to the link (on
+     CUDA: the chunks not yet fed never go; on the emulated link: queued, or on the link): its slot
+     is emptied in the slot table (`SlotTable.vacate`), so it is never counted as resident. A
+     speculative copy still on its way into a slot that another copy now fills (its expert evicted
+     unused) is dropped too, so that copy waits only for what went (rule 1).
 On a CPU device there are no streams: copies run inline, in the same order, so the results are
 identical to the CUDA path and to a run without prefetch, unless the engine emulates a link
 (`--link-gbs`): then `self.cuda` is `link.EmulatedLink`, and the rules above run as on CUDA, with:
-  7. One copy engine of the given speed, worked by a thread: a copy lasts bytes / speed of wall
+  9. One copy engine of the given speed, worked by a thread: a copy lasts bytes / speed of wall
      time; the demand stream's head goes first whenever it can start (rule 1's events done).
-  8. Demand first: a copy runs in chunks of at most `link.CHUNK_S`, so a demand copy issued while a
-     speculative one is on the link passes it at the end of the current chunk (one buffer, one
-     logical copy: the speculative one resumes after the demand queue is empty).
-  9. Stale never: when a row's routing is known (`ExpertCache.routed`), a speculative copy into it of
-     an expert the routing does not use, still queued or on the link, is dropped (`drop`): its slot
-     is emptied in the slot table (`SlotTable.vacate`), so it is never counted as resident. A
-     speculative copy still on its way into a slot that another copy now fills (its expert evicted
-     unused) is dropped too, so that copy does not wait for it (rule 1).
+  10. The link itself runs a copy in chunks of `link.CHUNK_S` and a demand copy passes a speculative
+      one at the end of the current chunk: the feeder's effect on a GPU whose host is free to feed it
+      (on a CPU device the host computes, so it could not feed one during a layer).
   Compute waits as in rule 3; `backlog_s` is the link's queue in seconds, for decisions that weigh it.
 The CUDA calls go through `self.cuda` (torch.cuda, the emulated link, or a test's fake of it), so
-these rules are tested on the CPU (tests/test_transfer_rules.py, tests/test_link.py) and, with
-`torch.cuda._sleep` widening the races, on a GPU.
+these rules are tested on the CPU (tests/test_transfer_rules.py, tests/test_feeder.py, tests/test_link.py)
+and, with `torch.cuda._sleep` widening the races, on a GPU.
 
 Prediction (`Prefetcher`): at the entry of row l, the predictor (predictors.py) scores the rows
 predicted from there: row l + N, N the prefetch depth, and for the last rows row l + N - L of the next
@@ -78,6 +87,7 @@ from collections.abc import Sequence
 import torch
 
 from .eviction import prefetch_choice
+from .feeder import Feeder
 from .link import EmulatedLink
 from .predictors import targets_of
 from .speculate import candidates, could_start
@@ -90,10 +100,11 @@ class Transfers:
     def __init__(self, device: torch.device, slots: Sequence[int], cuda=None):
         self.device = device
         self.cuda = cuda if cuda is not None else (torch.cuda if device.type == "cuda" else None)
-        self.link = cuda if isinstance(cuda, EmulatedLink) else None  # rules 7-9
+        self.link = cuda if isinstance(cuda, EmulatedLink) else None  # rules 9-10
         self.in_flight = [[False] * n for n in slots]  # a copy into [l][s] was issued and not yet waited for
         self.bytes_per_s: float | None = None  # CUDA: the link's measured speed, for `backlog_s` (calibration)
-        self._queued: deque[tuple] = deque()  # CUDA with a known speed: (ready event, bytes, demand) per copy
+        self._queued: deque[tuple] = deque()  # CUDA with a known speed: (ready event, bytes) per demand copy
+        self.feeder: Feeder | None = None  # CUDA: the speculative copies (feeder.py)
         if self.cuda is None:
             return
         cuda = self.cuda
@@ -102,9 +113,13 @@ class Transfers:
         self.ready = [[cuda.Event() for _ in range(n)] for n in slots]
         self.free = [[cuda.Event() for _ in range(n)] for n in slots]
         self.prefetch_tail = cuda.Event()  # recorded after the latest speculative copy
-        self.host_event, self.back_event = cuda.Event(), cuda.Event()
+        self.host_event, self.back_event, self.sync_event = cuda.Event(), cuda.Event(), cuda.Event()
         self.pin = cuda is torch.cuda  # a fake backend runs on CPU tensors, which cannot be pinned
         self._host: dict[tuple, torch.Tensor] = {}  # pinned staging buffers, allocated once per shape
+        if self.link is None:  # CUDA (or a test's fake): speculative copies a chunk at a time (rules 7-8)
+            self.feeder = Feeder(cuda, self.prefetch, self.demand, self.ready, self.free)
+            self.landed = [[_Landed(self.feeder, self.ready[p][s], p, s) for s in range(n)]
+                           for p, n in enumerate(slots)]
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, row: int, slot: int, demand: bool = True):
         """Copy one expert into a slot, on the demand stream (needed by this layer now) or the
@@ -112,6 +127,10 @@ class Transfers:
         if self.cuda is None:
             dst.copy_(src)
             return None
+        self.in_flight[row][slot] = True
+        if not demand and self.feeder is not None:
+            self.feeder.add(row, slot, dst, src)  # rules 7-8: fed to the link a chunk at a time
+            return self.landed[row][slot]
         stream = self.demand if demand else self.prefetch
         with self.cuda.stream(stream):
             stream.wait_event(self.free[row][slot])  # rule 1: queued kernels have read the old weights
@@ -123,18 +142,58 @@ class Transfers:
             self.ready[row][slot].record(stream)
             if not demand:
                 self.prefetch_tail.record(stream)
-        if self.bytes_per_s is not None and self.link is None:
-            self._queued.append((self.ready[row][slot], dst.numel() * dst.element_size(), demand))
-        self.in_flight[row][slot] = True
+        if self.feeder is not None:
+            self.feeder.passed()
+            if self.bytes_per_s is not None:
+                self._queued.append((self.ready[row][slot], dst.numel() * dst.element_size()))
         return self.ready[row][slot]
 
+    @property
+    def preempted(self) -> int:
+        """Speculative copies a demand copy passed, each counted once (on the emulated link and on CUDA)."""
+        source = self.link if self.link is not None else self.feeder
+        return source.preempted if source is not None else 0
+
+    @property
+    def can_drop(self) -> bool:
+        """Whether a speculative copy can be stopped before it lands (rule 8): on the emulated link and on CUDA."""
+        return self.cuda is not None
+
     def drop(self, row: int, slot: int) -> bool:
-        """Drop the speculative copy into a slot if it is still queued or on the emulated link (rule 9); whether
-        it was. Elsewhere a copy cannot be taken back: False."""
-        if self.link is None or not self.in_flight[row][slot] or not self.link.drop(self.ready[row][slot]):
+        """Drop the speculative copy into a slot if it is still queued or on the emulated link, or on CUDA has
+        bytes the feeder has not enqueued (rule 8); whether it was. An inline copy has landed: False."""
+        if not self.in_flight[row][slot]:
             return False
-        self.in_flight[row][slot] = False
-        return True
+        if self.feeder is not None:
+            dropped = self.feeder.cancel(row, slot)
+        else:
+            dropped = self.link is not None and self.link.drop(self.ready[row][slot])
+        if dropped:
+            self.in_flight[row][slot] = False
+        return dropped
+
+    def hurry(self, row: int, slot: int) -> None:
+        """The slot's expert is needed now: on CUDA, the rest of a speculative copy the feeder has not enqueued
+        goes at once, on the demand stream (the emulated link serves a stream's copies in order, as CUDA does;
+        prefetched bytes there are already on the link)."""
+        if self.feeder is not None:
+            self.feeder.hurry(row, slot)
+
+    def host_list(self, t: torch.Tensor) -> list:
+        """t.tolist(), a sync the caller labels. On CUDA with speculative copies still to feed, the host feeds
+        them while the device computes `t`, and only then reads it."""
+        if self.feeder is not None and self.feeder.queue:
+            self.sync_event.record(self.cuda.current_stream(self.device))
+            self._host_wait(self.sync_event)
+        return t.tolist()
+
+    def _host_wait(self, ev) -> None:
+        """The host waits for `ev` (each caller labels its SYNC), feeding the link meanwhile while the feeder
+        has copies to feed."""
+        feeder = self.feeder
+        while feeder is not None and feeder.queue and not ev.query():
+            feeder.pump()
+        ev.synchronize()  # at once where the loop saw it complete
 
     def backlog_s(self, demand: bool = False) -> float:
         """Seconds of copy work ahead of a copy issued now (on the demand stream, or the prefetch stream behind
@@ -148,25 +207,38 @@ class Transfers:
         queued = self._queued
         while queued and queued[0][0].query():
             queued.popleft()
-        return sum(n for ev, n, d in queued if (d or not demand) and not ev.query()) / self.bytes_per_s
+        ahead = sum(n for ev, n in queued if not ev.query()) + self.feeder.backlog_bytes(demand)
+        return ahead / self.bytes_per_s
+
+    def measured(self, bytes_per_s: float) -> None:
+        """The link's speed, measured at load (`ExpertCache.calibrate_misses`): what `backlog_s` counts bytes in, and
+        the feeder's chunk."""
+        self.bytes_per_s = bytes_per_s
+        if self.feeder is not None:
+            self.feeder.set_speed(bytes_per_s)
 
     def reset_counts(self) -> None:
         if self.link is not None:
             self.link.reset_counts()
+        if self.feeder is not None:
+            self.feeder.preempted = 0
 
     def prefetch_busy(self) -> bool:
         """Whether a speculative copy is still in flight (a demand copy issued now shares the link)."""
+        if self.feeder is not None:
+            return self.feeder.busy()
         return self.cuda is not None and not self.prefetch_tail.query()
 
     def wait_ready(self, row: int, slot: int) -> float:
         """Order compute after the slot's copy (rule 3); return host seconds spent waiting."""
         if self.cuda is None or not self.in_flight[row][slot]:
             return 0.0
+        self.hurry(row, slot)
         ev = self.ready[row][slot]
         waited = 0.0
         if not ev.query():
             t0 = time.perf_counter()
-            ev.synchronize()  # SYNC: compute needs this expert now and its copy is still in flight
+            self._host_wait(ev)  # SYNC: compute needs this expert now and its copy is still in flight
             waited = time.perf_counter() - t0
         self.cuda.current_stream(self.device).wait_event(ev)
         self.in_flight[row][slot] = False
@@ -189,7 +261,7 @@ class Transfers:
     def host_x(self) -> torch.Tensor:
         """The hidden state given to `to_host`, once it is on the host."""
         if self.cuda is not None:
-            self.host_event.synchronize()  # SYNC: the CPU computes missed experts from it (rule 4)
+            self._host_wait(self.host_event)  # SYNC: the CPU computes missed experts from it (rule 4)
         return self._x
 
     def to_device(self, y: torch.Tensor) -> torch.Tensor:
@@ -213,8 +285,27 @@ class Transfers:
 
     def synchronize(self) -> None:
         if self.cuda is not None:
+            if self.feeder is not None:
+                self.feeder.flush()
             self.demand.synchronize()  # SYNC: end of load/warm-up, not on the decode path
             self.prefetch.synchronize()  # SYNC: likewise
+
+
+class _Landed:
+    """What the store waits for before it reuses a speculative copy's source (rule 5, `store.done`): the slot's
+    `ready` event, once the feeder has enqueued the whole copy. Allocated with the slots."""
+
+    __slots__ = ("feeder", "ready", "pool", "slot")
+
+    def __init__(self, feeder: Feeder, ready, pool: int, slot: int):
+        self.feeder, self.ready, self.pool, self.slot = feeder, ready, pool, slot
+
+    def query(self) -> bool:
+        return not self.feeder.queued(self.pool, self.slot) and self.ready.query()
+
+    def synchronize(self) -> None:
+        self.feeder.flush()  # its bytes on the link first (and the jobs queued before it: one stream, in order)
+        self.ready.synchronize()
 
 
 PROBE = 16  # a prediction whose copies have not paid for its host time is still made once in this many calls
@@ -270,7 +361,9 @@ class Prefetcher:
                     recorder.predicted(target, next_token, made[-1][2])
         if self.cache is None:
             return
-        flat = torch.cat([e.reshape(-1) for _, _, e in made]).tolist() if made else []  # SYNC: every lead's, to host
+        flat = []
+        if made:
+            flat = self.cache.transfers.host_list(torch.cat([e.reshape(-1) for _, _, e in made]))  # SYNC: to host
         at = 0
         for stage, target, experts in made:
             T, P = experts.shape

@@ -1,0 +1,152 @@
+"""Speculative copies fed to a CUDA copy engine a chunk at a time, so that demand copies pass them and
+stale ones stop (prefetch.py, rules 7 and 8).
+
+A CUDA stream cannot take back a copy once enqueued, and the copy engine runs what is enqueued: a
+demand copy enqueued behind a queue of speculative copies (or beside one, on another engine) waits
+for them or shares the link with them, and a speculative copy the routing then leaves unused still
+lands. So the speculative copies are not enqueued whole. Each is a job (one per slot, allocated with
+the slots): its bytes are enqueued on the prefetch stream a chunk at a time, at most `window` chunks
+in flight, by `pump`, which the host calls at every point where it meets the copies (an issue, a
+wait, the decode step's syncs: prefetch.Transfers spins on them pumping while a job is queued). Hence
+  * a demand copy issued now waits behind at most `window` chunks, not behind every queued copy;
+  * a dropped job (`cancel`) stops at once: its bytes not yet enqueued are never moved;
+  * a job whose expert is needed now (`hurry`) has its remaining bytes enqueued at once on the
+    demand stream, as one copy, after the chunks already enqueued;
+  * the slot's `ready` event is recorded after each chunk, so rule 1 (the next copy into the slot
+    waits for this one) holds for whatever was enqueued; `queued(key)` says the job is not done.
+One buffer per expert and one logical copy per miss: chunks are views of the two buffers.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+from .link import CHUNK_S
+
+WINDOW = 3  # chunks in flight: enough that the copy engine is not left idle between two pumps
+CHUNK_BYTES = 2 << 20  # before the link's speed is measured (`set_speed`)
+
+Key = tuple[int, int]  # (pool, slot)
+
+
+class _Job:
+    __slots__ = ("dst", "src", "done", "queued", "passed")
+
+    def __init__(self) -> None:
+        self.dst = self.src = None
+        self.done = 0  # bytes enqueued on the link so far
+        self.queued = False
+        self.passed = False  # a demand copy was issued while it waited
+
+
+class Feeder:
+    """The prefetch stream's copies, a chunk at a time; `ready`/`free` are Transfers' per-slot events."""
+
+    def __init__(self, cuda, stream, demand, ready, free, window: int = WINDOW, chunk_bytes: int = CHUNK_BYTES):
+        self.cuda, self.stream, self.demand, self.ready, self.free = cuda, stream, demand, ready, free
+        self.chunk_bytes = chunk_bytes
+        self.jobs = [[_Job() for _ in row] for row in ready]
+        self.queue: deque[Key] = deque()  # jobs with bytes not yet enqueued, oldest first
+        self.flying: deque[tuple[object, int]] = deque()  # (event, bytes) of the chunks enqueued, not landed
+        self.ring = [cuda.Event() for _ in range(window)]  # one per chunk in flight, reused
+        self.next_event = 0
+        self.enqueued_bytes = 0  # chunks enqueued, for tests
+        self.preempted = 0  # jobs a demand copy passed, each counted once (stats' `prefetch_preempted`)
+
+    def set_speed(self, bytes_per_s: float) -> None:
+        """Chunks of `link.CHUNK_S` at the link's measured speed: a demand copy waits behind `window` of them."""
+        self.chunk_bytes = max(64 << 10, int(CHUNK_S * bytes_per_s))
+
+    def add(self, pool: int, slot: int, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Queue a speculative copy of `src` into slot `slot` of `pool` (flat uint8 buffers), then pump."""
+        job = self.jobs[pool][slot]
+        assert not job.queued, "one copy per slot at a time: the cache drops or finishes the one before"
+        job.dst, job.src = dst.view(-1).view(torch.uint8), src.view(-1).view(torch.uint8)  # byte views, no copy
+        job.done, job.queued, job.passed = 0, True, False
+        self.queue.append((pool, slot))
+        self.pump()
+
+    def passed(self) -> None:
+        """A demand copy was just enqueued: it goes before every job's rest."""
+        for pool, slot in self.queue:
+            job = self.jobs[pool][slot]
+            self.preempted += not job.passed
+            job.passed = True
+
+    def queued(self, pool: int, slot: int) -> bool:
+        """Whether the copy into this slot still has bytes not enqueued."""
+        return self.jobs[pool][slot].queued
+
+    def backlog_bytes(self, demand: bool = False) -> int:
+        """Bytes ahead of a copy issued now: the chunks in flight (at most: some may be partly moved), and for a
+        speculative copy (`demand` False) the queued jobs' rest too."""
+        self._retire()
+        ahead = sum(n for _, n in self.flying)
+        if not demand:
+            ahead += sum(self.jobs[p][s].dst.numel() - self.jobs[p][s].done for p, s in self.queue)
+        return ahead
+
+    def busy(self) -> bool:
+        self._retire()
+        return bool(self.queue or self.flying)
+
+    def pump(self) -> None:
+        """Enqueue chunks while fewer than `window` are in flight."""
+        self._retire()
+        while self.queue and len(self.flying) < len(self.ring):
+            pool, slot = self.queue[0]
+            job = self.jobs[pool][slot]
+            self._enqueue(job, pool, slot, min(job.done + self.chunk_bytes, job.dst.numel()), self.stream)
+            if job.done == job.dst.numel():
+                self.queue.popleft()
+                job.queued = False
+
+    def cancel(self, pool: int, slot: int) -> bool:
+        """Stop the copy into this slot if it still has bytes not enqueued (what was enqueued lands; the
+        slot's `ready` event covers it). Whether it was stopped."""
+        job = self.jobs[pool][slot]
+        if not job.queued:
+            return False
+        self.queue.remove((pool, slot))
+        job.queued = False
+        return True
+
+    def hurry(self, pool: int, slot: int) -> None:
+        """The slot's expert is needed now: enqueue the rest of its copy at once, on the demand stream."""
+        job = self.jobs[pool][slot]
+        if job.queued:
+            self.queue.remove((pool, slot))
+            job.queued = False
+            self._enqueue(job, pool, slot, job.dst.numel(), self.demand, chunk=False)
+
+    def flush(self) -> None:
+        """Enqueue every queued job's rest on the prefetch stream (before a stream sync)."""
+        while self.queue:
+            pool, slot = self.queue.popleft()
+            job = self.jobs[pool][slot]
+            job.queued = False
+            self._enqueue(job, pool, slot, job.dst.numel(), self.stream, chunk=False)
+
+    def _enqueue(self, job: _Job, pool: int, slot: int, end: int, stream, chunk: bool = True) -> None:
+        """Bytes [job.done, end) of the job's copy on `stream` (prefetch.py, rule 1 before its first bytes, or
+        on a stream other than the chunks': the slot's readers and the copy before, the chunks included)."""
+        with self.cuda.stream(stream):
+            if job.done == 0 or stream is not self.stream:
+                stream.wait_event(self.free[pool][slot])
+                stream.wait_event(self.ready[pool][slot])
+            job.dst[job.done : end].copy_(job.src[job.done : end], non_blocking=True)
+            self.ready[pool][slot].record(stream)
+            if chunk:
+                ev = self.ring[self.next_event]
+                self.next_event = (self.next_event + 1) % len(self.ring)
+                ev.record(stream)
+                self.flying.append((ev, end - job.done))
+        self.enqueued_bytes += end - job.done
+        job.done = end
+
+    def _retire(self) -> None:
+        """Forget the chunks that have landed (in order: one stream)."""
+        while self.flying and self.flying[0][0].query():
+            self.flying.popleft()
