@@ -1,6 +1,7 @@
 """The timed replay against the live engine over the emulated link: is the modelled tok/s what a run measures?
 
     python bench/bench_link.py [--models demo,demo-fine] [--tokens 224] [--copy-ms 5] [--repeats 3] [--threads 2]
+                               [--links ideal,fed,whole]
 
 For each trained demo, at twice top-k slots per layer (LRU, a cache per layer, miss policy fetch), with the
 engine's prefetch (its predictor, --prefetch 1: "depth N" where the predictor file has a calibration, the copies
@@ -19,6 +20,12 @@ same copy time and a layer's compute time from either
 and the ratio modelled / live of each, the replay's link (`planning/link.py`) serving demand copies first and
 dropping stale speculative ones as the engine's does. The calibrated column says whether the cost model knows this
 CPU's compute; the measured one whether the replay's link (one copy at a time, waits before use) is the engine's.
+`--links`: the emulated link the prefetching settings run over, each in turn (no prefetch runs over the first):
+  ideal  the engine's `--link-gbs`: it runs copies in 0.1 ms chunks itself, a demand copy passing a speculative
+         one at the next chunk, and takes stale ones back (the link the replay models);
+  fed    a copy engine as CUDA's (a copy runs whole, none taken back: `EmulatedLink(chunk_s=None)`), fed
+         speculative copies a chunk at a time by the host (offload/feeder.py), as the engine does on CUDA;
+  whole  the same engine, speculative copies enqueued whole (CUDA before the feeder).
 """
 
 from __future__ import annotations
@@ -39,7 +46,9 @@ from train_tiny_moe import corpus_files, split_corpus  # noqa: E402
 
 from offload_moe.demo import resolve_model  # noqa: E402
 from offload_moe.engine import Engine  # noqa: E402
+from offload_moe.offload.link import EmulatedLink  # noqa: E402
 from offload_moe.offload.predictors import FILE_NAME, load_predictor, replayed, save_predictor  # noqa: E402
+from offload_moe.offload.prefetch import Transfers  # noqa: E402
 from offload_moe.options import EngineOptions  # noqa: E402
 from offload_moe.planning.calibrate import calibrate  # noqa: E402
 from offload_moe.planning.costs import step_seconds  # noqa: E402
@@ -86,10 +95,14 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3, help="live runs per setting, the settings in turn; the fastest "
                     "counts, the spread is printed")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--links", default="ideal", help="ideal, fed, whole: see the docstring")
     args = ap.parse_args()
+    links = args.links.split(",")
+    if not links or set(links) - {"ideal", "fed", "whole"}:
+        ap.error(f"--links takes ideal, fed and whole, not {args.links!r}")
     print(f"# {time.strftime('%Y-%m-%d')}: {args.tokens} held-out decode steps, one expert copy {args.copy_ms} ms, "
           "twice top-k slots per layer, LRU, miss policy fetch")
-    print(f"{'model':>10}{'prefetch':>9}{'link GB/s':>10}{'live tok/s':>11}{'spread':>10}{'wait ms/tok':>12}"
+    print(f"{'model':>10}{'link':>6}{'prefetch':>9}{'link GB/s':>10}{'live tok/s':>11}{'spread':>10}{'wait ms/tok':>12}"
           f"{'link busy':>10}"
           f"{'model tok/s':>12}{'ratio':>7}{'calibrated':>11}{'ratio':>7}")
     tmp = Path(tempfile.mkdtemp())
@@ -114,17 +127,27 @@ def main() -> int:
         shipped = load_predictor(resolve_model(name) / FILE_NAME, L, c.dim, c.num_experts)
         nearest = tmp / f"{name}-lead1.safetensors"  # the shipped file's nearest lead alone: depth 1
         save_predictor(nearest, shipped.weights, shipped.lead, shipped.meta, shipped.calibration)
-        runs = {}  # (prefetch, predictor) -> (engine, trace, live runs)
-        for prefetch, predictor in ((1, "auto"), (1, str(nearest)), (0, "auto")):
+        runs = {}  # (link, prefetch, predictor) -> (engine, trace, live runs)
+        settings = [(link, 1, p) for link in links for p in ("auto", str(nearest))] + [(links[0], 0, "auto")]
+        for link, prefetch, predictor in settings:
             engine = Engine.load(name, EngineOptions(cache_experts=2 * K, prefetch=prefetch, link_gbs=gbs,
                                                      predictor=predictor, **options))
+            if link != "ideal":  # a copy engine as CUDA's, fed or not
+                cache = engine.cache
+                cache.transfers.link.close()
+                cache.transfers = Transfers(engine.device, [len(m) for m in cache.mem],
+                                            EmulatedLink(gbs * 1e9, chunk_s=None), feed=link == "fed")
+                if link == "fed" and predictor == "auto":
+                    feeder = cache.transfers.feeder
+                    print(f"# {name}: the feeder's chunk {feeder.chunk_bytes} bytes, "
+                          f"{1e3 * feeder.chunk_bytes / (gbs * 1e9):.2f} ms, at most {len(feeder.ring)} in flight")
             engine.start_trace(name, hidden=True)
             decode(engine, ids)
-            runs[prefetch, predictor] = (engine, engine.stop_trace(), [])
+            runs[link, prefetch, predictor] = (engine, engine.stop_trace(), [])
         for _ in range(args.repeats):  # the settings in turn, so a slow spell of the machine falls on each
             for engine, _, lives in runs.values():
                 lives.append(decode(engine, ids))
-        for (prefetch, _), (engine, trace, lives) in runs.items():
+        for (link, prefetch, _), (engine, trace, lives) in runs.items():
             live = max(lives, key=lambda r: r["tok_s"])
             engine.cache.transfers.link.close()
             cut = slice_trace(trace, PROMPT + 1, trace.num_tokens)
@@ -141,7 +164,7 @@ def main() -> int:
             depth = engine.model.prefetcher.lead if prefetch else 0
             kind = "none" if not prefetch else "lead 1" if table is None else f"depth {depth}"
             spread = f"{min(r['tok_s'] for r in lives):.0f}-{max(r['tok_s'] for r in lives):.0f}"
-            print(f"{name:>10}{kind:>9}{gbs:>10.3f}{live['tok_s']:>11.1f}{spread:>10}"
+            print(f"{name:>10}{link:>6}{kind:>9}{gbs:>10.3f}{live['tok_s']:>11.1f}{spread:>10}"
                   f"{1e3 * live['wait_s']:>12.2f}{100 * live['busy']:>9.1f}%"
                   + "".join(f"{m:>{w}.1f}{m / live['tok_s']:>7.2f}"
                             for m, w in zip(modelled, (12, 11), strict=True)))

@@ -4,6 +4,8 @@ torch.cuda (tests/fake_cuda.py): each chunk is one fake copy of `copy_ticks`."""
 
 from __future__ import annotations
 
+import time
+
 import torch
 from fake_cuda import FakeCuda
 from test_transfer_rules import PROMPT, _instrumented
@@ -30,7 +32,7 @@ def test_a_speculative_copy_goes_a_chunk_at_a_time_and_all_of_it_lands():
     t, fake = _transfers()
     dst, src = torch.zeros(N), torch.arange(N, dtype=torch.float32)
     t.copy(dst, src, 0, 0, demand=False)
-    assert len(_copies(fake)) == t.feeder.ring.__len__()  # a window's worth, not the whole copy
+    assert len(_copies(fake)) == t.feeder.window  # a window's worth, not the whole copy
     t.wait_ready(0, 0)
     assert torch.equal(dst, src)
     assert t.feeder.enqueued_bytes == 4 * N and not t.feeder.busy()
@@ -42,8 +44,22 @@ def test_a_window_of_chunks_at_most_is_in_flight():
     for _ in range(200):  # the host comes by many times while the copy runs
         t.feeder.pump()
         flying = [c for c in _copies(fake) if c[4] > fake.clock]
-        assert len(flying) <= len(t.feeder.ring)
+        assert len(flying) <= t.feeder.window  # the link's speed unknown: the window alone
     assert not t.feeder.queue and t.feeder.enqueued_bytes == 4 * N
+
+
+def test_a_host_that_comes_back_late_keeps_more_in_flight():
+    """The link stays busy until the next pump: after a gap of 10 ms with a copy queued, 10 ms of link time goes
+    in flight (a host that computes between pumps); time the feeder had nothing queued is no gap."""
+    t, fake = _transfers(slots=2, ticks=10**6)  # nothing lands during the test
+    t.measured(16_000.0)  # 16 bytes a millisecond
+    t.feeder.chunk_bytes = 16
+    time.sleep(0.02)  # idle: not a gap
+    t.copy(torch.zeros(N), torch.ones(N), 0, 0, demand=False)
+    assert len(t.feeder.flying) == t.feeder.window
+    time.sleep(0.01)
+    t.feeder.pump()
+    assert t.feeder.gap_s >= 0.01 and 10 <= len(t.feeder.flying) <= min(16, t.feeder.gap_s * 1000 + 1)
 
 
 def test_a_demand_copy_waits_for_a_window_of_chunks_not_for_the_queued_copies():
@@ -54,7 +70,7 @@ def test_a_demand_copy_waits_for_a_window_of_chunks_not_for_the_queued_copies():
     dst = torch.zeros(N)
     t.copy(dst, torch.full((N,), 2.0), 0, 3, demand=True)
     (demand,) = _copies(fake, "demand")
-    assert demand[3] <= issued + (len(t.feeder.ring) + 1) * 10  # behind the chunks in flight only
+    assert demand[3] <= issued + (t.feeder.window + 1) * 10  # behind the chunks in flight only
     assert t.feeder.queue and t.preempted == 3  # the prefetches go on after it, each passed once
     t.copy(torch.zeros(N), torch.ones(N), 0, 3, demand=True)
     assert t.preempted == 3

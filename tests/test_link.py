@@ -66,6 +66,45 @@ def test_a_copy_into_a_slot_waits_for_the_copy_before_it_and_a_dropped_one_frees
     t.link.close()
 
 
+def test_a_link_like_cudas_runs_copies_whole_and_the_feeder_gives_demand_first_and_stale_never():
+    """chunk_s None: a copy engine as CUDA's (whole copies, none taken back). Enqueued whole, speculative copies
+    hold a demand copy back until they end; fed a chunk at a time (the feeder, as on CUDA), a demand copy waits
+    behind the chunks in flight only, and a dropped copy's rest never goes."""
+    def over(feed: bool) -> Transfers:
+        return Transfers(torch.device("cpu"), [4], cuda=EmulatedLink(4096 / 30.0, chunk_s=None), feed=feed)
+
+    dst, src = torch.zeros(4, 1024), torch.ones(4, 1024)
+    whole = over(False)
+    assert whole.feeder is None and not whole.can_drop
+    for s in range(3):
+        whole.copy(dst[s], src[s], 0, s, demand=False)
+    whole.copy(dst[3], src[3], 0, 3, demand=True)
+    assert _copy_of(whole, 3).start >= _copy_of(whole, 0).end  # behind the started copy, whole
+    assert not whole.drop(0, 1)  # nothing comes back
+    whole.link.close()
+
+    fed = over(True)
+    fed.feeder.chunk_bytes = 512  # 8 chunks of 3.75 s a copy
+    chunk_s = 512 / fed.link.bytes_per_s
+    for s in range(3):
+        fed.copy(dst[s], src[s], 0, s, demand=False)
+    assert fed.feeder.queued(0, 0) and len(fed.feeder.flying) == 3  # a window of chunks on the link
+    fed.copy(dst[3], src[3], 0, 3, demand=True)
+    demand = _copy_of(fed, 3)
+    assert demand.start - demand.issued <= 3 * chunk_s + 1e-6  # behind the window, not 90 s of copies
+    assert fed.can_drop and fed.drop(0, 1) and not fed.feeder.queued(0, 1)
+    assert fed.backlog_s() == pytest.approx(fed.link.backlog_s() + fed.feeder.rest_bytes() / fed.link.bytes_per_s)
+    fed.link.close()
+
+
+def test_a_copy_the_worker_fails_is_raised_at_the_next_wait_not_hung_on():
+    t = Transfers(torch.device("cpu"), [1], cuda=EmulatedLink(1e9))
+    t.copy(torch.zeros(4), torch.ones(5), 0, 0)  # shapes that do not match: the worker's copy_ raises
+    with pytest.raises(RuntimeError, match="failed a copy"):
+        t.wait_ready(0, 0)
+    t.link.close()
+
+
 def test_compute_waits_for_a_copy_before_use_and_reads_its_bytes():
     t, dst, src = _transfers(0.02)
     t.copy(dst[0], src[0], 0, 0, demand=False)

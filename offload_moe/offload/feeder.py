@@ -5,10 +5,13 @@ A CUDA stream cannot take back a copy once enqueued, and the copy engine runs wh
 demand copy enqueued behind a queue of speculative copies (or beside one, on another engine) waits
 for them or shares the link with them, and a speculative copy the routing then leaves unused still
 lands. So the speculative copies are not enqueued whole. Each is a job (one per slot, allocated with
-the slots): its bytes are enqueued on the prefetch stream a chunk at a time, at most `window` chunks
-in flight, by `pump`, which the host calls at every point where it meets the copies (an issue, a
-wait, the decode step's syncs: prefetch.Transfers spins on them pumping while a job is queued). Hence
-  * a demand copy issued now waits behind at most `window` chunks, not behind every queued copy;
+the slots): its bytes are enqueued on the prefetch stream a chunk at a time by `pump`, which the host
+calls at every point where it meets the copies (an issue, a wait, the decode step's syncs:
+prefetch.Transfers spins on them pumping while a job is queued). In flight go as many chunks as keep the
+link busy until the host's next pump: `window` of them, or more where the host has recently been away
+longer (the longest recent gap between two pumps with jobs queued, at the link's speed). Hence
+  * a demand copy issued now waits behind the chunks in flight (about one gap of the host's), not behind
+    every queued copy;
   * a dropped job (`cancel`) stops at once: its bytes not yet enqueued are never moved;
   * a job whose expert is needed now (`hurry`) has its remaining bytes enqueued at once on the
     demand stream, as one copy, after the chunks already enqueued;
@@ -19,14 +22,18 @@ One buffer per expert and one logical copy per miss: chunks are views of the two
 
 from __future__ import annotations
 
+import math
+import time
 from collections import deque
 
 import torch
 
 from .link import CHUNK_S
 
-WINDOW = 3  # chunks in flight: enough that the copy engine is not left idle between two pumps
-CHUNK_BYTES = 2 << 20  # before the link's speed is measured (`set_speed`)
+WINDOW = 3  # chunks in flight at least
+RING = 32  # chunks in flight at most (events allocated once)
+GAP_S = 0.02  # the time over which the longest recent gap between two pumps is forgotten
+CHUNK_BYTES = 2 << 20  # before the link's speed is known (`set_speed`)
 
 Key = tuple[int, int]  # (pool, slot)
 
@@ -44,20 +51,26 @@ class _Job:
 class Feeder:
     """The prefetch stream's copies, a chunk at a time; `ready`/`free` are Transfers' per-slot events."""
 
-    def __init__(self, cuda, stream, demand, ready, free, window: int = WINDOW, chunk_bytes: int = CHUNK_BYTES):
-        self.cuda, self.stream, self.demand, self.ready, self.free = cuda, stream, demand, ready, free
-        self.chunk_bytes = chunk_bytes
+    def __init__(self, cuda, copy, stream, demand, ready, free, window: int = WINDOW, chunk_s: float = CHUNK_S):
+        """`copy(stream, dst, src)` enqueues one copy on a stream (Transfers': CUDA's, or the emulated link's)."""
+        self.cuda, self.copy, self.stream, self.demand, self.ready, self.free = cuda, copy, stream, demand, ready, free
+        self.window, self.chunk_s, self.chunk_bytes = window, chunk_s, CHUNK_BYTES
+        self.bytes_per_s = 0.0  # the link's speed (`set_speed`; 0: unknown, `window` chunks in flight)
         self.jobs = [[_Job() for _ in row] for row in ready]
         self.queue: deque[Key] = deque()  # jobs with bytes not yet enqueued, oldest first
         self.flying: deque[tuple[object, int]] = deque()  # (event, bytes) of the chunks enqueued, not landed
-        self.ring = [cuda.Event() for _ in range(window)]  # one per chunk in flight, reused
+        self.in_flight = 0  # their bytes
+        self.ring = [cuda.Event() for _ in range(max(RING, window))]  # one per chunk in flight, reused
         self.next_event = 0
+        self.gap_s = 0.0  # the longest recent time between two pumps while jobs were queued
+        self._last: float | None = None  # the latest pump's time, if it left jobs queued
         self.enqueued_bytes = 0  # chunks enqueued, for tests
         self.preempted = 0  # jobs a demand copy passed, each counted once (stats' `prefetch_preempted`)
 
     def set_speed(self, bytes_per_s: float) -> None:
-        """Chunks of `link.CHUNK_S` at the link's measured speed: a demand copy waits behind `window` of them."""
-        self.chunk_bytes = max(64 << 10, int(CHUNK_S * bytes_per_s))
+        """Chunks of `chunk_s` (`link.CHUNK_S`) at the link's speed."""
+        self.bytes_per_s = bytes_per_s
+        self.chunk_bytes = max(4096, int(self.chunk_s * bytes_per_s))
 
     def add(self, pool: int, slot: int, dst: torch.Tensor, src: torch.Tensor) -> None:
         """Queue a speculative copy of `src` into slot `slot` of `pool` (flat uint8 buffers), then pump."""
@@ -79,29 +92,37 @@ class Feeder:
         """Whether the copy into this slot still has bytes not enqueued."""
         return self.jobs[pool][slot].queued
 
-    def backlog_bytes(self, demand: bool = False) -> int:
-        """Bytes ahead of a copy issued now: the chunks in flight (at most: some may be partly moved), and for a
-        speculative copy (`demand` False) the queued jobs' rest too."""
+    def flying_bytes(self) -> int:
+        """The chunks enqueued and not landed (at most: some may be partly moved)."""
         self._retire()
-        ahead = sum(n for _, n in self.flying)
-        if not demand:
-            ahead += sum(self.jobs[p][s].dst.numel() - self.jobs[p][s].done for p, s in self.queue)
-        return ahead
+        return self.in_flight
+
+    def rest_bytes(self) -> int:
+        """The queued jobs' bytes not yet enqueued."""
+        return sum(self.jobs[p][s].dst.numel() - self.jobs[p][s].done for p, s in self.queue)
 
     def busy(self) -> bool:
         self._retire()
         return bool(self.queue or self.flying)
 
     def pump(self) -> None:
-        """Enqueue chunks while fewer than `window` are in flight."""
+        """Enqueue chunks while those in flight would not keep the link busy until the host comes back: fewer
+        than `window`, or less link time than the longest recent gap between two pumps with jobs queued (a host
+        that computes between them, as on a CPU device, needs more in flight than one that spins in its syncs)."""
+        now = time.perf_counter()
+        if self._last is not None:
+            dt = now - self._last
+            self.gap_s = max(dt, self.gap_s * math.exp(-dt / GAP_S))
         self._retire()
-        while self.queue and len(self.flying) < len(self.ring):
+        limit = max(self.window * self.chunk_bytes, self.gap_s * self.bytes_per_s)
+        while self.queue and len(self.flying) < len(self.ring) and self.in_flight < limit:
             pool, slot = self.queue[0]
             job = self.jobs[pool][slot]
             self._enqueue(job, pool, slot, min(job.done + self.chunk_bytes, job.dst.numel()), self.stream)
             if job.done == job.dst.numel():
                 self.queue.popleft()
                 job.queued = False
+        self._last = now if self.queue else None
 
     def cancel(self, pool: int, slot: int) -> bool:
         """Stop the copy into this slot if it still has bytes not enqueued (what was enqueued lands; the
@@ -136,17 +157,18 @@ class Feeder:
             if job.done == 0 or stream is not self.stream:
                 stream.wait_event(self.free[pool][slot])
                 stream.wait_event(self.ready[pool][slot])
-            job.dst[job.done : end].copy_(job.src[job.done : end], non_blocking=True)
+            self.copy(stream, job.dst[job.done : end], job.src[job.done : end])
             self.ready[pool][slot].record(stream)
             if chunk:
                 ev = self.ring[self.next_event]
                 self.next_event = (self.next_event + 1) % len(self.ring)
                 ev.record(stream)
                 self.flying.append((ev, end - job.done))
+                self.in_flight += end - job.done
         self.enqueued_bytes += end - job.done
         job.done = end
 
     def _retire(self) -> None:
         """Forget the chunks that have landed (in order: one stream)."""
         while self.flying and self.flying[0][0].query():
-            self.flying.popleft()
+            self.in_flight -= self.flying.popleft()[1]

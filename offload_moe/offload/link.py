@@ -12,6 +12,9 @@ The link is one copy engine of `bytes_per_s`. Its schedule is kept in modelled w
   * a copy starts once the events its stream waited for have completed (prefetch.py, rule 1);
   * a queued or started speculative copy may be dropped (`drop`): it leaves the link at once and its
     events complete then.
+With `chunk_s` None it is a copy engine as CUDA's instead: a copy runs whole once started, none is dropped,
+and the demand stream's head goes first only between copies; prefetch.Transfers then feeds it speculative
+copies a chunk at a time (feeder.py), as on CUDA, so the feeder's rules are measured on any machine.
 Each issue or drop commits the schedule up to now and projects it forward with the copies known,
 giving every queued copy a start and an end; an event has completed when its copy's bytes have been
 moved and its end has passed. The worker thread moves the bytes of each copy (one `copy_`) when the
@@ -87,6 +90,7 @@ class LinkEvent:
 
     def query(self) -> bool:
         c = self.copy
+        self.link.check()
         return c is None or (c.moved and c.end is not None and time.perf_counter() >= c.end)
 
     def synchronize(self) -> None:
@@ -96,6 +100,7 @@ class LinkEvent:
         with link.cond:
             while not c.moved:
                 link.cond.wait()
+        link.check()
         while (left := c.end - time.perf_counter()) > 0:  # the bytes are there: the rest of the modelled copy
             time.sleep(left)
 
@@ -103,10 +108,13 @@ class LinkEvent:
 class EmulatedLink:
     """The `torch.cuda` object of `Transfers` on a CPU device with an emulated link of `bytes_per_s`."""
 
-    def __init__(self, bytes_per_s: float, chunk_s: float = CHUNK_S):
+    def __init__(self, bytes_per_s: float, chunk_s: float | None = CHUNK_S):
+        """`chunk_s` None: a copy engine as CUDA's, which runs a copy whole once started and takes none back
+        (`drop` refuses); the streams' heads are chosen between copies, demand first."""
         if not bytes_per_s > 0:
             raise ValueError(f"the link's speed must be above 0 bytes/s, got {bytes_per_s}")
         self.bytes_per_s, self.chunk_s = float(bytes_per_s), chunk_s
+        self.takes_back = chunk_s is not None
         self.cond = threading.Condition()
         self.compute = LinkStream(None, demand=False)
         self.streams: list[LinkStream] = []  # demand first: the order the link serves them in
@@ -115,6 +123,7 @@ class EmulatedLink:
         self.busy_s = 0.0  # link seconds committed since `reset_counts`
         self.preempted = 0  # speculative copies that a demand copy passed, each counted once
         self._closed = False
+        self.error: Exception | None = None  # a copy the worker failed, raised by the next wait (`_check`)
         self._worker = threading.Thread(target=self._move, name="emulated-link", daemon=True)
         self._worker.start()
 
@@ -161,7 +170,7 @@ class EmulatedLink:
         with self.cond:
             now = time.perf_counter()
             self._commit(now)
-            if c is None or c.finished or c.demand:
+            if c is None or c.finished or c.demand or not self.takes_back:
                 return False
             for s in self.streams:
                 if c in s.queue:
@@ -200,6 +209,11 @@ class EmulatedLink:
         with self.cond:
             self._commit(time.perf_counter())
             return self.busy_s
+
+    def check(self) -> None:
+        """Raise a copy the worker failed (as CUDA reports a failed copy at the next sync)."""
+        if self.error is not None:
+            raise RuntimeError(f"the emulated link failed a copy: {self.error}") from self.error
 
     def close(self) -> None:
         with self.cond:
@@ -264,6 +278,8 @@ class EmulatedLink:
         boundary at or after `until` or the moment a stream served before it can start its head (`before`: when
         each such head can start; a demand copy then passes it). Whole chunks at a time, so the schedule costs a
         step per copy, not per chunk."""
+        if self.chunk_s is None:  # a CUDA copy engine: to the copy's end
+            return remaining
         stop = until
         for r in before:
             if r is None:  # a head waiting on a copy this pass has not placed: look again after each chunk
@@ -302,7 +318,10 @@ class EmulatedLink:
                 self.pending.remove(c)
                 cond.release()
                 try:
-                    c.dst.copy_(c.src)
+                    with torch.inference_mode():  # as the issuing thread's copy_ would run (a decode's views)
+                        c.dst.copy_(c.src)
+                except Exception as exc:  # kept for the host's next wait, which raises it: no wait hangs
+                    self.error = exc
                 finally:
                     cond.acquire()
                 c.moved = True

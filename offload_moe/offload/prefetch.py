@@ -37,10 +37,11 @@ speculative copies. Each slot owns two events, created once:
      decided on the host. While speculative copies wait to be fed (rule 7), the host spins in them
      feeding the link, and reads the tensor once its event has completed (`host_list`).
   7. Demand first. On CUDA a speculative copy is fed to the prefetch stream in chunks of `link.CHUNK_S`
-     (at the link's measured speed), at most `feeder.WINDOW` in flight, by the host: at each issue and
-     wait, and in the decode step's syncs, which spin feeding it while copies are queued (`host_list`,
-     `_host_wait`). A demand copy passes the queued rest. An expert needed before its prefetch is all
-     on the link (a hit still in flight) has the rest copied at once on the demand stream (`hurry`).
+     (at the link's measured speed) by the host: at each issue and wait, and in the decode step's syncs,
+     which spin feeding it while copies are queued (`host_list`, `_host_wait`), as many in flight as keep
+     the link busy until the host comes back (feeder.py). A demand copy passes the queued rest. An expert
+     needed before its prefetch is all on the link (a hit still in flight) has the rest copied at once on
+     the demand stream (`hurry`).
   8. Stale never: when a row's routing is known (`ExpertCache.routed`), a speculative copy into it of
      an expert the routing does not use is dropped (`drop`) if it has not all gone to the link (on
      CUDA: the chunks not yet fed never go; on the emulated link: queued, or on the link): its slot
@@ -53,8 +54,9 @@ identical to the CUDA path and to a run without prefetch, unless the engine emul
   9. One copy engine of the given speed, worked by a thread: a copy lasts bytes / speed of wall
      time; the demand stream's head goes first whenever it can start (rule 1's events done).
   10. The link itself runs a copy in chunks of `link.CHUNK_S` and a demand copy passes a speculative
-      one at the end of the current chunk: the feeder's effect on a GPU whose host is free to feed it
-      (on a CPU device the host computes, so it could not feed one during a layer).
+      one at the end of the current chunk, and it takes stale ones back at once: the feeder's effect with
+      a host always there to feed it. (`EmulatedLink(chunk_s=None)` is a copy engine as CUDA's instead,
+      fed by the feeder as on CUDA: bench/bench_link.py `--links`.)
   Compute waits as in rule 3; `backlog_s` is the link's queue in seconds, for decisions that weigh it.
 The CUDA calls go through `self.cuda` (torch.cuda, the emulated link, or a test's fake of it), so
 these rules are tested on the CPU (tests/test_transfer_rules.py, tests/test_feeder.py, tests/test_link.py)
@@ -97,13 +99,15 @@ class Transfers:
     """Host-to-device copies of whole experts, and the hidden state's round trip for CPU-computed
     misses, with per-slot events on CUDA (the rules above). `cuda`: torch.cuda, or a test's fake."""
 
-    def __init__(self, device: torch.device, slots: Sequence[int], cuda=None):
+    def __init__(self, device: torch.device, slots: Sequence[int], cuda=None, feed: bool = True):
+        """`feed` False: speculative copies are enqueued whole where the link does not chunk them itself (CUDA
+        before the feeder: a benchmark's baseline)."""
         self.device = device
         self.cuda = cuda if cuda is not None else (torch.cuda if device.type == "cuda" else None)
         self.link = cuda if isinstance(cuda, EmulatedLink) else None  # rules 9-10
         self.in_flight = [[False] * n for n in slots]  # a copy into [l][s] was issued and not yet waited for
         self.bytes_per_s: float | None = None  # CUDA: the link's measured speed, for `backlog_s` (calibration)
-        self._queued: deque[tuple] = deque()  # CUDA with a known speed: (ready event, bytes) per demand copy
+        self._queued: deque[tuple] = deque()  # CUDA with a known speed: (ready event, bytes) per whole copy
         self.feeder: Feeder | None = None  # CUDA: the speculative copies (feeder.py)
         if self.cuda is None:
             return
@@ -116,10 +120,12 @@ class Transfers:
         self.host_event, self.back_event, self.sync_event = cuda.Event(), cuda.Event(), cuda.Event()
         self.pin = cuda is torch.cuda  # a fake backend runs on CPU tensors, which cannot be pinned
         self._host: dict[tuple, torch.Tensor] = {}  # pinned staging buffers, allocated once per shape
-        if self.link is None:  # CUDA (or a test's fake): speculative copies a chunk at a time (rules 7-8)
-            self.feeder = Feeder(cuda, self.prefetch, self.demand, self.ready, self.free)
+        if feed and (self.link is None or not self.link.takes_back):  # speculative copies a chunk at a time (rule 7)
+            self.feeder = Feeder(cuda, self._enqueue, self.prefetch, self.demand, self.ready, self.free)
             self.landed = [[_Landed(self.feeder, self.ready[p][s], p, s) for s in range(n)]
                            for p, n in enumerate(slots)]
+            if self.link is not None:
+                self.feeder.set_speed(self.link.bytes_per_s)
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, row: int, slot: int, demand: bool = True):
         """Copy one expert into a slot, on the demand stream (needed by this layer now) or the
@@ -135,29 +141,34 @@ class Transfers:
         with self.cuda.stream(stream):
             stream.wait_event(self.free[row][slot])  # rule 1: queued kernels have read the old weights
             stream.wait_event(self.ready[row][slot])  # rule 1: an earlier copy into this slot has landed
-            if self.link is not None:
-                self.link.copy(stream, dst, src)
-            else:
-                dst.copy_(src, non_blocking=True)
+            self._enqueue(stream, dst, src)
             self.ready[row][slot].record(stream)
             if not demand:
                 self.prefetch_tail.record(stream)
-        if self.feeder is not None:
+        if demand and self.feeder is not None:
             self.feeder.passed()
-            if self.bytes_per_s is not None:
-                self._queued.append((self.ready[row][slot], dst.numel() * dst.element_size()))
+        if self.link is None and self.bytes_per_s is not None:
+            self._queued.append((self.ready[row][slot], dst.numel() * dst.element_size()))
         return self.ready[row][slot]
+
+    def _enqueue(self, stream, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """One copy on `stream` (inside `cuda.stream(stream)`): the emulated link's, or CUDA's."""
+        if self.link is not None:
+            self.link.copy(stream, dst, src)
+        else:
+            dst.copy_(src, non_blocking=True)
 
     @property
     def preempted(self) -> int:
         """Speculative copies a demand copy passed, each counted once (on the emulated link and on CUDA)."""
-        source = self.link if self.link is not None else self.feeder
+        source = self.feeder if self.feeder is not None else self.link
         return source.preempted if source is not None else 0
 
     @property
     def can_drop(self) -> bool:
-        """Whether a speculative copy can be stopped before it lands (rule 8): on the emulated link and on CUDA."""
-        return self.cuda is not None
+        """Whether a speculative copy can be stopped before it lands (rule 8): fed a chunk at a time, or on an
+        emulated link that takes copies back."""
+        return self.feeder is not None or (self.link is not None and self.link.takes_back)
 
     def drop(self, row: int, slot: int) -> bool:
         """Drop the speculative copy into a slot if it is still queued or on the emulated link, or on CUDA has
@@ -167,7 +178,7 @@ class Transfers:
         if self.feeder is not None:
             dropped = self.feeder.cancel(row, slot)
         else:
-            dropped = self.link is not None and self.link.drop(self.ready[row][slot])
+            dropped = self.link is not None and self.link.drop(self.ready[row][slot])  # False where it takes none back
         if dropped:
             self.in_flight[row][slot] = False
         return dropped
@@ -193,6 +204,7 @@ class Transfers:
         feeder = self.feeder
         while feeder is not None and feeder.queue and not ev.query():
             feeder.pump()
+            time.sleep(0)  # the GIL to other threads: a reader, or the emulated link's worker, which moves the bytes
         ev.synchronize()  # at once where the loop saw it complete
 
     def backlog_s(self, demand: bool = False) -> float:
@@ -200,15 +212,17 @@ class Transfers:
         everything): 0.0 for inline copies; on the emulated link, its schedule; on CUDA, the bytes of the copies
         not yet landed over the measured speed (`bytes_per_s`, from `ExpertCache.calibrate_misses`), else 0.0.
         On CUDA an estimate: a slot's event tells of its latest copy only, and demand copies share the link."""
+        feeder = self.feeder
+        rest = 0 if feeder is None or demand else feeder.rest_bytes()  # not yet on the link: after the rest
         if self.link is not None:
-            return self.link.backlog_s(demand)
+            return self.link.backlog_s(demand) + rest / self.link.bytes_per_s
         if self.cuda is None or self.bytes_per_s is None:
             return 0.0
         queued = self._queued
         while queued and queued[0][0].query():
             queued.popleft()
-        ahead = sum(n for ev, n in queued if not ev.query()) + self.feeder.backlog_bytes(demand)
-        return ahead / self.bytes_per_s
+        flying = 0 if feeder is None else feeder.flying_bytes()
+        return (sum(n for ev, n in queued if not ev.query()) + flying + rest) / self.bytes_per_s
 
     def measured(self, bytes_per_s: float) -> None:
         """The link's speed, measured at load (`ExpertCache.calibrate_misses`): what `backlog_s` counts bytes in, and
