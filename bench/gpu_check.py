@@ -33,6 +33,7 @@ from offload_moe.formats.int4_layouts import cuda_int4_kernel_runs, int4_cuda_ke
 from offload_moe.formats.int8 import Int8Format  # noqa: E402
 from offload_moe.formats.registry import bytes_per_expert, format_for  # noqa: E402
 from offload_moe.memory import slots_that_fit  # noqa: E402
+from offload_moe.offload.prefetch import Transfers  # noqa: E402
 from offload_moe.options import DEFAULT_RESERVE, EngineOptions
 from offload_moe.weights.convert import convert  # noqa: E402
 
@@ -154,12 +155,19 @@ def int4_kernel_figures(device: torch.device) -> dict:
     return out
 
 
-def run_case(path: Path, name: str, tokens: int, bw: float, device: torch.device, **options) -> dict:
+def run_case(path: Path, name: str, tokens: int, bw: float, device: torch.device, feed: bool = True,
+             **options) -> dict:
+    """One engine's figures; `feed` False: speculative copies enqueued whole, as before the feeder."""
     t0 = time.perf_counter()
     dtype = str(compute_dtype(device)).removeprefix("torch.")
     allocator_before = pinned_allocator_bytes(device)
     engine = Engine.load(path, EngineOptions(device=str(device), dtype=dtype, context=CONTEXT, progress=False,
                                              **options))
+    if not feed:
+        cache, measured = engine.cache, engine.cache.transfers.bytes_per_s
+        cache.transfers = Transfers(engine.device, [len(m) for m in cache.mem], feed=False)
+        if measured is not None:
+            cache.transfers.measured(measured)
     load_s = time.perf_counter() - t0
     pinned = {"pinned_host_bytes": engine.cache.store.pinned_bytes, "planned_pinned_bytes": engine.plan.pinned,
               "pinned_allocator_growth": None if allocator_before is None
@@ -250,6 +258,8 @@ def main() -> int:
         rows = [
             run_case(path, f"int4, {int4} slots, prefetch 1", args.tokens, bw, device, expert_quant="int4",
                      cache_experts=int4, prefetch=1),
+            run_case(path, f"int4, {int4} slots, prefetch 1, whole copies", args.tokens, bw, device, feed=False,
+                     expert_quant="int4", cache_experts=int4, prefetch=1),
             run_case(path, f"int4, {int4} slots, prefetch 0", args.tokens, bw, device, expert_quant="int4",
                      cache_experts=int4, prefetch=0),
             run_case(path, f"int4, {int4} slots, miss policy auto", args.tokens, bw, device, expert_quant="int4",

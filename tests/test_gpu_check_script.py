@@ -19,7 +19,7 @@ def test_gpu_check_runs_every_case_on_the_cpu(tmp_path):
     figures = json.loads(out.read_text())
     rows = figures["rows"]
     assert figures["int4_kernel"] is None and "int4 CUDA kernel vs dequantize: skipped in smoke mode" in r.stdout
-    assert len(rows) == 8
+    assert len(rows) == 9
     assert rows[-1]["bytes_read_from_storage"] > 0  # the storage tier case read from the packed folder
     assert all(row["decode_tokens_per_s"] > 0 for row in rows)
     assert all(row["pinned_host_bytes"] == row["planned_pinned_bytes"] for row in rows)  # 0 on the CPU
