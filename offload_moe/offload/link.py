@@ -123,7 +123,7 @@ class EmulatedLink:
         self.busy_s = 0.0  # link seconds committed since `reset_counts`
         self.preempted = 0  # speculative copies that a demand copy passed, each counted once
         self._closed = False
-        self.error: Exception | None = None  # a copy the worker failed, raised by the next wait (`_check`)
+        self.error: Exception | None = None  # a copy the worker failed, raised by the next wait (`check`)
         self._worker = threading.Thread(target=self._move, name="emulated-link", daemon=True)
         self._worker.start()
 

@@ -171,8 +171,8 @@ class Transfers:
         return self.feeder is not None or (self.link is not None and self.link.takes_back)
 
     def drop(self, row: int, slot: int) -> bool:
-        """Drop the speculative copy into a slot if it is still queued or on the emulated link, or on CUDA has
-        bytes the feeder has not enqueued (rule 8); whether it was. An inline copy has landed: False."""
+        """Drop the speculative copy into a slot if it has bytes the feeder has not enqueued, or, on an emulated
+        link that takes copies back, if it is still queued or on the link (rule 8); whether it was."""
         if not self.in_flight[row][slot]:
             return False
         if self.feeder is not None:
@@ -184,9 +184,8 @@ class Transfers:
         return dropped
 
     def hurry(self, row: int, slot: int) -> None:
-        """The slot's expert is needed now: on CUDA, the rest of a speculative copy the feeder has not enqueued
-        goes at once, on the demand stream (the emulated link serves a stream's copies in order, as CUDA does;
-        prefetched bytes there are already on the link)."""
+        """The slot's expert is needed now: the rest of a speculative copy the feeder has not enqueued goes at
+        once, on the demand stream (where there is no feeder, the whole copy is on the link already)."""
         if self.feeder is not None:
             self.feeder.hurry(row, slot)
 
