@@ -145,3 +145,17 @@ def test_an_engine_whose_prefetches_go_in_small_chunks_computes_the_same(ckpts):
     assert torch.equal(got.logits, want.logits)
     assert engine.cache.fmt.nbytes > 256 and _copies(fake, "prefetch")
     assert engine.cache.counters.prefetch_dropped > 0  # routing left some unused before they were all on the link
+
+
+def test_a_tiered_store_under_fed_copies_computes_the_same(ckpts):
+    """Experts streamed from storage through a RAM tier of a quarter of them, copied through the fake in small
+    chunks: the store gets `_Landed` for a speculative copy and queries and waits on it (the order itself is
+    the test above; the fake moves bytes at once), and the logits are the resident run's."""
+    ref = Engine.load(ckpts["base"], EngineOptions(cache_experts=2, prefetch=1, progress=False))
+    want = ref.generate(PROMPT, 8, keep_logits=True)
+    experts = 3 * 8 * 3 * 64 * 96 * 4  # layers x experts x (w1, w2, w3) bytes, float32
+    engine, _, _ = _instrumented(ckpts["base"], cache_experts=2, prefetch=1, ram_budget=experts // 4)
+    engine.cache.transfers.feeder.chunk_bytes = 4096
+    got = engine.generate(PROMPT, 8, keep_logits=True)
+    assert torch.equal(got.logits, want.logits)
+    assert got.stats["experts_in_ram"] is False and got.stats["bytes_read_from_storage"] > 0
