@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 from fake_cuda import FakeCuda
 from test_transfer_rules import PROMPT, _instrumented
@@ -159,3 +160,20 @@ def test_a_tiered_store_under_fed_copies_computes_the_same(ckpts):
     got = engine.generate(PROMPT, 8, keep_logits=True)
     assert torch.equal(got.logits, want.logits)
     assert got.stats["experts_in_ram"] is False and got.stats["bytes_read_from_storage"] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_a_demand_copy_lands_while_a_big_prefetch_is_still_being_fed():
+    device = torch.device("cuda", torch.cuda.device_count() - 1)
+    t = Transfers(device, [2])
+    t.feeder.chunk_bytes = 1 << 20
+    big = torch.zeros(64 << 20, dtype=torch.uint8, device=device)
+    small = torch.zeros(1 << 20, dtype=torch.uint8, device=device)
+    t.copy(big, torch.ones(64 << 20, dtype=torch.uint8).pin_memory(), 0, 0, demand=False)
+    t.copy(small, torch.full((1 << 20,), 2, dtype=torch.uint8).pin_memory(), 0, 1, demand=True)
+    t.wait_ready(0, 1)  # spins feeding the prefetch meanwhile, a window at a time
+    torch.cuda.synchronize(device)
+    assert small.eq(2).all() and t.feeder.queued(0, 0)  # landed with most of the prefetch not yet on the link
+    assert t.drop(0, 0) and not t.feeder.queued(0, 0)
+    t.synchronize()
+    assert big[: t.feeder.enqueued_bytes].eq(1).all() and big[t.feeder.enqueued_bytes :].eq(0).all()
