@@ -137,10 +137,11 @@ def main() -> int:
                 cache.transfers.link.close()
                 cache.transfers = Transfers(engine.device, [len(m) for m in cache.mem],
                                             EmulatedLink(gbs * 1e9, chunk_s=None), feed=link == "fed")
-                if link == "fed" and predictor == "auto":
+                if link == "fed" and prefetch and predictor == "auto":
                     feeder = cache.transfers.feeder
                     print(f"# {name}: the feeder's chunk {feeder.chunk_bytes} bytes, "
-                          f"{1e3 * feeder.chunk_bytes / (gbs * 1e9):.2f} ms, at most {len(feeder.ring)} in flight")
+                          f"{1e3 * feeder.chunk_bytes / (gbs * 1e9):.2f} ms, {feeder.window} to {len(feeder.ring)} "
+                          "in flight")
             engine.start_trace(name, hidden=True)
             decode(engine, ids)
             runs[link, prefetch, predictor] = (engine, engine.stop_trace(), [])
