@@ -140,9 +140,10 @@ class ExpertCache:
         """
         self._pace()
         hit, slots, _ = self.table.access_row(row, experts, pending=self.planned[0][:2] if self.planned else None)
-        for s, h in zip(slots, hit, strict=True):
-            if h:  # a prefetch of it not yet on the link goes now, on the demand stream (CUDA's feeder)
-                self.transfers.hurry(self.pool_of[row], s)
+        if self.transfers.feeder is not None:  # a hit's prefetch not yet all on the link: the rest now, as demand
+            for s, h in zip(slots, hit, strict=True):
+                if h:
+                    self.transfers.hurry(self.pool_of[row], s)
         c = self.counters
         on_cpu = [False] * len(experts)
         for k, e in enumerate(experts):

@@ -127,28 +127,29 @@ class Feeder:
     def cancel(self, pool: int, slot: int) -> bool:
         """Stop the copy into this slot if it still has bytes not enqueued (what was enqueued lands; the
         slot's `ready` event covers it). Whether it was stopped."""
-        job = self.jobs[pool][slot]
-        if not job.queued:
-            return False
-        self.queue.remove((pool, slot))
-        job.queued = False
-        return True
+        return self._dequeue(pool, slot) is not None
 
     def hurry(self, pool: int, slot: int) -> None:
         """The slot's expert is needed now: enqueue the rest of its copy at once, on the demand stream."""
-        job = self.jobs[pool][slot]
-        if job.queued:
-            self.queue.remove((pool, slot))
-            job.queued = False
+        job = self._dequeue(pool, slot)
+        if job is not None:
             self._enqueue(job, pool, slot, job.dst.numel(), self.demand, chunk=False)
 
     def flush(self) -> None:
         """Enqueue every queued job's rest on the prefetch stream (before a stream sync)."""
         while self.queue:
-            pool, slot = self.queue.popleft()
-            job = self.jobs[pool][slot]
-            job.queued = False
+            pool, slot = self.queue[0]
+            job = self._dequeue(pool, slot)
             self._enqueue(job, pool, slot, job.dst.numel(), self.stream, chunk=False)
+
+    def _dequeue(self, pool: int, slot: int) -> _Job | None:
+        """Take the slot's job out of the queue: its rest goes now or never. None: it had nothing left to enqueue."""
+        job = self.jobs[pool][slot]
+        if not job.queued:
+            return None
+        self.queue.remove((pool, slot))
+        job.queued = False
+        return job
 
     def _enqueue(self, job: _Job, pool: int, slot: int, end: int, stream, chunk: bool = True) -> None:
         """Bytes [job.done, end) of the job's copy on `stream` (prefetch.py, rule 1 before its first bytes, or
