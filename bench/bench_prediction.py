@@ -1,14 +1,21 @@
-"""Expert prediction on a trained demo: which predictor makes experts resident on arrival, on held-out text.
+"""Expert prediction on a trained demo: which predictor makes experts resident on arrival, on held-out routing.
 
     python bench/bench_prediction.py [--model demo|demo-fine|PATH] [--fit-tokens 40000] [--eval-tokens 20000]
                                      [--write | --recalibrate] [--threads 2] [--input router_input|hidden]
+                                     [--routing decode|text] [--temperature 0.7]
 
 Both sides of the split come from the training script's corpus split (tools/train_tiny_moe.py): the
-learned predictor is fitted on windows of training files, every figure is measured on windows of the
-held-out files, which neither the model nor the predictor saw. Each window (the model's context) is
-scored in one pass with a trace recording the hidden states; the windows then replay one after
-another as one token stream, as a decode would meet them. The learned predictor reads each layer's router input
-(`--input`; what `train-predictor` fits by default). Printed:
+learned predictor is fitted on routing of training files, every figure is measured on routing of the
+held-out files, which neither the model nor the predictor saw. The routing (`--routing`), traced with the
+hidden states, then replayed one token after another as one stream:
+  decode  (the default) prompts of the files (16 tokens, one every 300), each continued for 200 tokens by the
+          engine's own sampling at `--temperature`: the routing a decode meets, as `profile` records it. Its next
+          token is the model's own, which the last layer's state foretells: the cross-token guess (layer 0 from
+          the previous token's last layer) is the better for it. Greedy decoding sends a model this small into
+          loops (16% distinct 4-grams at temperature 0, 84% at 0.7), which would flatter every cache.
+  text    windows of the files (the model's context) scored in one pass, replayed as if decoded: each next token
+          is the text's, which the model did not pick.
+The learned predictor reads each layer's router input (`--input`; what `train-predictor` fits by default). Printed:
   * recall per layer at width K and 2K (train_predictor.recall_table's predictors, plus the router one
     layer ahead: each layer's own router on the hidden state entering the layer before; layer 0 from
     the previous token's last layer);
@@ -23,9 +30,9 @@ another as one token stream, as a decode would meet them. The learned predictor 
     lead decided at each row, a deeper one's copies only into the link's gap before the next layer's guess.
 `--write` saves the learned predictor (every lead) as the model folder's predictor.safetensors, which the engine's
 `--predictor auto` (the default) loads: how the demos' files are made. The file carries the calibration
-measured on the held-out windows (train_predictor.calibration_of, as `train-predictor` measures it on its
+measured on the held-out routing (train_predictor.calibration_of, as `train-predictor` measures it on its
 held-out part), so the engine prefetches by `speculate`'s decision. `--recalibrate` instead loads the folder's
-existing predictor.safetensors, measures its calibration on the held-out windows and writes it back with the
+existing predictor.safetensors, measures its calibration on the held-out routing and writes it back with the
 same weights and metadata, then stops (how the shipped files got their calibration without a refit).
 """
 
@@ -63,6 +70,9 @@ from offload_moe.planning.timed import Deeper, TimedOptions, simulate_timed, tim
 from offload_moe.planning.trace import Trace, join_traces  # noqa: E402
 from offload_moe.planning.train_predictor import calibration_of, fit_row, recall, recall_table, samples  # noqa: E402
 
+# decode routing (`decode_trace`): a short prompt, then the model's own tokens up to most of the demos' context (256)
+PROMPT_TOKENS, PROMPT_STRIDE, NEW_TOKENS = 16, 300, 200
+
 
 def windows_trace(engine: Engine, files: dict[str, str], tokens: int) -> Trace:
     """Windows of `files` (BOS + context - 1 tokens each), scored until `tokens`, as one trace with hidden states."""
@@ -81,6 +91,25 @@ def windows_trace(engine: Engine, files: dict[str, str], tokens: int) -> Trace:
     return join_traces(parts)
 
 
+def decode_trace(engine: Engine, files: dict[str, str], tokens: int, temperature: float) -> Trace:
+    """Prompts of `files` (BOS and PROMPT_TOKENS tokens, one every PROMPT_STRIDE tokens), each continued by the
+    engine's own sampling at `temperature` for up to NEW_TOKENS tokens (seeded by its place: reproducible), traced
+    with hidden states until `tokens`, as one trace: the routing a decode meets, where the next token is the
+    model's own, not the text's."""
+    parts, n = [], 0
+    for text in files.values():
+        ids = engine.tokenizer.encode(text, bos=False)
+        for i in range(0, len(ids) - PROMPT_TOKENS + 1, PROMPT_STRIDE):
+            engine.start_trace("bench", hidden=True)
+            engine.generate([engine.config.bos_id, *ids[i : i + PROMPT_TOKENS]], NEW_TOKENS,
+                            temperature=temperature, seed=len(parts))
+            parts.append(engine.stop_trace())
+            n += parts[-1].num_tokens
+            if n >= tokens:
+                return join_traces(parts)
+    return join_traces(parts)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="demo", help="demo, demo-fine or a trained Mixtral-layout folder")
@@ -89,39 +118,53 @@ def main() -> int:
     ap.add_argument("--hidden-size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--write", action="store_true", help="save the predictor as the model folder's " + FILE_NAME +
-                    ", with its calibration measured on the held-out windows")
+                    ", with its calibration measured on the held-out routing")
     ap.add_argument("--recalibrate", action="store_true", help="rewrite the folder's " + FILE_NAME + " with its "
-                    "weights and metadata as they are and a calibration measured on the held-out windows; then stop")
+                    "weights and metadata as they are and a calibration measured on the held-out routing; then stop")
     ap.add_argument("--depth", type=int, default=3, help="fit leads 1 to this (at most the layers - 1); the "
                     "depth table decides copies from each lead up to each depth")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--input", choices=HIDDEN, default="router_input", help="the state the learned predictor reads")
+    ap.add_argument("--routing", choices=("decode", "text"), default="decode", help="decode: prompts continued by the "
+                    "engine's own sampling (what a decode meets, and what `profile` records); text: windows of the "
+                    "files scored in one pass, replayed as if decoded (the next token is the text's)")
+    ap.add_argument("--temperature", type=float, default=0.7, help="the decode routing's sampling temperature "
+                    "(greedy decoding sends a model this small into loops)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     folder = resolve_model(args.model)
-    engine = Engine.load(folder, EngineOptions(prefetch=0, dtype="float32", progress=False))
+    engine = Engine.load(folder, EngineOptions(prefetch=0, dtype="float32", progress=False, threads=args.threads))
     c = engine.config
     L, E, K = c.n_moe_layers, c.num_experts, c.top_k
     train, held = split_corpus(corpus_files())
+
+    def routing(files: dict[str, str], tokens: int) -> Trace:
+        if args.routing == "text":
+            return windows_trace(engine, files, tokens)
+        return decode_trace(engine, files, tokens, args.temperature)
+
+    what = ("windows" if args.routing == "text" else
+            f"prompts decoded at temperature {args.temperature:g} ({PROMPT_TOKENS} + {NEW_TOKENS} tokens each)")
     if args.recalibrate:
         path = folder / FILE_NAME
         existing = load_predictor(path, L, c.dim, E)
-        evaluation = windows_trace(engine, held, args.eval_tokens)
+        evaluation = routing(held, args.eval_tokens)
         for p in (existing, *existing.deeper):
             p.calibration = calibration_of(p, evaluation)  # [L, E]
         calibration = existing.calibration
         meta = {**existing.meta, "calibrated_tokens": str(evaluation.num_tokens)}
         save_predictor(path, existing.weights, existing.lead, meta, calibration, existing.deeper)
-        print(f"wrote {path}: its weights, calibrated on {evaluation.num_tokens:,} held-out tokens; mean chance "
-              f"per rank " + " ".join(f"{p:.2f}" for p in calibration.mean(0)))
+        print(f"wrote {path}: its weights, calibrated on {evaluation.num_tokens:,} tokens of held-out {what}; "
+              f"mean chance per rank " + " ".join(f"{p:.2f}" for p in calibration.mean(0)))
         return 0
-    fit, evaluation = windows_trace(engine, train, args.fit_tokens), windows_trace(engine, held, args.eval_tokens)
+    fit, evaluation = routing(train, args.fit_tokens), routing(held, args.eval_tokens)
     print(f"# {time.strftime('%Y-%m-%d')}, {args.model}: {L} layers, {E} experts, top-{K}; fitted on "
-          f"{fit.num_tokens:,} tokens of training files, measured on {evaluation.num_tokens:,} held-out tokens")
+          f"{fit.num_tokens:,} tokens of training-file {what}, measured on {evaluation.num_tokens:,} tokens of "
+          f"held-out {what}")
     fitted = {lead: [fit_row(*samples(fit, row, lead, args.input), E, args.hidden_size, args.steps, 512, 3e-3, row)
                      for row in range(L)] for lead in range(1, min(args.depth, L - 1) + 1)}
-    meta = {"trace": f"bench_prediction: {fit.num_tokens} tokens of training-file windows", "model": args.model,
+    meta = {"trace": f"bench_prediction: {fit.num_tokens} tokens of training-file {what}", "model": args.model,
             "fitted_tokens": str(fit.num_tokens), "hidden_size": str(args.hidden_size), "steps": str(args.steps),
             "calibrated_tokens": str(evaluation.num_tokens), "input": args.input}
     learned = {lead: LearnedPredictor(w, lead, meta) for lead, w in fitted.items()}
@@ -135,7 +178,7 @@ def main() -> int:
 
     for width in sorted({K, min(2 * K, E)}):
         table = recall_table(learned[1], fit, evaluation, width)
-        table.pop("recorded")  # the windows were scored with prefetch off: the router's top-k, as "router" at K
+        table.pop("recorded")  # traced with prefetch off: the router's top-k, as "router" at K
         cut = replayed(evaluation, router, width)
         table["router"] = [recall(cut.predicted[:, r], evaluation.experts[:, r]) for r in range(L)]
         for d in sorted(learned)[1:]:
