@@ -1,14 +1,15 @@
 """The timed replay against the live engine over the emulated link: is the modelled tok/s what a run measures?
 
     python bench/bench_link.py [--models demo,demo-fine] [--tokens 224] [--copy-ms 5] [--repeats 3] [--threads 2]
-                               [--links ideal,fed,whole]
+                               [--links ideal,fed,whole] [--routing decode|text] [--temperature 0.7]
 
 For each trained demo, at twice top-k slots per layer (LRU, a cache per layer, miss policy fetch), with the
 engine's prefetch (its predictor, --prefetch 1: "depth N" where the predictor file has a calibration, the copies
 `speculate` chooses at each of its leads 1 to N, in the replay too; else "lead 1", the fixed width), with the
 file's nearest lead alone ("depth 1", a copy of the file without its deeper leads) and without: the live engine decodes
-held-out text (the training script's held-out files, tools/train_tiny_moe.py) token by token, teacher-forced
-through the decode path, on a CPU device whose link is emulated (`--link-gbs`) at the speed that makes one
+held-out tokens (from the training script's held-out files, tools/train_tiny_moe.py; `--routing`: by default a
+prompt of them continued by the model's own sampling, as bench_prediction.py's decode routing, else the text itself)
+token by token, teacher-forced through the decode path, on a CPU device whose link is emulated (`--link-gbs`) at the speed that makes one
 expert's copy last `--copy-ms` (well above sleep granularity), the three settings in turn `--repeats` times, the
 fastest run of each counted and the spread of its runs printed. Measured over the decode steps after the first:
 tok/s, the compute's waits on copies, the link's busy share. The same tokens' routing and predictions, recorded
@@ -59,14 +60,21 @@ from offload_moe.threads import set_threads  # noqa: E402
 PROMPT = 16  # held-out tokens of prefill before the decode steps
 
 
-def held_out_ids(engine: Engine, count: int) -> list[int]:
-    """BOS and the first `count` - 1 tokens of the held-out files, one after another."""
+def held_out_ids(engine: Engine, count: int, routing: str, temperature: float) -> list[int]:
+    """BOS and `count` - 1 tokens: the held-out files' first ones (routing text), or PROMPT of them continued by the
+    engine's own sampling at `temperature`, seed 0 (routing decode: bench_prediction.py's; every setting decodes
+    these same tokens, which its logits, equal to the resident engine's, would sample too)."""
     ids = [engine.config.bos_id]
     for text in split_corpus(corpus_files())[1].values():
         ids += engine.tokenizer.encode(text, bos=False)
         if len(ids) >= count:
             break
-    return ids[:count]
+    if routing == "text":
+        return ids[:count]
+    made = engine.generate(ids[:PROMPT], count - PROMPT, temperature=temperature, seed=0).tokens
+    if PROMPT + len(made) < count:
+        sys.exit(f"the decode of the held-out prompt ended after {len(made)} tokens; fewer --tokens, or --routing text")
+    return ids[:PROMPT] + made
 
 
 @torch.inference_mode()
@@ -96,11 +104,15 @@ def main() -> int:
                     "counts, the spread is printed")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--links", default="ideal", help="ideal, fed, whole: see the docstring")
+    ap.add_argument("--routing", choices=("decode", "text"), default="decode", help="the tokens decoded: a held-out "
+                    "prompt's continuation by the model's own sampling, or the held-out text (bench_prediction.py)")
+    ap.add_argument("--temperature", type=float, default=0.7, help="the decode routing's sampling temperature")
     args = ap.parse_args()
     links = args.links.split(",")
     if not links or set(links) - {"ideal", "fed", "whole"}:
         ap.error(f"--links takes ideal, fed and whole, not {args.links!r}")
-    print(f"# {time.strftime('%Y-%m-%d')}: {args.tokens} held-out decode steps, one expert copy {args.copy_ms} ms, "
+    print(f"# {time.strftime('%Y-%m-%d')}: {args.tokens} decode steps ({args.routing} routing), one expert copy "
+          f"{args.copy_ms} ms, "
           "twice top-k slots per layer, LRU, miss policy fetch")
     print(f"{'model':>10}{'link':>6}{'prefetch':>9}{'link GB/s':>10}{'live tok/s':>11}{'spread':>10}{'wait ms/tok':>12}"
           f"{'link busy':>10}"
@@ -122,7 +134,7 @@ def main() -> int:
         calibrated_layer_s = step_seconds(c, fmt.nbytes, hw, 0, 0, "fetch", precision="none") / L
         if PROMPT + 1 + args.tokens > probe.kv_capacity:
             ap.error(f"--tokens {args.tokens}: {name} holds {probe.kv_capacity} tokens, the prompt {PROMPT + 1}")
-        ids = held_out_ids(probe, PROMPT + 1 + args.tokens)
+        ids = held_out_ids(probe, PROMPT + 1 + args.tokens, args.routing, args.temperature)
         del probe
         shipped = load_predictor(resolve_model(name) / FILE_NAME, L, c.dim, c.num_experts)
         nearest = tmp / f"{name}-lead1.safetensors"  # the shipped file's nearest lead alone: depth 1
