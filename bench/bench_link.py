@@ -3,18 +3,18 @@
     python bench/bench_link.py [--models demo,demo-fine] [--tokens 224] [--copy-ms 5] [--repeats 3] [--threads 2]
                                [--links ideal,fed,whole] [--routing decode|text] [--temperature 0.7]
 
-For each trained demo, at twice top-k slots per layer (LRU, a cache per layer, miss policy fetch), with the
-engine's prefetch (its predictor, --prefetch 1: "depth N" where the predictor file has a calibration, the copies
-`speculate` chooses at each of its leads 1 to N, in the replay too; else "lead 1", the fixed width), with the
-file's nearest lead alone ("depth 1", a copy of the file without its deeper leads) and without: the live engine decodes
-held-out tokens (from the training script's held-out files, tools/train_tiny_moe.py; `--routing`: by default a
-prompt of them continued by the model's own sampling, as bench_prediction.py's decode routing, else the text itself)
-token by token, teacher-forced through the decode path, on a CPU device whose link is emulated (`--link-gbs`) at the speed that makes one
-expert's copy last `--copy-ms` (well above sleep granularity), the three settings in turn `--repeats` times, the
-fastest run of each counted and the spread of its runs printed. Measured over the decode steps after the first:
-tok/s, the compute's waits on copies, the link's busy share. The same tokens' routing and predictions, recorded
-in a run before the timed one, then go through the timed replay (planning/timed.py `simulate_timed`) with the
-same copy time and a layer's compute time from either
+For each trained demo, at twice top-k slots per layer (LRU, a cache per layer, miss policy fetch), with the engine's
+prefetch (its predictor, --prefetch 1: "depth N" where the predictor file has a calibration, the copies `speculate`
+chooses at each of its leads 1 to N, in the replay too; else "lead 1", the fixed width), with the file's nearest
+lead alone ("depth 1", a copy of the file without its deeper leads) and without: the live engine decodes held-out
+tokens (from the training script's held-out files, tools/train_tiny_moe.py; `--routing`: by default a prompt of them
+continued by the model's own sampling, as bench_prediction.py's decode routing, else the text itself) token by
+token, teacher-forced through the decode path, on a CPU device whose link is emulated (`--link-gbs`) at the speed
+that makes one expert's copy last `--copy-ms` (well above sleep granularity), the three settings in turn `--repeats`
+times, the fastest run of each counted and the spread of its runs printed. Measured over the decode steps after the
+first: tok/s, the compute's waits on copies, the link's busy share. The same tokens' routing and predictions,
+recorded in a run before the timed one, then go through the timed replay (planning/timed.py `simulate_timed`) with
+the same copy time and a layer's compute time from either
   * calibrated: `planning/calibrate.py` on this CPU at the model's shape, through the tuner's cost model (what
     `simulate --timed --profile` reads from a calibrated profile), or
   * measured: the live run's own decode time less its waits, per layer,

@@ -1,9 +1,10 @@
 """The shipped profiles' prefetch defaults, judged in the timed replay on a demo's held-out routing.
 
     python bench/bench_tune_profiles.py [--model demo|demo-fine] [--eval-tokens 8000] [--threads 2]
-                                        [--policy P] [--pool layer|global]
+                                        [--policy P] [--pool layer|global] [--routing decode|text] [--temperature 0.7]
 
-The held-out windows are bench_prediction.py's (the training script's held-out files); the predictions
+The held-out routing is bench_prediction.py's (`--routing`: held-out prompts decoded by the model's own sampling,
+or windows of the held-out text; the training script's held-out files); the predictions
 are the shipped predictor's (the model folder's predictor.safetensors, what `--predictor auto` loads).
 For each card profile: its hardware, expert precision, policy and pool (the engine's default where it sets
 none; `--policy`, `--pool`: another, to compare), its slots per layer scaled to the demo's experts (Mixtral's 8:
@@ -25,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_prediction import windows_trace  # noqa: E402
+from bench_prediction import decode_trace, windows_trace  # noqa: E402
 from train_tiny_moe import corpus_files, split_corpus  # noqa: E402
 
 from offload_moe.demo import resolve_model  # noqa: E402
@@ -49,16 +50,21 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--policy", choices=ONLINE_POLICIES, help="instead of each profile's eviction policy")
     ap.add_argument("--pool", choices=POOLS, help="instead of each profile's slot pool")
+    ap.add_argument("--routing", choices=("decode", "text"), default="decode", help="bench_prediction.py's")
+    ap.add_argument("--temperature", type=float, default=0.7, help="the decode routing's sampling temperature")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     folder = resolve_model(args.model)
-    engine = Engine.load(folder, EngineOptions(prefetch=0, dtype="float32", progress=False))
+    engine = Engine.load(folder, EngineOptions(prefetch=0, dtype="float32", progress=False, threads=args.threads))
     c = engine.config
     L, E, K = c.n_moe_layers, c.num_experts, c.top_k
-    held = windows_trace(engine, split_corpus(corpus_files())[1], args.eval_tokens)
+    files = split_corpus(corpus_files())[1]
+    held = (windows_trace(engine, files, args.eval_tokens) if args.routing == "text" else
+            decode_trace(engine, files, args.eval_tokens, args.temperature))
     predicted = replayed(held, str(folder / FILE_NAME))  # as the engine predicts: calibrated, every expert ranked
     sources = [(0, "", held), (int(predicted.metadata["prefetch_lead"]), FILE_NAME, predicted)]
-    print(f"# {args.model}: {L} layers, {E} experts, top-{K}; {held.num_tokens:,} held-out tokens; "
+    print(f"# {args.model}: {L} layers, {E} experts, top-{K}; {held.num_tokens:,} held-out tokens ({args.routing} "
+          "routing); "
           f"predictions: the shipped {FILE_NAME} (lead {sources[1][0]}, {predicted.predicted.shape[2]} wide)")
     print("| profile | slots | option | fetch tok/s | vs none | cpu tok/s | auto tok/s |")
     print("|---|---|---|---|---|---|---|")
