@@ -306,6 +306,25 @@ def test_the_engine_decides_every_lead_up_to_its_depth(tmp_path, monkeypatch):
         load(3)
 
 
+def test_the_gate_counts_the_host_time_of_deciding_and_issuing_the_copies(tmp_path, monkeypatch):
+    """A prediction is made while its copies' expected saving covers its host time: the prefetcher's own and the
+    cache's, deciding and issuing the copies (`ExpertCache.spent`, folded into `Prefetcher.issue`)."""
+    engine = _calibrated_engine(tmp_path, 0.9)
+    pre, cache = engine.model.prefetcher, engine.cache
+    monkeypatch.setattr(cache, "layer_s", 1.0)  # every copy could start in time: only the gate decides
+    monkeypatch.setattr(cache, "_pace", lambda: None)
+    engine.generate("def f(x):", 8)
+    assert pre.issue[1] > 0.0 and not cache.spent  # measured, and read with the gains
+
+    def gate(saved: float, issuing: float) -> bool:
+        pre.gain[1], pre.cost[1], pre.issue[1], pre.calls[1] = 0.0, 1e-4, 0.0, 5  # not a probing call
+        cache.gains, cache.spent = {1: saved}, {1: issuing}
+        return pre._pays(pre.predictor, 0.0)
+
+    assert gate(2e-3, 0.0)  # the average saving 2e-4 s covers the prediction's own 1e-4 s
+    assert not gate(2e-3, 2e-3)  # not with the 2e-4 s its copies took to decide and issue
+
+
 def test_a_prediction_whose_copies_never_pay_is_made_only_to_probe(tmp_path, monkeypatch):
     """Calibrated at chance 0, no copy pays, so a prediction's expected saving (0) stays below its host time: after
     the first, the prefetcher predicts once in PROBE calls; recording a trace, it predicts every time."""

@@ -95,6 +95,7 @@ class ExpertCache:
         self.layer_s = 0.0  # a layer's compute between two acquires (an average), for `decide_row`
         self.top_k = 1  # experts a token uses per row, set by the prefetcher, for `decide_row`
         self.gains: dict[int, float] = {}  # per lead, the expected saving of the copies decided since `Prefetcher` read
+        self.spent: dict[int, float] = {}  # per lead, the host time of deciding and issuing them (the gate's cost too)
         self._entered = self._waited = None  # the latest acquire's time and copy_wait_s then
 
     @property
@@ -236,14 +237,17 @@ class ExpertCache:
         the planned row's `lead` layers run, and before the next layer's guesses)."""
         planned, self.planned = self.planned, []
         for row, experts, ranked, lead, deeper in planned:
-            if ranked is not None:
-                wait = demand * self.copy_s
-                chosen = decide_row(self.table, row, ranked, self.top_k, self.copy_s, self.transfers.backlog_s(),
-                                    wait + lead * self.layer_s, self.slots[row],
-                                    wait + self.layer_s if deeper else float("inf"))
-                experts = [e for e, _ in chosen]
-                self.gains[lead] = self.gains.get(lead, 0.0) + sum(g for _, g in chosen)  # for `Prefetcher`'s gate
-            self.prefetch(row, experts)
+            if ranked is None:
+                self.prefetch(row, experts)
+                continue
+            t0, wait = time.perf_counter(), demand * self.copy_s
+            better = wait + self.layer_s if deeper else float("inf")
+            chosen = decide_row(self.table, row, ranked, self.top_k, self.copy_s, self.transfers.backlog_s(),
+                                wait + lead * self.layer_s, self.slots[row], better)
+            self.prefetch(row, [e for e, _ in chosen])
+            # for `Prefetcher`'s gate: what the copies are expected to save, and what deciding and issuing them cost
+            self.gains[lead] = self.gains.get(lead, 0.0) + sum(g for _, g in chosen)
+            self.spent[lead] = self.spent.get(lead, 0.0) + time.perf_counter() - t0
 
     def prefetch(self, row: int, experts: list[int]) -> None:
         """Start copying predicted experts that are not resident (never evicting one of them)."""

@@ -342,9 +342,11 @@ class Prefetcher:
         self.stages = [predictor, *([] if nearest else getattr(predictor, "deeper", []))]
         self.lead, self.widths = self.stages[-1].lead, list(widths)  # the depth
         self.input = predictor.input  # which hidden state the model calls it with: "hidden" or "router_input"
-        # per lead, averages of the expected saving of a prediction's copies and of its host time (seconds)
+        # per lead, averages of the expected saving of a prediction's copies and of its host time (seconds): here
+        # (`cost`) and in the cache, deciding and issuing its copies (`issue`)
         self.gain = {s.lead: 0.0 for s in self.stages}
         self.cost = {s.lead: 0.0 for s in self.stages}
+        self.issue = {s.lead: 0.0 for s in self.stages}
         self.calls = {s.lead: 0 for s in self.stages}
         if cache is not None:
             cache.top_k = model.config.top_k
@@ -405,14 +407,17 @@ class Prefetcher:
         (`speculate.could_start`, from the link's queue at this row's entry, `backlog_s`: before the row
         `stage.lead` rows ahead runs, and for a deeper lead before the next row's nearer guess; this row's demand
         copies, issued before the decision, add the same to both sides). Nor when its copies' expected saving
-        (`decide`'s, an average per prediction) has been below its own host time, but for every PROBE-th call,
-        which keeps the average current: where nothing pays, prefetch costs next to nothing."""
+        (`decide`'s, an average per prediction) has been below its host time (predicting here, deciding and issuing
+        its copies in the cache), but for every PROBE-th call, which keeps the averages current: where nothing pays,
+        prefetch costs next to nothing."""
         c, lead = self.cache, stage.lead
-        for k, g in c.gains.items():  # the savings decided since the last call, into their leads' averages
+        for k, g in c.gains.items():  # the savings decided since the last call, and their host time, into averages
             self.gain[k] = 0.9 * self.gain[k] + 0.1 * g
+            self.issue[k] = 0.9 * self.issue[k] + 0.1 * c.spent[k]
         c.gains.clear()
+        c.spent.clear()
         better = c.layer_s if stage is not self.predictor else float("inf")
         if not could_start(backlog_s, lead * c.layer_s, better):
             return False
         self.calls[lead] += 1
-        return self.calls[lead] % PROBE == 1 or self.gain[lead] >= self.cost[lead]
+        return self.calls[lead] % PROBE == 1 or self.gain[lead] >= self.cost[lead] + self.issue[lead]
