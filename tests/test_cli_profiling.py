@@ -57,6 +57,30 @@ def test_record_simulate_tune_and_generate_with_the_tuned_profile(ckpts, tmp_pat
     assert (stats["predictor"] is None) == (stats["prefetch_depth"] == 0)
 
 
+def test_profile_records_the_decode_its_sampling_flags_make(ckpts, tmp_path, capsys):
+    """Greedy by default; with --temperature the routing of a sampled decode (seeded: the same trace twice), the
+    one a predictor should be fitted on where the model is served that way. A bad flag is refused before the load."""
+    import numpy as np
+
+    from offload_moe.planning.trace import load_trace
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def fib(n):\n")
+
+    def record(name: str, *flags: str) -> np.ndarray:
+        code, _, err = run(capsys, "profile", "--model", str(ckpts["base"]), "--prompts", str(prompts),
+                           "--max-new-tokens", "16", "--trace-out", str(tmp_path / name), *flags)
+        assert code == 0, err
+        return load_trace(tmp_path / name).experts  # [T, L, K]
+
+    greedy, sampled = record("greedy"), record("sampled", "--temperature", "1.5", "--seed", "1")
+    assert np.array_equal(sampled, record("again", "--temperature", "1.5", "--seed", "1"))
+    assert not np.array_equal(greedy, sampled)
+    code, _, err = run(capsys, "profile", "--model", str(ckpts["base"]), "--prompts", str(prompts), "--trace-out",
+                       str(tmp_path / "bad"), "--temperature", "-1")
+    assert code == 1 and "--temperature" in err and not (tmp_path / "bad").exists()
+
+
 def test_profiling_commands_refuse_bad_input(ckpts, tmp_path, capsys):
     bad = tmp_path / "bad.trace"
     bad.write_bytes(b"not a trace")

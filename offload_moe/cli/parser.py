@@ -71,6 +71,18 @@ def add_template_flags(group, applies: str) -> None:
                        "(vLLM's and llama.cpp's flag); with --chat-template-arg, a later name wins")
 
 
+def add_sampling_flags(parser) -> None:
+    """generate's and profile's sampling flags (`run_cmds.sampling_of` reads them)."""
+    smp = parser.add_argument_group("sampling (greedy unless --temperature > 0)")
+    smp.add_argument("--greedy", action="store_true", help="pick the most likely token (the default)")
+    smp.add_argument("--temperature", type=float, default=SAMPLING.temperature,
+                     help="sampling temperature; 0 is greedy (default: %(default)s)")
+    smp.add_argument("--top-p", type=float, default=SAMPLING.top_p, help="nucleus sampling mass (default: %(default)s)")
+    smp.add_argument("--top-k", type=nonneg, default=SAMPLING.top_k, help="keep the k most likely tokens; "
+                     "0 keeps all (default: %(default)s)")
+    smp.add_argument("--seed", type=int, default=SAMPLING.seed, help="sampling seed (default: %(default)s)")
+
+
 def add_generate(sub) -> None:
     gen = sub.add_parser("generate", parents=[engine_flags()], help="generate text and print run statistics",
                          description="Generate text; print it as it is made, then the run statistics.")
@@ -83,14 +95,7 @@ def add_generate(sub) -> None:
     add_template_flags(gen, "needs --chat")
     gen.add_argument("--max-new-tokens", type=nonneg, default=DEMO_TOKENS, metavar="N",
                      help="stop after N new tokens (default: %(default)s)")
-    smp = gen.add_argument_group("sampling (greedy unless --temperature > 0)")
-    smp.add_argument("--greedy", action="store_true", help="pick the most likely token (the default)")
-    smp.add_argument("--temperature", type=float, default=SAMPLING.temperature,
-                     help="sampling temperature; 0 is greedy (default: %(default)s)")
-    smp.add_argument("--top-p", type=float, default=SAMPLING.top_p, help="nucleus sampling mass (default: %(default)s)")
-    smp.add_argument("--top-k", type=nonneg, default=SAMPLING.top_k, help="keep the k most likely tokens; "
-                     "0 keeps all (default: %(default)s)")
-    smp.add_argument("--seed", type=int, default=SAMPLING.seed, help="sampling seed (default: %(default)s)")
+    add_sampling_flags(gen)
     out = gen.add_argument_group("output")
     out.add_argument("--json", action="store_true",
                      help='print one JSON object {"tokens", "text", "stats"} on stdout and nothing else')
@@ -102,7 +107,8 @@ def add_generate(sub) -> None:
 
 def add_profile(sub) -> None:
     prof = sub.add_parser("profile", parents=[engine_flags()], help="run prompts and record a routing trace",
-                          description="Run every prompt (greedy) and write the routing trace of all tokens.")
+                          description="Run every prompt (greedy, or sampled as the sampling flags say: as you will "
+                          "serve, for the routing your decode meets) and write the routing trace of all tokens.")
     prof.add_argument("--prompts", required=True, metavar="FILE",
                       help="prompts: a text file, one per line, or JSONL with a 'prompt' field")
     prof.add_argument("--max-new-tokens", type=nonneg, default=DEMO_TOKENS, metavar="N",
@@ -112,6 +118,7 @@ def add_profile(sub) -> None:
                       help="record the hidden state entering each MoE layer and its router input too (float16, "
                            "dim x MoE layers x 4 bytes per token: large), for train-predictor")
     prof.add_argument("--json", action="store_true", help="print the run statistics as one JSON object")
+    add_sampling_flags(prof)
 
 
 def add_simulate(sub) -> None:

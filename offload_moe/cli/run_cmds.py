@@ -41,10 +41,16 @@ def print_piece(piece: str) -> None:
     print(piece, end="", flush=True)
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def sampling_of(args: argparse.Namespace) -> Sampling:
+    """The sampling flags (`parser.add_sampling_flags`), checked before the load: a bad flag costs no model load."""
     sampling = Sampling(temperature=0.0 if args.greedy else args.temperature, top_p=args.top_p,
                         top_k=args.top_k, seed=args.seed)
-    sampling.check()  # before the load: a bad flag costs no model load and prints no prompt
+    sampling.check()
+    return sampling
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    sampling = sampling_of(args)  # before the load, and before the prompt is printed
     if args.template_args and not (args.chat and args.prompt_ids is None):
         raise UserError("--chat-template-arg and --chat-template-kwargs need --chat and a text prompt")
     for out in (args.logits_out, args.trace_out):
@@ -121,13 +127,14 @@ def fitting_prompts(engine: Engine, prompts: list[str], path: str) -> tuple[list
 
 def cmd_profile(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompts)
+    sampling = sampling_of(args)
     check_target(args.trace_out)
     engine = load_engine(args)
     runs, skipped = fitting_prompts(engine, prompts, args.prompts)
     engine.start_trace(args.model, hidden=args.hidden_states)
     totals = {"tokens": 0, "hits": 0, "misses": 0}
     for i, ids in progress_bar(runs, "profiling", unit="prompt"):
-        stats = engine.generate(ids, args.max_new_tokens).stats
+        stats = engine.generate(ids, args.max_new_tokens, sampling).stats
         totals["tokens"] += stats["prompt_tokens"] + stats["generated_tokens"]
         totals["hits"] += stats["hits"]
         totals["misses"] += stats["misses"]
