@@ -348,32 +348,34 @@ class Prefetcher:
         self.cost = {s.lead: 0.0 for s in self.stages}
         self.issue = {s.lead: 0.0 for s in self.stages}
         self.calls = {s.lead: 0 for s in self.stages}
+        self.top_k, rows = model.config.top_k, model.config.n_moe_layers
+        # per row, what it predicts: (stage, target row, for the next token?), nearest lead first; settled once
+        self.targets = [[(s, t, nxt) for s in self.stages for t, nxt in targets_of(row, s.lead, rows)]
+                        for row in range(rows)]
         if cache is not None:
-            cache.top_k = model.config.top_k
+            cache.top_k = self.top_k
 
     def __call__(self, row: int, h: torch.Tensor, decode: bool) -> None:
         """`h` [T, D] is `row`'s hidden state the predictor reads (`input`: entering the row, or its router
         input). The device copies are queued on the cache (`plan_prefetch`) and issued after `row`'s demand
         copies (rule 2). A trace records the nearest lead's predictions."""
         t0 = time.perf_counter()
-        rows, K = self.model.config.n_moe_layers, self.model.config.top_k
         recorder = self.model.recorder
         made = []  # (stage, target, experts [T, P]) of every lead
         backlog = None  # the link's queue at this row's entry, read once for every lead (`_pays`)
-        for stage in self.stages:
-            for target, next_token in targets_of(row, stage.lead, rows):
-                if next_token and decode and h.shape[0] > 1:
-                    continue  # a batch's next step may hold other sequences: no cross-token guess
-                x = h[-1:] if next_token else h  # a prompt's next forward follows its last token
-                cal = stage.calibration
-                if cal is not None and self.cache is not None and recorder is None:
-                    backlog = self.cache.transfers.backlog_s() if backlog is None else backlog
-                    if not self._pays(stage, backlog):
-                        continue
-                width = self.widths[target] if cal is None or self.cache is None else cal.shape[1]
-                made.append((stage, target, stage.rank(target, x, width)))
-                if recorder is not None and stage is self.predictor:
-                    recorder.predicted(target, next_token, made[-1][2])
+        for stage, target, next_token in self.targets[row]:
+            if next_token and decode and h.shape[0] > 1:
+                continue  # a batch's next step may hold other sequences: no cross-token guess
+            x = h[-1:] if next_token else h  # a prompt's next forward follows its last token
+            cal = stage.calibration
+            if cal is not None and self.cache is not None and recorder is None:
+                backlog = self.cache.transfers.backlog_s() if backlog is None else backlog
+                if not self._pays(stage, backlog):
+                    continue
+            width = self.widths[target] if cal is None or self.cache is None else cal.shape[1]
+            made.append((stage, target, stage.rank(target, x, width)))
+            if recorder is not None and stage is self.predictor:
+                recorder.predicted(target, next_token, made[-1][2])
         if self.cache is None:
             return
         flat = []
@@ -386,7 +388,7 @@ class Prefetcher:
             at += T * P
             uses, cal = self.cache.table.uses_of(target), stage.calibration
             if cal is None:
-                chosen, ranked = prefetch_choice(ranks, K, self.widths[target], uses), None
+                chosen, ranked = prefetch_choice(ranks, self.top_k, self.widths[target], uses), None
             else:  # the cache chooses among them once this row's demand copies are queued (`decide_row`)
                 ranked = candidates(ranks, cal[target], uses)
                 chosen = [e for e, _ in ranked][: self.cache.slots[target]]
@@ -396,7 +398,7 @@ class Prefetcher:
             spent = (time.perf_counter() - t0) / len(made)
             for stage, _, _ in made:
                 self.cost[stage.lead] = 0.9 * self.cost[stage.lead] + 0.1 * spent
-        if not self.cache.store.in_ram and row + self.lead + 1 < rows and h.shape[0] == 1:
+        if not self.cache.store.in_ram and row + self.lead + 1 < len(self.targets) and h.shape[0] == 1:
             # storage reads run one row further ahead than the copies, on the router's guess (from the router input
             # too, where the predictor reads that: the ffn norm of a normed state, a guess all the same)
             deeper = row + self.lead + 1
