@@ -319,7 +319,7 @@ def test_the_gate_counts_the_host_time_of_deciding_and_issuing_the_copies(tmp_pa
     def gate(saved: float, issuing: float) -> bool:
         pre.gain[1], pre.cost[1], pre.issue[1], pre.calls[1] = 0.0, 1e-4, 0.0, 5  # not a probing call
         cache.gains, cache.spent = {1: saved}, {1: issuing}
-        return pre._pays(pre.predictor, 0.0)
+        return pre._pays(pre.predictor)
 
     assert gate(2e-3, 0.0)  # the average saving 2e-4 s covers the prediction's own 1e-4 s
     assert not gate(2e-3, 2e-3)  # not with the 2e-4 s its copies took to decide and issue

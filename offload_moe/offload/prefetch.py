@@ -362,15 +362,17 @@ class Prefetcher:
         t0 = time.perf_counter()
         recorder = self.model.recorder
         made = []  # (stage, target, experts [T, P]) of every lead
-        backlog = None  # the link's queue at this row's entry, read once for every lead (`_pays`)
+        backlog = None  # the link's queue at this row's entry: read once, for the first prediction that pays
         for stage, target, next_token in self.targets[row]:
             if next_token and decode and h.shape[0] > 1:
                 continue  # a batch's next step may hold other sequences: no cross-token guess
             x = h[-1:] if next_token else h  # a prompt's next forward follows its last token
             cal = stage.calibration
             if cal is not None and self.cache is not None and recorder is None:
+                if not self._pays(stage):
+                    continue
                 backlog = self.cache.transfers.backlog_s() if backlog is None else backlog
-                if not self._pays(stage, backlog):
+                if not self._in_time(stage, backlog):
                     continue
             width = self.widths[target] if cal is None or self.cache is None else cal.shape[1]
             made.append((stage, target, stage.rank(target, x, width)))
@@ -404,22 +406,24 @@ class Prefetcher:
             deeper = row + self.lead + 1
             self.cache.store.prefetch(deeper, self.model.predict(deeper, h).view(-1).tolist())  # SYNC: to host
 
-    def _pays(self, stage, backlog_s: float) -> bool:
-        """Whether to predict for a calibrated `stage` now. Not when no copy decided now could start in time
-        (`speculate.could_start`, from the link's queue at this row's entry, `backlog_s`: before the row
-        `stage.lead` rows ahead runs, and for a deeper lead before the next row's nearer guess; this row's demand
-        copies, issued before the decision, add the same to both sides). Nor when its copies' expected saving
-        (`decide`'s, an average per prediction) has been below its host time (predicting here, deciding and issuing
-        its copies in the cache), but for every PROBE-th call, which keeps the averages current: where nothing pays,
-        prefetch costs next to nothing."""
+    def _pays(self, stage) -> bool:
+        """Whether a calibrated `stage`'s prediction pays: not while its copies' expected saving (`decide`'s, an
+        average per prediction) has been below its host time (predicting here, deciding and issuing its copies in
+        the cache), but for every PROBE-th call, which keeps the averages current: where nothing pays, prefetch
+        costs next to nothing."""
         c, lead = self.cache, stage.lead
         for k, g in c.gains.items():  # the savings decided since the last call, and their host time, into averages
             self.gain[k] = 0.9 * self.gain[k] + 0.1 * g
             self.issue[k] = 0.9 * self.issue[k] + 0.1 * c.spent[k]
         c.gains.clear()
         c.spent.clear()
-        better = c.layer_s if stage is not self.predictor else float("inf")
-        if not could_start(backlog_s, lead * c.layer_s, better):
-            return False
         self.calls[lead] += 1
         return self.calls[lead] % PROBE == 1 or self.gain[lead] >= self.cost[lead] + self.issue[lead]
+
+    def _in_time(self, stage, backlog_s: float) -> bool:
+        """Whether a copy decided now for `stage` could start in time (`speculate.could_start`, behind the link's
+        queue at this row's entry, `backlog_s`): before the row `stage.lead` rows ahead runs, and for a deeper lead
+        before the next row's nearer guess (this row's demand copies, issued before the decision, add the same to
+        both sides)."""
+        better = self.cache.layer_s if stage is not self.predictor else float("inf")
+        return could_start(backlog_s, stage.lead * self.cache.layer_s, better)
