@@ -110,6 +110,13 @@ def decode_trace(engine: Engine, files: dict[str, str], tokens: int, temperature
     return join_traces(parts)
 
 
+def routing_trace(engine: Engine, files: dict[str, str], tokens: int, routing: str, temperature: float) -> Trace:
+    """`--routing` decode (`decode_trace`) or text (`windows_trace`) of `files`, until `tokens`."""
+    if routing == "text":
+        return windows_trace(engine, files, tokens)
+    return decode_trace(engine, files, tokens, temperature)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="demo", help="demo, demo-fine or a trained Mixtral-layout folder")
@@ -140,9 +147,7 @@ def main() -> int:
     train, held = split_corpus(corpus_files())
 
     def routing(files: dict[str, str], tokens: int) -> Trace:
-        if args.routing == "text":
-            return windows_trace(engine, files, tokens)
-        return decode_trace(engine, files, tokens, args.temperature)
+        return routing_trace(engine, files, tokens, args.routing, args.temperature)
 
     what = ("windows" if args.routing == "text" else
             f"prompts decoded at temperature {args.temperature:g} ({PROMPT_TOKENS} + {NEW_TOKENS} tokens each)")

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_prediction import decode_trace, windows_trace  # noqa: E402
+from bench_prediction import routing_trace  # noqa: E402
 from train_tiny_moe import corpus_files, split_corpus  # noqa: E402
 
 from offload_moe.demo import resolve_model  # noqa: E402
@@ -58,14 +58,11 @@ def main() -> int:
     engine = Engine.load(folder, EngineOptions(prefetch=0, dtype="float32", progress=False, threads=args.threads))
     c = engine.config
     L, E, K = c.n_moe_layers, c.num_experts, c.top_k
-    files = split_corpus(corpus_files())[1]
-    held = (windows_trace(engine, files, args.eval_tokens) if args.routing == "text" else
-            decode_trace(engine, files, args.eval_tokens, args.temperature))
+    held = routing_trace(engine, split_corpus(corpus_files())[1], args.eval_tokens, args.routing, args.temperature)
     predicted = replayed(held, str(folder / FILE_NAME))  # as the engine predicts: calibrated, every expert ranked
     sources = [(0, "", held), (int(predicted.metadata["prefetch_lead"]), FILE_NAME, predicted)]
     print(f"# {args.model}: {L} layers, {E} experts, top-{K}; {held.num_tokens:,} held-out tokens ({args.routing} "
-          "routing); "
-          f"predictions: the shipped {FILE_NAME} (lead {sources[1][0]}, {predicted.predicted.shape[2]} wide)")
+          f"routing); predictions: the shipped {FILE_NAME} (lead {sources[1][0]}, {predicted.predicted.shape[2]} wide)")
     print("| profile | slots | option | fetch tok/s | vs none | cpu tok/s | auto tok/s |")
     print("|---|---|---|---|---|---|---|")
     for name in CARDS:
