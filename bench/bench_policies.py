@@ -52,10 +52,10 @@ from offload_moe.planning.replay import default_slots, simulate_many  # noqa: E4
 from offload_moe.planning.trace import Trace, load_trace, slice_trace  # noqa: E402
 
 
-def held_out(model: str, tokens: int) -> Trace:
+def held_out(model: str, tokens: int, threads: int) -> Trace:
     """The demo's held-out windows with the engine's default predictions (its folder's learned predictor)."""
     folder = resolve_model(model)
-    engine = Engine.load(folder, EngineOptions(prefetch=0, dtype="float32", progress=False))
+    engine = Engine.load(folder, EngineOptions(prefetch=0, dtype="float32", progress=False, threads=threads))
     _, held = split_corpus(corpus_files())
     trace = windows_trace(engine, held, tokens)
     return replayed(trace, str(folder / FILE_NAME), engine.config.top_k)
@@ -125,7 +125,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     print(f"# {time.strftime('%Y-%m-%d')}, bench_policies: numba {'on' if jit_available() else 'off'}")
-    traces = [(m, held_out(m, args.eval_tokens)) for m in (args.model or ["demo", "demo-fine"])]
+    traces = [(m, held_out(m, args.eval_tokens, args.threads)) for m in (args.model or ["demo", "demo-fine"])]
     traces += [(path, load_trace(path)) for path in args.trace]
     summary: dict[tuple[str, str], list[float]] = {}
     for name, trace in traces:
