@@ -22,7 +22,7 @@ experts (default: top-k; at most the row's slots).
            matmul pair per row and token.
 The engine's default (`auto`): the model folder's `predictor.safetensors` when there is one (the
 demos ship theirs), else the router, which needs no file and no trace. Why: the learned one makes more
-expert uses resident on arrival on held-out text (`bench/bench_prediction.py`; BENCHMARKS.md).
+expert uses resident on arrival on held-out routing (`bench/bench_prediction.py`; BENCHMARKS.md).
 
 Shape legend: T tokens, D dim, H predictor hidden size, E experts, L rows, P prefetch width.
 """
