@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from collections.abc import Sequence
 
 import torch
 
@@ -49,14 +50,17 @@ class _Job:
 
 
 class Feeder:
-    """The prefetch stream's copies, a chunk at a time; `ready`/`free` are Transfers' per-slot events."""
+    """The prefetch stream's copies, a chunk at a time, into the slots of pools of `slots` sizes."""
 
-    def __init__(self, cuda, copy, stream, demand, ready, free, window: int = WINDOW, chunk_s: float = CHUNK_S):
-        """`copy(stream, dst, src)` enqueues one copy on a stream (Transfers': CUDA's, or the emulated link's)."""
-        self.cuda, self.copy, self.stream, self.demand, self.ready, self.free = cuda, copy, stream, demand, ready, free
+    def __init__(self, cuda, copy, stream, demand, slots: Sequence[int], window: int = WINDOW,
+                 chunk_s: float = CHUNK_S):
+        """`copy(stream, pool, slot, dst, src, wait)` enqueues one copy into a slot on a stream and records the slot's
+        `ready` event behind it, after the slot's readers and its copy before where `wait` (Transfers' `_slot_copy`:
+        CUDA's, or the emulated link's)."""
+        self.cuda, self.copy, self.stream, self.demand = cuda, copy, stream, demand
         self.window, self.chunk_s, self.chunk_bytes = window, chunk_s, CHUNK_BYTES
         self.bytes_per_s = 0.0  # the link's speed (`set_speed`; 0: unknown, `window` chunks in flight)
-        self.jobs = [[_Job() for _ in row] for row in ready]
+        self.jobs = [[_Job() for _ in range(n)] for n in slots]
         self.queue: deque[Key] = deque()  # jobs with bytes not yet enqueued, oldest first
         self.flying: deque[tuple[object, int]] = deque()  # (event, bytes) of the chunks enqueued, not landed
         self.in_flight = 0  # their bytes
@@ -154,18 +158,14 @@ class Feeder:
     def _enqueue(self, job: _Job, pool: int, slot: int, end: int, stream, chunk: bool = True) -> None:
         """Bytes [job.done, end) of the job's copy on `stream` (prefetch.py, rule 1 before its first bytes, or
         on a stream other than the chunks': the slot's readers and the copy before, the chunks included)."""
-        with self.cuda.stream(stream):
-            if job.done == 0 or stream is not self.stream:
-                stream.wait_event(self.free[pool][slot])
-                stream.wait_event(self.ready[pool][slot])
-            self.copy(stream, job.dst[job.done : end], job.src[job.done : end])
-            self.ready[pool][slot].record(stream)
-            if chunk:
-                ev = self.ring[self.next_event]
-                self.next_event = (self.next_event + 1) % len(self.ring)
-                ev.record(stream)
-                self.flying.append((ev, end - job.done))
-                self.in_flight += end - job.done
+        wait = job.done == 0 or stream is not self.stream
+        self.copy(stream, pool, slot, job.dst[job.done : end], job.src[job.done : end], wait)
+        if chunk:
+            ev = self.ring[self.next_event]
+            self.next_event = (self.next_event + 1) % len(self.ring)
+            ev.record(stream)
+            self.flying.append((ev, end - job.done))
+            self.in_flight += end - job.done
         self.enqueued_bytes += end - job.done
         job.done = end
 

@@ -121,7 +121,7 @@ class Transfers:
         self.pin = cuda is torch.cuda  # a fake backend runs on CPU tensors, which cannot be pinned
         self._host: dict[tuple, torch.Tensor] = {}  # pinned staging buffers, allocated once per shape
         if feed and (self.link is None or not self.link.takes_back):  # speculative copies a chunk at a time (rule 7)
-            self.feeder = Feeder(cuda, self._enqueue, self.prefetch, self.demand, self.ready, self.free)
+            self.feeder = Feeder(cuda, self._slot_copy, self.prefetch, self.demand, slots)
             self.landed = [[_Landed(self.feeder, self.ready[p][s], p, s) for s in range(n)]
                            for p, n in enumerate(slots)]
             if self.link is not None:
@@ -138,25 +138,28 @@ class Transfers:
             self.feeder.add(row, slot, dst, src)  # rules 7-8: fed to the link a chunk at a time
             return self.landed[row][slot]
         stream = self.demand if demand else self.prefetch
-        with self.cuda.stream(stream):
-            stream.wait_event(self.free[row][slot])  # rule 1: queued kernels have read the old weights
-            stream.wait_event(self.ready[row][slot])  # rule 1: an earlier copy into this slot has landed
-            self._enqueue(stream, dst, src)
-            self.ready[row][slot].record(stream)
-            if not demand:
-                self.prefetch_tail.record(stream)
+        self._slot_copy(stream, row, slot, dst, src)
+        if not demand:
+            self.prefetch_tail.record(stream)
         if demand and self.feeder is not None:
             self.feeder.passed()
         if self.link is None and self.bytes_per_s is not None:
             self._queued.append((self.ready[row][slot], dst.numel() * dst.element_size()))
         return self.ready[row][slot]
 
-    def _enqueue(self, stream, dst: torch.Tensor, src: torch.Tensor) -> None:
-        """One copy on `stream` (inside `cuda.stream(stream)`): the emulated link's, or CUDA's."""
-        if self.link is not None:
-            self.link.copy(stream, dst, src)
-        else:
-            dst.copy_(src, non_blocking=True)
+    def _slot_copy(self, stream, row: int, slot: int, dst: torch.Tensor, src: torch.Tensor, wait: bool = True) -> None:
+        """One copy into a slot on `stream` (the emulated link's, or CUDA's), then the slot's `ready` event recorded
+        behind it; first, where `wait` (a whole copy, or a feeder job's first bytes), rule 1: the slot's queued
+        kernels have read the old weights and an earlier copy into it has landed."""
+        with self.cuda.stream(stream):
+            if wait:
+                stream.wait_event(self.free[row][slot])
+                stream.wait_event(self.ready[row][slot])
+            if self.link is not None:
+                self.link.copy(stream, dst, src)
+            else:
+                dst.copy_(src, non_blocking=True)
+            self.ready[row][slot].record(stream)
 
     @property
     def preempted(self) -> int:
