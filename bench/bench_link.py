@@ -42,7 +42,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT / "bench"))
 
+from bench_prediction import temperature  # noqa: E402
 from train_tiny_moe import corpus_files, split_corpus  # noqa: E402
 
 from offload_moe.demo import resolve_model  # noqa: E402
@@ -106,7 +108,7 @@ def main() -> int:
     ap.add_argument("--links", default="ideal", help="ideal, fed, whole: see the docstring")
     ap.add_argument("--routing", choices=("decode", "text"), default="decode", help="the tokens decoded: a held-out "
                     "prompt's continuation by the model's own sampling, or the held-out text (bench_prediction.py)")
-    ap.add_argument("--temperature", type=float, default=0.7, help="the decode routing's sampling temperature")
+    ap.add_argument("--temperature", type=temperature, default=0.7, help="the decode routing's sampling temperature")
     args = ap.parse_args()
     links = args.links.split(",")
     if not links or set(links) - {"ideal", "fed", "whole"}:

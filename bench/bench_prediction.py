@@ -110,6 +110,17 @@ def decode_trace(engine: Engine, files: dict[str, str], tokens: int, temperature
     return join_traces(parts)
 
 
+def temperature(text: str) -> float:
+    """`--temperature`: a sampling temperature, 0 (greedy) or more."""
+    try:
+        t = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= t < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected 0 (greedy) or more, got {text!r}")
+    return t
+
+
 def routing_trace(engine: Engine, files: dict[str, str], tokens: int, routing: str, temperature: float) -> Trace:
     """`--routing` decode (`decode_trace`) or text (`windows_trace`) of `files`, until `tokens`."""
     if routing == "text":
@@ -135,8 +146,8 @@ def main() -> int:
     ap.add_argument("--routing", choices=("decode", "text"), default="decode", help="decode: prompts continued by the "
                     "engine's own sampling (what a decode meets, and what `profile` records); text: windows of the "
                     "files scored in one pass, replayed as if decoded (the next token is the text's)")
-    ap.add_argument("--temperature", type=float, default=0.7, help="the decode routing's sampling temperature "
-                    "(greedy decoding sends a model this small into loops)")
+    ap.add_argument("--temperature", type=temperature, default=0.7, help="the decode routing's sampling "
+                    "temperature (greedy decoding sends a model this small into loops)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
