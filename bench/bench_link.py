@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_prediction import temperature  # noqa: E402
+from bench_prediction import add_routing_flags  # noqa: E402
 from train_tiny_moe import corpus_files, split_corpus  # noqa: E402
 
 from offload_moe.demo import resolve_model  # noqa: E402
@@ -106,9 +106,7 @@ def main() -> int:
                     "counts, the spread is printed")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--links", default="ideal", help="ideal, fed, whole: see the docstring")
-    ap.add_argument("--routing", choices=("decode", "text"), default="decode", help="the tokens decoded: a held-out "
-                    "prompt's continuation by the model's own sampling, or the held-out text (bench_prediction.py)")
-    ap.add_argument("--temperature", type=temperature, default=0.7, help="the decode routing's sampling temperature")
+    add_routing_flags(ap)
     args = ap.parse_args()
     links = args.links.split(",")
     if not links or set(links) - {"ideal", "fed", "whole"}:

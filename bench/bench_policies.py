@@ -1,12 +1,13 @@
 """Eviction policies on held-out routing: every policy x cache size x slot pool, against LRU and Belady.
 
     python bench/bench_policies.py [--model demo --model demo-fine] [--eval-tokens 20000] [--trace FILE ...]
-                                   [--threads 2]
+                                   [--threads 2] [--routing decode|text] [--temperature 0.7]
 
-For each trained demo (both by default) the held-out trace is made as bench_prediction.py makes it: windows of
-the files neither the model nor its predictor saw (tools/train_tiny_moe.py's split), scored one after another
-with hidden states, and the engine's default predictions (the shipped learned predictor, top-k wide, one
-layer ahead) made from them. Each `--trace` is replayed as recorded. Every trace is replayed
+For each trained demo (both by default) the held-out trace is made as bench_prediction.py makes it (`--routing`):
+by default prompts of the files neither the model nor its predictor saw (tools/train_tiny_moe.py's split), each
+continued by the model's own sampling, traced with hidden states; and the engine's default predictions (the
+shipped learned predictor, top-k wide, one layer ahead) made from them. Each `--trace` is replayed as recorded.
+Every trace is replayed
 
   * without prefetch, where Belady (per layer) is the optimum of any eviction rule, and
   * with the recorded predictions prefetched (prefetch 1: what the engine runs by default), where Belady under
@@ -39,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_prediction import windows_trace  # noqa: E402
+from bench_prediction import add_routing_flags, routing_trace  # noqa: E402
 from bench_simulate import synthetic_trace  # noqa: E402
 from train_tiny_moe import corpus_files, split_corpus  # noqa: E402
 
@@ -52,12 +53,13 @@ from offload_moe.planning.replay import default_slots, simulate_many  # noqa: E4
 from offload_moe.planning.trace import Trace, load_trace, slice_trace  # noqa: E402
 
 
-def held_out(model: str, tokens: int, threads: int) -> Trace:
-    """The demo's held-out windows with the engine's default predictions (its folder's learned predictor)."""
+def held_out(model: str, tokens: int, threads: int, routing: str, temperature: float) -> Trace:
+    """The demo's held-out routing (`routing_trace`) with the engine's default predictions (its folder's learned
+    predictor)."""
     folder = resolve_model(model)
     engine = Engine.load(folder, EngineOptions(prefetch=0, dtype="float32", progress=False, threads=threads))
     _, held = split_corpus(corpus_files())
-    trace = windows_trace(engine, held, tokens)
+    trace = routing_trace(engine, held, tokens, routing, temperature)
     return replayed(trace, str(folder / FILE_NAME), engine.config.top_k)
 
 
@@ -121,11 +123,13 @@ def main() -> int:
     ap.add_argument("--trace", action="append", default=[], help="a recorded trace to replay as well (repeatable)")
     ap.add_argument("--eval-tokens", type=int, default=20_000, help="held-out tokens per demo (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=2)
+    add_routing_flags(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     print(f"# {time.strftime('%Y-%m-%d')}, bench_policies: numba {'on' if jit_available() else 'off'}")
-    traces = [(m, held_out(m, args.eval_tokens, args.threads)) for m in (args.model or ["demo", "demo-fine"])]
+    traces = [(m, held_out(m, args.eval_tokens, args.threads, args.routing, args.temperature))
+              for m in (args.model or ["demo", "demo-fine"])]
     traces += [(path, load_trace(path)) for path in args.trace]
     summary: dict[tuple[str, str], list[float]] = {}
     for name, trace in traces:

@@ -121,6 +121,15 @@ def temperature(text: str) -> float:
     return t
 
 
+def add_routing_flags(ap: argparse.ArgumentParser) -> None:
+    """`--routing` and `--temperature`, for every bench that traces held-out routing (`routing_trace`)."""
+    ap.add_argument("--routing", choices=("decode", "text"), default="decode", help="decode: prompts continued by the "
+                    "engine's own sampling (what a decode meets, and what `profile` records); text: windows of the "
+                    "files scored in one pass, replayed as if decoded (the next token is the text's)")
+    ap.add_argument("--temperature", type=temperature, default=0.7, help="the decode routing's sampling "
+                    "temperature (greedy decoding sends a model this small into loops)")
+
+
 def routing_trace(engine: Engine, files: dict[str, str], tokens: int, routing: str, temperature: float) -> Trace:
     """`--routing` decode (`decode_trace`) or text (`windows_trace`) of `files`, until `tokens`."""
     if routing == "text":
@@ -143,11 +152,7 @@ def main() -> int:
                     "depth table decides copies from each lead up to each depth")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--input", choices=HIDDEN, default="router_input", help="the state the learned predictor reads")
-    ap.add_argument("--routing", choices=("decode", "text"), default="decode", help="decode: prompts continued by the "
-                    "engine's own sampling (what a decode meets, and what `profile` records); text: windows of the "
-                    "files scored in one pass, replayed as if decoded (the next token is the text's)")
-    ap.add_argument("--temperature", type=temperature, default=0.7, help="the decode routing's sampling "
-                    "temperature (greedy decoding sends a model this small into loops)")
+    add_routing_flags(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()

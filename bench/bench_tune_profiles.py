@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_prediction import routing_trace, temperature  # noqa: E402
+from bench_prediction import add_routing_flags, routing_trace  # noqa: E402
 from train_tiny_moe import corpus_files, split_corpus  # noqa: E402
 
 from offload_moe.demo import resolve_model  # noqa: E402
@@ -50,8 +50,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--policy", choices=ONLINE_POLICIES, help="instead of each profile's eviction policy")
     ap.add_argument("--pool", choices=POOLS, help="instead of each profile's slot pool")
-    ap.add_argument("--routing", choices=("decode", "text"), default="decode", help="bench_prediction.py's")
-    ap.add_argument("--temperature", type=temperature, default=0.7, help="the decode routing's sampling temperature")
+    add_routing_flags(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     folder = resolve_model(args.model)
