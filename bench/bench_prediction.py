@@ -25,7 +25,8 @@ The learned predictor reads each layer's router input (`--input`; what `train-pr
     per size, the share of expert uses ready on arrival, late (copy in flight) and missed, and the
     cost-aware decision (speculate.py) over the learned predictor's full ranking, calibrated on the
     held-out routing; then the target line: at twice top-k slots, its tok/s against no prefetch, and the ceiling
-    there: a perfect predictor (the held-out routing itself) decided the same way.
+    there: a perfect predictor (the held-out routing itself) decided the same way; and the target's two sides again
+    under the 24gb profile's own eviction policy, which speeds up no prefetch too.
   * the decided prefetch by depth: leads 1 to N (`--depth`, each fitted and calibrated as lead 1), every
     lead decided at each row, a deeper one's copies only into the link's gap before the next layer's guess.
 `--write` saves the learned predictor (every lead) as the model folder's predictor.safetensors, which the engine's
@@ -69,6 +70,7 @@ from offload_moe.planning.replay import default_slots, simulate  # noqa: E402
 from offload_moe.planning.timed import Deeper, TimedOptions, simulate_timed, timed_costs  # noqa: E402
 from offload_moe.planning.trace import Trace, join_traces  # noqa: E402
 from offload_moe.planning.train_predictor import calibration_of, fit_row, recall, recall_table, samples  # noqa: E402
+from offload_moe.profiles import load_profile  # noqa: E402
 
 # decode routing (`decode_trace`): a short prompt, then the model's own tokens up to most of the demos' context (256)
 PROMPT_TOKENS, PROMPT_STRIDE, NEW_TOKENS = 16, 300, 200
@@ -273,6 +275,16 @@ def main() -> int:
           f"(link busy {100 * decided['link_busy']:.1f}%, {decided['demand_copies']:.2f} demand + "
           f"{decided['prefetch_copies_per_token']:.2f} speculative copies per token, {decided['dropped']:.2f} "
           f"dropped): {decided['tokens_per_s'] / none['tokens_per_s']:.3f}x")
+    # the same under the profile's own eviction policy, both sides: it speeds up no prefetch too
+    policy = load_profile("24gb").settings["policy"]
+    both = [simulate_timed(evaluation, s, policy, None, 1, costs["copy_s"], costs["layer_s"]),
+            simulate_timed(full, s, policy, full.predicted, 1, costs["copy_s"], costs["layer_s"],
+                           after=full.tensors["predicted_after"], calibration=calibration,
+                           deeper=[Deeper(d, fulls[d].predicted, fulls[d].tensors["predicted_after"],
+                                          learned[d].calibration) for d in deep[1:]])]
+    print(f"the same under the 24gb profile's eviction policy ({policy}), both sides: no prefetch "
+          f"{both[0]['tokens_per_s'] / 1e3:.1f}k tok/s, decided prefetch at depth {deep[-1]} "
+          f"{both[1]['tokens_per_s'] / 1e3:.1f}k tok/s: {both[1]['tokens_per_s'] / both[0]['tokens_per_s']:.3f}x")
     # the ceiling: the held-out routing itself as every lead's prediction, its chosen experts first (calibrated: 1.0,
     # the rest 0), decided as above
     chosen = (full.predicted[..., :, None] == evaluation.experts[..., None, :]).any(-1)  # [T, L, E]
