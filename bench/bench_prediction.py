@@ -74,6 +74,7 @@ from offload_moe.profiles import load_profile  # noqa: E402
 
 # decode routing (`decode_trace`): a short prompt, then the model's own tokens up to most of the demos' context (256)
 PROMPT_TOKENS, PROMPT_STRIDE, NEW_TOKENS = 16, 300, 200
+PROFILE = "24gb"  # the timed replay's hardware and the target's eviction policy: the 24 GB card's profile
 
 
 def windows_trace(engine: Engine, files: dict[str, str], tokens: int) -> Trace:
@@ -229,9 +230,9 @@ def main() -> int:
             row.append(simulate(cut, s, "lru", prefetch=1)["hit_rate"])
         print(f"{s:>6}" + "".join(f"{100 * v:>11.1f}%" for v in row))
 
-    costs = timed_costs(evaluation, TimedOptions(profile="24gb"))
+    costs = timed_costs(evaluation, TimedOptions(profile=PROFILE))
     link = costs["h2d_bytes_per_s"] / 1e9
-    print(f"\ntimed, LRU (24gb profile: {link:.0f} GB/s link, copy {1e6 * costs['copy_s']:.1f} us per expert of "
+    print(f"\ntimed, LRU ({PROFILE} profile: {link:.0f} GB/s link, copy {1e6 * costs['copy_s']:.1f} us per expert of "
           f"{costs['expert_bytes'] / 1e3:.0f} kB; compute {1e6 * costs['layer_s']:.2f} us per layer "
           "from the cost model; demand copies first, stale speculative copies dropped): ready / late / missed %, "
           "us per token; decided: speculate.py's choice from the learned predictor's ranks, calibrated on the "
@@ -253,16 +254,17 @@ def main() -> int:
                                   f"{1e6 * r['seconds_per_token']:>5.1f}" for r in runs))
     deep = sorted(learned)
     fulls = {d: replayed(evaluation, learned[d], E) for d in deep[1:]}
+    deepest = [Deeper(d, fulls[d].predicted, fulls[d].tensors["predicted_after"], learned[d].calibration)
+               for d in deep[1:]]  # leads 2 to N, decided beside lead 1
     print("\ndecided prefetch by depth N, tok/s over no prefetch, copies per token demand+speculative (leads 1 to N; "
           "a deeper lead's copies only fill the link until the next layer's nearer guess)")
     print(f"{'slots':>6}" + "".join(f"{'depth ' + str(d):>34}" for d in deep))
     for s in sizes:
         none, cells = target[s][0], []
         for depth in deep:
-            deeper = [Deeper(d, fulls[d].predicted, fulls[d].tensors["predicted_after"], learned[d].calibration)
-                      for d in deep[1:] if d <= depth]
             r = simulate_timed(full, s, "lru", full.predicted, 1, costs["copy_s"], costs["layer_s"],
-                               after=full.tensors["predicted_after"], calibration=calibration, deeper=deeper)
+                               after=full.tensors["predicted_after"], calibration=calibration,
+                               deeper=[x for x in deepest if x.lead <= depth])
             target[s].append(r)
             cells.append(f"{r['tokens_per_s'] / none['tokens_per_s']:.3f}x ({r['demand_copies']:.2f}+"
                          f"{r['prefetch_copies_per_token']:.2f}, {r['dropped']:.2f} dropped)")
@@ -276,13 +278,11 @@ def main() -> int:
           f"{decided['prefetch_copies_per_token']:.2f} speculative copies per token, {decided['dropped']:.2f} "
           f"dropped): {decided['tokens_per_s'] / none['tokens_per_s']:.3f}x")
     # the same under the profile's own eviction policy, both sides: it speeds up no prefetch too
-    policy = load_profile("24gb").settings["policy"]
+    policy = load_profile(PROFILE).settings["policy"]
     both = [simulate_timed(evaluation, s, policy, None, 1, costs["copy_s"], costs["layer_s"]),
             simulate_timed(full, s, policy, full.predicted, 1, costs["copy_s"], costs["layer_s"],
-                           after=full.tensors["predicted_after"], calibration=calibration,
-                           deeper=[Deeper(d, fulls[d].predicted, fulls[d].tensors["predicted_after"],
-                                          learned[d].calibration) for d in deep[1:]])]
-    print(f"the same under the 24gb profile's eviction policy ({policy}), both sides: no prefetch "
+                           after=full.tensors["predicted_after"], calibration=calibration, deeper=deepest)]
+    print(f"the same under the {PROFILE} profile's eviction policy ({policy}), both sides: no prefetch "
           f"{both[0]['tokens_per_s'] / 1e3:.1f}k tok/s, decided prefetch at depth {deep[-1]} "
           f"{both[1]['tokens_per_s'] / 1e3:.1f}k tok/s: {both[1]['tokens_per_s'] / both[0]['tokens_per_s']:.3f}x")
     # the ceiling: the held-out routing itself as every lead's prediction, its chosen experts first (calibrated: 1.0,
